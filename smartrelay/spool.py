@@ -1,5 +1,6 @@
 """
-The durable on-disk queue.  (Interface draft: implementation in progress.)
+The durable on-disk queue (DESIGN section 1.3: no 250 before the message is
+on disk; a 250 means the relay never loses it).
 
 Data types shared with the delivery side:
 
@@ -8,9 +9,18 @@ Data types shared with the delivery side:
   the message bytes stay on disk and are read with L{Spool.readMessage}.
 """
 
-from typing import Optional
+import itertools
+import json
+import os
+import zlib
+from typing import Callable, Optional
 
 import attrs
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from smartrelay.ids import fileName, fsyncDirectory
 
 FINAL_STATES = frozenset(["delivered", "bounced", "expired"])
 
@@ -62,3 +72,352 @@ class SpoolEntry:
     @property
     def done(self) -> bool:
         return all(r.final for r in self.recipients)
+
+
+class SpoolError(Exception):
+    """
+    The spool could not durably store or update something (disk full, I/O
+    error).  Temporary from the client's point of view: C{451 4.3.0}.
+    """
+
+
+class SpoolCorrupt(SpoolError):
+    """
+    A spool file failed its integrity check.
+    """
+
+
+MAGIC = b"SRSPOOL1 "
+STATE_SUFFIX = ".state"
+MESSAGE_SUFFIX = ".msg"
+TEMP_PREFIX = "tmp-"
+
+
+def encodeEntry(entry: SpoolEntry, data: bytes) -> bytes:
+    """
+    The on-disk form of a new message: a magic line with the header length,
+    a JSON header (envelope, size and CRC-32 of the message), then the
+    message bytes.
+    """
+    header = json.dumps(
+        {
+            "queue_id": entry.queue_id,
+            "sender": entry.sender,
+            "recipients": [r.address for r in entry.recipients],
+            "received": entry.received,
+            "client": entry.client,
+            "size": len(data),
+            "crc32": zlib.crc32(data),
+        },
+        separators=(",", ":"),
+    ).encode("utf-8")
+    return b"".join([MAGIC, b"%d\n" % (len(header),), header, b"\n", data])
+
+
+def decodeEntry(raw: bytes) -> tuple[SpoolEntry, bytes]:
+    """
+    Parse and verify a spool file written by L{encodeEntry}.
+
+    @raise SpoolCorrupt: anything does not check out.
+    """
+    if not raw.startswith(MAGIC):
+        raise SpoolCorrupt("bad magic")
+    eol = raw.find(b"\n", len(MAGIC))
+    try:
+        headerLength = int(raw[len(MAGIC) : eol])
+        header = json.loads(raw[eol + 1 : eol + 1 + headerLength])
+        data = raw[eol + 2 + headerLength :]
+        recipients = [Recipient(address=str(a)) for a in header["recipients"]]
+        entry = SpoolEntry(
+            queue_id=str(header["queue_id"]),
+            sender=str(header["sender"]),
+            recipients=recipients,
+            received=float(header["received"]),
+            size=int(header["size"]),
+            client=dict(header["client"]),
+        )
+        expected = (int(header["size"]), int(header["crc32"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise SpoolCorrupt(f"unreadable header: {e}") from e
+    if raw[eol + 1 + headerLength : eol + 2 + headerLength] != b"\n":
+        raise SpoolCorrupt("header not terminated")
+    if (len(data), zlib.crc32(data)) != expected:
+        raise SpoolCorrupt("message size or checksum mismatch (truncated file?)")
+    if not recipients:
+        raise SpoolCorrupt("no recipients")
+    return entry, data
+
+
+def encodeState(recipient: Recipient) -> bytes:
+    return (
+        json.dumps(
+            {
+                "a": recipient.address,
+                "s": recipient.state,
+                "n": recipient.attempts,
+                "t": recipient.next_attempt,
+            },
+            separators=(",", ":"),
+        ).encode("utf-8")
+        + b"\n"
+    )
+
+
+def applyState(entry: SpoolEntry, raw: bytes) -> int:
+    """
+    Apply a state journal to C{entry}; returns how many lines were skipped
+    as unreadable (a torn last line after a crash is expected).
+    """
+    skipped = 0
+    byAddress = {r.address: i for i, r in enumerate(entry.recipients)}
+    for line in raw.split(b"\n"):
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+            index = byAddress[record["a"]]
+            entry.recipients[index] = Recipient(
+                address=record["a"],
+                state=str(record["s"]),
+                attempts=int(record["n"]),
+                next_attempt=float(record["t"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            skipped += 1
+    return skipped
+
+
+def _writeDurably(tmpPath: str, finalPath: str, blob: bytes) -> None:
+    """
+    Write C{blob} to a temp file, fdatasync it and rename it into place.
+    The caller fsyncs the directory.  Blocking: runs in a thread.
+    """
+    fd = os.open(tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(blob)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fdatasync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlinkQuietly(tmpPath)
+        raise
+    os.close(fd)
+    try:
+        os.rename(tmpPath, finalPath)
+    except BaseException:
+        _unlinkQuietly(tmpPath)
+        raise
+
+
+def _appendDurably(path: str, blob: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, blob)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlinkQuietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+@attrs.define(eq=False)
+class Spool:
+    """
+    The durable on-disk queue: one directory, one C{.msg} file per accepted
+    message (envelope + bytes, written once) and a C{.state} journal of
+    per-recipient state changes beside it.
+
+    Every blocking call runs through C{runInThread(f, *args) -> Deferred}
+    (a thread pool in production, a synchronous stand-in in unit tests).
+    New messages are made durable by write, fdatasync, rename and a
+    directory fsync; directory fsyncs are shared by every message renamed
+    while the previous one was running (group commit).
+
+    @ivar directory: the spool directory (created if missing).
+    """
+
+    directory: str
+    runInThread: Callable[..., Deferred]
+    _dirWaiters: list = attrs.field(factory=list, init=False)
+    _dirSyncing: bool = attrs.field(default=False, init=False)
+    _tempCounter: "itertools.count" = attrs.field(factory=itertools.count, init=False)
+
+    log = Logger()
+
+    @property
+    def corruptDirectory(self) -> str:
+        return os.path.join(self.directory, "corrupt")
+
+    def _path(self, queueID: str, suffix: str) -> str:
+        return os.path.join(self.directory, fileName(queueID) + suffix)
+
+    # -- recovery ---------------------------------------------------------
+
+    def recover(self) -> Deferred:
+        """
+        Scan the directory on start: remove temp files, re-queue complete
+        entries, move corrupt ones aside.  Fires with the list of
+        L{SpoolEntry} that still have work to do, oldest first.
+        """
+        return self.runInThread(self._recover)
+
+    def _recover(self) -> list:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        entries = []
+        names = os.listdir(self.directory)
+        present = set(names)
+        for name in names:
+            path = os.path.join(self.directory, name)
+            if name.startswith(TEMP_PREFIX):
+                self.log.info("removing unfinished spool file {name}", name=name)
+                _unlinkQuietly(path)
+            elif name.endswith(STATE_SUFFIX):
+                if name[: -len(STATE_SUFFIX)] + MESSAGE_SUFFIX not in present:
+                    _unlinkQuietly(path)
+            elif name.endswith(MESSAGE_SUFFIX):
+                entry = self._recoverOne(name, path, present)
+                if entry is not None:
+                    entries.append(entry)
+        entries.sort(key=lambda e: e.received)
+        return entries
+
+    def _recoverOne(self, name: str, path: str, present: set):
+        stem = name[: -len(MESSAGE_SUFFIX)]
+        try:
+            with open(path, "rb") as f:
+                entry, _ = decodeEntry(f.read())
+            if fileName(entry.queue_id) != stem:
+                raise SpoolCorrupt("file name does not match its queue id")
+        except SpoolCorrupt as e:
+            self._moveAside(name, str(e))
+            return None
+        statePath = self._path(entry.queue_id, STATE_SUFFIX)
+        if stem + STATE_SUFFIX in present:
+            with open(statePath, "rb") as f:
+                skipped = applyState(entry, f.read())
+            if skipped:
+                self.log.warn(
+                    "{queue_id}: skipped {count} unreadable state line(s)",
+                    queue_id=entry.queue_id,
+                    count=skipped,
+                )
+        if entry.done:
+            _unlinkQuietly(path)
+            _unlinkQuietly(statePath)
+            return None
+        return entry
+
+    def _moveAside(self, name: str, why: str) -> None:
+        os.makedirs(self.corruptDirectory, mode=0o700, exist_ok=True)
+        stem = name.rsplit(".", 1)[0]
+        for suffix in (MESSAGE_SUFFIX, STATE_SUFFIX):
+            source = os.path.join(self.directory, stem + suffix)
+            if os.path.exists(source):
+                os.replace(source, os.path.join(self.corruptDirectory, stem + suffix))
+        self.log.error(
+            "corrupt spool entry {name} moved to {where}: {why}",
+            name=name,
+            where=self.corruptDirectory,
+            why=why,
+        )
+
+    # -- new messages ------------------------------------------------------
+
+    def store(self, entry: SpoolEntry, data: bytes) -> Deferred:
+        """
+        Durably store a new message.  Fires with C{entry} once the message
+        and its envelope are on disk (file and directory fsynced); fails
+        with L{SpoolError} otherwise, in which case nothing of it is left
+        to be delivered.
+        """
+        blob = encodeEntry(entry, data)
+        finalPath = self._path(entry.queue_id, MESSAGE_SUFFIX)
+        tmpPath = os.path.join(
+            self.directory,
+            "%s%d-%s%s"
+            % (TEMP_PREFIX, next(self._tempCounter), fileName(entry.queue_id), MESSAGE_SUFFIX),
+        )
+        d = self.runInThread(_writeDurably, tmpPath, finalPath, blob)
+        d.addCallback(lambda _: self._syncDirectory())
+
+        def failed(failure):
+            failure.trap(OSError)
+            self.log.failure(
+                "could not store {queue_id}", failure, queue_id=entry.queue_id
+            )
+            self.runInThread(_unlinkQuietly, finalPath).addErrback(
+                lambda f: self.log.failure("could not remove {path}", f, path=finalPath)
+            )
+            raise SpoolError(str(failure.value))
+
+        d.addCallbacks(lambda _: entry, failed)
+        return d
+
+    def _syncDirectory(self) -> Deferred:
+        d = Deferred()
+        self._dirWaiters.append(d)
+        if not self._dirSyncing:
+            self._startDirectorySync()
+        return d
+
+    def _startDirectorySync(self) -> None:
+        waiters, self._dirWaiters = self._dirWaiters, []
+        self._dirSyncing = True
+
+        def done(result):
+            self._dirSyncing = False
+            if self._dirWaiters:
+                self._startDirectorySync()
+            for waiter in waiters:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(None)
+
+        self.runInThread(fsyncDirectory, self.directory).addBoth(done)
+
+    # -- delivery side -------------------------------------------------------
+
+    def readMessage(self, entry: SpoolEntry) -> Deferred:
+        """
+        The stored message bytes (verified against their checksum).
+        """
+
+        def read():
+            with open(self._path(entry.queue_id, MESSAGE_SUFFIX), "rb") as f:
+                return decodeEntry(f.read())[1]
+
+        return self.runInThread(read)
+
+    def record(self, entry: SpoolEntry, changes: list) -> Deferred:
+        """
+        Durably record new recipient states, then apply them to C{entry}.
+        When every recipient is final the entry's files are removed.
+        """
+        blob = b"".join(encodeState(r) for r in changes)
+        statePath = self._path(entry.queue_id, STATE_SUFFIX)
+        d = self.runInThread(_appendDurably, statePath, blob)
+
+        def applied(_):
+            byAddress = {r.address: r for r in changes}
+            entry.recipients = [byAddress.get(r.address, r) for r in entry.recipients]
+            if entry.done:
+                return self.runInThread(self._remove, entry).addErrback(
+                    lambda f: self.log.failure(
+                        "could not remove finished {queue_id}", f, queue_id=entry.queue_id
+                    )
+                )
+
+        d.addCallback(applied)
+        return d
+
+    def _remove(self, entry: SpoolEntry) -> None:
+        _unlinkQuietly(self._path(entry.queue_id, MESSAGE_SUFFIX))
+        _unlinkQuietly(self._path(entry.queue_id, STATE_SUFFIX))

@@ -1,0 +1,213 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+Builds the relay from a L{smartrelay.config.Config} and a reactor.
+
+L{makeRelayService} is what C{twistd smartrelay} runs; tests call it with a
+memory reactor or, end to end, with the real one.
+"""
+
+import os
+from functools import partial
+
+from twisted.application.service import MultiService
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from smartrelay.auth import HashedPasswordChecker, PasswordFile
+from smartrelay.events import EventLog
+from smartrelay.ids import IDState, loadIDState, renewLease, saveIDState, startRun
+from smartrelay.outbound.client import deliver
+from smartrelay.outbound.router import MXRouter, SmarthostRouter, makeResolver
+from smartrelay.outbound.scheduler import DeliveryScheduler
+from smartrelay.smtp.submission import SubmissionFactory, SubmissionPolicy
+from smartrelay.spool import Spool
+from smartrelay.store.sqlite import SQLiteStore
+
+#: Threads that write the spool: enough for the kernel to merge fsyncs.
+SPOOL_THREADS = 4
+
+
+def tlsContextFor(certificatePath: str, keyPath: str):
+    """
+    Server TLS options from PEM files (certificate chain and key).
+    """
+    from twisted.internet import ssl
+
+    with open(certificatePath, "rb") as f:
+        certificates = f.read()
+    with open(keyPath, "rb") as f:
+        key = f.read()
+    certificate = ssl.PrivateCertificate.loadPEM(certificates + b"\n" + key)
+    return certificate.options()
+
+
+class RelayService(MultiService):
+    """
+    The whole relay.  Start-up runs in order, off the reactor thread where
+    it touches the disk: open the store, start a new id run (persisted before
+    the first id), recover the spool and queue what it holds, and only then
+    listen for SMTP.  C{ready} fires when the relay accepts mail.
+    """
+
+    log = Logger()
+
+    def __init__(self, config, reactor):
+        MultiService.__init__(self)
+        self.config = config
+        self.reactor = reactor
+        relay, smtp, delivery = config.relay, config.smtp, config.delivery
+        self.dataDir = relay.data_dir
+
+        self.spoolPool = ThreadPool(minthreads=1, maxthreads=SPOOL_THREADS, name="smartrelay-spool")
+        self.runInSpoolThread = partial(deferToThreadPool, reactor, self.spoolPool)
+        self.store, self.storePool = SQLiteStore.inThreadPool(
+            os.path.join(self.dataDir, "smartrelay.sqlite"), reactor
+        )
+        self.events = EventLog(self.store, reactor)
+        self.spool = Spool(os.path.join(self.dataDir, "spool"), self.runInSpoolThread)
+
+        if delivery.smarthost is not None:
+            router = SmarthostRouter(
+                reactor,
+                delivery.smarthost,
+                connectTimeout=delivery.connect_timeout,
+                bindAddress=delivery.bind_address,
+            )
+        else:
+            router = MXRouter(
+                reactor,
+                makeResolver(delivery.nameservers, reactor),
+                port=delivery.mx_port,
+                connectTimeout=delivery.connect_timeout,
+                bindAddress=delivery.bind_address,
+            )
+        self.scheduler = DeliveryScheduler(
+            spool=self.spool,
+            router=router,
+            deliverer=partial(deliver, reactor),
+            events=self.events,
+            clock=reactor,
+            retry=delivery.retry,
+            maxAge=delivery.max_age,
+            maxConnections=delivery.max_connections,
+            heloName=relay.hostname,
+            timeout=delivery.timeout,
+        )
+        self.scheduler.setServiceParent(self)
+
+        checker = None
+        if smtp.auth_file is not None:
+            checker = HashedPasswordChecker(
+                PasswordFile.load(smtp.auth_file), self.runInSpoolThread
+            )
+        self.idStatePath = os.path.join(self.dataDir, "queue-ids.json")
+        self.policy = SubmissionPolicy(
+            clock=reactor,
+            hostname=relay.hostname,
+            spool=self.spool,
+            ids=None,
+            events=self.events,
+            enqueue=self.scheduler.enqueue,
+            allowedClients=smtp.allowed_clients,
+            checker=checker,
+            maxConnections=smtp.max_connections,
+            maxConnectionsPerClient=smtp.max_connections_per_client,
+            maxRecipients=smtp.max_recipients,
+            renewLease=self._renewLease,
+        )
+        tlsContext = None
+        if smtp.tls_certificate is not None:
+            tlsContext = tlsContextFor(smtp.tls_certificate, smtp.tls_key)
+        self.smtpFactory = SubmissionFactory(
+            policy=self.policy,
+            clock=reactor,
+            hostname=relay.hostname,
+            maxMessageSize=smtp.max_message_size,
+            maxLineLength=smtp.max_line_length,
+            commandTimeout=smtp.command_timeout,
+            dataTimeout=smtp.data_timeout,
+            tlsContext=tlsContext,
+        )
+        self.smtpEndpoint = endpoints.serverFromString(reactor, smtp.listen)
+        self.smtpPort = None
+        self._readyWaiters = []
+        self._readyResult = None
+
+    def _renewLease(self):
+        return renewLease(self.policy.ids, self._persistIDState)
+
+    def _persistIDState(self, state: IDState) -> Deferred:
+        return self.runInSpoolThread(saveIDState, self.idStatePath, state)
+
+    def startService(self):
+        self.spoolPool.start()
+        MultiService.startService(self)
+        self._startUp().addBoth(self._started)
+
+    def whenReady(self) -> Deferred:
+        """
+        Fires with the listening SMTP port once the relay accepts mail, or
+        fails with the reason it could not start.
+        """
+        d = Deferred()
+        if self._readyResult is None:
+            self._readyWaiters.append(d)
+        else:
+            d.callback(None)
+            d.addCallback(lambda _: self._readyResult)
+        return d
+
+    def _started(self, result):
+        if isinstance(result, Failure):
+            self.log.failure("smartrelay could not start", result)
+            if self.reactor.running:
+                self.reactor.stop()
+        self._readyResult = result
+        waiters, self._readyWaiters = self._readyWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+            waiter.addCallback(lambda _: result)
+
+    @inlineCallbacks
+    def _startUp(self):
+        yield self.runInSpoolThread(os.makedirs, self.dataDir, 0o700, True)
+        yield self.store.start()
+        previous = yield self.runInSpoolThread(loadIDState, self.idStatePath)
+        state, generator = startRun(
+            previous, self.reactor.seconds(), self.config.relay.node_id
+        )
+        yield self._persistIDState(state)
+        self.policy.ids = generator
+        entries = yield self.spool.recover()
+        for entry in entries:
+            self.scheduler.enqueue(entry)
+        if entries:
+            self.log.info("recovered {count} queued message(s) from the spool", count=len(entries))
+        port = self.smtpPort = yield self.smtpEndpoint.listen(self.smtpFactory)
+        self.log.info(
+            "smartrelay accepting mail on {listen}", listen=self.config.smtp.listen
+        )
+        return port
+
+    @inlineCallbacks
+    def stopService(self):
+        # Stop accepting first; then let delivery finish what is in flight;
+        # then write the last events and close the store.
+        if self.smtpPort is not None:
+            port, self.smtpPort = self.smtpPort, None
+            yield port.stopListening()
+        yield MultiService.stopService(self)
+        yield self.events.flushed()
+        yield self.store.close()
+        self.spoolPool.stop()
+
+
+def makeRelayService(config, reactor) -> RelayService:
+    """
+    The relay for C{config}, not yet started.
+    """
+    return RelayService(config, reactor)

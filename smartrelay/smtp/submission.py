@@ -1,0 +1,273 @@
+# -*- test-case-name: tests.test_smtp_submission -*-
+"""
+The submission policy: who may connect and submit, what is accepted, and
+what happens to an accepted message (queue id, trace headers, spool,
+events, hand-off to delivery).
+"""
+
+import ipaddress
+from email.utils import formatdate
+from typing import Callable, Optional
+
+import attrs
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from smartrelay.ids import QueueIDGenerator
+from smartrelay.smtp.protocol import HardenedESMTP, ISubmissionPolicy, Session
+from smartrelay.smtp.replies import (
+    ACCESS_DENIED,
+    STORAGE_TROUBLE,
+    TOO_MANY_CONNECTIONS,
+    TOO_MANY_CONNECTIONS_FROM_CLIENT,
+    TOO_MANY_RECIPIENTS,
+    SMTPReply,
+    reply,
+)
+from smartrelay.spool import Recipient, SpoolEntry, SpoolError
+
+AUTH_FAILED = reply(535, "5.7.8", "Authentication credentials invalid")
+
+
+def clientAddress(host: str):
+    """
+    The client's IP address (IPv4-mapped IPv6 addresses as IPv4), or None
+    for a non-IP peer (a UNIX socket).
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
+
+
+def traceHeaders(
+    queueID: str, session: Session, hostname: str, recipients: list, now: float
+) -> bytes:
+    """
+    The C{Received} (RFC 5321 4.4) and C{X-SmartRelay-ID} headers that the
+    relay prepends to every accepted message.
+    """
+    protocol = "ESMTP" if session.esmtp else "SMTP"
+    if session.tls:
+        protocol += "S"
+    if session.user is not None:
+        protocol += "A"
+    date = formatdate(now, localtime=False).replace("-0000", "+0000")
+    forClause = " for <%s>" % (recipients[0],) if len(recipients) == 1 else ""
+    received = "Received: from %s ([%s])\r\n\tby %s (smartrelay) with %s id %s%s;\r\n\t%s\r\n" % (
+        session.helo or "unknown",
+        session.peer,
+        hostname,
+        protocol,
+        queueID,
+        forClause,
+        date,
+    )
+    return (received + "X-SmartRelay-ID: %s\r\n" % (queueID,)).encode("utf-8", "replace")
+
+
+def removeHeader(data: bytes, name: bytes) -> bytes:
+    """
+    Remove every occurrence of header C{name} (with its continuation lines)
+    from the header section of C{data}; the body is untouched.
+    """
+    end = data.find(b"\r\n\r\n")
+    header = data if end < 0 else data[: end + 2]
+    lowered = name.lower() + b":"
+    if lowered not in header.lower():
+        return data
+    kept, dropping = [], False
+    for line in header.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = line.lower().startswith(lowered)
+        if not dropping:
+            kept.append(line)
+    newHeader = b"\r\n".join(kept)
+    return newHeader if end < 0 else newHeader + data[end + 2 :]
+
+
+@implementer(ISubmissionPolicy)
+@attrs.define(eq=False)
+class SubmissionPolicy:
+    """
+    Decides for the submission listener.
+
+    @ivar allowedClients: networks that may submit without AUTH.
+    @ivar checker: an C{ICredentialsChecker} for user names and passwords,
+        or None when SMTP AUTH is not configured.
+    @ivar spool: stores accepted messages durably.
+    @ivar ids: the run's L{QueueIDGenerator}.
+    @ivar renewLease: called after each id; extends the id lease in the
+        background when due.
+    @ivar events: an L{smartrelay.events.EventLog}.
+    @ivar enqueue: hands a stored L{SpoolEntry} to delivery.
+    """
+
+    clock: object
+    hostname: str
+    spool: object
+    ids: QueueIDGenerator
+    events: object
+    enqueue: Callable[[SpoolEntry], object]
+    allowedClients: tuple = ()
+    checker: Optional[object] = None
+    maxConnections: int = 1000
+    maxConnectionsPerClient: int = 100
+    maxRecipients: int = 1000
+    renewLease: Callable[[], object] = lambda: None
+    connections: int = 0
+    perClient: dict = attrs.field(factory=dict)
+
+    log = Logger()
+
+    @property
+    def authAvailable(self) -> bool:
+        return self.checker is not None
+
+    def connectionMade(self, session: Session) -> None:
+        if self.connections >= self.maxConnections:
+            raise TOO_MANY_CONNECTIONS
+        if self.perClient.get(session.peer, 0) >= self.maxConnectionsPerClient:
+            raise TOO_MANY_CONNECTIONS_FROM_CLIENT
+        self.connections += 1
+        self.perClient[session.peer] = self.perClient.get(session.peer, 0) + 1
+
+    def connectionLost(self, session: Session) -> None:
+        self.connections -= 1
+        left = self.perClient[session.peer] - 1
+        if left:
+            self.perClient[session.peer] = left
+        else:
+            del self.perClient[session.peer]
+
+    def _allowed(self, session: Session) -> bool:
+        if session.user is not None:
+            return True
+        address = clientAddress(session.peer)
+        return address is not None and any(
+            address in network for network in self.allowedClients
+        )
+
+    def authenticate(self, session: Session, username: str, password: str) -> Deferred:
+        d = self.checker.requestAvatarId(UsernamePassword(username, password))
+
+        def failed(failure):
+            failure.trap(UnauthorizedLogin)
+            self.log.info(
+                "failed SMTP AUTH for {user!r} from {peer}", user=username, peer=session.peer
+            )
+            raise AUTH_FAILED
+
+        def succeeded(avatarID):
+            return avatarID.decode("utf-8") if isinstance(avatarID, bytes) else avatarID
+
+        return d.addCallbacks(succeeded, failed)
+
+    def checkSender(self, session: Session, sender: str, size: Optional[int]) -> None:
+        if not self._allowed(session):
+            self.log.info("refused submission from {peer}", peer=session.peer)
+            raise ACCESS_DENIED
+
+    def checkRecipient(
+        self, session: Session, sender: str, recipient: str, accepted: int
+    ) -> None:
+        if not self._allowed(session):
+            raise ACCESS_DENIED
+        if accepted >= self.maxRecipients:
+            raise TOO_MANY_RECIPIENTS
+
+    def messageReceived(
+        self, session: Session, sender: str, recipients: list, data: bytes
+    ) -> Deferred:
+        now = self.clock.seconds()
+        queueID = self.ids.next(now)
+        self.renewLease()
+        message = traceHeaders(queueID, session, self.hostname, recipients, now) + removeHeader(
+            data, b"X-SmartRelay-ID"
+        )
+        entry = SpoolEntry(
+            queue_id=queueID,
+            sender=sender,
+            recipients=[Recipient(address=r) for r in recipients],
+            received=now,
+            size=len(message),
+            client={
+                "ip": session.peer,
+                "helo": session.helo,
+                "user": session.user,
+                "tls": session.tls,
+            },
+        )
+        d = self.spool.store(entry, message)
+
+        def stored(entry):
+            detail = {"sender": sender, "size": entry.size, "client": entry.client}
+            for recipient in recipients:
+                self.events.emit("accepted", queueID, recipient, detail=detail)
+            self.log.debug(
+                "accepted {queue_id} from {peer}: {count} recipient(s), {size} bytes",
+                queue_id=queueID,
+                peer=session.peer,
+                count=len(recipients),
+                size=entry.size,
+            )
+            self.enqueue(entry)
+            return queueID
+
+        def failed(failure):
+            failure.trap(SpoolError)
+            raise STORAGE_TROUBLE
+
+        return d.addCallbacks(stored, failed)
+
+    def messageRejected(
+        self, session: Session, sender: str, recipients: list, answer: SMTPReply
+    ) -> None:
+        detail = {
+            "sender": sender,
+            "code": answer.code,
+            "status": answer.status,
+            "reason": answer.text,
+            "client": {"ip": session.peer, "helo": session.helo, "user": session.user},
+        }
+        for recipient in recipients:
+            self.events.emit("rejected", None, recipient, detail=detail)
+
+
+@attrs.define(eq=False, slots=False)
+class SubmissionFactory(ServerFactory):
+    """
+    Builds a L{HardenedESMTP} per connection with the listener's settings.
+    """
+
+    policy: SubmissionPolicy
+    clock: object
+    hostname: str
+    maxMessageSize: int
+    maxLineLength: int = 998
+    commandTimeout: float = 300.0
+    dataTimeout: float = 600.0
+    tlsContext: Optional[object] = None
+
+    def buildProtocol(self, addr):
+        protocol = HardenedESMTP(
+            self.policy,
+            self.clock,
+            hostname=self.hostname,
+            maxMessageSize=self.maxMessageSize,
+            maxLineLength=self.maxLineLength,
+            commandTimeout=self.commandTimeout,
+            dataTimeout=self.dataTimeout,
+            tlsContext=self.tlsContext,
+        )
+        protocol.factory = self
+        return protocol
