@@ -29,6 +29,14 @@ LEASE = 120
 MAX_COUNTER = 99999
 
 
+class LeaseExpired(Exception):
+    """
+    The logical clock reached the end of the persisted lease (its renewal
+    failed or is late): handing out an id now could repeat one after a
+    restart, so none is handed out.
+    """
+
+
 def isQueueID(text: str) -> bool:
     """
     Does C{text} look like a queue id?
@@ -151,13 +159,16 @@ class QueueIDGenerator:
         A new queue id; C{now} is the wall clock in POSIX seconds.
         """
         now = int(now)
-        if now > self.second:
-            self.second = now
-            self.counter = 0
-        elif self.counter > MAX_COUNTER:
-            self.second += 1
-            self.counter = 0
-        counter = self.counter
+        second, counter = self.second, self.counter
+        if now > second:
+            second, counter = now, 0
+        elif counter > MAX_COUNTER:
+            second, counter = second + 1, 0
+        if second >= self.leaseUntil:
+            raise LeaseExpired(
+                "queue id lease ends at %d, logical clock at %d" % (self.leaseUntil, second)
+            )
+        self.second, self.counter = second, counter
         self.counter += 1
         return "%02X/%02X-%05d-%08X" % (
             self.node,
@@ -166,16 +177,17 @@ class QueueIDGenerator:
             self.second & 0xFFFFFFFF,
         )
 
-    def leaseWanted(self) -> Optional[IDState]:
+    def leaseWanted(self, now: float) -> Optional[IDState]:
         """
         If the lease should be extended, the state to persist (and the
         caller must call L{leaseRenewed} or L{leaseFailed} when done);
-        otherwise None.
+        otherwise None.  Call it after each id and periodically.
         """
-        if self._renewing or self.second < self.leaseUntil - LEASE // 2:
+        current = max(self.second, int(now))
+        if self._renewing or current < self.leaseUntil - LEASE // 2:
             return None
         self._renewing = True
-        return IDState(boot=self.boot, floor=self.second + LEASE)
+        return IDState(boot=self.boot, floor=current + LEASE)
 
     def leaseRenewed(self, state: IDState) -> None:
         self._renewing = False
@@ -187,13 +199,14 @@ class QueueIDGenerator:
 
 def renewLease(
     generator: QueueIDGenerator,
+    now: float,
     persist: Callable[[IDState], "object"],
-) -> None:
+):
     """
     Extend C{generator}'s lease if it wants it, using C{persist}, which
     returns a Deferred that fires once the state is durable.
     """
-    state = generator.leaseWanted()
+    state = generator.leaseWanted(now)
     if state is None:
         return
     d = persist(state)

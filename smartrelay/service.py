@@ -9,6 +9,7 @@ memory reactor or, end to end, with the real one.
 import os
 from functools import partial
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -98,6 +99,9 @@ class RelayService(MultiService):
             timeout=delivery.timeout,
         )
         self.scheduler.setServiceParent(self)
+        leaseTimer = TimerService(10, self._renewLease)
+        leaseTimer.clock = reactor
+        leaseTimer.setServiceParent(self)
 
         checker = None
         if smtp.auth_file is not None:
@@ -138,7 +142,8 @@ class RelayService(MultiService):
         self._readyResult = None
 
     def _renewLease(self):
-        return renewLease(self.policy.ids, self._persistIDState)
+        if self.policy.ids is not None:
+            return renewLease(self.policy.ids, self.reactor.seconds(), self._persistIDState)
 
     def _persistIDState(self, state: IDState) -> Deferred:
         return self.runInSpoolThread(saveIDState, self.idStatePath, state)

@@ -17,7 +17,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from smartrelay.ids import QueueIDGenerator
+from smartrelay.ids import LeaseExpired, QueueIDGenerator
 from smartrelay.smtp.protocol import HardenedESMTP, ISubmissionPolicy, Session
 from smartrelay.smtp.replies import (
     ACCESS_DENIED,
@@ -189,8 +189,13 @@ class SubmissionPolicy:
         self, session: Session, sender: str, recipients: list, data: bytes
     ) -> Deferred:
         now = self.clock.seconds()
-        queueID = self.ids.next(now)
-        self.renewLease()
+        try:
+            queueID = self.ids.next(now)
+        except LeaseExpired as e:
+            self.log.error("cannot hand out queue ids: {why}", why=str(e))
+            raise STORAGE_TROUBLE
+        finally:
+            self.renewLease()
         message = traceHeaders(queueID, session, self.hostname, recipients, now) + removeHeader(
             data, b"X-SmartRelay-ID"
         )

@@ -1,0 +1,285 @@
+"""
+Tests for L{smartrelay.spool}: durable storage, state journal, recovery,
+and failure handling, with a synchronous stand-in for the thread pool.
+"""
+
+import errno
+import os
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.defer import maybeDeferred
+from twisted.trial.unittest import SynchronousTestCase
+
+from smartrelay import spool as spoolModule
+from smartrelay.spool import (
+    Recipient,
+    Spool,
+    SpoolCorrupt,
+    SpoolEntry,
+    SpoolError,
+    decodeEntry,
+    encodeEntry,
+)
+
+
+def synchronous(f, *args, **kwargs):
+    return maybeDeferred(f, *args, **kwargs)
+
+
+def makeEntry(queueID="79/BC-00001-5C348706", recipients=("a@example.com", "b@example.org")):
+    return SpoolEntry(
+        queue_id=queueID,
+        sender="app@example.net",
+        recipients=[Recipient(address=r) for r in recipients],
+        received=1700000000.5,
+        size=0,
+        client={"ip": "127.0.0.1", "helo": "c", "user": None, "tls": False},
+    )
+
+
+class CodecTests(SynchronousTestCase):
+    @given(st.binary(max_size=3000), st.lists(st.emails(), min_size=1, max_size=5), st.text(max_size=30))
+    def test_roundTrip(self, data, recipients, sender):
+        """
+        Any message and envelope survive encoding and decoding.
+        """
+        entry = makeEntry(recipients=recipients)
+        entry.sender = sender
+        decoded, body = decodeEntry(encodeEntry(entry, data))
+        self.assertEqual(body, data)
+        self.assertEqual([r.address for r in decoded.recipients], list(recipients))
+        self.assertEqual(decoded.sender, sender)
+        self.assertEqual(decoded.size, len(data))
+
+    @given(st.binary(min_size=1, max_size=500), st.data())
+    def test_truncationDetected(self, data, draw):
+        """
+        Any truncation of a spool file is detected.
+        """
+        raw = encodeEntry(makeEntry(), data)
+        cut = draw.draw(st.integers(0, len(raw) - 1))
+        self.assertRaises(SpoolCorrupt, decodeEntry, raw[:cut])
+
+    def test_bitFlipDetected(self):
+        """
+        A changed byte in the message is detected by the checksum.
+        """
+        raw = bytearray(encodeEntry(makeEntry(), b"hello world\r\n"))
+        raw[-3] ^= 0x01
+        self.assertRaises(SpoolCorrupt, decodeEntry, bytes(raw))
+
+
+class SpoolTests(SynchronousTestCase):
+    def setUp(self):
+        self.directory = self.mktemp()
+        self.spool = Spool(self.directory, synchronous)
+        self.assertEqual(self.successResultOf(self.spool.recover()), [])
+
+    def reopen(self):
+        return self.successResultOf(Spool(self.directory, synchronous).recover())
+
+    def test_storeAndRead(self):
+        """
+        A stored message is on disk under its queue id and reads back.
+        """
+        entry = makeEntry()
+        self.assertIs(self.successResultOf(self.spool.store(entry, b"Subject: x\r\n\r\nhi\r\n")), entry)
+        self.assertEqual(os.listdir(self.directory), ["79BC-00001-5C348706.msg"])
+        self.assertEqual(self.successResultOf(self.spool.readMessage(entry)), b"Subject: x\r\n\r\nhi\r\n")
+
+    def test_recoveredAfterRestart(self):
+        """
+        A stored message is recovered by the next start with its envelope.
+        """
+        self.successResultOf(self.spool.store(makeEntry(), b"x\r\n"))
+        [entry] = self.reopen()
+        self.assertEqual(entry.queue_id, "79/BC-00001-5C348706")
+        self.assertEqual([r.state for r in entry.recipients], ["queued", "queued"])
+
+    def test_stateJournal(self):
+        """
+        Recorded recipient states survive a restart; once every recipient
+        is final the entry is removed.
+        """
+        entry = makeEntry()
+        self.successResultOf(self.spool.store(entry, b"x\r\n"))
+        self.successResultOf(
+            self.spool.record(entry, [Recipient("a@example.com", "delivered", 1, 0.0)])
+        )
+        self.successResultOf(
+            self.spool.record(entry, [Recipient("b@example.org", "deferred", 1, 1700000600.0)])
+        )
+        [recovered] = self.reopen()
+        self.assertEqual(
+            recovered.recipients,
+            [
+                Recipient("a@example.com", "delivered", 1, 0.0),
+                Recipient("b@example.org", "deferred", 1, 1700000600.0),
+            ],
+        )
+        self.successResultOf(
+            self.spool.record(entry, [Recipient("b@example.org", "bounced", 2, 0.0)])
+        )
+        self.assertEqual(os.listdir(self.directory), [])
+        self.assertEqual(self.reopen(), [])
+
+    def test_tornStateLine(self):
+        """
+        A torn last journal line (crash mid-append) is skipped; the earlier
+        states stand.
+        """
+        entry = makeEntry()
+        self.successResultOf(self.spool.store(entry, b"x\r\n"))
+        self.successResultOf(self.spool.record(entry, [Recipient("a@example.com", "deferred", 1, 5.0)]))
+        with open(os.path.join(self.directory, "79BC-00001-5C348706.state"), "ab") as f:
+            f.write(b'{"a":"b@example.org","s":"deliv')
+        [recovered] = self.reopen()
+        self.assertEqual(recovered.recipients[0].state, "deferred")
+        self.assertEqual(recovered.recipients[1].state, "queued")
+
+    def test_finishedButNotRemoved(self):
+        """
+        An entry whose recipients are all final but whose files were not yet
+        removed (crash) is cleaned up, not delivered again.
+        """
+        entry = makeEntry(recipients=["a@example.com"])
+        self.successResultOf(self.spool.store(entry, b"x\r\n"))
+        with open(os.path.join(self.directory, "79BC-00001-5C348706.state"), "wb") as f:
+            f.write(spoolModule.encodeState(Recipient("a@example.com", "delivered", 1, 0.0)))
+        self.assertEqual(self.reopen(), [])
+        self.assertEqual(os.listdir(self.directory), [])
+
+    def test_tempFilesRemoved(self):
+        """
+        Unfinished temp files (a crash before the rename) are removed on
+        start and never delivered.
+        """
+        with open(os.path.join(self.directory, "tmp-3-79BC-00009-5C348706.msg"), "wb") as f:
+            f.write(b"half a mess")
+        self.assertEqual(self.reopen(), [])
+        self.assertEqual(os.listdir(self.directory), [])
+
+    def test_orphanStateRemoved(self):
+        """
+        A state journal without its message is removed.
+        """
+        with open(os.path.join(self.directory, "79BC-00009-5C348706.state"), "wb") as f:
+            f.write(b"")
+        self.assertEqual(self.reopen(), [])
+        self.assertEqual(os.listdir(self.directory), [])
+
+    def test_corruptMovedAside(self):
+        """
+        A corrupt entry is moved to corrupt/ with a log line, never deleted.
+        """
+        entry = makeEntry()
+        self.successResultOf(self.spool.store(entry, b"some message\r\n"))
+        path = os.path.join(self.directory, "79BC-00001-5C348706.msg")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 3)
+        self.assertEqual(self.reopen(), [])
+        self.assertEqual(
+            os.listdir(os.path.join(self.directory, "corrupt")), ["79BC-00001-5C348706.msg"]
+        )
+
+    def test_fileNameMismatch(self):
+        """
+        A file whose name does not match the queue id inside is corrupt.
+        """
+        self.successResultOf(self.spool.store(makeEntry(), b"x\r\n"))
+        os.rename(
+            os.path.join(self.directory, "79BC-00001-5C348706.msg"),
+            os.path.join(self.directory, "79BC-00002-5C348706.msg"),
+        )
+        self.assertEqual(self.reopen(), [])
+        self.assertIn("79BC-00002-5C348706.msg", os.listdir(os.path.join(self.directory, "corrupt")))
+
+    def test_oldestFirst(self):
+        """
+        Recovered entries come back oldest first.
+        """
+        for n, received in [(1, 30.0), (2, 10.0), (3, 20.0)]:
+            entry = makeEntry(queueID="79/BC-0000%d-5C348706" % n)
+            entry.received = received
+            self.successResultOf(self.spool.store(entry, b"x\r\n"))
+        self.assertEqual([e.received for e in self.reopen()], [10.0, 20.0, 30.0])
+
+
+class FailureTests(SynchronousTestCase):
+    def setUp(self):
+        self.directory = self.mktemp()
+        self.failOn = None
+
+        def runner(f, *args):
+            if f is self.failOn:
+                return maybeDeferred(self.raiseDiskFull)
+            return maybeDeferred(f, *args)
+
+        self.spool = Spool(self.directory, runner)
+        self.successResultOf(self.spool.recover())
+
+    def raiseDiskFull(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def test_writeFailure(self):
+        """
+        A failed write is a SpoolError and leaves nothing behind.
+        """
+        self.failOn = spoolModule._writeDurably
+        failure = self.failureResultOf(self.spool.store(makeEntry(), b"x\r\n"))
+        failure.trap(SpoolError)
+        self.assertEqual(os.listdir(self.directory), [])
+        self.flushLoggedErrors(OSError)
+
+    def test_directorySyncFailure(self):
+        """
+        If the directory fsync fails the renamed file is removed again, so a
+        message that got no 250 is never delivered.
+        """
+        self.failOn = spoolModule.fsyncDirectory
+        failure = self.failureResultOf(self.spool.store(makeEntry(), b"x\r\n"))
+        failure.trap(SpoolError)
+        self.assertEqual(os.listdir(self.directory), [])
+        self.flushLoggedErrors(OSError)
+
+    def test_realDiskError(self):
+        """
+        An OSError from the real write path (here: the directory is gone)
+        becomes a SpoolError.
+        """
+        os.rmdir(self.directory)
+        failure = self.failureResultOf(self.spool.store(makeEntry(), b"x\r\n"))
+        failure.trap(SpoolError)
+        self.flushLoggedErrors(OSError)
+
+
+class GroupCommitTests(SynchronousTestCase):
+    def test_oneDirectorySyncForMany(self):
+        """
+        Messages renamed while a directory fsync runs share the next one.
+        """
+        from twisted.internet.defer import Deferred
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        syncs = []
+
+        def runner(f, *args):
+            if f is spoolModule.fsyncDirectory:
+                d = Deferred()
+                syncs.append(d)
+                return d
+            return maybeDeferred(f, *args)
+
+        spool = Spool(directory, runner)
+        results = [spool.store(makeEntry(queueID="79/BC-0000%d-5C348706" % n), b"x\r\n") for n in range(5)]
+        self.assertEqual(len(syncs), 1)
+        syncs[0].callback(None)
+        self.successResultOf(results[0])
+        self.assertNoResult(results[1])
+        self.assertEqual(len(syncs), 2)
+        syncs[1].callback(None)
+        for d in results[1:]:
+            self.successResultOf(d)
+        self.assertEqual(len(syncs), 2)
