@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import attrs
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -193,7 +193,7 @@ class SubmissionPolicy:
             queueID = self.ids.next(now)
         except LeaseExpired as e:
             self.log.error("cannot hand out queue ids: {why}", why=str(e))
-            raise STORAGE_TROUBLE
+            return fail(STORAGE_TROUBLE)
         finally:
             self.renewLease()
         message = traceHeaders(queueID, session, self.hostname, recipients, now) + removeHeader(

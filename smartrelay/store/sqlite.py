@@ -1,0 +1,411 @@
+"""
+The SQLite event store: the default back end, one file under C{data_dir}.
+
+All SQLite work runs through a C{runInThread(f, *args)} callable.  In
+production that is a thread pool of exactly one thread (see
+L{SQLiteStore.inThreadPool}): one connection, one writer, and operations run
+in the order they were called, so a query issued after an append sees it.
+Unit tests pass a synchronous stand-in instead.
+
+The spool on disk, not this store, is the source of truth for messages, so
+the database runs in WAL mode with C{synchronous=NORMAL}: a crash may lose
+the last few committed batches but never corrupts the file.
+"""
+
+import json
+import sqlite3
+from typing import Any, Callable, Optional
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from smartrelay.events import Event
+from smartrelay.store.interfaces import (
+    EventPage,
+    IStore,
+    StoreClosed,
+    checkLimit,
+    checkTime,
+    decodeCursor,
+    encodeCursor,
+    normaliseRecipient,
+)
+
+
+class UnsupportedSchema(Exception):
+    """
+    The database was written by a newer smartrelay (its schema version is
+    higher than any this code knows).
+    """
+
+
+# Schema migrations: (version, statements).  Each runs once, in order, in the
+# same transaction that records its version in schema_version.  Append new
+# versions at the end; never edit one that has been released.
+#
+# events.seq is the rowid: it gives the insertion order that breaks ties
+# between events with the same time.  Every secondary index ends with time
+# (and, implicitly, the rowid), so a filtered query reads its rows from one
+# index already in (time, seq) order.
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            """
+            CREATE TABLE events (
+                seq INTEGER PRIMARY KEY,
+                id TEXT NOT NULL,
+                time REAL NOT NULL,
+                type TEXT NOT NULL,
+                queue_id TEXT,
+                recipient TEXT,
+                recipient_norm TEXT,
+                tag TEXT,
+                metadata TEXT NOT NULL,
+                detail TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX events_time ON events (time)",
+            "CREATE INDEX events_queue_id ON events (queue_id, time)",
+            "CREATE INDEX events_recipient ON events (recipient_norm, time)",
+            "CREATE INDEX events_type ON events (type, time)",
+            "CREATE INDEX events_tag ON events (tag, time)",
+        ],
+    ),
+]
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_COLUMNS = "seq, id, time, type, queue_id, recipient, tag, metadata, detail"
+
+_INSERT = (
+    "INSERT INTO events"
+    " (id, time, type, queue_id, recipient, recipient_norm, tag, metadata, detail)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _toRow(event: Event) -> tuple:
+    return (
+        event.id,
+        event.time,
+        event.type,
+        event.queue_id,
+        event.recipient,
+        normaliseRecipient(event.recipient),
+        event.tag,
+        json.dumps(event.metadata),
+        json.dumps(event.detail),
+    )
+
+
+def _fromRow(row: tuple) -> Event:
+    _, id, time, type, queue_id, recipient, tag, metadata, detail = row
+    return Event(
+        type=type,
+        queue_id=queue_id,
+        recipient=recipient,
+        time=time,
+        tag=tag,
+        metadata=json.loads(metadata),
+        detail=json.loads(detail),
+        id=id,
+    )
+
+
+def _migrate(conn: sqlite3.Connection) -> tuple[int, list[int]]:
+    """
+    Bring the schema up to L{SCHEMA_VERSION} in one transaction.
+
+    @return: the version found and the versions applied.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)"
+        )
+        (found,) = conn.execute(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_version"
+        ).fetchone()
+        if found > SCHEMA_VERSION:
+            raise UnsupportedSchema(
+                f"event store schema version {found} is newer than the"
+                f" newest this smartrelay knows ({SCHEMA_VERSION})"
+            )
+        applied = []
+        for version, statements in MIGRATIONS:
+            if version <= found:
+                continue
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            applied.append(version)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return found, applied
+
+
+@implementer(IStore)
+@attrs.define
+class SQLiteStore:
+    """
+    An L{IStore} in one SQLite database file.
+
+    @ivar path: the database file (created if missing).
+    @ivar _runInThread: C{runInThread(f, *args, **kwargs) -> Deferred}
+        runs C{f} in the store's one database thread, in call order.
+    @ivar _afterClose: called (on the reactor thread) once C{close} has
+        closed the connection; L{inThreadPool} uses it to stop the pool.
+    """
+
+    path: str
+    _runInThread: Callable[..., Deferred] = attrs.field(alias="runInThread")
+    _afterClose: Optional[Callable[[], object]] = attrs.field(
+        default=None, kw_only=True, alias="afterClose"
+    )
+    # Only the database thread touches _conn; only the reactor thread
+    # touches the rest.
+    _conn: Optional[sqlite3.Connection] = attrs.field(default=None, init=False)
+    _closed: bool = attrs.field(default=False, init=False)
+    _closeDone: bool = attrs.field(default=False, init=False)
+    _closeWaiters: list = attrs.field(factory=list, init=False)
+
+    log = Logger()
+
+    @classmethod
+    def inThreadPool(
+        cls, path: str, reactor: Any, name: str = "smartrelay-sqlite"
+    ) -> tuple["SQLiteStore", ThreadPool]:
+        """
+        A store whose SQLite work runs in a new, started, one-thread pool.
+
+        C{close()} stops the pool.  Should the reactor shut down without
+        C{close()} having been called, the pool is stopped during shutdown
+        (after queued work finishes) so that its thread cannot keep the
+        process alive.
+
+        @param reactor: provides L{IReactorFromThreads} and
+            L{IReactorCore}.
+        @return: the store and its pool.
+        """
+        pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
+        pool.start()
+        trigger = None
+
+        def runInThread(f, *args, **kwargs):
+            return deferToThreadPool(reactor, pool, f, *args, **kwargs)
+
+        def afterClose():
+            nonlocal trigger
+            if trigger is not None:
+                reactor.removeSystemEventTrigger(trigger)
+                trigger = None
+            if not pool.joined:
+                pool.stop()
+
+        def atShutdown():
+            nonlocal trigger
+            trigger = None
+            if not pool.joined:
+                store._abandon()
+                # Queued work, then the connection's close, run before the
+                # pool's thread quits.
+                pool.callInThread(store._closeConnection)
+                pool.stop()
+
+        store = cls(path, runInThread, afterClose=afterClose)
+        trigger = reactor.addSystemEventTrigger("during", "shutdown", atShutdown)
+        return store, pool
+
+    # -- reactor thread --------------------------------------------------
+
+    def _run(self, f: Callable, *args) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        return self._runInThread(f, *args)
+
+    def start(self) -> Deferred:
+        d = self._run(self._open)
+
+        def opened(result):
+            if result is not None:
+                mode, found, applied = result
+                self.log.info(
+                    "Opened event store {path} (schema version {version},"
+                    " journal mode {mode}, migrations applied: {applied})",
+                    path=self.path,
+                    version=found if not applied else applied[-1],
+                    mode=mode,
+                    applied=applied,
+                )
+                if mode != "wal":
+                    self.log.warn(
+                        "Event store {path} is not in WAL mode (got {mode})",
+                        path=self.path,
+                        mode=mode,
+                    )
+
+        return d.addCallback(opened)
+
+    def close(self) -> Deferred:
+        if self._closeDone:
+            return succeed(None)
+        if self._closed:
+            waiter = Deferred()
+            self._closeWaiters.append(waiter)
+            return waiter
+        # Already queued work runs before the close (one thread, in order);
+        # anything called from now on fails with StoreClosed.
+        d = self._runInThread(self._closeConnection)
+        self._closed = True
+
+        def finished(result):
+            self._closeDone = True
+            try:
+                if self._afterClose is not None:
+                    self._afterClose()
+            finally:
+                waiters, self._closeWaiters = self._closeWaiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
+            return result
+
+        return d.addBoth(finished)
+
+    def _abandon(self) -> None:
+        """
+        Mark the store closed without going through the database thread
+        (which is about to stop); any C{close} still in progress is
+        considered done.
+        """
+        self._closed = True
+        self._closeDone = True
+        waiters, self._closeWaiters = self._closeWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def appendEvents(self, events: list[Event]) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        # Encode on the calling thread: the batch is a snapshot of the
+        # events as they were when appended, and a value that cannot be
+        # encoded fails before anything is written.
+        try:
+            rows = [_toRow(event) for event in events]
+        except Exception:
+            return fail()
+        return self._run(self._append, rows)
+
+    def eventsForMessage(self, queue_id: str) -> Deferred:
+        return self._run(self._eventsForMessage, queue_id)
+
+    def queryEvents(
+        self,
+        *,
+        type: Optional[str] = None,
+        queue_id: Optional[str] = None,
+        recipient: Optional[str] = None,
+        tag: Optional[str] = None,
+        since: Optional[float] = None,
+        until: Optional[float] = None,
+        cursor: Optional[str] = None,
+        limit: int = 100,
+    ) -> Deferred:
+        try:
+            limit = checkLimit(limit)
+            since = checkTime("since", since)
+            until = checkTime("until", until)
+            after = None if cursor is None else decodeCursor(cursor)
+        except ValueError:
+            return fail()
+
+        clauses = []
+        params: list[Any] = []
+        for column, value in [
+            ("type", type),
+            ("queue_id", queue_id),
+            ("recipient_norm", normaliseRecipient(recipient)),
+            ("tag", tag),
+        ]:
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            clauses.append("time >= ?")
+            params.append(since)
+        if until is not None:
+            clauses.append("time < ?")
+            params.append(until)
+        if after is not None:
+            clauses.append("(time, seq) > (?, ?)")
+            params.extend(after)
+        sql = f"SELECT {_COLUMNS} FROM events"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY time, seq LIMIT ?"
+        # One more than asked for tells whether there is a next page.
+        params.append(limit + 1)
+        return self._run(self._query, sql, params, limit)
+
+    # -- database thread -------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreClosed("the event store is not open")
+        return self._conn
+
+    def _open(self) -> Optional[tuple[str, int, list[int]]]:
+        if self._conn is not None:
+            return None
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            conn.execute("PRAGMA synchronous=NORMAL")
+            found, applied = _migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return mode, found, applied
+
+    def _closeConnection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.execute("PRAGMA optimize")
+            finally:
+                conn.close()
+
+    def _append(self, rows: list[tuple]) -> None:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(_INSERT, rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _eventsForMessage(self, queue_id: str) -> list[Event]:
+        rows = self._connection().execute(
+            f"SELECT {_COLUMNS} FROM events WHERE queue_id = ? ORDER BY time, seq",
+            (queue_id,),
+        )
+        return [_fromRow(row) for row in rows]
+
+    def _query(self, sql: str, params: list, limit: int) -> EventPage:
+        rows = self._connection().execute(sql, params).fetchall()
+        cursor = None
+        if len(rows) > limit:
+            del rows[limit:]
+            seq, _, time = rows[-1][:3]
+            cursor = encodeCursor(time, seq)
+        return EventPage(events=[_fromRow(row) for row in rows], cursor=cursor)
