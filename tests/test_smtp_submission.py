@@ -6,13 +6,13 @@ policy together over an in-memory connection.
 
 import ipaddress
 
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import fail, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from smartrelay.auth import HashedPasswordChecker, PasswordFile, hashPassword
 from smartrelay.events import EventLog
 from smartrelay.ids import LEASE, IDState, isQueueID, startRun
 from smartrelay.smtp.protocol import Session
@@ -141,7 +141,8 @@ class AccessTests(PolicyMixin, SynchronousTestCase):
         """
         AUTH asks the credentials checker; a wrong password is 535 5.7.8.
         """
-        checker = InMemoryUsernamePasswordDatabaseDontUse(app="secret")
+        passwords = PasswordFile.parse("app:" + hashPassword("secret", ln=4) + "\n")
+        checker = HashedPasswordChecker(passwords, maybeDeferred)
         policy = self.makePolicy(checker=checker)
         self.assertTrue(policy.authAvailable)
         session = Session(peer="127.0.0.1", loopback=True)
