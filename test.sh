@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs and runs the whole suite.
+# Usage: bash test.sh [trial arguments, default: tests]
+set -uo pipefail
+cd "$(dirname "$0")"
+python3 -m pip install --quiet --disable-pip-version-check -e '.[test]' || exit 1
+log=$(mktemp)
+python3 -m twisted.trial --temp-directory="$(mktemp -d)/_trial_temp" "${@:-tests}" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+# Trial's own summary is "PASSED (successes=N)" / "FAILED (failures=F, errors=E, ...)";
+# repeat it in the plain "N passed, N failed" form too.
+summary=$(grep -E '^(PASSED|FAILED) \(' "$log" | tail -n 1)
+count() { echo "$summary" | grep -oE "$1=[0-9]+" | awk -F= '{n += $2} END {print n + 0}'; }
+passed=$(count 'successes'); failed=$(count '(failures|errors|unexpectedSuccesses)')
+echo "${passed:-0} passed, ${failed:-0} failed"
+rm -f "$log"
+exit "$status"
