@@ -1,0 +1,790 @@
+"""
+Configuration: INI text in, frozen attrs objects out.
+
+L{parseConfig} is the one place that reads and validates the INI file.  Every
+section and key it knows is declared once, as a field of L{RelayConfig},
+L{SMTPConfig} or L{DeliveryConfig} whose metadata names the function that
+parses its INI value; the INI key is the field name.  Unknown sections and
+unknown keys are errors, so a typo cannot silently disable a feature.
+
+Anything wrong raises L{ConfigError}, whose C{str()} is one line naming the
+file, the section, the key and the problem.
+
+Value syntax:
+  - durations: C{30s}, C{5m}, C{2h}, C{3d}, C{1w}, or plain seconds (C{90});
+  - sizes: C{25M}, C{512K}, C{1G}, or plain bytes; multiples are binary
+    (C{1K} = 1024);
+  - booleans: C{on}/C{off}, C{yes}/C{no}, C{true}/C{false}, C{1}/C{0};
+  - lists: comma-separated (line breaks also separate);
+  - an empty value for an optional key means "not set".
+
+Relative paths (C{data_dir}, C{auth_file}, C{tls_certificate}, C{tls_key})
+are relative to the current directory of the process, not to the INI file.
+"""
+
+import ast
+import configparser
+import difflib
+import ipaddress
+import math
+import re
+import socket
+from typing import Any, Callable, Optional, Union
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_private_key,
+)
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.testing import MemoryReactor
+
+from smartrelay.auth import AuthFileError, PasswordFile
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+# ---------------------------------------------------------------------------
+# Errors
+
+
+@attrs.define(auto_exc=True, eq=False)
+class ConfigError(Exception):
+    """
+    The configuration is unusable.
+
+    C{str()} is one line, for example::
+
+        etc/x.ini: [smtp] max_connections: expected a positive integer, got 'abc'
+
+    @ivar problem: what is wrong.
+    @ivar source: the file name (or C{"<config>"} for text).
+    @ivar section: the INI section, or L{None} if the problem is not in one.
+    @ivar key: the key, or L{None} if the problem is not about one key.
+    """
+
+    problem: str
+    source: str = "<config>"
+    section: Optional[str] = None
+    key: Optional[str] = None
+
+    def __str__(self) -> str:
+        if self.section is None:
+            text = f"{self.source}: {self.problem}"
+        elif self.key is None:
+            text = f"{self.source}: [{self.section}]: {self.problem}"
+        else:
+            text = f"{self.source}: [{self.section}] {self.key}: {self.problem}"
+        return " ".join(text.split())
+
+
+def _oneLine(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _suggest(word: str, candidates) -> str:
+    """
+    C{" (did you mean 'x'?)"} for the closest candidate, or C{""}.
+    """
+    lowered = {c.lower(): c for c in candidates}
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    return f" (did you mean {lowered[close[0]]!r}?)" if close else ""
+
+
+# ---------------------------------------------------------------------------
+# Value parsers.  Each takes the INI text and returns the value or raises
+# ValueError whose message is the problem (without the location).
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_RE = re.compile(
+    r"(?P<number>[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*(?P<unit>[smhdw]?)"
+)
+
+
+def parseDuration(text: str, allowZero: bool = False) -> float:
+    """
+    Seconds in a duration such as C{30s}, C{5m}, C{2h}, C{3d}, C{1w} or
+    C{90} (plain seconds).  Fractions are allowed (C{1.5h}).
+
+    @param allowZero: accept a zero duration.
+    @raise ValueError: for anything else, negative, infinite or (unless
+        C{allowZero}) zero values included.
+    """
+    text = text.strip()
+    match = _DURATION_RE.fullmatch(text)
+    expected = "expected a duration such as 30s, 5m, 2h, 3d or 1w"
+    if match is None:
+        raise ValueError(f"{expected}, got {text!r}")
+    seconds = float(match["number"]) * _DURATION_UNITS[match["unit"]]
+    if not math.isfinite(seconds):
+        raise ValueError(f"the duration {text!r} is too long")
+    if seconds == 0 and not allowZero:
+        raise ValueError(f"{expected} (greater than zero), got {text!r}")
+    return seconds
+
+
+def formatDuration(seconds: float) -> str:
+    """
+    The shortest text L{parseDuration} reads back as exactly C{seconds}:
+    the largest unit that divides it (C{300.0} gives C{5m}), else seconds.
+    """
+    if seconds < 0 or not math.isfinite(seconds):
+        raise ValueError(f"cannot format the duration {seconds!r}")
+    if seconds == int(seconds):
+        whole = int(seconds)
+        for unit in "wdhm":
+            size = _DURATION_UNITS[unit]
+            if whole and whole % size == 0:
+                return f"{whole // size}{unit}"
+        return f"{whole}s"
+    return f"{seconds!r}s"
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE_RE = re.compile(r"(?P<number>[0-9]+)\s*(?P<unit>[kmgt]?)(?:i?b)?", re.IGNORECASE)
+_MAX_SIZE = (1 << 63) - 1
+
+
+def parseSize(text: str, allowZero: bool = False) -> int:
+    """
+    Bytes in a size such as C{25M}, C{512K}, C{1G}, C{2T} or C{1000} (plain
+    bytes).  Multiples are binary (C{1K} = 1024); letters may be either
+    case and may be followed by C{B} or C{iB} (C{25MiB}).
+
+    @param allowZero: accept a zero size.
+    @raise ValueError: for anything else.
+    """
+    text = text.strip()
+    match = _SIZE_RE.fullmatch(text)
+    expected = "expected a size such as 25M, 512K, 1G or 1000"
+    if match is None:
+        raise ValueError(f"{expected}, got {text!r}")
+    size = int(match["number"]) * _SIZE_UNITS[match["unit"].lower()]
+    if size == 0 and not allowZero:
+        raise ValueError(f"{expected} (greater than zero), got {text!r}")
+    if size > _MAX_SIZE:
+        raise ValueError(f"the size {text!r} is too large")
+    return size
+
+
+def formatSize(size: int) -> str:
+    """
+    The shortest text L{parseSize} reads back as C{size}.
+    """
+    if size < 0:
+        raise ValueError(f"cannot format the size {size!r}")
+    for unit in "TGMK":
+        multiple = _SIZE_UNITS[unit.lower()]
+        if size and size % multiple == 0:
+            return f"{size // multiple}{unit}"
+    return str(size)
+
+
+_BOOLEANS = {
+    "on": True, "yes": True, "true": True, "1": True,
+    "off": False, "no": False, "false": False, "0": False,
+}
+
+
+def parseBool(text: str) -> bool:
+    """
+    C{on}/C{yes}/C{true}/C{1} or C{off}/C{no}/C{false}/C{0}, any case.
+
+    @raise ValueError: for anything else.
+    """
+    try:
+        return _BOOLEANS[text.strip().lower()]
+    except KeyError:
+        raise ValueError(f"expected on or off, got {text.strip()!r}") from None
+
+
+def _positiveInt(text: str) -> int:
+    text = text.strip()
+    if not re.fullmatch(r"[0-9]+", text) or int(text) == 0:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _atLeast(minimum: int, why: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = _positiveInt(text)
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum} ({why}), got {value}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    text = text.strip()
+    if not re.fullmatch(r"[0-9]+", text) or not 1 <= int(text) <= 65535:
+        raise ValueError(f"expected a port number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
+def _listItems(text: str) -> list[str]:
+    return [item.strip() for item in re.split(r"[,\n]", text) if item.strip()]
+
+
+def _nonEmpty(text: str) -> str:
+    text = text.strip()
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _optionalString(text: str) -> Optional[str]:
+    return text.strip() or None
+
+
+def _nodeID(text: str) -> int:
+    text = text.strip()
+    if not re.fullmatch(r"[0-9A-Fa-f]{2}", text):
+        raise ValueError(f"expected two hex digits such as 7F, got {text!r}")
+    return int(text, 16)
+
+
+_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def isHostname(text: str) -> bool:
+    """
+    Whether C{text} is a valid DNS host name (RFC 1123): dot-separated
+    labels of letters, digits and inner hyphens, 63 octets each, 253 in all.
+    """
+    if not text or len(text) > 253:
+        return False
+    return all(_LABEL_RE.fullmatch(label) for label in text.split("."))
+
+
+def _hostname(text: str) -> str:
+    text = text.strip()
+    if not isHostname(text):
+        raise ValueError(f"expected a host name such as mail.example.com, got {text!r}")
+    return text
+
+
+def _defaultHostname() -> str:
+    """
+    C{socket.getfqdn()}, or C{localhost} if that is not a valid host name.
+    """
+    name = socket.getfqdn()
+    return name if isHostname(name) else "localhost"
+
+
+def _store(text: str) -> str:
+    text = text.strip()
+    if text == "sqlite":
+        return text
+    if text.startswith("redis://"):
+        raise ValueError("the redis store is not available in this version")
+    raise ValueError(f"expected 'sqlite', got {text!r}")
+
+
+def _serverEndpoint(text: str) -> str:
+    text = text.strip()
+    if not text:
+        raise ValueError("expected a server endpoint string such as tcp:2525")
+    try:
+        serverFromString(MemoryReactor(), text)
+    except Exception as e:
+        raise ValueError(f"invalid server endpoint {text!r}: {_oneLine(e)}") from None
+    return text
+
+
+def _clientEndpoint(text: str) -> Optional[str]:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        clientFromString(MemoryReactor(), text)
+    except Exception as e:
+        raise ValueError(
+            f"invalid client endpoint {text!r}: {_oneLine(e)} "
+            "(expected for example tcp:host=smtp.example.com:port=587)"
+        ) from None
+    return text
+
+
+def _network(item: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(item, strict=True)
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(item, strict=False)
+    except ValueError:
+        raise ValueError(
+            f"expected an IP address or network such as 10.0.0.0/8, got {item!r}"
+        ) from None
+    raise ValueError(f"{item!r} has host bits set (did you mean '{loose}'?)")
+
+
+def _networks(text: str) -> tuple[IPNetwork, ...]:
+    return tuple(_network(item) for item in _listItems(text))
+
+
+def _ipAddress(item: str) -> str:
+    try:
+        return str(ipaddress.ip_address(item))
+    except ValueError:
+        raise ValueError(f"expected an IP address, got {item!r}") from None
+
+
+def _optionalIPAddress(text: str) -> Optional[str]:
+    text = text.strip()
+    return _ipAddress(text) if text else None
+
+
+def _nameserver(item: str) -> tuple[str, int]:
+    match = re.fullmatch(r"\[(?P<host>[^\]]*)\](?::(?P<port>.*))?", item)
+    if match is not None:
+        host, port = match["host"], match["port"]
+    elif item.count(":") == 1:
+        host, port = item.split(":")
+    else:
+        host, port = item, None
+    try:
+        address = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ValueError(
+            f"expected an IP address with an optional port such as "
+            f"127.0.0.1:10053 or [::1]:53, got {item!r}"
+        ) from None
+    return (address, 53 if port is None else _port(port))
+
+
+def _nameservers(text: str) -> tuple[tuple[str, int], ...]:
+    return tuple(_nameserver(item) for item in _listItems(text))
+
+
+# ---------------------------------------------------------------------------
+# Retry schedules
+
+_STEP_RE = re.compile(r"(?P<delay>[^*]+?)\s*(?:\*\s*(?P<count>\S+))?")
+
+
+def _checkSteps(instance, attribute, steps) -> None:
+    if not steps:
+        raise ValueError("a retry schedule needs at least one delay")
+    for index, step in enumerate(steps):
+        delay, count = step
+        if not (isinstance(delay, (int, float)) and math.isfinite(delay) and delay > 0):
+            raise ValueError(f"retry delays must be positive, got {delay!r}")
+        if count is None:
+            if index != len(steps) - 1:
+                raise ValueError("only the last retry delay can repeat forever")
+        elif not (isinstance(count, int) and count >= 1):
+            raise ValueError(f"retry counts must be positive integers, got {count!r}")
+
+
+@attrs.frozen
+class RetrySchedule:
+    """
+    How long to wait before each new delivery attempt.
+
+    Written as a comma-separated list of durations, C{X*N} standing for N
+    times X and C{X*...} for X forever (only last): C{5m, 10m, 20m, 40m,
+    1h*4, 2h*...}.  Without a final C{*...} the last delay repeats forever.
+    C{str()} gives text that L{parse} reads back as an equal schedule.
+
+    @ivar steps: (delay in seconds, count) pairs; count L{None} means forever.
+    """
+
+    steps: tuple[tuple[float, Optional[int]], ...] = attrs.field(
+        converter=lambda steps: tuple((float(d), c) for d, c in steps),
+        validator=_checkSteps,
+    )
+
+    @classmethod
+    def parse(cls, text: str) -> "RetrySchedule":
+        """
+        Parse the schedule syntax; raise L{ValueError} with a one-line reason.
+        """
+        items = _listItems(text)
+        if not items:
+            raise ValueError(
+                "expected a list of durations such as '5m, 10m, 1h*4, 2h*...', got ''"
+            )
+        steps: list[tuple[float, Optional[int]]] = []
+        for index, item in enumerate(items):
+            match = _STEP_RE.fullmatch(item)
+            if match is None:
+                raise ValueError(f"expected a duration or DURATION*COUNT, got {item!r}")
+            delay = parseDuration(match["delay"])
+            count: Optional[int]
+            if match["count"] is None:
+                count = 1
+            elif match["count"] == "...":
+                if index != len(items) - 1:
+                    raise ValueError(
+                        f"{item!r} repeats forever, so nothing may follow it"
+                    )
+                count = None
+            else:
+                try:
+                    count = _positiveInt(match["count"])
+                except ValueError:
+                    raise ValueError(
+                        f"expected a positive count or '...' after '*', got {item!r}"
+                    ) from None
+            steps.append((delay, count))
+        return cls(tuple(steps))
+
+    def __str__(self) -> str:
+        parts = []
+        for delay, count in self.steps:
+            text = formatDuration(delay)
+            if count is None:
+                text += "*..."
+            elif count != 1:
+                text += f"*{count}"
+            parts.append(text)
+        return ", ".join(parts)
+
+    def delay(self, attempt: int) -> float:
+        """
+        Seconds to wait after failed attempt number C{attempt} (1 = the first
+        attempt) before trying again.
+        """
+        if attempt < 1:
+            raise ValueError(f"attempts are numbered from 1, got {attempt!r}")
+        remaining = attempt
+        for delay, count in self.steps:
+            if count is None or remaining <= count:
+                return delay
+            remaining -= count
+        return self.steps[-1][0]
+
+
+def _retry(text: str) -> RetrySchedule:
+    return RetrySchedule.parse(text)
+
+
+DEFAULT_RETRY = RetrySchedule.parse("5m, 10m, 20m, 40m, 1h*4, 2h*...")
+
+
+# ---------------------------------------------------------------------------
+# Files named by the configuration
+
+
+def _authFile(text: str) -> Optional[str]:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        PasswordFile.load(text)
+    except AuthFileError as e:
+        raise ValueError(str(e)) from None
+    return text
+
+
+def _readPEM(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {path!r}: {e.strerror or e}") from None
+
+
+def _loadCertificates(path: str) -> list:
+    data = _readPEM(path)
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ValueError(f"{path!r} holds no PEM certificate")
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise ValueError(f"{path!r} holds a bad PEM certificate: {_oneLine(e)}") from None
+
+
+def _loadPrivateKey(path: str):
+    data = _readPEM(path)
+    match = re.search(
+        rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.*?-----END \1PRIVATE KEY-----",
+        data,
+        re.DOTALL,
+    )
+    if match is None:
+        raise ValueError(f"{path!r} holds no PEM private key")
+    if match.group(1) == b"ENCRYPTED " or b"ENCRYPTED" in match.group(0):
+        raise ValueError(f"{path!r} holds an encrypted key; smartrelay needs it unencrypted")
+    try:
+        return load_pem_private_key(match.group(0), password=None)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path!r} holds a bad PEM private key: {_oneLine(e)}") from None
+
+
+def _optionalPath(text: str) -> Optional[str]:
+    return text.strip() or None
+
+
+def _checkTLS(smtp: "SMTPConfig") -> Optional[tuple[str, str]]:
+    """
+    Both or neither TLS files; both PEM; the key belongs to the certificate.
+    Returns (key, problem) or L{None}.
+    """
+    certificate, key = smtp.tls_certificate, smtp.tls_key
+    if certificate is None and key is None:
+        return None
+    if key is None:
+        return ("tls_key", "required when tls_certificate is set")
+    if certificate is None:
+        return ("tls_certificate", "required when tls_key is set")
+    try:
+        certificates = _loadCertificates(certificate)
+    except ValueError as e:
+        return ("tls_certificate", str(e))
+    try:
+        privateKey = _loadPrivateKey(key)
+    except ValueError as e:
+        return ("tls_key", str(e))
+
+    def spki(publicKey) -> bytes:
+        return publicKey.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+    if spki(certificates[0].public_key()) != spki(privateKey.public_key()):
+        return ("tls_key", f"the key in {key!r} does not match the certificate in {certificate!r}")
+    return None
+
+
+# ---------------------------------------------------------------------------
+# The configuration objects
+
+_PARSE = "smartrelay.config.parse"
+
+
+def _setting(parse: Callable[[str], Any], **kwargs) -> Any:
+    """
+    A field that an INI key of the same name sets, parsed by C{parse}.
+    """
+    return attrs.field(metadata={_PARSE: parse}, **kwargs)
+
+
+def _defaultNetworks() -> tuple[IPNetwork, ...]:
+    return (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+@attrs.frozen(kw_only=True)
+class RelayConfig:
+    """
+    Section C{[smartrelay]}: the node itself.
+
+    @ivar data_dir: the spool and the SQLite file live here (relative to the
+        current directory unless absolute).
+    @ivar node_id: 0-255, two hex digits in the INI file; first field of
+        every queue id.
+    @ivar hostname: the name in the SMTP banner and EHLO.
+    @ivar store: C{sqlite} (the only store in this version).
+    @ivar secret: the key for signed tokens, or L{None}.
+    """
+
+    data_dir: str = _setting(_nonEmpty, default="var")
+    node_id: int = _setting(_nodeID, default=0)
+    hostname: str = _setting(_hostname, factory=_defaultHostname)
+    store: str = _setting(_store, default="sqlite")
+    secret: Optional[str] = _setting(_optionalString, default=None)
+
+
+@attrs.frozen(kw_only=True)
+class SMTPConfig:
+    """
+    Section C{[smtp]}: the submission server.
+
+    @ivar allowed_clients: networks that may submit without SMTP AUTH.
+    @ivar auth_file: a password file (see L{smartrelay.auth}) enabling SMTP
+        AUTH, or L{None}.
+    @ivar tls_certificate: PEM certificate (chain) for STARTTLS, or L{None}.
+    @ivar tls_key: PEM private key for it, or L{None}.
+    @ivar max_message_size: bytes.
+    @ivar max_line_length: octets, not counting CRLF.
+    @ivar command_timeout: seconds to wait for a command.
+    @ivar data_timeout: seconds allowed for the whole DATA phase.
+    """
+
+    listen: str = _setting(_serverEndpoint, default="tcp:2525:interface=127.0.0.1")
+    allowed_clients: tuple[IPNetwork, ...] = _setting(_networks, factory=_defaultNetworks)
+    auth_file: Optional[str] = _setting(_authFile, default=None)
+    tls_certificate: Optional[str] = _setting(_optionalPath, default=None)
+    tls_key: Optional[str] = _setting(_optionalPath, default=None)
+    max_connections: int = _setting(_positiveInt, default=1000)
+    max_connections_per_client: int = _setting(_positiveInt, default=100)
+    max_message_size: int = _setting(parseSize, default=25 * 1024 * 1024)
+    max_recipients: int = _setting(_positiveInt, default=1000)
+    max_line_length: int = _setting(
+        _atLeast(998, "RFC 5321 section 4.5.3.1.6"), default=998
+    )
+    command_timeout: float = _setting(parseDuration, default=300.0)
+    data_timeout: float = _setting(parseDuration, default=600.0)
+
+
+@attrs.frozen(kw_only=True)
+class DeliveryConfig:
+    """
+    Section C{[delivery]}: outbound mail.
+
+    @ivar smarthost: a client endpoint string to relay everything through,
+        or L{None} to deliver to each domain's MX.
+    @ivar nameservers: (IP address, port) pairs; empty means the system's.
+    @ivar retry: waits between delivery attempts.
+    @ivar max_age: seconds after which an undelivered message expires.
+    @ivar bind_address: local IP address for outgoing connections, or L{None}.
+    @ivar connect_timeout: seconds to wait for a TCP connection.
+    @ivar timeout: seconds to wait for each SMTP reply.
+    """
+
+    smarthost: Optional[str] = _setting(_clientEndpoint, default=None)
+    nameservers: tuple[tuple[str, int], ...] = _setting(_nameservers, default=())
+    mx_port: int = _setting(_port, default=25)
+    max_connections: int = _setting(_positiveInt, default=50)
+    messages_per_connection: int = _setting(_positiveInt, default=100)
+    retry: RetrySchedule = _setting(_retry, default=DEFAULT_RETRY)
+    max_age: float = _setting(parseDuration, default=3 * 86400.0)
+    bind_address: Optional[str] = _setting(_optionalIPAddress, default=None)
+    connect_timeout: float = _setting(parseDuration, default=30.0)
+    timeout: float = _setting(parseDuration, default=300.0)
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """
+    The whole configuration.
+    """
+
+    relay: RelayConfig = attrs.field(factory=RelayConfig)
+    smtp: SMTPConfig = attrs.field(factory=SMTPConfig)
+    delivery: DeliveryConfig = attrs.field(factory=DeliveryConfig)
+
+
+#: INI section name -> (Config field, section class).
+SECTIONS: dict[str, tuple[str, type]] = {
+    "smartrelay": ("relay", RelayConfig),
+    "smtp": ("smtp", SMTPConfig),
+    "delivery": ("delivery", DeliveryConfig),
+}
+
+#: Cross-key checks run after a section's keys parse: each takes the
+#: section object and returns (key, problem) or None.
+_SECTION_CHECKS: dict[str, list[Callable[[Any], Optional[tuple[str, str]]]]] = {
+    "smtp": [_checkTLS],
+}
+
+
+def sectionKeys(sectionClass: type) -> list[str]:
+    """
+    The INI keys a section class accepts, in declaration order.
+    """
+    return [f.name for f in attrs.fields(sectionClass) if _PARSE in f.metadata]
+
+
+# ---------------------------------------------------------------------------
+# Parsing
+
+
+def _readINI(text: str, source: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(
+        strict=True,
+        interpolation=None,
+        empty_lines_in_values=False,
+        # "[DEFAULT]" is then an ordinary (unknown) section, not a source of
+        # keys for every other section.
+        default_section="\0no default section",
+    )
+    try:
+        parser.read_string(text, source=source)
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(
+            f"duplicate section (line {e.lineno})", source, e.section
+        ) from None
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(f"duplicate key (line {e.lineno})", source, e.section, e.option) from None
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError(
+            f"line {e.lineno}: {e.line.strip()!r} is outside any section "
+            "(start the file with a [section] header)",
+            source,
+        ) from None
+    except configparser.ParsingError as e:
+        lineno, line = e.errors[0]
+        try:
+            # configparser keeps repr(line); show the line itself, stripped.
+            line = repr(ast.literal_eval(line).strip())
+        except (ValueError, SyntaxError, AttributeError):
+            pass
+        others = len(e.errors) - 1
+        more = ""
+        if others:
+            more = f" (and {others} more bad line{'s' if others > 1 else ''})"
+        raise ConfigError(
+            f"line {lineno}: cannot parse {line}; expected 'key = value'{more}", source
+        ) from None
+    except configparser.Error as e:
+        raise ConfigError(_oneLine(e), source) from None
+    return parser
+
+
+def parseConfig(text: str, source: str = "<config>") -> Config:
+    """
+    Parse and validate the text of an INI file.
+
+    Keys that are not set take their defaults.  Files the configuration
+    names (C{auth_file}, C{tls_certificate}, C{tls_key}) are read to check
+    them; relative paths are relative to the current directory.
+
+    @param source: the file name for messages.
+    @raise ConfigError: for anything wrong, with a one-line message.
+    """
+    parser = _readINI(text, source)
+    sections: dict[str, Any] = {}
+    for section in parser.sections():
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"unknown section{_suggest(section, SECTIONS)}", source, section
+            )
+        fieldName, sectionClass = SECTIONS[section]
+        known = {f.name: f for f in attrs.fields(sectionClass) if _PARSE in f.metadata}
+        values = {}
+        for key, raw in parser.items(section):
+            if key not in known:
+                raise ConfigError(
+                    f"unknown key {key!r}{_suggest(key, known)}", source, section, key
+                )
+            try:
+                values[key] = known[key].metadata[_PARSE](raw)
+            except ValueError as e:
+                raise ConfigError(str(e), source, section, key) from None
+        sectionObject = sectionClass(**values)
+        for check in _SECTION_CHECKS.get(section, []):
+            problem = check(sectionObject)
+            if problem is not None:
+                raise ConfigError(problem[1], source, section, problem[0])
+        sections[fieldName] = sectionObject
+    return Config(**sections)
+
+
+def loadConfig(path: str) -> Config:
+    """
+    Read and parse the INI file at C{path} (relative to the current
+    directory unless absolute).
+
+    @raise ConfigError: if it cannot be read or is not valid.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror or e}", path) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"line {line}: not valid UTF-8", path) from None
+    return parseConfig(text, path)
+
+
+def defaultConfig() -> Config:
+    """
+    The configuration with every key at its default.
+    """
+    return parseConfig("")

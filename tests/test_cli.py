@@ -1,0 +1,397 @@
+"""
+Tests for L{smartrelay.cli}.
+"""
+
+import io
+import os
+import stat
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from smartrelay.auth import PasswordFile, hashPassword, verifyPassword
+from smartrelay.cli import Console, main
+
+
+class TTY(io.StringIO):
+    """
+    A standard input that claims to be a terminal.
+    """
+
+    def isatty(self):
+        return True
+
+
+class FakeGetpass:
+    """
+    A C{getpass} that answers from a list and records its prompts.
+    """
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.prompts = []
+
+    def __call__(self, prompt):
+        self.prompts.append(prompt)
+        if not self.answers:
+            raise EOFError()
+        return self.answers.pop(0)
+
+
+class PasswdTests(SynchronousTestCase):
+    """
+    Tests for C{smartrelay passwd}.
+    """
+
+    def setUp(self):
+        self.directory = self.mktemp()
+        os.mkdir(self.directory)
+        self.path = os.path.join(self.directory, "users")
+
+    def runCLI(self, *argv, stdin="secret\n", getpass=None):
+        """
+        Run the command line; return (status, stdout, stderr).
+        """
+        console = Console(
+            stdin=stdin if not isinstance(stdin, str) else io.StringIO(stdin),
+            stdout=io.StringIO(),
+            stderr=io.StringIO(),
+            getpass=getpass or FakeGetpass(),
+        )
+        status = main(list(argv), console)
+        return status, console.stdout.getvalue(), console.stderr.getvalue()
+
+    def read(self):
+        """
+        The password file's text.
+        """
+        with open(self.path, encoding="utf-8") as f:
+            return f.read()
+
+    def write(self, text):
+        """
+        Set the password file's text.
+        """
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    def assertOneLineError(self, result, status, message):
+        """
+        C{result} failed with C{status} and exactly one stderr line C{message}.
+        """
+        self.assertEqual(result, (status, "", message + "\n"))
+
+    def test_addCreatesFile(self):
+        """
+        A new file is created, mode 0600, with a hash of the password from stdin.
+        """
+        status, out, err = self.runCLI("passwd", self.path, "app", stdin="s3cret pass\n")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(out, f"added user 'app' in {self.path}\n")
+        passwords = PasswordFile.load(self.path)
+        self.assertEqual(list(passwords.hashes), ["app"])
+        self.assertTrue(verifyPassword(passwords.get("app"), "s3cret pass"))
+        self.assertNotIn("s3cret", self.read())
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+
+    def test_stdinOneLine(self):
+        """
+        Only the first line of stdin is the password, without its line ending.
+        """
+        self.runCLI("passwd", self.path, "app", stdin="first\r\nsecond\n")
+        hashed = PasswordFile.load(self.path).get("app")
+        self.assertTrue(verifyPassword(hashed, "first"))
+
+    def test_stdinNoNewline(self):
+        """
+        A password without a final newline is taken whole.
+        """
+        self.runCLI("passwd", self.path, "app", stdin=" spaced ")
+        self.assertTrue(verifyPassword(PasswordFile.load(self.path).get("app"), " spaced "))
+
+    def test_stdinEmpty(self):
+        """
+        No password on stdin is an error and writes nothing.
+        """
+        self.assertOneLineError(
+            self.runCLI("passwd", self.path, "app", stdin=""), 1,
+            "smartrelay: error: no password on standard input",
+        )
+        self.assertOneLineError(
+            self.runCLI("passwd", self.path, "app", stdin="\n"), 1,
+            "smartrelay: error: the password is empty",
+        )
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_addKeepsOthers(self):
+        """
+        Adding a user keeps every other line, comments included.
+        """
+        other = hashPassword("x", ln=1, r=1, p=1)
+        self.write(f"# SMTP users\n\nother:{other}\n")
+        self.assertEqual(self.runCLI("passwd", self.path, "app")[0], 0)
+        lines = self.read().splitlines()
+        self.assertEqual(lines[:3], ["# SMTP users", "", f"other:{other}"])
+        self.assertTrue(lines[3].startswith("app:$scrypt$"))
+        self.assertEqual(len(lines), 4)
+
+    def test_update(self):
+        """
+        Updating a user replaces its hash in place and says so.
+        """
+        one, two = (hashPassword(p, ln=1, r=1, p=1) for p in "12")
+        self.write(f"a:{one}\n# middle\nb:{two}\n")
+        status, out, err = self.runCLI("passwd", self.path, "a", stdin="new\n")
+        self.assertEqual((status, out, err), (0, f"updated user 'a' in {self.path}\n", ""))
+        lines = self.read().splitlines()
+        self.assertEqual(lines[1:], ["# middle", f"b:{two}"])
+        self.assertTrue(verifyPassword(lines[0].split(":", 1)[1], "new"))
+
+    def test_updateFixesOwnBadLine(self):
+        """
+        Setting a password replaces that user's broken (plain-text) line.
+        """
+        self.write("a:plaintext\n")
+        self.assertEqual(self.runCLI("passwd", self.path, "a")[0], 0)
+        self.assertTrue(verifyPassword(PasswordFile.load(self.path).get("a"), "secret"))
+
+    def test_refuseOtherBadLine(self):
+        """
+        Another user's broken line stops the edit, naming the line; the file is unchanged.
+        """
+        self.write("# x\nb:plaintext\n")
+        self.assertOneLineError(
+            self.runCLI("passwd", self.path, "a"), 1,
+            f"smartrelay: error: {self.path}:2: user 'b': this looks like a plain-text "
+            "password; store a hash made with 'smartrelay passwd' instead; fix that line first",
+        )
+        self.assertEqual(self.read(), "# x\nb:plaintext\n")
+
+    def test_delete(self):
+        """
+        C{--delete} removes the user and keeps everything else, without asking for a password.
+        """
+        one, two = (hashPassword(p, ln=1, r=1, p=1) for p in "12")
+        self.write(f"# c\na:{one}\nb:{two}\n")
+        getpass = FakeGetpass()
+        status, out, err = self.runCLI(
+            "passwd", self.path, "a", "--delete", stdin=TTY(), getpass=getpass
+        )
+        self.assertEqual((status, out, err), (0, f"removed user 'a' in {self.path}\n", ""))
+        self.assertEqual(self.read(), f"# c\nb:{two}\n")
+        self.assertEqual(getpass.prompts, [])
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+
+    def test_deleteUnknownUser(self):
+        """
+        Deleting a user who is not there is an error; the file is unchanged.
+        """
+        self.write("# c\n")
+        self.assertOneLineError(
+            self.runCLI("passwd", self.path, "a", "--delete"), 1,
+            f"smartrelay: error: {self.path}: no user 'a'",
+        )
+        self.assertEqual(self.read(), "# c\n")
+
+    def test_deleteMissingFile(self):
+        """
+        Deleting from a file that does not exist is an error.
+        """
+        self.assertOneLineError(
+            self.runCLI("passwd", self.path, "a", "--delete"), 1,
+            f"smartrelay: error: {self.path}: no such file",
+        )
+
+    def test_badUsername(self):
+        """
+        Empty names and names with C{:} or whitespace are usage errors (status 2).
+        """
+        for name, problem in [
+            ("", "the user name is empty"),
+            ("a:b", "the user name 'a:b' contains ':'"),
+            ("a b", "the user name 'a b' contains whitespace"),
+            ("a\tb", "the user name 'a\\tb' contains whitespace"),
+        ]:
+            self.assertOneLineError(
+                self.runCLI("passwd", self.path, name), 2, f"smartrelay passwd: {problem}"
+            )
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_unreadableDirectory(self):
+        """
+        A directory given as the file is a runtime error (status 1).
+        """
+        self.assertOneLineError(
+            self.runCLI("passwd", self.directory, "a"), 1,
+            f"smartrelay: error: {self.directory}: cannot read: Is a directory",
+        )
+
+    def test_unreadableNotUTF8(self):
+        """
+        A file that is not UTF-8 is a runtime error naming the line.
+        """
+        with open(self.path, "wb") as f:
+            f.write(b"# \xff\n")
+        self.assertOneLineError(
+            self.runCLI("passwd", self.path, "a"), 1,
+            f"smartrelay: error: {self.path}:1: not valid UTF-8",
+        )
+
+    def test_unreadablePermissions(self):
+        """
+        A file the process may not read is a runtime error.
+        """
+        if os.geteuid() == 0:
+            raise self.skipTest("root can read any file")
+        self.write("# c\n")
+        os.chmod(self.path, 0)
+        self.addCleanup(os.chmod, self.path, 0o600)
+        self.assertOneLineError(
+            self.runCLI("passwd", self.path, "a"), 1,
+            f"smartrelay: error: {self.path}: cannot read: Permission denied",
+        )
+
+    def test_unwritableDirectory(self):
+        """
+        A file in a directory that does not exist is a runtime error.
+        """
+        path = os.path.join(self.directory, "missing", "users")
+        status, out, err = self.runCLI("passwd", path, "a")
+        self.assertEqual((status, out), (1, ""))
+        self.assertTrue(err.startswith(f"smartrelay: error: cannot write {path}: "), err)
+        self.assertEqual(err.count("\n"), 1)
+
+    def test_noTemporaryFilesLeft(self):
+        """
+        Only the password file is left in its directory.
+        """
+        self.runCLI("passwd", self.path, "a")
+        self.runCLI("passwd", self.path, "b")
+        self.assertEqual(os.listdir(self.directory), ["users"])
+
+    def test_followsSymlink(self):
+        """
+        A symbolic link is followed: the file it points to is replaced.
+        """
+        link = os.path.join(self.directory, "link")
+        os.symlink("users", link)
+        self.write("# c\n")
+        self.assertEqual(self.runCLI("passwd", link, "a")[0], 0)
+        self.assertTrue(os.path.islink(link))
+        self.assertIn("a:$scrypt$", self.read())
+
+    def test_modeTightened(self):
+        """
+        An existing group- or world-readable file ends up mode 0600.
+        """
+        self.write("# c\n")
+        os.chmod(self.path, 0o644)
+        self.runCLI("passwd", self.path, "a")
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+
+    def test_ttyAsksTwice(self):
+        """
+        On a terminal the password is asked twice without echo.
+        """
+        getpass = FakeGetpass("pw one", "pw one")
+        status, _, err = self.runCLI("passwd", self.path, "app", stdin=TTY(), getpass=getpass)
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(getpass.prompts, ["New password for app: ", "Retype the password: "])
+        self.assertTrue(verifyPassword(PasswordFile.load(self.path).get("app"), "pw one"))
+
+    def test_ttyMismatch(self):
+        """
+        Two different answers on a terminal are an error and write nothing.
+        """
+        self.assertOneLineError(
+            self.runCLI("passwd", self.path, "app", stdin=TTY(), getpass=FakeGetpass("a", "b")),
+            1, "smartrelay: error: the passwords do not match",
+        )
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_ttyEOF(self):
+        """
+        End of input at the prompt is an error, not a traceback.
+        """
+        self.assertOneLineError(
+            self.runCLI("passwd", self.path, "app", stdin=TTY(), getpass=FakeGetpass()),
+            1, "smartrelay: error: no password given",
+        )
+
+    def test_interrupted(self):
+        """
+        Control-C at the prompt is one line and status 1.
+        """
+
+        def interrupt(prompt):
+            raise KeyboardInterrupt()
+
+        self.assertOneLineError(
+            self.runCLI("passwd", self.path, "app", stdin=TTY(), getpass=interrupt),
+            1, "smartrelay: interrupted",
+        )
+
+
+class UsageTests(SynchronousTestCase):
+    """
+    Tests for command-line usage errors.
+    """
+
+    def runCLI(self, *argv):
+        """
+        Run the command line; return (status, stdout, stderr).
+        """
+        console = Console(stdin=io.StringIO(""), stdout=io.StringIO(), stderr=io.StringIO())
+        status = main(list(argv), console)
+        return status, console.stdout.getvalue(), console.stderr.getvalue()
+
+    def test_noCommand(self):
+        """
+        No sub-command is a one-line usage error, status 2.
+        """
+        status, out, err = self.runCLI()
+        self.assertEqual((status, out), (2, ""))
+        self.assertEqual(
+            err,
+            "smartrelay: the following arguments are required: COMMAND "
+            "(see smartrelay --help)\n",
+        )
+
+    def test_unknownCommand(self):
+        """
+        An unknown sub-command is a one-line usage error, status 2.
+        """
+        status, _, err = self.runCLI("frobnicate")
+        self.assertEqual(status, 2)
+        self.assertEqual(err.count("\n"), 1)
+        self.assertIn("invalid choice: 'frobnicate'", err)
+
+    def test_missingArguments(self):
+        """
+        Missing arguments to passwd are a one-line usage error, status 2.
+        """
+        status, _, err = self.runCLI("passwd", "users")
+        self.assertEqual(
+            (status, err),
+            (2, "smartrelay passwd: the following arguments are required: USERNAME "
+                "(see smartrelay passwd --help)\n"),
+        )
+
+    def test_unknownOption(self):
+        """
+        An unknown option is a one-line usage error, status 2.
+        """
+        status, _, err = self.runCLI("passwd", "users", "a", "--bogus")
+        self.assertEqual(status, 2)
+        self.assertEqual(err.count("\n"), 1)
+        self.assertIn("unrecognized arguments: --bogus", err)
+
+    def test_help(self):
+        """
+        C{--help} succeeds.
+        """
+        import contextlib
+
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            status, _, err = self.runCLI("passwd", "--help")
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn("--delete", out.getvalue())

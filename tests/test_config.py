@@ -1,0 +1,1124 @@
+"""
+Tests for L{smartrelay.config}.
+"""
+
+import datetime
+import ipaddress
+import os
+import re
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from smartrelay.auth import hashPassword
+from smartrelay.config import (
+    DEFAULT_RETRY,
+    SECTIONS,
+    Config,
+    ConfigError,
+    RetrySchedule,
+    defaultConfig,
+    formatDuration,
+    formatSize,
+    isHostname,
+    loadConfig,
+    parseBool,
+    parseConfig,
+    parseDuration,
+    parseSize,
+    sectionKeys,
+)
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "etc", "smartrelay.ini")
+
+
+def _selfSigned(commonName="mail.example.com"):
+    """
+    A new (certificate PEM, key PEM) pair.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return (
+        certificate.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+
+
+class ConfigTestMixin:
+    """
+    Helpers for parsing one key.
+    """
+
+    def parseKey(self, section, key, value):
+        """
+        Parse a file setting one key; return the section object.
+        """
+        config = parseConfig(f"[{section}]\n{key} = {value}\n", "etc/x.ini")
+        return getattr(config, SECTIONS[section][0])
+
+    def assertKeyError(self, section, key, value, problem):
+        """
+        Setting C{key} to C{value} fails with exactly the one-line C{problem}.
+        """
+        error = self.assertRaises(
+            ConfigError, parseConfig, f"[{section}]\n{key} = {value}\n", "etc/x.ini"
+        )
+        self.assertEqual(str(error), f"etc/x.ini: [{section}] {key}: {problem}")
+        self.assertEqual((error.section, error.key), (section, key))
+        self.assertNotIn("\n", str(error))
+        return error
+
+    def assertKeyErrorMatches(self, section, key, value, pattern):
+        """
+        Setting C{key} to C{value} fails with a one-line error matching the
+        regular expression C{pattern} (after the location).
+        """
+        error = self.assertRaises(
+            ConfigError, parseConfig, f"[{section}]\n{key} = {value}\n", "etc/x.ini"
+        )
+        prefix = f"etc/x.ini: [{section}] {key}: "
+        text = str(error)
+        self.assertTrue(text.startswith(prefix), text)
+        self.assertRegex(text[len(prefix):], pattern)
+        self.assertNotIn("\n", text)
+
+
+class ConfigErrorTests(SynchronousTestCase):
+    """
+    Tests for L{ConfigError}.
+    """
+
+    def test_keyFormat(self):
+        """
+        With a section and a key the message is C{FILE: [SECTION] KEY: PROBLEM}.
+        """
+        self.assertEqual(
+            str(ConfigError("bad", "a.ini", "smtp", "listen")),
+            "a.ini: [smtp] listen: bad",
+        )
+
+    def test_sectionFormat(self):
+        """
+        With only a section the message is C{FILE: [SECTION]: PROBLEM}.
+        """
+        self.assertEqual(str(ConfigError("bad", "a.ini", "smtp")), "a.ini: [smtp]: bad")
+
+    def test_fileFormat(self):
+        """
+        Without a section the message is C{FILE: PROBLEM}.
+        """
+        self.assertEqual(str(ConfigError("bad", "a.ini")), "a.ini: bad")
+
+    def test_oneLine(self):
+        """
+        Line breaks in a problem never make the message longer than one line.
+        """
+        self.assertEqual(str(ConfigError("two\nlines", "a.ini")), "a.ini: two lines")
+
+
+class DefaultsTests(SynchronousTestCase):
+    """
+    Tests for the defaults.
+    """
+
+    def test_emptyText(self):
+        """
+        Empty text gives every default of the contract.
+        """
+        config = defaultConfig()
+        self.assertEqual(config.relay.data_dir, "var")
+        self.assertEqual(config.relay.node_id, 0)
+        self.assertTrue(isHostname(config.relay.hostname))
+        self.assertEqual(config.relay.store, "sqlite")
+        self.assertIsNone(config.relay.secret)
+        self.assertEqual(config.smtp.listen, "tcp:2525:interface=127.0.0.1")
+        self.assertEqual(
+            config.smtp.allowed_clients,
+            (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        )
+        self.assertIsNone(config.smtp.auth_file)
+        self.assertIsNone(config.smtp.tls_certificate)
+        self.assertIsNone(config.smtp.tls_key)
+        self.assertEqual(config.smtp.max_connections, 1000)
+        self.assertEqual(config.smtp.max_connections_per_client, 100)
+        self.assertEqual(config.smtp.max_message_size, 25 * 1024 * 1024)
+        self.assertEqual(config.smtp.max_recipients, 1000)
+        self.assertEqual(config.smtp.max_line_length, 998)
+        self.assertEqual(config.smtp.command_timeout, 300)
+        self.assertEqual(config.smtp.data_timeout, 600)
+        self.assertIsNone(config.delivery.smarthost)
+        self.assertEqual(config.delivery.nameservers, ())
+        self.assertEqual(config.delivery.mx_port, 25)
+        self.assertEqual(config.delivery.max_connections, 50)
+        self.assertEqual(config.delivery.messages_per_connection, 100)
+        self.assertEqual(
+            config.delivery.retry, RetrySchedule.parse("5m, 10m, 20m, 40m, 1h*4, 2h*...")
+        )
+        self.assertEqual(config.delivery.max_age, 3 * 86400)
+        self.assertIsNone(config.delivery.bind_address)
+        self.assertEqual(config.delivery.connect_timeout, 30)
+        self.assertEqual(config.delivery.timeout, 300)
+
+    def test_attrsDefaultsAgree(self):
+        """
+        Building the attrs classes directly gives the same defaults as parsing.
+        """
+        self.assertEqual(Config(), defaultConfig())
+
+    def test_frozen(self):
+        """
+        Configuration objects cannot be changed after parsing.
+        """
+        config = defaultConfig()
+        self.assertRaises(attrs.exceptions.FrozenInstanceError, setattr, config.smtp, "listen", "x")
+
+    def test_emptySections(self):
+        """
+        Empty known sections leave every key at its default.
+        """
+        self.assertEqual(parseConfig("[smartrelay]\n[smtp]\n[delivery]\n"), defaultConfig())
+
+
+class ExampleFileTests(SynchronousTestCase):
+    """
+    Tests for C{etc/smartrelay.ini}.
+    """
+
+    def test_loads(self):
+        """
+        The example file loads, and the values it sets are the defaults.
+        """
+        self.assertEqual(loadConfig(EXAMPLE), defaultConfig())
+
+    def test_documentsEveryKey(self):
+        """
+        Every section and every key appears in the example, set or commented out.
+        """
+        with open(EXAMPLE, encoding="utf-8") as f:
+            text = f.read()
+        for section, (_, sectionClass) in SECTIONS.items():
+            match = re.search(rf"^\[{section}\]\n(.*?)(?=^\[|\Z)", text, re.M | re.S)
+            self.assertIsNotNone(match, section)
+            for key in sectionKeys(sectionClass):
+                self.assertRegex(match.group(1), rf"(?m)^#?{key} =", f"[{section}] {key}")
+
+
+class SyntaxTests(SynchronousTestCase):
+    """
+    Tests for INI syntax problems, unknown names and files.
+    """
+
+    def assertProblem(self, text, expected):
+        """
+        Parsing C{text} fails with exactly the message C{expected}.
+        """
+        error = self.assertRaises(ConfigError, parseConfig, text, "etc/x.ini")
+        self.assertEqual(str(error), expected)
+
+    def test_unknownSection(self):
+        """
+        An unknown section is an error, with a suggestion for a near miss.
+        """
+        self.assertProblem(
+            "[smpt]\n", "etc/x.ini: [smpt]: unknown section (did you mean 'smtp'?)"
+        )
+        self.assertProblem(
+            "[SMTP]\n", "etc/x.ini: [SMTP]: unknown section (did you mean 'smtp'?)"
+        )
+        self.assertProblem("[zzzzzzz]\n", "etc/x.ini: [zzzzzzz]: unknown section")
+
+    def test_defaultSectionIsUnknown(self):
+        """
+        C{[DEFAULT]} is not special: it is an unknown section.
+        """
+        self.assertProblem("[DEFAULT]\nlisten = x\n", "etc/x.ini: [DEFAULT]: unknown section")
+
+    def test_unknownKey(self):
+        """
+        An unknown key is an error, with a suggestion for a near miss.
+        """
+        self.assertProblem(
+            "[smtp]\nmax_conections = 5\n",
+            "etc/x.ini: [smtp] max_conections: unknown key 'max_conections' "
+            "(did you mean 'max_connections'?)",
+        )
+        self.assertProblem(
+            "[delivery]\nfrobnicate = 5\n",
+            "etc/x.ini: [delivery] frobnicate: unknown key 'frobnicate'",
+        )
+
+    def test_keyOfAnotherSection(self):
+        """
+        A key that belongs to another section is unknown where it is.
+        """
+        self.assertProblem(
+            "[smartrelay]\nlisten = tcp:25\n",
+            "etc/x.ini: [smartrelay] listen: unknown key 'listen'",
+        )
+
+    def test_keysIgnoreCase(self):
+        """
+        Keys are not case-sensitive.
+        """
+        self.assertEqual(parseConfig("[smtp]\nMax_Connections = 7\n").smtp.max_connections, 7)
+
+    def test_duplicateKey(self):
+        """
+        A key set twice in a section is an error naming it and the line.
+        """
+        self.assertProblem(
+            "[smtp]\nmax_connections = 1\nmax_connections = 2\n",
+            "etc/x.ini: [smtp] max_connections: duplicate key (line 3)",
+        )
+
+    def test_duplicateSection(self):
+        """
+        A section given twice is an error naming it and the line.
+        """
+        self.assertProblem(
+            "[smtp]\n\n[smtp]\n", "etc/x.ini: [smtp]: duplicate section (line 3)"
+        )
+
+    def test_keyBeforeSection(self):
+        """
+        A key before any section header is an error naming the line.
+        """
+        self.assertProblem(
+            "listen = tcp:25\n",
+            "etc/x.ini: line 1: 'listen = tcp:25' is outside any section "
+            "(start the file with a [section] header)",
+        )
+
+    def test_lineWithoutValue(self):
+        """
+        A line that is not C{key = value} is an error naming the line.
+        """
+        self.assertProblem(
+            "[smtp]\nlisten = tcp:25\nnonsense\n",
+            "etc/x.ini: line 3: cannot parse 'nonsense'; expected 'key = value'",
+        )
+        self.assertProblem(
+            "[smtp]\nnonsense\nmore nonsense\n",
+            "etc/x.ini: line 2: cannot parse 'nonsense'; expected 'key = value' "
+            "(and 1 more bad line)",
+        )
+
+    def test_noInterpolation(self):
+        """
+        C{%} in a value is taken literally.
+        """
+        self.assertEqual(parseConfig("[smartrelay]\nsecret = 100%(x)s\n").relay.secret, "100%(x)s")
+
+    def test_missingFile(self):
+        """
+        A missing file is a one-line error naming it.
+        """
+        path = self.mktemp()
+        error = self.assertRaises(ConfigError, loadConfig, path)
+        self.assertEqual(str(error), f"{path}: cannot read: No such file or directory")
+
+    def test_directory(self):
+        """
+        A directory instead of a file is a one-line error naming it.
+        """
+        path = self.mktemp()
+        os.mkdir(path)
+        error = self.assertRaises(ConfigError, loadConfig, path)
+        self.assertEqual(str(error), f"{path}: cannot read: Is a directory")
+
+    def test_notUTF8(self):
+        """
+        A file that is not UTF-8 is a one-line error naming the line.
+        """
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"[smtp]\nlisten = \xff\n")
+        error = self.assertRaises(ConfigError, loadConfig, path)
+        self.assertEqual(str(error), f"{path}: line 2: not valid UTF-8")
+
+    def test_loadNamesFile(self):
+        """
+        Errors from L{loadConfig} name the file it read.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[smtp]\nmax_recipients = none\n")
+        error = self.assertRaises(ConfigError, loadConfig, path)
+        self.assertEqual(
+            str(error), f"{path}: [smtp] max_recipients: expected a positive integer, got 'none'"
+        )
+
+    def test_loadGood(self):
+        """
+        L{loadConfig} returns what L{parseConfig} makes of the file's text.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[smartrelay]\nnode_id = 7F\n")
+        self.assertEqual(loadConfig(path).relay.node_id, 0x7F)
+
+    def test_comments(self):
+        """
+        Whole-line comments with C{#} or C{;} are ignored.
+        """
+        config = parseConfig("# a\n[smtp]\n; b\n#max_recipients = x\nmax_recipients = 3\n")
+        self.assertEqual(config.smtp.max_recipients, 3)
+
+
+class RelaySectionTests(ConfigTestMixin, SynchronousTestCase):
+    """
+    Tests for C{[smartrelay]}.
+    """
+
+    def test_dataDir(self):
+        """
+        C{data_dir} is a path kept as written; empty is an error.
+        """
+        relay = self.parseKey("smartrelay", "data_dir", "/srv/relay")
+        self.assertEqual(relay.data_dir, "/srv/relay")
+        self.assertEqual(self.parseKey("smartrelay", "data_dir", "run/x").data_dir, "run/x")
+        self.assertKeyError("smartrelay", "data_dir", "", "must not be empty")
+
+    def test_nodeID(self):
+        """
+        C{node_id} is exactly two hex digits, either case.
+        """
+        self.assertEqual(self.parseKey("smartrelay", "node_id", "7F").node_id, 0x7F)
+        self.assertEqual(self.parseKey("smartrelay", "node_id", "0a").node_id, 10)
+        self.assertEqual(self.parseKey("smartrelay", "node_id", "00").node_id, 0)
+        for bad in ["7", "100", "0x7F", "GG", "", "-1", "7F 7F"]:
+            self.assertKeyError(
+                "smartrelay", "node_id", bad,
+                f"expected two hex digits such as 7F, got {bad!r}",
+            )
+
+    def test_hostname(self):
+        """
+        C{hostname} must be a valid DNS host name.
+        """
+        self.assertEqual(
+            self.parseKey("smartrelay", "hostname", "mail.example.com").hostname,
+            "mail.example.com",
+        )
+        self.assertEqual(self.parseKey("smartrelay", "hostname", "relay-1").hostname, "relay-1")
+        for bad in ["", "mail_x.example.com", "-mail.example.com", "mail..example.com",
+                    "a" * 64 + ".com", "mail.example.com.", "[127.0.0.1]", "m\u00e4il.de"]:
+            self.assertKeyError(
+                "smartrelay", "hostname", bad,
+                f"expected a host name such as mail.example.com, got {bad!r}",
+            )
+
+    def test_store(self):
+        """
+        C{store} accepts only C{sqlite}; redis is refused with its own message.
+        """
+        self.assertEqual(self.parseKey("smartrelay", "store", "sqlite").store, "sqlite")
+        self.assertKeyError(
+            "smartrelay", "store", "redis://localhost:6379/0",
+            "the redis store is not available in this version",
+        )
+        self.assertKeyError("smartrelay", "store", "mysql", "expected 'sqlite', got 'mysql'")
+        self.assertKeyError("smartrelay", "store", "", "expected 'sqlite', got ''")
+
+    def test_secret(self):
+        """
+        C{secret} is any text; empty means not set.
+        """
+        self.assertEqual(self.parseKey("smartrelay", "secret", "s3cr3t#;x").secret, "s3cr3t#;x")
+        self.assertIsNone(self.parseKey("smartrelay", "secret", "").secret)
+
+
+class SMTPSectionTests(ConfigTestMixin, SynchronousTestCase):
+    """
+    Tests for C{[smtp]}.
+    """
+
+    def test_listen(self):
+        """
+        C{listen} is a server endpoint string that Twisted can parse.
+        """
+        for good in ["tcp:25", "tcp:2525:interface=0.0.0.0", "unix:/tmp/smartrelay.sock"]:
+            self.assertEqual(self.parseKey("smtp", "listen", good).listen, good)
+        self.assertKeyError(
+            "smtp", "listen", "bogus:25",
+            "invalid server endpoint 'bogus:25': Unknown endpoint type: 'bogus'",
+        )
+        self.assertKeyError(
+            "smtp", "listen", "tcp:abc",
+            "invalid server endpoint 'tcp:abc': invalid literal for int() with base 10: 'abc'",
+        )
+        self.assertKeyErrorMatches(
+            "smtp", "listen", "tcp:25:colour=red",
+            r"^invalid server endpoint 'tcp:25:colour=red': .*colour",
+        )
+        self.assertKeyError(
+            "smtp", "listen", "", "expected a server endpoint string such as tcp:2525"
+        )
+
+    def test_allowedClients(self):
+        """
+        C{allowed_clients} is a list of networks or addresses; empty is nobody.
+        """
+        smtp = self.parseKey("smtp", "allowed_clients", "10.0.0.0/8, 192.0.2.7,2001:db8::/32")
+        self.assertEqual(
+            smtp.allowed_clients,
+            (
+                ipaddress.ip_network("10.0.0.0/8"),
+                ipaddress.ip_network("192.0.2.7/32"),
+                ipaddress.ip_network("2001:db8::/32"),
+            ),
+        )
+        self.assertEqual(self.parseKey("smtp", "allowed_clients", "").allowed_clients, ())
+        self.assertKeyError(
+            "smtp", "allowed_clients", "10.0.0.1/8",
+            "'10.0.0.1/8' has host bits set (did you mean '10.0.0.0/8'?)",
+        )
+        for bad in ["localhost", "10.0.0.0/33", "300.1.1.1"]:
+            self.assertKeyError(
+                "smtp", "allowed_clients", f"127.0.0.1, {bad}",
+                f"expected an IP address or network such as 10.0.0.0/8, got {bad!r}",
+            )
+
+    def test_allowedClientsMultiline(self):
+        """
+        List items may also be separated by line breaks (continuation lines).
+        """
+        smtp = parseConfig("[smtp]\nallowed_clients =\n  10.0.0.0/8\n  ::1\n").smtp
+        self.assertEqual(
+            smtp.allowed_clients,
+            (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        )
+
+    def test_authFile(self):
+        """
+        C{auth_file} must name a valid password file.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f"# users\napp:{hashPassword('pw', ln=1)}\n")
+        self.assertEqual(self.parseKey("smtp", "auth_file", path).auth_file, path)
+        self.assertIsNone(self.parseKey("smtp", "auth_file", "").auth_file)
+
+    def test_authFileMissing(self):
+        """
+        A missing C{auth_file} is an error naming the key and the file.
+        """
+        path = self.mktemp()
+        self.assertKeyError(
+            "smtp", "auth_file", path, f"{path}: cannot read: No such file or directory"
+        )
+
+    def test_authFileBad(self):
+        """
+        A password file with a bad line is an error naming the key, file and line.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("# users\n\napp:hunter2\n")
+        self.assertKeyError(
+            "smtp", "auth_file", path,
+            f"{path}:3: user 'app': this looks like a plain-text password; "
+            "store a hash made with 'smartrelay passwd' instead",
+        )
+
+    def writeTLS(self, certificate, key):
+        """
+        Write PEM files; return their paths.
+        """
+        directory = self.mktemp()
+        os.mkdir(directory)
+        paths = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+        for path, data in zip(paths, [certificate, key]):
+            with open(path, "wb") as f:
+                f.write(data)
+        return paths
+
+    def parseTLS(self, certificate, key):
+        """
+        Parse a C{[smtp]} section with these two TLS keys.
+        """
+        return parseConfig(
+            f"[smtp]\ntls_certificate = {certificate}\ntls_key = {key}\n", "etc/x.ini"
+        ).smtp
+
+    def assertTLSError(self, certificate, key, badKey, problem):
+        """
+        The TLS pair fails with C{problem} on C{badKey}.
+        """
+        error = self.assertRaises(ConfigError, self.parseTLS, certificate, key)
+        self.assertEqual(str(error), f"etc/x.ini: [smtp] {badKey}: {problem}")
+
+    def test_tlsGood(self):
+        """
+        A certificate and its own key are accepted, as paths.
+        """
+        certificatePath, keyPath = self.writeTLS(*_selfSigned())
+        smtp = self.parseTLS(certificatePath, keyPath)
+        self.assertEqual((smtp.tls_certificate, smtp.tls_key), (certificatePath, keyPath))
+
+    def test_tlsOneFile(self):
+        """
+        Certificate and key may be the same PEM file.
+        """
+        certificate, key = _selfSigned()
+        path, _ = self.writeTLS(certificate + key, b"")
+        smtp = self.parseTLS(path, path)
+        self.assertEqual((smtp.tls_certificate, smtp.tls_key), (path, path))
+
+    def test_tlsBothOrNeither(self):
+        """
+        Setting only one of C{tls_certificate} and C{tls_key} is an error.
+        """
+        certificatePath, keyPath = self.writeTLS(*_selfSigned())
+        error = self.assertRaises(
+            ConfigError, parseConfig, f"[smtp]\ntls_certificate = {certificatePath}\n", "etc/x.ini"
+        )
+        self.assertEqual(
+            str(error), "etc/x.ini: [smtp] tls_key: required when tls_certificate is set"
+        )
+        error = self.assertRaises(
+            ConfigError, parseConfig, f"[smtp]\ntls_key = {keyPath}\n", "etc/x.ini"
+        )
+        self.assertEqual(
+            str(error), "etc/x.ini: [smtp] tls_certificate: required when tls_key is set"
+        )
+
+    def test_tlsMissingFiles(self):
+        """
+        TLS files that do not exist are errors naming the key.
+        """
+        certificatePath, keyPath = self.writeTLS(*_selfSigned())
+        missing = self.mktemp()
+        self.assertTLSError(
+            missing, keyPath, "tls_certificate",
+            f"cannot read {missing!r}: No such file or directory",
+        )
+        self.assertTLSError(
+            certificatePath, missing, "tls_key",
+            f"cannot read {missing!r}: No such file or directory",
+        )
+
+    def test_tlsNotPEM(self):
+        """
+        Files that hold no PEM certificate or key are errors naming the key.
+        """
+        certificate, key = _selfSigned()
+        certificatePath, keyPath = self.writeTLS(key, certificate)
+        self.assertTLSError(
+            certificatePath, keyPath, "tls_certificate",
+            f"{certificatePath!r} holds no PEM certificate",
+        )
+        certificatePath, keyPath = self.writeTLS(certificate, certificate)
+        self.assertTLSError(
+            certificatePath, keyPath, "tls_key", f"{keyPath!r} holds no PEM private key"
+        )
+
+    def test_tlsCorrupt(self):
+        """
+        PEM blocks with bad contents are errors naming the key.
+        """
+        certificate, key = _selfSigned()
+        badCertificate = certificate.replace(certificate[40:60], b"A" * 20)
+        certificatePath, keyPath = self.writeTLS(badCertificate, key)
+        error = self.assertRaises(ConfigError, self.parseTLS, certificatePath, keyPath)
+        self.assertTrue(
+            str(error).startswith(
+                f"etc/x.ini: [smtp] tls_certificate: {certificatePath!r} "
+                "holds a bad PEM certificate"
+            ),
+            str(error),
+        )
+        badKey = key.replace(key[40:60], b"A" * 20)
+        certificatePath, keyPath = self.writeTLS(certificate, badKey)
+        error = self.assertRaises(ConfigError, self.parseTLS, certificatePath, keyPath)
+        self.assertTrue(
+            str(error).startswith(
+                f"etc/x.ini: [smtp] tls_key: {keyPath!r} holds a bad PEM private key"
+            ),
+            str(error),
+        )
+        self.assertNotIn("\n", str(error))
+
+    def test_tlsEncryptedKey(self):
+        """
+        An encrypted private key is refused.
+        """
+        certificate, _ = _selfSigned()
+        key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"pw"),
+        )
+        certificatePath, keyPath = self.writeTLS(certificate, key)
+        self.assertTLSError(
+            certificatePath, keyPath, "tls_key",
+            f"{keyPath!r} holds an encrypted key; smartrelay needs it unencrypted",
+        )
+
+    def test_tlsMismatch(self):
+        """
+        A key that does not belong to the certificate is refused.
+        """
+        certificate, _ = _selfSigned()
+        _, otherKey = _selfSigned()
+        certificatePath, keyPath = self.writeTLS(certificate, otherKey)
+        self.assertTLSError(
+            certificatePath, keyPath, "tls_key",
+            f"the key in {keyPath!r} does not match the certificate in {certificatePath!r}",
+        )
+
+    def test_positiveIntegers(self):
+        """
+        The counting keys take positive integers only.
+        """
+        for key in ["max_connections", "max_connections_per_client", "max_recipients"]:
+            self.assertEqual(getattr(self.parseKey("smtp", key, "17"), key), 17)
+            for bad in ["abc", "0", "-1", "1.5", "", "1e3", "10 x"]:
+                self.assertKeyError(
+                    "smtp", key, bad, f"expected a positive integer, got {bad!r}"
+                )
+
+    def test_maxMessageSize(self):
+        """
+        C{max_message_size} uses the size syntax.
+        """
+        smtp = self.parseKey("smtp", "max_message_size", "10M")
+        self.assertEqual(smtp.max_message_size, 10 << 20)
+        self.assertEqual(self.parseKey("smtp", "max_message_size", "1000").max_message_size, 1000)
+        for bad in ["ten", "10X", "-1M", "0", "1.5M"]:
+            self.assertKeyErrorMatches(
+                "smtp", "max_message_size", bad, r"^expected a size such as 25M, 512K, 1G or 1000"
+            )
+
+    def test_maxLineLength(self):
+        """
+        C{max_line_length} is an integer of at least 998 (RFC 5321).
+        """
+        self.assertEqual(self.parseKey("smtp", "max_line_length", "2000").max_line_length, 2000)
+        self.assertKeyError(
+            "smtp", "max_line_length", "100",
+            "must be at least 998 (RFC 5321 section 4.5.3.1.6), got 100",
+        )
+        self.assertKeyError(
+            "smtp", "max_line_length", "long", "expected a positive integer, got 'long'"
+        )
+
+    def test_timeouts(self):
+        """
+        C{command_timeout} and C{data_timeout} use the duration syntax.
+        """
+        for key in ["command_timeout", "data_timeout"]:
+            self.assertEqual(getattr(self.parseKey("smtp", key, "2m"), key), 120)
+            self.assertEqual(getattr(self.parseKey("smtp", key, "45"), key), 45)
+            for bad in ["soon", "-5m", "0", "5y", ""]:
+                self.assertKeyErrorMatches(
+                    "smtp", key, bad, r"^expected a duration such as 30s, 5m, 2h, 3d or 1w"
+                )
+
+
+class DeliverySectionTests(ConfigTestMixin, SynchronousTestCase):
+    """
+    Tests for C{[delivery]}.
+    """
+
+    def test_smarthost(self):
+        """
+        C{smarthost} is a client endpoint string; empty means direct to MX.
+        """
+        for good in ["tcp:host=smtp.example.com:port=587", "tcp:127.0.0.1:25"]:
+            self.assertEqual(self.parseKey("delivery", "smarthost", good).smarthost, good)
+        self.assertIsNone(self.parseKey("delivery", "smarthost", "").smarthost)
+        self.assertKeyError(
+            "delivery", "smarthost", "smtp.example.com:587",
+            "invalid client endpoint 'smtp.example.com:587': Unknown endpoint type: "
+            "'smtp.example.com' (expected for example tcp:host=smtp.example.com:port=587)",
+        )
+        self.assertKeyErrorMatches(
+            "delivery", "smarthost", "tcp:host=a:port=x",
+            r"^invalid client endpoint 'tcp:host=a:port=x': ",
+        )
+        self.assertKeyErrorMatches(
+            "delivery", "smarthost", "tcp:host=a", r"^invalid client endpoint 'tcp:host=a': "
+        )
+
+    def test_nameservers(self):
+        """
+        C{nameservers} is a list of IP addresses with optional ports.
+        """
+        delivery = self.parseKey(
+            "delivery", "nameservers", "127.0.0.1:10053, 192.0.2.1, ::1, [2001:db8::1]:5353, [::2]"
+        )
+        self.assertEqual(
+            delivery.nameservers,
+            (("127.0.0.1", 10053), ("192.0.2.1", 53), ("::1", 53),
+             ("2001:db8::1", 5353), ("::2", 53)),
+        )
+        for bad in ["ns.example.com", "ns.example.com:53", "[::1", "1.2.3.4:53:53"]:
+            self.assertKeyError(
+                "delivery", "nameservers", bad,
+                "expected an IP address with an optional port such as "
+                f"127.0.0.1:10053 or [::1]:53, got {bad!r}",
+            )
+        for bad in ["127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:dns", "[::1]:x", "1.2.3.4:"]:
+            port = bad.rsplit(":", 1)[1]
+            self.assertKeyError(
+                "delivery", "nameservers", bad,
+                f"expected a port number from 1 to 65535, got {port!r}",
+            )
+
+    def test_mxPort(self):
+        """
+        C{mx_port} is a port number.
+        """
+        self.assertEqual(self.parseKey("delivery", "mx_port", "2525").mx_port, 2525)
+        for bad in ["0", "65536", "smtp", ""]:
+            self.assertKeyError(
+                "delivery", "mx_port", bad, f"expected a port number from 1 to 65535, got {bad!r}"
+            )
+
+    def test_positiveIntegers(self):
+        """
+        The counting keys take positive integers only.
+        """
+        for key in ["max_connections", "messages_per_connection"]:
+            self.assertEqual(getattr(self.parseKey("delivery", key, "3"), key), 3)
+            for bad in ["three", "0", "-3", ""]:
+                self.assertKeyError(
+                    "delivery", key, bad, f"expected a positive integer, got {bad!r}"
+                )
+
+    def test_retry(self):
+        """
+        C{retry} uses the retry schedule syntax.
+        """
+        self.assertEqual(
+            self.parseKey("delivery", "retry", "1m, 1h*...").retry,
+            RetrySchedule(((60, 1), (3600, None))),
+        )
+        self.assertKeyError(
+            "delivery", "retry", "5m*..., 1h", "'5m*...' repeats forever, so nothing may follow it"
+        )
+        self.assertKeyError(
+            "delivery", "retry", "5m, 1h*0",
+            "expected a positive count or '...' after '*', got '1h*0'",
+        )
+        self.assertKeyError(
+            "delivery", "retry", "",
+            "expected a list of durations such as '5m, 10m, 1h*4, 2h*...', got ''",
+        )
+        self.assertKeyError(
+            "delivery", "retry", "5m, soon",
+            "expected a duration such as 30s, 5m, 2h, 3d or 1w, got 'soon'",
+        )
+
+    def test_durations(self):
+        """
+        C{max_age}, C{connect_timeout} and C{timeout} use the duration syntax.
+        """
+        for key in ["max_age", "connect_timeout", "timeout"]:
+            self.assertEqual(getattr(self.parseKey("delivery", key, "1w"), key), 604800)
+            for bad in ["never", "-1d", "0s", "1 day"]:
+                self.assertKeyErrorMatches(
+                    "delivery", key, bad, r"^expected a duration such as 30s, 5m, 2h, 3d or 1w"
+                )
+
+    def test_bindAddress(self):
+        """
+        C{bind_address} is an IP address; empty means not set.
+        """
+        delivery = self.parseKey("delivery", "bind_address", "192.0.2.10")
+        self.assertEqual(delivery.bind_address, "192.0.2.10")
+        delivery = self.parseKey("delivery", "bind_address", "2001:DB8::1")
+        self.assertEqual(delivery.bind_address, "2001:db8::1")
+        self.assertIsNone(self.parseKey("delivery", "bind_address", "").bind_address)
+        for bad in ["eth0", "192.0.2.0/24", "192.0.2.10:25"]:
+            self.assertKeyError(
+                "delivery", "bind_address", bad, f"expected an IP address, got {bad!r}"
+            )
+
+
+class DurationTests(SynchronousTestCase):
+    """
+    Tests for L{parseDuration} and L{formatDuration}.
+    """
+
+    def test_examples(self):
+        """
+        Each unit multiplies as documented; a bare number is seconds.
+        """
+        self.assertEqual(
+            [parseDuration(t) for t in ["30s", "5m", "2h", "3d", "1w", "90", "1.5h", " 5 m "]],
+            [30, 300, 7200, 259200, 604800, 90, 5400, 300],
+        )
+
+    def test_bad(self):
+        """
+        Garbage, negative, zero and infinite durations raise L{ValueError}.
+        """
+        for bad in ["", "m", "5x", "-5m", "5mm", "inf", "nan", "5M", "1e999", "0", "0s", "5m3s"]:
+            self.assertRaises(ValueError, parseDuration, bad)
+
+    def test_allowZero(self):
+        """
+        Zero is accepted when asked for.
+        """
+        self.assertEqual(parseDuration("0s", allowZero=True), 0)
+
+    @given(st.integers(min_value=1, max_value=10**12), st.sampled_from("smhdw"))
+    def test_units(self, number, unit):
+        """
+        C{N<unit>} is N times the unit's seconds.
+        """
+        factor = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
+        self.assertEqual(parseDuration(f"{number}{unit}"), number * factor)
+
+    @given(st.one_of(
+        st.integers(min_value=1, max_value=10**12).map(float),
+        st.floats(min_value=1e-6, max_value=1e9, allow_nan=False, allow_infinity=False),
+    ))
+    def test_roundTrip(self, seconds):
+        """
+        L{formatDuration} gives text L{parseDuration} reads back exactly.
+        """
+        self.assertEqual(parseDuration(formatDuration(seconds)), seconds)
+
+    def test_format(self):
+        """
+        L{formatDuration} picks the largest unit that divides exactly.
+        """
+        self.assertEqual(
+            [formatDuration(s) for s in [300, 7200, 90, 604800, 86400 * 3, 1.5]],
+            ["5m", "2h", "90s", "1w", "3d", "1.5s"],
+        )
+
+    @given(st.text(max_size=20))
+    def test_garbage(self, text):
+        """
+        Any text either parses to a positive finite duration or raises L{ValueError}.
+        """
+        try:
+            seconds = parseDuration(text)
+        except ValueError:
+            return
+        self.assertGreater(seconds, 0)
+        self.assertLess(seconds, float("inf"))
+
+
+class SizeTests(SynchronousTestCase):
+    """
+    Tests for L{parseSize} and L{formatSize}.
+    """
+
+    def test_examples(self):
+        """
+        Multiples are binary; a bare number is bytes.
+        """
+        self.assertEqual(
+            [parseSize(t) for t in ["25M", "512K", "1G", "1000", "2k", "3MiB", "4mb", "1T"]],
+            [25 << 20, 512 << 10, 1 << 30, 1000, 2048, 3 << 20, 4 << 20, 1 << 40],
+        )
+
+    def test_bad(self):
+        """
+        Garbage, negative, fractional and zero sizes raise L{ValueError}.
+        """
+        for bad in ["", "M", "-1", "1.5M", "25X", "0", "0K", "10" * 20 + "T"]:
+            self.assertRaises(ValueError, parseSize, bad)
+
+    def test_allowZero(self):
+        """
+        Zero is accepted when asked for.
+        """
+        self.assertEqual(parseSize("0", allowZero=True), 0)
+
+    @given(st.integers(min_value=1, max_value=10**9), st.sampled_from(["", "K", "M", "G"]))
+    def test_units(self, number, unit):
+        """
+        C{N<unit>} is N times 1024 to the unit's power.
+        """
+        power = ["", "K", "M", "G"].index(unit)
+        self.assertEqual(parseSize(f"{number}{unit}"), number * 1024**power)
+        self.assertEqual(parseSize(f"{number}{unit.lower()}"), number * 1024**power)
+
+    @given(st.integers(min_value=1, max_value=(1 << 63) - 1))
+    def test_roundTrip(self, size):
+        """
+        L{formatSize} gives text L{parseSize} reads back exactly.
+        """
+        self.assertEqual(parseSize(formatSize(size)), size)
+
+
+class BoolTests(SynchronousTestCase):
+    """
+    Tests for L{parseBool}.
+    """
+
+    def test_values(self):
+        """
+        The documented spellings parse, in any case.
+        """
+        for text in ["on", "yes", "true", "1", "ON", " Yes "]:
+            self.assertIs(parseBool(text), True)
+        for text in ["off", "no", "false", "0", "Off", "FALSE"]:
+            self.assertIs(parseBool(text), False)
+
+    def test_bad(self):
+        """
+        Anything else raises L{ValueError} naming the value.
+        """
+        for text in ["", "y", "2", "enabled"]:
+            error = self.assertRaises(ValueError, parseBool, text)
+            self.assertEqual(str(error), f"expected on or off, got {text!r}")
+
+
+_durations = st.sampled_from([1, 30, 60, 90, 300, 3600, 5400, 7200, 86400, 604800, 0.5])
+_steps = st.lists(
+    st.tuples(_durations, st.integers(min_value=1, max_value=5)), min_size=1, max_size=6
+)
+_schedules = st.tuples(_steps, st.booleans()).map(
+    lambda s: RetrySchedule(tuple(s[0][:-1]) + ((s[0][-1][0], None if s[1] else s[0][-1][1]),))
+)
+
+
+class RetryScheduleTests(SynchronousTestCase):
+    """
+    Tests for L{RetrySchedule}.
+    """
+
+    def test_default(self):
+        """
+        The default schedule waits 5m, 10m, 20m, 40m, then 1h four times, then 2h.
+        """
+        self.assertEqual(
+            [DEFAULT_RETRY.delay(n) for n in range(1, 13)],
+            [300, 600, 1200, 2400, 3600, 3600, 3600, 3600, 7200, 7200, 7200, 7200],
+        )
+        self.assertEqual(DEFAULT_RETRY.delay(10**6), 7200)
+        self.assertEqual(str(DEFAULT_RETRY), "5m, 10m, 20m, 40m, 1h*4, 2h*...")
+
+    def test_lastRepeats(self):
+        """
+        Without C{*...} the last delay repeats forever.
+        """
+        schedule = RetrySchedule.parse("1m, 2m*2")
+        self.assertEqual([schedule.delay(n) for n in range(1, 7)], [60, 120, 120, 120, 120, 120])
+
+    def test_spacing(self):
+        """
+        Spaces around C{*} and commas are allowed.
+        """
+        self.assertEqual(RetrySchedule.parse(" 1m ,2h * 3,  1d *  ... "),
+                         RetrySchedule(((60, 1), (7200, 3), (86400, None))))
+
+    def test_badAttempt(self):
+        """
+        Attempts are numbered from 1.
+        """
+        self.assertRaises(ValueError, DEFAULT_RETRY.delay, 0)
+
+    def test_bad(self):
+        """
+        Malformed schedules raise L{ValueError}.
+        """
+        for bad in ["", ",", "*3", "5m*", "5m*0", "5m*-1", "5m*x", "5m*...,1h", "5m**2",
+                    "0s", "-5m", "5m*2*2", "5m*....", "5m*1.5"]:
+            self.assertRaises(ValueError, RetrySchedule.parse, bad)
+
+    def test_badSteps(self):
+        """
+        Building a schedule directly checks its steps too.
+        """
+        self.assertRaises(ValueError, RetrySchedule, ())
+        self.assertRaises(ValueError, RetrySchedule, ((60, None), (60, 1)))
+        self.assertRaises(ValueError, RetrySchedule, ((0, 1),))
+        self.assertRaises(ValueError, RetrySchedule, ((60, 0),))
+
+    @given(_schedules)
+    def test_roundTrip(self, schedule):
+        """
+        C{str()} of a schedule parses back to an equal schedule.
+        """
+        self.assertEqual(RetrySchedule.parse(str(schedule)), schedule)
+
+    @given(_schedules, st.integers(min_value=1, max_value=40))
+    def test_delayMatchesExpansion(self, schedule, attempt):
+        """
+        C{delay(n)} is the n-th item of the written-out schedule, or its last item.
+        """
+        expanded = []
+        for delay, count in schedule.steps:
+            expanded.extend([delay] * (1 if count is None else count))
+        expected = expanded[attempt - 1] if attempt <= len(expanded) else expanded[-1]
+        self.assertEqual(schedule.delay(attempt), expected)
+
+
+class HostnameTests(SynchronousTestCase):
+    """
+    Tests for L{isHostname}.
+    """
+
+    @given(st.lists(st.from_regex(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", fullmatch=True),
+                    min_size=1, max_size=4))
+    def test_valid(self, labels):
+        """
+        Dot-joined RFC 1123 labels are host names.
+        """
+        self.assertTrue(isHostname(".".join(labels)))
+
+    def test_tooLong(self):
+        """
+        A name over 253 octets is not a host name.
+        """
+        self.assertFalse(isHostname(".".join(["a" * 63] * 4)))
+
+
+_iniLines = st.one_of(
+    st.sampled_from(["[smartrelay]", "[smtp]", "[delivery]", "[DEFAULT]", "", "# c", "  x"]),
+    st.builds(
+        "{} = {}".format,
+        st.sampled_from(
+            [k for _, c in SECTIONS.values() for k in sectionKeys(c)] + ["bogus"]
+        ),
+        st.text(alphabet="0123456789abcdefxyzKMGsmhdw.:,*/[]=% -\t\n#;", max_size=20),
+    ),
+    st.text(max_size=15),
+)
+
+
+class RobustnessTests(SynchronousTestCase):
+    """
+    Tests that no input escapes as anything but a one-line L{ConfigError}.
+    """
+
+    @given(st.lists(_iniLines, max_size=8))
+    def test_anyText(self, lines):
+        """
+        Any text either parses or raises L{ConfigError} with a one-line message.
+        """
+        try:
+            parseConfig("\n".join(lines), "x.ini")
+        except ConfigError as e:
+            self.assertNotIn("\n", str(e))
+            self.assertNotIn("\r", str(e))
+            self.assertTrue(str(e).startswith("x.ini: "), str(e))
