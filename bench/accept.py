@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""
+Acceptance benchmark: Postfix's smtp-source drives a real `twistd smartrelay`
+(full durability: every 250 after file fsync, rename and directory fsync),
+which relays to Postfix's smtp-sink on loopback at the same time.
+
+Prints, per run, messages/second accepted (first connection to the last
+250) and the relay's peak RSS; then the median of the runs.
+
+Needs smtp-source and smtp-sink (Debian package `postfix`; only the tools
+are used, no Postfix server is started):
+
+    apt-get install -y postfix
+    python3 bench/accept.py                  # 3 runs, 20 sessions, 20,000 x 2 KB
+    python3 bench/accept.py --reuse          # smtp-source -d: many messages per session
+"""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tool(name: str) -> str:
+    for candidate in (shutil.which(name), "/usr/sbin/" + name):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    sys.exit(f"bench: {name} not found; install it with: apt-get install -y postfix")
+
+
+def startRelay(workdir: str, smtpPort: int, sinkPort: int, extra: str) -> tuple:
+    config = os.path.join(workdir, "smartrelay.ini")
+    with open(config, "w") as f:
+        f.write(
+            f"""[smartrelay]
+data_dir = {workdir}/var
+hostname = relay.bench.test
+
+[smtp]
+listen = tcp:{smtpPort}:interface=127.0.0.1
+max_connections_per_client = 1000
+
+[delivery]
+smarthost = tcp:host=127.0.0.1:port={sinkPort}
+{extra}
+"""
+        )
+    env = dict(os.environ, PYTHONPATH=PROJECT)
+    log = os.path.join(workdir, "twistd.log")
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+         "-n", "--pidfile=", "--logfile", log, "smartrelay", "--config", config],
+        cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit("bench: relay exited:\n" + open(log).read())
+        if os.path.exists(log) and "accepting mail on" in open(log).read():
+            return process, log
+        time.sleep(0.05)
+    process.kill()
+    sys.exit("bench: relay did not start:\n" + open(log).read())
+
+
+def peakRSS(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def countEvents(database: str, kind: str) -> int:
+    connection = sqlite3.connect(database, timeout=30)
+    try:
+        return connection.execute("SELECT count(*) FROM events WHERE type = ?", (kind,)).fetchone()[0]
+    finally:
+        connection.close()
+
+
+def oneRun(args) -> dict:
+    workdir = tempfile.mkdtemp(prefix="smartrelay-bench-", dir=args.tmp)
+    smtpPort, sinkPort = freePort(), freePort()
+    sink = subprocess.Popen(
+        [tool("smtp-sink"), "-u", "root", f"127.0.0.1:{sinkPort}", "1000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    relay, log = startRelay(workdir, smtpPort, sinkPort, args.extra)
+    try:
+        command = [tool("smtp-source"), "-s", str(args.sessions), "-m", str(args.messages),
+                   "-l", str(args.size), "-f", "app@bench.test", "-t", "rcpt@sink.test"]
+        if args.reuse:
+            command.append("-d")
+        command.append(f"127.0.0.1:{smtpPort}")
+        started = time.monotonic()
+        result = subprocess.run(command, capture_output=True, text=True)
+        elapsed = time.monotonic() - started
+        if result.returncode != 0:
+            print("smtp-source:", result.stdout, result.stderr, file=sys.stderr)
+        database = os.path.join(workdir, "var", "smartrelay.sqlite")
+        # Wait for the queue to drain, to report end-to-end figures too.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            delivered = countEvents(database, "delivered")
+            if delivered >= args.messages:
+                break
+        drained = time.monotonic() - started
+        rss = peakRSS(relay.pid)
+        accepted = countEvents(database, "accepted")
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        relay.wait(60)
+        sink.kill()
+        sink.wait()
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "accepted": accepted,
+        "delivered": delivered,
+        "accept_rate": args.messages / elapsed,
+        "end_to_end_rate": delivered / drained,
+        "peak_rss_mb": rss / 2**20,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--reuse", action="store_true", help="smtp-source -d (reuse sessions)")
+    parser.add_argument("--extra", default="", help="extra lines for the [delivery] section")
+    parser.add_argument("--tmp", default=None, help="directory for the relay's data")
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    results = []
+    for n in range(args.runs):
+        r = oneRun(args)
+        results.append(r)
+        print(
+            "run %d: %6.0f msg/s accepted, %6.0f msg/s end to end, accepted %d, delivered %d, peak RSS %.0f MB"
+            % (n + 1, r["accept_rate"], r["end_to_end_rate"], r["accepted"], r["delivered"], r["peak_rss_mb"]),
+            flush=True,
+        )
+    print(
+        "median of %d: %.0f msg/s accepted, %.0f msg/s end to end, peak RSS %.0f MB"
+        % (
+            len(results),
+            statistics.median(r["accept_rate"] for r in results),
+            statistics.median(r["end_to_end_rate"] for r in results),
+            statistics.median(r["peak_rss_mb"] for r in results),
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""
+Real peers for end-to-end tests: an SMTP sink server (built from
+twisted.mail.smtp) that records what it receives and answers recipients by
+their local part, and a helper to run C{twistd smartrelay} as a child
+process on OS-chosen loopback ports.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from email.parser import BytesHeaderParser
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.protocol import ServerFactory
+from twisted.internet.task import deferLater
+from twisted.mail import smtp
+from zope.interface import implementer
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@attrs.define
+class Received:
+    sender: str
+    recipients: list
+    data: bytes
+
+    @property
+    def queueID(self) -> str:
+        return BytesHeaderParser().parsebytes(self.data)["X-SmartRelay-ID"]
+
+
+@implementer(smtp.IMessage)
+class _Message:
+    def __init__(self, sink, sender, recipient):
+        self.sink, self.sender, self.recipient = sink, sender, recipient
+        self.lines = []
+
+    def lineReceived(self, line):
+        self.lines.append(line)
+
+    def eomReceived(self):
+        self.sink.received.append(
+            Received(self.sender, [self.recipient], b"\r\n".join(self.lines) + b"\r\n")
+        )
+        return defer.succeed(None)
+
+    def connectionLost(self):
+        pass
+
+
+@implementer(smtp.IMessageDelivery)
+class _Delivery:
+    def __init__(self, sink):
+        self.sink = sink
+
+    def receivedHeader(self, helo, origin, recipients):
+        return None
+
+    def validateFrom(self, helo, origin):
+        return origin
+
+    def validateTo(self, user):
+        local = user.dest.local.decode()
+        if local.startswith("bounce"):
+            raise smtp.SMTPBadRcpt(user, code=550, resp="5.1.1 No such user here")
+        if local.startswith("defer"):
+            raise smtp.SMTPBadRcpt(user, code=451, resp="4.2.0 Try again later")
+        sender = str(user.orig) if user.orig else ""
+        return lambda: _Message(self.sink, sender, str(user.dest))
+
+
+class _SinkESMTP(smtp.ESMTP):
+    def connectionMade(self):
+        self.factory.sink.connections += 1
+        smtp.ESMTP.connectionMade(self)
+
+
+class Sink(ServerFactory):
+    """
+    An SMTP server that accepts everything except recipients whose local
+    part starts with C{bounce} (550) or C{defer} (451).
+    """
+
+    def __init__(self):
+        self.received = []
+        self.connections = 0
+
+    def buildProtocol(self, addr):
+        p = _SinkESMTP()
+        p.delivery = _Delivery(self)
+        p.factory = self
+        p.host = b"sink.test"
+        return p
+
+    def queueIDs(self) -> set:
+        return {r.queueID for r in self.received}
+
+
+def waitFor(reactor, condition, timeout=60.0, interval=0.05):
+    """
+    Poll C{condition} on the real reactor until it is true; fails after
+    C{timeout} seconds (end-to-end tests only).
+    """
+    deadline = time.monotonic() + timeout
+
+    @defer.inlineCallbacks
+    def loop():
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not met within %.0f seconds" % timeout)
+            yield deferLater(reactor, interval, lambda: None)
+
+    return loop()
+
+
+class RelayProcess:
+    """
+    C{twistd -n smartrelay --config PATH} as a child process, with its own
+    log file; the SMTP port is read from the log.
+    """
+
+    def __init__(self, workdir: str, configText: str):
+        self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
+        self.configPath = os.path.join(workdir, "smartrelay.ini")
+        with open(self.configPath, "w") as f:
+            f.write(configText)
+        self.logPath = os.path.join(workdir, "twistd.log")
+        self.process = None
+        self.port = None
+
+    def start(self):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = PROJECT + os.pathsep + env.get("PYTHONPATH", "")
+        self._logOffset = os.path.getsize(self.logPath) if os.path.exists(self.logPath) else 0
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--pidfile=",
+                "--logfile",
+                self.logPath,
+                "smartrelay",
+                "--config",
+                self.configPath,
+            ],
+            cwd=self.workdir,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(os.path.join(self.workdir, "stderr.log"), "ab"),
+        )
+
+    def log(self) -> str:
+        try:
+            with open(self.logPath, encoding="utf-8", errors="replace") as f:
+                f.seek(self._logOffset)
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def waitReady(self, reactor, timeout=30.0):
+        def ready():
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    "relay exited with %s:\n%s" % (self.process.returncode, self.log())
+                )
+            match = re.search(r"accepting mail on .*port=(\d+)", self.log())
+            if match:
+                self.port = int(match.group(1))
+                return True
+            return False
+
+        return waitFor(reactor, ready, timeout)
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, sig)
+            self.process.wait(30)
+
+    def stop(self):
+        """
+        A clean stop (SIGTERM), waiting for the process to exit.
+        """
+        self.kill(signal.SIGTERM)
