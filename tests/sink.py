@@ -76,7 +76,7 @@ class _Delivery:
 
 class _SinkESMTP(smtp.ESMTP):
     def connectionMade(self):
-        self.factory.sink.connections += 1
+        self.factory.connections += 1
         smtp.ESMTP.connectionMade(self)
 
 

@@ -248,11 +248,13 @@ class SubmissionPolicy:
             self.events.emit("rejected", None, recipient, detail=detail)
 
 
-@attrs.define(eq=False, slots=False)
+@attrs.define(eq=False, slots=False, repr=False)
 class SubmissionFactory(ServerFactory):
     """
     Builds a L{HardenedESMTP} per connection with the listener's settings.
     """
+
+    noisy = False
 
     policy: SubmissionPolicy
     clock: object

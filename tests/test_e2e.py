@@ -1,0 +1,315 @@
+"""
+End-to-end tests: a real C{twistd smartrelay} child process on OS-chosen
+loopback ports, real SMTP clients (Python's smtplib), a real SMTP sink
+server, and a kill -9 in the middle of submissions.
+"""
+
+import os
+import re
+import signal
+import smtplib
+import sqlite3
+import ssl
+import subprocess
+import sys
+import threading
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from smartrelay.auth import hashPassword
+from smartrelay.ids import isQueueID
+from tests.sink import PROJECT, RelayProcess, Sink, waitFor
+
+TEXT = (
+    "From: App <app@example.com>\r\nTo: someone@example.org\r\nSubject: hello\r\n\r\n"
+    "Line one\r\n.leading dot\r\n"
+)
+
+
+def submit(port, recipients, body=TEXT, sender="app@example.com", starttls=False, login=None):
+    """
+    One SMTP transaction with smtplib; returns the (code, text) of the DATA
+    reply and the recipients refused at RCPT.
+    """
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.test")
+        if starttls:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            client.starttls(context=context)
+            client.ehlo("client.test")
+        if login is not None:
+            client.login(*login)
+        code, text = client.mail(sender)
+        if code != 250:
+            return (code, text.decode()), recipients
+        refused = []
+        for r in recipients:
+            code, text = client.rcpt(r)
+            if code != 250:
+                refused.append(r)
+        code, text = client.data(body.encode())
+        return (code, text.decode()), refused
+
+
+def events(workdir):
+    connection = sqlite3.connect(os.path.join(workdir, "var", "smartrelay.sqlite"))
+    try:
+        return connection.execute(
+            "SELECT type, queue_id, recipient, detail FROM events ORDER BY time, rowid"
+        ).fetchall()
+    finally:
+        connection.close()
+
+
+class RelayTestMixin:
+    def startSink(self):
+        self.sink = Sink()
+        port = reactor.listenTCP(0, self.sink, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    def relayConfig(self, sinkPort, extra=""):
+        return (
+            "[smartrelay]\ndata_dir = var\nhostname = relay.test\nnode_id = 2A\n\n"
+            "[smtp]\nlisten = tcp:0:interface=127.0.0.1\n%s\n"
+            "[delivery]\nsmarthost = tcp:host=127.0.0.1:port=%d\nretry = 5m\n"
+            % (extra, sinkPort)
+        )
+
+    def makeRelay(self, config):
+        self.workdir = os.path.abspath(self.mktemp())
+        relay = RelayProcess(self.workdir, config)
+        self.addCleanup(relay.kill)
+        return relay
+
+
+class DeliveryTests(RelayTestMixin, TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def test_submitDeliverBounceDefer(self):
+        """
+        A message to three recipients gets a 250 with its queue id; the good
+        recipient's copy reaches the sink with X-SmartRelay-ID and Received
+        headers; the 550 recipient bounces; the 451 recipient is deferred and
+        still queued after a restart.
+        """
+        sinkPort = self.startSink()
+        relay = self.makeRelay(self.relayConfig(sinkPort))
+        relay.start()
+        yield relay.waitReady(reactor)
+        (code, text), refused = yield deferToThread(
+            submit, relay.port, ["ok@example.org", "bounce@example.org", "defer@example.org"]
+        )
+        self.assertEqual((code, refused), (250, []))
+        match = re.match(r"2\.0\.0 OK (\S+)$", text)
+        self.assertTrue(match, text)
+        queueID = match.group(1)
+        self.assertTrue(isQueueID(queueID) and queueID.startswith("2A/"), queueID)
+
+        yield waitFor(reactor, lambda: self.sink.received)
+        [received] = self.sink.received
+        self.assertEqual(received.queueID, queueID)
+        self.assertEqual(received.recipients, ["ok@example.org"])
+        self.assertEqual(received.sender, "app@example.com")
+        self.assertTrue(received.data.startswith(b"Received: from client.test ([127.0.0.1])"))
+        self.assertIn(b"\r\n.leading dot\r\n", received.data)
+
+        yield waitFor(
+            reactor,
+            lambda: {e[0] for e in events(self.workdir)} >= {"delivered", "bounced", "deferred"},
+        )
+        relay.stop()
+        byRecipient = {}
+        for kind, qid, recipient, detail in events(self.workdir):
+            self.assertEqual(qid, queueID)
+            byRecipient.setdefault(recipient, []).append(kind)
+        self.assertEqual(
+            byRecipient,
+            {
+                "ok@example.org": ["accepted", "delivered"],
+                "bounce@example.org": ["accepted", "bounced"],
+                "defer@example.org": ["accepted", "deferred"],
+            },
+        )
+        relay.start()
+        yield relay.waitReady(reactor)
+        self.assertIn("recovered 1 queued message", relay.log())
+        relay.stop()
+
+    @inlineCallbacks
+    def test_tlsAndAuth(self):
+        """
+        With allowed_clients empty, an unauthenticated client gets 554 5.7.1;
+        after STARTTLS and AUTH the same submission is accepted.
+        """
+        sinkPort = self.startSink()
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        certificate, key = writeSelfSigned(workdir)
+        users = os.path.join(workdir, "users")
+        with open(users, "w") as f:
+            f.write("app:%s\n" % hashPassword("s3cret", ln=4))
+        extra = (
+            "allowed_clients =\nauth_file = %s\ntls_certificate = %s\ntls_key = %s\n"
+            % (users, certificate, key)
+        )
+        relay = RelayProcess(workdir, self.relayConfig(sinkPort, extra))
+        self.addCleanup(relay.kill)
+        relay.start()
+        yield relay.waitReady(reactor)
+        (code, text), _ = yield deferToThread(submit, relay.port, ["ok@example.org"])
+        self.assertEqual(code, 554)
+        self.assertTrue(text.startswith("5.7.1 "), text)
+        (code, text), _ = yield deferToThread(
+            submit, relay.port, ["ok@example.org"], starttls=True, login=("app", "s3cret")
+        )
+        self.assertEqual(code, 250, text)
+        yield waitFor(reactor, lambda: self.sink.received)
+        self.assertIn(b"with ESMTPSA", self.sink.received[0].data)
+        relay.stop()
+
+
+class CrashTests(RelayTestMixin, TestCase):
+    timeout = 180
+
+    @inlineCallbacks
+    def test_killDuringSubmission(self):
+        """
+        kill -9 while clients are submitting: after a restart every message
+        that got a 250 is delivered; none is lost.
+        """
+        sinkPort = self.startSink()
+        relay = self.makeRelay(self.relayConfig(sinkPort))
+        relay.start()
+        yield relay.waitReady(reactor)
+        accepted, lock, stop = [], threading.Lock(), threading.Event()
+
+        def client(n):
+            i = 0
+            while not stop.is_set():
+                try:
+                    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as c:
+                        c.ehlo("crash.test")
+                        for _ in range(5):
+                            c.mail("app@example.com")
+                            c.rcpt("ok%d-%d@example.org" % (n, i))
+                            code, text = c.data(TEXT.encode() + (b"x" * 70 + b"\r\n") * 40)
+                            i += 1
+                            if code == 250:
+                                with lock:
+                                    accepted.append(text.decode().split()[-1])
+                except (OSError, smtplib.SMTPException):
+                    return
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            yield waitFor(reactor, lambda: len(accepted) >= 200, timeout=60)
+            relay.kill(signal.SIGKILL)
+        finally:
+            stop.set()
+            yield deferToThread(lambda: [t.join(30) for t in threads])
+        survivors = set(accepted)
+        self.assertGreaterEqual(len(survivors), 200)
+        relay.start()
+        yield relay.waitReady(reactor)
+        yield waitFor(reactor, lambda: survivors <= self.sink.queueIDs(), timeout=90)
+        relay.stop()
+
+
+class StartupTests(SynchronousTestCase):
+    def run_twistd(self, *args, cwd=None):
+        env = dict(os.environ, PYTHONPATH=PROJECT)
+        return subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+             "--pidfile=", "smartrelay", *args],
+            cwd=cwd or self.mktemp_dir(), env=env, capture_output=True, text=True, timeout=60,
+        )
+
+    def mktemp_dir(self):
+        path = self.mktemp()
+        os.makedirs(path)
+        return path
+
+    def test_badConfigOneLine(self):
+        """
+        A config mistake stops start-up with exit status 1 and one line
+        naming section, key and problem; no traceback.
+        """
+        directory = os.path.abspath(self.mktemp_dir())
+        path = os.path.join(directory, "bad.ini")
+        with open(path, "w") as f:
+            f.write("[smtp]\nmax_conections = 5\n")
+        result = self.run_twistd("--config", path, cwd=directory)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(
+            result.stderr,
+            "smartrelay: %s: [smtp] max_conections: unknown key 'max_conections' "
+            "(did you mean 'max_connections'?)\n" % (path,),
+        )
+
+    def test_missingConfigFile(self):
+        """
+        A missing config file is one line too.
+        """
+        result = self.run_twistd("--config", "/nonexistent/smartrelay.ini")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.count("\n"), 1)
+        self.assertIn("/nonexistent/smartrelay.ini", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
+    def test_exampleConfigAccepted(self):
+        """
+        The documented example configuration passes validation in twistd.
+        """
+        from smartrelay.tap import Options
+
+        options = Options()
+        options.parseOptions(["--config", os.path.join(PROJECT, "etc", "smartrelay.ini")])
+        self.assertEqual(options.relayConfig.smtp.listen, "tcp:2525:interface=127.0.0.1")
+
+
+def writeSelfSigned(directory):
+    """
+    A self-signed certificate and key for STARTTLS tests.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    certPath = os.path.join(directory, "cert.pem")
+    keyPath = os.path.join(directory, "key.pem")
+    with open(certPath, "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    with open(keyPath, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return certPath, keyPath
