@@ -28,8 +28,11 @@ from smartrelay.smtp.submission import SubmissionFactory, SubmissionPolicy
 from smartrelay.spool import Spool
 from smartrelay.store.sqlite import SQLiteStore
 
-#: Threads that write the spool: enough for the kernel to merge fsyncs.
+#: Threads that write new messages to the spool: enough for the kernel to
+#: merge their fsyncs.
 SPOOL_THREADS = 4
+#: Threads for the delivery side's spool I/O (reads, journal, removals).
+DELIVERY_IO_THREADS = 2
 
 
 def tlsContextFor(certificatePath: str, keyPath: str):
@@ -65,11 +68,23 @@ class RelayService(MultiService):
 
         self.spoolPool = ThreadPool(minthreads=1, maxthreads=SPOOL_THREADS, name="smartrelay-spool")
         self.runInSpoolThread = partial(deferToThreadPool, reactor, self.spoolPool)
-        self.store, self.storePool = SQLiteStore.inThreadPool(
-            os.path.join(self.dataDir, "smartrelay.sqlite"), reactor
+        # Thread pools are started in startService, not here: twistd forks
+        # (daemon mode) between building and starting the service, and
+        # threads do not survive a fork.
+        self.storePool = ThreadPool(minthreads=1, maxthreads=1, name="smartrelay-sqlite")
+        self.store = SQLiteStore(
+            os.path.join(self.dataDir, "smartrelay.sqlite"),
+            partial(deferToThreadPool, reactor, self.storePool),
         )
         self.events = EventLog(self.store, reactor)
-        self.spool = Spool(os.path.join(self.dataDir, "spool"), self.runInSpoolThread)
+        self.deliveryIOPool = ThreadPool(
+            minthreads=1, maxthreads=DELIVERY_IO_THREADS, name="smartrelay-delivery-io"
+        )
+        self.spool = Spool(
+            os.path.join(self.dataDir, "spool"),
+            self.runInSpoolThread,
+            runDeliveryIO=partial(deferToThreadPool, reactor, self.deliveryIOPool),
+        )
 
         if delivery.smarthost is not None:
             router = SmarthostRouter(
@@ -150,6 +165,8 @@ class RelayService(MultiService):
 
     def startService(self):
         self.spoolPool.start()
+        self.deliveryIOPool.start()
+        self.storePool.start()
         MultiService.startService(self)
         self._startUp().addBoth(self._started)
 
@@ -193,9 +210,7 @@ class RelayService(MultiService):
         if entries:
             self.log.info("recovered {count} queued message(s) from the spool", count=len(entries))
         port = self.smtpPort = yield self.smtpEndpoint.listen(self.smtpFactory)
-        self.log.info(
-            "smartrelay accepting mail on {listen}", listen=self.config.smtp.listen
-        )
+        self.log.info("smartrelay accepting mail on {address}", address=port.getHost())
         return port
 
     @inlineCallbacks
@@ -208,6 +223,8 @@ class RelayService(MultiService):
         yield MultiService.stopService(self)
         yield self.events.flushed()
         yield self.store.close()
+        self.storePool.stop()
+        self.deliveryIOPool.stop()
         self.spoolPool.stop()
 
 

@@ -13,10 +13,11 @@ import itertools
 import json
 import os
 import zlib
+from collections import OrderedDict
 from typing import Callable, Optional
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -187,28 +188,75 @@ def applyState(entry: SpoolEntry, raw: bytes) -> int:
     return skipped
 
 
-def _writeDurably(tmpPath: str, finalPath: str, blob: bytes) -> None:
-    """
-    Write C{blob} to a temp file, fdatasync it and rename it into place.
-    The caller fsyncs the directory.  Blocking: runs in a thread.
-    """
-    fd = os.open(tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _loadSyncfs():
     try:
-        view = memoryview(blob)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fdatasync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlinkQuietly(tmpPath)
-        raise
-    os.close(fd)
-    try:
-        os.rename(tmpPath, finalPath)
-    except BaseException:
-        _unlinkQuietly(tmpPath)
-        raise
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_syncfs = _loadSyncfs()
+
+
+def _writeBatch(directory: str, items: list) -> list:
+    """
+    Durably write a batch of new messages; blocking, runs in a thread.
+
+    C{items} are C{(tmpPath, finalPath, blob)}.  Every blob is written to
+    its temp file, every file is fdatasynced, renamed into place, and one
+    directory fsync covers the renames.  Returns one entry per item: None
+    if it is durable, else the exception; an item that failed leaves no
+    file behind (neither temp nor final).
+    """
+    results: list = [None] * len(items)
+    written = []
+    for index, (tmpPath, finalPath, blob) in enumerate(items):
+        try:
+            fd = os.open(tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            results[index] = e
+            continue
+        try:
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as e:
+            results[index] = e
+            os.close(fd)
+            _unlinkQuietly(tmpPath)
+            continue
+        written.append((index, fd))
+    renamed = []
+    if written and _syncfs is not None:
+        flushed = _syncfs(written[0][1]) == 0
+    else:
+        flushed = False
+    for index, fd in written:
+        tmpPath, finalPath, _ = items[index]
+        try:
+            if not flushed:
+                os.fdatasync(fd)
+            os.close(fd)
+            fd = None
+            os.rename(tmpPath, finalPath)
+        except OSError as e:
+            results[index] = e
+            if fd is not None:
+                os.close(fd)
+            _unlinkQuietly(tmpPath)
+            continue
+        renamed.append(index)
+    if renamed:
+        try:
+            fsyncDirectory(directory)
+        except OSError as e:
+            for index in renamed:
+                results[index] = e
+                _unlinkQuietly(items[index][1])
+    return results
 
 
 def _appendDurably(path: str, blob: bytes) -> None:
@@ -227,6 +275,34 @@ def _unlinkQuietly(path: str) -> None:
         pass
 
 
+class MessageCache:
+    """
+    Message bytes by queue id, oldest dropped first past C{limit} bytes.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.size = 0
+        self._items: "OrderedDict[str, bytes]" = OrderedDict()
+
+    def put(self, key: str, data: bytes) -> None:
+        if len(data) > self.limit // 4:
+            return
+        self._items[key] = data
+        self.size += len(data)
+        while self.size > self.limit:
+            _, dropped = self._items.popitem(last=False)
+            self.size -= len(dropped)
+
+    def get(self, key: str) -> Optional[bytes]:
+        return self._items.get(key)
+
+    def pop(self, key: str) -> None:
+        data = self._items.pop(key, None)
+        if data is not None:
+            self.size -= len(data)
+
+
 @attrs.define(eq=False)
 class Spool:
     """
@@ -235,7 +311,14 @@ class Spool:
     per-recipient state changes beside it.
 
     Every blocking call runs through C{runInThread(f, *args) -> Deferred}
-    (a thread pool in production, a synchronous stand-in in unit tests).
+    (a thread pool in production, a synchronous stand-in in unit tests);
+    the delivery side's reads, journal appends and removals may go through a
+    separate C{runDeliveryIO} so that they never queue in front of the
+    latency-critical writes of new messages.
+
+    Messages just stored are kept in a bounded in-memory cache
+    (C{cacheBytes}) until they are finished, so the first delivery attempt
+    does not read them back from disk.
     New messages are made durable by write, fdatasync, rename and a
     directory fsync; directory fsyncs are shared by every message renamed
     while the previous one was running (group commit).
@@ -245,11 +328,23 @@ class Spool:
 
     directory: str
     runInThread: Callable[..., Deferred]
+    runDeliveryIO: Optional[Callable[..., Deferred]] = None
+    cacheBytes: int = 64 * 1024 * 1024
+    batchesInFlight: int = 2
+    maxBatch: int = 256
+    _cache: "MessageCache" = attrs.field(init=False)
+    _pendingWrites: list = attrs.field(factory=list, init=False)
+    _batchesInFlight: int = attrs.field(default=0, init=False)
     _dirWaiters: list = attrs.field(factory=list, init=False)
     _dirSyncing: bool = attrs.field(default=False, init=False)
     _tempCounter: "itertools.count" = attrs.field(factory=itertools.count, init=False)
 
     log = Logger()
+
+    def __attrs_post_init__(self):
+        if self.runDeliveryIO is None:
+            self.runDeliveryIO = self.runInThread
+        self._cache = MessageCache(self.cacheBytes)
 
     @property
     def corruptDirectory(self) -> str:
@@ -336,6 +431,11 @@ class Spool:
         and its envelope are on disk (file and directory fsynced); fails
         with L{SpoolError} otherwise, in which case nothing of it is left
         to be delivered.
+
+        Messages are written in batches (group commit): every message that
+        arrives while a batch is being written goes into the next one, which
+        is written, flushed, renamed into place and covered by one
+        directory fsync together.
         """
         blob = encodeEntry(entry, data)
         finalPath = self._path(entry.queue_id, MESSAGE_SUFFIX)
@@ -344,21 +444,46 @@ class Spool:
             "%s%d-%s%s"
             % (TEMP_PREFIX, next(self._tempCounter), fileName(entry.queue_id), MESSAGE_SUFFIX),
         )
-        d = self.runInThread(_writeDurably, tmpPath, finalPath, blob)
-        d.addCallback(lambda _: self._syncDirectory())
+        d = Deferred()
+        self._pendingWrites.append((tmpPath, finalPath, blob, d))
+        self._startBatches()
 
         def failed(failure):
             failure.trap(OSError)
             self.log.failure(
                 "could not store {queue_id}", failure, queue_id=entry.queue_id
             )
-            self.runInThread(_unlinkQuietly, finalPath).addErrback(
-                lambda f: self.log.failure("could not remove {path}", f, path=finalPath)
-            )
             raise SpoolError(str(failure.value))
 
-        d.addCallbacks(lambda _: entry, failed)
+        def stored(_):
+            self._cache.put(entry.queue_id, data)
+            return entry
+
+        d.addCallbacks(stored, failed)
         return d
+
+    def _startBatches(self) -> None:
+        while self._pendingWrites and self._batchesInFlight < self.batchesInFlight:
+            batch = self._pendingWrites[: self.maxBatch]
+            del self._pendingWrites[: self.maxBatch]
+            self._batchesInFlight += 1
+            work = [(tmp, final, blob) for tmp, final, blob, _ in batch]
+            self.runInThread(_writeBatch, self.directory, work).addBoth(
+                self._batchWritten, [d for _, _, _, d in batch]
+            )
+
+    def _batchWritten(self, result, waiters: list) -> None:
+        self._batchesInFlight -= 1
+        self._startBatches()
+        if isinstance(result, Failure):
+            for waiter in waiters:
+                waiter.errback(result)
+            return
+        for waiter, error in zip(waiters, result):
+            if error is None:
+                waiter.callback(None)
+            else:
+                waiter.errback(Failure(error))
 
     def _syncDirectory(self) -> Deferred:
         d = Deferred()
@@ -387,36 +512,53 @@ class Spool:
 
     def readMessage(self, entry: SpoolEntry) -> Deferred:
         """
-        The stored message bytes (verified against their checksum).
+        The stored message bytes (verified against their checksum).  A
+        message stored moments ago usually comes from memory.
         """
+        cached = self._cache.get(entry.queue_id)
+        if cached is not None:
+            return succeed(cached)
 
         def read():
             with open(self._path(entry.queue_id, MESSAGE_SUFFIX), "rb") as f:
                 return decodeEntry(f.read())[1]
 
-        return self.runInThread(read)
+        return self.runDeliveryIO(read)
 
     def record(self, entry: SpoolEntry, changes: list) -> Deferred:
         """
         Durably record new recipient states, then apply them to C{entry}.
-        When every recipient is final the entry's files are removed.
+
+        When the changes leave every recipient final, the entry's files are
+        removed instead (and the removal is made durable with the shared
+        directory fsync): a finished message needs no journal.  Otherwise
+        the changes are appended to the journal and fdatasynced.
         """
-        blob = b"".join(encodeState(r) for r in changes)
-        statePath = self._path(entry.queue_id, STATE_SUFFIX)
-        d = self.runInThread(_appendDurably, statePath, blob)
+        byAddress = {r.address: r for r in changes}
+        finishing = all(byAddress.get(r.address, r).final for r in entry.recipients)
 
         def applied(_):
-            byAddress = {r.address: r for r in changes}
+            # Merge into the entry as it is now: another record() for other
+            # recipients of the same entry may have completed meanwhile.
             entry.recipients = [byAddress.get(r.address, r) for r in entry.recipients]
             if entry.done:
-                return self.runInThread(self._remove, entry).addErrback(
-                    lambda f: self.log.failure(
-                        "could not remove finished {queue_id}", f, queue_id=entry.queue_id
+                self._cache.pop(entry.queue_id)
+                if not finishing:
+                    return self.runDeliveryIO(self._remove, entry).addErrback(
+                        lambda f: self.log.failure(
+                            "could not remove finished {queue_id}", f, queue_id=entry.queue_id
+                        )
                     )
-                )
 
-        d.addCallback(applied)
-        return d
+        if finishing:
+            d = self.runDeliveryIO(self._remove, entry)
+            d.addCallback(lambda _: self._syncDirectory())
+        else:
+            blob = b"".join(encodeState(r) for r in changes)
+            d = self.runDeliveryIO(
+                _appendDurably, self._path(entry.queue_id, STATE_SUFFIX), blob
+            )
+        return d.addCallback(applied)
 
     def _remove(self, entry: SpoolEntry) -> None:
         _unlinkQuietly(self._path(entry.queue_id, MESSAGE_SUFFIX))

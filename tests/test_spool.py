@@ -206,42 +206,126 @@ class SpoolTests(SynchronousTestCase):
         self.assertEqual([e.received for e in self.reopen()], [10.0, 20.0, 30.0])
 
 
+class DeliverySideTests(SynchronousTestCase):
+    def setUp(self):
+        self.directory = self.mktemp()
+        self.pending = []
+
+        def deliveryIO(f, *args):
+            from twisted.internet.defer import Deferred
+
+            d = Deferred()
+            self.pending.append((d, f, args))
+            return d
+
+        self.spool = Spool(self.directory, synchronous, runDeliveryIO=deliveryIO)
+        self.successResultOf(self.spool.recover())
+
+    def runPending(self):
+        while self.pending:
+            d, f, args = self.pending.pop(0)
+            d.callback(f(*args))
+
+    def test_readFromCacheAfterStore(self):
+        """
+        A message just stored is read back from memory, without disk I/O.
+        """
+        entry = makeEntry()
+        self.successResultOf(self.spool.store(entry, b"body\r\n"))
+        self.assertEqual(self.successResultOf(self.spool.readMessage(entry)), b"body\r\n")
+        self.assertEqual(self.pending, [])
+
+    def test_readFromDiskWhenNotCached(self):
+        """
+        A recovered message is read from disk through the delivery I/O path.
+        """
+        self.successResultOf(self.spool.store(makeEntry(), b"body\r\n"))
+        [entry] = self.successResultOf(Spool(self.directory, synchronous).recover())
+        fresh = Spool(self.directory, synchronous, runDeliveryIO=synchronous)
+        self.assertEqual(self.successResultOf(fresh.readMessage(entry)), b"body\r\n")
+
+    def test_concurrentRecordsFinishEntry(self):
+        """
+        Two concurrent records for different recipients that together finish
+        the entry merge correctly and remove its files.
+        """
+        entry = makeEntry()
+        self.successResultOf(self.spool.store(entry, b"x\r\n"))
+        first = self.spool.record(entry, [Recipient("a@example.com", "delivered", 1, 0.0)])
+        second = self.spool.record(entry, [Recipient("b@example.org", "bounced", 1, 0.0)])
+        self.runPending()
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.runPending()
+        self.assertEqual([r.state for r in entry.recipients], ["delivered", "bounced"])
+        self.assertEqual(os.listdir(self.directory), [])
+        self.assertIsNone(self.spool._cache.get(entry.queue_id))
+
+    def test_cacheBounded(self):
+        """
+        The message cache drops the oldest messages past its byte limit.
+        """
+        cache = spoolModule.MessageCache(100)
+        for n in range(10):
+            cache.put(str(n), b"x" * 20)
+        self.assertEqual(cache.size, 100)
+        self.assertIsNone(cache.get("0"))
+        self.assertEqual(cache.get("9"), b"x" * 20)
+        cache.put("big", b"y" * 60)
+        self.assertIsNone(cache.get("big"))
+
+
 class FailureTests(SynchronousTestCase):
     def setUp(self):
         self.directory = self.mktemp()
-        self.failOn = None
-
-        def runner(f, *args):
-            if f is self.failOn:
-                return maybeDeferred(self.raiseDiskFull)
-            return maybeDeferred(f, *args)
-
-        self.spool = Spool(self.directory, runner)
+        self.spool = Spool(self.directory, synchronous)
         self.successResultOf(self.spool.recover())
 
-    def raiseDiskFull(self):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def fail(self, number=errno.EIO):
+        def raiser(*args, **kwargs):
+            raise OSError(number, os.strerror(number))
 
-    def test_writeFailure(self):
-        """
-        A failed write is a SpoolError and leaves nothing behind.
-        """
-        self.failOn = spoolModule._writeDurably
+        return raiser
+
+    def assertRefused(self):
         failure = self.failureResultOf(self.spool.store(makeEntry(), b"x\r\n"))
         failure.trap(SpoolError)
         self.assertEqual(os.listdir(self.directory), [])
         self.flushLoggedErrors(OSError)
+
+    def test_writeFailure(self):
+        """
+        A failed write (disk full) is a SpoolError and leaves nothing behind.
+        """
+        self.patch(os, "write", self.fail(errno.ENOSPC))
+        self.assertRefused()
+
+    def test_flushFailure(self):
+        """
+        A failed fdatasync is a SpoolError and leaves nothing behind.
+        """
+        self.patch(spoolModule, "_syncfs", None)
+        self.patch(os, "fdatasync", self.fail())
+        self.assertRefused()
+
+    def test_syncfsFailureFallsBack(self):
+        """
+        If syncfs fails the files are fdatasynced one by one instead.
+        """
+        calls = []
+        self.patch(spoolModule, "_syncfs", lambda fd: -1)
+        realFdatasync = os.fdatasync
+        self.patch(os, "fdatasync", lambda fd: (calls.append(fd), realFdatasync(fd)))
+        self.successResultOf(self.spool.store(makeEntry(), b"x\r\n"))
+        self.assertEqual(len(calls), 1)
 
     def test_directorySyncFailure(self):
         """
         If the directory fsync fails the renamed file is removed again, so a
         message that got no 250 is never delivered.
         """
-        self.failOn = spoolModule.fsyncDirectory
-        failure = self.failureResultOf(self.spool.store(makeEntry(), b"x\r\n"))
-        failure.trap(SpoolError)
-        self.assertEqual(os.listdir(self.directory), [])
-        self.flushLoggedErrors(OSError)
+        self.patch(spoolModule, "fsyncDirectory", self.fail())
+        self.assertRefused()
 
     def test_realDiskError(self):
         """
@@ -253,33 +337,59 @@ class FailureTests(SynchronousTestCase):
         failure.trap(SpoolError)
         self.flushLoggedErrors(OSError)
 
+    def test_partialBatch(self):
+        """
+        In a batch, one item's failure does not fail the others.
+        """
+        os.makedirs(os.path.join(self.directory, "sub"))
+        good = (
+            os.path.join(self.directory, "tmp-1"),
+            os.path.join(self.directory, "good.msg"),
+            b"good",
+        )
+        bad = (
+            os.path.join(self.directory, "missing", "tmp-2"),
+            os.path.join(self.directory, "bad.msg"),
+            b"bad",
+        )
+        results = spoolModule._writeBatch(self.directory, [bad, good])
+        self.assertIsInstance(results[0], OSError)
+        self.assertIsNone(results[1])
+        self.assertEqual(sorted(os.listdir(self.directory)), ["good.msg", "sub"])
+
 
 class GroupCommitTests(SynchronousTestCase):
-    def test_oneDirectorySyncForMany(self):
+    def test_batches(self):
         """
-        Messages renamed while a directory fsync runs share the next one.
+        Messages that arrive while batches are being written go into the
+        next batch together (at most two batches in flight).
         """
         from twisted.internet.defer import Deferred
 
         directory = self.mktemp()
         os.makedirs(directory)
-        syncs = []
+        batches = []
 
         def runner(f, *args):
-            if f is spoolModule.fsyncDirectory:
+            if f is spoolModule._writeBatch:
                 d = Deferred()
-                syncs.append(d)
+                batches.append((d, args))
                 return d
             return maybeDeferred(f, *args)
 
         spool = Spool(directory, runner)
-        results = [spool.store(makeEntry(queueID="79/BC-0000%d-5C348706" % n), b"x\r\n") for n in range(5)]
-        self.assertEqual(len(syncs), 1)
-        syncs[0].callback(None)
+        results = [
+            spool.store(makeEntry(queueID="79/BC-0000%d-5C348706" % n), b"x\r\n")
+            for n in range(5)
+        ]
+        self.assertEqual([len(args[1]) for _, args in batches], [1, 1])
+        d, args = batches[0]
+        d.callback(spoolModule._writeBatch(*args))
         self.successResultOf(results[0])
-        self.assertNoResult(results[1])
-        self.assertEqual(len(syncs), 2)
-        syncs[1].callback(None)
-        for d in results[1:]:
+        self.assertNoResult(results[2])
+        self.assertEqual([len(args[1]) for _, args in batches], [1, 1, 3])
+        for d, args in batches[1:]:
+            d.callback(spoolModule._writeBatch(*args))
+        for d in results:
             self.successResultOf(d)
-        self.assertEqual(len(syncs), 2)
+        self.assertEqual(len(os.listdir(directory)), 5)

@@ -72,6 +72,8 @@ class Session:
     tls: bool = False
     user: Optional[str] = None
     transactions: int = 0
+    #: The policy's cached verdict on the client address (None: not asked).
+    allowedClient: Optional[bool] = None
 
 
 class ISubmissionPolicy(Interface):
@@ -196,6 +198,11 @@ class HardenedESMTP(smtp.ESMTP):
         peer = self.transport.getPeer()
         host = getattr(peer, "host", str(peer))
         self.session = Session(peer=host, loopback=_isLoopback(host))
+        # Replies are small and the client waits for each one: never let
+        # Nagle's algorithm hold one back.
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            setNoDelay(True)
         self.canStartTLS = (
             ITLSTransport.providedBy(self.transport) and self.ctx is not None
         )
@@ -506,7 +513,7 @@ class HardenedESMTP(smtp.ESMTP):
             self._sender = sender
             self._declaredSize = size
             self._recipients = []
-            self._sendCode(250, "2.1.0", "Sender OK")
+            self.transport.write(b"250 2.1.0 Sender OK\r\n")
 
         return d.addCallbacks(accepted, self._replyFor, errbackArgs=("MAIL",))
 
@@ -579,7 +586,7 @@ class HardenedESMTP(smtp.ESMTP):
 
         def accepted(_):
             self._recipients.append(recipient)
-            self._sendCode(250, "2.1.5", "Recipient OK")
+            self.transport.write(b"250 2.1.5 Recipient OK\r\n")
 
         return d.addCallbacks(accepted, self._replyFor, errbackArgs=("RCPT",))
 
@@ -594,7 +601,7 @@ class HardenedESMTP(smtp.ESMTP):
         self._size = 0
         self._dataError: Optional[SMTPReply] = None
         self._dataTimer = self.clock.callLater(self.dataTimeout, self._dataTimedOut)
-        self._sendCode(354, None, "End data with <CR><LF>.<CR><LF>")
+        self.transport.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
 
     _commands = {
         b"HELO": do_HELO,
@@ -688,7 +695,7 @@ class HardenedESMTP(smtp.ESMTP):
         d = maybeDeferred(self.policy.messageReceived, self.session, sender, recipients, data)
 
         def stored(queueID):
-            self._sendCode(250, "2.0.0", "OK " + queueID)
+            self.transport.write(b"250 2.0.0 OK %s\r\n" % (queueID.encode("ascii"),))
 
         def failed(failure):
             if failure.check(SMTPReply):

@@ -152,10 +152,12 @@ class SubmissionPolicy:
     def _allowed(self, session: Session) -> bool:
         if session.user is not None:
             return True
-        address = clientAddress(session.peer)
-        return address is not None and any(
-            address in network for network in self.allowedClients
-        )
+        if session.allowedClient is None:
+            address = clientAddress(session.peer)
+            session.allowedClient = address is not None and any(
+                address in network for network in self.allowedClients
+            )
+        return session.allowedClient
 
     def authenticate(self, session: Session, username: str, password: str) -> Deferred:
         d = self.checker.requestAvatarId(UsernamePassword(username, password))
@@ -218,13 +220,6 @@ class SubmissionPolicy:
             detail = {"sender": sender, "size": entry.size, "client": entry.client}
             for recipient in recipients:
                 self.events.emit("accepted", queueID, recipient, detail=detail)
-            self.log.debug(
-                "accepted {queue_id} from {peer}: {count} recipient(s), {size} bytes",
-                queue_id=queueID,
-                peer=session.peer,
-                count=len(recipients),
-                size=entry.size,
-            )
             self.enqueue(entry)
             return queueID
 
