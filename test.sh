@@ -3,7 +3,8 @@
 # Usage: bash test.sh [trial arguments, default: tests]
 set -uo pipefail
 cd "$(dirname "$0")"
-python3 -m pip install --quiet --disable-pip-version-check -e '.[test]' || exit 1
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    --config-settings editable_mode=compat -e '.[test]' || exit 1
 log=$(mktemp)
 python3 -m twisted.trial --temp-directory="$(mktemp -d)/_trial_temp" "${@:-tests}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}

@@ -21,7 +21,7 @@ from twisted.python.threadpool import ThreadPool
 from smartrelay.auth import HashedPasswordChecker, PasswordFile
 from smartrelay.events import EventLog
 from smartrelay.ids import IDState, loadIDState, renewLease, saveIDState, startRun
-from smartrelay.outbound.client import deliver
+from smartrelay.outbound.client import deliver, opportunisticTLS
 from smartrelay.outbound.router import MXRouter, SmarthostRouter, makeResolver
 from smartrelay.outbound.scheduler import DeliveryScheduler
 from smartrelay.smtp.submission import SubmissionFactory, SubmissionPolicy
@@ -104,7 +104,7 @@ class RelayService(MultiService):
         self.scheduler = DeliveryScheduler(
             spool=self.spool,
             router=router,
-            deliverer=partial(deliver, reactor),
+            deliverer=partial(deliver, reactor, tlsContext=opportunisticTLS()),
             events=self.events,
             clock=reactor,
             retry=delivery.retry,

@@ -1,0 +1,365 @@
+"""
+In-memory fakes for testing the delivery side without sockets or disks:
+a spool, an event log, a router, a deliverer, and a scripted SMTP server
+reachable through an endpoint that connects with L{twisted.test.iosim}.
+"""
+
+from typing import Any, Callable, Optional
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.protocols.basic import LineReceiver
+from twisted.test import iosim
+from zope.interface import implementer
+
+from smartrelay.outbound.client import AttemptResult, Reply
+from smartrelay.outbound.router import Hop, IRouter
+from smartrelay.spool import Recipient, SpoolEntry
+
+__all__ = [
+    "Delays",
+    "FakeSpool",
+    "RecordingEvents",
+    "FakeRouter",
+    "FakeDeliverer",
+    "SMTPScript",
+    "ScriptedSMTPServer",
+    "ScriptedEndpoint",
+    "makeEntry",
+]
+
+
+def makeEntry(
+    queue_id: str,
+    recipients: list,
+    sender: str = "app@sender.example",
+    received: float = 0.0,
+    next_attempt: float = 0.0,
+) -> SpoolEntry:
+    """
+    A L{SpoolEntry} whose recipients are all C{queued}.
+    """
+    return SpoolEntry(
+        queue_id=queue_id,
+        sender=sender,
+        recipients=[Recipient(a, next_attempt=next_attempt) for a in recipients],
+        received=received,
+        size=0,
+    )
+
+
+@attrs.frozen
+class Delays:
+    """
+    A retry schedule: C{delay(n)} is the n-th delay (1-based), the last one
+    repeating (the convention of L{smartrelay.config.RetrySchedule}).
+    """
+
+    delays: tuple
+
+    def delay(self, attempt: int) -> float:
+        if attempt < 1:
+            raise ValueError(f"attempts are numbered from 1, got {attempt!r}")
+        return float(self.delays[min(attempt, len(self.delays)) - 1])
+
+
+@attrs.define
+class FakeSpool:
+    """
+    The spool API of L{smartrelay.spool} in memory.
+
+    @ivar messages: queue id → message bytes.
+    @ivar records: every successful C{record} call as C{(queue_id, changes)}.
+    @ivar failRecords: how many of the next C{record} calls fail.
+    @ivar hold: when true, C{record} returns an unfired L{Deferred} kept in
+        C{held} as C{(deferred, entry, changes)}; fire it with
+        L{releaseRecord}.
+    @ivar journal: shared list receiving C{("record", queue_id, address,
+        state)} entries, to check ordering against events.
+    """
+
+    messages: dict = attrs.field(factory=dict)
+    records: list = attrs.field(factory=list)
+    failRecords: int = 0
+    hold: bool = False
+    held: list = attrs.field(factory=list)
+    journal: list = attrs.field(factory=list)
+    removed: list = attrs.field(factory=list)
+    reads: list = attrs.field(factory=list)
+
+    def add(self, entry: SpoolEntry, data: bytes = b"Subject: hi\r\n\r\nhello\r\n") -> SpoolEntry:
+        self.messages[entry.queue_id] = data
+        return entry
+
+    def readMessage(self, entry: SpoolEntry) -> Deferred:
+        self.reads.append(entry.queue_id)
+        if entry.queue_id not in self.messages:
+            return fail(FileNotFoundError(entry.queue_id))
+        return succeed(self.messages[entry.queue_id])
+
+    def record(self, entry: SpoolEntry, changes: list) -> Deferred:
+        if self.failRecords:
+            self.failRecords -= 1
+            return fail(OSError("disk on fire"))
+        if self.hold:
+            d: Deferred = Deferred()
+            self.held.append((d, entry, changes))
+            return d
+        self._apply(entry, changes)
+        return succeed(None)
+
+    def releaseRecord(self, index: int = 0) -> None:
+        d, entry, changes = self.held.pop(index)
+        self._apply(entry, changes)
+        d.callback(None)
+
+    def _apply(self, entry: SpoolEntry, changes: list) -> None:
+        byAddress = {c.address: c for c in changes}
+        entry.recipients[:] = [byAddress.get(r.address, r) for r in entry.recipients]
+        self.records.append((entry.queue_id, list(changes)))
+        for change in changes:
+            self.journal.append(("record", entry.queue_id, change.address, change.state))
+        if entry.done:
+            self.removed.append(entry.queue_id)
+            self.messages.pop(entry.queue_id, None)
+
+
+@attrs.define
+class RecordingEvents:
+    """
+    An event log that remembers what was emitted.
+    """
+
+    emitted: list = attrs.field(factory=list)
+    journal: list = attrs.field(factory=list)
+
+    def emit(self, type, queue_id, recipient=None, *, tag=None, metadata=None, detail=None):
+        self.emitted.append((type, queue_id, recipient, detail or {}))
+        self.journal.append(("emit", queue_id, recipient, type))
+
+    def ofType(self, type: str) -> list:
+        return [e for e in self.emitted if e[0] == type]
+
+
+@implementer(IRouter)
+@attrs.define
+class FakeRouter:
+    """
+    Routes from a table: domain → list of hop names, or an exception.
+    Unknown domains go to C{default}.
+    """
+
+    table: dict = attrs.field(factory=dict)
+    default: list = attrs.field(factory=lambda: ["smarthost.test:25"])
+    routed: list = attrs.field(factory=list)
+
+    def route(self, domain: str) -> Deferred:
+        self.routed.append(domain)
+        value = self.table.get(domain, self.default)
+        if isinstance(value, Exception):
+            return fail(value)
+        return succeed([Hop(name=name, endpoint=None) for name in value])
+
+
+@attrs.define
+class DeliveryCall:
+    """
+    One call of a L{FakeDeliverer}; fire C{d} with an L{AttemptResult}
+    (or use L{answer}).
+    """
+
+    hop: Hop
+    sender: str
+    recipients: list
+    data: bytes
+    heloName: str
+    timeout: float
+    d: Deferred
+
+    def answer(
+        self,
+        code: int,
+        text: str = "",
+        status: Optional[str] = None,
+        tls: bool = False,
+        tryNextHop: bool = False,
+        overrides: Optional[dict] = None,
+    ) -> None:
+        """
+        Fire with the same reply for every recipient, except those in
+        C{overrides} (address → L{Reply}).
+        """
+        reply = Reply(code, status, text)
+        overrides = overrides or {}
+        results = {a: overrides.get(a, reply) for a in self.recipients}
+        self.d.callback(AttemptResult(self.hop.name, tls, results, tryNextHop))
+
+
+@attrs.define
+class FakeDeliverer:
+    """
+    A deliverer that records its calls; each returns an unfired
+    L{Deferred} unless C{auto} is set (C{auto(call) -> AttemptResult}).
+    """
+
+    calls: list = attrs.field(factory=list)
+    auto: Optional[Callable] = None
+    cancelled: list = attrs.field(factory=list)
+
+    def __call__(self, hop, sender, recipients, data, heloName, timeout) -> Deferred:
+        d: Deferred = Deferred(lambda d: self.cancelled.append(call))
+        call = DeliveryCall(hop, sender, list(recipients), data, heloName, timeout, d)
+        self.calls.append(call)
+        if self.auto is not None:
+            d.callback(self.auto(call))
+        return d
+
+    def pending(self) -> list:
+        return [c for c in self.calls if not c.d.called]
+
+
+# -- a scripted SMTP server ---------------------------------------------------
+
+
+@attrs.define
+class SMTPScript:
+    """
+    What a L{ScriptedSMTPServer} answers.  Replies are full lines without
+    CRLF; C{ehlo} is a list of lines.  C{rcpt} maps addresses to replies.
+    With C{tlsContext} (for iosim: an object with C{iosimVerify(other)})
+    STARTTLS is accepted and negotiated.
+    """
+
+    greeting: bytes = b"220 mx.test ESMTP scripted"
+    closeAfterGreeting: bool = False
+    ehlo: list = attrs.field(factory=lambda: [b"250-mx.test", b"250-SIZE 1000000", b"250 8BITMIME"])
+    helo: bytes = b"250 mx.test"
+    starttls: bytes = b"454 4.7.0 TLS not available"
+    tlsContext: Any = None
+    mail: bytes = b"250 2.1.0 sender ok"
+    rcpt: dict = attrs.field(factory=dict)
+    rcptDefault: bytes = b"250 2.1.5 recipient ok"
+    data: bytes = b"354 go ahead"
+    final: bytes = b"250 2.0.0 queued as 4711"
+    dropMidData: bool = False
+    silentAt: Optional[bytes] = None
+
+
+class ScriptedSMTPServer(LineReceiver):
+    """
+    An SMTP server that answers from an L{SMTPScript} and records what it
+    got: C{commands} (every command line), C{dataLines} (DATA lines as
+    sent, still dot-stuffed) and C{message} (the unstuffed message).
+    """
+
+    def __init__(self, script: SMTPScript) -> None:
+        self.script = script
+        self.commands: list = []
+        self.dataLines: list = []
+        self.message: Optional[bytes] = None
+        self.inData = False
+        self.silent = False
+
+    def connectionMade(self) -> None:
+        self.sendLine(self.script.greeting)
+        if self.script.closeAfterGreeting:
+            self.transport.loseConnection()
+
+    def reply(self, *lines: bytes) -> None:
+        if not self.silent:
+            for line in lines:
+                self.sendLine(line)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.inData:
+            if line == b".":
+                self.inData = False
+                self.message = b"".join(
+                    (l[1:] if l.startswith(b".") else l) + b"\r\n" for l in self.dataLines
+                )
+                self.reply(self.script.final)
+                return
+            self.dataLines.append(line)
+            if self.script.dropMidData:
+                self.transport.loseConnection()
+            return
+        self.commands.append(line)
+        verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper()
+        if self.script.silentAt is not None and verb == self.script.silentAt:
+            self.silent = True
+        if verb == b"EHLO":
+            self.reply(*self.script.ehlo)
+        elif verb == b"HELO":
+            self.reply(self.script.helo)
+        elif verb == b"STARTTLS":
+            if self.script.tlsContext is not None:
+                self.reply(b"220 2.0.0 ready to start TLS")
+                self.transport.startTLS(self.script.tlsContext)
+            else:
+                self.reply(self.script.starttls)
+        elif verb == b"MAIL":
+            self.reply(self.script.mail)
+        elif verb == b"RCPT":
+            address = line.split(b"<", 1)[-1].split(b">", 1)[0].decode()
+            self.reply(self.script.rcpt.get(address, self.script.rcptDefault))
+        elif verb == b"DATA":
+            self.reply(self.script.data)
+            self.inData = self.script.data.startswith(b"354") and not self.silent
+        elif verb == b"QUIT":
+            self.reply(b"221 2.0.0 bye")
+            self.transport.loseConnection()
+        elif verb in (b"RSET", b"NOOP"):
+            self.reply(b"250 2.0.0 ok")
+        else:
+            self.reply(b"500 5.5.1 unknown command")
+
+
+@attrs.define
+class ScriptedEndpoint:
+    """
+    A client endpoint whose connections reach a L{ScriptedSMTPServer} over
+    an L{iosim} pump (call C{flush()}), or fail with C{failure}, or never
+    complete when C{hang} is set.
+    """
+
+    script: SMTPScript = attrs.field(factory=SMTPScript)
+    clock: Any = None
+    failure: Optional[Exception] = None
+    hang: bool = False
+    servers: list = attrs.field(factory=list)
+    pumps: list = attrs.field(factory=list)
+    connecting: list = attrs.field(factory=list)
+
+    def connect(self, factory: Any) -> Deferred:
+        if self.failure is not None:
+            return fail(self.failure)
+        if self.hang:
+            d: Deferred = Deferred()
+            self.connecting.append(d)
+            return d
+        client = factory.buildProtocol(None)
+        server = ScriptedSMTPServer(self.script)
+        self.servers.append(server)
+        pump = iosim.connect(
+            server,
+            iosim.makeFakeServer(server),
+            client,
+            iosim.makeFakeClient(client),
+            greet=False,
+            clock=self.clock,
+        )
+        self.pumps.append(pump)
+        return succeed(client)
+
+    def flush(self) -> None:
+        for pump in self.pumps:
+            pump.flush()
+
+    @property
+    def server(self) -> ScriptedSMTPServer:
+        return self.servers[-1]
+
+
+def refusingEndpoint() -> ScriptedEndpoint:
+    return ScriptedEndpoint(failure=ConnectionRefusedError("refused"))

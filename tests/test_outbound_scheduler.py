@@ -1,0 +1,527 @@
+"""
+Tests for L{smartrelay.outbound.scheduler.DeliveryScheduler} with a fake
+clock, spool, router, deliverer and event log.
+"""
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from smartrelay.events import rfc3339
+from smartrelay.outbound.client import Reply
+from smartrelay.outbound.router import NoRoute
+from smartrelay.outbound.scheduler import DeliveryScheduler
+from smartrelay.outbound.testing import (
+    Delays,
+    FakeDeliverer,
+    FakeRouter,
+    FakeSpool,
+    RecordingEvents,
+    makeEntry,
+)
+from smartrelay.spool import Recipient
+
+START = 1_700_000_000.0
+
+
+class SchedulerTestsMixin:
+    maxConnections = 2
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.journal = []
+        self.spool = FakeSpool(journal=self.journal)
+        self.events = RecordingEvents(journal=self.journal)
+        self.router = FakeRouter()
+        self.deliverer = FakeDeliverer()
+        self.scheduler = DeliveryScheduler(
+            spool=self.spool,
+            router=self.router,
+            deliverer=self.deliverer,
+            events=self.events,
+            clock=self.clock,
+            retry=Delays((60, 300, 900)),
+            maxAge=3600.0,
+            maxConnections=self.maxConnections,
+            heloName="relay.test",
+            timeout=30.0,
+        )
+        self.scheduler.startService()
+
+    def add(self, queue_id, recipients, received=None, **kwargs):
+        entry = makeEntry(
+            queue_id,
+            recipients,
+            received=self.clock.seconds() if received is None else received,
+            **kwargs,
+        )
+        self.spool.add(entry, b"message " + queue_id.encode())
+        self.scheduler.enqueue(entry)
+        return entry
+
+    def call(self, index=-1):
+        return self.deliverer.calls[index]
+
+    def types(self):
+        return [(e[0], e[2]) for e in self.events.emitted]
+
+    def stateOf(self, entry):
+        return {r.address: (r.state, r.attempts, r.next_attempt) for r in entry.recipients}
+
+
+class OutcomeTests(SchedulerTestsMixin, SynchronousTestCase):
+    """
+    Replies become recorded states and events.
+    """
+
+    def test_notSynchronous(self):
+        """enqueue does not attempt delivery inside the call; the next reactor turn does."""
+        self.add("Q1", ["a@example.com"])
+        self.assertEqual(self.deliverer.calls, [])
+        self.clock.advance(0)
+        call = self.call()
+        self.assertEqual(
+            (call.hop.name, call.sender, call.recipients, call.data, call.heloName, call.timeout),
+            ("smarthost.test:25", "app@sender.example", ["a@example.com"], b"message Q1",
+             "relay.test", 30.0),
+        )
+
+    def test_delivered(self):
+        """A 2xx reply records 'delivered' and emits a delivered event; the message leaves the queue."""
+        entry = self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        self.call().answer(250, "queued as X", "2.0.0", tls=True)
+        self.assertEqual(self.stateOf(entry)["a@example.com"][:2], ("delivered", 1))
+        self.assertEqual(
+            self.events.emitted,
+            [("delivered", "Q1", "a@example.com",
+              {"remote": "smarthost.test:25", "reply": "queued as X", "code": 250, "tls": True})],
+        )
+        self.assertEqual(self.scheduler.queued(), 0)
+        self.assertEqual(self.spool.removed, ["Q1"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_bounced(self):
+        """A 5xx reply is a hard bounce with a classified reason and the reply as diagnostic."""
+        entry = self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        self.call().answer(550, "<a@example.com>: user unknown", "5.1.1")
+        self.assertEqual(self.stateOf(entry)["a@example.com"][0], "bounced")
+        self.assertEqual(
+            self.events.emitted,
+            [("bounced", "Q1", "a@example.com", {
+                "kind": "hard",
+                "reason": "userunknown",
+                "status": "5.1.1",
+                "diagnostic": "550 5.1.1 <a@example.com>: user unknown",
+                "remote": "smarthost.test:25",
+            })],
+        )
+
+    def test_bouncedWithoutStatus(self):
+        """A 5xx without an enhanced status gets status 5.0.0 and the fallback reason."""
+        self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        self.call().answer(554, "go away")
+        detail = self.events.emitted[0][3]
+        self.assertEqual((detail["status"], detail["reason"]), ("5.0.0", "rejected"))
+
+    def test_deferred(self):
+        """A 4xx reply defers the recipient with attempts+1 and the next attempt from the schedule."""
+        entry = self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        self.call().answer(451, "greylisted", "4.7.1")
+        self.assertEqual(
+            self.stateOf(entry)["a@example.com"], ("deferred", 1, START + 60)
+        )
+        self.assertEqual(
+            self.events.emitted,
+            [("deferred", "Q1", "a@example.com", {
+                "reply": "greylisted",
+                "code": 451,
+                "status": "4.7.1",
+                "remote": "smarthost.test:25",
+                "next_attempt": rfc3339(START + 60),
+                "attempts": 1,
+            })],
+        )
+        self.assertEqual(self.scheduler.queued(), 1)
+
+    def test_mixedOutcomes(self):
+        """One attempt can deliver, bounce and defer different recipients of one message."""
+        entry = self.add("Q1", ["ok@example.com", "bad@example.com", "later@example.com"])
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliverer.calls), 1)
+        self.call().answer(
+            250, "ok", "2.0.0",
+            overrides={
+                "bad@example.com": Reply(550, "5.1.1", "no such user"),
+                "later@example.com": Reply(452, "4.2.2", "mailbox full"),
+            },
+        )
+        self.assertEqual(
+            sorted(self.types()),
+            [("bounced", "bad@example.com"), ("deferred", "later@example.com"),
+             ("delivered", "ok@example.com")],
+        )
+        self.assertEqual(
+            [r.state for r in entry.recipients], ["delivered", "bounced", "deferred"]
+        )
+        self.clock.advance(60)
+        self.assertEqual(self.call().recipients, ["later@example.com"])
+
+    def test_networkFailureDeferred(self):
+        """A synthetic network reply (451 4.4.1) defers like any 4xx."""
+        self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        self.call().answer(451, "cannot connect", "4.4.1", tryNextHop=True)
+        self.assertEqual(self.types(), [("deferred", "a@example.com")])
+
+    def test_delivererFailure(self):
+        """A deliverer that fails (a bug) defers the recipients and logs the error."""
+        self.add("Q1", ["a@example.com"])
+        self.deliverer.auto = lambda call: 1 / 0
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        ((kind, _, _, detail),) = self.events.emitted
+        self.assertEqual((kind, detail["code"], detail["status"]), ("deferred", 451, "4.3.0"))
+
+    def test_unreadableMessage(self):
+        """A message that cannot be read from the spool is deferred, not lost."""
+        entry = self.add("Q1", ["a@example.com"])
+        del self.spool.messages["Q1"]
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(FileNotFoundError)), 1)
+        self.assertEqual(self.deliverer.calls, [])
+        self.assertEqual(entry.recipients[0].state, "deferred")
+
+
+class RoutingTests(SchedulerTestsMixin, SynchronousTestCase):
+    """
+    Recipients are grouped by route; unroutable recipients are settled.
+    """
+
+    def test_smarthostOneAttempt(self):
+        """With one hop for every domain, all recipients of a message share one attempt."""
+        self.add("Q1", ["a@x.example", "b@y.example", "c@x.example"])
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliverer.calls), 1)
+        self.assertEqual(
+            sorted(self.call().recipients), ["a@x.example", "b@y.example", "c@x.example"]
+        )
+
+    def test_groupByHops(self):
+        """Recipients whose domains route differently get separate attempts."""
+        self.router.table = {"x.example": ["mx.x"], "y.example": ["mx.y"], "z.example": ["mx.x"]}
+        self.add("Q1", ["a@x.example", "b@y.example", "c@x.example", "d@z.example"])
+        self.clock.advance(0)
+        groups = {c.hop.name: sorted(c.recipients) for c in self.deliverer.calls}
+        self.assertEqual(
+            groups,
+            {"mx.x": ["a@x.example", "c@x.example", "d@z.example"], "mx.y": ["b@y.example"]},
+        )
+
+    def test_recipientLimit(self):
+        """At most maxRecipientsPerAttempt recipients go in one attempt."""
+        self.scheduler.maxRecipientsPerAttempt = 3
+        self.add("Q1", [f"r{i}@example.com" for i in range(5)])
+        self.clock.advance(0)
+        self.assertEqual([len(c.recipients) for c in self.deliverer.calls], [3, 2])
+
+    def test_nextHop(self):
+        """When a hop cannot be reached the next hop is tried with the same recipients."""
+        self.router.table = {"example.com": ["mx1", "mx2"]}
+        entry = self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        self.call().answer(451, "refused", "4.4.1", tryNextHop=True)
+        self.assertEqual(self.call().hop.name, "mx2")
+        self.call().answer(250, "ok", "2.0.0")
+        self.assertEqual(entry.recipients[0].state, "delivered")
+        self.assertEqual(self.events.emitted[0][3]["remote"], "mx2")
+
+    def test_lastHopReplyCounts(self):
+        """When every hop fails, the last hop's reply decides."""
+        self.router.table = {"example.com": ["mx1", "mx2"]}
+        self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        self.call().answer(451, "refused", "4.4.1", tryNextHop=True)
+        self.call().answer(421, "busy", "4.3.2", tryNextHop=True)
+        self.assertEqual(len(self.deliverer.calls), 2)
+        detail = self.events.emitted[0][3]
+        self.assertEqual((detail["remote"], detail["code"]), ("mx2", 421))
+
+    def test_noNextHopAfterTransaction(self):
+        """A reply inside the mail transaction is final for this attempt: no next hop."""
+        self.router.table = {"example.com": ["mx1", "mx2"]}
+        self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        self.call().answer(451, "try later", "4.3.0")
+        self.assertEqual(len(self.deliverer.calls), 1)
+
+    def test_noRoutePermanent(self):
+        """A permanent NoRoute bounces with its reason, without any connection."""
+        self.router.table = {
+            "null.example": NoRoute("null.example does not accept mail", permanent=True,
+                                    reason="hostunknown", status="5.1.10")
+        }
+        entry = self.add("Q1", ["a@null.example", "b@ok.example"])
+        self.clock.advance(0)
+        self.assertEqual([c.recipients for c in self.deliverer.calls], [["b@ok.example"]])
+        ((kind, _, recipient, detail),) = self.events.emitted
+        self.assertEqual((kind, recipient), ("bounced", "a@null.example"))
+        self.assertEqual(
+            detail,
+            {"kind": "hard", "reason": "hostunknown", "status": "5.1.10",
+             "diagnostic": "550 5.1.10 null.example does not accept mail", "remote": None},
+        )
+        self.assertEqual(entry.recipients[0].state, "bounced")
+
+    def test_noRouteTemporary(self):
+        """A temporary NoRoute defers."""
+        self.router.table = {"slow.example": NoRoute("SERVFAIL", permanent=False)}
+        self.add("Q1", ["a@slow.example"])
+        self.clock.advance(0)
+        ((kind, _, _, detail),) = self.events.emitted
+        self.assertEqual((kind, detail["status"]), ("deferred", "4.4.3"))
+
+
+class TimingTests(SchedulerTestsMixin, SynchronousTestCase):
+    """
+    Retries follow the schedule; old messages expire; recovered entries wait.
+    """
+
+    def test_retrySchedule(self):
+        """Each temporary failure waits the next delay of the schedule; the last delay repeats."""
+        self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        delays = []
+        for expected in (60, 300, 900, 900):
+            before = self.clock.seconds()
+            self.call().answer(451, "later", "4.0.0")
+            count = len(self.deliverer.calls)
+            self.clock.advance(expected - 1)
+            self.assertEqual(len(self.deliverer.calls), count)
+            self.clock.advance(1)
+            self.assertEqual(len(self.deliverer.calls), count + 1)
+            delays.append(self.clock.seconds() - before)
+        self.assertEqual(delays, [60, 300, 900, 900])
+        attempts = [e[3]["attempts"] for e in self.events.emitted]
+        self.assertEqual(attempts, [1, 2, 3, 4])
+
+    def test_expiry(self):
+        """A recipient whose next attempt would be past maxAge expires instead (final, no more timers)."""
+        entry = self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        while not self.events.ofType("expired"):
+            self.call().answer(451, "still greylisted", "4.7.1")
+            self.clock.advance(max(0, entry.recipients[0].next_attempt - self.clock.seconds()))
+        # attempts at +0, +60, +360, +1260, +2160, +3060; the next (+3960) is too late
+        self.assertEqual(len(self.deliverer.calls), 6)
+        ((kind, _, _, detail),) = self.events.ofType("expired")
+        self.assertEqual(detail["reason"], "expired")
+        self.assertEqual(detail["attempts"], 6)
+        self.assertEqual(detail["diagnostic"], "451 4.7.1 still greylisted")
+        self.assertEqual(entry.recipients[0].state, "expired")
+        self.assertEqual(self.scheduler.queued(), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_recoveredFutureAttempt(self):
+        """A recovered entry whose next attempt is in the future waits for it."""
+        entry = makeEntry("Q1", ["a@example.com"], received=START - 100)
+        entry.recipients[0] = Recipient("a@example.com", "deferred", 2, START + 500)
+        self.spool.add(entry)
+        self.scheduler.enqueue(entry)
+        self.clock.advance(499)
+        self.assertEqual(self.deliverer.calls, [])
+        self.clock.advance(1)
+        self.assertEqual(len(self.deliverer.calls), 1)
+        self.call().answer(451, "later", "4.0.0")
+        self.assertEqual(entry.recipients[0].attempts, 3)
+        self.assertEqual(entry.recipients[0].next_attempt, START + 500 + 900)
+
+    def test_recoveredPartlyDone(self):
+        """Only the non-final recipients of a recovered entry are attempted."""
+        entry = makeEntry("Q1", ["a@example.com", "b@example.com"], received=START)
+        entry.recipients[0] = Recipient("a@example.com", "delivered", 1, 0)
+        self.spool.add(entry)
+        self.scheduler.enqueue(entry)
+        self.clock.advance(0)
+        self.assertEqual(self.call().recipients, ["b@example.com"])
+
+    def test_enqueueBeforeStart(self):
+        """Entries enqueued before the service starts are scheduled when it starts."""
+        self.scheduler.stopService()
+        self.add("Q1", ["a@example.com"])
+        self.clock.advance(10)
+        self.assertEqual(self.deliverer.calls, [])
+        self.scheduler.startService()
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliverer.calls), 1)
+
+    def test_enqueueTwice(self):
+        """Enqueueing the same message twice does not attempt it twice."""
+        entry = self.add("Q1", ["a@example.com"])
+        self.scheduler.enqueue(entry)
+        self.clock.advance(0)
+        self.scheduler.enqueue(entry)
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliverer.calls), 1)
+
+    def test_retryNow(self):
+        """retryNow attempts a deferred recipient at once; it is False for unknown or busy messages."""
+        self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        self.assertFalse(self.scheduler.retryNow("Q1"))  # in flight
+        self.call().answer(451, "later", "4.0.0")
+        self.assertTrue(self.scheduler.retryNow("Q1"))
+        self.assertEqual(len(self.deliverer.calls), 2)
+        self.assertFalse(self.scheduler.retryNow("nope"))
+        self.call().answer(250, "ok")
+        self.assertFalse(self.scheduler.retryNow("Q1"))  # done
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ConcurrencyTests(SchedulerTestsMixin, SynchronousTestCase):
+    """
+    At most maxConnections attempts run; waiting attempts are served in order.
+    """
+
+    def test_limit(self):
+        """No more than maxConnections attempts are in flight; a finished one lets the next start."""
+        for i in range(5):
+            self.add(f"Q{i}", ["a@example.com"])
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliverer.pending()), 2)
+        self.call(0).answer(250, "ok")
+        self.assertEqual(len(self.deliverer.pending()), 2)
+        self.assertEqual(len(self.deliverer.calls), 3)
+        for call in list(self.deliverer.pending()):
+            call.answer(250, "ok")
+        self.assertEqual(len(self.deliverer.pending()), 2)
+        for call in list(self.deliverer.pending()):
+            call.answer(250, "ok")
+        self.assertEqual(
+            [c.data for c in self.deliverer.calls], [b"message Q%d" % i for i in range(5)]
+        )
+        self.assertEqual(self.scheduler.queued(), 0)
+
+    def test_retriesNotStarved(self):
+        """A retry that comes due waits behind earlier work only, not behind mail that arrives later."""
+        self.scheduler.maxConnections = 1
+        self.add("A", ["a@example.com"])
+        self.clock.advance(0)
+        self.call().answer(451, "later", "4.0.0")  # A due again at +60
+        self.add("B0", ["b@example.com"])
+        self.clock.advance(0)  # B0 in flight, holding the only connection
+        self.clock.advance(30)
+        for i in range(1, 4):
+            self.add(f"B{i}", ["b@example.com"])
+        self.clock.advance(30)  # A comes due: behind B1..B3
+        for i in range(4):
+            self.add(f"C{i}", ["c@example.com"])
+        self.clock.advance(0)
+        while self.deliverer.pending():
+            self.deliverer.pending()[0].answer(250, "ok")
+        order = [c.data.split()[1].decode() for c in self.deliverer.calls]
+        self.assertEqual(order, ["A", "B0", "B1", "B2", "B3", "A", "C0", "C1", "C2", "C3"])
+
+
+class RecordTests(SchedulerTestsMixin, SynchronousTestCase):
+    """
+    State changes are durable before they are reported.
+    """
+
+    def test_recordBeforeEmit(self):
+        """Events are emitted only after spool.record has fired."""
+        self.spool.hold = True
+        self.add("Q1", ["a@example.com", "b@example.com"])
+        self.clock.advance(0)
+        self.call().answer(250, "ok", overrides={"b@example.com": Reply(451, "4.0.0", "later")})
+        self.assertEqual(self.events.emitted, [])
+        self.spool.releaseRecord()
+        self.assertEqual(
+            self.journal,
+            [
+                ("record", "Q1", "a@example.com", "delivered"),
+                ("record", "Q1", "b@example.com", "deferred"),
+                ("emit", "Q1", "a@example.com", "delivered"),
+                ("emit", "Q1", "b@example.com", "deferred"),
+            ],
+        )
+
+    def test_recordFailureRetried(self):
+        """A failed record is logged and retried later; the event follows the successful record, the recipient is not re-attempted meanwhile."""
+        self.spool.failRecords = 2
+        entry = self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        self.call().answer(250, "ok")
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(self.events.emitted, [])
+        self.assertEqual(entry.recipients[0].state, "queued")
+        self.assertFalse(self.scheduler.retryNow("Q1"))
+        self.clock.advance(10)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(self.events.emitted, [])
+        self.clock.advance(20)
+        self.assertEqual(self.types(), [("delivered", "a@example.com")])
+        self.assertEqual(entry.recipients[0].state, "delivered")
+        self.assertEqual(len(self.deliverer.calls), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class StopTests(SchedulerTestsMixin, SynchronousTestCase):
+    """
+    stopService lets attempts in flight finish, within a bound.
+    """
+
+    maxConnections = 1
+
+    def test_waitsForInFlight(self):
+        """stopService waits for the attempt in flight, records it, and starts nothing new."""
+        self.add("Q1", ["a@example.com"])
+        later = self.add("Q2", ["b@example.com"])
+        self.clock.advance(0)
+        d = self.scheduler.stopService()
+        self.assertNoResult(d)
+        self.call().answer(250, "ok")
+        self.successResultOf(d)
+        self.assertEqual(self.types(), [("delivered", "a@example.com")])
+        self.assertEqual(len(self.deliverer.calls), 1)
+        self.assertEqual(later.recipients[0].state, "queued")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_cancelsTimers(self):
+        """stopService with nothing in flight returns at once and leaves no timers."""
+        self.add("Q1", ["a@example.com"], next_attempt=START + 100)
+        self.successResultOf(self.scheduler.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(200)
+        self.assertEqual(self.deliverer.calls, [])
+
+    def test_timeout(self):
+        """After shutdownTimeout, attempts still in flight are cancelled and left in the spool."""
+        entry = self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        d = self.scheduler.stopService()
+        self.clock.advance(29)
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        self.successResultOf(d)
+        self.assertEqual(self.deliverer.cancelled, [self.call()])
+        self.assertEqual(self.spool.records, [])
+        self.assertEqual(self.events.emitted, [])
+        self.assertEqual(entry.recipients[0].state, "queued")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_recordRetriedAtStop(self):
+        """A record waiting to be retried is retried at once when stopping."""
+        self.spool.failRecords = 1
+        entry = self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        self.call().answer(250, "ok")
+        self.flushLoggedErrors(OSError)
+        d = self.scheduler.stopService()
+        self.clock.advance(0)
+        self.successResultOf(d)
+        self.assertEqual(entry.recipients[0].state, "delivered")
+        self.assertEqual(self.types(), [("delivered", "a@example.com")])
