@@ -8,6 +8,7 @@ events and hands them to the store's C{appendEvents} so that a busy relay
 writes many events per store round trip.
 """
 
+import itertools
 import json
 import os
 from datetime import datetime, timezone
@@ -45,11 +46,25 @@ def rfc3339(seconds: float) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (when.microsecond // 1000)
 
 
+_idPrefix = os.urandom(8).hex()
+_idCounter = itertools.count()
+
+
+def _newPrefix() -> None:
+    global _idPrefix
+    _idPrefix = os.urandom(8).hex()
+
+
+os.register_at_fork(after_in_child=_newPrefix)
+
+
 def newEventID() -> str:
     """
-    A random, URL-safe, 128-bit event id.
+    A unique, URL-safe, 128-bit event id: a random per-process prefix and a
+    counter (os.urandom per event costs ~50 microseconds here, a tenth of
+    the whole SMTP transaction).
     """
-    return os.urandom(16).hex()
+    return "%s%016x" % (_idPrefix, next(_idCounter))
 
 
 @attrs.frozen

@@ -486,6 +486,41 @@ class DataHardeningTests(ServerMixin, SynchronousTestCase):
         self.assertEqual(self.policy.messages[0][2], expected)
 
 
+class FastPathTests(ServerMixin, SynchronousTestCase):
+    maxLineLength = 20
+    maxMessageSize = 300
+
+    def outcome(self, stream, chunk, slowOnly):
+        self.connect()
+        if slowOnly:
+            self.protocol._processDataBlock = lambda: None
+        for i in range(0, len(stream), chunk):
+            self.protocol.dataReceived(stream[i : i + chunk])
+        return self.replies(), self.policy.messages, self.policy.rejected
+
+    @given(
+        st.lists(
+            st.sampled_from(
+                [b"a", b"b" * 19, b"c" * 25, b".", b"..", b".x", b"\r", b"\n", b"\0", b"\r\n", b" "]
+            ),
+            max_size=60,
+        ),
+        st.integers(1, 40),
+    )
+    def test_sameAsLineByLine(self, pieces, chunk):
+        """
+        The block fast path gives exactly the replies, stored messages and
+        rejections of the line-by-line path, for any input and packet split
+        (long lines, bare CR/LF, NUL, dots, size limit included).
+        """
+        stream = (
+            b"EHLO c\r\nMAIL FROM:<a@b.com>\r\nRCPT TO:<x@y.com>\r\nDATA\r\n"
+            + b"".join(pieces)
+            + b"\r\n.\r\nNOOP\r\n"
+        )
+        self.assertEqual(self.outcome(stream, chunk, False), self.outcome(stream, chunk, True))
+
+
 class TimeoutTests(ServerMixin, SynchronousTestCase):
     def test_commandTimeout(self):
         """

@@ -26,6 +26,8 @@ decision; the policy answers with values or raises L{SMTPReply}.
 import base64
 import binascii
 import ipaddress
+import re
+from functools import lru_cache
 from typing import Optional
 
 import attrs
@@ -46,6 +48,12 @@ from smartrelay.smtp.replies import (
 )
 
 COMMAND, DATA, AUTH = "COMMAND", "DATA", "AUTH"
+
+#: RFC 5321 4.1.2 Local-part: Dot-string or Quoted-string.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+MAILBOX_LOCAL_PART = re.compile(
+    r'^(?:%s(?:\.%s)*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")\Z' % (_ATEXT, _ATEXT)
+)
 
 #: RFC 5321 4.5.3.1.4 allows 512 octets; ESMTP parameters add to that.
 MAX_COMMAND_LINE = 2048
@@ -213,7 +221,7 @@ class HardenedESMTP(smtp.ESMTP):
             self.transport.loseConnection()
             return
         self._admitted = True
-        self._sendCode(220, None, self.host.decode("ascii") + " ESMTP smartrelay")
+        self.transport.write(b"220 %s ESMTP smartrelay\r\n" % (self.host,))
         self.setTimeout(self.timeout)
 
     def connectionLost(self, reason):
@@ -531,15 +539,11 @@ class HardenedESMTP(smtp.ESMTP):
         if what == "sender" and address == "":
             return ""
         checkAddressLengths(address, what)
-        if "@" not in address:
+        local, at, domain = address.rpartition("@")
+        if not at or not local or not domain:
             raise reply(553, "5.1.3", f"The {what} address must be user@domain")
-        try:
-            parsed = smtp.Address(address.encode("ascii"))
-        except smtp.AddressError:
+        if MAILBOX_LOCAL_PART.match(local) is None:
             raise reply(553, "5.1.3", f"Bad {what} address syntax")
-        if not parsed.domain or not parsed.local:
-            raise reply(553, "5.1.3", f"The {what} address must be user@domain")
-        domain = parsed.domain.decode("ascii")
         if not _validDomain(domain):
             raise reply(553, "5.1.3", f"Bad {what} domain {domain!r}")
         return address
@@ -625,6 +629,61 @@ class HardenedESMTP(smtp.ESMTP):
         Consume complete lines of DATA from the buffer.  Returns True if the
         end of DATA was reached (and handled), False if more input is needed.
         """
+        if self._skipLine or self._dataError is not None:
+            return self._processDataLines()
+        finished = self._processDataBlock()
+        if finished is None:
+            return self._processDataLines()
+        return finished
+
+    def _processDataBlock(self) -> Optional[bool]:
+        """
+        The fast path for the usual case: take every complete line in the
+        buffer as one block and check it with whole-block operations.  If
+        the block has anything unusual (a bare CR or LF, NUL, a line that
+        may be too long, the size limit) return None and let
+        L{_processDataLines} handle it line by line with the same rules.
+        """
+        buf = self._buffer
+        if buf.startswith(b".\r\n"):
+            block, rest, finished = b"", buf[3:], True
+        else:
+            end = buf.find(b"\r\n.\r\n")
+            if end >= 0:
+                block, rest, finished = buf[: end + 2], buf[end + 5 :], True
+            else:
+                end = buf.rfind(b"\r\n")
+                if end < 0 or len(buf) - end > self.maxLineLength + 2:
+                    return None
+                block, rest, finished = buf[: end + 2], buf[end + 2 :], False
+        if block:
+            lines = block.count(b"\n")
+            if (
+                block.count(b"\r\n") != lines
+                or block.count(b"\r") != lines
+                or b"\0" in block
+                or self._size + len(block) > self.maxMessageSize
+            ):
+                return None
+            if len(block) > self.maxLineLength + 2 and (
+                max(map(len, block.split(b"\r\n"))) > self.maxLineLength
+            ):
+                return None
+            if block[:1] == b"." or b"\n." in block:
+                block = (b"\n" + block).replace(b"\n.", b"\n")[1:]
+            self._size += len(block)
+            self._chunks.append(block)
+        self._buffer = rest
+        if finished:
+            self._endOfData()
+        else:
+            self.resetTimeout()
+        return finished
+
+    def _processDataLines(self) -> bool:
+        """
+        Consume DATA line by line (the general path; see L{_processData}).
+        """
         buf = self._buffer
         pos = 0
         maxLength = self.maxLineLength
@@ -659,7 +718,7 @@ class HardenedESMTP(smtp.ESMTP):
             if self._size > self.maxMessageSize:
                 self._failData(MESSAGE_TOO_BIG)
                 continue
-            chunks.append(line)
+            chunks.append(line + b"\r\n")
         rest = buf[pos:]
         if len(rest) > maxLength + 1:
             # No line end within the limit: the line is too long whatever
@@ -689,8 +748,7 @@ class HardenedESMTP(smtp.ESMTP):
             self._send(error)
             self.policy.messageRejected(self.session, sender, recipients, error)
             return
-        chunks.append(b"")
-        data = b"\r\n".join(chunks)
+        data = b"".join(chunks)
         self.session.transactions += 1
         d = maybeDeferred(self.policy.messageReceived, self.session, sender, recipients, data)
 
@@ -764,6 +822,7 @@ class _LoginExchange:
             self.done = True
 
 
+@lru_cache(maxsize=4096)
 def _isLoopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -771,6 +830,7 @@ def _isLoopback(host: str) -> bool:
         return False
 
 
+@lru_cache(maxsize=4096)
 def _validDomain(domain: str) -> bool:
     if domain.startswith("[") and domain.endswith("]"):
         literal = domain[1:-1]

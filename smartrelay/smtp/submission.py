@@ -6,6 +6,7 @@ events, hand-off to delivery).
 """
 
 import ipaddress
+from functools import lru_cache
 from email.utils import formatdate
 from typing import Callable, Optional
 
@@ -33,6 +34,7 @@ from smartrelay.spool import Recipient, SpoolEntry, SpoolError
 AUTH_FAILED = reply(535, "5.7.8", "Authentication credentials invalid")
 
 
+@lru_cache(maxsize=4096)
 def clientAddress(host: str):
     """
     The client's IP address (IPv4-mapped IPv6 addresses as IPv4), or None
