@@ -632,18 +632,19 @@ class DeliveryConfig:
     @ivar bind_address: local IP address for outgoing connections, or L{None}.
     @ivar connect_timeout: seconds to wait for a TCP connection.
     @ivar timeout: seconds to wait for each SMTP reply.
+    @ivar hold: accept and queue mail but start no delivery attempts.
     """
 
     smarthost: Optional[str] = _setting(_clientEndpoint, default=None)
     nameservers: tuple[tuple[str, int], ...] = _setting(_nameservers, default=())
     mx_port: int = _setting(_port, default=25)
     max_connections: int = _setting(_positiveInt, default=50)
-    messages_per_connection: int = _setting(_positiveInt, default=100)
     retry: RetrySchedule = _setting(_retry, default=DEFAULT_RETRY)
     max_age: float = _setting(parseDuration, default=3 * 86400.0)
     bind_address: Optional[str] = _setting(_optionalIPAddress, default=None)
     connect_timeout: float = _setting(parseDuration, default=30.0)
     timeout: float = _setting(parseDuration, default=300.0)
+    hold: bool = _setting(parseBool, default=False)
 
 
 @attrs.frozen(kw_only=True)

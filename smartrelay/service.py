@@ -112,6 +112,7 @@ class RelayService(MultiService):
             maxConnections=delivery.max_connections,
             heloName=relay.hostname,
             timeout=delivery.timeout,
+            hold=delivery.hold,
         )
         self.scheduler.setServiceParent(self)
         leaseTimer = TimerService(10, self._renewLease)

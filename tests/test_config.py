@@ -171,7 +171,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.delivery.nameservers, ())
         self.assertEqual(config.delivery.mx_port, 25)
         self.assertEqual(config.delivery.max_connections, 50)
-        self.assertEqual(config.delivery.messages_per_connection, 100)
+        self.assertFalse(config.delivery.hold)
         self.assertEqual(
             config.delivery.retry, RetrySchedule.parse("5m, 10m, 20m, 40m, 1h*4, 2h*...")
         )
@@ -688,6 +688,16 @@ class SMTPSectionTests(ConfigTestMixin, SynchronousTestCase):
             f"the key in {keyPath!r} does not match the certificate in {certificatePath!r}",
         )
 
+    def test_hold(self):
+        """
+        [delivery] hold is a boolean; anything else is a one-line error.
+        """
+        self.assertTrue(self.parseKey("delivery", "hold", "on").hold)
+        self.assertFalse(self.parseKey("delivery", "hold", "no").hold)
+        error = self.assertRaises(ConfigError, parseConfig, "[delivery]\nhold = maybe\n", "etc/x.ini")
+        self.assertTrue(str(error).startswith("etc/x.ini: [delivery] hold: "), str(error))
+        self.assertNotIn("\n", str(error))
+
     def test_positiveIntegers(self):
         """
         The counting keys take positive integers only.
@@ -797,11 +807,21 @@ class DeliverySectionTests(ConfigTestMixin, SynchronousTestCase):
                 "delivery", "mx_port", bad, f"expected a port number from 1 to 65535, got {bad!r}"
             )
 
+    def test_hold(self):
+        """
+        [delivery] hold is a boolean; anything else is a one-line error.
+        """
+        self.assertTrue(self.parseKey("delivery", "hold", "on").hold)
+        self.assertFalse(self.parseKey("delivery", "hold", "no").hold)
+        error = self.assertRaises(ConfigError, parseConfig, "[delivery]\nhold = maybe\n", "etc/x.ini")
+        self.assertTrue(str(error).startswith("etc/x.ini: [delivery] hold: "), str(error))
+        self.assertNotIn("\n", str(error))
+
     def test_positiveIntegers(self):
         """
         The counting keys take positive integers only.
         """
-        for key in ["max_connections", "messages_per_connection"]:
+        for key in ["max_connections"]:
             self.assertEqual(getattr(self.parseKey("delivery", key, "3"), key), 3)
             for bad in ["three", "0", "-3", ""]:
                 self.assertKeyError(

@@ -525,3 +525,37 @@ class StopTests(SchedulerTestsMixin, SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(entry.recipients[0].state, "delivered")
         self.assertEqual(self.types(), [("delivered", "a@example.com")])
+
+
+class HoldTests(SchedulerTestsMixin, SynchronousTestCase):
+    """
+    [delivery] hold: accept and queue, deliver nothing until released.
+    """
+
+    def setUp(self):
+        SchedulerTestsMixin.setUp(self)
+        self.scheduler.stopService()
+        self.scheduler.hold = True
+        self.scheduler.startService()
+
+    def test_nothingAttempted(self):
+        """While on hold, queued messages are not attempted, however long we wait."""
+        self.add("Q1", ["a@example.com"])
+        self.clock.advance(3000)
+        self.assertEqual(self.deliverer.calls, [])
+        self.assertEqual(self.scheduler.queued(), 1)
+
+    def test_release(self):
+        """Releasing the hold schedules everything that was queued."""
+        self.add("Q1", ["a@example.com"])
+        self.add("Q2", ["b@example.com"])
+        self.scheduler.release()
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliverer.calls), 2)
+
+    def test_retryNowStillWorks(self):
+        """An explicit retry delivers one message even while on hold."""
+        self.add("Q1", ["a@example.com"])
+        self.assertTrue(self.scheduler.retryNow("Q1"))
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliverer.calls), 1)

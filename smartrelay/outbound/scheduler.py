@@ -113,6 +113,9 @@ class DeliveryScheduler(Service):
     shutdownTimeout: float = 30.0
     recordRetryDelay: float = 10.0
     maxRecipientsPerAttempt: int = 100
+    #: Accept and queue, but start no attempts until L{release} (or an
+    #: explicit L{retryNow}).
+    hold: bool = False
 
     _entries: dict = attrs.field(factory=dict, init=False)
     _timers: dict = attrs.field(factory=dict, init=False)
@@ -145,8 +148,17 @@ class DeliveryScheduler(Service):
             if entry.done:
                 return
             self._entries[entry.queue_id] = known = entry
-        if self.running:
+        if self.running and not self.hold:
             self._reschedule(known)
+
+    def release(self) -> None:
+        """
+        End a hold (C{[delivery] hold}): schedule everything queued.
+        """
+        self.hold = False
+        if self.running:
+            for entry in list(self._entries.values()):
+                self._reschedule(entry)
 
     def retryNow(self, queue_id: str) -> bool:
         """
@@ -168,6 +180,9 @@ class DeliveryScheduler(Service):
 
     def startService(self) -> None:
         Service.startService(self)
+        if self.hold:
+            self.log.info("delivery is on hold: messages are accepted and queued only")
+            return
         for entry in list(self._entries.values()):
             self._reschedule(entry)
 

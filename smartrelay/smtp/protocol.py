@@ -515,7 +515,6 @@ class HardenedESMTP(smtp.ESMTP):
             raise reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
         sender = self._parsePath(match.group("path"), "sender")
         size = self._mailParameters(match.group("opts"))
-        d = maybeDeferred(self.policy.checkSender, self.session, sender, size)
 
         def accepted(_):
             self._sender = sender
@@ -523,7 +522,25 @@ class HardenedESMTP(smtp.ESMTP):
             self._recipients = []
             self.transport.write(b"250 2.1.0 Sender OK\r\n")
 
-        return d.addCallbacks(accepted, self._replyFor, errbackArgs=("MAIL",))
+        return self._ask("MAIL", accepted, self.policy.checkSender, self.session, sender, size)
+
+    def _ask(self, what: str, accepted, decide, *args):
+        """
+        Ask the policy (C{decide(*args)}) and call C{accepted} with its
+        answer, at once if it answers at once (the usual case, without
+        Deferred overhead), else when its Deferred fires (the caller then
+        returns that Deferred, which blocks further input).  Refusals become
+        replies through L{_replyFor}.
+        """
+        try:
+            answer = decide(*args)
+        except Exception:
+            self._replyFor(Failure(), what)
+            return None
+        if isinstance(answer, Deferred):
+            return answer.addCallbacks(accepted, self._replyFor, errbackArgs=(what,))
+        accepted(answer)
+        return None
 
     def _parsePath(self, path: bytes, what: str) -> str:
         path = path.strip()
@@ -580,19 +597,20 @@ class HardenedESMTP(smtp.ESMTP):
         if match.group("opts"):
             raise reply(555, "5.5.4", "RCPT parameters are not supported")
         recipient = self._parsePath(match.group("path"), "recipient")
-        d = maybeDeferred(
+
+        def accepted(_):
+            self._recipients.append(recipient)
+            self.transport.write(b"250 2.1.5 Recipient OK\r\n")
+
+        return self._ask(
+            "RCPT",
+            accepted,
             self.policy.checkRecipient,
             self.session,
             self._sender,
             recipient,
             len(self._recipients),
         )
-
-        def accepted(_):
-            self._recipients.append(recipient)
-            self.transport.write(b"250 2.1.5 Recipient OK\r\n")
-
-        return d.addCallbacks(accepted, self._replyFor, errbackArgs=("RCPT",))
 
     def do_DATA(self, argument: bytes):
         self._needHelo()

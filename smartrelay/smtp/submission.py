@@ -48,6 +48,11 @@ def clientAddress(host: str):
     return mapped if mapped is not None else address
 
 
+@lru_cache(maxsize=4)
+def _rfc5322Date(second: int) -> str:
+    return formatdate(second, localtime=False).replace("-0000", "+0000")
+
+
 def traceHeaders(
     queueID: str, session: Session, hostname: str, recipients: list, now: float
 ) -> bytes:
@@ -60,7 +65,7 @@ def traceHeaders(
         protocol += "S"
     if session.user is not None:
         protocol += "A"
-    date = formatdate(now, localtime=False).replace("-0000", "+0000")
+    date = _rfc5322Date(int(now))
     forClause = " for <%s>" % (recipients[0],) if len(recipients) == 1 else ""
     received = "Received: from %s ([%s])\r\n\tby %s (smartrelay) with %s id %s%s;\r\n\t%s\r\n" % (
         session.helo or "unknown",
