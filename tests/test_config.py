@@ -2,16 +2,13 @@
 Tests for L{smartrelay.config}.
 """
 
-import datetime
 import ipaddress
 import os
 import re
 
 import attrs
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -35,34 +32,9 @@ from smartrelay.config import (
     sectionKeys,
 )
 
+from tests.certs import selfSigned as _selfSigned
+
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "etc", "smartrelay.ini")
-
-
-def _selfSigned(commonName="mail.example.com"):
-    """
-    A new (certificate PEM, key PEM) pair.
-    """
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return (
-        certificate.public_bytes(serialization.Encoding.PEM),
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
 
 
 class ConfigTestMixin:

@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smartrelay.auth import hashPassword
 from smartrelay.ids import isQueueID
+from tests.certs import selfSigned
 from tests.sink import PROJECT, RelayProcess, Sink, waitFor
 
 TEXT = (
@@ -278,38 +279,13 @@ class StartupTests(SynchronousTestCase):
 
 def writeSelfSigned(directory):
     """
-    A self-signed certificate and key for STARTTLS tests.
+    A self-signed certificate and key for STARTTLS tests, as files.
     """
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .sign(key, hashes.SHA256())
-    )
+    certificate, key = selfSigned("relay.test", days=30)
     certPath = os.path.join(directory, "cert.pem")
     keyPath = os.path.join(directory, "key.pem")
     with open(certPath, "wb") as f:
-        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+        f.write(certificate)
     with open(keyPath, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+        f.write(key)
     return certPath, keyPath
