@@ -595,6 +595,8 @@ class DeliveryScheduler(Service):
         # Bounces, deferrals and expiries are rarer and worth a line.
         if kind == "delivered":
             return
+        if detail.get("remote") is None:
+            detail = dict(detail, remote="(no connection)")
         if kind == "bounced":
             self.log.info(
                 "bounced {queue_id} to {recipient} ({reason}) from {remote}: {diagnostic}",
