@@ -235,10 +235,6 @@ def _nonEmpty(text: str) -> str:
     return text
 
 
-def _optionalString(text: str) -> Optional[str]:
-    return text.strip() or None
-
-
 def _nodeID(text: str) -> int:
     text = text.strip()
     if not re.fullmatch(r"[0-9A-Fa-f]{2}", text):
@@ -577,14 +573,12 @@ class RelayConfig:
         every queue id.
     @ivar hostname: the name in the SMTP banner and EHLO.
     @ivar store: C{sqlite} (the only store in this version).
-    @ivar secret: the key for signed tokens, or L{None}.
     """
 
     data_dir: str = _setting(_nonEmpty, default="var")
     node_id: int = _setting(_nodeID, default=0)
     hostname: str = _setting(_hostname, factory=_defaultHostname)
     store: str = _setting(_store, default="sqlite")
-    secret: Optional[str] = _setting(_optionalString, default=None)
 
 
 @attrs.frozen(kw_only=True)

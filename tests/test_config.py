@@ -123,7 +123,6 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.relay.node_id, 0)
         self.assertTrue(isHostname(config.relay.hostname))
         self.assertEqual(config.relay.store, "sqlite")
-        self.assertIsNone(config.relay.secret)
         self.assertEqual(config.smtp.listen, "tcp:2525:interface=127.0.0.1")
         self.assertEqual(
             config.smtp.allowed_clients,
@@ -300,7 +299,8 @@ class SyntaxTests(SynchronousTestCase):
         """
         C{%} in a value is taken literally.
         """
-        self.assertEqual(parseConfig("[smartrelay]\nsecret = 100%(x)s\n").relay.secret, "100%(x)s")
+        config = parseConfig("[delivery]\nsmarthost = tcp:host=h%(x)s:port=25\n")
+        self.assertEqual(config.delivery.smarthost, "tcp:host=h%(x)s:port=25")
 
     def test_missingFile(self):
         """
@@ -412,13 +412,6 @@ class RelaySectionTests(ConfigTestMixin, SynchronousTestCase):
         )
         self.assertKeyError("smartrelay", "store", "mysql", "expected 'sqlite', got 'mysql'")
         self.assertKeyError("smartrelay", "store", "", "expected 'sqlite', got ''")
-
-    def test_secret(self):
-        """
-        C{secret} is any text; empty means not set.
-        """
-        self.assertEqual(self.parseKey("smartrelay", "secret", "s3cr3t#;x").secret, "s3cr3t#;x")
-        self.assertIsNone(self.parseKey("smartrelay", "secret", "").secret)
 
 
 class SMTPSectionTests(ConfigTestMixin, SynchronousTestCase):
