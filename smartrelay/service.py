@@ -180,20 +180,23 @@ class RelayService(MultiService):
         if self._readyResult is None:
             self._readyWaiters.append(d)
         else:
-            d.callback(None)
-            d.addCallback(lambda _: self._readyResult)
+            self._fire(d, self._readyResult)
         return d
+
+    @staticmethod
+    def _fire(d: Deferred, result) -> None:
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
 
     def _started(self, result):
         if isinstance(result, Failure):
             self.log.failure("smartrelay could not start", result)
-            if self.reactor.running:
-                self.reactor.stop()
         self._readyResult = result
         waiters, self._readyWaiters = self._readyWaiters, []
         for waiter in waiters:
-            waiter.callback(None)
-            waiter.addCallback(lambda _: result)
+            self._fire(waiter, result)
 
     @inlineCallbacks
     def _startUp(self):

@@ -5,8 +5,10 @@ Thin on purpose: the wiring lives in L{smartrelay.service.makeRelayService},
 which tests call with a memory reactor.
 """
 
+import os
 import sys
 
+from twisted.internet.error import ReactorNotRunning
 from twisted.python import usage
 
 from smartrelay.config import ConfigError, defaultConfig, loadConfig
@@ -29,11 +31,29 @@ class Options(usage.Options):
                 self.relayConfig = defaultConfig()
             else:
                 self.relayConfig = loadConfig(self["config"])
+            problem = checkDataDirectory(self.relayConfig.relay.data_dir)
         except ConfigError as e:
+            problem = str(e)
+        if problem is not None:
             # One clear line and a non-zero exit: a config mistake is not a
             # usage mistake, so no usage text and no traceback.
-            sys.stderr.write("smartrelay: %s\n" % (e,))
+            sys.stderr.write("smartrelay: %s\n" % (problem,))
             raise SystemExit(1)
+
+
+def checkDataDirectory(path: str):
+    """
+    Can the relay keep its state in C{path}?  Creates it if missing.
+
+    @return: None, or a one-line problem naming the key.
+    """
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        return "[smartrelay] data_dir: cannot create %s: %s" % (path, e.strerror)
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "[smartrelay] data_dir: %s is not writable" % (path,)
+    return None
 
 
 def makeService(options):
@@ -41,4 +61,18 @@ def makeService(options):
 
     from smartrelay.service import makeRelayService
 
-    return makeRelayService(options.relayConfig, reactor)
+    service = makeRelayService(options.relayConfig, reactor)
+    service.whenReady().addErrback(_startFailed, reactor)
+    return service
+
+
+def _startFailed(failure, reactor) -> None:
+    """
+    The relay could not start (the service has logged why): stop, and
+    exit with status 1 once the reactor has shut down.
+    """
+    reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass

@@ -226,11 +226,12 @@ class CrashTests(RelayTestMixin, TestCase):
 
 
 class StartupTests(SynchronousTestCase):
-    def run_twistd(self, *args, cwd=None):
+    def run_twistd(self, *args, cwd=None, logfile=None):
         env = dict(os.environ, PYTHONPATH=PROJECT)
+        logging = ["--logfile", logfile] if logfile else []
         return subprocess.run(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-             "--pidfile=", "smartrelay", *args],
+             "--pidfile=", *logging, "smartrelay", *args],
             cwd=cwd or self.mktemp_dir(), env=env, capture_output=True, text=True, timeout=60,
         )
 
@@ -265,6 +266,43 @@ class StartupTests(SynchronousTestCase):
         self.assertEqual(result.stderr.count("\n"), 1)
         self.assertIn("/nonexistent/smartrelay.ini", result.stderr)
         self.assertNotIn("Traceback", result.stderr)
+
+    def test_dataDirNotADirectory(self):
+        """
+        A data_dir that cannot be created is one line and exit status 1.
+        """
+        directory = os.path.abspath(self.mktemp_dir())
+        blocker = os.path.join(directory, "var")
+        with open(blocker, "w") as f:
+            f.write("a file where the directory should be")
+        result = self.run_twistd(cwd=directory)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(
+            result.stderr, "smartrelay: [smartrelay] data_dir: cannot create var: File exists\n"
+        )
+
+    def test_portInUse(self):
+        """
+        If the SMTP port cannot be bound, start-up fails: the reason is
+        logged and twistd exits with status 1.
+        """
+        import socket
+
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        directory = os.path.abspath(self.mktemp_dir())
+        path = os.path.join(directory, "relay.ini")
+        with open(path, "w") as f:
+            f.write("[smtp]\nlisten = tcp:%d:interface=127.0.0.1\n" % busy.getsockname()[1])
+        log = os.path.join(directory, "twistd.log")
+        result = self.run_twistd("--config", path, cwd=directory, logfile=log)
+        self.assertEqual(result.returncode, 1)
+        with open(log) as f:
+            text = f.read()
+        self.assertIn("smartrelay could not start", text)
+        self.assertIn("Address already in use", text)
 
     def test_exampleConfigAccepted(self):
         """

@@ -1,0 +1,109 @@
+"""
+Tests for L{smartrelay.service}: the relay built from a config and started
+in-process on the real reactor (loopback, OS-chosen ports): start-up order,
+readiness, recovery, clean stop, and start-up failures.
+"""
+
+import os
+import smtplib
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from smartrelay.config import parseConfig
+from smartrelay.ids import isQueueID, loadIDState
+from smartrelay.service import makeRelayService
+from tests.sink import Sink, waitFor
+
+
+def submitOne(port, recipient="ok@example.org"):
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.test")
+        client.mail("app@example.com")
+        client.rcpt(recipient)
+        code, text = client.data(b"Subject: t\r\n\r\nhello\r\n")
+        return code, text.decode()
+
+
+class RelayServiceTests(TestCase):
+    timeout = 60
+
+    def makeRelay(self, extra="", sinkPort=None):
+        self.dataDir = os.path.abspath(self.mktemp())
+        if sinkPort is None:
+            self.sink = Sink()
+            port = reactor.listenTCP(0, self.sink, interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            sinkPort = port.getHost().port
+        config = parseConfig(
+            "[smartrelay]\ndata_dir = %s\nhostname = relay.test\n"
+            "[smtp]\nlisten = tcp:0:interface=127.0.0.1\n"
+            "[delivery]\nsmarthost = tcp:host=127.0.0.1:port=%d\n%s"
+            % (self.dataDir, sinkPort, extra)
+        )
+        return makeRelayService(config, reactor)
+
+    @inlineCallbacks
+    def test_startSubmitDeliverStop(self):
+        """
+        The relay listens only once it is ready, accepts and delivers a
+        message, and stops cleanly (thread pools stopped, store closed).
+        """
+        relay = self.makeRelay()
+        self.assertIsNone(relay.smtpPort)
+        relay.startService()
+        port = yield relay.whenReady()
+        code, text = yield deferToThread(submitOne, port.getHost().port)
+        self.assertEqual(code, 250)
+        self.assertTrue(isQueueID(text.split()[-1]))
+        yield waitFor(reactor, lambda: self.sink.received)
+        yield relay.stopService()
+        self.assertTrue(relay.spoolPool.joined)
+        self.assertTrue(relay.storePool.joined)
+        self.assertEqual(os.listdir(os.path.join(self.dataDir, "spool")), [])
+        self.assertEqual(loadIDState(os.path.join(self.dataDir, "queue-ids.json")).boot, 1)
+
+    @inlineCallbacks
+    def test_recoversQueuedMessages(self):
+        """
+        Messages accepted while delivery is on hold are delivered by the
+        next run, from the spool.
+        """
+        relay = self.makeRelay("hold = on\n")
+        relay.startService()
+        port = yield relay.whenReady()
+        code, _ = yield deferToThread(submitOne, port.getHost().port)
+        self.assertEqual(code, 250)
+        yield relay.stopService()
+        self.assertEqual(self.sink.received, [])
+        self.assertEqual(len(os.listdir(os.path.join(self.dataDir, "spool"))), 1)
+
+        config = parseConfig(
+            "[smartrelay]\ndata_dir = %s\nhostname = relay.test\n"
+            "[smtp]\nlisten = tcp:0:interface=127.0.0.1\n"
+            "[delivery]\nsmarthost = %s\n"
+            % (self.dataDir, relay.config.delivery.smarthost)
+        )
+        again = makeRelayService(config, reactor)
+        again.startService()
+        yield again.whenReady()
+        yield waitFor(reactor, lambda: self.sink.received)
+        yield again.stopService()
+        self.assertEqual(os.listdir(os.path.join(self.dataDir, "spool")), [])
+
+    @inlineCallbacks
+    def test_startFailure(self):
+        """
+        If start-up cannot complete (data_dir is a file), whenReady fails and
+        nothing listens.
+        """
+        relay = self.makeRelay()
+        with open(self.dataDir, "w") as f:
+            f.write("not a directory")
+        relay.startService()
+        yield self.assertFailure(relay.whenReady(), OSError)
+        self.assertIsNone(relay.smtpPort)
+        self.flushLoggedErrors(OSError)
+        yield relay.stopService()
