@@ -653,16 +653,6 @@ class SMTPSectionTests(ConfigTestMixin, SynchronousTestCase):
             f"the key in {keyPath!r} does not match the certificate in {certificatePath!r}",
         )
 
-    def test_hold(self):
-        """
-        [delivery] hold is a boolean; anything else is a one-line error.
-        """
-        self.assertTrue(self.parseKey("delivery", "hold", "on").hold)
-        self.assertFalse(self.parseKey("delivery", "hold", "no").hold)
-        error = self.assertRaises(ConfigError, parseConfig, "[delivery]\nhold = maybe\n", "etc/x.ini")
-        self.assertTrue(str(error).startswith("etc/x.ini: [delivery] hold: "), str(error))
-        self.assertNotIn("\n", str(error))
-
     def test_positiveIntegers(self):
         """
         The counting keys take positive integers only.
