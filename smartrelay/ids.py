@@ -24,6 +24,9 @@ import attrs
 
 QUEUE_ID_RE = re.compile(r"^[0-9A-F]{2}/[0-9A-F]{2}-[0-9]{5}-[0-9A-F]{8}$")
 
+#: The id state's file name under data_dir.
+ID_STATE_FILE = "queue-ids.json"
+
 #: How far ahead of the logical clock a lease reaches, in seconds.
 LEASE = 120
 MAX_COUNTER = 99999
@@ -71,8 +74,14 @@ class IDState:
 
     @classmethod
     def parse(cls, text: str) -> "IDState":
-        data = json.loads(text)
-        boot, floor = data["boot"], data["floor"]
+        """
+        @raise ValueError: C{text} is not a saved state.
+        """
+        try:
+            data = json.loads(text)
+            boot, floor = data["boot"], data["floor"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError("not a queue id state file (%s)" % (e,)) from None
         if not (isinstance(boot, int) and isinstance(floor, int)):
             raise ValueError("boot and floor must be integers")
         return cls(boot=boot % 256, floor=max(0, floor))

@@ -20,7 +20,7 @@ from twisted.python.threadpool import ThreadPool
 
 from smartrelay.auth import HashedPasswordChecker, PasswordFile
 from smartrelay.events import EventLog
-from smartrelay.ids import IDState, loadIDState, renewLease, saveIDState, startRun
+from smartrelay.ids import ID_STATE_FILE, IDState, loadIDState, renewLease, saveIDState, startRun
 from smartrelay.outbound.client import deliver, opportunisticTLS
 from smartrelay.outbound.router import MXRouter, SmarthostRouter, makeResolver
 from smartrelay.outbound.scheduler import DeliveryScheduler
@@ -124,7 +124,7 @@ class RelayService(MultiService):
             checker = HashedPasswordChecker(
                 PasswordFile.load(smtp.auth_file), self.runInSpoolThread
             )
-        self.idStatePath = os.path.join(self.dataDir, "queue-ids.json")
+        self.idStatePath = os.path.join(self.dataDir, ID_STATE_FILE)
         self.policy = SubmissionPolicy(
             clock=reactor,
             hostname=relay.hostname,

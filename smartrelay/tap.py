@@ -12,6 +12,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.python import usage
 
 from smartrelay.config import ConfigError, defaultConfig, loadConfig
+from smartrelay.ids import ID_STATE_FILE, loadIDState
 
 
 class Options(usage.Options):
@@ -53,6 +54,15 @@ def checkDataDirectory(path: str):
         return "[smartrelay] data_dir: cannot create %s: %s" % (path, e.strerror)
     if not os.access(path, os.W_OK | os.X_OK):
         return "[smartrelay] data_dir: %s is not writable" % (path,)
+    statePath = os.path.join(path, ID_STATE_FILE)
+    try:
+        loadIDState(statePath)
+    except (OSError, ValueError) as e:
+        return (
+            "%s is damaged (%s): it keeps queue ids unique across restarts; "
+            "restore it, or remove it only if no queue id from this data_dir "
+            "may be reused" % (statePath, e)
+        )
     return None
 
 

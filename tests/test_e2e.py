@@ -281,6 +281,22 @@ class StartupTests(SynchronousTestCase):
             result.stderr, "smartrelay: [smartrelay] data_dir: cannot create var: File exists\n"
         )
 
+    def test_damagedIDState(self):
+        """
+        A damaged queue-id state file stops start-up with one line that says
+        what the file is for; it is never silently reset.
+        """
+        directory = os.path.abspath(self.mktemp_dir())
+        os.makedirs(os.path.join(directory, "var"))
+        with open(os.path.join(directory, "var", "queue-ids.json"), "w") as f:
+            f.write("{torn")
+        result = self.run_twistd(cwd=directory)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.count("\n"), 1)
+        self.assertTrue(
+            result.stderr.startswith("smartrelay: var/queue-ids.json is damaged ("), result.stderr
+        )
+
     def test_portInUse(self):
         """
         If the SMTP port cannot be bound, start-up fails: the reason is

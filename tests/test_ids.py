@@ -89,6 +89,10 @@ class PersistenceTests(SynchronousTestCase):
         with open(path, "w") as f:
             f.write("{not json")
         self.assertRaises(ValueError, loadIDState, path)
+        for text in ['{"boot": 1}', "[]", '{"boot": "x", "floor": 2}', ""]:
+            with open(path, "w") as f:
+                f.write(text)
+            self.assertRaises(ValueError, loadIDState, path)
 
     def test_leaseRenewal(self):
         """
