@@ -156,6 +156,10 @@ class _DeliveryClient(ESMTPClient):
     """
 
     debug = False
+    # ESMTPClient routes every attribute assignment through a Python
+    # __setattr__ that only exists to warn about the deprecated tlsMode
+    # (which this class never uses): about 130 calls per message.
+    __setattr__ = object.__setattr__
 
     def __init__(self, session: _Session) -> None:
         ESMTPClient.__init__(
