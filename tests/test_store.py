@@ -17,16 +17,32 @@ from zope.interface.verify import verifyObject
 
 from smartrelay.events import Event
 from smartrelay.store.interfaces import (
+    SUPPRESSION_REASONS,
     EventPage,
     InvalidCursor,
     IStore,
+    Statistics,
+    StatisticsBucket,
     StoreClosed,
+    SuppressionEntry,
+    TokenResult,
     encodeCursor,
 )
 from smartrelay.store.memory import MemoryStore
-from smartrelay.store.sqlite import SCHEMA_VERSION, SQLiteStore, UnsupportedSchema
+from smartrelay.store.sqlite import (
+    _INSERT,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SQLiteStore,
+    UnsupportedSchema,
+    _toRow,
+)
 
 T0 = 1_700_000_000.0
+HOUR = 3600
+DAY = 86400
+# A UTC midnight.
+DAY0 = 1_699_920_000
 
 
 def event(time=T0, type="delivered", queue_id="Q1", recipient="a@example.com", **kw):
@@ -544,6 +560,698 @@ class StoreContractMixin:
         self.failureResultOf(self.store.start(), StoreClosed)
 
 
+    # -- suppression list ------------------------------------------------
+
+    def addEntry(self, address, reason="bounce", time=T0, **kw):
+        """
+        Add a suppression entry; return it.
+        """
+        entry = SuppressionEntry(address=address, reason=reason, time=time, **kw)
+        self.assertIsNone(self.successResultOf(self.store.addSuppression(entry)))
+        return entry
+
+    def check(self, addresses, now=T0):
+        return self.successResultOf(self.store.checkSuppressions(addresses, now))
+
+    def listing(self, **kw):
+        return self.successResultOf(self.store.listSuppressions(**kw))
+
+    def listAll(self, **kw):
+        """
+        Follow suppression cursors to the end; return the list of pages.
+        """
+        pages = [self.listing(**kw)]
+        while pages[-1].cursor is not None:
+            pages.append(self.listing(cursor=pages[-1].cursor, **kw))
+        return pages
+
+    def test_suppressionEntryNormalisesAddress(self):
+        """
+        A L{SuppressionEntry} lower-cases the domain of its address and
+        keeps the local part as given.
+        """
+        entry = SuppressionEntry(
+            address="Alice.Smith@Example.COM", reason="manual", time=T0
+        )
+        self.assertEqual(entry.address, "Alice.Smith@example.com")
+        quoted = SuppressionEntry(address='"X@Y"@Example.NET', reason="manual", time=T0)
+        self.assertEqual(quoted.address, '"X@Y"@example.net')
+
+    def test_suppressionEntryBadValues(self):
+        """
+        A L{SuppressionEntry} with an unknown reason, a malformed address
+        or a missing time cannot be made.
+        """
+        for reason in ["hardbounce", "Bounce", "", None]:
+            self.assertRaises(
+                ValueError, SuppressionEntry, address="a@b.c", reason=reason, time=T0
+            )
+        for address in ["", "nobody", "@example.com", "a@", "@", None, b"a@b.c"]:
+            self.assertRaises(
+                ValueError, SuppressionEntry, address=address, reason="manual", time=T0
+            )
+        for time in [None, float("nan"), "now"]:
+            self.assertRaises(
+                ValueError,
+                SuppressionEntry,
+                address="a@b.c",
+                reason="manual",
+                time=time,
+            )
+        self.assertEqual(
+            sorted(SUPPRESSION_REASONS),
+            ["bounce", "complaint", "manual", "unsubscribe"],
+        )
+
+    def test_addAndCheckSuppression(self):
+        """
+        A suppressed address is found by C{checkSuppressions}, keyed by the
+        address as the caller gave it, with every field as added.
+        """
+        entry = self.addEntry(
+            "José@Bücher.Example",
+            reason="complaint",
+            source_event="ev1",
+            time=T0 + 0.125,
+            expires=T0 + 1e6,
+        )
+        self.assertEqual(
+            self.check(["José@bücher.EXAMPLE"]), {"José@bücher.EXAMPLE": entry}
+        )
+
+    def test_checkSuppressionCaseRules(self):
+        """
+        Checking ignores the case of the domain but not of the local part.
+        """
+        entry = self.addEntry("Bob@Example.com")
+        self.assertEqual(
+            self.check(["Bob@EXAMPLE.COM", "bob@example.com", "BOB@example.com"]),
+            {"Bob@EXAMPLE.COM": entry},
+        )
+
+    def test_checkManyAddressesInOneCall(self):
+        """
+        One C{checkSuppressions} call answers for a whole list of
+        recipients: the suppressed ones are in the answer, the others are
+        not; an empty list gets an empty answer.
+        """
+        entries = {
+            f"u{i}@example.com": self.addEntry(f"u{i}@example.com", time=T0 + i)
+            for i in range(0, 1200, 3)
+        }
+        addresses = [f"u{i}@example.com" for i in range(1200)]
+        self.assertEqual(self.check(addresses), entries)
+        self.assertEqual(self.check([]), {})
+        self.assertEqual(
+            self.check(["u3@example.com", "u3@Example.com", "u3@example.com"]),
+            {
+                "u3@example.com": entries["u3@example.com"],
+                "u3@Example.com": entries["u3@example.com"],
+            },
+        )
+
+    def test_suppressionUpsertNewerWins(self):
+        """
+        Adding an address again replaces its entry when the new entry's time
+        is the same or later, and is ignored when it is older.
+        """
+        self.addEntry("a@example.com", reason="bounce", time=T0)
+        newer = self.addEntry("a@EXAMPLE.com", reason="complaint", time=T0 + 5)
+        self.assertEqual(self.check(["a@example.com"]), {"a@example.com": newer})
+        self.addEntry("a@example.com", reason="manual", time=T0 + 1)
+        self.assertEqual(self.check(["a@example.com"]), {"a@example.com": newer})
+        same = self.addEntry("a@example.com", reason="unsubscribe", time=T0 + 5)
+        self.assertEqual(self.check(["a@example.com"]), {"a@example.com": same})
+        self.assertEqual(self.listing().entries, [same])
+
+    def test_suppressionExpiry(self):
+        """
+        An entry suppresses until just before its C{expires} time; expired
+        entries are still listed, and a later add without expiry suppresses
+        again.
+        """
+        entry = self.addEntry("a@example.com", expires=T0 + 10)
+        forever = self.addEntry("b@example.com")
+        both = ["a@example.com", "b@example.com"]
+        self.assertEqual(self.check(both, now=T0 + 9.5), {
+            "a@example.com": entry, "b@example.com": forever,
+        })
+        self.assertEqual(self.check(both, now=T0 + 10), {"b@example.com": forever})
+        self.assertEqual(self.check(both, now=T0 + 1e9), {"b@example.com": forever})
+        self.assertEqual(self.listing().entries, [entry, forever])
+        again = self.addEntry("a@example.com", reason="manual", time=T0 + 20)
+        self.assertEqual(self.check(["a@example.com"], now=T0 + 30), {
+            "a@example.com": again,
+        })
+
+    def test_removeSuppression(self):
+        """
+        C{removeSuppression} reports whether the address was listed
+        (matching the domain case-insensitively) and removes it.
+        """
+        self.addEntry("a@example.com")
+        self.addEntry("b@example.com", expires=T0 - 1)
+        def remove(address):
+            return self.successResultOf(self.store.removeSuppression(address))
+
+        self.assertTrue(remove("a@EXAMPLE.com"))
+        self.assertFalse(remove("a@example.com"))
+        self.assertFalse(remove("B@example.com"))
+        self.assertTrue(remove("b@example.com"))
+        self.assertEqual(self.check(["a@example.com", "b@example.com"]), {})
+        self.assertEqual(self.listing().entries, [])
+
+    def test_suppressionBadInput(self):
+        """
+        Malformed addresses, a bare string instead of a list, a missing
+        C{now} or something other than an entry fail with L{ValueError}
+        (L{TypeError} for the entry).
+        """
+        self.addEntry("a@example.com")
+        for bad in ["nobody", "@example.com", "a@", None]:
+            self.failureResultOf(self.store.removeSuppression(bad), ValueError)
+            self.failureResultOf(
+                self.store.checkSuppressions(["a@example.com", bad], T0), ValueError
+            )
+        self.failureResultOf(
+            self.store.checkSuppressions("a@example.com", T0), ValueError
+        )
+        self.failureResultOf(
+            self.store.checkSuppressions(["a@example.com"], None), ValueError
+        )
+        self.failureResultOf(
+            self.store.checkSuppressions(["a@example.com"], "now"), ValueError
+        )
+        self.failureResultOf(self.store.addSuppression("a@example.com"), TypeError)
+
+    def test_listSuppressionsPaginated(self):
+        """
+        Following cursors lists every entry once, ordered by address; a
+        last page that is exactly full has no cursor.
+        """
+        entries = [
+            self.addEntry(f"user{i:02d}@example.com", time=T0 + i) for i in range(25)
+        ]
+        self.addEntry("late@example.com", time=T0)
+        expected = sorted(entries + [self.listing(prefix="late").entries[0]],
+                          key=lambda e: e.address)
+        pages = self.listAll(limit=10)
+        self.assertEqual([len(p.entries) for p in pages], [10, 10, 6])
+        self.assertEqual([e for p in pages for e in p.entries], expected)
+        for page in pages[:-1]:
+            self.assertRegex(page.cursor, r"\A[A-Za-z0-9_-]+\Z")
+        self.assertEqual(
+            [len(p.entries) for p in self.listAll(limit=13)], [13, 13]
+        )
+        self.assertEqual(self.listing(limit=1000).entries, expected)
+
+    def test_listSuppressionsPrefix(self):
+        """
+        C{prefix} selects the addresses that start with it, compared with
+        the normalised address; it combines with C{reason} and cursors.
+        """
+        for address, reason in [
+            ("ann@example.com", "bounce"),
+            ("Anna@example.com", "bounce"),
+            ("anna@example.com", "complaint"),
+            ("anna@Example.ORG", "bounce"),
+            ("annabel@example.com", "manual"),
+            ("bob@example.com", "bounce"),
+        ]:
+            self.addEntry(address, reason=reason)
+
+        def addresses(**kw):
+            return [e.address for p in self.listAll(**kw) for e in p.entries]
+
+        self.assertEqual(
+            addresses(prefix="ann"),
+            ["ann@example.com", "anna@example.com", "anna@example.org",
+             "annabel@example.com"],
+        )
+        self.assertEqual(addresses(prefix="Ann"), ["Anna@example.com"])
+        self.assertEqual(
+            addresses(prefix="anna@EXAMPLE."), ["anna@example.com", "anna@example.org"]
+        )
+        self.assertEqual(addresses(prefix="anna@example.org"), ["anna@example.org"])
+        self.assertEqual(addresses(prefix="zed"), [])
+        self.assertEqual(
+            addresses(prefix="ann", reason="bounce", limit=1),
+            ["ann@example.com", "anna@example.org"],
+        )
+        self.assertEqual(addresses(reason="complaint"), ["anna@example.com"])
+        self.assertEqual(addresses(reason="unsubscribe"), [])
+        self.assertEqual(len(addresses(prefix="")), 6)
+
+    def test_listSuppressionsPrefixEdgeCharacters(self):
+        """
+        Prefix search works with non-ASCII and the highest code points.
+        """
+        names = ["z\U0010ffff@x.org", "z\U0010ffffa@x.org", "z\ud7ff@x.org",
+                 "z\ue000@x.org", "zé@x.org", "zz@x.org"]
+        for name in names:
+            self.addEntry(name)
+        for prefix in ["z", "z\U0010ffff", "z\ud7ff", "zé", "z\ue000", "\U0010ffff"]:
+            self.assertEqual(
+                [e.address for e in self.listing(prefix=prefix).entries],
+                sorted(n for n in names if n.startswith(prefix)),
+                repr(prefix),
+            )
+
+    def test_suppressionCursorSurvivesRemoval(self):
+        """
+        A cursor still works after the entry it points after is removed,
+        and entries added before it are not revisited.
+        """
+        for i in range(6):
+            self.addEntry(f"u{i}@example.com")
+        page1 = self.listing(limit=3)
+        self.successResultOf(self.store.removeSuppression("u2@example.com"))
+        self.addEntry("a@example.com")
+        self.addEntry("u2a@example.com")
+        page2 = self.listing(limit=3, cursor=page1.cursor)
+        self.assertEqual(
+            [e.address for e in page2.entries],
+            ["u2a@example.com", "u3@example.com", "u4@example.com"],
+        )
+
+    def test_listSuppressionsBadArguments(self):
+        """
+        A bad reason or limit fails with L{ValueError}; a cursor the store
+        did not hand out (including an event cursor) with L{InvalidCursor}.
+        """
+        self.addEntry("a@example.com")
+        self.addEntry("b@example.com")
+        for limit in [0, 1001, 2.5, "10", None, True]:
+            self.failureResultOf(self.store.listSuppressions(limit=limit), ValueError)
+        for reason in ["bogus", "Bounce", 3]:
+            self.failureResultOf(self.store.listSuppressions(reason=reason), ValueError)
+        self.failureResultOf(self.store.listSuppressions(prefix=3), ValueError)
+        valid = self.listing(limit=1).cursor
+        for cursor in ["", "!!", "A", valid + "=", valid[:-1] + "%", 12, b"x",
+                       encodeCursor(T0, 1), "AAAA"]:
+            self.failureResultOf(
+                self.store.listSuppressions(cursor=cursor), InvalidCursor
+            )
+        self.failureResultOf(self.store.queryEvents(cursor=valid), InvalidCursor)
+
+    # -- statistics ------------------------------------------------------
+
+    def stats(self, **kw):
+        kw.setdefault("since", DAY0)
+        kw.setdefault("until", DAY0 + 10 * DAY)
+        return self.successResultOf(self.store.statistics(**kw))
+
+    def statsSample(self):
+        """
+        Append events over two days and three hours with two tags and two
+        domains.
+        """
+        self.append(
+            event(DAY0 + 10, "accepted", "Q1", "a@example.com", tag="welcome"),
+            event(DAY0 + 20, "delivered", "Q1", "a@example.com", tag="welcome"),
+            event(DAY0 + 30, "accepted", "Q2", "b@Example.ORG", tag="invoice"),
+            event(DAY0 + 40, "bounced", "Q2", "b@example.org", tag="invoice",
+                  detail={"kind": "hard", "reason": "userunknown"}),
+        )
+        self.append(
+            event(DAY0 + HOUR + 1, "opened", "Q1", "a@example.com", tag="welcome"),
+            event(DAY0 + HOUR + 2, "accepted", "Q3", "c@example.com"),
+            event(DAY0 + HOUR + 3, "deferred", "Q3", "c@example.com",
+                  detail={"kind": "soft"}),
+            event(DAY0 + DAY + 5, "delivered", "Q3", "c@example.com"),
+            event(DAY0 + DAY + 6, "opened", "Q3", "c@EXAMPLE.com"),
+            event(DAY0 + DAY + 7, "rejected", None, None),
+        )
+
+    def test_statisticsByHour(self):
+        """
+        Hourly statistics have one bucket per UTC hour with events, counts
+        per type, and totals.
+        """
+        self.statsSample()
+        stats = self.stats(interval="hour")
+        self.assertEqual(
+            [(b.start, b.counts) for b in stats.buckets],
+            [
+                (DAY0, {"accepted": 2, "bounced": 1, "delivered": 1}),
+                (DAY0 + HOUR, {"accepted": 1, "deferred": 1, "opened": 1}),
+                (DAY0 + DAY, {"delivered": 1, "opened": 1, "rejected": 1}),
+            ],
+        )
+        self.assertEqual(
+            [(b.hard_bounces, b.soft_bounces, b.unique_opens) for b in stats.buckets],
+            [(1, 0, 0), (0, 0, 1), (0, 0, 1)],
+        )
+        self.assertEqual(
+            stats.totals,
+            {"accepted": 3, "bounced": 1, "deferred": 1, "delivered": 2,
+             "opened": 2, "rejected": 1},
+        )
+        self.assertEqual((stats.interval, stats.since, stats.until),
+                         ("hour", DAY0, DAY0 + 10 * DAY))
+        self.assertIsInstance(stats, Statistics)
+        self.assertIsInstance(stats.buckets[0], StatisticsBucket)
+
+    def test_statisticsByDay(self):
+        """
+        Daily statistics have one bucket per UTC day with events.
+        """
+        self.statsSample()
+        stats = self.stats(interval="day")
+        self.assertEqual(
+            [(b.start, b.counts) for b in stats.buckets],
+            [
+                (DAY0, {"accepted": 3, "bounced": 1, "deferred": 1,
+                        "delivered": 1, "opened": 1}),
+                (DAY0 + DAY, {"delivered": 1, "opened": 1, "rejected": 1}),
+            ],
+        )
+        self.assertEqual(stats.totals, self.stats(interval="hour").totals)
+
+    def test_statisticsRange(self):
+        """
+        The first bucket is the one holding C{since}; buckets starting at or
+        after C{until} are left out.
+        """
+        self.statsSample()
+        stats = self.stats(since=DAY0 + HOUR - 1, until=DAY0 + DAY)
+        self.assertEqual([b.start for b in stats.buckets], [DAY0, DAY0 + HOUR])
+        stats = self.stats(since=DAY0 + HOUR + 0.5, until=DAY0 + DAY + 0.5)
+        self.assertEqual([b.start for b in stats.buckets], [DAY0 + HOUR, DAY0 + DAY])
+        stats = self.stats(since=DAY0 + 1, until=DAY0 + DAY, interval="day")
+        self.assertEqual([b.start for b in stats.buckets], [DAY0])
+        self.assertEqual(self.stats(since=DAY0 + DAY, until=DAY0).buckets, [])
+
+    def test_statisticsByTagAndDomain(self):
+        """
+        C{tag} and C{domain} (case-insensitive) restrict the counts to
+        events with that tag, to that recipient domain, or both.
+        """
+        self.statsSample()
+        self.assertEqual(
+            self.stats(tag="welcome").totals,
+            {"accepted": 1, "delivered": 1, "opened": 1},
+        )
+        self.assertEqual(
+            self.stats(domain="EXAMPLE.org").totals, {"accepted": 1, "bounced": 1}
+        )
+        self.assertEqual(self.stats(domain="example.org").hard_bounces, 1)
+        self.assertEqual(
+            self.stats(domain="example.com", interval="day").totals,
+            {"accepted": 2, "deferred": 1, "delivered": 2, "opened": 2},
+        )
+        self.assertEqual(
+            self.stats(tag="welcome", domain="Example.com").totals,
+            {"accepted": 1, "delivered": 1, "opened": 1},
+        )
+        self.assertEqual(self.stats(tag="welcome", domain="example.org").totals, {})
+        self.assertEqual(self.stats(tag="Welcome").buckets, [])
+        self.assertEqual(self.stats(domain="nowhere.example").totals, {})
+
+    def test_statisticsRates(self):
+        """
+        Delivery, bounce, complaint and unique open / click rates are
+        computed from the counts; a recipient opening or clicking twice
+        counts once, in separate batches too.
+        """
+        delivered = [
+            event(DAY0 + i, "delivered", f"Q{i}", f"r{i}@example.com") for i in range(8)
+        ]
+        self.append(*delivered)
+        self.append(
+            event(DAY0 + 10, "bounced", "QB1", "x@ex.com", detail={"kind": "hard"}),
+            event(DAY0 + 11, "bounced", "QB2", "y@ex.com", detail={"kind": "soft"}),
+            event(DAY0 + 12, "bounced", "QB3", "z@example.com", detail={}),
+            event(DAY0 + 13, "expired", "QE", "w@example.com"),
+            event(DAY0 + 14, "complained", "Q0", "r0@example.com"),
+            event(DAY0 + 20, "opened", "Q0", "r0@example.com"),
+            event(DAY0 + 21, "opened", "Q0", "r0@example.com"),
+            event(DAY0 + 22, "opened", "Q1", "r1@example.com"),
+        )
+        self.append(
+            event(DAY0 + HOUR, "opened", "Q0", "r0@EXAMPLE.com"),
+            event(DAY0 + HOUR, "opened", "Q2", "r2@example.com"),
+            event(DAY0 + HOUR, "opened", "Q9", "r0@example.com"),
+            event(DAY0 + HOUR, "clicked", "Q0", "r0@example.com"),
+            event(DAY0 + HOUR, "clicked", "Q0", "r0@example.com"),
+        )
+        stats = self.stats()
+        self.assertEqual(stats.totals["opened"], 6)
+        self.assertEqual(stats.totals["clicked"], 2)
+        self.assertEqual(
+            (stats.hard_bounces, stats.soft_bounces, stats.unique_opens,
+             stats.unique_clicks),
+            (1, 1, 4, 1),
+        )
+        self.assertEqual([b.unique_opens for b in stats.buckets], [2, 2])
+        self.assertEqual(stats.delivery_rate, 8 / 12)
+        self.assertEqual(stats.hard_bounce_rate, 1 / 12)
+        self.assertEqual(stats.soft_bounce_rate, 1 / 12)
+        self.assertEqual(stats.complaint_rate, 1 / 8)
+        self.assertEqual(stats.unique_open_rate, 4 / 8)
+        self.assertEqual(stats.unique_click_rate, 1 / 8)
+        # A range without the first opens: the later repeats do not count.
+        later = self.stats(since=DAY0 + HOUR)
+        self.assertEqual((later.unique_opens, later.totals["opened"]), (2, 3))
+        self.assertIsNone(later.delivery_rate)
+
+    def test_statisticsZeroDenominators(self):
+        """
+        With nothing to divide by, every rate is L{None}.
+        """
+        stats = self.stats()
+        self.assertEqual((stats.buckets, stats.totals), ([], {}))
+        for rate in [stats.delivery_rate, stats.hard_bounce_rate,
+                     stats.soft_bounce_rate, stats.complaint_rate,
+                     stats.unique_open_rate, stats.unique_click_rate]:
+            self.assertIsNone(rate)
+        self.append(event(DAY0, "bounced", detail={"kind": "hard"}),
+                    event(DAY0, "opened"))
+        stats = self.stats()
+        self.assertEqual((stats.delivery_rate, stats.hard_bounce_rate), (0.0, 1.0))
+        self.assertIsNone(stats.unique_open_rate)
+        self.assertIsNone(stats.complaint_rate)
+
+    def test_statisticsFailedBatchNotCounted(self):
+        """
+        A batch that fails to append bumps no counter.
+        """
+        good = event(DAY0, "opened")
+        bad = event(DAY0 + 1, metadata={"x": object()})
+        self.failureResultOf(self.store.appendEvents([good, bad]), TypeError)
+        self.assertEqual(self.stats().totals, {})
+        self.append(good)
+        self.assertEqual(self.stats().unique_opens, 1)
+
+    def test_statisticsBadArguments(self):
+        """
+        A bad interval, a missing or non-numeric bound, or a non-string tag
+        or domain fails with L{ValueError}.
+        """
+        for kw in [
+            {"interval": "week"},
+            {"interval": "Hour"},
+            {"interval": None},
+            {"since": None},
+            {"until": None},
+            {"since": "yesterday"},
+            {"until": float("nan")},
+            {"since": float("-inf")},
+            {"tag": 3},
+            {"domain": b"example.com"},
+        ]:
+            args = {"since": DAY0, "until": DAY0 + DAY, **kw}
+            self.failureResultOf(self.store.statistics(**args), ValueError)
+
+    @settings(suppress_health_check=[HealthCheck.differing_executors])
+    @given(
+        st.lists(
+            st.tuples(
+                st.floats(0, 3 * DAY),
+                st.sampled_from(["delivered", "opened", "clicked", "bounced"]),
+                st.sampled_from(["a@x.org", "B@X.org", "c@y.org"]),
+                st.sampled_from(["Q1", "Q2"]),
+            ),
+            max_size=30,
+        ),
+        st.sampled_from(["hour", "day"]),
+    )
+    def test_statisticsMatchEventsProperty(self, rows, interval):
+        """
+        Counters agree with counting the stored events directly, per bucket
+        and for unique opens.
+        """
+        tag = f"prop{next(self._counter)}"
+        events = [
+            event(DAY0 + t, type, tag + queue_id, recipient, tag=tag)
+            for t, type, recipient, queue_id in rows
+        ]
+        if events:
+            self.append(*events)
+        size = {"hour": HOUR, "day": DAY}[interval]
+        stats = self.stats(tag=tag, interval=interval)
+        expected = {}
+        for e in events:
+            start = int(e.time // size * size)
+            counts = expected.setdefault(start, {})
+            counts[e.type] = counts.get(e.type, 0) + 1
+        self.assertEqual(
+            [(b.start, b.counts) for b in stats.buckets], sorted(expected.items())
+        )
+        uniques = {
+            (e.queue_id, e.recipient.lower()) for e in events if e.type == "opened"
+        }
+        self.assertEqual(stats.unique_opens, len(uniques))
+
+    # -- token buckets ---------------------------------------------------
+
+    def take(self, key="k", rate=1.0, burst=3.0, now=T0, count=1):
+        return self.successResultOf(
+            self.store.takeTokens(key, rate, burst, now, count)
+        )
+
+    def test_tokenBucketStartsFull(self):
+        """
+        A new bucket allows C{burst} takes at once, then refuses, saying
+        how long until a token is back.
+        """
+        self.assertEqual(
+            [self.take() for _ in range(4)],
+            [
+                TokenResult(True, 2.0, 0.0),
+                TokenResult(True, 1.0, 0.0),
+                TokenResult(True, 0.0, 0.0),
+                TokenResult(False, 0.0, 1.0),
+            ],
+        )
+
+    def test_tokenBucketRefills(self):
+        """
+        Tokens come back at C{rate} per second, counted from the last take.
+        """
+        for _ in range(3):
+            self.take(rate=2.0)
+        self.assertEqual(self.take(rate=2.0, now=T0 + 0.25),
+                         TokenResult(False, 0.5, 0.25))
+        self.assertEqual(self.take(rate=2.0, now=T0 + 0.5), TokenResult(True, 0.0, 0.0))
+        self.assertEqual(self.take(rate=2.0, now=T0 + 0.5),
+                         TokenResult(False, 0.0, 0.5))
+        self.assertEqual(self.take(rate=2.0, now=T0 + 1.5),
+                         TokenResult(True, 1.0, 0.0))
+
+    def test_tokenBucketCappedAtBurst(self):
+        """
+        However long a bucket is idle it holds at most C{burst} tokens.
+        """
+        self.take(count=3)
+        results = [self.take(now=T0 + 3600) for _ in range(4)]
+        self.assertEqual([r.allowed for r in results], [True, True, True, False])
+        self.assertEqual(results[0].remaining, 2.0)
+
+    def test_tokenBucketCount(self):
+        """
+        Several (or fractional) tokens can be taken at once; a take that
+        would overdraw takes nothing.
+        """
+        self.assertEqual(self.take(count=2.5), TokenResult(True, 0.5, 0.0))
+        self.assertEqual(self.take(count=2, rate=0.5), TokenResult(False, 0.5, 3.0))
+        self.assertEqual(self.take(count=0.5), TokenResult(True, 0.0, 0.0))
+
+    def test_tokenBucketKeysIndependent(self):
+        """
+        Buckets with different keys do not share tokens.
+        """
+        self.take(key="a", count=3)
+        self.assertFalse(self.take(key="a").allowed)
+        self.assertTrue(self.take(key="b").allowed)
+        self.assertTrue(self.take(key="A").allowed)
+
+    def test_tokenBucketClockBackwards(self):
+        """
+        A C{now} before the bucket's last update refills nothing and is not
+        an error; the wait counts up to the last update too.
+        """
+        self.take(count=3, now=T0 + 10)
+        self.assertEqual(self.take(now=T0), TokenResult(False, 0.0, 11.0))
+        self.assertEqual(self.take(now=T0 + 10.5), TokenResult(False, 0.5, 0.5))
+        self.assertTrue(self.take(now=T0 + 11).allowed)
+
+    def test_tokenBucketBurstShrinks(self):
+        """
+        Lowering a key's burst caps the tokens it holds.
+        """
+        self.take(burst=10)
+        self.assertEqual(self.take(burst=2, now=T0 + 1), TokenResult(True, 1.0, 0.0))
+
+    def test_tokenBucketBadArguments(self):
+        """
+        Non-positive or non-finite numbers, a count above the burst, or an
+        empty key fail with L{ValueError}.
+        """
+        good = {"key": "k", "rate": 1.0, "burst": 3.0, "now": T0, "count": 1}
+        for kw in [
+            {"key": ""}, {"key": None}, {"key": 3},
+            {"rate": 0}, {"rate": -1}, {"rate": float("inf")}, {"rate": "1"},
+            {"burst": 0}, {"burst": float("nan")}, {"burst": True},
+            {"now": None}, {"now": float("nan")}, {"now": float("inf")}, {"now": "x"},
+            {"count": 0}, {"count": -1}, {"count": 4},
+        ]:
+            args = {**good, **kw}
+            self.failureResultOf(
+                self.store.takeTokens(
+                    args["key"], args["rate"], args["burst"], args["now"], args["count"]
+                ),
+                ValueError,
+            )
+
+    @settings(suppress_health_check=[HealthCheck.differing_executors])
+    @given(
+        rate=st.floats(0.01, 100),
+        burst=st.floats(1, 50),
+        steps=st.lists(
+            st.tuples(st.floats(0, 5), st.floats(0.01, 1)), min_size=1, max_size=40
+        ),
+    )
+    def test_tokenBucketNeverExceedsProperty(self, rate, burst, steps):
+        """
+        Over any sequence of takes a bucket allows at most C{burst} plus
+        C{rate} times the elapsed time, and refuses only when it has fewer
+        tokens than asked for.
+        """
+        key = f"prop{next(self._counter)}"
+        now = T0
+        taken = 0.0
+        for dt, fraction in steps:
+            now += dt
+            count = max(fraction * burst, 1e-9)
+            result = self.take(key=key, rate=rate, burst=burst, now=now, count=count)
+            if result.allowed:
+                taken += count
+                self.assertEqual(result.retry_after, 0.0)
+            else:
+                self.assertLess(result.remaining, count)
+                self.assertGreater(result.retry_after, 0)
+            self.assertGreaterEqual(result.remaining, -1e-9)
+            self.assertLessEqual(result.remaining, burst)
+        limit = burst + rate * (now - T0)
+        self.assertLessEqual(taken, limit * (1 + 1e-9) + 1e-9)
+
+    def test_newMethodsAfterClose(self):
+        """
+        The suppression, statistics and token bucket operations fail with
+        L{StoreClosed} on a closed store.
+        """
+        self.successResultOf(self.store.close())
+        entry = SuppressionEntry(address="a@b.c", reason="manual", time=T0)
+        self.failureResultOf(self.store.addSuppression(entry), StoreClosed)
+        self.failureResultOf(self.store.removeSuppression("a@b.c"), StoreClosed)
+        self.failureResultOf(self.store.checkSuppressions(["a@b.c"], T0), StoreClosed)
+        self.failureResultOf(self.store.listSuppressions(), StoreClosed)
+        self.failureResultOf(
+            self.store.statistics(since=T0, until=T0 + 1), StoreClosed
+        )
+        self.failureResultOf(self.store.takeTokens("k", 1, 1, T0), StoreClosed)
+
 class MemoryStoreTests(StoreContractMixin, SynchronousTestCase):
     """
     L{MemoryStore} fulfils the store contract.
@@ -764,6 +1472,111 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.failureResultOf(store.queryEvents(), sqlite3.OperationalError)
 
 
+    def test_migrationFromVersion1(self):
+        """
+        A version 1 database is migrated to the current version: its events
+        are kept and the suppression list, statistics and token buckets
+        work (events stored before the migration are not counted).
+        """
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
+        [(version, statements)] = [m for m in MIGRATIONS if m[0] == 1]
+        for statement in statements:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (1)")
+        old = event(T0, "delivered")
+        conn.execute(_INSERT, _toRow(old))
+        conn.close()
+
+        store = self.open()
+        self.assertEqual(
+            self.peek("SELECT version FROM schema_version"),
+            [(v,) for v in range(1, SCHEMA_VERSION + 1)],
+        )
+        self.assertEqual(self.successResultOf(store.queryEvents()).events, [old])
+        self.successResultOf(store.appendEvents([event(T0 + 1, "opened")]))
+        stats = self.successResultOf(
+            store.statistics(since=T0, until=T0 + 1, interval="day")
+        )
+        self.assertEqual(stats.totals, {"opened": 1})
+        entry = SuppressionEntry(address="a@b.c", reason="manual", time=T0)
+        self.successResultOf(store.addSuppression(entry))
+        self.assertEqual(
+            self.successResultOf(store.checkSuppressions(["a@b.c"], T0)),
+            {"a@b.c": entry},
+        )
+        self.assertTrue(self.successResultOf(store.takeTokens("k", 1, 1, T0)).allowed)
+
+    def test_newQueriesUseIndexes(self):
+        """
+        Suppression checks and listings, statistics and token buckets read
+        their tables through an index (no table scan, no sorting step), and
+        statistics never read the events table.
+        """
+        store = self.open()
+        self.successResultOf(store.appendEvents([event(T0 + i) for i in range(50)]))
+        for i in range(20):
+            self.successResultOf(
+                store.addSuppression(
+                    SuppressionEntry(address=f"u{i}@b.c", reason="bounce", time=T0)
+                )
+            )
+        cursor = self.successResultOf(store.listSuppressions(limit=1)).cursor
+        statements = []
+        store._conn.set_trace_callback(statements.append)
+        self.successResultOf(store.checkSuppressions(["u1@b.c", "x@b.c"], T0))
+        self.successResultOf(store.listSuppressions(prefix="u1"))
+        self.successResultOf(store.listSuppressions(reason="bounce", cursor=cursor))
+        self.successResultOf(store.listSuppressions(prefix="u", reason="manual"))
+        self.successResultOf(store.removeSuppression("u2@b.c"))
+        self.successResultOf(store.statistics(since=T0, until=T0 + 10, tag="t"))
+        store._conn.set_trace_callback(None)
+        self.assertEqual(len(statements), 6)
+        for sql in statements:
+            self.assertNotIn("events", sql)
+            plan = " / ".join(
+                row[-1] for row in store._conn.execute("EXPLAIN QUERY PLAN " + sql)
+            )
+            self.assertIn("SEARCH", plan, sql)
+            self.assertNotIn("TEMP B-TREE", plan, sql)
+
+    def test_failedBatchCountsNothing(self):
+        """
+        When SQLite rejects a batch, its counter bumps and unique open
+        records are rolled back with its events.
+        """
+        store = self.open()
+        good = event(T0, "opened", tag="t")
+        unencodable = event(T0 + 1, "opened", queue_id="\ud800")
+        self.failureResultOf(
+            store.appendEvents([good, unencodable]), UnicodeEncodeError
+        )
+        self.assertEqual(self.peek("SELECT COUNT(*) FROM counters"), [(0,)])
+        self.assertEqual(self.peek("SELECT COUNT(*) FROM seen"), [(0,)])
+        self.successResultOf(store.appendEvents([good]))
+        stats = self.successResultOf(store.statistics(since=T0, until=T0 + 1))
+        self.assertEqual((stats.totals, stats.unique_opens), ({"opened": 1}, 1))
+
+    def test_tokenBucketsPersist(self):
+        """
+        Token buckets and suppressions survive closing and reopening the
+        store.
+        """
+        store = SQLiteStore(self.path, synchronous)
+        self.successResultOf(store.start())
+        self.successResultOf(store.takeTokens("k", 1, 2, T0, 2))
+        entry = SuppressionEntry(address="a@b.c", reason="manual", time=T0)
+        self.successResultOf(store.addSuppression(entry))
+        self.successResultOf(store.close())
+        again = self.open()
+        self.assertEqual(
+            self.successResultOf(again.takeTokens("k", 1, 2, T0 + 0.5)),
+            TokenResult(False, 0.5, 0.5),
+        )
+        self.assertEqual(
+            self.successResultOf(again.listSuppressions()).entries, [entry]
+        )
+
 @attrs.define
 class TriggerRecordingReactor:
     """
@@ -811,6 +1624,26 @@ class SQLiteStoreThreadPoolTests(TestCase):
         page = yield self.store.queryEvents(limit=5)
         self.assertEqual(page.events, events[:5])
         self.assertEqual((yield self.store.eventsForMessage("Q1")), events)
+
+    @inlineCallbacks
+    def test_newOperationsInPool(self):
+        """
+        Suppressions, statistics and token buckets work through the pool,
+        in call order.
+        """
+        yield self.store.start()
+        self.store.appendEvents([event(T0, "delivered"), event(T0 + 1, "opened")])
+        self.store.addSuppression(
+            SuppressionEntry(address="a@b.c", reason="bounce", time=T0)
+        )
+        found = yield self.store.checkSuppressions(["a@B.c", "z@b.c"], T0)
+        self.assertEqual(list(found), ["a@B.c"])
+        stats = yield self.store.statistics(since=T0, until=T0 + 2)
+        self.assertEqual(stats.unique_open_rate, 1.0)
+        results = yield gatherResults(
+            [self.store.takeTokens("k", 1, 5, T0) for _ in range(7)]
+        )
+        self.assertEqual([r.allowed for r in results], [True] * 5 + [False] * 2)
 
     @inlineCallbacks
     def test_oneNamedThread(self):

@@ -1,11 +1,14 @@
 """
 The event store contract, shared by every back end.
 
-L{IStore} is what the rest of the relay programs against; L{EventPage},
-L{InvalidCursor} and L{StoreClosed} are part of that contract.  The helper
-functions at the bottom (recipient normalisation, the cursor codec, argument
-checks) are shared by the back ends so that they agree on the details the
-contract test suite pins down.
+L{IStore} is what the rest of the relay programs against: events, the
+suppression list, statistics kept as events are appended, and rate-limit
+token buckets.  L{EventPage}, L{SuppressionEntry}, L{SuppressionPage},
+L{Statistics}, L{StatisticsBucket}, L{TokenResult}, L{InvalidCursor} and
+L{StoreClosed} are part of that contract.  The helper functions at the
+bottom (address normalisation, the cursor codecs, argument checks, counter
+keys, the token bucket arithmetic) are shared by the back ends so that they
+agree on the details the contract test suite pins down.
 """
 
 import base64
@@ -13,6 +16,7 @@ import binascii
 import math
 import re
 import struct
+from collections.abc import Iterable
 from typing import Optional
 
 import attrs
@@ -47,6 +51,171 @@ class EventPage:
 
     events: list[Event]
     cursor: Optional[str]
+
+
+SUPPRESSION_REASONS = frozenset(["bounce", "complaint", "unsubscribe", "manual"])
+
+INTERVALS = {"hour": 3600, "day": 86400}
+
+
+def normaliseAddress(address: str) -> str:
+    """
+    The stored form of a suppressed address: the local part exactly as
+    given, the domain (after the last C{@}) lower-cased.
+
+    @raise ValueError: if C{address} is not a string with a non-empty local
+        part, an C{@} and a non-empty domain.
+    """
+    if not isinstance(address, str):
+        raise ValueError(f"address must be a string, not {address!r}")
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise ValueError(f"not an e-mail address: {address!r}")
+    return local + at + domain.lower()
+
+
+def _checkReason(instance, attribute, value) -> None:
+    if value not in SUPPRESSION_REASONS:
+        raise ValueError(
+            f"suppression reason must be one of {sorted(SUPPRESSION_REASONS)},"
+            f" not {value!r}"
+        )
+
+
+def _checkOptionalString(instance, attribute, value) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{attribute.name} must be a string or None, not {value!r}")
+
+
+def _requiredTime(value) -> float:
+    if value is None:
+        raise ValueError("time must be POSIX seconds, not None")
+    return checkTime("time", value)
+
+
+def _optionalTime(value) -> Optional[float]:
+    return checkTime("expires", value)
+
+
+@attrs.frozen(kw_only=True)
+class SuppressionEntry:
+    """
+    One address on the suppression list.
+
+    @ivar address: the address, normalised by L{normaliseAddress} (the
+        local part exact, the domain lower-cased).
+    @ivar reason: one of L{SUPPRESSION_REASONS}.
+    @ivar source_event: the id of the event that caused it, if any.
+    @ivar time: POSIX seconds when it was added; of two adds for one
+        address the one with the later time wins.
+    @ivar expires: POSIX seconds from which it no longer applies, or
+        L{None} for never.
+    """
+
+    address: str = attrs.field(converter=normaliseAddress)
+    reason: str = attrs.field(validator=_checkReason)
+    source_event: Optional[str] = attrs.field(
+        default=None, validator=_checkOptionalString
+    )
+    time: float = attrs.field(converter=_requiredTime)
+    expires: Optional[float] = attrs.field(default=None, converter=_optionalTime)
+
+    def activeAt(self, now: float) -> bool:
+        """
+        Does this entry suppress mail at time C{now}?
+        """
+        return self.expires is None or self.expires > now
+
+
+@attrs.frozen
+class SuppressionPage:
+    """
+    One page of a L{IStore.listSuppressions} answer.
+
+    @ivar entries: L{SuppressionEntry} objects ordered by address.
+    @ivar cursor: an opaque, URL-safe string to pass back for the next
+        page, or L{None} when there is none.
+    """
+
+    entries: list[SuppressionEntry]
+    cursor: Optional[str]
+
+
+@attrs.frozen
+class StatisticsBucket:
+    """
+    The counts of one hour or one day.
+
+    @ivar start: the bucket's first second (POSIX seconds, a UTC hour or
+        day start).
+    @ivar counts: events per event type; types without events are left
+        out.
+    @ivar hard_bounces: C{bounced} events whose detail C{kind} is C{hard}.
+    @ivar soft_bounces: C{bounced} events whose detail C{kind} is C{soft}.
+    @ivar unique_opens: (queue id, recipient) pairs opened for the first
+        time in this bucket.
+    @ivar unique_clicks: (queue id, recipient) pairs that clicked for the
+        first time in this bucket.
+    """
+
+    start: int
+    counts: dict[str, int]
+    hard_bounces: int = 0
+    soft_bounces: int = 0
+    unique_opens: int = 0
+    unique_clicks: int = 0
+
+
+@attrs.frozen
+class Statistics:
+    """
+    The answer of L{IStore.statistics}.
+
+    @ivar buckets: the buckets that had events, ordered by start.
+    @ivar totals: events per type over all of C{buckets}.
+    @ivar delivery_rate: delivered / (delivered + bounced + expired).
+    @ivar hard_bounce_rate: hard bounces / (delivered + bounced + expired).
+    @ivar soft_bounce_rate: soft bounces / (delivered + bounced + expired).
+    @ivar complaint_rate: complained / delivered.
+    @ivar unique_open_rate: unique opens / delivered.
+    @ivar unique_click_rate: unique clicks / delivered.
+
+    Every rate is L{None} when its denominator is zero.
+    """
+
+    interval: str
+    since: float
+    until: float
+    tag: Optional[str]
+    domain: Optional[str]
+    buckets: list[StatisticsBucket]
+    totals: dict[str, int]
+    hard_bounces: int
+    soft_bounces: int
+    unique_opens: int
+    unique_clicks: int
+    delivery_rate: Optional[float]
+    hard_bounce_rate: Optional[float]
+    soft_bounce_rate: Optional[float]
+    complaint_rate: Optional[float]
+    unique_open_rate: Optional[float]
+    unique_click_rate: Optional[float]
+
+
+@attrs.frozen
+class TokenResult:
+    """
+    The answer of L{IStore.takeTokens}.
+
+    @ivar allowed: whether the tokens were taken.
+    @ivar remaining: tokens left in the bucket afterwards.
+    @ivar retry_after: seconds until the bucket will hold enough tokens
+        (0 when allowed).
+    """
+
+    allowed: bool
+    remaining: float
+    retry_after: float
 
 
 class IStore(Interface):
@@ -124,6 +293,89 @@ class IStore(Interface):
         @rtype: L{Deferred} firing with an L{EventPage}; it fails with
             L{InvalidCursor} for a cursor the store did not hand out and
             with L{ValueError} for a limit out of range.
+        """
+
+    def addSuppression(entry):
+        """
+        Put an address on the suppression list, replacing an entry for the
+        same address unless that one has a later C{time} (of two adds the
+        newer wins, whatever order they arrive in; on equal times the later
+        call wins).
+
+        @type entry: L{SuppressionEntry}
+        @rtype: L{Deferred} firing with L{None}
+        """
+
+    def removeSuppression(address):
+        """
+        Take an address off the suppression list.
+
+        @param address: an address, normalised by L{normaliseAddress}.
+        @rtype: L{Deferred} firing with L{True} if it was on the list
+            (expired or not), L{False} otherwise; it fails with
+            L{ValueError} for a malformed address.
+        """
+
+    def checkSuppressions(addresses, now):
+        """
+        Which of C{addresses} are suppressed at time C{now}: one round trip
+        for all the recipients of a message.  Entries that have expired
+        (C{expires <= now}) do not count.
+
+        @type addresses: L{list} of L{str}
+        @param now: POSIX seconds.
+        @rtype: L{Deferred} firing with a L{dict} mapping each suppressed
+            address, as given by the caller, to its L{SuppressionEntry};
+            it fails with L{ValueError} if any address is malformed.
+        """
+
+    def listSuppressions(*, prefix=None, reason=None, cursor=None, limit=100):
+        """
+        One page of the suppression list (expired entries included),
+        ordered by address.
+
+        @param prefix: only addresses that start with it, compared with the
+            normalised address (what follows an C{@} in the prefix is
+            lower-cased).
+        @param reason: only entries with that reason.
+        @param cursor: the C{cursor} of the previous page.
+        @param limit: page size, 1 to 1000.
+        @rtype: L{Deferred} firing with a L{SuppressionPage}; it fails with
+            L{InvalidCursor} for a cursor the store did not hand out and
+            with L{ValueError} for a bad reason or limit.
+        """
+
+    def statistics(*, since, until, interval="hour", tag=None, domain=None):
+        """
+        Event counts and rates from counters kept as events are appended
+        (no scan of the events).
+
+        @param since: POSIX seconds; the bucket holding it is the first.
+        @param until: POSIX seconds, exclusive; buckets starting at or after
+            it are left out.
+        @param interval: C{"hour"} or C{"day"} (UTC).
+        @param tag: count only events with this tag.
+        @param domain: count only events whose recipient is at this domain
+            (case-insensitive).
+        @rtype: L{Deferred} firing with L{Statistics}; it fails with
+            L{ValueError} for a bad interval or time.
+        """
+
+    def takeTokens(key, rate, burst, now, count=1):
+        """
+        Take C{count} tokens from the token bucket C{key}, atomically.
+
+        A bucket seen for the first time is full.  It refills at C{rate}
+        tokens per second up to C{burst}; time never runs backwards for a
+        bucket (a C{now} before its last update refills nothing).
+
+        @param rate: tokens per second, positive.
+        @param burst: the bucket's capacity, positive.
+        @param now: POSIX seconds, passed in by the caller's clock.
+        @param count: tokens wanted, positive and at most C{burst}.
+        @rtype: L{Deferred} firing with a L{TokenResult}; nothing is taken
+            unless it is allowed.  It fails with L{ValueError} for bad
+            arguments.
         """
 
 
@@ -205,3 +457,375 @@ def decodeCursor(cursor: str) -> tuple[float, int]:
     if version != _CURSOR_VERSION or not math.isfinite(time):
         raise InvalidCursor(f"malformed cursor {cursor!r}")
     return time, seq
+
+
+# -- suppression list ------------------------------------------------------
+
+# A suppression cursor is the last address of a page: a version byte (not
+# the event cursors' one, so neither kind is mistaken for the other) and
+# the address in UTF-8, base64url-encoded without padding.
+_SUPPRESSION_CURSOR_VERSION = 0x53
+_URLSAFE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def normalisePrefix(prefix: Optional[str]) -> Optional[str]:
+    """
+    A C{listSuppressions} prefix in the form it is compared in: what
+    follows the last C{@}, if there is one, lower-cased.
+
+    @raise ValueError: if C{prefix} is not a string.
+    """
+    if prefix is None:
+        return None
+    if not isinstance(prefix, str):
+        raise ValueError(f"prefix must be a string, not {prefix!r}")
+    local, at, domain = prefix.rpartition("@")
+    if not at:
+        return prefix
+    return local + at + domain.lower()
+
+
+def prefixUpperBound(prefix: str) -> Optional[str]:
+    """
+    The smallest string greater than every string that starts with
+    C{prefix} (in code point order, which is also SQLite's UTF-8 byte
+    order), or L{None} if there is none.
+    """
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop()) + 1
+        if 0xD800 <= last <= 0xDFFF:
+            last = 0xE000
+        if last <= 0x10FFFF:
+            return "".join(chars) + chr(last)
+    return None
+
+
+def checkReason(reason: Optional[str]) -> Optional[str]:
+    """
+    Validate a suppression reason filter.
+
+    @raise ValueError: unless C{reason} is L{None} or one of
+        L{SUPPRESSION_REASONS}.
+    """
+    if reason is not None and reason not in SUPPRESSION_REASONS:
+        raise ValueError(
+            f"suppression reason must be one of {sorted(SUPPRESSION_REASONS)},"
+            f" not {reason!r}"
+        )
+    return reason
+
+
+def checkAddresses(addresses) -> list[tuple[str, str]]:
+    """
+    Validate the addresses of a C{checkSuppressions} call.
+
+    @return: (address as given, normalised address) pairs.
+    @raise ValueError: if C{addresses} is a string, or holds an address
+        that L{normaliseAddress} refuses.
+    """
+    if isinstance(addresses, (str, bytes)):
+        raise ValueError("addresses must be a list of addresses, not one string")
+    return [(address, normaliseAddress(address)) for address in addresses]
+
+
+def encodeSuppressionCursor(address: str) -> str:
+    """
+    An opaque, URL-safe cursor positioned after C{address}.
+    """
+    raw = bytes([_SUPPRESSION_CURSOR_VERSION]) + address.encode("utf-8")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def decodeSuppressionCursor(cursor: str) -> str:
+    """
+    The address inside a cursor made by L{encodeSuppressionCursor}.
+
+    @raise InvalidCursor: if C{cursor} is not such a cursor.
+    """
+    if not isinstance(cursor, str) or not _URLSAFE.fullmatch(cursor):
+        raise InvalidCursor(f"malformed cursor {cursor!r}")
+    padded = cursor + "=" * (-len(cursor) % 4)
+    try:
+        raw = base64.urlsafe_b64decode(padded)
+        if raw[:1] != bytes([_SUPPRESSION_CURSOR_VERSION]):
+            raise ValueError("wrong version")
+        address = raw[1:].decode("utf-8")
+        if encodeSuppressionCursor(address) != cursor:
+            raise ValueError("not canonical")
+    except (binascii.Error, ValueError):
+        raise InvalidCursor(f"malformed cursor {cursor!r}") from None
+    return address
+
+
+# -- statistics ------------------------------------------------------------
+
+# Counter "types" besides the event types: bounces by kind and first opens
+# and clicks of a (queue id, recipient).
+HARD_BOUNCES = "bounced.hard"
+SOFT_BOUNCES = "bounced.soft"
+UNIQUE_OPENS = "opened.unique"
+UNIQUE_CLICKS = "clicked.unique"
+UNIQUE_TYPES = {"opened": UNIQUE_OPENS, "clicked": UNIQUE_CLICKS}
+
+# Counter dimensions: everything, per tag, per recipient domain, per both.
+DIM_ALL = ""
+DIM_TAG = "tag"
+DIM_DOMAIN = "domain"
+DIM_TAG_DOMAIN = "tag+domain"
+
+
+def checkInterval(interval: str) -> int:
+    """
+    The length in seconds of a statistics interval.
+
+    @raise ValueError: unless C{interval} is C{"hour"} or C{"day"}.
+    """
+    if not isinstance(interval, str) or interval not in INTERVALS:
+        raise ValueError(f"interval must be 'hour' or 'day', not {interval!r}")
+    return INTERVALS[interval]
+
+
+def bucketStart(time: float, size: int) -> int:
+    """
+    The start (POSIX seconds) of the UTC hour or day of C{time}.
+    """
+    return int(math.floor(time / size)) * size
+
+
+def recipientDomain(recipient: Optional[str]) -> Optional[str]:
+    """
+    The lower-cased domain of a recipient, or L{None} if it has none.
+    """
+    if recipient is None:
+        return None
+    local, at, domain = recipient.rpartition("@")
+    if not at or not domain:
+        return None
+    return domain.lower()
+
+
+def dimensionKey(tag: Optional[str], domain: Optional[str]) -> tuple[str, str]:
+    """
+    The counter dimension and key that statistics for C{tag} and C{domain}
+    read.
+    """
+    if tag is not None and domain is not None:
+        return DIM_TAG_DOMAIN, tag + "\0" + domain.lower()
+    if tag is not None:
+        return DIM_TAG, tag
+    if domain is not None:
+        return DIM_DOMAIN, domain.lower()
+    return DIM_ALL, ""
+
+
+def eventDimensions(event: Event) -> list[tuple[str, str]]:
+    """
+    The (dimension, key) pairs whose counters an event bumps.
+    """
+    domain = recipientDomain(event.recipient)
+    tag = event.tag
+    keys = [dimensionKey(None, None)]
+    if tag is not None:
+        keys.append(dimensionKey(tag, None))
+    if domain is not None:
+        keys.append(dimensionKey(None, domain))
+    if tag is not None and domain is not None:
+        keys.append(dimensionKey(tag, domain))
+    return keys
+
+
+def eventCounterTypes(event: Event) -> list[str]:
+    """
+    The counter types an event bumps, besides unique opens and clicks
+    (which depend on what the store has seen before).
+    """
+    types = [event.type]
+    if event.type == "bounced" and isinstance(event.detail, dict):
+        kind = event.detail.get("kind")
+        if kind == "hard":
+            types.append(HARD_BOUNCES)
+        elif kind == "soft":
+            types.append(SOFT_BOUNCES)
+    return types
+
+
+def uniqueKey(event: Event) -> Optional[tuple[str, str, str]]:
+    """
+    The (queue id, normalised recipient, type) that makes an open or click
+    unique, or L{None} for other events (and those without queue id or
+    recipient).
+    """
+    if event.type not in UNIQUE_TYPES:
+        return None
+    if event.queue_id is None or event.recipient is None:
+        return None
+    return (event.queue_id, normaliseRecipient(event.recipient), event.type)
+
+
+def counterBumps(
+    event: Event, types: Iterable[str]
+) -> list[tuple[str, int, str, str, str]]:
+    """
+    The counters to bump by one for C{event} under each of C{types}: (interval,
+    bucket start, dimension, key, type) tuples.
+    """
+    bumps = []
+    dimensions = eventDimensions(event)
+    for interval, size in INTERVALS.items():
+        bucket = bucketStart(event.time, size)
+        for dim, key in dimensions:
+            for type in types:
+                bumps.append((interval, bucket, dim, key, type))
+    return bumps
+
+
+def checkStatisticsArguments(since, until, interval, tag, domain):
+    """
+    Validate the arguments of C{statistics}.
+
+    @return: (since, until, bucket size, dimension, key, first bucket).
+    @raise ValueError: for a bad value.
+    """
+    size = checkInterval(interval)
+    if since is None or until is None:
+        raise ValueError("since and until are required")
+    since = checkTime("since", since)
+    until = checkTime("until", until)
+    if not (math.isfinite(since) and math.isfinite(until)):
+        raise ValueError("since and until must be finite")
+    for name, value in [("tag", tag), ("domain", domain)]:
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, not {value!r}")
+    dim, key = dimensionKey(tag, domain)
+    return since, until, size, dim, key, bucketStart(since, size)
+
+
+def _rate(numerator: int, denominator: int) -> Optional[float]:
+    return numerator / denominator if denominator else None
+
+
+def buildStatistics(
+    *,
+    since: float,
+    until: float,
+    interval: str,
+    tag: Optional[str],
+    domain: Optional[str],
+    counters: Iterable[tuple[int, str, int]],
+) -> Statistics:
+    """
+    Assemble L{Statistics} from counter rows (bucket start, counter type,
+    count) of the selected buckets.
+    """
+    byBucket: dict[int, dict[str, int]] = {}
+    for bucket, type, count in counters:
+        if count:
+            counts = byBucket.setdefault(int(bucket), {})
+            counts[type] = counts.get(type, 0) + int(count)
+
+    extras = {HARD_BOUNCES, SOFT_BOUNCES, UNIQUE_OPENS, UNIQUE_CLICKS}
+    buckets = []
+    totals: dict[str, int] = {}
+    for start in sorted(byBucket):
+        counts = byBucket[start]
+        for type, count in counts.items():
+            totals[type] = totals.get(type, 0) + count
+        buckets.append(
+            StatisticsBucket(
+                start=start,
+                counts={t: c for t, c in sorted(counts.items()) if t not in extras},
+                hard_bounces=counts.get(HARD_BOUNCES, 0),
+                soft_bounces=counts.get(SOFT_BOUNCES, 0),
+                unique_opens=counts.get(UNIQUE_OPENS, 0),
+                unique_clicks=counts.get(UNIQUE_CLICKS, 0),
+            )
+        )
+    delivered = totals.get("delivered", 0)
+    attempts = delivered + totals.get("bounced", 0) + totals.get("expired", 0)
+    hard = totals.pop(HARD_BOUNCES, 0)
+    soft = totals.pop(SOFT_BOUNCES, 0)
+    opens = totals.pop(UNIQUE_OPENS, 0)
+    clicks = totals.pop(UNIQUE_CLICKS, 0)
+    return Statistics(
+        interval=interval,
+        since=since,
+        until=until,
+        tag=tag,
+        domain=None if domain is None else domain.lower(),
+        buckets=buckets,
+        totals=dict(sorted(totals.items())),
+        hard_bounces=hard,
+        soft_bounces=soft,
+        unique_opens=opens,
+        unique_clicks=clicks,
+        delivery_rate=_rate(delivered, attempts),
+        hard_bounce_rate=_rate(hard, attempts),
+        soft_bounce_rate=_rate(soft, attempts),
+        complaint_rate=_rate(totals.get("complained", 0), delivered),
+        unique_open_rate=_rate(opens, delivered),
+        unique_click_rate=_rate(clicks, delivered),
+    )
+
+
+# -- token buckets ---------------------------------------------------------
+
+
+def _positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, not {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be positive and finite, not {value!r}")
+    return value
+
+
+def checkTokenArguments(key, rate, burst, now, count) -> tuple:
+    """
+    Validate the arguments of C{takeTokens}.
+
+    @return: (key, rate, burst, now, count) with the numbers as floats.
+    @raise ValueError: for a bad value.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"key must be a non-empty string, not {key!r}")
+    rate = _positive("rate", rate)
+    burst = _positive("burst", burst)
+    count = _positive("count", count)
+    if count > burst:
+        raise ValueError(f"count {count} is more than the burst {burst}")
+    now = checkTime("now", now)
+    if now is None or not math.isfinite(now):
+        raise ValueError(f"now must be finite POSIX seconds, not {now!r}")
+    return key, rate, burst, now, count
+
+
+def takeFromBucket(
+    state: Optional[tuple[float, float]],
+    rate: float,
+    burst: float,
+    now: float,
+    count: float,
+) -> tuple[tuple[float, float], TokenResult]:
+    """
+    The token bucket arithmetic, shared by the back ends.
+
+    @param state: the stored (tokens, updated) of the bucket, or L{None}
+        for a new (full) one.
+    @return: the new state to store and the answer.
+    """
+    if state is None:
+        tokens, updated = burst, now
+    else:
+        tokens, updated = state
+        if now > updated:
+            tokens += (now - updated) * rate
+            updated = now
+        tokens = min(tokens, burst)
+    if tokens >= count:
+        tokens -= count
+        return (tokens, updated), TokenResult(True, tokens, 0.0)
+    # Time to refill the difference, counted from now even when the
+    # bucket's last update lies ahead of it.
+    wait = (count - tokens) / rate + max(0.0, updated - now)
+    return (tokens, updated), TokenResult(False, tokens, wait)

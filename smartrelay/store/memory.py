@@ -11,6 +11,7 @@ Unlike the durable back ends it may be used without calling C{start} first.
 
 import json
 from bisect import insort
+from collections import Counter
 from typing import Optional
 
 import attrs
@@ -19,14 +20,30 @@ from zope.interface import implementer
 
 from smartrelay.events import Event
 from smartrelay.store.interfaces import (
+    UNIQUE_TYPES,
     EventPage,
     IStore,
     StoreClosed,
+    SuppressionEntry,
+    SuppressionPage,
+    buildStatistics,
+    checkAddresses,
     checkLimit,
+    checkReason,
+    checkStatisticsArguments,
     checkTime,
+    checkTokenArguments,
+    counterBumps,
     decodeCursor,
+    decodeSuppressionCursor,
     encodeCursor,
+    encodeSuppressionCursor,
+    eventCounterTypes,
+    normaliseAddress,
+    normalisePrefix,
     normaliseRecipient,
+    takeFromBucket,
+    uniqueKey,
 )
 
 
@@ -52,10 +69,18 @@ class _Row:
 class MemoryStore:
     """
     An L{IStore} that keeps events in a list sorted by (time, insertion
-    order).
+    order), and the suppression list, statistics counters and token
+    buckets in dictionaries.
     """
 
     _rows: list[_Row] = attrs.field(factory=list, init=False)
+    _suppressions: dict[str, SuppressionEntry] = attrs.field(factory=dict, init=False)
+    # (interval, dimension, key) -> bucket start -> counter type -> count
+    _counters: dict[tuple[str, str, str], dict[int, Counter]] = attrs.field(
+        factory=dict, init=False
+    )
+    _seen: set[tuple[str, str, str]] = attrs.field(factory=set, init=False)
+    _buckets: dict[str, tuple[float, float]] = attrs.field(factory=dict, init=False)
     _nextSeq: int = attrs.field(default=1, init=False)
     _closed: bool = attrs.field(default=False, init=False)
 
@@ -92,6 +117,17 @@ class MemoryStore:
             )
             self._nextSeq += 1
             insort(self._rows, row)
+            self._count(event)
+
+    def _count(self, event: Event) -> None:
+        types = eventCounterTypes(event)
+        unique = uniqueKey(event)
+        if unique is not None and unique not in self._seen:
+            self._seen.add(unique)
+            types.append(UNIQUE_TYPES[event.type])
+        for interval, bucket, dim, key, type in counterBumps(event, types):
+            series = self._counters.setdefault((interval, dim, key), {})
+            series.setdefault(bucket, Counter())[type] += 1
 
     def eventsForMessage(self, queue_id: str) -> Deferred:
         return maybeDeferred(self._eventsForMessage, queue_id)
@@ -152,3 +188,125 @@ class MemoryStore:
             last = found[-1]
             nextCursor = encodeCursor(last.time, last.seq)
         return EventPage(events=[row.toEvent() for row in found], cursor=nextCursor)
+
+    # -- suppression list ------------------------------------------------
+
+    def addSuppression(self, entry: SuppressionEntry) -> Deferred:
+        return maybeDeferred(self._addSuppression, entry)
+
+    def _addSuppression(self, entry: SuppressionEntry) -> None:
+        self._checkOpen()
+        if not isinstance(entry, SuppressionEntry):
+            raise TypeError(f"not a SuppressionEntry: {entry!r}")
+        old = self._suppressions.get(entry.address)
+        if old is None or entry.time >= old.time:
+            self._suppressions[entry.address] = entry
+
+    def removeSuppression(self, address: str) -> Deferred:
+        return maybeDeferred(self._removeSuppression, address)
+
+    def _removeSuppression(self, address: str) -> bool:
+        self._checkOpen()
+        return self._suppressions.pop(normaliseAddress(address), None) is not None
+
+    def checkSuppressions(self, addresses: list[str], now: float) -> Deferred:
+        return maybeDeferred(self._checkSuppressions, addresses, now)
+
+    def _checkSuppressions(self, addresses, now) -> dict[str, SuppressionEntry]:
+        self._checkOpen()
+        pairs = checkAddresses(addresses)
+        now = checkTime("now", now)
+        if now is None:
+            raise ValueError("now is required")
+        found = {}
+        for given, normalised in pairs:
+            entry = self._suppressions.get(normalised)
+            if entry is not None and entry.activeAt(now):
+                found[given] = entry
+        return found
+
+    def listSuppressions(
+        self,
+        *,
+        prefix: Optional[str] = None,
+        reason: Optional[str] = None,
+        cursor: Optional[str] = None,
+        limit: int = 100,
+    ) -> Deferred:
+        return maybeDeferred(self._listSuppressions, prefix, reason, cursor, limit)
+
+    def _listSuppressions(self, prefix, reason, cursor, limit) -> SuppressionPage:
+        self._checkOpen()
+        limit = checkLimit(limit)
+        reason = checkReason(reason)
+        prefix = normalisePrefix(prefix)
+        after = None if cursor is None else decodeSuppressionCursor(cursor)
+        found = []
+        for address in sorted(self._suppressions):
+            if after is not None and address <= after:
+                continue
+            if prefix is not None and not address.startswith(prefix):
+                continue
+            entry = self._suppressions[address]
+            if reason is not None and entry.reason != reason:
+                continue
+            found.append(entry)
+            if len(found) > limit:
+                break
+        nextCursor = None
+        if len(found) > limit:
+            del found[limit:]
+            nextCursor = encodeSuppressionCursor(found[-1].address)
+        return SuppressionPage(entries=found, cursor=nextCursor)
+
+    # -- statistics ------------------------------------------------------
+
+    def statistics(
+        self,
+        *,
+        since: float,
+        until: float,
+        interval: str = "hour",
+        tag: Optional[str] = None,
+        domain: Optional[str] = None,
+    ) -> Deferred:
+        return maybeDeferred(self._statistics, since, until, interval, tag, domain)
+
+    def _statistics(self, since, until, interval, tag, domain):
+        self._checkOpen()
+        since, until, size, dim, key, first = checkStatisticsArguments(
+            since, until, interval, tag, domain
+        )
+        series = self._counters.get((interval, dim, key), {})
+        counters = [
+            (bucket, type, count)
+            for bucket, counts in series.items()
+            if first <= bucket < until
+            for type, count in counts.items()
+        ]
+        return buildStatistics(
+            since=since,
+            until=until,
+            interval=interval,
+            tag=tag,
+            domain=domain,
+            counters=counters,
+        )
+
+    # -- token buckets ---------------------------------------------------
+
+    def takeTokens(
+        self, key: str, rate: float, burst: float, now: float, count: float = 1
+    ) -> Deferred:
+        return maybeDeferred(self._takeTokens, key, rate, burst, now, count)
+
+    def _takeTokens(self, key, rate, burst, now, count):
+        self._checkOpen()
+        key, rate, burst, now, count = checkTokenArguments(
+            key, rate, burst, now, count
+        )
+        state, result = takeFromBucket(
+            self._buckets.get(key), rate, burst, now, count
+        )
+        self._buckets[key] = state
+        return result

@@ -14,6 +14,7 @@ the last few committed batches but never corrupts the file.
 
 import json
 import sqlite3
+from collections import Counter
 from typing import Any, Callable, Optional
 
 import attrs
@@ -25,14 +26,31 @@ from zope.interface import implementer
 
 from smartrelay.events import Event
 from smartrelay.store.interfaces import (
+    UNIQUE_TYPES,
     EventPage,
     IStore,
     StoreClosed,
+    SuppressionEntry,
+    SuppressionPage,
+    buildStatistics,
+    checkAddresses,
     checkLimit,
+    checkReason,
+    checkStatisticsArguments,
     checkTime,
+    checkTokenArguments,
+    counterBumps,
     decodeCursor,
+    decodeSuppressionCursor,
     encodeCursor,
+    encodeSuppressionCursor,
+    eventCounterTypes,
+    normaliseAddress,
+    normalisePrefix,
     normaliseRecipient,
+    prefixUpperBound,
+    takeFromBucket,
+    uniqueKey,
 )
 
 
@@ -76,9 +94,77 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX events_tag ON events (tag, time)",
         ],
     ),
+    # Version 2: the suppression list, statistics counters (bumped in the
+    # transaction that appends the events) with the (queue id, recipient,
+    # type) triples already counted as unique opens / clicks, and the
+    # rate-limit token buckets.  Events stored before this version are not
+    # counted.
+    (
+        2,
+        [
+            """
+            CREATE TABLE suppressions (
+                address TEXT PRIMARY KEY,
+                reason TEXT NOT NULL,
+                source_event TEXT,
+                time REAL NOT NULL,
+                expires REAL
+            ) WITHOUT ROWID
+            """,
+            "CREATE INDEX suppressions_reason ON suppressions (reason, address)",
+            """
+            CREATE TABLE counters (
+                interval TEXT NOT NULL,
+                dim TEXT NOT NULL,
+                key TEXT NOT NULL,
+                bucket INTEGER NOT NULL,
+                type TEXT NOT NULL,
+                count INTEGER NOT NULL,
+                PRIMARY KEY (interval, dim, key, bucket, type)
+            ) WITHOUT ROWID
+            """,
+            """
+            CREATE TABLE seen (
+                queue_id TEXT NOT NULL,
+                recipient_norm TEXT NOT NULL,
+                type TEXT NOT NULL,
+                time REAL NOT NULL,
+                PRIMARY KEY (queue_id, recipient_norm, type)
+            ) WITHOUT ROWID
+            """,
+            """
+            CREATE TABLE token_buckets (
+                key TEXT PRIMARY KEY,
+                tokens REAL NOT NULL,
+                updated REAL NOT NULL
+            ) WITHOUT ROWID
+            """,
+        ],
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_BUMP = (
+    "INSERT INTO counters (interval, bucket, dim, key, type, count)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (interval, dim, key, bucket, type)"
+    " DO UPDATE SET count = count + excluded.count"
+)
+
+_SUPPRESSION_COLUMNS = "address, reason, source_event, time, expires"
+
+# Of two adds for one address the one with the later time wins.
+_UPSERT_SUPPRESSION = (
+    f"INSERT INTO suppressions ({_SUPPRESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (address) DO UPDATE SET"
+    " reason = excluded.reason, source_event = excluded.source_event,"
+    " time = excluded.time, expires = excluded.expires"
+    " WHERE excluded.time >= suppressions.time"
+)
+
+# Addresses per SELECT of checkSuppressions (below SQLite's variable limit).
+_CHECK_CHUNK = 500
 
 _COLUMNS = "seq, id, time, type, queue_id, recipient, tag, metadata, detail"
 
@@ -100,6 +186,30 @@ def _toRow(event: Event) -> tuple:
         event.tag,
         json.dumps(event.metadata),
         json.dumps(event.detail),
+    )
+
+
+def _counting(event: Event) -> tuple:
+    """
+    What appending C{event} does to the statistics: the counters it bumps
+    in any case, and the (queue id, recipient, type) triple with the
+    counters it bumps if that triple was not seen before (or L{None}).
+    """
+    bumps = counterBumps(event, eventCounterTypes(event))
+    unique = uniqueKey(event)
+    if unique is None:
+        return bumps, None
+    return bumps, (unique, event.time, counterBumps(event, [UNIQUE_TYPES[event.type]]))
+
+
+def _entryFromRow(row: tuple) -> SuppressionEntry:
+    address, reason, source_event, time, expires = row
+    return SuppressionEntry(
+        address=address,
+        reason=reason,
+        source_event=source_event,
+        time=time,
+        expires=expires,
     )
 
 
@@ -299,9 +409,10 @@ class SQLiteStore:
         # encoded fails before anything is written.
         try:
             rows = [_toRow(event) for event in events]
+            counting = [_counting(event) for event in events]
         except Exception:
             return fail()
-        return self._run(self._append, rows)
+        return self._run(self._append, rows, counting)
 
     def eventsForMessage(self, queue_id: str) -> Deferred:
         return self._run(self._eventsForMessage, queue_id)
@@ -354,6 +465,112 @@ class SQLiteStore:
         params.append(limit + 1)
         return self._run(self._query, sql, params, limit)
 
+    def addSuppression(self, entry: SuppressionEntry) -> Deferred:
+        if not isinstance(entry, SuppressionEntry):
+            return fail(TypeError(f"not a SuppressionEntry: {entry!r}"))
+        row = (
+            entry.address,
+            entry.reason,
+            entry.source_event,
+            entry.time,
+            entry.expires,
+        )
+        d = self._run(self._execute, _UPSERT_SUPPRESSION, row)
+        return d.addCallback(lambda rowcount: None)
+
+    def removeSuppression(self, address: str) -> Deferred:
+        try:
+            address = normaliseAddress(address)
+        except ValueError:
+            return fail()
+        d = self._run(
+            self._execute, "DELETE FROM suppressions WHERE address = ?", (address,)
+        )
+        return d.addCallback(lambda rowcount: rowcount > 0)
+
+    def checkSuppressions(self, addresses: list[str], now: float) -> Deferred:
+        try:
+            pairs = checkAddresses(addresses)
+            now = checkTime("now", now)
+            if now is None:
+                raise ValueError("now is required")
+        except ValueError:
+            return fail()
+        return self._run(self._checkSuppressions, pairs, now)
+
+    def listSuppressions(
+        self,
+        *,
+        prefix: Optional[str] = None,
+        reason: Optional[str] = None,
+        cursor: Optional[str] = None,
+        limit: int = 100,
+    ) -> Deferred:
+        try:
+            limit = checkLimit(limit)
+            reason = checkReason(reason)
+            prefix = normalisePrefix(prefix)
+            after = None if cursor is None else decodeSuppressionCursor(cursor)
+        except ValueError:
+            return fail()
+        clauses = []
+        params: list[Any] = []
+        if prefix:
+            clauses.append("address >= ?")
+            params.append(prefix)
+            upper = prefixUpperBound(prefix)
+            if upper is not None:
+                clauses.append("address < ?")
+                params.append(upper)
+        if reason is not None:
+            clauses.append("reason = ?")
+            params.append(reason)
+        if after is not None:
+            clauses.append("address > ?")
+            params.append(after)
+        sql = f"SELECT {_SUPPRESSION_COLUMNS} FROM suppressions"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY address LIMIT ?"
+        params.append(limit + 1)
+        return self._run(self._listSuppressions, sql, params, limit)
+
+    def statistics(
+        self,
+        *,
+        since: float,
+        until: float,
+        interval: str = "hour",
+        tag: Optional[str] = None,
+        domain: Optional[str] = None,
+    ) -> Deferred:
+        try:
+            since, until, size, dim, key, first = checkStatisticsArguments(
+                since, until, interval, tag, domain
+            )
+        except ValueError:
+            return fail()
+        d = self._run(self._counters, interval, dim, key, first, until)
+        return d.addCallback(
+            lambda counters: buildStatistics(
+                since=since,
+                until=until,
+                interval=interval,
+                tag=tag,
+                domain=domain,
+                counters=counters,
+            )
+        )
+
+    def takeTokens(
+        self, key: str, rate: float, burst: float, now: float, count: float = 1
+    ) -> Deferred:
+        try:
+            args = checkTokenArguments(key, rate, burst, now, count)
+        except ValueError:
+            return fail()
+        return self._run(self._takeTokens, *args)
+
     # -- database thread -------------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
@@ -383,11 +600,26 @@ class SQLiteStore:
             finally:
                 conn.close()
 
-    def _append(self, rows: list[tuple]) -> None:
+    def _append(self, rows: list[tuple], counting: list[tuple]) -> None:
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(_INSERT, rows)
+            bumps: Counter = Counter()
+            for always, unique in counting:
+                bumps.update(always)
+                if unique is not None:
+                    key, time, uniqueBumps = unique
+                    inserted = conn.execute(
+                        "INSERT OR IGNORE INTO seen"
+                        " (queue_id, recipient_norm, type, time) VALUES (?, ?, ?, ?)",
+                        (*key, time),
+                    )
+                    if inserted.rowcount == 1:
+                        bumps.update(uniqueBumps)
+            conn.executemany(
+                _BUMP, [(*counter, count) for counter, count in bumps.items()]
+            )
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -409,3 +641,68 @@ class SQLiteStore:
             seq, _, time = rows[-1][:3]
             cursor = encodeCursor(time, seq)
         return EventPage(events=[_fromRow(row) for row in rows], cursor=cursor)
+
+    def _execute(self, sql: str, params: tuple) -> int:
+        return self._connection().execute(sql, params).rowcount
+
+    def _checkSuppressions(
+        self, pairs: list[tuple[str, str]], now: float
+    ) -> dict[str, SuppressionEntry]:
+        conn = self._connection()
+        wanted = sorted({normalised for _, normalised in pairs})
+        entries = {}
+        for i in range(0, len(wanted), _CHECK_CHUNK):
+            chunk = wanted[i : i + _CHECK_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            for row in conn.execute(
+                f"SELECT {_SUPPRESSION_COLUMNS} FROM suppressions"
+                f" WHERE address IN ({marks})",
+                chunk,
+            ):
+                entry = _entryFromRow(row)
+                if entry.activeAt(now):
+                    entries[entry.address] = entry
+        return {
+            given: entries[normalised]
+            for given, normalised in pairs
+            if normalised in entries
+        }
+
+    def _listSuppressions(self, sql: str, params: list, limit: int) -> SuppressionPage:
+        rows = self._connection().execute(sql, params).fetchall()
+        cursor = None
+        if len(rows) > limit:
+            del rows[limit:]
+            cursor = encodeSuppressionCursor(rows[-1][0])
+        entries = [_entryFromRow(row) for row in rows]
+        return SuppressionPage(entries=entries, cursor=cursor)
+
+    def _counters(
+        self, interval: str, dim: str, key: str, first: int, until: float
+    ) -> list[tuple[int, str, int]]:
+        return self._connection().execute(
+            "SELECT bucket, type, count FROM counters"
+            " WHERE interval = ? AND dim = ? AND key = ?"
+            " AND bucket >= ? AND bucket < ?",
+            (interval, dim, key, first, until),
+        ).fetchall()
+
+    def _takeTokens(self, key, rate, burst, now, count):
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            state = conn.execute(
+                "SELECT tokens, updated FROM token_buckets WHERE key = ?", (key,)
+            ).fetchone()
+            (tokens, updated), result = takeFromBucket(state, rate, burst, now, count)
+            conn.execute(
+                "INSERT OR REPLACE INTO token_buckets (key, tokens, updated)"
+                " VALUES (?, ?, ?)",
+                (key, tokens, updated),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
