@@ -17,6 +17,7 @@ from typing import Any, Optional
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 EVENT_TYPES = frozenset(
     [
@@ -114,8 +115,15 @@ class EventLog:
     Batches events and writes them to a store.
 
     Events emitted during one reactor turn are written together: the first
-    C{emit} schedules a flush with C{callLater(0)}; at most one store write is
-    in flight, events that arrive meanwhile wait for the next batch.
+    C{emit} schedules a flush with C{callLater(0)}; at most one write is in
+    flight, events that arrive meanwhile wait for the next batch.
+
+    If the store fails a write and there is a C{journal}
+    (L{smartrelay.journal.EventJournal}), the log becomes I{degraded}: the
+    failed batch and every later one go to the on-disk journal, and a replay
+    is tried with back-off (C{retryDelays}) until the store takes everything
+    in the journal, in order; then writes go to the store again.  Without a
+    journal a failed batch is logged as lost.
 
     @ivar store: provides C{appendEvents(list[Event]) -> Deferred}.
     @ivar clock: an L{IReactorTime}; its C{seconds} stamps events.
@@ -124,12 +132,54 @@ class EventLog:
     store: Any
     clock: Any
     maxBatch: int = 5000
+    journal: Any = None
+    retryDelays: tuple = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
     _pending: list = attrs.field(factory=list, init=False)
     _scheduled: Any = attrs.field(default=None, init=False)
     _inFlight: Optional[Deferred] = attrs.field(default=None, init=False)
     _waiters: list = attrs.field(factory=list, init=False)
+    _degraded: bool = attrs.field(default=False, init=False)
+    _replayTimer: Any = attrs.field(default=None, init=False)
+    _replaying: bool = attrs.field(default=False, init=False)
+    _replayFailures: int = attrs.field(default=0, init=False)
+    _journaledSinceSeal: int = attrs.field(default=0, init=False)
+    _stopped: bool = attrs.field(default=False, init=False)
 
     log = Logger()
+
+    @property
+    def degraded(self) -> bool:
+        """
+        True while events go to the journal instead of the store.
+        """
+        return self._degraded
+
+    def start(self) -> Deferred:
+        """
+        Open the journal; if it holds events from an earlier run, replay
+        them (in the background) before writing new ones to the store.
+        """
+        if self.journal is None:
+            return succeed(None)
+
+        def opened(waiting):
+            if waiting:
+                self.log.info(
+                    "replaying {count} journal segment(s) of events into the store",
+                    count=waiting,
+                )
+                self._degrade(delay=0)
+
+        return self.journal.open().addCallback(opened)
+
+    def stop(self) -> None:
+        """
+        Stop replaying (what is left stays in the journal for the next run).
+        """
+        self._stopped = True
+        if self._replayTimer is not None and self._replayTimer.active():
+            self._replayTimer.cancel()
+        self._replayTimer = None
 
     def emit(
         self,
@@ -168,12 +218,12 @@ class EventLog:
             return
         batch = self._pending[: self.maxBatch]
         del self._pending[: self.maxBatch]
-        d = self._inFlight = self.store.appendEvents(batch)
-
-        def failed(failure):
-            self.log.failure(
-                "Could not write {count} events to the store", failure, count=len(batch)
-            )
+        if self._degraded:
+            d = self._toJournal(batch)
+        else:
+            d = self.store.appendEvents(batch)
+            d.addErrback(self._storeFailed, batch)
+        self._inFlight = d
 
         def done(_):
             self._inFlight = None
@@ -182,8 +232,98 @@ class EventLog:
             else:
                 self._notifyIdle()
 
-        d.addErrback(failed)
         d.addBoth(done)
+
+    def _storeFailed(self, failure, batch: list) -> Optional[Deferred]:
+        if self.journal is None:
+            self.log.failure(
+                "Could not write {count} events to the store; they are lost",
+                failure,
+                count=len(batch),
+            )
+            return None
+        self.log.failure(
+            "Could not write {count} events to the store; keeping events in the "
+            "journal until it is back",
+            failure,
+            count=len(batch),
+        )
+        self._degrade(delay=self.retryDelays[0])
+        return self._toJournal(batch)
+
+    def _toJournal(self, batch: list) -> Deferred:
+        self._journaledSinceSeal += 1
+
+        def kept(ok):
+            if not ok:
+                self.log.error(
+                    "the event journal is full ({size} bytes): {count} events are lost",
+                    size=self.journal.size,
+                    count=len(batch),
+                )
+
+        def failed(failure):
+            self.log.failure(
+                "Could not journal {count} events; they are lost", failure, count=len(batch)
+            )
+
+        return self.journal.append(batch).addCallbacks(kept, failed)
+
+    def _degrade(self, delay: float) -> None:
+        if not self._degraded:
+            self._degraded = True
+            self._replayFailures = 0
+        self._scheduleReplay(delay)
+
+    def _scheduleReplay(self, delay: float) -> None:
+        if self._stopped or self._replaying:
+            return
+        if self._replayTimer is not None and self._replayTimer.active():
+            return
+        self._replayTimer = self.clock.callLater(delay, self._replay)
+
+    def _replay(self) -> None:
+        self._replayTimer = None
+        self._replaying = True
+        Deferred.fromCoroutine(self._replayAll()).addBoth(self._replayed)
+
+    async def _replayAll(self) -> bool:
+        """
+        Move sealed journal segments into the store, oldest first.  Returns
+        True once the journal is empty and nothing was journaled since it
+        was last sealed.
+        """
+        while not self._stopped:
+            self.journal.seal()
+            self._journaledSinceSeal = 0
+            segments = await self.journal.sealedSegments()
+            if not segments:
+                if self._journaledSinceSeal == 0 and self._inFlight is None:
+                    return True
+                continue
+            for path in segments:
+                events = await self.journal.read(path)
+                for start in range(0, len(events), self.maxBatch):
+                    await self.store.appendEvents(events[start : start + self.maxBatch])
+                await self.journal.remove(path)
+        return False
+
+    def _replayed(self, result) -> None:
+        self._replaying = False
+        if result is True:
+            self._degraded = False
+            self._replayFailures = 0
+            self.log.info("the event store is back; journal replayed")
+            return
+        if isinstance(result, Failure):
+            delay = self.retryDelays[min(self._replayFailures, len(self.retryDelays) - 1)]
+            self._replayFailures += 1
+            self.log.warn(
+                "event store still unavailable ({why}); next try in {delay}s",
+                why=result.getErrorMessage(),
+                delay=delay,
+            )
+            self._scheduleReplay(delay)
 
     def _notifyIdle(self) -> None:
         waiters, self._waiters = self._waiters, []

@@ -20,6 +20,7 @@ from twisted.python.threadpool import ThreadPool
 
 from smartrelay.auth import HashedPasswordChecker, PasswordFile
 from smartrelay.events import EventLog
+from smartrelay.journal import EventJournal
 from smartrelay.ids import ID_STATE_FILE, IDState, loadIDState, renewLease, saveIDState, startRun
 from smartrelay.outbound.client import deliver, opportunisticTLS
 from smartrelay.outbound.router import MXRouter, SmarthostRouter, makeResolver
@@ -76,7 +77,12 @@ class RelayService(MultiService):
             os.path.join(self.dataDir, "smartrelay.sqlite"),
             partial(deferToThreadPool, reactor, self.storePool),
         )
-        self.events = EventLog(self.store, reactor)
+        self.journalPool = ThreadPool(minthreads=1, maxthreads=1, name="smartrelay-journal")
+        self.journal = EventJournal(
+            os.path.join(self.dataDir, "event-journal"),
+            partial(deferToThreadPool, reactor, self.journalPool),
+        )
+        self.events = EventLog(self.store, reactor, journal=self.journal)
         self.deliveryIOPool = ThreadPool(
             minthreads=1, maxthreads=DELIVERY_IO_THREADS, name="smartrelay-delivery-io"
         )
@@ -168,6 +174,7 @@ class RelayService(MultiService):
         self.spoolPool.start()
         self.deliveryIOPool.start()
         self.storePool.start()
+        self.journalPool.start()
         MultiService.startService(self)
         self._startUp().addBoth(self._started)
 
@@ -202,6 +209,7 @@ class RelayService(MultiService):
     def _startUp(self):
         yield self.runInSpoolThread(os.makedirs, self.dataDir, 0o700, True)
         yield self.store.start()
+        yield self.events.start()
         previous = yield self.runInSpoolThread(loadIDState, self.idStatePath)
         state, generator = startRun(
             previous, self.reactor.seconds(), self.config.relay.node_id
@@ -226,8 +234,10 @@ class RelayService(MultiService):
             yield port.stopListening()
         yield MultiService.stopService(self)
         yield self.events.flushed()
+        self.events.stop()
         yield self.store.close()
         self.storePool.stop()
+        self.journalPool.stop()
         self.deliveryIOPool.stop()
         self.spoolPool.stop()
 
