@@ -22,6 +22,8 @@ from typing import Callable, Optional
 
 import attrs
 
+from smartrelay.diskio import fsyncDirectory
+
 QUEUE_ID_RE = re.compile(r"^[0-9A-F]{2}/[0-9A-F]{2}-[0-9]{5}-[0-9A-F]{8}$")
 
 #: The id state's file name under data_dir.
@@ -119,17 +121,6 @@ def saveIDState(path: str, state: IDState) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsyncDirectory(os.path.dirname(path) or ".")
-
-
-def fsyncDirectory(path: str) -> None:
-    """
-    fsync a directory so that renames and new entries in it are durable.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def startRun(

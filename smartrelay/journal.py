@@ -22,6 +22,7 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
+from smartrelay.diskio import appendDurably
 from smartrelay.events import Event
 
 SUFFIX = ".jsonl"
@@ -78,17 +79,6 @@ def decodeEvents(raw: bytes) -> tuple:
     return events, skipped
 
 
-def _appendSynced(path: str, blob: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        view = memoryview(blob)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-
-
 @attrs.define(eq=False)
 class EventJournal:
     """
@@ -141,7 +131,7 @@ class EventJournal:
         if self.size + len(blob) > self.maxBytes:
             return succeed(False)
         self.size += len(blob)
-        return self.runInThread(_appendSynced, self._segment(self._current), blob).addCallback(
+        return self.runInThread(appendDurably, self._segment(self._current), blob).addCallback(
             lambda _: True
         )
 

@@ -21,7 +21,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from smartrelay.ids import fileName, fsyncDirectory
+from smartrelay.diskio import appendDurably, fsyncDirectory, unlinkQuietly, writeAll
+from smartrelay.ids import fileName
 
 FINAL_STATES = frozenset(["delivered", "bounced", "expired"])
 
@@ -220,13 +221,11 @@ def _writeBatch(directory: str, items: list) -> list:
             results[index] = e
             continue
         try:
-            view = memoryview(blob)
-            while view:
-                view = view[os.write(fd, view) :]
+            writeAll(fd, blob)
         except OSError as e:
             results[index] = e
             os.close(fd)
-            _unlinkQuietly(tmpPath)
+            unlinkQuietly(tmpPath)
             continue
         written.append((index, fd))
     renamed = []
@@ -246,7 +245,7 @@ def _writeBatch(directory: str, items: list) -> list:
             results[index] = e
             if fd is not None:
                 os.close(fd)
-            _unlinkQuietly(tmpPath)
+            unlinkQuietly(tmpPath)
             continue
         renamed.append(index)
     if renamed:
@@ -255,24 +254,8 @@ def _writeBatch(directory: str, items: list) -> list:
         except OSError as e:
             for index in renamed:
                 results[index] = e
-                _unlinkQuietly(items[index][1])
+                unlinkQuietly(items[index][1])
     return results
-
-
-def _appendDurably(path: str, blob: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.write(fd, blob)
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlinkQuietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class MessageCache:
@@ -372,10 +355,10 @@ class Spool:
             path = os.path.join(self.directory, name)
             if name.startswith(TEMP_PREFIX):
                 self.log.info("removing unfinished spool file {name}", name=name)
-                _unlinkQuietly(path)
+                unlinkQuietly(path)
             elif name.endswith(STATE_SUFFIX):
                 if name[: -len(STATE_SUFFIX)] + MESSAGE_SUFFIX not in present:
-                    _unlinkQuietly(path)
+                    unlinkQuietly(path)
             elif name.endswith(MESSAGE_SUFFIX):
                 entry = self._recoverOne(name, path, present)
                 if entry is not None:
@@ -404,8 +387,8 @@ class Spool:
                     count=skipped,
                 )
         if entry.done:
-            _unlinkQuietly(path)
-            _unlinkQuietly(statePath)
+            unlinkQuietly(path)
+            unlinkQuietly(statePath)
             return None
         return entry
 
@@ -556,10 +539,10 @@ class Spool:
         else:
             blob = b"".join(encodeState(r) for r in changes)
             d = self.runDeliveryIO(
-                _appendDurably, self._path(entry.queue_id, STATE_SUFFIX), blob
+                appendDurably, self._path(entry.queue_id, STATE_SUFFIX), blob
             )
         return d.addCallback(applied)
 
     def _remove(self, entry: SpoolEntry) -> None:
-        _unlinkQuietly(self._path(entry.queue_id, MESSAGE_SUFFIX))
-        _unlinkQuietly(self._path(entry.queue_id, STATE_SUFFIX))
+        unlinkQuietly(self._path(entry.queue_id, MESSAGE_SUFFIX))
+        unlinkQuietly(self._path(entry.queue_id, STATE_SUFFIX))
