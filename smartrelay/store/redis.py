@@ -1,0 +1,1155 @@
+"""
+The Redis event store: the back end for several relay nodes that share one
+suppression list, rate limits, events and statistics (DESIGN section 1.2,
+C{[smartrelay] store = redis://host:port/db}).
+
+Layout (every key starts with the store's prefix, C{smartrelay:} unless
+told otherwise):
+
+    - C{seq}: the event sequence, bumped with INCRBY once per batch;
+    - C{events}: a hash from event member (the sequence number as 16 hex
+      digits) to the event as JSON, each event stored once;
+    - C{ev:all}, C{ev:q:<queue id>}, C{ev:r:<normalised recipient>},
+      C{ev:t:<tag>}, C{ev:y:<type>}: sorted sets of event members scored by
+      time.  Members of equal score sort by their bytes, which for the
+      fixed-width hex members is insertion order: a sorted set is in
+      (time, seq) order, the order of the contract and of the cursors;
+    - C{supp}: a hash from normalised address to the suppression entry as
+      JSON, C{supp:time} the entry's time alone (for the upsert rule in Lua),
+      C{supp:all} and C{supp:reason:<reason>} sorted sets with every score 0
+      so that ZRANGEBYLEX lists addresses in code point (UTF-8 byte) order;
+    - C{stats:<interval>:<dimension>:<key>:buckets}: a sorted set of the
+      bucket starts of one counter series, and
+      C{stats:<interval>:<dimension>:<key>:<bucket start>} a hash from
+      counter type to count;
+    - C{seen:<type>}: the (queue id, recipient) pairs already counted as a
+      unique open or click;
+    - C{bucket:<key>}: a token bucket (C{tokens}, C{updated}).
+
+Every write that must be atomic (a batch of events with its counters, a
+suppression upsert or removal, a token bucket take) is one Lua script,
+loaded when the connection is made and run with EVALSHA (EVAL if the server
+forgot it).  All commands go over one connection, written in call order, so
+operations apply in the order they were called.
+"""
+
+import hashlib
+import json
+import math
+from collections import Counter
+from typing import Any, Optional
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import attrs
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    UNIXClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from smartrelay.events import Event
+from smartrelay.store.interfaces import (
+    SUPPRESSION_REASONS,
+    UNIQUE_TYPES,
+    EventPage,
+    IStore,
+    StoreClosed,
+    SuppressionEntry,
+    SuppressionPage,
+    TokenResult,
+    buildStatistics,
+    checkAddresses,
+    checkLimit,
+    checkReason,
+    checkStatisticsArguments,
+    checkTime,
+    checkTokenArguments,
+    counterBumps,
+    decodeCursor,
+    decodeSuppressionCursor,
+    encodeCursor,
+    encodeSuppressionCursor,
+    eventCounterTypes,
+    normaliseAddress,
+    normalisePrefix,
+    normaliseRecipient,
+    prefixUpperBound,
+    uniqueKey,
+)
+
+DEFAULT_PORT = 6379
+DEFAULT_PREFIX = "smartrelay:"
+
+# The data layout version this code writes; start() refuses a newer one.
+SCHEMA_VERSION = 1
+
+
+class RedisConnectionFailed(Exception):
+    """
+    The store could not connect to (or authenticate with, or select the
+    database of) its Redis server.
+    """
+
+
+class UnsupportedSchema(Exception):
+    """
+    The Redis data was written by a newer smartrelay.
+    """
+
+
+# -- URLs ----------------------------------------------------------------
+
+
+@attrs.frozen
+class RedisAddress:
+    """
+    Where a Redis server is and how to log in to it.
+
+    @ivar tls: connect with TLS (C{rediss://}).
+    @ivar host: host name or IP address (L{None} for a UNIX socket).
+    @ivar port: TCP port (L{None} for a UNIX socket).
+    @ivar path: UNIX socket path (L{None} for TCP).
+    @ivar db: the database number to SELECT.
+    @ivar username: ACL user name for AUTH, if any.
+    @ivar password: password for AUTH, if any.
+    """
+
+    host: Optional[str] = None
+    port: Optional[int] = None
+    path: Optional[str] = None
+    db: int = 0
+    tls: bool = False
+    username: Optional[str] = None
+    password: Optional[str] = attrs.field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        """
+        The address without its credentials, for log lines and errors.
+        """
+        if self.path is not None:
+            return f"unix://{self.path}?db={self.db}"
+        scheme = "rediss" if self.tls else "redis"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}/{self.db}"
+
+    def endpoint(self, reactor: Any, timeout: float = 30):
+        """
+        A client endpoint for this address.
+        """
+        if self.path is not None:
+            return UNIXClientEndpoint(reactor, self.path, timeout=timeout)
+        endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
+        if self.tls:
+            from twisted.internet.ssl import optionsForClientTLS
+
+            endpoint = wrapClientTLS(optionsForClientTLS(self.host), endpoint)
+        return endpoint
+
+
+def _parseDB(text: str, url: str) -> int:
+    if not text.isdigit() or not text.isascii():
+        raise ValueError(
+            f"Redis database must be a non-negative integer, not {text!r} in {url!r}"
+        )
+    return int(text)
+
+
+def parseRedisURL(url: str) -> RedisAddress:
+    """
+    Parse C{redis://[[user]:password@]host[:port][/db]},
+    C{rediss://...} (TLS) or C{unix://[[user]:password@]/path[?db=N]}.
+
+    @raise ValueError: with a message that says what is wrong.
+    """
+    if not isinstance(url, str):
+        raise ValueError(f"Redis URL must be a string, not {url!r}")
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:
+        raise ValueError(f"malformed Redis URL {url!r}: {e}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(
+            f"Redis URL must start with redis://, rediss:// or unix://, not {url!r}"
+        )
+    if parts.fragment:
+        raise ValueError(f"Redis URL must not have a fragment: {url!r}")
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    if password == "":
+        password = None
+    if password is None and username is not None:
+        # redis://secret@host: a lone user info is the password, as in
+        # redis-cli and redis-py.
+        username, password = None, username
+    query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False)
+    options = dict(query)
+    if len(options) != len(query):
+        raise ValueError(f"Redis URL repeats a query parameter: {url!r}")
+    unknown = set(options) - {"db"}
+    if unknown:
+        raise ValueError(
+            f"unknown Redis URL parameter(s) {', '.join(sorted(unknown))} in {url!r}"
+        )
+    db = _parseDB(options["db"], url) if "db" in options else None
+
+    if scheme == "unix":
+        host = parts.netloc.rpartition("@")[2]
+        if host:
+            raise ValueError(
+                f"a unix:// Redis URL has no host; write unix:///path: {url!r}"
+            )
+        path = unquote(parts.path)
+        if not path.startswith("/") or path == "/":
+            raise ValueError(f"a unix:// Redis URL needs an absolute socket path: {url!r}")
+        return RedisAddress(
+            path=path,
+            db=0 if db is None else db,
+            username=username,
+            password=password,
+        )
+
+    if not parts.hostname:
+        raise ValueError(f"Redis URL has no host: {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"Redis URL has a bad port: {url!r}") from None
+    if port is None:
+        if parts.netloc.endswith(":"):
+            raise ValueError(f"Redis URL has an empty port: {url!r}")
+        port = DEFAULT_PORT
+    if port == 0:
+        raise ValueError(f"Redis URL port must be 1 to 65535: {url!r}")
+    path = parts.path
+    if path in ("", "/"):
+        pathDB = None
+    else:
+        pathDB = _parseDB(path[1:], url)
+    if pathDB is not None and db is not None and pathDB != db:
+        raise ValueError(f"Redis URL gives two different databases: {url!r}")
+    db = pathDB if pathDB is not None else (0 if db is None else db)
+    return RedisAddress(
+        host=parts.hostname,
+        port=port,
+        db=db,
+        tls=scheme == "rediss",
+        username=username,
+        password=password,
+    )
+
+
+# -- Lua scripts ---------------------------------------------------------
+
+# Append a batch: one INCRBY for the batch's sequence numbers, each event
+# stored once and added to its indexes, counters bumped, unique opens and
+# clicks counted when their (queue id, recipient) is new.
+#
+# KEYS: sequence, events hash.
+# ARGV: n, then per event: time, record, index count, index keys...,
+#   seen key, seen member ("" for none), unique bump count,
+#   (hash, field, bucket set, bucket)...;
+#   then bump count, (hash, field, count, bucket set, bucket)...
+_APPEND = """
+local n = tonumber(ARGV[1])
+local last = redis.call('INCRBY', KEYS[1], n)
+local seq = last - n
+local i = 2
+for e = 1, n do
+  seq = seq + 1
+  local member = string.format('%016x', seq)
+  local time = ARGV[i]
+  redis.call('HSET', KEYS[2], member, ARGV[i + 1])
+  local nidx = tonumber(ARGV[i + 2])
+  i = i + 3
+  for j = 0, nidx - 1 do
+    redis.call('ZADD', ARGV[i + j], time, member)
+  end
+  i = i + nidx
+  local seenKey, seenMember, nu = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  i = i + 3
+  if seenMember ~= '' and redis.call('SADD', seenKey, seenMember) == 1 then
+    for j = 0, nu - 1 do
+      local b = i + 4 * j
+      redis.call('HINCRBY', ARGV[b], ARGV[b + 1], 1)
+      redis.call('ZADD', ARGV[b + 2], ARGV[b + 3], ARGV[b + 3])
+    end
+  end
+  i = i + 4 * nu
+end
+local nb = tonumber(ARGV[i])
+i = i + 1
+for j = 0, nb - 1 do
+  local b = i + 5 * j
+  redis.call('HINCRBY', ARGV[b], ARGV[b + 1], ARGV[b + 2])
+  redis.call('ZADD', ARGV[b + 3], ARGV[b + 4], ARGV[b + 4])
+end
+return last
+"""
+
+# One page of events: walk the primary index from the lower bound, skip
+# what is at or before the cursor, keep members that are in every filter
+# index, stop after limit + 1.
+#
+# KEYS: primary index, events hash, filter indexes...
+# ARGV: min score, max score, cursor time ("" for none), cursor member,
+#   limit + 1, chunk size.
+# Returns [member, record, member, record, ...] as one JSON text: one bulk
+# reply is much cheaper for the client to read than thousands.
+_QUERY = """
+local ctime = ARGV[3] ~= '' and tonumber(ARGV[3]) or nil
+local cmember = ARGV[4]
+local want = tonumber(ARGV[5])
+local chunk = tonumber(ARGV[6])
+local found = {}
+local offset = 0
+while #found < want do
+  local batch = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[2],
+                           'WITHSCORES', 'LIMIT', offset, chunk)
+  for i = 1, #batch, 2 do
+    local member = batch[i]
+    local ok = true
+    if ctime ~= nil and tonumber(batch[i + 1]) == ctime and member <= cmember then
+      ok = false
+    end
+    if ok then
+      for k = 3, #KEYS do
+        if not redis.call('ZSCORE', KEYS[k], member) then
+          ok = false
+          break
+        end
+      end
+    end
+    if ok then
+      found[#found + 1] = member
+      if #found >= want then break end
+    end
+  end
+  if #batch < 2 * chunk then break end
+  offset = offset + chunk
+end
+local out = {}
+for first = 1, #found, 500 do
+  local last = math.min(first + 499, #found)
+  local records = redis.call('HMGET', KEYS[2], unpack(found, first, last))
+  for i = first, last do
+    out[#out + 1] = found[i]
+    out[#out + 1] = records[i - first + 1]
+  end
+end
+if #out == 0 then return '[]' end
+return cjson.encode(out)
+"""
+
+# Upsert a suppression entry unless the stored one is newer.
+# KEYS: entries, times, all addresses, the four reason sets.
+# ARGV: address, time, entry, index in KEYS of the new reason's set.
+_ADD_SUPPRESSION = """
+local old = redis.call('HGET', KEYS[2], ARGV[1])
+if old and tonumber(old) > tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[3], 0, ARGV[1])
+for k = 4, #KEYS do
+  redis.call('ZREM', KEYS[k], ARGV[1])
+end
+redis.call('ZADD', KEYS[tonumber(ARGV[4])], 0, ARGV[1])
+return 1
+"""
+
+# KEYS: as for _ADD_SUPPRESSION; ARGV: address.
+_REMOVE_SUPPRESSION = """
+local removed = redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+for k = 3, #KEYS do
+  redis.call('ZREM', KEYS[k], ARGV[1])
+end
+return removed
+"""
+
+# KEYS: address set (all or one reason), entries.
+# ARGV: min, max (ZRANGEBYLEX syntax), limit + 1.
+# Returns [address, entry, address, entry, ...] as JSON.
+_LIST_SUPPRESSIONS = """
+local addresses = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], ARGV[2],
+                             'LIMIT', 0, tonumber(ARGV[3]))
+if #addresses == 0 then return '[]' end
+local entries = redis.call('HMGET', KEYS[2], unpack(addresses))
+local out = {}
+for i = 1, #addresses do
+  out[#out + 1] = addresses[i]
+  out[#out + 1] = entries[i]
+end
+return cjson.encode(out)
+"""
+
+# KEYS: a series' bucket set.  ARGV: the series' hash prefix, min, max.
+# Returns bucket, {type, count, ...}, bucket, ...
+_STATISTICS = """
+local buckets = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], ARGV[3])
+local out = {}
+for i = 1, #buckets do
+  out[#out + 1] = buckets[i]
+  out[#out + 1] = redis.call('HGETALL', ARGV[1] .. buckets[i])
+end
+return out
+"""
+
+# The token bucket arithmetic of interfaces.takeFromBucket, operation for
+# operation in IEEE doubles, so that both back ends answer alike.  Numbers
+# travel as shortest round-trip (Python) and %.17g (Lua) text: exact.
+#
+# KEYS: the bucket.  ARGV: rate, burst, now, count.
+# Returns allowed (0/1), remaining, retry after.
+_TAKE_TOKENS = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+local count = tonumber(ARGV[4])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
+local tokens, updated
+if not state[1] or not state[2] then
+  tokens, updated = burst, now
+else
+  tokens, updated = tonumber(state[1]), tonumber(state[2])
+  if now > updated then
+    tokens = tokens + (now - updated) * rate
+    updated = now
+  end
+  if burst < tokens then
+    tokens = burst
+  end
+end
+local allowed, wait = 0, 0.0
+if tokens >= count then
+  tokens = tokens - count
+  allowed = 1
+else
+  local ahead = updated - now
+  if ahead < 0 then ahead = 0.0 end
+  wait = (count - tokens) / rate + ahead
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
+           'updated', string.format('%.17g', updated))
+-- Once it has had time to fill up (counted in the caller's clock, plus the
+-- time its last update lies ahead) an idle bucket equals a new one: let
+-- Redis forget it a minute after that.
+local idle = burst / rate + math.max(0, updated - now)
+if idle < 2592000 then
+  redis.call('PEXPIRE', KEYS[1], math.ceil(idle * 1000) + 60000)
+else
+  redis.call('PERSIST', KEYS[1])
+end
+return {allowed, string.format('%.17g', tokens), string.format('%.17g', wait)}
+"""
+
+_SCRIPTS = {
+    "append": _APPEND,
+    "query": _QUERY,
+    "addSuppression": _ADD_SUPPRESSION,
+    "removeSuppression": _REMOVE_SUPPRESSION,
+    "listSuppressions": _LIST_SUPPRESSIONS,
+    "statistics": _STATISTICS,
+    "takeTokens": _TAKE_TOKENS,
+}
+
+
+def _sha1(script: str) -> str:
+    return hashlib.sha1(script.encode("utf-8")).hexdigest()
+
+
+# The reason sets' order in the suppression scripts' KEYS (after 3 others).
+_REASONS = sorted(SUPPRESSION_REASONS)
+
+_SHAS = {name: _sha1(script) for name, script in _SCRIPTS.items()}
+
+# Members looked at per ZRANGEBYSCORE of a filtered query.
+_QUERY_CHUNK = 500
+
+
+# -- encoding ------------------------------------------------------------
+
+
+def _txredisapi():
+    """
+    txredisapi, imported when first needed: importing it installs the
+    global reactor, which library code must not do at import time.
+    """
+    import txredisapi
+
+    return txredisapi
+
+
+def _number(value: float) -> str:
+    """
+    A float as text that Redis and Lua read back bit for bit.
+    """
+    return repr(float(value))
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return value
+
+
+def _eventTime(event: Event) -> float:
+    time = event.time
+    if isinstance(time, bool) or not isinstance(time, (int, float)):
+        raise ValueError(f"event time must be POSIX seconds, not {time!r}")
+    if math.isnan(time):
+        raise ValueError("event time must not be NaN")
+    return time
+
+
+def _record(event: Event) -> str:
+    return json.dumps(
+        [
+            event.id,
+            event.time,
+            event.type,
+            event.queue_id,
+            event.recipient,
+            event.tag,
+            event.metadata,
+            event.detail,
+        ]
+    )
+
+
+def _fromRecord(record: bytes) -> Event:
+    id, time, type, queue_id, recipient, tag, metadata, detail = json.loads(record)
+    return Event(
+        type=type,
+        queue_id=queue_id,
+        recipient=recipient,
+        # Like the SQLite back end's REAL column: always a float.
+        time=float(time),
+        tag=tag,
+        metadata=metadata,
+        detail=detail,
+        id=id,
+    )
+
+
+def _entryJSON(entry: SuppressionEntry) -> str:
+    return json.dumps([entry.reason, entry.source_event, entry.time, entry.expires])
+
+
+def _entryFromJSON(address: str, value: bytes) -> SuppressionEntry:
+    reason, source_event, time, expires = json.loads(value)
+    return SuppressionEntry(
+        address=address,
+        reason=reason,
+        source_event=source_event,
+        time=time,
+        expires=expires,
+    )
+
+
+def _pairs(flat: list) -> list[tuple]:
+    return list(zip(flat[0::2], flat[1::2]))
+
+
+# -- the store -----------------------------------------------------------
+
+
+@implementer(IStore)
+@attrs.define
+class RedisStore:
+    """
+    An L{IStore} on a Redis server, through one txredisapi connection kept
+    up by a L{ClientService}.
+
+    @ivar address: where the server is.
+    @ivar _reactor: provides C{IReactorTCP} (or C{IReactorUNIX}),
+        C{IReactorTime}.
+    @ivar prefix: the start of every key the store uses.
+    @ivar connectTimeout: seconds a connection attempt may take.
+    @ivar replyTimeout: seconds to wait for a reply before dropping the
+        connection (and failing what waits on it), or L{None} for ever.
+    """
+
+    address: RedisAddress
+    _reactor: Any = attrs.field(alias="reactor")
+    prefix: str = DEFAULT_PREFIX
+    connectTimeout: float = 30
+    replyTimeout: Optional[float] = 30
+    _service: Optional[ClientService] = attrs.field(default=None, init=False)
+    _started: bool = attrs.field(default=False, init=False)
+    _closed: bool = attrs.field(default=False, init=False)
+    _closing: Optional[Deferred] = attrs.field(default=None, init=False)
+    _pending: set = attrs.field(factory=set, init=False)
+
+    log = Logger()
+
+    @classmethod
+    def fromURL(cls, url: str, reactor: Any, **kwargs) -> "RedisStore":
+        """
+        A store for the server at C{url} (see L{parseRedisURL}).
+
+        @raise ValueError: for a bad URL.
+        """
+        return cls(parseRedisURL(url), reactor, **kwargs)
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    # -- connection ------------------------------------------------------
+
+    def _factory(self) -> Factory:
+        reactor = self._reactor
+        txredisapi = _txredisapi()
+        replyTimeout = self.replyTimeout
+
+        def build():
+            protocol = txredisapi.BaseRedisProtocol(
+                charset=None, convertNumbers=False, replyTimeout=replyTimeout
+            )
+            # txredisapi takes the global reactor for this; use ours.
+            protocol.callLater = reactor.callLater
+            return protocol
+
+        return Factory.forProtocol(build)
+
+    def _prepare(self, protocol) -> Deferred:
+        """
+        Log in, select the database and load the scripts before the
+        connection is handed out.
+        """
+        commands = []
+        if self.address.password is not None:
+            if self.address.username is not None:
+                commands.append(("AUTH", self.address.username, self.address.password))
+            else:
+                commands.append(("AUTH", self.address.password))
+        if self.address.db:
+            commands.append(("SELECT", str(self.address.db)))
+        for script in _SCRIPTS.values():
+            commands.append(("SCRIPT", "LOAD", script))
+        # Pipelined: one round trip; the first failure fails the lot.
+        ds = [protocol.execute_command(*command) for command in commands]
+        d = DeferredList(ds, fireOnOneErrback=True, consumeErrors=True)
+
+        def ready(_):
+            return protocol
+
+        def failed(failure):
+            # ClientService treats a failed preparation as a failed attempt
+            # but leaves the connection open, and its state machine has no
+            # transition for that connection's loss once it is waiting to
+            # retry: close the connection without telling it.
+            if hasattr(protocol, "_lostNotification"):
+                protocol._lostNotification = lambda reason: None
+            protocol.transport.loseConnection()
+            return failure.value.subFailure
+
+        return d.addCallbacks(ready, failed)
+
+    def start(self) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        if self._service is not None:
+            return self._connected().addCallback(lambda protocol: None)
+        self._service = ClientService(
+            self.address.endpoint(self._reactor, self.connectTimeout),
+            self._factory(),
+            retryPolicy=backoffPolicy(),
+            clock=self._reactor,
+            prepareConnection=self._prepare,
+        )
+        self._service.startService()
+        d = self._service.whenConnected(failAfterFailures=1)
+
+        def cannotConnect(failure):
+            service, self._service = self._service, None
+            # Not from inside the service's own failure notification.
+            stopped = deferLater(self._reactor, 0, service.stopService)
+            reason = failure.getErrorMessage() or failure.type.__name__
+            error = RedisConnectionFailed(
+                f"cannot connect to the Redis event store at {self.address}: {reason}"
+            )
+            return stopped.addBoth(lambda _: Failure(error))
+
+        def connected(protocol):
+            return self._checkSchema(protocol)
+
+        d.addCallbacks(connected, cannotConnect)
+        return self._track(d)
+
+    def _checkSchema(self, protocol) -> Deferred:
+        key = self._key("schema")
+        d = protocol.execute_command("SET", key, str(SCHEMA_VERSION), "NX")
+        d.addCallback(lambda _: protocol.execute_command("GET", key))
+
+        def check(found):
+            version = int(found)
+            if version > SCHEMA_VERSION:
+                raise UnsupportedSchema(
+                    f"Redis event store data under {self.prefix!r} has version"
+                    f" {version}, newer than the newest this smartrelay knows"
+                    f" ({SCHEMA_VERSION})"
+                )
+            if not self._started:
+                self._started = True
+                self.log.info(
+                    "Connected to the Redis event store {address} (prefix {prefix})",
+                    address=str(self.address),
+                    prefix=self.prefix,
+                )
+
+        return d.addCallback(check)
+
+    def _connected(self) -> Deferred:
+        """
+        The connection, now if there is one (so that commands are written
+        in call order), else after the next connection attempt.
+        """
+        if self._service is None:
+            return fail(StoreClosed("the event store is not started"))
+        return self._service.whenConnected(failAfterFailures=1)
+
+    def _track(self, d: Deferred) -> Deferred:
+        """
+        Remember C{d} until it has its result, so that C{close} can wait for
+        it.
+        """
+        self._pending.add(d)
+
+        def done(result):
+            self._pending.discard(d)
+            return result
+
+        return d.addBoth(done)
+
+    def _do(self, operation, *args) -> Deferred:
+        """
+        Run C{operation(protocol, *args)} on the connection.
+        """
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        d = self._connected()
+        d.addCallback(lambda protocol: operation(protocol, *args))
+        return self._track(d)
+
+    def _command(self, *args) -> Deferred:
+        return self._do(lambda protocol: protocol.execute_command(*args))
+
+    def _script(self, protocol, name: str, keys: list, args: list) -> Deferred:
+        sha = _SHAS[name]
+        numbers = [str(len(keys))]
+        d = protocol.execute_command("EVALSHA", sha, *numbers, *keys, *args)
+
+        def noScript(failure):
+            # Scripts are loaded on every (re)connection, so this happens
+            # only after a SCRIPT FLUSH; the EVAL then runs after commands
+            # sent meanwhile.
+            failure.trap(_txredisapi().ResponseError)
+            if not str(failure.value).startswith("NOSCRIPT"):
+                return failure
+            self.log.warn("Redis forgot script {name}; sending it again", name=name)
+            return protocol.execute_command(
+                "EVAL", _SCRIPTS[name], *numbers, *keys, *args
+            )
+
+        return d.addErrback(noScript)
+
+    def close(self) -> Deferred:
+        if self._closing is None:
+            # From now on every operation fails with StoreClosed; those
+            # already issued finish before the connection is closed.
+            self._closed = True
+            d = DeferredList(list(self._pending))
+            d.addCallback(lambda _: self._stopService())
+            d.addErrback(
+                lambda failure: self.log.failure(
+                    "Closing the Redis event store failed", failure
+                )
+            )
+            self._closing = d
+        waiter = Deferred()
+
+        def fire(result):
+            waiter.callback(None)
+            return result
+
+        self._closing.addBoth(fire)
+        return waiter
+
+    def _stopService(self) -> Optional[Deferred]:
+        service, self._service = self._service, None
+        if service is None:
+            return None
+        return service.stopService()
+
+    # -- events ----------------------------------------------------------
+
+    def _eventIndexes(self, event: Event) -> list[str]:
+        keys = [self._key("ev", "all"), self._key("ev", "y", str(event.type))]
+        if event.queue_id is not None:
+            keys.append(self._key("ev", "q", str(event.queue_id)))
+        recipient = normaliseRecipient(event.recipient)
+        if recipient is not None:
+            keys.append(self._key("ev", "r", str(recipient)))
+        if event.tag is not None:
+            keys.append(self._key("ev", "t", str(event.tag)))
+        return keys
+
+    def _series(self, interval: str, dim: str, key: str) -> str:
+        return self._key("stats", interval, dim, key)
+
+    def _bump(self, bump: tuple) -> tuple[str, str, str, str]:
+        interval, bucket, dim, key, type = bump
+        series = self._series(interval, dim, key)
+        return (series + ":" + str(bucket), type, series + ":buckets", str(bucket))
+
+    def appendEvents(self, events: list[Event]) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        # Encode everything before sending anything: a batch that cannot be
+        # encoded fails as a whole, and the batch is a snapshot.
+        try:
+            args = self._encodeBatch(list(events))
+        except Exception:
+            return fail()
+        if args is None:
+            return self._do(lambda protocol: None)
+        d = self._do(
+            self._script,
+            "append",
+            [self._key("seq"), self._key("events")],
+            args,
+        )
+        return d.addCallback(lambda last: None)
+
+    def _encodeBatch(self, events: list[Event]) -> Optional[list[str]]:
+        if not events:
+            return None
+        args = [str(len(events))]
+        bumps: Counter = Counter()
+        for event in events:
+            time = _eventTime(event)
+            indexes = self._eventIndexes(event)
+            args += [_number(time), _record(event), str(len(indexes)), *indexes]
+            bumps.update(counterBumps(event, eventCounterTypes(event)))
+            unique = uniqueKey(event)
+            if unique is None:
+                args += ["", "", "0"]
+            else:
+                queue_id, recipient, type = unique
+                uniqueBumps = counterBumps(event, [UNIQUE_TYPES[type]])
+                args += [
+                    self._key("seen", type),
+                    json.dumps([queue_id, recipient]),
+                    str(len(uniqueBumps)),
+                ]
+                for bump in uniqueBumps:
+                    args += self._bump(bump)
+        args.append(str(len(bumps)))
+        for bump, count in bumps.items():
+            hashKey, type, zset, bucket = self._bump(bump)
+            args += [hashKey, type, str(count), zset, bucket]
+        # Refuse what cannot be sent (text that is not UTF-8) now, not
+        # halfway through writing the command.
+        for arg in args:
+            arg.encode("utf-8")
+        return args
+
+    def eventsForMessage(self, queue_id: str) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        if queue_id is None:
+            return self._do(lambda protocol: [])
+        try:
+            index = self._key("ev", "q", str(queue_id))
+            index.encode("utf-8")
+        except Exception:
+            return fail()
+        keys = [index, self._key("events")]
+        args = ["-inf", "+inf", "", "", str(2**53), str(_QUERY_CHUNK)]
+        d = self._do(self._script, "query", keys, args)
+        return d.addCallback(
+            lambda reply: [_fromRecord(record) for _, record in _pairs(json.loads(reply))]
+        )
+
+    def queryEvents(
+        self,
+        *,
+        type: Optional[str] = None,
+        queue_id: Optional[str] = None,
+        recipient: Optional[str] = None,
+        tag: Optional[str] = None,
+        since: Optional[float] = None,
+        until: Optional[float] = None,
+        cursor: Optional[str] = None,
+        limit: int = 100,
+    ) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            limit = checkLimit(limit)
+            since = checkTime("since", since)
+            until = checkTime("until", until)
+            after = None if cursor is None else decodeCursor(cursor)
+            indexes = []
+            # Most selective first: the first is walked, the others filter.
+            for name, value in [
+                ("q", queue_id),
+                ("r", normaliseRecipient(recipient)),
+                ("t", tag),
+                ("y", type),
+            ]:
+                if value is not None:
+                    indexes.append(self._key("ev", name, str(value)))
+            if not indexes:
+                indexes.append(self._key("ev", "all"))
+            for key in indexes:
+                key.encode("utf-8")
+        except Exception:
+            return fail()
+
+        low = "-inf" if since is None else _number(since)
+        cursorTime = cursorMember = ""
+        if after is not None:
+            time, seq = after
+            if since is None or time >= since:
+                low = _number(time)
+                cursorTime = low
+                cursorMember = "%016x" % (seq,)
+        high = "+inf" if until is None else "(" + _number(until)
+        chunk = limit + 1 if len(indexes) == 1 else max(limit + 1, _QUERY_CHUNK)
+        keys = [indexes[0], self._key("events"), *indexes[1:]]
+        args = [low, high, cursorTime, cursorMember, str(limit + 1), str(chunk)]
+        d = self._do(self._script, "query", keys, args)
+
+        def page(reply):
+            rows = _pairs(json.loads(reply))
+            # One more than asked for tells whether there is a next page.
+            more = len(rows) > limit
+            del rows[limit:]
+            events = [_fromRecord(record) for _, record in rows]
+            nextCursor = None
+            if more:
+                nextCursor = encodeCursor(events[-1].time, int(rows[-1][0], 16))
+            return EventPage(events=events, cursor=nextCursor)
+
+        return d.addCallback(page)
+
+    # -- suppression list ------------------------------------------------
+
+    def _suppressionKeys(self) -> list[str]:
+        return [
+            self._key("supp"),
+            self._key("supp", "time"),
+            self._key("supp", "all"),
+            *[self._key("supp", "reason", reason) for reason in _REASONS],
+        ]
+
+    def addSuppression(self, entry: SuppressionEntry) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        if not isinstance(entry, SuppressionEntry):
+            return fail(TypeError(f"not a SuppressionEntry: {entry!r}"))
+        try:
+            entry.address.encode("utf-8")
+        except Exception:
+            return fail()
+        args = [
+            entry.address,
+            _number(entry.time),
+            _entryJSON(entry),
+            str(4 + _REASONS.index(entry.reason)),
+        ]
+        d = self._do(self._script, "addSuppression", self._suppressionKeys(), args)
+        return d.addCallback(lambda replaced: None)
+
+    def removeSuppression(self, address: str) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            address = normaliseAddress(address)
+            address.encode("utf-8")
+        except Exception:
+            return fail()
+        d = self._do(
+            self._script,
+            "removeSuppression",
+            self._suppressionKeys(),
+            [address],
+        )
+        return d.addCallback(lambda removed: removed > 0)
+
+    def checkSuppressions(self, addresses: list[str], now: float) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            pairs = checkAddresses(addresses)
+            now = checkTime("now", now)
+            if now is None:
+                raise ValueError("now is required")
+            wanted = sorted({normalised for _, normalised in pairs})
+            for address in wanted:
+                address.encode("utf-8")
+        except Exception:
+            return fail()
+        if not wanted:
+            return self._do(lambda protocol: {})
+        # One HMGET: one round trip for every recipient of a message.
+        d = self._command("HMGET", self._key("supp"), *wanted)
+
+        def found(values):
+            entries = {}
+            for address, value in zip(wanted, values):
+                if value is not None:
+                    entry = _entryFromJSON(address, value)
+                    if entry.activeAt(now):
+                        entries[address] = entry
+            return {
+                given: entries[normalised]
+                for given, normalised in pairs
+                if normalised in entries
+            }
+
+        return d.addCallback(found)
+
+    def listSuppressions(
+        self,
+        *,
+        prefix: Optional[str] = None,
+        reason: Optional[str] = None,
+        cursor: Optional[str] = None,
+        limit: int = 100,
+    ) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            limit = checkLimit(limit)
+            reason = checkReason(reason)
+            prefix = normalisePrefix(prefix)
+            after = None if cursor is None else decodeSuppressionCursor(cursor)
+            low, high = "-", "+"
+            if prefix:
+                low = "[" + prefix
+                upper = prefixUpperBound(prefix)
+                if upper is not None:
+                    high = "(" + upper
+            if after is not None and (not prefix or after >= prefix):
+                low = "(" + after
+            low.encode("utf-8")
+            high.encode("utf-8")
+        except Exception:
+            return fail()
+        if reason is None:
+            index = self._key("supp", "all")
+        else:
+            index = self._key("supp", "reason", reason)
+        d = self._do(
+            self._script,
+            "listSuppressions",
+            [index, self._key("supp")],
+            [low, high, str(limit + 1)],
+        )
+
+        def page(reply):
+            flat = json.loads(reply)
+            entries = [
+                _entryFromJSON(_text(address), value)
+                for address, value in _pairs(flat)
+            ]
+            nextCursor = None
+            if len(flat) // 2 > limit:
+                del entries[limit:]
+                nextCursor = encodeSuppressionCursor(_text(flat[2 * limit - 2]))
+            return SuppressionPage(entries=entries, cursor=nextCursor)
+
+        return d.addCallback(page)
+
+    # -- statistics ------------------------------------------------------
+
+    def statistics(
+        self,
+        *,
+        since: float,
+        until: float,
+        interval: str = "hour",
+        tag: Optional[str] = None,
+        domain: Optional[str] = None,
+    ) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            since, until, size, dim, key, first = checkStatisticsArguments(
+                since, until, interval, tag, domain
+            )
+            series = self._series(interval, dim, key)
+            series.encode("utf-8")
+        except Exception:
+            return fail()
+        d = self._do(
+            self._script,
+            "statistics",
+            [series + ":buckets"],
+            [series + ":", str(first), "(" + _number(until)],
+        )
+
+        def build(flat):
+            counters = []
+            for bucket, counts in _pairs(flat):
+                for type, count in _pairs(counts):
+                    counters.append((int(bucket), _text(type), int(count)))
+            return buildStatistics(
+                since=since,
+                until=until,
+                interval=interval,
+                tag=tag,
+                domain=domain,
+                counters=counters,
+            )
+
+        return d.addCallback(build)
+
+    # -- token buckets ---------------------------------------------------
+
+    def takeTokens(
+        self, key: str, rate: float, burst: float, now: float, count: float = 1
+    ) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            key, rate, burst, now, count = checkTokenArguments(
+                key, rate, burst, now, count
+            )
+            bucket = self._key("bucket", key)
+            bucket.encode("utf-8")
+        except Exception:
+            return fail()
+        d = self._do(
+            self._script,
+            "takeTokens",
+            [bucket],
+            [_number(rate), _number(burst), _number(now), _number(count)],
+        )
+
+        def result(reply):
+            allowed, remaining, wait = reply
+            return TokenResult(bool(allowed), float(remaining), float(wait))
+
+        return d.addCallback(result)
+
+
+__all__ = [
+    "RedisAddress",
+    "RedisConnectionFailed",
+    "RedisStore",
+    "UnsupportedSchema",
+    "parseRedisURL",
+]

@@ -1,0 +1,596 @@
+"""
+Tests for L{smartrelay.store.redis}: the store contract run against a real
+C{redis-server}, plus URL parsing and connection failures.
+
+L{StoreContractMixin} is written for stores whose Deferreds fire at once
+(it reads results with C{successResultOf}).  A networked store's Deferreds
+fire later, on the reactor, so each contract test runs in a worker thread
+against L{BlockingStore}, which calls the real store on the reactor thread
+and waits for the answer: the test sees already-fired Deferreds, the store
+sees ordinary asynchronous calls on its reactor.  The scenarios and their
+assertions are the mixin's own, unchanged.
+"""
+
+import functools
+import uuid
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.defer import fail, inlineCallbacks, succeed
+from twisted.internet.task import deferLater
+from twisted.internet.threads import blockingCallFromThread, deferToThread
+from twisted.python.threadable import isInIOThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from smartrelay.store.interfaces import (
+    EventPage,
+    IStore,
+    StoreClosed,
+    SuppressionEntry,
+)
+from smartrelay.store.redis import (
+    RedisAddress,
+    RedisConnectionFailed,
+    RedisStore,
+    UnsupportedSchema,
+    parseRedisURL,
+)
+from tests.redisserver import (
+    RedisServer,
+    RedisServerError,
+    freePort,
+    sharedRedisServer,
+)
+from tests.test_store import T0, StoreContractMixin, event
+
+
+@implementer(IStore)
+class BlockingStore:
+    """
+    An L{IStore} for a test running in a worker thread: every call runs on
+    the reactor thread and returns an already-fired Deferred.  Called on
+    the reactor thread (trial's cleanups) it passes the real Deferred on.
+    """
+
+    def __init__(self, store, reactor):
+        self._store = store
+        self._reactor = reactor
+
+    def _call(self, name, *args, **kwargs):
+        method = getattr(self._store, name)
+        if isInIOThread():
+            return method(*args, **kwargs)
+        try:
+            result = blockingCallFromThread(self._reactor, method, *args, **kwargs)
+        except BaseException:
+            return fail()
+        return succeed(result)
+
+    def start(self):
+        return self._call("start")
+
+    def close(self):
+        return self._call("close")
+
+    def appendEvents(self, events):
+        return self._call("appendEvents", events)
+
+    def eventsForMessage(self, queue_id):
+        return self._call("eventsForMessage", queue_id)
+
+    def queryEvents(self, **kwargs):
+        return self._call("queryEvents", **kwargs)
+
+    def addSuppression(self, entry):
+        return self._call("addSuppression", entry)
+
+    def removeSuppression(self, address):
+        return self._call("removeSuppression", address)
+
+    def checkSuppressions(self, addresses, now):
+        return self._call("checkSuppressions", addresses, now)
+
+    def listSuppressions(self, **kwargs):
+        return self._call("listSuppressions", **kwargs)
+
+    def statistics(self, **kwargs):
+        return self._call("statistics", **kwargs)
+
+    def takeTokens(self, key, rate, burst, now, count=1):
+        return self._call("takeTokens", key, rate, burst, now, count)
+
+
+def newPrefix() -> str:
+    """
+    A key prefix no other test uses.
+    """
+    return f"test-{uuid.uuid4().hex}:"
+
+
+def _inThread(test):
+    """
+    Run a synchronous contract test in a worker thread.
+    """
+
+    @functools.wraps(test)
+    def run(self):
+        return deferToThread(test, self)
+
+    # Not a Hypothesis test itself (the wrapped one is, in its thread).
+    run.__dict__.pop("hypothesis", None)
+    run.__dict__.pop("is_hypothesis_test", None)
+    return run
+
+
+class _ThreadedContract(type):
+    """
+    Make every C{test_*} method of L{StoreContractMixin} run in a thread.
+    """
+
+    def __new__(meta, name, bases, namespace):
+        for attr in dir(StoreContractMixin):
+            if attr.startswith("test_") and attr not in namespace:
+                namespace[attr] = _inThread(getattr(StoreContractMixin, attr))
+        return super().__new__(meta, name, bases, namespace)
+
+
+class RedisStoreTests(StoreContractMixin, TestCase, metaclass=_ThreadedContract):
+    """
+    L{RedisStore}, against a real C{redis-server}, fulfils the store
+    contract.
+    """
+
+    def setUp(self):
+        self.server = sharedRedisServer()
+        return deferToThread(StoreContractMixin.setUp, self)
+
+    def createStore(self):
+        self.redisStore = RedisStore.fromURL(
+            self.server.url(1), reactor, prefix=newPrefix()
+        )
+        return BlockingStore(self.redisStore, reactor)
+
+    def test_realStoreProvidesInterface(self):
+        """
+        L{RedisStore} itself (not only the blocking adapter) provides
+        L{IStore}.
+        """
+        self.assertTrue(verifyObject(IStore, self.redisStore))
+
+
+class RedisStoreNetworkTests(TestCase):
+    """
+    L{RedisStore} on the reactor, without the blocking adapter: start,
+    close, prefixes, databases and connection failures.
+    """
+
+    def setUp(self):
+        self.server = sharedRedisServer()
+
+    def makeStore(self, url=None, **kw):
+        store = RedisStore.fromURL(url or self.server.url(), reactor, **kw)
+        self.addCleanup(store.close)
+        return store
+
+    @inlineCallbacks
+    def test_startAgainstClosedPort(self):
+        """
+        C{start} against a port nothing listens on fails with
+        L{RedisConnectionFailed} naming the address, and the store does not
+        keep trying.
+        """
+        port = freePort()
+        store = self.makeStore(f"redis://127.0.0.1:{port}/0")
+        with self.assertRaises(RedisConnectionFailed) as caught:
+            yield store.start()
+        self.assertIn(f"127.0.0.1:{port}", str(caught.exception))
+        # (trial's reactor check after the test finds any retry left.)
+
+    @inlineCallbacks
+    def test_startWithWrongPassword(self):
+        """
+        C{start} with a password the server does not want fails with
+        L{RedisConnectionFailed}.
+        """
+        store = self.makeStore(
+            f"redis://:wrong@127.0.0.1:{self.server.port}/0", prefix=newPrefix()
+        )
+        with self.assertRaises(RedisConnectionFailed):
+            yield store.start()
+
+    @inlineCallbacks
+    def test_pipelinedOperationsKeepCallOrder(self):
+        """
+        Operations issued without waiting apply in call order: a query
+        issued right after an append sees it.
+        """
+        store = self.makeStore(prefix=newPrefix())
+        yield store.start()
+        e = event()
+        appended = store.appendEvents([e])
+        queried = store.queryEvents()
+        closed = store.close()
+        yield appended
+        page = yield queried
+        yield closed
+        self.assertEqual(page.events, [e])
+
+    @inlineCallbacks
+    def test_closeWaitsForPendingOperations(self):
+        """
+        C{close} lets operations already issued finish before it
+        disconnects; later ones fail with L{StoreClosed}.
+        """
+        store = self.makeStore(prefix=newPrefix())
+        yield store.start()
+        taken = store.takeTokens("k", 1.0, 2.0, T0)
+        yield store.close()
+        self.assertTrue((yield taken).allowed)
+        with self.assertRaises(StoreClosed):
+            yield store.takeTokens("k", 1.0, 2.0, T0)
+
+    @inlineCallbacks
+    def test_prefixesAndDatabasesIsolate(self):
+        """
+        Stores with different prefixes, or different database numbers, do
+        not see each other's data; the same prefix and database share it.
+        """
+        prefix = newPrefix()
+        a = self.makeStore(self.server.url(2), prefix=prefix)
+        b = self.makeStore(self.server.url(2), prefix=newPrefix())
+        c = self.makeStore(self.server.url(3), prefix=prefix)
+        d = self.makeStore(self.server.url(2), prefix=prefix)
+        for store in [a, b, c, d]:
+            yield store.start()
+        e = event()
+        yield a.appendEvents([e])
+        self.assertEqual((yield b.queryEvents()).events, [])
+        self.assertEqual((yield c.queryEvents()).events, [])
+        self.assertEqual((yield d.queryEvents()).events, [e])
+
+    @inlineCallbacks
+    def test_scriptFlushRecovered(self):
+        """
+        If the server forgets the Lua scripts (SCRIPT FLUSH, a restart),
+        the store sends them again with EVAL.
+        """
+        store = self.makeStore(prefix=newPrefix())
+        yield store.start()
+        self.server.command("SCRIPT", "FLUSH")
+        result = yield store.takeTokens("k", 1.0, 2.0, T0)
+        self.assertTrue(result.allowed)
+        yield store.appendEvents([event()])
+        self.assertEqual(len((yield store.eventsForMessage("Q1"))), 1)
+
+    @inlineCallbacks
+    def test_newerSchemaRefused(self):
+        """
+        C{start} refuses data written by a newer smartrelay.
+        """
+        prefix = newPrefix()
+        self.server.command("SET", prefix + "schema", "99")
+        store = self.makeStore(prefix=prefix)
+        with self.assertRaises(UnsupportedSchema):
+            yield store.start()
+
+    @inlineCallbacks
+    def test_nanTimeRefused(self):
+        """
+        A batch with an event whose time is NaN fails with L{ValueError}
+        and stores nothing.
+        """
+        store = self.makeStore(prefix=newPrefix())
+        yield store.start()
+        with self.assertRaises(ValueError):
+            yield store.appendEvents([event(), event(float("nan"))])
+        self.assertEqual((yield store.queryEvents()).events, [])
+
+    @inlineCallbacks
+    def test_useBeforeStart(self):
+        """
+        Operations before C{start} fail with L{StoreClosed}.
+        """
+        store = self.makeStore(prefix=newPrefix())
+        with self.assertRaises(StoreClosed):
+            yield store.queryEvents()
+
+    @inlineCallbacks
+    def test_serverRestartReconnects(self):
+        """
+        An operation while the server is down fails instead of hanging;
+        when the server comes back on the same port the store reconnects
+        by itself.
+        """
+        server = RedisServer().start()
+        self.addCleanup(server.stop)
+        store = RedisStore.fromURL(server.url(), reactor, prefix=newPrefix())
+        self.addCleanup(store.close)
+        yield store.start()
+        server._terminate()
+        with self.assertRaises(Exception):
+            yield store.takeTokens("k", 1.0, 2.0, T0)
+        server.start(port=server.port)
+        for _ in range(100):
+            try:
+                result = yield store.takeTokens("k", 1.0, 2.0, T0)
+            except Exception:
+                yield deferLater(reactor, 0.1, lambda: None)
+            else:
+                break
+        else:
+            self.fail("the store did not reconnect within 10 seconds")
+        # A new server: the bucket starts full again.
+        self.assertEqual(result.remaining, 1.0)
+
+
+class CountingProtocol:
+    """
+    Count the commands a store's connection sends.
+    """
+
+    def __init__(self, store):
+        self.commands = []
+        d = store._service.whenConnected()
+        protocol = d.result
+        original = protocol.execute_command
+
+        def execute_command(*args, **kwargs):
+            self.commands.append(args[0])
+            return original(*args, **kwargs)
+
+        protocol.execute_command = execute_command
+
+
+class RedisStoreRoundTripTests(TestCase):
+    """
+    L{RedisStore} answers in few round trips and copes with big messages.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        self.server = sharedRedisServer()
+        self.store = RedisStore.fromURL(self.server.url(), reactor, prefix=newPrefix())
+        self.addCleanup(self.store.close)
+        yield self.store.start()
+        self.counter = CountingProtocol(self.store)
+
+    @inlineCallbacks
+    def test_appendIsOneScript(self):
+        """
+        A batch of events, with its indexes and counters, is one EVALSHA.
+        """
+        yield self.store.appendEvents(
+            [event(T0 + i, "opened", f"Q{i % 3}", f"r{i}@example.com", tag="t")
+             for i in range(50)]
+        )
+        self.assertEqual(self.counter.commands, ["EVALSHA"])
+        stats = yield self.store.statistics(since=T0 - 3600, until=T0 + 3600)
+        self.assertEqual((stats.totals, stats.unique_opens), ({"opened": 50}, 50))
+
+    @inlineCallbacks
+    def test_checkSuppressionsOneCommand(self):
+        """
+        C{checkSuppressions} for many addresses is one HMGET.
+        """
+        entry = SuppressionEntry(address="u7@example.com", reason="manual", time=T0)
+        yield self.store.addSuppression(entry)
+        del self.counter.commands[:]
+        found = yield self.store.checkSuppressions(
+            [f"u{i}@example.com" for i in range(500)], T0
+        )
+        self.assertEqual(found, {"u7@example.com": entry})
+        self.assertEqual(self.counter.commands, ["HMGET"])
+
+    @inlineCallbacks
+    def test_queriesAreOneScript(self):
+        """
+        A filtered page of events, a page of the suppression list, the
+        statistics and a token take are one script call each.
+        """
+        yield self.store.queryEvents(type="opened", tag="t", recipient="a@b.c")
+        yield self.store.listSuppressions(prefix="a", reason="bounce")
+        yield self.store.statistics(since=T0, until=T0 + 86400 * 30, tag="t")
+        yield self.store.takeTokens("k", 1.0, 2.0, T0)
+        self.assertEqual(self.counter.commands, ["EVALSHA"] * 4)
+
+    @inlineCallbacks
+    def test_bigMessage(self):
+        """
+        A message with more events than a Lua C{unpack} takes at once is
+        returned whole and in order; filtered queries page through it.
+        """
+        events = [
+            event(T0 + i // 7, "delivered", "BIG", f"r{i}@example.com",
+                  detail={"i": i})
+            for i in range(9000)
+        ]
+        yield self.store.appendEvents(events)
+        self.assertEqual((yield self.store.eventsForMessage("BIG")), events)
+        page = yield self.store.queryEvents(
+            queue_id="BIG", recipient="r8999@EXAMPLE.com", limit=1
+        )
+        self.assertEqual(page, EventPage(events=[events[-1]], cursor=None))
+
+
+class RedisStoreUNIXSocketTests(TestCase):
+    """
+    L{RedisStore} connects over a UNIX socket given by a C{unix://} URL.
+    """
+
+    @inlineCallbacks
+    def test_unixSocket(self):
+        """
+        Events written over the UNIX socket are read back over TCP from the
+        same database.
+        """
+        server = RedisServer(unixSocket=True).start()
+        self.addCleanup(server.stop)
+        prefix = newPrefix()
+        overUNIX = RedisStore.fromURL(
+            f"unix://{server.socketPath}?db=2", reactor, prefix=prefix
+        )
+        overTCP = RedisStore.fromURL(server.url(2), reactor, prefix=prefix)
+        for store in [overUNIX, overTCP]:
+            self.addCleanup(store.close)
+            yield store.start()
+        e = event()
+        yield overUNIX.appendEvents([e])
+        self.assertEqual((yield overTCP.eventsForMessage("Q1")), [e])
+
+
+class RedisAddressTests(SynchronousTestCase):
+    """
+    L{RedisAddress.endpoint} builds the endpoint the URL asks for.
+    """
+
+    def test_endpoints(self):
+        """
+        TCP URLs get a L{HostnameEndpoint}, C{rediss://} one wrapped in TLS,
+        C{unix://} a L{UNIXClientEndpoint}.
+        """
+        clock = MemoryReactorClock()
+        self.assertIsInstance(
+            parseRedisURL("redis://h:1").endpoint(clock), HostnameEndpoint
+        )
+        self.assertIsInstance(
+            parseRedisURL("unix:///tmp/r.sock").endpoint(clock), UNIXClientEndpoint
+        )
+        tls = parseRedisURL("rediss://h:1").endpoint(clock)
+        self.assertNotIsInstance(tls, HostnameEndpoint)
+        self.assertIsInstance(tls._wrappedEndpoint, HostnameEndpoint)
+
+
+class RedisServerHelperTests(SynchronousTestCase):
+    """
+    The test helper fails loudly, not by skipping, without C{redis-server}.
+    """
+
+    def test_missingExecutable(self):
+        """
+        Starting a server whose executable is not on PATH raises
+        L{RedisServerError} that says to install Redis.
+        """
+        server = RedisServer(executable="no-such-redis-server-here")
+        error = self.assertRaises(RedisServerError, server.start)
+        self.assertIn("install Redis", str(error))
+
+
+class ParseRedisURLTests(SynchronousTestCase):
+    """
+    L{parseRedisURL} reads C{redis://}, C{rediss://} and C{unix://} URLs and
+    says clearly what is wrong with a bad one.
+    """
+
+    def test_full(self):
+        """
+        Host, port, database and password are read.
+        """
+        self.assertEqual(
+            parseRedisURL("redis://:s3cret@redis.example:6380/4"),
+            RedisAddress(host="redis.example", port=6380, db=4, password="s3cret"),
+        )
+
+    def test_defaults(self):
+        """
+        The port defaults to 6379 and the database to 0.
+        """
+        for url in ["redis://localhost", "redis://localhost/", "REDIS://localhost"]:
+            self.assertEqual(
+                parseRedisURL(url), RedisAddress(host="localhost", port=6379, db=0)
+            )
+
+    def test_userAndEscapes(self):
+        """
+        An ACL user name is read; percent-escapes in credentials are
+        decoded; a lone user info is the password.
+        """
+        self.assertEqual(
+            parseRedisURL("redis://relay:p%40ss%3Aword@h:1/2"),
+            RedisAddress(host="h", port=1, db=2, username="relay", password="p@ss:word"),
+        )
+        self.assertEqual(
+            parseRedisURL("redis://secret@h").password, "secret"
+        )
+
+    def test_tls(self):
+        """
+        C{rediss://} means TLS.
+        """
+        address = parseRedisURL("rediss://h:6390/1")
+        self.assertEqual((address.tls, address.port, address.db), (True, 6390, 1))
+
+    def test_ipv6(self):
+        """
+        An IPv6 literal in brackets is a host.
+        """
+        address = parseRedisURL("redis://[::1]:7000/0")
+        self.assertEqual((address.host, address.port), ("::1", 7000))
+        self.assertEqual(str(address), "redis://[::1]:7000/0")
+
+    def test_unix(self):
+        """
+        C{unix:///path?db=N} names a socket and a database.
+        """
+        self.assertEqual(
+            parseRedisURL("unix:///run/redis/redis.sock?db=3"),
+            RedisAddress(path="/run/redis/redis.sock", db=3),
+        )
+        self.assertEqual(
+            parseRedisURL("unix://:pw@/tmp/r.sock"),
+            RedisAddress(path="/tmp/r.sock", db=0, password="pw"),
+        )
+
+    def test_dbQueryParameter(self):
+        """
+        C{?db=N} works for TCP URLs too and must agree with the path.
+        """
+        self.assertEqual(parseRedisURL("redis://h?db=5").db, 5)
+        self.assertEqual(parseRedisURL("redis://h/5?db=5").db, 5)
+
+    def test_strHidesPassword(self):
+        """
+        The address as text, used in errors and logs, has no password.
+        """
+        address = parseRedisURL("redis://:s3cret@h:1/2")
+        self.assertNotIn("s3cret", str(address))
+        self.assertNotIn("s3cret", repr(address))
+
+    def test_bad(self):
+        """
+        Malformed URLs fail with L{ValueError} saying what is wrong.
+        """
+        for url, words in [
+            ("http://h:6379/0", "redis://, rediss:// or unix://"),
+            ("localhost:6379", "redis://, rediss:// or unix://"),
+            ("", "redis://, rediss:// or unix://"),
+            ("redis://", "no host"),
+            ("redis://:pw@/0", "no host"),
+            ("redis://h:port/0", "bad port"),
+            ("redis://h:99999/0", "bad port"),
+            ("redis://h:0/0", "1 to 65535"),
+            ("redis://h:/0", "empty port"),
+            ("redis://h/one", "non-negative integer"),
+            ("redis://h/-1", "non-negative integer"),
+            ("redis://h/1/2", "non-negative integer"),
+            ("redis://h/1?db=2", "two different databases"),
+            ("redis://h/1?timeout=3", "unknown Redis URL parameter"),
+            ("redis://h/1?db=1&db=1", "repeats"),
+            ("redis://h/1#frag", "fragment"),
+            ("unix://host/tmp/r.sock", "no host"),
+            ("unix://", "absolute socket path"),
+            ("unix:///tmp/r.sock?db=x", "non-negative integer"),
+            (None, "must be a string"),
+            (b"redis://h", "must be a string"),
+        ]:
+            with self.assertRaises(ValueError, msg=url) as caught:
+                parseRedisURL(url)
+            self.assertIn(words, str(caught.exception), url)
+
+    def test_fromURLBad(self):
+        """
+        L{RedisStore.fromURL} refuses a bad URL at once.
+        """
+        self.assertRaises(ValueError, RedisStore.fromURL, "redis://h/x", reactor)
