@@ -274,9 +274,12 @@ def _store(text: str) -> str:
     text = text.strip()
     if text == "sqlite":
         return text
-    if text.startswith("redis://"):
-        raise ValueError("the redis store is not available in this version")
-    raise ValueError(f"expected 'sqlite', got {text!r}")
+    if text.split("://", 1)[0] in ("redis", "rediss", "unix") and "://" in text:
+        from smartrelay.store.redis import parseRedisURL
+
+        parseRedisURL(text)
+        return text
+    raise ValueError(f"expected 'sqlite' or a redis:// URL, got {text!r}")
 
 
 def _serverEndpoint(text: str) -> str:

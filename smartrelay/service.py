@@ -27,6 +27,7 @@ from smartrelay.outbound.router import MXRouter, SmarthostRouter, makeResolver
 from smartrelay.outbound.scheduler import DeliveryScheduler
 from smartrelay.smtp.submission import SubmissionFactory, SubmissionPolicy
 from smartrelay.spool import Spool
+from smartrelay.store.redis import RedisStore
 from smartrelay.store.sqlite import SQLiteStore
 
 #: Threads that write new messages to the spool: enough for the kernel to
@@ -72,11 +73,15 @@ class RelayService(MultiService):
         # Thread pools are started in startService, not here: twistd forks
         # (daemon mode) between building and starting the service, and
         # threads do not survive a fork.
-        self.storePool = ThreadPool(minthreads=1, maxthreads=1, name="smartrelay-sqlite")
-        self.store = SQLiteStore(
-            os.path.join(self.dataDir, "smartrelay.sqlite"),
-            partial(deferToThreadPool, reactor, self.storePool),
-        )
+        if relay.store == "sqlite":
+            self.storePool = ThreadPool(minthreads=1, maxthreads=1, name="smartrelay-sqlite")
+            self.store = SQLiteStore(
+                os.path.join(self.dataDir, "smartrelay.sqlite"),
+                partial(deferToThreadPool, reactor, self.storePool),
+            )
+        else:
+            self.storePool = None
+            self.store = RedisStore.fromURL(relay.store, reactor)
         self.journalPool = ThreadPool(minthreads=1, maxthreads=1, name="smartrelay-journal")
         self.journal = EventJournal(
             os.path.join(self.dataDir, "event-journal"),
@@ -173,7 +178,8 @@ class RelayService(MultiService):
     def startService(self):
         self.spoolPool.start()
         self.deliveryIOPool.start()
-        self.storePool.start()
+        if self.storePool is not None:
+            self.storePool.start()
         self.journalPool.start()
         MultiService.startService(self)
         self._startUp().addBoth(self._started)
@@ -236,7 +242,8 @@ class RelayService(MultiService):
         yield self.events.flushed()
         self.events.stop()
         yield self.store.close()
-        self.storePool.stop()
+        if self.storePool is not None:
+            self.storePool.stop()
         self.journalPool.stop()
         self.deliveryIOPool.stop()
         self.spoolPool.stop()

@@ -403,15 +403,22 @@ class RelaySectionTests(ConfigTestMixin, SynchronousTestCase):
 
     def test_store(self):
         """
-        C{store} accepts only C{sqlite}; redis is refused with its own message.
+        C{store} is C{sqlite} or a Redis URL; a bad URL is one line saying
+        what is wrong with it.
         """
         self.assertEqual(self.parseKey("smartrelay", "store", "sqlite").store, "sqlite")
+        for url in ["redis://localhost:6379/0", "rediss://:pw@h:6380/2", "unix:///run/redis.sock?db=1"]:
+            self.assertEqual(self.parseKey("smartrelay", "store", url).store, url)
         self.assertKeyError(
-            "smartrelay", "store", "redis://localhost:6379/0",
-            "the redis store is not available in this version",
+            "smartrelay", "store", "redis://h:0/1",
+            "Redis URL port must be 1 to 65535: 'redis://h:0/1'",
         )
-        self.assertKeyError("smartrelay", "store", "mysql", "expected 'sqlite', got 'mysql'")
-        self.assertKeyError("smartrelay", "store", "", "expected 'sqlite', got ''")
+        self.assertKeyError(
+            "smartrelay", "store", "mysql", "expected 'sqlite' or a redis:// URL, got 'mysql'"
+        )
+        self.assertKeyError(
+            "smartrelay", "store", "", "expected 'sqlite' or a redis:// URL, got ''"
+        )
 
 
 class SMTPSectionTests(ConfigTestMixin, SynchronousTestCase):

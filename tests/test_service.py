@@ -15,6 +15,8 @@ from twisted.trial.unittest import TestCase
 from smartrelay.config import parseConfig
 from smartrelay.ids import isQueueID, loadIDState
 from smartrelay.service import makeRelayService
+from smartrelay.store.redis import RedisStore
+from tests.redisserver import sharedRedisServer
 from tests.sink import Sink, waitFor
 
 
@@ -92,6 +94,33 @@ class RelayServiceTests(TestCase):
         yield waitFor(reactor, lambda: self.sink.received)
         yield again.stopService()
         self.assertEqual(os.listdir(os.path.join(self.dataDir, "spool")), [])
+
+    @inlineCallbacks
+    def test_redisStore(self):
+        """
+        With store = redis://..., the relay's events go to a real Redis
+        server.
+        """
+        server = sharedRedisServer()
+        relay = self.makeRelay()
+        config = parseConfig(
+            "[smartrelay]\ndata_dir = %s\nhostname = relay.test\nstore = %s\n"
+            "[smtp]\nlisten = tcp:0:interface=127.0.0.1\n"
+            "[delivery]\nsmarthost = %s\n"
+            % (self.dataDir, server.url(db=3), relay.config.delivery.smarthost)
+        )
+        relay = makeRelayService(config, reactor)
+        relay.startService()
+        port = yield relay.whenReady()
+        code, text = yield deferToThread(submitOne, port.getHost().port)
+        queueID = text.split()[-1]
+        yield waitFor(reactor, lambda: self.sink.received)
+        yield relay.stopService()
+        store = RedisStore.fromURL(server.url(db=3), reactor)
+        yield store.start()
+        self.addCleanup(store.close)
+        events = yield store.eventsForMessage(queueID)
+        self.assertEqual([e.type for e in events], ["accepted", "delivered"])
 
     @inlineCallbacks
     def test_startFailure(self):
