@@ -144,6 +144,7 @@ class EventLog:
     _replayFailures: int = attrs.field(default=0, init=False)
     _journaledSinceSeal: int = attrs.field(default=0, init=False)
     _stopped: bool = attrs.field(default=False, init=False)
+    _storeStarted: bool = attrs.field(default=True, init=False)
 
     log = Logger()
 
@@ -154,16 +155,23 @@ class EventLog:
         """
         return self._degraded
 
-    def start(self) -> Deferred:
+    def start(self, storeStarted: bool = True) -> Deferred:
         """
         Open the journal; if it holds events from an earlier run, replay
         them (in the background) before writing new ones to the store.
+
+        @param storeStarted: False if the store could not be started (it is
+            unreachable): events are journaled, and each replay attempt
+            first tries C{store.start()} again.
         """
         if self.journal is None:
             return succeed(None)
+        self._storeStarted = storeStarted
 
         def opened(waiting):
-            if waiting:
+            if not self._storeStarted:
+                self._degrade(delay=self.retryDelays[0])
+            elif waiting:
                 self.log.info(
                     "replaying {count} journal segment(s) of events into the store",
                     count=waiting,
@@ -293,6 +301,10 @@ class EventLog:
         True once the journal is empty and nothing was journaled since it
         was last sealed.
         """
+        if not self._storeStarted:
+            await self.store.start()
+            self._storeStarted = True
+            self.log.info("connected to the event store")
         while not self._stopped:
             self.journal.seal()
             self._journaledSinceSeal = 0

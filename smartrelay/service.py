@@ -27,7 +27,7 @@ from smartrelay.outbound.router import MXRouter, SmarthostRouter, makeResolver
 from smartrelay.outbound.scheduler import DeliveryScheduler
 from smartrelay.smtp.submission import SubmissionFactory, SubmissionPolicy
 from smartrelay.spool import Spool
-from smartrelay.store.redis import RedisStore
+from smartrelay.store.redis import RedisConnectionFailed, RedisStore
 from smartrelay.store.sqlite import SQLiteStore
 
 #: Threads that write new messages to the spool: enough for the kernel to
@@ -214,8 +214,17 @@ class RelayService(MultiService):
     @inlineCallbacks
     def _startUp(self):
         yield self.runInSpoolThread(os.makedirs, self.dataDir, 0o700, True)
-        yield self.store.start()
-        yield self.events.start()
+        storeStarted = True
+        try:
+            yield self.store.start()
+        except RedisConnectionFailed as e:
+            # The spool, not the store, is the source of truth: accept mail
+            # anyway; events wait in the journal until the store answers.
+            self.log.warn(
+                "{why}; accepting mail anyway, events wait in the journal", why=str(e)
+            )
+            storeStarted = False
+        yield self.events.start(storeStarted=storeStarted)
         previous = yield self.runInSpoolThread(loadIDState, self.idStatePath)
         state, generator = startRun(
             previous, self.reactor.seconds(), self.config.relay.node_id

@@ -176,6 +176,34 @@ class DegradedTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(len(os.listdir(self.directory)), 1)
 
+    def test_storeNotStarted(self):
+        """
+        When the store could not be started, events are journaled and each
+        replay first starts the store; once it starts, the journal drains.
+        """
+        starts = []
+
+        def start():
+            starts.append(1)
+            if self.store.down:
+                return fail(ConnectionError("still unreachable"))
+            return MemoryStore.start(self.store)
+
+        self.store.start = start
+        log = EventLog(self.store, self.clock, journal=EventJournal(self.mktemp(), synchronous))
+        self.store.down = True
+        self.successResultOf(log.start(storeStarted=False))
+        self.assertTrue(log.degraded)
+        log.emit("accepted", "Q0", "a@b.c")
+        self.clock.advance(1)
+        self.assertEqual(len(starts), 1)
+        self.store.down = False
+        self.clock.advance(1)
+        self.assertEqual(len(starts), 2)
+        self.assertFalse(log.degraded)
+        events = self.successResultOf(self.store.queryEvents(limit=10)).events
+        self.assertEqual([e.queue_id for e in events], ["Q0"])
+
     def test_withoutJournal(self):
         """
         Without a journal a failed write is logged as lost.

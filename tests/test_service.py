@@ -16,7 +16,7 @@ from smartrelay.config import parseConfig
 from smartrelay.ids import isQueueID, loadIDState
 from smartrelay.service import makeRelayService
 from smartrelay.store.redis import RedisStore
-from tests.redisserver import sharedRedisServer
+from tests.redisserver import RedisServer, freePort, sharedRedisServer
 from tests.sink import Sink, waitFor
 
 
@@ -117,6 +117,41 @@ class RelayServiceTests(TestCase):
         yield waitFor(reactor, lambda: self.sink.received)
         yield relay.stopService()
         store = RedisStore.fromURL(server.url(db=3), reactor)
+        yield store.start()
+        self.addCleanup(store.close)
+        events = yield store.eventsForMessage(queueID)
+        self.assertEqual([e.type for e in events], ["accepted", "delivered"])
+
+    @inlineCallbacks
+    def test_redisDownAtStart(self):
+        """
+        If the Redis store is unreachable at start, the relay starts anyway,
+        accepts mail, journals its events, and moves them into the store
+        once a Redis server answers.
+        """
+        port = freePort()
+        relay = self.makeRelay()
+        config = parseConfig(
+            "[smartrelay]\ndata_dir = %s\nhostname = relay.test\n"
+            "store = redis://127.0.0.1:%d/0\n"
+            "[smtp]\nlisten = tcp:0:interface=127.0.0.1\n"
+            "[delivery]\nsmarthost = %s\n"
+            % (self.dataDir, port, relay.config.delivery.smarthost)
+        )
+        relay = makeRelayService(config, reactor)
+        relay.startService()
+        smtpPort = yield relay.whenReady()
+        code, text = yield deferToThread(submitOne, smtpPort.getHost().port)
+        self.assertEqual(code, 250)
+        queueID = text.split()[-1]
+        yield waitFor(reactor, lambda: self.sink.received)
+        self.assertTrue(relay.events.degraded)
+
+        server = RedisServer().start(port=port)
+        self.addCleanup(server.stop)
+        yield waitFor(reactor, lambda: not relay.events.degraded, timeout=30)
+        yield relay.stopService()
+        store = RedisStore.fromURL(server.url(), reactor)
         yield store.start()
         self.addCleanup(store.close)
         events = yield store.eventsForMessage(queueID)
