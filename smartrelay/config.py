@@ -645,6 +645,18 @@ class DeliveryConfig:
 
 
 @attrs.frozen(kw_only=True)
+class StoreConfig:
+    """
+    Section C{[store]}: the state store's housekeeping.
+
+    @ivar retention: seconds events are kept; older ones are pruned in the
+        background (statistics counters are kept).
+    """
+
+    retention: float = _setting(parseDuration, default=30 * 86400.0)
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     """
     The whole configuration.
@@ -653,6 +665,7 @@ class Config:
     relay: RelayConfig = attrs.field(factory=RelayConfig)
     smtp: SMTPConfig = attrs.field(factory=SMTPConfig)
     delivery: DeliveryConfig = attrs.field(factory=DeliveryConfig)
+    store: StoreConfig = attrs.field(factory=StoreConfig)
 
 
 #: INI section name -> (Config field, section class).
@@ -660,6 +673,7 @@ SECTIONS: dict[str, tuple[str, type]] = {
     "smartrelay": ("relay", RelayConfig),
     "smtp": ("smtp", SMTPConfig),
     "delivery": ("delivery", DeliveryConfig),
+    "store": ("store", StoreConfig),
 }
 
 #: Cross-key checks run after a section's keys parse: each takes the

@@ -21,6 +21,7 @@ from twisted.python.threadpool import ThreadPool
 from smartrelay.auth import HashedPasswordChecker, PasswordFile
 from smartrelay.events import EventLog
 from smartrelay.journal import EventJournal
+from smartrelay.retention import Pruner
 from smartrelay.ids import ID_STATE_FILE, IDState, loadIDState, renewLease, saveIDState, startRun
 from smartrelay.outbound.client import deliver, opportunisticTLS
 from smartrelay.outbound.router import MXRouter, SmarthostRouter, makeResolver
@@ -88,6 +89,7 @@ class RelayService(MultiService):
             partial(deferToThreadPool, reactor, self.journalPool),
         )
         self.events = EventLog(self.store, reactor, journal=self.journal)
+        self.pruner = Pruner(self.store, reactor, retention=config.store.retention)
         self.deliveryIOPool = ThreadPool(
             minthreads=1, maxthreads=DELIVERY_IO_THREADS, name="smartrelay-delivery-io"
         )
@@ -225,6 +227,7 @@ class RelayService(MultiService):
             )
             storeStarted = False
         yield self.events.start(storeStarted=storeStarted)
+        self.pruner.setServiceParent(self)
         previous = yield self.runInSpoolThread(loadIDState, self.idStatePath)
         state, generator = startRun(
             previous, self.reactor.seconds(), self.config.relay.node_id

@@ -779,6 +779,15 @@ class DeliverySectionTests(ConfigTestMixin, SynchronousTestCase):
         self.assertTrue(str(error).startswith("etc/x.ini: [delivery] hold: "), str(error))
         self.assertNotIn("\n", str(error))
 
+    def test_retention(self):
+        """
+        [store] retention is a duration, 30 days by default.
+        """
+        self.assertEqual(parseConfig("").store.retention, 30 * 86400)
+        self.assertEqual(self.parseKey("store", "retention", "7d").retention, 7 * 86400)
+        error = self.assertRaises(ConfigError, parseConfig, "[store]\nretention = soon\n", "etc/x.ini")
+        self.assertTrue(str(error).startswith("etc/x.ini: [store] retention: "), str(error))
+
     def test_positiveIntegers(self):
         """
         The counting keys take positive integers only.

@@ -57,6 +57,7 @@ class RelayServiceTests(TestCase):
         self.assertIsNone(relay.smtpPort)
         relay.startService()
         port = yield relay.whenReady()
+        self.assertTrue(relay.pruner.running)
         code, text = yield deferToThread(submitOne, port.getHost().port)
         self.assertEqual(code, 250)
         self.assertTrue(isQueueID(text.split()[-1]))
@@ -66,6 +67,7 @@ class RelayServiceTests(TestCase):
         self.assertTrue(relay.storePool.joined)
         self.assertEqual(os.listdir(os.path.join(self.dataDir, "spool")), [])
         self.assertEqual(loadIDState(os.path.join(self.dataDir, "queue-ids.json")).boot, 1)
+        self.assertFalse(relay.pruner.running)
 
     @inlineCallbacks
     def test_recoversQueuedMessages(self):

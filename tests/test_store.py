@@ -1236,6 +1236,207 @@ class StoreContractMixin:
         limit = burst + rate * (now - T0)
         self.assertLessEqual(taken, limit * (1 + 1e-9) + 1e-9)
 
+    # -- retention pruning -----------------------------------------------
+
+    def prune(self, before, limit=10000):
+        return self.successResultOf(self.store.pruneEvents(before, limit))
+
+    def everyQueryPath(self):
+        """
+        What every query path answers for the events of L{sample}.
+        """
+        return {
+            "all": [e for page in self.queryAll(limit=2) for e in page.events],
+            "since": self.query(since=T0).events,
+            "Q1": self.query(queue_id="Q1").events,
+            "Q2": self.query(queue_id="Q2").events,
+            "message Q1": self.forMessage("Q1"),
+            "message Q2": self.forMessage("Q2"),
+            "message Q3": self.forMessage("Q3"),
+            "recipient a": self.query(recipient="a@EXAMPLE.com").events,
+            "recipient b": self.query(recipient="b@example.org").events,
+            "tag welcome": self.query(tag="welcome").events,
+            "tag invoice": self.query(tag="invoice").events,
+            "type accepted": self.query(type="accepted").events,
+            "type bounced": self.query(type="bounced").events,
+            "combined": self.query(
+                type="accepted", queue_id="Q2", recipient="b@example.org",
+                tag="invoice",
+            ).events,
+        }
+
+    def test_pruneRemovesOlderEventsEverywhere(self):
+        """
+        C{pruneEvents} deletes exactly the events older than C{before} from
+        every query path and answers how many it deleted; newer events
+        stay, in order.
+        """
+        events = self.sample()
+        full = self.everyQueryPath()
+        self.assertEqual(self.prune(T0 + 4), 3)
+        pruned = self.everyQueryPath()
+        for path, found in full.items():
+            self.assertEqual(
+                pruned[path], [e for e in found if e.time >= T0 + 4], path
+            )
+            for e in pruned[path]:
+                self.assertIn(e, events[3:])
+        self.assertEqual(self.query().events, events[3:])
+        self.assertEqual(self.forMessage("Q1"), [events[4]])
+        self.assertEqual(self.query(tag="invoice").events, [events[3]])
+        self.assertEqual(self.query(type="accepted").events, [events[5]])
+        self.assertEqual(self.prune(T0 + 4), 0)
+
+    def test_pruneBoundaryExclusive(self):
+        """
+        An event exactly at C{before} is kept.
+        """
+        events = [event(T0 - 1), event(T0), event(T0 + 1)]
+        self.append(*events)
+        self.assertEqual(self.prune(T0), 1)
+        self.assertEqual(self.query().events, events[1:])
+
+    def test_pruneLimit(self):
+        """
+        One call deletes at most C{limit} events, oldest first (insertion
+        order among equal times); repeated calls finish the job and then
+        answer 0.
+        """
+        events = [
+            event(T0 + i // 2, "delivered", f"Q{i % 3}", f"r{i % 2}@example.com",
+                  tag=f"t{i % 2}")
+            for i in range(11)
+        ]
+        self.append(*events[:6])
+        self.append(*events[6:])
+        self.assertEqual(self.prune(T0 + 4, limit=3), 3)
+        self.assertEqual(self.query().events, events[3:])
+        self.assertEqual(self.prune(T0 + 4, limit=3), 3)
+        self.assertEqual(self.query().events, events[6:])
+        self.assertEqual(self.prune(T0 + 4, limit=3), 2)
+        self.assertEqual(self.prune(T0 + 4, limit=3), 0)
+        self.assertEqual(self.query().events, events[8:])
+        for i in range(3):
+            self.assertEqual(
+                self.forMessage(f"Q{i}"),
+                [e for e in events[8:] if e.queue_id == f"Q{i}"],
+            )
+        for i in range(2):
+            self.assertEqual(
+                self.query(tag=f"t{i}").events,
+                [e for e in events[8:] if e.tag == f"t{i}"],
+            )
+            self.assertEqual(
+                self.query(recipient=f"r{i}@example.com").events,
+                [e for e in events[8:] if e.recipient == f"r{i}@example.com"],
+            )
+        self.assertEqual(self.query(type="delivered").events, events[8:])
+
+    def test_pruneKeepsStatistics(self):
+        """
+        Pruning deletes no statistics: every counter, unique opens and
+        clicks included, reads as before.
+        """
+        self.statsSample()
+        before = {
+            (interval, tag, domain): self.stats(
+                interval=interval, tag=tag, domain=domain
+            )
+            for interval in ["hour", "day"]
+            for tag in [None, "welcome", "invoice"]
+            for domain in [None, "example.com", "example.org"]
+        }
+        while self.prune(DAY0 + 10 * DAY, limit=2):
+            pass
+        self.assertEqual(self.query().events, [])
+        for (interval, tag, domain), stats in before.items():
+            self.assertEqual(
+                self.stats(interval=interval, tag=tag, domain=domain), stats
+            )
+
+    def test_pruneUniqueRecords(self):
+        """
+        The records of pairs already counted as unique opens or clicks
+        before C{before} are pruned too (counted in the answer, after the
+        events): an open of such a pair afterwards counts as unique again,
+        while the records of later first opens stay.
+        """
+        self.append(
+            event(DAY0, "opened", "Q1", "a@example.com"),
+            event(DAY0 + 1, "clicked", "Q1", "a@example.com"),
+            event(DAY0 + 2, "opened", "Q1", "a@example.com"),
+            event(DAY0 + 10, "opened", "Q2", "a@example.com"),
+        )
+        self.assertEqual(self.stats().unique_opens, 2)
+        # Three events, then the open and click records of Q1.
+        self.assertEqual(self.prune(DAY0 + 5, limit=4), 4)
+        self.assertEqual(self.prune(DAY0 + 5, limit=4), 1)
+        self.assertEqual(self.prune(DAY0 + 5, limit=4), 0)
+        stats = self.stats()
+        self.assertEqual((stats.unique_opens, stats.unique_clicks), (2, 1))
+        self.append(
+            event(DAY0 + 20, "opened", "Q1", "a@example.com"),
+            event(DAY0 + 21, "clicked", "Q1", "A@Example.com"),
+            event(DAY0 + 22, "opened", "Q2", "a@EXAMPLE.com"),
+        )
+        stats = self.stats()
+        self.assertEqual((stats.unique_opens, stats.unique_clicks), (3, 2))
+        self.assertEqual(stats.totals, {"clicked": 2, "opened": 5})
+
+    def test_pruneEmpty(self):
+        """
+        Pruning a store without old events deletes nothing and answers 0.
+        """
+        self.assertEqual(self.prune(T0), 0)
+        self.sample()
+        self.assertEqual(self.prune(T0), 0)
+        self.assertEqual(len(self.query().events), 6)
+
+    def test_pruneThenAppendAndPage(self):
+        """
+        After pruning, new events are stored and paged through as usual,
+        and a cursor handed out before the prune still continues.
+        """
+        events = self.sample()
+        page = self.query(limit=4)
+        self.assertEqual(self.prune(T0 + 3), 2)
+        later = [event(T0 + 7, "delivered", "Q3"), event(T0 + 8, "opened", "Q3")]
+        self.append(*later)
+        self.assertEqual(
+            self.query(cursor=page.cursor).events, events[4:] + later
+        )
+        self.assertEqual(
+            [e for p in self.queryAll(limit=1) for e in p.events],
+            events[2:] + later,
+        )
+        self.assertEqual(self.forMessage("Q3"), [events[5]] + later)
+
+    def test_pruneBadArguments(self):
+        """
+        A C{before} that is not a finite number, or a C{limit} that is not
+        an integer from 1 to 100000, fails with L{ValueError} and deletes
+        nothing.
+        """
+        self.sample()
+        for before, limit in [
+            (None, 10), ("1", 10), (True, 10), (float("nan"), 10),
+            (float("inf"), 10), (float("-inf"), 10), (10**400, 10),
+            (T0 + 10, 0), (T0 + 10, -1), (T0 + 10, 100001), (T0 + 10, 1.5),
+            (T0 + 10, True), (T0 + 10, "5"), (T0 + 10, None),
+        ]:
+            self.failureResultOf(self.store.pruneEvents(before, limit), ValueError)
+        self.assertEqual(len(self.query().events), 6)
+        # Six events and the unique open record of Q1.
+        self.assertEqual(self.prune(T0 + 10, limit=100000), 7)
+        self.assertEqual(self.prune(0), 0)
+
+    def test_pruneAfterClose(self):
+        """
+        C{pruneEvents} fails with L{StoreClosed} on a closed store.
+        """
+        self.successResultOf(self.store.close())
+        self.failureResultOf(self.store.pruneEvents(T0), StoreClosed)
+
     def test_newMethodsAfterClose(self):
         """
         The suppression, statistics and token bucket operations fail with
@@ -1539,6 +1740,34 @@ class SQLiteStoreTests(SynchronousTestCase):
             )
             self.assertIn("SEARCH", plan, sql)
             self.assertNotIn("TEMP B-TREE", plan, sql)
+
+    def test_pruneUsesIndexes(self):
+        """
+        C{pruneEvents} finds what it deletes through the time indexes of
+        the events and the unique open / click records (no table scan, no
+        sorting step), in one transaction.
+        """
+        store = self.open()
+        self.successResultOf(
+            store.appendEvents([event(T0 + i, "opened", f"Q{i}") for i in range(20)])
+        )
+        statements = []
+        store._conn.set_trace_callback(statements.append)
+        self.assertEqual(self.successResultOf(store.pruneEvents(T0 + 5, 8)), 8)
+        store._conn.set_trace_callback(None)
+        deletes = [sql for sql in statements if sql.startswith("DELETE")]
+        self.assertEqual(
+            [sql.split()[0] for sql in statements],
+            ["BEGIN", "DELETE", "DELETE", "COMMIT"],
+        )
+        for sql in deletes:
+            plan = " / ".join(
+                row[-1] for row in store._conn.execute("EXPLAIN QUERY PLAN " + sql)
+            )
+            self.assertNotIn("SCAN", plan, sql)
+            self.assertNotIn("TEMP B-TREE", plan, sql)
+        self.assertEqual(self.peek("SELECT COUNT(*) FROM seen"), [(17,)])
+        self.assertEqual(self.peek("SELECT COUNT(*) FROM events"), [(15,)])
 
     def test_failedBatchCountsNothing(self):
         """

@@ -102,6 +102,9 @@ class BlockingStore:
     def takeTokens(self, key, rate, burst, now, count=1):
         return self._call("takeTokens", key, rate, burst, now, count)
 
+    def pruneEvents(self, before, limit=10000):
+        return self._call("pruneEvents", before, limit)
+
 
 def newPrefix() -> str:
     """
@@ -264,6 +267,59 @@ class RedisStoreNetworkTests(TestCase):
         self.assertTrue(result.allowed)
         yield store.appendEvents([event()])
         self.assertEqual(len((yield store.eventsForMessage("Q1"))), 1)
+
+    @inlineCallbacks
+    def test_pruneLeavesNoEventKeys(self):
+        """
+        Once everything is pruned no event body, index entry or unique
+        record is left (recipients normalised with Unicode case rules
+        included); the counters are.
+        """
+        prefix = newPrefix()
+        store = self.makeStore(prefix=prefix)
+        yield store.start()
+        yield store.appendEvents(
+            [
+                event(T0, "opened", "Q1", "Ü@BÜCHER.de", tag="t"),
+                event(T0 + 1, "clicked", "Q1", "ü@bücher.DE", tag="t"),
+                event(T0 + 2, "accepted", "Q2", "x@Example.com"),
+            ]
+        )
+        self.assertEqual((yield store.pruneEvents(T0 + 10, 2)), 2)
+        self.assertEqual((yield store.pruneEvents(T0 + 10, 2)), 2)
+        self.assertEqual((yield store.pruneEvents(T0 + 10, 2)), 1)
+        self.assertEqual((yield store.pruneEvents(T0 + 10, 2)), 0)
+        protocol = yield store._service.whenConnected()
+        keys = yield protocol.execute_command("KEYS", prefix + "*")
+        left = sorted(key.decode("utf-8")[len(prefix):] for key in keys)
+        self.assertEqual(
+            [key for key in left if not key.startswith("stats:")],
+            ["schema", "seq"],
+        )
+        stats = yield store.statistics(since=T0 - 3600, until=T0 + 3600)
+        self.assertEqual((stats.unique_opens, stats.unique_clicks), (1, 1))
+
+    @inlineCallbacks
+    def test_version1UniqueRecordsKept(self):
+        """
+        Data of layout version 1 is upgraded: its schema key is raised, and
+        the pairs its plain C{seen:<type>} sets hold stay counted.
+        """
+        prefix = newPrefix()
+        self.server.command("SET", prefix + "schema", "1")
+        self.server.command("SADD", prefix + "seen:opened", '["Q1", "a@example.com"]')
+        store = self.makeStore(prefix=prefix)
+        yield store.start()
+        protocol = yield store._service.whenConnected()
+        self.assertEqual(
+            (yield protocol.execute_command("GET", prefix + "schema")), b"2"
+        )
+        yield store.appendEvents(
+            [event(T0, "opened", "Q1", "a@Example.com"),
+             event(T0, "opened", "Q2", "a@example.com")]
+        )
+        stats = yield store.statistics(since=T0 - 3600, until=T0 + 3600)
+        self.assertEqual((stats.totals, stats.unique_opens), ({"opened": 2}, 1))
 
     @inlineCallbacks
     def test_newerSchemaRefused(self):

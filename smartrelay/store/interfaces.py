@@ -26,6 +26,9 @@ from smartrelay.events import Event
 
 MAX_LIMIT = 1000
 
+# The most records one IStore.pruneEvents call may delete.
+MAX_PRUNE_LIMIT = 100000
+
 
 class InvalidCursor(ValueError):
     """
@@ -361,6 +364,36 @@ class IStore(Interface):
             L{ValueError} for a bad interval or time.
         """
 
+    def pruneEvents(before, limit=10000):
+        """
+        Retention: delete a bounded number of the events older than
+        C{before}, so that a caller can prune in small steps (calling again
+        until it answers 0) without holding up other operations for long.
+
+        Every trace of a deleted event that event queries read goes with it
+        (on the durable back ends: its row or body and all its index
+        entries), so neither L{queryEvents} (whatever the filters) nor
+        L{eventsForMessage} returns it again.  The bookkeeping of unique
+        opens and clicks older than C{before} (the (queue id, recipient)
+        pairs already counted) is pruned too, once no event older than
+        C{before} is left; an open or click of such a pair after it was
+        pruned counts as unique again.
+
+        The statistics counters are B{not} touched: they are aggregates that
+        the dashboard needs beyond the retention of the events, and what
+        they have counted stays counted.
+
+        @param before: POSIX seconds, a finite number; events (and unique
+            open and click records) with a time strictly before it go.
+        @param limit: at most this many records (events first, then unique
+            open and click records) are deleted by one call, 1 to
+            L{MAX_PRUNE_LIMIT}.
+        @rtype: L{Deferred} firing with the number of records deleted
+            (events plus unique open and click records), 0 once nothing
+            older than C{before} is left; it fails with L{ValueError} for
+            bad arguments.
+        """
+
     def takeTokens(key, rate, burst, now, count=1):
         """
         Take C{count} tokens from the token bucket C{key}, atomically.
@@ -419,6 +452,31 @@ def checkTime(name: str, value) -> Optional[float]:
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN")
     return value
+
+
+def checkPruneArguments(before, limit) -> tuple[float, int]:
+    """
+    Validate the arguments of C{pruneEvents}.
+
+    @return: (before as a float, limit).
+    @raise ValueError: unless C{before} is a finite number and C{limit} an
+        integer from 1 to L{MAX_PRUNE_LIMIT}.
+    """
+    if isinstance(before, bool) or not isinstance(before, (int, float)):
+        raise ValueError(f"before must be POSIX seconds, not {before!r}")
+    try:
+        before = float(before)
+    except OverflowError:
+        raise ValueError(f"before must be finite, not {before!r}") from None
+    if not math.isfinite(before):
+        raise ValueError(f"before must be finite, not {before!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise ValueError(f"limit must be an integer, not {limit!r}")
+    if not 1 <= limit <= MAX_PRUNE_LIMIT:
+        raise ValueError(
+            f"limit must be between 1 and {MAX_PRUNE_LIMIT}, not {limit}"
+        )
+    return before, limit
 
 
 # A cursor is the position (time, sequence number) of the last event of a

@@ -29,6 +29,7 @@ from smartrelay.store.interfaces import (
     buildStatistics,
     checkAddresses,
     checkLimit,
+    checkPruneArguments,
     checkReason,
     checkStatisticsArguments,
     checkTime,
@@ -79,7 +80,9 @@ class MemoryStore:
     _counters: dict[tuple[str, str, str], dict[int, Counter]] = attrs.field(
         factory=dict, init=False
     )
-    _seen: set[tuple[str, str, str]] = attrs.field(factory=set, init=False)
+    # (queue id, recipient, type) counted as a unique open / click -> the
+    # time of that first open / click
+    _seen: dict[tuple[str, str, str], float] = attrs.field(factory=dict, init=False)
     _buckets: dict[str, tuple[float, float]] = attrs.field(factory=dict, init=False)
     _nextSeq: int = attrs.field(default=1, init=False)
     _closed: bool = attrs.field(default=False, init=False)
@@ -123,7 +126,7 @@ class MemoryStore:
         types = eventCounterTypes(event)
         unique = uniqueKey(event)
         if unique is not None and unique not in self._seen:
-            self._seen.add(unique)
+            self._seen[unique] = event.time
             types.append(UNIQUE_TYPES[event.type])
         for interval, bucket, dim, key, type in counterBumps(event, types):
             series = self._counters.setdefault((interval, dim, key), {})
@@ -188,6 +191,29 @@ class MemoryStore:
             last = found[-1]
             nextCursor = encodeCursor(last.time, last.seq)
         return EventPage(events=[row.toEvent() for row in found], cursor=nextCursor)
+
+    def pruneEvents(self, before: float, limit: int = 10000) -> Deferred:
+        return maybeDeferred(self._prune, before, limit)
+
+    def _prune(self, before, limit) -> int:
+        self._checkOpen()
+        before, limit = checkPruneArguments(before, limit)
+        # Rows are sorted by time: the older ones are a prefix.
+        count = 0
+        for row in self._rows:
+            if count >= limit or row.time >= before:
+                break
+            count += 1
+        del self._rows[:count]
+        budget = limit - count
+        if budget:
+            old = sorted(
+                (time, key) for key, time in self._seen.items() if time < before
+            )
+            for time, key in old[:budget]:
+                del self._seen[key]
+                count += 1
+        return count
 
     # -- suppression list ------------------------------------------------
 

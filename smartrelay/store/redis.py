@@ -22,8 +22,11 @@ told otherwise):
       bucket starts of one counter series, and
       C{stats:<interval>:<dimension>:<key>:<bucket start>} a hash from
       counter type to count;
-    - C{seen:<type>}: the (queue id, recipient) pairs already counted as a
-      unique open or click;
+    - C{seenat:<type>}: a sorted set of the (queue id, recipient) pairs
+      already counted as a unique open or click, scored by the time of that
+      first open or click (so that L{RedisStore.pruneEvents} can drop the
+      old ones); C{seen:<type>}, a plain set of such pairs, is what layout
+      version 1 wrote: it is still consulted, never written, never pruned;
     - C{bucket:<key>}: a token bucket (C{tokens}, C{updated}).
 
 Every write that must be atomic (a batch of events with its counters, a
@@ -67,6 +70,7 @@ from smartrelay.store.interfaces import (
     buildStatistics,
     checkAddresses,
     checkLimit,
+    checkPruneArguments,
     checkReason,
     checkStatisticsArguments,
     checkTime,
@@ -87,8 +91,10 @@ from smartrelay.store.interfaces import (
 DEFAULT_PORT = 6379
 DEFAULT_PREFIX = "smartrelay:"
 
-# The data layout version this code writes; start() refuses a newer one.
-SCHEMA_VERSION = 1
+# The data layout version this code writes; start() refuses a newer one
+# and raises an older one (version 2: unique opens and clicks are recorded
+# in the seenat:<type> sorted sets, which version 1 code would not see).
+SCHEMA_VERSION = 2
 
 
 class RedisConnectionFailed(Exception):
@@ -254,7 +260,8 @@ def parseRedisURL(url: str) -> RedisAddress:
 #
 # KEYS: sequence, events hash.
 # ARGV: n, then per event: time, record, index count, index keys...,
-#   seen key, seen member ("" for none), unique bump count,
+#   seen sorted set, legacy seen set, seen member ("" for none),
+#   unique bump count,
 #   (hash, field, bucket set, bucket)...;
 #   then bump count, (hash, field, count, bucket set, bucket)...
 _APPEND = """
@@ -273,9 +280,12 @@ for e = 1, n do
     redis.call('ZADD', ARGV[i + j], time, member)
   end
   i = i + nidx
-  local seenKey, seenMember, nu = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  i = i + 3
-  if seenMember ~= '' and redis.call('SADD', seenKey, seenMember) == 1 then
+  local seenKey, legacyKey = ARGV[i], ARGV[i + 1]
+  local seenMember, nu = ARGV[i + 2], tonumber(ARGV[i + 3])
+  i = i + 4
+  if seenMember ~= ''
+     and redis.call('SISMEMBER', legacyKey, seenMember) == 0
+     and redis.call('ZADD', seenKey, 'NX', time, seenMember) == 1 then
     for j = 0, nu - 1 do
       local b = i + 4 * j
       redis.call('HINCRBY', ARGV[b], ARGV[b + 1], 1)
@@ -452,8 +462,47 @@ end
 return {allowed, string.format('%.17g', tokens), string.format('%.17g', wait)}
 """
 
+# Delete events that a query script read (members and their index keys),
+# then, with what is left of the budget, the oldest unique open / click
+# records.  Events never change once stored, so the index keys computed
+# from what was read are still right; an event already deleted (by another
+# node) is not counted again.
+#
+# KEYS: events hash, the seen sorted sets...
+# ARGV: max score (exclusive, "(<before>"), budget, n, then per event:
+#   member, index count, index keys...
+# Returns the number of records deleted.
+_PRUNE = """
+local budget = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local deleted = 0
+local i = 4
+for e = 1, n do
+  local member, nidx = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  deleted = deleted + redis.call('HDEL', KEYS[1], member)
+  for j = 0, nidx - 1 do
+    redis.call('ZREM', ARGV[i + j], member)
+  end
+  i = i + nidx
+end
+budget = budget - n
+for k = 2, #KEYS do
+  if budget <= 0 then break end
+  local old = redis.call('ZRANGEBYSCORE', KEYS[k], '-inf', ARGV[1],
+                         'LIMIT', 0, budget)
+  for first = 1, #old, 500 do
+    local last = math.min(first + 499, #old)
+    deleted = deleted + redis.call('ZREM', KEYS[k], unpack(old, first, last))
+  end
+  budget = budget - #old
+end
+return deleted
+"""
+
 _SCRIPTS = {
     "append": _APPEND,
+    "prune": _PRUNE,
     "query": _QUERY,
     "addSuppression": _ADD_SUPPRESSION,
     "removeSuppression": _REMOVE_SUPPRESSION,
@@ -699,6 +748,16 @@ class RedisStore:
                     f" {version}, newer than the newest this smartrelay knows"
                     f" ({SCHEMA_VERSION})"
                 )
+            if version < SCHEMA_VERSION:
+                # Version 1 data needs no conversion (its unique open and
+                # click records are still read); mark it upgraded so that
+                # version 1 code, which would not see the new records,
+                # refuses it.
+                d = protocol.execute_command("SET", key, str(SCHEMA_VERSION))
+                return d.addCallback(lambda _: announce())
+            announce()
+
+        def announce():
             if not self._started:
                 self._started = True
                 self.log.info(
@@ -843,11 +902,12 @@ class RedisStore:
             bumps.update(counterBumps(event, eventCounterTypes(event)))
             unique = uniqueKey(event)
             if unique is None:
-                args += ["", "", "0"]
+                args += ["", "", "", "0"]
             else:
                 queue_id, recipient, type = unique
                 uniqueBumps = counterBumps(event, [UNIQUE_TYPES[type]])
                 args += [
+                    self._key("seenat", type),
                     self._key("seen", type),
                     json.dumps([queue_id, recipient]),
                     str(len(uniqueBumps)),
@@ -943,6 +1003,51 @@ class RedisStore:
             return EventPage(events=events, cursor=nextCursor)
 
         return d.addCallback(page)
+
+    def pruneEvents(self, before: float, limit: int = 10000) -> Deferred:
+        """
+        Two steps: the query script reads the oldest events (at most
+        C{limit}), then the prune script deletes them from the events hash
+        and every index they are in, and unique open / click records with
+        what is left of C{limit}.  The index keys are computed here, by the
+        code that computed them for the append (recipients are normalised
+        with Python's Unicode case rules, which Lua cannot repeat).
+        """
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            before, limit = checkPruneArguments(before, limit)
+        except ValueError:
+            return fail()
+        high = "(" + _number(before)
+        queryKeys = [self._key("ev", "all"), self._key("events")]
+        queryArgs = ["-inf", high, "", "", str(limit), str(limit)]
+        seen = [self._key("seenat", type) for type in sorted(UNIQUE_TYPES)]
+        pruneKeys = [self._key("events"), *seen]
+
+        def pruneArgs(reply):
+            rows = _pairs(json.loads(reply))
+            args = [high, str(limit), str(len(rows))]
+            for member, record in rows:
+                if record is None:
+                    indexes = [self._key("ev", "all")]
+                else:
+                    indexes = self._eventIndexes(_fromRecord(record))
+                args += [member, str(len(indexes)), *indexes]
+            return args
+
+        def prune(protocol):
+            # Both steps on the one connection, as one tracked operation:
+            # a close() in between waits for the second.
+            d = self._script(protocol, "query", queryKeys, queryArgs)
+            d.addCallback(
+                lambda reply: self._script(
+                    protocol, "prune", pruneKeys, pruneArgs(reply)
+                )
+            )
+            return d
+
+        return self._do(prune).addCallback(int)
 
     # -- suppression list ------------------------------------------------
 

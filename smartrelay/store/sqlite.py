@@ -35,6 +35,7 @@ from smartrelay.store.interfaces import (
     buildStatistics,
     checkAddresses,
     checkLimit,
+    checkPruneArguments,
     checkReason,
     checkStatisticsArguments,
     checkTime,
@@ -140,6 +141,12 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             ) WITHOUT ROWID
             """,
         ],
+    ),
+    # Version 3: pruneEvents deletes the oldest unique open / click records
+    # (events already have their time index).
+    (
+        3,
+        ["CREATE INDEX seen_time ON seen (time)"],
     ),
 ]
 
@@ -562,6 +569,13 @@ class SQLiteStore:
             )
         )
 
+    def pruneEvents(self, before: float, limit: int = 10000) -> Deferred:
+        try:
+            before, limit = checkPruneArguments(before, limit)
+        except ValueError:
+            return fail()
+        return self._run(self._prune, before, limit)
+
     def takeTokens(
         self, key: str, rate: float, burst: float, now: float, count: float = 1
     ) -> Deferred:
@@ -686,6 +700,34 @@ class SQLiteStore:
             " AND bucket >= ? AND bucket < ?",
             (interval, dim, key, first, until),
         ).fetchall()
+
+    def _prune(self, before: float, limit: int) -> int:
+        """
+        Delete at most C{limit} of the oldest events before C{before}, then,
+        with what is left of C{limit}, unique open / click records before
+        it: one short transaction, both read through their time index.
+        """
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = conn.execute(
+                "DELETE FROM events WHERE seq IN"
+                " (SELECT seq FROM events WHERE time < ? ORDER BY time, seq LIMIT ?)",
+                (before, limit),
+            ).rowcount
+            if deleted < limit:
+                deleted += conn.execute(
+                    "DELETE FROM seen WHERE (queue_id, recipient_norm, type) IN"
+                    " (SELECT queue_id, recipient_norm, type FROM seen"
+                    " WHERE time < ? ORDER BY time LIMIT ?)",
+                    (before, limit - deleted),
+                ).rowcount
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return deleted
 
     def _takeTokens(self, key, rate, burst, now, count):
         conn = self._connection()
