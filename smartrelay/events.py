@@ -115,8 +115,9 @@ class EventLog:
     Batches events and writes them to a store.
 
     Events emitted during one reactor turn are written together: the first
-    C{emit} schedules a flush with C{callLater(0)}; at most one write is in
-    flight, events that arrive meanwhile wait for the next batch.
+    C{emit} schedules a flush with C{callLater(0)}; at most C{maxInFlight}
+    writes are in flight, events that arrive meanwhile wait for the next
+    batch.
 
     If the store fails a write and there is a C{journal}
     (L{smartrelay.journal.EventJournal}), the log becomes I{degraded}: the
@@ -136,7 +137,11 @@ class EventLog:
     retryDelays: tuple = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
     _pending: list = attrs.field(factory=list, init=False)
     _scheduled: Any = attrs.field(default=None, init=False)
-    _inFlight: Optional[Deferred] = attrs.field(default=None, init=False)
+    #: Writes (to the store or the journal) allowed at once.  Two keep a
+    #: networked store busy while the next batch is prepared; both back
+    #: ends apply writes in the order they were issued.
+    maxInFlight: int = 2
+    _writing: int = attrs.field(default=0, init=False)
     _waiters: list = attrs.field(factory=list, init=False)
     _degraded: bool = attrs.field(default=False, init=False)
     _replayTimer: Any = attrs.field(default=None, init=False)
@@ -216,13 +221,14 @@ class EventLog:
         return event
 
     def _schedule(self) -> None:
-        if self._scheduled is None and self._inFlight is None:
+        if self._scheduled is None and self._writing < self.maxInFlight:
             self._scheduled = self.clock.callLater(0, self._flush)
 
     def _flush(self) -> None:
         self._scheduled = None
         if not self._pending:
-            self._notifyIdle()
+            if self._writing == 0:
+                self._notifyIdle()
             return
         batch = self._pending[: self.maxBatch]
         del self._pending[: self.maxBatch]
@@ -231,13 +237,15 @@ class EventLog:
         else:
             d = self.store.appendEvents(batch)
             d.addErrback(self._storeFailed, batch)
-        self._inFlight = d
+        self._writing += 1
+        if self._pending:
+            self._schedule()
 
         def done(_):
-            self._inFlight = None
+            self._writing -= 1
             if self._pending:
                 self._schedule()
-            else:
+            elif self._writing == 0:
                 self._notifyIdle()
 
         d.addBoth(done)
@@ -310,7 +318,7 @@ class EventLog:
             self._journaledSinceSeal = 0
             segments = await self.journal.sealedSegments()
             if not segments:
-                if self._journaledSinceSeal == 0 and self._inFlight is None:
+                if self._journaledSinceSeal == 0 and self._writing == 0:
                     return True
                 continue
             for path in segments:
@@ -347,7 +355,7 @@ class EventLog:
         A Deferred that fires once every event emitted so far is written
         (or its write failed and was logged).
         """
-        if not self._pending and self._inFlight is None and self._scheduled is None:
+        if not self._pending and self._writing == 0 and self._scheduled is None:
             return succeed(None)
         d = Deferred()
         self._waiters.append(d)
