@@ -138,8 +138,9 @@ class EventLog:
     _pending: list = attrs.field(factory=list, init=False)
     _scheduled: Any = attrs.field(default=None, init=False)
     #: Writes (to the store or the journal) allowed at once.  Two keep a
-    #: networked store busy while the next batch is prepared; both back
-    #: ends apply writes in the order they were issued.
+    #: networked store busy while the next batch is prepared (the back ends
+    #: apply writes in the order they were issued); with one, events that
+    #: arrive during a write make the next batch bigger.
     maxInFlight: int = 2
     _writing: int = attrs.field(default=0, init=False)
     _waiters: list = attrs.field(factory=list, init=False)

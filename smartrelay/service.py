@@ -88,7 +88,14 @@ class RelayService(MultiService):
             os.path.join(self.dataDir, "event-journal"),
             partial(deferToThreadPool, reactor, self.journalPool),
         )
-        self.events = EventLog(self.store, reactor, journal=self.journal)
+        # One SQLite writer thread gains nothing from a second write in
+        # flight (batches just get smaller); Redis overlaps them.
+        self.events = EventLog(
+            self.store,
+            reactor,
+            journal=self.journal,
+            maxInFlight=1 if self.storePool is not None else 2,
+        )
         self.pruner = Pruner(self.store, reactor, retention=config.store.retention)
         self.deliveryIOPool = ThreadPool(
             minthreads=1, maxthreads=DELIVERY_IO_THREADS, name="smartrelay-delivery-io"
