@@ -3,6 +3,7 @@ Throw-away TLS material for tests.
 """
 
 import datetime
+import ipaddress
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -10,9 +11,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def selfSigned(commonName="mail.example.com", days=1):
+def selfSigned(commonName="mail.example.com", days=1, ipAddresses=()):
     """
-    A new self-signed (certificate PEM, key PEM) pair on a P-256 key.
+    A new self-signed (certificate PEM, key PEM) pair on a P-256 key; with
+    C{ipAddresses}, the certificate names them (subjectAltName) and can
+    act as its own trust root for clients that verify.
     """
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)])
@@ -25,8 +28,15 @@ def selfSigned(commonName="mail.example.com", days=1):
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
-        .sign(key, hashes.SHA256())
     )
+    if ipAddresses:
+        certificate = certificate.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(a)) for a in ipAddresses]
+            ),
+            critical=False,
+        ).add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    certificate = certificate.sign(key, hashes.SHA256())
     return (
         certificate.public_bytes(serialization.Encoding.PEM),
         key.private_bytes(

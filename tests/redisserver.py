@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -49,12 +50,20 @@ class RedisServer:
     @ivar directory: its working directory, removed on L{stop}.
     """
 
-    def __init__(self, executable: str = "redis-server", unixSocket: bool = False) -> None:
+    def __init__(
+        self,
+        executable: str = "redis-server",
+        unixSocket: bool = False,
+        tls: Optional[tuple] = None,
+    ) -> None:
         """
         @param unixSocket: listen on a UNIX socket (L{socketPath}) too.
+        @param tls: C{(certificate path, key path)}: serve TLS only, on
+            L{port}, with that certificate (which is also its CA file).
         """
         self.executable = executable
         self.unixSocket = unixSocket
+        self.tls = tls
         self.socketPath: Optional[str] = None
         self.port: Optional[int] = None
         self.directory: Optional[str] = None
@@ -79,9 +88,17 @@ class RedisServer:
             self.directory = tempfile.mkdtemp(prefix="smartrelay-redis-")
         log = os.path.join(self.directory, "redis.log")
         extra = []
+        if self.tls is not None:
+            certificate, key = self.tls
+            extra += [
+                "--tls-cert-file", certificate,
+                "--tls-key-file", key,
+                "--tls-ca-cert-file", certificate,
+                "--tls-auth-clients", "no",
+            ]
         if self.unixSocket:
             self.socketPath = os.path.join(self.directory, "redis.sock")
-            extra = ["--unixsocket", self.socketPath, "--unixsocketperm", "700"]
+            extra += ["--unixsocket", self.socketPath, "--unixsocketperm", "700"]
         # Another process may take the port between freePort() and the
         # server's bind: try a few.
         for attempt in range(1 if port else 5):
@@ -90,7 +107,11 @@ class RedisServer:
                 self.process = subprocess.Popen(
                     [
                         path,
-                        "--port", str(self.port),
+                        *(
+                            ["--port", "0", "--tls-port", str(self.port)]
+                            if self.tls
+                            else ["--port", str(self.port)]
+                        ),
                         "--bind", "127.0.0.1",
                         "--dir", self.directory,
                         "--save", "",
@@ -133,6 +154,11 @@ class RedisServer:
         simple replies such as PING or FLUSHALL).
         """
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            if self.tls is not None:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                s = context.wrap_socket(s)
             s.sendall(_command(*args))
             return s.recv(65536)
 

@@ -12,6 +12,7 @@ assertions are the mixin's own, unchanged.
 """
 
 import functools
+import os
 import uuid
 
 from twisted.internet import reactor
@@ -44,6 +45,7 @@ from tests.redisserver import (
     freePort,
     sharedRedisServer,
 )
+from tests.certs import selfSigned
 from tests.test_store import T0, StoreContractMixin, event
 
 
@@ -497,6 +499,53 @@ class RedisStoreUNIXSocketTests(TestCase):
         self.assertEqual((yield overTCP.eventsForMessage("Q1")), [e])
 
 
+class RedisStoreTLSTests(TestCase):
+    """
+    L{RedisStore} talks TLS to a real TLS-only redis-server given by a
+    C{rediss://} URL, verifying its certificate.
+    """
+
+    def tlsServer(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        certificate, key = selfSigned("127.0.0.1", ipAddresses=["127.0.0.1"])
+        paths = (os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem"))
+        for path, pem in zip(paths, (certificate, key)):
+            with open(path, "wb") as f:
+                f.write(pem)
+        server = RedisServer(tls=paths).start()
+        self.addCleanup(server.stop)
+        return server, paths[0]
+
+    @inlineCallbacks
+    def test_tlsWithPrivateCA(self):
+        """
+        With ?ssl_ca_certs naming the server's CA, events are written and
+        read back over TLS.
+        """
+        server, ca = self.tlsServer()
+        store = RedisStore.fromURL(
+            f"rediss://127.0.0.1:{server.port}/1?ssl_ca_certs={ca}", reactor, prefix=newPrefix()
+        )
+        self.addCleanup(store.close)
+        yield store.start()
+        e = event()
+        yield store.appendEvents([e])
+        self.assertEqual((yield store.eventsForMessage("Q1")), [e])
+
+    @inlineCallbacks
+    def test_untrustedCertificate(self):
+        """
+        Without the CA, the self-signed certificate is refused and start()
+        fails clearly.
+        """
+        server, _ = self.tlsServer()
+        store = RedisStore.fromURL(f"rediss://127.0.0.1:{server.port}/1", reactor)
+        self.addCleanup(store.close)
+        failure = yield self.assertFailure(store.start(), RedisConnectionFailed)
+        self.assertIn("cannot connect to the Redis event store at rediss://", str(failure))
+
+
 class RedisAddressTests(SynchronousTestCase):
     """
     L{RedisAddress.endpoint} builds the endpoint the URL asks for.
@@ -548,6 +597,18 @@ class ParseRedisURLTests(SynchronousTestCase):
             parseRedisURL("redis://:s3cret@redis.example:6380/4"),
             RedisAddress(host="redis.example", port=6380, db=4, password="s3cret"),
         )
+
+    def test_caFile(self):
+        """
+        ?ssl_ca_certs names a CA file for rediss:// URLs; it must exist and
+        makes no sense without TLS.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("x")
+        self.assertEqual(parseRedisURL(f"rediss://h/0?ssl_ca_certs={path}").caFile, path)
+        self.assertRaises(ValueError, parseRedisURL, f"redis://h/0?ssl_ca_certs={path}")
+        self.assertRaises(ValueError, parseRedisURL, "rediss://h/0?ssl_ca_certs=/nonexistent/ca")
 
     def test_defaults(self):
         """

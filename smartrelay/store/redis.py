@@ -39,6 +39,7 @@ operations apply in the order they were called.
 import hashlib
 import json
 import math
+import os
 from collections import Counter
 from typing import Any, Optional
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -125,6 +126,8 @@ class RedisAddress:
     @ivar db: the database number to SELECT.
     @ivar username: ACL user name for AUTH, if any.
     @ivar password: password for AUTH, if any.
+    @ivar caFile: PEM file of the certificate authority to trust for TLS
+        (C{?ssl_ca_certs=PATH}); by default the system's trust store.
     """
 
     host: Optional[str] = None
@@ -134,6 +137,7 @@ class RedisAddress:
     tls: bool = False
     username: Optional[str] = None
     password: Optional[str] = attrs.field(default=None, repr=False)
+    caFile: Optional[str] = None
 
     def __str__(self) -> str:
         """
@@ -153,9 +157,15 @@ class RedisAddress:
             return UNIXClientEndpoint(reactor, self.path, timeout=timeout)
         endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
         if self.tls:
-            from twisted.internet.ssl import optionsForClientTLS
+            from twisted.internet.ssl import Certificate, optionsForClientTLS
 
-            endpoint = wrapClientTLS(optionsForClientTLS(self.host), endpoint)
+            trustRoot = None
+            if self.caFile is not None:
+                with open(self.caFile, "rb") as f:
+                    trustRoot = Certificate.loadPEM(f.read())
+            endpoint = wrapClientTLS(
+                optionsForClientTLS(self.host, trustRoot=trustRoot), endpoint
+            )
         return endpoint
 
 
@@ -170,7 +180,9 @@ def _parseDB(text: str, url: str) -> int:
 def parseRedisURL(url: str) -> RedisAddress:
     """
     Parse C{redis://[[user]:password@]host[:port][/db]},
-    C{rediss://...} (TLS) or C{unix://[[user]:password@]/path[?db=N]}.
+    C{rediss://...[?ssl_ca_certs=PATH]} (TLS; the server's certificate is
+    verified against the system's trust store or the given CA file) or
+    C{unix://[[user]:password@]/path[?db=N]}.
 
     @raise ValueError: with a message that says what is wrong.
     """
@@ -199,7 +211,7 @@ def parseRedisURL(url: str) -> RedisAddress:
     options = dict(query)
     if len(options) != len(query):
         raise ValueError(f"Redis URL repeats a query parameter: {url!r}")
-    unknown = set(options) - {"db"}
+    unknown = set(options) - {"db", "ssl_ca_certs"}
     if unknown:
         raise ValueError(
             f"unknown Redis URL parameter(s) {', '.join(sorted(unknown))} in {url!r}"
@@ -222,6 +234,11 @@ def parseRedisURL(url: str) -> RedisAddress:
             password=password,
         )
 
+    caFile = options.get("ssl_ca_certs") or None
+    if caFile is not None and scheme != "rediss":
+        raise ValueError(f"ssl_ca_certs needs a rediss:// (TLS) URL: {url!r}")
+    if caFile is not None and not os.path.isfile(caFile):
+        raise ValueError(f"ssl_ca_certs file {caFile!r} does not exist")
     if not parts.hostname:
         raise ValueError(f"Redis URL has no host: {url!r}")
     try:
@@ -249,6 +266,7 @@ def parseRedisURL(url: str) -> RedisAddress:
         tls=scheme == "rediss",
         username=username,
         password=password,
+        caFile=caFile,
     )
 
 
