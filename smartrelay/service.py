@@ -100,10 +100,11 @@ class RelayService(MultiService):
         self.deliveryIOPool = ThreadPool(
             minthreads=1, maxthreads=DELIVERY_IO_THREADS, name="smartrelay-delivery-io"
         )
+        self.runDeliveryIO = partial(deferToThreadPool, reactor, self.deliveryIOPool)
         self.spool = Spool(
             os.path.join(self.dataDir, "spool"),
             self.runInSpoolThread,
-            runDeliveryIO=partial(deferToThreadPool, reactor, self.deliveryIOPool),
+            runDeliveryIO=self.runDeliveryIO,
         )
 
         if delivery.smarthost is not None:
@@ -142,7 +143,9 @@ class RelayService(MultiService):
         checker = None
         if smtp.auth_file is not None:
             checker = HashedPasswordChecker(
-                PasswordFile.load(smtp.auth_file), self.runInSpoolThread
+                # scrypt takes tens of milliseconds: keep it off the threads
+                # that group-commit new messages.
+                PasswordFile.load(smtp.auth_file), self.runDeliveryIO
             )
         self.idStatePath = os.path.join(self.dataDir, ID_STATE_FILE)
         self.policy = SubmissionPolicy(

@@ -79,7 +79,6 @@ class Session:
     esmtp: bool = False
     tls: bool = False
     user: Optional[str] = None
-    transactions: int = 0
     #: The policy's cached verdict on the client address (None: not asked).
     allowedClient: Optional[bool] = None
 
@@ -361,7 +360,6 @@ class HardenedESMTP(smtp.ESMTP):
     def _resetTransaction(self) -> None:
         self._sender: Optional[str] = None
         self._recipients: list = []
-        self._declaredSize: Optional[int] = None
 
     def do_HELO(self, argument: bytes, esmtp: bool = False):
         helo = argument.strip().decode("ascii", "replace")
@@ -518,7 +516,6 @@ class HardenedESMTP(smtp.ESMTP):
 
         def accepted(_):
             self._sender = sender
-            self._declaredSize = size
             self._recipients = []
             self.transport.write(b"250 2.1.0 Sender OK\r\n")
 
@@ -767,7 +764,6 @@ class HardenedESMTP(smtp.ESMTP):
             self.policy.messageRejected(self.session, sender, recipients, error)
             return
         data = b"".join(chunks)
-        self.session.transactions += 1
         d = maybeDeferred(self.policy.messageReceived, self.session, sender, recipients, data)
 
         def stored(queueID):
