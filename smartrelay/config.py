@@ -3,9 +3,14 @@ Configuration: INI text in, frozen attrs objects out.
 
 L{parseConfig} is the one place that reads and validates the INI file.  Every
 section and key it knows is declared once, as a field of L{RelayConfig},
-L{SMTPConfig} or L{DeliveryConfig} whose metadata names the function that
-parses its INI value; the INI key is the field name.  Unknown sections and
-unknown keys are errors, so a typo cannot silently disable a feature.
+L{SMTPConfig}, L{DeliveryConfig}, L{StoreConfig}, L{DomainConfig} or
+L{ProviderConfig} whose metadata names the function that parses its INI
+value; the INI key is the field name.  Unknown sections and unknown keys are
+errors, so a typo cannot silently disable a feature.
+
+Named sections such as C{[domain:example.com]} and C{[provider:google]}
+(see L{NAMED_SECTIONS}) may appear any number of times, once per name; the
+part after the colon is the section object's C{name}.
 
 Anything wrong raises L{ConfigError}, whose C{str()} is one line naming the
 file, the section, the key and the problem.
@@ -16,10 +21,13 @@ Value syntax:
     (C{1K} = 1024);
   - booleans: C{on}/C{off}, C{yes}/C{no}, C{true}/C{false}, C{1}/C{0};
   - lists: comma-separated (line breaks also separate);
+  - rates: C{100/m}, C{10/s}, C{1000/h}, C{5000/d}, C{100/5m} (see L{Rate});
+  - percentages: C{10%} or a fraction (C{0.1});
   - an empty value for an optional key means "not set".
 
-Relative paths (C{data_dir}, C{auth_file}, C{tls_certificate}, C{tls_key})
-are relative to the current directory of the process, not to the INI file.
+Relative paths (C{data_dir}, C{auth_file}, C{tls_certificate}, C{tls_key},
+C{tls_ca_certificates}) are relative to the current directory of the
+process, not to the INI file.
 """
 
 import ast
@@ -29,7 +37,8 @@ import ipaddress
 import math
 import re
 import socket
-from typing import Any, Callable, Optional, Union
+import types
+from typing import Any, Callable, Mapping, Optional, Union
 
 import attrs
 from cryptography import x509
@@ -359,6 +368,232 @@ def _nameservers(text: str) -> tuple[tuple[str, int], ...]:
     return tuple(_nameserver(item) for item in _listItems(text))
 
 
+def _optionalPositiveInt(text: str) -> Optional[int]:
+    return _positiveInt(text) if text.strip() else None
+
+
+_FRACTION_RE = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*(?P<percent>%?)")
+
+
+def parseFraction(text: str) -> float:
+    """
+    A fraction from 0 to 1 written as a percentage (C{10%}, C{0%},
+    C{12.5%}) or as a plain fraction (C{0.1}).
+
+    @raise ValueError: for anything else, values above 100% included.
+    """
+    text = text.strip()
+    match = _FRACTION_RE.fullmatch(text)
+    if match is not None:
+        value = float(match["number"])
+        if match["percent"]:
+            value /= 100
+        if 0 <= value <= 1:
+            return value
+    raise ValueError(
+        f"expected a percentage between 0% and 100% such as '10%', got {text!r}"
+    )
+
+
+#: The values of the C{tls} keys: opportunistic (STARTTLS when offered, any
+#: certificate, plain text otherwise), required (STARTTLS or no delivery,
+#: any certificate), verify (STARTTLS with a certificate valid for the MX
+#: host name, or no delivery).
+TLS_POLICIES = ("opportunistic", "required", "verify")
+
+
+def _tlsPolicy(text: str) -> str:
+    policy = text.strip().lower()
+    if policy not in TLS_POLICIES:
+        raise ValueError(
+            f"expected opportunistic, required or verify, got {text.strip()!r}"
+        )
+    return policy
+
+
+def _optionalTLSPolicy(text: str) -> Optional[str]:
+    return _tlsPolicy(text) if text.strip() else None
+
+
+def _domainName(text: str) -> str:
+    """
+    A DNS domain name: lower-cased, one trailing dot dropped.
+    """
+    name = text.strip().lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if not isHostname(name):
+        raise ValueError(f"{text.strip()!r} is not a valid domain name")
+    return name
+
+
+def _providerName(text: str) -> str:
+    name = text.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ValueError(
+            f"{name!r} is not a valid provider name (use letters, digits, '-' and '_')"
+        )
+    return name.lower()
+
+
+def _suffixes(text: str) -> tuple[str, ...]:
+    suffixes = []
+    for item in _listItems(text):
+        suffix = item.lower()
+        if suffix.startswith("."):
+            suffix = suffix[1:]
+        if suffix.endswith("."):
+            suffix = suffix[:-1]
+        if not isHostname(suffix):
+            raise ValueError(f"expected a DNS suffix such as google.com, got {item!r}")
+        if suffix not in suffixes:
+            suffixes.append(suffix)
+    if not suffixes:
+        raise ValueError("at least one suffix is needed, such as google.com")
+    return tuple(suffixes)
+
+
+# ---------------------------------------------------------------------------
+# Rates
+
+_RATE_UNITS = {
+    "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+}
+_RATE_RE = re.compile(
+    r"(?P<count>[0-9]+)\s*/\s*"
+    r"(?P<number>[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)?\s*(?P<unit>[A-Za-z]+)"
+)
+
+
+def _checkCount(instance, attribute, count) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"the count of a rate must be a positive integer, got {count!r}")
+
+
+def _checkPeriod(instance, attribute, period) -> None:
+    if not (math.isfinite(period) and period > 0):
+        raise ValueError(f"the period of a rate must be positive, got {period!r}")
+
+
+@attrs.frozen
+class Rate:
+    """
+    At most C{count} events per C{period} seconds.
+
+    Written C{COUNT/UNIT} or C{COUNT/NUMBER UNIT}: C{100/m}, C{10/s},
+    C{1000/h}, C{5000/d}, C{100/5m}; units may be spelt C{s}/C{sec}/C{second},
+    C{m}/C{min}/C{minute}, C{h}/C{hour}, C{d}/C{day} (plurals too), and
+    spaces are allowed around C{/}.  C{str()} gives text L{parseRate} reads
+    back as an equal rate.
+
+    @ivar count: a positive integer.
+    @ivar period: seconds, positive.
+    """
+
+    count: int = attrs.field(validator=_checkCount)
+    period: float = attrs.field(converter=float, validator=_checkPeriod)
+
+    @property
+    def perSecond(self) -> float:
+        """
+        The sustained rate: C{count / period} events per second.
+        """
+        return self.count / self.period
+
+    @property
+    def burst(self) -> int:
+        """
+        How many events a token bucket for this rate may let through at
+        once: one second's worth, at least 1 and at most C{count}.
+        """
+        return max(1, min(self.count, math.ceil(self.count / self.period)))
+
+    def __str__(self) -> str:
+        period = self.period
+        if period == int(period):
+            whole = int(period)
+            for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+                if whole % size == 0:
+                    number = whole // size
+                    return f"{self.count}/{unit}" if number == 1 else f"{self.count}/{number}{unit}"
+            return f"{self.count}/s" if whole == 1 else f"{self.count}/{whole}s"
+        return f"{self.count}/{period!r}s"
+
+
+def parseRate(text: str) -> Rate:
+    """
+    Parse a rate such as C{100/m} or C{100/5m} (see L{Rate}).
+
+    @raise ValueError: with a one-line reason, for anything else (a zero
+        count or period included).
+    """
+    text = text.strip()
+    expected = "expected a rate such as '100/m' (count per s, m, h or d)"
+    match = _RATE_RE.fullmatch(text)
+    if match is None or match["unit"].lower() not in _RATE_UNITS:
+        raise ValueError(f"{expected}, got {text!r}")
+    count = int(match["count"])
+    number = 1.0 if match["number"] is None else float(match["number"])
+    period = number * _RATE_UNITS[match["unit"].lower()]
+    if count == 0 or period == 0 or not math.isfinite(period):
+        raise ValueError(f"{expected} with a count and period above zero, got {text!r}")
+    return Rate(count, period)
+
+
+def _optionalRate(text: str) -> Optional[Rate]:
+    return parseRate(text) if text.strip() else None
+
+
+# ---------------------------------------------------------------------------
+# Throttle patterns
+
+#: Regular expressions (searched case-insensitively in the text of a 4xx
+#: reply) recognising the big providers' "slow down" replies.
+DEFAULT_THROTTLE_PATTERNS: tuple[str, ...] = (
+    # Gmail: 4.7.28 "... unusual rate of unsolicited mail ...",
+    # "... rate limited ...", "... try again later ...".
+    r"\b4\.7\.28\b",
+    r"unusual rate",
+    r"rate limited",
+    # Microsoft: "4.7.500 Server busy. Please try again later",
+    # "4.7.650 ... temporarily rate limited due to IP reputation".
+    r"\b4\.7\.500 server busy",
+    r"temporarily rate limited",
+    # Yahoo/AOL: "[TS01] Messages from x temporarily deferred due to
+    # unexpected volume or user complaints", "[TSS04]".
+    r"\[TS0[1-4]\]",
+    r"\bTSS04\b",
+    r"temporarily deferred due to unexpected volume",
+    # Everybody else.
+    r"too many connections",
+    r"too many concurrent",
+    r"too many messages",
+    r"rate limit",
+    r"rate-limit",
+    r"throttl",
+    r"try again later",
+    r"exceeded.{0,40}rate",
+    r"connection limit",
+)
+
+
+def _compilePatterns(lines) -> tuple["re.Pattern[str]", ...]:
+    patterns = []
+    for line in lines:
+        try:
+            patterns.append(re.compile(line, re.IGNORECASE))
+        except re.error as e:
+            raise ValueError(f"bad regular expression {line!r}: {_oneLine(e)}") from None
+    return tuple(patterns)
+
+
+def _throttlePatterns(text: str) -> tuple["re.Pattern[str]", ...]:
+    return _compilePatterns(line.strip() for line in text.split("\n") if line.strip())
+
+
 # ---------------------------------------------------------------------------
 # Retry schedules
 
@@ -519,6 +754,14 @@ def _optionalPath(text: str) -> Optional[str]:
     return text.strip() or None
 
 
+def _caCertificates(text: str) -> Optional[str]:
+    path = text.strip()
+    if not path:
+        return None
+    _loadCertificates(path)
+    return path
+
+
 def _checkTLS(smtp: "SMTPConfig") -> Optional[tuple[str, str]]:
     """
     Both or neither TLS files; both PEM; the key belongs to the certificate.
@@ -630,6 +873,25 @@ class DeliveryConfig:
     @ivar connect_timeout: seconds to wait for a TCP connection.
     @ivar timeout: seconds to wait for each SMTP reply.
     @ivar hold: accept and queue mail but start no delivery attempts.
+    @ivar messages_per_connection: most SMTP transactions (messages) sent
+        over one pooled connection before it is closed.
+    @ivar max_connections_per_domain: most simultaneous connections to one
+        destination, unless its C{[domain:...]} or C{[provider:...]}
+        section says otherwise.
+    @ivar idle_timeout: seconds a pooled connection with no work stays open.
+    @ivar retry_jitter: fraction from 0 to 1 (C{10%} in the INI file) by
+        which each retry wait is randomly lengthened or shortened.
+    @ivar tls: the default TLS policy for every destination, one of
+        L{TLS_POLICIES} (lower-case).
+    @ivar tls_ca_certificates: a PEM file of CA certificates trusted for
+        C{tls = verify}, or L{None} for the system's trust store.  Checked
+        to hold at least one certificate when the configuration is read.
+    @ivar throttle_patterns: compiled case-insensitive regular expressions
+        (one per line in the INI file) searched in the text of a 4xx reply
+        to recognise "slow down" replies; a 421 reply always counts.  Empty
+        means only 421 replies count.
+    @ivar throttle_cooldown: seconds to slow down for after a throttling reply.
+    @ivar shutdown_timeout: seconds a stop waits for deliveries in flight.
     """
 
     smarthost: Optional[str] = _setting(_clientEndpoint, default=None)
@@ -642,6 +904,17 @@ class DeliveryConfig:
     connect_timeout: float = _setting(parseDuration, default=30.0)
     timeout: float = _setting(parseDuration, default=300.0)
     hold: bool = _setting(parseBool, default=False)
+    messages_per_connection: int = _setting(_positiveInt, default=100)
+    max_connections_per_domain: int = _setting(_positiveInt, default=20)
+    idle_timeout: float = _setting(parseDuration, default=30.0)
+    retry_jitter: float = _setting(parseFraction, default=0.1)
+    tls: str = _setting(_tlsPolicy, default="opportunistic")
+    tls_ca_certificates: Optional[str] = _setting(_caCertificates, default=None)
+    throttle_patterns: tuple["re.Pattern[str]", ...] = _setting(
+        _throttlePatterns, factory=lambda: _compilePatterns(DEFAULT_THROTTLE_PATTERNS)
+    )
+    throttle_cooldown: float = _setting(parseDuration, default=300.0)
+    shutdown_timeout: float = _setting(parseDuration, default=30.0)
 
 
 @attrs.frozen(kw_only=True)
@@ -656,16 +929,134 @@ class StoreConfig:
     retention: float = _setting(parseDuration, default=30 * 86400.0)
 
 
+_NAME = "smartrelay.config.name"
+
+
+def _sectionName(parse: Callable[[str], str]) -> Any:
+    """
+    The C{name} field of a named section's class: the part of the section
+    header after the colon, parsed (and normalised) by C{parse}, which
+    raises L{ValueError} if it is not a valid name.
+    """
+    return attrs.field(metadata={_NAME: parse})
+
+
+@attrs.frozen(kw_only=True)
+class DomainConfig:
+    """
+    Section C{[domain:NAME]}: how to deliver to one recipient domain.
+
+    Every key is optional; L{None} (not set) means "as for every other
+    domain", i.e. the provider's setting if its MX host matches a
+    C{[provider:...]} section, else the C{[delivery]} setting.
+
+    @ivar name: the domain, lower-case, without a trailing dot.
+    @ivar max_connections: most simultaneous connections for this domain.
+    @ivar rate: most messages (transactions) sent to this domain per period.
+    @ivar route: a client endpoint string to deliver this domain's mail
+        through instead of its MX hosts (or the smarthost).
+    @ivar tls: TLS policy, one of L{TLS_POLICIES}.
+    @ivar messages_per_connection: most transactions per connection.
+    """
+
+    name: str = _sectionName(_domainName)
+    max_connections: Optional[int] = _setting(_optionalPositiveInt, default=None)
+    rate: Optional[Rate] = _setting(_optionalRate, default=None)
+    route: Optional[str] = _setting(_clientEndpoint, default=None)
+    tls: Optional[str] = _setting(_optionalTLSPolicy, default=None)
+    messages_per_connection: Optional[int] = _setting(_optionalPositiveInt, default=None)
+
+
+@attrs.frozen(kw_only=True)
+class ProviderConfig:
+    """
+    Section C{[provider:NAME]}: limits for a mailbox provider, recognised
+    by its MX host names, shared by every domain whose mail it receives.
+
+    The optional keys (L{None} if not set) are as in L{DomainConfig}; a
+    C{[domain:...]} setting wins over a provider's.
+
+    @ivar name: letters, digits, C{-} and C{_}, lower-case.
+    @ivar mx_suffixes: DNS suffixes (lower-case, without leading or
+        trailing dots) of the provider's MX host names; required.
+    @ivar max_connections: most simultaneous connections to the provider.
+    @ivar rate: most messages (transactions) sent to the provider per period.
+    @ivar tls: TLS policy, one of L{TLS_POLICIES}.
+    @ivar messages_per_connection: most transactions per connection.
+    """
+
+    name: str = _sectionName(_providerName)
+    mx_suffixes: tuple[str, ...] = _setting(_suffixes)
+    max_connections: Optional[int] = _setting(_optionalPositiveInt, default=None)
+    rate: Optional[Rate] = _setting(_optionalRate, default=None)
+    tls: Optional[str] = _setting(_optionalTLSPolicy, default=None)
+    messages_per_connection: Optional[int] = _setting(_optionalPositiveInt, default=None)
+
+    def matchLength(self, host: str) -> int:
+        """
+        The length of the longest of L{mx_suffixes} that C{host} equals or
+        ends with (after a dot), or 0 if none does.  Case and one trailing
+        dot are ignored.
+        """
+        host = host.lower()
+        if host.endswith("."):
+            host = host[:-1]
+        return max(
+            (
+                len(suffix)
+                for suffix in self.mx_suffixes
+                if host == suffix or host.endswith("." + suffix)
+            ),
+            default=0,
+        )
+
+    def matches(self, host: str) -> bool:
+        """
+        Whether the MX host name C{host} belongs to this provider: it equals
+        one of L{mx_suffixes} or ends with a dot and one of them.  Case and
+        one trailing dot are ignored.
+        """
+        return self.matchLength(host) > 0
+
+
+def _readOnly(mapping: Mapping) -> Mapping:
+    return types.MappingProxyType(dict(mapping))
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     """
     The whole configuration.
+
+    @ivar domains: the C{[domain:NAME]} sections, read-only, by domain name
+        (lower-case, without a trailing dot), in file order.
+    @ivar providers: the C{[provider:NAME]} sections, read-only, by name
+        (lower-case), in file order.
     """
 
     relay: RelayConfig = attrs.field(factory=RelayConfig)
     smtp: SMTPConfig = attrs.field(factory=SMTPConfig)
     delivery: DeliveryConfig = attrs.field(factory=DeliveryConfig)
     store: StoreConfig = attrs.field(factory=StoreConfig)
+    domains: Mapping[str, DomainConfig] = attrs.field(
+        factory=dict, converter=_readOnly, hash=False
+    )
+    providers: Mapping[str, ProviderConfig] = attrs.field(
+        factory=dict, converter=_readOnly, hash=False
+    )
+
+    def providerFor(self, host: str) -> Optional[ProviderConfig]:
+        """
+        The provider whose L{ProviderConfig.mx_suffixes} match the MX host
+        name C{host}, or L{None}.  If several match, the longest matching
+        suffix wins, then the first section in the file.
+        """
+        best, bestLength = None, 0
+        for provider in self.providers.values():
+            length = provider.matchLength(host)
+            if length > bestLength:
+                best, bestLength = provider, length
+        return best
 
 
 #: INI section name -> (Config field, section class).
@@ -676,8 +1067,17 @@ SECTIONS: dict[str, tuple[str, type]] = {
     "store": ("store", StoreConfig),
 }
 
+#: Named sections: prefix -> (Config field, section class).  A section
+#: C{[PREFIX:NAME]} makes one section object, whose C{name} field (declared
+#: with L{_sectionName}) is NAME parsed; the Config field maps names to them.
+NAMED_SECTIONS: dict[str, tuple[str, type]] = {
+    "domain": ("domains", DomainConfig),
+    "provider": ("providers", ProviderConfig),
+}
+
 #: Cross-key checks run after a section's keys parse: each takes the
-#: section object and returns (key, problem) or None.
+#: section object and returns (key, problem) or None.  Named sections are
+#: listed under their prefix.
 _SECTION_CHECKS: dict[str, list[Callable[[Any], Optional[tuple[str, str]]]]] = {
     "smtp": [_checkTLS],
 }
@@ -741,38 +1141,97 @@ def parseConfig(text: str, source: str = "<config>") -> Config:
     Parse and validate the text of an INI file.
 
     Keys that are not set take their defaults.  Files the configuration
-    names (C{auth_file}, C{tls_certificate}, C{tls_key}) are read to check
-    them; relative paths are relative to the current directory.
+    names (C{auth_file}, C{tls_certificate}, C{tls_key},
+    C{tls_ca_certificates}) are read to check them; relative paths are
+    relative to the current directory.
 
     @param source: the file name for messages.
     @raise ConfigError: for anything wrong, with a one-line message.
     """
     parser = _readINI(text, source)
     sections: dict[str, Any] = {}
+    named: dict[str, dict[str, Any]] = {field: {} for field, _ in NAMED_SECTIONS.values()}
+    headers: dict[tuple[str, str], str] = {}
     for section in parser.sections():
-        if section not in SECTIONS:
-            raise ConfigError(
-                f"unknown section{_suggest(section, SECTIONS)}", source, section
-            )
-        fieldName, sectionClass = SECTIONS[section]
-        known = {f.name: f for f in attrs.fields(sectionClass) if _PARSE in f.metadata}
-        values = {}
-        for key, raw in parser.items(section):
-            if key not in known:
+        prefix, colon, suffix = section.partition(":")
+        if colon and prefix in NAMED_SECTIONS:
+            fieldName, sectionClass = NAMED_SECTIONS[prefix]
+            if not suffix.strip():
                 raise ConfigError(
-                    f"unknown key {key!r}{_suggest(key, known)}", source, section, key
+                    f"a name is needed after '{prefix}:', as in [{prefix}:NAME]",
+                    source, section,
                 )
+            nameField = attrs.fields_dict(sectionClass)["name"]
             try:
-                values[key] = known[key].metadata[_PARSE](raw)
+                name = nameField.metadata[_NAME](suffix)
             except ValueError as e:
-                raise ConfigError(str(e), source, section, key) from None
-        sectionObject = sectionClass(**values)
-        for check in _SECTION_CHECKS.get(section, []):
-            problem = check(sectionObject)
-            if problem is not None:
-                raise ConfigError(problem[1], source, section, problem[0])
-        sections[fieldName] = sectionObject
-    return Config(**sections)
+                raise ConfigError(str(e), source, section) from None
+            if (prefix, name) in headers:
+                raise ConfigError(
+                    f"duplicate section (the same as [{headers[prefix, name]}])",
+                    source, section,
+                )
+            headers[prefix, name] = section
+            sectionObject = _parseSection(
+                parser, source, section, prefix, sectionClass, {"name": name}
+            )
+            named[fieldName][name] = sectionObject
+        elif section in SECTIONS:
+            fieldName, sectionClass = SECTIONS[section]
+            sections[fieldName] = _parseSection(
+                parser, source, section, section, sectionClass, {}
+            )
+        elif section in NAMED_SECTIONS:
+            raise ConfigError(
+                f"a name is needed, as in [{section}:NAME]", source, section
+            )
+        else:
+            candidates = list(SECTIONS)
+            if colon:
+                candidates += [f"{other}:{suffix}" for other in NAMED_SECTIONS]
+            raise ConfigError(
+                f"unknown section{_suggest(section, candidates)}", source, section
+            )
+    return Config(**sections, **named)
+
+
+def _parseSection(
+    parser: configparser.ConfigParser,
+    source: str,
+    section: str,
+    kind: str,
+    sectionClass: type,
+    values: dict[str, Any],
+) -> Any:
+    """
+    Parse the keys of one INI section into an instance of C{sectionClass}.
+
+    @param kind: the section name, or the prefix of a named section; it
+        selects the L{_SECTION_CHECKS}.
+    @param values: fields that do not come from keys (a named section's
+        C{name}); the keys' values are added to it.
+    @raise ConfigError: for an unknown key, a bad value, a missing
+        required key or a failed check.
+    """
+    known = {f.name: f for f in attrs.fields(sectionClass) if _PARSE in f.metadata}
+    for key, raw in parser.items(section):
+        if key not in known:
+            raise ConfigError(
+                f"unknown key {key!r}{_suggest(key, known)}", source, section, key
+            )
+        try:
+            values[key] = known[key].metadata[_PARSE](raw)
+        except ValueError as e:
+            raise ConfigError(str(e), source, section, key) from None
+    for key, field in known.items():
+        if key not in values and field.default is attrs.NOTHING:
+            raise ConfigError("required key missing", source, section, key)
+    sectionObject = sectionClass(**values)
+    for check in _SECTION_CHECKS.get(kind, []):
+        problem = check(sectionObject)
+        if problem is not None:
+            raise ConfigError(problem[1], source, section, problem[0])
+    return sectionObject
 
 
 def loadConfig(path: str) -> Config:

@@ -3,6 +3,8 @@ Tests for L{smartrelay.config}.
 """
 
 import ipaddress
+import math
+import operator
 import os
 import re
 
@@ -16,9 +18,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from smartrelay.auth import hashPassword
 from smartrelay.config import (
     DEFAULT_RETRY,
+    DEFAULT_THROTTLE_PATTERNS,
+    NAMED_SECTIONS,
     SECTIONS,
+    TLS_POLICIES,
     Config,
     ConfigError,
+    DomainConfig,
+    ProviderConfig,
+    Rate,
     RetrySchedule,
     defaultConfig,
     formatDuration,
@@ -28,6 +36,8 @@ from smartrelay.config import (
     parseBool,
     parseConfig,
     parseDuration,
+    parseFraction,
+    parseRate,
     parseSize,
     sectionKeys,
 )
@@ -150,6 +160,21 @@ class DefaultsTests(SynchronousTestCase):
         self.assertIsNone(config.delivery.bind_address)
         self.assertEqual(config.delivery.connect_timeout, 30)
         self.assertEqual(config.delivery.timeout, 300)
+        self.assertEqual(config.delivery.messages_per_connection, 100)
+        self.assertEqual(config.delivery.max_connections_per_domain, 20)
+        self.assertEqual(config.delivery.idle_timeout, 30)
+        self.assertEqual(config.delivery.retry_jitter, 0.1)
+        self.assertEqual(config.delivery.tls, "opportunistic")
+        self.assertIsNone(config.delivery.tls_ca_certificates)
+        self.assertEqual(
+            [p.pattern for p in config.delivery.throttle_patterns],
+            list(DEFAULT_THROTTLE_PATTERNS),
+        )
+        self.assertTrue(all(p.flags & re.IGNORECASE for p in config.delivery.throttle_patterns))
+        self.assertEqual(config.delivery.throttle_cooldown, 300)
+        self.assertEqual(config.delivery.shutdown_timeout, 30)
+        self.assertEqual(dict(config.domains), {})
+        self.assertEqual(dict(config.providers), {})
 
     def test_attrsDefaultsAgree(self):
         """
@@ -163,6 +188,16 @@ class DefaultsTests(SynchronousTestCase):
         """
         config = defaultConfig()
         self.assertRaises(attrs.exceptions.FrozenInstanceError, setattr, config.smtp, "listen", "x")
+
+    def test_hashable(self):
+        """
+        A configuration, named sections included, can be hashed.
+        """
+        config = parseConfig(
+            "[domain:example.com]\nrate = 1/s\n[provider:p]\nmx_suffixes = p.example\n"
+        )
+        self.assertIsInstance(hash(config), int)
+        self.assertEqual(hash(defaultConfig()), hash(Config()))
 
     def test_emptySections(self):
         """
@@ -193,6 +228,55 @@ class ExampleFileTests(SynchronousTestCase):
             self.assertIsNotNone(match, section)
             for key in sectionKeys(sectionClass):
                 self.assertRegex(match.group(1), rf"(?m)^#?{key} =", f"[{section}] {key}")
+
+    def test_documentsEveryNamedSection(self):
+        """
+        Every kind of named section appears in the example, with every key,
+        commented out.
+        """
+        with open(EXAMPLE, encoding="utf-8") as f:
+            text = f.read()
+        for prefix, (_, sectionClass) in NAMED_SECTIONS.items():
+            match = re.search(
+                rf"^#\[{prefix}:[^\]\n]+\]\n(.*?)(?=^#?\[|^$|\Z)", text, re.M | re.S
+            )
+            self.assertIsNotNone(match, prefix)
+            for key in sectionKeys(sectionClass):
+                self.assertRegex(match.group(1), rf"(?m)^#{key} =", f"[{prefix}:...] {key}")
+
+    def test_uncommented(self):
+        """
+        With its commented-out settings switched on (except the ones naming
+        files, which do not exist), the example still parses, and has an
+        example of each kind of named section.
+        """
+        with open(EXAMPLE, encoding="utf-8") as f:
+            text = f.read()
+        files = {"auth_file", "tls_certificate", "tls_key", "tls_ca_certificates"}
+
+        def uncomment(match):
+            key = match.group(1).split("=")[0].strip()
+            return match.group(0) if key in files else match.group(1)
+
+        text = re.sub(r"(?m)^#(\[[^\]\n]+\]|[a-z_]+ = .*)$", uncomment, text)
+        config = parseConfig(text, EXAMPLE)
+        self.assertEqual(config.relay.hostname, "mail.example.com")
+        self.assertEqual(config.delivery.smarthost, "tcp:host=smtp.example.com:port=587")
+        self.assertEqual(
+            config.domains["example.com"],
+            DomainConfig(
+                name="example.com",
+                max_connections=5,
+                rate=Rate(100, 60),
+                route="tcp:host=mx.internal.example:port=25",
+                tls="required",
+                messages_per_connection=50,
+            ),
+        )
+        google = config.providers["google"]
+        self.assertEqual(google.mx_suffixes, ("google.com", "googlemail.com"))
+        self.assertEqual(google.rate, Rate(3000, 60))
+        self.assertEqual(len(config.domains) + len(config.providers), len(NAMED_SECTIONS))
 
 
 class SyntaxTests(SynchronousTestCase):
@@ -849,6 +933,617 @@ class DeliverySectionTests(ConfigTestMixin, SynchronousTestCase):
             )
 
 
+class DeliveryEngineKeysTests(ConfigTestMixin, SynchronousTestCase):
+    """
+    Tests for the C{[delivery]} keys of the outbound delivery engine.
+    """
+
+    def test_countingKeys(self):
+        """
+        C{messages_per_connection} and C{max_connections_per_domain} take
+        positive integers only.
+        """
+        for key in ["messages_per_connection", "max_connections_per_domain"]:
+            self.assertEqual(getattr(self.parseKey("delivery", key, "7"), key), 7)
+            for bad in ["seven", "0", "-3", "", "1.5"]:
+                self.assertKeyError(
+                    "delivery", key, bad, f"expected a positive integer, got {bad!r}"
+                )
+
+    def test_durations(self):
+        """
+        C{idle_timeout}, C{throttle_cooldown} and C{shutdown_timeout} use the
+        duration syntax and must be above zero.
+        """
+        for key in ["idle_timeout", "throttle_cooldown", "shutdown_timeout"]:
+            self.assertEqual(getattr(self.parseKey("delivery", key, "90"), key), 90)
+            self.assertEqual(getattr(self.parseKey("delivery", key, "2m"), key), 120)
+            self.assertKeyError(
+                "delivery", key, "soon",
+                "expected a duration such as 30s, 5m, 2h, 3d or 1w, got 'soon'",
+            )
+            self.assertKeyError(
+                "delivery", key, "0s",
+                "expected a duration such as 30s, 5m, 2h, 3d or 1w (greater than zero), "
+                "got '0s'",
+            )
+
+    def test_retryJitter(self):
+        """
+        C{retry_jitter} is a percentage or a fraction from 0 to 1.
+        """
+        for text, value in [("10%", 0.1), ("0.1", 0.1), ("0%", 0.0), ("0", 0.0),
+                            ("100%", 1.0), ("1", 1.0), ("12.5 %", 0.125), (".25", 0.25)]:
+            self.assertEqual(self.parseKey("delivery", "retry_jitter", text).retry_jitter, value)
+        for bad in ["abc", "", "101%", "1.5", "-10%", "10%%", "%", "1e-3"]:
+            self.assertKeyError(
+                "delivery", "retry_jitter", bad,
+                f"expected a percentage between 0% and 100% such as '10%', got {bad!r}",
+            )
+
+    def test_tls(self):
+        """
+        C{tls} is opportunistic, required or verify, in any case, kept in
+        lower case.
+        """
+        self.assertEqual(TLS_POLICIES, ("opportunistic", "required", "verify"))
+        for text in ["opportunistic", "required", "verify", "Verify", " REQUIRED "]:
+            self.assertEqual(
+                self.parseKey("delivery", "tls", text).tls, text.strip().lower()
+            )
+        for bad in ["none", "", "on", "verified"]:
+            self.assertKeyError(
+                "delivery", "tls", bad,
+                f"expected opportunistic, required or verify, got {bad!r}",
+            )
+
+    def writeFile(self, data):
+        """
+        Write C{data} to a new file; return its path.
+        """
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def test_tlsCACertificates(self):
+        """
+        C{tls_ca_certificates} names a PEM file with at least one
+        certificate; empty means the system's trust store.
+        """
+        first, _ = _selfSigned("ca-one.example")
+        second, _ = _selfSigned("ca-two.example")
+        path = self.writeFile(first + second)
+        self.assertEqual(
+            self.parseKey("delivery", "tls_ca_certificates", path).tls_ca_certificates, path
+        )
+        self.assertIsNone(
+            self.parseKey("delivery", "tls_ca_certificates", "").tls_ca_certificates
+        )
+
+    def test_tlsCACertificatesBad(self):
+        """
+        A missing file, a file without a PEM certificate and a corrupt
+        certificate are one-line errors naming the key and the file.
+        """
+        missing = self.mktemp()
+        self.assertKeyError(
+            "delivery", "tls_ca_certificates", missing,
+            f"cannot read {missing!r}: No such file or directory",
+        )
+        certificate, key = _selfSigned()
+        path = self.writeFile(key)
+        self.assertKeyError(
+            "delivery", "tls_ca_certificates", path, f"{path!r} holds no PEM certificate"
+        )
+        path = self.writeFile(certificate.replace(certificate[40:60], b"A" * 20))
+        self.assertKeyErrorMatches(
+            "delivery", "tls_ca_certificates", path,
+            rf"^{re.escape(repr(path))} holds a bad PEM certificate",
+        )
+
+    def test_throttlePatterns(self):
+        """
+        C{throttle_patterns} is one case-insensitive regular expression per
+        line.
+        """
+        delivery = parseConfig(
+            "[delivery]\nthrottle_patterns =\n    slow(ly)? down\n  [0-9]+ per hour\n"
+        ).delivery
+        self.assertEqual(
+            delivery.throttle_patterns,
+            (re.compile("slow(ly)? down", re.I), re.compile("[0-9]+ per hour", re.I)),
+        )
+        self.assertTrue(delivery.throttle_patterns[0].search("421 SLOWLY DOWN please"))
+        one = self.parseKey("delivery", "throttle_patterns", "a, b").throttle_patterns
+        self.assertEqual([p.pattern for p in one], ["a, b"])
+
+    def test_throttlePatternsEmpty(self):
+        """
+        An empty C{throttle_patterns} means none.
+        """
+        self.assertEqual(
+            self.parseKey("delivery", "throttle_patterns", "").throttle_patterns, ()
+        )
+
+    def test_throttlePatternsBad(self):
+        """
+        A bad regular expression is a one-line error quoting it.
+        """
+        error = self.assertRaises(
+            ConfigError, parseConfig,
+            "[delivery]\nthrottle_patterns =\n  ok\n  too (many\n", "etc/x.ini",
+        )
+        self.assertEqual(
+            str(error),
+            "etc/x.ini: [delivery] throttle_patterns: bad regular expression 'too (many': "
+            "missing ), unterminated subpattern at position 4",
+        )
+        self.assertKeyError(
+            "delivery", "throttle_patterns", "[TS01",
+            "bad regular expression '[TS01': unterminated character set at position 0",
+        )
+
+    def test_defaultThrottlePatterns(self):
+        """
+        The default patterns recognise the big providers' "slow down"
+        replies, and not ordinary temporary failures.
+        """
+        patterns = defaultConfig().delivery.throttle_patterns
+
+        def throttles(text):
+            return any(p.search(text) for p in patterns)
+
+        for reply in [
+            "4.7.28 [192.0.2.1] Our system has detected an unusual rate of "
+            "unsolicited mail originating from your IP address.",
+            "4.7.28 Gmail has detected this message exceeded its quota for sending "
+            "messages with the same Message-ID",
+            "4.2.1 The user you are trying to contact is receiving mail at a rate "
+            "that prevents additional messages from being delivered. Please resend "
+            "your message at a later time. Rate limited.",
+            "4.7.500 Server busy. Please try again later from [192.0.2.1]. (S77719)",
+            "4.7.650 The mail server [192.0.2.1] has been temporarily rate limited "
+            "due to IP reputation.",
+            "[TS01] Messages from 192.0.2.1 temporarily deferred due to unexpected "
+            "volume or user complaints - 4.16.55.1",
+            "[TS03] All messages from 192.0.2.1 will be permanently deferred",
+            "TSS04 Messages from 192.0.2.1 temporarily deferred",
+            "4.7.0 Too many connections from your host",
+            "Too many concurrent SMTP connections; please try again later.",
+            "4.7.1 Too many messages for this session",
+            "Rate-limit exceeded",
+            "4.3.2 Throttling in effect",
+            "You have exceeded the allowed sending rate",
+            "connection limit reached for 192.0.2.1",
+        ]:
+            self.assertTrue(throttles(reply), reply)
+        for reply in ["4.2.2 Mailbox full", "4.4.1 Connection timed out",
+                      "4.3.0 Temporary system problem", "4.2.0 Greylisted"]:
+            self.assertFalse(throttles(reply), reply)
+
+    def test_newKeysIndependent(self):
+        """
+        Setting one new key leaves the others at their defaults.
+        """
+        delivery = self.parseKey("delivery", "idle_timeout", "1m")
+        self.assertEqual(
+            attrs.evolve(delivery, idle_timeout=30.0), defaultConfig().delivery
+        )
+
+
+class RateTests(SynchronousTestCase):
+    """
+    Tests for L{Rate} and L{parseRate}.
+    """
+
+    def test_examples(self):
+        """
+        A count per unit, or per N units, in several spellings.
+        """
+        for text, count, period in [
+            ("100/m", 100, 60), ("10/s", 10, 1), ("1000/h", 1000, 3600),
+            ("5000/d", 5000, 86400), ("100/5m", 100, 300), ("100 / min", 100, 60),
+            ("100/minute", 100, 60), ("3/sec", 3, 1), ("3/second", 3, 1),
+            ("7/hour", 7, 3600), ("9/day", 9, 86400), ("9/2 days", 9, 172800),
+            ("1/30s", 1, 30), ("100/M", 100, 60), (" 4/1.5h ", 4, 5400),
+        ]:
+            self.assertEqual(parseRate(text), Rate(count, period), text)
+
+    def test_bad(self):
+        """
+        Anything else is a one-line L{ValueError} giving an example.
+        """
+        for bad in ["x", "", "100", "100/", "/m", "100/y", "-1/m", "1.5/m", "100/m/s",
+                    "100 per minute", "100/-5m"]:
+            error = self.assertRaises(ValueError, parseRate, bad)
+            self.assertEqual(
+                str(error),
+                f"expected a rate such as '100/m' (count per s, m, h or d), got {bad.strip()!r}",
+            )
+        for bad in ["0/m", "5/0m"]:
+            error = self.assertRaises(ValueError, parseRate, bad)
+            self.assertEqual(
+                str(error),
+                "expected a rate such as '100/m' (count per s, m, h or d) "
+                f"with a count and period above zero, got {bad!r}",
+            )
+
+    def test_badDirectly(self):
+        """
+        Building a rate directly checks the count and the period.
+        """
+        for count, period in [(0, 60), (-1, 60), (1.5, 60), (True, 60), (1, 0),
+                              (1, -1), (1, math.inf), (1, math.nan)]:
+            self.assertRaises(ValueError, Rate, count, period)
+
+    def test_perSecond(self):
+        """
+        C{perSecond} is the count over the period.
+        """
+        self.assertEqual(parseRate("120/m").perSecond, 2)
+        self.assertEqual(parseRate("1/h").perSecond, 1 / 3600)
+
+    def test_burst(self):
+        """
+        C{burst} is one second's worth, at least one and at most the count.
+        """
+        self.assertEqual(parseRate("100/s").burst, 100)
+        self.assertEqual(parseRate("3000/m").burst, 50)
+        self.assertEqual(parseRate("100/m").burst, 2)
+        self.assertEqual(parseRate("1/h").burst, 1)
+        self.assertEqual(parseRate("5/0.5s").burst, 5)
+
+    def test_str(self):
+        """
+        C{str()} uses the largest unit that divides the period.
+        """
+        self.assertEqual(
+            [str(parseRate(t)) for t in ["100/60s", "10/s", "1000/3600s", "5/1d",
+                                         "100/5min", "9/2 days", "1/90s", "1/1.5s"]],
+            ["100/m", "10/s", "1000/h", "5/d", "100/5m", "9/2d", "1/90s", "1/1.5s"],
+        )
+
+    @given(
+        st.integers(min_value=1, max_value=10**9),
+        st.one_of(
+            st.integers(min_value=1, max_value=10**8),
+            st.floats(min_value=1e-3, max_value=1e8, allow_nan=False, allow_infinity=False),
+        ),
+    )
+    def test_roundTrip(self, count, period):
+        """
+        C{str()} of a rate parses back to an equal rate.
+        """
+        rate = Rate(count, period)
+        self.assertEqual(parseRate(str(rate)), rate)
+        self.assertEqual(rate.burst, max(1, min(count, math.ceil(count / period))))
+
+
+class FractionTests(SynchronousTestCase):
+    """
+    Tests for L{parseFraction}.
+    """
+
+    @given(st.integers(min_value=0, max_value=100))
+    def test_percentages(self, percent):
+        """
+        C{N%} is N hundredths, the same as the fraction.
+        """
+        self.assertEqual(parseFraction(f"{percent}%"), percent / 100)
+        self.assertEqual(parseFraction(f"{percent / 100}"), percent / 100)
+
+
+class NamedSectionTests(SynchronousTestCase):
+    """
+    Tests for C{[domain:NAME]} and C{[provider:NAME]}.
+    """
+
+    def assertProblem(self, text, expected):
+        """
+        Parsing C{text} fails with exactly the one-line message C{expected}.
+        """
+        error = self.assertRaises(ConfigError, parseConfig, text, "etc/x.ini")
+        self.assertEqual(str(error), expected)
+        self.assertNotIn("\n", str(error))
+        return error
+
+    def domain(self, key, value, name="example.com"):
+        """
+        Parse a C{[domain:NAME]} section setting one key; return it.
+        """
+        return parseConfig(f"[domain:{name}]\n{key} = {value}\n").domains[name]
+
+    def test_registry(self):
+        """
+        The named sections are listed with their Config fields.
+        """
+        self.assertEqual(
+            NAMED_SECTIONS,
+            {"domain": ("domains", DomainConfig), "provider": ("providers", ProviderConfig)},
+        )
+        self.assertEqual(
+            sectionKeys(DomainConfig),
+            ["max_connections", "rate", "route", "tls", "messages_per_connection"],
+        )
+        self.assertEqual(
+            sectionKeys(ProviderConfig),
+            ["mx_suffixes", "max_connections", "rate", "tls", "messages_per_connection"],
+        )
+
+    def test_domainDefaults(self):
+        """
+        A domain section with no keys inherits everything.
+        """
+        config = parseConfig("[domain:example.com]\n")
+        self.assertEqual(dict(config.domains), {"example.com": DomainConfig(name="example.com")})
+        domain = config.domains["example.com"]
+        for key in sectionKeys(DomainConfig):
+            self.assertIsNone(getattr(domain, key), key)
+
+    def test_domainKeys(self):
+        """
+        Every domain key parses like its C{[delivery]} counterpart.
+        """
+        text = (
+            "[domain:example.com]\nmax_connections = 5\nrate = 100/m\n"
+            "route = tcp:host=mx.internal.example:port=25\ntls = Required\n"
+            "messages_per_connection = 50\n"
+        )
+        self.assertEqual(
+            parseConfig(text).domains["example.com"],
+            DomainConfig(
+                name="example.com", max_connections=5, rate=Rate(100, 60),
+                route="tcp:host=mx.internal.example:port=25", tls="required",
+                messages_per_connection=50,
+            ),
+        )
+
+    def test_domainEmptyValues(self):
+        """
+        An empty value for a domain key means not set.
+        """
+        for key in sectionKeys(DomainConfig):
+            self.assertIsNone(getattr(self.domain(key, ""), key), key)
+
+    def test_domainBadValues(self):
+        """
+        Bad domain values are one-line errors naming the section and key.
+        """
+        for key, value, problem in [
+            ("max_connections", "0", "expected a positive integer, got '0'"),
+            ("messages_per_connection", "many", "expected a positive integer, got 'many'"),
+            ("rate", "fast",
+             "expected a rate such as '100/m' (count per s, m, h or d), got 'fast'"),
+            ("tls", "none", "expected opportunistic, required or verify, got 'none'"),
+            ("route", "mx.example:25",
+             "invalid client endpoint 'mx.example:25': Unknown endpoint type: "
+             "'mx.example' (expected for example tcp:host=smtp.example.com:port=587)"),
+        ]:
+            error = self.assertProblem(
+                f"[domain:example.com]\n{key} = {value}\n",
+                f"etc/x.ini: [domain:example.com] {key}: {problem}",
+            )
+            self.assertEqual((error.section, error.key), ("domain:example.com", key))
+
+    def test_domainName(self):
+        """
+        Domain names are lower-cased, lose a trailing dot and must be valid.
+        """
+        config = parseConfig("[domain:Mail.Example.COM.]\n[domain: other.example ]\n")
+        self.assertEqual(list(config.domains), ["mail.example.com", "other.example"])
+        self.assertEqual(config.domains["mail.example.com"].name, "mail.example.com")
+        for bad in ["bad_name", "-x.example", "a..b", "example.com..", "*.example.com"]:
+            self.assertProblem(
+                f"[domain:{bad}]\n",
+                f"etc/x.ini: [domain:{bad}]: {bad!r} is not a valid domain name",
+            )
+
+    def test_order(self):
+        """
+        Domains keep the order of the file.
+        """
+        names = ["b.example", "a.example", "c.example"]
+        text = "".join(f"[domain:{name}]\n" for name in names)
+        self.assertEqual(list(parseConfig(text).domains), names)
+
+    def test_emptyName(self):
+        """
+        A prefix with nothing after the colon, or without a colon, is an error.
+        """
+        self.assertProblem(
+            "[domain:]\n",
+            "etc/x.ini: [domain:]: a name is needed after 'domain:', as in [domain:NAME]",
+        )
+        self.assertProblem(
+            "[provider: ]\n",
+            "etc/x.ini: [provider: ]: a name is needed after 'provider:', as in [provider:NAME]",
+        )
+        self.assertProblem(
+            "[domain]\n", "etc/x.ini: [domain]: a name is needed, as in [domain:NAME]"
+        )
+
+    def test_unknownPrefix(self):
+        """
+        An unknown prefix is an unknown section, with a suggestion for a near miss.
+        """
+        self.assertProblem(
+            "[domian:example.com]\n",
+            "etc/x.ini: [domian:example.com]: unknown section "
+            "(did you mean 'domain:example.com'?)",
+        )
+        self.assertProblem(
+            "[Domain:example.com]\n",
+            "etc/x.ini: [Domain:example.com]: unknown section "
+            "(did you mean 'domain:example.com'?)",
+        )
+        self.assertProblem("[zzzzzz:q]\n", "etc/x.ini: [zzzzzz:q]: unknown section")
+        self.assertProblem(
+            "[smtp:x]\n", "etc/x.ini: [smtp:x]: unknown section (did you mean 'smtp'?)"
+        )
+
+    def test_unknownKey(self):
+        """
+        An unknown key in a named section is an error with a suggestion.
+        """
+        self.assertProblem(
+            "[domain:example.com]\nmax_conections = 5\n",
+            "etc/x.ini: [domain:example.com] max_conections: unknown key "
+            "'max_conections' (did you mean 'max_connections'?)",
+        )
+        self.assertProblem(
+            "[domain:example.com]\nmx_suffixes = x.example\n",
+            "etc/x.ini: [domain:example.com] mx_suffixes: unknown key 'mx_suffixes'",
+        )
+        self.assertProblem(
+            "[provider:p]\nmx_suffixes = p.example\nhold = on\n",
+            "etc/x.ini: [provider:p] hold: unknown key 'hold'",
+        )
+        self.assertProblem(
+            "[domain:example.com]\nname = other.example\n",
+            "etc/x.ini: [domain:example.com] name: unknown key 'name'",
+        )
+
+    def test_duplicate(self):
+        """
+        Two sections for the same name, however written, are an error.
+        """
+        self.assertProblem(
+            "[domain:example.com]\n[domain:Example.COM]\n",
+            "etc/x.ini: [domain:Example.COM]: duplicate section (the same as [domain:example.com])",
+        )
+        self.assertProblem(
+            "[domain:example.com]\n[domain:example.com.]\n",
+            "etc/x.ini: [domain:example.com.]: duplicate section (the same as [domain:example.com])",
+        )
+        self.assertProblem(
+            "[provider:G]\nmx_suffixes = g.example\n[provider:g]\nmx_suffixes = g.example\n",
+            "etc/x.ini: [provider:g]: duplicate section (the same as [provider:G])",
+        )
+        self.assertProblem(
+            "[domain:example.com]\n[domain:example.com]\n",
+            "etc/x.ini: [domain:example.com]: duplicate section (line 2)",
+        )
+
+    def test_sameNameDifferentPrefix(self):
+        """
+        A domain and a provider may share a name.
+        """
+        config = parseConfig("[domain:x]\n[provider:x]\nmx_suffixes = x\n")
+        self.assertEqual((list(config.domains), list(config.providers)), (["x"], ["x"]))
+
+    def test_provider(self):
+        """
+        A provider section: its name, its normalised suffixes and its limits.
+        """
+        config = parseConfig(
+            "[provider:Google_Mail-1]\nmx_suffixes = .Google.COM,googlemail.com.,\n"
+            "  google.com\nmax_connections = 20\nrate = 3000/m\ntls = verify\n"
+            "messages_per_connection = 10\n"
+        )
+        self.assertEqual(
+            dict(config.providers),
+            {
+                "google_mail-1": ProviderConfig(
+                    name="google_mail-1", mx_suffixes=("google.com", "googlemail.com"),
+                    max_connections=20, rate=Rate(3000, 60), tls="verify",
+                    messages_per_connection=10,
+                ),
+            },
+        )
+
+    def test_providerDefaults(self):
+        """
+        Only C{mx_suffixes} is needed; the rest inherit.
+        """
+        provider = parseConfig("[provider:p]\nmx_suffixes = p.example\n").providers["p"]
+        self.assertEqual(provider, ProviderConfig(name="p", mx_suffixes=("p.example",)))
+        for key in sectionKeys(ProviderConfig)[1:]:
+            self.assertIsNone(getattr(provider, key), key)
+
+    def test_providerName(self):
+        """
+        Provider names are letters, digits, C{-} and C{_}.
+        """
+        for bad in ["a.b", "a b", "g\u00f6"]:
+            self.assertProblem(
+                f"[provider:{bad}]\nmx_suffixes = x\n",
+                f"etc/x.ini: [provider:{bad}]: {bad!r} is not a valid provider name "
+                "(use letters, digits, '-' and '_')",
+            )
+
+    def test_providerSuffixesRequired(self):
+        """
+        A provider without C{mx_suffixes}, or with none in it, is an error.
+        """
+        self.assertProblem(
+            "[provider:p]\nrate = 1/s\n",
+            "etc/x.ini: [provider:p] mx_suffixes: required key missing",
+        )
+        for empty in ["", " , "]:
+            self.assertProblem(
+                f"[provider:p]\nmx_suffixes = {empty}\n",
+                "etc/x.ini: [provider:p] mx_suffixes: at least one suffix is needed, "
+                "such as google.com",
+            )
+        self.assertProblem(
+            "[provider:p]\nmx_suffixes = google.com, bad_suffix\n",
+            "etc/x.ini: [provider:p] mx_suffixes: expected a DNS suffix such as "
+            "google.com, got 'bad_suffix'",
+        )
+
+    def test_providerBadValues(self):
+        """
+        Bad provider limits are one-line errors naming the section and key.
+        """
+        self.assertProblem(
+            "[provider:p]\nmx_suffixes = x\nrate = 5\n",
+            "etc/x.ini: [provider:p] rate: expected a rate such as '100/m' "
+            "(count per s, m, h or d), got '5'",
+        )
+        self.assertProblem(
+            "[provider:p]\nmx_suffixes = x\nmax_connections = -1\n",
+            "etc/x.ini: [provider:p] max_connections: expected a positive integer, got '-1'",
+        )
+
+    def test_matches(self):
+        """
+        A host matches a suffix it equals or ends with after a dot, ignoring
+        case and a trailing dot.
+        """
+        provider = ProviderConfig(name="g", mx_suffixes=("google.com", "googlemail.com"))
+        for host in ["google.com", "aspmx.l.google.com", "ALT1.ASPMX.L.Google.Com.",
+                     "gmail-smtp-in.l.googlemail.com"]:
+            self.assertTrue(provider.matches(host), host)
+        for host in ["notgoogle.com", "google.com.evil.example", "com", "", "oogle.com"]:
+            self.assertFalse(provider.matches(host), host)
+
+    def test_providerFor(self):
+        """
+        L{Config.providerFor} finds the provider of an MX host; the longest
+        matching suffix wins, then the first section.
+        """
+        config = parseConfig(
+            "[provider:outlook]\nmx_suffixes = outlook.com\n"
+            "[provider:eop]\nmx_suffixes = protection.outlook.com\n"
+            "[provider:other]\nmx_suffixes = outlook.com\n"
+        )
+        self.assertEqual(config.providerFor("x.mail.protection.outlook.com").name, "eop")
+        self.assertEqual(config.providerFor("mx1.hotmail.outlook.com.").name, "outlook")
+        self.assertIsNone(config.providerFor("mx.example.com"))
+        self.assertIsNone(defaultConfig().providerFor("mx.example.com"))
+
+    def test_readOnly(self):
+        """
+        The section mappings cannot be changed.
+        """
+        config = parseConfig("[domain:example.com]\n")
+        self.assertRaises(TypeError, operator.setitem, config.domains, "x", None)
+        self.assertEqual(config, parseConfig("[domain:EXAMPLE.com]\n"))
+        self.assertNotEqual(config, defaultConfig())
+        self.assertEqual(Config(domains={"example.com": DomainConfig(name="example.com")}), config)
+
+
 class DurationTests(SynchronousTestCase):
     """
     Tests for L{parseDuration} and L{formatDuration}.
@@ -1085,13 +1780,17 @@ class HostnameTests(SynchronousTestCase):
 
 
 _iniLines = st.one_of(
-    st.sampled_from(["[smartrelay]", "[smtp]", "[delivery]", "[DEFAULT]", "", "# c", "  x"]),
+    st.sampled_from(["[smartrelay]", "[smtp]", "[delivery]", "[DEFAULT]", "", "# c", "  x",
+                     "[domain:example.com]", "[domain:EXAMPLE.com.]", "[domain:]",
+                     "[domain:a_b]", "[provider:p]", "[provider:p q]", "[dkim:x]"]),
     st.builds(
         "{} = {}".format,
         st.sampled_from(
-            [k for _, c in SECTIONS.values() for k in sectionKeys(c)] + ["bogus"]
+            [k for _, c in SECTIONS.values() for k in sectionKeys(c)]
+            + [k for _, c in NAMED_SECTIONS.values() for k in sectionKeys(c)]
+            + ["bogus"]
         ),
-        st.text(alphabet="0123456789abcdefxyzKMGsmhdw.:,*/[]=% -\t\n#;", max_size=20),
+        st.text(alphabet="0123456789abcdefxyzKMGsmhdw.:,*/[]()?+=% -\t\n#;", max_size=20),
     ),
     st.text(max_size=15),
 )
