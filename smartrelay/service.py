@@ -23,8 +23,8 @@ from smartrelay.events import EventLog
 from smartrelay.journal import EventJournal
 from smartrelay.retention import Pruner
 from smartrelay.ids import ID_STATE_FILE, IDState, loadIDState, renewLease, saveIDState, startRun
-from smartrelay.outbound.client import deliver, opportunisticTLS
-from smartrelay.outbound.router import MXRouter, SmarthostRouter, makeResolver
+from smartrelay.outbound.pool import Connector, DestinationPolicy, TLSContexts
+from smartrelay.outbound.router import DomainRouter, MXRouter, SmarthostRouter, makeResolver
 from smartrelay.outbound.scheduler import DeliveryScheduler
 from smartrelay.smtp.submission import SubmissionFactory, SubmissionPolicy
 from smartrelay.spool import Spool
@@ -50,6 +50,32 @@ def tlsContextFor(certificatePath: str, keyPath: str):
         key = f.read()
     certificate = ssl.PrivateCertificate.loadPEM(certificates + b"\n" + key)
     return certificate.options()
+
+
+def makeRouter(config, reactor):
+    """
+    The router for C{config}: C{[domain:...] route}s first, then the
+    C{[delivery] smarthost} or, without one, MX lookups.
+    """
+    delivery = config.delivery
+    options = dict(connectTimeout=delivery.connect_timeout, bindAddress=delivery.bind_address)
+    if delivery.smarthost is not None:
+        default = SmarthostRouter(reactor, delivery.smarthost, **options)
+    else:
+        default = MXRouter(
+            reactor,
+            makeResolver(delivery.nameservers, reactor),
+            port=delivery.mx_port,
+            **options,
+        )
+    routes = {
+        name: SmarthostRouter(reactor, domain.route, relay=False, **options)
+        for name, domain in config.domains.items()
+        if domain.route is not None
+    }
+    if not routes:
+        return default
+    return DomainRouter(routes, default)
 
 
 class RelayService(MultiService):
@@ -107,32 +133,27 @@ class RelayService(MultiService):
             runDeliveryIO=self.runDeliveryIO,
         )
 
-        if delivery.smarthost is not None:
-            router = SmarthostRouter(
-                reactor,
-                delivery.smarthost,
-                connectTimeout=delivery.connect_timeout,
-                bindAddress=delivery.bind_address,
-            )
-        else:
-            router = MXRouter(
-                reactor,
-                makeResolver(delivery.nameservers, reactor),
-                port=delivery.mx_port,
-                connectTimeout=delivery.connect_timeout,
-                bindAddress=delivery.bind_address,
-            )
         self.scheduler = DeliveryScheduler(
             spool=self.spool,
-            router=router,
-            deliverer=partial(deliver, reactor, tlsContext=opportunisticTLS()),
+            router=makeRouter(config, reactor),
+            connector=Connector(
+                clock=reactor,
+                heloName=relay.hostname,
+                timeout=delivery.timeout,
+                contexts=TLSContexts(delivery.tls_ca_certificates),
+            ),
             events=self.events,
             clock=reactor,
             retry=delivery.retry,
             maxAge=delivery.max_age,
             maxConnections=delivery.max_connections,
-            heloName=relay.hostname,
-            timeout=delivery.timeout,
+            policy=DestinationPolicy.fromConfig(config),
+            store=self.store,
+            throttlePatterns=delivery.throttle_patterns,
+            throttleCooldown=delivery.throttle_cooldown,
+            idleTimeout=delivery.idle_timeout,
+            jitter=delivery.retry_jitter,
+            shutdownTimeout=delivery.shutdown_timeout,
             hold=delivery.hold,
         )
         self.scheduler.setServiceParent(self)

@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay.events import rfc3339
-from smartrelay.outbound.client import Reply
+from smartrelay.outbound.session import Reply
 from smartrelay.outbound.router import NoRoute
 from smartrelay.outbound.scheduler import DeliveryScheduler
 from smartrelay.outbound.testing import (
@@ -37,16 +37,15 @@ class SchedulerTestsMixin:
         self.scheduler = DeliveryScheduler(
             spool=self.spool,
             router=self.router,
-            deliverer=self.deliverer,
+            connector=self.deliverer,
             events=self.events,
             clock=self.clock,
             retry=Delays((60, 300, 900)),
             maxAge=3600.0,
             maxConnections=self.maxConnections,
-            heloName="relay.test",
-            timeout=30.0,
         )
         self.scheduler.startService()
+        self.addCleanup(lambda: self.scheduler.running and self.scheduler.stopService())
 
     def add(self, queue_id, recipients, received=None, **kwargs):
         entry = makeEntry(
@@ -81,9 +80,9 @@ class OutcomeTests(SchedulerTestsMixin, SynchronousTestCase):
         self.clock.advance(0)
         call = self.call()
         self.assertEqual(
-            (call.hop.name, call.sender, call.recipients, call.data, call.heloName, call.timeout),
+            (call.hop.name, call.sender, call.recipients, call.data, call.session.tlsPolicy),
             ("smarthost.test:25", "app@sender.example", ["a@example.com"], b"message Q1",
-             "relay.test", 30.0),
+             "opportunistic"),
         )
 
     def test_delivered(self):
@@ -99,6 +98,10 @@ class OutcomeTests(SchedulerTestsMixin, SynchronousTestCase):
         )
         self.assertEqual(self.scheduler.queued(), 0)
         self.assertEqual(self.spool.removed, ["Q1"])
+        # The session stays open for more mail until the idle timeout.
+        self.assertEqual(self.deliverer.connected(), [self.call().session])
+        self.clock.advance(self.scheduler.idleTimeout)
+        self.assertEqual(self.deliverer.quits, [self.call().session])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_bounced(self):
@@ -174,8 +177,19 @@ class OutcomeTests(SchedulerTestsMixin, SynchronousTestCase):
         """A synthetic network reply (451 4.4.1) defers like any 4xx."""
         self.add("Q1", ["a@example.com"])
         self.clock.advance(0)
-        self.call().answer(451, "cannot connect", "4.4.1", tryNextHop=True)
+        self.call().answer(451, "connection lost", "4.4.2")
         self.assertEqual(self.types(), [("deferred", "a@example.com")])
+
+    def test_connectFailureDeferred(self):
+        """A hop that cannot be connected to defers its recipients with its reply."""
+        self.deliverer.refuse["smarthost.test:25"] = Reply(451, "4.4.1", "cannot connect")
+        self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        self.assertEqual(self.deliverer.calls, [])
+        ((kind, _, _, detail),) = self.events.emitted
+        self.assertEqual(
+            (kind, detail["status"], detail["remote"]), ("deferred", "4.4.1", "smarthost.test:25")
+        )
 
     def test_delivererFailure(self):
         """A deliverer that fails (a bug) defers the recipients and logs the error."""
@@ -211,14 +225,16 @@ class RoutingTests(SchedulerTestsMixin, SynchronousTestCase):
         )
 
     def test_groupByHops(self):
-        """Recipients whose domains route differently get separate attempts."""
+        """Recipients at different domains (destinations) get separate attempts."""
+        self.scheduler.maxConnections = 3
         self.router.table = {"x.example": ["mx.x"], "y.example": ["mx.y"], "z.example": ["mx.x"]}
         self.add("Q1", ["a@x.example", "b@y.example", "c@x.example", "d@z.example"])
         self.clock.advance(0)
-        groups = {c.hop.name: sorted(c.recipients) for c in self.deliverer.calls}
+        groups = sorted((c.hop.name, sorted(c.recipients)) for c in self.deliverer.calls)
         self.assertEqual(
             groups,
-            {"mx.x": ["a@x.example", "c@x.example", "d@z.example"], "mx.y": ["b@y.example"]},
+            [("mx.x", ["a@x.example", "c@x.example"]), ("mx.x", ["d@z.example"]),
+             ("mx.y", ["b@y.example"])],
         )
 
     def test_recipientLimit(self):
@@ -231,9 +247,10 @@ class RoutingTests(SchedulerTestsMixin, SynchronousTestCase):
     def test_nextHop(self):
         """When a hop cannot be reached the next hop is tried with the same recipients."""
         self.router.table = {"example.com": ["mx1", "mx2"]}
+        self.deliverer.refuse["mx1"] = Reply(451, "4.4.1", "refused")
         entry = self.add("Q1", ["a@example.com"])
         self.clock.advance(0)
-        self.call().answer(451, "refused", "4.4.1", tryNextHop=True)
+        self.assertEqual([name for name, _ in self.deliverer.opens], ["mx1", "mx2"])
         self.assertEqual(self.call().hop.name, "mx2")
         self.call().answer(250, "ok", "2.0.0")
         self.assertEqual(entry.recipients[0].state, "delivered")
@@ -242,11 +259,11 @@ class RoutingTests(SchedulerTestsMixin, SynchronousTestCase):
     def test_lastHopReplyCounts(self):
         """When every hop fails, the last hop's reply decides."""
         self.router.table = {"example.com": ["mx1", "mx2"]}
+        self.deliverer.refuse["mx1"] = Reply(451, "4.4.1", "refused")
+        self.deliverer.refuse["mx2"] = Reply(421, "4.3.2", "busy")
         self.add("Q1", ["a@example.com"])
         self.clock.advance(0)
-        self.call().answer(451, "refused", "4.4.1", tryNextHop=True)
-        self.call().answer(421, "busy", "4.3.2", tryNextHop=True)
-        self.assertEqual(len(self.deliverer.calls), 2)
+        self.assertEqual(len(self.deliverer.opens), 2)
         detail = self.events.emitted[0][3]
         self.assertEqual((detail["remote"], detail["code"]), ("mx2", 421))
 
@@ -323,6 +340,7 @@ class TimingTests(SchedulerTestsMixin, SynchronousTestCase):
         self.assertEqual(detail["diagnostic"], "451 4.7.1 still greylisted")
         self.assertEqual(entry.recipients[0].state, "expired")
         self.assertEqual(self.scheduler.queued(), 0)
+        self.clock.advance(self.scheduler.idleTimeout)  # the idle session closes
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_recoveredFutureAttempt(self):
@@ -378,6 +396,7 @@ class TimingTests(SchedulerTestsMixin, SynchronousTestCase):
         self.assertFalse(self.scheduler.retryNow("nope"))
         self.call().answer(250, "ok")
         self.assertFalse(self.scheduler.retryNow("Q1"))  # done
+        self.clock.advance(self.scheduler.idleTimeout)  # the idle session closes
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
@@ -508,6 +527,7 @@ class StopTests(SchedulerTestsMixin, SynchronousTestCase):
         self.clock.advance(1)
         self.successResultOf(d)
         self.assertEqual(self.deliverer.cancelled, [self.call()])
+        self.assertFalse(self.call().session.connected)
         self.assertEqual(self.spool.records, [])
         self.assertEqual(self.events.emitted, [])
         self.assertEqual(entry.recipients[0].state, "queued")

@@ -10,7 +10,7 @@ share and extend it.  Rules are tried in order; the first match wins.
 import re
 from typing import Callable, Optional
 
-__all__ = ["classify", "REASONS", "RULES"]
+__all__ = ["classify", "bounceKind", "REASONS", "HARD_REASONS", "RULES"]
 
 REASONS = frozenset(
     [
@@ -27,8 +27,17 @@ REASONS = frozenset(
         "networkerror",
         "systemerror",
         "rejected",
+        "hasmoved",
+        "notaccept",
     ]
 )
+
+#: Reasons that make a bounce hard: the address (or its domain) does not
+#: exist or takes no mail, so sending again can never work and the address
+#: goes on the suppression list.  Every other permanent failure (a full
+#: mailbox, a block, a policy) is soft: the message failed, the address
+#: may work another day.  This is Sisimai's split.
+HARD_REASONS = frozenset(["userunknown", "hostunknown", "hasmoved", "notaccept"])
 
 
 def _words(*patterns: str) -> "re.Pattern[str]":
@@ -157,3 +166,10 @@ def classify(status: Optional[str], text: str) -> str:
         if rule(parsed, text):
             return reason
     return "rejected"
+
+
+def bounceKind(reason: str) -> str:
+    """
+    C{"hard"} or C{"soft"} for a bounce reason (see L{HARD_REASONS}).
+    """
+    return "hard" if reason in HARD_REASONS else "soft"

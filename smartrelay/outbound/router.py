@@ -39,6 +39,7 @@ __all__ = [
     "NoRoute",
     "SmarthostRouter",
     "MXRouter",
+    "DomainRouter",
     "makeResolver",
     "NamesHostnameResolver",
 ]
@@ -52,10 +53,17 @@ class Hop:
     @ivar name: human-readable name for logs and events, e.g.
         C{"smarthost.example:587"} or an MX host name.
     @ivar endpoint: an L{IStreamClientEndpoint}.
+    @ivar host: the host name a verified TLS certificate must carry
+        (L{None}: use C{name}).
+    @ivar relay: the hop is a relay that takes mail for any domain (a
+        smarthost): its mail forms one destination rather than one per
+        recipient domain.
     """
 
     name: str
     endpoint: Any = attrs.field(eq=False, repr=False)
+    host: Optional[str] = attrs.field(default=None, eq=False, repr=False)
+    relay: bool = attrs.field(default=False, eq=False, repr=False)
 
 
 class NoRoute(Exception):
@@ -150,6 +158,7 @@ class SmarthostRouter:
         endpointDescription: str,
         connectTimeout: float = 30.0,
         bindAddress: Optional[str] = None,
+        relay: bool = True,
     ) -> None:
         kind, args, kwargs = _describe(endpointDescription)
         description = endpointDescription
@@ -158,8 +167,12 @@ class SmarthostRouter:
         if bindAddress and kind in _BIND_TYPES and "bindAddress" not in kwargs:
             description += ":bindAddress=" + _escape(bindAddress)
         endpoint = clientFromString(reactor, description)
+        host = kwargs.get("host", args[0] if args else None) if kind in _HOST_PORT_TYPES else None
         self.hop = Hop(
-            name=_hopName(kind, args, kwargs, endpointDescription), endpoint=endpoint
+            name=_hopName(kind, args, kwargs, endpointDescription),
+            endpoint=endpoint,
+            host=host,
+            relay=relay,
         )
 
     def route(self, domain: str) -> Deferred:
@@ -181,6 +194,25 @@ def _hopName(kind: str, args: list, kwargs: dict, description: str) -> str:
         path = kwargs.get("path", args[0] if args else "")
         return f"unix:{path}"
     return description
+
+
+@implementer(IRouter)
+@attrs.define
+class DomainRouter:
+    """
+    Per-domain routes (C{[domain:example.com] route = ...}) in front of a
+    default router (the smarthost, or MX lookups).
+
+    @ivar routes: lower-case domain → L{IRouter} for that domain.
+    @ivar default: the L{IRouter} for every other domain.
+    """
+
+    routes: dict
+    default: Any
+
+    def route(self, domain: str) -> Deferred:
+        router = self.routes.get(domain.strip().rstrip(".").lower(), self.default)
+        return router.route(domain)
 
 
 # -- direct delivery (MX) --------------------------------------------------

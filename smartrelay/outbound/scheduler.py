@@ -1,26 +1,33 @@
 """
-The delivery scheduler: decides when each spooled recipient is tried, runs
-attempts through a router and a deliverer with a bounded number of
-connections, and turns replies into durable state changes and events.
+The delivery scheduler: decides when each spooled recipient is tried,
+routes it, queues it at its destination, hands it to a pooled connection
+within the destination's limits, and turns replies into durable state
+changes and events.
 
 Life of a recipient::
 
-    enqueue ─▶ timer at next_attempt ─▶ route(domain) ─▶ FIFO work queue
-      ─▶ (connection slot) deliverer(hop, ...) ─▶ outcome
-      ─▶ spool.record(...) ─▶ events.emit(...) ─▶ timer for the next retry
+    enqueue ─▶ timer at next_attempt ─▶ route(domain) ─▶ destination queue
+      ─▶ (connection limit, rate token) ─▶ pooled session: MAIL/RCPT/DATA
+      ─▶ outcome ─▶ spool.record(...) ─▶ events.emit(...) ─▶ next retry
 
-Outcomes: 2xx → C{delivered}; 5xx → C{bounced} (hard); 4xx or network
-trouble → C{deferred} with the next attempt from the retry schedule, or
-C{expired} once the message would be older than C{maxAge}.  A state change
-is always recorded in the spool before its event is emitted; a failed
-record is logged and retried, never dropped.
+Destinations (L{smartrelay.outbound.pool}) are domains, or providers
+grouping domains by their MX host names.  Each has a connection limit, an
+optional rate limit (tokens from the store's shared buckets, so the limit
+holds across relay nodes), and an adaptive throttle.  A session is reused
+for up to C{messagesPerConnection} transactions and kept open
+C{idleTimeout} seconds with no work; the global C{maxConnections} bounds
+all sessions together, and an idle session is closed when another
+destination needs its slot.
 
-The router, the deliverer and the retry schedule are plain injected
-objects so that a fuller MTA engine (pooling, per-domain limits) can
-replace any of them.
+Outcomes: 2xx → C{delivered}; 5xx → C{bounced} (kind and reason from the
+reply); 4xx or network trouble → C{deferred} with the next attempt from the
+retry schedule (plus jitter), or C{expired} once the message would be older
+than C{maxAge}.  A state change is always recorded in the spool before its
+event is emitted; a failed record is logged and retried, never dropped.
 """
 
-from collections import deque
+import random as _random
+from collections import OrderedDict
 from typing import Any, Optional
 
 import attrs
@@ -36,15 +43,20 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smartrelay.events import rfc3339
-from smartrelay.outbound.classify import classify
-from smartrelay.outbound.client import AttemptResult, Reply
+from smartrelay.outbound.classify import bounceKind, classify
+from smartrelay.outbound.pool import Destination, DestinationPolicy, Throttle
 from smartrelay.outbound.router import NoRoute
+from smartrelay.outbound.session import Reply
 from smartrelay.spool import Recipient, SpoolEntry
 
 __all__ = ["DeliveryScheduler"]
 
 #: Longest wait between two tries of a failed C{spool.record}.
 MAX_RECORD_RETRY_DELAY = 300.0
+
+#: After no session could be opened to a destination (and none is open),
+#: mail for it is deferred without trying for this many seconds.
+DEAD_DESTINATION_TIME = 60.0
 
 
 @attrs.frozen
@@ -57,17 +69,63 @@ class _Verdict:
     remote: Optional[str]
     tls: bool = False
     reason: Optional[str] = None
+    throttle: Optional[dict] = None
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class _Job:
     """
-    One attempt waiting for a connection slot.
+    One transaction waiting for a session: a message, some of its
+    recipients, and the hops they route to.
     """
 
     entry: SpoolEntry
     hops: list
     addresses: list
+    requeued: int = 0
+
+    @property
+    def hopNames(self) -> set:
+        return {hop.name for hop in self.hops}
+
+
+@attrs.define(eq=False)
+class _Slot:
+    """
+    One session's place in its destination's and the global count.
+    """
+
+    scheduler: Any
+    destination: Destination
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.destination.sessions -= 1
+            self.scheduler._active -= 1
+
+
+@attrs.define(eq=False)
+class _IdleWorker:
+    """
+    A worker whose session waits for the next job.
+    """
+
+    waiting: Deferred
+    session: Any
+    slot: _Slot
+    timer: Any = None
+
+    def wake(self, job: Optional["_Job"]) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        if not self.waiting.called:
+            self.waiting.callback(job)
+
+
+def _fairness(destination: Destination) -> tuple:
+    return (destination.sessions, destination.served)
 
 
 def _domain(address: str) -> str:
@@ -77,13 +135,13 @@ def _domain(address: str) -> str:
 @attrs.define(eq=False, slots=False, repr=False)
 class DeliveryScheduler(Service):
     """
-    Schedules and runs delivery attempts for spooled messages.
+    Schedules and runs deliveries of spooled messages.
 
     @ivar spool: C{readMessage(entry) -> Deferred[bytes]} and
         C{record(entry, changes) -> Deferred[None]}.
     @ivar router: an L{IRouter}.
-    @ivar deliverer: C{(hop, sender, recipients, data, heloName, timeout)
-        -> Deferred[AttemptResult]}, e.g. C{partial(deliver, reactor)}.
+    @ivar connector: C{open(hop, tlsPolicy) -> Deferred[OpenResult]}, e.g.
+        a L{smartrelay.outbound.pool.Connector}.
     @ivar events: C{emit(type, queue_id, recipient, detail=...)}.
     @ivar clock: an L{IReactorTime}.
     @ivar retry: C{delay(attempts) -> seconds}, C{attempts} counting the
@@ -91,39 +149,58 @@ class DeliveryScheduler(Service):
         L{smartrelay.config.RetrySchedule}.
     @ivar maxAge: seconds after C{entry.received} at which a recipient that
         still fails temporarily expires.
-    @ivar maxConnections: attempts (connections) in flight at most.
-    @ivar timeout: passed to the deliverer (connect and per-reply timeout).
-    @ivar shutdownTimeout: how long L{stopService} waits for attempts in
-        flight before abandoning them.
+    @ivar maxConnections: sessions open (or opening) at once, in all.
+    @ivar policy: a L{DestinationPolicy}: destination keys and limits.
+    @ivar store: C{takeTokens(key, rate, burst, now)} for rate limits
+        (an L{IStore}); needed when a destination has a rate.
+    @ivar throttlePatterns: compiled regular expressions; a temporary
+        reply whose text matches one (or any C{421}) throttles its
+        destination.
+    @ivar throttleCooldown: seconds a throttle lasts before each step of
+        recovery.
+    @ivar idleTimeout: seconds an idle session stays open.
+    @ivar jitter: retry delays are stretched by up to this fraction, at
+        random, so that deferred mail does not come back in a crowd.
+    @ivar shutdownTimeout: how long L{stopService} waits for transactions
+        in flight before aborting them.
     @ivar recordRetryDelay: first delay before retrying a failed
         C{spool.record} (doubling up to L{MAX_RECORD_RETRY_DELAY}).
     @ivar maxRecipientsPerAttempt: RCPTs per transaction (RFC 5321 4.5.3.1.8).
+    @ivar hold: accept and queue, but start no deliveries until
+        L{release} (or an explicit L{retryNow}).
     """
 
     spool: Any
     router: Any
-    deliverer: Any
+    connector: Any
     events: Any
     clock: Any
     retry: Any
     maxAge: float
     maxConnections: int = attrs.field(validator=attrs.validators.ge(1))
-    heloName: str = attrs.field()
-    timeout: float = attrs.field()
+    policy: DestinationPolicy = attrs.field(factory=DestinationPolicy)
+    store: Any = None
+    throttlePatterns: tuple = ()
+    throttleCooldown: float = 300.0
+    idleTimeout: float = 30.0
+    jitter: float = 0.0
+    random: Any = attrs.field(factory=_random.Random)
     shutdownTimeout: float = 30.0
     recordRetryDelay: float = 10.0
     maxRecipientsPerAttempt: int = 100
-    #: Accept and queue, but start no attempts until L{release} (or an
-    #: explicit L{retryNow}).
     hold: bool = False
 
     _entries: dict = attrs.field(factory=dict, init=False)
     _timers: dict = attrs.field(factory=dict, init=False)
     _busy: set = attrs.field(factory=set, init=False)
-    _work: deque = attrs.field(factory=deque, init=False)
+    _destinations: dict = attrs.field(factory=dict, init=False)
+    _waiting: OrderedDict = attrs.field(factory=OrderedDict, init=False)
     _active: int = attrs.field(default=0, init=False)
     _pumping: bool = attrs.field(default=False, init=False)
-    _attempts: set = attrs.field(factory=set, init=False)
+    _pumpAgain: bool = attrs.field(default=False, init=False)
+    _served: int = attrs.field(default=0, init=False)
+    _sessions: set = attrs.field(factory=set, init=False)
+    _workers: set = attrs.field(factory=set, init=False)
     _inFlight: set = attrs.field(factory=set, init=False)
     _recordRetries: set = attrs.field(factory=set, init=False)
 
@@ -132,7 +209,7 @@ class DeliveryScheduler(Service):
     def __repr__(self) -> str:
         return (
             f"<DeliveryScheduler queued={len(self._entries)} "
-            f"active={self._active} waiting={len(self._work)}>"
+            f"sessions={self._active} destinations={len(self._destinations)}>"
         )
 
     # -- public API ----------------------------------------------------------
@@ -172,11 +249,34 @@ class DeliveryScheduler(Service):
         self._cancelTimer(queue_id)
         return self._wake(queue_id, force=True)
 
+    def retryDomain(self, domain: str) -> int:
+        """
+        Attempt every waiting recipient at C{domain} now.
+
+        @return: the number of messages with recipients woken.
+        """
+        if not self.running:
+            return 0
+        domain = domain.lower().rstrip(".")
+        woken = 0
+        for queue_id, entry in list(self._entries.items()):
+            if any(_domain(r.address) == domain for r in self._idle(entry)):
+                self._cancelTimer(queue_id)
+                woken += self._wake(queue_id, force=True, domain=domain)
+        return woken
+
     def queued(self) -> int:
         """
         The number of messages with recipients still to deliver.
         """
         return len(self._entries)
+
+    def destinations(self) -> list:
+        """
+        The state of every destination seen (queue, sessions, limits,
+        throttle), for the API, the UI and C{/metrics}.
+        """
+        return [d.state() for d in self._destinations.values()]
 
     def startService(self) -> None:
         Service.startService(self)
@@ -188,24 +288,34 @@ class DeliveryScheduler(Service):
 
     def stopService(self) -> Deferred:
         """
-        Stop starting attempts, cancel timers, and wait (at most
-        C{shutdownTimeout} seconds) for attempts in flight and their spool
-        records.  What is left stays in the spool for the next start.
+        Stop starting transactions, cancel timers, close idle sessions, and
+        wait (at most C{shutdownTimeout} seconds) for transactions in flight
+        and their spool records.  What is left stays in the spool for the
+        next start.
         """
         Service.stopService(self)
         for queue_id in list(self._timers):
             self._cancelTimer(queue_id)
-        while self._work:
-            self._release(self._work.popleft())
+        for destination in self._destinations.values():
+            while destination.queue:
+                self._release(destination.queue.popleft())
+            for timer in (destination.tokenTimer, destination.recoveryTimer):
+                if timer is not None and timer.active():
+                    timer.cancel()
+            for idle in list(destination.idle):
+                idle.wake(None)
+            destination.idle.clear()
+        self._waiting.clear()
         for call in list(self._recordRetries):
             if call.active():
                 call.reset(0)
-        if not self._inFlight:
+        pending = self._workers | self._inFlight
+        if not pending:
             return succeed(None)
         self.log.info(
             "waiting up to {timeout}s for {count} deliveries in progress",
             timeout=self.shutdownTimeout,
-            count=len(self._attempts),
+            count=len(self._workers),
         )
         done: Deferred = Deferred()
 
@@ -213,11 +323,13 @@ class DeliveryScheduler(Service):
             self.log.warn(
                 "{count} deliveries still in progress after {timeout}s; "
                 "abandoning them (their recipients stay in the spool)",
-                count=len(self._attempts),
+                count=len(self._workers),
                 timeout=self.shutdownTimeout,
             )
-            for attempt in list(self._attempts):
-                attempt.cancel()
+            for worker in list(self._workers):
+                worker.cancel()
+            for session in list(self._sessions):
+                session.abort()
             if not done.called:
                 done.callback(None)
 
@@ -229,7 +341,7 @@ class DeliveryScheduler(Service):
             if not done.called:
                 done.callback(None)
 
-        DeferredList(list(self._inFlight)).addCallback(finished)
+        DeferredList(list(pending)).addCallback(finished)
         return done
 
     # -- timers --------------------------------------------------------------
@@ -255,17 +367,22 @@ class DeliveryScheduler(Service):
             delay, self._wake, entry.queue_id
         )
 
-    def _wake(self, queue_id: str, force: bool = False) -> bool:
+    def _wake(self, queue_id: str, force: bool = False, domain: Optional[str] = None) -> bool:
         """
         Start attempts for the recipients of C{queue_id} that are due (all
-        waiting ones if C{force}).
+        waiting ones if C{force}; only those at C{domain} if given).
         """
         self._timers.pop(queue_id, None)
         entry = self._entries.get(queue_id)
         if entry is None or not self.running:
             return False
         now = self.clock.seconds()
-        due = [r for r in self._idle(entry) if force or r.next_attempt <= now]
+        due = [
+            r
+            for r in self._idle(entry)
+            if (force or r.next_attempt <= now)
+            and (domain is None or _domain(r.address) == domain)
+        ]
         for recipient in due:
             self._busy.add((queue_id, recipient.address))
         self._reschedule(entry)
@@ -273,12 +390,12 @@ class DeliveryScheduler(Service):
             self._track(self._dispatch(entry, [r.address for r in due]))
         return bool(due)
 
-    # -- routing and the work queue ------------------------------------------
+    # -- routing and destinations --------------------------------------------
 
     def _dispatch(self, entry: SpoolEntry, addresses: list) -> Deferred:
         """
-        Route C{addresses} and queue one job per hop list; recipients that
-        cannot be routed get their verdict at once.
+        Route C{addresses} and queue jobs at their destinations; recipients
+        that cannot be routed get their verdict at once.
         """
         byDomain: dict = {}
         for address in addresses:
@@ -291,18 +408,22 @@ class DeliveryScheduler(Service):
             verdicts: dict = {}
             for domain, (ok, value) in zip(domains, results):
                 if ok and value:
-                    key = frozenset(hop.name for hop in value)
-                    groups.setdefault(key, (list(value), []))[1].extend(byDomain[domain])
+                    key, limits = self.policy.lookup(domain, value)
+                    group = (key, frozenset(hop.name for hop in value))
+                    groups.setdefault(group, (limits, list(value), []))[2].extend(
+                        byDomain[domain]
+                    )
                 else:
                     verdict = self._unroutable(entry, domain, None if ok else value)
                     for address in byDomain[domain]:
                         verdicts[address] = verdict
             size = max(1, self.maxRecipientsPerAttempt)
-            for hops, group in groups.values():
+            for (key, _), (limits, hops, group) in groups.items():
+                destination = self._destination(key, limits)
                 for start in range(0, len(group), size):
                     job = _Job(entry, hops, group[start : start + size])
                     if self.running:
-                        self._work.append(job)
+                        self._queue(destination, job)
                     else:
                         self._release(job)
             self._pump()
@@ -333,52 +454,360 @@ class DeliveryScheduler(Service):
             return _Verdict(Reply(451, "4.3.0", f"internal error routing {domain}"), None)
         return _Verdict(Reply(451, "4.4.3", f"no route to {domain}"), None)
 
+    def _destination(self, key: str, limits: Any) -> Destination:
+        destination = self._destinations.get(key)
+        if destination is None:
+            destination = Destination(
+                key=key,
+                limits=limits,
+                throttle=Throttle(self.clock, self.throttleCooldown),
+            )
+            self._destinations[key] = destination
+        return destination
+
+    def _queue(self, destination: Destination, job: _Job, first: bool = False) -> None:
+        if first:
+            destination.queue.appendleft(job)
+        else:
+            destination.queue.append(job)
+        self._waiting[destination.key] = destination
+
     def _release(self, job: _Job) -> None:
         for address in job.addresses:
             self._busy.discard((job.entry.queue_id, address))
 
+    # -- handing jobs to sessions ----------------------------------------------
+
     def _pump(self) -> None:
         """
-        Start queued jobs, oldest first, while connection slots are free.
+        Hand waiting jobs to idle sessions or new ones, one job per
+        destination per round, while limits allow.
         """
         if self._pumping:
+            self._pumpAgain = True
             return
         self._pumping = True
         try:
-            while self.running and self._work and self._active < self.maxConnections:
-                self._start(self._work.popleft())
+            again = True
+            while again and self.running:
+                again = self._pumpAgain = False
+                # Destinations with fewer sessions first: when slots are
+                # scarce, one without any gets the next free one.
+                waiting = sorted(self._waiting.values(), key=_fairness)
+                for destination in waiting:
+                    if self._handOut(destination):
+                        again = True
+                    if not destination.queue:
+                        self._waiting.pop(destination.key, None)
+                again = again or self._pumpAgain
         finally:
             self._pumping = False
 
-    def _start(self, job: _Job) -> None:
-        self._active += 1
-        attempt = Deferred.fromCoroutine(self._attempt(job))
-        self._attempts.add(attempt)
+    def _handOut(self, destination: Destination) -> bool:
+        """
+        Give the destination's oldest job to a session if its limits allow.
+        """
+        if not destination.queue:
+            return False
+        if destination.deadUntil > self.clock.seconds():
+            verdict = destination.deadVerdict
+            while destination.queue:
+                self._settleJob(destination.queue.popleft(), verdict)
+            return False
+        if destination.idle:
+            idle = destination.idle.pop()
+        elif destination.sessions < destination.maxConnections and (
+            self._active < self.maxConnections or self._closeIdleSession(destination)
+        ):
+            idle = None
+        else:
+            return False
+        if destination.rate is not None:
+            if destination.tokens <= 0:
+                if idle is not None:
+                    destination.idle.append(idle)
+                self._fetchToken(destination)
+                return False
+            destination.tokens -= 1
+        job = destination.queue.popleft()
+        destination.lastUsed = self.clock.seconds()
+        self._served += 1
+        destination.served = self._served
+        if idle is not None:
+            idle.wake(job)
+        else:
+            self._startWorker(destination, job)
+        return True
 
-        def slotFree(result: Any) -> Any:
-            self._attempts.discard(attempt)
-            self._active -= 1
-            self._pump()
-            return result
+    def _closeIdleSession(self, needing: Destination) -> bool:
+        """
+        Close the idle session that has waited longest at another
+        destination, to free a global slot.
+        """
+        candidates = [
+            d for d in self._destinations.values() if d is not needing and d.idle
+        ]
+        if not candidates:
+            return False
+        victim = min(candidates, key=lambda d: d.lastUsed)
+        victim.idle.pop(0).wake(None)
+        return self._active < self.maxConnections
 
-        def abandoned(failure: Failure) -> None:
-            self._release(job)
-            if failure.check(CancelledError):
-                self.log.info(
-                    "abandoned the attempt for {queue_id} ({count} recipients)",
-                    queue_id=job.entry.queue_id,
-                    count=len(job.addresses),
-                )
+    def _fetchToken(self, destination: Destination) -> None:
+        """
+        Take one token from the destination's shared bucket; pump again
+        when there is one (at once, or when the bucket refills).
+        """
+        if destination.fetchingToken or (
+            destination.tokenTimer is not None and destination.tokenTimer.active()
+        ):
+            return
+        destination.fetchingToken = True
+        rate = destination.rate
+
+        def later(delay: float) -> None:
+            destination.tokenTimer = self.clock.callLater(max(delay, 0.001), self._pump)
+
+        def taken(result: Any) -> None:
+            destination.fetchingToken = False
+            if result.allowed:
+                destination.tokens += 1
+                self._pump()
             else:
-                self.log.failure(
-                    "attempt for {queue_id} failed unexpectedly",
-                    failure,
-                    queue_id=job.entry.queue_id,
-                )
+                later(result.retry_after)
 
-        attempt.addBoth(slotFree)
-        attempt.addCallbacks(lambda verdicts: self._settle(job.entry, verdicts), abandoned)
-        self._track(attempt)
+        def failed(failure: Failure) -> None:
+            # The store is unreachable: pace locally at the same rate
+            # rather than stop delivering or run unlimited.
+            destination.fetchingToken = False
+            self.log.failure(
+                "could not take a rate token for {destination}; pacing locally",
+                failure,
+                destination=destination.key,
+            )
+            destination.tokens += 1
+            later(1 / rate)
+            self._pump()
+
+        d = maybeDeferred(
+            self.store.takeTokens,
+            f"rate:{destination.key}",
+            rate,
+            destination.burst,
+            self.clock.seconds(),
+        )
+        d.addCallbacks(taken, failed)
+
+    def _startWorker(self, destination: Destination, job: _Job) -> None:
+        destination.sessions += 1
+        self._active += 1
+        slot = _Slot(self, destination)
+        worker = Deferred.fromCoroutine(self._worker(destination, job, slot))
+        self._workers.add(worker)
+
+        def finished(result: Any) -> None:
+            self._workers.discard(worker)
+            if isinstance(result, Failure):
+                if result.check(CancelledError):
+                    self.log.info(
+                        "abandoned a delivery session to {destination}",
+                        destination=destination.key,
+                    )
+                else:
+                    self.log.failure(
+                        "delivery session to {destination} failed unexpectedly",
+                        result,
+                        destination=destination.key,
+                    )
+
+        worker.addBoth(finished)
+
+    def _yieldSlot(self, destination: Destination) -> bool:
+        """
+        Whether a session of C{destination} should close after its
+        transaction so that a destination without any session gets the
+        slot.
+        """
+        if self._active < self.maxConnections:
+            return False
+        return any(
+            d is not destination and d.sessions == 0 and d.queue
+            for d in self._waiting.values()
+        )
+
+    async def _worker(self, destination: Destination, job: Optional[_Job], slot: _Slot) -> None:
+        """
+        One session's life: open it for the first job, then run jobs of
+        the destination until it is idle too long, has carried
+        C{messagesPerConnection} transactions, or must make room.
+        """
+        session = None
+        transactions = 0
+        try:
+            while job is not None:
+                if session is None or not session.usable or session.remote not in job.hopNames:
+                    if session is not None:
+                        self._sessions.discard(session)
+                        session.quit()
+                    session = await self._open(destination, job)
+                    if session is None:
+                        return
+                    self._sessions.add(session)
+                    transactions = 0
+                destination.busy += 1
+                try:
+                    await self._transact(destination, session, job)
+                finally:
+                    destination.busy -= 1
+                transactions += 1
+                job = None
+                if (
+                    not self.running
+                    or not session.usable
+                    or transactions >= destination.limits.messagesPerConnection
+                    or destination.sessions > destination.maxConnections
+                    or self._yieldSlot(destination)
+                ):
+                    break
+                job = await self._nextJob(destination, session, slot)
+        finally:
+            if session is not None:
+                self._sessions.discard(session)
+                session.quit()
+            slot.release()
+            self._pump()
+
+    def _nextJob(self, destination: Destination, session: Any, slot: _Slot) -> Deferred:
+        """
+        Wait (at most C{idleTimeout}) for the next job of C{destination};
+        fires with L{None} on timeout, when the session closes, or when
+        its slot is wanted elsewhere.
+        """
+        idle = _IdleWorker(Deferred(), session, slot)
+
+        def expire() -> None:
+            if idle in destination.idle:
+                destination.idle.remove(idle)
+            idle.wake(None)
+
+        idle.timer = self.clock.callLater(self.idleTimeout, expire)
+        session.closed.addCallback(lambda _: expire())
+        destination.idle.append(idle)
+        self._pump()
+        return idle.waiting
+
+    async def _open(self, destination: Destination, job: _Job) -> Any:
+        """
+        Open a session for C{job}, trying its hops in order.  If none can
+        be opened the job gets the last failure as its verdict (or, when
+        other sessions to the destination work, goes back to the queue);
+        returns L{None} then.
+        """
+        opened = None
+        remote = None
+        for index, hop in enumerate(job.hops):
+            remote = hop.name
+            opened = await self.connector.open(hop, destination.limits.tls)
+            if opened.session is not None:
+                destination.deadUntil = 0.0
+                return opened.session
+            if self._isThrottling(opened.reply):
+                self._throttle(destination, opened.reply)
+            if not (opened.tryNextHop and index + 1 < len(job.hops) and self.running):
+                break
+            self.log.info(
+                "{destination}: {remote} unavailable ({reply}), trying {next}",
+                destination=destination.key,
+                remote=hop.name,
+                reply=opened.reply.line,
+                next=job.hops[index + 1].name,
+            )
+        reply = opened.reply
+        if (
+            not reply.permanent
+            and destination.sessions > 1
+            and job.requeued == 0
+            and self.running
+        ):
+            # Other sessions to this destination work: this one was turned
+            # away (too many connections, a flaky MX); the job waits for
+            # one of them instead of a retry later.
+            job.requeued += 1
+            self._queue(destination, job, first=True)
+            return None
+        verdict = _Verdict(reply, remote, throttle=self._throttleDetail(destination, reply))
+        self._settleJob(job, verdict)
+        if destination.sessions <= 1:
+            # A dead destination: what waits for it, or comes in the next
+            # moments, would only fail the same way.
+            destination.deadUntil = self.clock.seconds() + DEAD_DESTINATION_TIME
+            destination.deadVerdict = attrs.evolve(
+                verdict,
+                reply=attrs.evolve(
+                    reply, text=f"delivery temporarily suspended: {reply.text}"
+                ),
+            )
+            while destination.queue:
+                self._settleJob(destination.queue.popleft(), verdict)
+        return None
+
+    async def _transact(self, destination: Destination, session: Any, job: _Job) -> None:
+        entry = job.entry
+        try:
+            data = await maybeDeferred(self.spool.readMessage, entry)
+        except CancelledError:
+            raise
+        except Exception:
+            self.log.failure("could not read {queue_id} from the spool", queue_id=entry.queue_id)
+            reply = Reply(451, "4.3.0", "local error: could not read the spooled message")
+            self._settleJob(job, _Verdict(reply, None))
+            return
+        try:
+            result = await session.send(entry.sender, list(job.addresses), data)
+        except CancelledError:
+            self._release(job)
+            raise
+        except Exception:
+            self.log.failure(
+                "transaction for {queue_id} with {remote} failed unexpectedly",
+                queue_id=entry.queue_id,
+                remote=session.remote,
+            )
+            reply = Reply(451, "4.3.0", "local error during the SMTP transaction")
+            self._settleJob(job, _Verdict(reply, session.remote))
+            return
+        if result.unanswered and job.requeued == 0 and self.running:
+            # A reused connection that the server had closed meanwhile:
+            # nothing was attempted, so try again on a fresh one.
+            job.requeued += 1
+            self._queue(destination, job, first=True)
+            return
+        throttle = None
+        for reply in result.results.values():
+            if self._isThrottling(reply):
+                self._throttle(destination, reply)
+                throttle = self._throttleDetail(destination, reply)
+                break
+        missing = Reply(451, "4.3.0", "local error: the attempt gave no result")
+        self._settleJob(
+            job,
+            {
+                a: _Verdict(
+                    result.results.get(a, missing),
+                    result.remote or None,
+                    result.tls,
+                    throttle=throttle if not result.results.get(a, missing).positive else None,
+                )
+                for a in job.addresses
+            },
+        )
+
+    def _settleJob(self, job: _Job, verdicts: Any) -> None:
+        if isinstance(verdicts, _Verdict):
+            verdicts = {a: verdicts for a in job.addresses}
+        d = self._settle(job.entry, verdicts)
+        if d is not None:
+            self._track(d)
 
     def _track(self, d: Deferred) -> None:
         self._inFlight.add(d)
@@ -390,60 +819,65 @@ class DeliveryScheduler(Service):
 
         d.addBoth(finished)
 
-    # -- one attempt -----------------------------------------------------------
+    # -- throttling ------------------------------------------------------------
 
-    async def _attempt(self, job: _Job) -> dict:
-        """
-        Read the message and try the hops in order; return a verdict per
-        recipient.  Unexpected failures become temporary verdicts.
-        """
-        entry = job.entry
-        try:
-            data = await maybeDeferred(self.spool.readMessage, entry)
-        except CancelledError:
-            raise
-        except Exception:
-            self.log.failure("could not read {queue_id} from the spool", queue_id=entry.queue_id)
-            reply = Reply(451, "4.3.0", "local error: could not read the spooled message")
-            return {a: _Verdict(reply, None) for a in job.addresses}
+    def _isThrottling(self, reply: Optional[Reply]) -> bool:
+        if reply is None or not 400 <= reply.code < 500:
+            return False
+        if reply.code == 421:
+            return True
+        line = reply.line
+        return any(pattern.search(line) for pattern in self.throttlePatterns)
 
-        result = AttemptResult(remote="", tls=False, results={})
-        for index, hop in enumerate(job.hops):
-            try:
-                result = await maybeDeferred(
-                    self.deliverer,
-                    hop,
-                    entry.sender,
-                    list(job.addresses),
-                    data,
-                    self.heloName,
-                    self.timeout,
-                )
-            except CancelledError:
-                raise
-            except Exception:
-                self.log.failure(
-                    "attempt for {queue_id} via {remote} failed unexpectedly",
-                    queue_id=entry.queue_id,
-                    remote=hop.name,
-                )
-                result = AttemptResult(remote=hop.name, tls=False, results={})
-                break
-            if result.tryNextHop and index + 1 < len(job.hops) and self.running:
-                self.log.info(
-                    "{queue_id}: {remote} unavailable, trying {next}",
-                    queue_id=entry.queue_id,
-                    remote=hop.name,
-                    next=job.hops[index + 1].name,
-                )
-                continue
-            break
-
-        missing = Reply(451, "4.3.0", "local error: the attempt gave no result")
+    def _throttleDetail(self, destination: Destination, reply: Reply) -> Optional[dict]:
+        if not self._isThrottling(reply):
+            return None
         return {
-            a: _Verdict(result.results.get(a, missing), result.remote or None, result.tls)
-            for a in job.addresses
+            "destination": destination.key,
+            "max_connections": destination.maxConnections,
+            "rate": destination.rate,
+            "until": rfc3339(destination.throttle.until) if destination.throttle.until else None,
         }
+
+    def _throttle(self, destination: Destination, reply: Reply) -> None:
+        throttle = destination.throttle
+        changed = throttle.trigger(reply.line)
+        if changed:
+            self.log.warn(
+                "throttling {destination} to {connections} connections{rate} for "
+                "{cooldown:g}s after: {reply}",
+                destination=destination.key,
+                connections=destination.maxConnections,
+                rate=_rateText(destination.rate),
+                cooldown=throttle.cooldown,
+                reply=reply.line,
+            )
+        self._armRecovery(destination)
+
+    def _armRecovery(self, destination: Destination) -> None:
+        timer = destination.recoveryTimer
+        if timer is not None and timer.active():
+            timer.cancel()
+        until = destination.throttle.until
+        if until is None or not self.running:
+            destination.recoveryTimer = None
+            return
+        destination.recoveryTimer = self.clock.callLater(
+            max(0.0, until - self.clock.seconds()), self._recover, destination
+        )
+
+    def _recover(self, destination: Destination) -> None:
+        destination.recoveryTimer = None
+        if destination.throttle.recover():
+            self.log.info(
+                "{destination} recovering: {connections} connections{rate}{state}",
+                destination=destination.key,
+                connections=destination.maxConnections,
+                rate=_rateText(destination.rate),
+                state="" if destination.throttle.throttled else " (throttle lifted)",
+            )
+        self._armRecovery(destination)
+        self._pump()
 
     # -- outcomes --------------------------------------------------------------
 
@@ -482,9 +916,10 @@ class DeliveryScheduler(Service):
             }
         elif reply.permanent:
             state, nextAttempt = "bounced", recipient.next_attempt
+            reason = verdict.reason or classify(reply.status, reply.text)
             detail = {
-                "kind": "hard",
-                "reason": verdict.reason or classify(reply.status, reply.text),
+                "kind": bounceKind(reason),
+                "reason": reason,
                 "status": status,
                 "diagnostic": reply.line,
                 "remote": verdict.remote,
@@ -493,6 +928,8 @@ class DeliveryScheduler(Service):
             if not 400 <= reply.code < 500:
                 status = "4.0.0"
             delay = self.retry.delay(attempts)
+            if self.jitter:
+                delay *= 1 + self.jitter * self.random.random()
             nextAttempt = now + delay
             detail = {
                 "reply": reply.text,
@@ -501,6 +938,8 @@ class DeliveryScheduler(Service):
                 "remote": verdict.remote,
                 "attempts": attempts,
             }
+            if verdict.throttle is not None:
+                detail["throttle"] = verdict.throttle
             if nextAttempt - entry.received > self.maxAge:
                 state, nextAttempt = "expired", recipient.next_attempt
                 detail = {"reason": "expired", "diagnostic": reply.line, **detail}
@@ -614,3 +1053,9 @@ class DeliveryScheduler(Service):
                 "{diagnostic}",
                 queue_id=queue_id, recipient=recipient, **detail,
             )
+
+
+def _rateText(rate: Optional[float]) -> str:
+    if rate is None:
+        return ""
+    return f", {rate * 60:g} messages/minute"

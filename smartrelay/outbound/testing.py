@@ -1,6 +1,6 @@
 """
 In-memory fakes for testing the delivery side without sockets or disks:
-a spool, an event log, a router, a deliverer, and a scripted SMTP server
+a spool, an event log, a router, a connector with fake pooled sessions, and a scripted SMTP server
 reachable through an endpoint that connects with L{twisted.test.iosim}.
 """
 
@@ -13,7 +13,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.test import iosim
 from zope.interface import implementer
 
-from smartrelay.outbound.client import AttemptResult, Reply
+from smartrelay.outbound.session import AttemptResult, OpenResult, Reply
 from smartrelay.outbound.router import Hop, IRouter
 from smartrelay.spool import Recipient, SpoolEntry
 
@@ -23,6 +23,7 @@ __all__ = [
     "RecordingEvents",
     "FakeRouter",
     "FakeDeliverer",
+    "FakeSession",
     "SMTPScript",
     "ScriptedSMTPServer",
     "ScriptedEndpoint",
@@ -147,7 +148,7 @@ class RecordingEvents:
 class FakeRouter:
     """
     Routes from a table: domain → list of hop names, or an exception.
-    Unknown domains go to C{default}.
+    Unknown domains go to C{default}, a smarthost (relay hops).
     """
 
     table: dict = attrs.field(factory=dict)
@@ -159,23 +160,26 @@ class FakeRouter:
         value = self.table.get(domain, self.default)
         if isinstance(value, Exception):
             return fail(value)
-        return succeed([Hop(name=name, endpoint=None) for name in value])
+        relay = domain not in self.table
+        return succeed([Hop(name=name, endpoint=None, relay=relay) for name in value])
 
 
-@attrs.define
+@attrs.define(eq=False)
 class DeliveryCall:
     """
-    One call of a L{FakeDeliverer}; fire C{d} with an L{AttemptResult}
-    (or use L{answer}).
+    One transaction on a L{FakeSession}; fire C{d} with an
+    L{AttemptResult} (or use L{answer}).
     """
 
-    hop: Hop
+    session: "FakeSession"
     sender: str
     recipients: list
     data: bytes
-    heloName: str
-    timeout: float
     d: Deferred
+
+    @property
+    def hop(self) -> Hop:
+        return self.session.hop
 
     def answer(
         self,
@@ -183,40 +187,132 @@ class DeliveryCall:
         text: str = "",
         status: Optional[str] = None,
         tls: bool = False,
-        tryNextHop: bool = False,
         overrides: Optional[dict] = None,
+        closing: bool = False,
+        unanswered: bool = False,
     ) -> None:
         """
         Fire with the same reply for every recipient, except those in
-        C{overrides} (address → L{Reply}).
+        C{overrides} (address → L{Reply}).  C{closing} (implied by a 421)
+        closes the session, as a server saying 421 does.
         """
         reply = Reply(code, status, text)
         overrides = overrides or {}
         results = {a: overrides.get(a, reply) for a in self.recipients}
-        self.d.callback(AttemptResult(self.hop.name, tls, results, tryNextHop))
+        if closing or unanswered or code == 421:
+            self.session.closeByServer()
+        self.d.callback(
+            AttemptResult(
+                self.hop.name,
+                tls,
+                results,
+                unanswered=unanswered,
+                throttled=code == 421,
+            )
+        )
+
+
+@attrs.define(eq=False)
+class FakeSession:
+    """
+    A pooled session of a L{FakeDeliverer}: every L{send} is a
+    L{DeliveryCall} for the test to answer.
+    """
+
+    deliverer: "FakeDeliverer"
+    hop: Hop
+    tlsPolicy: str
+    connected: bool = True
+    busy: bool = False
+    transactions: int = 0
+    closed: Deferred = attrs.field(factory=Deferred)
+
+    @property
+    def remote(self) -> str:
+        return self.hop.name
+
+    @property
+    def usable(self) -> bool:
+        return self.connected and not self.busy
+
+    def send(self, sender: str, recipients: list, data: bytes) -> Deferred:
+        if not self.usable:
+            raise RuntimeError(f"{self!r} cannot take a transaction now")
+        self.busy = True
+        self.transactions += 1
+        d: Deferred = Deferred(lambda d: self.deliverer.cancelled.append(call))
+        call = DeliveryCall(self, sender, list(recipients), data, d)
+        self.deliverer.calls.append(call)
+
+        def idle(result):
+            self.busy = False
+            return result
+
+        d.addBoth(idle)
+        if self.deliverer.auto is not None:
+            d.callback(self.deliverer.auto(call))
+        return d
+
+    def closeByServer(self) -> None:
+        if self.connected:
+            self.connected = False
+            self.closed.callback(None)
+
+    def quit(self) -> Deferred:
+        if self.connected:
+            self.deliverer.quits.append(self)
+        self.closeByServer()
+        return self.closed
+
+    def abort(self) -> None:
+        for call in self.deliverer.pending():
+            if call.session is self:
+                call.answer(451, "connection lost", "4.4.2")
+        self.closeByServer()
 
 
 @attrs.define
 class FakeDeliverer:
     """
-    A deliverer that records its calls; each returns an unfired
-    L{Deferred} unless C{auto} is set (C{auto(call) -> AttemptResult}).
+    A connector (C{open(hop, tlsPolicy)}) whose sessions record their
+    transactions; each returns an unfired L{Deferred} unless C{auto} is
+    set (C{auto(call) -> AttemptResult}).
+
+    @ivar refuse: hop name → L{Reply} for hops that cannot be connected to.
+    @ivar hang: opening a session never completes (until fired by the test:
+        see C{opening}).
     """
 
     calls: list = attrs.field(factory=list)
     auto: Optional[Callable] = None
     cancelled: list = attrs.field(factory=list)
+    refuse: dict = attrs.field(factory=dict)
+    hang: bool = False
+    opens: list = attrs.field(factory=list)
+    opening: list = attrs.field(factory=list)
+    sessions: list = attrs.field(factory=list)
+    quits: list = attrs.field(factory=list)
 
-    def __call__(self, hop, sender, recipients, data, heloName, timeout) -> Deferred:
-        d: Deferred = Deferred(lambda d: self.cancelled.append(call))
-        call = DeliveryCall(hop, sender, list(recipients), data, heloName, timeout, d)
-        self.calls.append(call)
-        if self.auto is not None:
-            d.callback(self.auto(call))
-        return d
+    def open(self, hop: Hop, tlsPolicy: str) -> Deferred:
+        self.opens.append((hop.name, tlsPolicy))
+        if hop.name in self.refuse:
+            return succeed(OpenResult(None, self.refuse[hop.name], tryNextHop=True))
+        session = FakeSession(self, hop, tlsPolicy)
+        if self.hang:
+            d: Deferred = Deferred()
+            self.opening.append((d, session))
+            return d
+        self.sessions.append(session)
+        return succeed(OpenResult(session))
 
     def pending(self) -> list:
         return [c for c in self.calls if not c.d.called]
+
+    def connected(self) -> list:
+        """
+        The sessions still open.
+        """
+        return [s for s in self.sessions if s.connected]
 
 
 # -- a scripted SMTP server ---------------------------------------------------
