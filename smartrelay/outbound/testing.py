@@ -340,6 +340,9 @@ class SMTPScript:
     final: bytes = b"250 2.0.0 queued as 4711"
     dropMidData: bool = False
     silentAt: Optional[bytes] = None
+    #: Close the connection, without a reply, on the n-th command with
+    #: this verb: C{(b"RSET", 1)}.
+    dropAt: Optional[tuple] = None
 
 
 class ScriptedSMTPServer(LineReceiver):
@@ -356,6 +359,7 @@ class ScriptedSMTPServer(LineReceiver):
         self.message: Optional[bytes] = None
         self.inData = False
         self.silent = False
+        self.accepted = 0
 
     def connectionMade(self) -> None:
         self.sendLine(self.script.greeting)
@@ -382,6 +386,11 @@ class ScriptedSMTPServer(LineReceiver):
             return
         self.commands.append(line)
         verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper()
+        if self.script.dropAt is not None and self.script.dropAt[0] == verb:
+            seen = sum(1 for c in self.commands if c.upper().startswith(verb))
+            if seen == self.script.dropAt[1]:
+                self.transport.loseConnection()
+                return
         if self.script.silentAt is not None and verb == self.script.silentAt:
             self.silent = True
         if verb == b"EHLO":
@@ -398,14 +407,24 @@ class ScriptedSMTPServer(LineReceiver):
             self.reply(self.script.mail)
         elif verb == b"RCPT":
             address = line.split(b"<", 1)[-1].split(b">", 1)[0].decode()
-            self.reply(self.script.rcpt.get(address, self.script.rcptDefault))
+            answer = self.script.rcpt.get(address, self.script.rcptDefault)
+            self.accepted += answer.startswith(b"2")
+            self.reply(answer)
         elif verb == b"DATA":
+            if not self.accepted:
+                self.reply(b"554 5.5.1 no valid recipients")
+                return
+            self.accepted = 0
+            self.dataLines = []
             self.reply(self.script.data)
             self.inData = self.script.data.startswith(b"354") and not self.silent
         elif verb == b"QUIT":
             self.reply(b"221 2.0.0 bye")
             self.transport.loseConnection()
-        elif verb in (b"RSET", b"NOOP"):
+        elif verb == b"RSET":
+            self.accepted = 0
+            self.reply(b"250 2.0.0 ok")
+        elif verb == b"NOOP":
             self.reply(b"250 2.0.0 ok")
         else:
             self.reply(b"500 5.5.1 unknown command")
