@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from smartrelay.outbound.router import (
+    CachingResolver,
     IRouter,
     MXRouter,
     NamesHostnameResolver,
@@ -268,7 +269,55 @@ class MakeResolverTests(SynchronousTestCase):
         """Configured name servers are used instead of resolv.conf, and no global reactor."""
         reactor = MemoryReactorClock()
         resolver = makeResolver([("127.0.0.1", 10053)], reactor)
-        dnsResolver = resolver.resolvers[-1]
+        caching = resolver.resolvers[-1]
+        self.assertIs(caching.clock, reactor)
+        dnsResolver = caching.resolver
         self.assertEqual(dnsResolver.servers, [("127.0.0.1", 10053)])
         self.assertIs(dnsResolver._reactor, reactor)
         self.assertIsNone(dnsResolver.resolv)
+
+
+class CachingResolverTests(SynchronousTestCase):
+    """
+    L{CachingResolver} keeps answers for their TTL, without timers.
+    """
+
+    def setUp(self):
+        from twisted.internet.task import Clock
+        from twisted.names import dns
+
+        self.clock = Clock()
+        self.asked = []
+        self.ttl = 60
+        test = self
+
+        class Upstream:
+            def _lookup(self, name, cls, type, timeout):
+                test.asked.append(name)
+                record = dns.RRHeader(name, dns.A, dns.IN, test.ttl, dns.Record_A("192.0.2.1"))
+                return succeed(([record], [], []))
+
+        self.resolver = CachingResolver(Upstream(), self.clock, size=2)
+
+    def test_ttl(self):
+        """A second lookup within the TTL is answered from memory; after it, upstream is asked."""
+        self.successResultOf(self.resolver.lookupAddress("a.test"))
+        self.clock.advance(59)
+        self.successResultOf(self.resolver.lookupAddress("a.test"))
+        self.assertEqual(self.asked, [b"a.test"])
+        self.clock.advance(1)
+        self.successResultOf(self.resolver.lookupAddress("a.test"))
+        self.assertEqual(self.asked, [b"a.test", b"a.test"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_zeroTTLNotCached(self):
+        self.ttl = 0
+        self.successResultOf(self.resolver.lookupAddress("a.test"))
+        self.successResultOf(self.resolver.lookupAddress("a.test"))
+        self.assertEqual(len(self.asked), 2)
+
+    def test_bounded(self):
+        """The oldest answers are dropped beyond the size limit."""
+        for name in ("a.test", "b.test", "c.test", "a.test"):
+            self.successResultOf(self.resolver.lookupAddress(name))
+        self.assertEqual(self.asked, [b"a.test", b"b.test", b"c.test", b"a.test"])

@@ -27,7 +27,7 @@ from twisted.internet.interfaces import (
     IReactorPluggableNameResolver,
 )
 from twisted.logger import Logger
-from twisted.names import cache, dns, hosts, resolve
+from twisted.names import common, dns, hosts, resolve
 from twisted.names import client as dnsclient
 from twisted.names import error as dnserror
 from twisted.python.failure import Failure
@@ -401,8 +401,54 @@ def makeResolver(nameservers: Sequence, reactor: Any) -> Any:
     else:
         theResolver = dnsclient.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
     return resolve.ResolverChain(
-        [hosts.Resolver(b"/etc/hosts"), cache.CacheResolver(reactor=reactor), theResolver]
+        [
+            hosts.Resolver(b"/etc/hosts"),
+            CachingResolver(theResolver, reactor),
+        ]
     )
+
+
+class CachingResolver(common.ResolverBase):
+    """
+    Answers from memory while the records' TTL lasts, otherwise asks
+    C{resolver} and remembers the answer (for the smallest TTL in it, at
+    most C{maxTTL}).  No timers: expired answers are dropped when looked
+    up, and the oldest go first when there are more than C{size}.
+
+    (L{twisted.names.client.createResolver} puts a L{cache.CacheResolver}
+    in front of the DNS client, but nothing ever fills it: only a DNS
+    server's factory does.)
+    """
+
+    def __init__(self, resolver: Any, clock: Any, size: int = 10000, maxTTL: float = 86400) -> None:
+        common.ResolverBase.__init__(self)
+        self.resolver = resolver
+        self.clock = clock
+        self.size = size
+        self.maxTTL = maxTTL
+        self._answers: dict = {}
+
+    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> Deferred:
+        query = dns.Query(name, type, cls)
+        now = self.clock.seconds()
+        cached = self._answers.get(query)
+        if cached is not None:
+            expires, result = cached
+            if now < expires:
+                return succeed(result)
+            del self._answers[query]
+
+        def store(result: tuple) -> tuple:
+            records = [r for section in result for r in section]
+            ttl = min([r.ttl for r in records], default=0)
+            if ttl > 0:
+                self._answers.pop(query, None)
+                self._answers[query] = (self.clock.seconds() + min(ttl, self.maxTTL), result)
+                while len(self._answers) > self.size:
+                    del self._answers[next(iter(self._answers))]
+            return result
+
+        return self.resolver._lookup(name, cls, type, timeout).addCallback(store)
 
 
 # -- host name resolution through twisted.names ----------------------------

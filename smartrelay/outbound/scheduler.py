@@ -673,7 +673,10 @@ class DeliveryScheduler(Service):
         finally:
             if session is not None:
                 self._sessions.discard(session)
-                session.quit()
+                # The slot is free once the connection is closed (QUIT is
+                # answered, or aborted after a short timeout), so that
+                # the peer never sees more sessions than the limit.
+                await session.quit()
             slot.release()
             self._pump()
 
