@@ -14,7 +14,7 @@ import json
 import os
 import zlib
 from collections import OrderedDict
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -202,15 +202,27 @@ def _loadSyncfs():
 _syncfs = _loadSyncfs()
 
 
-def _writeBatch(directory: str, items: list) -> list:
+def _writeBatch(directory: str, items: list, removals: Sequence = ()) -> tuple:
     """
-    Durably write a batch of new messages; blocking, runs in a thread.
+    Durably write a batch of new messages and remove finished ones;
+    blocking, runs in a thread.
 
-    C{items} are C{(tmpPath, finalPath, blob)}.  Every blob is written to
-    its temp file, every file is fdatasynced, renamed into place, and one
-    directory fsync covers the renames.  Returns one entry per item: None
-    if it is durable, else the exception; an item that failed leaves no
-    file behind (neither temp nor final).
+    C{items} are C{(tmpPath, finalPath, blob)}; C{removals} are paths to
+    unlink.  Every blob is written to its temp file and renamed into
+    place, the removals are unlinked, and one C{syncfs} of the spool's
+    file system makes all of it durable at once (one journal commit for
+    the whole batch, new and finished messages together).  Where
+    C{syncfs} is missing or fails, each file is fdatasynced and one
+    directory fsync covers the renames and removals instead.
+
+    A crash before the flush completes can leave a renamed file whose
+    data never reached the disk; no C{250} was sent for it, and recovery
+    finds its checksum wrong and moves it aside.
+
+    @return: C{(results, removalError)}: one entry per item (L{None} if it
+        is durable, else the exception; an item that failed leaves no file
+        behind, neither temp nor final), and the first error removing or
+        flushing the removals, or L{None}.
     """
     results: list = [None] * len(items)
     written = []
@@ -222,40 +234,49 @@ def _writeBatch(directory: str, items: list) -> list:
             continue
         try:
             writeAll(fd, blob)
+            os.rename(tmpPath, finalPath)
         except OSError as e:
             results[index] = e
             os.close(fd)
             unlinkQuietly(tmpPath)
             continue
         written.append((index, fd))
-    renamed = []
-    if written and _syncfs is not None:
-        flushed = _syncfs(written[0][1]) == 0
-    else:
+    removalError: Optional[OSError] = None
+    for path in removals:
+        try:
+            unlinkQuietly(path)
+        except OSError as e:
+            removalError = removalError or e
+    try:
         flushed = False
-    for index, fd in written:
-        tmpPath, finalPath, _ = items[index]
-        try:
-            if not flushed:
-                os.fdatasync(fd)
+        if _syncfs is not None and (written or removals):
+            fd = written[0][1] if written else None
+            if fd is None:
+                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    flushed = _syncfs(fd) == 0
+                finally:
+                    os.close(fd)
+            else:
+                flushed = _syncfs(fd) == 0
+        if not flushed:
+            for index, fd in written:
+                try:
+                    os.fdatasync(fd)
+                except OSError as e:
+                    results[index] = e
+            try:
+                fsyncDirectory(directory)
+            except OSError as e:
+                removalError = removalError or e
+                for index, _ in written:
+                    results[index] = results[index] or e
+    finally:
+        for index, fd in written:
             os.close(fd)
-            fd = None
-            os.rename(tmpPath, finalPath)
-        except OSError as e:
-            results[index] = e
-            if fd is not None:
-                os.close(fd)
-            unlinkQuietly(tmpPath)
-            continue
-        renamed.append(index)
-    if renamed:
-        try:
-            fsyncDirectory(directory)
-        except OSError as e:
-            for index in renamed:
-                results[index] = e
+            if results[index] is not None:
                 unlinkQuietly(items[index][1])
-    return results
+    return results, removalError
 
 
 class MessageCache:
@@ -302,9 +323,11 @@ class Spool:
     Messages just stored are kept in a bounded in-memory cache
     (C{cacheBytes}) until they are finished, so the first delivery attempt
     does not read them back from disk.
-    New messages are made durable by write, fdatasync, rename and a
-    directory fsync; directory fsyncs are shared by every message renamed
-    while the previous one was running (group commit).
+    New messages are written and renamed into place, finished ones
+    removed, in batches (group commit): every message stored, and every
+    finished one removed, while the previous batch was being written goes
+    into the next batch, and one flush (C{syncfs}) makes the whole batch
+    durable.
 
     @ivar directory: the spool directory (created if missing).
     """
@@ -318,8 +341,7 @@ class Spool:
     _cache: "MessageCache" = attrs.field(init=False)
     _pendingWrites: list = attrs.field(factory=list, init=False)
     _batchesInFlight: int = attrs.field(default=0, init=False)
-    _dirWaiters: list = attrs.field(factory=list, init=False)
-    _dirSyncing: bool = attrs.field(default=False, init=False)
+    _pendingRemovals: list = attrs.field(factory=list, init=False)
     _tempCounter: "itertools.count" = attrs.field(factory=itertools.count, init=False)
 
     log = Logger()
@@ -417,8 +439,7 @@ class Spool:
 
         Messages are written in batches (group commit): every message that
         arrives while a batch is being written goes into the next one, which
-        is written, flushed, renamed into place and covered by one
-        directory fsync together.
+        is written, renamed into place and flushed together.
         """
         blob = encodeEntry(entry, data)
         finalPath = self._path(entry.queue_id, MESSAGE_SUFFIX)
@@ -446,50 +467,51 @@ class Spool:
         return d
 
     def _startBatches(self) -> None:
-        while self._pendingWrites and self._batchesInFlight < self.batchesInFlight:
+        while (
+            self._pendingWrites or self._pendingRemovals
+        ) and self._batchesInFlight < self.batchesInFlight:
             batch = self._pendingWrites[: self.maxBatch]
             del self._pendingWrites[: self.maxBatch]
+            removals, self._pendingRemovals = self._pendingRemovals, []
             self._batchesInFlight += 1
             work = [(tmp, final, blob) for tmp, final, blob, _ in batch]
-            self.runInThread(_writeBatch, self.directory, work).addBoth(
-                self._batchWritten, [d for _, _, _, d in batch]
+            paths = [path for paths, _ in removals for path in paths]
+            self.runInThread(_writeBatch, self.directory, work, paths).addBoth(
+                self._batchWritten, [d for _, _, _, d in batch], [d for _, d in removals]
             )
 
-    def _batchWritten(self, result, waiters: list) -> None:
+    def _batchWritten(self, result, waiters: list, removalWaiters: list = ()) -> None:
         self._batchesInFlight -= 1
         self._startBatches()
         if isinstance(result, Failure):
-            for waiter in waiters:
+            for waiter in [*waiters, *removalWaiters]:
                 waiter.errback(result)
             return
-        for waiter, error in zip(waiters, result):
+        results, removalError = result
+        for waiter, error in zip(waiters, results):
             if error is None:
                 waiter.callback(None)
             else:
                 waiter.errback(Failure(error))
+        for waiter in removalWaiters:
+            if removalError is None:
+                waiter.callback(None)
+            else:
+                waiter.errback(Failure(removalError))
 
-    def _syncDirectory(self) -> Deferred:
+    def _removeDurably(self, entry: SpoolEntry) -> Deferred:
+        """
+        Remove a finished entry's files with the next batch (sharing its
+        flush).
+        """
         d = Deferred()
-        self._dirWaiters.append(d)
-        if not self._dirSyncing:
-            self._startDirectorySync()
+        paths = [
+            self._path(entry.queue_id, MESSAGE_SUFFIX),
+            self._path(entry.queue_id, STATE_SUFFIX),
+        ]
+        self._pendingRemovals.append((paths, d))
+        self._startBatches()
         return d
-
-    def _startDirectorySync(self) -> None:
-        waiters, self._dirWaiters = self._dirWaiters, []
-        self._dirSyncing = True
-
-        def done(result):
-            self._dirSyncing = False
-            if self._dirWaiters:
-                self._startDirectorySync()
-            for waiter in waiters:
-                if isinstance(result, Failure):
-                    waiter.errback(result)
-                else:
-                    waiter.callback(None)
-
-        self.runInThread(fsyncDirectory, self.directory).addBoth(done)
 
     # -- delivery side -------------------------------------------------------
 
@@ -534,8 +556,7 @@ class Spool:
                     )
 
         if finishing:
-            d = self.runDeliveryIO(self._remove, entry)
-            d.addCallback(lambda _: self._syncDirectory())
+            d = self._removeDurably(entry)
         else:
             blob = b"".join(encodeState(r) for r in changes)
             d = self.runDeliveryIO(

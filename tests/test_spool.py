@@ -324,6 +324,7 @@ class FailureTests(SynchronousTestCase):
         If the directory fsync fails the renamed file is removed again, so a
         message that got no 250 is never delivered.
         """
+        self.patch(spoolModule, "_syncfs", None)
         self.patch(spoolModule, "fsyncDirectory", self.fail())
         self.assertRefused()
 
@@ -352,7 +353,8 @@ class FailureTests(SynchronousTestCase):
             os.path.join(self.directory, "bad.msg"),
             b"bad",
         )
-        results = spoolModule._writeBatch(self.directory, [bad, good])
+        results, removalError = spoolModule._writeBatch(self.directory, [bad, good])
+        self.assertIsNone(removalError)
         self.assertIsInstance(results[0], OSError)
         self.assertIsNone(results[1])
         self.assertEqual(sorted(os.listdir(self.directory)), ["good.msg", "sub"])
@@ -393,3 +395,78 @@ class GroupCommitTests(SynchronousTestCase):
         for d in results:
             self.successResultOf(d)
         self.assertEqual(len(os.listdir(directory)), 5)
+
+
+class SharedFlushTests(SynchronousTestCase):
+    """
+    Finished messages are removed in the same batches (and flushes) as new
+    ones are written.
+    """
+
+    def setUp(self):
+        from twisted.internet.defer import Deferred
+
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+        self.batches = []
+
+        def runner(f, *args):
+            if f is spoolModule._writeBatch:
+                d = Deferred()
+                self.batches.append((d, args))
+                return d
+            return maybeDeferred(f, *args)
+
+        self.spool = Spool(self.directory, runner)
+
+    def runBatch(self, index):
+        d, args = self.batches[index]
+        d.callback(spoolModule._writeBatch(*args))
+
+    def test_removalJoinsNextBatch(self):
+        """A removal asked for while batches are in flight goes into the next batch with new messages."""
+        first = makeEntry(queueID="79/BC-00001-5C348706")
+        self.spool.store(first, b"x\r\n")
+        self.runBatch(0)
+        self.spool.store(makeEntry(queueID="79/BC-00002-5C348706"), b"y\r\n")
+        self.spool.store(makeEntry(queueID="79/BC-00003-5C348706"), b"y\r\n")
+        done = self.spool.record(first, [Recipient(r.address, state="delivered") for r in first.recipients])
+        third = self.spool.store(makeEntry(queueID="79/BC-00004-5C348706"), b"z\r\n")
+        self.assertNoResult(done)
+        self.assertEqual(len(self.batches), 3)
+        self.runBatch(1)
+        self.assertEqual(len(self.batches), 4)
+        _, (_, items, removals) = self.batches[3]
+        self.assertEqual(len(items), 1)
+        self.assertEqual([os.path.basename(p) for p in removals],
+                         [os.path.basename(self.spool._path(first.queue_id, s)) for s in (".msg", ".state")])
+        self.runBatch(2)
+        self.runBatch(3)
+        self.successResultOf(done)
+        self.successResultOf(third)
+        self.assertFalse(os.path.exists(self.spool._path(first.queue_id, ".msg")))
+        self.assertTrue(first.done)
+
+    def test_removalOnly(self):
+        """A batch of removals alone is flushed too (syncfs, or a directory fsync without it)."""
+        for syncfs in (spoolModule._syncfs, None):
+            self.patch(spoolModule, "_syncfs", syncfs)
+            entry = makeEntry(queueID="79/BC-0000%d-5C348706" % len(self.batches))
+            self.spool.store(entry, b"x\r\n")
+            self.runBatch(len(self.batches) - 1)
+            done = self.spool.record(entry, [Recipient(r.address, state="bounced") for r in entry.recipients])
+            self.runBatch(len(self.batches) - 1)
+            self.successResultOf(done)
+            self.assertEqual(os.listdir(self.directory), [])
+
+    def test_removalFlushFailure(self):
+        """If the flush after a removal fails, recording fails (and is retried by the caller)."""
+        entry = makeEntry()
+        self.spool.store(entry, b"x\r\n")
+        self.runBatch(0)
+        self.patch(spoolModule, "_syncfs", None)
+        self.patch(spoolModule, "fsyncDirectory", lambda path: (_ for _ in ()).throw(OSError(5, "EIO")))
+        done = self.spool.record(entry, [Recipient(r.address, state="delivered") for r in entry.recipients])
+        self.runBatch(1)
+        self.failureResultOf(done, OSError)
+        self.assertFalse(entry.done)
