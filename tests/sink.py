@@ -28,6 +28,7 @@ class Received:
     sender: str
     recipients: list
     data: bytes
+    at: float = attrs.field(factory=time.monotonic)
 
     @property
     def queueID(self) -> str:
@@ -77,18 +78,28 @@ class _Delivery:
 class _SinkESMTP(smtp.ESMTP):
     def connectionMade(self):
         self.factory.connections += 1
+        self.factory.open += 1
+        self.factory.peak = max(self.factory.peak, self.factory.open)
         smtp.ESMTP.connectionMade(self)
+
+    def connectionLost(self, reason):
+        self.factory.open -= 1
+        smtp.ESMTP.connectionLost(self, reason)
 
 
 class Sink(ServerFactory):
     """
     An SMTP server that accepts everything except recipients whose local
-    part starts with C{bounce} (550) or C{defer} (451).
+    part starts with C{bounce} (550) or C{defer} (451).  It counts
+    connections (C{connections} in all, C{open} now, C{peak} at most at
+    once) and stamps each message with its arrival time.
     """
 
     def __init__(self):
         self.received = []
         self.connections = 0
+        self.open = 0
+        self.peak = 0
 
     def buildProtocol(self, addr):
         p = _SinkESMTP()
@@ -184,8 +195,17 @@ class RelayProcess:
             os.kill(self.process.pid, sig)
             self.process.wait(30)
 
-    def stop(self):
+    def stop(self, reactor=None, timeout=60.0):
         """
-        A clean stop (SIGTERM), waiting for the process to exit.
+        A clean stop (SIGTERM).
+
+        @return: a L{Deferred} firing when the process has exited; the
+            reactor keeps running meanwhile, so peers in this process (the
+            sink) can answer the relay's goodbyes.
         """
-        self.kill(signal.SIGTERM)
+        if reactor is None:
+            from twisted.internet import reactor
+        if self.process is None or self.process.poll() is not None:
+            return defer.succeed(None)
+        os.kill(self.process.pid, signal.SIGTERM)
+        return waitFor(reactor, lambda: self.process.poll() is not None, timeout)

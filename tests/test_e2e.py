@@ -4,6 +4,7 @@ loopback ports, real SMTP clients (Python's smtplib), a real SMTP sink
 server, and a kill -9 in the middle of submissions.
 """
 
+import json
 import os
 import re
 import signal
@@ -17,11 +18,13 @@ import threading
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.names import dns
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smartrelay.auth import hashPassword
 from smartrelay.ids import isQueueID
 from tests.certs import selfSigned
+from tests.dnsserver import DNSServer
 from tests.sink import PROJECT, RelayProcess, Sink, waitFor
 
 TEXT = (
@@ -125,7 +128,7 @@ class DeliveryTests(RelayTestMixin, TestCase):
             reactor,
             lambda: {e[0] for e in events(self.workdir)} >= {"delivered", "bounced", "deferred"},
         )
-        relay.stop()
+        yield relay.stop()
         byRecipient = {}
         for kind, qid, recipient, detail in events(self.workdir):
             self.assertEqual(qid, queueID)
@@ -141,7 +144,56 @@ class DeliveryTests(RelayTestMixin, TestCase):
         relay.start()
         yield relay.waitReady(reactor)
         self.assertIn("recovered 1 queued message", relay.log())
-        relay.stop()
+        yield relay.stop()
+
+    @inlineCallbacks
+    def test_directDeliveryThroughRealDNS(self):
+        """
+        Without a smarthost the relay looks up MX records through the
+        configured name server (a real DNS server on loopback): mail for a
+        domain reaches its preferred exchanger (here: the sink), a null-MX
+        domain bounces as hostunknown without any connection, and an
+        NXDOMAIN domain bounces too.
+        """
+        sinkPort = self.startSink()
+        dnsServer = DNSServer(reactor)
+        dnsServer.start()
+        self.addCleanup(dnsServer.stop)
+        dnsServer.addMX("mx-routed.test", [(10, "mx1.mx-routed.test"), (20, "mx2.mx-routed.test")])
+        dnsServer.addA("mx1.mx-routed.test", "127.0.0.1")
+        dnsServer.addA("mx2.mx-routed.test", "127.0.0.2")
+        dnsServer.nullMX("nomail.test")
+        config = (
+            "[smartrelay]\ndata_dir = var\nhostname = relay.test\nnode_id = 2A\n\n"
+            "[smtp]\nlisten = tcp:0:interface=127.0.0.1\n\n"
+            "[delivery]\nnameservers = %s\nmx_port = %d\nretry = 5m\n"
+            % (dnsServer.configValue, sinkPort)
+        )
+        relay = self.makeRelay(config)
+        relay.start()
+        yield relay.waitReady(reactor)
+        (code, _), refused = yield deferToThread(
+            submit, relay.port, ["alice@mx-routed.test", "bob@nomail.test", "carol@nowhere.test"]
+        )
+        self.assertEqual((code, refused), (250, []))
+        yield waitFor(reactor, lambda: self.sink.received)
+        self.assertEqual(self.sink.received[0].recipients, ["alice@mx-routed.test"])
+        yield waitFor(
+            reactor, lambda: sum(e[0] in ("delivered", "bounced") for e in events(self.workdir)) == 3
+        )
+        yield relay.stop()
+        outcomes = {
+            recipient: (kind, json.loads(detail))
+            for kind, _, recipient, detail in events(self.workdir)
+            if kind != "accepted"
+        }
+        self.assertEqual(outcomes["alice@mx-routed.test"][1]["remote"], "mx1.mx-routed.test")
+        kind, detail = outcomes["bob@nomail.test"]
+        self.assertEqual((kind, detail["reason"], detail["kind"], detail["status"]),
+                         ("bounced", "hostunknown", "hard", "5.1.10"))
+        kind, detail = outcomes["carol@nowhere.test"]
+        self.assertEqual((kind, detail["reason"]), ("bounced", "hostunknown"))
+        self.assertIn(("mx-routed.test", dns.MX), dnsServer.queries)
 
     @inlineCallbacks
     def test_tlsAndAuth(self):
@@ -173,7 +225,7 @@ class DeliveryTests(RelayTestMixin, TestCase):
         self.assertEqual(code, 250, text)
         yield waitFor(reactor, lambda: self.sink.received)
         self.assertIn(b"with ESMTPSA", self.sink.received[0].data)
-        relay.stop()
+        yield relay.stop()
 
 
 class CrashTests(RelayTestMixin, TestCase):
@@ -222,7 +274,7 @@ class CrashTests(RelayTestMixin, TestCase):
         relay.start()
         yield relay.waitReady(reactor)
         yield waitFor(reactor, lambda: survivors <= self.sink.queueIDs(), timeout=90)
-        relay.stop()
+        yield relay.stop()
 
 
 class StartupTests(SynchronousTestCase):
