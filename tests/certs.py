@@ -11,11 +11,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def selfSigned(commonName="mail.example.com", days=1, ipAddresses=()):
+def selfSigned(commonName="mail.example.com", days=1, ipAddresses=(), dnsNames=()):
     """
     A new self-signed (certificate PEM, key PEM) pair on a P-256 key; with
-    C{ipAddresses}, the certificate names them (subjectAltName) and can
-    act as its own trust root for clients that verify.
+    C{ipAddresses} or C{dnsNames}, the certificate names them
+    (subjectAltName) and can act as its own trust root for clients that
+    verify.
     """
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)])
@@ -29,10 +30,11 @@ def selfSigned(commonName="mail.example.com", days=1, ipAddresses=()):
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
     )
-    if ipAddresses:
+    if ipAddresses or dnsNames:
         certificate = certificate.add_extension(
             x509.SubjectAlternativeName(
                 [x509.IPAddress(ipaddress.ip_address(a)) for a in ipAddresses]
+                + [x509.DNSName(name) for name in dnsNames]
             ),
             critical=False,
         ).add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
