@@ -54,7 +54,12 @@ def tool(name: str) -> str:
     sys.exit(f"bench: {name} not found; install it with: apt-get install -y postfix")
 
 
-def startRelay(workdir: str, smtpPort: int, sinkPort: int, extra: str, hold: bool) -> tuple:
+def writeConfig(workdir: str, smtpPort: int, sinkPort: int, extra: str, hold: bool) -> str:
+    """
+    The benchmark relay's configuration file (its path): SMTP on
+    C{smtpPort}, delivery to the sink on C{sinkPort}, C{extra} lines
+    appended to C{[delivery]}.
+    """
     config = os.path.join(workdir, "smartrelay.ini")
     with open(config, "w") as f:
         f.write(
@@ -72,6 +77,11 @@ hold = {"on" if hold else "off"}
 {extra}
 """
         )
+    return config
+
+
+def startRelay(workdir: str, smtpPort: int, sinkPort: int, extra: str, hold: bool) -> tuple:
+    config = writeConfig(workdir, smtpPort, sinkPort, extra, hold)
     env = dict(os.environ, PYTHONPATH=PROJECT)
     log = os.path.join(workdir, "twistd.log")
     process = subprocess.Popen(

@@ -153,23 +153,7 @@ def startRelay(workdir: str, smtpPort: int, sinkPort: int, extra: str) -> tuple:
 
     @return: C{(subprocess.Popen, log path)} once it accepts mail.
     """
-    config = os.path.join(workdir, "smartrelay.ini")
-    with open(config, "w") as f:
-        f.write(
-            f"""[smartrelay]
-data_dir = {workdir}/var
-hostname = relay.bench.test
-
-[smtp]
-listen = tcp:{smtpPort}:interface=127.0.0.1
-max_connections_per_client = 1000
-
-[delivery]
-smarthost = tcp:host=127.0.0.1:port={sinkPort}
-hold = off
-{extra}
-"""
-        )
+    config = accept.writeConfig(workdir, smtpPort, sinkPort, extra, hold=False)
     env = dict(os.environ, PYTHONPATH=accept.PROJECT)
     log = os.path.join(workdir, "twistd.log")
     errors = os.path.join(workdir, "twistd.stderr")
