@@ -16,6 +16,7 @@ from zope.interface.verify import verifyObject
 
 from smartrelay.outbound.router import (
     CachingResolver,
+    DomainRouter,
     IRouter,
     MXRouter,
     NamesHostnameResolver,
@@ -321,3 +322,38 @@ class CachingResolverTests(SynchronousTestCase):
         for name in ("a.test", "b.test", "c.test", "a.test"):
             self.successResultOf(self.resolver.lookupAddress(name))
         self.assertEqual(self.asked, [b"a.test", b"b.test", b"c.test", b"a.test"])
+
+
+class DomainRouterTests(SynchronousTestCase):
+    """
+    L{DomainRouter} and L{smartrelay.service.makeRouter}: per-domain routes
+    before the default router.
+    """
+
+    def test_routes(self):
+        special = SmarthostRouter(MemoryReactorClock(), "tcp:host=special.example:port=2525", relay=False)
+        default = SmarthostRouter(MemoryReactorClock(), "tcp:host=smarthost.example:port=25")
+        router = DomainRouter({"example.com": special}, default)
+        verifyObject(IRouter, router)
+        (hop,) = self.successResultOf(router.route("Example.COM."))
+        self.assertEqual((hop.name, hop.host, hop.relay), ("special.example:2525", "special.example", False))
+        (hop,) = self.successResultOf(router.route("other.example"))
+        self.assertEqual((hop.name, hop.relay), ("smarthost.example:25", True))
+
+    def test_fromConfig(self):
+        from smartrelay.config import parseConfig
+        from smartrelay.service import makeRouter
+
+        reactor = MemoryReactorClock()
+        config = parseConfig(
+            "[delivery]\nnameservers = 127.0.0.1:10053\n"
+            "[domain:example.com]\nroute = tcp:host=127.0.0.1:port=2626\n"
+            "[domain:plain.example]\nmax_connections = 3\n"
+        )
+        router = makeRouter(config, reactor)
+        self.assertIsInstance(router, DomainRouter)
+        self.assertEqual(list(router.routes), ["example.com"])
+        self.assertIsInstance(router.default, MXRouter)
+        (hop,) = self.successResultOf(router.route("example.com"))
+        self.assertEqual(hop.name, "127.0.0.1:2626")
+        self.assertIsInstance(makeRouter(parseConfig(""), reactor), MXRouter)
