@@ -163,6 +163,30 @@ class ReuseTests(SessionTestsMixin, SynchronousTestCase):
         self.assertEqual((reply.code, reply.status), (451, "4.5.0"))
         self.assertIn("malformed", reply.text)
 
+    def test_overlongReplyLine(self):
+        """A reply line longer than any server should send ends the session with a protocol error."""
+        session = self.session()
+        d = session.send("app@sender.example", ["a@example.com"], MESSAGE)
+        self.endpoint.server.silent = True
+        self.endpoint.flush()
+        self.endpoint.server.transport.write(b"250-" + b"x" * 10000)
+        self.endpoint.flush()
+        reply = self.successResultOf(d).results["a@example.com"]
+        self.assertEqual((reply.code, reply.status), (451, "4.5.0"))
+        self.assertIn("longer than", reply.text)
+
+    def test_endlessReply(self):
+        """A multi-line reply that never ends is cut off."""
+        session = self.session()
+        d = session.send("app@sender.example", ["a@example.com"], MESSAGE)
+        self.endpoint.server.silent = True
+        self.endpoint.flush()
+        self.endpoint.server.transport.write(b"250-more\r\n" * 500)
+        self.endpoint.flush()
+        reply = self.successResultOf(d).results["a@example.com"]
+        self.assertEqual((reply.code, reply.status), (451, "4.5.0"))
+        self.assertIn("more than", reply.text)
+
     def test_idleHasNoTimer(self):
         """An idle session leaves no timer running (the pool owns idle timeouts)."""
         session = self.session()
