@@ -67,6 +67,9 @@ class SpoolEntry:
     received: float
     size: int
     client: dict = attrs.field(factory=dict)
+    #: A C{.state} journal may exist for this entry (so removing it must
+    #: remove that too).
+    journaled: bool = attrs.field(default=False, repr=False)
 
     def pending(self) -> list:
         return [r for r in self.recipients if not r.final]
@@ -400,6 +403,7 @@ class Spool:
             return None
         statePath = self._path(entry.queue_id, STATE_SUFFIX)
         if stem + STATE_SUFFIX in present:
+            entry.journaled = True
             with open(statePath, "rb") as f:
                 skipped = applyState(entry, f.read())
             if skipped:
@@ -505,10 +509,9 @@ class Spool:
         flush).
         """
         d = Deferred()
-        paths = [
-            self._path(entry.queue_id, MESSAGE_SUFFIX),
-            self._path(entry.queue_id, STATE_SUFFIX),
-        ]
+        paths = [self._path(entry.queue_id, MESSAGE_SUFFIX)]
+        if entry.journaled:
+            paths.append(self._path(entry.queue_id, STATE_SUFFIX))
         self._pendingRemovals.append((paths, d))
         self._startBatches()
         return d
@@ -558,6 +561,7 @@ class Spool:
         if finishing:
             d = self._removeDurably(entry)
         else:
+            entry.journaled = True
             blob = b"".join(encodeState(r) for r in changes)
             d = self.runDeliveryIO(
                 appendDurably, self._path(entry.queue_id, STATE_SUFFIX), blob
