@@ -7,21 +7,105 @@ Data types shared with the delivery side:
 * L{Recipient}: one envelope recipient and its delivery state.
 * L{SpoolEntry}: one accepted message (envelope + per-recipient state);
   the message bytes stay on disk and are read with L{Spool.readMessage}.
+
+On-disk layout
+==============
+
+The spool directory holds append-only I{segment} files named
+C{segment-<16 hex digits>.log}, numbered in the order they were created.
+A segment is a sequence of records; each record is a fixed header
+(L{RECORD_HEADER}: the magic C{SRL1}, a type byte, the payload length and
+the CRC-32 of the payload) followed by its payload:
+
+* C{MESSAGE}: a new message, the payload being L{encodeEntry}'s form
+  (envelope JSON, then the message bytes, with their own CRC-32);
+* C{STATE}: the queue id, a newline, then one L{encodeState} line per
+  recipient whose state changed;
+* C{DONE}: the queue id of a finished message (every recipient final).
+
+Only the newest (I{active}) segment is ever appended to.  No file is created
+or removed per message: that is the point of this layout, because on ext4
+every creation, rename and unlink of a per-message file serializes on the
+directory lock and the journal.
+
+Durability
+==========
+
+Writes are batched (group commit): at most one batch is being written at a
+time, and everything asked for while it is (new messages, state changes,
+finished messages) goes into the next one.  A batch is one C{write} of all
+its records at the end of the active segment followed by one
+C{fdatasync}; only when a batch starts a new segment is the directory
+fsynced too, once.  L{Spool.store} fires (and the client gets its C{250})
+only after the C{fdatasync} covering the message returned;
+L{Spool.record} applies new states to the entry only after theirs did.
+
+If a batch's write or flush fails, every waiter of that batch fails, the
+segment is truncated back to where the batch started (best effort) and
+closed, and the next batch starts a new segment: no later acknowledged
+batch is ever written behind a failed one.  If the truncation itself
+fails, the failed batch's records may still be found, complete, by a later
+recovery.  For a message whose C{store} failed that means it may be
+delivered although its client got a C{451} (and may have sent it again): a
+duplicate, never a loss.  For a failed C{record} it means a state that did
+happen (the delivery attempt was made) is remembered after all.
+
+Segments are removed, oldest first, once no message in them has work left:
+a segment may hold the C{STATE} and C{DONE} records of messages stored in
+older segments, so a segment is only removed when every older one is gone
+(removals are then never needed for correctness: a crash before an unlink
+reaches the disk just means recovery finds the segment finished and removes
+it then).  So that one message deferred for days does not pin a whole
+segment (and every segment after it), I{compaction} copies the live
+messages of the oldest sealed segments, once they are old enough and mostly
+finished, to the active segment (their C{MESSAGE} record byte for byte,
+followed by a C{STATE} snapshot of every recipient) in a normal batch; once
+that batch is durable the old segment has nothing live and is removed.
+When nothing at all is left to deliver every segment is removed, so an idle
+spool holds no files (under steady load that happens now and then: the next
+batch then creates a new segment, one file creation and directory fsync for
+a few dozen batches).  Removals are made oldest segment first; the file
+system is trusted to keep those directory operations in order (ext4's
+journal does): were a newer segment's removal to survive a crash and an
+older one's not, the older one's messages would be delivered again (a
+duplicate, never a loss).
+
+Crash recovery
+==============
+
+L{Spool.recover} reads the segments in number order and their records in
+file order.  The last C{MESSAGE} record of a queue id gives its location
+(there are several after compaction); C{STATE} and C{DONE} records apply in
+log order.  A record torn by a crash during a batch (cut short, or its CRC
+wrong while it is the last record of its segment) was never acknowledged:
+the segment is truncated there.  A record with a sane header but a wrong CRC
+in the middle of a segment is skipped; a header that makes no sense in the
+middle of a segment makes the rest of that segment unreadable.  In both
+cases the bytes are copied to L{Spool.corruptDirectory} (never deleted) and
+a warning is logged; so are C{MESSAGE} records that do not decode.  New
+records always go to a new segment after recovery.
+
+Files in the per-message layout of earlier versions (C{<id>.msg},
+C{<id>.state}, C{tmp-*}) are migrated on recovery: loaded as those versions
+did, written to a new segment, flushed, and only then removed.
 """
 
-import itertools
+import errno
 import json
 import os
+import re
+import struct
+import time
 import zlib
 from collections import OrderedDict
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from smartrelay.diskio import appendDurably, fsyncDirectory, unlinkQuietly, writeAll
+from smartrelay.diskio import fsyncDirectory, unlinkQuietly, writeAll
 from smartrelay.ids import fileName
 
 FINAL_STATES = frozenset(["delivered", "bounced", "expired"])
@@ -67,8 +151,7 @@ class SpoolEntry:
     received: float
     size: int
     client: dict = attrs.field(factory=dict)
-    #: A C{.state} journal may exist for this entry (so removing it must
-    #: remove that too).
+    #: Unused; kept so that older callers can still pass it.
     journaled: bool = attrs.field(default=False, repr=False)
 
     def pending(self) -> list:
@@ -92,6 +175,8 @@ class SpoolCorrupt(SpoolError):
     """
 
 
+#: The magic of L{encodeEntry}'s form (and of the per-message layout's
+#: C{.msg} files).
 MAGIC = b"SRSPOOL1 "
 STATE_SUFFIX = ".state"
 MESSAGE_SUFFIX = ".msg"
@@ -192,94 +277,224 @@ def applyState(entry: SpoolEntry, raw: bytes) -> int:
     return skipped
 
 
-def _loadSyncfs():
+# -- the log -----------------------------------------------------------------
+
+#: Record header: magic, type, payload length, CRC-32 of the payload.
+RECORD_HEADER = struct.Struct(">4sBII")
+RECORD_MAGIC = b"SRL1"
+MESSAGE = 1
+STATE = 2
+DONE = 3
+RECORD_TYPES = frozenset([MESSAGE, STATE, DONE])
+#: No record is longer than this: a longer length field is damage.
+MAX_PAYLOAD = 1 << 30
+
+SEGMENT_PREFIX = "segment-"
+SEGMENT_SUFFIX = ".log"
+_SEGMENT_RE = re.compile(r"^segment-([0-9a-f]{16})\.log$")
+
+
+def encodeRecord(kind: int, payload: bytes) -> bytes:
+    """
+    One log record: L{RECORD_HEADER} then C{payload}.
+    """
+    return RECORD_HEADER.pack(RECORD_MAGIC, kind, len(payload), zlib.crc32(payload)) + payload
+
+
+def statePayload(queueID: str, recipients: list) -> bytes:
+    """
+    The payload of a C{STATE} record: the queue id, a newline, then one
+    L{encodeState} line per recipient.
+    """
+    return queueID.encode("utf-8") + b"\n" + b"".join(encodeState(r) for r in recipients)
+
+
+def segmentName(number: int) -> str:
+    """
+    The file name of segment C{number}.
+    """
+    return "%s%016x%s" % (SEGMENT_PREFIX, number, SEGMENT_SUFFIX)
+
+
+def segmentNumber(name: str) -> Optional[int]:
+    """
+    The number of the segment named C{name}, or L{None} if it is not one.
+    """
+    match = _SEGMENT_RE.match(name)
+    return int(match.group(1), 16) if match else None
+
+
+def parseRecord(raw: bytes, offset: int = 0) -> tuple:
+    """
+    Check the record at C{offset} of C{raw}.
+
+    @return: C{(kind, payload, length, problem)}: C{problem} is L{None} for
+        a sound record (C{length} is its whole length, header included);
+        C{"insane"} if the header makes no sense (bad magic, type or
+        length); C{"torn"} if the record runs past the end of C{raw};
+        C{"crc"} if the payload does not match its checksum.
+    """
+    if len(raw) - offset < RECORD_HEADER.size:
+        return None, b"", 0, "torn"
+    magic, kind, size, crc = RECORD_HEADER.unpack_from(raw, offset)
+    if magic != RECORD_MAGIC or kind not in RECORD_TYPES or size > MAX_PAYLOAD:
+        return kind, b"", 0, "insane"
+    length = RECORD_HEADER.size + size
+    if offset + length > len(raw):
+        return kind, b"", length, "torn"
+    payload = raw[offset + RECORD_HEADER.size : offset + length]
+    if zlib.crc32(payload) != crc:
+        return kind, payload, length, "crc"
+    return kind, payload, length, None
+
+
+@attrs.define
+class _Segment:
+    """
+    What the spool knows of one segment file.
+
+    @ivar size: bytes durably written to it.
+    @ivar live: queue id → length of its C{MESSAGE} record, for the messages
+        with work left whose latest copy is in this segment.
+    @ivar sealedAt: when it stopped being the active segment (the spool's
+        clock), or L{None} while it is active.
+    """
+
+    number: int
+    path: str
+    size: int = 0
+    live: dict = attrs.field(factory=dict)
+    liveBytes: int = 0
+    sealedAt: Optional[float] = None
+
+    def addLive(self, queueID: str, length: int) -> None:
+        self.liveBytes += length - self.live.get(queueID, 0)
+        self.live[queueID] = length
+
+    def dropLive(self, queueID: str) -> None:
+        self.liveBytes -= self.live.pop(queueID, 0)
+
+
+@attrs.define
+class _Writer:
+    """
+    The active segment's open file; used only by L{_writeBatch}, one batch
+    at a time.
+    """
+
+    directory: str
+    fd: Optional[int] = None
+
+
+@attrs.define
+class _Batch:
+    """
+    What one call of L{_writeBatch} does.
+
+    @ivar path: the segment appended to.
+    @ivar newSegment: create C{path} (and fsync the directory).
+    @ivar start: the segment's size before this batch.
+    @ivar pieces: in order, C{bytes} (an encoded record), C{(type,
+        payload)} (a record to encode) or C{(path, offset, length)} (a
+        record copied byte for byte from an older segment).
+    @ivar deletions: C{(number, path)} of segments to remove, oldest first,
+        once the batch is durable.
+    @ivar retire: close the active segment after the batch (it is among
+        the deletions).
+    """
+
+    path: str
+    newSegment: bool
+    start: int
+    pieces: list
+    deletions: list = attrs.field(factory=list)
+    retire: bool = False
+
+
+def _readRange(path: str, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syncfs
-    except (OSError, AttributeError):
-        return None
-
-
-_syncfs = _loadSyncfs()
+        raw = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(raw) != length:
+        raise OSError(errno.EIO, f"short read of {length} bytes at {offset} of {path}")
+    return raw
 
 
-def _writeBatch(directory: str, items: list, removals: Sequence = ()) -> tuple:
+def _resolvePiece(piece) -> bytes:
+    if isinstance(piece, bytes):
+        return piece
+    if len(piece) == 2:
+        return encodeRecord(*piece)
+    return _readRange(*piece)
+
+
+def _writeBatch(writer: _Writer, batch: _Batch) -> list:
     """
-    Durably write a batch of new messages and remove finished ones;
-    blocking, runs in a thread.
+    Append one batch to the active segment and make it durable; blocking,
+    runs in a thread.
 
-    C{items} are C{(tmpPath, finalPath, blob)}; C{removals} are paths to
-    unlink.  Every blob is written to its temp file and renamed into
-    place, the removals are unlinked, and one C{syncfs} of the spool's
-    file system makes all of it durable at once (one journal commit for
-    the whole batch, new and finished messages together).  Where
-    C{syncfs} is missing or fails, each file is fdatasynced and one
-    directory fsync covers the renames and removals instead.
+    All the records are written with one C{write} and flushed with one
+    C{fdatasync} (plus one directory fsync when the segment is new).  On
+    failure the segment is truncated back to C{batch.start} (best effort)
+    and closed, and the error is raised: the caller must then start a new
+    segment.  After success the segments in C{batch.deletions} are removed,
+    oldest first, stopping at the first that cannot be.
 
-    A crash before the flush completes can leave a renamed file whose
-    data never reached the disk; no C{250} was sent for it, and recovery
-    finds its checksum wrong and moves it aside.
-
-    @return: C{(results, removalError)}: one entry per item (L{None} if it
-        is durable, else the exception; an item that failed leaves no file
-        behind, neither temp nor final), and the first error removing or
-        flushing the removals, or L{None}.
+    @return: the numbers of the segments removed.
     """
-    results: list = [None] * len(items)
-    written = []
-    for index, (tmpPath, finalPath, blob) in enumerate(items):
+    if batch.newSegment:
+        if writer.fd is not None:
+            os.close(writer.fd)
+            writer.fd = None
+        writer.fd = os.open(
+            batch.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+    fd = writer.fd
+    if fd is None:
+        raise OSError(errno.EBADF, "no active segment")
+    try:
+        blob = b"".join(map(_resolvePiece, batch.pieces))
+        writeAll(fd, blob)
+        os.fdatasync(fd)
+        if batch.newSegment:
+            fsyncDirectory(writer.directory)
+    except BaseException:
+        writer.fd = None
         try:
-            fd = os.open(tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as e:
-            results[index] = e
-            continue
-        try:
-            writeAll(fd, blob)
-            os.rename(tmpPath, finalPath)
-        except OSError as e:
-            results[index] = e
-            os.close(fd)
-            unlinkQuietly(tmpPath)
-            continue
-        written.append((index, fd))
-    removalError: Optional[OSError] = None
-    for path in removals:
+            os.ftruncate(fd, batch.start)
+        except OSError:
+            pass
+        os.close(fd)
+        raise
+    if batch.retire:
+        writer.fd = None
+        os.close(fd)
+    removed = []
+    for number, path in batch.deletions:
         try:
             unlinkQuietly(path)
-        except OSError as e:
-            removalError = removalError or e
-    try:
-        flushed = False
-        if _syncfs is not None and (written or removals):
-            fd = written[0][1] if written else None
-            if fd is None:
-                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    flushed = _syncfs(fd) == 0
-                finally:
-                    os.close(fd)
-            else:
-                flushed = _syncfs(fd) == 0
-        if not flushed:
-            for index, fd in written:
-                try:
-                    os.fdatasync(fd)
-                except OSError as e:
-                    results[index] = e
-            try:
-                fsyncDirectory(directory)
-            except OSError as e:
-                removalError = removalError or e
-                for index, _ in written:
-                    results[index] = results[index] or e
-    finally:
-        for index, fd in written:
-            os.close(fd)
-            if results[index] is not None:
-                unlinkQuietly(items[index][1])
-    return results, removalError
+        except OSError:
+            break
+        removed.append(number)
+    return removed
+
+
+@attrs.define(eq=False)
+class _Op:
+    """
+    One thing waiting for the next batch: a new message (C{data} set) or a
+    state change (C{changes} set; C{finishing}: a C{DONE} record).
+    C{waiter} is L{None} for the spool's own C{DONE} records.
+    """
+
+    entry: SpoolEntry
+    payload: bytes
+    waiter: Optional[Deferred]
+    data: Optional[bytes] = None
+    changes: Optional[list] = None
+    finishing: bool = False
 
 
 class MessageCache:
@@ -310,42 +525,61 @@ class MessageCache:
             self.size -= len(data)
 
 
+
 @attrs.define(eq=False)
 class Spool:
     """
-    The durable on-disk queue: one directory, one C{.msg} file per accepted
-    message (envelope + bytes, written once) and a C{.state} journal of
-    per-recipient state changes beside it.
+    The durable on-disk queue: a log of segment files in one directory (see
+    the module docstring for the layout, the durability argument and crash
+    recovery).
 
     Every blocking call runs through C{runInThread(f, *args) -> Deferred}
     (a thread pool in production, a synchronous stand-in in unit tests);
-    the delivery side's reads, journal appends and removals may go through a
+    the delivery side's reads of messages not in memory go through a
     separate C{runDeliveryIO} so that they never queue in front of the
-    latency-critical writes of new messages.
+    latency-critical writes.
 
     Messages just stored are kept in a bounded in-memory cache
     (C{cacheBytes}) until they are finished, so the first delivery attempt
     does not read them back from disk.
-    New messages are written and renamed into place, finished ones
-    removed, in batches (group commit): every message stored, and every
-    finished one removed, while the previous batch was being written goes
-    into the next batch, and one flush (C{syncfs}) makes the whole batch
-    durable.
 
     @ivar directory: the spool directory (created if missing).
+    @ivar batchesInFlight: accepted for compatibility and ignored: batches
+        append to one file, so one is written at a time.
+    @ivar maxBatch: at most this many new messages go into one batch.
+    @ivar segmentBytes: a new segment is started once the active one has
+        grown past this.
+    @ivar compactAfter: seconds after being sealed before a segment's live
+        messages may be copied forward.
+    @ivar compactRatio: ...when its live messages take at most this share
+        of it.
+    @ivar compactBytes: at most about this many bytes are copied forward per
+        batch.
+    @ivar clock: monotonic seconds, for C{compactAfter}.
     """
 
     directory: str
     runInThread: Callable[..., Deferred]
     runDeliveryIO: Optional[Callable[..., Deferred]] = None
     cacheBytes: int = 64 * 1024 * 1024
-    batchesInFlight: int = 2
+    batchesInFlight: int = 1
     maxBatch: int = 256
+    segmentBytes: int = 64 * 1024 * 1024
+    compactAfter: float = 300.0
+    compactRatio: float = 0.25
+    compactBytes: int = 8 * 1024 * 1024
+    clock: Callable[[], float] = time.monotonic
     _cache: "MessageCache" = attrs.field(init=False)
-    _pendingWrites: list = attrs.field(factory=list, init=False)
-    _batchesInFlight: int = attrs.field(default=0, init=False)
-    _pendingRemovals: list = attrs.field(factory=list, init=False)
-    _tempCounter: "itertools.count" = attrs.field(factory=itertools.count, init=False)
+    _writer: _Writer = attrs.field(init=False)
+    _pendingStores: list = attrs.field(factory=list, init=False)
+    _pendingRecords: list = attrs.field(factory=list, init=False)
+    _writing: bool = attrs.field(default=False, init=False)
+    _segments: dict = attrs.field(factory=dict, init=False)
+    _active: Optional[_Segment] = attrs.field(default=None, init=False)
+    _rollNext: bool = attrs.field(default=False, init=False)
+    _nextNumber: int = attrs.field(default=1, init=False)
+    _locations: dict = attrs.field(factory=dict, init=False)
+    _entries: dict = attrs.field(factory=dict, init=False)
 
     log = Logger()
 
@@ -353,29 +587,199 @@ class Spool:
         if self.runDeliveryIO is None:
             self.runDeliveryIO = self.runInThread
         self._cache = MessageCache(self.cacheBytes)
+        self._writer = _Writer(self.directory)
 
     @property
     def corruptDirectory(self) -> str:
         return os.path.join(self.directory, "corrupt")
 
-    def _path(self, queueID: str, suffix: str) -> str:
-        return os.path.join(self.directory, fileName(queueID) + suffix)
+    def _segmentPath(self, number: int) -> str:
+        return os.path.join(self.directory, segmentName(number))
 
     # -- recovery ---------------------------------------------------------
 
     def recover(self) -> Deferred:
         """
-        Scan the directory on start: remove temp files, re-queue complete
-        entries, move corrupt ones aside.  Fires with the list of
-        L{SpoolEntry} that still have work to do, oldest first.
+        Read the log on start (and migrate files of the per-message layout),
+        truncate torn tails, move damaged records aside.  Fires with the
+        list of L{SpoolEntry} that still have work to do, oldest first.
+        Call it once, before anything else.
         """
         return self.runInThread(self._recover)
 
     def _recover(self) -> list:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        entries = []
-        names = os.listdir(self.directory)
+        names = sorted(os.listdir(self.directory))
+        numbers = sorted(n for n in map(segmentNumber, names) if n is not None)
+        entries: dict = {}
+        locations: dict = {}
+        finished: set = set()
+        sizes: dict = {}
+        for number in numbers:
+            sizes[number] = self._replaySegment(number, entries, locations, finished)
+        for queueID in [q for q, e in entries.items() if e.done]:
+            del entries[queueID]
+            del locations[queueID]
+            finished.add(queueID)
+        nextNumber = (numbers[-1] + 1) if numbers else 1
+
+        legacy = [
+            n
+            for n in names
+            if n.startswith(TEMP_PREFIX) or n.endswith(MESSAGE_SUFFIX) or n.endswith(STATE_SUFFIX)
+        ]
+        if legacy:
+            nextNumber = self._migrate(
+                names, nextNumber, entries, locations, finished, sizes
+            )
+
+        now = self.clock()
+        segments = {
+            number: _Segment(number, self._segmentPath(number), size, sealedAt=now)
+            for number, size in sizes.items()
+        }
+        for queueID, (number, _, length) in locations.items():
+            segments[number].addLive(queueID, length)
+        # Remove the finished segments at the head of the log (all of them
+        # if nothing is left to deliver).
+        for number in sorted(segments):
+            if segments[number].live:
+                break
+            unlinkQuietly(segments.pop(number).path)
+
+        self._segments = segments
+        self._locations = locations
+        self._entries = dict(entries)
+        self._nextNumber = nextNumber
+        return sorted(entries.values(), key=lambda e: e.received)
+
+    def _replaySegment(
+        self, number: int, entries: dict, locations: dict, finished: set
+    ) -> int:
+        """
+        Apply the records of one segment; returns its (possibly truncated)
+        size.
+        """
+        path = self._segmentPath(number)
+        name = segmentName(number)
+        with open(path, "rb") as f:
+            raw = f.read()
+        offset = 0
+        while offset < len(raw):
+            kind, payload, length, problem = parseRecord(raw, offset)
+            if problem == "crc" and offset + length < len(raw):
+                self._saveAside(
+                    f"{name}-{offset:x}.record",
+                    raw[offset : offset + length],
+                    f"record at offset {offset} of {name} failed its checksum; skipped",
+                )
+                offset += length
+                continue
+            if problem == "insane" and raw[offset:].strip(b"\0"):
+                self._saveAside(
+                    f"{name}-{offset:x}.rest",
+                    raw[offset:],
+                    f"unreadable record header at offset {offset} of {name}; "
+                    f"the rest of the segment ({len(raw) - offset} bytes) is unreadable",
+                )
+                os.truncate(path, offset)
+                return offset
+            if problem is not None:
+                self.log.info(
+                    "{name}: truncating an unfinished write of {count} byte(s) at offset {offset}",
+                    name=name,
+                    count=len(raw) - offset,
+                    offset=offset,
+                )
+                os.truncate(path, offset)
+                return offset
+            self._replayRecord(name, number, offset, kind, payload, raw[offset : offset + length], entries, locations, finished)
+            offset += length
+        return len(raw)
+
+    def _replayRecord(
+        self,
+        name: str,
+        number: int,
+        offset: int,
+        kind: int,
+        payload: bytes,
+        record: bytes,
+        entries: dict,
+        locations: dict,
+        finished: set,
+    ) -> None:
+        if kind == MESSAGE:
+            try:
+                entry, _ = decodeEntry(payload)
+            except SpoolCorrupt as e:
+                self._saveAside(
+                    f"{name}-{offset:x}.record",
+                    record,
+                    f"undecodable message at offset {offset} of {name}: {e}",
+                )
+                return
+            if entry.queue_id in finished:
+                return
+            entries.setdefault(entry.queue_id, entry)
+            locations[entry.queue_id] = (number, offset, len(record))
+            return
+        queueLine, _, rest = payload.partition(b"\n")
+        queueID = queueLine.decode("utf-8", "replace")
+        if kind == DONE:
+            entries.pop(queueID, None)
+            locations.pop(queueID, None)
+            finished.add(queueID)
+            return
+        entry = entries.get(queueID)
+        if entry is None:
+            return
+        skipped = applyState(entry, rest)
+        if skipped:
+            self.log.warn(
+                "{queue_id}: skipped {count} unreadable state line(s) in {name}",
+                queue_id=queueID,
+                count=skipped,
+                name=name,
+            )
+
+    def _saveAside(self, name: str, blob: bytes, why: str) -> None:
+        """
+        Keep damaged bytes in the corrupt directory, durably, with a
+        warning.
+        """
+        os.makedirs(self.corruptDirectory, mode=0o700, exist_ok=True)
+        path = os.path.join(self.corruptDirectory, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            writeAll(fd, blob)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsyncDirectory(self.corruptDirectory)
+        self.log.warn(
+            "{why}: {count} byte(s) saved as {path}", why=why, count=len(blob), path=path
+        )
+
+    # -- migration from the per-message layout ----------------------------
+
+    def _migrate(
+        self,
+        names: list,
+        nextNumber: int,
+        entries: dict,
+        locations: dict,
+        finished: set,
+        sizes: dict,
+    ) -> int:
+        """
+        Load the files of the per-message layout as earlier versions did,
+        append the live entries to a new segment, flush it, then remove the
+        old files.  Returns the next free segment number.
+        """
         present = set(names)
+        migrated = []
+        oldFiles = []
         for name in names:
             path = os.path.join(self.directory, name)
             if name.startswith(TEMP_PREFIX):
@@ -385,25 +789,58 @@ class Spool:
                 if name[: -len(STATE_SUFFIX)] + MESSAGE_SUFFIX not in present:
                     unlinkQuietly(path)
             elif name.endswith(MESSAGE_SUFFIX):
-                entry = self._recoverOne(name, path, present)
-                if entry is not None:
-                    entries.append(entry)
-        entries.sort(key=lambda e: e.received)
-        return entries
+                loaded = self._loadLegacy(name, path, present)
+                if loaded is None:
+                    continue
+                entry, raw, paths = loaded
+                oldFiles.extend(paths)
+                if not entry.done and entry.queue_id not in entries and entry.queue_id not in finished:
+                    migrated.append((entry, raw))
+        if migrated:
+            number = nextNumber
+            nextNumber += 1
+            path = self._segmentPath(number)
+            pieces = []
+            offset = 0
+            for entry, raw in migrated:
+                record = encodeRecord(MESSAGE, raw)
+                locations[entry.queue_id] = (number, offset, len(record))
+                entries[entry.queue_id] = entry
+                state = encodeRecord(STATE, statePayload(entry.queue_id, entry.recipients))
+                pieces += [record, state]
+                offset += len(record) + len(state)
+            _writeBatch(_Writer(self.directory), _Batch(path, True, 0, pieces, retire=True))
+            sizes[number] = offset
+            self.log.info(
+                "migrated {count} message(s) from the per-message spool layout to {name}",
+                count=len(migrated),
+                name=segmentName(number),
+            )
+        for path in oldFiles:
+            unlinkQuietly(path)
+        fsyncDirectory(self.directory)
+        return nextNumber
 
-    def _recoverOne(self, name: str, path: str, present: set):
+    def _loadLegacy(self, name: str, path: str, present: set) -> Optional[tuple]:
+        """
+        One C{.msg} file of the per-message layout and its C{.state}
+        journal: C{(entry, raw, paths)}, or L{None} if it was corrupt
+        (moved aside).
+        """
         stem = name[: -len(MESSAGE_SUFFIX)]
         try:
             with open(path, "rb") as f:
-                entry, _ = decodeEntry(f.read())
+                raw = f.read()
+            entry, _ = decodeEntry(raw)
             if fileName(entry.queue_id) != stem:
                 raise SpoolCorrupt("file name does not match its queue id")
         except SpoolCorrupt as e:
             self._moveAside(name, str(e))
             return None
-        statePath = self._path(entry.queue_id, STATE_SUFFIX)
+        paths = [path]
         if stem + STATE_SUFFIX in present:
-            entry.journaled = True
+            statePath = os.path.join(self.directory, stem + STATE_SUFFIX)
+            paths.append(statePath)
             with open(statePath, "rb") as f:
                 skipped = applyState(entry, f.read())
             if skipped:
@@ -412,11 +849,7 @@ class Spool:
                     queue_id=entry.queue_id,
                     count=skipped,
                 )
-        if entry.done:
-            unlinkQuietly(path)
-            unlinkQuietly(statePath)
-            return None
-        return entry
+        return entry, raw, paths
 
     def _moveAside(self, name: str, why: str) -> None:
         os.makedirs(self.corruptDirectory, mode=0o700, exist_ok=True)
@@ -432,35 +865,24 @@ class Spool:
             why=why,
         )
 
-    # -- new messages ------------------------------------------------------
+    # -- writing -----------------------------------------------------------
 
     def store(self, entry: SpoolEntry, data: bytes) -> Deferred:
         """
         Durably store a new message.  Fires with C{entry} once the message
-        and its envelope are on disk (file and directory fsynced); fails
-        with L{SpoolError} otherwise, in which case nothing of it is left
-        to be delivered.
+        and its envelope are on disk (the segment fdatasynced); fails with
+        L{SpoolError} otherwise, in which case it is not delivered (see the
+        module docstring for what a crash may still find).
 
         Messages are written in batches (group commit): every message that
-        arrives while a batch is being written goes into the next one, which
-        is written, renamed into place and flushed together.
+        arrives while a batch is being written goes into the next one.
         """
-        blob = encodeEntry(entry, data)
-        finalPath = self._path(entry.queue_id, MESSAGE_SUFFIX)
-        tmpPath = os.path.join(
-            self.directory,
-            "%s%d-%s%s"
-            % (TEMP_PREFIX, next(self._tempCounter), fileName(entry.queue_id), MESSAGE_SUFFIX),
-        )
         d = Deferred()
-        self._pendingWrites.append((tmpPath, finalPath, blob, d))
-        self._startBatches()
+        self._pendingStores.append(_Op(entry, encodeEntry(entry, data), d, data=data))
+        self._startBatch()
 
         def failed(failure):
-            failure.trap(OSError)
-            self.log.failure(
-                "could not store {queue_id}", failure, queue_id=entry.queue_id
-            )
+            self.log.failure("could not store {queue_id}", failure, queue_id=entry.queue_id)
             raise SpoolError(str(failure.value))
 
         def stored(_):
@@ -470,104 +892,239 @@ class Spool:
         d.addCallbacks(stored, failed)
         return d
 
-    def _startBatches(self) -> None:
-        while (
-            self._pendingWrites or self._pendingRemovals
-        ) and self._batchesInFlight < self.batchesInFlight:
-            batch = self._pendingWrites[: self.maxBatch]
-            del self._pendingWrites[: self.maxBatch]
-            removals, self._pendingRemovals = self._pendingRemovals, []
-            self._batchesInFlight += 1
-            work = [(tmp, final, blob) for tmp, final, blob, _ in batch]
-            paths = [path for paths, _ in removals for path in paths]
-            self.runInThread(_writeBatch, self.directory, work, paths).addBoth(
-                self._batchWritten, [d for _, _, _, d in batch], [d for _, d in removals]
-            )
-
-    def _batchWritten(self, result, waiters: list, removalWaiters: list = ()) -> None:
-        self._batchesInFlight -= 1
-        self._startBatches()
-        if isinstance(result, Failure):
-            for waiter in [*waiters, *removalWaiters]:
-                waiter.errback(result)
-            return
-        results, removalError = result
-        for waiter, error in zip(waiters, results):
-            if error is None:
-                waiter.callback(None)
-            else:
-                waiter.errback(Failure(error))
-        for waiter in removalWaiters:
-            if removalError is None:
-                waiter.callback(None)
-            else:
-                waiter.errback(Failure(removalError))
-
-    def _removeDurably(self, entry: SpoolEntry) -> Deferred:
-        """
-        Remove a finished entry's files with the next batch (sharing its
-        flush).
-        """
-        d = Deferred()
-        paths = [self._path(entry.queue_id, MESSAGE_SUFFIX)]
-        if entry.journaled:
-            paths.append(self._path(entry.queue_id, STATE_SUFFIX))
-        self._pendingRemovals.append((paths, d))
-        self._startBatches()
-        return d
-
-    # -- delivery side -------------------------------------------------------
-
-    def readMessage(self, entry: SpoolEntry) -> Deferred:
-        """
-        The stored message bytes (verified against their checksum).  A
-        message stored moments ago usually comes from memory.
-        """
-        cached = self._cache.get(entry.queue_id)
-        if cached is not None:
-            return succeed(cached)
-
-        def read():
-            with open(self._path(entry.queue_id, MESSAGE_SUFFIX), "rb") as f:
-                return decodeEntry(f.read())[1]
-
-        return self.runDeliveryIO(read)
-
     def record(self, entry: SpoolEntry, changes: list) -> Deferred:
         """
         Durably record new recipient states, then apply them to C{entry}.
 
-        When the changes leave every recipient final, the entry's files are
-        removed instead (and the removal is made durable with the shared
-        directory fsync): a finished message needs no journal.  Otherwise
-        the changes are appended to the journal and fdatasynced.
+        The changes go into the next batch: a C{STATE} record, or, when they
+        leave every recipient final, a C{DONE} record (the message is then
+        finished and its space reclaimable).  Fails with the C{OSError} if
+        the batch could not be written; C{entry} is then left unchanged.
         """
         byAddress = {r.address: r for r in changes}
         finishing = all(byAddress.get(r.address, r).final for r in entry.recipients)
+        if finishing:
+            payload = entry.queue_id.encode("utf-8")
+        else:
+            payload = statePayload(entry.queue_id, changes)
+        d = Deferred()
+        self._pendingRecords.append(
+            _Op(entry, payload, d, changes=list(changes), finishing=finishing)
+        )
+        self._startBatch()
 
         def applied(_):
             # Merge into the entry as it is now: another record() for other
             # recipients of the same entry may have completed meanwhile.
             entry.recipients = [byAddress.get(r.address, r) for r in entry.recipients]
-            if entry.done:
-                self._cache.pop(entry.queue_id)
-                if not finishing:
-                    return self.runDeliveryIO(self._remove, entry).addErrback(
-                        lambda f: self.log.failure(
-                            "could not remove finished {queue_id}", f, queue_id=entry.queue_id
-                        )
-                    )
 
-        if finishing:
-            d = self._removeDurably(entry)
-        else:
-            entry.journaled = True
-            blob = b"".join(encodeState(r) for r in changes)
-            d = self.runDeliveryIO(
-                appendDurably, self._path(entry.queue_id, STATE_SUFFIX), blob
-            )
         return d.addCallback(applied)
 
-    def _remove(self, entry: SpoolEntry) -> None:
-        unlinkQuietly(self._path(entry.queue_id, MESSAGE_SUFFIX))
-        unlinkQuietly(self._path(entry.queue_id, STATE_SUFFIX))
+    def _startBatch(self) -> None:
+        """
+        Start writing the next batch, unless one is being written or there
+        is nothing to write.
+        """
+        if self._writing or not (self._pendingStores or self._pendingRecords):
+            return
+        now = self.clock()
+        active = self._active
+        newSegment = False
+        if active is None or self._rollNext or active.size >= self.segmentBytes:
+            if active is not None:
+                active.sealedAt = now
+            number = self._nextNumber
+            self._nextNumber += 1
+            active = self._active = self._segments[number] = _Segment(
+                number, self._segmentPath(number)
+            )
+            newSegment = True
+            self._rollNext = False
+
+        records, self._pendingRecords = self._pendingRecords, []
+        stores = self._pendingStores[: self.maxBatch]
+        del self._pendingStores[: self.maxBatch]
+        finishing = {op.entry.queue_id for op in records if op.finishing}
+        copies = self._compaction(now, finishing)
+
+        pieces: list = []
+        placed: list = []  # (queue id, offset, length) of each MESSAGE record
+        offset = active.size
+        for queueID, (number, at, length) in copies:
+            pieces.append((self._segments[number].path, at, length))
+            placed.append((queueID, offset, length))
+            offset += length
+            snapshot = encodeRecord(
+                STATE, statePayload(queueID, self._entries[queueID].recipients)
+            )
+            pieces.append(snapshot)
+            offset += len(snapshot)
+        for op in records:
+            record = encodeRecord(DONE if op.finishing else STATE, op.payload)
+            pieces.append(record)
+            offset += len(record)
+        for op in stores:
+            # Encoded (checksummed) in the thread: messages may be large.
+            length = RECORD_HEADER.size + len(op.payload)
+            pieces.append((MESSAGE, op.payload))
+            placed.append((op.entry.queue_id, offset, length))
+            offset += length
+
+        # Which segments this batch leaves with nothing live: all of them if
+        # nothing at all is left, else the finished ones at the head of the
+        # log.
+        gone = finishing | {queueID for queueID, _ in copies}
+        leftOver = (
+            len(self._locations)
+            - sum(1 for queueID in finishing if queueID in self._locations)
+            + len(stores)
+        )
+        retire = not leftOver and not self._pendingStores
+        deletions = []
+        for number in sorted(self._segments):
+            segment = self._segments[number]
+            if not retire and (segment is active or not all(q in gone for q in segment.live)):
+                break
+            deletions.append((number, segment.path))
+
+        batch = _Batch(active.path, newSegment, active.size, pieces, deletions, retire)
+        self._writing = True
+        self.runInThread(_writeBatch, self._writer, batch).addBoth(
+            self._batchWritten, batch, active, offset, stores, records, placed
+        )
+
+    def _compaction(self, now: float, finishing: set) -> list:
+        """
+        The live messages to copy forward with the next batch: those of the
+        oldest sealed segments, while such a segment was sealed at least
+        C{compactAfter} seconds ago and its live messages take at most
+        C{compactRatio} of it.
+
+        @return: C{(queue id, (segment number, offset, length))} pairs.
+        """
+        copies: list = []
+        budget = self.compactBytes
+        for number in sorted(self._segments):
+            segment = self._segments[number]
+            if (
+                segment is self._active
+                or segment.sealedAt is None
+                or now - segment.sealedAt < self.compactAfter
+                or segment.liveBytes > self.compactRatio * segment.size
+            ):
+                break
+            for queueID in segment.live:
+                if queueID in finishing or queueID not in self._entries:
+                    continue
+                location = self._locations[queueID]
+                copies.append((queueID, location))
+                budget -= location[2]
+                if budget <= 0:
+                    return copies
+        return copies
+
+    def _batchWritten(
+        self,
+        result,
+        batch: _Batch,
+        active: _Segment,
+        end: int,
+        stores: list,
+        records: list,
+        placed: list,
+    ) -> None:
+        try:
+            if isinstance(result, Failure):
+                self._rollNext = True
+                for op in [*stores, *records]:
+                    if op.waiter is not None:
+                        op.waiter.errback(result)
+                    else:
+                        self.log.failure(
+                            "could not record {queue_id} as finished",
+                            result,
+                            queue_id=op.entry.queue_id,
+                        )
+                return
+            active.size = end
+            for queueID, offset, length in placed:
+                old = self._locations.get(queueID)
+                if old is not None:
+                    self._segments[old[0]].dropLive(queueID)
+                self._locations[queueID] = (active.number, offset, length)
+                active.addLive(queueID, length)
+            for op in stores:
+                self._entries[op.entry.queue_id] = op.entry
+                op.waiter.callback(None)
+            for op in records:
+                if op.waiter is not None:
+                    op.waiter.callback(None)
+                queueID = op.entry.queue_id
+                if op.finishing:
+                    self._finished(queueID)
+                elif op.entry.done and queueID in self._entries:
+                    # Finished by concurrent records: say so, so that its
+                    # space can be reclaimed.
+                    self._entries.pop(queueID)
+                    self._pendingRecords.append(
+                        _Op(op.entry, queueID.encode("utf-8"), None, finishing=True)
+                    )
+            for number in result:
+                self._segments.pop(number, None)
+            if batch.retire:
+                # Its file is closed (and normally removed).
+                self._rollNext = True
+                if self._active is active and active.number not in self._segments:
+                    self._active = None
+        finally:
+            self._writing = False
+            self._startBatch()
+
+    def _finished(self, queueID: str) -> None:
+        """
+        Forget a message whose C{DONE} record is durable.
+        """
+        location = self._locations.pop(queueID, None)
+        if location is not None and location[0] in self._segments:
+            self._segments[location[0]].dropLive(queueID)
+        self._entries.pop(queueID, None)
+        self._cache.pop(queueID)
+
+    # -- delivery side -------------------------------------------------------
+
+    def readMessage(self, entry: SpoolEntry) -> Deferred:
+        """
+        The stored message bytes (verified against their checksums).  A
+        message stored moments ago usually comes from memory.
+        """
+        cached = self._cache.get(entry.queue_id)
+        if cached is not None:
+            return succeed(cached)
+        location = self._locations.get(entry.queue_id)
+        if location is None:
+            return fail(SpoolError(f"{entry.queue_id} is not in the spool"))
+        number, offset, length = location
+
+        def moved(failure):
+            # Compaction may have copied it forward and removed the segment.
+            failure.trap(FileNotFoundError)
+            if self._locations.get(entry.queue_id, location) != location:
+                return self.readMessage(entry)
+            return failure
+
+        return self.runDeliveryIO(
+            _readMessageAt, self._segmentPath(number), offset, length
+        ).addErrback(moved)
+
+
+def _readMessageAt(path: str, offset: int, length: int) -> bytes:
+    """
+    Read and verify the C{MESSAGE} record at C{offset} of C{path}; blocking.
+
+    @raise SpoolCorrupt: it does not check out.
+    """
+    raw = _readRange(path, offset, length)
+    kind, payload, _, problem = parseRecord(raw)
+    if problem is not None or kind != MESSAGE:
+        raise SpoolCorrupt(f"bad record at offset {offset} of {path}: {problem or kind}")
+    return decodeEntry(payload)[1]

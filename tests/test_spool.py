@@ -1,18 +1,23 @@
 """
-Tests for L{smartrelay.spool}: durable storage, state journal, recovery,
-and failure handling, with a synchronous stand-in for the thread pool.
+Tests for L{smartrelay.spool}: the log of segments, group commit, recovery
+(torn tails, damaged records, duplicates), compaction, migration from the
+per-message layout, and failure handling, with a synchronous stand-in for
+the thread pool.
 """
 
 import errno
 import os
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay import spool as spoolModule
 from smartrelay.spool import (
+    DONE,
+    MESSAGE,
+    STATE,
     Recipient,
     Spool,
     SpoolCorrupt,
@@ -20,6 +25,10 @@ from smartrelay.spool import (
     SpoolError,
     decodeEntry,
     encodeEntry,
+    encodeRecord,
+    encodeState,
+    segmentName,
+    statePayload,
 )
 
 
@@ -36,6 +45,26 @@ def makeEntry(queueID="79/BC-00001-5C348706", recipients=("a@example.com", "b@ex
         size=0,
         client={"ip": "127.0.0.1", "helo": "c", "user": None, "tls": False},
     )
+
+
+def queueID(n):
+    return "79/BC-%05d-5C348706" % (n,)
+
+
+def segments(directory):
+    return sorted(n for n in os.listdir(directory) if n.startswith("segment-"))
+
+
+def segmentPath(directory, number=1):
+    return os.path.join(directory, segmentName(number))
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
 
 
 class CodecTests(SynchronousTestCase):
@@ -55,7 +84,7 @@ class CodecTests(SynchronousTestCase):
     @given(st.binary(min_size=1, max_size=500), st.data())
     def test_truncationDetected(self, data, draw):
         """
-        Any truncation of a spool file is detected.
+        Any truncation of an encoded message is detected.
         """
         raw = encodeEntry(makeEntry(), data)
         cut = draw.draw(st.integers(0, len(raw) - 1))
@@ -69,6 +98,29 @@ class CodecTests(SynchronousTestCase):
         raw[-3] ^= 0x01
         self.assertRaises(SpoolCorrupt, decodeEntry, bytes(raw))
 
+    @given(st.sampled_from([MESSAGE, STATE, DONE]), st.binary(max_size=200), st.data())
+    def test_recordChecks(self, kind, payload, draw):
+        """
+        A record parses back; cut short it is torn; a changed payload byte
+        fails its checksum.
+        """
+        raw = encodeRecord(kind, payload)
+        self.assertEqual(spoolModule.parseRecord(raw), (kind, payload, len(raw), None))
+        cut = draw.draw(st.integers(0, len(raw) - 1))
+        self.assertEqual(spoolModule.parseRecord(raw[:cut])[3], "torn")
+        if payload:
+            flipped = bytearray(raw)
+            flipped[-1] ^= 0x80
+            self.assertEqual(spoolModule.parseRecord(bytes(flipped))[3], "crc")
+
+    def test_segmentNames(self):
+        """
+        Segment names carry their number in 16 hex digits.
+        """
+        self.assertEqual(segmentName(26), "segment-000000000000001a.log")
+        self.assertEqual(spoolModule.segmentNumber("segment-000000000000001a.log"), 26)
+        self.assertIsNone(spoolModule.segmentNumber("79BC-00001-5C348706.msg"))
+
 
 class SpoolTests(SynchronousTestCase):
     def setUp(self):
@@ -76,31 +128,49 @@ class SpoolTests(SynchronousTestCase):
         self.spool = Spool(self.directory, synchronous)
         self.assertEqual(self.successResultOf(self.spool.recover()), [])
 
-    def reopen(self):
-        return self.successResultOf(Spool(self.directory, synchronous).recover())
+    def reopen(self, **kwargs):
+        self.spool = Spool(self.directory, synchronous, **kwargs)
+        return self.successResultOf(self.spool.recover())
+
+    def append(self, number, *records):
+        with open(segmentPath(self.directory, number), "ab") as f:
+            for record in records:
+                f.write(record)
 
     def test_storeAndRead(self):
         """
-        A stored message is on disk under its queue id and reads back.
+        A stored message is appended to the first segment and reads back.
         """
         entry = makeEntry()
         self.assertIs(self.successResultOf(self.spool.store(entry, b"Subject: x\r\n\r\nhi\r\n")), entry)
-        self.assertEqual(os.listdir(self.directory), ["79BC-00001-5C348706.msg"])
+        self.assertEqual(os.listdir(self.directory), [segmentName(1)])
         self.assertEqual(self.successResultOf(self.spool.readMessage(entry)), b"Subject: x\r\n\r\nhi\r\n")
 
     def test_recoveredAfterRestart(self):
         """
-        A stored message is recovered by the next start with its envelope.
+        A stored message is recovered by the next start with its envelope,
+        and can be read from disk.
         """
         self.successResultOf(self.spool.store(makeEntry(), b"x\r\n"))
         [entry] = self.reopen()
         self.assertEqual(entry.queue_id, "79/BC-00001-5C348706")
         self.assertEqual([r.state for r in entry.recipients], ["queued", "queued"])
+        self.assertEqual(self.successResultOf(self.spool.readMessage(entry)), b"x\r\n")
+
+    def test_newSegmentAfterRecovery(self):
+        """
+        After recovery new records go to a new segment.
+        """
+        self.successResultOf(self.spool.store(makeEntry(queueID(1)), b"x\r\n"))
+        self.reopen()
+        self.successResultOf(self.spool.store(makeEntry(queueID(2)), b"y\r\n"))
+        self.assertEqual(segments(self.directory), [segmentName(1), segmentName(2)])
+        self.assertEqual([e.queue_id for e in self.reopen()], [queueID(1), queueID(2)])
 
     def test_stateJournal(self):
         """
         Recorded recipient states survive a restart; once every recipient
-        is final the entry is removed.
+        is final the message is finished and the (now empty) log removed.
         """
         entry = makeEntry()
         self.successResultOf(self.spool.store(entry, b"x\r\n"))
@@ -110,100 +180,435 @@ class SpoolTests(SynchronousTestCase):
         self.successResultOf(
             self.spool.record(entry, [Recipient("b@example.org", "deferred", 1, 1700000600.0)])
         )
-        [recovered] = self.reopen()
         self.assertEqual(
-            recovered.recipients,
+            entry.recipients,
             [
                 Recipient("a@example.com", "delivered", 1, 0.0),
                 Recipient("b@example.org", "deferred", 1, 1700000600.0),
             ],
         )
+        [recovered] = Spool(self.directory, synchronous)._recover()
+        self.assertEqual(recovered.recipients, entry.recipients)
         self.successResultOf(
             self.spool.record(entry, [Recipient("b@example.org", "bounced", 2, 0.0)])
         )
+        self.assertTrue(entry.done)
         self.assertEqual(os.listdir(self.directory), [])
         self.assertEqual(self.reopen(), [])
 
-    def test_tornStateLine(self):
+    def test_finishedWhileOthersLive(self):
         """
-        A torn last journal line (crash mid-append) is skipped; the earlier
-        states stand.
+        A finished message is not recovered while others in its segment
+        are; the segment stays.
+        """
+        first, second = makeEntry(queueID(1)), makeEntry(queueID(2))
+        self.successResultOf(self.spool.store(first, b"x\r\n"))
+        self.successResultOf(self.spool.store(second, b"y\r\n"))
+        self.successResultOf(
+            self.spool.record(first, [Recipient(r.address, "delivered", 1) for r in first.recipients])
+        )
+        self.assertEqual(segments(self.directory), [segmentName(1)])
+        self.assertEqual([e.queue_id for e in self.reopen()], [queueID(2)])
+
+    def test_finishedWithoutDone(self):
+        """
+        A message whose recipients are all final by its C{STATE} records
+        (no C{DONE} record: a crash) is not delivered again, and its
+        segment is removed.
+        """
+        self.successResultOf(self.spool.store(makeEntry(recipients=["a@example.com"]), b"x\r\n"))
+        self.append(
+            1,
+            encodeRecord(
+                STATE, statePayload(queueID(1), [Recipient("a@example.com", "delivered", 1, 0.0)])
+            ),
+        )
+        self.assertEqual(self.reopen(), [])
+        self.assertEqual(os.listdir(self.directory), [])
+
+    def test_tornTail(self):
+        """
+        A record cut short at the end of a segment (a crash during a batch)
+        is truncated away; the records before it stand.
         """
         entry = makeEntry()
         self.successResultOf(self.spool.store(entry, b"x\r\n"))
         self.successResultOf(self.spool.record(entry, [Recipient("a@example.com", "deferred", 1, 5.0)]))
-        with open(os.path.join(self.directory, "79BC-00001-5C348706.state"), "ab") as f:
-            f.write(b'{"a":"b@example.org","s":"deliv')
+        size = os.path.getsize(segmentPath(self.directory))
+        torn = encodeRecord(STATE, statePayload(entry.queue_id, [Recipient("b@example.org", "delivered")]))
+        self.append(1, torn[:-4])
         [recovered] = self.reopen()
-        self.assertEqual(recovered.recipients[0].state, "deferred")
-        self.assertEqual(recovered.recipients[1].state, "queued")
+        self.assertEqual([r.state for r in recovered.recipients], ["deferred", "queued"])
+        self.assertEqual(os.path.getsize(segmentPath(self.directory)), size)
+        self.assertFalse(os.path.exists(self.spool.corruptDirectory))
 
-    def test_finishedButNotRemoved(self):
+    def test_crcBadAtEnd(self):
         """
-        An entry whose recipients are all final but whose files were not yet
-        removed (crash) is cleaned up, not delivered again.
+        A complete last record whose checksum is wrong is an unfinished
+        write too: truncated.
         """
-        entry = makeEntry(recipients=["a@example.com"])
-        self.successResultOf(self.spool.store(entry, b"x\r\n"))
-        with open(os.path.join(self.directory, "79BC-00001-5C348706.state"), "wb") as f:
-            f.write(spoolModule.encodeState(Recipient("a@example.com", "delivered", 1, 0.0)))
-        self.assertEqual(self.reopen(), [])
-        self.assertEqual(os.listdir(self.directory), [])
+        self.successResultOf(self.spool.store(makeEntry(queueID(1)), b"x\r\n"))
+        size = os.path.getsize(segmentPath(self.directory))
+        record = bytearray(encodeRecord(MESSAGE, encodeEntry(makeEntry(queueID(2)), b"y\r\n")))
+        record[-1] ^= 0xFF
+        self.append(1, bytes(record))
+        self.assertEqual([e.queue_id for e in self.reopen()], [queueID(1)])
+        self.assertEqual(os.path.getsize(segmentPath(self.directory)), size)
 
-    def test_tempFilesRemoved(self):
+    def test_zeroTail(self):
         """
-        Unfinished temp files (a crash before the rename) are removed on
-        start and never delivered.
-        """
-        with open(os.path.join(self.directory, "tmp-3-79BC-00009-5C348706.msg"), "wb") as f:
-            f.write(b"half a mess")
-        self.assertEqual(self.reopen(), [])
-        self.assertEqual(os.listdir(self.directory), [])
-
-    def test_orphanStateRemoved(self):
-        """
-        A state journal without its message is removed.
-        """
-        with open(os.path.join(self.directory, "79BC-00009-5C348706.state"), "wb") as f:
-            f.write(b"")
-        self.assertEqual(self.reopen(), [])
-        self.assertEqual(os.listdir(self.directory), [])
-
-    def test_corruptMovedAside(self):
-        """
-        A corrupt entry is moved to corrupt/ with a log line, never deleted.
-        """
-        entry = makeEntry()
-        self.successResultOf(self.spool.store(entry, b"some message\r\n"))
-        path = os.path.join(self.directory, "79BC-00001-5C348706.msg")
-        with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) - 3)
-        self.assertEqual(self.reopen(), [])
-        self.assertEqual(
-            os.listdir(os.path.join(self.directory, "corrupt")), ["79BC-00001-5C348706.msg"]
-        )
-
-    def test_fileNameMismatch(self):
-        """
-        A file whose name does not match the queue id inside is corrupt.
+        Zeros at the end of a segment (space allocated, never written) are
+        truncated.
         """
         self.successResultOf(self.spool.store(makeEntry(), b"x\r\n"))
-        os.rename(
-            os.path.join(self.directory, "79BC-00001-5C348706.msg"),
-            os.path.join(self.directory, "79BC-00002-5C348706.msg"),
+        size = os.path.getsize(segmentPath(self.directory))
+        self.append(1, b"\0" * 100)
+        self.assertEqual(len(self.reopen()), 1)
+        self.assertEqual(os.path.getsize(segmentPath(self.directory)), size)
+
+    def test_crcBadInTheMiddle(self):
+        """
+        A damaged record in the middle of a segment is skipped with a
+        warning and its bytes kept in the corrupt directory; the records
+        after it stand.
+        """
+        for n in (1, 2, 3):
+            self.successResultOf(self.spool.store(makeEntry(queueID(n)), b"message %d\r\n" % n))
+        path = segmentPath(self.directory)
+        with open(path, "rb") as f:
+            raw = bytearray(f.read())
+        length = len(encodeRecord(MESSAGE, encodeEntry(makeEntry(queueID(1)), b"message 1\r\n")))
+        raw[length + 40] ^= 0x01
+        with open(path, "wb") as f:
+            f.write(raw)
+        self.assertEqual([e.queue_id for e in self.reopen()], [queueID(1), queueID(3)])
+        [aside] = os.listdir(self.spool.corruptDirectory)
+        self.assertEqual(aside, "%s-%x.record" % (segmentName(1), length))
+        with open(os.path.join(self.spool.corruptDirectory, aside), "rb") as f:
+            self.assertIn(b"message 2", f.read())
+        self.assertEqual(os.path.getsize(path), len(raw))
+
+    def test_insaneHeaderInTheMiddle(self):
+        """
+        A record header that makes no sense, followed by data, makes the rest
+        of that segment unreadable: it is moved aside (kept), the segment
+        truncated there, and later segments still read.
+        """
+        self.successResultOf(self.spool.store(makeEntry(queueID(1)), b"x\r\n"))
+        size = os.path.getsize(segmentPath(self.directory))
+        self.append(1, b"garbage that is no record" * 4, encodeRecord(MESSAGE, encodeEntry(makeEntry(queueID(2)), b"y\r\n")))
+        self.reopen()
+        self.successResultOf(self.spool.store(makeEntry(queueID(3)), b"z\r\n"))
+        self.assertEqual([e.queue_id for e in self.reopen()], [queueID(1), queueID(3)])
+        self.assertEqual(os.path.getsize(segmentPath(self.directory)), size)
+        [aside] = os.listdir(self.spool.corruptDirectory)
+        self.assertTrue(aside.endswith(".rest"))
+        with open(os.path.join(self.spool.corruptDirectory, aside), "rb") as f:
+            self.assertTrue(f.read().startswith(b"garbage"))
+
+    def test_undecodableMessageMovedAside(self):
+        """
+        A C{MESSAGE} record that passes its checksum but does not decode is
+        moved aside, never deleted; the others are recovered.
+        """
+        self.successResultOf(self.spool.store(makeEntry(queueID(1)), b"x\r\n"))
+        bad = encodeRecord(MESSAGE, encodeEntry(makeEntry(queueID(2)), b"some message\r\n")[:-3])
+        self.append(1, bad, encodeRecord(MESSAGE, encodeEntry(makeEntry(queueID(3)), b"z\r\n")))
+        self.assertEqual([e.queue_id for e in self.reopen()], [queueID(1), queueID(3)])
+        [aside] = os.listdir(self.spool.corruptDirectory)
+        with open(os.path.join(self.spool.corruptDirectory, aside), "rb") as f:
+            self.assertEqual(f.read(), bad)
+
+    def test_duplicateRecords(self):
+        """
+        The same queue id may appear several times (compaction): the last
+        C{MESSAGE} record gives the location, states apply in log order,
+        across segments.
+        """
+        first = makeEntry(queueID(1))
+        self.append(
+            1,
+            encodeRecord(MESSAGE, encodeEntry(first, b"old copy\r\n")),
+            encodeRecord(STATE, statePayload(queueID(1), [Recipient("a@example.com", "deferred", 1, 5.0)])),
         )
-        self.assertEqual(self.reopen(), [])
-        self.assertIn("79BC-00002-5C348706.msg", os.listdir(os.path.join(self.directory, "corrupt")))
+        self.append(
+            2,
+            encodeRecord(MESSAGE, encodeEntry(first, b"new copy\r\n")),
+            encodeRecord(STATE, statePayload(queueID(1), [Recipient("b@example.org", "delivered", 1, 0.0)])),
+        )
+        [entry] = self.reopen()
+        self.assertEqual(
+            entry.recipients,
+            [Recipient("a@example.com", "deferred", 1, 5.0), Recipient("b@example.org", "delivered", 1, 0.0)],
+        )
+        self.assertEqual(self.successResultOf(self.spool.readMessage(entry)), b"new copy\r\n")
+
+    def test_doneIsFinal(self):
+        """
+        A C{DONE} record finishes a message whatever its states say; a
+        later C{STATE} record does not bring it back.
+        """
+        self.append(
+            1,
+            encodeRecord(MESSAGE, encodeEntry(makeEntry(queueID(1)), b"x\r\n")),
+            encodeRecord(MESSAGE, encodeEntry(makeEntry(queueID(2)), b"x\r\n")),
+            encodeRecord(DONE, queueID(1).encode()),
+            encodeRecord(STATE, statePayload(queueID(1), [Recipient("a@example.com", "deferred", 1, 5.0)])),
+        )
+        self.assertEqual([e.queue_id for e in self.reopen()], [queueID(2)])
 
     def test_oldestFirst(self):
         """
         Recovered entries come back oldest first.
         """
         for n, received in [(1, 30.0), (2, 10.0), (3, 20.0)]:
-            entry = makeEntry(queueID="79/BC-0000%d-5C348706" % n)
+            entry = makeEntry(queueID=queueID(n))
             entry.received = received
             self.successResultOf(self.spool.store(entry, b"x\r\n"))
         self.assertEqual([e.received for e in self.reopen()], [10.0, 20.0, 30.0])
+
+    def test_emptySegmentsRemovedOnRecovery(self):
+        """
+        Finished segments at the head of the log are removed on recovery;
+        a finished segment after a live one stays (it may hold states of the
+        older one's messages).
+        """
+        self.append(1, encodeRecord(MESSAGE, encodeEntry(makeEntry(queueID(1)), b"x\r\n")))
+        self.append(1, encodeRecord(DONE, queueID(1).encode()))
+        self.append(2, encodeRecord(MESSAGE, encodeEntry(makeEntry(queueID(2)), b"x\r\n")))
+        self.append(3, encodeRecord(STATE, statePayload(queueID(2), [Recipient("a@example.com", "deferred", 1, 9.0)])))
+        [entry] = self.reopen()
+        self.assertEqual(entry.recipients[0].state, "deferred")
+        self.assertEqual(segments(self.directory), [segmentName(2), segmentName(3)])
+
+
+class SegmentTests(SynchronousTestCase):
+    """
+    Rolling to new segments, removing finished ones, compaction.
+    """
+
+    def setUp(self):
+        self.directory = self.mktemp()
+        self.clock = FakeClock()
+        # A message record is 552 bytes: three to a segment.
+        self.spool = Spool(self.directory, synchronous, segmentBytes=1500, clock=self.clock)
+        self.successResultOf(self.spool.recover())
+
+    def store(self, n, size=300):
+        entry = makeEntry(queueID(n))
+        entry.received = float(n)
+        self.successResultOf(self.spool.store(entry, b"x" * size))
+        return entry
+
+    def finish(self, entry):
+        self.successResultOf(
+            self.spool.record(entry, [Recipient(r.address, "delivered", 1) for r in entry.recipients])
+        )
+
+    def test_roll(self):
+        """
+        Past C{segmentBytes} the next batch starts a new segment.
+        """
+        entries = [self.store(n) for n in range(1, 6)]
+        self.assertEqual(segments(self.directory), [segmentName(1), segmentName(2)])
+        recovered = self.successResultOf(Spool(self.directory, synchronous).recover())
+        self.assertEqual([e.queue_id for e in recovered], [e.queue_id for e in entries])
+
+    def test_headRemovedWhenFinished(self):
+        """
+        A sealed segment is removed once its messages are finished, if no
+        older segment is left.
+        """
+        entries = [self.store(n) for n in range(1, 6)]
+        for entry in entries[:3]:
+            self.finish(entry)
+        self.assertEqual(segments(self.directory), [segmentName(2)])
+        self.assertEqual(
+            [e.queue_id for e in self.successResultOf(Spool(self.directory, synchronous).recover())],
+            [queueID(4), queueID(5)],
+        )
+
+    def test_notRemovedBehindLiveSegment(self):
+        """
+        A finished segment behind an older one with live messages stays: it
+        holds their states.
+        """
+        entries = [self.store(n) for n in range(1, 10)]
+        self.assertEqual(len(segments(self.directory)), 3)
+        self.successResultOf(
+            self.spool.record(entries[0], [Recipient("a@example.com", "deferred", 1, 7.0)])
+        )
+        for entry in entries[1:6]:
+            self.finish(entry)
+        # Segment 2 is finished, but segment 1 is not.
+        self.assertEqual(len(segments(self.directory)), 4)
+        self.assertEqual(self.spool._segments[2].live, {})
+        [first, *_] = self.successResultOf(Spool(self.directory, synchronous).recover())
+        self.assertEqual(first.recipients[0], Recipient("a@example.com", "deferred", 1, 7.0))
+
+    def test_allFinishedRemovesEverything(self):
+        """
+        When nothing is left to deliver every segment is removed; the next
+        message starts a new one.
+        """
+        entries = [self.store(n) for n in range(1, 6)]
+        for entry in entries:
+            self.finish(entry)
+        self.assertEqual(os.listdir(self.directory), [])
+        entry = self.store(7)
+        self.assertEqual(segments(self.directory), [segmentName(3)])
+        self.assertEqual(self.successResultOf(self.spool.readMessage(entry)), b"x" * 300)
+
+    def test_compaction(self):
+        """
+        A long-deferred message in an old, mostly finished segment is copied
+        forward with its states, and the old segment is removed once that is
+        durable.
+        """
+        self.spool.compactRatio = 0.5
+        entries = [self.store(n) for n in range(1, 4)]
+        self.successResultOf(
+            self.spool.record(entries[0], [Recipient("a@example.com", "deferred", 3, 77.0)])
+        )
+        for entry in entries[1:]:
+            self.finish(entry)
+        # Not yet: segment 1 was sealed just now.
+        more = [self.store(n) for n in range(4, 7)]
+        self.assertIn(segmentName(1), segments(self.directory))
+        self.clock.now += self.spool.compactAfter
+        self.store(8)
+        self.assertNotIn(segmentName(1), segments(self.directory))
+        self.spool._cache.pop(entries[0].queue_id)
+        self.assertEqual(self.successResultOf(self.spool.readMessage(entries[0])), b"x" * 300)
+        recovered = self.successResultOf(Spool(self.directory, synchronous).recover())
+        self.assertEqual(
+            [e.queue_id for e in recovered], [queueID(1)] + [e.queue_id for e in more] + [queueID(8)]
+        )
+        self.assertEqual(recovered[0].recipients[0], Recipient("a@example.com", "deferred", 3, 77.0))
+        self.assertEqual(recovered[0].recipients[1].state, "queued")
+
+    def test_noCompactionOfBusySegments(self):
+        """
+        A segment whose messages are mostly live is not copied.
+        """
+        entries = [self.store(n) for n in range(1, 5)]
+        self.clock.now += self.spool.compactAfter
+        self.store(5)
+        self.assertEqual(self.spool._locations[entries[0].queue_id][0], 1)
+
+    def test_readDuringCompaction(self):
+        """
+        A read of a message whose segment is removed by compaction meanwhile
+        is retried at its new location.
+        """
+        pending = []
+
+        def deliveryIO(f, *args):
+            d = Deferred()
+            pending.append((d, f, args))
+            return d
+
+        self.spool.runDeliveryIO = deliveryIO
+        self.spool.compactRatio = 0.5
+        entries = [self.store(n) for n in range(1, 4)]
+        for entry in entries[1:]:
+            self.finish(entry)
+        self.store(4)
+        self.spool._cache.pop(entries[0].queue_id)
+        read = self.spool.readMessage(entries[0])
+        self.clock.now += self.spool.compactAfter
+        self.store(5)
+        self.assertNotIn(segmentName(1), segments(self.directory))
+        while pending:
+            d, f, args = pending.pop(0)
+            maybeDeferred(f, *args).chainDeferred(d)
+        self.assertEqual(self.successResultOf(read), b"x" * 300)
+
+
+class MigrationTests(SynchronousTestCase):
+    """
+    Files of the per-message layout (C{.msg}, C{.state}, C{tmp-*}) are
+    loaded as before, written to the log, then removed.
+    """
+
+    def setUp(self):
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+
+    def write(self, name, blob):
+        with open(os.path.join(self.directory, name), "wb") as f:
+            f.write(blob)
+
+    def recover(self):
+        self.spool = Spool(self.directory, synchronous)
+        return self.successResultOf(self.spool.recover())
+
+    def test_migrate(self):
+        """
+        Live entries and their journals are migrated; finished ones, temp
+        files and orphan journals removed; corrupt files moved aside.
+        """
+        live = makeEntry(queueID(1))
+        live.received = 20.0
+        self.write("79BC-00001-5C348706.msg", encodeEntry(live, b"live\r\n"))
+        self.write(
+            "79BC-00001-5C348706.state",
+            encodeState(Recipient("a@example.com", "deferred", 2, 50.0))
+            + b'{"a":"b@example.org","s":"deliv',
+        )
+        done = makeEntry(queueID(2), recipients=["a@example.com"])
+        self.write("79BC-00002-5C348706.msg", encodeEntry(done, b"done\r\n"))
+        self.write("79BC-00002-5C348706.state", encodeState(Recipient("a@example.com", "delivered", 1, 0.0)))
+        other = makeEntry(queueID(3))
+        other.received = 10.0
+        self.write("79BC-00003-5C348706.msg", encodeEntry(other, b"other\r\n"))
+        self.write("tmp-3-79BC-00009-5C348706.msg", b"half a mess")
+        self.write("79BC-00008-5C348706.state", b"")
+        self.write("79BC-00004-5C348706.msg", encodeEntry(makeEntry(queueID(4)), b"cut short\r\n")[:-3])
+        self.write("79BC-00006-5C348706.msg", encodeEntry(makeEntry(queueID(5)), b"misnamed\r\n"))
+
+        recovered = self.recover()
+        self.assertEqual([e.queue_id for e in recovered], [queueID(3), queueID(1)])
+        self.assertEqual(
+            recovered[1].recipients,
+            [Recipient("a@example.com", "deferred", 2, 50.0), Recipient("b@example.org")],
+        )
+        self.assertEqual(sorted(os.listdir(self.directory)), ["corrupt", segmentName(1)])
+        self.assertEqual(
+            sorted(os.listdir(self.spool.corruptDirectory)),
+            ["79BC-00004-5C348706.msg", "79BC-00006-5C348706.msg"],
+        )
+        self.assertEqual(self.successResultOf(self.spool.readMessage(recovered[1])), b"live\r\n")
+
+        again = self.recover()
+        self.assertEqual([e.queue_id for e in again], [queueID(3), queueID(1)])
+        self.assertEqual(again[1].recipients, recovered[1].recipients)
+        self.successResultOf(self.spool.store(makeEntry(queueID(7)), b"new\r\n"))
+        self.assertEqual(
+            sorted(os.listdir(self.directory)), ["corrupt", segmentName(1), segmentName(2)]
+        )
+
+    def test_alreadyInTheLog(self):
+        """
+        Old files whose message is already in the log (a crash after
+        migrating, before removing them) are removed, not migrated again.
+        """
+        entry = makeEntry(queueID(1))
+        with open(os.path.join(self.directory, segmentName(1)), "wb") as f:
+            f.write(encodeRecord(MESSAGE, encodeEntry(entry, b"x\r\n")))
+            f.write(encodeRecord(STATE, statePayload(entry.queue_id, [Recipient("a@example.com", "delivered", 1)])))
+        self.write("79BC-00001-5C348706.msg", encodeEntry(entry, b"x\r\n"))
+        [recovered] = self.recover()
+        self.assertEqual(recovered.recipients[0].state, "delivered")
+        self.assertEqual(os.listdir(self.directory), [segmentName(1)])
+
+    def test_onlyFinished(self):
+        """
+        With nothing live, migration leaves an empty directory.
+        """
+        self.write("tmp-3-79BC-00009-5C348706.msg", b"half a mess")
+        self.assertEqual(self.recover(), [])
+        self.assertEqual(os.listdir(self.directory), [])
 
 
 class DeliverySideTests(SynchronousTestCase):
@@ -212,8 +617,6 @@ class DeliverySideTests(SynchronousTestCase):
         self.pending = []
 
         def deliveryIO(f, *args):
-            from twisted.internet.defer import Deferred
-
             d = Deferred()
             self.pending.append((d, f, args))
             return d
@@ -240,26 +643,62 @@ class DeliverySideTests(SynchronousTestCase):
         A recovered message is read from disk through the delivery I/O path.
         """
         self.successResultOf(self.spool.store(makeEntry(), b"body\r\n"))
-        [entry] = self.successResultOf(Spool(self.directory, synchronous).recover())
+        fresh = Spool(self.directory, synchronous, runDeliveryIO=self.spool.runDeliveryIO)
+        [entry] = self.successResultOf(fresh.recover())
+        d = fresh.readMessage(entry)
+        self.assertEqual(len(self.pending), 1)
+        self.runPending()
+        self.assertEqual(self.successResultOf(d), b"body\r\n")
+
+    def test_readDamaged(self):
+        """
+        A message damaged on disk after recovery fails to read with
+        L{SpoolCorrupt}.
+        """
+        self.successResultOf(self.spool.store(makeEntry(), b"body\r\n"))
         fresh = Spool(self.directory, synchronous, runDeliveryIO=synchronous)
-        self.assertEqual(self.successResultOf(fresh.readMessage(entry)), b"body\r\n")
+        [entry] = self.successResultOf(fresh.recover())
+        path = segmentPath(self.directory)
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) - 3)
+            f.write(b"!")
+        self.failureResultOf(fresh.readMessage(entry), SpoolCorrupt)
+
+    def test_readUnknown(self):
+        """
+        Reading a message the spool does not hold fails with L{SpoolError}.
+        """
+        self.failureResultOf(self.spool.readMessage(makeEntry()), SpoolError)
 
     def test_concurrentRecordsFinishEntry(self):
         """
         Two concurrent records for different recipients that together finish
-        the entry merge correctly and remove its files.
+        the entry merge correctly; the spool then marks it finished itself.
         """
+        batches = []
+
+        def runner(f, *args):
+            d = Deferred()
+            batches.append((d, f, args))
+            return d
+
+        self.spool.runInThread = runner
         entry = makeEntry()
-        self.successResultOf(self.spool.store(entry, b"x\r\n"))
+        stored = self.spool.store(entry, b"x\r\n")
+        d, f, args = batches.pop(0)
+        d.callback(f(*args))
+        self.successResultOf(stored)
         first = self.spool.record(entry, [Recipient("a@example.com", "delivered", 1, 0.0)])
         second = self.spool.record(entry, [Recipient("b@example.org", "bounced", 1, 0.0)])
-        self.runPending()
+        while batches:
+            d, f, args = batches.pop(0)
+            d.callback(f(*args))
         self.successResultOf(first)
         self.successResultOf(second)
-        self.runPending()
         self.assertEqual([r.state for r in entry.recipients], ["delivered", "bounced"])
         self.assertEqual(os.listdir(self.directory), [])
         self.assertIsNone(self.spool._cache.get(entry.queue_id))
+        self.assertEqual(self.successResultOf(Spool(self.directory, synchronous).recover()), [])
 
     def test_cacheBounded(self):
         """
@@ -287,46 +726,64 @@ class FailureTests(SynchronousTestCase):
 
         return raiser
 
-    def assertRefused(self):
-        failure = self.failureResultOf(self.spool.store(makeEntry(), b"x\r\n"))
+    def reopen(self):
+        return self.successResultOf(Spool(self.directory, synchronous).recover())
+
+    def assertRefused(self, entry=None):
+        failure = self.failureResultOf(self.spool.store(entry or makeEntry(), b"x\r\n"))
         failure.trap(SpoolError)
-        self.assertEqual(os.listdir(self.directory), [])
         self.flushLoggedErrors(OSError)
 
     def test_writeFailure(self):
         """
-        A failed write (disk full) is a SpoolError and leaves nothing behind.
+        A failed write (disk full) is a SpoolError; the segment is truncated
+        back, so nothing of it is recovered.
         """
         self.patch(os, "write", self.fail(errno.ENOSPC))
         self.assertRefused()
+        self.assertEqual(self.reopen(), [])
 
     def test_flushFailure(self):
         """
-        A failed fdatasync is a SpoolError and leaves nothing behind.
+        A failed fdatasync is a SpoolError and the batch is truncated away;
+        the next batch goes to a new segment.
         """
-        self.patch(spoolModule, "_syncfs", None)
-        self.patch(os, "fdatasync", self.fail())
-        self.assertRefused()
-
-    def test_syncfsFailureFallsBack(self):
-        """
-        If syncfs fails the files are fdatasynced one by one instead.
-        """
-        calls = []
-        self.patch(spoolModule, "_syncfs", lambda fd: -1)
+        self.successResultOf(self.spool.store(makeEntry(queueID(1)), b"x\r\n"))
+        size = os.path.getsize(segmentPath(self.directory))
         realFdatasync = os.fdatasync
-        self.patch(os, "fdatasync", lambda fd: (calls.append(fd), realFdatasync(fd)))
-        self.successResultOf(self.spool.store(makeEntry(), b"x\r\n"))
-        self.assertEqual(len(calls), 1)
+        self.patch(os, "fdatasync", self.fail())
+        self.assertRefused(makeEntry(queueID(2)))
+        self.assertEqual(os.path.getsize(segmentPath(self.directory)), size)
+        self.patch(os, "fdatasync", realFdatasync)
+        self.successResultOf(self.spool.store(makeEntry(queueID(3)), b"x\r\n"))
+        self.assertEqual(segments(self.directory), [segmentName(1), segmentName(2)])
+        self.assertEqual([e.queue_id for e in self.reopen()], [queueID(1), queueID(3)])
+
+    def test_failedBatchNotBuiltOn(self):
+        """
+        If even the truncation fails, the failed batch's records stay (a
+        crash may find them: a duplicate, never a loss), but no later batch
+        is written behind them.
+        """
+        self.successResultOf(self.spool.store(makeEntry(queueID(1)), b"x\r\n"))
+        realFdatasync = os.fdatasync
+        self.patch(os, "fdatasync", self.fail())
+        self.patch(os, "ftruncate", self.fail())
+        self.assertRefused(makeEntry(queueID(2)))
+        self.patch(os, "fdatasync", realFdatasync)
+        self.successResultOf(self.spool.store(makeEntry(queueID(3)), b"x\r\n"))
+        self.assertEqual(segments(self.directory), [segmentName(1), segmentName(2)])
+        with open(segmentPath(self.directory, 2), "rb") as f:
+            self.assertEqual(spoolModule.parseRecord(f.read())[3], None)
 
     def test_directorySyncFailure(self):
         """
-        If the directory fsync fails the renamed file is removed again, so a
-        message that got no 250 is never delivered.
+        If the directory fsync after creating a segment fails, the store
+        fails.
         """
-        self.patch(spoolModule, "_syncfs", None)
         self.patch(spoolModule, "fsyncDirectory", self.fail())
         self.assertRefused()
+        self.assertEqual(self.reopen(), [])
 
     def test_realDiskError(self):
         """
@@ -334,80 +791,31 @@ class FailureTests(SynchronousTestCase):
         becomes a SpoolError.
         """
         os.rmdir(self.directory)
-        failure = self.failureResultOf(self.spool.store(makeEntry(), b"x\r\n"))
-        failure.trap(SpoolError)
-        self.flushLoggedErrors(OSError)
+        self.assertRefused()
 
-    def test_partialBatch(self):
+    def test_recordFailure(self):
         """
-        In a batch, one item's failure does not fail the others.
+        A failed record fails with the OSError and leaves the entry as it
+        was; a later record succeeds.
         """
-        os.makedirs(os.path.join(self.directory, "sub"))
-        good = (
-            os.path.join(self.directory, "tmp-1"),
-            os.path.join(self.directory, "good.msg"),
-            b"good",
+        entry = makeEntry()
+        self.successResultOf(self.spool.store(entry, b"x\r\n"))
+        realFdatasync = os.fdatasync
+        self.patch(os, "fdatasync", self.fail())
+        done = self.spool.record(entry, [Recipient(r.address, state="delivered") for r in entry.recipients])
+        self.failureResultOf(done, OSError)
+        self.assertFalse(entry.done)
+        self.patch(os, "fdatasync", realFdatasync)
+        self.successResultOf(
+            self.spool.record(entry, [Recipient("a@example.com", "deferred", 1, 3.0)])
         )
-        bad = (
-            os.path.join(self.directory, "missing", "tmp-2"),
-            os.path.join(self.directory, "bad.msg"),
-            b"bad",
-        )
-        results, removalError = spoolModule._writeBatch(self.directory, [bad, good])
-        self.assertIsNone(removalError)
-        self.assertIsInstance(results[0], OSError)
-        self.assertIsNone(results[1])
-        self.assertEqual(sorted(os.listdir(self.directory)), ["good.msg", "sub"])
+        [recovered] = self.reopen()
+        self.assertEqual(recovered.recipients, entry.recipients)
 
 
 class GroupCommitTests(SynchronousTestCase):
-    def test_batches(self):
-        """
-        Messages that arrive while batches are being written go into the
-        next batch together (at most two batches in flight).
-        """
-        from twisted.internet.defer import Deferred
-
-        directory = self.mktemp()
-        os.makedirs(directory)
-        batches = []
-
-        def runner(f, *args):
-            if f is spoolModule._writeBatch:
-                d = Deferred()
-                batches.append((d, args))
-                return d
-            return maybeDeferred(f, *args)
-
-        spool = Spool(directory, runner)
-        results = [
-            spool.store(makeEntry(queueID="79/BC-0000%d-5C348706" % n), b"x\r\n")
-            for n in range(5)
-        ]
-        self.assertEqual([len(args[1]) for _, args in batches], [1, 1])
-        d, args = batches[0]
-        d.callback(spoolModule._writeBatch(*args))
-        self.successResultOf(results[0])
-        self.assertNoResult(results[2])
-        self.assertEqual([len(args[1]) for _, args in batches], [1, 1, 3])
-        for d, args in batches[1:]:
-            d.callback(spoolModule._writeBatch(*args))
-        for d in results:
-            self.successResultOf(d)
-        self.assertEqual(len(os.listdir(directory)), 5)
-
-
-class SharedFlushTests(SynchronousTestCase):
-    """
-    Finished messages are removed in the same batches (and flushes) as new
-    ones are written.
-    """
-
     def setUp(self):
-        from twisted.internet.defer import Deferred
-
         self.directory = self.mktemp()
-        os.makedirs(self.directory)
         self.batches = []
 
         def runner(f, *args):
@@ -418,55 +826,201 @@ class SharedFlushTests(SynchronousTestCase):
             return maybeDeferred(f, *args)
 
         self.spool = Spool(self.directory, runner)
+        self.successResultOf(self.spool.recover())
+        self.syncs = []
+        realFdatasync = os.fdatasync
+        self.patch(os, "fdatasync", lambda fd: (self.syncs.append(fd), realFdatasync(fd))[1])
 
     def runBatch(self, index):
         d, args = self.batches[index]
         d.callback(spoolModule._writeBatch(*args))
 
-    def test_removalJoinsNextBatch(self):
-        """A removal asked for while batches are in flight goes into the next batch with new messages."""
-        first = makeEntry(queueID="79/BC-00001-5C348706")
-        self.spool.store(first, b"x\r\n")
+    def records(self, args):
+        return len(args[1].pieces)
+
+    def test_batches(self):
+        """
+        Messages that arrive while a batch is being written go into the
+        next batch together; one batch is written at a time, with one
+        fdatasync each.
+        """
+        results = [self.spool.store(makeEntry(queueID(n)), b"x\r\n") for n in range(5)]
+        self.assertEqual([self.records(args) for _, args in self.batches], [1])
         self.runBatch(0)
-        self.spool.store(makeEntry(queueID="79/BC-00002-5C348706"), b"y\r\n")
-        self.spool.store(makeEntry(queueID="79/BC-00003-5C348706"), b"y\r\n")
+        self.successResultOf(results[0])
+        self.assertNoResult(results[1])
+        self.assertEqual([self.records(args) for _, args in self.batches], [1, 4])
+        self.runBatch(1)
+        for d in results:
+            self.successResultOf(d)
+        self.assertEqual(len(self.syncs), 2)
+        self.assertEqual(segments(self.directory), [segmentName(1)])
+
+    def test_maxBatch(self):
+        """
+        At most C{maxBatch} new messages go into one batch.
+        """
+        self.spool.maxBatch = 2
+        for n in range(6):
+            self.spool.store(makeEntry(queueID(n)), b"x\r\n")
+        self.runBatch(0)
+        self.runBatch(1)
+        self.assertEqual([self.records(args) for _, args in self.batches], [1, 2, 2])
+
+    def test_statesJoinNextBatch(self):
+        """
+        State changes and finished messages asked for while a batch is
+        being written go into the next batch with new messages.
+        """
+        first, second = makeEntry(queueID(1)), makeEntry(queueID(2))
+        self.spool.store(first, b"x\r\n")
+        self.spool.store(second, b"x\r\n")
+        self.runBatch(0)
+        self.runBatch(1)
+        self.spool.store(makeEntry(queueID(3)), b"y\r\n")
         done = self.spool.record(first, [Recipient(r.address, state="delivered") for r in first.recipients])
-        third = self.spool.store(makeEntry(queueID="79/BC-00004-5C348706"), b"z\r\n")
+        changed = self.spool.record(second, [Recipient("a@example.com", "deferred", 1, 9.0)])
+        third = self.spool.store(makeEntry(queueID(4)), b"z\r\n")
         self.assertNoResult(done)
         self.assertEqual(len(self.batches), 3)
-        self.runBatch(1)
-        self.assertEqual(len(self.batches), 4)
-        _, (_, items, removals) = self.batches[3]
-        self.assertEqual(len(items), 1)
-        self.assertEqual([os.path.basename(p) for p in removals],
-                         [os.path.basename(self.spool._path(first.queue_id, ".msg"))])
         self.runBatch(2)
+        self.assertEqual(len(self.batches), 4)
+        self.assertEqual(self.records(self.batches[3][1]), 3)
+        self.assertFalse(first.done)
         self.runBatch(3)
         self.successResultOf(done)
+        self.successResultOf(changed)
         self.successResultOf(third)
-        self.assertFalse(os.path.exists(self.spool._path(first.queue_id, ".msg")))
         self.assertTrue(first.done)
+        self.assertEqual(second.recipients[0].state, "deferred")
+        self.assertEqual(len(self.syncs), 4)
+        recovered = self.successResultOf(Spool(self.directory, synchronous).recover())
+        self.assertEqual([e.queue_id for e in recovered], [queueID(2), queueID(3), queueID(4)])
 
-    def test_removalOnly(self):
-        """A batch of removals alone is flushed too (syncfs, or a directory fsync without it)."""
-        for syncfs in (spoolModule._syncfs, None):
-            self.patch(spoolModule, "_syncfs", syncfs)
-            entry = makeEntry(queueID="79/BC-0000%d-5C348706" % len(self.batches))
-            self.spool.store(entry, b"x\r\n")
-            self.runBatch(len(self.batches) - 1)
-            done = self.spool.record(entry, [Recipient(r.address, state="bounced") for r in entry.recipients])
-            self.runBatch(len(self.batches) - 1)
-            self.successResultOf(done)
-            self.assertEqual(os.listdir(self.directory), [])
 
-    def test_removalFlushFailure(self):
-        """If the flush after a removal fails, recording fails (and is retried by the caller)."""
-        entry = makeEntry()
-        self.spool.store(entry, b"x\r\n")
-        self.runBatch(0)
-        self.patch(spoolModule, "_syncfs", None)
-        self.patch(spoolModule, "fsyncDirectory", lambda path: (_ for _ in ()).throw(OSError(5, "EIO")))
-        done = self.spool.record(entry, [Recipient(r.address, state="delivered") for r in entry.recipients])
-        self.runBatch(1)
-        self.failureResultOf(done, OSError)
-        self.assertFalse(entry.done)
+class CrashTests(SynchronousTestCase):
+    """
+    Random histories, then a crash: recovery finds exactly what was
+    acknowledged and not finished, with its last durable states.
+    """
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.data())
+    def test_crashAnywhere(self, data):
+        directory = self.mktemp()
+        batches = []
+
+        def runner(f, *args):
+            if f is spoolModule._writeBatch:
+                d = Deferred()
+                batches.append((d, args))
+                return d
+            return maybeDeferred(f, *args)
+
+        clock = FakeClock()
+        spool = Spool(
+            directory,
+            runner,
+            segmentBytes=data.draw(st.sampled_from([400, 4000, 1 << 20])),
+            compactRatio=data.draw(st.sampled_from([0.25, 1.0])),
+            clock=clock,
+        )
+        self.successResultOf(spool.recover())
+        # The model: queue id -> recipient list, as acknowledged.
+        acked: dict = {}
+        live: dict = {}  # the entries the delivery side works with
+        counter = iter(range(1, 10000))
+        states = st.sampled_from(["deferred", "delivered", "bounced", "queued"])
+
+        def operations(count):
+            """
+            Issue C{count} random operations; returns C{(kind, entry,
+            change list, deferred)} tuples in issue order.
+            """
+            issued = []
+            busy = set()
+            for _ in range(count):
+                choices = ["store"]
+                candidates = [q for q in live if q not in busy]
+                if candidates:
+                    choices.append("record")
+                if data.draw(st.sampled_from(choices)) == "store":
+                    n = next(counter)
+                    entry = makeEntry(queueID(n), recipients=["a@example.com", "b@example.org"][: data.draw(st.integers(1, 2))])
+                    issued.append(("store", entry, None, spool.store(entry, b"message %d\r\n" % n)))
+                else:
+                    q = data.draw(st.sampled_from(sorted(candidates)))
+                    entry = live[q]
+                    busy.add(q)
+                    changes = [
+                        Recipient(r.address, data.draw(states), r.attempts + 1, float(n))
+                        for n, r in enumerate(entry.pending())
+                        if data.draw(st.booleans())
+                    ] or [Recipient(entry.pending()[0].address, "deferred", 9, 9.0)]
+                    issued.append(("record", entry, changes, spool.record(entry, changes)))
+            return issued
+
+        def settle(issued):
+            for kind, entry, changes, d in issued:
+                self.successResultOf(d)
+                if kind == "store":
+                    acked[entry.queue_id] = [Recipient(r.address) for r in entry.recipients]
+                    live[entry.queue_id] = entry
+                else:
+                    byAddress = {c.address: c for c in changes}
+                    acked[entry.queue_id] = [byAddress.get(r.address, r) for r in acked[entry.queue_id]]
+                    if entry.done:
+                        del live[entry.queue_id]
+
+        for _ in range(data.draw(st.integers(0, 6))):
+            if data.draw(st.booleans()):
+                # Old enough for compaction.
+                clock.now += spool.compactAfter
+            issued = operations(data.draw(st.integers(1, 5)))
+            while batches:
+                d, args = batches.pop(0)
+                d.callback(spoolModule._writeBatch(*args))
+            settle(issued)
+        # Spool-internal DONE records are written in batches of their own.
+        self.assertEqual(batches, [])
+
+        # The crash: one more batch is written but not acknowledged, and only
+        # some prefix of its bytes reaches the disk.
+        clock.now += spool.compactAfter
+        issued = operations(data.draw(st.integers(1, 5)))
+        if batches:
+            _, (writer, batch) = batches[-1]
+            # Segments are removed only once a batch is durable: not this one.
+            batch.deletions = []
+            batch.retire = False
+            before = {n: os.path.getsize(os.path.join(directory, n)) for n in segments(directory)}
+            try:
+                spoolModule._writeBatch(writer, batch)
+            except OSError:
+                pass
+            if os.path.exists(batch.path):
+                size = os.path.getsize(batch.path)
+                start = before.get(os.path.basename(batch.path), 0)
+                with open(batch.path, "r+b") as f:
+                    f.truncate(data.draw(st.integers(start, size)))
+            if writer.fd is not None:
+                os.close(writer.fd)
+
+        expected = {q: r for q, r in acked.items() if not all(x.final for x in r)}
+        recovered = self.successResultOf(Spool(directory, synchronous).recover())
+        got = {e.queue_id: e.recipients for e in recovered}
+        # Unacknowledged records that did reach the disk may apply, in
+        # order: the result is the acknowledged state plus some prefix of
+        # the crashed batch's operations.
+        candidates = [expected]
+        model = {q: list(r) for q, r in acked.items()}
+        for kind, entry, changes, _ in issued:
+            if kind == "store":
+                model[entry.queue_id] = [Recipient(r.address) for r in entry.recipients]
+            else:
+                byAddress = {c.address: c for c in changes}
+                model[entry.queue_id] = [byAddress.get(r.address, r) for r in model[entry.queue_id]]
+            candidates.append({q: r for q, r in model.items() if not all(x.final for x in r)})
+        self.assertIn(got, candidates)
+        if os.path.exists(os.path.join(directory, "corrupt")):
+            self.fail("corrupt data after a crash: %r" % (os.listdir(os.path.join(directory, "corrupt")),))
