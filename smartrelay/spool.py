@@ -151,8 +151,6 @@ class SpoolEntry:
     received: float
     size: int
     client: dict = attrs.field(factory=dict)
-    #: Unused; kept so that older callers can still pass it.
-    journaled: bool = attrs.field(default=False, repr=False)
 
     def pending(self) -> list:
         return [r for r in self.recipients if not r.final]
@@ -544,8 +542,6 @@ class Spool:
     does not read them back from disk.
 
     @ivar directory: the spool directory (created if missing).
-    @ivar batchesInFlight: accepted for compatibility and ignored: batches
-        append to one file, so one is written at a time.
     @ivar maxBatch: at most this many new messages go into one batch.
     @ivar segmentBytes: a new segment is started once the active one has
         grown past this.
@@ -562,7 +558,6 @@ class Spool:
     runInThread: Callable[..., Deferred]
     runDeliveryIO: Optional[Callable[..., Deferred]] = None
     cacheBytes: int = 64 * 1024 * 1024
-    batchesInFlight: int = 1
     maxBatch: int = 256
     segmentBytes: int = 64 * 1024 * 1024
     compactAfter: float = 300.0
