@@ -143,6 +143,12 @@ class SpoolEntry:
     @ivar size: size in bytes of the stored message (CRLF line ends).
     @ivar client: facts about the submitting client: C{ip}, C{helo},
         C{user} (SMTP AUTH name or None).
+    @ivar tag: the message's statistics tag (C{X-SmartRelay-Tag}), or
+        L{None}.
+    @ivar metadata: C{X-SmartRelay-Metadata-*}: carried into every event.
+    @ivar options: what the message's control headers chose instead of the
+        relay's defaults: C{opens}, C{clicks}, C{unsubscribe} (booleans;
+        missing keys: the default).
     """
 
     queue_id: str
@@ -151,6 +157,9 @@ class SpoolEntry:
     received: float
     size: int
     client: dict = attrs.field(factory=dict)
+    tag: Optional[str] = None
+    metadata: dict = attrs.field(factory=dict)
+    options: dict = attrs.field(factory=dict)
 
     def pending(self) -> list:
         return [r for r in self.recipients if not r.final]
@@ -187,18 +196,22 @@ def encodeEntry(entry: SpoolEntry, data: bytes) -> bytes:
     a JSON header (envelope, size and CRC-32 of the message), then the
     message bytes.
     """
-    header = json.dumps(
-        {
-            "queue_id": entry.queue_id,
-            "sender": entry.sender,
-            "recipients": [r.address for r in entry.recipients],
-            "received": entry.received,
-            "client": entry.client,
-            "size": len(data),
-            "crc32": zlib.crc32(data),
-        },
-        separators=(",", ":"),
-    ).encode("utf-8")
+    fields = {
+        "queue_id": entry.queue_id,
+        "sender": entry.sender,
+        "recipients": [r.address for r in entry.recipients],
+        "received": entry.received,
+        "client": entry.client,
+        "size": len(data),
+        "crc32": zlib.crc32(data),
+    }
+    if entry.tag is not None:
+        fields["tag"] = entry.tag
+    if entry.metadata:
+        fields["metadata"] = entry.metadata
+    if entry.options:
+        fields["options"] = entry.options
+    header = json.dumps(fields, separators=(",", ":")).encode("utf-8")
     return b"".join([MAGIC, b"%d\n" % (len(header),), header, b"\n", data])
 
 
@@ -223,6 +236,9 @@ def decodeEntry(raw: bytes) -> tuple[SpoolEntry, bytes]:
             received=float(header["received"]),
             size=int(header["size"]),
             client=dict(header["client"]),
+            tag=None if header.get("tag") is None else str(header["tag"]),
+            metadata={str(k): str(v) for k, v in dict(header.get("metadata", {})).items()},
+            options={str(k): bool(v) for k, v in dict(header.get("options", {})).items()},
         )
         expected = (int(header["size"]), int(header["crc32"]))
     except (ValueError, KeyError, TypeError) as e:

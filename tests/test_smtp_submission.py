@@ -225,6 +225,51 @@ class AcceptTests(PolicyMixin, SynchronousTestCase):
         policy.messageReceived(self.session(), "", ["a@x.com"], b"x\r\n")
         self.assertEqual(calls, [1])
 
+    def test_controlHeaders(self):
+        """
+        Control headers are removed from the stored message; the tag,
+        metadata and options are kept with the entry and the tag and
+        metadata are in the accepted events.
+        """
+        policy = self.makePolicy()
+        data = (
+            b"Subject: hi\r\nX-SmartRelay-Tag: welcome\r\nX-SmartRelay-Track: opens\r\n"
+            b"X-SmartRelay-Metadata-user: 42\r\n\r\nbody\r\n"
+        )
+        queueID = self.successResultOf(
+            policy.messageReceived(self.session(), "app@example.com", ["a@x.com"], data)
+        )
+        [(entry, stored)] = self.spool.stored
+        self.assertNotIn(b"X-SmartRelay-Tag", stored)
+        self.assertNotIn(b"X-SmartRelay-Track", stored)
+        self.assertTrue(stored.endswith(b"Subject: hi\r\n\r\nbody\r\n"))
+        self.assertEqual(
+            (entry.tag, entry.metadata, entry.options),
+            ("welcome", {"user": "42"}, {"opens": True, "clicks": False}),
+        )
+        [event] = self.storedEvents()
+        self.assertEqual((event.queue_id, event.tag, event.metadata), (queueID, "welcome", {"user": "42"}))
+
+    def test_badControlHeader(self):
+        """
+        A bad control header refuses the message with 554 5.6.0 naming the
+        header; nothing is stored; each recipient gets a rejected event.
+        """
+        policy = self.makePolicy()
+        failure = self.failureResultOf(
+            policy.messageReceived(
+                self.session(), "app@example.com", ["a@x.com"],
+                b"X-SmartRelay-Track: always\r\n\r\nbody\r\n",
+            ),
+            SMTPReply,
+        )
+        self.assertEqual((failure.value.code, failure.value.status), (554, "5.6.0"))
+        self.assertIn("X-SmartRelay-Track", failure.value.text)
+        self.assertEqual(self.spool.stored, [])
+        self.assertEqual(self.enqueued, [])
+        [event] = self.storedEvents()
+        self.assertEqual((event.type, event.detail["code"]), ("rejected", 554))
+
     def test_rejectedEvents(self):
         """
         A message refused at DATA leaves a rejected event per recipient.

@@ -18,6 +18,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from smartrelay.engine.headers import readControls
 from smartrelay.ids import LeaseExpired, QueueIDGenerator
 from smartrelay.smtp.protocol import HardenedESMTP, ISubmissionPolicy, Session
 from smartrelay.smtp.replies import (
@@ -199,6 +200,11 @@ class SubmissionPolicy:
     ) -> Deferred:
         now = self.clock.seconds()
         try:
+            controls, data = readControls(data)
+        except SMTPReply as refusal:
+            self.messageRejected(session, sender, recipients, refusal)
+            return fail(refusal)
+        try:
             queueID = self.ids.next(now)
         except LeaseExpired as e:
             self.log.error("cannot hand out queue ids: {why}", why=str(e))
@@ -220,13 +226,31 @@ class SubmissionPolicy:
                 "user": session.user,
                 "tls": session.tls,
             },
+            tag=controls.tag,
+            metadata=controls.metadata,
+            options={
+                name: value
+                for name, value in (
+                    ("opens", controls.opens),
+                    ("clicks", controls.clicks),
+                    ("unsubscribe", controls.unsubscribe),
+                )
+                if value is not None
+            },
         )
         d = self.spool.store(entry, message)
 
         def stored(entry):
             detail = {"sender": sender, "size": entry.size, "client": entry.client}
             for recipient in recipients:
-                self.events.emit("accepted", queueID, recipient, detail=detail)
+                self.events.emit(
+                    "accepted",
+                    queueID,
+                    recipient,
+                    tag=entry.tag,
+                    metadata=entry.metadata or None,
+                    detail=detail,
+                )
             self.enqueue(entry)
             return queueID
 
