@@ -11,8 +11,10 @@ setup(
     packages=[
         "smartrelay",
         "smartrelay.smtp",
+        "smartrelay.engine",
         "smartrelay.outbound",
         "smartrelay.store",
+        "smartrelay.web",
         "twisted.plugins",
     ],
     package_data={"twisted": ["plugins/smartrelay_plugin.py"]},
