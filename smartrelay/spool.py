@@ -108,7 +108,7 @@ from twisted.python.failure import Failure
 from smartrelay.diskio import fsyncDirectory, unlinkQuietly, writeAll
 from smartrelay.ids import fileName
 
-FINAL_STATES = frozenset(["delivered", "bounced", "expired"])
+FINAL_STATES = frozenset(["delivered", "bounced", "expired", "suppressed"])
 
 
 @attrs.define

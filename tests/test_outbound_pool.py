@@ -549,3 +549,96 @@ class PolicyTests(SynchronousTestCase):
         policy = self.policy("")
         key, _ = policy.lookup("x.example", self.hops("smarthost:587", relay=True))
         self.assertEqual(key, "relay:smarthost:587")
+
+
+class SuppressionTests(PoolTestsMixin, SynchronousTestCase):
+    """
+    Recipients on the suppression list are not delivered.
+    """
+
+    def setUp(self):
+        super().setUp()
+        from smartrelay.store.interfaces import SuppressionEntry
+
+        self.scheduler.suppress = True
+        self.successResultOf(self.store.start())
+        self.successResultOf(
+            self.store.addSuppression(SuppressionEntry(address="gone@a.example", reason="bounce", time=START))
+        )
+
+    def test_suppressed(self):
+        """A suppressed recipient gets a final 'suppressed' state and event; the others go on."""
+        entry = self.add("Q1", ["gone@a.example", "ok@a.example"])
+        self.clock.advance(0)
+        self.answerAll()
+        self.assertEqual(
+            {r.address: r.state for r in entry.recipients},
+            {"gone@a.example": "suppressed", "ok@a.example": "delivered"},
+        )
+        [event] = self.events.ofType("suppressed")
+        self.assertEqual((event[2], event[3]), ("gone@a.example", {"reason": "bounce"}))
+        self.assertEqual([c.recipients for c in self.deliverer.calls], [["ok@a.example"]])
+
+    def test_everyoneSuppressed(self):
+        """A message whose recipients are all suppressed is finished without any connection."""
+        entry = self.add("Q1", ["gone@a.example"])
+        self.clock.advance(0)
+        self.assertTrue(entry.done)
+        self.assertEqual(self.deliverer.opens, [])
+        self.assertEqual(self.scheduler.queued(), 0)
+
+    def test_storeDown(self):
+        """If the list cannot be checked the mail goes out (and the failure is logged)."""
+
+        class DownStore:
+            def checkSuppressions(self, addresses, now):
+                return fail(ConnectionError("store down"))
+
+        self.scheduler.store = DownStore()
+        self.add("Q1", ["gone@a.example"])
+        self.clock.advance(0)
+        self.answerAll()
+        self.assertEqual(len(self.events.ofType("delivered")), 1)
+        self.assertTrue(self.flushLoggedErrors(ConnectionError))
+
+
+class RewrapHookTests(PoolTestsMixin, SynchronousTestCase):
+    """
+    With a rewrapper, each recipient gets its own transaction with its own
+    sender and message.
+    """
+
+    def test_perRecipient(self):
+        from twisted.internet.defer import succeed
+
+        calls = []
+
+        class Rewrapper:
+            def rewrap(self, entry, index, data):
+                calls.append((entry.queue_id, index))
+                return succeed((f"bounce+{index}@b.example", data + b"#%d" % index))
+
+        self.scheduler.rewrapper = Rewrapper()
+        self.add("Q1", ["x@a.example", "y@a.example"])
+        self.clock.advance(0)
+        self.answerAll()
+        self.assertEqual(sorted(calls), [("Q1", 0), ("Q1", 1)])
+        sent = sorted((c.sender, c.recipients, c.data) for c in self.deliverer.calls)
+        self.assertEqual(
+            sent,
+            [("bounce+0@b.example", ["x@a.example"], b"message Q1#0"),
+             ("bounce+1@b.example", ["y@a.example"], b"message Q1#1")],
+        )
+
+    def test_rewrapFailure(self):
+        """A re-wrap that fails (a bug) defers the recipient, logged, never lost."""
+
+        class Broken:
+            def rewrap(self, entry, index, data):
+                return fail(ZeroDivisionError())
+
+        self.scheduler.rewrapper = Broken()
+        entry = self.add("Q1", ["x@a.example"])
+        self.clock.advance(0)
+        self.assertEqual(entry.recipients[0].state, "deferred")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)

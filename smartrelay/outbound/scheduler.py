@@ -70,6 +70,7 @@ class _Verdict:
     tls: bool = False
     reason: Optional[str] = None
     throttle: Optional[dict] = None
+    suppressed: bool = False
 
 
 @attrs.define(eq=False)
@@ -168,6 +169,10 @@ class DeliveryScheduler(Service):
     @ivar maxRecipientsPerAttempt: RCPTs per transaction (RFC 5321 4.5.3.1.8).
     @ivar hold: accept and queue, but start no deliveries until
         L{release} (or an explicit L{retryNow}).
+    @ivar rewrapper: see below; L{None}: messages go out as stored.
+    @ivar suppress: recipients on the store's suppression list are not
+        delivered: they get the final state C{suppressed} and a
+        C{suppressed} event with the list entry's reason.
     """
 
     spool: Any
@@ -189,6 +194,13 @@ class DeliveryScheduler(Service):
     recordRetryDelay: float = 10.0
     maxRecipientsPerAttempt: int = 100
     hold: bool = False
+    #: C{rewrap(entry, index, data) -> Deferred[(sender, data)]} turning
+    #: the stored message into the one for recipient number C{index} (see
+    #: L{smartrelay.engine.rewrap}), or L{None} to send it as stored.  With
+    #: a rewrapper every recipient gets a transaction of its own.
+    rewrapper: Any = None
+    #: Check due recipients against the store's suppression list.
+    suppress: bool = False
 
     _entries: dict = attrs.field(factory=dict, init=False)
     _timers: dict = attrs.field(factory=dict, init=False)
@@ -394,6 +406,42 @@ class DeliveryScheduler(Service):
 
     def _dispatch(self, entry: SpoolEntry, addresses: list) -> Deferred:
         """
+        Check C{addresses} against the suppression list (if asked to), then
+        route the others and queue them.
+        """
+        if not self.suppress or self.store is None:
+            return self._route(entry, addresses)
+        d = maybeDeferred(self.store.checkSuppressions, addresses, self.clock.seconds())
+
+        def checked(suppressed: dict) -> Any:
+            if suppressed:
+                verdicts = {
+                    address: _Verdict(
+                        Reply(550, "5.7.1", "recipient is on the suppression list"),
+                        remote=None,
+                        reason=suppressed[address].reason,
+                        suppressed=True,
+                    )
+                    for address in suppressed
+                }
+                self._track(self._settle(entry, verdicts) or succeed(None))
+            rest = [a for a in addresses if a not in suppressed]
+            return self._route(entry, rest) if rest else None
+
+        def unchecked(failure: Failure) -> Any:
+            # The store being down must not stop mail: deliver, and say so.
+            self.log.failure(
+                "could not check {queue_id}'s recipients against the suppression "
+                "list; delivering anyway",
+                failure,
+                queue_id=entry.queue_id,
+            )
+            return self._route(entry, addresses)
+
+        return d.addCallbacks(checked, unchecked)
+
+    def _route(self, entry: SpoolEntry, addresses: list) -> Deferred:
+        """
         Route C{addresses} and queue jobs at their destinations; recipients
         that cannot be routed get their verdict at once.
         """
@@ -417,7 +465,7 @@ class DeliveryScheduler(Service):
                     verdict = self._unroutable(entry, domain, None if ok else value)
                     for address in byDomain[domain]:
                         verdicts[address] = verdict
-            size = max(1, self.maxRecipientsPerAttempt)
+            size = 1 if self.rewrapper is not None else max(1, self.maxRecipientsPerAttempt)
             for (key, _), (limits, hops, group) in groups.items():
                 destination = self._destination(key, limits)
                 for start in range(0, len(group), size):
@@ -765,8 +813,33 @@ class DeliveryScheduler(Service):
             reply = Reply(451, "4.3.0", "local error: could not read the spooled message")
             self._settleJob(job, _Verdict(reply, None))
             return
+        sender = entry.sender
+        if self.rewrapper is not None:
+            try:
+                index = [r.address for r in entry.recipients].index(job.addresses[0])
+                sender, data = await self.rewrapper.rewrap(entry, index, data)
+            except CancelledError:
+                raise
+            except Exception:
+                self.log.failure(
+                    "could not re-wrap {queue_id} for {recipient}",
+                    queue_id=entry.queue_id,
+                    recipient=job.addresses[0],
+                )
+                reply = Reply(451, "4.3.0", "local error: could not prepare the message")
+                self._settleJob(job, _Verdict(reply, None))
+                return
+            if not session.usable:
+                # The session went away while the message was prepared.
+                if job.requeued == 0 and self.running:
+                    job.requeued += 1
+                    self._queue(destination, job, first=True)
+                    return
+                reply = Reply(451, "4.4.2", f"connection to {session.remote} lost")
+                self._settleJob(job, _Verdict(reply, session.remote))
+                return
         try:
-            result = await session.send(entry.sender, list(job.addresses), data)
+            result = await session.send(sender, list(job.addresses), data)
         except CancelledError:
             self._release(job)
             raise
@@ -909,7 +982,10 @@ class DeliveryScheduler(Service):
         reply = verdict.reply
         attempts = recipient.attempts + 1
         status = reply.status or f"{reply.code // 100}.0.0"
-        if reply.positive:
+        if verdict.suppressed:
+            state, nextAttempt, attempts = "suppressed", recipient.next_attempt, recipient.attempts
+            detail = {"reason": verdict.reason}
+        elif reply.positive:
             state, nextAttempt = "delivered", recipient.next_attempt
             detail = {
                 "remote": verdict.remote,
@@ -1023,7 +1099,14 @@ class DeliveryScheduler(Service):
         for change in changes:
             self._busy.discard((entry.queue_id, change.address))
         for kind, address, detail in events:
-            self.events.emit(kind, entry.queue_id, address, detail=detail)
+            self.events.emit(
+                kind,
+                entry.queue_id,
+                address,
+                tag=entry.tag,
+                metadata=entry.metadata or None,
+                detail=detail,
+            )
             self._logOutcome(kind, entry.queue_id, address, detail)
         if entry.done:
             self._cancelTimer(entry.queue_id)
@@ -1035,7 +1118,7 @@ class DeliveryScheduler(Service):
         # Deliveries are recorded as events only: a log line per delivered
         # recipient costs more reactor time than the delivery's bookkeeping.
         # Bounces, deferrals and expiries are rarer and worth a line.
-        if kind == "delivered":
+        if kind in ("delivered", "suppressed"):
             return
         if detail.get("remote") is None:
             detail = dict(detail, remote="(no connection)")
