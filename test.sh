@@ -3,14 +3,19 @@
 # Usage: bash test.sh [trial arguments, default: tests]
 set -uo pipefail
 cd "$(dirname "$0")"
-# The Redis store's contract tests run against a real redis-server.
-if ! command -v redis-server >/dev/null 2>&1; then
+# The Redis store's contract tests run against a real redis-server; the web
+# pages are tested in headless Chromium (tests/browser.py) through chromedriver.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         export DEBIAN_FRONTEND=noninteractive
-        { apt-get update -qq && apt-get install -y -qq redis-server; } >/dev/null || {
-            echo "test.sh: could not install redis-server" >&2; exit 1; }
+        { apt-get update -qq && apt-get install -y -qq "${missing[@]}"; } >/dev/null || {
+            echo "test.sh: could not install ${missing[*]}" >&2; exit 1; }
     else
-        echo "test.sh: redis-server is needed: sudo apt-get install redis-server" >&2
+        echo "test.sh: these are needed: sudo apt-get install ${missing[*]}" >&2
         exit 1
     fi
 fi

@@ -1,0 +1,564 @@
+"""
+The public tracking and unsubscribe routes (DESIGN sections 1.5 to 1.7).
+
+Recipients reach these from their mail, so everything here is
+authenticated by the signed token in the path and nothing else:
+
+  - C{GET|HEAD /t/o/<token>.gif}: a 1x1 transparent GIF; records C{opened}.
+    A bad token still gets the GIF (the pixel never tells anyone whether a
+    token is valid) but records nothing.
+  - C{GET /t/c/<token>}: C{302} to the http(s) link signed in the token;
+    records C{clicked}.  A bad token, or a link that is not http(s), gets a
+    404 page and never a redirect.
+  - C{GET /u/<token>}: a confirmation page with an I{Unsubscribe} button.
+    It changes nothing: link scanners follow every GET.
+  - C{POST /u/<token>}: unsubscribes, for the RFC 8058 one-click body
+    (C{List-Unsubscribe=One-Click}) and for the page's form alike.
+
+Mount it with::
+
+    app = TrackingApp(tokens, events, store, reactor)
+    site = makeSite(app)    # or put app.resource() under another Resource
+
+Events carry the tag and metadata of the message (read once per message
+from its C{accepted} event and kept in a small LRU cache) and, in
+C{detail}, the client's C{user_agent}, C{ip} and C{machine}: true when the
+user agent is empty or matches L{MACHINE_AGENTS} (mail-provider image
+proxies, link scanners, HTTP libraries, crawlers, headless browsers).
+Machine hits are recorded, never dropped; reports decide what to count.
+
+Opens and clicks are recorded in the background: the GIF and the redirect
+are answered at once, whatever the store is doing.
+
+Unsubscribing is idempotent: if the address already has an active entry on
+the suppression list (for any reason) the entry is left as it is, no event
+is recorded again, and the answer is the same as the first time.  Only a
+POST that adds the entry records C{unsubscribed}.
+"""
+
+import html
+import re
+from collections import OrderedDict
+from typing import Any, Optional
+from urllib.parse import quote, urlsplit
+
+import attrs
+from klein import Klein
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+from smartrelay.store.interfaces import SuppressionEntry, normaliseAddress
+
+__all__ = [
+    "TRANSPARENT_GIF",
+    "MACHINE_AGENTS",
+    "UNSUBSCRIBE_REASON",
+    "TrackingApp",
+    "isMachine",
+    "makeSite",
+]
+
+#: A 1x1 transparent GIF89a (43 bytes): one-colour global table, a graphic
+#: control extension marking colour 0 transparent, one LZW-coded pixel.
+TRANSPARENT_GIF = (
+    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff"
+    b"!\xf9\x04\x01\x00\x00\x00\x00"
+    b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+)
+
+#: The suppression reason of an unsubscribe (one of
+#: L{smartrelay.store.interfaces.SUPPRESSION_REASONS}).
+UNSUBSCRIBE_REASON = "unsubscribe"
+
+#: User agents of programs that fetch images and follow links on a
+#: recipient's behalf or by themselves: (what, case-insensitive regular
+#: expression searched in the User-Agent).  An empty or missing User-Agent
+#: counts as a machine too.
+MACHINE_AGENTS: tuple[tuple[str, str], ...] = (
+    ("Gmail image proxy", r"GoogleImageProxy"),
+    ("Google image proxy (ggpht)", r"via ggpht\.com"),
+    ("Yahoo Mail image proxy", r"YahooMailProxy"),
+    ("Microsoft Safe Links", r"SafeLinks"),
+    ("Microsoft Office link discovery", r"Microsoft Office (?:Protocol|Existence) Discovery"),
+    ("Barracuda", r"Barracuda"),
+    ("Mimecast", r"Mimecast"),
+    ("Proofpoint", r"Proofpoint"),
+    ("python-requests", r"python-requests"),
+    ("Python urllib", r"Python-urllib"),
+    ("Go net/http", r"Go-http-client"),
+    ("curl", r"\bcurl\b"),
+    ("Wget", r"\bWget\b"),
+    # "...bot" at the end of a word (Googlebot, bingbot, Slackbot-...,
+    # AdsBot-Google), except the Cubot phone brand in Android user agents.
+    ("bots", r"(?<!cu)bot\b"),
+    ("crawlers", r"crawler"),
+    ("spiders", r"spider"),
+    ("link previews", r"preview"),
+    ("Facebook link preview", r"facebookexternalhit"),
+    ("headless Chrome", r"HeadlessChrome"),
+    ("PhantomJS", r"PhantomJS"),
+)
+
+_MACHINE = re.compile("|".join(f"(?:{p})" for _, p in MACHINE_AGENTS), re.IGNORECASE)
+
+#: Longest User-Agent kept in an event.
+MAX_USER_AGENT = 512
+
+_SECURITY_HEADERS = {
+    b"X-Content-Type-Options": b"nosniff",
+    b"Referrer-Policy": b"no-referrer",
+    b"Content-Security-Policy": (
+        b"default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"
+    ),
+    b"X-Frame-Options": b"DENY",
+}
+
+_NO_CACHE = {
+    b"Cache-Control": b"no-store, no-cache, must-revalidate, private, max-age=0",
+    b"Pragma": b"no-cache",
+    b"Expires": b"0",
+}
+
+_STYLE = (
+    "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;"
+    "max-width:34rem;margin:3rem auto;padding:0 1rem;line-height:1.5;color:#222}"
+    "h1{font-size:1.5rem}"
+    "button{font:inherit;padding:.5rem 1.5rem;border:0;border-radius:.3rem;"
+    "background:#1a5fb4;color:#fff;cursor:pointer}"
+    ".address{font-weight:bold;word-break:break-all}"
+)
+
+
+def isMachine(userAgent: Optional[str]) -> bool:
+    """
+    Is a request with this User-Agent made by a program rather than by a
+    person's mail client or browser?  See L{MACHINE_AGENTS}.
+    """
+    if userAgent is None or not userAgent.strip():
+        return True
+    return _MACHINE.search(userAgent) is not None
+
+
+def redirectTarget(url: Optional[str]) -> Optional[bytes]:
+    """
+    The C{Location} value for a click on C{url}, or L{None} if it must not
+    be redirected to: only absolute http and https URLs with a host.  An
+    ASCII URL is kept exactly; spaces and non-ASCII characters are
+    percent-encoded (UTF-8); control characters are refused.
+    """
+    if not isinstance(url, str) or not url:
+        return None
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        return None
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not host:
+        return None
+    encoded = "".join(
+        c if 0x20 < ord(c) < 0x7F else quote(c, safe="") for c in url
+    )
+    return encoded.encode("ascii")
+
+
+def page(title: str, body: str) -> bytes:
+    """
+    A small HTML5 page: C{title} is text (escaped here), C{body} is HTML.
+    """
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n'
+        "<head>\n"
+        '<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        '<meta name="robots" content="noindex, nofollow">\n'
+        f"<title>{html.escape(title)}</title>\n"
+        f"<style>{_STYLE}</style>\n"
+        "</head>\n"
+        "<body>\n"
+        "<main>\n"
+        f"<h1>{html.escape(title)}</h1>\n"
+        f"{body}\n"
+        "</main>\n"
+        "</body>\n"
+        "</html>\n"
+    ).encode("utf-8")
+
+
+class InvalidLink(Exception):
+    """
+    The token in the path is bad, of the wrong kind, or signs something we
+    will not act on: answered with the 404 page.
+    """
+
+
+class StoreUnavailable(Exception):
+    """
+    The store failed while unsubscribing: answered with the 503 page.
+    """
+
+
+@attrs.define(slots=False)
+class TrackingApp:
+    """
+    The Klein application of the tracking and unsubscribe routes.
+
+    @ivar tokens: a L{smartrelay.tokens.Tokens}: C{read(kind, token)}
+        returns a C{TokenData} or raises C{BadToken} (a L{ValueError}).
+    @ivar events: an event log: C{emit(type, queue_id, recipient, *, tag,
+        metadata, detail)}.
+    @ivar store: an L{smartrelay.store.interfaces.IStore}.
+    @ivar clock: an L{IReactorTime}; stamps suppression entries.
+    @ivar cacheSize: how many messages' (tag, metadata) to remember.
+    """
+
+    tokens: Any
+    events: Any
+    store: Any
+    clock: Any
+    cacheSize: int = 4096
+    _info: OrderedDict = attrs.field(factory=OrderedDict, init=False, repr=False)
+
+    app = Klein()
+    log = Logger()
+
+    def resource(self) -> Resource:
+        """
+        The Twisted Web resource serving this application.
+        """
+        return _EncodingGuard(self.app.resource())
+
+    # -- routes ---------------------------------------------------------
+
+    @app.route("/t/o/<string:token>.gif", methods=["GET", "HEAD"])
+    def openPixel(self, request, token: str) -> bytes:
+        """
+        The open pixel: always the GIF; records C{opened} for a good token.
+        """
+        data = self._read("o", token, required=False)
+        if data is not None:
+            userAgent, ip = _client(request)
+            self._record(
+                "opened",
+                data,
+                {"user_agent": userAgent, "ip": ip, "machine": isMachine(userAgent)},
+            )
+        _setHeaders(request, _NO_CACHE)
+        return _respond(request, 200, b"image/gif", TRANSPARENT_GIF)
+
+    @app.route("/t/c/<string:token>", methods=["GET", "HEAD"])
+    def click(self, request, token: str) -> bytes:
+        """
+        The click redirect: 302 to the link signed in the token.
+        """
+        data = self._read("c", token)
+        location = redirectTarget(data.url)
+        if location is None:
+            raise InvalidLink(f"not an http(s) link: {data.url!r}")
+        userAgent, ip = _client(request)
+        self._record(
+            "clicked",
+            data,
+            {
+                "url": data.url,
+                "user_agent": userAgent,
+                "ip": ip,
+                "machine": isMachine(userAgent),
+            },
+        )
+        request.setHeader(b"Location", location)
+        request.setHeader(b"Cache-Control", b"no-store")
+        return _respond(
+            request,
+            302,
+            b"text/html; charset=utf-8",
+            page(
+                "Redirecting",
+                '<p><a href="%s">Continue</a></p>'
+                % html.escape(location.decode("ascii")),
+            ),
+        )
+
+    @app.route("/u/<string:token>", methods=["GET", "HEAD"])
+    def unsubscribePage(self, request, token: str) -> bytes:
+        """
+        The confirmation page: shows the address and a button that POSTs
+        back here; unsubscribes nobody.
+        """
+        data = self._read("u", token)
+        body = (
+            "<p>Do you want to stop receiving these e-mails at "
+            f'<span class="address">{html.escape(data.recipient)}</span>?</p>\n'
+            "<p>Press the button to unsubscribe this address. "
+            "Nothing changes until you do.</p>\n"
+            '<form method="post">\n'
+            '<button type="submit">Unsubscribe</button>\n'
+            "</form>"
+        )
+        return _htmlPage(request, 200, "Unsubscribe", body)
+
+    @app.route("/u/<string:token>", methods=["POST"])
+    @inlineCallbacks
+    def unsubscribe(self, request, token: str):
+        """
+        Unsubscribe: RFC 8058 one-click or the confirmation page's form.
+        """
+        data = self._read("u", token)
+        oneClick = request.args.get(b"List-Unsubscribe") == [b"One-Click"]
+        now = self.clock.seconds()
+        try:
+            found = yield maybeDeferred(
+                self.store.checkSuppressions, [data.recipient], now
+            )
+            if not found:
+                yield maybeDeferred(
+                    self.store.addSuppression,
+                    SuppressionEntry(
+                        address=data.recipient, reason=UNSUBSCRIBE_REASON, time=now
+                    ),
+                )
+        except Exception as e:
+            self.log.failure(
+                "could not unsubscribe {queue_id}: the store failed",
+                queue_id=data.queue_id,
+            )
+            raise StoreUnavailable(str(e)) from e
+        if not found:
+            userAgent, ip = _client(request)
+            self._record(
+                "unsubscribed",
+                data,
+                {
+                    "method": "one-click" if oneClick else "form",
+                    "user_agent": userAgent,
+                    "ip": ip,
+                },
+            )
+        if oneClick:
+            request.setHeader(b"Cache-Control", b"no-store")
+            return _respond(
+                request,
+                200,
+                b"text/plain; charset=utf-8",
+                b"Unsubscribed.\n",
+            )
+        body = (
+            f'<p><span class="address">{html.escape(data.recipient)}</span> '
+            "will not receive these e-mails any more.</p>"
+        )
+        return _htmlPage(request, 200, "You are unsubscribed", body)
+
+    # -- errors, all mapped here -------------------------------------------
+
+    @app.handle_errors(InvalidLink)
+    def invalidLink(self, request, failure) -> bytes:
+        return _htmlPage(
+            request,
+            404,
+            "This link is not valid",
+            "<p>This link is not valid. Check that it was copied whole "
+            "from the e-mail.</p>",
+        )
+
+    @app.handle_errors(StoreUnavailable)
+    def storeUnavailable(self, request, failure) -> bytes:
+        request.setHeader(b"Retry-After", b"60")
+        return _htmlPage(
+            request,
+            503,
+            "Please try again",
+            "<p>We could not process your request just now. "
+            "Please try again in a few minutes.</p>",
+        )
+
+    @app.handle_errors(NotFound)
+    def notFound(self, request, failure) -> bytes:
+        return _htmlPage(
+            request, 404, "Page not found", "<p>There is nothing here.</p>"
+        )
+
+    @app.handle_errors(MethodNotAllowed)
+    def methodNotAllowed(self, request, failure) -> bytes:
+        allowed = failure.value.valid_methods or []
+        if allowed:
+            request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
+        return _htmlPage(
+            request, 405, "Method not allowed", "<p>This page cannot do that.</p>"
+        )
+
+    @app.handle_errors(HTTPException)
+    def otherHTTPError(self, request, failure) -> bytes:
+        error = failure.value
+        return _htmlPage(request, error.code, error.name, "")
+
+    @app.handle_errors
+    def internalError(self, request, failure) -> bytes:
+        self.log.failure("error serving {uri}", failure, uri=request.uri)
+        return _htmlPage(
+            request,
+            500,
+            "Something went wrong",
+            "<p>Please try again later.</p>",
+        )
+
+    # -- helpers --------------------------------------------------------
+
+    def _read(self, kind: str, token: str, required: bool = True):
+        """
+        The data in a token of C{kind}; L{None} (or L{InvalidLink} when
+        C{required}) if it is bad or lacks what the kind needs.
+        """
+        try:
+            data = self.tokens.read(kind, token)
+        except ValueError:  # BadToken, and any decoding error under it
+            data = None
+        if data is not None and (
+            not data.queue_id
+            or (kind in ("o", "u") and not data.recipient)
+            or (kind == "c" and not data.url)
+        ):
+            data = None
+        if data is not None and kind == "u":
+            try:
+                normaliseAddress(data.recipient)
+            except ValueError:  # cannot be put on the suppression list
+                data = None
+        if data is None and required:
+            raise InvalidLink(f"bad {kind} token")
+        return data
+
+    def _record(self, type: str, data, detail: dict) -> Deferred:
+        """
+        Emit an event for the message and recipient of C{data}, with the
+        message's tag and metadata when they can be found.
+        """
+
+        def emit(info):
+            tag, metadata = info
+            self.events.emit(
+                type,
+                data.queue_id,
+                data.recipient,
+                tag=tag,
+                metadata=dict(metadata),
+                detail=detail,
+            )
+
+        d = self._messageInfo(data.queue_id)
+        d.addCallback(emit)
+        d.addErrback(
+            lambda f: self.log.failure(
+                "could not record {type} for {queue_id}",
+                f,
+                type=type,
+                queue_id=data.queue_id,
+            )
+        )
+        return d
+
+    def _messageInfo(self, queueID: str) -> Deferred:
+        """
+        (tag, metadata) of a message, from its C{accepted} event; (None, {})
+        if the store does not know it or fails.
+        """
+        if queueID in self._info:
+            self._info.move_to_end(queueID)
+            return succeed(self._info[queueID])
+
+        def found(events):
+            for event in events:
+                if event.type == "accepted":
+                    info = (event.tag, dict(event.metadata or {}))
+                    self._info[queueID] = info
+                    while len(self._info) > self.cacheSize:
+                        self._info.popitem(last=False)
+                    return info
+            return (None, {})
+
+        def failed(failure):
+            self.log.failure(
+                "could not look up the tag and metadata of {queue_id}",
+                failure,
+                queue_id=queueID,
+            )
+            return (None, {})
+
+        return maybeDeferred(self.store.eventsForMessage, queueID).addCallbacks(
+            found, failed
+        )
+
+
+def _client(request) -> tuple[str, Optional[str]]:
+    """
+    The (User-Agent, peer IP address) of a request.  X-Forwarded-For is
+    not trusted.
+    """
+    raw = request.getHeader(b"user-agent") or b""
+    userAgent = raw.decode("utf-8", "replace")[:MAX_USER_AGENT]
+    address = request.getClientAddress()
+    return userAgent, getattr(address, "host", None)
+
+
+def _setHeaders(request, headers: dict) -> None:
+    for name, value in headers.items():
+        request.setHeader(name, value)
+
+
+def _respond(request, code: int, contentType: bytes, body: bytes) -> bytes:
+    """
+    Set the status, content type, length and security headers; return the
+    body (Twisted leaves it out of a HEAD answer).
+    """
+    request.setResponseCode(code)
+    _setHeaders(request, _SECURITY_HEADERS)
+    request.setHeader(b"Content-Type", contentType)
+    request.setHeader(b"Content-Length", b"%d" % (len(body),))
+    return body
+
+
+def _htmlPage(request, code: int, title: str, body: str) -> bytes:
+    request.setHeader(b"Cache-Control", b"no-store")
+    return _respond(request, code, b"text/html; charset=utf-8", page(title, body))
+
+
+class _EncodingGuard(Resource):
+    """
+    Answers requests whose path or host is not UTF-8 (which Klein refuses
+    with a logged error and a bare 400): the pixel for pixel paths, since a
+    bad token always gets the pixel, and a 400 page for the rest.
+    """
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def render(self, request):
+        path = b"/" + b"/".join(request.postpath)
+        try:
+            path.decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            if path.startswith(b"/t/o/") and path.endswith(b".gif"):
+                _setHeaders(request, _NO_CACHE)
+                return _respond(request, 200, b"image/gif", TRANSPARENT_GIF)
+            return _htmlPage(
+                request, 400, "Bad request", "<p>This address is not valid.</p>"
+            )
+        return self._inner.render(request)
+
+
+def makeSite(app: TrackingApp) -> Site:
+    """
+    A quiet Twisted Web site serving C{app}, never showing tracebacks.
+    """
+    site = Site(app.resource())
+    site.noisy = False
+    site.displayTracebacks = False
+    return site
