@@ -27,7 +27,7 @@ setup(
         "cryptography>=42",
     ],
     extras_require={
-        "test": ["hypothesis>=6.100", "treq>=23.11", "selenium>=4.11"],
+        "test": ["hypothesis>=6.100", "treq>=23.11", "selenium>=4.11", "pynacl>=1.5"],
     },
     entry_points={
         "console_scripts": ["smartrelay = smartrelay.cli:main"],

@@ -9,11 +9,15 @@ into one line on standard error, never a traceback.
 Sub-commands:
   - C{passwd FILE USERNAME [--delete]}: set or remove a user's SMTP AUTH
     password in a password file (see L{smartrelay.auth}).
+  - C{dkim-keygen DOMAIN SELECTOR [--algorithm A] [--bits N] [--output PATH]}:
+    make a DKIM private key file and print its DNS record and configuration
+    (see L{smartrelay.engine.dkim}).
 """
 
 import argparse
 import getpass as _getpass
 import os
+import re
 import sys
 import tempfile
 from typing import Callable, Optional, Sequence, TextIO
@@ -189,6 +193,95 @@ def passwd(options: argparse.Namespace, console: Console) -> int:
 
 
 # ---------------------------------------------------------------------------
+# dkim-keygen
+
+_DKIM_NAME_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _dkimNameProblem(name: str, what: str) -> Optional[str]:
+    """
+    Why C{name} cannot be a DKIM domain or selector (C{what}), or L{None}:
+    it must be dot-separated DNS labels of letters, digits and inner hyphens.
+    """
+    if (not name or len(name) > 253 or not name.isascii()
+            or not all(_DKIM_NAME_LABEL.fullmatch(label) for label in name.split("."))):
+        return f"invalid {what} {name!r}: expected DNS labels such as " + (
+            "example.com" if what == "domain" else "s2024")
+    return None
+
+
+def _writeNewFile(path: str, data: bytes, mode: int = 0o600) -> None:
+    """
+    Create the file C{path} with C{data} and permissions C{mode}; never
+    replace an existing file (or follow a symbolic link there).
+
+    @raise FileExistsError: something is already at C{path}.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            fd = -1
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if fd != -1:
+            os.close(fd)
+        os.unlink(path)
+        raise
+
+
+def dkimKeygen(options: argparse.Namespace, console: Console) -> int:
+    """
+    C{smartrelay dkim-keygen DOMAIN SELECTOR [--algorithm A] [--bits N]
+    [--output PATH]}: write a new private key (mode 0600, never over an
+    existing file) and print the DNS TXT record to publish and the
+    configuration section that uses the key.
+    """
+    from smartrelay.engine.dkim import generateKey, txtRecordStrings
+
+    command = f"{PROG} dkim-keygen"
+    domain, selector = options.domain.lower(), options.selector.lower()
+    if domain.endswith(".") and len(domain) > 1:
+        domain = domain[:-1]
+    for name, what in [(domain, "domain"), (selector, "selector")]:
+        problem = _dkimNameProblem(name, what)
+        if problem is not None:
+            raise UsageError(f"{command}: {problem}")
+    if options.algorithm == "rsa-sha256" and not 1024 <= options.bits <= 4096:
+        raise UsageError(f"{command}: --bits must be 1024 to 4096, not {options.bits}")
+    path = options.output or f"{domain}.{selector}.key"
+    if os.path.lexists(path):
+        raise CommandError(f"{path} already exists; not overwriting it")
+
+    pem, txt = generateKey(options.algorithm, options.bits)
+    try:
+        _writeNewFile(path, pem)
+    except FileExistsError:
+        raise CommandError(f"{path} already exists; not overwriting it") from None
+    except OSError as e:
+        raise CommandError(f"cannot write {path}: {e.strerror or e}") from None
+
+    name = f"{selector}._domainkey.{domain}"
+    strings = " ".join(f'"{part}"' for part in txtRecordStrings(txt))
+    out = console.stdout
+    out.write(f"wrote the {options.algorithm} private key to {path} (mode 0600)\n\n")
+    out.write("Publish this DNS TXT record:\n")
+    out.write(f"  name:  {name}\n")
+    out.write(f"  value: {strings}\n\n")
+    out.write("or, in a zone file:\n")
+    out.write(f"{name}. IN TXT ( {strings} )\n\n")
+    out.write("Then add this to the configuration:\n")
+    out.write(f"[dkim:{domain}]\n")
+    out.write(f"selector = {selector}\n")
+    out.write(f"key = {os.path.abspath(path)}\n")
+    out.write(f"algorithm = {options.algorithm}\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # The command line
 
 
@@ -209,6 +302,26 @@ def _buildParser() -> argparse.ArgumentParser:
     p.add_argument("username", metavar="USERNAME")
     p.add_argument("--delete", action="store_true", help="remove the user")
     p.set_defaults(run=passwd)
+
+    p = commands.add_parser(
+        "dkim-keygen",
+        help="make a DKIM key and print its DNS record",
+        description=(
+            "Write a new DKIM private key for DOMAIN and SELECTOR to PATH "
+            "(default DOMAIN.SELECTOR.key; an existing file is never "
+            "replaced), then print the DNS TXT record to publish at "
+            "SELECTOR._domainkey.DOMAIN and the configuration to add."
+        ),
+    )
+    p.add_argument("domain", metavar="DOMAIN", help="the From: domain to sign for")
+    p.add_argument("selector", metavar="SELECTOR", help="the key's selector, e.g. s2024")
+    p.add_argument("--algorithm", choices=("rsa-sha256", "ed25519-sha256"),
+                   default="rsa-sha256", help="the signing algorithm (default rsa-sha256)")
+    p.add_argument("--bits", type=int, default=2048, metavar="N",
+                   help="RSA key size, 1024 to 4096 (default 2048)")
+    p.add_argument("--output", metavar="PATH",
+                   help="where to write the private key (default DOMAIN.SELECTOR.key)")
+    p.set_defaults(run=dkimKeygen)
     return parser
 
 

@@ -392,3 +392,204 @@ class UsageTests(SynchronousTestCase):
             status, _, err = self.runCLI("passwd", "--help")
         self.assertEqual((status, err), (0, ""))
         self.assertIn("--delete", out.getvalue())
+
+
+class DKIMKeygenTests(SynchronousTestCase):
+    """
+    Tests for C{smartrelay dkim-keygen}.
+    """
+
+    def setUp(self):
+        self.directory = os.path.abspath(self.mktemp())
+        os.mkdir(self.directory)
+        self.path = os.path.join(self.directory, "k.pem")
+
+    def runCLI(self, *argv):
+        """
+        Run the command line; return (status, stdout, stderr).
+        """
+        console = Console(stdin=io.StringIO(""), stdout=io.StringIO(), stderr=io.StringIO())
+        status = main(list(argv), console)
+        return status, console.stdout.getvalue(), console.stderr.getvalue()
+
+    def txtValue(self, out):
+        """
+        The TXT value printed, its quoted strings joined, and the strings.
+        """
+        import re
+
+        line = [l for l in out.splitlines() if l.startswith("  value: ")][0]
+        strings = re.findall(r'"([^"]*)"', line)
+        return "".join(strings), strings
+
+    def test_rsa(self):
+        """
+        An RSA-2048 key is written mode 0600; the record name, the TXT value
+        in quoted strings of at most 255 characters, and the configuration
+        section are printed; the key signs messages that verify against
+        that TXT value.
+        """
+        import dkim
+
+        from smartrelay.engine.dkim import DKIMKey, DKIMSigner
+
+        status, out, err = self.runCLI("dkim-keygen", "Example.COM", "s2024", "--output",
+                                       self.path)
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        with open(self.path, "rb") as f:
+            pem = f.read()
+        self.assertTrue(pem.startswith(b"-----BEGIN PRIVATE KEY-----"))
+        self.assertIn("  name:  s2024._domainkey.example.com\n", out)
+        txt, strings = self.txtValue(out)
+        self.assertTrue(txt.startswith("v=DKIM1; k=rsa; p=MIIBIjAN"))
+        self.assertEqual([len(s) for s in strings], [255, len(txt) - 255])
+        self.assertIn(f"s2024._domainkey.example.com. IN TXT ( "
+                      f'"{strings[0]}" "{strings[1]}" )\n', out)
+        self.assertTrue(out.endswith(
+            "[dkim:example.com]\nselector = s2024\n"
+            f"key = {self.path}\nalgorithm = rsa-sha256\n"), out)
+        self.assertTrue(out.startswith(
+            f"wrote the rsa-sha256 private key to {self.path} (mode 0600)\n"))
+
+        signer = DKIMSigner([DKIMKey("example.com", "s2024", "rsa-sha256", pem)])
+        signed = signer.sign(b"From: a@example.com\r\nSubject: x\r\n\r\nhi\r\n")
+        dns = {b"s2024._domainkey.example.com.": txt.encode()}
+        self.assertTrue(dkim.verify(signed, dnsfunc=lambda name, timeout=5: dns.get(name)))
+        pk, bits, ktag, _ = dkim.evaluate_pk(b"x", txt.encode())
+        self.assertEqual((bits, ktag), (2048, b"rsa"))
+
+    def test_ed25519(self):
+        """
+        C{--algorithm ed25519-sha256} makes an Ed25519 key; its TXT value
+        fits one string.
+        """
+        status, out, err = self.runCLI("dkim-keygen", "example.com", "e1", "--algorithm",
+                                       "ed25519-sha256", "--output", self.path)
+        self.assertEqual((status, err), (0, ""))
+        txt, strings = self.txtValue(out)
+        self.assertTrue(txt.startswith("v=DKIM1; k=ed25519; p="))
+        self.assertEqual(len(strings), 1)
+        self.assertIn("algorithm = ed25519-sha256\n", out)
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        with open(self.path, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), None)
+        self.assertIsInstance(key, ed25519.Ed25519PrivateKey)
+
+    def test_bits(self):
+        """
+        C{--bits} sets the RSA size; out of 1024..4096 is a usage error.
+        """
+        status, out, _ = self.runCLI("dkim-keygen", "example.com", "s", "--bits", "1024",
+                                     "--output", self.path)
+        self.assertEqual(status, 0)
+        txt, strings = self.txtValue(out)
+        self.assertEqual(len(strings), 1)
+        for bits in ["512", "8192"]:
+            self.assertEqual(
+                self.runCLI("dkim-keygen", "example.com", "t", "--bits", bits, "--output",
+                            self.path + bits),
+                (2, "", f"smartrelay dkim-keygen: --bits must be 1024 to 4096, not {bits}\n"))
+            self.assertFalse(os.path.exists(self.path + bits))
+        status, _, err = self.runCLI("dkim-keygen", "example.com", "t", "--bits", "many")
+        self.assertEqual((status, err.count("\n")), (2, 1))
+        self.assertIn("invalid int value: 'many'", err)
+
+    def test_defaultOutput(self):
+        """
+        Without C{--output} the key goes to C{DOMAIN.SELECTOR.key} in the
+        current directory.
+        """
+        cwd = os.getcwd()
+        os.chdir(self.directory)
+        self.addCleanup(os.chdir, cwd)
+        status, out, err = self.runCLI("dkim-keygen", "example.com.", "S1")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(os.listdir(self.directory), ["example.com.s1.key"])
+        self.assertIn(f"key = {os.path.join(self.directory, 'example.com.s1.key')}\n", out)
+        self.assertIn("  name:  s1._domainkey.example.com\n", out)
+
+    def test_refusesOverwrite(self):
+        """
+        An existing file (or symbolic link) is never replaced: one-line
+        error, status 1.
+        """
+        with open(self.path, "w") as f:
+            f.write("old")
+        self.assertEqual(
+            self.runCLI("dkim-keygen", "example.com", "s1", "--output", self.path),
+            (1, "", f"smartrelay: error: {self.path} already exists; not overwriting it\n"))
+        with open(self.path) as f:
+            self.assertEqual(f.read(), "old")
+        link = os.path.join(self.directory, "link")
+        os.symlink(os.path.join(self.directory, "missing"), link)
+        self.assertEqual(
+            self.runCLI("dkim-keygen", "example.com", "s1", "--output", link)[0], 1)
+        self.assertFalse(os.path.exists(os.path.join(self.directory, "missing")))
+
+    def test_unwritable(self):
+        """
+        A directory that does not exist is a one-line runtime error.
+        """
+        path = os.path.join(self.directory, "missing", "k.pem")
+        status, out, err = self.runCLI("dkim-keygen", "example.com", "s1", "--output", path)
+        self.assertEqual((status, out), (1, ""))
+        self.assertTrue(err.startswith(f"smartrelay: error: cannot write {path}: "), err)
+        self.assertEqual(err.count("\n"), 1)
+
+    def test_badNames(self):
+        """
+        A domain or selector that is not DNS labels is a one-line usage
+        error, status 2, and writes nothing.
+        """
+        for domain, selector, message in [
+            ("ex ample.com", "s1", "invalid domain 'ex ample.com': expected DNS labels "
+                                   "such as example.com"),
+            ("", "s1", "invalid domain '': expected DNS labels such as example.com"),
+            ("a-.example", "s1", "invalid domain 'a-.example': expected DNS labels "
+                                 "such as example.com"),
+            ("a..example", "s1", "invalid domain 'a..example': expected DNS labels "
+                                 "such as example.com"),
+            ("example.com", "s_1", "invalid selector 's_1': expected DNS labels such as s2024"),
+            ("example.com", "s;1", "invalid selector 's;1': expected DNS labels such as s2024"),
+            ("example.com", "s1.", "invalid selector 's1.': expected DNS labels such as s2024"),
+            ("\u00e9.example", "s1", "invalid domain '\u00e9.example': expected DNS labels "
+                                     "such as example.com"),
+        ]:
+            self.assertEqual(
+                self.runCLI("dkim-keygen", domain, selector, "--output", self.path),
+                (2, "", f"smartrelay dkim-keygen: {message}\n"))
+        self.assertEqual(os.listdir(self.directory), [])
+
+    def test_badAlgorithm(self):
+        """
+        An unknown algorithm is a one-line usage error.
+        """
+        status, out, err = self.runCLI("dkim-keygen", "example.com", "s1", "--algorithm",
+                                       "rsa-sha1", "--output", self.path)
+        self.assertEqual((status, out, err.count("\n")), (2, "", 1))
+        self.assertIn("invalid choice: 'rsa-sha1'", err)
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_missingSelector(self):
+        """
+        A missing SELECTOR is a one-line usage error.
+        """
+        self.assertEqual(
+            self.runCLI("dkim-keygen", "example.com"),
+            (2, "", "smartrelay dkim-keygen: the following arguments are required: SELECTOR "
+                    "(see smartrelay dkim-keygen --help)\n"))
+
+    def test_help(self):
+        """
+        C{--help} succeeds and names the options.
+        """
+        import contextlib
+
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            status, _, err = self.runCLI("dkim-keygen", "--help")
+        self.assertEqual((status, err), (0, ""))
+        for option in ["--algorithm", "--bits", "--output"]:
+            self.assertIn(option, out.getvalue())
