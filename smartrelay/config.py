@@ -3,14 +3,16 @@ Configuration: INI text in, frozen attrs objects out.
 
 L{parseConfig} is the one place that reads and validates the INI file.  Every
 section and key it knows is declared once, as a field of L{RelayConfig},
-L{SMTPConfig}, L{DeliveryConfig}, L{StoreConfig}, L{DomainConfig} or
-L{ProviderConfig} whose metadata names the function that parses its INI
-value; the INI key is the field name.  Unknown sections and unknown keys are
+L{SMTPConfig}, L{DeliveryConfig}, L{StoreConfig}, L{FeedbackConfig},
+L{TrackingConfig}, L{WebConfig}, L{DomainConfig}, L{ProviderConfig} or
+L{DKIMConfig} whose metadata names the function that parses its INI value;
+the INI key is the field name.  Unknown sections and unknown keys are
 errors, so a typo cannot silently disable a feature.
 
-Named sections such as C{[domain:example.com]} and C{[provider:google]}
-(see L{NAMED_SECTIONS}) may appear any number of times, once per name; the
-part after the colon is the section object's C{name}.
+Named sections such as C{[domain:example.com]}, C{[provider:google]} and
+C{[dkim:example.com]} (see L{NAMED_SECTIONS}) may appear any number of
+times, once per name; the part after the colon is the section object's
+C{name}.
 
 Anything wrong raises L{ConfigError}, whose C{str()} is one line naming the
 file, the section, the key and the problem.
@@ -26,8 +28,8 @@ Value syntax:
   - an empty value for an optional key means "not set".
 
 Relative paths (C{data_dir}, C{auth_file}, C{tls_certificate}, C{tls_key},
-C{tls_ca_certificates}) are relative to the current directory of the
-process, not to the INI file.
+C{tls_ca_certificates}, and C{key} and C{ed25519_key} of C{[dkim:DOMAIN]})
+are relative to the current directory of the process, not to the INI file.
 """
 
 import ast
@@ -39,9 +41,11 @@ import re
 import socket
 import types
 from typing import Any, Callable, Mapping, Optional, Union
+from urllib.parse import urlsplit
 
 import attrs
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     PublicFormat,
@@ -453,6 +457,89 @@ def _suffixes(text: str) -> tuple[str, ...]:
     return tuple(suffixes)
 
 
+#: The shortest secret accepted for C{[smartrelay] secret}, in characters.
+MIN_SECRET_LENGTH = 16
+
+
+def _secrets(text: str) -> tuple[str, ...]:
+    secrets = tuple(_listItems(text))
+    for number, secret in enumerate(secrets, 1):
+        if len(secret) < MIN_SECRET_LENGTH:
+            which = "the secret" if len(secrets) == 1 else f"secret number {number}"
+            raise ValueError(
+                f"{which} is too short: use at least {MIN_SECRET_LENGTH} characters"
+            )
+    return secrets
+
+
+def _optionalDomainName(text: str) -> Optional[str]:
+    return _domainName(text) if text.strip() else None
+
+
+def _verpPrefix(text: str) -> str:
+    prefix = text.strip()
+    if "+" in prefix:
+        raise ValueError(f"must not contain '+' (it separates the token), got {prefix!r}")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,20}", prefix):
+        raise ValueError(
+            f"expected 1 to 20 letters, digits, '.', '_' or '-', got {prefix!r}"
+        )
+    return prefix
+
+
+def _baseURL(text: str) -> str:
+    url = text.strip()
+    expected = f"expected an absolute http or https URL such as https://t.example.com, got {url!r}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError(expected) from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(expected)
+    if "?" in url or "#" in url:
+        raise ValueError(f"must not have a query or fragment, got {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"must not hold a user name or password, got {url!r}")
+    if re.search(r"[^\x21-\x7e]|\\", url):
+        raise ValueError(
+            f"must be printable ASCII without spaces or backslashes "
+            f"(percent-encode the rest), got {url!r}"
+        )
+    host = parts.hostname
+    if not isHostname(host.rstrip(".")):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not a valid host name in {url!r}") from None
+    if port == 0:
+        raise ValueError(expected)
+    return url.rstrip("/")
+
+
+def _selector(text: str) -> str:
+    selector = text.strip()
+    if not isHostname(selector):
+        raise ValueError(
+            f"expected a DKIM selector (DNS labels such as mail or s2024.eu), got {selector!r}"
+        )
+    return selector
+
+
+#: The values of C{[dkim:DOMAIN] algorithm}.
+DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256", "both")
+
+
+def _dkimAlgorithm(text: str) -> str:
+    algorithm = text.strip().lower()
+    if algorithm not in DKIM_ALGORITHMS:
+        raise ValueError(
+            f"expected rsa-sha256, ed25519-sha256 or both, got {text.strip()!r}"
+        )
+    return algorithm
+
+
+
 # ---------------------------------------------------------------------------
 # Rates
 
@@ -791,6 +878,62 @@ def _checkTLS(smtp: "SMTPConfig") -> Optional[tuple[str, str]]:
     return None
 
 
+#: The smallest RSA key accepted for DKIM, in bits.
+MIN_DKIM_RSA_BITS = 1024
+
+
+def _checkDKIMKey(path: str, algorithm: str) -> Optional[str]:
+    """
+    Load the PEM private key at C{path} and check that it fits the DKIM
+    C{algorithm} (C{rsa-sha256}: RSA of at least L{MIN_DKIM_RSA_BITS}
+    bits; C{ed25519-sha256}: Ed25519).  Returns the problem or L{None}.
+    """
+    try:
+        key = _loadPrivateKey(path)
+    except ValueError as e:
+        return str(e)
+    if isinstance(key, rsa.RSAPrivateKey):
+        if algorithm != "rsa-sha256":
+            return f"{path!r} holds an RSA key, but {algorithm} needs an Ed25519 key"
+        if key.key_size < MIN_DKIM_RSA_BITS:
+            return (
+                f"{path!r} holds a {key.key_size}-bit RSA key; "
+                f"use at least {MIN_DKIM_RSA_BITS} bits (2048 recommended)"
+            )
+        return None
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        if algorithm != "ed25519-sha256":
+            return f"{path!r} holds an Ed25519 key, but {algorithm} needs an RSA key"
+        return None
+    return f"{path!r} holds neither an RSA nor an Ed25519 key"
+
+
+def _checkDKIM(dkim: "DKIMConfig") -> Optional[tuple[str, str]]:
+    """
+    The keys exist, are RSA or Ed25519 as the algorithm says, and the
+    C{ed25519_*} keys are set exactly when the algorithm is C{both}.
+    Returns (key, problem) or L{None}.
+    """
+    if dkim.algorithm == "both":
+        for key in ("ed25519_selector", "ed25519_key"):
+            if getattr(dkim, key) is None:
+                return (key, "required when algorithm = both")
+        rsaAlgorithm = "rsa-sha256"
+    else:
+        for key in ("ed25519_selector", "ed25519_key"):
+            if getattr(dkim, key) is not None:
+                return (key, f"only used with algorithm = both, not {dkim.algorithm}")
+        rsaAlgorithm = dkim.algorithm
+    problem = _checkDKIMKey(dkim.key, rsaAlgorithm)
+    if problem is not None:
+        return ("key", problem)
+    if dkim.ed25519_key is not None:
+        problem = _checkDKIMKey(dkim.ed25519_key, "ed25519-sha256")
+        if problem is not None:
+            return ("ed25519_key", problem)
+    return None
+
+
 # ---------------------------------------------------------------------------
 # The configuration objects
 
@@ -819,12 +962,21 @@ class RelayConfig:
         every queue id.
     @ivar hostname: the name in the SMTP banner and EHLO.
     @ivar store: C{sqlite} (the only store in this version).
+    @ivar secret: secrets (comma-separated in the INI file, each at least
+        L{MIN_SECRET_LENGTH} characters) from which the keys of signed
+        tokens (VERP, unsubscribe and tracking links; see
+        L{smartrelay.tokens.Tokens.load}) are derived: the first signs,
+        every one verifies, so a new secret can be put in front of the old
+        ones.  Empty (the default) means a random key kept in
+        C{data_dir/token-keys}; nodes sharing a store need the same
+        secrets.  Left out of the C{repr}.
     """
 
     data_dir: str = _setting(_nonEmpty, default="var")
     node_id: int = _setting(_nodeID, default=0)
     hostname: str = _setting(_hostname, factory=_defaultHostname)
     store: str = _setting(_store, default="sqlite")
+    secret: tuple[str, ...] = _setting(_secrets, default=(), repr=False)
 
 
 @attrs.frozen(kw_only=True)
@@ -929,6 +1081,67 @@ class StoreConfig:
     retention: float = _setting(parseDuration, default=30 * 86400.0)
 
 
+@attrs.frozen(kw_only=True)
+class FeedbackConfig:
+    """
+    Section C{[feedback]}: mail coming back (bounces, complaints,
+    unsubscribe mails) and the addresses it comes back to.
+
+    Outgoing mail has the envelope sender (VERP) C{VERP_PREFIX+TOKEN@DOMAIN}
+    and a C{mailto:unsub+TOKEN@DOMAIN} unsubscribe address, DOMAIN being
+    L{bounce_domain} (see L{smartrelay.tokens}).
+
+    @ivar listen: server endpoint string for the feedback SMTP server, which
+        receives mail to those addresses.  (The server itself comes in a
+        later version; the key is read and checked now.)
+    @ivar bounce_domain: the domain of those addresses (lower-case, without
+        a trailing dot), or L{None} for the C{[smartrelay] hostname}.  Its
+        MX must point at the feedback server.
+    @ivar verp_prefix: the local part before C{+TOKEN} in the envelope
+        sender: 1 to 20 letters, digits, C{.}, C{_} or C{-} (no C{+}).
+    """
+
+    listen: str = _setting(_serverEndpoint, default="tcp:2526:interface=127.0.0.1")
+    bounce_domain: Optional[str] = _setting(_optionalDomainName, default=None)
+    verp_prefix: str = _setting(_verpPrefix, default="bounce")
+
+
+@attrs.frozen(kw_only=True)
+class TrackingConfig:
+    """
+    Section C{[tracking]}: links added to outgoing mail.  A message's
+    C{X-SmartRelay-Track} and C{X-SmartRelay-Unsubscribe} headers override
+    L{opens}, L{clicks} and L{unsubscribe}.
+
+    @ivar base_url: the absolute http(s) URL under which the web server
+        (C{[web] listen}, usually behind a proxy) is reached from the
+        recipients' mail clients, without a query or fragment and without a
+        trailing slash: C{BASE/t/o/TOKEN.gif}, C{BASE/t/c/TOKEN},
+        C{BASE/u/TOKEN}.
+    @ivar opens: add an open-tracking pixel to HTML parts by default.
+    @ivar clicks: rewrite http(s) links in HTML parts to tracked
+        redirects by default.
+    @ivar unsubscribe: add C{List-Unsubscribe} (https and mailto) and
+        C{List-Unsubscribe-Post} headers by default.
+    """
+
+    base_url: str = _setting(_baseURL, default="http://127.0.0.1:8080")
+    opens: bool = _setting(parseBool, default=False)
+    clicks: bool = _setting(parseBool, default=False)
+    unsubscribe: bool = _setting(parseBool, default=True)
+
+
+@attrs.frozen(kw_only=True)
+class WebConfig:
+    """
+    Section C{[web]}: the HTTP site (tracking, unsubscribe, API, reports).
+
+    @ivar listen: server endpoint string for the web server.
+    """
+
+    listen: str = _setting(_serverEndpoint, default="tcp:8080:interface=127.0.0.1")
+
+
 _NAME = "smartrelay.config.name"
 
 
@@ -1019,6 +1232,51 @@ class ProviderConfig:
         return self.matchLength(host) > 0
 
 
+@attrs.frozen(kw_only=True)
+class DKIMConfig:
+    """
+    Section C{[dkim:DOMAIN]}: how to DKIM-sign mail whose From address is
+    in DOMAIN.
+
+    The key files are read when the configuration is: they must be
+    unencrypted PEM private keys, RSA of at least L{MIN_DKIM_RSA_BITS} bits
+    for C{rsa-sha256}, Ed25519 for C{ed25519-sha256}.
+
+    @ivar name: the domain, lower-case, without a trailing dot.
+    @ivar selector: the selector (DNS labels) of L{key}; required.
+    @ivar key: path of the private key; required.
+    @ivar algorithm: one of L{DKIM_ALGORITHMS}: C{rsa-sha256} (L{key} is
+        RSA), C{ed25519-sha256} (L{key} is Ed25519) or C{both} (L{key} is
+        RSA, and L{ed25519_key} with L{ed25519_selector} signs too).
+    @ivar ed25519_selector: with C{both} (required there, refused
+        otherwise): the selector of L{ed25519_key}.
+    @ivar ed25519_key: with C{both} (required there, refused otherwise):
+        path of the Ed25519 private key.
+    """
+
+    name: str = _sectionName(_domainName)
+    selector: str = _setting(_selector)
+    key: str = _setting(_nonEmpty)
+    algorithm: str = _setting(_dkimAlgorithm, default="rsa-sha256")
+    ed25519_selector: Optional[str] = _setting(
+        lambda text: _selector(text) if text.strip() else None, default=None
+    )
+    ed25519_key: Optional[str] = _setting(_optionalPath, default=None)
+
+    def signingKeys(self) -> list[tuple[str, str, str]]:
+        """
+        The signatures to add: (algorithm, selector, key path) for each,
+        C{rsa-sha256} first when there are two.
+        """
+        if self.algorithm == "both":
+            assert self.ed25519_selector is not None and self.ed25519_key is not None
+            return [
+                ("rsa-sha256", self.selector, self.key),
+                ("ed25519-sha256", self.ed25519_selector, self.ed25519_key),
+            ]
+        return [(self.algorithm, self.selector, self.key)]
+
+
 def _readOnly(mapping: Mapping) -> Mapping:
     return types.MappingProxyType(dict(mapping))
 
@@ -1032,16 +1290,24 @@ class Config:
         (lower-case, without a trailing dot), in file order.
     @ivar providers: the C{[provider:NAME]} sections, read-only, by name
         (lower-case), in file order.
+    @ivar dkim: the C{[dkim:DOMAIN]} sections, read-only, by domain
+        (lower-case, without a trailing dot), in file order.
     """
 
     relay: RelayConfig = attrs.field(factory=RelayConfig)
     smtp: SMTPConfig = attrs.field(factory=SMTPConfig)
     delivery: DeliveryConfig = attrs.field(factory=DeliveryConfig)
     store: StoreConfig = attrs.field(factory=StoreConfig)
+    feedback: FeedbackConfig = attrs.field(factory=FeedbackConfig)
+    tracking: TrackingConfig = attrs.field(factory=TrackingConfig)
+    web: WebConfig = attrs.field(factory=WebConfig)
     domains: Mapping[str, DomainConfig] = attrs.field(
         factory=dict, converter=_readOnly, hash=False
     )
     providers: Mapping[str, ProviderConfig] = attrs.field(
+        factory=dict, converter=_readOnly, hash=False
+    )
+    dkim: Mapping[str, DKIMConfig] = attrs.field(
         factory=dict, converter=_readOnly, hash=False
     )
 
@@ -1065,6 +1331,9 @@ SECTIONS: dict[str, tuple[str, type]] = {
     "smtp": ("smtp", SMTPConfig),
     "delivery": ("delivery", DeliveryConfig),
     "store": ("store", StoreConfig),
+    "feedback": ("feedback", FeedbackConfig),
+    "tracking": ("tracking", TrackingConfig),
+    "web": ("web", WebConfig),
 }
 
 #: Named sections: prefix -> (Config field, section class).  A section
@@ -1073,6 +1342,7 @@ SECTIONS: dict[str, tuple[str, type]] = {
 NAMED_SECTIONS: dict[str, tuple[str, type]] = {
     "domain": ("domains", DomainConfig),
     "provider": ("providers", ProviderConfig),
+    "dkim": ("dkim", DKIMConfig),
 }
 
 #: Cross-key checks run after a section's keys parse: each takes the
@@ -1080,6 +1350,7 @@ NAMED_SECTIONS: dict[str, tuple[str, type]] = {
 #: listed under their prefix.
 _SECTION_CHECKS: dict[str, list[Callable[[Any], Optional[tuple[str, str]]]]] = {
     "smtp": [_checkTLS],
+    "dkim": [_checkDKIM],
 }
 
 
@@ -1142,7 +1413,7 @@ def parseConfig(text: str, source: str = "<config>") -> Config:
 
     Keys that are not set take their defaults.  Files the configuration
     names (C{auth_file}, C{tls_certificate}, C{tls_key},
-    C{tls_ca_certificates}) are read to check them; relative paths are
+    C{tls_ca_certificates}, the DKIM keys) are read to check them; relative paths are
     relative to the current directory.
 
     @param source: the file name for messages.

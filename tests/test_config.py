@@ -10,7 +10,7 @@ import re
 
 import attrs
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -22,12 +22,17 @@ from smartrelay.config import (
     NAMED_SECTIONS,
     SECTIONS,
     TLS_POLICIES,
+    DKIM_ALGORITHMS,
     Config,
     ConfigError,
+    DKIMConfig,
     DomainConfig,
+    FeedbackConfig,
     ProviderConfig,
     Rate,
     RetrySchedule,
+    TrackingConfig,
+    WebConfig,
     defaultConfig,
     formatDuration,
     formatSize,
@@ -45,6 +50,22 @@ from smartrelay.config import (
 from tests.certs import selfSigned as _selfSigned
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "etc", "smartrelay.ini")
+
+
+def _writeKey(test, key, encryption=None) -> str:
+    """
+    Write C{key} as a PKCS#8 PEM file under C{test.mktemp()}; return its path.
+    """
+    path = test.mktemp()
+    with open(path, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                encryption or serialization.NoEncryption(),
+            )
+        )
+    return path
 
 
 class ConfigTestMixin:
@@ -175,6 +196,16 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.delivery.shutdown_timeout, 30)
         self.assertEqual(dict(config.domains), {})
         self.assertEqual(dict(config.providers), {})
+        self.assertEqual(config.relay.secret, ())
+        self.assertEqual(config.feedback.listen, "tcp:2526:interface=127.0.0.1")
+        self.assertIsNone(config.feedback.bounce_domain)
+        self.assertEqual(config.feedback.verp_prefix, "bounce")
+        self.assertEqual(config.tracking.base_url, "http://127.0.0.1:8080")
+        self.assertFalse(config.tracking.opens)
+        self.assertFalse(config.tracking.clicks)
+        self.assertTrue(config.tracking.unsubscribe)
+        self.assertEqual(config.web.listen, "tcp:8080:interface=127.0.0.1")
+        self.assertEqual(dict(config.dkim), {})
 
     def test_attrsDefaultsAgree(self):
         """
@@ -258,8 +289,23 @@ class ExampleFileTests(SynchronousTestCase):
             key = match.group(1).split("=")[0].strip()
             return match.group(0) if key in files else match.group(1)
 
-        text = re.sub(r"(?m)^#(\[[^\]\n]+\]|[a-z_]+ = .*)$", uncomment, text)
+        text = re.sub(r"(?m)^#(\[[^\]\n]+\]|[a-z0-9_]+ = .*)$", uncomment, text)
+        # The DKIM key files are required, so they are made rather than
+        # skipped.
+        rsaKey = _writeKey(self, rsa.generate_private_key(65537, 1024))
+        edKey = _writeKey(self, ed25519.Ed25519PrivateKey.generate())
+        text = re.sub(r"(?m)^key = .*$", lambda m: f"key = {rsaKey}", text)
+        text = re.sub(r"(?m)^ed25519_key = .*$", lambda m: f"ed25519_key = {edKey}", text)
         config = parseConfig(text, EXAMPLE)
+        self.assertEqual(len(config.relay.secret), 1)
+        self.assertEqual(config.feedback.bounce_domain, "bounces.example.com")
+        self.assertEqual(
+            config.dkim["example.com"],
+            DKIMConfig(
+                name="example.com", selector="s2024", key=rsaKey, algorithm="both",
+                ed25519_selector="s2024e", ed25519_key=edKey,
+            ),
+        )
         self.assertEqual(config.relay.hostname, "mail.example.com")
         self.assertEqual(config.delivery.smarthost, "tcp:host=smtp.example.com:port=587")
         self.assertEqual(
@@ -276,7 +322,10 @@ class ExampleFileTests(SynchronousTestCase):
         google = config.providers["google"]
         self.assertEqual(google.mx_suffixes, ("google.com", "googlemail.com"))
         self.assertEqual(google.rate, Rate(3000, 60))
-        self.assertEqual(len(config.domains) + len(config.providers), len(NAMED_SECTIONS))
+        self.assertEqual(
+            len(config.domains) + len(config.providers) + len(config.dkim),
+            len(NAMED_SECTIONS),
+        )
 
 
 class SyntaxTests(SynchronousTestCase):
@@ -503,6 +552,39 @@ class RelaySectionTests(ConfigTestMixin, SynchronousTestCase):
         self.assertKeyError(
             "smartrelay", "store", "", "expected 'sqlite' or a redis:// URL, got ''"
         )
+
+    def test_secret(self):
+        """
+        C{secret} is a comma-separated list of secrets of at least 16
+        characters, in order; empty means none.  Errors do not show it.
+        """
+        self.assertEqual(self.parseKey("smartrelay", "secret", "").secret, ())
+        self.assertEqual(
+            self.parseKey("smartrelay", "secret", "0123456789abcdef").secret,
+            ("0123456789abcdef",),
+        )
+        self.assertEqual(
+            self.parseKey(
+                "smartrelay", "secret", "new-secret-of-enough-length, old secret with spaces!"
+            ).secret,
+            ("new-secret-of-enough-length", "old secret with spaces!"),
+        )
+        self.assertKeyError(
+            "smartrelay", "secret", "short",
+            "the secret is too short: use at least 16 characters",
+        )
+        error = self.assertKeyError(
+            "smartrelay", "secret", "0123456789abcdef, 0123456789abcde",
+            "secret number 2 is too short: use at least 16 characters",
+        )
+        self.assertNotIn("0123456789abcde", str(error))
+
+    def test_secretNotInRepr(self):
+        """
+        The secrets are left out of the section's C{repr}.
+        """
+        relay = self.parseKey("smartrelay", "secret", "very-secret-text-here")
+        self.assertNotIn("very-secret", repr(relay))
 
 
 class SMTPSectionTests(ConfigTestMixin, SynchronousTestCase):
@@ -1132,6 +1214,396 @@ class DeliveryEngineKeysTests(ConfigTestMixin, SynchronousTestCase):
         )
 
 
+class FeedbackSectionTests(ConfigTestMixin, SynchronousTestCase):
+    """
+    Tests for C{[feedback]}.
+    """
+
+    def test_listen(self):
+        """
+        C{listen} is a server endpoint string, checked like C{[smtp] listen}.
+        """
+        for good in ["tcp:2526", "tcp:25:interface=0.0.0.0", "unix:/tmp/feedback.sock"]:
+            self.assertEqual(self.parseKey("feedback", "listen", good).listen, good)
+        self.assertKeyError(
+            "feedback", "listen", "bogus:25",
+            "invalid server endpoint 'bogus:25': Unknown endpoint type: 'bogus'",
+        )
+        self.assertKeyError(
+            "feedback", "listen", "", "expected a server endpoint string such as tcp:2525"
+        )
+
+    def test_bounceDomain(self):
+        """
+        C{bounce_domain} is a domain name, lower-cased, without a trailing
+        dot; empty means not set.
+        """
+        self.assertEqual(
+            self.parseKey("feedback", "bounce_domain", "Bounces.Example.COM.").bounce_domain,
+            "bounces.example.com",
+        )
+        self.assertIsNone(self.parseKey("feedback", "bounce_domain", "").bounce_domain)
+        for bad in ["bad_name", "a..b", "-x.example", "user@example.com"]:
+            self.assertKeyError(
+                "feedback", "bounce_domain", bad, f"{bad!r} is not a valid domain name"
+            )
+
+    def test_verpPrefix(self):
+        """
+        C{verp_prefix} is 1 to 20 letters, digits, C{.}, C{_} or C{-}, and
+        never contains C{+}.
+        """
+        for good in ["bounce", "b", "Return.Path_2-x", "x" * 20]:
+            self.assertEqual(self.parseKey("feedback", "verp_prefix", good).verp_prefix, good)
+        self.assertKeyError(
+            "feedback", "verp_prefix", "bounce+x",
+            "must not contain '+' (it separates the token), got 'bounce+x'",
+        )
+        for bad in ["", "x" * 21, "a b", "bounce@", "bö"]:
+            self.assertKeyError(
+                "feedback", "verp_prefix", bad,
+                f"expected 1 to 20 letters, digits, '.', '_' or '-', got {bad!r}",
+            )
+
+
+class TrackingSectionTests(ConfigTestMixin, SynchronousTestCase):
+    """
+    Tests for C{[tracking]}.
+    """
+
+    def test_baseURL(self):
+        """
+        C{base_url} is an absolute http(s) URL; a trailing slash is dropped.
+        """
+        for text, expected in [
+            ("https://t.example.com", "https://t.example.com"),
+            ("https://t.example.com/", "https://t.example.com"),
+            ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+            ("https://example.com/mail/track/", "https://example.com/mail/track"),
+            ("https://[2001:db8::1]:8443", "https://[2001:db8::1]:8443"),
+        ]:
+            self.assertEqual(self.parseKey("tracking", "base_url", text).base_url, expected)
+
+    def test_baseURLBad(self):
+        """
+        Anything but an absolute http(s) URL without a query, fragment or
+        user is refused, with one line saying why.
+        """
+        for bad in ["", "t.example.com", "ftp://t.example.com", "https://", "/t", "http://h:99999"]:
+            self.assertKeyError(
+                "tracking", "base_url", bad,
+                "expected an absolute http or https URL such as https://t.example.com, "
+                f"got {bad!r}",
+            )
+        for bad in ["https://t.example.com/?a=1", "https://t.example.com/#x", "https://h/?"]:
+            self.assertKeyError(
+                "tracking", "base_url", bad, f"must not have a query or fragment, got {bad!r}"
+            )
+        self.assertKeyError(
+            "tracking", "base_url", "https://u:p@t.example.com",
+            "must not hold a user name or password, got 'https://u:p@t.example.com'",
+        )
+        self.assertKeyError(
+            "tracking", "base_url", "https://bad_host.example",
+            "'bad_host.example' is not a valid host name in 'https://bad_host.example'",
+        )
+        self.assertKeyError(
+            "tracking", "base_url", "https://t.example.com/a b",
+            "must be printable ASCII without spaces or backslashes (percent-encode the "
+            "rest), got 'https://t.example.com/a b'",
+        )
+
+    def test_switches(self):
+        """
+        C{opens}, C{clicks} and C{unsubscribe} are booleans.
+        """
+        for key in ("opens", "clicks", "unsubscribe"):
+            self.assertTrue(getattr(self.parseKey("tracking", key, "on"), key))
+            self.assertFalse(getattr(self.parseKey("tracking", key, "off"), key))
+            self.assertKeyError("tracking", key, "maybe", "expected on or off, got 'maybe'")
+
+
+class WebSectionTests(ConfigTestMixin, SynchronousTestCase):
+    """
+    Tests for C{[web]}.
+    """
+
+    def test_listen(self):
+        """
+        C{listen} is a server endpoint string.
+        """
+        for good in ["tcp:80", "tcp:8080:interface=0.0.0.0", "unix:/tmp/web.sock"]:
+            self.assertEqual(self.parseKey("web", "listen", good).listen, good)
+        self.assertKeyError(
+            "web", "listen", "tcp:abc",
+            "invalid server endpoint 'tcp:abc': invalid literal for int() with base 10: 'abc'",
+        )
+        self.assertKeyError(
+            "web", "listen", "", "expected a server endpoint string such as tcp:2525"
+        )
+
+    def test_sections(self):
+        """
+        The new sections are registered with their Config fields.
+        """
+        self.assertEqual(SECTIONS["feedback"], ("feedback", FeedbackConfig))
+        self.assertEqual(SECTIONS["tracking"], ("tracking", TrackingConfig))
+        self.assertEqual(SECTIONS["web"], ("web", WebConfig))
+        self.assertEqual(sectionKeys(FeedbackConfig), ["listen", "bounce_domain", "verp_prefix"])
+        self.assertEqual(
+            sectionKeys(TrackingConfig), ["base_url", "opens", "clicks", "unsubscribe"]
+        )
+        self.assertEqual(sectionKeys(WebConfig), ["listen"])
+
+
+#: A throw-away 512-bit RSA key (too small for DKIM; cryptography will not
+#: make one).
+RSA_512 = b"""-----BEGIN PRIVATE KEY-----
+MIIBVgIBADANBgkqhkiG9w0BAQEFAASCAUAwggE8AgEAAkEApOndGRrLNMDX65Qs
+GLLSgIioXAZ++uA2bZvgvIGuW43MgadKWojTbCpDVof/RgkeeeuJlGkEYuH3HMRO
+ccXWdQIDAQABAkAkTkgaqsdpybq/ZlN+7H9jRLKr79IssQfKgbKsTXBxPx/cDhqt
+5fNsaTXWh8Gm9I/iYlgCCK8dHd/1lCXJeYABAiEA2EPnjrrL/GyUFP0/YFUURx3w
+w1uFEN8kAft698GJeAECIQDDNp3mtGEwqp7e7zi4OwNXISygPrKs73YvREY6IOH+
+dQIhAKJ8ooYCozDNA5WhkPR39/xW6oZdROUgQpWatRFhQEABAiEAvJFjkdkoEOSf
+tmWKepu2rFGFU/18hwSBO0NOOxRMeYkCIQCFhkbkxZexfU9cvmURz44zQBrhVLT5
+bRSJcZTwKT5XXw==
+-----END PRIVATE KEY-----
+"""
+
+
+class DKIMSectionTests(SynchronousTestCase):
+    """
+    Tests for C{[dkim:DOMAIN]}.
+    """
+
+    def setUp(self):
+        self.rsaKey = _writeKey(self, rsa.generate_private_key(65537, 1024))
+        self.edKey = _writeKey(self, ed25519.Ed25519PrivateKey.generate())
+
+    def parse(self, body, name="example.com"):
+        """
+        Parse a C{[dkim:NAME]} section with C{body}; return it.
+        """
+        return parseConfig(f"[dkim:{name}]\n{body}", "etc/x.ini").dkim[name.lower().rstrip(".")]
+
+    def assertProblem(self, body, key, problem, name="example.com"):
+        """
+        Parsing a section with C{body} fails with exactly C{problem} about
+        C{key}.
+        """
+        error = self.assertRaises(
+            ConfigError, parseConfig, f"[dkim:{name}]\n{body}", "etc/x.ini"
+        )
+        self.assertEqual(str(error), f"etc/x.ini: [dkim:{name}] {key}: {problem}")
+        self.assertEqual(error.key, key)
+        return error
+
+    def test_keys(self):
+        """
+        The section's keys, in order.
+        """
+        self.assertEqual(
+            sectionKeys(DKIMConfig),
+            ["selector", "key", "algorithm", "ed25519_selector", "ed25519_key"],
+        )
+        self.assertEqual(DKIM_ALGORITHMS, ("rsa-sha256", "ed25519-sha256", "both"))
+
+    def test_rsa(self):
+        """
+        The default algorithm is C{rsa-sha256} with an RSA key.
+        """
+        dkim = self.parse(f"selector = s1\nkey = {self.rsaKey}\n")
+        self.assertEqual(
+            dkim,
+            DKIMConfig(name="example.com", selector="s1", key=self.rsaKey,
+                       algorithm="rsa-sha256"),
+        )
+        self.assertEqual(dkim.signingKeys(), [("rsa-sha256", "s1", self.rsaKey)])
+
+    def test_ed25519(self):
+        """
+        C{ed25519-sha256} takes an Ed25519 key.
+        """
+        dkim = self.parse(
+            f"selector = e.2024\nkey = {self.edKey}\nalgorithm = Ed25519-SHA256\n"
+        )
+        self.assertEqual(dkim.algorithm, "ed25519-sha256")
+        self.assertEqual(dkim.signingKeys(), [("ed25519-sha256", "e.2024", self.edKey)])
+
+    def test_both(self):
+        """
+        C{both} signs with the RSA key and the Ed25519 key, each with its
+        selector.
+        """
+        dkim = self.parse(
+            f"selector = r\nkey = {self.rsaKey}\nalgorithm = both\n"
+            f"ed25519_selector = e\ned25519_key = {self.edKey}\n"
+        )
+        self.assertEqual(
+            dkim.signingKeys(),
+            [("rsa-sha256", "r", self.rsaKey), ("ed25519-sha256", "e", self.edKey)],
+        )
+
+    def test_bothNeedsEd25519(self):
+        """
+        C{both} needs C{ed25519_selector} and C{ed25519_key}.
+        """
+        base = f"selector = r\nkey = {self.rsaKey}\nalgorithm = both\n"
+        self.assertProblem(
+            base + f"ed25519_key = {self.edKey}\n", "ed25519_selector",
+            "required when algorithm = both",
+        )
+        self.assertProblem(
+            base + "ed25519_selector = e\n", "ed25519_key", "required when algorithm = both"
+        )
+        self.assertProblem(
+            base + "ed25519_selector = e\ned25519_key = \n", "ed25519_key",
+            "required when algorithm = both",
+        )
+
+    def test_ed25519KeysOnlyWithBoth(self):
+        """
+        C{ed25519_selector} and C{ed25519_key} are refused without C{both}.
+        """
+        self.assertProblem(
+            f"selector = r\nkey = {self.rsaKey}\ned25519_selector = e\n",
+            "ed25519_selector", "only used with algorithm = both, not rsa-sha256",
+        )
+        self.assertProblem(
+            f"selector = r\nkey = {self.edKey}\nalgorithm = ed25519-sha256\n"
+            f"ed25519_key = {self.edKey}\n",
+            "ed25519_key", "only used with algorithm = both, not ed25519-sha256",
+        )
+
+    def test_required(self):
+        """
+        C{selector} and C{key} are required.
+        """
+        self.assertProblem(f"key = {self.rsaKey}\n", "selector", "required key missing")
+        self.assertProblem("selector = s\n", "key", "required key missing")
+        self.assertProblem("selector = s\nkey =\n", "key", "must not be empty")
+
+    def test_badValues(self):
+        """
+        Bad selectors and algorithms are refused with one line.
+        """
+        for bad in ["", "s_1", "-s", "a..b"]:
+            self.assertProblem(
+                f"selector = {bad}\nkey = {self.rsaKey}\n", "selector",
+                f"expected a DKIM selector (DNS labels such as mail or s2024.eu), got {bad!r}",
+            )
+        self.assertProblem(
+            f"selector = s\nkey = {self.rsaKey}\nalgorithm = rsa-sha1\n", "algorithm",
+            "expected rsa-sha256, ed25519-sha256 or both, got 'rsa-sha1'",
+        )
+        self.assertProblem(
+            f"selector = s\nkey = {self.rsaKey}\nalgorithm = both\n"
+            f"ed25519_selector = e_1\ned25519_key = {self.edKey}\n",
+            "ed25519_selector",
+            "expected a DKIM selector (DNS labels such as mail or s2024.eu), got 'e_1'",
+        )
+
+    def test_keyMismatch(self):
+        """
+        The key's type must fit the algorithm.
+        """
+        self.assertProblem(
+            f"selector = s\nkey = {self.edKey}\n", "key",
+            f"{self.edKey!r} holds an Ed25519 key, but rsa-sha256 needs an RSA key",
+        )
+        self.assertProblem(
+            f"selector = s\nkey = {self.rsaKey}\nalgorithm = ed25519-sha256\n", "key",
+            f"{self.rsaKey!r} holds an RSA key, but ed25519-sha256 needs an Ed25519 key",
+        )
+        self.assertProblem(
+            f"selector = s\nkey = {self.edKey}\nalgorithm = both\n"
+            f"ed25519_selector = e\ned25519_key = {self.edKey}\n", "key",
+            f"{self.edKey!r} holds an Ed25519 key, but rsa-sha256 needs an RSA key",
+        )
+        self.assertProblem(
+            f"selector = s\nkey = {self.rsaKey}\nalgorithm = both\n"
+            f"ed25519_selector = e\ned25519_key = {self.rsaKey}\n", "ed25519_key",
+            f"{self.rsaKey!r} holds an RSA key, but ed25519-sha256 needs an Ed25519 key",
+        )
+        ecKey = _writeKey(self, ec.generate_private_key(ec.SECP256R1()))
+        self.assertProblem(
+            f"selector = s\nkey = {ecKey}\n", "key",
+            f"{ecKey!r} holds neither an RSA nor an Ed25519 key",
+        )
+
+    def test_smallRSA(self):
+        """
+        RSA keys under 1024 bits are refused.
+        """
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(RSA_512)
+        self.assertProblem(
+            f"selector = s\nkey = {path}\n", "key",
+            f"{path!r} holds a 512-bit RSA key; use at least 1024 bits (2048 recommended)",
+        )
+
+    def test_badFiles(self):
+        """
+        Missing, non-PEM and encrypted key files are refused with one line.
+        """
+        missing = self.mktemp()
+        self.assertProblem(
+            f"selector = s\nkey = {missing}\n", "key",
+            f"cannot read {missing!r}: No such file or directory",
+        )
+        notPEM = self.mktemp()
+        with open(notPEM, "w") as f:
+            f.write("hello\n")
+        self.assertProblem(
+            f"selector = s\nkey = {notPEM}\n", "key", f"{notPEM!r} holds no PEM private key"
+        )
+        encrypted = _writeKey(
+            self, ed25519.Ed25519PrivateKey.generate(),
+            serialization.BestAvailableEncryption(b"password"),
+        )
+        self.assertProblem(
+            f"selector = s\nkey = {encrypted}\nalgorithm = ed25519-sha256\n", "key",
+            f"{encrypted!r} holds an encrypted key; smartrelay needs it unencrypted",
+        )
+
+    def test_domainNames(self):
+        """
+        Domains are validated and normalised like C{[domain:NAME]}; each
+        may appear once.
+        """
+        config = parseConfig(
+            f"[dkim:Example.COM.]\nselector = s\nkey = {self.rsaKey}\n"
+            f"[dkim:other.example]\nselector = s\nkey = {self.edKey}\n"
+            "algorithm = ed25519-sha256\n"
+        )
+        self.assertEqual(list(config.dkim), ["example.com", "other.example"])
+        self.assertEqual(config.dkim["example.com"].name, "example.com")
+        error = self.assertRaises(ConfigError, parseConfig, "[dkim:bad_name]\n", "etc/x.ini")
+        self.assertEqual(
+            str(error), "etc/x.ini: [dkim:bad_name]: 'bad_name' is not a valid domain name"
+        )
+        error = self.assertRaises(
+            ConfigError, parseConfig,
+            f"[dkim:a.example]\nselector = s\nkey = {self.rsaKey}\n[dkim:A.example]\n",
+            "etc/x.ini",
+        )
+        self.assertEqual(
+            str(error),
+            "etc/x.ini: [dkim:A.example]: duplicate section (the same as [dkim:a.example])",
+        )
+        error = self.assertRaises(ConfigError, parseConfig, "[dkim]\n", "etc/x.ini")
+        self.assertEqual(str(error), "etc/x.ini: [dkim]: a name is needed, as in [dkim:NAME]")
+
+    def test_readOnlyAndHashable(self):
+        """
+        C{Config.dkim} is read-only, and the configuration still hashes.
+        """
+        config = parseConfig(f"[dkim:example.com]\nselector = s\nkey = {self.rsaKey}\n")
+        self.assertRaises(TypeError, operator.setitem, config.dkim, "x", None)
+        self.assertIsInstance(hash(config), int)
+
+
 class RateTests(SynchronousTestCase):
     """
     Tests for L{Rate} and L{parseRate}.
@@ -1260,7 +1732,11 @@ class NamedSectionTests(SynchronousTestCase):
         """
         self.assertEqual(
             NAMED_SECTIONS,
-            {"domain": ("domains", DomainConfig), "provider": ("providers", ProviderConfig)},
+            {
+                "domain": ("domains", DomainConfig),
+                "provider": ("providers", ProviderConfig),
+                "dkim": ("dkim", DKIMConfig),
+            },
         )
         self.assertEqual(
             sectionKeys(DomainConfig),
