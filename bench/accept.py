@@ -67,6 +67,9 @@ def writeConfig(workdir: str, smtpPort: int, sinkPort: int, extra: str, hold: bo
 data_dir = {workdir}/var
 hostname = relay.bench.test
 
+[web]
+listen = tcp:0:interface=127.0.0.1
+
 [smtp]
 listen = tcp:{smtpPort}:interface=127.0.0.1
 max_connections_per_client = 1000

@@ -23,6 +23,8 @@ from smartrelay.events import EventLog
 from smartrelay.journal import EventJournal
 from smartrelay.retention import Pruner
 from smartrelay.ids import ID_STATE_FILE, IDState, loadIDState, renewLease, saveIDState, startRun
+from smartrelay.engine.dkim import DKIMKey, DKIMSigner
+from smartrelay.engine.rewrap import Rewrapper
 from smartrelay.outbound.pool import Connector, DestinationPolicy, TLSContexts
 from smartrelay.outbound.router import DomainRouter, MXRouter, SmarthostRouter, makeResolver
 from smartrelay.outbound.scheduler import DeliveryScheduler
@@ -30,12 +32,19 @@ from smartrelay.smtp.submission import SubmissionFactory, SubmissionPolicy
 from smartrelay.spool import Spool
 from smartrelay.store.redis import RedisConnectionFailed, RedisStore
 from smartrelay.store.sqlite import SQLiteStore
+from smartrelay.tokens import Tokens
+from smartrelay.web.tracking import TrackingApp, makeSite
 
 #: Threads that write new messages to the spool: enough for the kernel to
 #: merge their fsyncs.
 SPOOL_THREADS = 4
 #: Threads for the delivery side's spool I/O (reads, journal, removals).
 DELIVERY_IO_THREADS = 2
+#: Threads for re-wrapping (HTML rewriting, DKIM signing); the GIL keeps
+#: Python work to one core, but the reactor thread stays responsive.
+REWRAP_THREADS = 2
+#: The tokens' key file under data_dir (when [smartrelay] secret is unset).
+TOKEN_KEYS_FILE = "token-keys"
 
 
 def tlsContextFor(certificatePath: str, keyPath: str):
@@ -50,6 +59,19 @@ def tlsContextFor(certificatePath: str, keyPath: str):
         key = f.read()
     certificate = ssl.PrivateCertificate.loadPEM(certificates + b"\n" + key)
     return certificate.options()
+
+
+def makeSigner(config):
+    """
+    A L{DKIMSigner} for the C{[dkim:DOMAIN]} sections (their keys read
+    now), or L{None} without any.
+    """
+    keys = []
+    for domain, section in config.dkim.items():
+        for algorithm, selector, path in section.signingKeys():
+            with open(path, "rb") as f:
+                keys.append(DKIMKey(domain, selector, algorithm, f.read()))
+    return DKIMSigner(keys) if keys else None
 
 
 def makeRouter(config, reactor):
@@ -133,6 +155,28 @@ class RelayService(MultiService):
             runDeliveryIO=self.runDeliveryIO,
         )
 
+        # Re-wrapping (HTML rewriting, DKIM) is CPU work: off the reactor.
+        self.rewrapPool = ThreadPool(
+            minthreads=1, maxthreads=REWRAP_THREADS, name="smartrelay-rewrap"
+        )
+        tracking, feedback = config.tracking, config.feedback
+        # The tokens' keys are read (or made) at start-up, in _startUp.
+        self.rewrapper = Rewrapper(
+            tokens=None,
+            hostname=relay.hostname,
+            bounceDomain=feedback.bounce_domain or relay.hostname,
+            verpPrefix=feedback.verp_prefix,
+            baseURL=tracking.base_url,
+            runInThread=partial(deferToThreadPool, reactor, self.rewrapPool),
+            opens=tracking.opens,
+            clicks=tracking.clicks,
+            unsubscribe=tracking.unsubscribe,
+            signer=makeSigner(config),
+        )
+        self.web = TrackingApp(tokens=None, events=self.events, store=self.store, clock=reactor)
+        self.webSite = makeSite(self.web)
+        self.webEndpoint = endpoints.serverFromString(reactor, config.web.listen)
+        self.webPort = None
         self.scheduler = DeliveryScheduler(
             spool=self.spool,
             router=makeRouter(config, reactor),
@@ -155,6 +199,8 @@ class RelayService(MultiService):
             jitter=delivery.retry_jitter,
             shutdownTimeout=delivery.shutdown_timeout,
             hold=delivery.hold,
+            rewrapper=self.rewrapper,
+            suppress=True,
         )
         self.scheduler.setServiceParent(self)
         leaseTimer = TimerService(10, self._renewLease)
@@ -209,6 +255,7 @@ class RelayService(MultiService):
         return self.runInSpoolThread(saveIDState, self.idStatePath, state)
 
     def startService(self):
+        self.rewrapPool.start()
         self.spoolPool.start()
         self.deliveryIOPool.start()
         if self.storePool is not None:
@@ -247,6 +294,10 @@ class RelayService(MultiService):
     @inlineCallbacks
     def _startUp(self):
         yield self.runInSpoolThread(os.makedirs, self.dataDir, 0o700, True)
+        tokens = yield self.runInSpoolThread(
+            Tokens.load, self.config.relay.secret, os.path.join(self.dataDir, TOKEN_KEYS_FILE)
+        )
+        self.rewrapper.tokens = self.web.tokens = tokens
         storeStarted = True
         try:
             yield self.store.start()
@@ -270,6 +321,8 @@ class RelayService(MultiService):
             self.scheduler.enqueue(entry)
         if entries:
             self.log.info("recovered {count} queued message(s) from the spool", count=len(entries))
+        self.webPort = yield self.webEndpoint.listen(self.webSite)
+        self.log.info("web endpoints on {address}", address=self.webPort.getHost())
         port = self.smtpPort = yield self.smtpEndpoint.listen(self.smtpFactory)
         self.log.info("smartrelay accepting mail on {address}", address=port.getHost())
         return port
@@ -282,6 +335,9 @@ class RelayService(MultiService):
             port, self.smtpPort = self.smtpPort, None
             yield port.stopListening()
         yield MultiService.stopService(self)
+        if self.webPort is not None:
+            port, self.webPort = self.webPort, None
+            yield port.stopListening()
         yield self.events.flushed()
         self.events.stop()
         yield self.store.close()
@@ -290,6 +346,7 @@ class RelayService(MultiService):
         self.journalPool.stop()
         self.deliveryIOPool.stop()
         self.spoolPool.stop()
+        self.rewrapPool.stop()
 
 
 def makeRelayService(config, reactor) -> RelayService:

@@ -80,7 +80,7 @@ class RelayTestMixin:
     def relayConfig(self, sinkPort, extra=""):
         return (
             "[smartrelay]\ndata_dir = var\nhostname = relay.test\nnode_id = 2A\n\n"
-            "[smtp]\nlisten = tcp:0:interface=127.0.0.1\n%s\n"
+            "[web]\nlisten = tcp:0:interface=127.0.0.1\n\n[smtp]\nlisten = tcp:0:interface=127.0.0.1\n%s\n"
             "[delivery]\nsmarthost = tcp:host=127.0.0.1:port=%d\nretry = 5m\n"
             % (extra, sinkPort)
         )
@@ -120,7 +120,8 @@ class DeliveryTests(RelayTestMixin, TestCase):
         [received] = self.sink.received
         self.assertEqual(received.queueID, queueID)
         self.assertEqual(received.recipients, ["ok@example.org"])
-        self.assertEqual(received.sender, "app@example.com")
+        # The envelope sender is the VERP address for this recipient.
+        self.assertRegex(received.sender, r"^bounce\+[a-z2-7]{37}@relay\.test$")
         self.assertTrue(received.data.startswith(b"Received: from client.test ([127.0.0.1])"))
         self.assertIn(b"\r\n.leading dot\r\n", received.data)
 
@@ -165,7 +166,7 @@ class DeliveryTests(RelayTestMixin, TestCase):
         dnsServer.nullMX("nomail.test")
         config = (
             "[smartrelay]\ndata_dir = var\nhostname = relay.test\nnode_id = 2A\n\n"
-            "[smtp]\nlisten = tcp:0:interface=127.0.0.1\n\n"
+            "[web]\nlisten = tcp:0:interface=127.0.0.1\n\n[smtp]\nlisten = tcp:0:interface=127.0.0.1\n\n"
             "[delivery]\nnameservers = %s\nmx_port = %d\nretry = 5m\n"
             % (dnsServer.configValue, sinkPort)
         )

@@ -62,7 +62,7 @@ class MultiNodeTests(TestCase):
     def relayConfig(self, server, node, sinkPort):
         return (
             "[smartrelay]\ndata_dir = var\nhostname = node%s.test\nnode_id = %s\n"
-            "store = %s\n\n[smtp]\nlisten = tcp:0:interface=127.0.0.1\n\n"
+            "store = %s\n\n[web]\nlisten = tcp:0:interface=127.0.0.1\n\n[smtp]\nlisten = tcp:0:interface=127.0.0.1\n\n"
             "[delivery]\nsmarthost = tcp:host=127.0.0.1:port=%d\n"
             % (node, node, server.url(db=DB), sinkPort)
         )

@@ -41,7 +41,7 @@ class RelayServiceTests(TestCase):
             sinkPort = port.getHost().port
         config = parseConfig(
             "[smartrelay]\ndata_dir = %s\nhostname = relay.test\n"
-            "[smtp]\nlisten = tcp:0:interface=127.0.0.1\n"
+            "[web]\nlisten = tcp:0:interface=127.0.0.1\n\n[smtp]\nlisten = tcp:0:interface=127.0.0.1\n"
             "[delivery]\nsmarthost = tcp:host=127.0.0.1:port=%d\n%s"
             % (self.dataDir, sinkPort, extra)
         )
@@ -86,7 +86,7 @@ class RelayServiceTests(TestCase):
 
         config = parseConfig(
             "[smartrelay]\ndata_dir = %s\nhostname = relay.test\n"
-            "[smtp]\nlisten = tcp:0:interface=127.0.0.1\n"
+            "[web]\nlisten = tcp:0:interface=127.0.0.1\n\n[smtp]\nlisten = tcp:0:interface=127.0.0.1\n"
             "[delivery]\nsmarthost = %s\n"
             % (self.dataDir, relay.config.delivery.smarthost)
         )
@@ -107,7 +107,7 @@ class RelayServiceTests(TestCase):
         relay = self.makeRelay()
         config = parseConfig(
             "[smartrelay]\ndata_dir = %s\nhostname = relay.test\nstore = %s\n"
-            "[smtp]\nlisten = tcp:0:interface=127.0.0.1\n"
+            "[web]\nlisten = tcp:0:interface=127.0.0.1\n\n[smtp]\nlisten = tcp:0:interface=127.0.0.1\n"
             "[delivery]\nsmarthost = %s\n"
             % (self.dataDir, server.url(db=3), relay.config.delivery.smarthost)
         )
@@ -136,7 +136,7 @@ class RelayServiceTests(TestCase):
         config = parseConfig(
             "[smartrelay]\ndata_dir = %s\nhostname = relay.test\n"
             "store = redis://127.0.0.1:%d/0\n"
-            "[smtp]\nlisten = tcp:0:interface=127.0.0.1\n"
+            "[web]\nlisten = tcp:0:interface=127.0.0.1\n\n[smtp]\nlisten = tcp:0:interface=127.0.0.1\n"
             "[delivery]\nsmarthost = %s\n"
             % (self.dataDir, port, relay.config.delivery.smarthost)
         )

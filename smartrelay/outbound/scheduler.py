@@ -211,6 +211,7 @@ class DeliveryScheduler(Service):
     _pumping: bool = attrs.field(default=False, init=False)
     _pumpAgain: bool = attrs.field(default=False, init=False)
     _served: int = attrs.field(default=0, init=False)
+    _suppressionWarned: float = attrs.field(default=float("-inf"), init=False)
     _sessions: set = attrs.field(factory=set, init=False)
     _workers: set = attrs.field(factory=set, init=False)
     _inFlight: set = attrs.field(factory=set, init=False)
@@ -429,13 +430,16 @@ class DeliveryScheduler(Service):
             return self._route(entry, rest) if rest else None
 
         def unchecked(failure: Failure) -> Any:
-            # The store being down must not stop mail: deliver, and say so.
-            self.log.failure(
-                "could not check {queue_id}'s recipients against the suppression "
-                "list; delivering anyway",
-                failure,
-                queue_id=entry.queue_id,
-            )
+            # The store being down must not stop mail: deliver, and say so
+            # (once a minute, not once per message).
+            now = self.clock.seconds()
+            if now - self._suppressionWarned >= 60:
+                self._suppressionWarned = now
+                self.log.warn(
+                    "cannot check recipients against the suppression list "
+                    "({why}); delivering anyway",
+                    why=failure.getErrorMessage() or failure.type.__name__,
+                )
             return self._route(entry, addresses)
 
         return d.addCallbacks(checked, unchecked)

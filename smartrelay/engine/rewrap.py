@@ -1,0 +1,222 @@
+"""
+The per-recipient re-wrap (DESIGN section 1.5): what a stored message
+becomes for one of its recipients just before delivery.
+
+* the envelope sender becomes a VERP address,
+  C{<verp_prefix>+<token>@<bounce_domain>}, whose token (signed, compact,
+  lower-case) names the queue id and the recipient, so that a bounce coming
+  back says exactly who bounced (a null sender stays null);
+* C{List-Unsubscribe: <https://TRACKING/u/TOKEN>, <mailto:unsub+TOKEN@BOUNCE_DOMAIN>}
+  and C{List-Unsubscribe-Post: List-Unsubscribe=One-Click} (RFC 8058) are
+  added, unless C{[tracking] unsubscribe} or the message's
+  C{X-SmartRelay-Unsubscribe} says off;
+* C{Feedback-ID} (for the mailbox providers' feedback loops) is built from
+  the tag and the sender's domain; C{Message-ID} and C{Date} are added if
+  missing (the same for every recipient of the message);
+* open and click tracking rewrite the HTML parts
+  (L{smartrelay.engine.tracking}), when C{[tracking]} or the message asks;
+* last, the message is DKIM-signed with the key of its From domain
+  (L{smartrelay.engine.dkim}), so that the signature covers everything
+  above, List-Unsubscribe and List-Unsubscribe-Post included.
+
+The CPU work (parsing, HTML rewriting, signing) runs in C{runInThread},
+never on the reactor thread.  Control headers were already removed when the
+message was accepted (L{smartrelay.engine.headers}).
+"""
+
+import re
+from email.utils import formatdate
+from typing import Any, Callable, Optional
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from smartrelay.ids import fileName
+from smartrelay.spool import SpoolEntry
+
+__all__ = ["Rewrapper"]
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_FROM_DOMAIN = re.compile(rb"@([A-Za-z0-9.-]+)")
+
+
+def _headerSection(data: bytes) -> bytes:
+    match = _HEADER_END.search(data)
+    return data if match is None else data[: match.start() + 2]
+
+
+def _hasHeader(header: bytes, name: bytes) -> bool:
+    lowered = b"\n" + header.lower()
+    return (b"\n" + name.lower() + b":") in lowered
+
+
+def _fromDomain(header: bytes) -> Optional[str]:
+    for line in re.split(rb"\r?\n(?![ \t])", header):
+        if line[:5].lower() == b"from:":
+            matches = _FROM_DOMAIN.findall(line)
+            if matches:
+                return matches[-1].decode("ascii").lower().rstrip(".")
+    return None
+
+
+_TRACE = (b"received:", b"x-smartrelay-id:", b"return-path:")
+
+
+def _afterTrace(data: bytes) -> int:
+    """
+    Where new header fields go: after the trace fields at the top
+    (C{Received}, and our C{X-SmartRelay-ID}), which stay first.
+    """
+    offset = 0
+    while data[offset : offset + 20].lower().startswith(_TRACE):
+        end = data.find(b"\n", offset)
+        while end >= 0 and data[end + 1 : end + 2] in (b" ", b"\t"):
+            end = data.find(b"\n", end + 1)
+        if end < 0:
+            return offset
+        offset = end + 1
+    return offset
+
+
+def _feedbackPart(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._@-]", "-", text)[:60] or "-"
+
+
+@attrs.define
+class Rewrapper:
+    """
+    Turns a stored message into the one for one recipient.
+
+    @ivar tokens: a L{smartrelay.tokens.Tokens}.
+    @ivar hostname: the relay's name (Message-ID).
+    @ivar bounceDomain: the domain of VERP and unsubscribe addresses.
+    @ivar verpPrefix: the local part before C{+} in VERP addresses.
+    @ivar baseURL: the public URL of the web endpoints (no trailing slash).
+    @ivar opens: track opens unless the message says otherwise.
+    @ivar clicks: track clicks unless the message says otherwise.
+    @ivar unsubscribe: add List-Unsubscribe unless the message says
+        otherwise.
+    @ivar signer: a L{smartrelay.engine.dkim.DKIMSigner}, or L{None}.
+    @ivar runInThread: C{f(*args) -> Deferred} for the CPU work.
+    """
+
+    tokens: Any
+    hostname: str
+    bounceDomain: str
+    verpPrefix: str
+    baseURL: str
+    runInThread: Callable[..., Deferred]
+    opens: bool = False
+    clicks: bool = False
+    unsubscribe: bool = True
+    signer: Any = None
+
+    log = Logger()
+
+    def verpAddress(self, entry: SpoolEntry, index: int) -> str:
+        """
+        The VERP envelope sender for recipient number C{index}.
+        """
+        token = self.tokens.compact("v", entry.queue_id, index)
+        return f"{self.verpPrefix}+{token}@{self.bounceDomain}"
+
+    def rewrap(self, entry: SpoolEntry, index: int, data: bytes) -> Deferred:
+        """
+        @return: L{Deferred} firing with C{(envelope sender, message)} for
+            C{entry.recipients[index]}.
+        """
+        recipient = entry.recipients[index].address
+        sender = self.verpAddress(entry, index) if entry.sender else ""
+        options = entry.options
+        opens = options.get("opens", self.opens)
+        clicks = options.get("clicks", self.clicks)
+        unsubscribe = options.get("unsubscribe", self.unsubscribe)
+        headers = self._headers(entry, index, recipient, unsubscribe)
+        openURL = clickURL = None
+        if opens:
+            openURL = f"{self.baseURL}/t/o/{self.tokens.make('o', entry.queue_id, recipient)}.gif"
+        if clicks:
+            queueID, tokens, base = entry.queue_id, self.tokens, self.baseURL
+
+            def clickURL(url: str) -> str:
+                return f"{base}/t/c/{tokens.make('c', queueID, recipient, url)}"
+
+        d = self.runInThread(
+            _rewrapBlocking, data, headers, openURL, clickURL, self.signer, entry
+        )
+
+        def done(result: tuple) -> tuple:
+            message, signError = result
+            if signError is not None:
+                self.log.warn(
+                    "could not DKIM-sign {queue_id} ({why}); sending it unsigned",
+                    queue_id=entry.queue_id,
+                    why=signError,
+                )
+            return sender, message
+
+        return d.addCallback(done)
+
+    def _headers(
+        self, entry: SpoolEntry, index: int, recipient: str, unsubscribe: bool
+    ) -> list:
+        """
+        The header fields to add, as (name, value) pairs; those that depend
+        on the message (Message-ID, Date) are added only if missing, in the
+        thread.
+        """
+        headers = []
+        if unsubscribe:
+            https = f"{self.baseURL}/u/{self.tokens.make('u', entry.queue_id, recipient)}"
+            mailto = f"unsub+{self.tokens.compact('u', entry.queue_id, index)}@{self.bounceDomain}"
+            headers.append(("List-Unsubscribe", f"<{https}>, <mailto:{mailto}>"))
+            headers.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
+        headers.append(("Message-ID", f"<{fileName(entry.queue_id)}@{self.hostname}>"))
+        headers.append(("Date", formatdate(entry.received, localtime=False, usegmt=True)))
+        headers.append(("Feedback-ID", entry.tag or "default"))
+        return headers
+
+
+def _rewrapBlocking(
+    data: bytes,
+    headers: list,
+    openURL: Optional[str],
+    clickURL: Optional[Callable[[str], str]],
+    signer: Any,
+    entry: SpoolEntry,
+) -> bytes:
+    """
+    The CPU part of L{Rewrapper.rewrap}; runs in a thread.
+
+    @return: C{(message, None)}, or C{(unsigned message, why)} when DKIM
+        signing failed.
+    """
+    header = _headerSection(data)
+    added = []
+    for name, value in headers:
+        if name in ("Message-ID", "Date", "List-Unsubscribe", "List-Unsubscribe-Post"):
+            if _hasHeader(header, name.encode("ascii")):
+                continue
+        if name == "Feedback-ID":
+            if _hasHeader(header, b"Feedback-ID"):
+                continue
+            domain = _fromDomain(header) or "unknown"
+            value = f"{_feedbackPart(value)}:{_feedbackPart(domain)}:smartrelay"
+        added.append(f"{name}: {value}\r\n".encode("utf-8"))
+    at = _afterTrace(data)
+    message = data[:at] + b"".join(added) + data[at:]
+    if openURL is not None or clickURL is not None:
+        from smartrelay.engine.tracking import rewriteTracking
+
+        message = rewriteTracking(message, openURL, clickURL)
+    if signer is not None:
+        import dkim
+
+        try:
+            message = signer.sign(message)
+        except dkim.DKIMException as e:
+            # A header section dkimpy cannot parse: send it unsigned (the
+            # receiver will judge it) rather than retry for days.
+            return message, f"{type(e).__name__}: {e}"
+    return message, None
