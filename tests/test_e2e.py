@@ -396,3 +396,156 @@ def writeSelfSigned(directory):
     with open(keyPath, "wb") as f:
         f.write(key)
     return certPath, keyPath
+
+
+HTML_MESSAGE = (
+    "From: Shop <news@shop.example>\r\nTo: reader@example.org\r\nSubject: Spring sale\r\n"
+    "X-SmartRelay-Track: opens,clicks\r\nX-SmartRelay-Tag: spring\r\n"
+    "X-SmartRelay-Metadata-campaign: c42\r\n"
+    "MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=\"b1\"\r\n\r\n"
+    "--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+    "See https://shop.example/sale\r\n"
+    "--b1\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+    "<html><body><p>Sale!</p><a href=\"https://shop.example/sale?x=1&amp;y=2\">Go</a>"
+    "<a href=\"mailto:help@shop.example\">Help</a></body></html>\r\n"
+    "--b1--\r\n"
+)
+
+
+class RewrapEndToEndTests(RelayTestMixin, TestCase):
+    """
+    The whole re-wrap path through a real C{twistd smartrelay}: VERP,
+    List-Unsubscribe, tracking and DKIM on the delivered message; the
+    tracked link and the one-click unsubscribe through the relay's real
+    HTTP server; the next message to the unsubscribed address suppressed.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_rewrapTrackUnsubscribe(self):
+        import dkim
+        import treq
+        from email import message_from_bytes, policy
+
+        from smartrelay.engine.dkim import generateKey
+        from smartrelay.tokens import Tokens
+        from tests.redisserver import freePort
+
+        sinkPort = self.startSink()
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        pem, txt = generateKey("rsa-sha256", 2048)
+        keyPath = os.path.join(workdir, "shop.key")
+        with open(keyPath, "wb") as f:
+            f.write(pem)
+        webPort = freePort()
+        config = (
+            "[smartrelay]\ndata_dir = var\nhostname = relay.test\nnode_id = 2A\n"
+            "secret = a-test-secret-of-some-length\n\n"
+            "[smtp]\nlisten = tcp:0:interface=127.0.0.1\n\n"
+            "[web]\nlisten = tcp:%d:interface=127.0.0.1\n\n"
+            "[tracking]\nbase_url = http://127.0.0.1:%d\n\n"
+            "[feedback]\nbounce_domain = bounces.relay.test\n\n"
+            "[delivery]\nsmarthost = tcp:host=127.0.0.1:port=%d\nretry = 5m\n\n"
+            "[dkim:shop.example]\nselector = s1\nkey = %s\n"
+            % (webPort, webPort, sinkPort, keyPath)
+        )
+        relay = RelayProcess(workdir, config)
+        self.workdir = workdir
+        self.addCleanup(relay.kill)
+        relay.start()
+        yield relay.waitReady(reactor)
+
+        (code, text), _ = yield deferToThread(
+            submit, relay.port, ["reader@example.org"], HTML_MESSAGE, "app@shop.example"
+        )
+        self.assertEqual(code, 250, text)
+        queueID = text.split()[-1]
+        yield waitFor(reactor, lambda: self.sink.received)
+        [received] = self.sink.received
+        tokens = Tokens.load(["a-test-secret-of-some-length"], os.path.join(workdir, "unused"))
+
+        # VERP return path naming this message and recipient.
+        local, _, domain = received.sender.partition("@")
+        self.assertEqual(domain, "bounces.relay.test")
+        self.assertEqual(tokens.readCompact("v", local.split("+", 1)[1]), (queueID, 0))
+
+        # Control headers gone; List-Unsubscribe, Feedback-ID, Message-ID added.
+        data = received.data
+        message = message_from_bytes(data, policy=policy.default)
+        self.assertIsNone(message["X-SmartRelay-Track"])
+        self.assertIsNone(message["X-SmartRelay-Tag"])
+        self.assertEqual(message["List-Unsubscribe-Post"], "List-Unsubscribe=One-Click")
+        self.assertEqual(message["Feedback-ID"], "spring:shop.example:smartrelay")
+        self.assertIsNotNone(message["Message-ID"])
+
+        # DKIM verifies with dkimpy against the published key.
+        record = txt.encode()
+
+        def dnsfunc(name, timeout=5):
+            return record if name.rstrip(b".") == b"s1._domainkey.shop.example" else None
+
+        self.assertTrue(dkim.verify(data, dnsfunc=dnsfunc))
+        signature = message["DKIM-Signature"]
+        self.assertIn("list-unsubscribe", signature.lower())
+
+        # The HTML link is tracked, mailto is not; the text part is untouched.
+        text_part, html_part = [p for p in message.walk() if not p.is_multipart()]
+        self.assertEqual(text_part.get_content().strip(), "See https://shop.example/sale")
+        html = html_part.get_content()
+        self.assertIn('href="mailto:help@shop.example"', html)
+        self.assertIn("/t/o/", html)
+        tracked = html.split('href="', 1)[1].split('"', 1)[0]
+        self.assertTrue(tracked.startswith("http://127.0.0.1:%d/t/c/" % webPort), tracked)
+
+        # Following it redirects to the original link and records a click.
+        from twisted.web.client import HTTPConnectionPool
+
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = yield treq.get(tracked, allow_redirects=False, pool=pool)
+        yield response.content()
+        self.assertEqual(response.code, 302)
+        self.assertEqual(
+            response.headers.getRawHeaders("location"), ["https://shop.example/sale?x=1&y=2"]
+        )
+        yield waitFor(reactor, lambda: any(e[0] == "clicked" for e in events(workdir)))
+
+        # The one-click unsubscribe suppresses the address.
+        https = message["List-Unsubscribe"].split(",")[0].strip(" <>")
+        response = yield treq.post(
+            https,
+            data=b"List-Unsubscribe=One-Click",
+            headers={"Content-Type": ["application/x-www-form-urlencoded"]},
+            pool=pool,
+        )
+        yield response.content()
+        self.assertEqual(response.code, 200)
+        yield waitFor(reactor, lambda: any(e[0] == "unsubscribed" for e in events(workdir)))
+
+        # The next message to that address is suppressed, not delivered.
+        (code, text), _ = yield deferToThread(
+            submit, relay.port, ["reader@example.org"], HTML_MESSAGE, "app@shop.example"
+        )
+        self.assertEqual(code, 250)
+        second = text.split()[-1]
+        yield waitFor(
+            reactor, lambda: any(e[0] == "suppressed" and e[1] == second for e in events(workdir))
+        )
+        yield relay.stop()
+        self.assertEqual(len(self.sink.received), 1)
+        byType = {}
+        for kind, qid, recipient, detail in events(workdir):
+            byType.setdefault(kind, []).append((qid, json.loads(detail)))
+        self.assertEqual(byType["suppressed"], [(second, {"reason": "unsubscribe"})])
+        self.assertEqual(byType["clicked"][0][1]["url"], "https://shop.example/sale?x=1&y=2")
+        # Tag and metadata travel with every event of the message.
+        connection = sqlite3.connect(os.path.join(workdir, "var", "smartrelay.sqlite"))
+        try:
+            tags = connection.execute(
+                "SELECT DISTINCT type, tag FROM events WHERE queue_id = ?", (queueID,)
+            ).fetchall()
+        finally:
+            connection.close()
+        self.assertEqual({tag for _, tag in tags}, {"spring"})
+        self.assertTrue({"accepted", "delivered", "clicked"} <= {kind for kind, _ in tags})
