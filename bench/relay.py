@@ -17,6 +17,7 @@ are used, no Postfix server is started):
     python3 bench/relay.py --runs 1 --messages 2000
     python3 bench/relay.py --reuse                 # smtp-source -d: many messages per session
     python3 bench/relay.py --extra "max_connections_per_domain = 20"
+    python3 bench/relay.py --dkim                  # DKIM-sign every message (RSA-2048)
 """
 
 import argparse
@@ -190,6 +191,21 @@ def _stopRelay(relay: subprocess.Popen) -> None:
         relay.wait()
 
 
+def dkimSection(workdir: str, algorithm: str) -> str:
+    """
+    A fresh DKIM key for C{bench.test} (smtp-source's From domain) in
+    C{workdir}, and the C{[dkim:bench.test]} section that signs with it.
+    """
+    sys.path.insert(0, accept.PROJECT)
+    from smartrelay.engine.dkim import generateKey
+
+    pem, _ = generateKey(algorithm, 2048)
+    path = os.path.join(workdir, "bench.key")
+    with open(path, "wb") as f:
+        f.write(pem)
+    return f"[dkim:bench.test]\nselector = bench\nkey = {path}\nalgorithm = {algorithm}\n"
+
+
 def oneRun(args: argparse.Namespace) -> dict:
     """
     One run: a fresh relay and sink, C{args.messages} messages through them.
@@ -206,7 +222,10 @@ def oneRun(args: argparse.Namespace) -> dict:
         time.sleep(0.2)
         if sink.process.poll() is not None:
             raise BenchError(f"smtp-sink did not start: {sink.stderr()}")
-        relay, log = startRelay(workdir, smtpPort, sinkPort, args.extra)
+        extra = args.extra
+        if args.dkim:
+            extra += "\n" + dkimSection(workdir, args.dkim)
+        relay, log = startRelay(workdir, smtpPort, sinkPort, extra)
         command = [accept.tool("smtp-source"), "-s", str(args.sessions),
                    "-m", str(args.messages), "-l", str(args.size),
                    "-f", "app@bench.test", "-t", "rcpt@sink.test"]
@@ -269,6 +288,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048, help="message size (bytes)")
     parser.add_argument("--reuse", action="store_true",
                         help="smtp-source -d: many messages per session")
+    parser.add_argument("--dkim", nargs="?", const="rsa-sha256", default=None,
+                        choices=["rsa-sha256", "ed25519-sha256"],
+                        help="sign every message (a fresh RSA-2048 or Ed25519 key for bench.test)")
     parser.add_argument("--extra", action="append", default=[],
                         help="a line for the relay's [delivery] section (repeatable)")
     parser.add_argument("--sink-concurrency", type=int, default=1000, help="smtp-sink -m")
