@@ -143,7 +143,7 @@ class Rewrapper:
                 return f"{base}/t/c/{tokens.make('c', queueID, recipient, url)}"
 
         d = self.runInThread(
-            _rewrapBlocking, data, headers, openURL, clickURL, self.signer, entry
+            _rewrapBlocking, data, headers, openURL, clickURL, self.signer
         )
 
         def done(result: tuple) -> tuple:
@@ -184,8 +184,7 @@ def _rewrapBlocking(
     openURL: Optional[str],
     clickURL: Optional[Callable[[str], str]],
     signer: Any,
-    entry: SpoolEntry,
-) -> bytes:
+) -> tuple:
     """
     The CPU part of L{Rewrapper.rewrap}; runs in a thread.
 

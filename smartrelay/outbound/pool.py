@@ -24,7 +24,6 @@ from typing import Any, Optional
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 
 from smartrelay.outbound.session import TLSPolicy, openSession
 
@@ -338,8 +337,6 @@ class Connector:
     heloName: str
     timeout: float
     contexts: TLSContexts = attrs.field(factory=TLSContexts)
-
-    log = Logger()
 
     def open(self, hop: Any, tlsPolicy: str) -> Deferred:
         context = self.contexts.contextFor(tlsPolicy, getattr(hop, "host", None) or hop.name)
