@@ -121,13 +121,16 @@ class RewrapTests(SynchronousTestCase):
         seen = []
 
         class Signer:
-            def sign(self, message):
+            def sign(self, message, domain):
                 seen.append(message)
+                self.domain = domain
                 return b"DKIM-Signature: x\r\n" + message
 
         entry = makeEntry(QUEUE_ID, ["a@example.com"], sender="app@shop.example")
+        signer = Signer()
         sender, data = self.successResultOf(
-            self.rewrapper(signer=Signer()).rewrap(entry, 0, TEXT)
+            self.rewrapper(signer=signer).rewrap(entry, 0, TEXT)
         )
         self.assertTrue(data.startswith(b"DKIM-Signature: x\r\n"))
+        self.assertEqual(signer.domain, "shop.example")
         self.assertIn(b"List-Unsubscribe:", seen[0])

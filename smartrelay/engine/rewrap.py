@@ -32,32 +32,11 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from smartrelay.engine.dkim import fromDomain, headerSection
 from smartrelay.ids import fileName
 from smartrelay.spool import SpoolEntry
 
 __all__ = ["Rewrapper"]
-
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
-_FROM_DOMAIN = re.compile(rb"@([A-Za-z0-9.-]+)")
-
-
-def _headerSection(data: bytes) -> bytes:
-    match = _HEADER_END.search(data)
-    return data if match is None else data[: match.start() + 2]
-
-
-def _hasHeader(header: bytes, name: bytes) -> bool:
-    lowered = b"\n" + header.lower()
-    return (b"\n" + name.lower() + b":") in lowered
-
-
-def _fromDomain(header: bytes) -> Optional[str]:
-    for line in re.split(rb"\r?\n(?![ \t])", header):
-        if line[:5].lower() == b"from:":
-            matches = _FROM_DOMAIN.findall(line)
-            if matches:
-                return matches[-1].decode("ascii").lower().rstrip(".")
-    return None
 
 
 _TRACE = (b"received:", b"x-smartrelay-id:", b"return-path:")
@@ -191,17 +170,16 @@ def _rewrapBlocking(
     @return: C{(message, None)}, or C{(unsigned message, why)} when DKIM
         signing failed.
     """
-    header = _headerSection(data)
+    header = headerSection(data)
+    domain = fromDomain(header)
+    present = b"\n" + header.lower()
     added = []
     for name, value in headers:
-        if name in ("Message-ID", "Date", "List-Unsubscribe", "List-Unsubscribe-Post"):
-            if _hasHeader(header, name.encode("ascii")):
-                continue
+        # Every field is added only if the message has none of its own.
+        if b"\n" + name.lower().encode("ascii") + b":" in present:
+            continue
         if name == "Feedback-ID":
-            if _hasHeader(header, b"Feedback-ID"):
-                continue
-            domain = _fromDomain(header) or "unknown"
-            value = f"{_feedbackPart(value)}:{_feedbackPart(domain)}:smartrelay"
+            value = f"{_feedbackPart(value)}:{_feedbackPart(domain or 'unknown')}:smartrelay"
         added.append(f"{name}: {value}\r\n".encode("utf-8"))
     at = _afterTrace(data)
     message = data[:at] + b"".join(added) + data[at:]
@@ -213,7 +191,7 @@ def _rewrapBlocking(
         import dkim
 
         try:
-            message = signer.sign(message)
+            message = signer.sign(message, domain)
         except dkim.DKIMException as e:
             # A header section dkimpy cannot parse: send it unsigned (the
             # receiver will judge it) rather than retry for days.
