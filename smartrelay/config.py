@@ -37,6 +37,7 @@ import configparser
 import difflib
 import ipaddress
 import math
+import os
 import re
 import socket
 import types
@@ -217,6 +218,25 @@ def _positiveInt(text: str) -> int:
     text = text.strip()
     if not re.fullmatch(r"[0-9]+", text) or int(text) == 0:
         raise ValueError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+#: The most re-wrap worker processes C{[delivery] rewrap_workers} allows.
+MAX_REWRAP_WORKERS = 64
+
+
+def _rewrapWorkers(text: str) -> int:
+    """
+    C{auto} (one process per CPU but one, at least one and at most four),
+    C{0} (threads in the relay process) or a number of processes.
+    """
+    text = text.strip().lower()
+    if text == "auto":
+        return min(4, max(1, (os.cpu_count() or 1) - 1))
+    if not re.fullmatch(r"[0-9]+", text) or int(text) > MAX_REWRAP_WORKERS:
+        raise ValueError(
+            f"expected auto or a number of processes from 0 to {MAX_REWRAP_WORKERS}, got {text!r}"
+        )
     return int(text)
 
 
@@ -1044,6 +1064,10 @@ class DeliveryConfig:
         means only 421 replies count.
     @ivar throttle_cooldown: seconds to slow down for after a throttling reply.
     @ivar shutdown_timeout: seconds a stop waits for deliveries in flight.
+    @ivar rewrap_workers: worker processes that re-wrap and DKIM-sign
+        outgoing messages (L{smartrelay.engine.workers}); 0 does it in a
+        thread pool of the relay process.  C{auto} in the INI file (the
+        default) is one per CPU but one, from 1 to 4.
     """
 
     smarthost: Optional[str] = _setting(_clientEndpoint, default=None)
@@ -1067,6 +1091,7 @@ class DeliveryConfig:
     )
     throttle_cooldown: float = _setting(parseDuration, default=300.0)
     shutdown_timeout: float = _setting(parseDuration, default=30.0)
+    rewrap_workers: int = _setting(_rewrapWorkers, factory=lambda: _rewrapWorkers("auto"))
 
 
 @attrs.frozen(kw_only=True)

@@ -25,6 +25,7 @@ from smartrelay.retention import Pruner
 from smartrelay.ids import ID_STATE_FILE, IDState, loadIDState, renewLease, saveIDState, startRun
 from smartrelay.engine.dkim import DKIMKey, DKIMSigner
 from smartrelay.engine.rewrap import Rewrapper
+from smartrelay.engine.workers import WorkerPool
 from smartrelay.outbound.pool import Connector, DestinationPolicy, TLSContexts
 from smartrelay.outbound.router import DomainRouter, MXRouter, SmarthostRouter, makeResolver
 from smartrelay.outbound.scheduler import DeliveryScheduler
@@ -173,6 +174,12 @@ class RelayService(MultiService):
             unsubscribe=tracking.unsubscribe,
             signer=makeSigner(config),
         )
+        # In worker processes (the default) the CPU work runs beside the
+        # reactor rather than taking turns with it for the interpreter lock;
+        # they are started once the token keys are known, in _startUp.
+        self.workers = None
+        if delivery.rewrap_workers:
+            self.workers = WorkerPool(reactor, delivery.rewrap_workers)
         self.web = TrackingApp(tokens=None, events=self.events, store=self.store, clock=reactor)
         self.webSite = makeSite(self.web)
         self.webEndpoint = endpoints.serverFromString(reactor, config.web.listen)
@@ -298,6 +305,12 @@ class RelayService(MultiService):
             Tokens.load, self.config.relay.secret, os.path.join(self.dataDir, TOKEN_KEYS_FILE)
         )
         self.rewrapper.tokens = self.web.tokens = tokens
+        if self.workers is not None:
+            self.workers.start(self.rewrapper.signer, tokens)
+            self.rewrapper.workers = self.workers
+            self.log.info(
+                "{count} re-wrap worker process(es) started", count=self.workers.count
+            )
         storeStarted = True
         try:
             yield self.store.start()
@@ -347,6 +360,8 @@ class RelayService(MultiService):
         self.deliveryIOPool.stop()
         self.spoolPool.stop()
         self.rewrapPool.stop()
+        if self.workers is not None:
+            yield self.workers.stop()
 
 
 def makeRelayService(config, reactor) -> RelayService:

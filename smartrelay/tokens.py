@@ -235,11 +235,16 @@ class Tokens:
         for key in keys:
             if not isinstance(key, bytes) or len(key) < MIN_KEY_SIZE:
                 raise ValueError(f"token keys must be at least {MIN_KEY_SIZE} bytes")
+        self._all = tuple(keys)
         self._signing = keys[0]
         self._signingID = keyID(keys[0])
         self._keys: dict[int, list[bytes]] = {}
         for key in keys:
             self._keys.setdefault(keyID(key), []).append(key)
+
+    def __reduce__(self) -> tuple:
+        # Pickled for the re-wrap worker processes, over their pipes.
+        return (Tokens, (self._all,))
 
     def __repr__(self) -> str:
         count = sum(map(len, self._keys.values()))

@@ -194,6 +194,9 @@ class DefaultsTests(SynchronousTestCase):
         self.assertTrue(all(p.flags & re.IGNORECASE for p in config.delivery.throttle_patterns))
         self.assertEqual(config.delivery.throttle_cooldown, 300)
         self.assertEqual(config.delivery.shutdown_timeout, 30)
+        self.assertEqual(
+            config.delivery.rewrap_workers, min(4, max(1, (os.cpu_count() or 1) - 1))
+        )
         self.assertEqual(dict(config.domains), {})
         self.assertEqual(dict(config.providers), {})
         self.assertEqual(config.relay.secret, ())
@@ -1031,6 +1034,20 @@ class DeliveryEngineKeysTests(ConfigTestMixin, SynchronousTestCase):
                 self.assertKeyError(
                     "delivery", key, bad, f"expected a positive integer, got {bad!r}"
                 )
+
+    def test_rewrapWorkers(self):
+        """
+        C{rewrap_workers} is C{auto}, 0 (threads) or a number of processes
+        up to 64.
+        """
+        auto = min(4, max(1, (os.cpu_count() or 1) - 1))
+        for text, value in [("auto", auto), (" AUTO ", auto), ("0", 0), ("3", 3), ("64", 64)]:
+            self.assertEqual(self.parseKey("delivery", "rewrap_workers", text).rewrap_workers, value)
+        for bad in ["65", "-1", "two", "", "1.5"]:
+            self.assertKeyError(
+                "delivery", "rewrap_workers", bad,
+                f"expected auto or a number of processes from 0 to 64, got {bad.strip().lower()!r}",
+            )
 
     def test_durations(self):
         """

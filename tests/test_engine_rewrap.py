@@ -5,11 +5,13 @@ Feedback-ID, Message-ID/Date, tracking and signing per recipient.
 
 import email
 import email.policy
+import pickle
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import fail, maybeDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from smartrelay.engine.rewrap import Rewrapper
+from smartrelay.engine.rewrap import RewrapJob, Rewrapper
+from smartrelay.engine.workers import WorkerError, WorkerLost
 from smartrelay.outbound.testing import makeEntry
 from smartrelay.tokens import Tokens
 
@@ -134,3 +136,91 @@ class RewrapTests(SynchronousTestCase):
         self.assertTrue(data.startswith(b"DKIM-Signature: x\r\n"))
         self.assertEqual(signer.domain, "shop.example")
         self.assertIn(b"List-Unsubscribe:", seen[0])
+
+
+class WorkerJobTests(SynchronousTestCase):
+    """
+    With a worker pool, the CPU work goes to it as a picklable
+    L{RewrapJob} that does in the worker what the thread would have done.
+    """
+
+    def setUp(self):
+        self.tokens = Tokens([b"k" * 32])
+
+    def rewrapper(self, **kwargs):
+        return Rewrapper(
+            tokens=self.tokens,
+            hostname="relay.test",
+            bounceDomain="bounces.test",
+            verpPrefix="bounce",
+            baseURL="https://t.example",
+            runInThread=lambda *a: self.fail("ran in a thread"),
+            clicks=True,
+            opens=True,
+            **kwargs,
+        )
+
+    def test_jobToWorkers(self):
+        """
+        The job goes to C{workers.run}; pickled and run with the worker's
+        own copies of the signer and tokens, it gives what the thread path
+        gives.
+        """
+        jobs = []
+
+        class Workers:
+            def run(self, job):
+                jobs.append(job)
+                copy = pickle.loads(pickle.dumps(job))
+                tokens = pickle.loads(pickle.dumps(outer.tokens))
+                return maybeDeferred(copy.run, None, tokens)
+
+        outer = self
+        entry = makeEntry(QUEUE_ID, ["a@example.com"], sender="app@shop.example")
+        sender, data = self.successResultOf(
+            self.rewrapper(workers=Workers()).rewrap(entry, 0, HTML)
+        )
+        self.assertEqual(len(jobs), 1)
+        self.assertIsInstance(jobs[0], RewrapJob)
+        self.assertEqual(jobs[0].click, ("https://t.example", QUEUE_ID, "a@example.com"))
+        self.assertEqual(data, jobs[0].run(None, self.tokens)[0])
+        self.assertIn(b"https://t.example/t/c/", data)
+        self.assertIn(b"https://t.example/t/o/", data)
+        self.assertTrue(sender.startswith("bounce+"))
+
+    def test_workerLostOnce(self):
+        """
+        A job whose worker died is given once more to the pool.
+        """
+        calls = []
+
+        class Workers:
+            def run(self, job):
+                calls.append(job)
+                if len(calls) == 1:
+                    return fail(WorkerLost("gone"))
+                return maybeDeferred(job.run, None, outer.tokens)
+
+        outer = self
+        entry = makeEntry(QUEUE_ID, ["a@example.com"], sender="app@shop.example")
+        self.successResultOf(self.rewrapper(workers=Workers()).rewrap(entry, 0, HTML))
+        self.assertEqual(len(calls), 2)
+
+    def test_workerLostTwice(self):
+        """
+        A job that loses its worker twice fails the re-wrap (the scheduler
+        defers the message); so does one that raised in the worker, at once.
+        """
+        for error, tries in [(WorkerLost("gone"), 2), (WorkerError("ValueError: x"), 1)]:
+            calls = []
+
+            class Workers:
+                def run(self, job):
+                    calls.append(job)
+                    return fail(error)
+
+            entry = makeEntry(QUEUE_ID, ["a@example.com"], sender="app@shop.example")
+            self.failureResultOf(
+                self.rewrapper(workers=Workers()).rewrap(entry, 0, HTML), type(error)
+            )
+            self.assertEqual(len(calls), tries)

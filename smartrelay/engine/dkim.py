@@ -352,6 +352,7 @@ class DKIMSigner:
         @raise ValueError: a key is unusable, or two keys have the same
             domain and selector.
         """
+        self._source = (tuple(keys), clock)
         byDomain: Dict[str, List[_Primitive]] = {}
         seen = set()
         for key in keys:
@@ -368,6 +369,11 @@ class DKIMSigner:
             domain: tuple(primitives) for domain, primitives in byDomain.items()
         }
         self._clock = clock
+
+    def __reduce__(self) -> tuple:
+        # Pickled (its keys, not its parsed primitives) for the re-wrap
+        # worker processes, over their pipes.
+        return (DKIMSigner, self._source)
 
     def domainFor(self, message: bytes) -> Optional[str]:
         """

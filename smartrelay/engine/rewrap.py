@@ -26,13 +26,15 @@ message was accepted (L{smartrelay.engine.headers}).
 
 import re
 from email.utils import formatdate
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from smartrelay.engine.dkim import fromDomain, headerSection
+from smartrelay.engine.workers import WorkerLost
 from smartrelay.ids import fileName
 from smartrelay.spool import SpoolEntry
 
@@ -78,6 +80,8 @@ class Rewrapper:
         otherwise.
     @ivar signer: a L{smartrelay.engine.dkim.DKIMSigner}, or L{None}.
     @ivar runInThread: C{f(*args) -> Deferred} for the CPU work.
+    @ivar workers: a L{smartrelay.engine.workers.WorkerPool} started with
+        C{(signer, tokens)} to do the CPU work instead, or L{None}.
     """
 
     tokens: Any
@@ -90,6 +94,7 @@ class Rewrapper:
     clicks: bool = False
     unsubscribe: bool = True
     signer: Any = None
+    workers: Any = None
 
     log = Logger()
 
@@ -112,18 +117,24 @@ class Rewrapper:
         clicks = options.get("clicks", self.clicks)
         unsubscribe = options.get("unsubscribe", self.unsubscribe)
         headers = self._headers(entry, index, recipient, unsubscribe)
-        openURL = clickURL = None
+        openURL = None
         if opens:
             openURL = f"{self.baseURL}/t/o/{self.tokens.make('o', entry.queue_id, recipient)}.gif"
-        if clicks:
-            queueID, tokens, base = entry.queue_id, self.tokens, self.baseURL
-
-            def clickURL(url: str) -> str:
-                return f"{base}/t/c/{tokens.make('c', queueID, recipient, url)}"
-
-        d = self.runInThread(
-            _rewrapBlocking, data, headers, openURL, clickURL, self.signer
+        job = RewrapJob(
+            data,
+            headers,
+            openURL,
+            (self.baseURL, entry.queue_id, recipient) if clicks else None,
         )
+        if self.workers is not None:
+            d = self.workers.run(job)
+            # A job whose worker died goes once more to another (or the
+            # replacement): one crash, say of an out-of-memory kill, should
+            # not defer every message that worker held.  A message that
+            # kills workers itself fails the second time and is deferred.
+            d.addErrback(self._again, job)
+        else:
+            d = self.runInThread(job.run, self.signer, self.tokens)
 
         def done(result: tuple) -> tuple:
             message, signError = result
@@ -136,6 +147,10 @@ class Rewrapper:
             return sender, message
 
         return d.addCallback(done)
+
+    def _again(self, failure: Failure, job: "RewrapJob") -> Deferred:
+        failure.trap(WorkerLost)
+        return self.workers.run(job)
 
     def _headers(
         self, entry: SpoolEntry, index: int, recipient: str, unsubscribe: bool
@@ -157,6 +172,43 @@ class Rewrapper:
         return headers
 
 
+@attrs.frozen
+class RewrapJob:
+    """
+    The CPU part of L{Rewrapper.rewrap}, picklable so that a worker process
+    can do it (L{smartrelay.engine.workers}).
+
+    @ivar data: the stored message.
+    @ivar headers: (name, value) pairs to add where missing.
+    @ivar openURL: the open pixel's URL, or L{None}: no open tracking.
+    @ivar click: C{(base URL, queue id, recipient)} for click tracking, or
+        L{None}: none.
+    """
+
+    data: bytes
+    headers: list
+    openURL: Optional[str]
+    click: Optional[Tuple[str, str, str]]
+
+    def run(self, signer: Any, tokens: Any) -> tuple:
+        """
+        Blocking and CPU-bound: in a thread or a worker process.
+
+        @param signer: a L{smartrelay.engine.dkim.DKIMSigner}, or L{None}.
+        @param tokens: the L{smartrelay.tokens.Tokens} for click links.
+        @return: C{(message, None)}, or C{(unsigned message, why)} when
+            DKIM signing failed.
+        """
+        clickURL = None
+        if self.click is not None:
+            base, queueID, recipient = self.click
+
+            def clickURL(url: str) -> str:
+                return f"{base}/t/c/{tokens.make('c', queueID, recipient, url)}"
+
+        return _rewrapBlocking(self.data, self.headers, self.openURL, clickURL, signer)
+
+
 def _rewrapBlocking(
     data: bytes,
     headers: list,
@@ -165,7 +217,7 @@ def _rewrapBlocking(
     signer: Any,
 ) -> tuple:
     """
-    The CPU part of L{Rewrapper.rewrap}; runs in a thread.
+    What L{RewrapJob.run} does.
 
     @return: C{(message, None)}, or C{(unsigned message, why)} when DKIM
         signing failed.
