@@ -169,6 +169,8 @@ class WorkerJobTests(SynchronousTestCase):
         jobs = []
 
         class Workers:
+            available = True
+
             def run(self, job):
                 jobs.append(job)
                 copy = pickle.loads(pickle.dumps(job))
@@ -195,6 +197,8 @@ class WorkerJobTests(SynchronousTestCase):
         calls = []
 
         class Workers:
+            available = True
+
             def run(self, job):
                 calls.append(job)
                 if len(calls) == 1:
@@ -215,6 +219,8 @@ class WorkerJobTests(SynchronousTestCase):
             calls = []
 
             class Workers:
+                available = True
+
                 def run(self, job):
                     calls.append(job)
                     return fail(error)
@@ -224,3 +230,32 @@ class WorkerJobTests(SynchronousTestCase):
                 self.rewrapper(workers=Workers()).rewrap(entry, 0, HTML), type(error)
             )
             self.assertEqual(len(calls), tries)
+
+    def test_noWorkerRunning(self):
+        """
+        While no worker process runs (all being replaced), the job runs in
+        the relay's threads; so does the second try of a job whose worker
+        died when no other is left.
+        """
+        threads = []
+
+        def runInThread(f, *args):
+            threads.append(f)
+            return maybeDeferred(f, *args)
+
+        class Workers:
+            available = False
+
+            def run(self, job):
+                self.available = False
+                return fail(WorkerLost("gone"))
+
+        workers = Workers()
+        entry = makeEntry(QUEUE_ID, ["a@example.com"], sender="app@shop.example")
+        rewrapper = self.rewrapper(workers=workers)
+        rewrapper.runInThread = runInThread
+        self.successResultOf(rewrapper.rewrap(entry, 0, HTML))
+        self.assertEqual(len(threads), 1)
+        workers.available = True
+        self.successResultOf(rewrapper.rewrap(entry, 0, HTML))
+        self.assertEqual(len(threads), 2)

@@ -126,15 +126,17 @@ class Rewrapper:
             openURL,
             (self.baseURL, entry.queue_id, recipient) if clicks else None,
         )
-        if self.workers is not None:
+        if self.workers is not None and self.workers.available:
             d = self.workers.run(job)
             # A job whose worker died goes once more to another (or the
-            # replacement): one crash, say of an out-of-memory kill, should
-            # not defer every message that worker held.  A message that
-            # kills workers itself fails the second time and is deferred.
+            # replacement): one crash, say an out-of-memory kill, should not
+            # defer every message that worker held.  A message that kills
+            # workers itself fails the second time and is deferred.
             d.addErrback(self._again, job)
         else:
-            d = self.runInThread(job.run, self.signer, self.tokens)
+            # No worker pool, or none of its processes running (they are
+            # being replaced): the relay's own threads do the work.
+            d = self._inThread(job)
 
         def done(result: tuple) -> tuple:
             message, signError = result
@@ -148,9 +150,14 @@ class Rewrapper:
 
         return d.addCallback(done)
 
+    def _inThread(self, job: "RewrapJob") -> Deferred:
+        return self.runInThread(job.run, self.signer, self.tokens)
+
     def _again(self, failure: Failure, job: "RewrapJob") -> Deferred:
         failure.trap(WorkerLost)
-        return self.workers.run(job)
+        if self.workers.available:
+            return self.workers.run(job)
+        return self._inThread(job)
 
     def _headers(
         self, entry: SpoolEntry, index: int, recipient: str, unsubscribe: bool

@@ -197,11 +197,15 @@ class _Worker(ProcessProtocol):
 
 def _defaultSpawn(reactor: Any, protocol: ProcessProtocol) -> Any:
     executable = sys.executable
+    env = os.environ.copy()
+    # The child imports what the relay imported, from where it did, even
+    # if the relay changed directory since (twistd --rundir).
+    env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in sys.path if p)
     return reactor.spawnProcess(
         protocol,
         executable,
         [executable, "-m", "smartrelay.engine.workers"],
-        env=os.environ.copy(),
+        env=env,
         childFDs={0: "w", 1: "r", 2: "r"},
     )
 
@@ -251,6 +255,13 @@ class WorkerPool:
         worker.transport = self.spawn(self.reactor, worker)
         worker.transport.write(self._context)
         self.workers.append(worker)
+
+    @property
+    def available(self) -> bool:
+        """
+        Whether a child is running to take a job.
+        """
+        return self._running and any(w.alive for w in self.workers)
 
     def run(self, job: Any) -> Deferred:
         """
