@@ -95,12 +95,16 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """
-        Add C{data}; yield every payload now complete.
+        Add C{data} (at once, whether or not the result is iterated);
+        return an iterator over every payload now complete.
 
-        @raise FrameError: a length over the limit.
+        @raise FrameError: (from the iterator) a length over the limit.
         """
+        self._buffer += data
+        return self._payloads()
+
+    def _payloads(self) -> Iterator[bytes]:
         buffer = self._buffer
-        buffer += data
         offset = 0
         try:
             while len(buffer) - offset >= _LENGTH.size:
@@ -283,6 +287,11 @@ class WorkerPool:
         if not self._running:
             return
         lived = self.reactor.seconds() - worker.startedAt
+        if lived >= YOUNG_DEATH:
+            # A child that ran fine for a while is replaced promptly, however
+            # many deaths came before it, and so is the next; only a burst
+            # of young deaths waits longer and longer.
+            self._delay = RESTART_DELAY
         self.log.error(
             "re-wrap worker process {number} ended after {lived:.1f} s ({why}); "
             "starting another in {delay:.0f} s",
@@ -295,8 +304,6 @@ class WorkerPool:
         self._restarts.append(call)
         if lived < YOUNG_DEATH:
             self._delay = min(self._delay * 2, MAX_RESTART_DELAY)
-        else:
-            self._delay = RESTART_DELAY
 
     def _restart(self, number: int) -> None:
         self._restarts = [c for c in self._restarts if c.active()]
@@ -373,10 +380,17 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
             return
         requestID, job = request
         try:
-            answer = (requestID, True, job.run(*context))
+            answer = encodeFrame(
+                pickle.dumps((requestID, True, job.run(*context)), pickle.HIGHEST_PROTOCOL)
+            )
         except Exception as e:
-            answer = (requestID, False, f"{type(e).__name__}: {e}")
-        stdout.write(encodeFrame(pickle.dumps(answer, pickle.HIGHEST_PROTOCOL)))
+            # A job that fails, or whose result cannot be sent (pickle
+            # cannot encode it, or it is over the frame limit), is answered
+            # with the error; the child serves on.
+            answer = encodeFrame(
+                pickle.dumps((requestID, False, f"{type(e).__name__}: {e}"), pickle.HIGHEST_PROTOCOL)
+            )
+        stdout.write(answer)
         stdout.flush()
 
 
