@@ -253,6 +253,7 @@ def oneRun(args: argparse.Namespace) -> dict:
         assert sink.lastMessageAt is not None
         endToEnd = sink.lastMessageAt - started
         rss = accept.peakRSS(relay.pid)
+        workersRSS = sum(accept.peakRSS(child) for child in _children(relay.pid))
         database = os.path.join(workdir, "var", "smartrelay.sqlite")
         time.sleep(0.5)  # let the last events reach the store
         try:
@@ -269,6 +270,7 @@ def oneRun(args: argparse.Namespace) -> dict:
             "accepted": accepted,
             "delivered": delivered,
             "peak_rss_mb": rss / 2**20,
+            "workers_rss_mb": workersRSS / 2**20,
         }
     finally:
         if relay is not None:
@@ -278,6 +280,25 @@ def oneRun(args: argparse.Namespace) -> dict:
             print(f"bench: kept {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _children(pid: int) -> list:
+    """
+    The process ids of C{pid}'s children (the relay's re-wrap workers).
+    """
+    children = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status") as f:
+                status = f.read()
+        except OSError:
+            continue
+        match = re.search(r"^PPid:\s+(\d+)$", status, re.MULTILINE)
+        if match and int(match.group(1)) == pid:
+            children.append(int(name))
+    return children
 
 
 def main() -> None:
@@ -313,18 +334,22 @@ def main() -> None:
         results.append(r)
         print(
             "run %d: %6.0f msg/s end to end (%d at the sink in %.1f s), "
-            "%6.0f msg/s accepted, events: accepted %d, delivered %d, peak RSS %.0f MB"
+            "%6.0f msg/s accepted, events: accepted %d, delivered %d, "
+            "peak RSS %.0f MB (+ %.0f MB in re-wrap workers)"
             % (n + 1, r["end_to_end_rate"], r["received"], r["end_to_end_seconds"],
-               r["accept_rate"], r["accepted"], r["delivered"], r["peak_rss_mb"]),
+               r["accept_rate"], r["accepted"], r["delivered"], r["peak_rss_mb"],
+               r["workers_rss_mb"]),
             flush=True,
         )
     print(
-        "relay: %.0f msg/s end to end (runs: %s), accepted %.0f msg/s, peak RSS %.0f MB"
+        "relay: %.0f msg/s end to end (runs: %s), accepted %.0f msg/s, "
+        "peak RSS %.0f MB (+ %.0f MB in re-wrap workers)"
         % (
             statistics.median(r["end_to_end_rate"] for r in results),
             ", ".join("%.0f" % r["end_to_end_rate"] for r in results),
             statistics.median(r["accept_rate"] for r in results),
             statistics.median(r["peak_rss_mb"] for r in results),
+            statistics.median(r["workers_rss_mb"] for r in results),
         ),
         flush=True,
     )
