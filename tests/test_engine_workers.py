@@ -17,7 +17,7 @@ import dkim
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher
@@ -972,6 +972,24 @@ class RealWorkerTests(TestCase):
         for d in ds:
             message, error = yield d
             self.assertTrue(dkim.verify(message, dnsfunc=dnsfunc))
+
+    @inlineCallbacks
+    def test_signalsIgnored(self):
+        """
+        SIGINT and SIGTERM sent to the whole process group (Ctrl-C, systemd,
+        timeout(1)) do not end a child: the relay ends it when its own
+        shutdown is done, by closing its input.
+        """
+        yield gatherResults([self.pool.run(EchoJob(n)) for n in range(4)])
+        for pid in self.pids:
+            os.kill(pid, signal.SIGINT)
+            os.kill(pid, signal.SIGTERM)
+        results = yield gatherResults([self.pool.run(self.job()) for _ in range(4)])
+        for message, error in results:
+            self.assertTrue(dkim.verify(message, dnsfunc=dnsfunc))
+        self.assertEqual([w.transport.pid for w in self.pool.workers], self.pids)
+        for pid in self.pids:
+            self.assertTrue(alive(pid), pid)
 
     @inlineCallbacks
     def test_stop(self):

@@ -395,9 +395,14 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
 
 
 def main() -> None:
-    # The relay decides when its workers stop (by closing their input); a
-    # Ctrl-C meant for a foreground twistd reaches the whole process group.
+    # The relay decides when its workers stop (by closing their input, once
+    # the deliveries in flight are done), so signals meant for the relay are
+    # ignored: a Ctrl-C for a foreground twistd reaches the whole process
+    # group, and systemd (KillMode=control-group) or timeout(1) send SIGTERM
+    # to every process of the service at once.  If the relay dies, the end
+    # of input still ends the worker; a stuck worker gets SIGKILL.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Answers go to the real stdout; a stray print() goes to stderr, which
     # the relay logs.
     answers = sys.stdout.buffer
