@@ -112,6 +112,40 @@ class Sink(ServerFactory):
         return {r.queueID for r in self.received}
 
 
+def _status(pid):
+    """
+    C{/proc/PID/status} as a dict, or C{None} if there is no such process.
+    """
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def childrenOf(pid):
+    """
+    The process ids of C{pid}'s running children (a relay's re-wrap
+    workers).
+    """
+    children = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            status = _status(name)
+            if status and status.get("PPid") == str(pid) and running(name):
+                children.append(int(name))
+    return children
+
+
+def running(pid):
+    """
+    Whether process C{pid} exists and is not a zombie.
+    """
+    status = _status(pid)
+    return status is not None and not status.get("State", "").startswith("Z")
+
+
 def waitFor(reactor, condition, timeout=60.0, interval=0.05):
     """
     Poll C{condition} on the real reactor until it is true; fails after

@@ -25,7 +25,7 @@ from smartrelay.auth import hashPassword
 from smartrelay.ids import isQueueID
 from tests.certs import selfSigned
 from tests.dnsserver import DNSServer
-from tests.sink import PROJECT, RelayProcess, Sink, waitFor
+from tests.sink import PROJECT, RelayProcess, Sink, childrenOf, running, waitFor
 
 TEXT = (
     "From: App <app@example.com>\r\nTo: someone@example.org\r\nSubject: hello\r\n\r\n"
@@ -266,12 +266,17 @@ class CrashTests(RelayTestMixin, TestCase):
             t.start()
         try:
             yield waitFor(reactor, lambda: len(accepted) >= 200, timeout=60)
+            workers = childrenOf(relay.process.pid)
             relay.kill(signal.SIGKILL)
         finally:
             stop.set()
             yield deferToThread(lambda: [t.join(30) for t in threads])
         survivors = set(accepted)
         self.assertGreaterEqual(len(survivors), 200)
+        # The re-wrap workers do not outlive a relay killed with SIGKILL:
+        # their input ends, so they exit.
+        self.assertTrue(workers)
+        yield waitFor(reactor, lambda: not any(running(pid) for pid in workers), timeout=30)
         relay.start()
         yield relay.waitReady(reactor)
         yield waitFor(reactor, lambda: survivors <= self.sink.queueIDs(), timeout=90)
