@@ -509,6 +509,25 @@ class StopTests(SchedulerTestsMixin, SynchronousTestCase):
         self.assertEqual(later.recipients[0].state, "queued")
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_waitsForRecordAfterAttempt(self):
+        """
+        stopService also waits for the spool record (and so the event) of
+        an attempt that finishes while it waits: the record starts only
+        when the reply arrives, after the stop began.
+        """
+        self.spool.hold = True
+        self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        d = self.scheduler.stopService()
+        self.call().answer(250, "ok")
+        self.assertEqual(len(self.spool.held), 1)
+        self.assertNoResult(d)
+        self.assertEqual(self.types(), [])
+        self.spool.releaseRecord()
+        self.successResultOf(d)
+        self.assertEqual(self.types(), [("delivered", "a@example.com")])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_cancelsTimers(self):
         """stopService with nothing in flight returns at once and leaves no timers."""
         self.add("Q1", ["a@example.com"], next_attempt=START + 100)

@@ -348,13 +348,19 @@ class DeliveryScheduler(Service):
 
         timer = self.clock.callLater(self.shutdownTimeout, giveUp)
 
-        def finished(_: Any) -> None:
+        def waitForPending(_: Any = None) -> None:
+            # An attempt that ends while we wait starts its spool record
+            # (and, after it, its events) only then: wait for those too.
+            pending = self._workers | self._inFlight
+            if pending and not done.called:
+                DeferredList(list(pending)).addCallback(waitForPending)
+                return
             if timer.active():
                 timer.cancel()
             if not done.called:
                 done.callback(None)
 
-        DeferredList(list(pending)).addCallback(finished)
+        waitForPending()
         return done
 
     # -- timers --------------------------------------------------------------
