@@ -351,6 +351,8 @@ class RelayService(MultiService):
         if self.webPort is not None:
             port, self.webPort = self.webPort, None
             yield port.stopListening()
+        # Unsubscribes, opens and clicks still being written.
+        yield self.web.drained()
         yield self.events.flushed()
         self.events.stop()
         yield self.store.close()

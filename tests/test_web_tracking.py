@@ -15,7 +15,7 @@ from typing import Optional
 import attrs
 from treq.testing import StubTreq
 from twisted.internet import reactor
-from twisted.internet.defer import fail, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -104,7 +104,16 @@ class FlakyStore(MemoryStore):
     failChecks: bool = False
     failAdds: bool = False
     failLookups: bool = False
+    holdAdds: bool = False
+    holdLookups: bool = False
+    held: list = attrs.field(factory=list)
     lookups: int = 0
+
+    def release(self):
+        """Let every held call go on."""
+        held, self.held = self.held, []
+        for d, call in held:
+            call().chainDeferred(d)
 
     def checkSuppressions(self, addresses, now):
         if self.failChecks:
@@ -114,12 +123,21 @@ class FlakyStore(MemoryStore):
     def addSuppression(self, entry):
         if self.failAdds:
             return fail(ConnectionError("store is down"))
+        if self.holdAdds:
+            return self._hold(lambda: super(FlakyStore, self).addSuppression(entry))
         return super().addSuppression(entry)
+
+    def _hold(self, call):
+        d = Deferred()
+        self.held.append((d, call))
+        return d
 
     def eventsForMessage(self, queue_id):
         self.lookups += 1
         if self.failLookups:
             return fail(ConnectionError("store is down"))
+        if self.holdLookups:
+            return self._hold(lambda: super(FlakyStore, self).eventsForMessage(queue_id))
         return super().eventsForMessage(queue_id)
 
 
@@ -705,6 +723,71 @@ class OtherPathTests(TrackingTestsMixin, SynchronousTestCase):
         self.assertIsInstance(site, Site)
         self.assertFalse(site.noisy)
         self.assertFalse(site.displayTracebacks)
+
+
+class DrainTests(TrackingTestsMixin, SynchronousTestCase):
+    """
+    L{TrackingApp.drained}: what the relay waits for before it flushes the
+    events and closes the store when stopping.
+    """
+
+    def test_idle(self):
+        """With nothing in progress, it fires at once."""
+        self.successResultOf(self.app.drained())
+
+    def test_openBeingRecorded(self):
+        """
+        It waits for an open being recorded in the background (the GIF is
+        already answered) until its event is emitted.
+        """
+        self.store.holdLookups = True
+        response, body = self.request("GET", f"/t/o/{signed(self, 'o')}.gif")
+        self.assertEqual(response.code, 200)
+        drained = self.app.drained()
+        self.assertNoResult(drained)
+        self.store.holdLookups = False
+        self.store.release()
+        self.successResultOf(drained)
+        [event] = self.recorded("opened")
+        self.assertEqual(event.tag, TAG)
+
+    def test_startedMeanwhile(self):
+        """Work started while it waits is waited for too."""
+        self.store.holdLookups = True
+        self.request("GET", f"/t/o/{signed(self, 'o')}.gif")
+        drained = self.app.drained()
+        self.request("GET", f"/t/c/{signed(self, 'c', url='https://shop.example/')}")
+        [(first, call), second] = self.store.held
+        self.store.held.remove((first, call))
+        call().chainDeferred(first)
+        self.assertNoResult(drained)
+        self.store.holdLookups = False
+        self.store.release()
+        self.successResultOf(drained)
+        self.assertEqual(len(self.recorded("opened")), 1)
+        self.assertEqual(len(self.recorded("clicked")), 1)
+
+    def test_unsubscribeInProgress(self):
+        """
+        It waits for an unsubscribe whose store write has not finished,
+        through to its event.
+        """
+        self.store.holdAdds = True
+        d = self.treq.request(
+            "POST",
+            f"http://track.example/u/{signed(self, 'u')}",
+            data={"List-Unsubscribe": "One-Click"},
+        )
+        self.treq.flush()
+        self.assertNoResult(d)
+        drained = self.app.drained()
+        self.assertNoResult(drained)
+        self.store.holdAdds = False
+        self.store.release()
+        self.treq.flush()
+        self.successResultOf(drained)
+        self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertEqual(len(self.recorded("unsubscribed")), 1)
 
 
 class MachineTests(SynchronousTestCase):

@@ -44,7 +44,13 @@ from urllib.parse import quote, urlsplit
 
 import attrs
 from klein import Klein
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    inlineCallbacks,
+    maybeDeferred,
+    succeed,
+)
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -223,6 +229,7 @@ class TrackingApp:
     clock: Any
     cacheSize: int = 4096
     _info: OrderedDict = attrs.field(factory=OrderedDict, init=False, repr=False)
+    _busy: set = attrs.field(factory=set, init=False, repr=False)
 
     app = Klein()
     log = Logger()
@@ -232,6 +239,35 @@ class TrackingApp:
         The Twisted Web resource serving this application.
         """
         return _EncodingGuard(self.app.resource())
+
+    def drained(self) -> Deferred:
+        """
+        Fires once the work that writes to the store or the event log
+        (unsubscribes, and opens and clicks being recorded in the
+        background) is done, including any started meanwhile; the relay
+        waits for it when stopping, before it flushes the events and closes
+        the store.
+        """
+        done: Deferred = Deferred()
+
+        def check(_: Any = None) -> None:
+            if self._busy:
+                DeferredList(list(self._busy)).addCallback(check)
+            else:
+                done.callback(None)
+
+        check()
+        return done
+
+    def _track(self, d: Deferred) -> Deferred:
+        self._busy.add(d)
+
+        def finished(result: Any) -> Any:
+            self._busy.discard(d)
+            return result
+
+        d.addBoth(finished)
+        return d
 
     # -- routes ---------------------------------------------------------
 
@@ -303,12 +339,15 @@ class TrackingApp:
         return _htmlPage(request, 200, "Unsubscribe", body)
 
     @app.route("/u/<string:token>", methods=["POST"])
-    @inlineCallbacks
-    def unsubscribe(self, request, token: str):
+    def unsubscribe(self, request, token: str) -> Deferred:
         """
         Unsubscribe: RFC 8058 one-click or the confirmation page's form.
         """
         data = self._read("u", token)
+        return self._track(self._unsubscribe(request, data))
+
+    @inlineCallbacks
+    def _unsubscribe(self, request, data):
         oneClick = request.args.get(b"List-Unsubscribe") == [b"One-Click"]
         now = self.clock.seconds()
         try:
@@ -459,7 +498,7 @@ class TrackingApp:
                 queue_id=data.queue_id,
             )
         )
-        return d
+        return self._track(d)
 
     def _messageInfo(self, queueID: str) -> Deferred:
         """
