@@ -48,8 +48,10 @@ HUMAN_UA = (
 )
 
 # -- a stand-in for smartrelay.tokens ----------------------------------------
-# smartrelay/tokens.py is being written concurrently; these fakes have its
-# API (Tokens.read / Tokens.make, TokenData, BadToken a ValueError).
+# The same API (Tokens.read / Tokens.make, TokenData, BadToken a ValueError),
+# but it also signs tokens the real Tokens refuses to make (an open token
+# without a recipient, a click token without a link), to test that the app
+# still refuses them.  tests/test_e2e.py goes through the real Tokens.
 
 
 class BadToken(ValueError):
