@@ -1063,7 +1063,8 @@ class DeliveryConfig:
         to recognise "slow down" replies; a 421 reply always counts.  Empty
         means only 421 replies count.
     @ivar throttle_cooldown: seconds to slow down for after a throttling reply.
-    @ivar shutdown_timeout: seconds a stop waits for deliveries in flight.
+    @ivar shutdown_timeout: seconds a stop waits for SMTP sessions to finish
+        their message, then for deliveries in flight.
     @ivar rewrap_workers: worker processes that re-wrap and DKIM-sign
         outgoing messages (L{smartrelay.engine.workers}); 0 does it in a
         thread pool of the relay process.  C{auto} in the INI file (the

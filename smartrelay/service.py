@@ -347,6 +347,9 @@ class RelayService(MultiService):
         if self.smtpPort is not None:
             port, self.smtpPort = self.smtpPort, None
             yield port.stopListening()
+            # Open sessions finish the message they are sending (stored
+            # and answered) and are closed with 421.
+            yield self.smtpFactory.shutDown(self.config.delivery.shutdown_timeout)
         yield MultiService.stopService(self)
         if self.webPort is not None:
             port, self.webPort = self.webPort, None

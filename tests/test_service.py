@@ -6,6 +6,8 @@ readiness, recovery, clean stop, and start-up failures.
 
 import os
 import smtplib
+import socket
+import sqlite3
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -68,6 +70,68 @@ class RelayServiceTests(TestCase):
         self.assertEqual(os.listdir(os.path.join(self.dataDir, "spool")), [])
         self.assertEqual(loadIDState(os.path.join(self.dataDir, "queue-ids.json")).boot, 1)
         self.assertFalse(relay.pruner.running)
+
+    @inlineCallbacks
+    def test_stopDuringData(self):
+        """
+        Stopping while a client is in the middle of DATA: the stop waits
+        for the message, which is stored, answered 250 and then 421, and
+        its accepted event is in the store; an idle client gets 421 at
+        once.  Delivery is on hold, so the message waits in the spool.
+        """
+        relay = self.makeRelay("hold = on\n")
+        relay.startService()
+        self.addCleanup(lambda: relay.running and relay.stopService())
+        port = (yield relay.whenReady()).getHost().port
+        busy = yield deferToThread(socket.create_connection, ("127.0.0.1", port), 30)
+        idle = yield deferToThread(socket.create_connection, ("127.0.0.1", port), 30)
+        self.addCleanup(busy.close)
+        self.addCleanup(idle.close)
+        busyFile, idleFile = busy.makefile("rb"), idle.makefile("rb")
+        for f in (busyFile, idleFile):
+            greeting = yield deferToThread(f.readline)
+            self.assertTrue(greeting.startswith(b"220 "), greeting)
+
+        def converse(sock, f, *commands):
+            for command in commands:
+                sock.sendall(command)
+                line = f.readline()
+                while line[3:4] == b"-":
+                    line = f.readline()
+            return line
+
+        line = yield deferToThread(
+            converse,
+            busy,
+            busyFile,
+            b"EHLO c\r\n",
+            b"MAIL FROM:<app@example.com>\r\n",
+            b"RCPT TO:<ok@example.org>\r\n",
+            b"DATA\r\n",
+        )
+        self.assertTrue(line.startswith(b"354"), line)
+        yield deferToThread(converse, idle, idleFile, b"EHLO c\r\n")
+        busy.sendall(b"Subject: t\r\n\r\nhalf of it")
+        stopped = relay.stopService()
+        self.assertNoResult(stopped)
+        idleLine = yield deferToThread(idleFile.readline)
+        self.assertTrue(idleLine.startswith(b"421 4.3.2 "), idleLine)
+        busy.sendall(b", and the rest\r\n.\r\n")
+        ok = yield deferToThread(busyFile.readline)
+        bye = yield deferToThread(busyFile.readline)
+        self.assertTrue(ok.startswith(b"250 2.0.0 OK "), ok)
+        self.assertTrue(bye.startswith(b"421 4.3.2 "), bye)
+        yield stopped
+        queueID = ok.split()[-1].decode()
+        connection = sqlite3.connect(os.path.join(self.dataDir, "smartrelay.sqlite"))
+        try:
+            types = connection.execute(
+                "SELECT type FROM events WHERE queue_id = ?", (queueID,)
+            ).fetchall()
+        finally:
+            connection.close()
+        self.assertEqual(types, [("accepted",)])
+        self.assertEqual(len(os.listdir(os.path.join(self.dataDir, "spool"))), 1)
 
     @inlineCallbacks
     def test_recoversQueuedMessages(self):

@@ -626,3 +626,100 @@ class AuthTests(ServerMixin, SynchronousTestCase):
         self.send(b"EHLO c\r\nAUTH LOGIN\r\n")
         self.assertEqual(self.codes(self.send(b"*\r\n")), ["501"])
         self.assertEqual(self.codes(self.send(b"NOOP\r\n")), ["250"])
+
+
+class ShutDownTests(ServerMixin, SynchronousTestCase):
+    """
+    L{HardenedESMTP.shutDown}: the session ends at its next command with
+    C{421 4.3.2}; a message being received or stored is finished first.
+    """
+
+    SHUTTING_DOWN = "421 4.3.2 relay.example Service shutting down, closing connection"
+
+    def lose(self):
+        """The transport has closed: tell the protocol, as a reactor would."""
+        self.assertTrue(self.transport.disconnecting)
+        self.protocol.connectionLost(None)
+
+    def test_betweenCommands(self):
+        """An idle session is answered 421 at once and closed."""
+        self.connect()
+        self.send(b"EHLO c\r\n")
+        done = self.protocol.shutDown()
+        self.assertEqual(self.replies(), [self.SHUTTING_DOWN])
+        self.assertNoResult(done)
+        self.lose()
+        self.successResultOf(done)
+        self.assertEqual(self.policy.lost, 1)
+
+    def test_transactionNotYetInData(self):
+        """After MAIL and RCPT but before DATA, nothing was sent: 421 at once."""
+        self.connect()
+        self.send(b"EHLO c\r\nMAIL FROM:<a@b.com>\r\nRCPT TO:<x@y.com>\r\n")
+        self.protocol.shutDown()
+        self.assertEqual(self.replies(), [self.SHUTTING_DOWN])
+        self.assertEqual(self.policy.messages, [])
+
+    def test_duringData(self):
+        """
+        A message being received is read to its end and answered; then
+        421, and what the client pipelined after it is not run.
+        """
+        self.connect()
+        self.send(b"EHLO c\r\nMAIL FROM:<a@b.com>\r\nRCPT TO:<x@y.com>\r\nDATA\r\nSubject: hi\r\n")
+        done = self.protocol.shutDown()
+        self.assertEqual(self.replies(), [])
+        self.assertFalse(self.transport.disconnecting)
+        lines = self.send(b"\r\nbody\r\n.\r\nMAIL FROM:<c@d.com>\r\n")
+        self.assertEqual(lines, ["250 2.0.0 OK 79/BC-00001-5C348706", self.SHUTTING_DOWN])
+        self.assertEqual(len(self.policy.messages), 1)
+        self.assertEqual(self.policy.calls, [("MAIL", "a@b.com", None), ("RCPT", "x@y.com")])
+        self.lose()
+        self.successResultOf(done)
+
+    def test_whileStoring(self):
+        """
+        A message being stored gets its 250 once stored, then 421; the
+        returned Deferred waits for both.
+        """
+        pending = Deferred()
+        self.connect(policy=FakePolicy(pendingMessage=pending))
+        self.send(b"EHLO c\r\nMAIL FROM:<a@b.com>\r\nRCPT TO:<x@y.com>\r\nDATA\r\nhi\r\n.\r\n")
+        done = self.protocol.shutDown()
+        self.assertEqual(self.replies(), [])
+        pending.callback("79/BC-00002-5C348706")
+        self.assertEqual(
+            self.replies(), ["250 2.0.0 OK 79/BC-00002-5C348706", self.SHUTTING_DOWN]
+        )
+        self.assertNoResult(done)
+        self.lose()
+        self.successResultOf(done)
+
+    def test_storeFails(self):
+        """A message the store refuses gets its 451, then 421."""
+        self.connect(policy=FakePolicy(storeFailure=OSError("disk on fire")))
+        self.send(b"EHLO c\r\nMAIL FROM:<a@b.com>\r\nRCPT TO:<x@y.com>\r\nDATA\r\n")
+        self.protocol.shutDown()
+        lines = self.send(b"hi\r\n.\r\n")
+        self.flushLoggedErrors(OSError)
+        self.assertEqual(self.codes(lines), ["451", "421"])
+
+    def test_abortedWhileStoring(self):
+        """
+        If the connection is cut while the message is being stored, the
+        Deferred still waits for the store (whose event comes after it).
+        """
+        pending = Deferred()
+        self.connect(policy=FakePolicy(pendingMessage=pending))
+        self.send(b"EHLO c\r\nMAIL FROM:<a@b.com>\r\nRCPT TO:<x@y.com>\r\nDATA\r\nhi\r\n.\r\n")
+        done = self.protocol.shutDown()
+        self.protocol.connectionLost(None)
+        self.assertNoResult(done)
+        pending.callback("79/BC-00002-5C348706")
+        self.successResultOf(done)
+
+    def test_alreadyClosed(self):
+        """On a session whose connection is gone, it fires at once."""
+        self.connect()
+        self.protocol.connectionLost(None)
+        self.successResultOf(self.protocol.shutDown())

@@ -338,3 +338,71 @@ class FactoryTests(PolicyMixin, SynchronousTestCase):
         self.assertEqual(lines[-2], "221 2.0.0 Bye")
         protocol.connectionLost(None)
         self.assertEqual(policy.connections, 0)
+
+    def connect(self, factory):
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_shutDown(self):
+        """
+        C{shutDown} ends every session: an idle one at once with 421, one
+        in DATA once its message is stored and answered; it fires when
+        every session has ended, and the factory forgets them.
+        """
+        policy = self.makePolicy()
+        factory = SubmissionFactory(
+            policy=policy, clock=self.clock, hostname="relay.example", maxMessageSize=1000
+        )
+        idle, idleTransport = self.connect(factory)
+        busy, busyTransport = self.connect(factory)
+        busy.dataReceived(b"EHLO c\r\nMAIL FROM:<a@b.com>\r\nRCPT TO:<x@y.com>\r\nDATA\r\nhi\r\n")
+        self.assertEqual(factory.sessions, {idle, busy})
+        d = factory.shutDown(30)
+        self.assertTrue(
+            idleTransport.value().endswith(
+                b"421 4.3.2 relay.example Service shutting down, closing connection\r\n"
+            )
+        )
+        idle.connectionLost(None)
+        self.assertEqual(factory.sessions, {busy})
+        self.assertNoResult(d)
+        busyTransport.clear()
+        busy.dataReceived(b".\r\n")
+        lines = busyTransport.value().decode().split("\r\n")
+        self.assertTrue(lines[0].startswith("250 2.0.0 OK "), lines)
+        self.assertTrue(lines[1].startswith("421 4.3.2 "), lines)
+        busy.connectionLost(None)
+        self.successResultOf(d)
+        self.assertEqual(factory.sessions, set())
+        self.clock.advance(0)  # the accepted event
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_shutDownTimeout(self):
+        """
+        A client that does not finish its message within the timeout is
+        cut off: no 250, so it keeps the message.
+        """
+        policy = self.makePolicy()
+        factory = SubmissionFactory(
+            policy=policy, clock=self.clock, hostname="relay.example", maxMessageSize=1000
+        )
+        slow, transport = self.connect(factory)
+        slow.dataReceived(b"EHLO c\r\nMAIL FROM:<a@b.com>\r\nRCPT TO:<x@y.com>\r\nDATA\r\nhi\r\n")
+        transport.clear()
+        d = factory.shutDown(30)
+        self.clock.advance(29)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+        self.assertNotIn(b"250", transport.value())
+        slow.connectionLost(None)
+        self.successResultOf(d)
+
+    def test_shutDownNothingOpen(self):
+        """With no session open, it fires at once."""
+        factory = SubmissionFactory(
+            policy=self.makePolicy(), clock=self.clock, hostname="relay.example", maxMessageSize=1000
+        )
+        self.successResultOf(factory.shutDown(30))

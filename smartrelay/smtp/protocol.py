@@ -19,6 +19,12 @@ review found in the stock server closed:
   cut slow-loris clients off;
 * too many bad commands or failed AUTH attempts end the session.
 
+When the relay stops, L{HardenedESMTP.shutDown} ends each session at its
+next command with C{421 4.3.2}: a message being received is read to its
+end and answered (its C{250} only once it is stored) first, so no client
+loses a message it had nearly sent, and none gets a C{250} for one that is
+not stored.
+
 The protocol parses bytes and asks an L{ISubmissionPolicy} for every
 decision; the policy answers with values or raises L{SMTPReply}.
 """
@@ -197,11 +203,15 @@ class HardenedESMTP(smtp.ESMTP):
         self._admitted = False
         self._errors = 0
         self._authFailures = 0
+        self._shuttingDown = False
+        self._connected = False
+        self._doneWaiters: list = []
         self._resetTransaction()
 
     # -- connection --------------------------------------------------------
 
     def connectionMade(self):
+        self._connected = True
         peer = self.transport.getPeer()
         host = getattr(peer, "host", str(peer))
         self.session = Session(peer=host, loopback=_isLoopback(host))
@@ -224,11 +234,41 @@ class HardenedESMTP(smtp.ESMTP):
         self.setTimeout(self.timeout)
 
     def connectionLost(self, reason):
+        self._connected = False
         self.setTimeout(None)
         self._cancelDataTimer()
         if self._admitted:
             self._admitted = False
             self.policy.connectionLost(self.session)
+        self._checkDone()
+
+    def shutDown(self) -> Deferred:
+        """
+        End the session for a stopping relay: at once with C{421 4.3.2}
+        between commands, or, if a message is being received or a command
+        waits for the policy (the store of a message, say), once that is
+        answered.  Nothing the client sent after it is run.
+
+        @return: a L{Deferred} firing once the connection is closed and
+            nothing waits for the policy any more (also when the connection
+            is aborted meanwhile).
+        """
+        self._shuttingDown = True
+        done: Deferred = Deferred()
+        self._doneWaiters.append(done)
+        if self._connected and not self._blocked and not self.transport.disconnecting:
+            self._process()
+        self._checkDone()
+        return done
+
+    def _checkDone(self) -> None:
+        if not self._connected and not self._blocked:
+            ended = getattr(self.factory, "sessionEnded", None)
+            if ended is not None:
+                ended(self)
+            waiters, self._doneWaiters = self._doneWaiters, []
+            for d in waiters:
+                d.callback(None)
 
     def timeoutConnection(self):
         self._sendCode(421, "4.4.2", self.host.decode("ascii") + " Timeout, closing connection")
@@ -246,6 +286,14 @@ class HardenedESMTP(smtp.ESMTP):
                 if not self._processData():
                     break
                 continue
+            if self._shuttingDown:
+                self._sendCode(
+                    421,
+                    "4.3.2",
+                    self.host.decode("ascii") + " Service shutting down, closing connection",
+                )
+                self.transport.loseConnection()
+                break
             index = self._buffer.find(b"\n")
             if index < 0:
                 if len(self._buffer) > MAX_COMMAND_LINE:
@@ -277,8 +325,9 @@ class HardenedESMTP(smtp.ESMTP):
 
         def unblock(result):
             self._blocked = False
-            if not self.transport.disconnecting:
+            if self._connected and not self.transport.disconnecting:
                 self._process()
+            self._checkDone()
             return result
 
         d.addBoth(unblock)

@@ -8,12 +8,12 @@ events, hand-off to delivery).
 import ipaddress
 from functools import lru_cache
 from email.utils import formatdate
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import attrs
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -281,6 +281,7 @@ class SubmissionFactory(ServerFactory):
     """
 
     noisy = False
+    log = Logger()
 
     policy: SubmissionPolicy
     clock: object
@@ -290,6 +291,8 @@ class SubmissionFactory(ServerFactory):
     commandTimeout: float = 300.0
     dataTimeout: float = 600.0
     tlsContext: Optional[object] = None
+
+    sessions: set = attrs.field(factory=set, init=False)
 
     def buildProtocol(self, addr):
         protocol = HardenedESMTP(
@@ -303,4 +306,44 @@ class SubmissionFactory(ServerFactory):
             tlsContext=self.tlsContext,
         )
         protocol.factory = self
+        self.sessions.add(protocol)
         return protocol
+
+    def sessionEnded(self, protocol) -> None:
+        """
+        C{protocol}'s connection is closed and it waits for nothing.
+        """
+        self.sessions.discard(protocol)
+
+    def shutDown(self, timeout: float) -> Deferred:
+        """
+        End every open session (L{HardenedESMTP.shutDown}): each finishes
+        the message it is receiving and gets C{421 4.3.2}.  Connections
+        still open after C{timeout} seconds are aborted (their client got
+        no C{250} for the message in progress, so it keeps it).
+
+        @return: a L{Deferred} firing once every session has ended and no
+            message is still being stored.
+        """
+        sessions = list(self.sessions)
+        if not sessions:
+            return succeed(None)
+        self.log.info(
+            "waiting up to {timeout}s for {count} SMTP sessions to finish",
+            timeout=timeout,
+            count=len(sessions),
+        )
+
+        def abort() -> None:
+            for protocol in sessions:
+                if protocol in self.sessions and protocol.transport is not None:
+                    protocol.transport.abortConnection()
+
+        timer = self.clock.callLater(timeout, abort)
+        done = DeferredList([protocol.shutDown() for protocol in sessions])
+
+        def finished(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return done.addCallback(finished)
