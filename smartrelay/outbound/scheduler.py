@@ -42,6 +42,7 @@ from twisted.internet.defer import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from smartrelay.deferreds import whenAllDone
 from smartrelay.events import rfc3339
 from smartrelay.outbound.classify import bounceKind, classify
 from smartrelay.outbound.pool import Destination, DestinationPolicy, Throttle
@@ -348,19 +349,15 @@ class DeliveryScheduler(Service):
 
         timer = self.clock.callLater(self.shutdownTimeout, giveUp)
 
-        def waitForPending(_: Any = None) -> None:
-            # An attempt that ends while we wait starts its spool record
-            # (and, after it, its events) only then: wait for those too.
-            pending = self._workers | self._inFlight
-            if pending and not done.called:
-                DeferredList(list(pending)).addCallback(waitForPending)
-                return
+        def finished(_: Any) -> None:
             if timer.active():
                 timer.cancel()
             if not done.called:
                 done.callback(None)
 
-        waitForPending()
+        # An attempt that ends while we wait starts its spool record (and,
+        # after it, its events) only then: wait for those too.
+        whenAllDone(lambda: self._workers | self._inFlight).addCallback(finished)
         return done
 
     # -- timers --------------------------------------------------------------

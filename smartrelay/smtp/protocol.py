@@ -256,7 +256,7 @@ class HardenedESMTP(smtp.ESMTP):
         self._shuttingDown = True
         done: Deferred = Deferred()
         self._doneWaiters.append(done)
-        if self._connected and not self._blocked and not self.transport.disconnecting:
+        if self._connected:
             self._process()
         self._checkDone()
         return done

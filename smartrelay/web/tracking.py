@@ -44,18 +44,13 @@ from urllib.parse import quote, urlsplit
 
 import attrs
 from klein import Klein
-from twisted.internet.defer import (
-    Deferred,
-    DeferredList,
-    inlineCallbacks,
-    maybeDeferred,
-    succeed,
-)
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
+from smartrelay.deferreds import whenAllDone
 from smartrelay.store.interfaces import SuppressionEntry, normaliseAddress
 
 __all__ = [
@@ -248,16 +243,7 @@ class TrackingApp:
         waits for it when stopping, before it flushes the events and closes
         the store.
         """
-        done: Deferred = Deferred()
-
-        def check(_: Any = None) -> None:
-            if self._busy:
-                DeferredList(list(self._busy)).addCallback(check)
-            else:
-                done.callback(None)
-
-        check()
-        return done
+        return whenAllDone(lambda: self._busy)
 
     def _track(self, d: Deferred) -> Deferred:
         self._busy.add(d)
