@@ -30,7 +30,6 @@ import sys
 from typing import Any, BinaryIO, Callable, Iterator, List, Optional
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
