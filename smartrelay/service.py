@@ -154,6 +154,7 @@ class RelayService(MultiService):
             os.path.join(self.dataDir, "spool"),
             self.runInSpoolThread,
             runDeliveryIO=self.runDeliveryIO,
+            clock=reactor,
         )
 
         # Re-wrapping (HTML rewriting, DKIM) is CPU work: off the reactor.

@@ -95,13 +95,13 @@ import json
 import os
 import re
 import struct
-import time
 import zlib
 from collections import OrderedDict
 from typing import Callable, Optional
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -567,11 +567,15 @@ class Spool:
         of it.
     @ivar compactBytes: at most about this many bytes are copied forward per
         batch.
-    @ivar clock: monotonic seconds, for C{compactAfter}.
+    @ivar clock: the reactor's clock (C{seconds()}), read on the reactor
+        thread only: when a segment was sealed, for C{compactAfter}.  A
+        wall-clock jump only makes a compaction early or late, which is
+        harmless (it never changes what the log holds).
     """
 
     directory: str
     runInThread: Callable[..., Deferred]
+    clock: IReactorTime = attrs.field(kw_only=True)
     runDeliveryIO: Optional[Callable[..., Deferred]] = None
     cacheBytes: int = 64 * 1024 * 1024
     maxBatch: int = 256
@@ -579,7 +583,6 @@ class Spool:
     compactAfter: float = 300.0
     compactRatio: float = 0.25
     compactBytes: int = 8 * 1024 * 1024
-    clock: Callable[[], float] = time.monotonic
     _cache: "MessageCache" = attrs.field(init=False)
     _writer: _Writer = attrs.field(init=False)
     _pendingStores: list = attrs.field(factory=list, init=False)
@@ -616,9 +619,11 @@ class Spool:
         list of L{SpoolEntry} that still have work to do, oldest first.
         Call it once, before anything else.
         """
-        return self.runInThread(self._recover)
+        # The segments found count as sealed now, by the reactor's clock
+        # (read here, not in the thread).
+        return self.runInThread(self._recover, self.clock.seconds())
 
-    def _recover(self) -> list:
+    def _recover(self, now: float) -> list:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         names = sorted(os.listdir(self.directory))
         numbers = sorted(n for n in map(segmentNumber, names) if n is not None)
@@ -644,7 +649,6 @@ class Spool:
                 names, nextNumber, entries, locations, finished, sizes
             )
 
-        now = self.clock()
         segments = {
             number: _Segment(number, self._segmentPath(number), size, sealedAt=now)
             for number, size in sizes.items()
@@ -938,7 +942,7 @@ class Spool:
         """
         if self._writing or not (self._pendingStores or self._pendingRecords):
             return
-        now = self.clock()
+        now = self.clock.seconds()
         active = self._active
         newSegment = False
         if active is None or self._rollNext or active.size >= self.segmentBytes:

@@ -11,6 +11,7 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay import spool as spoolModule
@@ -59,12 +60,11 @@ def segmentPath(directory, number=1):
     return os.path.join(directory, segmentName(number))
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
+def makeSpool(directory, runInThread=synchronous, clock=None, **kwargs):
+    """
+    A L{Spool} on a L{Clock} (a fresh one unless C{clock} is given).
+    """
+    return Spool(directory, runInThread, clock=Clock() if clock is None else clock, **kwargs)
 
 
 class CodecTests(SynchronousTestCase):
@@ -125,11 +125,11 @@ class CodecTests(SynchronousTestCase):
 class SpoolTests(SynchronousTestCase):
     def setUp(self):
         self.directory = self.mktemp()
-        self.spool = Spool(self.directory, synchronous)
+        self.spool = makeSpool(self.directory, synchronous)
         self.assertEqual(self.successResultOf(self.spool.recover()), [])
 
     def reopen(self, **kwargs):
-        self.spool = Spool(self.directory, synchronous, **kwargs)
+        self.spool = makeSpool(self.directory, synchronous, **kwargs)
         return self.successResultOf(self.spool.recover())
 
     def append(self, number, *records):
@@ -187,7 +187,7 @@ class SpoolTests(SynchronousTestCase):
                 Recipient("b@example.org", "deferred", 1, 1700000600.0),
             ],
         )
-        [recovered] = Spool(self.directory, synchronous)._recover()
+        [recovered] = self.successResultOf(makeSpool(self.directory, synchronous).recover())
         self.assertEqual(recovered.recipients, entry.recipients)
         self.successResultOf(
             self.spool.record(entry, [Recipient("b@example.org", "bounced", 2, 0.0)])
@@ -389,9 +389,9 @@ class SegmentTests(SynchronousTestCase):
 
     def setUp(self):
         self.directory = self.mktemp()
-        self.clock = FakeClock()
+        self.clock = Clock()
         # A message record is 552 bytes: three to a segment.
-        self.spool = Spool(self.directory, synchronous, segmentBytes=1500, clock=self.clock)
+        self.spool = makeSpool(self.directory, synchronous, segmentBytes=1500, clock=self.clock)
         self.successResultOf(self.spool.recover())
 
     def store(self, n, size=300):
@@ -411,7 +411,7 @@ class SegmentTests(SynchronousTestCase):
         """
         entries = [self.store(n) for n in range(1, 6)]
         self.assertEqual(segments(self.directory), [segmentName(1), segmentName(2)])
-        recovered = self.successResultOf(Spool(self.directory, synchronous).recover())
+        recovered = self.successResultOf(makeSpool(self.directory, synchronous).recover())
         self.assertEqual([e.queue_id for e in recovered], [e.queue_id for e in entries])
 
     def test_headRemovedWhenFinished(self):
@@ -424,7 +424,7 @@ class SegmentTests(SynchronousTestCase):
             self.finish(entry)
         self.assertEqual(segments(self.directory), [segmentName(2)])
         self.assertEqual(
-            [e.queue_id for e in self.successResultOf(Spool(self.directory, synchronous).recover())],
+            [e.queue_id for e in self.successResultOf(makeSpool(self.directory, synchronous).recover())],
             [queueID(4), queueID(5)],
         )
 
@@ -443,7 +443,7 @@ class SegmentTests(SynchronousTestCase):
         # Segment 2 is finished, but segment 1 is not.
         self.assertEqual(len(segments(self.directory)), 4)
         self.assertEqual(self.spool._segments[2].live, {})
-        [first, *_] = self.successResultOf(Spool(self.directory, synchronous).recover())
+        [first, *_] = self.successResultOf(makeSpool(self.directory, synchronous).recover())
         self.assertEqual(first.recipients[0], Recipient("a@example.com", "deferred", 1, 7.0))
 
     def test_allFinishedRemovesEverything(self):
@@ -475,24 +475,47 @@ class SegmentTests(SynchronousTestCase):
         # Not yet: segment 1 was sealed just now.
         more = [self.store(n) for n in range(4, 7)]
         self.assertIn(segmentName(1), segments(self.directory))
-        self.clock.now += self.spool.compactAfter
+        self.clock.advance(self.spool.compactAfter)
         self.store(8)
         self.assertNotIn(segmentName(1), segments(self.directory))
         self.spool._cache.pop(entries[0].queue_id)
         self.assertEqual(self.successResultOf(self.spool.readMessage(entries[0])), b"x" * 300)
-        recovered = self.successResultOf(Spool(self.directory, synchronous).recover())
+        recovered = self.successResultOf(makeSpool(self.directory, synchronous).recover())
         self.assertEqual(
             [e.queue_id for e in recovered], [queueID(1)] + [e.queue_id for e in more] + [queueID(8)]
         )
         self.assertEqual(recovered[0].recipients[0], Recipient("a@example.com", "deferred", 3, 77.0))
         self.assertEqual(recovered[0].recipients[1].state, "queued")
 
+    def test_recoveredSegmentsSealedByTheClock(self):
+        """
+        Segments found at recovery count as sealed at the reactor clock's
+        time of the recovery: their live messages are copied forward once
+        that clock has moved C{compactAfter} on, not before.
+        """
+        entries = [self.store(n) for n in range(1, 4)]
+        for entry in entries[1:]:
+            self.finish(entry)
+        clock = Clock()
+        clock.advance(5000)
+        self.spool = makeSpool(
+            self.directory, segmentBytes=1500, compactRatio=0.5, clock=clock
+        )
+        self.successResultOf(self.spool.recover())
+        self.assertEqual(self.spool._segments[1].sealedAt, 5000)
+        clock.advance(self.spool.compactAfter - 1)
+        self.store(4)
+        self.assertIn(segmentName(1), segments(self.directory))
+        clock.advance(1)
+        self.store(5)
+        self.assertNotIn(segmentName(1), segments(self.directory))
+
     def test_noCompactionOfBusySegments(self):
         """
         A segment whose messages are mostly live is not copied.
         """
         entries = [self.store(n) for n in range(1, 5)]
-        self.clock.now += self.spool.compactAfter
+        self.clock.advance(self.spool.compactAfter)
         self.store(5)
         self.assertEqual(self.spool._locations[entries[0].queue_id][0], 1)
 
@@ -516,7 +539,7 @@ class SegmentTests(SynchronousTestCase):
         self.store(4)
         self.spool._cache.pop(entries[0].queue_id)
         read = self.spool.readMessage(entries[0])
-        self.clock.now += self.spool.compactAfter
+        self.clock.advance(self.spool.compactAfter)
         self.store(5)
         self.assertNotIn(segmentName(1), segments(self.directory))
         while pending:
@@ -540,7 +563,7 @@ class MigrationTests(SynchronousTestCase):
             f.write(blob)
 
     def recover(self):
-        self.spool = Spool(self.directory, synchronous)
+        self.spool = makeSpool(self.directory, synchronous)
         return self.successResultOf(self.spool.recover())
 
     def test_migrate(self):
@@ -621,7 +644,7 @@ class DeliverySideTests(SynchronousTestCase):
             self.pending.append((d, f, args))
             return d
 
-        self.spool = Spool(self.directory, synchronous, runDeliveryIO=deliveryIO)
+        self.spool = makeSpool(self.directory, synchronous, runDeliveryIO=deliveryIO)
         self.successResultOf(self.spool.recover())
 
     def runPending(self):
@@ -643,7 +666,7 @@ class DeliverySideTests(SynchronousTestCase):
         A recovered message is read from disk through the delivery I/O path.
         """
         self.successResultOf(self.spool.store(makeEntry(), b"body\r\n"))
-        fresh = Spool(self.directory, synchronous, runDeliveryIO=self.spool.runDeliveryIO)
+        fresh = makeSpool(self.directory, synchronous, runDeliveryIO=self.spool.runDeliveryIO)
         [entry] = self.successResultOf(fresh.recover())
         d = fresh.readMessage(entry)
         self.assertEqual(len(self.pending), 1)
@@ -656,7 +679,7 @@ class DeliverySideTests(SynchronousTestCase):
         L{SpoolCorrupt}.
         """
         self.successResultOf(self.spool.store(makeEntry(), b"body\r\n"))
-        fresh = Spool(self.directory, synchronous, runDeliveryIO=synchronous)
+        fresh = makeSpool(self.directory, synchronous, runDeliveryIO=synchronous)
         [entry] = self.successResultOf(fresh.recover())
         path = segmentPath(self.directory)
         with open(path, "r+b") as f:
@@ -698,7 +721,7 @@ class DeliverySideTests(SynchronousTestCase):
         self.assertEqual([r.state for r in entry.recipients], ["delivered", "bounced"])
         self.assertEqual(os.listdir(self.directory), [])
         self.assertIsNone(self.spool._cache.get(entry.queue_id))
-        self.assertEqual(self.successResultOf(Spool(self.directory, synchronous).recover()), [])
+        self.assertEqual(self.successResultOf(makeSpool(self.directory, synchronous).recover()), [])
 
     def test_cacheBounded(self):
         """
@@ -717,7 +740,7 @@ class DeliverySideTests(SynchronousTestCase):
 class FailureTests(SynchronousTestCase):
     def setUp(self):
         self.directory = self.mktemp()
-        self.spool = Spool(self.directory, synchronous)
+        self.spool = makeSpool(self.directory, synchronous)
         self.successResultOf(self.spool.recover())
 
     def fail(self, number=errno.EIO):
@@ -727,7 +750,7 @@ class FailureTests(SynchronousTestCase):
         return raiser
 
     def reopen(self):
-        return self.successResultOf(Spool(self.directory, synchronous).recover())
+        return self.successResultOf(makeSpool(self.directory, synchronous).recover())
 
     def assertRefused(self, entry=None):
         failure = self.failureResultOf(self.spool.store(entry or makeEntry(), b"x\r\n"))
@@ -825,7 +848,7 @@ class GroupCommitTests(SynchronousTestCase):
                 return d
             return maybeDeferred(f, *args)
 
-        self.spool = Spool(self.directory, runner)
+        self.spool = makeSpool(self.directory, runner)
         self.successResultOf(self.spool.recover())
         self.syncs = []
         realFdatasync = os.fdatasync
@@ -894,7 +917,7 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertTrue(first.done)
         self.assertEqual(second.recipients[0].state, "deferred")
         self.assertEqual(len(self.syncs), 4)
-        recovered = self.successResultOf(Spool(self.directory, synchronous).recover())
+        recovered = self.successResultOf(makeSpool(self.directory, synchronous).recover())
         self.assertEqual([e.queue_id for e in recovered], [queueID(2), queueID(3), queueID(4)])
 
 
@@ -917,8 +940,8 @@ class CrashTests(SynchronousTestCase):
                 return d
             return maybeDeferred(f, *args)
 
-        clock = FakeClock()
-        spool = Spool(
+        clock = Clock()
+        spool = makeSpool(
             directory,
             runner,
             segmentBytes=data.draw(st.sampled_from([400, 4000, 1 << 20])),
@@ -975,7 +998,7 @@ class CrashTests(SynchronousTestCase):
         for _ in range(data.draw(st.integers(0, 6))):
             if data.draw(st.booleans()):
                 # Old enough for compaction.
-                clock.now += spool.compactAfter
+                clock.advance(spool.compactAfter)
             issued = operations(data.draw(st.integers(1, 5)))
             while batches:
                 d, args = batches.pop(0)
@@ -986,7 +1009,7 @@ class CrashTests(SynchronousTestCase):
 
         # The crash: one more batch is written but not acknowledged, and only
         # some prefix of its bytes reaches the disk.
-        clock.now += spool.compactAfter
+        clock.advance(spool.compactAfter)
         issued = operations(data.draw(st.integers(1, 5)))
         if batches:
             _, (writer, batch) = batches[-1]
@@ -1007,7 +1030,7 @@ class CrashTests(SynchronousTestCase):
                 os.close(writer.fd)
 
         expected = {q: r for q, r in acked.items() if not all(x.final for x in r)}
-        recovered = self.successResultOf(Spool(directory, synchronous).recover())
+        recovered = self.successResultOf(makeSpool(directory, synchronous).recover())
         got = {e.queue_id: e.recipients for e in recovered}
         # Unacknowledged records that did reach the disk may apply, in
         # order: the result is the acknowledged state plus some prefix of
