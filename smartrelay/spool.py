@@ -2,11 +2,9 @@
 The durable on-disk queue (DESIGN section 1.3: no 250 before the message is
 on disk; a 250 means the relay never loses it).
 
-Data types shared with the delivery side:
-
-* L{Recipient}: one envelope recipient and its delivery state.
-* L{SpoolEntry}: one accepted message (envelope + per-recipient state);
-  the message bytes stay on disk and are read with L{Spool.readMessage}.
+It stores the message model of L{smartrelay.message} (L{SpoolEntry}: one
+accepted message, envelope and per-recipient L{Recipient} state); the
+message bytes stay on disk and are read with L{Spool.readMessage}.
 
 On-disk layout
 ==============
@@ -107,66 +105,7 @@ from twisted.python.failure import Failure
 
 from smartrelay.diskio import fsyncDirectory, unlinkQuietly, writeAll
 from smartrelay.ids import fileName
-
-FINAL_STATES = frozenset(["delivered", "bounced", "expired", "suppressed"])
-
-
-@attrs.define
-class Recipient:
-    """
-    One envelope recipient of a spooled message.
-
-    @ivar state: C{queued} (never tried), C{deferred} (tried, will retry),
-        or a final state: C{delivered}, C{bounced}, C{expired}.
-    @ivar attempts: delivery attempts made so far.
-    @ivar next_attempt: POSIX seconds of the next attempt (0: as soon as
-        possible).
-    """
-
-    address: str
-    state: str = "queued"
-    attempts: int = 0
-    next_attempt: float = 0.0
-
-    @property
-    def final(self) -> bool:
-        return self.state in FINAL_STATES
-
-
-@attrs.define(eq=False)
-class SpoolEntry:
-    """
-    One accepted message.
-
-    @ivar sender: envelope sender, C{""} for the null reverse path.
-    @ivar received: POSIX seconds when the 250 was sent.
-    @ivar size: size in bytes of the stored message (CRLF line ends).
-    @ivar client: facts about the submitting client: C{ip}, C{helo},
-        C{user} (SMTP AUTH name or None).
-    @ivar tag: the message's statistics tag (C{X-SmartRelay-Tag}), or
-        L{None}.
-    @ivar metadata: C{X-SmartRelay-Metadata-*}: carried into every event.
-    @ivar options: what the message's control headers chose instead of the
-        relay's defaults: C{opens}, C{clicks}, C{unsubscribe} (booleans;
-        missing keys: the default).
-    """
-
-    queue_id: str
-    sender: str
-    recipients: list
-    received: float
-    size: int
-    client: dict = attrs.field(factory=dict)
-    tag: Optional[str] = None
-    metadata: dict = attrs.field(factory=dict)
-    options: dict = attrs.field(factory=dict)
-
-    def pending(self) -> list:
-        return [r for r in self.recipients if not r.final]
-
-    @property
-    def done(self) -> bool:
-        return all(r.final for r in self.recipients)
+from smartrelay.message import Recipient, SpoolEntry
 
 
 class SpoolError(Exception):

@@ -7,6 +7,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay.events import rfc3339
+from smartrelay.message import Recipient
 from smartrelay.outbound.session import Reply
 from smartrelay.outbound.router import NoRoute
 from smartrelay.outbound.scheduler import DeliveryScheduler
@@ -18,7 +19,6 @@ from smartrelay.outbound.testing import (
     RecordingEvents,
     makeEntry,
 )
-from smartrelay.spool import Recipient
 
 START = 1_700_000_000.0
 

@@ -15,14 +15,13 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay import spool as spoolModule
+from smartrelay.message import Recipient, SpoolEntry
 from smartrelay.spool import (
     DONE,
     MESSAGE,
     STATE,
-    Recipient,
     Spool,
     SpoolCorrupt,
-    SpoolEntry,
     SpoolError,
     decodeEntry,
     encodeEntry,

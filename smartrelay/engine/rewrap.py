@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from smartrelay.engine.dkim import fromDomain, headerSection
 from smartrelay.engine.workers import WorkerLost
 from smartrelay.ids import fileName
-from smartrelay.spool import SpoolEntry
+from smartrelay.message import SpoolEntry
 
 __all__ = ["Rewrapper"]
 

@@ -44,11 +44,11 @@ from twisted.python.failure import Failure
 
 from smartrelay.deferreds import whenAllDone
 from smartrelay.events import rfc3339
+from smartrelay.message import Recipient, SpoolEntry
 from smartrelay.outbound.classify import bounceKind, classify
 from smartrelay.outbound.pool import Destination, DestinationPolicy, Throttle
 from smartrelay.outbound.router import NoRoute
 from smartrelay.outbound.session import Reply
-from smartrelay.spool import Recipient, SpoolEntry
 
 __all__ = ["DeliveryScheduler"]
 

@@ -13,9 +13,9 @@ from twisted.protocols.basic import LineReceiver
 from twisted.test import iosim
 from zope.interface import implementer
 
-from smartrelay.outbound.session import AttemptResult, OpenResult, Reply
+from smartrelay.message import Recipient, SpoolEntry
 from smartrelay.outbound.router import Hop, IRouter
-from smartrelay.spool import Recipient, SpoolEntry
+from smartrelay.outbound.session import AttemptResult, OpenResult, Reply
 
 __all__ = [
     "Delays",

@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from smartrelay.engine.headers import readControls
 from smartrelay.ids import LeaseExpired, QueueIDGenerator
+from smartrelay.message import Recipient, SpoolEntry
 from smartrelay.smtp.protocol import HardenedESMTP, ISubmissionPolicy, Session
 from smartrelay.smtp.replies import (
     ACCESS_DENIED,
@@ -30,7 +31,7 @@ from smartrelay.smtp.replies import (
     SMTPReply,
     reply,
 )
-from smartrelay.spool import Recipient, SpoolEntry, SpoolError
+from smartrelay.spool import SpoolError
 
 AUTH_FAILED = reply(535, "5.7.8", "Authentication credentials invalid")
 

@@ -1,0 +1,100 @@
+"""
+Tests for the shape of the import graph of L{smartrelay}: which parts may
+import which, read from the source with L{ast} (nothing is imported).
+"""
+
+import ast
+import os
+from collections import defaultdict
+
+from twisted.trial.unittest import SynchronousTestCase
+
+import smartrelay
+
+PACKAGE = os.path.dirname(os.path.abspath(smartrelay.__file__))
+
+
+def moduleName(path: str) -> str:
+    """
+    The dotted name of the module at C{path}, a file under L{PACKAGE}.
+    """
+    relative = os.path.relpath(path, os.path.dirname(PACKAGE))
+    parts = relative[: -len(".py")].split(os.sep)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def importsOf(source: str, context: str) -> set:
+    """
+    The C{smartrelay} names that the module C{context} (its dotted name,
+    ending in C{.__init__} for a package) imports, anywhere in C{source}
+    (inside functions too).  C{from smartrelay import spool} yields both
+    C{smartrelay} and C{smartrelay.spool}.
+    """
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = context.split(".")[: -node.level]
+                module = ".".join(base + ([module] if module else []))
+            found.add(module)
+            found.update(f"{module}.{a.name}" for a in node.names)
+    return {m for m in found if m == "smartrelay" or m.startswith("smartrelay.")}
+
+
+def importGraph() -> dict:
+    """
+    Module name → the names of the C{smartrelay} modules it imports (only
+    names that are modules of the package).
+    """
+    sources = {}
+    for directory, _, files in os.walk(PACKAGE):
+        for file in files:
+            if file.endswith(".py"):
+                path = os.path.join(directory, file)
+                with open(path, encoding="utf-8") as f:
+                    sources[moduleName(path)] = (path, f.read())
+    graph = {}
+    for name, (path, source) in sources.items():
+        isPackage = path.endswith("__init__.py")
+        context = name + ".__init__" if isPackage else name
+        graph[name] = {m for m in importsOf(source, context) if m in sources} - {name}
+    return graph
+
+
+def unit(module: str) -> str:
+    """
+    The part of the relay C{module} belongs to: its subpackage
+    (C{smartrelay.engine}) or, for a top-level module, itself.
+    """
+    return ".".join(module.split(".")[:2])
+
+
+class LayerTests(SynchronousTestCase):
+    def test_graphFound(self):
+        """
+        The graph is read from the package: it knows the modules and at
+        least the imports every relay has.
+        """
+        graph = importGraph()
+        self.assertIn("smartrelay.spool", graph["smartrelay.service"])
+        self.assertIn("smartrelay.message", graph["smartrelay.spool"])
+
+    def test_messageModelStandsAlone(self):
+        """
+        The message model imports no other part of the relay.
+        """
+        self.assertEqual(importGraph()["smartrelay.message"], set())
+
+    def test_engineDoesNotImportTheSpool(self):
+        """
+        The re-wrap engine works on the message model, never on the spool
+        that stores it.
+        """
+        for module, imported in importGraph().items():
+            if unit(module) == "smartrelay.engine":
+                self.assertNotIn("smartrelay.spool", imported, module)
