@@ -98,3 +98,35 @@ class LayerTests(SynchronousTestCase):
         for module, imported in importGraph().items():
             if unit(module) == "smartrelay.engine":
                 self.assertNotIn("smartrelay.spool", imported, module)
+
+    def test_controlsKnowNoReplies(self):
+        """
+        The control headers raise their own error; which SMTP reply it
+        becomes is the submission policy's decision.
+        """
+        self.assertNotIn("smartrelay.smtp.replies", importGraph()["smartrelay.smtp.controls"])
+
+    def test_noImportRunsBackUp(self):
+        """
+        Between the parts of the relay (subpackages and top-level modules)
+        imports form no cycle: each part only imports parts below it.
+        """
+        edges = defaultdict(set)
+        for module, imported in importGraph().items():
+            for target in imported:
+                if unit(target) != unit(module):
+                    edges[unit(module)].add(unit(target))
+        done: set = set()
+
+        def visit(part: str, path: list) -> None:
+            if part in path:
+                cycle = path[path.index(part) :] + [part]
+                self.fail("imports run in a circle: " + " -> ".join(cycle))
+            if part in done:
+                return
+            for target in sorted(edges[part]):
+                visit(target, path + [part])
+            done.add(part)
+
+        for part in sorted(edges):
+            visit(part, [])

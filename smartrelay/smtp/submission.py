@@ -18,9 +18,9 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from smartrelay.engine.headers import readControls
 from smartrelay.ids import LeaseExpired, QueueIDGenerator
 from smartrelay.message import Recipient, SpoolEntry
+from smartrelay.smtp.controls import InvalidControlHeader, readControls
 from smartrelay.smtp.protocol import HardenedESMTP, ISubmissionPolicy, Session
 from smartrelay.smtp.replies import (
     ACCESS_DENIED,
@@ -202,7 +202,8 @@ class SubmissionPolicy:
         now = self.clock.seconds()
         try:
             controls, data = readControls(data)
-        except SMTPReply as refusal:
+        except InvalidControlHeader as e:
+            refusal = reply(554, "5.6.0", str(e))
             self.messageRejected(session, sender, recipients, refusal)
             return fail(refusal)
         try:

@@ -1,6 +1,7 @@
+# -*- test-case-name: tests.test_smtp_controls -*-
 """
 Per-message control headers (DESIGN section 1.4): read, checked and removed
-from a submitted message before it is stored.
+from a submitted message at the end of DATA, before it is stored.
 
 Ours::
 
@@ -22,9 +23,10 @@ common providers' equivalents, mapped to ours and removed as well::
     X-SES-MESSAGE-TAGS: name=value, name=value   (metadata)
 
 Our headers win over the providers' when both are present.  A value that
-cannot be understood refuses the message at DATA with C{554 5.6.0} and a
-sentence naming the header: a typo must not silently send mail with
-tracking the sender did not ask for (or without what they asked for).
+cannot be understood raises L{InvalidControlHeader}, naming the header; the
+submission policy refuses the message with it (C{554 5.6.0}): a typo must
+not silently send mail with tracking the sender did not ask for (or without
+what they asked for).  This module knows nothing of SMTP replies.
 """
 
 import re
@@ -33,9 +35,13 @@ from typing import Optional
 
 import attrs
 
-from smartrelay.smtp.replies import SMTPReply, reply
-
-__all__ = ["Controls", "readControls", "MAX_METADATA_KEYS", "MAX_METADATA_VALUE"]
+__all__ = [
+    "Controls",
+    "InvalidControlHeader",
+    "readControls",
+    "MAX_METADATA_KEYS",
+    "MAX_METADATA_VALUE",
+]
 
 #: At most this many metadata keys per message, each value at most this
 #: many characters (they are copied into every event of the message).
@@ -86,8 +92,25 @@ class Controls:
     metadata: dict = attrs.field(factory=dict)
 
 
-def _invalid(header: str, why: str) -> SMTPReply:
-    return reply(554, "5.6.0", f"Invalid {header} header: {why}")
+@attrs.define(str=False)
+class InvalidControlHeader(ValueError):
+    """
+    A control header has a value that cannot be understood.
+
+    @ivar header: the header's name as the message spelled it (or
+        C{X-SmartRelay-Metadata-*} for the number of metadata keys).
+    @ivar reason: what is wrong, a sentence fragment for people.
+    """
+
+    header: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"Invalid {self.header} header: {self.reason}"
+
+
+def _invalid(header: str, why: str) -> InvalidControlHeader:
+    return InvalidControlHeader(header, why)
 
 
 def _text(raw: bytes) -> str:
@@ -136,7 +159,7 @@ def readControls(data: bytes) -> tuple:
     @param data: the message as submitted (CRLF line ends).
     @return: C{(Controls, data without the control headers)}.  A message
         without any is returned unchanged (the same object).
-    @raise SMTPReply: C{554 5.6.0} naming the header with a bad value.
+    @raise InvalidControlHeader: a control header has a bad value.
     """
     lowered = data[: data.find(b"\r\n\r\n") + 2 if b"\r\n\r\n" in data else len(data)].lower()
     if not any(prefix in lowered for prefix in _PREFIXES):

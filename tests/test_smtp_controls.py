@@ -1,13 +1,15 @@
 """
-Tests for L{smartrelay.engine.headers}: control headers are read, checked
-and removed; providers' headers map to ours; bad values are 554 5.6.0.
+Tests for L{smartrelay.smtp.controls}: control headers are read, checked
+and removed; providers' headers map to ours; bad values raise
+L{InvalidControlHeader} naming the header (the policy's 554 5.6.0 is tested
+in L{tests.test_smtp_submission}).
 """
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from smartrelay.engine.headers import Controls, readControls
+from smartrelay.smtp.controls import Controls, InvalidControlHeader, readControls
 from smartrelay.smtp.replies import SMTPReply
 
 BODY = b"\r\nHello\r\nX-SmartRelay-Tag: not-a-header-in-the-body\r\n"
@@ -23,9 +25,9 @@ class ReadTests(SynchronousTestCase):
         return readControls(message(*headers))
 
     def refused(self, *headers) -> str:
-        error = self.assertRaises(SMTPReply, readControls, message(*headers))
-        self.assertEqual((error.code, error.status), (554, "5.6.0"))
-        return error.text
+        error = self.assertRaises(InvalidControlHeader, readControls, message(*headers))
+        self.assertEqual(str(error), f"Invalid {error.header} header: {error.reason}")
+        return str(error)
 
     def test_none(self):
         """A message without control headers is returned as it was (the same object)."""
@@ -35,6 +37,7 @@ class ReadTests(SynchronousTestCase):
         self.assertIs(out, data)
 
     def test_ours(self):
+        """Our four headers are read into Controls and removed; folded values are unfolded."""
         controls, out = self.read(
             "X-SmartRelay-Track: opens, clicks",
             "X-SmartRelay-Tag: password-reset",
@@ -50,6 +53,7 @@ class ReadTests(SynchronousTestCase):
         self.assertEqual(out, message())
 
     def test_trackNone(self):
+        """X-SmartRelay-Track: none turns off both opens and clicks."""
         controls, _ = self.read("X-SmartRelay-Track: none")
         self.assertEqual((controls.opens, controls.clicks), (False, False))
 
@@ -59,10 +63,12 @@ class ReadTests(SynchronousTestCase):
         self.assertTrue(out.endswith(BODY))
 
     def test_encodedMetadata(self):
+        """RFC 2047 encoded words in a metadata value are decoded."""
         controls, _ = self.read("X-SmartRelay-Metadata-name: =?utf-8?q?J=C3=BCrgen?=")
         self.assertEqual(controls.metadata, {"name": "J\u00fcrgen"})
 
     def test_mailgun(self):
+        """Mailgun's headers map to ours; tags after the first become metadata."""
         controls, out = self.read(
             "X-Mailgun-Track: yes",
             "X-Mailgun-Track-Clicks: no",
@@ -77,6 +83,7 @@ class ReadTests(SynchronousTestCase):
         self.assertNotIn(b"Mailgun", out)
 
     def test_postmark(self):
+        """Postmark's tag and tracking headers map to ours and are removed."""
         controls, out = self.read(
             "X-PM-Tag: invoice", "X-PM-TrackOpens: true", "X-PM-TrackLinks: HtmlOnly"
         )
@@ -86,6 +93,7 @@ class ReadTests(SynchronousTestCase):
         self.assertFalse(controls.clicks)
 
     def test_ses(self):
+        """X-SES-MESSAGE-TAGS pairs become metadata with lower-cased names."""
         controls, out = self.read("X-SES-MESSAGE-TAGS: campaign=spring, Team=growth")
         self.assertEqual(controls.metadata, {"campaign": "spring", "team": "growth"})
         self.assertNotIn(b"X-SES", out)
@@ -104,39 +112,61 @@ class ReadTests(SynchronousTestCase):
         self.assertNotIn(b"X-SmartRelay-Tag: t\r\n", out)
 
     def test_badTrack(self):
+        """An unknown X-SmartRelay-Track word is refused, naming the header and the value."""
         text = self.refused("X-SmartRelay-Track: everything")
         self.assertIn("X-SmartRelay-Track", text)
         self.assertIn("'everything'", text)
 
     def test_badTag(self):
+        """A tag outside the allowed characters is refused, ours or a provider's."""
         self.assertIn("X-SmartRelay-Tag", self.refused("X-SmartRelay-Tag: two words"))
         self.assertIn("X-PM-Tag", self.refused("X-PM-Tag: -dash-first"))
 
     def test_badUnsubscribe(self):
+        """X-SmartRelay-Unsubscribe takes on/off (yes/no, true/false) only."""
         self.assertIn("X-SmartRelay-Unsubscribe", self.refused("X-SmartRelay-Unsubscribe: maybe"))
 
     def test_badProviderValues(self):
+        """Bad values in the providers' headers are refused too, naming them."""
         self.assertIn("X-Mailgun-Track", self.refused("X-Mailgun-Track: sometimes"))
         self.assertIn("X-PM-TrackLinks", self.refused("X-PM-TrackLinks: Always"))
         self.assertIn("X-SES-MESSAGE-TAGS", self.refused("X-SES-MESSAGE-TAGS: novalue"))
 
     def test_badMetadata(self):
+        """Bad metadata keys, over-long values and too many keys are refused."""
         self.assertIn("Metadata", self.refused("X-SmartRelay-Metadata-: x"))
         self.assertIn("longer than", self.refused("X-SmartRelay-Metadata-k: " + "x" * 1001))
         many = [f"X-SmartRelay-Metadata-k{i}: v" for i in range(21)]
         self.assertIn("more than 20", self.refused(*many))
 
+    def test_typedError(self):
+        """
+        A bad value raises L{InvalidControlHeader} with the header as the
+        message spelled it and the reason, not an SMTP reply: what to
+        answer is the submission policy's decision.
+        """
+        error = self.assertRaises(
+            InvalidControlHeader, readControls, message("x-smartrelay-TRACK: always")
+        )
+        self.assertEqual(error.header, "x-smartrelay-TRACK")
+        self.assertEqual(
+            error.reason, "expected 'opens', 'clicks', 'opens,clicks' or 'none', got 'always'"
+        )
+        self.assertIsInstance(error, ValueError)
+        self.assertNotIsInstance(error, SMTPReply)
+
     def test_twice(self):
+        """One of our headers given twice is refused."""
         self.assertIn("more than once", self.refused("X-SmartRelay-Tag: a", "X-SmartRelay-Tag: b"))
 
     @settings(max_examples=200, deadline=None)
     @given(st.binary(max_size=400))
     def test_neverCrashes(self, data):
-        """Any bytes: either a reply or (controls, bytes)."""
+        """Any bytes: either an InvalidControlHeader or (controls, bytes)."""
         try:
             controls, out = readControls(data)
-        except SMTPReply as e:
-            self.assertEqual(e.code, 554)
+        except InvalidControlHeader as e:
+            self.assertTrue(e.header and e.reason)
         else:
             self.assertIsInstance(controls, Controls)
             self.assertLessEqual(len(out), len(data))
@@ -151,6 +181,7 @@ class ReadTests(SynchronousTestCase):
         ),
     )
     def test_roundTrip(self, tag, meta):
+        """Any valid tag and metadata read back as given and leave the message as without them."""
         headers = [f"X-SmartRelay-Tag: {tag}"] + [
             f"X-SmartRelay-Metadata-{k}: {v}" for k, v in meta.items()
         ]
