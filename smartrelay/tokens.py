@@ -1,7 +1,6 @@
 """
-Signed tokens (HMAC-SHA256) for VERP return paths, List-Unsubscribe
-addresses and URLs, and open- and click-tracking URLs (DESIGN sections 1.5
-and 1.6).
+Tokens for VERP return paths, List-Unsubscribe addresses and URLs, and
+open- and click-tracking URLs (DESIGN sections 1.5 and 1.6).
 
 Two forms:
 
@@ -10,23 +9,45 @@ Two forms:
     C{unsub+TOKEN@domain} (kind C{"u"}, mailto unsubscribe).  They are
     lower-case base32 without padding (only C{[a-z0-9]}, because some MTAs
     lower-case local parts; reading ignores case), 37 characters long, and
-    carry the queue id and the recipient's index in the envelope.
+    carry the queue id and the recipient's index in the envelope, signed
+    (HMAC-SHA256) but not encrypted: they hold nothing about the recipient
+    that the address they are sent to does not already say.
 
   - I{URL} tokens (L{Tokens.make}, L{Tokens.read}) go into URL paths:
     kinds C{"o"} (open pixel), C{"c"} (click; carries the link) and C{"u"}
     (unsubscribe page and RFC 8058 one-click).  They are URL-safe base64
     without padding and carry the queue id, the recipient address and, for
-    C{"c"}, the link in full.
+    C{"c"}, the link, under authenticated encryption (AES-SIV): whoever sees
+    the URL (a proxy or referrer log, a forwarded mail, a link scanner)
+    learns neither the recipient nor the link nor the queue id, and nobody
+    without the key can make a token that reads.
 
-Every token holds, in binary: its kind, the id of the key that signed it
-(the first byte of the key's SHA-256, see L{keyID}), the queue id packed
-(node byte, boot byte, 3-byte counter, 4-byte seconds), its payload and a
-truncated HMAC-SHA256 over all of that and the token's form (80 bits for
-compact tokens, 128 bits for URL tokens).  The kind is inside the MAC, so a
-token of one kind is never accepted as another.  Tokens are deterministic:
-the same inputs and key give the same token.
+A compact token holds, in binary: its kind, the id of the key that signed
+it (the first byte of the key's SHA-256, see L{keyID}), the queue id packed
+(node byte, boot byte, 3-byte counter, 4-byte seconds), the index and an
+80-bit truncated HMAC-SHA256 over all of that and the token's form.
 
-Keys rotate: the first key of a L{Tokens} signs, every key verifies.
+A URL token holds one header byte (bit 7 set; bit 4: the payload is
+deflated; bits 0 to 3: the low bits of the key's id) and the AES-SIV
+sealing (a 128-bit synthetic IV, then the ciphertext) of the packed queue
+id and the payload: the recipient's UTF-8 and, for C{"c"}, before it its
+length (LEB128) and after it the link's UTF-8, deflated with a preset
+dictionary of common address and link parts when that is shorter.  The
+header byte and the kind are the associated data, so a token of one kind is
+never accepted as another.  The AES-SIV key is derived from the token key
+(HKDF-SHA256, L{urlKey}): the bytes that key HMACs never key the cipher.
+A usual click token is about 70 characters (it was 100 in the signed form
+below).
+
+URL tokens made before they were encrypted (the I{signed} form: kind byte,
+key id byte, packed queue id, 2-byte recipient length, recipient, link,
+128-bit HMAC-SHA256 of all of that) still read, as long as the key that
+signed them is one of the keys, so links in mail already sent keep working
+until their key is retired.  Nothing makes them any more.
+
+Tokens are deterministic: the same inputs and key give the same token.
+Keys rotate: the first key of a L{Tokens} signs and seals, every key
+verifies and opens.
 """
 
 import base64
@@ -36,10 +57,13 @@ import hmac
 import os
 import re
 import tempfile
+import zlib
 from typing import Optional, Sequence
 
 import attrs
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from smartrelay.diskio import fsyncDirectory, writeAll
@@ -57,7 +81,8 @@ MIN_KEY_SIZE = 16
 #: The size of keys made by L{Tokens.load}, in bytes.
 NEW_KEY_SIZE = 32
 
-#: MAC sizes in bytes: at least 80 bits for compact tokens, 128 for URLs.
+#: MAC sizes in bytes: at least 80 bits for compact tokens, 128 for the
+#: signed URL tokens that are still read.
 COMPACT_MAC_SIZE = 10
 URL_MAC_SIZE = 16
 
@@ -67,8 +92,41 @@ MAX_COMPACT_LENGTH = 40
 # kind (1), key id (1), packed queue id (9), index (2).
 _COMPACT_BODY = 13
 _COMPACT_SIZE = _COMPACT_BODY + COMPACT_MAC_SIZE
-# kind (1), key id (1), packed queue id (9), recipient length (2).
+# Signed URL tokens: kind (1), key id (1), packed queue id (9), recipient
+# length (2).
 _URL_HEADER = 13
+
+# Sealed URL tokens: the header byte's bits.  Signed tokens begin with an
+# ASCII kind letter, so bit 7 tells the forms apart.
+_SEALED = 0x80
+_DEFLATED = 0x10
+_RESERVED = 0x60
+_KEY_ID_MASK = 0x0F
+# AES-256-SIV: a 64-byte key (two AES-256 keys), a 16-byte synthetic IV.
+_SIV_KEY_SIZE = 64
+_SIV_SIZE = 16
+# header (1), synthetic IV (16), packed queue id (9).
+_SEALED_MIN = 1 + _SIV_SIZE + 9
+_URL_KEY_INFO = b"smartrelay url token aes-siv"
+
+# The deflate dictionary of sealed URL tokens' payloads: pieces of
+# addresses and links that recur, the likeliest last (nearest, so
+# cheapest to refer to).  It is part of the token format: changing it
+# makes tokens with deflated payloads unreadable.
+_DICTIONARY = (
+    b"@btinternet.com@orange.fr@free.fr@libero.it@mail.ru@yandex.ru@qq.com@163.com"
+    b"@t-online.de@gmx.de@web.de@aol.com@me.com@icloud.com@live.com@msn.com"
+    b"@yahoo.com@hotmail.com@outlook.com@googlemail.com@gmail.com"
+    b".co.uk/.com.au/.com.br/.io/.fr/.de/.net/.org/"
+    b"/index.html.php?id=/en/?id=&id=/orders//products//p/"
+    b"/login/account/settings/reset-password?token=/confirm?token=/verify?token="
+    b"/unsubscribe?&utm_term=&utm_content=&utm_campaign=&utm_medium=email"
+    b"?utm_source=newsletter.com/http://www.https://www."
+)
+# Raw deflate with a 1 KiB window (it reaches all of the dictionary) and
+# little memory: building a compressor per token stays cheap.
+_DEFLATE_BITS = -10
+_DEFLATE_MEMORY = 1
 
 # Domain separation: the MAC covers the form of the token, so a compact
 # token's bytes can never verify as a URL token's and vice versa.
@@ -84,7 +142,7 @@ _URL_RE = re.compile(r"[A-Za-z0-9_-]+")
 class BadToken(ValueError):
     """
     A token is not valid: forged, truncated, extended, of another kind,
-    signed by an unknown key, or not a token at all.
+    signed or sealed by an unknown key, or not a token at all.
     """
 
 
@@ -110,10 +168,21 @@ class TokenData:
 def keyID(key: bytes) -> int:
     """
     The id a token carries for the key that signed it: the first byte of
-    the key's SHA-256.  Different keys may share an id; verification then
-    tries each of them.
+    the key's SHA-256 (URL tokens carry its low 4 bits).  Different keys
+    may share an id; verification then tries each of them.
     """
     return hashlib.sha256(key).digest()[0]
+
+
+def urlKey(key: bytes) -> bytes:
+    """
+    The AES-SIV key that seals URL tokens for the token key C{key}: 64
+    bytes of HKDF-SHA256 of it, for this purpose only (the token key itself
+    keys the HMAC of compact tokens).
+    """
+    return HKDF(
+        algorithm=hashes.SHA256(), length=_SIV_KEY_SIZE, salt=None, info=_URL_KEY_INFO
+    ).derive(key)
 
 
 def deriveKey(secret: str) -> bytes:
@@ -218,15 +287,16 @@ def _decodeURL(token: str) -> bytes:
 
 class Tokens:
     """
-    Makes and checks signed tokens with a list of keys: the first signs,
-    every one verifies (so a key can be rotated in front of the old ones,
-    and the old ones removed once their tokens no longer matter).
+    Makes and checks tokens with a list of keys: the first signs and seals,
+    every one verifies and opens (so a key can be rotated in front of the
+    old ones, and the old ones removed once their tokens no longer
+    matter).
     """
 
     def __init__(self, keys: Sequence[bytes]) -> None:
         """
-        @param keys: HMAC keys, each at least L{MIN_KEY_SIZE} bytes; the
-            first signs.
+        @param keys: token keys, each at least L{MIN_KEY_SIZE} bytes; the
+            first signs and seals.
         @raise ValueError: no keys, or a key that is too short.
         """
         keys = list(keys)
@@ -241,6 +311,13 @@ class Tokens:
         self._keys: dict[int, list[bytes]] = {}
         for key in keys:
             self._keys.setdefault(keyID(key), []).append(key)
+        # The AES-SIV ciphers of URL tokens, by the 4 bits of key id they
+        # carry; the first key's seals.
+        ciphers = [AESSIV(urlKey(key)) for key in keys]
+        self._sealing = ciphers[0]
+        self._openers: dict[int, list[AESSIV]] = {}
+        for key, cipher in zip(keys, ciphers):
+            self._openers.setdefault(keyID(key) & _KEY_ID_MASK, []).append(cipher)
 
     def __reduce__(self) -> tuple:
         # Pickled for the re-wrap worker processes, over their pipes.
@@ -335,7 +412,7 @@ class Tokens:
 
     def make(self, kind: str, queueID: str, recipient: str, url: Optional[str] = None) -> str:
         """
-        A URL token.
+        A URL token, sealed with the first key.
 
         @param kind: one of L{URL_KINDS}: C{"o"} (open), C{"c"} (click) or
             C{"u"} (unsubscribe).
@@ -353,32 +430,90 @@ class Tokens:
             )
         try:
             recipientBytes = recipient.encode("utf-8")
-            urlBytes = b"" if url is None else url.encode("utf-8")
+            urlBytes = None if url is None else url.encode("utf-8")
         except (AttributeError, UnicodeError):
             raise ValueError("recipient and url must be text encodable as UTF-8") from None
         if len(recipientBytes) > 0xFFFF:
             raise ValueError("the recipient is too long for a token")
-        body = (
-            bytes([kindByte, self._signingID])
-            + _packQueueID(queueID)
-            + len(recipientBytes).to_bytes(2, "big")
-            + recipientBytes
-            + urlBytes
+        if urlBytes is None:
+            payload = recipientBytes
+        else:
+            payload = _lengthPrefix(len(recipientBytes)) + recipientBytes + urlBytes
+        header = _SEALED | (self._signingID & _KEY_ID_MASK)
+        deflated = _deflate(payload)
+        if len(deflated) < len(payload):
+            header |= _DEFLATED
+            payload = deflated
+        sealed = self._sealing.encrypt(
+            _packQueueID(queueID) + payload, [bytes([header, kindByte])]
         )
-        mac = self._mac(self._signing, _URL_TAG, body)[:URL_MAC_SIZE]
-        return _encodeURL(body + mac)
+        return _encodeURL(bytes([header]) + sealed)
 
     def read(self, kind: str, token: str) -> TokenData:
         """
-        Check a URL token of C{kind}.
+        Check a URL token of C{kind}: sealed, or signed as before URL tokens
+        were encrypted.
 
         @return: its queue id, recipient and (for C{"c"}) url; C{index} is
             L{None}.
-        @raise BadToken: it is not a valid token of C{kind} signed by one of
-            the keys, or C{kind} is not one of L{URL_KINDS}.
+        @raise BadToken: it is not a valid token of C{kind} sealed or signed
+            by one of the keys, or C{kind} is not one of L{URL_KINDS}.
         """
         kindByte = _kindByte(kind, URL_KINDS, BadToken)
         data = _decodeURL(token)
+        if data and data[0] & _SEALED:
+            return self._unseal(kind, kindByte, data)
+        return self._readSigned(kind, kindByte, data)
+
+    def _unseal(self, kind: str, kindByte: int, data: bytes) -> TokenData:
+        """
+        The data of a sealed URL token's bytes.
+
+        @raise BadToken: it is not a token of C{kind} sealed by one of the
+            keys.
+        """
+        header = data[0]
+        if header & _RESERVED or len(data) < _SEALED_MIN:
+            raise BadToken("not a URL token")
+        ciphers = self._openers.get(header & _KEY_ID_MASK)
+        if not ciphers:
+            raise BadToken("token sealed by an unknown key")
+        associated = [bytes([header, kindByte])]
+        for cipher in ciphers:
+            try:
+                plain = cipher.decrypt(data[1:], associated)
+                break
+            except InvalidTag:
+                continue
+        else:
+            raise BadToken("bad token (forged, damaged, of another kind or another key)")
+        queueID = _unpackQueueID(plain[:9])
+        payload = plain[9:]
+        if header & _DEFLATED:
+            payload = _inflate(payload)
+        if kind == "c":
+            length, offset = _readLengthPrefix(payload)
+            recipientBytes = payload[offset : offset + length]
+            urlBytes = payload[offset + length :]
+            if len(recipientBytes) != length:
+                raise BadToken("bad URL token payload")
+        else:
+            recipientBytes, urlBytes = payload, None
+        try:
+            recipient = recipientBytes.decode("utf-8")
+            url = None if urlBytes is None else urlBytes.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadToken("bad URL token payload") from None
+        return TokenData(queue_id=queueID, recipient=recipient, index=None, url=url)
+
+    def _readSigned(self, kind: str, kindByte: int, data: bytes) -> TokenData:
+        """
+        The data of a signed URL token's bytes (the form made before URL
+        tokens were sealed).
+
+        @raise BadToken: it is not a token of C{kind} signed by one of the
+            keys.
+        """
         if len(data) < _URL_HEADER + URL_MAC_SIZE:
             raise BadToken("URL token too short")
         body, mac = data[:-URL_MAC_SIZE], data[-URL_MAC_SIZE:]
@@ -417,6 +552,65 @@ class Tokens:
             if hmac.compare_digest(self._mac(key, tag, body)[: len(mac)], mac):
                 return
         raise BadToken("bad token signature")
+
+
+def _lengthPrefix(length: int) -> bytes:
+    """
+    C{length} as LEB128: 7 bits a byte, least significant first, bit 7 set
+    on every byte but the last.
+    """
+    out = bytearray()
+    while length >= 0x80:
+        out.append(0x80 | (length & 0x7F))
+        length >>= 7
+    out.append(length)
+    return bytes(out)
+
+
+def _readLengthPrefix(data: bytes) -> tuple[int, int]:
+    """
+    The inverse of L{_lengthPrefix} at the start of C{data}: (length,
+    number of bytes it took).  Only the canonical form of a length up to
+    65535 is accepted.
+
+    @raise BadToken: there is none.
+    """
+    length = 0
+    for position in range(min(len(data), 3)):
+        byte = data[position]
+        length |= (byte & 0x7F) << (7 * position)
+        if not byte & 0x80:
+            if (position and not byte) or length > 0xFFFF:
+                break
+            return length, position + 1
+    raise BadToken("bad URL token payload")
+
+
+def _deflate(data: bytes) -> bytes:
+    """
+    C{data} as raw deflate with L{_DICTIONARY} preset.
+    """
+    compressor = zlib.compressobj(
+        9, zlib.DEFLATED, _DEFLATE_BITS, _DEFLATE_MEMORY, zlib.Z_DEFAULT_STRATEGY, _DICTIONARY
+    )
+    return compressor.compress(data) + compressor.flush()
+
+
+def _inflate(data: bytes) -> bytes:
+    """
+    The inverse of L{_deflate}.  Only for data from a token that opened:
+    nobody without the key could have made it, so it is not a bomb.
+
+    @raise BadToken: C{data} is not one whole deflate stream.
+    """
+    decompressor = zlib.decompressobj(_DEFLATE_BITS, zdict=_DICTIONARY)
+    try:
+        out = decompressor.decompress(data)
+    except zlib.error:
+        raise BadToken("bad URL token payload") from None
+    if not decompressor.eof or decompressor.unused_data:
+        raise BadToken("bad URL token payload")
+    return out
 
 
 def _parseKeyFile(text: str, path: str) -> list[bytes]:

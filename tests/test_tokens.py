@@ -2,7 +2,11 @@
 Tests for L{smartrelay.tokens}.
 """
 
+import base64
+import hashlib
+import hmac
 import os
+import pickle
 import re
 import stat
 
@@ -19,6 +23,7 @@ from smartrelay.tokens import (
     Tokens,
     deriveKey,
     keyID,
+    urlKey,
 )
 
 KEY = b"k" * 32
@@ -43,6 +48,51 @@ urls = st.one_of(
     st.text(max_size=3000),
 )
 keys = st.binary(min_size=16, max_size=64)
+
+# The typical click of the issue, and the tokens the code before URL tokens
+# were encrypted made for it (key KEY): such tokens are in mail already sent.
+ALICE = "alice@example.org"
+OFFER = "https://www.example.org/offer"
+SIGNED_CLICK = (
+    "Y155vAAwK1w0hwYAEWFsaWNlQGV4YW1wbGUub3JnaHR0cHM6Ly93d3cuZXhhbXBsZS5vcmcv"
+    "b2ZmZXKMkS85If2f6Urt2NtiJJiT"
+)
+SIGNED_OPEN = "b155vAAwK1w0hwYAEWFsaWNlQGV4YW1wbGUub3Jn5JwoDAzHFsKuTKzM4gIUsw"
+SIGNED_UNSUBSCRIBE = "dV55vAAwK1w0hwYAEWFsaWNlQGV4YW1wbGUub3Jn4cjBpINuLQ4XZieHqa_zDA"
+# And the sealed ones this code makes: pinned, because mail that carries
+# them must keep working whatever changes here later.
+SEALED_CLICK = "nnGS0Q8dgFt-o-y2XORIMZH4QByC6M071dpvIxjs9qdZzo5FSwLqsRq8csZpL64UP8BEGBc"
+SEALED_OPEN = "nhBxrS7UcGp8vkc9KVcSzaeeoGsABrMKjqle7sPOTTOq7UkbcsA3b5nd"
+
+
+def signedToken(key, kind, queueID, recipient, url=None):
+    """
+    A URL token in the signed form made before URL tokens were encrypted:
+    kind, key id, packed queue id, 2-byte recipient length, recipient,
+    link, then 16 bytes of HMAC-SHA256 with the token key itself.
+    """
+    node, boot = int(queueID[0:2], 16), int(queueID[3:5], 16)
+    counter, seconds = int(queueID[6:11]), int(queueID[12:20], 16)
+    recipientBytes = recipient.encode("utf-8")
+    body = (
+        kind.encode("ascii")
+        + bytes([keyID(key), node, boot])
+        + counter.to_bytes(3, "big")
+        + seconds.to_bytes(4, "big")
+        + len(recipientBytes).to_bytes(2, "big")
+        + recipientBytes
+        + (url or "").encode("utf-8")
+    )
+    mac = hmac.new(key, b"smartrelay token url\0" + body, hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(body + mac).decode("ascii").rstrip("=")
+
+
+def tokenBytes(token):
+    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+
+
+def tokenText(data):
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
 
 
 def urlTokens():
@@ -209,10 +259,123 @@ class URLTokenTests(TokensTestMixin, SynchronousTestCase):
     def test_compact(self):
         """
         An open token for a usual address stays short: packed queue id,
-        128-bit MAC, no JSON.
+        one header byte, the 128-bit synthetic IV, no JSON.
         """
         token = self.tokens.make("o", QUEUE_ID, "bob@example.com")
-        self.assertLessEqual(len(token), 60)
+        self.assertLessEqual(len(token), 56)
+
+    def test_clickLength(self):
+        """
+        The usual click token is 71 characters (it was 100 signed in clear);
+        one with a long campaign link stays about half its signed length.
+        """
+        self.assertEqual(len(self.tokens.make("c", QUEUE_ID, ALICE, OFFER)), 71)
+        self.assertEqual(len(SIGNED_CLICK), 100)
+        link = (
+            "https://www.example.org/newsletter/2024/05/spring-sale"
+            "?utm_source=newsletter&utm_medium=email&utm_campaign=spring"
+        )
+        sealed = self.tokens.make("c", QUEUE_ID, ALICE, link)
+        self.assertLessEqual(len(sealed), 110)
+        self.assertGreater(len(signedToken(KEY, "c", QUEUE_ID, ALICE, link)), 200)
+
+    def test_pinned(self):
+        """
+        Tokens made by this version read back for ever: the format, the key
+        derivation and the deflate dictionary do not change under them.
+        """
+        self.assertEqual(
+            self.tokens.read("c", SEALED_CLICK), TokenData(QUEUE_ID, ALICE, None, OFFER)
+        )
+        self.assertEqual(
+            self.tokens.read("o", SEALED_OPEN), TokenData(QUEUE_ID, ALICE, None, None)
+        )
+        self.assertEqual(self.tokens.make("c", QUEUE_ID, ALICE, OFFER), SEALED_CLICK)
+
+    def test_opaqueExample(self):
+        """
+        The usual click token shows neither the recipient, nor the link,
+        nor the queue id, in its text or its bytes; the signed form showed
+        them all.
+        """
+        token = self.tokens.make("c", QUEUE_ID, ALICE, OFFER)
+        for secret in (ALICE, OFFER, "alice", "example", "offer"):
+            self.assertNotIn(secret.encode(), tokenBytes(token))
+            self.assertNotIn(secret, token)
+        packed = tokenBytes(SIGNED_CLICK)[2:11]
+        self.assertNotIn(packed, tokenBytes(token))
+        self.assertIn(b"alice@example.orghttps://www.example.org/offer", tokenBytes(SIGNED_CLICK))
+
+    @given(urlTokens(), queueIDs)
+    def test_opaque(self, args, queueID):
+        """
+        No token holds its recipient or link, in any of the three base64
+        alignments, nor its packed queue id.
+        """
+        kind, recipient, url = args
+        token = Tokens([KEY]).make(kind, queueID, recipient, url)
+        raw = tokenBytes(token)
+        for secret in (recipient, url):
+            data = (secret or "").encode("utf-8")
+            if len(data) < 6:
+                continue
+            self.assertNotIn(data, raw)
+            for shift in range(3):
+                # The base64 of the text at each alignment, without the
+                # characters that also depend on the neighbouring bytes.
+                aligned = tokenText(data[shift:])[:-2]
+                if len(aligned) >= 6:
+                    self.assertNotIn(aligned, token)
+        self.assertNotIn(tokenBytes(signedToken(KEY, kind, queueID, "", url))[2:11], raw)
+
+    def test_sealedHeader(self):
+        """
+        A token is one header byte (bit 7 set, the deflate flag, the low 4
+        bits of the key id) before the sealed bytes; setting a reserved bit,
+        or the deflate flag of a token without it, makes it bad.
+        """
+        token = self.tokens.make("o", QUEUE_ID, "x")
+        header = tokenBytes(token)[0]
+        self.assertEqual(header & 0x80, 0x80)
+        self.assertEqual(header & 0x0F, keyID(KEY) & 0x0F)
+        self.assertEqual(header & 0x70, 0)
+        for bit in (0x10, 0x20, 0x40):
+            changed = tokenText(bytes([header | bit]) + tokenBytes(token)[1:])
+            self.assertRaises(BadToken, self.tokens.read, "o", changed)
+
+    def test_deflated(self):
+        """
+        A payload that deflates shorter is deflated (flag set); one that
+        does not is sealed as it is.
+        """
+        deflated = tokenBytes(self.tokens.make("c", QUEUE_ID, ALICE, OFFER))[0]
+        self.assertTrue(deflated & 0x10)
+        plain = tokenBytes(self.tokens.make("o", QUEUE_ID, "q"))[0]
+        self.assertFalse(plain & 0x10)
+
+    def test_recipientLengths(self):
+        """
+        Recipient lengths at the edges of the length prefix's bytes read
+        back in click tokens.
+        """
+        for length in (0, 1, 127, 128, 16383, 16384, 65535):
+            for recipient in ("a" * length, "é" * (length // 2)):
+                token = self.tokens.make("c", QUEUE_ID, recipient, "https://example.com/x")
+                self.assertEqual(
+                    self.tokens.read("c", token),
+                    TokenData(QUEUE_ID, recipient, None, "https://example.com/x"),
+                )
+
+    def test_perPurposeKeys(self):
+        """
+        URL tokens are sealed with a 64-byte key derived from the token key
+        for that purpose alone: never the bytes that key the compact
+        tokens' HMAC, and different for different keys.
+        """
+        self.assertEqual(len(urlKey(KEY)), 64)
+        self.assertEqual(urlKey(KEY), urlKey(KEY))
+        self.assertNotEqual(urlKey(KEY), urlKey(OTHER))
+        self.assertNotIn(KEY, urlKey(KEY))
 
     @given(urlTokens(), queueIDs)
     def test_roundTrip(self, args, queueID):
@@ -317,6 +480,103 @@ class URLTokenTests(TokensTestMixin, SynchronousTestCase):
         """
         self.assertTrue(issubclass(BadToken, ValueError))
 
+    def test_pickle(self):
+        """
+        L{Tokens} survive pickling (they go to the re-wrap worker
+        processes) with every key: the copy seals the same tokens and opens
+        the old key's.
+        """
+        tokens = Tokens([OTHER, KEY])
+        copy = pickle.loads(pickle.dumps(tokens))
+        token = tokens.make("c", QUEUE_ID, ALICE, OFFER)
+        self.assertEqual(copy.make("c", QUEUE_ID, ALICE, OFFER), token)
+        self.assertEqual(copy.read("c", token).url, OFFER)
+        self.assertEqual(copy.read("c", SEALED_CLICK).recipient, ALICE)
+        self.assertEqual(copy.read("c", SIGNED_CLICK).recipient, ALICE)
+        self.assertEqual(copy.compact("v", QUEUE_ID, 3), tokens.compact("v", QUEUE_ID, 3))
+
+
+class SignedURLTokenTests(TokensTestMixin, SynchronousTestCase):
+    """
+    L{Tokens.read} still reads URL tokens in the signed form made before
+    they were encrypted, for as long as their key is kept.
+    """
+
+    def test_madeByOldCode(self):
+        """
+        Tokens the old code made, copied from its output, read back.
+        """
+        self.assertEqual(
+            self.tokens.read("c", SIGNED_CLICK), TokenData(QUEUE_ID, ALICE, None, OFFER)
+        )
+        self.assertEqual(
+            self.tokens.read("o", SIGNED_OPEN), TokenData(QUEUE_ID, ALICE, None, None)
+        )
+        self.assertEqual(
+            self.tokens.read("u", SIGNED_UNSUBSCRIBE), TokenData(QUEUE_ID, ALICE, None, None)
+        )
+
+    def test_builder(self):
+        """
+        L{signedToken} builds the old form exactly (checked against the
+        old code's output), so the properties below test that form.
+        """
+        self.assertEqual(signedToken(KEY, "c", QUEUE_ID, ALICE, OFFER), SIGNED_CLICK)
+        self.assertEqual(signedToken(KEY, "o", QUEUE_ID, ALICE), SIGNED_OPEN)
+        self.assertEqual(signedToken(KEY, "u", QUEUE_ID, ALICE), SIGNED_UNSUBSCRIBE)
+
+    @given(urlTokens(), queueIDs)
+    def test_roundTrip(self, args, queueID):
+        """
+        Every signed token reads back as what it carries.
+        """
+        kind, recipient, url = args
+        token = signedToken(KEY, kind, queueID, recipient, url)
+        self.assertEqual(Tokens([KEY]).read(kind, token), TokenData(queueID, recipient, None, url))
+
+    @given(urlTokens(), queueIDs, st.data())
+    def test_tampered(self, args, queueID, data):
+        """
+        Flipping any bit, or cutting bytes off either end, makes a signed
+        token bad.
+        """
+        kind, recipient, url = args
+        tokens = Tokens([KEY])
+        raw = bytearray(tokenBytes(signedToken(KEY, kind, queueID, recipient, url)))
+        cut = data.draw(st.integers(1, len(raw)))
+        self.assertRaises(BadToken, tokens.read, kind, tokenText(bytes(raw[:-cut])))
+        self.assertRaises(BadToken, tokens.read, kind, tokenText(bytes(raw[cut:])))
+        bit = data.draw(st.integers(0, len(raw) * 8 - 1))
+        raw[bit // 8] ^= 1 << (bit % 8)
+        self.assertRaises(BadToken, tokens.read, kind, tokenText(bytes(raw)))
+
+    def test_otherKind(self):
+        """
+        A signed token of one kind is not accepted as another.
+        """
+        made = {"c": SIGNED_CLICK, "o": SIGNED_OPEN, "u": SIGNED_UNSUBSCRIBE}
+        for kind, token in made.items():
+            for other in URL_KINDS:
+                if other != kind:
+                    self.assertRaises(BadToken, self.tokens.read, other, token)
+
+    def test_rotation(self):
+        """
+        Signed tokens read while their key is among the keys, in any
+        place; once it is removed they fail.
+        """
+        self.assertEqual(Tokens([OTHER, KEY]).read("c", SIGNED_CLICK).url, OFFER)
+        self.assertRaises(BadToken, Tokens([OTHER]).read, "c", SIGNED_CLICK)
+        self.assertRaises(BadToken, Tokens([OTHER]).read, "o", SIGNED_OPEN)
+
+    def test_derivedKeyOnlySeals(self):
+        """
+        A token signed with the sealing key derived from the token key is
+        bad: the derived key is for encryption only.
+        """
+        forged = signedToken(urlKey(KEY), "c", QUEUE_ID, ALICE, OFFER)
+        self.assertRaises(BadToken, self.tokens.read, "c", forged)
+
 
 class RotationTests(SynchronousTestCase):
     """
@@ -364,6 +624,21 @@ class RotationTests(SynchronousTestCase):
         second = next(k for k in others if keyID(k) == keyID(first) and k != first)
         token = Tokens([first]).compact("v", QUEUE_ID, 5)
         self.assertEqual(Tokens([second, first]).readCompact("v", token), (QUEUE_ID, 5))
+
+    def test_sameURLKeyID(self):
+        """
+        Keys that share the 4 bits of key id a URL token carries are each
+        tried; a key that does not seal it never opens it.
+        """
+        first = b"a" * 16
+        others = (bytes([n]) * 16 for n in range(1, 256))
+        second = next(
+            k for k in others if keyID(k) & 0x0F == keyID(first) & 0x0F and k != first
+        )
+        token = Tokens([first]).make("c", QUEUE_ID, ALICE, OFFER)
+        self.assertEqual(Tokens([second, first]).read("c", token).url, OFFER)
+        self.assertEqual(Tokens([first, second]).read("c", token).url, OFFER)
+        self.assertRaises(BadToken, Tokens([second]).read, "c", token)
 
     def test_badKeys(self):
         """
