@@ -6,6 +6,7 @@ in a real headless browser (L{tests.browser}).
 import base64
 import hashlib
 import hmac
+import io
 import json
 import re
 import struct
@@ -15,9 +16,14 @@ from typing import Optional
 import attrs
 from treq.testing import StubTreq
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, inlineCallbacks
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -26,12 +32,14 @@ from twisted.web.static import Data
 from smartrelay.events import Event, EventLog
 from smartrelay.store.interfaces import SUPPRESSION_REASONS, SuppressionEntry
 from smartrelay.store.memory import MemoryStore
+from smartrelay.tokens import Tokens
 from smartrelay.web.tracking import (
     MACHINE_AGENTS,
     TRANSPARENT_GIF,
     UNSUBSCRIBE_REASON,
     TrackingApp,
     isMachine,
+    loggedPath,
     makeSite,
 )
 
@@ -717,14 +725,155 @@ class OtherPathTests(TrackingTestsMixin, SynchronousTestCase):
         self.assertNotIn(b"secret detail", body)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    def test_internalErrorLogsNoToken(self):
+        """
+        The error logged for a 500 names the route, not the token.
+        """
+
+        class BrokenTokens:
+            def read(self, kind, token):
+                raise RuntimeError("broken")
+
+        logged = []
+        self.app.tokens = BrokenTokens()
+        self.app.log = Logger(observer=logged.append)
+        self.request("GET", "/u/the-secret-token?a=b")
+        [event] = logged
+        self.assertEqual(event["path"], f"/u/<token:{digest('the-secret-token')}>?<query>")
+        self.assertNotIn("the-secret-token", repr(event))
+
     def test_makeSite(self):
         """
-        L{makeSite} makes a quiet site that shows no tracebacks.
+        L{makeSite} makes a quiet site that shows no tracebacks, on the
+        app's clock, logging with L{accessLogFormatter}.
         """
         site = makeSite(self.app)
         self.assertIsInstance(site, Site)
         self.assertFalse(site.noisy)
         self.assertFalse(site.displayTracebacks)
+        self.assertIs(site.reactor, self.clock)
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode("ascii")).hexdigest()[:8]
+
+
+class AccessLogTests(TrackingTestsMixin, SynchronousTestCase):
+    """
+    The access log of L{makeSite}'s site, for requests in HTTP bytes, with
+    real tokens.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.tokens = Tokens([b"k" * 32])
+        self.app.tokens = self.tokens
+        self.site = makeSite(self.app)
+        self.site.startFactory()
+        self.addCleanup(self.site.stopFactory)
+        self.logFile = io.StringIO()
+        self.site.logFile = self.logFile
+
+    def serve(self, request: bytes) -> tuple[bytes, str]:
+        """
+        Serve one request over a L{StringTransport}: (the answer, the
+        access log).
+        """
+        address = IPv4Address("TCP", "192.0.2.7", 40000)
+        protocol = self.site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(request)
+        self.clock.advance(0)
+        log = self.logFile.getvalue()
+        protocol.connectionLost(Failure(ConnectionDone()))
+        return transport.value(), log
+
+    def test_click(self):
+        """
+        A click is logged with its route and status; neither the token,
+        nor the recipient, nor the link, nor the referrer's path shows.
+        """
+        link = "https://shop.example/offer?for=alice"
+        token = self.tokens.make("c", QUEUE_ID, RECIPIENT, link)
+        answer, log = self.serve(
+            b"GET /t/c/%s HTTP/1.1\r\nHost: track.example\r\n"
+            b"User-Agent: Mail/1.0\r\n"
+            b"Referer: https://webmail.example/inbox/42?user=alice\r\n\r\n" % token.encode()
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 302 "))
+        [line] = log.splitlines()
+        self.assertRegex(
+            line,
+            r'^"192\.0\.2\.7" - - \[[^]]+\] '
+            + re.escape(f'"GET /t/c/<token:{digest(token)}> HTTP/1.1" 302 ')
+            + r'\d+ "https://webmail\.example" "Mail/1\.0"$',
+        )
+        for secret in (token, RECIPIENT, "brien", link, "offer", "inbox", "alice"):
+            self.assertNotIn(secret, line)
+
+    def test_pixel(self):
+        """
+        The open pixel is logged as its route with C{.gif}.
+        """
+        token = self.tokens.make("o", QUEUE_ID, RECIPIENT)
+        _, log = self.serve(b"GET /t/o/%s.gif HTTP/1.1\r\nHost: t\r\n\r\n" % token.encode())
+        self.assertIn(f'"GET /t/o/<token:{digest(token)}>.gif HTTP/1.1" 200 43 ', log)
+        self.assertNotIn(token, log)
+
+    def test_unsubscribe(self):
+        """
+        A one-click unsubscribe is logged as its route; a referrer that is
+        the unsubscribe page itself shows only its origin.
+        """
+        token = self.tokens.make("u", QUEUE_ID, "jane@example.com")
+        body = b"List-Unsubscribe=One-Click"
+        _, log = self.serve(
+            b"POST /u/%s HTTP/1.1\r\nHost: t\r\n"
+            b"Referer: https://track.example/u/%s\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (token.encode(), token.encode(), len(body), body)
+        )
+        self.assertIn(f'"POST /u/<token:{digest(token)}> HTTP/1.1" 200 ', log)
+        self.assertIn('"https://track.example"', log)
+        self.assertNotIn(token, log)
+        self.assertNotIn("jane", log)
+
+    def test_badToken(self):
+        """
+        A bad token is hashed all the same, with its 404.
+        """
+        _, log = self.serve(b"GET /t/c/not-a-token HTTP/1.1\r\nHost: t\r\n\r\n")
+        self.assertIn(f'"GET /t/c/<token:{digest("not-a-token")}> HTTP/1.1" 404 ', log)
+
+    def test_loggedPath(self):
+        """
+        Every spelling of a token route hides the token; other paths show
+        their path without the query; nothing but printable ASCII is left.
+        """
+        h = digest("tok")
+        cases = {
+            b"/t/c/tok": f"/t/c/<token:{h}>",
+            b"/t/o/tok.gif": f"/t/o/<token:{h}>.gif",
+            b"/t/o/tok": f"/t/o/<token:{h}>",
+            b"/t/c/tok.gif": f"/t/c/<token:{digest('tok.gif')}>",
+            b"/u/tok?List-Unsubscribe=One-Click": f"/u/<token:{h}>?<query>",
+            b"//t//c/tok": f"/t/c/<token:{h}>",
+            b"/t%2Fc/tok": f"/t/c/<token:{h}>",
+            b"/%74/c/tok": f"/t/c/<token:{h}>",
+            b"/track/t/c/tok": f"/track/t/c/<token:{h}>",
+            b"https://track.example/t/c/tok": f"/t/c/<token:{h}>",
+            b"/u/tok/more": f"/u/<token:{digest('tok/more')}>",
+            b"/": "/",
+            b"/healthz": "/healthz",
+            b"/api/v1/events?recipient=a@b": "/api/v1/events?<query>",
+            b"/%ff": "/%FF",
+            b"/caf\xc3\xa9 x": "/caf%C3%A9%20x",
+            b"/\"quoted\"": "/%22quoted%22",
+            b"http://[::1/x": "/<uri>",
+        }
+        for uri, expected in cases.items():
+            self.assertEqual(loggedPath(uri), expected.encode("ascii"), uri)
 
 
 class DrainTests(TrackingTestsMixin, SynchronousTestCase):

@@ -34,20 +34,30 @@ Unsubscribing is idempotent: if the address already has an active entry on
 the suppression list (for any reason) the entry is left as it is, no event
 is recorded again, and the answer is the same as the first time.  Only a
 POST that adds the entry records C{unsubscribed}.
+
+The site's access log (L{accessLogFormatter}) and its error log name the
+route, never the token: a token segment is logged as
+C{<token:HASH>}, the first 8 hex digits of the token's SHA-256 (so a line
+can be found from a token in hand, but no token from a line), query
+strings are left out and the referrer is cut to its origin.
 """
 
+import hashlib
 import html
 import re
 from collections import OrderedDict
 from typing import Any, Optional
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 import attrs
 from klein import Klein
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.web.http import combinedLogFormatter
+from twisted.web.iweb import IAccessLogFormatter
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from zope.interface import provider
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from smartrelay.deferreds import whenAllDone
@@ -58,7 +68,9 @@ __all__ = [
     "MACHINE_AGENTS",
     "UNSUBSCRIBE_REASON",
     "TrackingApp",
+    "accessLogFormatter",
     "isMachine",
+    "loggedPath",
     "makeSite",
 ]
 
@@ -423,7 +435,9 @@ class TrackingApp:
 
     @app.handle_errors
     def internalError(self, request, failure) -> bytes:
-        self.log.failure("error serving {uri}", failure, uri=request.uri)
+        self.log.failure(
+            "error serving {path}", failure, path=loggedPath(request.uri).decode("ascii")
+        )
         return _htmlPage(
             request,
             500,
@@ -579,11 +593,91 @@ class _EncodingGuard(Resource):
         return self._inner.render(request)
 
 
+# A token's path segment: what follows a route prefix, after any
+# leading path (a proxy's prefix, doubled slashes).
+_TOKEN_ROUTE = re.compile(rb"(?:^|/)(?:t/[oc]|u)/")
+
+
+def loggedPath(uri: bytes) -> bytes:
+    """
+    What the logs show of a request's URI: its path with any token replaced
+    by C{<token:HASH>} (the first 8 hex digits of the token's SHA-256; the
+    pixel keeps its C{.gif}), a query string as C{?<query>}, the scheme and
+    host of an absolute URI left out, and only printable ASCII
+    (percent-encoded otherwise).
+
+    A token is whatever follows C{/t/o/}, C{/t/c/} or C{/u/} anywhere in
+    the percent-decoded path with runs of slashes merged, so no spelling of
+    a tracking URL shows its token.
+    """
+    path, query, _ = uri.partition(b"?")
+    if not path.startswith(b"/"):
+        try:
+            path = urlsplit(path).path or b"/"
+        except ValueError:
+            path = b"/<uri>"
+    path = re.sub(rb"/{2,}", b"/", unquote_to_bytes(path))
+    match = _TOKEN_ROUTE.search(path)
+    if match is not None:
+        token, suffix = path[match.end() :], b""
+        if path[match.end() - 2 : match.end()] == b"o/" and token.endswith(b".gif"):
+            token, suffix = token[:-4], b".gif"
+        digest = hashlib.sha256(token).hexdigest()[:8].encode("ascii")
+        path = path[: match.end()] + b"<token:" + digest + b">" + suffix
+    path = quote(path, safe="/<>:;,=@!$&'()*+~.-_").encode("ascii")
+    return path + (b"?<query>" if query else b"")
+
+
+def _origin(referrer: bytes) -> bytes:
+    """
+    The C{scheme://host[:port]} of a referrer, or C{b"-"}.
+    """
+    try:
+        parts = urlsplit(referrer)
+        parts.port
+    except ValueError:
+        return b"-"
+    if not parts.scheme or not parts.netloc:
+        return b"-"
+    return parts.scheme + b"://" + parts.netloc.rpartition(b"@")[2]
+
+
+class _LoggedRequest:
+    """
+    A request as the access log sees it: the URI of L{loggedPath}, the
+    referrer cut to its origin, the rest as it is.
+    """
+
+    def __init__(self, request) -> None:
+        self._request = request
+        self.uri = loggedPath(request.uri)
+
+    def getHeader(self, name: bytes) -> Optional[bytes]:
+        value = self._request.getHeader(name)
+        if value is not None and name.lower() == b"referer":
+            return _origin(value)
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
+
+
+@provider(IAccessLogFormatter)
+def accessLogFormatter(timestamp: str, request) -> str:
+    """
+    Twisted's combined log line for C{request}, but with the URI of
+    L{loggedPath} (no token, no query) and the referrer's origin only: for
+    a click, C{"GET /t/c/<token:1a2b3c4d> HTTP/1.1" 302 ...}.
+    """
+    return combinedLogFormatter(timestamp, _LoggedRequest(request))
+
+
 def makeSite(app: TrackingApp) -> Site:
     """
-    A quiet Twisted Web site serving C{app}, never showing tracebacks.
+    A quiet Twisted Web site serving C{app} on C{app.clock}, never showing
+    tracebacks, whose access log shows no tokens (L{accessLogFormatter}).
     """
-    site = Site(app.resource())
+    site = Site(app.resource(), logFormatter=accessLogFormatter, reactor=app.clock)
     site.noisy = False
     site.displayTracebacks = False
     return site
