@@ -52,6 +52,7 @@ verifies and opens.
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
@@ -195,10 +196,12 @@ def deriveKey(secret: str) -> bytes:
     ).derive(secret.encode("utf-8"))
 
 
+@functools.lru_cache(maxsize=256)
 def _packQueueID(queueID: str) -> bytes:
     """
     9 bytes for a queue id C{NN/BB-CCCCC-TTTTTTTT}: node, boot, counter
-    (3 bytes, big-endian) and seconds (4 bytes, big-endian).
+    (3 bytes, big-endian) and seconds (4 bytes, big-endian).  Cached: a
+    message's tokens (every link of every recipient) share its queue id.
 
     @raise ValueError: C{queueID} is not a queue id.
     """
