@@ -221,13 +221,101 @@ def encodeQuotedPrintable(data: bytes, newline: bytes = b"\r\n") -> bytes:
     Quoted-printable encode text (RFC 2045 section 6.7).
 
     Occurrences of C{newline} in C{data} are hard line breaks; any other
-    CR or LF byte is encoded.  Encoded lines are at most 76 characters.
+    CR or LF byte is encoded.  Printable ASCII but C{=} stands for itself,
+    and so do space and tab except at the end of a line; every other byte
+    is encoded.  Soft line breaks keep every encoded line within 76
+    characters (a line ending in a hard line break within 75).
+
+    L{_encodeQuotedPrintableLine} defines the output; C{binascii.b2a_qp}
+    (L{_encodeRun}) writes the same bytes much faster and does the work
+    for every run of lines without a bare CR or LF.
 
     @param data: the text to encode.
     @param newline: the line break of C{data} and of the result.
     @return: the encoded text, ending in a line break iff C{data} does.
     """
-    return newline.join(_encodeQuotedPrintableLine(line, newline) for line in data.split(newline))
+    if newline == b"\r\n":
+        crlfs = data.count(b"\r\n")
+        clean = data.count(b"\r") == crlfs == data.count(b"\n")
+    elif newline == b"\n":
+        clean = b"\r" not in data
+    else:
+        return _encodeLines(data.split(newline), newline)
+    if clean:
+        return _encodeRun(data, newline)
+    # Rare: lines with a bare CR or LF one by one, the others in runs.
+    pieces: list[bytes] = []
+    run: list[bytes] = []
+    for line in data.split(newline):
+        if b"\r" in line or b"\n" in line:
+            if run:
+                pieces.append(_encodeRun(newline.join(run), newline))
+                run = []
+            pieces.append(_encodeQuotedPrintableLine(line, newline))
+        else:
+            run.append(line)
+    if run:
+        pieces.append(_encodeRun(newline.join(run), newline))
+    return newline.join(pieces)
+
+
+def _encodeLines(lines: list[bytes], newline: bytes) -> bytes:
+    """
+    Quoted-printable encode C{lines}, one by one, joined by C{newline}.
+    """
+    return newline.join(_encodeQuotedPrintableLine(line, newline) for line in lines)
+
+
+#: Bytes that C{binascii.b2a_qp} always encodes (as C{=XX}, in the place
+#: of one character); an unused one stands in for a byte that it would
+#: otherwise encode differently from L{_encodeQuotedPrintableLine}.
+_QP_MARKS = [bytes([byte]) for byte in (*range(1, 9), 11, 12, *range(14, 32), *range(127, 256))]
+
+#: Where b2a_qp differs: (what, which byte of it to mark, its encoding).
+#: It writes a space or tab before a line break as it comes and encodes it
+#: afterwards, without the soft line break that may then be needed; and it
+#: encodes a "." at the start of a line before NUL.
+_QP_MARKED = [(b" \r\n", 0, b"=20"), (b"\t\r\n", 0, b"=09"), (b"\n.\0", 2, b"=00")]
+
+
+def _encodeRun(data: bytes, newline: bytes) -> bytes:
+    """
+    L{encodeQuotedPrintable} of text with no CR or LF byte outside its
+    line breaks C{newline} (CRLF or LF), by C{binascii.b2a_qp}.
+
+    b2a_qp encodes like L{_encodeQuotedPrintableLine} but in these cases,
+    which are turned into ones where it does:
+      - its last line: b2a_qp lets the last character of its input be the
+        76th of a line, and in text without a line break it writes LF soft
+        line breaks; so it gets the text between CRLFs;
+      - LF line breaks: it lets a character before LF be the 76th of a
+        line; so it gets the text with CRLF instead;
+      - a space or tab before a line break, "." and NUL at the start of a
+        line: see L{_QP_MARKED};
+      - a line that is only ".": it encodes the dot.
+    """
+    text = b"\r\n" + (data.replace(b"\n", b"\r\n") if newline == b"\n" else data) + b"\r\n"
+    marks = []
+    for what, offset, encoding in _QP_MARKED:
+        if what[offset : offset + 1] == b"\0" and b"\0" not in text:
+            continue
+        if what in text:
+            mark = next((mark for mark in _QP_MARKS if mark not in text), None)
+            if mark is None:
+                # Every byte b2a_qp could mark with is in the text (hardly
+                # text at all): encode line by line.
+                return _encodeLines(data.split(newline), newline)
+            text = text.replace(what, what[:offset] + mark + what[offset + 1 :])
+            marks.append((b"=%02X" % ord(mark), encoding))
+    encoded = binascii.b2a_qp(text)
+    for token, encoding in marks:
+        encoded = encoded.replace(token, encoding)
+    if b"\n.\r\n" in text:
+        # Two passes at most: replace() skips a line after each one.
+        while b"\n=2E\r\n" in encoded:
+            encoded = encoded.replace(b"\n=2E\r\n", b"\n.\r\n")
+    encoded = encoded[2:-2]
+    return encoded.replace(b"\r\n", b"\n") if newline == b"\n" else encoded
 
 
 def _encodeQuotedPrintableLine(line: bytes, newline: bytes) -> bytes:

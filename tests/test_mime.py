@@ -6,6 +6,7 @@ import base64
 import binascii
 import email
 import email.policy
+import quopri
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -328,6 +329,161 @@ class CodecTests(SynchronousTestCase):
         self.assertEqual(base64.b64decode(encoded.replace(b"\r\n", b"")), data)
         self.assertEqual(decodeTransfer(encoded, "base64"), data)
         self.assertTrue(all(len(line) <= 76 for line in encoded.split(b"\r\n")))
+
+
+def referenceQuotedPrintable(data: bytes, newline: bytes = b"\r\n") -> bytes:
+    """
+    The quoted-printable encoder smartrelay had before it used
+    C{binascii.b2a_qp}, kept as the definition of the output: one line at a
+    time, one byte at a time.
+    """
+    literal = frozenset(range(33, 127)) - {ord("=")}
+
+    def encodeLine(line: bytes) -> bytes:
+        last = len(line) - 1
+        pieces: list[bytes] = []
+        current = b""
+        for index, byte in enumerate(line):
+            if byte in literal or (byte in (9, 32) and index != last):
+                token = bytes([byte])
+            else:
+                token = b"=%02X" % (byte,)
+            if len(current) + len(token) > 75:
+                pieces.append(current + b"=")
+                current = b""
+            current += token
+        pieces.append(current)
+        return newline.join(pieces)
+
+    return newline.join(encodeLine(line) for line in data.split(newline))
+
+
+#: Text for the quoted-printable encoder, weighted towards what it treats
+#: specially: white space, dots and NUL at line starts, "=", CR and LF,
+#: 8-bit bytes, and lines around 76 characters.
+QP_TEXT = st.lists(
+    st.one_of(
+        st.sampled_from([b" ", b"\t", b".", b"=", b"\0", b"\r", b"\n", b"\r\n", b"\x01", b"\x80", b"\xff"]),
+        st.integers(min_value=1, max_value=90).map(lambda n: b"a" * n),
+        st.binary(max_size=4),
+    ),
+    max_size=60,
+).map(b"".join)
+
+
+class QuotedPrintableEncoderTests(SynchronousTestCase):
+    """
+    L{encodeQuotedPrintable} (C{binascii.b2a_qp} with corrections) writes
+    exactly what L{referenceQuotedPrintable} writes.
+    """
+
+    @settings(max_examples=1000, deadline=None)
+    @given(QP_TEXT, st.sampled_from([b"\r\n", b"\n"]))
+    def test_sameAsReference(self, data: bytes, newline: bytes) -> None:
+        """
+        Any text encodes to the reference encoder's bytes, with CRLF or LF
+        line breaks, and decodes back to the text.
+        """
+        encoded = encodeQuotedPrintable(data, newline)
+        self.assertEqual(encoded, referenceQuotedPrintable(data, newline))
+        self.assertEqual(binascii.a2b_qp(encoded), data)
+        self.assertEqual(quopri.decodestring(encoded), data)
+
+    @MODEST
+    @given(st.binary(max_size=400), st.sampled_from([b"\r\n", b"\n", b"\r", b"=\r\n"]))
+    def test_anyBytesSameAsReference(self, data: bytes, newline: bytes) -> None:
+        """
+        Arbitrary bytes, and line breaks other than CRLF and LF, encode to
+        the reference encoder's bytes.
+        """
+        self.assertEqual(
+            encodeQuotedPrintable(data, newline), referenceQuotedPrintable(data, newline)
+        )
+
+    def assertSameAsReference(self, data: bytes, newline: bytes = b"\r\n") -> bytes:
+        """
+        Assert that C{data} encodes as the reference encodes it and decodes
+        back; return the encoding.
+        """
+        encoded = encodeQuotedPrintable(data, newline)
+        self.assertEqual(encoded, referenceQuotedPrintable(data, newline))
+        self.assertEqual(binascii.a2b_qp(encoded), data)
+        return encoded
+
+    def test_lastCharacter(self) -> None:
+        """
+        The last line keeps within 75 characters, like every other hard
+        line (b2a_qp alone lets its last character be the 76th).
+        """
+        self.assertEqual(self.assertSameAsReference(b"a" * 76), b"a" * 75 + b"=\r\na")
+        self.assertEqual(self.assertSameAsReference(b"a" * 75), b"a" * 75)
+
+    def test_noLineBreak(self) -> None:
+        """
+        Text without a line break gets CRLF soft line breaks (b2a_qp alone
+        writes LF there).
+        """
+        self.assertEqual(
+            self.assertSameAsReference(b"b" * 100), b"b" * 75 + b"=\r\n" + b"b" * 25
+        )
+
+    def test_lineFeedLineBreaks(self) -> None:
+        """
+        With LF line breaks a character before LF is not the 76th of its
+        line (b2a_qp alone lets it be).
+        """
+        self.assertEqual(
+            self.assertSameAsReference(b"c" * 76 + b"\nd", b"\n"), b"c" * 75 + b"=\nc\nd"
+        )
+
+    def test_trailingWhiteSpace(self) -> None:
+        """
+        A space or tab before a line break is encoded in its place, with a
+        soft line break before it when it would pass column 75 (b2a_qp
+        alone makes a 76- or 77-character line).
+        """
+        for width in (72, 73, 74, 75):
+            for space in (b" ", b"\t"):
+                encoded = self.assertSameAsReference(b"e" * width + space + b"\r\nf")
+                self.assertTrue(all(len(line) <= 76 for line in encoded.split(b"\r\n")))
+        self.assertEqual(self.assertSameAsReference(b"e" * 73 + b" \r\n"), b"e" * 73 + b"=\r\n=20\r\n")
+        self.assertEqual(self.assertSameAsReference(b"g \t"), b"g =09")
+
+    def test_dotLines(self) -> None:
+        """
+        A line that is only "." stays "." (b2a_qp alone writes =2E), also
+        several in a row; a "." before NUL at the start of a line stays too.
+        """
+        self.assertEqual(self.assertSameAsReference(b".\r\n.\r\n.\r\n.\r\n."), b".\r\n" * 4 + b".")
+        self.assertEqual(self.assertSameAsReference(b"a\r\n.\0" + b"h" * 80), b"a\r\n.=00" + b"h" * 71 + b"=\r\n" + b"h" * 9)
+        self.assertSameAsReference(b".\n.\n.\0.", b"\n")
+
+    def test_bareLineBreaks(self) -> None:
+        """
+        A bare CR or LF in text with CRLF line breaks, or a CR in text with
+        LF line breaks, is encoded; the lines around it are encoded as
+        usual.
+        """
+        self.assertEqual(self.assertSameAsReference(b"a\rb\r\nc\nd\r\n=\r\n"), b"a=0Db\r\nc=0Ad\r\n=3D\r\n")
+        self.assertEqual(self.assertSameAsReference(b"a\rb\nc\r\n", b"\n"), b"a=0Db\nc=0D\n")
+        self.assertSameAsReference(b"i" * 75 + b"\n\r\n" + b"j" * 80 + b" \r\n.\r\n")
+
+    def test_everyByteUsed(self) -> None:
+        """
+        Text holding every byte that could stand in for a trailing space is
+        still encoded right.
+        """
+        data = bytes(range(256)) + b" \r\n" + bytes(range(255, -1, -1)).replace(b"\r", b"").replace(b"\n", b"") + b" "
+        self.assertSameAsReference(data)
+        self.assertSameAsReference(data.replace(b"\r\n", b"\n").replace(b"\r", b""), b"\n")
+
+    def test_empty(self) -> None:
+        """
+        Nothing encodes to nothing, a line break to a line break.
+        """
+        self.assertEqual(encodeQuotedPrintable(b""), b"")
+        self.assertEqual(encodeQuotedPrintable(b"\r\n"), b"\r\n")
+        self.assertEqual(encodeQuotedPrintable(b"\n", b"\n"), b"\n")
 
 
 # Random MIME trees.  A leaf spec is ("leaf", ctype, charset, cte,
