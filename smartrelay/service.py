@@ -3,11 +3,13 @@
 Builds the relay from a L{smartrelay.config.Config} and a reactor.
 
 L{makeRelayService} is what C{twistd smartrelay} runs; tests call it with a
-memory reactor or, end to end, with the real one.
+memory reactor (and synchronous thread pools) or, end to end, with the real
+one.
 """
 
 import os
 from functools import partial
+from typing import Optional
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -17,12 +19,22 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import Interface, implementer
 
 from smartrelay.auth import HashedPasswordChecker, PasswordFile
 from smartrelay.events import EventLog
 from smartrelay.journal import EventJournal
 from smartrelay.retention import Pruner
-from smartrelay.ids import ID_STATE_FILE, IDState, loadIDState, renewLease, saveIDState, startRun
+from smartrelay.ids import (
+    ID_STATE_FILE,
+    IDState,
+    QueueIDGenerator,
+    loadIDState,
+    renewLease,
+    saveIDState,
+    startRun,
+)
+from smartrelay.config import ConfigError
 from smartrelay.engine.dkim import DKIMKey, DKIMSigner
 from smartrelay.engine.rewrap import Rewrapper
 from smartrelay.engine.workers import WorkerPool
@@ -46,6 +58,61 @@ DELIVERY_IO_THREADS = 2
 REWRAP_THREADS = 2
 #: The tokens' key file under data_dir (when [smartrelay] secret is unset).
 TOKEN_KEYS_FILE = "token-keys"
+#: Seconds between checks that the queue id lease is far enough ahead.
+LEASE_RENEWAL = 10
+
+
+class IThreadPools(Interface):
+    """
+    Where the relay's blocking work runs: named thread pools, made while the
+    service is built and started only in C{startService} (twistd forks to
+    daemonise in between, and threads do not survive a fork).
+    """
+
+    def runner(name, threads):
+        """
+        A new pool of at most C{threads} threads called C{name}.
+
+        @return: C{run(f, *args, **kwargs) -> Deferred} firing (on the
+            reactor thread) with C{f}'s result in one of its threads.
+        """
+
+    def start():
+        """
+        Start every pool.
+        """
+
+    def stop():
+        """
+        Stop every pool, waiting for the work already given to it.
+        """
+
+
+@implementer(IThreadPools)
+class ThreadPools:
+    """
+    L{IThreadPools} with Twisted's L{ThreadPool}s, named
+    C{smartrelay-<name>}.
+
+    @ivar pools: name -> L{ThreadPool}, in the order they were made.
+    """
+
+    def __init__(self, reactor) -> None:
+        self.reactor = reactor
+        self.pools: dict = {}
+
+    def runner(self, name: str, threads: int):
+        pool = ThreadPool(minthreads=1, maxthreads=threads, name=f"smartrelay-{name}")
+        self.pools[name] = pool
+        return partial(deferToThreadPool, self.reactor, pool)
+
+    def start(self) -> None:
+        for pool in self.pools.values():
+            pool.start()
+
+    def stop(self) -> None:
+        for pool in reversed(list(self.pools.values())):
+            pool.stop()
 
 
 def tlsContextFor(certificatePath: str, keyPath: str):
@@ -103,39 +170,53 @@ def makeRouter(config, reactor):
 
 class RelayService(MultiService):
     """
-    The whole relay.  Start-up runs in order, off the reactor thread where
-    it touches the disk: open the store, start a new id run (persisted before
-    the first id), recover the spool and queue what it holds, and only then
-    listen for SMTP.  C{ready} fires when the relay accepts mail.
+    The whole relay, every piece built whole from the config and what
+    L{makeRelayService} loaded.  C{startService} starts the thread pools
+    and re-wrap workers, then runs the start-up in order, off the reactor
+    thread where it touches the disk: open the store, make this run's id
+    state durable (before the first id), recover the spool and queue what
+    it holds, listen for HTTP, and only then for SMTP.  L{whenReady} fires
+    when the relay accepts mail.
     """
 
     log = Logger()
 
-    def __init__(self, config, reactor):
+    def __init__(
+        self,
+        config,
+        reactor,
+        *,
+        tokens: Tokens,
+        ids: QueueIDGenerator,
+        idState: IDState,
+        threads: IThreadPools,
+    ):
+        """
+        @param tokens: the token keys, already loaded.
+        @param ids: this run's queue ids; hands out none that could repeat
+            once C{idState} is durable, which start-up sees to before
+            anything listens.
+        @param idState: the id state of this run, persisted at start-up.
+        @param threads: where the blocking work runs (started in
+            C{startService}).
+        """
         MultiService.__init__(self)
         self.config = config
         self.reactor = reactor
+        self.threads = threads
         relay, smtp, delivery = config.relay, config.smtp, config.delivery
         self.dataDir = relay.data_dir
 
-        self.spoolPool = ThreadPool(minthreads=1, maxthreads=SPOOL_THREADS, name="smartrelay-spool")
-        self.runInSpoolThread = partial(deferToThreadPool, reactor, self.spoolPool)
-        # Thread pools are started in startService, not here: twistd forks
-        # (daemon mode) between building and starting the service, and
-        # threads do not survive a fork.
+        self.runInSpoolThread = threads.runner("spool", SPOOL_THREADS)
         if relay.store == "sqlite":
-            self.storePool = ThreadPool(minthreads=1, maxthreads=1, name="smartrelay-sqlite")
             self.store = SQLiteStore(
                 os.path.join(self.dataDir, "smartrelay.sqlite"),
-                partial(deferToThreadPool, reactor, self.storePool),
+                threads.runner("sqlite", 1),
             )
         else:
-            self.storePool = None
             self.store = RedisStore.fromURL(relay.store, reactor)
-        self.journalPool = ThreadPool(minthreads=1, maxthreads=1, name="smartrelay-journal")
         self.journal = EventJournal(
-            os.path.join(self.dataDir, "event-journal"),
-            partial(deferToThreadPool, reactor, self.journalPool),
+            os.path.join(self.dataDir, "event-journal"), threads.runner("journal", 1)
         )
         # One SQLite writer thread gains nothing from a second write in
         # flight (batches just get smaller); Redis overlaps them.
@@ -143,13 +224,10 @@ class RelayService(MultiService):
             self.store,
             reactor,
             journal=self.journal,
-            maxInFlight=1 if self.storePool is not None else 2,
+            maxInFlight=1 if relay.store == "sqlite" else 2,
         )
         self.pruner = Pruner(self.store, reactor, retention=config.store.retention)
-        self.deliveryIOPool = ThreadPool(
-            minthreads=1, maxthreads=DELIVERY_IO_THREADS, name="smartrelay-delivery-io"
-        )
-        self.runDeliveryIO = partial(deferToThreadPool, reactor, self.deliveryIOPool)
+        self.runDeliveryIO = threads.runner("delivery-io", DELIVERY_IO_THREADS)
         self.spool = Spool(
             os.path.join(self.dataDir, "spool"),
             self.runInSpoolThread,
@@ -157,31 +235,31 @@ class RelayService(MultiService):
             clock=reactor,
         )
 
-        # Re-wrapping (HTML rewriting, DKIM) is CPU work: off the reactor.
-        self.rewrapPool = ThreadPool(
-            minthreads=1, maxthreads=REWRAP_THREADS, name="smartrelay-rewrap"
-        )
+        # Re-wrapping (HTML rewriting, DKIM) is CPU work: off the reactor,
+        # in worker processes (the default: the work runs beside the reactor
+        # rather than taking turns with it for the interpreter lock), else
+        # in threads (also while no worker runs).  The workers are started
+        # in startService.
+        self.tokens = tokens
+        self.signer = makeSigner(config)
+        self.workers = None
+        if delivery.rewrap_workers:
+            self.workers = WorkerPool(reactor, delivery.rewrap_workers)
         tracking, feedback = config.tracking, config.feedback
-        # The tokens' keys are read (or made) at start-up, in _startUp.
         self.rewrapper = Rewrapper(
-            tokens=None,
+            tokens=tokens,
             hostname=relay.hostname,
             bounceDomain=feedback.bounce_domain or relay.hostname,
             verpPrefix=feedback.verp_prefix,
             baseURL=tracking.base_url,
-            runInThread=partial(deferToThreadPool, reactor, self.rewrapPool),
+            runInThread=threads.runner("rewrap", REWRAP_THREADS),
             opens=tracking.opens,
             clicks=tracking.clicks,
             unsubscribe=tracking.unsubscribe,
-            signer=makeSigner(config),
+            signer=self.signer,
+            workers=self.workers,
         )
-        # In worker processes (the default) the CPU work runs beside the
-        # reactor rather than taking turns with it for the interpreter lock;
-        # they are started once the token keys are known, in _startUp.
-        self.workers = None
-        if delivery.rewrap_workers:
-            self.workers = WorkerPool(reactor, delivery.rewrap_workers)
-        self.web = TrackingApp(tokens=None, events=self.events, store=self.store, clock=reactor)
+        self.web = TrackingApp(tokens=tokens, events=self.events, store=self.store, clock=reactor)
         self.webSite = makeSite(self.web)
         self.webEndpoint = endpoints.serverFromString(reactor, config.web.listen)
         self.webPort = None
@@ -211,9 +289,11 @@ class RelayService(MultiService):
             suppress=True,
         )
         self.scheduler.setServiceParent(self)
-        leaseTimer = TimerService(10, self._renewLease)
-        leaseTimer.clock = reactor
-        leaseTimer.setServiceParent(self)
+        # Started by start-up once this run's id state is durable.
+        self.ids = ids
+        self.idState = idState
+        self.leaseTimer = TimerService(LEASE_RENEWAL, self._renewLease)
+        self.leaseTimer.clock = reactor
 
         checker = None
         if smtp.auth_file is not None:
@@ -227,7 +307,7 @@ class RelayService(MultiService):
             clock=reactor,
             hostname=relay.hostname,
             spool=self.spool,
-            ids=None,
+            ids=ids,
             events=self.events,
             enqueue=self.scheduler.enqueue,
             allowedClients=smtp.allowed_clients,
@@ -255,22 +335,21 @@ class RelayService(MultiService):
         self._readyWaiters = []
         self._readyResult = None
 
-    def _renewLease(self):
-        if self.policy.ids is not None:
-            return renewLease(self.policy.ids, self.reactor.seconds(), self._persistIDState)
+    def _renewLease(self) -> Optional[Deferred]:
+        return renewLease(self.ids, self.reactor.seconds(), self._persistIDState)
 
     def _persistIDState(self, state: IDState) -> Deferred:
         return self.runInSpoolThread(saveIDState, self.idStatePath, state)
 
     def startService(self):
-        self.rewrapPool.start()
-        self.spoolPool.start()
-        self.deliveryIOPool.start()
-        if self.storePool is not None:
-            self.storePool.start()
-        self.journalPool.start()
+        self.threads.start()
+        if self.workers is not None:
+            self.workers.start(self.signer, self.tokens)
+            self.log.info(
+                "{count} re-wrap worker process(es) started", count=self.workers.count
+            )
         MultiService.startService(self)
-        self._startUp().addBoth(self._started)
+        Deferred.fromCoroutine(self._startUp()).addBoth(self._started)
 
     def whenReady(self) -> Deferred:
         """
@@ -299,22 +378,18 @@ class RelayService(MultiService):
         for waiter in waiters:
             self._fire(waiter, result)
 
-    @inlineCallbacks
-    def _startUp(self):
-        yield self.runInSpoolThread(os.makedirs, self.dataDir, 0o700, True)
-        tokens = yield self.runInSpoolThread(
-            Tokens.load, self.config.relay.secret, os.path.join(self.dataDir, TOKEN_KEYS_FILE)
-        )
-        self.rewrapper.tokens = self.web.tokens = tokens
-        if self.workers is not None:
-            self.workers.start(self.rewrapper.signer, tokens)
-            self.rewrapper.workers = self.workers
-            self.log.info(
-                "{count} re-wrap worker process(es) started", count=self.workers.count
-            )
+    async def _startUp(self):
+        """
+        What must be done, in order, before the relay listens: the steps
+        that touch the disk run in threads.  C{MultiService.startService}
+        waits for none of this (children's Deferreds are not waited for),
+        hence this step of its own, and C{whenReady}.
+
+        @return: the listening SMTP port.
+        """
         storeStarted = True
         try:
-            yield self.store.start()
+            await self.store.start()
         except RedisConnectionFailed as e:
             # The spool, not the store, is the source of truth: accept mail
             # anyway; events wait in the journal until the store answers.
@@ -322,22 +397,20 @@ class RelayService(MultiService):
                 "{why}; accepting mail anyway, events wait in the journal", why=str(e)
             )
             storeStarted = False
-        yield self.events.start(storeStarted=storeStarted)
+        await self.events.start(storeStarted=storeStarted)
         self.pruner.setServiceParent(self)
-        previous = yield self.runInSpoolThread(loadIDState, self.idStatePath)
-        state, generator = startRun(
-            previous, self.reactor.seconds(), self.config.relay.node_id
-        )
-        yield self._persistIDState(state)
-        self.policy.ids = generator
-        entries = yield self.spool.recover()
+        # No queue id before this run's state is durable; then the lease is
+        # kept ahead of the clock.
+        await self._persistIDState(self.idState)
+        self.leaseTimer.setServiceParent(self)
+        entries = await self.spool.recover()
         for entry in entries:
             self.scheduler.enqueue(entry)
         if entries:
             self.log.info("recovered {count} queued message(s) from the spool", count=len(entries))
-        self.webPort = yield self.webEndpoint.listen(self.webSite)
+        self.webPort = await self.webEndpoint.listen(self.webSite)
         self.log.info("web endpoints on {address}", address=self.webPort.getHost())
-        port = self.smtpPort = yield self.smtpEndpoint.listen(self.smtpFactory)
+        port = self.smtpPort = await self.smtpEndpoint.listen(self.smtpFactory)
         self.log.info("smartrelay accepting mail on {address}", address=port.getHost())
         return port
 
@@ -360,18 +433,81 @@ class RelayService(MultiService):
         yield self.events.flushed()
         self.events.stop()
         yield self.store.close()
-        if self.storePool is not None:
-            self.storePool.stop()
-        self.journalPool.stop()
-        self.deliveryIOPool.stop()
-        self.spoolPool.stop()
-        self.rewrapPool.stop()
+        self.threads.stop()
         if self.workers is not None:
             yield self.workers.stop()
 
 
-def makeRelayService(config, reactor) -> RelayService:
+def loadTokens(config) -> Tokens:
     """
-    The relay for C{config}, not yet started.
+    The token keys: derived from C{[smartrelay] secret}, else read from
+    C{data_dir/token-keys} (made on the first start: one small file and an
+    fsync).
+
+    @raise ConfigError: the key file is damaged, or cannot be read or made;
+        one line.
     """
-    return RelayService(config, reactor)
+    path = os.path.join(config.relay.data_dir, TOKEN_KEYS_FILE)
+    try:
+        return Tokens.load(config.relay.secret, path)
+    except ValueError as e:
+        raise ConfigError(str(e), section="smartrelay", key="data_dir") from None
+
+
+def beginIDRun(config, reactor) -> tuple:
+    """
+    This run's queue ids from the persisted id state (a few bytes).
+
+    @return: C{(IDState, QueueIDGenerator)}: the state to make durable
+        before the first id, and the generator.
+    @raise ConfigError: the state file cannot be read or is damaged (it is
+        never reset silently: ids could repeat); one line.
+    """
+    path = os.path.join(config.relay.data_dir, ID_STATE_FILE)
+    try:
+        previous = loadIDState(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{path} is damaged or unreadable ({e}): it keeps queue ids unique "
+            f"across restarts",
+            section="smartrelay",
+            key="data_dir",
+        ) from None
+    return startRun(previous, reactor.seconds(), config.relay.node_id)
+
+
+def makeRelayService(
+    config, reactor, threads: Optional[IThreadPools] = None
+) -> RelayService:
+    """
+    The relay for C{config}, built whole and not yet started.
+
+    What its pieces need from the disk and is cheap to read (the token keys,
+    the id state; the DKIM keys, the AUTH users and the TLS certificate) is
+    read now, synchronously: C{twistd} calls this before it runs the
+    reactor (and before it forks to daemonise), where a small read blocks
+    nothing.  What is slow or must not happen before the fork waits for
+    C{startService}: threads and worker processes, opening the store,
+    making the id run durable, recovering the spool, listening.
+
+    @param threads: where blocking work runs: Twisted thread pools unless
+        given (tests pass a synchronous stand-in).
+    @raise ConfigError: something it reads is unusable; one line.
+    """
+    try:
+        os.makedirs(config.relay.data_dir, 0o700, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot create {config.relay.data_dir}: {e.strerror or e}",
+            section="smartrelay",
+            key="data_dir",
+        ) from None
+    idState, ids = beginIDRun(config, reactor)
+    return RelayService(
+        config,
+        reactor,
+        tokens=loadTokens(config),
+        ids=ids,
+        idState=idState,
+        threads=ThreadPools(reactor) if threads is None else threads,
+    )

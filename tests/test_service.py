@@ -1,25 +1,373 @@
 """
-Tests for L{smartrelay.service}: the relay built from a config and started
-in-process on the real reactor (loopback, OS-chosen ports): start-up order,
-readiness, recovery, clean stop, and start-up failures.
+Tests for L{smartrelay.service}: the whole relay wired on a memory reactor
+with synchronous thread pools (what listens where, start-up order, a
+message from the SMTP listener to the smarthost, the re-wrap workers), the
+one-line errors of building it, and the relay started in-process on the
+real reactor (loopback, OS-chosen ports): readiness, recovery, clean stop,
+start-up failures.
 """
 
 import os
+import pickle
 import smtplib
 import socket
 import sqlite3
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.internet.error import ProcessDone
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from twisted.internet.address import IPv4Address
+from twisted.test.iosim import ConnectionCompleter, FakeTransport, connect
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.server import Site
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
-from smartrelay.config import parseConfig
-from smartrelay.ids import isQueueID, loadIDState
-from smartrelay.service import makeRelayService
+from smartrelay.config import ConfigError, parseConfig
+from smartrelay.engine.workers import encodeFrame
+from smartrelay.ids import ID_STATE_FILE, isQueueID, loadIDState
+from smartrelay.outbound.testing import ScriptedSMTPServer, SMTPScript
+from smartrelay.service import IThreadPools, ThreadPools, TOKEN_KEYS_FILE, makeRelayService
+from smartrelay.smtp.submission import SubmissionFactory
 from smartrelay.store.redis import RedisStore
 from tests.redisserver import RedisServer, freePort, sharedRedisServer
 from tests.sink import Sink, waitFor
+
+
+@implementer(IThreadPools)
+class SynchronousThreads:
+    """
+    L{IThreadPools} that runs every call at once on the calling thread, and
+    records the pools asked for and whether they were started and stopped.
+    With C{hold}, calls wait in C{pending} until L{runNext} runs them, in
+    order.
+    """
+
+    def __init__(self, hold: bool = False) -> None:
+        self.hold = hold
+        self.names: list = []
+        self.started = False
+        self.stopped = False
+        self.pending: list = []
+        self.ran: list = []
+
+    def runner(self, name, threads):
+        self.names.append(name)
+        return self.run
+
+    def run(self, f, *args, **kwargs):
+        if not self.hold:
+            self.ran.append(f)
+            return maybeDeferred(f, *args, **kwargs)
+        d = maybeDeferred(lambda: None)
+        d.pause()
+        self.pending.append((d, f, args, kwargs))
+        return d.addCallback(lambda _: f(*args, **kwargs))
+
+    def runNext(self) -> None:
+        d, f, args, kwargs = self.pending.pop(0)
+        self.ran.append(f)
+        d.unpause()
+
+    def start(self):
+        self.started = True
+
+    def stop(self):
+        self.stopped = True
+
+
+class Submitter(LineReceiver):
+    """
+    An SMTP client that sends one message, a command at a time, and
+    records every reply line.
+    """
+
+    def __init__(self, message: bytes, recipient: bytes = b"reader@example.org") -> None:
+        self.message = message
+        self.commands = [
+            b"EHLO client.test",
+            b"MAIL FROM:<app@example.com>",
+            b"RCPT TO:<" + recipient + b">",
+            b"DATA",
+        ]
+        self.replies: list = []
+
+    def lineReceived(self, line: bytes) -> None:
+        self.replies.append(line)
+        if line[3:4] == b"-":
+            return
+        if line.startswith(b"354"):
+            self.transport.write(self.message + b".\r\n")
+        elif line.startswith(b"250 2.0.0 OK"):
+            self.sendLine(b"QUIT")
+        elif self.commands:
+            self.sendLine(self.commands.pop(0))
+
+
+class ProcessMemoryReactor(MemoryReactorClock):
+    """
+    A memory reactor that records the processes it is asked to spawn; each
+    gets a L{StringTransport} and ends (status 0) when its input is closed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.processes: list = []
+
+    def spawnProcess(self, protocol, executable, args=(), env=None, path=None,
+                     uid=None, gid=None, usePTY=False, childFDs=None):
+        transport = StringTransport()
+        transport.closeStdin = lambda: protocol.processEnded(Failure(ProcessDone(0)))
+        transport.signalProcess = lambda signal: None
+        self.processes.append((executable, list(args), transport))
+        protocol.makeConnection(transport)
+        return transport
+
+
+def wiringConfig(dataDir: str, extra: str = "", workers: int = 0):
+    return parseConfig(
+        "[smartrelay]\ndata_dir = %s\nhostname = relay.test\nnode_id = 2a\n"
+        "[smtp]\nlisten = tcp:2525:interface=127.0.0.1\n"
+        "[web]\nlisten = tcp:8080:interface=127.0.0.1\n"
+        "[tracking]\nbase_url = https://t.example.org\n"
+        "[delivery]\nsmarthost = tcp:host=127.0.0.1:port=2599\nrewrap_workers = %d\n%s"
+        % (dataDir, workers, extra)
+    )
+
+
+class WiringTests(SynchronousTestCase):
+    """
+    The whole relay on a L{MemoryReactorClock} with synchronous thread
+    pools: what it listens on, in which order, and that the pieces reach
+    each other (the Flocker pattern: assert on the reactor, mock nothing).
+    """
+
+    def setUp(self):
+        self.dataDir = os.path.abspath(self.mktemp())
+        self.reactor = MemoryReactorClock()
+        self.threads = SynchronousThreads()
+
+    def makeRelay(self, **kwargs):
+        config = wiringConfig(self.dataDir, **kwargs)
+        return makeRelayService(config, self.reactor, self.threads)
+
+    def test_threadPools(self):
+        """
+        The thread pools and the synchronous stand-in provide
+        L{IThreadPools}; the real pools are named C{smartrelay-<name>}.
+        """
+        verifyObject(IThreadPools, SynchronousThreads())
+        pools = ThreadPools(self.reactor)
+        verifyObject(IThreadPools, pools)
+        pools.runner("spool", 4)
+        self.assertEqual(
+            [(p.name, p.max) for p in pools.pools.values()], [("smartrelay-spool", 4)]
+        )
+
+    def test_listeners(self):
+        """
+        Built, the relay listens on nothing and has started no thread;
+        started, it listens for HTTP and then for SMTP on the configured
+        endpoints, with the site of its tracking app and its submission
+        factory, and C{whenReady} fires with the SMTP port; stopped, it
+        stops the pools and leaves no timer behind.
+        """
+        relay = self.makeRelay()
+        self.assertEqual(self.reactor.tcpServers, [])
+        self.assertFalse(self.threads.started)
+        relay.startService()
+        self.assertTrue(self.threads.started)
+        port = self.successResultOf(relay.whenReady())
+        [web, smtp] = self.reactor.tcpServers
+        self.assertEqual((web[0], web[3]), (8080, "127.0.0.1"))
+        self.assertIsInstance(web[1], Site)
+        self.assertIs(web[1], relay.webSite)
+        self.assertEqual((smtp[0], smtp[3]), (2525, "127.0.0.1"))
+        self.assertIsInstance(smtp[1], SubmissionFactory)
+        self.assertIs(smtp[1].policy.ids, relay.ids)
+        self.assertEqual(port.getHost().port, 2525)
+        self.assertEqual(
+            sorted(self.threads.names), ["delivery-io", "journal", "rewrap", "spool", "sqlite"]
+        )
+        self.successResultOf(relay.stopService())
+        self.assertTrue(self.threads.stopped)
+        self.assertIsNone(relay.smtpPort)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_whole(self):
+        """
+        Every piece is built whole, with what it needs already loaded: the
+        re-wrapper and the web endpoints have the token keys (read from
+        data_dir), the submission policy has this run's queue ids, the
+        re-wrapper has the DKIM signer and the worker pool.
+        """
+        relay = self.makeRelay(workers=1, extra="")
+        self.assertTrue(os.path.exists(os.path.join(self.dataDir, TOKEN_KEYS_FILE)))
+        self.assertIs(relay.rewrapper.tokens, relay.tokens)
+        self.assertIs(relay.web.tokens, relay.tokens)
+        self.assertIs(relay.policy.ids, relay.ids)
+        self.assertIs(relay.rewrapper.workers, relay.workers)
+        self.assertIs(relay.rewrapper.signer, relay.signer)
+        self.assertIs(relay.scheduler.rewrapper, relay.rewrapper)
+
+    def test_listensOnlyWhenReady(self):
+        """
+        Nothing listens before the store is open, this run's id state is
+        durable (boot generation 1) and the spool is recovered; the web
+        endpoints listen before SMTP.
+        """
+        self.threads = SynchronousThreads(hold=True)
+        relay = self.makeRelay()
+        relay.startService()
+        ready = relay.whenReady()
+        while self.threads.pending:
+            self.assertEqual(self.reactor.tcpServers, [])
+            self.assertNoResult(ready)
+            self.threads.runNext()
+        names = [f.__name__ for f in self.threads.ran]
+        self.assertIn("saveIDState", names)
+        self.assertIn("_recover", names)
+        self.assertLess(names.index("saveIDState"), names.index("_recover"))
+        self.assertEqual(self.successResultOf(ready).getHost().port, 2525)
+        self.assertEqual([s[0] for s in self.reactor.tcpServers], [8080, 2525])
+        self.assertEqual(loadIDState(os.path.join(self.dataDir, ID_STATE_FILE)).boot, 1)
+        self.threads.hold = False
+        self.successResultOf(relay.stopService())
+
+    def test_submitAndDeliver(self):
+        """
+        A message submitted on the SMTP listener is stored, answered 250
+        with its queue id, re-wrapped (VERP sender, List-Unsubscribe on the
+        tracking base URL) and delivered to the smarthost, and both
+        events reach the store.
+        """
+        smarthost = []
+        self.reactor.listenTCP(
+            2599,
+            Factory.forProtocol(lambda: smarthost.append(ScriptedSMTPServer(SMTPScript())) or smarthost[-1]),
+            interface="127.0.0.1",
+        )
+        relay = self.makeRelay()
+        relay.startService()
+        self.successResultOf(relay.whenReady())
+        # A client on loopback (allowed_clients), through the factory that
+        # listens on the SMTP port.
+        [factory] = [s[1] for s in self.reactor.tcpServers if s[0] == 2525]
+        peer = IPv4Address("TCP", "127.0.0.1", 40000)
+        server = factory.buildProtocol(peer)
+        client = Submitter(b"From: app@example.com\r\nSubject: hi\r\n\r\nhello\r\n")
+        connect(
+            server,
+            FakeTransport(server, True, IPv4Address("TCP", "127.0.0.1", 2525), peer),
+            client,
+            FakeTransport(client, False, peer, IPv4Address("TCP", "127.0.0.1", 2525)),
+            clock=self.reactor,
+        ).flush()
+        [ok] = [r for r in client.replies if r.startswith(b"250 2.0.0 OK")]
+        queueID = ok.split()[-1].decode()
+        self.assertTrue(isQueueID(queueID) and queueID.startswith("2A/01-"), queueID)
+
+        [(host, port, *_)] = self.reactor.tcpClients
+        self.assertEqual((host, port), ("127.0.0.1", 2599))
+        delivery = ConnectionCompleter(self.reactor).succeedOnce()
+        for _ in range(10):
+            delivery.flush()
+        [server] = smarthost
+        mail = [c for c in server.commands if c.startswith(b"MAIL FROM:")]
+        self.assertRegex(mail[0], rb"^MAIL FROM:<bounce\+[a-z2-7]+@relay\.test>")
+        self.assertIn(b"RCPT TO:<reader@example.org>", server.commands)
+        self.assertIn(b"X-SmartRelay-ID: " + queueID.encode(), server.message)
+        self.assertIn(b"List-Unsubscribe: <https://t.example.org/u/", server.message)
+        events = self.successResultOf(relay.store.eventsForMessage(queueID))
+        self.assertEqual([e.type for e in events], ["accepted", "delivered"])
+
+        stopped = relay.stopService()
+        for _ in range(10):
+            delivery.flush()
+        self.successResultOf(stopped)
+        self.assertIn(b"QUIT", server.commands)
+        self.assertEqual(os.listdir(os.path.join(self.dataDir, "spool")), [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_workersStartedWithTheirContext(self):
+        """
+        The re-wrap workers are spawned when the service starts (never
+        while it is only built: twistd forks in between), one per
+        C{rewrap_workers}, and each first gets the DKIM signer and the token
+        keys on its input; stopping closes their input.
+        """
+        self.reactor = ProcessMemoryReactor()
+        relay = self.makeRelay(workers=2)
+        self.assertEqual(self.reactor.processes, [])
+        relay.startService()
+        self.successResultOf(relay.whenReady())
+        self.assertEqual(len(self.reactor.processes), 2)
+        context = encodeFrame(pickle.dumps((relay.signer, relay.tokens), pickle.HIGHEST_PROTOCOL))
+        for executable, args, transport in self.reactor.processes:
+            self.assertEqual(args, [executable, "-m", "smartrelay.engine.workers"])
+            self.assertEqual(transport.value(), context)
+        self.assertTrue(relay.workers.available)
+        self.successResultOf(relay.stopService())
+        self.assertFalse(relay.workers.available)
+
+
+class BuildErrorTests(SynchronousTestCase):
+    """
+    What building the relay reads, when it is unusable, is one
+    L{ConfigError} line naming C{[smartrelay] data_dir}.
+    """
+
+    def setUp(self):
+        self.dataDir = os.path.abspath(self.mktemp())
+
+    def build(self):
+        return makeRelayService(
+            wiringConfig(self.dataDir), MemoryReactorClock(), SynchronousThreads()
+        )
+
+    def assertOneLine(self, error: ConfigError, *words: str) -> None:
+        text = str(error)
+        self.assertNotIn("\n", text)
+        self.assertIn("[smartrelay] data_dir:", text)
+        for word in words:
+            self.assertIn(word, text)
+
+    def test_dataDirIsAFile(self):
+        """
+        A data_dir that cannot be created.
+        """
+        with open(self.dataDir, "w") as f:
+            f.write("not a directory")
+        self.assertOneLine(self.assertRaises(ConfigError, self.build), "cannot create")
+
+    def test_damagedTokenKeys(self):
+        """
+        A token key file that is not hex keys; it is left as it was.
+        """
+        os.makedirs(self.dataDir)
+        path = os.path.join(self.dataDir, TOKEN_KEYS_FILE)
+        with open(path, "w") as f:
+            f.write("not a key\n")
+        self.assertOneLine(self.assertRaises(ConfigError, self.build), path)
+        with open(path) as f:
+            self.assertEqual(f.read(), "not a key\n")
+
+    def test_damagedIDState(self):
+        """
+        A damaged queue-id state file; it is never reset.
+        """
+        os.makedirs(self.dataDir)
+        path = os.path.join(self.dataDir, ID_STATE_FILE)
+        with open(path, "w") as f:
+            f.write("{torn")
+        self.assertOneLine(self.assertRaises(ConfigError, self.build), path, "damaged")
+        with open(path) as f:
+            self.assertEqual(f.read(), "{torn")
 
 
 def submitOne(port, recipient="ok@example.org"):
@@ -65,8 +413,11 @@ class RelayServiceTests(TestCase):
         self.assertTrue(isQueueID(text.split()[-1]))
         yield waitFor(reactor, lambda: self.sink.received)
         yield relay.stopService()
-        self.assertTrue(relay.spoolPool.joined)
-        self.assertTrue(relay.storePool.joined)
+        pools = relay.threads.pools
+        self.assertEqual(
+            sorted(pools), ["delivery-io", "journal", "rewrap", "spool", "sqlite"]
+        )
+        self.assertTrue(all(pool.joined for pool in pools.values()))
         self.assertEqual(os.listdir(os.path.join(self.dataDir, "spool")), [])
         self.assertEqual(loadIDState(os.path.join(self.dataDir, "queue-ids.json")).boot, 1)
         self.assertFalse(relay.pruner.running)
@@ -226,14 +577,15 @@ class RelayServiceTests(TestCase):
     @inlineCallbacks
     def test_startFailure(self):
         """
-        If start-up cannot complete (data_dir is a file), whenReady fails and
-        nothing listens.
+        If start-up cannot complete (the spool directory is a file),
+        whenReady fails and nothing listens.
         """
         relay = self.makeRelay()
-        with open(self.dataDir, "w") as f:
+        with open(os.path.join(self.dataDir, "spool"), "w") as f:
             f.write("not a directory")
         relay.startService()
         yield self.assertFailure(relay.whenReady(), OSError)
         self.assertIsNone(relay.smtpPort)
+        self.assertIsNone(relay.webPort)
         self.flushLoggedErrors(OSError)
         yield relay.stopService()
