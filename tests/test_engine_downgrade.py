@@ -1,5 +1,5 @@
 """
-Tests for L{smartrelay.outbound.downgrade}.
+Tests for L{smartrelay.engine.downgrade}.
 """
 
 import email
@@ -10,7 +10,16 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay.mime import leaves, parse, walk
-from smartrelay.outbound.downgrade import downgrade, downgradeField, eightBit, encodeWords
+from smartrelay.engine.downgrade import (
+    Offers,
+    Prepared,
+    downgrade,
+    downgradeField,
+    eightBit,
+    encodeWords,
+    prepare,
+    toASCIIDomain,
+)
 from tests.test_mime import renderMessage, treeSpecs
 
 MESSAGE = (
@@ -79,12 +88,15 @@ class EightBitTests(SynchronousTestCase):
     """
 
     def test_clean(self) -> None:
+        """A 7-bit message has 8-bit bytes nowhere."""
         self.assertEqual(eightBit(PLAIN), (False, False))
 
     def test_both(self) -> None:
+        """8-bit header fields and bodies are both found."""
         self.assertEqual(eightBit(MESSAGE), (True, True))
 
     def test_headerOnly(self) -> None:
+        """An 8-bit field in a 7-bit message is a header finding only."""
         self.assertEqual(eightBit("Subject: \u00e9\r\n\r\nx".encode()), (True, False))
 
     def test_partHeader(self) -> None:
@@ -98,6 +110,7 @@ class EightBitTests(SynchronousTestCase):
         self.assertEqual(eightBit(data), (True, False))
 
     def test_bodyOnly(self) -> None:
+        """An 8-bit body under 7-bit fields is a body finding only."""
         self.assertEqual(eightBit(b"Subject: x\r\n\r\n\xe9"), (False, True))
 
 
@@ -195,6 +208,40 @@ class DowngradeTests(SynchronousTestCase):
         self.assertTrue(field.isascii())
         self.assertIn("\u00fc@x.org", str(stdlib(field + b"\r\n")["Cc"]))
 
+    def test_idna2008(self) -> None:
+        """
+        Domains become A-labels by UTS 46 / IDNA 2008: fa\u00df.de is
+        xn--fa-hia.de (IDNA 2003, Python's "idna" codec, would make it
+        fass.de, another domain); upper case is mapped to lower case.
+        """
+        field = downgradeField("From: J\u00f6rg <j@fa\u00df.de>, s@STRA\u00dfE.example\r\n".encode())
+        self.assertEqual(
+            field, b"From: =?utf-8?q?J=C3=B6rg?= <j@xn--fa-hia.de>, s@xn--strae-oqa.example\r\n"
+        )
+        self.assertNotIn(b"fass.de", field)
+
+    def test_idnaRefused(self) -> None:
+        """
+        A domain IDNA refuses (a symbol, an empty label, a label too long)
+        cannot be written in 7 bits as an address: the field is encoded as
+        a whole, 7-bit and readable, and no other domain is made up.
+        """
+        for domain in ["\u2603.net", "\u00fc..de", "x" * 70 + "\u00fc.de"]:
+            field = downgradeField(f"To: Ann <ann@{domain}>\r\n".encode())
+            self.assertTrue(field.isascii(), field)
+            self.assertNotIn(b"xn--", field)
+            # (The stdlib keeps a space between the encoded-words of a long
+            # one, in an address field.)
+            self.assertIn(domain, str(stdlib(field + b"\r\n")["To"]).replace(" ", ""))
+
+    def test_toASCIIDomain(self) -> None:
+        """L{toASCIIDomain}: A-labels for IDNs, ASCII as it is, L{None} for what IDNA refuses."""
+        self.assertEqual(toASCIIDomain("fa\u00df.de"), "xn--fa-hia.de")
+        self.assertEqual(toASCIIDomain("B\u00fccher.DE."), "xn--bcher-kva.de.")
+        self.assertEqual(toASCIIDomain("Shop.Example"), "Shop.Example")
+        self.assertIsNone(toASCIIDomain("\u2603.net"))
+        self.assertIsNone(toASCIIDomain("a b\u00fc.de"))
+
     def test_parameters(self) -> None:
         """
         8-bit MIME parameters become RFC 2231 parameters.
@@ -246,6 +293,12 @@ class DowngradeTests(SynchronousTestCase):
 
 
 EIGHT = st.text(alphabet="ab \u00e9\u20ac\u00fc", min_size=1, max_size=30)
+OFFERS_LIST = [
+    Offers(eightBitMIME=eightBitMIME, smtpUTF8=smtpUTF8)
+    for eightBitMIME in (False, True)
+    for smtpUTF8 in (False, True)
+]
+OFFERS = tuple(OFFERS_LIST)
 
 
 class PropertyTests(SynchronousTestCase):
@@ -275,3 +328,64 @@ class PropertyTests(SynchronousTestCase):
         self.assertLessEqual(defects(out), defects(data))
         self.assertEqual(stdlib(out)["Subject"], stdlib(data)["Subject"])
         self.assertEqual(downgrade(out, True, True), out)
+
+
+class PrepareTests(SynchronousTestCase):
+    """
+    Tests for L{prepare}: a message made to fit what a server offers.
+    """
+
+    def test_sevenBit(self) -> None:
+        """A 7-bit message is itself, for any server, and needs no parameter."""
+        for offers in OFFERS:
+            prepared = prepare(PLAIN, offers)
+            self.assertIs(prepared.data, PLAIN)
+            self.assertEqual(prepared, Prepared(PLAIN))
+
+    def test_nothingOffered(self) -> None:
+        """Without 8BITMIME and SMTPUTF8 everything is downgraded; no parameter."""
+        prepared = prepare(MESSAGE, Offers())
+        self.assertEqual(prepared, Prepared(downgrade(MESSAGE, True, True)))
+        self.assertTrue(prepared.data.isascii())
+
+    def test_eightBitMIMEOnly(self) -> None:
+        """With 8BITMIME only, the bodies stay, the fields are encoded: BODY=8BITMIME."""
+        prepared = prepare(MESSAGE, Offers(eightBitMIME=True))
+        self.assertEqual(prepared, Prepared(downgrade(MESSAGE, True, False), eightBitMIME=True))
+
+    def test_everything(self) -> None:
+        """With both, the message goes as it is, with both parameters."""
+        prepared = prepare(MESSAGE, Offers(eightBitMIME=True, smtpUTF8=True))
+        self.assertEqual(prepared, Prepared(MESSAGE, eightBitMIME=True, smtpUTF8=True))
+
+    def test_bodyOnlyMessage(self) -> None:
+        """SMTPUTF8 is asked for only when a header field is 8-bit."""
+        data = b"Subject: x\r\n\r\n\xc3\xa9\r\n"
+        prepared = prepare(data, Offers(eightBitMIME=True, smtpUTF8=True))
+        self.assertEqual(prepared, Prepared(data, eightBitMIME=True))
+
+    def test_fits(self) -> None:
+        """A message fits a server that offers at least what it needs."""
+        needs = Prepared(b"", eightBitMIME=True)
+        self.assertTrue(needs.fits(Offers(eightBitMIME=True)))
+        self.assertFalse(needs.fits(Offers(smtpUTF8=True)))
+        self.assertTrue(Prepared(b"").fits(Offers()))
+        self.assertFalse(Prepared(b"", smtpUTF8=True).fits(Offers(eightBitMIME=True)))
+
+    @settings(max_examples=60, deadline=None)
+    @given(treeSpecs(), EIGHT, st.sampled_from(OFFERS_LIST))
+    def test_fitsWhatIsOffered(self, spec: tuple, subject: str, offers: Offers) -> None:
+        """
+        For any message and server, the result fits that server: 8-bit
+        bodies only with 8BITMIME, 8-bit fields only with SMTPUTF8, the
+        parameters say so, and every part's content is unchanged.
+        """
+        data = renderMessage(spec, subject)
+        prepared = prepare(data, offers)
+        self.assertTrue(prepared.fits(offers))
+        headers8, body8 = eightBit(prepared.data)
+        self.assertTrue(offers.smtpUTF8 or not headers8)
+        self.assertTrue(offers.eightBitMIME or not body8)
+        self.assertEqual(prepared.eightBitMIME, offers.eightBitMIME and not prepared.data.isascii())
+        self.assertEqual(prepared.smtpUTF8, headers8)
+        self.assertEqual(payloads(prepared.data), payloads(data))

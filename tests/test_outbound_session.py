@@ -6,6 +6,7 @@ TLS policies and 8-bit handling against a scripted server over iosim.
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from smartrelay.engine.downgrade import Offers, Prepared
 from smartrelay.outbound.router import Hop
 from smartrelay.outbound.session import Reply, TLSPolicy, openSession
 from smartrelay.outbound.testing import SMTPScript, ScriptedEndpoint
@@ -244,6 +245,7 @@ class EightBitTests(SessionTestsMixin, SynchronousTestCase):
     DATA = "Subject: caf\u00e9\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nd\u00e9j\u00e0 vu\r\n".encode()
 
     def test_announced(self):
+        """With 8BITMIME and SMTPUTF8 an 8-bit message goes as it is, with both parameters."""
         session = self.session(SMTPScript(ehlo=PIPELINING[:-1] + [b"250-SIZE 1000000", b"250 SMTPUTF8"]))
         self.send(session, data=self.DATA)
         mail = self.endpoint.server.commands[1]
@@ -273,3 +275,63 @@ class EightBitTests(SessionTestsMixin, SynchronousTestCase):
         self.assertIn("d\u00e9j\u00e0 vu".encode(), received)
         self.assertIn(b"Subject: =?utf-8?", received)
         self.assertIn(b"BODY=8BITMIME", self.endpoint.server.commands[1])
+
+
+class PreparedTests(SessionTestsMixin, SynchronousTestCase):
+    """
+    A re-wrapped message (a L{Prepared}, made and DKIM-signed for this
+    session's server) is sent byte for byte: the session never changes it.
+    """
+
+    DATA = EightBitTests.DATA
+    SEVEN_BIT = [b"250-mx.test", b"250 SIZE 100000"]
+
+    def test_offers(self):
+        """The session says what its server offers, from the EHLO answer."""
+        self.assertEqual(self.session(SMTPScript(ehlo=self.SEVEN_BIT)).offers, Offers())
+        self.assertEqual(self.session(SMTPScript()).offers, Offers(eightBitMIME=True))
+        utf8 = PIPELINING[:-1] + [b"250 SMTPUTF8"]
+        self.assertEqual(
+            self.session(SMTPScript(ehlo=utf8)).offers, Offers(eightBitMIME=True, smtpUTF8=True)
+        )
+
+    def test_notDowngraded(self):
+        """
+        An 8-bit L{Prepared} message is not downgraded again, even for a
+        server without 8BITMIME: it was made for it (here, wrongly, to
+        show that the session leaves it alone); only dot-stuffing is
+        added on the wire.
+        """
+        session = self.session(SMTPScript(ehlo=self.SEVEN_BIT))
+        data = self.DATA + b".dot\r\n"
+        self.send(session, data=Prepared(data))
+        self.assertEqual(self.endpoint.server.message, data)
+        self.assertEqual(
+            self.endpoint.server.commands[1], b"MAIL FROM:<app@sender.example> SIZE=%d" % len(data)
+        )
+
+    def test_parameters(self):
+        """The MAIL parameters are the ones the L{Prepared} message asks for."""
+        session = self.session(SMTPScript(ehlo=PIPELINING[:-1] + [b"250 SMTPUTF8"]))
+        self.send(session, data=Prepared(self.DATA, eightBitMIME=True, smtpUTF8=True))
+        self.assertEqual(
+            self.endpoint.server.commands[1],
+            b"MAIL FROM:<app@sender.example> BODY=8BITMIME SMTPUTF8",
+        )
+        self.assertEqual(self.endpoint.server.message, self.DATA)
+        self.send(session, data=Prepared(MESSAGE))
+        mails = [c for c in self.endpoint.server.commands if c.startswith(b"MAIL")]
+        self.assertEqual(mails[-1], b"MAIL FROM:<app@sender.example>")
+
+    def test_madeForAnotherServer(self):
+        """
+        A L{Prepared} message that needs what this server does not offer is
+        refused before anything is sent (it would have to be altered).
+        """
+        session = self.session(SMTPScript(ehlo=self.SEVEN_BIT))
+        commands = list(self.endpoint.server.commands)
+        for prepared in [Prepared(self.DATA, eightBitMIME=True), Prepared(self.DATA, smtpUTF8=True)]:
+            e = self.assertRaises(ValueError, session.send, "a@b.example", ["c@d.example"], prepared)
+            self.assertIn("cannot go to mx.test", str(e))
+        self.assertEqual(self.endpoint.server.commands, commands)
+        self.assertTrue(session.usable)

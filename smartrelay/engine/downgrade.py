@@ -1,11 +1,11 @@
 """
-Downgrade a message with 8-bit content to 7-bit for a server that cannot
-take it.
+Make a message fit what the next hop offers: downgrade 8-bit content to 7
+bits for a server that cannot take it.
 
 Messages are relayed as received, which may include 8-bit bytes: in bodies
 (declared C{8bit} or C{binary}, or not declared at all) and, from
-SMTPUTF8 clients, in header fields.  The outbound client looks at the
-message with L{eightBit} and at the server's EHLO answer:
+SMTPUTF8 clients, in header fields.  L{prepare} looks at the message with
+L{eightBit} and at what the server's EHLO answer offers (L{Offers}):
 
 * a server that does not advertise C{8BITMIME} (RFC 6152) must only be
   sent 7-bit bodies, so 8-bit bodies are downgraded: each leaf part whose
@@ -16,11 +16,17 @@ message with L{eightBit} and at the server's EHLO answer:
   (RFC 6531); when the server does not advertise it the fields are
   downgraded to RFC 2047 encoded-words (UTF-8; bytes that are not UTF-8
   are taken as Latin-1).  Address fields only get their display names
-  encoded (and domains converted to IDNA A-labels); an address whose
-  local part is 8-bit cannot be expressed in 7 bits, so such a field is
-  encoded as a whole, which at least delivers it readably.
-  C{Content-Type} and C{Content-Disposition} parameters are encoded as
-  RFC 2231 parameters instead.
+  encoded and their domains converted to A-labels (UTS 46 / IDNA 2008,
+  with the C{idna} package: C{fa\u00df.de} is C{xn--fa-hia.de}, never
+  IDNA 2003's C{fass.de}, which is another domain); an address whose
+  local part is 8-bit, or whose domain IDNA refuses, cannot be expressed
+  in 7 bits, so such a field is encoded as a whole, which at least
+  delivers it readably.  C{Content-Type} and C{Content-Disposition}
+  parameters are encoded as RFC 2231 parameters instead.
+
+The re-wrap engine does this before it signs (L{smartrelay.engine.rewrap}),
+so that the DKIM signature covers the bytes that are sent; the outbound
+session does it only for messages sent without a re-wrap.
 
 L{downgrade} only touches what has to change: parts and fields without
 8-bit bytes are kept byte for byte (see L{smartrelay.mime}).
@@ -29,9 +35,21 @@ L{downgrade} only touches what has to change: parts and fields without
 import re
 from typing import Callable, Optional
 
+import attrs
+import idna
+
 from smartrelay import mime
 
-__all__ = ["eightBit", "downgrade", "encodeWords", "downgradeField"]
+__all__ = [
+    "Offers",
+    "Prepared",
+    "prepare",
+    "eightBit",
+    "downgrade",
+    "encodeWords",
+    "downgradeField",
+    "toASCIIDomain",
+]
 
 ADDRESS_FIELDS = frozenset(
     [
@@ -70,6 +88,74 @@ _ESCAPED = re.compile(r"[\udc80-\udcff]")
 _FOLDING = re.compile(r"\r?\n(?=[ \t])")
 _COMMENT = re.compile(r"\(((?:[^()\\]|\\.)*)\)")
 _ADDR_SPEC = re.compile(r"([^\s<>()\",@]+@)([^\s<>()\",@]+)")
+_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
+
+
+@attrs.frozen
+class Offers:
+    """
+    What the next hop takes beyond 7-bit ASCII, from its EHLO answer.
+
+    @ivar eightBitMIME: it advertises C{8BITMIME} (8-bit bodies).
+    @ivar smtpUTF8: it advertises C{SMTPUTF8} (8-bit header fields).
+    """
+
+    eightBitMIME: bool = False
+    smtpUTF8: bool = False
+
+
+@attrs.frozen
+class Prepared:
+    """
+    A message made to fit one next hop, to be sent byte for byte (only
+    dot-stuffed): its DKIM signature, if any, covers exactly these bytes.
+
+    @ivar data: the message.
+    @ivar eightBitMIME: send it with C{BODY=8BITMIME} (it has 8-bit bytes
+        and the hop offers C{8BITMIME}).
+    @ivar smtpUTF8: send it with C{SMTPUTF8} (it has 8-bit header fields
+        and the hop offers C{SMTPUTF8}).
+    """
+
+    data: bytes
+    eightBitMIME: bool = False
+    smtpUTF8: bool = False
+
+    def fits(self, offers: Offers) -> bool:
+        """
+        Whether a hop offering C{offers} can take this message as it is.
+        """
+        return (offers.eightBitMIME or not self.eightBitMIME) and (
+            offers.smtpUTF8 or not self.smtpUTF8
+        )
+
+
+def prepare(data: bytes, offers: Offers) -> Prepared:
+    """
+    Make C{data} fit a hop offering C{offers}: downgrade the 8-bit header
+    fields it cannot take (no C{SMTPUTF8}) and the 8-bit bodies (no
+    C{8BITMIME}); say which MAIL parameters the result needs.
+
+    A 7-bit message costs one scan for a byte C{>= 0x80}; only a message
+    with one is parsed.
+
+    @return: a L{Prepared} whose C{data} is C{data} itself if nothing had
+        to change.
+    """
+    if _EIGHT_BIT.search(data) is None:
+        return Prepared(data)
+    headers8, body8 = eightBit(data)
+    downgradeHeaders = headers8 and not offers.smtpUTF8
+    downgradeBody = body8 and not offers.eightBitMIME
+    if downgradeHeaders or downgradeBody:
+        data = downgrade(data, headers=downgradeHeaders, body=downgradeBody)
+        if _EIGHT_BIT.search(data) is None:
+            return Prepared(data)
+    return Prepared(
+        data,
+        eightBitMIME=offers.eightBitMIME,
+        smtpUTF8=headers8 and offers.smtpUTF8,
+    )
 
 
 def _isASCII(text: str) -> bool:
@@ -324,20 +410,39 @@ def _unquotePhrase(phrase: str) -> str:
     )
 
 
+def toASCIIDomain(domain: str) -> Optional[str]:
+    """
+    A domain in its ASCII form: its labels as A-labels (UTS 46 mapping,
+    then IDNA 2008; C{fa\u00df.de} is C{xn--fa-hia.de}).  An ASCII domain
+    is returned as it is.
+
+    @return: the ASCII form, or L{None} if IDNA refuses the domain (a
+        code point it does not allow, such as a symbol or white space, an
+        empty or over-long label).
+    """
+    if _isASCII(domain):
+        return domain
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except UnicodeError:  # idna.IDNAError and its kinds are UnicodeErrors
+        return None
+
+
 def _idnaAddresses(text: str) -> str:
     """
     @return: C{text} with the non-ASCII domains of its addr-specs turned
-        into IDNA A-labels (where possible).
+        into A-labels where IDNA allows it (the others stay, so the caller
+        sees that the field is not 7-bit yet).
     """
 
     def convert(match: "re.Match[str]") -> str:
         domain = match.group(2)
         if _isASCII(domain):
             return match.group()
-        try:
-            return match.group(1) + domain.encode("idna").decode("ascii")
-        except UnicodeError:
+        converted = toASCIIDomain(domain)
+        if converted is None:
             return match.group()
+        return match.group(1) + converted
 
     return _ADDR_SPEC.sub(convert, text)
 

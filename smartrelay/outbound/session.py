@@ -26,6 +26,12 @@ offers STARTTLS without checking its certificate (RFC 7435) and, if the
 handshake fails, connects once more in the clear; C{required} defers the
 mail rather than sending it in the clear; C{verify} also checks the
 certificate against the host name (an MX host name, or a route's host).
+
+8-bit content: L{SMTPSession.offers} says what the server takes beyond
+7-bit ASCII.  A re-wrapped message arrives already made for it (a
+L{Prepared}, downgraded and then DKIM-signed by the re-wrap engine) and is
+sent byte for byte; a plain message (bytes, from a scheduler without a
+re-wrap) is downgraded here where the server cannot take it.
 """
 
 import re
@@ -39,6 +45,8 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
+
+from smartrelay.engine.downgrade import Offers, Prepared, prepare
 
 __all__ = [
     "Reply",
@@ -64,7 +72,6 @@ MAX_REPLY_LINES = 200
 STREAM_THRESHOLD = 256 * 1024
 
 _STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
-_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 
 
 @attrs.frozen
@@ -275,6 +282,18 @@ class SMTPSession(Protocol):
     @property
     def pipelining(self) -> bool:
         return b"PIPELINING" in self.extensions
+
+    @property
+    def offers(self) -> Offers:
+        """
+        What the server takes beyond 7-bit ASCII (C{8BITMIME},
+        C{SMTPUTF8}), from its EHLO answer: what a message for this
+        session must be prepared for.
+        """
+        return Offers(
+            eightBitMIME=b"8BITMIME" in self.extensions,
+            smtpUTF8=b"SMTPUTF8" in self.extensions,
+        )
 
     # -- the wire ---------------------------------------------------------
 
@@ -514,19 +533,29 @@ class SMTPSession(Protocol):
 
     # -- the mail transaction ------------------------------------------------
 
-    def send(self, sender: str, recipients: list, data: bytes) -> Deferred:
+    def send(self, sender: str, recipients: list, data: "bytes | Prepared") -> Deferred:
         """
         Run one mail transaction.
 
         @param sender: envelope sender; C{""} sends C{MAIL FROM:<>}.
         @param recipients: addresses (duplicates are sent once).
-        @param data: the message (CRLF line ends, not dot-stuffed).
+        @param data: the message (CRLF line ends, not dot-stuffed): a
+            L{Prepared} made for this session's L{offers} is sent byte for
+            byte; plain bytes are downgraded first where the server cannot
+            take their 8-bit content.
         @return: L{Deferred} firing with an L{AttemptResult} covering every
             recipient; never failing.
         @raise RuntimeError: if the session is not L{usable}.
+        @raise ValueError: if C{data} is a L{Prepared} for a server that
+            offers more than this one (it would have to be altered).
         """
         if not self.usable:
             raise RuntimeError(f"{self!r} cannot take a transaction now")
+        if isinstance(data, Prepared) and not data.fits(self.offers):
+            raise ValueError(
+                f"a message prepared for a server offering 8BITMIME={data.eightBitMIME} "
+                f"SMTPUTF8={data.smtpUTF8} cannot go to {self.remote}, which does not"
+            )
         recipients = list(dict.fromkeys(recipients))
         done: Deferred = Deferred(canceller=self._cancelTransaction)
         params, data = self._prepare(data)
@@ -556,28 +585,22 @@ class SMTPSession(Protocol):
         self._transaction = None
         self._abort()
 
-    def _prepare(self, data: bytes) -> tuple:
+    def _prepare(self, data: "bytes | Prepared") -> tuple:
         """
-        MAIL parameters, and the payload, downgraded to 7 bits if the
-        server cannot take what the message contains.
+        MAIL parameters, and the payload: a L{Prepared} message as it is,
+        plain bytes downgraded to 7 bits where the server cannot take what
+        they contain (on the reactor thread: only for messages sent
+        without a re-wrap).
         """
+        prepared = data if isinstance(data, Prepared) else prepare(data, self.offers)
         params = b""
         if b"SIZE" in self.extensions:
-            params += b" SIZE=%d" % (len(data),)
-        if _EIGHT_BIT.search(data) is not None:
-            from smartrelay.outbound.downgrade import downgrade, eightBit
-
-            headers8, body8 = eightBit(data)
-            downgradeHeaders = headers8 and b"SMTPUTF8" not in self.extensions
-            downgradeBody = body8 and b"8BITMIME" not in self.extensions
-            if downgradeHeaders or downgradeBody:
-                data = downgrade(data, headers=downgradeHeaders, body=downgradeBody)
-            if _EIGHT_BIT.search(data) is not None:
-                if b"8BITMIME" in self.extensions:
-                    params += b" BODY=8BITMIME"
-                if headers8 and b"SMTPUTF8" in self.extensions:
-                    params += b" SMTPUTF8"
-        return params, encodeData(data)
+            params += b" SIZE=%d" % (len(prepared.data),)
+        if prepared.eightBitMIME:
+            params += b" BODY=8BITMIME"
+        if prepared.smtpUTF8:
+            params += b" SMTPUTF8"
+        return params, encodeData(prepared.data)
 
     def _resetAnswered(self, reply: Reply) -> None:
         transaction = self._transaction
