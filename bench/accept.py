@@ -35,10 +35,31 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 
-PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def installedScript(name: str) -> str:
+    """
+    The console script C{name} that pip installed for this Python (the
+    relay under test is the installed one: C{pip install -e .} first).
+    """
+    for folder in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    found = shutil.which(name)
+    if found is None:
+        sys.exit(f"bench: no {name} script for {sys.executable}; pip install -e . first")
+    return found
+
+
+def installedEnvironment() -> dict:
+    """
+    This process's environment without PYTHONPATH.
+    """
+    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
 
 
 def freePort() -> int:
@@ -85,12 +106,12 @@ hold = {"on" if hold else "off"}
 
 def startRelay(workdir: str, smtpPort: int, sinkPort: int, extra: str, hold: bool) -> tuple:
     config = writeConfig(workdir, smtpPort, sinkPort, extra, hold)
-    env = dict(os.environ, PYTHONPATH=PROJECT)
     log = os.path.join(workdir, "twistd.log")
     process = subprocess.Popen(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+        [installedScript("twistd"),
          "-n", "--pidfile=", "--logfile", log, "smartrelay", "--config", config],
-        cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        cwd=workdir, env=installedEnvironment(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -155,14 +155,13 @@ def startRelay(workdir: str, smtpPort: int, sinkPort: int, extra: str) -> tuple:
     @return: C{(subprocess.Popen, log path)} once it accepts mail.
     """
     config = accept.writeConfig(workdir, smtpPort, sinkPort, extra, hold=False)
-    env = dict(os.environ, PYTHONPATH=accept.PROJECT)
     log = os.path.join(workdir, "twistd.log")
     errors = os.path.join(workdir, "twistd.stderr")
     with open(errors, "wb") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            [accept.installedScript("twistd"),
              "-n", "--pidfile=", "--logfile", log, "smartrelay", "--config", config],
-            cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+            cwd=workdir, env=accept.installedEnvironment(), stdin=subprocess.DEVNULL,
             stdout=stderr, stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 30
@@ -196,7 +195,6 @@ def dkimSection(workdir: str, algorithm: str) -> str:
     A fresh DKIM key for C{bench.test} (smtp-source's From domain) in
     C{workdir}, and the C{[dkim:bench.test]} section that signs with it.
     """
-    sys.path.insert(0, accept.PROJECT)
     from smartrelay.engine.dkim import generateKey
 
     pem, _ = generateKey(algorithm, 2048)

@@ -35,7 +35,7 @@ from smartrelay.ids import (
     startRun,
 )
 from smartrelay.config import ConfigError
-from smartrelay.engine.dkim import DKIMKey, DKIMSigner
+from smartrelay.engine.dkim import DKIMKey, DKIMSigner, SelfTestError
 from smartrelay.engine.rewrap import Rewrapper
 from smartrelay.engine.workers import WorkerPool
 from smartrelay.outbound.pool import Connector, DestinationPolicy, TLSContexts
@@ -132,14 +132,33 @@ def tlsContextFor(certificatePath: str, keyPath: str):
 def makeSigner(config):
     """
     A L{DKIMSigner} for the C{[dkim:DOMAIN]} sections (their keys read
-    now), or L{None} without any.
+    now), or L{None} without any.  Before it is used, it signs and
+    verifies a test message with every key (L{DKIMSigner.selfTest}), so
+    that a signer that would make bad signatures, or none, never starts.
+
+    @raise ConfigError: a key file cannot be read, or the self-test
+        failed; one line naming the section.
     """
     keys = []
     for domain, section in config.dkim.items():
         for algorithm, selector, path in section.signingKeys():
-            with open(path, "rb") as f:
-                keys.append(DKIMKey(domain, selector, algorithm, f.read()))
-    return DKIMSigner(keys) if keys else None
+            try:
+                with open(path, "rb") as f:
+                    keys.append(DKIMKey(domain, selector, algorithm, f.read()))
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot read {path}: {e.strerror or e}", section=f"dkim:{domain}"
+                ) from None
+    if not keys:
+        return None
+    try:
+        signer = DKIMSigner(keys)
+        signer.selfTest()
+    except SelfTestError as e:
+        raise ConfigError(str(e), section=f"dkim:{e.domain}") from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return signer
 
 
 def makeRouter(config, reactor):

@@ -71,7 +71,15 @@ def makeService(options):
 
     from smartrelay.service import makeRelayService
 
-    service = makeRelayService(options.relayConfig, reactor)
+    try:
+        service = makeRelayService(options.relayConfig, reactor)
+    except ConfigError as e:
+        # Found while building (the DKIM self-test, a key file gone since
+        # the options were checked): one line too, as in postOptions.
+        if e.source == "<config>" and options["config"] is not None:
+            e.source = options["config"]
+        sys.stderr.write("smartrelay: %s\n" % (e,))
+        raise SystemExit(1)
     service.whenReady().addErrback(_startFailed, reactor)
     return service
 

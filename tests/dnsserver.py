@@ -16,7 +16,7 @@ are, but without records of the asked type, get an empty answer (NODATA).
 
 As a separate process, for C{twistd smartrelay} children or benchmarks::
 
-    python -m tests.dnsserver --zone zone.json
+    python tests/dnsserver.py --zone zone.json
 
 prints C{port NNNN} on its first line of output once it listens, then serves
 until SIGTERM/SIGINT.  The zone file is JSON::
@@ -46,8 +46,6 @@ from twisted.python import log
 from twisted.python.failure import Failure
 
 __all__ = ["DNSServer", "startProcess", "loadZone"]
-
-PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _key(name: Any) -> str:
@@ -308,17 +306,19 @@ def loadZone(path: str) -> dict:
 
 def startProcess(zonePath: str, timeout: float = 30.0) -> tuple:
     """
-    Run C{python -m tests.dnsserver --zone zonePath} as a child process.
+    Run C{python tests/dnsserver.py --zone zonePath} as a child process
+    (this file as a script: it needs Twisted only, not the checkout on the
+    import path), from the zone file's folder.
 
     @return: C{(subprocess.Popen, port)}; stop it with C{process.terminate()}
         (or SIGKILL) and C{process.wait()}.
     @raise RuntimeError: if it does not print its port within C{timeout}.
     """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = PROJECT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    zonePath = os.path.abspath(zonePath)
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.dnsserver", "--zone", os.path.abspath(zonePath)],
-        cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, os.path.abspath(__file__), "--zone", zonePath],
+        cwd=os.path.dirname(zonePath), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
     )
     assert process.stdout is not None
     ready, _, _ = select.select([process.stdout], [], [], timeout)
@@ -327,7 +327,7 @@ def startProcess(zonePath: str, timeout: float = 30.0) -> tuple:
         process.kill()
         rest = process.stdout.read()
         process.wait()
-        raise RuntimeError(f"tests.dnsserver did not start: {line}{rest}")
+        raise RuntimeError(f"tests/dnsserver.py did not start: {line}{rest}")
     return process, int(line.split()[1])
 
 

@@ -7,9 +7,11 @@ process on OS-chosen loopback ports.
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from email.parser import BytesHeaderParser
 
@@ -21,6 +23,31 @@ from twisted.mail import smtp
 from zope.interface import implementer
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def installedScript(name: str) -> str:
+    """
+    The console script C{name} (C{twistd}, C{smartrelay}) that pip installed
+    for this Python: in its scheme's scripts folder, next to it, or on PATH.
+
+    @raise RuntimeError: if there is none.
+    """
+    for folder in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"no {name} script for {sys.executable}: pip install -e '.[test]'")
+    return found
+
+
+def installedEnvironment() -> dict:
+    """
+    This process's environment without PYTHONPATH, for children that must
+    run the installed smartrelay, not a checkout put on the path.
+    """
+    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
 
 
 @attrs.define
@@ -180,14 +207,10 @@ class RelayProcess:
         self.port = None
 
     def start(self):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = PROJECT + os.pathsep + env.get("PYTHONPATH", "")
         self._logOffset = os.path.getsize(self.logPath) if os.path.exists(self.logPath) else 0
         self.process = subprocess.Popen(
             [
-                sys.executable,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
+                installedScript("twistd"),
                 "-n",
                 "--pidfile=",
                 "--logfile",
@@ -197,7 +220,7 @@ class RelayProcess:
                 self.configPath,
             ],
             cwd=self.workdir,
-            env=env,
+            env=installedEnvironment(),
             stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(self.workdir, "stderr.log"), "ab"),
         )

@@ -12,7 +12,6 @@ import smtplib
 import sqlite3
 import ssl
 import subprocess
-import sys
 import threading
 
 from twisted.internet import reactor
@@ -25,7 +24,16 @@ from smartrelay.auth import hashPassword
 from smartrelay.ids import isQueueID
 from tests.certs import selfSigned
 from tests.dnsserver import DNSServer
-from tests.sink import PROJECT, RelayProcess, Sink, childrenOf, running, waitFor
+from tests.sink import (
+    PROJECT,
+    RelayProcess,
+    Sink,
+    childrenOf,
+    installedEnvironment,
+    installedScript,
+    running,
+    waitFor,
+)
 
 TEXT = (
     "From: App <app@example.com>\r\nTo: someone@example.org\r\nSubject: hello\r\n\r\n"
@@ -285,12 +293,11 @@ class CrashTests(RelayTestMixin, TestCase):
 
 class StartupTests(SynchronousTestCase):
     def run_twistd(self, *args, cwd=None, logfile=None):
-        env = dict(os.environ, PYTHONPATH=PROJECT)
         logging = ["--logfile", logfile] if logfile else []
         return subprocess.run(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-             "--pidfile=", *logging, "smartrelay", *args],
-            cwd=cwd or self.mktemp_dir(), env=env, capture_output=True, text=True, timeout=60,
+            [installedScript("twistd"), "-n", "--pidfile=", *logging, "smartrelay", *args],
+            cwd=cwd or self.mktemp_dir(), env=installedEnvironment(), capture_output=True,
+            text=True, timeout=60,
         )
 
     def mktemp_dir(self):

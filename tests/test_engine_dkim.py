@@ -392,6 +392,21 @@ class SignTests(SynchronousTestCase):
                              header)
         self.assertEqual(s.domainFor(b"From: a@shop.example\nTo: b@c.d\n\nx\n"), "shop.example")
 
+    def test_internationalFromDomain(self):
+        """
+        An internationalised From: domain is taken in its A-label form
+        (UTS 46 / IDNA 2008: fa\u00df.de is xn--fa-hia.de, not IDNA 2003's
+        fass.de), so its keys sign it whether the field was downgraded or
+        not; one IDNA refuses stays as it is and matches no key.
+        """
+        s = DKIMSigner([rsaKey("xn--fa-hia.de")], clock=lambda: NOW)
+        for header in ["From: a@fa\u00df.de", "From: a@FA\u00dF.DE", "From: a@xn--fa-hia.de"]:
+            self.assertEqual(s.domainFor(header.encode("utf-8") + b"\r\n\r\nx\r\n"),
+                             "xn--fa-hia.de", header)
+        self.assertIsNone(s.domainFor(b"From: a@fass.de\r\n\r\nx\r\n"))
+        self.assertEqual(engine.fromDomain("From: a@\u2603.net\r\n\r\n".encode("utf-8")),
+                         "\u2603.net")
+
     def test_keyDomainCaseInsensitive(self):
         """
         A key for C{Shop.Example.} signs mail from C{shop.example}; C{d=} is
@@ -617,6 +632,102 @@ class DkimpyHookTests(SynchronousTestCase):
         """
         primitive = engine._Primitive(rsaKey())
         self.assertRaises(dkim.InternalError, primitive.sign, b"x" * 31)
+
+
+class SelfTestTests(SynchronousTestCase):
+    """
+    L{DKIMSigner.selfTest}: at start-up, every key signs a test message
+    that dkimpy's own verifier checks against the key's public half.
+    """
+
+    def test_passes(self):
+        """RSA, Ed25519 and both together, for several domains, pass."""
+        DKIMSigner([rsaKey(), edKey(), DKIMKey("other.example", "s2", "rsa-sha256", OTHER_PEM),
+                    edKey("ed.example", "e2")]).selfTest()
+
+    def test_passesWithoutPyNaCl(self):
+        """
+        Without PyNaCl (which dkimpy needs for Ed25519 and the relay does
+        not), Ed25519 keys are checked all the same, and dkimpy is left as
+        it was.
+        """
+        saved = getattr(dkim, "nacl", None)
+        if saved is not None:
+            del dkim.nacl
+            self.addCleanup(setattr, dkim, "nacl", saved)
+        DKIMSigner([edKey()]).selfTest()
+        self.assertFalse(hasattr(dkim, "nacl"))
+        # And dkimpy alone cannot verify it: the stand-in was needed.
+        self.assertRaises(dkim.DKIMException, verifyAt, signer(edKey()).sign(MESSAGE))
+
+    def test_hookNotUsed(self):
+        """
+        A dkimpy whose C{gen_header} no longer signs through the hook fails
+        the self-test, in one line naming the domain and dkimpy's version.
+        """
+        def noSign(self, fields, *args, **kwargs):
+            return b"x=1; b=\r\n"
+
+        self.patch(dkim.DomainSigner, "gen_header", noSign)
+        e = self.assertRaises(engine.SelfTestError, signer().selfTest)
+        self.assertEqual(e.domain, "shop.example")
+        self.assertEqual(str(e).count("\n"), 0)
+        self.assertTrue(str(e).startswith(
+            "DKIM self-test for shop.example failed: signing a test message raised "
+            "InternalError: dkimpy's gen_header did not use the signing hook (dkimpy 1."), str(e))
+        self.assertTrue(str(e).endswith("; smartrelay supports dkimpy 1.1)"), str(e))
+
+    def test_internalsMoved(self):
+        """An unexpected exception from dkimpy's internals fails it too."""
+        def moved(self, *args, **kwargs):
+            raise AttributeError("'DKIM' object has no attribute 'hasher'")
+
+        self.patch(dkim.DomainSigner, "gen_header", moved)
+        e = self.assertRaises(engine.SelfTestError, signer(rsaKey(), edKey()).selfTest)
+        self.assertIn("raised AttributeError: 'DKIM' object has no attribute 'hasher'", str(e))
+
+    def test_badSignature(self):
+        """
+        A signature that does not verify (the primitive signs the wrong
+        thing) fails it, naming the key.
+        """
+        original = engine._Primitive.sign
+        self.patch(engine._Primitive, "sign",
+                   lambda self, digest: original(self, bytes(32)))
+        e = self.assertRaises(engine.SelfTestError, signer(rsaKey(), edKey()).selfTest)
+        self.assertIn("the test signature of s1._domainkey.shop.example (rsa-sha256) "
+                      "does not verify", str(e))
+
+    def test_badEd25519Signature(self):
+        """The Ed25519 signature is checked on its own, also when the RSA one is fine."""
+        original = engine._Primitive.sign
+
+        def sign(self, digest):
+            if self.algorithm == b"ed25519-sha256":
+                digest = bytes(32)
+            return original(self, digest)
+
+        self.patch(engine._Primitive, "sign", sign)
+        e = self.assertRaises(engine.SelfTestError, signer(rsaKey(), edKey()).selfTest)
+        self.assertIn("e1._domainkey.shop.example (ed25519-sha256) does not verify", str(e))
+
+    def test_missingSignature(self):
+        """A signer that leaves a key out fails it."""
+        s = signer(rsaKey(), edKey())
+        # Two keys, but only one signature made.
+        self.patch(s, "sign", signer(rsaKey()).sign)
+        e = self.assertRaises(engine.SelfTestError, s.selfTest)
+        self.assertIn("the test message got 1 signatures for 2 keys", str(e))
+
+    def test_verifierRaises(self):
+        """A verifier that raises fails it, naming the key and the error."""
+        def verify(self, idx=0, dnsfunc=None):
+            raise dkim.KeyFormatError("could not parse RSA public key")
+
+        self.patch(dkim.DKIM, "verify", verify)
+        e = self.assertRaises(engine.SelfTestError, signer().selfTest)
+        self.assertIn("verifying the test signature of s1._domainkey.shop.example (rsa-sha256) "
+                      "raised KeyFormatError: could not parse RSA public key", str(e))
 
 
 _PERL_VERIFY = r"""

@@ -26,7 +26,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smartrelay.engine import workers
 from smartrelay.engine.dkim import DKIMKey, DKIMSigner, generateKey
-from smartrelay.engine.rewrap import RewrapJob
+from smartrelay.engine.downgrade import Offers
+from smartrelay.engine.rewrap import RewrapJob, SigningError
 from smartrelay.engine.workers import (
     MAX_RESTART_DELAY,
     RESTART_DELAY,
@@ -34,6 +35,7 @@ from smartrelay.engine.workers import (
     YOUNG_DEATH,
     FrameDecoder,
     FrameError,
+    JobFailed,
     WorkerError,
     WorkerLost,
     WorkerPool,
@@ -97,6 +99,37 @@ class SleepJob:
     def run(self, *context):
         time.sleep(self.seconds)
         return "slept"
+
+
+class PurposeError(JobFailed):
+    """
+    An error a job raises on purpose; it comes back as itself.
+    """
+
+    def __init__(self, what, detail):
+        super().__init__(what, detail)
+        self.what, self.detail = what, detail
+
+
+class Unrebuildable(JobFailed):
+    """
+    A L{JobFailed} that pickle cannot rebuild (C{cls(*args)} fails).
+    """
+
+    def __init__(self, a, b):
+        super().__init__(f"{a} {b}")
+
+
+class PurposeJob:
+    """
+    Raises C{kind(*args)}.
+    """
+
+    def __init__(self, kind, *args):
+        self.kind, self.args = kind, args
+
+    def run(self, *context):
+        raise self.kind(*self.args)
 
 
 class PrintJob:
@@ -368,6 +401,23 @@ class ServeTests(SynchronousTestCase):
         data = frameOf(self.context) + struct.pack(">I", 101) + b"x" * 101
         self.assertRaises(FrameError, serve, io.BytesIO(data), io.BytesIO())
 
+    def test_jobFailedAsItself(self):
+        """
+        A L{JobFailed} is answered as the exception itself, so that the
+        relay sees its type and fields; one that cannot be rebuilt from
+        its pickle is answered as text.
+        """
+        data = (
+            frameOf(self.context)
+            + frameOf((1, PurposeJob(PurposeError, "dkim", "KeyError: x")))
+            + frameOf((2, PurposeJob(Unrebuildable, "a", "b")))
+        )
+        (first, second) = self.serve(data)
+        self.assertEqual(first[:2], (1, False))
+        self.assertIsInstance(first[2], PurposeError)
+        self.assertEqual((first[2].what, first[2].detail), ("dkim", "KeyError: x"))
+        self.assertEqual(second, (2, False, "Unrebuildable: a b"))
+
     def test_unpicklableResult(self):
         """
         A job whose result cannot be pickled is answered C{(id, False,
@@ -592,6 +642,17 @@ class PoolTests(SynchronousTestCase):
         # The worker is still in use.
         self.assertTrue(pool.available)
         self.assertEqual(a.signals, [])
+
+    def test_jobFailedAnswer(self):
+        """A L{JobFailed} answer fails the job with that very exception."""
+        pool = self.pool(1)
+        [a] = self.spawn.processes
+        d = pool.run(PurposeJob(PurposeError, "dkim", "KeyError: x"))
+        [(rid, _)] = a.requests()
+        a.answer(rid, False, PurposeError("dkim", "KeyError: x"))
+        failure = self.failureResultOf(d, PurposeError)
+        self.assertEqual(failure.value.detail, "KeyError: x")
+        self.assertTrue(pool.available)
 
     def test_deathFailsOutstanding(self):
         """
@@ -871,12 +932,13 @@ class RealWorkerTests(TestCase):
         for pid in self.pids:
             self.assertFalse(alive(pid), pid)
 
-    def job(self, recipient="a@example.com"):
+    def job(self, recipient="a@example.com", data=HTML, offers=Offers()):
         return RewrapJob(
-            HTML,
+            data,
             HEADERS,
             "https://t.example/t/o/pixel.gif",
             ("https://t.example", QUEUE_ID, recipient),
+            offers,
         )
 
     @inlineCallbacks
@@ -886,9 +948,9 @@ class RealWorkerTests(TestCase):
         signing time; its DKIM signature verifies; the link is tracked.
         """
         job = self.job()
-        message, error = yield self.pool.run(job)
-        self.assertIsNone(error)
-        expected, _ = job.run(self.signer, self.tokens)
+        prepared = yield self.pool.run(job)
+        message = prepared.data
+        expected = job.run(self.signer, self.tokens).data
         self.assertEqual(withoutSignatureValues(message), withoutSignatureValues(expected))
         self.assertTrue(message.startswith(b"DKIM-Signature:"))
         self.assertTrue(dkim.verify(message, dnsfunc=dnsfunc))
@@ -909,8 +971,7 @@ class RealWorkerTests(TestCase):
         ds = [self.pool.run(self.job(r)) for r in recipients]
         self.assertEqual(sorted(len(w.waiting) for w in self.pool.workers), [10, 10])
         for recipient, d in zip(recipients, ds):
-            message, error = yield d
-            self.assertIsNone(error)
+            message = (yield d).data
             token = message.split(b"https://t.example/t/c/", 1)[1].split(b'"', 1)[0].decode("ascii")
             self.assertEqual(self.tokens.read("c", token).recipient, recipient)
             self.assertTrue(dkim.verify(message, dnsfunc=dnsfunc))
@@ -920,11 +981,42 @@ class RealWorkerTests(TestCase):
         """A job that raises in the child fails with L{WorkerError}; the child goes on."""
         failure = yield self.assertFailure(self.pool.run(FailJob("bad input")), WorkerError)
         self.assertEqual(str(failure), "TypeError: bad input")
-        bad = RewrapJob(None, [], None, None)
+        bad = RewrapJob(None, [], None, None, Offers())
         yield self.assertFailure(self.pool.run(bad), WorkerError)
-        message, error = yield self.pool.run(self.job())
+        message = (yield self.pool.run(self.job())).data
         self.assertTrue(dkim.verify(message, dnsfunc=dnsfunc))
         self.assertEqual([w.transport.pid for w in self.pool.workers], self.pids)
+
+    @inlineCallbacks
+    def test_signingErrorComesBack(self):
+        """
+        A job whose DKIM signing fails in the child fails with that
+        L{SigningError} in the relay (not a mere L{WorkerError}), so the
+        scheduler can say why it defers; the child goes on.
+        """
+        bad = HTML.replace(b"Subject: hi\r\n", b"Subject: hi\r\n:bad\r\n")
+        error = yield self.assertFailure(self.pool.run(self.job(data=bad)), SigningError)
+        self.assertEqual(error.domain, "shop.example")
+        self.assertTrue(error.why.startswith("MessageFormatError: "), error.why)
+        message = (yield self.pool.run(self.job())).data
+        self.assertTrue(dkim.verify(message, dnsfunc=dnsfunc))
+        self.assertEqual([w.transport.pid for w in self.pool.workers], self.pids)
+
+    @inlineCallbacks
+    def test_downgradedInTheChild(self):
+        """
+        For a server without 8BITMIME the child downgrades the 8-bit body
+        before it signs: the signature verifies on the 7-bit result.
+        """
+        eight = HTML.replace(b"Sale</a>", "Gr\u00fc\u00dfe</a>".encode("utf-8"))
+        prepared = yield self.pool.run(self.job(data=eight))
+        self.assertTrue(prepared.data.isascii())
+        self.assertFalse(prepared.eightBitMIME)
+        self.assertTrue(dkim.verify(prepared.data, dnsfunc=dnsfunc))
+        prepared = yield self.pool.run(self.job(data=eight, offers=Offers(eightBitMIME=True)))
+        self.assertTrue(prepared.eightBitMIME)
+        self.assertIn("Gr\u00fc\u00dfe</a>".encode("utf-8"), prepared.data)
+        self.assertTrue(dkim.verify(prepared.data, dnsfunc=dnsfunc))
 
     @inlineCallbacks
     def test_printGoesToLog(self):
@@ -937,7 +1029,7 @@ class RealWorkerTests(TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         result = yield self.pool.run(PrintJob("a stray print"))
         self.assertEqual(result, "printed")
-        message, error = yield self.pool.run(self.job())
+        message = (yield self.pool.run(self.job())).data
         self.assertTrue(dkim.verify(message, dnsfunc=dnsfunc))
         yield waitUntil(lambda: any(e.get("line") == "a stray print" for e in events), 20)
 
@@ -958,8 +1050,7 @@ class RealWorkerTests(TestCase):
         self.assertFalse(alive(pid))
         self.assertFalse(victim.alive)
         self.assertTrue(other.alive)
-        message, error = yield self.pool.run(self.job())
-        self.assertIsNone(error)
+        message = (yield self.pool.run(self.job())).data
         self.assertTrue(dkim.verify(message, dnsfunc=dnsfunc))
         self.assertEqual(self.pool.workers, [other])
         # The replacement comes after RESTART_DELAY, and works.
@@ -970,7 +1061,7 @@ class RealWorkerTests(TestCase):
         ds = [self.pool.run(self.job()) for _ in range(4)]
         self.assertEqual(len(new.waiting), 2)
         for d in ds:
-            message, error = yield d
+            message = (yield d).data
             self.assertTrue(dkim.verify(message, dnsfunc=dnsfunc))
 
     @inlineCallbacks
@@ -985,8 +1076,8 @@ class RealWorkerTests(TestCase):
             os.kill(pid, signal.SIGINT)
             os.kill(pid, signal.SIGTERM)
         results = yield gatherResults([self.pool.run(self.job()) for _ in range(4)])
-        for message, error in results:
-            self.assertTrue(dkim.verify(message, dnsfunc=dnsfunc))
+        for prepared in results:
+            self.assertTrue(dkim.verify(prepared.data, dnsfunc=dnsfunc))
         self.assertEqual([w.transport.pid for w in self.pool.workers], self.pids)
         for pid in self.pids:
             self.assertTrue(alive(pid), pid)

@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from smartrelay.store.redis import RedisStore
 from tests.redisserver import sharedRedisServer
-from tests.sink import PROJECT, RelayProcess, Sink, waitFor
+from tests.sink import RelayProcess, Sink, installedEnvironment, waitFor
 
 PER_NODE = 60
 DB = 5
@@ -170,12 +170,14 @@ class MultiNodeTests(TestCase):
         the bucket hands out exactly its burst, no more (no lost updates).
         """
         server = sharedRedisServer()
-        env = dict(os.environ, PYTHONPATH=PROJECT)
+        # The clients import the installed smartrelay, from an empty folder.
+        cwd = self.mktemp()
+        os.makedirs(cwd)
 
         def run(name):
             return subprocess.run(
                 [sys.executable, "-c", STORE_CLIENT, server.url(db=DB + 1), name, "40"],
-                env=env, capture_output=True, text=True, timeout=120,
+                cwd=cwd, env=installedEnvironment(), capture_output=True, text=True, timeout=120,
             )
 
         outcomes = yield deferToThread(

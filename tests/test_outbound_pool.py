@@ -12,6 +12,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay.config import parseConfig
+from smartrelay.engine.downgrade import Offers, Prepared
+from smartrelay.engine.rewrap import SigningError
 from smartrelay.outbound.pool import Destination, DestinationPolicy, Limits, Throttle
 from smartrelay.outbound.router import Hop
 from smartrelay.outbound.scheduler import DeliveryScheduler
@@ -608,32 +610,58 @@ class RewrapHookTests(PoolTestsMixin, SynchronousTestCase):
     """
 
     def test_perRecipient(self):
+        """
+        Each recipient is re-wrapped for the session that will send it (told
+        what that server offers) and its message is sent as the re-wrap
+        made it.
+        """
         from twisted.internet.defer import succeed
 
         calls = []
 
         class Rewrapper:
-            def rewrap(self, entry, index, data):
-                calls.append((entry.queue_id, index))
-                return succeed((f"bounce+{index}@b.example", data + b"#%d" % index))
+            def rewrap(self, entry, index, data, offers):
+                calls.append((entry.queue_id, index, offers))
+                prepared = Prepared(data + b"#%d" % index)
+                return succeed((f"bounce+{index}@b.example", prepared))
 
         self.scheduler.rewrapper = Rewrapper()
         self.add("Q1", ["x@a.example", "y@a.example"])
         self.clock.advance(0)
         self.answerAll()
-        self.assertEqual(sorted(calls), [("Q1", 0), ("Q1", 1)])
-        sent = sorted((c.sender, c.recipients, c.data) for c in self.deliverer.calls)
+        self.assertEqual(sorted(calls), [("Q1", 0, Offers()), ("Q1", 1, Offers())])
+        sent = sorted((c.sender, c.recipients, c.data.data) for c in self.deliverer.calls)
         self.assertEqual(
             sent,
             [("bounce+0@b.example", ["x@a.example"], b"message Q1#0"),
              ("bounce+1@b.example", ["y@a.example"], b"message Q1#1")],
         )
 
+    def test_offersOfTheSession(self):
+        """The re-wrap is told what the session's server offers, 8BITMIME and SMTPUTF8."""
+        from twisted.internet.defer import succeed
+
+        offered = Offers(eightBitMIME=True, smtpUTF8=True)
+        self.deliverer.offers = offered
+        seen = []
+
+        class Rewrapper:
+            def rewrap(self, entry, index, data, offers):
+                seen.append(offers)
+                return succeed(("", Prepared(data, eightBitMIME=True)))
+
+        self.scheduler.rewrapper = Rewrapper()
+        self.add("Q1", ["x@a.example"])
+        self.clock.advance(0)
+        self.answerAll()
+        self.assertEqual(seen, [offered])
+        self.assertEqual(len(self.events.ofType("delivered")), 1)
+
     def test_rewrapFailure(self):
         """A re-wrap that fails (a bug) defers the recipient, logged, never lost."""
 
         class Broken:
-            def rewrap(self, entry, index, data):
+            def rewrap(self, entry, index, data, offers):
                 return fail(ZeroDivisionError())
 
         self.scheduler.rewrapper = Broken()
@@ -641,3 +669,34 @@ class RewrapHookTests(PoolTestsMixin, SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(entry.recipients[0].state, "deferred")
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        [(_, _, _, detail)] = self.events.ofType("deferred")
+        self.assertEqual(
+            (detail["code"], detail["status"], detail["reply"]),
+            (451, "4.3.0", "local error: could not prepare the message"),
+        )
+
+    def test_signingFailureDeferred(self):
+        """
+        A re-wrap whose DKIM signing failed defers the recipient with a
+        451 that names the failure; nothing is sent, and it is tried again
+        on the retry schedule.
+        """
+
+        class Failing:
+            def rewrap(self, entry, index, data, offers):
+                return fail(SigningError("shop.example", "InternalError: hook not used"))
+
+        self.scheduler.rewrapper = Failing()
+        entry = self.add("Q1", ["x@a.example"])
+        self.clock.advance(0)
+        self.assertEqual(entry.recipients[0].state, "deferred")
+        self.assertEqual(self.deliverer.calls, [])
+        [(_, queueID, recipient, detail)] = self.events.ofType("deferred")
+        self.assertEqual((queueID, recipient), ("Q1", "x@a.example"))
+        self.assertEqual((detail["code"], detail["status"]), (451, "4.3.0"))
+        self.assertEqual(
+            detail["reply"],
+            "local error: DKIM signing for shop.example failed "
+            "(InternalError: hook not used); not sending it unsigned",
+        )
+        self.assertEqual(entry.recipients[0].next_attempt, START + 60)

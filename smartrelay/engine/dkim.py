@@ -31,25 +31,38 @@ dkimpy upgrade that changes these internals fails the tests loudly):
 RSA signatures are deterministic, so the tests also check that the output is
 byte for byte what plain C{dkim.sign} produces for the same key, header list
 and time.
+
+Because all this leans on dkimpy's insides, the relay checks it with the
+keys it has before it sends anything: L{DKIMSigner.selfTest} (run at
+start-up) signs a test message with every key and has dkimpy's own verifier
+check each signature against the key's public half, without DNS; a failure
+stops the start.  At run time a message whose signing fails is never sent
+unsigned: the re-wrap defers it (L{smartrelay.engine.rewrap.SigningError}).
 """
 
 import base64
+import contextlib
 import hashlib
 import re
 import time
+import types
 from email.utils import getaddresses
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from importlib import metadata
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import attrs
 import dkim
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim import canonicalization
 from dkim.canonicalization import CanonicalizationPolicy
 
+from smartrelay.engine.downgrade import toASCIIDomain
+
 __all__ = ["SIGNED_HEADERS", "OVERSIGNED_HEADERS", "ALGORITHMS", "DKIMKey",
-           "DKIMSigner", "generateKey", "txtRecordStrings"]
+           "DKIMSigner", "SelfTestError", "generateKey", "txtRecordStrings"]
 
 #: The header fields signed when present, in the order receivers look at
 #: them.  Each is signed as many times as it occurs.
@@ -177,9 +190,10 @@ class _Primitive:
     @ivar algorithm: the C{a=} value, as bytes.
     @ivar domain: the C{d=} value, as bytes.
     @ivar selector: the C{s=} value, as bytes.
+    @ivar record: the DNS TXT record value of the public key.
     """
 
-    __slots__ = ("algorithm", "domain", "selector", "_sign")
+    __slots__ = ("algorithm", "domain", "selector", "record", "_sign")
 
     def __init__(self, key: DKIMKey) -> None:
         """
@@ -208,6 +222,14 @@ class _Primitive:
             if not isinstance(private, ed25519.Ed25519PrivateKey):
                 raise ValueError(f"{where}: ed25519-sha256 needs an Ed25519 key")
             self._sign = private.sign
+        self.record = _txtRecord(private)
+
+    @property
+    def name(self) -> str:
+        """
+        C{SELECTOR._domainkey.DOMAIN}, where the public key is published.
+        """
+        return f"{self.selector.decode('ascii')}._domainkey.{self.domain.decode('ascii')}"
 
     def sign(self, digest: bytes) -> "_Signed":
         """
@@ -320,7 +342,9 @@ def headerSection(message: bytes) -> bytes:
 def fromDomain(message: bytes) -> Optional[str]:
     """
     The lower-cased domain of the first address in C{message}'s first
-    C{From:} header field, without a final dot; L{None} if there is none.
+    C{From:} header field, without a final dot, as A-labels if it is an
+    internationalised one (C{fa\u00df.de} is C{xn--fa-hia.de}, whether the
+    field was downgraded or not); L{None} if there is none.
     """
     header = _ANY_EOL.sub(b"\n", headerSection(message))
     unfolded = re.sub(rb"\n[ \t]", b" ", header)
@@ -331,7 +355,8 @@ def fromDomain(message: bytes) -> Optional[str]:
     for _, address in getaddresses([value]):
         if "@" in address:
             domain = address.rpartition("@")[2].strip().rstrip(".").lower()
-            return domain or None
+            # A domain IDNA refuses stays as it is: no key is for it.
+            return (toASCIIDomain(domain) or domain) or None
     return None
 
 
@@ -395,7 +420,9 @@ class DKIMSigner:
             as SMTP sends it), preceded by one C{DKIM-Signature} header per
             key, the RSA one first.
         @param domain: C{fromDomain(message)}, if the caller has it.
-        @raise dkim.DKIMException: the message cannot be parsed as RFC 5322.
+        @raise dkim.DKIMException: the message cannot be parsed as RFC 5322
+            (or dkimpy failed otherwise; a dkimpy that has changed could
+            raise anything: callers must not send the message unsigned).
         """
         if domain is None:
             domain = fromDomain(message)
@@ -418,6 +445,150 @@ class DKIMSigner:
         """
         present = [name.lower() for name, _ in headers if name.lower() in _SIGNED]
         return present + list(_OVERSIGNED)
+
+    def selfTest(self) -> None:
+        """
+        Sign a test message for each domain, as L{sign} signs mail, and
+        have dkimpy's own verifier check every signature against the public
+        half of its key (no DNS involved).  Catches a dkimpy whose internals
+        no longer work with the signing hook, and anything else that would
+        make signatures that do not verify.  CPU-bound (one signature and
+        one verification per key): meant for start-up.
+
+        @raise SelfTestError: a key's signature was not made or does not
+            verify; the message names the key and is one line.
+        """
+        for domain, primitives in self._keys.items():
+            message = _SELF_TEST_MESSAGE.replace(b"DOMAIN", domain.encode("ascii"))
+            try:
+                signed = self.sign(message, domain)
+            except Exception as e:
+                raise SelfTestError(
+                    domain, f"signing a test message raised {_describe(e)} ({_dkimpyVersion()})"
+                ) from e
+            records = {
+                f"{primitive.name}.".encode("ascii"): primitive.record.encode("ascii")
+                for primitive in primitives
+            }
+
+            def dnsfunc(name: bytes, timeout: int = 5) -> Optional[bytes]:
+                return records.get(name.lower())
+
+            found = len(dkim.rfc822_parse(signed)[0]) - len(dkim.rfc822_parse(message)[0])
+            if found != len(primitives):
+                raise SelfTestError(
+                    domain, f"the test message got {found} signatures for {len(primitives)} "
+                    f"keys ({_dkimpyVersion()})")
+            for index, primitive in enumerate(primitives):
+                where = f"{primitive.name} ({primitive.algorithm.decode('ascii')})"
+                try:
+                    with _ed25519Verifier():
+                        verified = dkim.DKIM(signed).verify(idx=index, dnsfunc=dnsfunc)
+                except Exception as e:
+                    raise SelfTestError(
+                        domain, f"verifying the test signature of {where} raised "
+                        f"{_describe(e)} ({_dkimpyVersion()})") from e
+                if not verified:
+                    raise SelfTestError(
+                        domain, f"the test signature of {where} does not verify "
+                        f"({_dkimpyVersion()})")
+
+
+class SelfTestError(ValueError):
+    """
+    L{DKIMSigner.selfTest} failed for a domain's keys.
+
+    @ivar domain: the signing domain.
+    @ivar problem: what went wrong, one line.
+    """
+
+    def __init__(self, domain: str, problem: str) -> None:
+        super().__init__(domain, problem)
+        self.domain = domain
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"DKIM self-test for {self.domain} failed: {self.problem}"
+
+
+#: What L{DKIMSigner.selfTest} signs (C{DOMAIN} replaced): the fields that
+#: are signed, a folded one, and white space and empty lines for the
+#: relaxed canonicalisation to change, in the header and the body.
+_SELF_TEST_MESSAGE = (
+    b"From: Self test <selftest@DOMAIN>\r\n"
+    b"To: selftest@DOMAIN\r\n"
+    b"Subject:  smartrelay\t DKIM  self-test \r\n"
+    b"Date: Thu, 01 Jan 2026 00:00:00 +0000\r\n"
+    b"Message-ID: <selftest@DOMAIN>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n"
+    b"List-Unsubscribe: <https://DOMAIN/u/x>,\r\n <mailto:unsub@DOMAIN>\r\n"
+    b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+    b"\r\n"
+    b"Hello  there,\t \r\n\r\nGr\xc3\xbc\xc3\x9fe.\r\n\r\n\r\n"
+)
+
+
+def _describe(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _dkimpyVersion() -> str:
+    try:
+        version = metadata.version("dkimpy")
+    except metadata.PackageNotFoundError:
+        version = "of unknown version"
+    return f"dkimpy {version}; smartrelay supports dkimpy 1.1"
+
+
+@contextlib.contextmanager
+def _ed25519Verifier() -> Iterator[None]:
+    """
+    Let dkimpy verify Ed25519 signatures while the context lasts, also
+    without PyNaCl (which dkimpy uses for Ed25519 and the relay does not
+    need): if dkimpy has no C{nacl}, it gets the few names of PyNaCl that
+    its verifier uses, made with C{cryptography}, and loses them again at
+    the end.  Only L{DKIMSigner.selfTest} uses this, at start-up.
+    """
+    if getattr(dkim, "nacl", None) is not None:
+        yield
+        return
+    dkim.nacl = _NACL_STAND_IN
+    try:
+        yield
+    finally:
+        del dkim.nacl
+
+
+class _BadSignatureError(Exception):
+    pass
+
+
+class _VerifyKey:
+    """
+    PyNaCl's C{nacl.signing.VerifyKey}, as far as dkimpy's verifier uses
+    it: made from a base64 key, C{verify(data, signature)}.
+    """
+
+    def __init__(self, key: bytes, encoder: object = None) -> None:
+        # A bad key raises ValueError, as dkimpy expects of PyNaCl.
+        self._key = ed25519.Ed25519PublicKey.from_public_bytes(base64.b64decode(key))
+
+    def verify(self, data: bytes, signature: bytes) -> bytes:
+        try:
+            self._key.verify(signature, data)
+        except InvalidSignature:
+            raise _BadSignatureError() from None
+        return data
+
+
+_NACL_STAND_IN = types.SimpleNamespace(
+    signing=types.SimpleNamespace(VerifyKey=_VerifyKey),
+    encoding=types.SimpleNamespace(Base64Encoder=object()),
+    exceptions=types.SimpleNamespace(BadSignatureError=_BadSignatureError, ValueError=ValueError),
+)
 
 
 def txtRecordStrings(value: str, size: int = 255) -> List[str]:
@@ -444,17 +615,30 @@ def generateKey(algorithm: str, bits: int = 2048) -> Tuple[bytes, str]:
         if not 1024 <= bits <= 4096:
             raise ValueError(f"RSA keys must have 1024 to 4096 bits, not {bits}")
         private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-        public = private.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        kind = "rsa"
     elif algorithm == "ed25519-sha256":
         private = ed25519.Ed25519PrivateKey.generate()
-        public = private.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        kind = "ed25519"
     else:
         raise ValueError(f"unsupported DKIM algorithm {algorithm!r}")
     pem = private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption())
-    return pem, f"v=DKIM1; k={kind}; p={base64.b64encode(public).decode('ascii')}"
+    return pem, _txtRecord(private)
+
+
+def _txtRecord(private: object) -> str:
+    """
+    The DNS TXT record value for an RSA or Ed25519 private key's public
+    half (C{"v=DKIM1; k=rsa; p=..."}): for RSA the base64 DER
+    SubjectPublicKeyInfo (RFC 6376), for Ed25519 the base64 raw 32-octet
+    public key (RFC 8463).
+    """
+    if isinstance(private, rsa.RSAPrivateKey):
+        public = private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        kind = "rsa"
+    else:
+        assert isinstance(private, ed25519.Ed25519PrivateKey)
+        public = private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        kind = "ed25519"
+    return f"v=DKIM1; k={kind}; p={base64.b64encode(public).decode('ascii')}"

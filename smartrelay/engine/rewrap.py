@@ -15,13 +15,23 @@ becomes for one of its recipients just before delivery.
   missing (the same for every recipient of the message);
 * open and click tracking rewrite the HTML parts
   (L{smartrelay.engine.tracking}), when C{[tracking]} or the message asks;
+* 8-bit content the next hop cannot take (no C{8BITMIME}, no C{SMTPUTF8})
+  is downgraded to 7 bits (L{smartrelay.engine.downgrade}): the re-wrap
+  runs once the delivery session is open, and is told what it offers;
 * last, the message is DKIM-signed with the key of its From domain
   (L{smartrelay.engine.dkim}), so that the signature covers everything
-  above, List-Unsubscribe and List-Unsubscribe-Post included.
+  above, List-Unsubscribe and List-Unsubscribe-Post included, and exactly
+  the bytes the session sends (L{Prepared}: the session sends it as it
+  is).
 
-The CPU work (parsing, HTML rewriting, signing) runs in C{runInThread},
-never on the reactor thread.  Control headers were already removed when the
-message was accepted (L{smartrelay.engine.headers}).
+A message whose From domain has keys is never sent unsigned: if signing
+fails, for any reason, the re-wrap fails with L{SigningError} and the
+scheduler defers the recipient.
+
+The CPU work (parsing, HTML rewriting, downgrading, signing) runs in
+worker processes or C{runInThread}, never on the reactor thread.  Control
+headers were already removed when the message was accepted
+(L{smartrelay.smtp.controls}).
 """
 
 import re
@@ -34,11 +44,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smartrelay.engine.dkim import fromDomain, headerSection
-from smartrelay.engine.workers import WorkerLost
+from smartrelay.engine.downgrade import Offers, Prepared, prepare
+from smartrelay.engine.workers import JobFailed, WorkerLost
 from smartrelay.ids import fileName
 from smartrelay.message import SpoolEntry
 
-__all__ = ["Rewrapper"]
+__all__ = ["Rewrapper", "RewrapJob", "RewrapError", "SigningError"]
 
 
 _TRACE = (b"received:", b"x-smartrelay-id:", b"return-path:")
@@ -62,6 +73,33 @@ def _afterTrace(data: bytes) -> int:
 
 def _feedbackPart(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._@-]", "-", text)[:60] or "-"
+
+
+class RewrapError(JobFailed):
+    """
+    A message cannot be prepared for delivery now.  The scheduler defers
+    the recipient (C{451 4.3.0}) with C{str()} of the error, one line, as
+    the reply's text.  Raised the same in a thread and in a worker process
+    (a L{JobFailed} comes back from the worker as itself).
+    """
+
+
+class SigningError(RewrapError):
+    """
+    DKIM signing failed for a message whose From domain has keys; it is
+    not sent unsigned.
+
+    @ivar domain: the From domain.
+    @ivar why: the signer's error, type and text.
+    """
+
+    def __init__(self, domain: str, why: str) -> None:
+        super().__init__(domain, why)
+        self.domain = domain
+        self.why = why
+
+    def __str__(self) -> str:
+        return f"DKIM signing for {self.domain} failed ({self.why}); not sending it unsigned"
 
 
 @attrs.define
@@ -105,10 +143,15 @@ class Rewrapper:
         token = self.tokens.compact("v", entry.queue_id, index)
         return f"{self.verpPrefix}+{token}@{self.bounceDomain}"
 
-    def rewrap(self, entry: SpoolEntry, index: int, data: bytes) -> Deferred:
+    def rewrap(self, entry: SpoolEntry, index: int, data: bytes, offers: Offers) -> Deferred:
         """
-        @return: L{Deferred} firing with C{(envelope sender, message)} for
-            C{entry.recipients[index]}.
+        @param offers: what the session that will send it offers beyond
+            7-bit ASCII.
+        @return: L{Deferred} firing with C{(envelope sender, L{Prepared})}
+            for C{entry.recipients[index]}, the message to be sent as it is
+            on that session; failing with L{SigningError} when DKIM signing
+            failed, with L{WorkerLost} or L{WorkerError} when the worker
+            process went away twice or the job broke.
         """
         recipient = entry.recipients[index].address
         sender = self.verpAddress(entry, index) if entry.sender else ""
@@ -125,6 +168,7 @@ class Rewrapper:
             headers,
             openURL,
             (self.baseURL, entry.queue_id, recipient) if clicks else None,
+            offers,
         )
         if self.workers is not None and self.workers.available:
             d = self.workers.run(job)
@@ -137,18 +181,7 @@ class Rewrapper:
             # No worker pool, or none of its processes running (they are
             # being replaced): the relay's own threads do the work.
             d = self._inThread(job)
-
-        def done(result: tuple) -> tuple:
-            message, signError = result
-            if signError is not None:
-                self.log.warn(
-                    "could not DKIM-sign {queue_id} ({why}); sending it unsigned",
-                    queue_id=entry.queue_id,
-                    why=signError,
-                )
-            return sender, message
-
-        return d.addCallback(done)
+        return d.addCallback(lambda prepared: (sender, prepared))
 
     def _inThread(self, job: "RewrapJob") -> Deferred:
         return self.runInThread(job.run, self.signer, self.tokens)
@@ -190,21 +223,24 @@ class RewrapJob:
     @ivar openURL: the open pixel's URL, or L{None}: no open tracking.
     @ivar click: C{(base URL, queue id, recipient)} for click tracking, or
         L{None}: none.
+    @ivar offers: what the next hop offers beyond 7-bit ASCII.
     """
 
     data: bytes
     headers: list
     openURL: Optional[str]
     click: Optional[Tuple[str, str, str]]
+    offers: Offers
 
-    def run(self, signer: Any, tokens: Any) -> tuple:
+    def run(self, signer: Any, tokens: Any) -> Prepared:
         """
         Blocking and CPU-bound: in a thread or a worker process.
 
         @param signer: a L{smartrelay.engine.dkim.DKIMSigner}, or L{None}.
         @param tokens: the L{smartrelay.tokens.Tokens} for click links.
-        @return: C{(message, None)}, or C{(unsigned message, why)} when
-            DKIM signing failed.
+        @return: the message for the next hop, signed if its From domain
+            has keys.
+        @raise SigningError: DKIM signing failed.
         """
         clickURL = None
         if self.click is not None:
@@ -213,7 +249,9 @@ class RewrapJob:
             def clickURL(url: str) -> str:
                 return f"{base}/t/c/{tokens.make('c', queueID, recipient, url)}"
 
-        return _rewrapBlocking(self.data, self.headers, self.openURL, clickURL, signer)
+        return _rewrapBlocking(
+            self.data, self.headers, self.openURL, clickURL, self.offers, signer
+        )
 
 
 def _rewrapBlocking(
@@ -221,13 +259,11 @@ def _rewrapBlocking(
     headers: list,
     openURL: Optional[str],
     clickURL: Optional[Callable[[str], str]],
+    offers: Offers,
     signer: Any,
-) -> tuple:
+) -> Prepared:
     """
     What L{RewrapJob.run} does.
-
-    @return: C{(message, None)}, or C{(unsigned message, why)} when DKIM
-        signing failed.
     """
     header = headerSection(data)
     domain = fromDomain(header)
@@ -246,13 +282,17 @@ def _rewrapBlocking(
         from smartrelay.engine.tracking import rewriteTracking
 
         message = rewriteTracking(message, openURL, clickURL)
+    # Downgraded before signing, so that the signature covers what is sent.
+    prepared = prepare(message, offers)
     if signer is not None:
-        import dkim
-
         try:
-            message = signer.sign(message, domain)
-        except dkim.DKIMException as e:
-            # A header section dkimpy cannot parse: send it unsigned (the
-            # receiver will judge it) rather than retry for days.
-            return message, f"{type(e).__name__}: {e}"
-    return message, None
+            signed = signer.sign(prepared.data, domain)
+        except Exception as e:
+            # Whatever went wrong (a header section dkimpy cannot parse, or
+            # a dkimpy that changed under the fast path), a message of a
+            # domain with keys is not sent unsigned: it is deferred.
+            text = " ".join(str(e).split())
+            why = f"{type(e).__name__}: {text}" if text else type(e).__name__
+            raise SigningError(domain or "(no From domain)", why) from e
+        prepared = attrs.evolve(prepared, data=signed)
+    return prepared

@@ -8,9 +8,12 @@ and talks to each over its stdin and stdout: frames of a 4-byte big-endian
 length and a pickle.  The first frame a child reads is its context (the DKIM
 signer and the token keys, which therefore never appear on a command line);
 every later one is C{(request id, job)}, answered by C{(request id, True,
-result)} or C{(request id, False, error text)}, in order.  A job is any
+result)} or C{(request id, False, error)}, in order.  A job is any
 picklable object with a C{run(*context)} method
-(L{smartrelay.engine.rewrap.RewrapJob}).
+(L{smartrelay.engine.rewrap.RewrapJob}).  The error is the exception itself
+when it is a L{JobFailed} (an error the job raises on purpose, which the
+caller must be able to tell apart, such as a DKIM signing failure), else
+its type and text, raised in the relay as L{WorkerError}.
 
 Pickle is safe here: both ends are this program, over pipes nobody else
 holds.
@@ -34,7 +37,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["FrameDecoder", "WorkerLost", "WorkerPool", "encodeFrame"]
+__all__ = ["FrameDecoder", "JobFailed", "WorkerError", "WorkerLost", "WorkerPool", "encodeFrame"]
 
 _LENGTH = struct.Struct(">I")
 
@@ -64,6 +67,16 @@ class WorkerError(Exception):
     """
     A job raised an exception in a worker process; the message is its
     type and text.
+    """
+
+
+class JobFailed(Exception):
+    """
+    The base of the errors a job raises on purpose.  One raised in a worker
+    process comes back to the relay as itself (pickled), so the caller sees
+    the same exception whether the job ran in a thread or a worker.
+    Subclasses must be rebuilt by C{cls(*args)}, as pickle does, and
+    should hold only plain data.
     """
 
 
@@ -164,6 +177,8 @@ class _Worker(ProcessProtocol):
                 d = self.waiting.pop(requestID)
                 if ok:
                     d.callback(value)
+                elif isinstance(value, JobFailed):
+                    d.errback(value)
                 else:
                     d.errback(WorkerError(value))
         except Exception:
@@ -386,11 +401,26 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
             # A job that fails, or whose result cannot be sent (pickle
             # cannot encode it, or it is over the frame limit), is answered
             # with the error; the child serves on.
-            answer = encodeFrame(
-                pickle.dumps((requestID, False, f"{type(e).__name__}: {e}"), pickle.HIGHEST_PROTOCOL)
-            )
+            answer = _errorFrame(requestID, e)
         stdout.write(answer)
         stdout.flush()
+
+
+def _errorFrame(requestID: int, error: Exception) -> bytes:
+    """
+    The answer for a job that raised C{error}: the exception itself if it
+    is a L{JobFailed} that survives pickling, else its type and text.
+    """
+    if isinstance(error, JobFailed):
+        try:
+            payload = pickle.dumps((requestID, False, error), pickle.HIGHEST_PROTOCOL)
+            pickle.loads(payload)
+        except Exception:
+            pass
+        else:
+            return encodeFrame(payload)
+    text = f"{type(error).__name__}: {error}"
+    return encodeFrame(pickle.dumps((requestID, False, text), pickle.HIGHEST_PROTOCOL))
 
 
 def main() -> None:
@@ -410,4 +440,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as smartrelay.engine.workers, not as __main__: the jobs' modules
+    # import this one by name, and their JobFailed must be the one serve()
+    # checks for.
+    from smartrelay.engine import workers
+
+    workers.main()

@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smartrelay.deferreds import whenAllDone
+from smartrelay.engine.rewrap import RewrapError
 from smartrelay.events import rfc3339
 from smartrelay.message import Recipient, SpoolEntry
 from smartrelay.outbound.classify import bounceKind, classify
@@ -195,8 +196,9 @@ class DeliveryScheduler(Service):
     recordRetryDelay: float = 10.0
     maxRecipientsPerAttempt: int = 100
     hold: bool = False
-    #: C{rewrap(entry, index, data) -> Deferred[(sender, data)]} turning
-    #: the stored message into the one for recipient number C{index} (see
+    #: C{rewrap(entry, index, data, offers) -> Deferred[(sender, Prepared)]}
+    #: turning the stored message into the one for recipient number
+    #: C{index}, made for a server offering C{offers} (see
     #: L{smartrelay.engine.rewrap}), or L{None} to send it as stored.  With
     #: a rewrapper every recipient gets a transaction of its own.
     rewrapper: Any = None
@@ -824,9 +826,22 @@ class DeliveryScheduler(Service):
         if self.rewrapper is not None:
             try:
                 index = [r.address for r in entry.recipients].index(job.addresses[0])
-                sender, data = await self.rewrapper.rewrap(entry, index, data)
+                # Made for this session's server: downgraded where it cannot
+                # take 8-bit content, then signed; sent as it is.
+                sender, data = await self.rewrapper.rewrap(entry, index, data, session.offers)
             except CancelledError:
                 raise
+            except RewrapError as e:
+                # A reason of its own (DKIM signing failed): deferred with it.
+                self.log.error(
+                    "could not re-wrap {queue_id} for {recipient}: {why}",
+                    queue_id=entry.queue_id,
+                    recipient=job.addresses[0],
+                    why=str(e),
+                )
+                reply = Reply(451, "4.3.0", f"local error: {e}")
+                self._settleJob(job, _Verdict(reply, None))
+                return
             except Exception:
                 self.log.failure(
                     "could not re-wrap {queue_id} for {recipient}",

@@ -13,6 +13,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.test import iosim
 from zope.interface import implementer
 
+from smartrelay.engine.downgrade import Offers
 from smartrelay.message import Recipient, SpoolEntry
 from smartrelay.outbound.router import Hop, IRouter
 from smartrelay.outbound.session import AttemptResult, OpenResult, Reply
@@ -217,11 +218,15 @@ class FakeSession:
     """
     A pooled session of a L{FakeDeliverer}: every L{send} is a
     L{DeliveryCall} for the test to answer.
+
+    @ivar offers: what the fake server takes beyond 7-bit ASCII (by
+        default nothing, as a server without C{8BITMIME} and C{SMTPUTF8}).
     """
 
     deliverer: "FakeDeliverer"
     hop: Hop
     tlsPolicy: str
+    offers: Offers = attrs.field(factory=Offers)
     connected: bool = True
     busy: bool = False
     transactions: int = 0
@@ -281,6 +286,7 @@ class FakeDeliverer:
     @ivar refuse: hop name → L{Reply} for hops that cannot be connected to.
     @ivar hang: opening a session never completes (until fired by the test:
         see C{opening}).
+    @ivar offers: what its sessions' server takes beyond 7-bit ASCII.
     """
 
     calls: list = attrs.field(factory=list)
@@ -292,12 +298,13 @@ class FakeDeliverer:
     opening: list = attrs.field(factory=list)
     sessions: list = attrs.field(factory=list)
     quits: list = attrs.field(factory=list)
+    offers: Offers = attrs.field(factory=Offers)
 
     def open(self, hop: Hop, tlsPolicy: str) -> Deferred:
         self.opens.append((hop.name, tlsPolicy))
         if hop.name in self.refuse:
             return succeed(OpenResult(None, self.refuse[hop.name], tryNextHop=True))
-        session = FakeSession(self, hop, tlsPolicy)
+        session = FakeSession(self, hop, tlsPolicy, self.offers)
         if self.hang:
             d: Deferred = Deferred()
             self.opening.append((d, session))
