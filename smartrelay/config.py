@@ -654,6 +654,20 @@ def _optionalRate(text: str) -> Optional[Rate]:
     return parseRate(text) if text.strip() else None
 
 
+def _failureRate(text: str) -> Optional[Rate]:
+    """
+    A failure limit such as C{10/15m}, or C{off} (L{None}) for none.
+    """
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        return parseRate(text)
+    except ValueError:
+        raise ValueError(
+            f"expected failures per period such as '10/15m', or 'off', got {text.strip()!r}"
+        ) from None
+
+
 # ---------------------------------------------------------------------------
 # Throttle patterns
 
@@ -990,6 +1004,8 @@ class RelayConfig:
         ones.  Empty (the default) means a random key kept in
         C{data_dir/token-keys}; nodes sharing a store need the same
         secrets.  Left out of the C{repr}.
+    @ivar log_messages: write a log line for each accepted message and for
+        each delivery attempt's outcome (L{smartrelay.logs.MessageLog}).
     """
 
     data_dir: str = _setting(_nonEmpty, default="var")
@@ -997,6 +1013,7 @@ class RelayConfig:
     hostname: str = _setting(_hostname, factory=_defaultHostname)
     store: str = _setting(_store, default="sqlite")
     secret: tuple[str, ...] = _setting(_secrets, default=(), repr=False)
+    log_messages: bool = _setting(parseBool, default=True)
 
 
 @attrs.frozen(kw_only=True)
@@ -1013,6 +1030,14 @@ class SMTPConfig:
     @ivar max_line_length: octets, not counting CRLF.
     @ivar command_timeout: seconds to wait for a command.
     @ivar data_timeout: seconds allowed for the whole DATA phase.
+    @ivar auth_client_failures: failed AUTH attempts a client address (an
+        IPv6 client's C{/64}) may make in a period before it is locked out
+        (a L{Rate}), or L{None} for no limit; see L{smartrelay.ratelimit}.
+    @ivar auth_user_failures: the same for one user name over all clients
+        that have not logged in as that user lately, or L{None}.
+    @ivar auth_lockout: seconds a locked-out client or user name is refused.
+    @ivar auth_failure_delay: seconds before answering a failed AUTH,
+        doubling with each recent failure of the client up to 15 s.
     """
 
     listen: str = _setting(_serverEndpoint, default="tcp:2525:interface=127.0.0.1")
@@ -1029,6 +1054,12 @@ class SMTPConfig:
     )
     command_timeout: float = _setting(parseDuration, default=300.0)
     data_timeout: float = _setting(parseDuration, default=600.0)
+    auth_client_failures: Optional[Rate] = _setting(_failureRate, default=Rate(10, 900))
+    auth_user_failures: Optional[Rate] = _setting(_failureRate, default=Rate(100, 3600))
+    auth_lockout: float = _setting(parseDuration, default=900.0)
+    auth_failure_delay: float = _setting(
+        lambda text: parseDuration(text, allowZero=True), default=1.0
+    )
 
 
 @attrs.frozen(kw_only=True)

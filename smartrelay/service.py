@@ -41,7 +41,8 @@ from smartrelay.engine.workers import WorkerPool
 from smartrelay.outbound.pool import Connector, DestinationPolicy, TLSContexts
 from smartrelay.outbound.router import DomainRouter, MXRouter, SmarthostRouter, makeResolver
 from smartrelay.outbound.scheduler import DeliveryScheduler
-from smartrelay.smtp.submission import SubmissionFactory, SubmissionPolicy
+from smartrelay.logs import MessageLog
+from smartrelay.smtp.submission import SubmissionFactory, SubmissionPolicy, makeLoginLimiter
 from smartrelay.spool import Spool
 from smartrelay.store.redis import RedisConnectionFailed, RedisStore
 from smartrelay.store.sqlite import SQLiteStore
@@ -306,6 +307,7 @@ class RelayService(MultiService):
             hold=delivery.hold,
             rewrapper=self.rewrapper,
             suppress=True,
+            messageLog=MessageLog(relay.log_messages),
         )
         self.scheduler.setServiceParent(self)
         # Started by start-up once this run's id state is durable.
@@ -335,6 +337,8 @@ class RelayService(MultiService):
             maxConnectionsPerClient=smtp.max_connections_per_client,
             maxRecipients=smtp.max_recipients,
             renewLease=self._renewLease,
+            limiter=makeLoginLimiter(smtp, reactor),
+            messageLog=MessageLog(relay.log_messages),
         )
         tlsContext = None
         if smtp.tls_certificate is not None:

@@ -30,6 +30,9 @@ class FakePolicy:
     pendingSender: Optional[Deferred] = None
     pendingMessage: Optional[Deferred] = None
     storeFailure: Optional[Exception] = None
+    refuseAuth: Optional[SMTPReply] = None
+    pendingAuth: Optional[Deferred] = None
+    authAnswer: Optional[SMTPReply] = None
     users: dict = attrs.field(factory=lambda: {"app": "secret"})
     messages: list = attrs.field(factory=list)
     rejected: list = attrs.field(factory=list)
@@ -43,7 +46,17 @@ class FakePolicy:
     def connectionLost(self, session):
         self.lost += 1
 
+    def checkAuth(self, session):
+        self.calls.append(("AUTH",))
+        if self.refuseAuth is not None:
+            raise self.refuseAuth
+
     def authenticate(self, session, username, password):
+        self.calls.append(("authenticate", username))
+        if self.pendingAuth is not None:
+            return self.pendingAuth
+        if self.authAnswer is not None:
+            return fail(self.authAnswer)
         if self.users.get(username) == password:
             return succeed(username)
         return fail(reply(535, "5.7.8", "Authentication credentials invalid"))
@@ -626,6 +639,89 @@ class AuthTests(ServerMixin, SynchronousTestCase):
         self.send(b"EHLO c\r\nAUTH LOGIN\r\n")
         self.assertEqual(self.codes(self.send(b"*\r\n")), ["501"])
         self.assertEqual(self.codes(self.send(b"NOOP\r\n")), ["250"])
+
+    def test_refusedBeforeExchange(self):
+        """
+        The policy's C{checkAuth} refusal answers the AUTH command itself:
+        no C{334} challenge, no exchange, no credentials asked for; the
+        session goes on.
+        """
+        policy = FakePolicy(
+            authAvailable=True,
+            refuseAuth=reply(454, "4.7.0", "Too many failed authentications, try again later"),
+        )
+        self.connect(policy=policy)
+        self.send(b"EHLO c\r\n")
+        self.assertEqual(
+            self.send(b"AUTH LOGIN\r\n"),
+            ["454 4.7.0 Too many failed authentications, try again later"],
+        )
+        self.assertEqual(self.codes(self.send(b"NOOP\r\n")), ["250"])
+        self.assertFalse(self.transport.disconnecting)
+        self.assertNotIn(("authenticate", "app"), policy.calls)
+
+    def test_refusal421Closes(self):
+        """
+        A C{421} refusal of the AUTH command closes the connection, and
+        nothing sent after it is run.
+        """
+        policy = FakePolicy(authAvailable=True, refuseAuth=reply(421, "4.7.0", "Go away"))
+        self.connect(policy=policy)
+        self.send(b"EHLO c\r\n")
+        self.assertEqual(
+            self.send(b"AUTH PLAIN AGFwcABzZWNyZXQ=\r\nMAIL FROM:<a@b.c>\r\n"),
+            ["421 4.7.0 Go away"],
+        )
+        self.assertTrue(self.transport.disconnecting)
+        self.assertNotIn(("authenticate", "app"), policy.calls)
+        self.assertNotIn(("MAIL", "a@b.c", None), policy.calls)
+
+    def test_temporaryRefusalsDoNotCount(self):
+        """
+        A C{454} from C{authenticate} (an attempt refused unchecked) is
+        answered as it is and does not count toward the three failures that
+        end a session; a C{421} from it closes the connection.
+        """
+        policy = FakePolicy(authAvailable=True, authAnswer=reply(454, "4.7.0", "Later"))
+        self.connect(policy=policy)
+        self.send(b"EHLO c\r\n")
+        bad = b"AUTH PLAIN AGFwcAB3cm9uZw==\r\n"
+        for _ in range(4):
+            self.assertEqual(self.send(bad), ["454 4.7.0 Later"])
+        self.assertFalse(self.transport.disconnecting)
+        policy.authAnswer = reply(421, "4.7.0", "Closing")
+        self.assertEqual(self.send(bad), ["421 4.7.0 Closing"])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_pendingAuthenticationBlocksInput(self):
+        """
+        While C{authenticate} has not answered (a delayed failure), nothing
+        after AUTH is run; its answer comes first.
+        """
+        pending = Deferred()
+        policy = FakePolicy(authAvailable=True, pendingAuth=pending)
+        self.connect(policy=policy)
+        self.send(b"EHLO c\r\n")
+        self.assertEqual(self.send(b"AUTH PLAIN AGFwcAB3cm9uZw==\r\nNOOP\r\n"), [])
+        pending.errback(reply(535, "5.7.8", "Authentication credentials invalid"))
+        self.assertEqual(self.codes(self.replies()), ["535", "250"])
+
+    def test_connectionLostCancelsAuthentication(self):
+        """
+        When the client hangs up while C{authenticate} is pending, its
+        Deferred is cancelled, the session ends cleanly and nothing is
+        written or logged as an error.
+        """
+        cancelled = []
+        pending = Deferred(lambda d: cancelled.append(True))
+        policy = FakePolicy(authAvailable=True, pendingAuth=pending)
+        self.connect(policy=policy)
+        self.send(b"EHLO c\r\nAUTH PLAIN AGFwcAB3cm9uZw==\r\n")
+        self.protocol.connectionLost(None)
+        self.assertEqual(cancelled, [True])
+        self.assertEqual(self.replies(), [])
+        self.assertEqual(policy.lost, 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class ShutDownTests(ServerMixin, SynchronousTestCase):

@@ -9,10 +9,12 @@ import ipaddress
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import fail, maybeDeferred, succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay.auth import HashedPasswordChecker, PasswordFile, hashPassword
+from smartrelay.config import ConfigError, defaultConfig, parseConfig
 from smartrelay.events import EventLog
 from smartrelay.ids import LEASE, IDState, isQueueID, startRun
 from smartrelay.smtp.protocol import Session
@@ -20,9 +22,11 @@ from smartrelay.smtp.replies import SMTPReply
 from smartrelay.smtp.submission import (
     SubmissionFactory,
     SubmissionPolicy,
+    makeLoginLimiter,
     removeHeader,
     traceHeaders,
 )
+from smartrelay.ratelimit import LoginLimiter
 from smartrelay.spool import SpoolError
 from smartrelay.store.memory import MemoryStore
 
@@ -406,3 +410,289 @@ class FactoryTests(PolicyMixin, SynchronousTestCase):
             policy=self.makePolicy(), clock=self.clock, hostname="relay.example", maxMessageSize=1000
         )
         self.successResultOf(factory.shutDown(30))
+
+
+class CountingChecker:
+    """
+    A L{HashedPasswordChecker} (cheap scrypt) whose password checks are
+    counted: each one is a call of its C{runInThread}.
+    """
+
+    def __init__(self, passwords):
+        self.hashes = 0
+
+        def runInThread(f, *args):
+            self.hashes += 1
+            return maybeDeferred(f, *args)
+
+        self.checker = HashedPasswordChecker(
+            PasswordFile.parse(
+                "".join(f"{user}:{hashPassword(pw, ln=4)}\n" for user, pw in passwords.items())
+            ),
+            runInThread,
+        )
+
+    def requestAvatarId(self, credentials):
+        return self.checker.requestAvatarId(credentials)
+
+
+def plain(user: str, password: str) -> bytes:
+    import base64
+
+    return base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
+
+
+class AuthLimitTests(PolicyMixin, SynchronousTestCase):
+    """
+    The failed-AUTH limits (L{smartrelay.ratelimit.LoginLimiter}) through
+    the policy and the protocol, over in-memory connections on a Clock.
+    """
+
+    def setUp(self):
+        self.passwords = CountingChecker({"app1": "right", "app2": "other"})
+        self.limiter = LoginLimiter(
+            # Built before makePolicy sets self.clock: it reads the clock
+            # through this object.
+            self,
+            clientRate=(3, 900.0),
+            userRate=(6, 3600.0),
+            lockout=900.0,
+            delay=1.0,
+            service="SMTP AUTH",
+        )
+        self.makePolicy(checker=self.passwords, limiter=self.limiter)
+        self.factory = SubmissionFactory(
+            policy=self.policy, clock=self.clock, hostname="relay.example", maxMessageSize=1000
+        )
+
+    def seconds(self):
+        return self.clock.seconds()
+
+    def connect(self, peer):
+        protocol = self.factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 5000))
+        protocol.makeConnection(transport)
+        # AUTH is offered without TLS only on loopback; these tests play
+        # remote clients on loopback-like terms.
+        protocol.session.loopback = True
+        protocol.dataReceived(b"EHLO c\r\n")
+        transport.clear()
+        return protocol, transport
+
+    def auth(self, connection, user, password, advance=0.0):
+        protocol, transport = connection
+        protocol.dataReceived(b"AUTH PLAIN " + plain(user, password) + b"\r\n")
+        if advance:
+            self.clock.advance(advance)
+        answer = transport.value().decode()
+        transport.clear()
+        return answer
+
+    def test_failureAnsweredAfterTheDelay(self):
+        """
+        A wrong password is answered 535 only when the delay has passed on
+        the clock, and the delay doubles with the address's failures;
+        nothing else the client sent is run meanwhile.
+        """
+        connection = self.connect("192.0.2.1")
+        protocol, transport = connection
+        self.assertEqual(self.auth(connection, "app1", "wrong"), "")
+        protocol.dataReceived(b"NOOP\r\n")
+        self.clock.advance(0.999)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(0.001)
+        self.assertEqual(
+            transport.value(),
+            b"535 5.7.8 Authentication credentials invalid\r\n250 2.0.0 OK\r\n",
+        )
+        transport.clear()
+        self.assertEqual(self.auth(connection, "app1", "wrong", advance=1.9), "")
+        self.clock.advance(0.1)
+        self.assertTrue(transport.value().startswith(b"535 "))
+
+    def test_lockedClientCostsNoHash(self):
+        """
+        Once an address has failed C{clientRate} times, AUTH from it is
+        answered 454 4.7.0 at the AUTH command, without a password check;
+        a second AUTH in that session gets 421 4.7.0 and the connection is
+        closed.
+        """
+        for user in ["app1", "app2", "nobody"]:
+            connection = self.connect("192.0.2.1")
+            self.auth(connection, user, "wrong", advance=15)
+        self.assertEqual(self.passwords.hashes, 3)
+        protocol, transport = connection = self.connect("192.0.2.1")
+        self.assertEqual(
+            self.auth(connection, "app1", "right"),
+            "454 4.7.0 Too many failed authentications, try again later\r\n",
+        )
+        self.assertEqual(
+            self.auth(connection, "app1", "right"),
+            "421 4.7.0 Too many failed authentications, try again later; closing connection\r\n",
+        )
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.passwords.hashes, 3)
+        self.assertEqual(self.limiter.counts["refused"], 2)
+
+    def test_loginLocked(self):
+        """
+        AUTH LOGIN from a locked address is refused before the exchange:
+        no 334 challenge.
+        """
+        for user in ["a", "b", "c"]:
+            self.auth(self.connect("192.0.2.1"), user, "wrong", advance=15)
+        protocol, transport = self.connect("192.0.2.1")
+        protocol.dataReceived(b"AUTH LOGIN\r\n")
+        self.assertTrue(transport.value().startswith(b"454 4.7.0 "))
+
+    def test_rightPasswordFromElsewhere(self):
+        """
+        While one address is locked out for guessing app1's password, app1
+        logs in from another address, and then submits.
+        """
+        for _ in range(3):
+            self.auth(self.connect("192.0.2.1"), "app1", "wrong", advance=15)
+        self.assertTrue(
+            self.auth(self.connect("192.0.2.1"), "app1", "right").startswith("454 ")
+        )
+        connection = self.connect("198.51.100.7")
+        self.assertEqual(
+            self.auth(connection, "app1", "right"), "235 2.7.0 Authentication successful\r\n"
+        )
+        protocol, transport = connection
+        protocol.dataReceived(b"MAIL FROM:<a@b.com>\r\nRCPT TO:<x@y.com>\r\n")
+        self.assertEqual(transport.value(), b"250 2.1.0 Sender OK\r\n250 2.1.5 Recipient OK\r\n")
+
+    def test_distributedGuessingSparesTheUsersAddress(self):
+        """
+        Guesses for app1 from many addresses lock the user name out for
+        new addresses, not for the address app1 logged in from before.
+        """
+        self.auth(self.connect("198.51.100.7"), "app1", "right")
+        for i in range(6):
+            self.auth(self.connect(f"192.0.2.{i}"), "app1", "wrong", advance=15)
+        hashes = self.passwords.hashes
+        self.assertTrue(
+            self.auth(self.connect("203.0.113.9"), "app1", "right").startswith("454 4.7.0 ")
+        )
+        self.assertEqual(self.passwords.hashes, hashes)
+        self.assertTrue(
+            self.auth(self.connect("198.51.100.7"), "app1", "right").startswith("235 ")
+        )
+
+    def test_hangUpDuringTheDelay(self):
+        """
+        A client that hangs up while its failure answer is delayed leaves
+        no timer behind, and its failure still counts.
+        """
+        protocol, transport = connection = self.connect("192.0.2.1")
+        self.auth(connection, "app1", "wrong")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)  # delay + idle timeout
+        protocol.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.limiter.perClient.failures("192.0.2.1"), 1)
+        self.assertEqual(self.factory.sessions, set())
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_checkerErrorCountsNothing(self):
+        """
+        A checker that breaks (not a wrong password) is a 451 for the
+        client, is logged, and counts neither as a failure nor as a success.
+        """
+
+        class Broken:
+            def requestAvatarId(self, credentials):
+                return fail(OSError("thread pool gone"))
+
+        self.policy.checker = Broken()
+        answer = self.auth(self.connect("192.0.2.1"), "app1", "right")
+        self.assertTrue(answer.startswith("451 4.3.0 "), answer)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(self.limiter.perClient.failures("192.0.2.1"), 0)
+        self.assertEqual(self.limiter.perClient.retryAfter("192.0.2.1"), 0)
+
+    def test_failureLogged(self):
+        """
+        Each failure is one line with the user name (escaped) and the
+        client address; a lock-out adds one warning naming both.
+        """
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        for _ in range(3):
+            self.auth(self.connect("192.0.2.1"), "ap\np1", "wrong", advance=15)
+        texts = [formatEvent(e) for e in logged]
+        self.assertIn("failed SMTP AUTH for 'ap\\np1' from 192.0.2.1 (answered after 1s)", texts)
+        self.assertIn(
+            "SMTP AUTH: client locked out for 900s after 3 failed logins; "
+            "last: client 192.0.2.1 user 'ap\\np1'",
+            texts,
+        )
+
+    def test_withoutLimiter(self):
+        """
+        A policy without a limiter answers failures at once and never
+        refuses AUTH.
+        """
+        self.policy.limiter = None
+        for _ in range(5):
+            self.assertTrue(
+                self.auth(self.connect("192.0.2.1"), "app1", "wrong").startswith("535 ")
+            )
+        self.assertEqual(self.passwords.hashes, 5)
+
+
+class LimiterConfigTests(SynchronousTestCase):
+    """
+    The C{[smtp] auth_*} keys and L{makeLoginLimiter}.
+    """
+
+    def test_defaults(self):
+        """
+        On by default: 10 failures per 15 minutes per address, 100 an hour
+        per user name, 15 minutes locked, a 1 s first delay up to 15 s.
+        """
+        limiter = makeLoginLimiter(defaultConfig().smtp, Clock())
+        self.assertEqual(
+            (limiter.perClient.count, limiter.perClient.period, limiter.perClient.lockout),
+            (10, 900.0, 900.0),
+        )
+        self.assertEqual((limiter.perUser.count, limiter.perUser.period), (100, 3600.0))
+        self.assertEqual((limiter.delay, limiter.maxDelay), (1.0, 15.0))
+
+    def test_keys(self):
+        """
+        The keys set the limits; C{off} turns one off; a delay longer than
+        15 s is the longest delay too.
+        """
+        smtp = parseConfig(
+            "[smtp]\nauth_client_failures = 5/m\nauth_user_failures = off\n"
+            "auth_lockout = 1h\nauth_failure_delay = 20s\n"
+        ).smtp
+        limiter = makeLoginLimiter(smtp, Clock())
+        self.assertEqual((limiter.perClient.count, limiter.perClient.period), (5, 60.0))
+        self.assertEqual(limiter.perClient.lockout, 3600.0)
+        self.assertIsNone(limiter.perUser)
+        self.assertEqual((limiter.delay, limiter.maxDelay), (20.0, 20.0))
+
+    def test_allOff(self):
+        """
+        Both limits off and no delay: no limiter at all.
+        """
+        smtp = parseConfig(
+            "[smtp]\nauth_client_failures = off\nauth_user_failures = none\n"
+            "auth_failure_delay = 0\n"
+        ).smtp
+        self.assertIsNone(makeLoginLimiter(smtp, Clock()))
+
+    def test_badValues(self):
+        """
+        A bad value stops start-up with one line naming the key.
+        """
+        for text, message in [
+            ("auth_client_failures = 10", "[smtp] auth_client_failures: expected failures per period such as '10/15m', or 'off', got '10'"),
+            ("auth_user_failures = 0/h", "[smtp] auth_user_failures: expected failures per period"),
+            ("auth_lockout = 0", "[smtp] auth_lockout:"),
+            ("auth_failure_delay = soon", "[smtp] auth_failure_delay:"),
+        ]:
+            e = self.assertRaises(ConfigError, parseConfig, "[smtp]\n" + text + "\n", "x.ini")
+            self.assertIn(message, str(e))
+            self.assertNotIn("\n", str(e))

@@ -17,7 +17,9 @@ review found in the stock server closed:
   CRLF in what is stored, NUL is refused with C{554 5.6.0};
 * a per-command inactivity timeout and a timeout for the whole DATA phase
   cut slow-loris clients off;
-* too many bad commands or failed AUTH attempts end the session.
+* too many bad commands or failed AUTH attempts end the session; the
+  policy may also refuse AUTH for a while to a client that keeps failing
+  (C{454 4.7.0}, then C{421 4.7.0} and the connection is closed).
 
 When the relay stops, L{HardenedESMTP.shutDown} ends each session at its
 next command with C{421 4.3.2}: a message being received is read to its
@@ -37,7 +39,7 @@ from functools import lru_cache
 from typing import Optional
 
 import attrs
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -87,6 +89,8 @@ class Session:
     user: Optional[str] = None
     #: The policy's cached verdict on the client address (None: not asked).
     allowedClient: Optional[bool] = None
+    #: How many AUTH attempts the policy refused without trying them.
+    authRefused: int = 0
 
 
 class ISubmissionPolicy(Interface):
@@ -107,9 +111,18 @@ class ISubmissionPolicy(Interface):
         The client is gone (called once per accepted connection).
         """
 
+    def checkAuth(session):
+        """
+        The AUTH command, before its exchange: raise L{SMTPReply} to refuse
+        it (C{454}, or C{421} to close the connection).
+        """
+
     def authenticate(session, username, password):
         """
-        Check credentials; fire with the user name or fail with L{SMTPReply}.
+        Check credentials; fire with the user name or fail with L{SMTPReply}
+        (C{535} for wrong credentials; C{454} or C{421} for an attempt
+        refused without checking).  The Deferred may be cancelled when the
+        connection is lost.
         """
 
     def checkSender(session, sender, size):
@@ -203,6 +216,7 @@ class HardenedESMTP(smtp.ESMTP):
         self._admitted = False
         self._errors = 0
         self._authFailures = 0
+        self._pendingAuth: Optional[Deferred] = None
         self._shuttingDown = False
         self._connected = False
         self._doneWaiters: list = []
@@ -237,6 +251,9 @@ class HardenedESMTP(smtp.ESMTP):
         self._connected = False
         self.setTimeout(None)
         self._cancelDataTimer()
+        if self._pendingAuth is not None:
+            # Nobody is left to answer (the policy may be delaying a 535).
+            self._pendingAuth.cancel()
         if self._admitted:
             self._admitted = False
             self.policy.connectionLost(self.session)
@@ -503,6 +520,7 @@ class HardenedESMTP(smtp.ESMTP):
             raise reply(
                 538, "5.7.11", "Encryption required for requested authentication mechanism"
             )
+        self.policy.checkAuth(self.session)
         parts = argument.split(None, 1)
         mechanism = parts[0].upper() if parts else b""
         initial = parts[1] if len(parts) == 2 else None
@@ -537,12 +555,18 @@ class HardenedESMTP(smtp.ESMTP):
             self.policy.authenticate, self.session, exchange.username, exchange.password
         )
 
+        self._pendingAuth = d
+
         def succeeded(user):
+            self._pendingAuth = None
             self.session.user = user
             self._sendCode(235, "2.7.0", "Authentication successful")
 
         def failed(failure):
-            if failure.check(SMTPReply):
+            self._pendingAuth = None
+            if failure.check(CancelledError):
+                return  # the connection is gone
+            if failure.check(SMTPReply) and failure.value.code >= 500:
                 self._authFailures += 1
                 if self._authFailures >= MAX_AUTH_FAILURES:
                     self._send(failure.value)

@@ -13,12 +13,13 @@ from typing import Any, Callable, Optional
 import attrs
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from smartrelay.ids import LeaseExpired, QueueIDGenerator
+from smartrelay.logs import MessageLog
 from smartrelay.message import Recipient, SpoolEntry
 from smartrelay.smtp.controls import InvalidControlHeader, readControls
 from smartrelay.smtp.protocol import HardenedESMTP, ISubmissionPolicy, Session
@@ -31,9 +32,18 @@ from smartrelay.smtp.replies import (
     SMTPReply,
     reply,
 )
+from smartrelay.ratelimit import LoginLimited, LoginLimiter
 from smartrelay.spool import SpoolError
 
 AUTH_FAILED = reply(535, "5.7.8", "Authentication credentials invalid")
+#: AUTH refused without checking: the client (or the user name) failed too
+#: often lately.  The second refusal in a session closes it.
+AUTH_LIMITED = reply(454, "4.7.0", "Too many failed authentications, try again later")
+AUTH_LIMITED_CLOSING = reply(
+    421, "4.7.0", "Too many failed authentications, try again later; closing connection"
+)
+#: The longest wait before a failed AUTH is answered (Dovecot's cap).
+MAX_AUTH_DELAY = 15.0
 
 
 @lru_cache(maxsize=4096)
@@ -119,6 +129,9 @@ class SubmissionPolicy:
         background when due.
     @ivar events: an L{smartrelay.events.EventLog}.
     @ivar enqueue: hands a stored L{SpoolEntry} to delivery.
+    @ivar limiter: the failed-AUTH policy (L{LoginLimiter}), or L{None} for
+        no limit but the protocol's per-connection one.
+    @ivar messageLog: writes the C{accepted} line of each stored message.
     """
 
     clock: object
@@ -133,6 +146,8 @@ class SubmissionPolicy:
     maxConnectionsPerClient: int = 100
     maxRecipients: int = 1000
     renewLease: Callable[[], object] = lambda: None
+    limiter: Optional[LoginLimiter] = None
+    messageLog: MessageLog = attrs.field(factory=MessageLog)
     connections: int = 0
     perClient: dict = attrs.field(factory=dict)
 
@@ -168,20 +183,77 @@ class SubmissionPolicy:
             )
         return session.allowedClient
 
+    def _refused(self, session: Session) -> SMTPReply:
+        session.authRefused += 1
+        return AUTH_LIMITED if session.authRefused == 1 else AUTH_LIMITED_CLOSING
+
+    def checkAuth(self, session: Session) -> None:
+        if self.limiter is not None and self.limiter.clientRetryAfter(session.peer) > 0:
+            raise self._refused(session)
+
     def authenticate(self, session: Session, username: str, password: str) -> Deferred:
-        d = self.checker.requestAvatarId(UsernamePassword(username, password))
+        """
+        Check the credentials, unless the limiter refuses the attempt
+        (C{454 4.7.0}, the second time in a session C{421 4.7.0}; no
+        password hash is computed).  A wrong password is answered
+        C{535 5.7.8} after the limiter's delay; cancelling the returned
+        Deferred during the delay drops the answer, never the count.
+        """
+        attempt = None
+        if self.limiter is not None:
+            try:
+                attempt = self.limiter.begin(session.peer, username)
+            except LoginLimited:
+                return fail(self._refused(session))
+        checked = maybeDeferred(
+            self.checker.requestAvatarId, UsernamePassword(username, password)
+        )
+        timers: list = []
 
-        def failed(failure):
-            failure.trap(UnauthorizedLogin)
+        def cancel(d: Deferred) -> None:
+            # Only the delay is cancelled: the password check goes on and
+            # is counted (an attacker must not get checks for free by
+            # hanging up).
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
+
+        answer: Deferred = Deferred(canceller=cancel)
+
+        def succeeded(avatarID) -> None:
+            if attempt is not None:
+                attempt.succeeded()
+            if not answer.called:
+                answer.callback(
+                    avatarID.decode("utf-8") if isinstance(avatarID, bytes) else avatarID
+                )
+
+        def failed(failure) -> None:
+            if not failure.check(UnauthorizedLogin):
+                if attempt is not None:
+                    attempt.abandoned()
+                if not answer.called:
+                    answer.errback(failure)
+                return
+            delay = attempt.failed() if attempt is not None else 0.0
             self.log.info(
-                "failed SMTP AUTH for {user!r} from {peer}", user=username, peer=session.peer
+                "failed SMTP AUTH for {user!r} from {peer} (answered after {delay:g}s)",
+                user=username[:100],
+                peer=session.peer,
+                delay=delay,
             )
-            raise AUTH_FAILED
+            if answer.called:
+                return
+            if delay > 0:
+                timers.append(self.clock.callLater(delay, answer.errback, AUTH_FAILED))
+            else:
+                answer.errback(AUTH_FAILED)
 
-        def succeeded(avatarID):
-            return avatarID.decode("utf-8") if isinstance(avatarID, bytes) else avatarID
-
-        return d.addCallbacks(succeeded, failed)
+        checked.addCallbacks(succeeded, failed)
+        checked.addErrback(
+            lambda f: self.log.failure("unexpected error after an SMTP AUTH check", f)
+        )
+        return answer
 
     def checkSender(self, session: Session, sender: str, size: Optional[int]) -> None:
         if not self._allowed(session):
@@ -244,6 +316,17 @@ class SubmissionPolicy:
 
         def stored(entry):
             detail = {"sender": sender, "size": entry.size, "client": entry.client}
+            self.messageLog.accepted(
+                queueID,
+                sender,
+                entry.size,
+                len(recipients),
+                session.peer,
+                session.user,
+                session.helo,
+                session.tls,
+                entry.tag,
+            )
             for recipient in recipients:
                 self.events.emit(
                     "accepted",
@@ -349,3 +432,24 @@ class SubmissionFactory(ServerFactory):
                 timer.cancel()
 
         return done.addCallback(finished)
+
+
+def makeLoginLimiter(smtp, clock) -> Optional[LoginLimiter]:
+    """
+    The failed-AUTH policy for an C{[smtp]} section (L{SMTPConfig
+    <smartrelay.config.SMTPConfig>}): its C{auth_client_failures},
+    C{auth_user_failures}, C{auth_lockout} and C{auth_failure_delay}; or
+    L{None} when both limits are C{off} and there is no delay.
+    """
+    client, user = smtp.auth_client_failures, smtp.auth_user_failures
+    if client is None and user is None and not smtp.auth_failure_delay:
+        return None
+    return LoginLimiter(
+        clock,
+        clientRate=None if client is None else (client.count, client.period),
+        userRate=None if user is None else (user.count, user.period),
+        lockout=smtp.auth_lockout,
+        delay=smtp.auth_failure_delay,
+        maxDelay=max(MAX_AUTH_DELAY, smtp.auth_failure_delay),
+        service="SMTP AUTH",
+    )
