@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from smartrelay.deferreds import whenAllDone
 from smartrelay.engine.rewrap import RewrapError
 from smartrelay.events import rfc3339
+from smartrelay.logs import MessageLog
 from smartrelay.message import Recipient, SpoolEntry
 from smartrelay.outbound.classify import bounceKind, classify
 from smartrelay.outbound.pool import Destination, DestinationPolicy, Throttle
@@ -204,6 +205,8 @@ class DeliveryScheduler(Service):
     rewrapper: Any = None
     #: Check due recipients against the store's suppression list.
     suppress: bool = False
+    #: Writes one line per outcome (L{smartrelay.logs.MessageLog}).
+    messageLog: MessageLog = attrs.field(factory=MessageLog)
 
     _entries: dict = attrs.field(factory=dict, init=False)
     _timers: dict = attrs.field(factory=dict, init=False)
@@ -1053,7 +1056,16 @@ class DeliveryScheduler(Service):
             attempts=attempts,
             next_attempt=nextAttempt,
         )
-        return change, (state, recipient.address, detail)
+        # The log line's fields (MessageLog.outcome), beside the event's.
+        line = {
+            "delay": now - entry.received,
+            "reply": (verdict.reason or "") if verdict.suppressed else reply.line,
+            "relay": verdict.remote,
+            "dsn": None if verdict.suppressed else status,
+            "attempts": attempts,
+            "next_attempt": detail.get("next_attempt"),
+        }
+        return change, (state, recipient.address, detail, line)
 
     def _record(self, entry: SpoolEntry, changes: list, events: list) -> Deferred:
         """
@@ -1120,7 +1132,7 @@ class DeliveryScheduler(Service):
     def _recorded(self, entry: SpoolEntry, changes: list, events: list) -> None:
         for change in changes:
             self._busy.discard((entry.queue_id, change.address))
-        for kind, address, detail in events:
+        for kind, address, detail, line in events:
             self.events.emit(
                 kind,
                 entry.queue_id,
@@ -1129,38 +1141,12 @@ class DeliveryScheduler(Service):
                 metadata=entry.metadata or None,
                 detail=detail,
             )
-            self._logOutcome(kind, entry.queue_id, address, detail)
+            self.messageLog.outcome(entry.queue_id, address, kind, **line)
         if entry.done:
             self._cancelTimer(entry.queue_id)
             self._entries.pop(entry.queue_id, None)
         elif self.running:
             self._reschedule(entry)
-
-    def _logOutcome(self, kind: str, queue_id: str, recipient: str, detail: dict) -> None:
-        # Deliveries are recorded as events only: a log line per delivered
-        # recipient costs more reactor time than the delivery's bookkeeping.
-        # Bounces, deferrals and expiries are rarer and worth a line.
-        if kind in ("delivered", "suppressed"):
-            return
-        if detail.get("remote") is None:
-            detail = dict(detail, remote="(no connection)")
-        if kind == "bounced":
-            self.log.info(
-                "bounced {queue_id} to {recipient} ({reason}) from {remote}: {diagnostic}",
-                queue_id=queue_id, recipient=recipient, **detail,
-            )
-        elif kind == "deferred":
-            self.log.info(
-                "deferred {queue_id} to {recipient} (attempt {attempts}) from "
-                "{remote}: {code} {reply}; next attempt {next_attempt}",
-                queue_id=queue_id, recipient=recipient, **detail,
-            )
-        else:
-            self.log.warn(
-                "expired {queue_id} to {recipient} after {attempts} attempts: "
-                "{diagnostic}",
-                queue_id=queue_id, recipient=recipient, **detail,
-            )
 
 
 def _rateText(rate: Optional[float]) -> str:
