@@ -14,7 +14,7 @@ from typing import Optional
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -188,6 +188,13 @@ def makeRouter(config, reactor):
     return DomainRouter(routes, default)
 
 
+class StartUpInterrupted(Exception):
+    """
+    The relay was stopped before it was ready: start-up ended without
+    listening.
+    """
+
+
 class RelayService(MultiService):
     """
     The whole relay, every piece built whole from the config and what
@@ -357,6 +364,10 @@ class RelayService(MultiService):
         self.smtpPort = None
         self._readyWaiters = []
         self._readyResult = None
+        # The start-up step once started (until then nothing to wait for),
+        # and whether a stop was asked for: start-up never listens after it.
+        self._starting: Deferred = succeed(None)
+        self._stopping = False
 
     def _renewLease(self) -> Optional[Deferred]:
         return renewLease(self.ids, self.reactor.seconds(), self._persistIDState)
@@ -372,7 +383,7 @@ class RelayService(MultiService):
                 "{count} re-wrap worker process(es) started", count=self.workers.count
             )
         MultiService.startService(self)
-        Deferred.fromCoroutine(self._startUp()).addBoth(self._started)
+        self._starting = Deferred.fromCoroutine(self._startUp()).addBoth(self._started)
 
     def whenReady(self) -> Deferred:
         """
@@ -395,7 +406,10 @@ class RelayService(MultiService):
 
     def _started(self, result):
         if isinstance(result, Failure):
-            self.log.failure("smartrelay could not start", result)
+            if result.check(StartUpInterrupted):
+                self.log.info("smartrelay stopped before it was ready")
+            else:
+                self.log.failure("smartrelay could not start", result)
         self._readyResult = result
         waiters, self._readyWaiters = self._readyWaiters, []
         for waiter in waiters:
@@ -431,14 +445,28 @@ class RelayService(MultiService):
             self.scheduler.enqueue(entry)
         if entries:
             self.log.info("recovered {count} queued message(s) from the spool", count=len(entries))
+        self._stopIfStopping()
         self.webPort = await self.webEndpoint.listen(self.webSite)
         self.log.info("web endpoints on {address}", address=self.webPort.getHost())
+        self._stopIfStopping()
         port = self.smtpPort = await self.smtpEndpoint.listen(self.smtpFactory)
         self.log.info("smartrelay accepting mail on {address}", address=port.getHost())
         return port
 
+    def _stopIfStopping(self) -> None:
+        """
+        @raise StartUpInterrupted: a stop was asked for.
+        """
+        if self._stopping:
+            raise StartUpInterrupted("stopped before it was ready")
+
     @inlineCallbacks
     def stopService(self):
+        # A stop during start-up lets it end first (it then stops short of
+        # listening): what it started must be stopped below, and nothing
+        # may be opened after the store is closed.
+        self._stopping = True
+        yield self._starting
         # Stop accepting first; then let delivery finish what is in flight;
         # then write the last events and close the store.
         if self.smtpPort is not None:

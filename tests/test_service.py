@@ -32,7 +32,13 @@ from smartrelay.config import ConfigError, parseConfig
 from smartrelay.engine.workers import encodeFrame
 from smartrelay.ids import ID_STATE_FILE, isQueueID, loadIDState
 from smartrelay.outbound.testing import ScriptedSMTPServer, SMTPScript
-from smartrelay.service import IThreadPools, ThreadPools, TOKEN_KEYS_FILE, makeRelayService
+from smartrelay.service import (
+    IThreadPools,
+    StartUpInterrupted,
+    ThreadPools,
+    TOKEN_KEYS_FILE,
+    makeRelayService,
+)
 from smartrelay.smtp.submission import SubmissionFactory
 from smartrelay.store.redis import RedisStore
 from tests.redisserver import RedisServer, freePort, sharedRedisServer
@@ -238,6 +244,27 @@ class WiringTests(SynchronousTestCase):
         self.assertEqual(loadIDState(os.path.join(self.dataDir, ID_STATE_FILE)).boot, 1)
         self.threads.hold = False
         self.successResultOf(relay.stopService())
+
+    def test_stopDuringStartUp(self):
+        """
+        Stopped while start-up is still reading the disk, the relay lets
+        start-up end but never listens; C{whenReady} fails with
+        L{StartUpInterrupted}, and the stop completes once start-up has.
+        """
+        self.threads = SynchronousThreads(hold=True)
+        relay = self.makeRelay()
+        relay.startService()
+        ready = relay.whenReady()
+        self.threads.runNext()
+        stopped = relay.stopService()
+        while self.threads.pending:
+            self.assertNoResult(stopped)
+            self.threads.runNext()
+        self.failureResultOf(ready, StartUpInterrupted)
+        self.successResultOf(stopped)
+        self.assertEqual(self.reactor.tcpServers, [])
+        self.assertTrue(self.threads.stopped)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_submitAndDeliver(self):
         """
