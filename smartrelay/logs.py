@@ -77,6 +77,14 @@ class MessageLog:
     enabled: bool = True
     log: Logger = attrs.field(factory=lambda: Logger(namespace=NAMESPACE), eq=False)
 
+    def _emit(self, level: LogLevel, template: str, **fields: Any) -> None:
+        # The text is formatted here, once, with str.format: the same
+        # template through twisted.logger's formatEvent costs about 18 us
+        # a line (its Formatter is Python code), str.format about 1 us, and
+        # a busy relay writes two lines per message.  The fields stay
+        # fields of the event.
+        self.log.emit(level, "{log_text}", log_text=template.format(**fields), **fields)
+
     def accepted(
         self,
         queue_id: str,
@@ -96,7 +104,8 @@ class MessageLog:
         """
         if not self.enabled:
             return
-        self.log.info(
+        self._emit(
+            LogLevel.info,
             _ACCEPTED if user is None else _ACCEPTED_USER,
             queue_id=queue_id,
             sender=sender,
@@ -141,7 +150,7 @@ class MessageLog:
             form = _DEFERRED
         else:
             form = _OUTCOME
-        self.log.emit(
+        self._emit(
             _LEVELS.get(status, LogLevel.info),
             form,
             queue_id=queue_id,

@@ -237,9 +237,9 @@ class SubmissionPolicy:
                 return
             delay = attempt.failed() if attempt is not None else 0.0
             self.log.info(
-                "failed SMTP AUTH for {user!r} from {peer} (answered after {delay:g}s)",
+                "failed SMTP AUTH for {user!r} from {client} (answered after {delay:g}s)",
                 user=username[:100],
-                peer=session.peer,
+                client=session.peer,
                 delay=delay,
             )
             if answer.called:
