@@ -103,6 +103,15 @@ class _Delivery:
 
 
 class _SinkESMTP(smtp.ESMTP):
+    def extensions(self):
+        extensions = smtp.ESMTP.extensions(self)
+        extensions.update(dict.fromkeys(self.factory.extensions))
+        return extensions
+
+    def do_MAIL(self, rest):
+        self.factory.mailCommands.append(rest)
+        smtp.ESMTP.do_MAIL(self, rest)
+
     def connectionMade(self):
         self.factory.connections += 1
         self.factory.open += 1
@@ -120,9 +129,17 @@ class Sink(ServerFactory):
     part starts with C{bounce} (550) or C{defer} (451).  It counts
     connections (C{connections} in all, C{open} now, C{peak} at most at
     once) and stamps each message with its arrival time.
+
+    @ivar extensions: EHLO keywords it offers besides Twisted's own (AUTH,
+        STARTTLS), such as C{(b"8BITMIME", b"SMTPUTF8")}; by default none,
+        so it is a server without 8BITMIME and SMTPUTF8.
+    @ivar mailCommands: what followed C{MAIL} in each MAIL command
+        (C{FROM:<...>} and the parameters), as bytes.
     """
 
-    def __init__(self):
+    def __init__(self, extensions=()):
+        self.extensions = tuple(extensions)
+        self.mailCommands = []
         self.received = []
         self.connections = 0
         self.open = 0
