@@ -38,6 +38,7 @@ from smartrelay.service import (
     ThreadPools,
     TOKEN_KEYS_FILE,
     makeRelayService,
+    makeSigner,
 )
 from smartrelay.smtp.submission import SubmissionFactory
 from smartrelay.store.redis import RedisStore
@@ -395,6 +396,70 @@ class BuildErrorTests(SynchronousTestCase):
         self.assertOneLine(self.assertRaises(ConfigError, self.build), path, "damaged")
         with open(path) as f:
             self.assertEqual(f.read(), "{torn")
+
+
+class SignerTests(SynchronousTestCase):
+    """
+    L{makeSigner}: the C{[dkim:DOMAIN]} keys, checked by a self-test
+    before the relay is built; anything wrong is one L{ConfigError} line
+    naming the section.
+    """
+
+    def setUp(self):
+        import dkim
+
+        from smartrelay.engine.dkim import generateKey
+
+        self.dkim = dkim
+        self.dataDir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dataDir)
+        self.keyPath = os.path.join(self.dataDir, "shop.key")
+        with open(self.keyPath, "wb") as f:
+            f.write(generateKey("ed25519-sha256")[0])
+        self.config = wiringConfig(
+            self.dataDir,
+            "[dkim:shop.example]\nselector = s1\nalgorithm = ed25519-sha256\nkey = %s\n"
+            % (self.keyPath,),
+        )
+
+    def test_noSections(self):
+        """Without [dkim:] sections there is no signer."""
+        self.assertIsNone(makeSigner(wiringConfig(self.dataDir)))
+
+    def test_signer(self):
+        """With a section, the signer signs mail of its domain."""
+        signer = makeSigner(self.config)
+        self.assertEqual(signer.domainFor(b"From: a@shop.example\r\n\r\nx\r\n"), "shop.example")
+
+    def test_selfTestFails(self):
+        """
+        A signer whose self-test fails (dkimpy's internals moved) is not
+        built: one line naming the section, and the relay is not built
+        either.
+        """
+        def moved(self, *args, **kwargs):
+            raise AttributeError("'DKIM' object has no attribute 'signature_fields'")
+
+        self.patch(self.dkim.DomainSigner, "gen_header", moved)
+        e = self.assertRaises(ConfigError, makeSigner, self.config)
+        self.assertEqual(e.section, "dkim:shop.example")
+        self.assertNotIn("\n", str(e))
+        self.assertTrue(str(e).startswith(
+            "<config>: [dkim:shop.example]: DKIM self-test for shop.example failed: signing "
+            "a test message raised AttributeError: 'DKIM' object has no attribute "
+            "'signature_fields' (dkimpy "), str(e))
+        self.assertRaises(
+            ConfigError, makeRelayService, self.config, MemoryReactorClock(), SynchronousThreads()
+        )
+
+    def test_keyFileGone(self):
+        """A key file that can no longer be read is one line too."""
+        os.remove(self.keyPath)
+        e = self.assertRaises(ConfigError, makeSigner, self.config)
+        self.assertEqual(
+            str(e),
+            f"<config>: [dkim:shop.example]: cannot read {self.keyPath}: No such file or directory",
+        )
 
 
 def submitOne(port, recipient="ok@example.org"):
