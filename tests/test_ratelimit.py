@@ -501,3 +501,45 @@ class LoginLimiterTests(SynchronousTestCase):
         ]:
             e = self.assertRaises(ValueError, self.makeLimiter, **kwargs)
             self.assertIn(message, str(e))
+
+    @given(
+        st.lists(
+            st.tuples(
+                st.integers(min_value=0, max_value=4),
+                st.sampled_from(["app1", "app2", "guess"]),
+                st.floats(min_value=0, max_value=120),
+                st.booleans(),
+            ),
+            max_size=150,
+        )
+    )
+    def test_guessersNeverLockTheUserOut(self, steps):
+        """
+        Whatever other addresses guess, for whichever user names and at
+        whatever pace, the real user who logged in from its own address
+        is never refused there, and an address that has failed
+        C{clientRate} times within the window is refused until its
+        lock-out ends.
+        """
+        limiter = self.makeLimiter(clientRate=(3, 300.0), userRate=(5, 3600.0))
+        self.login(limiter, "198.51.100.7", "app1")
+        # A model of the per-address rule: failure times, locked until.
+        model = {i: ([], 0.0) for i in range(5)}
+        for attacker, user, delay, realUserNow in steps:
+            self.clock.advance(delay)
+            now = self.clock.seconds()
+            times, lockedUntil = model[attacker]
+            try:
+                attempt = limiter.begin(f"192.0.2.{attacker}", user)
+            except LoginLimited:
+                pass
+            else:
+                self.assertLessEqual(lockedUntil, now, "a locked-out address was let in")
+                attempt.failed()
+                times = [t for t in times if t > now - 300] + [now]
+                if len(times) == 3:
+                    times, lockedUntil = [], now + 900
+                model[attacker] = (times, lockedUntil)
+            if realUserNow:
+                self.login(limiter, "198.51.100.7", "app1")
+        self.login(limiter, "198.51.100.7", "app1")

@@ -627,6 +627,17 @@ class AuthLimitTests(PolicyMixin, SynchronousTestCase):
             texts,
         )
 
+    def test_longUserName(self):
+        """
+        A user name as long as a command line allows is refused like any
+        other and is kept by the limiter as a short hash, not as sent.
+        """
+        connection = self.connect("192.0.2.1")
+        self.assertEqual(self.auth(connection, "x" * 1400, "wrong", advance=1), "535 5.7.8 Authentication credentials invalid\r\n")
+        [key] = self.limiter.perUser._records
+        self.assertTrue(key.startswith("sha256:"), key)
+        self.assertLess(len(key), 100)
+
     def test_withoutLimiter(self):
         """
         A policy without a limiter answers failures at once and never
