@@ -18,6 +18,7 @@ are used, no Postfix server is started):
     python3 bench/relay.py --reuse                 # smtp-source -d: many messages per session
     python3 bench/relay.py --extra "max_connections_per_domain = 20"
     python3 bench/relay.py --dkim                  # DKIM-sign every message (RSA-2048)
+    python3 bench/relay.py --dkim --eight-bit      # 8-bit messages, sink without 8BITMIME
 """
 
 import argparse
@@ -57,14 +58,14 @@ class SinkCounter:
     @ivar lastMessageAt: C{time.monotonic()} when the count last went up.
     """
 
-    def __init__(self, port: int, concurrency: int) -> None:
+    def __init__(self, port: int, concurrency: int, eightBitMIME: bool = True) -> None:
         self.messages = 0
         self.lastMessageAt: Optional[float] = None
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self.process = subprocess.Popen(
             [accept.tool("smtp-sink"), "-c", "-u", "root", "-m", str(concurrency),
-             f"127.0.0.1:{port}", "1024"],
+             *([] if eightBitMIME else ["-8"]), f"127.0.0.1:{port}", "1024"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -204,6 +205,25 @@ def dkimSection(workdir: str, algorithm: str) -> str:
     return f"[dkim:bench.test]\nselector = bench\nkey = {path}\nalgorithm = {algorithm}\n"
 
 
+def eightBitMessage(workdir: str, size: int) -> str:
+    """
+    A file for C{smtp-source -F}: an 8-bit UTF-8 text message
+    (C{Content-Transfer-Encoding: 8bit}, 8-bit Subject) from C{bench.test} of
+    about C{size} bytes.
+    """
+    line = "Gr\u00fc\u00dfe aus K\u00f6ln, sch\u00f6ne Tage w\u00fcnscht der Laden \u2014 bis bald!"
+    header = (
+        "From: Laden <app@bench.test>\nTo: rcpt@sink.test\nSubject: Gr\u00fc\u00dfe\n"
+        "MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n"
+        "Content-Transfer-Encoding: 8bit\n\n"
+    )
+    lines = max(1, (size - len(header.encode("utf-8"))) // (len(line.encode("utf-8")) + 2))
+    path = os.path.join(workdir, "eight-bit.eml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(header + (line + "\n") * lines)
+    return path
+
+
 def oneRun(args: argparse.Namespace) -> dict:
     """
     One run: a fresh relay and sink, C{args.messages} messages through them.
@@ -213,7 +233,7 @@ def oneRun(args: argparse.Namespace) -> dict:
     """
     workdir = tempfile.mkdtemp(prefix="smartrelay-bench-relay-", dir=args.tmp)
     smtpPort, sinkPort = accept.freePort(), accept.freePort()
-    sink = SinkCounter(sinkPort, args.sink_concurrency)
+    sink = SinkCounter(sinkPort, args.sink_concurrency, eightBitMIME=not args.eight_bit)
     relay: Optional[subprocess.Popen] = None
     log = os.path.join(workdir, "twistd.log")
     try:
@@ -225,10 +245,13 @@ def oneRun(args: argparse.Namespace) -> dict:
             extra += "\n" + dkimSection(workdir, args.dkim)
         relay, log = startRelay(workdir, smtpPort, sinkPort, extra)
         command = [accept.tool("smtp-source"), "-s", str(args.sessions),
-                   "-m", str(args.messages), "-l", str(args.size),
-                   "-f", "app@bench.test", "-t", "rcpt@sink.test"]
+                   "-m", str(args.messages), "-f", "app@bench.test", "-t", "rcpt@sink.test"]
+        if not args.eight_bit:
+            command += ["-l", str(args.size)]
         if args.reuse:
             command.append("-d")
+        if args.eight_bit:
+            command += ["-F", eightBitMessage(workdir, args.size)]
         command.append(f"127.0.0.1:{smtpPort}")
         started = time.monotonic()
         try:
@@ -310,6 +333,9 @@ def main() -> None:
     parser.add_argument("--dkim", nargs="?", const="rsa-sha256", default=None,
                         choices=["rsa-sha256", "ed25519-sha256"],
                         help="sign every message (a fresh RSA-2048 or Ed25519 key for bench.test)")
+    parser.add_argument("--eight-bit", action="store_true",
+                        help="send an 8-bit UTF-8 message of --size bytes to a sink that does "
+                             "not offer 8BITMIME (smtp-sink -8): every message is downgraded")
     parser.add_argument("--extra", action="append", default=[],
                         help="a line for the relay's [delivery] section (repeatable)")
     parser.add_argument("--sink-concurrency", type=int, default=1000, help="smtp-sink -m")
