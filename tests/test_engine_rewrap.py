@@ -12,7 +12,7 @@ import dkim
 from twisted.internet.defer import fail, maybeDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from smartrelay.engine.dkim import DKIMKey, DKIMSigner
+from smartrelay.engine.dkim import DKIMKey, DKIMSigner, generateKey
 from smartrelay.engine.downgrade import Offers, Prepared
 from smartrelay.engine.rewrap import RewrapJob, Rewrapper, SigningError
 from smartrelay.engine.workers import WorkerError, WorkerLost
@@ -43,8 +43,6 @@ SEVEN_BIT = Offers()
 EVERYTHING = Offers(eightBitMIME=True, smtpUTF8=True)
 
 # Made once: RSA key generation takes a while.
-from smartrelay.engine.dkim import generateKey  # noqa: E402
-
 RSA_PEM, RSA_TXT = generateKey("rsa-sha256", 2048)
 
 

@@ -40,7 +40,6 @@ from typing import Any, Callable, Optional, Tuple
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smartrelay.engine.dkim import fromDomain, headerSection
@@ -133,8 +132,6 @@ class Rewrapper:
     unsubscribe: bool = True
     signer: Any = None
     workers: Any = None
-
-    log = Logger()
 
     def verpAddress(self, entry: SpoolEntry, index: int) -> str:
         """
