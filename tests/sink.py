@@ -223,22 +223,29 @@ class RelayProcess:
         self.process = None
         self.port = None
 
+    def logging(self) -> tuple:
+        """
+        twistd's logging options, and where the child's standard output
+        goes: here, twistd's own log file.
+        """
+        return ["--logfile", self.logPath], subprocess.DEVNULL
+
     def start(self):
         self._logOffset = os.path.getsize(self.logPath) if os.path.exists(self.logPath) else 0
+        options, stdout = self.logging()
         self.process = subprocess.Popen(
             [
                 installedScript("twistd"),
                 "-n",
                 "--pidfile=",
-                "--logfile",
-                self.logPath,
+                *options,
                 "smartrelay",
                 "--config",
                 self.configPath,
             ],
             cwd=self.workdir,
             env=installedEnvironment(),
-            stdout=subprocess.DEVNULL,
+            stdout=stdout,
             stderr=open(os.path.join(self.workdir, "stderr.log"), "ab"),
         )
 

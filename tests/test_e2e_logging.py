@@ -8,7 +8,6 @@ import json
 import os
 import re
 import smtplib
-import subprocess
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -16,7 +15,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from smartrelay.auth import hashPassword
-from tests.sink import RelayProcess, Sink, installedEnvironment, installedScript, waitFor
+from tests.sink import RelayProcess, Sink, waitFor
 
 TEXT = "From: app@example.com\r\nTo: ok@example.org\r\nSubject: hi\r\n\r\nhello\r\n"
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -32,24 +31,8 @@ class JSONRelayProcess(RelayProcess):
         super().__init__(workdir, configText)
         self.logPath = os.path.join(workdir, "stdout.jsonl")
 
-    def start(self):
-        self._logOffset = os.path.getsize(self.logPath) if os.path.exists(self.logPath) else 0
-        self.process = subprocess.Popen(
-            [
-                installedScript("twistd"),
-                "-n",
-                "--pidfile=",
-                "--logger",
-                "smartrelay.logs.jsonObserver",
-                "smartrelay",
-                "--config",
-                self.configPath,
-            ],
-            cwd=self.workdir,
-            env=installedEnvironment(),
-            stdout=open(self.logPath, "ab"),
-            stderr=open(os.path.join(self.workdir, "stderr.log"), "ab"),
-        )
+    def logging(self) -> tuple:
+        return ["--logger", "smartrelay.logs.jsonObserver"], open(self.logPath, "ab")
 
     def records(self) -> list:
         """

@@ -8,7 +8,6 @@ import base64
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import types
 from typing import Dict, List, Optional

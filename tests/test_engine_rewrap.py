@@ -58,9 +58,17 @@ def realSigner(domain="shop.example"):
     return DKIMSigner([DKIMKey(domain, "s1", "rsa-sha256", RSA_PEM)])
 
 
-class RewrapTests(SynchronousTestCase):
+class RewrapperFactory:
+    """
+    Builds a L{Rewrapper} with the tests' settings; a test case overrides
+    L{options} for its own defaults, a test passes its own keywords.
+    """
+
     def setUp(self):
         self.tokens = Tokens([b"k" * 32])
+
+    def options(self) -> dict:
+        return {}
 
     def rewrapper(self, **kwargs):
         options = dict(
@@ -71,8 +79,12 @@ class RewrapTests(SynchronousTestCase):
             baseURL="https://t.example",
             runInThread=maybeDeferred,
         )
+        options.update(self.options())
         options.update(kwargs)
         return Rewrapper(**options)
+
+
+class RewrapTests(RewrapperFactory, SynchronousTestCase):
 
     def rewrap(self, data=TEXT, sender="app@shop.example", index=1, **entryOptions):
         """
@@ -186,7 +198,7 @@ class RewrapTests(SynchronousTestCase):
         self.assertIn(b"List-Unsubscribe:", seen[0])
 
 
-class DowngradeAndSigningTests(SynchronousTestCase):
+class DowngradeAndSigningTests(RewrapperFactory, SynchronousTestCase):
     """
     The re-wrap makes the message for the server that will get it: 8-bit
     content that server cannot take is downgraded before the message is
@@ -194,21 +206,8 @@ class DowngradeAndSigningTests(SynchronousTestCase):
     a domain with keys is never sent unsigned.
     """
 
-    def setUp(self):
-        self.tokens = Tokens([b"k" * 32])
-
-    def rewrapper(self, **kwargs):
-        options = dict(
-            tokens=self.tokens,
-            hostname="relay.test",
-            bounceDomain="bounces.test",
-            verpPrefix="bounce",
-            baseURL="https://t.example",
-            runInThread=maybeDeferred,
-            signer=realSigner(),
-        )
-        options.update(kwargs)
-        return Rewrapper(**options)
+    def options(self) -> dict:
+        return dict(signer=realSigner())
 
     def rewrap(self, data, offers, rewrapper=None):
         entry = makeEntry(QUEUE_ID, ["a@example.com"], sender="app@shop.example")
@@ -337,27 +336,14 @@ class DowngradeAndSigningTests(SynchronousTestCase):
         )
 
 
-class WorkerJobTests(SynchronousTestCase):
+class WorkerJobTests(RewrapperFactory, SynchronousTestCase):
     """
     With a worker pool, the CPU work goes to it as a picklable
     L{RewrapJob} that does in the worker what the thread would have done.
     """
 
-    def setUp(self):
-        self.tokens = Tokens([b"k" * 32])
-
-    def rewrapper(self, **kwargs):
-        return Rewrapper(
-            tokens=self.tokens,
-            hostname="relay.test",
-            bounceDomain="bounces.test",
-            verpPrefix="bounce",
-            baseURL="https://t.example",
-            runInThread=lambda *a: self.fail("ran in a thread"),
-            clicks=True,
-            opens=True,
-            **kwargs,
-        )
+    def options(self) -> dict:
+        return dict(runInThread=lambda *a: self.fail("ran in a thread"), clicks=True, opens=True)
 
     def test_jobToWorkers(self):
         """
