@@ -27,6 +27,9 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):
+        problem = checkLogger(getattr(self, "parent", None))
+        if problem is not None:
+            stopWith(problem)
         try:
             if self["config"] is None:
                 self.relayConfig = defaultConfig()
@@ -36,10 +39,40 @@ class Options(usage.Options):
         except ConfigError as e:
             problem = str(e)
         if problem is not None:
-            # One clear line and a non-zero exit: a config mistake is not a
-            # usage mistake, so no usage text and no traceback.
-            sys.stderr.write("smartrelay: %s\n" % (problem,))
-            raise SystemExit(1)
+            stopWith(problem)
+
+
+def stopWith(problem: str) -> None:
+    """
+    One clear line and a non-zero exit: a config mistake is not a usage
+    mistake, so no usage text and no traceback.
+    """
+    sys.stderr.write("smartrelay: %s\n" % (problem,))
+    raise SystemExit(1)
+
+
+def checkLogger(twistdOptions) -> "str | None":
+    """
+    The JSON log observer writes to standard output, which a daemon does
+    not have (twistd points it at C{/dev/null}): refuse it without C{-n}
+    rather than lose every log line.
+
+    @param twistdOptions: twistd's own options (the parent of ours), or
+        L{None} when ours were parsed alone.
+    @return: None, or a one-line problem.
+    """
+    if twistdOptions is None:
+        return None
+    try:
+        logger, foreground = twistdOptions["logger"], twistdOptions["nodaemon"]
+    except KeyError:
+        return None
+    if logger == "smartrelay.logs.jsonObserver" and not foreground:
+        return (
+            "--logger smartrelay.logs.jsonObserver writes to standard output: "
+            "run twistd with -n (--nodaemon), or drop --logger to use --logfile"
+        )
+    return None
 
 
 def checkDataDirectory(path: str):
@@ -78,8 +111,7 @@ def makeService(options):
         # the options were checked): one line too, as in postOptions.
         if e.source == "<config>" and options["config"] is not None:
             e.source = options["config"]
-        sys.stderr.write("smartrelay: %s\n" % (e,))
-        raise SystemExit(1)
+        stopWith(str(e))
     service.whenReady().addErrback(_startFailed, reactor)
     return service
 

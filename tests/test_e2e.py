@@ -332,6 +332,27 @@ class StartupTests(SynchronousTestCase):
         self.assertIn("/nonexistent/smartrelay.ini", result.stderr)
         self.assertNotIn("Traceback", result.stderr)
 
+    def test_jsonLoggerNeedsForeground(self):
+        """
+        The JSON log observer writes to standard output, which a daemon
+        does not have: without C{-n} twistd refuses it with one line
+        instead of running with every log line lost.
+        """
+        directory = os.path.abspath(self.mktemp_dir())
+        result = subprocess.run(
+            [installedScript("twistd"), "--pidfile=", "--logger", "smartrelay.logs.jsonObserver",
+             "smartrelay"],
+            cwd=directory, env=installedEnvironment(), capture_output=True, text=True,
+            timeout=60,
+        )
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(
+            result.stderr,
+            "smartrelay: --logger smartrelay.logs.jsonObserver writes to standard output: "
+            "run twistd with -n (--nodaemon), or drop --logger to use --logfile\n",
+        )
+        self.assertFalse(os.path.exists(os.path.join(directory, "var")))
+
     def test_dataDirNotADirectory(self):
         """
         A data_dir that cannot be created is one line and exit status 1.
