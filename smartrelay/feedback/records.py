@@ -44,7 +44,7 @@ class FeedbackRecord:
     @ivar user_agent: ARF C{User-Agent}, for complaints.
     """
 
-    type: str
+    type: str = attrs.field()
     recipient: Optional[str] = None
     action: Optional[str] = None
     status: Optional[str] = None
