@@ -1,0 +1,132 @@
+"""
+How well and how fast the relay reads the reports that come back.
+
+Runs L{smartrelay.feedback.report.readReport} over a bounce corpus (by
+default C{../shared/corpus/bounces}, read in place: its C{samples/*.eml}
+and C{answers.jsonl}, one expected record per line with C{file}, C{index},
+C{recipient}, C{reason}, C{hardbounce}), matches the records to the
+answers by file and index, and prints the recipient, reason and hard/soft
+agreement, every disagreement, and the messages read per second (one core,
+best of C{--repeat} passes over the whole corpus, the files already in
+memory).
+
+    python3 bench/classify.py [--corpus DIR] [--repeat N] [--quiet]
+
+Exit status 0 whatever the agreement; 2 if the corpus is missing.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from smartrelay.feedback.report import readReport
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CORPUS = os.path.join(HERE, "..", "..", "shared", "corpus", "bounces")
+
+
+def _load(corpus: str):
+    answers = []
+    with open(os.path.join(corpus, "answers.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                answers.append(json.loads(line))
+    files = sorted({answer["file"] for answer in answers})
+    extra = os.path.join(corpus, "not-bounces")
+    if os.path.isdir(extra):
+        files += sorted(
+            os.path.join("not-bounces", name) for name in os.listdir(extra) if name.endswith(".eml")
+        )
+    data = {}
+    for name in files:
+        with open(os.path.join(corpus, name), "rb") as f:
+            data[name] = f.read()
+    return answers, data
+
+
+def _kind(answer) -> str:
+    return "hard" if answer["hardbounce"] else "soft"
+
+
+def _expectedKind(answer) -> str:
+    # Complaints and auto-replies are neither.
+    if answer["reason"] in ("feedback", "vacation"):
+        return "-"
+    return _kind(answer)
+
+
+def _gotKind(record) -> str:
+    if record is None or record.type in ("complaint", "autoreply"):
+        return "-"
+    return record.kind or "soft"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", default=DEFAULT_CORPUS)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quiet", action="store_true", help="do not list disagreements")
+    options = parser.parse_args(argv)
+    if not os.path.isfile(os.path.join(options.corpus, "answers.jsonl")):
+        print(f"no corpus at {options.corpus}", file=sys.stderr)
+        return 2
+    answers, data = _load(options.corpus)
+
+    reports = {name: readReport(raw) for name, raw in data.items()}
+    best = None
+    for _ in range(max(1, options.repeat)):
+        start = time.perf_counter()
+        for raw in data.values():
+            readReport(raw)
+        elapsed = time.perf_counter() - start
+        best = elapsed if best is None else min(best, elapsed)
+
+    recipientOk = reasonOk = kindOk = 0
+    problems = []
+    for answer in answers:
+        report = reports[answer["file"]]
+        index = answer["index"] - 1
+        record = report.records[index] if index < len(report.records) else None
+        got = record.recipient if record else None
+        where = f"{answer['file']}#{answer['index']}"
+        if got is not None and got.lower() == answer["recipient"].lower():
+            recipientOk += 1
+        else:
+            problems.append(f"{where} recipient: want {answer['recipient']!r} got {got!r} ({report.type})")
+        reason = record.reason if record else None
+        if reason == answer["reason"]:
+            reasonOk += 1
+        else:
+            problems.append(
+                f"{where} reason: want {answer['reason']} got {reason}"
+                f" (status {record.status if record else None}, want {answer['status']};"
+                f" diagnostic {(record.diagnostic or '')[:160] if record else ''!r})"
+            )
+        if _gotKind(record) == _expectedKind(answer):
+            kindOk += 1
+        else:
+            problems.append(f"{where} kind: want {_expectedKind(answer)} got {_gotKind(record)} ({reason})")
+    for name, report in reports.items():
+        want = sum(1 for answer in answers if answer["file"] == name)
+        if name.startswith("not-bounces"):
+            if report.type != "none":
+                problems.append(f"{name}: want no report, got {report.type} {len(report.records)}")
+        elif len(report.records) != want:
+            problems.append(f"{name}: {len(report.records)} records, want {want}")
+
+    if not options.quiet:
+        for line in problems:
+            print(line)
+    total = len(answers)
+    print(f"corpus: {len(data)} messages, {total} expected records")
+    print(f"recipient: {recipientOk}/{total} = {100 * recipientOk / total:.1f} %")
+    print(f"reason:    {reasonOk}/{total} = {100 * reasonOk / total:.1f} %")
+    print(f"hard/soft: {kindOk}/{total} = {100 * kindOk / total:.1f} %")
+    print(f"speed:     {len(data) / best:.0f} messages/s (one core, best of {options.repeat})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+# -*- test-case-name: tests.test_feedback_report -*-
+"""
+Bounces in words: the human-readable text that MTAs send instead of (or
+beside) an RFC 3464 report, read without knowing which MTA wrote it.
+
+The shapes are few, whatever the MTA: a preamble ("This message was created
+automatically by mail delivery software", "Hi. This is the qmail-send
+program", "Delivery to the following recipient failed permanently"), then
+each failed recipient on a line of its own, or as C{<address>:} before its
+error, or in C{RCPT TO:<address>}, each followed by the remote server's
+reply; then a marker line and the returned message.  L{bounceText} cuts the
+text at that marker, L{failedRecipients} finds each recipient and the text
+that belongs to it, and L{details} reads the status, reply code and remote
+MTA out of that text.
+"""
+
+import re
+from typing import Iterable, Optional
+
+import attrs
+
+from smartrelay.feedback.mailtext import addresses, replyCodeIn, squeeze, statusIn
+
+__all__ = ["TextRecipient", "bounceText", "failedRecipients", "details", "isDelay"]
+
+# A line that starts the returned message: dashes (or similar) and words
+# that announce a copy of the original, or one of the sentences MTAs write
+# before it.
+_ORIGINAL_MARKER = re.compile(
+    r"^[ \t>]*(?:"
+    r"[-=_*#]{2,}[ \t]*(?:[^\n]{0,20}?)(?:this is a copy|below this line|(?:the )?original"
+    r"|returned|undelivered|unsent|header of|headers of|forwarded|copy of|message follows"
+    r"|attached message|rfc822|message text|text of)"
+    r"|(?:original message|original message headers|returned message|message headers follow"
+    r"|the original message(?: headers)? (?:is|are|was|were) (?:below|attached|included|as follows)"
+    r"|below is a copy of|here is a copy of|a copy of the original message|"
+    r"included is a copy|headers of the original|the header of the original)[^\n]{0,40}:?[ \t]*$"
+    r"|content-type:[ \t]*(?:message/rfc822|text/rfc822-headers)"
+    r")",
+    re.I | re.M,
+)
+# A paragraph that is the header of the returned message.
+_HEADER_PARAGRAPH = re.compile(
+    r"\n\s*\n((?:Return-Path|Received|DKIM-Signature|Message-I[dD]|Delivered-To"
+    r"|X-[\w-]+|From|Date|To|Subject|MIME-Version|Content-Type):[ \t]*\S[^\n]*\n"
+    r"(?:[ \t]+\S[^\n]*\n)*"
+    r"[A-Za-z][\w-]*:[ \t])",
+)
+
+
+def bounceText(text: str) -> str:
+    """
+    @return: the part of a bounce's text before the returned message.
+    """
+    cut = len(text)
+    match = _ORIGINAL_MARKER.search(text)
+    if match is not None:
+        cut = match.start()
+    match = _HEADER_PARAGRAPH.search(text, 0, cut + 1)
+    if match is not None and match.start() < cut:
+        cut = match.start() + 1
+    return text[:cut]
+
+
+@attrs.frozen
+class TextRecipient:
+    """
+    A failed recipient found in a bounce's text and the text about it.
+    """
+
+    address: str
+    text: str
+
+
+_LINE_ALONE = re.compile(
+    r"^[ \t]*(?:(?:to|recipient|rcpt|address|for|original-recipient|final-recipient)"
+    r"[ \t]*:?[ \t]*)?(?:rfc822;[ \t]*)?<?([^\s<>@]+@[^\s<>]+?)>?[ \t]*"
+    r"(?::|\.\.\.|,)?[ \t]*(?:\([^)\n]*\)|<[^>\n]*>|\[[^\]\n]*\])?[ \t]*:?[ \t]*$",
+    re.I | re.M,
+)
+_LINE_LEADING = re.compile(r"^[ \t]*<([^\s<>@]+@[^\s<>]+)>[ \t]*:?[ \t]+\S", re.M)
+_LINE_LEADING_BARE = re.compile(r"^[ \t]*([^\s<>@:]+@[^\s<>:]+?)[ \t]*:[ \t]+\S", re.M)
+_RCPT = re.compile(r"RCPT[ \t]+TO[ \t]*:[ \t]*<?([^\s<>@]+@[^\s<>]+?)>?(?=[\s>]|$)", re.I)
+_NAMED = re.compile(
+    r"(?:(?:deliver(?:y|ed|ing)?|sen[dt]|message|mail|e-?mail|forward(?:ed|ing)?|relay(?:ed|ing)?)"
+    r"[^\n.]{0,40}?\bto|recipient(?:\s+address)?|addressee|address(?:es)?|user|mailbox|"
+    r"destinataire|empf\S{1,4}nger|destinatario)"
+    r"[ \t]*(?::|is|was|\()?[ \t\n]*[\"'(]?<?([^\s<>@\"'(),;]+@[^\s<>\"'(),;]+?)>?"
+    r"(?=[\s>\"'),;:]|\.\s|\.?$)",
+    re.I | re.M,
+)
+_FAILURE = re.compile(
+    r"(?i)fail|could ?n[o']t|cannot|can't|unable|undeliver|not (?:be )?deliver|reject"
+    r"|unknown|no such|does not exist|doesn't exist|invalid|error|bounce|refused|denied"
+    r"|full|quota|blocked|returned|problem|permanent|not found|disabled|expired|delay"
+)
+_SENDER_CONTEXT = re.compile(r"(?i)(?:mail from|from|sender|envelope-from|return-path|reply-to)[ \t]*:?[ \t]*<?$")
+_NOT_RECIPIENTS = re.compile(
+    r"(?i)^(?:postmaster|mailer-daemon|mailer_daemon|mailerdaemon|mail-daemon|maildaemon"
+    r"|mdaemon|double-bounce|noreply|no-reply)@"
+)
+
+
+def _positions(text: str, exclude: frozenset) -> list[tuple[int, str]]:
+    """
+    @return: C{(offset, address)} for each place C{text} names a failed
+        recipient, strongest evidence first in each kind, in text order.
+    """
+    found: list[tuple[int, str]] = []
+    for pattern in (_LINE_ALONE, _LINE_LEADING, _LINE_LEADING_BARE, _RCPT):
+        for match in pattern.finditer(text):
+            found.append((match.start(), match.group(1)))
+    if not found:
+        for match in _NAMED.finditer(text):
+            found.append((match.start(), match.group(1)))
+    result = []
+    for offset, raw in found:
+        for _, address in addresses(raw):
+            before = text[max(0, offset - 20) : offset]
+            if _SENDER_CONTEXT.search(before):
+                continue
+            if address.lower() in exclude or _NOT_RECIPIENTS.match(address):
+                continue
+            result.append((offset, address))
+            break
+    result.sort()
+    return result
+
+
+def _weakPositions(text: str, exclude: frozenset) -> list[tuple[int, str]]:
+    """
+    @return: every address in C{text} on a line that speaks of a failure,
+        but the senders and the mail system's own addresses.
+    """
+    result = []
+    for offset, address in addresses(text):
+        if address.lower() in exclude or _NOT_RECIPIENTS.match(address):
+            continue
+        lineStart = text.rfind("\n", 0, offset) + 1
+        lineEnd = text.find("\n", offset)
+        line = text[lineStart : lineEnd if lineEnd != -1 else len(text)]
+        if _SENDER_CONTEXT.search(text[max(lineStart, offset - 20) : offset]):
+            continue
+        if _FAILURE.search(line) or len(line.strip()) <= len(address) + 4:
+            result.append((offset, address))
+    return result
+
+
+def failedRecipients(
+    text: str, exclude: Iterable[str] = (), known: Iterable[str] = ()
+) -> list[TextRecipient]:
+    """
+    Find the failed recipients in a bounce's text (see L{bounceText}).
+
+    @param exclude: addresses that are not recipients (the bounce's own
+        addressee, the returned message's sender).
+    @param known: recipients already known (C{X-Failed-Recipients}); when
+        given, only their text is looked for.
+    @return: each recipient once, in the order the text names them, with
+        the text from its first mention to the next recipient's.
+    """
+    excluded = frozenset(address.lower() for address in exclude)
+    knownList = []
+    for address in known:
+        if address.lower() not in (each.lower() for each in knownList):
+            knownList.append(address)
+    if knownList:
+        positions = []
+        lowered = text.lower()
+        for address in knownList:
+            offset = lowered.find(address.lower())
+            positions.append((offset if offset != -1 else len(text), address))
+        positions.sort(key=lambda pair: pair[0])
+    else:
+        positions = _positions(text, excluded) or _weakPositions(text, excluded)
+    firsts: list[tuple[int, str]] = []
+    seen: set = set()
+    for offset, address in positions:
+        if address.lower() in seen:
+            continue
+        seen.add(address.lower())
+        firsts.append((offset, address))
+    result = []
+    for index, (offset, address) in enumerate(firsts):
+        end = firsts[index + 1][0] if index + 1 < len(firsts) else len(text)
+        start = min(offset, len(text))
+        segment = text[start:end]
+        if not _hasReply(segment):
+            # The error may be written before the addresses or after the
+            # whole list of them.
+            tail = text[firsts[-1][0] :] if firsts else ""
+            head = text[: firsts[0][0]] if firsts else text
+            for extra in (tail, head):
+                if _hasReply(extra):
+                    segment = segment + "\n" + extra
+                    break
+            else:
+                if len(squeeze(segment) or "") <= len(address) + 4:
+                    segment = segment + "\n" + head
+        result.append(TextRecipient(address=address, text=segment))
+    return result
+
+
+_REPLY_WORDS = re.compile(r"(?<![\d.])[245]\d\d(?:[ -]|$)|(?<![\d.])[245]\.\d{1,3}\.\d{1,3}", re.M)
+
+
+def _hasReply(text: str) -> bool:
+    return _REPLY_WORDS.search(text) is not None or _FAILURE.search(text) is not None and len(text) > 80
+
+
+_REMOTE = [
+    re.compile(r"(?i)\bhost[ \t]+([\w-]+(?:\.[\w-]+)+)\.?[ \t]*\[[0-9a-f.:]+\]"),
+    re.compile(r"(?i)remote host[ \t]+\[?([\w.:-]+?)\]?[ \t]+said"),
+    re.compile(r"(?i)while talking to[ \t]+([\w.-]+?)\.?[ \t]*[.:]"),
+    re.compile(r"(?i)\bby[ \t]+([\w-]+(?:\.[\w-]+)+)\.?[ \t]+\[[0-9a-f.:]+\]"),
+    re.compile(r"(?i)remote[ -]?(?:mta|server|host)[ \t]*(?:is|:|=)?[ \t]*(?:dns;[ \t]*)?\[?([\w-]+(?:\.[\w-]+)+)"),
+    re.compile(r"(?i)(?:connect(?:ion)? to|connecting to)[ \t]+([\w-]+(?:\.[\w-]+)+)\.?[ \t]*\["),
+    re.compile(r"(?i)\bmx(?: host)?[ \t]+([\w-]+(?:\.[\w-]+)+)"),
+]
+_DIAGNOSTIC_START = re.compile(
+    r"(?im)(?:said|returned|response|reply|responded|error|answer)[^\n]{0,20}?:[ \t\n]*"
+    r"(?=[245]\d\d\b|<|[A-Za-z])|^[ \t]*(?:<<<[ \t]*)?(?=[245]\d\d[ -])"
+)
+
+
+def details(segment: str, address: str) -> dict:
+    """
+    Read what a bounce's text says of one recipient.
+
+    @return: C{status}, C{replycode}, C{remote} and C{diagnostic} (any may
+        be L{None}).
+    """
+    remote = None
+    for pattern in _REMOTE:
+        match = pattern.search(segment)
+        if match is not None and "@" not in match.group(1):
+            remote = match.group(1).lower().rstrip(".")
+            break
+    text = segment
+    # Drop the line that only names the address.
+    lines = text.split("\n", 1)
+    if address.lower() in lines[0].lower() and len(lines[0].strip()) <= len(address) + 30 and len(lines) > 1:
+        text = lines[1]
+    diagnostic = squeeze(text, 1000)
+    status = statusIn(diagnostic)
+    reply = None
+    match = _DIAGNOSTIC_START.search(text)
+    if match is not None:
+        reply = replyCodeIn(text[match.end() : match.end() + 8])
+    if reply is None:
+        reply = replyCodeIn(diagnostic)
+    return dict(status=status, replycode=reply, remote=remote, diagnostic=diagnostic)
+
+
+_DELAY = re.compile(
+    r"(?i)delivery (?:status notification \()?delay|\bdelayed\b|has not (?:yet )?been delivered"
+    r"|not yet been delivered|will (?:continue to )?(?:re)?try|still (?:be )?(?:trying|retrying|being retried)"
+    r"|warning: could not send|temporar(?:y|ily) (?:failure|unable)[^\n]{0,80}retry"
+    r"|no action is required on your part"
+)
+
+
+def isDelay(subject: str, text: str) -> bool:
+    """
+    @return: whether a bounce in words is a delay warning (the MTA will try
+        again) rather than a failure.
+    """
+    if re.search(r"(?i)delay|warning", subject) and not re.search(r"(?i)fail|undeliver|returned", subject):
+        return True
+    head = text[:1500]
+    if re.search(r"(?i)permanent|given up|giving up|gave up|could not be delivered|failed permanently", head):
+        return False
+    return _DELAY.search(head) is not None

@@ -1,0 +1,200 @@
+# -*- test-case-name: tests.test_feedback_report -*-
+"""
+Small text helpers shared by the report readers: a part's text, header
+fields in a report body, addresses, status codes and reply codes found in
+free text.
+
+Nothing here raises on bad input: undecodable bytes become replacement
+characters, unknown charsets are read as UTF-8.
+"""
+
+import codecs
+import email.header
+import re
+from typing import Iterator, Optional
+
+from smartrelay import mime
+
+__all__ = [
+    "partText",
+    "headerText",
+    "fieldBlocks",
+    "addressIn",
+    "addresses",
+    "normalAddress",
+    "statusIn",
+    "replyCodeIn",
+    "squeeze",
+    "MAX_TEXT",
+]
+
+#: A report's text beyond this many characters is not read (a bounce's
+#: own words come first; what follows is the returned message).
+MAX_TEXT = 64 * 1024
+
+# RFC 5321 addresses as bounces write them: lenient (quoted local parts,
+# IP literals and trailing dots are rare enough to leave out).
+_ADDRESS = re.compile(
+    r"(?<![\w.+=/-])([\w!#$%&'*+/=?^`{|}~-]+(?:\.[\w!#$%&'*+/=?^`{|}~-]+)*"
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63})(?![\w-])",
+)
+_STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.]*\d)")
+_REPLY = re.compile(r"(?<![\w.#-])([245][0-5]\d)(?:[ -]|$)(?!\s*(?:bytes|ms|sec))", re.M)
+_SPACE = re.compile(r"\s+")
+
+
+def _charsetOf(name: Optional[str]) -> str:
+    """
+    @return: a codec name Python knows for the MIME charset C{name}, UTF-8
+        if unknown.
+    """
+    if not name:
+        return "utf-8"
+    name = name.strip().strip('"').lower()
+    if name in ("us-ascii", "ascii", "unknown-8bit", "x-unknown", "8bit"):
+        return "utf-8"
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        return "utf-8"
+
+
+def partText(part: mime.Part, limit: int = MAX_TEXT) -> str:
+    """
+    @return: the body of C{part}, transfer decoding undone, decoded by its
+        charset (UTF-8 with replacement characters when unknown or wrong),
+        at most C{limit} characters.
+    """
+    try:
+        raw = part.decodedBody()
+    except Exception:
+        raw = part.body
+    raw = raw[: limit * 2]
+    return decodeBytes(raw, part.charset)[:limit]
+
+
+def decodeBytes(raw: bytes, charset: Optional[str] = None) -> str:
+    """
+    @return: C{raw} decoded by C{charset}, falling back to UTF-8 with
+        replacement characters.
+    """
+    codec = _charsetOf(charset)
+    try:
+        return raw.decode(codec, "replace")
+    except Exception:
+        return raw.decode("utf-8", "replace")
+
+
+def headerText(value: Optional[str]) -> str:
+    """
+    @return: a header value with RFC 2047 encoded words decoded, or C{""}.
+    """
+    if not value:
+        return ""
+    if "=?" not in value:
+        return value
+    try:
+        pieces = []
+        for chunk, charset in email.header.decode_header(value):
+            if isinstance(chunk, bytes):
+                pieces.append(decodeBytes(chunk, charset))
+            else:
+                pieces.append(chunk)
+        return "".join(pieces)
+    except Exception:
+        return value
+
+
+_FIELD_LINE = re.compile(r"([A-Za-z][A-Za-z0-9-]*)[ \t]*:[ \t]?(.*)")
+
+
+def fieldBlocks(text: str) -> Iterator[list[tuple[str, str]]]:
+    """
+    Read C{text} as groups of header-style fields separated by blank lines
+    (the body of a C{message/delivery-status} or
+    C{message/feedback-report} part), unfolding continuation lines.
+
+    @return: each group as a list of C{(lower-cased name, value)}; lines
+        that are no field are skipped.
+    """
+    block: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        if not line.strip():
+            if block:
+                yield block
+                block = []
+            continue
+        if line[:1] in (" ", "\t"):
+            if block:
+                name, value = block[-1]
+                block[-1] = (name, value + " " + line.strip())
+            continue
+        match = _FIELD_LINE.match(line)
+        if match is not None:
+            block.append((match.group(1).lower(), match.group(2).strip()))
+    if block:
+        yield block
+
+
+def normalAddress(address: str) -> str:
+    """
+    @return: C{address} with the domain lower-cased (the local part is kept
+        as written) and surrounding brackets, quotes and dots removed.
+    """
+    address = address.strip().strip("<>\"'()[];:,. \t")
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address
+    return local + "@" + domain.lower().rstrip(".")
+
+
+def addresses(text: str) -> Iterator[tuple[int, str]]:
+    """
+    @return: C{(offset, address)} for each e-mail address in C{text}.
+    """
+    for match in _ADDRESS.finditer(text):
+        yield match.start(), normalAddress(match.group(1))
+
+
+def addressIn(text: Optional[str]) -> Optional[str]:
+    """
+    @return: the first e-mail address in C{text}, normalised, or L{None}.
+    """
+    if not text:
+        return None
+    match = _ADDRESS.search(text)
+    return normalAddress(match.group(1)) if match else None
+
+
+def statusIn(text: Optional[str]) -> Optional[str]:
+    """
+    @return: the first RFC 3463 status code (C{"5.1.1"}) in C{text}, or
+        L{None}.
+    """
+    if not text:
+        return None
+    match = _STATUS.search(text)
+    if match is None:
+        return None
+    return ".".join(str(int(group)) for group in match.groups())
+
+
+def replyCodeIn(text: Optional[str]) -> Optional[int]:
+    """
+    @return: the first SMTP reply code (C{550}) in C{text}, or L{None}.
+    """
+    if not text:
+        return None
+    match = _REPLY.search(text)
+    return int(match.group(1)) if match else None
+
+
+def squeeze(text: Optional[str], limit: int = 2000) -> Optional[str]:
+    """
+    @return: C{text} with runs of white space made one space, stripped and
+        cut to C{limit} characters; L{None} for nothing left.
+    """
+    if not text:
+        return None
+    text = _SPACE.sub(" ", text).strip()
+    return text[:limit] or None

@@ -1,0 +1,458 @@
+# -*- test-case-name: tests.test_feedback_report -*-
+"""
+Read a message that came back to the relay as a L{Report}: a bounce (an
+RFC 3464 DSN or a bounce in words), a complaint (ARF), an unsubscribe mail
+or an auto-reply.
+
+L{readReport} never raises: a message it cannot read is a report of type
+C{"none"}.  It is pure CPU work on bytes and may run in a thread.
+"""
+
+import re
+from typing import Iterator, Optional
+
+from twisted.logger import Logger
+
+from smartrelay import mime
+from smartrelay.feedback import arf, dsn, lhost
+from smartrelay.feedback.mailtext import (
+    MAX_TEXT,
+    addressIn,
+    addresses,
+    headerText,
+    partText,
+    squeeze,
+    statusIn,
+)
+from smartrelay.feedback.reasons import classify
+from smartrelay.feedback.records import FeedbackRecord, Report
+
+__all__ = ["readReport", "queueIdIn", "MAX_REPORT"]
+
+log = Logger()
+
+#: Only the first this many bytes of a message are read.
+MAX_REPORT = 4 * 1024 * 1024
+
+_QUEUE_ID = re.compile(
+    rb"(?im)^X-SmartRelay-ID[ \t]*:[ \t]*(?:\r?\n[ \t]+)?([0-9A-F]{2}/[0-9A-F]{2}-[0-9]{5}-[0-9A-F]{8})\b"
+)
+_QUEUE_ID_TEXT = re.compile(
+    r"(?im)^[ \t>]*X-SmartRelay-ID[ \t]*:[ \t]*([0-9A-F]{2}/[0-9A-F]{2}-[0-9]{5}-[0-9A-F]{8})\b"
+)
+_UNSUBSCRIBE = re.compile(r"(?i)(?<![\w.+-])unsub\+[A-Za-z0-9_=-]+@")
+
+
+def readReport(data: bytes) -> Report:
+    """
+    Read a returned message.
+
+    @param data: the raw message (CRLF or LF line breaks), as received.
+    @return: the L{Report}; type C{"none"} (no records) for anything that is
+        no report, including input that is not mail at all.
+    """
+    try:
+        return _read(bytes(data[:MAX_REPORT]))
+    except Exception:
+        log.failure("could not read a report of {size} bytes", size=len(data))
+        return Report("none")
+
+
+def queueIdIn(data: bytes, tree: Optional[mime.Part] = None) -> Optional[str]:
+    """
+    @return: the relay's queue id from an C{X-SmartRelay-ID} header in
+        C{data} (the returned message's, quoted or attached, also inside
+        an encoded part of C{tree}), or L{None}.
+    """
+    match = _QUEUE_ID.search(data)
+    if match is not None:
+        return match.group(1).decode("ascii")
+    if tree is not None:
+        for part in mime.leaves(tree):
+            if part.transferEncoding in ("base64", "quoted-printable"):
+                found = _QUEUE_ID.search(part.decodedBody())
+                if found is not None:
+                    return found.group(1).decode("ascii")
+    return None
+
+
+def _ownParts(tree: mime.Part) -> Iterator[mime.Part]:
+    """
+    The parts of the report itself: C{tree} and its descendants, not
+    descending into an attached message.
+    """
+    yield tree
+    for child in tree.children:
+        yield from _ownParts(child)
+
+
+def _read(data: bytes) -> Report:
+    tree = mime.parse(data)
+    parts = list(_ownParts(tree))
+    types = [part.contentType[0] for part in parts]
+    queueId = queueIdIn(data, tree)
+
+    if _isUnsubscribe(tree):
+        return _unsubscribe(tree)
+
+    feedback = [part for part, ctype in zip(parts, types) if ctype == "message/feedback-report"]
+    if feedback:
+        return _withQueueId(Report("complaint", tuple(arf.readFeedbackReport(tree, feedback[0]))), queueId)
+
+    statusParts = [
+        part
+        for part, ctype in zip(parts, types)
+        if ctype in ("message/delivery-status", "message/global-delivery-status", "text/delivery-status")
+    ]
+    if _isAutoReply(tree) and not statusParts:
+        return _withQueueId(_autoReply(tree), queueId)
+
+    text = _bounceText(tree, parts, types)
+    cut = lhost.bounceText(text)
+    exclude = _senders(tree, text[len(cut) :])
+    records: list[FeedbackRecord] = []
+    if statusParts:
+        records = _fromDeliveryStatus(tree, statusParts, cut, exclude)
+    if not records and (_looksLikeBounce(tree, cut) or statusParts):
+        records = _fromText(tree, cut, exclude)
+    if records:
+        return _withQueueId(Report("bounce", tuple(records)), queueId)
+
+    complaint = arf.readProviderComplaint(tree)
+    if complaint:
+        return _withQueueId(Report("complaint", tuple(complaint)), queueId)
+    if _isAutoReplySubject(tree):
+        return _withQueueId(_autoReply(tree), queueId)
+    return Report("none")
+
+
+def _withQueueId(report: Report, queueId: Optional[str]) -> Report:
+    if queueId is None:
+        return report
+    return Report(
+        report.type,
+        tuple(_replace(record, queue_id=queueId) for record in report.records),
+    )
+
+
+def _replace(record: FeedbackRecord, **changes) -> FeedbackRecord:
+    values = {
+        name: getattr(record, name)
+        for name in (
+            "type",
+            "recipient",
+            "action",
+            "status",
+            "replycode",
+            "diagnostic",
+            "remote",
+            "queue_id",
+            "kind",
+            "reason",
+            "feedback_type",
+            "source_ip",
+            "user_agent",
+        )
+    }
+    values.update(changes)
+    return FeedbackRecord(**values)
+
+
+# ---------------------------------------------------------------------------
+# Bounces
+
+
+def _bounceText(tree: mime.Part, parts: list, types: list) -> str:
+    """
+    The human-readable text of the report: its own C{text/plain} parts
+    (else its HTML with the tags taken out), not the returned message's.
+    """
+    texts = [
+        partText(part)
+        for part, ctype in zip(parts, types)
+        if ctype == "text/plain" and not part.isMultipart
+    ]
+    if not texts:
+        texts = [
+            _htmlText(partText(part))
+            for part, ctype in zip(parts, types)
+            if ctype == "text/html" and not part.isMultipart
+        ]
+    if not texts and not tree.isMultipart and tree.message is None:
+        texts = [partText(tree)]
+    return "\n\n".join(texts)[:MAX_TEXT]
+
+
+_TAG = re.compile(r"(?s)<(?:style|script)\b.*?</(?:style|script)\s*>|<br\s*/?>|</?(?:p|div|tr|li|h\d)\b[^>]*>|<[^>]*>")
+_ENTITIES = {"&nbsp;": " ", "&lt;": "<", "&gt;": ">", "&amp;": "&", "&quot;": '"', "&#39;": "'"}
+
+
+def _htmlText(html: str) -> str:
+    def replace(match):
+        tag = match.group(0).lower()
+        if tag.startswith(("<br", "<p", "</p", "<div", "</div", "<tr", "</tr", "<li", "<h", "</h")):
+            return "\n"
+        return ""
+
+    text = _TAG.sub(replace, html)
+    for entity, char in _ENTITIES.items():
+        text = text.replace(entity, char)
+    return text
+
+
+def _returnedHeaders(tree: mime.Part, quoted: str) -> Optional[mime.Part]:
+    for part in mime.walk(tree):
+        if part is tree:
+            continue
+        if part.message is not None:
+            return part.message
+        if part.contentType[0] in ("message/rfc822", "text/rfc822-headers", "message/rfc822-headers"):
+            return mime.parse(part.decodedBody())
+    if quoted:
+        start = re.search(r"(?m)^[A-Za-z][\w-]*:[ \t]", quoted)
+        if start is not None:
+            return mime.parse(quoted[start.start() :].encode("utf-8", "replace"))
+    return None
+
+
+def _senders(tree: mime.Part, quoted: str) -> set:
+    """
+    The addresses that are certainly not failed recipients: the report's
+    own addressee and sender, the returned message's sender.
+    """
+    found = set()
+    for part, names in (
+        (tree, ("To", "From", "Return-Path", "Reply-To", "Sender")),
+        (_returnedHeaders(tree, quoted), ("From", "Return-Path", "Sender", "Reply-To")),
+    ):
+        if part is None:
+            continue
+        for name in names:
+            for _, address in addresses(headerText(part.get(name))):
+                found.add(address.lower())
+    return found
+
+
+_BOUNCE_SENDER = re.compile(
+    r"(?i)mailer-daemon|mailer_daemon|postmaster|mail delivery|mail-daemon|maildaemon|mdaemon"
+    r"|delivery subsystem|mail administrator|mail system|bounce|nicht zustellbar|^<?>?$"
+)
+_BOUNCE_SUBJECT = re.compile(
+    r"(?i)undeliver|undelivered|deliver(?:y|ed)? (?:status|fail|failure|problem|report|notification)"
+    r"|returned mail|return(?:ed)? to sender|failure notice|delivery (?:has )?failed|non[- ]?delivery"
+    r"|could not be delivered|couldn't be delivered|not delivered|mail delivery|bounce|rejected"
+    r"|nondeliverable|unzustellbar|unable to deliver|delivery error|error sending|mail system error"
+    r"|delayed mail|delivery delayed|warning: could not send|message not delivered|undeliverable"
+    r"|permanent error|fatal error|mail failure|\bnotification\b|retry time|unknown user|user unknown"
+)
+_BOUNCE_WORDS = re.compile(
+    r"(?i)could not be delivered|couldn't be delivered|not be delivered|was not delivered"
+    r"|delivery (?:to the following|has failed|failed)|unable to deliver|permanent (?:error|fatal)"
+    r"|following address(?:es)? failed|undeliverable|mail delivery software|qmail-send|"
+    r"wasn't able to deliver|delivery (?:status|failure)|returned to (?:the )?sender|failed permanently"
+)
+
+
+def _looksLikeBounce(tree: mime.Part, text: str) -> bool:
+    sender = headerText(tree.get("From"))
+    subject = headerText(tree.get("Subject"))
+    returnPath = (tree.get("Return-Path") or "").strip()
+    return bool(
+        _BOUNCE_SENDER.search(sender)
+        or _BOUNCE_SUBJECT.search(subject)
+        or returnPath in ("<>", "")
+        and tree.get("Return-Path") is not None
+        or tree.get("X-Failed-Recipients")
+        or _BOUNCE_WORDS.search(text[:3000])
+    )
+
+
+def _failedRecipientsHeader(tree: mime.Part) -> list[str]:
+    found = []
+    for value in tree.getAll("X-Failed-Recipients"):
+        for _, address in addresses(headerText(value)):
+            if address.lower() not in (each.lower() for each in found):
+                found.append(address)
+    return found
+
+
+def _bounceRecord(
+    recipient: Optional[str],
+    action: Optional[str],
+    status: Optional[str],
+    replycode: Optional[int],
+    diagnostic: Optional[str],
+    remote: Optional[str],
+) -> FeedbackRecord:
+    verdict = classify(status, replycode, diagnostic, action)
+    kind = verdict.kind
+    if action == "delayed":
+        kind = "soft"
+    return FeedbackRecord(
+        type="bounce",
+        recipient=recipient,
+        action=action,
+        status=status or verdict.status,
+        replycode=replycode,
+        diagnostic=diagnostic,
+        remote=remote,
+        kind=kind,
+        reason=verdict.reason,
+    )
+
+
+def _fromDeliveryStatus(
+    tree: mime.Part, statusParts: list, text: str, exclude: set
+) -> list[FeedbackRecord]:
+    records = []
+    textual = None
+    for part in statusParts:
+        body = partText(part)
+        if not body.strip() and part.message is not None:
+            body = part.message.serialize().decode("utf-8", "replace")
+        perMessage, recipients = dsn.readDeliveryStatus(body)
+        for each in recipients:
+            recipient = each.recipient
+            if recipient is None or "@" not in recipient:
+                if each.original and "@" in each.original:
+                    recipient = each.original
+            diagnostic, status, replycode, remote = (
+                each.diagnostic,
+                each.status,
+                each.replycode,
+                each.remote,
+            )
+            if not diagnostic or replycode is None or remote is None:
+                if textual is None:
+                    known = [r.recipient for r in recipients if r.recipient]
+                    textual = {
+                        found.address.lower(): found
+                        for found in lhost.failedRecipients(text, exclude, known)
+                    }
+                found = textual.get((recipient or "").lower())
+                if found is None and len(recipients) == 1 and len(textual) == 1:
+                    found = next(iter(textual.values()))
+                if found is not None:
+                    extra = lhost.details(found.text, found.address)
+                    diagnostic = diagnostic or extra["diagnostic"]
+                    replycode = replycode or (extra["replycode"] if not each.diagnostic else None)
+                    remote = remote or extra["remote"]
+                    status = status or extra["status"]
+            if status is None:
+                status = statusIn(diagnostic)
+            action = each.action
+            if action is None:
+                action = "delayed" if status and status.startswith("4") and lhost.isDelay(
+                    headerText(tree.get("Subject")), text
+                ) else "failed"
+            if action in ("delivered", "relayed", "expanded") and not status:
+                continue
+            records.append(
+                _bounceRecord(recipient, action, status, replycode, diagnostic, remote)
+            )
+    return records
+
+
+def _fromText(tree: mime.Part, text: str, exclude: set) -> list[FeedbackRecord]:
+    subject = headerText(tree.get("Subject"))
+    known = _failedRecipientsHeader(tree)
+    found = lhost.failedRecipients(text, exclude, known)
+    if not found:
+        return []
+    action = "delayed" if lhost.isDelay(subject, text) else "failed"
+    records = []
+    for each in found:
+        extra = lhost.details(each.text, each.address)
+        records.append(
+            _bounceRecord(
+                each.address,
+                action,
+                extra["status"],
+                extra["replycode"],
+                extra["diagnostic"],
+                extra["remote"],
+            )
+        )
+    return records
+
+
+# ---------------------------------------------------------------------------
+# Auto-replies and unsubscribe mail
+
+_AUTO_SUBJECT = re.compile(
+    r"(?i)^\s*(?:\[?auto(?:matic|matische)?[ -]?(?:reply|response|responder|antwort|answer)\]?"
+    r"|autoreply|auto-reply|out of (?:the )?office|ooo\b|vacation|away from (?:the|my) office"
+    r"|abwesenheit|absence|r[ée]ponse automatique|risposta automatica|respuesta autom[áa]tica"
+    r"|automatisch antwoord|fuera de la oficina|on (?:annual )?leave|i am (?:currently )?(?:away|out)"
+    r"|i'm (?:currently )?(?:away|out)|\u81ea\u52d5\u5fdc\u7b54|\u4e0d\u5728)"
+)
+_AUTO_BODY = re.compile(
+    r"(?i)out of (?:the )?office|on vacation|i am (?:currently )?(?:away|out)|i'm (?:currently )?(?:away|out)"
+    r"|away from (?:the|my) office|limited access to (?:my )?e-?mail|will be back|returning on"
+)
+
+
+def _isAutoReply(tree: mime.Part) -> bool:
+    submitted = (tree.get("Auto-Submitted") or "").strip().lower()
+    if submitted.startswith("auto-replied") or submitted.startswith("auto-notified"):
+        return True
+    for name in ("X-Autoreply", "X-Autorespond", "X-Autoresponder", "X-Mail-Autoreply", "X-Vacation"):
+        value = tree.get(name)
+        if value is not None and value.strip().lower() not in ("no", "false", "0"):
+            return True
+    if (tree.get("Precedence") or "").strip().lower() == "auto_reply":
+        return True
+    if (tree.get("X-Autogenerated") or "").strip().lower() == "reply":
+        return True
+    if (tree.get("X-Auto-Response-Suppress") or "") and _AUTO_SUBJECT.search(headerText(tree.get("Subject"))):
+        return True
+    return False
+
+
+def _isAutoReplySubject(tree: mime.Part) -> bool:
+    return _AUTO_SUBJECT.search(headerText(tree.get("Subject"))) is not None
+
+
+def _autoReply(tree: mime.Part) -> Report:
+    text = ""
+    for part in mime.leaves(tree):
+        ctype = part.contentType[0]
+        if ctype == "text/plain":
+            text = partText(part, 4000)
+            break
+        if ctype == "text/html" and not text:
+            text = _htmlText(partText(part, 8000))
+    sender = addressIn(headerText(tree.get("From"))) or addressIn(tree.get("Return-Path"))
+    return Report(
+        "autoreply",
+        (
+            FeedbackRecord(
+                type="autoreply",
+                recipient=sender,
+                reason="vacation",
+                diagnostic=squeeze(text, 500),
+            ),
+        ),
+    )
+
+
+def _isUnsubscribe(tree: mime.Part) -> bool:
+    for name in ("To", "Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To", "Cc"):
+        for value in tree.getAll(name):
+            if _UNSUBSCRIBE.search(value):
+                return True
+    return False
+
+
+def _unsubscribe(tree: mime.Part) -> Report:
+    sender = addressIn(headerText(tree.get("From"))) or addressIn(tree.get("Return-Path"))
+    return Report(
+        "unsubscribe",
+        (
+            FeedbackRecord(
+                type="unsubscribe",
+                recipient=sender,
+                diagnostic=squeeze(headerText(tree.get("Subject")), 200),
+            ),
+        ),
+    )
