@@ -507,6 +507,22 @@ def _verpPrefix(text: str) -> str:
     return prefix
 
 
+def _address(item: str) -> str:
+    local, at, domain = item.rpartition("@")
+    domain = domain.lower().rstrip(".")
+    if (
+        not at
+        or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}", local)
+        or not isHostname(domain)
+    ):
+        raise ValueError(f"expected an address such as fbl@example.com, got {item!r}")
+    return local.lower() + "@" + domain
+
+
+def _addresses(text: str) -> tuple[str, ...]:
+    return tuple(_address(item) for item in _listItems(text))
+
+
 def _baseURL(text: str) -> str:
     url = text.strip()
     expected = f"expected an absolute http or https URL such as https://t.example.com, got {url!r}"
@@ -1148,19 +1164,35 @@ class FeedbackConfig:
     and a C{mailto:unsub+TOKEN@DOMAIN} unsubscribe address, DOMAIN being
     L{bounce_domain} (see L{smartrelay.tokens}).
 
-    @ivar listen: server endpoint string for the feedback SMTP server, which
-        receives mail to those addresses.  (The server itself comes in a
-        later version; the key is read and checked now.)
+    @ivar listen: server endpoint string for the feedback SMTP server
+        (L{smartrelay.smtp.feedback}), which receives mail to those
+        addresses, to C{postmaster@DOMAIN} and to L{fbl_addresses}.  It
+        uses the C{[smtp]} TLS certificate, line length and timeouts.
     @ivar bounce_domain: the domain of those addresses (lower-case, without
         a trailing dot), or L{None} for the C{[smartrelay] hostname}.  Its
         MX must point at the feedback server.
     @ivar verp_prefix: the local part before C{+TOKEN} in the envelope
         sender: 1 to 20 letters, digits, C{.}, C{_} or C{-} (no C{+}).
+    @ivar fbl_addresses: addresses (lower-case) that feedback-loop reports
+        (ARF complaints) are sent to, at any domain whose MX is the
+        feedback server.
+    @ivar max_message_size: bytes; a bigger report is refused.
+    @ivar max_connections: most simultaneous feedback connections.
+    @ivar max_connections_per_client: the same from one client address.
+    @ivar soft_bounce_limit: this many soft bounces of one address within
+        L{soft_bounce_window} seconds put it on the suppression list.
+    @ivar soft_bounce_window: seconds.
     """
 
     listen: str = _setting(_serverEndpoint, default="tcp:2526:interface=127.0.0.1")
     bounce_domain: Optional[str] = _setting(_optionalDomainName, default=None)
     verp_prefix: str = _setting(_verpPrefix, default="bounce")
+    fbl_addresses: tuple[str, ...] = _setting(_addresses, default=())
+    max_message_size: int = _setting(parseSize, default=10 * 1024 * 1024)
+    max_connections: int = _setting(_positiveInt, default=200)
+    max_connections_per_client: int = _setting(_positiveInt, default=20)
+    soft_bounce_limit: int = _setting(_positiveInt, default=5)
+    soft_bounce_window: float = _setting(parseDuration, default=30 * 86400.0)
 
 
 @attrs.frozen(kw_only=True)

@@ -32,6 +32,7 @@ EVENT_TYPES = frozenset(
         "unsubscribed",
         "opened",
         "clicked",
+        "auto_replied",
         "sms_submitted",
         "sms_delivered",
         "sms_failed",
@@ -204,9 +205,14 @@ class EventLog:
         tag: Optional[str] = None,
         metadata: Optional[dict] = None,
         detail: Optional[dict] = None,
+        id: Optional[str] = None,
     ) -> Event:
         """
         Record one event; returns it (the write happens in the background).
+
+        @param id: the event's id; a new one (L{newEventID}) unless given.
+            A producer that may emit the same event again (the feedback
+            processor, after a crash) gives a deterministic one.
         """
         event = Event(
             type=type,
@@ -216,6 +222,7 @@ class EventLog:
             tag=tag,
             metadata=metadata or {},
             detail=detail or {},
+            id=newEventID() if id is None else id,
         )
         self._pending.append(event)
         self._schedule()

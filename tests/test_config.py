@@ -1282,6 +1282,42 @@ class FeedbackSectionTests(ConfigTestMixin, SynchronousTestCase):
                 f"expected 1 to 20 letters, digits, '.', '_' or '-', got {bad!r}",
             )
 
+    def test_fblAddresses(self):
+        """
+        C{fbl_addresses} is a comma-separated list of addresses, kept
+        lower-case; empty by default; a bad item is named.
+        """
+        self.assertEqual(defaultConfig().feedback.fbl_addresses, ())
+        self.assertEqual(
+            self.parseKey("feedback", "fbl_addresses", "FBL@Example.COM, arf@x.org").fbl_addresses,
+            ("fbl@example.com", "arf@x.org"),
+        )
+        for bad in ["fbl", "@example.com", "fbl@", "fbl@bad_domain", "a b@example.com"]:
+            self.assertKeyError(
+                "feedback", "fbl_addresses", "ok@example.com, " + bad,
+                f"expected an address such as fbl@example.com, got {bad!r}",
+            )
+
+    def test_feedbackLimits(self):
+        """
+        The feedback listener's size and connection limits and the soft
+        bounce escalation have their defaults and refuse bad values.
+        """
+        feedback = defaultConfig().feedback
+        self.assertEqual(
+            (
+                feedback.max_message_size, feedback.max_connections,
+                feedback.max_connections_per_client, feedback.soft_bounce_limit,
+                feedback.soft_bounce_window,
+            ),
+            (10 * 1024 * 1024, 200, 20, 5, 30 * 86400.0),
+        )
+        self.assertEqual(self.parseKey("feedback", "soft_bounce_window", "2h").soft_bounce_window, 7200.0)
+        self.assertEqual(self.parseKey("feedback", "max_message_size", "1M").max_message_size, 1 << 20)
+        for key in ("soft_bounce_limit", "max_connections", "max_connections_per_client"):
+            self.assertRaises(ConfigError, self.parseKey, "feedback", key, "0")
+        self.assertRaises(ConfigError, self.parseKey, "feedback", "soft_bounce_window", "soon")
+
 
 class TrackingSectionTests(ConfigTestMixin, SynchronousTestCase):
     """
@@ -1366,7 +1402,14 @@ class WebSectionTests(ConfigTestMixin, SynchronousTestCase):
         self.assertEqual(SECTIONS["feedback"], ("feedback", FeedbackConfig))
         self.assertEqual(SECTIONS["tracking"], ("tracking", TrackingConfig))
         self.assertEqual(SECTIONS["web"], ("web", WebConfig))
-        self.assertEqual(sectionKeys(FeedbackConfig), ["listen", "bounce_domain", "verp_prefix"])
+        self.assertEqual(
+            sectionKeys(FeedbackConfig),
+            [
+                "listen", "bounce_domain", "verp_prefix", "fbl_addresses",
+                "max_message_size", "max_connections", "max_connections_per_client",
+                "soft_bounce_limit", "soft_bounce_window",
+            ],
+        )
         self.assertEqual(
             sectionKeys(TrackingConfig), ["base_url", "opens", "clicks", "unsubscribe"]
         )

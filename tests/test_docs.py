@@ -220,7 +220,7 @@ class SMTPTests(SynchronousTestCase):
     """
 
     #: Where the listener's replies are written.
-    SOURCES = ("protocol.py", "submission.py", "replies.py")
+    SOURCES = ("protocol.py", "submission.py", "replies.py", "feedback.py", "connections.py")
 
     def test_everyReply(self) -> None:
         """

@@ -21,13 +21,12 @@ from zope.interface import implementer
 from smartrelay.ids import LeaseExpired, QueueIDGenerator
 from smartrelay.logs import MessageLog
 from smartrelay.message import Recipient, SpoolEntry
+from smartrelay.smtp.connections import ConnectionLimits
 from smartrelay.smtp.controls import InvalidControlHeader, readControls
 from smartrelay.smtp.protocol import HardenedESMTP, ISubmissionPolicy, Session
 from smartrelay.smtp.replies import (
     ACCESS_DENIED,
     STORAGE_TROUBLE,
-    TOO_MANY_CONNECTIONS,
-    TOO_MANY_CONNECTIONS_FROM_CLIENT,
     TOO_MANY_RECIPIENTS,
     SMTPReply,
     reply,
@@ -116,7 +115,7 @@ def removeHeader(data: bytes, name: bytes) -> bytes:
 
 @implementer(ISubmissionPolicy)
 @attrs.define(eq=False)
-class SubmissionPolicy:
+class SubmissionPolicy(ConnectionLimits):
     """
     Decides for the submission listener.
 
@@ -156,22 +155,6 @@ class SubmissionPolicy:
     @property
     def authAvailable(self) -> bool:
         return self.checker is not None
-
-    def connectionMade(self, session: Session) -> None:
-        if self.connections >= self.maxConnections:
-            raise TOO_MANY_CONNECTIONS
-        if self.perClient.get(session.peer, 0) >= self.maxConnectionsPerClient:
-            raise TOO_MANY_CONNECTIONS_FROM_CLIENT
-        self.connections += 1
-        self.perClient[session.peer] = self.perClient.get(session.peer, 0) + 1
-
-    def connectionLost(self, session: Session) -> None:
-        self.connections -= 1
-        left = self.perClient[session.peer] - 1
-        if left:
-            self.perClient[session.peer] = left
-        else:
-            del self.perClient[session.peer]
 
     def _allowed(self, session: Session) -> bool:
         if session.user is not None:
