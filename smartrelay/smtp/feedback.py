@@ -1,0 +1,199 @@
+# -*- test-case-name: tests.test_smtp_feedback -*-
+"""
+The feedback listener's policy: the public MX of C{[feedback]
+bounce_domain}, where bounces, complaints and unsubscribe mail come back.
+
+It runs on the submission listener's hardened protocol
+(L{HardenedESMTP <smartrelay.smtp.protocol.HardenedESMTP>}, built by
+L{SubmissionFactory <smartrelay.smtp.submission.SubmissionFactory>}) with
+its own decisions: anyone may connect (within the connection limits) and
+send, from any sender, C{<>} included; no AUTH; only these recipients are
+taken, nothing is ever relayed:
+
+  - C{VERP_PREFIX+TOKEN@BOUNCE_DOMAIN} with a valid C{"v"} token,
+  - C{unsub+TOKEN@BOUNCE_DOMAIN} with a valid C{"u"} token,
+  - C{postmaster@BOUNCE_DOMAIN},
+  - each of C{[feedback] fbl_addresses};
+
+a token that does not verify (forged, truncated) gets C{550 5.7.1}, any
+other address C{550 5.1.1}.  A report is answered C{250} only once it is
+on disk (L{FeedbackInbox <smartrelay.feedback.inbox.FeedbackInbox>}); then
+it is handed to the processor.
+"""
+
+from typing import Callable, Optional
+
+import attrs
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from smartrelay.feedback.inbox import Envelope, FeedbackInbox, InboxError
+from smartrelay.smtp.connections import ConnectionLimits
+from smartrelay.smtp.protocol import ISubmissionPolicy, Session
+from smartrelay.smtp.replies import STORAGE_TROUBLE, TOO_MANY_RECIPIENTS, SMTPReply, reply
+from smartrelay.tokens import BadToken, Tokens
+
+UNKNOWN_RECIPIENT = reply(550, "5.1.1", "No such recipient here: this server only takes reports")
+BAD_TOKEN = reply(
+    550, "5.7.1", "The address's token does not verify: it is forged, damaged or truncated"
+)
+AUTH_UNAVAILABLE = reply(502, "5.5.1", "AUTH not available")
+#: The local part of mailto unsubscribe addresses (DESIGN 1.5).
+UNSUBSCRIBE_PREFIX = "unsub"
+
+
+@attrs.frozen
+class Target:
+    """
+    What a feedback recipient address is.
+
+    @ivar kind: C{"verp"}, C{"unsubscribe"}, C{"postmaster"} or C{"fbl"}.
+    @ivar queue_id: for C{verp} and C{unsubscribe}: the message's queue id.
+    @ivar index: for those: the recipient's index in its envelope.
+    """
+
+    kind: str
+    queue_id: Optional[str] = None
+    index: Optional[int] = None
+
+
+@attrs.frozen
+class FeedbackAddresses:
+    """
+    Reads the feedback listener's recipient addresses.
+
+    @ivar bounceDomain: lower-case.
+    @ivar verpPrefix: the local part before C{+TOKEN} of return paths.
+    @ivar fblAddresses: lower-case addresses.
+    """
+
+    tokens: Tokens
+    bounceDomain: str
+    verpPrefix: str
+    fblAddresses: frozenset = frozenset()
+
+    def target(self, address: str) -> Target:
+        """
+        @raise SMTPReply: C{550 5.7.1} for a token that does not verify,
+            C{550 5.1.1} for an address that is none of ours.
+        """
+        local, at, domain = address.rpartition("@")
+        domain = domain.lower()
+        if (local.lower() + at + domain) in self.fblAddresses:
+            return Target("fbl")
+        if not at or domain.rstrip(".") != self.bounceDomain:
+            raise UNKNOWN_RECIPIENT
+        lowered = local.lower()
+        if lowered == "postmaster":
+            return Target("postmaster")
+        prefix, plus, token = lowered.partition("+")
+        if plus:
+            if prefix == self.verpPrefix.lower():
+                kind, tokenKind = "verp", "v"
+            elif prefix == UNSUBSCRIBE_PREFIX:
+                kind, tokenKind = "unsubscribe", "u"
+            else:
+                raise UNKNOWN_RECIPIENT
+            try:
+                queueID, index = self.tokens.readCompact(tokenKind, token)
+            except BadToken:
+                raise BAD_TOKEN from None
+            return Target(kind, queueID, index)
+        raise UNKNOWN_RECIPIENT
+
+
+@implementer(ISubmissionPolicy)
+@attrs.define(eq=False)
+class FeedbackPolicy(ConnectionLimits):
+    """
+    Decides for the feedback listener (see the module docstring).
+
+    @ivar addresses: reads RCPT addresses.
+    @ivar inbox: where reports are written before their C{250}.
+    @ivar received: called with (report id, L{Envelope}, message) once a
+        report is on disk: the processor takes it from there.
+    """
+
+    clock: object
+    addresses: FeedbackAddresses
+    inbox: FeedbackInbox
+    received: Callable[[str, Envelope, bytes], object]
+    maxConnections: int = 200
+    maxConnectionsPerClient: int = 20
+    maxRecipients: int = 100
+    connections: int = 0
+    perClient: dict = attrs.field(factory=dict)
+
+    log = Logger()
+
+    authAvailable = False
+
+    def checkAuth(self, session: Session) -> None:
+        raise AUTH_UNAVAILABLE
+
+    def authenticate(self, session: Session, username: str, password: str) -> Deferred:
+        return fail(AUTH_UNAVAILABLE)
+
+    def checkSender(self, session: Session, sender: str, size: Optional[int]) -> None:
+        """
+        Any sender: reports come from C{<>} mostly, complaints and
+        unsubscribe mail from anyone.
+        """
+
+    def checkRecipient(
+        self, session: Session, sender: str, recipient: str, accepted: int
+    ) -> None:
+        if accepted >= self.maxRecipients:
+            raise TOO_MANY_RECIPIENTS
+        try:
+            self.addresses.target(recipient)
+        except SMTPReply as refusal:
+            self.log.info(
+                "feedback: refused RCPT {recipient!r} from {client}: {reply}",
+                recipient=recipient[:300],
+                client=session.peer,
+                reply=str(refusal),
+            )
+            raise
+
+    def messageReceived(
+        self, session: Session, sender: str, recipients: list, data: bytes
+    ) -> Deferred:
+        envelope = Envelope(
+            sender=sender,
+            recipients=tuple(recipients),
+            received=self.clock.seconds(),
+            client={"ip": session.peer, "helo": session.helo, "tls": session.tls},
+        )
+        d = self.inbox.store(envelope, data)
+
+        def stored(reportID: str) -> str:
+            self.log.info(
+                "feedback: report {report} ({size} bytes) from {client} to {recipients}",
+                report=reportID,
+                size=len(data),
+                client=session.peer,
+                recipients=", ".join(recipients),
+            )
+            self.received(reportID, envelope, data)
+            return reportID
+
+        def failed(failure) -> None:
+            failure.trap(InboxError)
+            self.log.error(
+                "feedback: {why}; answered 451", why=failure.getErrorMessage()
+            )
+            raise STORAGE_TROUBLE
+
+        return d.addCallbacks(stored, failed)
+
+    def messageRejected(
+        self, session: Session, sender: str, recipients: list, answer: SMTPReply
+    ) -> None:
+        self.log.info(
+            "feedback: refused a report from {client} to {recipients}: {reply}",
+            client=session.peer,
+            recipients=", ".join(recipients),
+            reply=str(answer),
+        )
