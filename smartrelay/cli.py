@@ -12,10 +12,13 @@ Sub-commands:
   - C{dkim-keygen DOMAIN SELECTOR [--algorithm A] [--bits N] [--output PATH]}:
     make a DKIM private key file and print its DNS record and configuration
     (see L{smartrelay.engine.dkim}).
+  - C{classify FILE...}: read returned messages offline and print one JSON
+    line per recipient record (see L{smartrelay.feedback.report}).
 """
 
 import argparse
 import getpass as _getpass
+import json
 import os
 import re
 import sys
@@ -32,6 +35,7 @@ from smartrelay.auth import (
     setPasswordLine,
     usernameProblem,
 )
+from smartrelay.feedback.report import MAX_REPORT, readReport
 
 PROG = "smartrelay"
 
@@ -282,6 +286,86 @@ def dkimKeygen(options: argparse.Namespace, console: Console) -> int:
 
 
 # ---------------------------------------------------------------------------
+# classify
+
+#: The keys of each line C{classify} prints, in order (DESIGN 1.1).
+CLASSIFY_KEYS = (
+    "file",
+    "type",
+    "recipient",
+    "kind",
+    "reason",
+    "status",
+    "action",
+    "diagnostic",
+    "remote",
+    "queue_id",
+    "feedback_type",
+)
+
+
+def _readInput(path: str, console: Console) -> bytes:
+    """
+    The bytes of the message at C{path} (C{-}: standard input), at most
+    L{smartrelay.feedback.report.MAX_REPORT}.
+    """
+    if path == "-":
+        stdin = console.stdin
+        if stdin is None:
+            raise CommandError("-: no standard input")
+        source = getattr(stdin, "buffer", None)
+        if source is not None:
+            return source.read(MAX_REPORT)
+        text = stdin.read(MAX_REPORT)
+        return text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+    if os.path.isdir(path):
+        raise CommandError(f"{path}: is a directory")
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_REPORT)
+    except FileNotFoundError:
+        raise CommandError(f"{path}: no such file") from None
+    except OSError as e:
+        raise CommandError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _classifyLines(path: str, data: bytes) -> list[dict]:
+    """
+    The C{classify} output objects for one message.
+    """
+    report = readReport(data)
+    if not report.records:
+        return [dict.fromkeys(CLASSIFY_KEYS, None) | {"file": path, "type": "none"}]
+    lines = []
+    for record in report.records:
+        line = {key: getattr(record, key, None) for key in CLASSIFY_KEYS}
+        line["file"] = path
+        line["type"] = record.type
+        lines.append(line)
+    return lines
+
+
+def classify(options: argparse.Namespace, console: Console) -> int:
+    """
+    C{smartrelay classify FILE...}: read each message as a report and print
+    one JSON object per recipient record; a message that is no report gets
+    one object of type C{none}.  A file that cannot be read is a one-line
+    error and makes the exit status 1; the other files are still read.
+    """
+    status = 0
+    for path in options.files:
+        try:
+            data = _readInput(path, console)
+        except CommandError as e:
+            console.stderr.write(f"{PROG}: error: {e}\n")
+            status = 1
+            continue
+        for line in _classifyLines(path, data):
+            console.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return status
+
+
+# ---------------------------------------------------------------------------
 # The command line
 
 
@@ -322,6 +406,20 @@ def _buildParser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="PATH",
                    help="where to write the private key (default DOMAIN.SELECTOR.key)")
     p.set_defaults(run=dkimKeygen)
+
+    p = commands.add_parser(
+        "classify",
+        help="read bounces, complaints and auto-replies offline",
+        description=(
+            "Read each FILE (- for standard input) as a message that came "
+            "back and print one JSON object per recipient record: file, "
+            "type (bounce, complaint, unsubscribe, autoreply, none), "
+            "recipient, kind, reason, status, action, diagnostic, remote, "
+            "queue_id, feedback_type."
+        ),
+    )
+    p.add_argument("files", metavar="FILE", nargs="+", help="a message file, or - for standard input")
+    p.set_defaults(run=classify)
     return parser
 
 

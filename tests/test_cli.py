@@ -3,6 +3,7 @@ Tests for L{smartrelay.cli}.
 """
 
 import io
+import json
 import os
 import stat
 
@@ -593,3 +594,154 @@ class DKIMKeygenTests(SynchronousTestCase):
         self.assertEqual((status, err), (0, ""))
         for option in ["--algorithm", "--bits", "--output"]:
             self.assertIn(option, out.getvalue())
+
+
+class ClassifyTests(SynchronousTestCase):
+    """
+    Tests for C{smartrelay classify}.
+    """
+
+    BOUNCE = (
+        b"From: MAILER-DAEMON@mx.example.net\r\n"
+        b"To: bounce+abc@bounces.shop.example\r\n"
+        b"Subject: Undelivered Mail Returned to Sender\r\n"
+        b"MIME-Version: 1.0\r\n"
+        b"Content-Type: multipart/report; report-type=delivery-status; boundary=B\r\n"
+        b"\r\n"
+        b"--B\r\n"
+        b"Content-Type: message/delivery-status\r\n"
+        b"\r\n"
+        b"Reporting-MTA: dns; mx.example.net\r\n"
+        b"\r\n"
+        b"Final-Recipient: rfc822; gone@example.net\r\n"
+        b"Action: failed\r\n"
+        b"Status: 5.1.1\r\n"
+        b"Remote-MTA: dns; mx1.example.net\r\n"
+        b"Diagnostic-Code: smtp; 550 5.1.1 user unknown\r\n"
+        b"\r\n"
+        b"Final-Recipient: rfc822; later@example.org\r\n"
+        b"Action: delayed\r\n"
+        b"Status: 4.4.1\r\n"
+        b"\r\n"
+        b"--B\r\n"
+        b"Content-Type: text/rfc822-headers\r\n"
+        b"\r\n"
+        b"X-SmartRelay-ID: 3A/7F-00042-0BADC0DE\r\n"
+        b"--B--\r\n"
+    )
+
+    def setUp(self):
+        self.directory = self.mktemp()
+        os.mkdir(self.directory)
+
+    def write(self, name, data):
+        path = os.path.join(self.directory, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def runCLI(self, *argv, stdin=b""):
+        """
+        Run the command line with C{stdin} as standard input's bytes;
+        return (status, the JSON lines printed, stderr).
+        """
+        console = Console(
+            stdin=io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"),
+            stdout=io.StringIO(),
+            stderr=io.StringIO(),
+        )
+        status = main(list(argv), console)
+        lines = [json.loads(line) for line in console.stdout.getvalue().splitlines()]
+        return status, lines, console.stderr.getvalue()
+
+    def test_recordPerRecipient(self):
+        """
+        A DSN prints one object per recipient with every key of the design,
+        the path as given.
+        """
+        path = self.write("dsn.eml", self.BOUNCE)
+        status, lines, err = self.runCLI("classify", path)
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(
+            lines[0],
+            {
+                "file": path,
+                "type": "bounce",
+                "recipient": "gone@example.net",
+                "kind": "hard",
+                "reason": "userunknown",
+                "status": "5.1.1",
+                "action": "failed",
+                "diagnostic": "550 5.1.1 user unknown",
+                "remote": "mx1.example.net",
+                "queue_id": "3A/7F-00042-0BADC0DE",
+                "feedback_type": None,
+            },
+        )
+        self.assertEqual(
+            (lines[1]["recipient"], lines[1]["action"], lines[1]["kind"]),
+            ("later@example.org", "delayed", "soft"),
+        )
+        self.assertEqual(len(lines), 2)
+
+    def test_standardInput(self):
+        """
+        C{-} reads the message from standard input.
+        """
+        status, lines, _ = self.runCLI("classify", "-", stdin=self.BOUNCE)
+        self.assertEqual(status, 0)
+        self.assertEqual([line["file"] for line in lines], ["-", "-"])
+
+    def test_notAReport(self):
+        """
+        Plain mail, an empty file and binary junk print one object of type
+        none with every other key null.
+        """
+        paths = [
+            self.write("plain.eml", b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n"),
+            self.write("empty.eml", b""),
+            self.write("junk.bin", bytes(range(256)) * 8),
+        ]
+        status, lines, err = self.runCLI("classify", *paths)
+        self.assertEqual((status, err), (0, ""))
+        for path, line in zip(paths, lines):
+            self.assertEqual(line, dict.fromkeys(line, None) | {"file": path, "type": "none"})
+        self.assertEqual(len(lines), 3)
+
+    def test_unsubscribe(self):
+        """
+        Mail to an unsub+ address is of type unsubscribe.
+        """
+        path = self.write(
+            "unsub.eml",
+            b"From: Reader <reader@example.com>\r\nTo: unsub+AbC_12-x@bounces.shop.example\r\n"
+            b"Subject: unsubscribe\r\n\r\n\r\n",
+        )
+        _, [line], _ = self.runCLI("classify", path)
+        self.assertEqual((line["type"], line["recipient"]), ("unsubscribe", "reader@example.com"))
+
+    def test_unreadable(self):
+        """
+        A missing file and a directory are one-line errors each and exit
+        status 1; the readable files are still classified.
+        """
+        good = self.write("dsn.eml", self.BOUNCE)
+        missing = os.path.join(self.directory, "missing.eml")
+        status, lines, err = self.runCLI("classify", missing, self.directory, good)
+        self.assertEqual(status, 1)
+        self.assertEqual(
+            err.splitlines(),
+            [
+                f"smartrelay: error: {missing}: no such file",
+                f"smartrelay: error: {self.directory}: is a directory",
+            ],
+        )
+        self.assertEqual([line["file"] for line in lines], [good, good])
+
+    def test_noFiles(self):
+        """
+        C{classify} without a file is a usage error.
+        """
+        status, lines, err = self.runCLI("classify")
+        self.assertEqual((status, lines), (2, []))
+        self.assertIn("FILE", err)
