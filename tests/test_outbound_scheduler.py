@@ -3,6 +3,7 @@ Tests for L{smartrelay.outbound.scheduler.DeliveryScheduler} with a fake
 clock, spool, router, deliverer and event log.
 """
 
+from twisted.internet.defer import fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -120,6 +121,31 @@ class OutcomeTests(SchedulerTestsMixin, SynchronousTestCase):
                 "remote": "smarthost.test:25",
             })],
         )
+
+    def test_bounceHandedToSuppressor(self):
+        """
+        Every bounced event (and no other) goes to C{bounces}, which puts
+        hard ones on the suppression list; its failure is logged as a
+        warning, never lost in the scheduler.
+        """
+        told = []
+
+        class Bounces:
+            def bounced(self, event):
+                told.append(event)
+                return fail(ConnectionError("store down"))
+
+        self.scheduler.bounces = Bounces()
+        self.add("Q1", ["a@example.com"])
+        self.add("Q2", ["b@example.com"])
+        self.clock.advance(0)
+        self.call(0).answer(550, "<a@example.com>: user unknown", "5.1.1")
+        self.call(1).answer(250, "ok")
+        self.assertEqual(
+            [(e.type, e.queue_id, e.recipient, e.detail["kind"]) for e in told],
+            [("bounced", "Q1", "a@example.com", "hard")],
+        )
+        self.assertEqual(self.flushLoggedErrors(ConnectionError), [])
 
     def test_bouncedWithoutStatus(self):
         """A 5xx without an enhanced status gets status 5.0.0 and the fallback reason."""

@@ -205,6 +205,11 @@ class DeliveryScheduler(Service):
     rewrapper: Any = None
     #: Check due recipients against the store's suppression list.
     suppress: bool = False
+    #: Told of every C{bounced} event (C{bounced(event) -> Deferred}): the
+    #: L{BounceSuppressor <smartrelay.feedback.suppression.BounceSuppressor>}
+    #: that puts hard (and escalated soft) bounces on the suppression
+    #: list, or L{None}.
+    bounces: Any = None
     #: Writes one line per outcome (L{smartrelay.logs.MessageLog}).
     messageLog: MessageLog = attrs.field(factory=MessageLog)
 
@@ -1133,7 +1138,7 @@ class DeliveryScheduler(Service):
         for change in changes:
             self._busy.discard((entry.queue_id, change.address))
         for kind, address, detail, line in events:
-            self.events.emit(
+            event = self.events.emit(
                 kind,
                 entry.queue_id,
                 address,
@@ -1142,11 +1147,27 @@ class DeliveryScheduler(Service):
                 detail=detail,
             )
             self.messageLog.outcome(entry.queue_id, address, kind, **line)
+            if kind == "bounced" and self.bounces is not None:
+                self._suppressBounce(event)
         if entry.done:
             self._cancelTimer(entry.queue_id)
             self._entries.pop(entry.queue_id, None)
         elif self.running:
             self._reschedule(entry)
+
+
+    def _suppressBounce(self, event) -> None:
+        d = maybeDeferred(self.bounces.bounced, event)
+
+        def failed(failure: Failure) -> None:
+            # The bounce is recorded; the next one of the address tries again.
+            self.log.warn(
+                "could not put {recipient} on the suppression list after its bounce ({why})",
+                recipient=event.recipient,
+                why=failure.getErrorMessage() or failure.type.__name__,
+            )
+
+        self._track(d.addErrback(failed))
 
 
 def _rateText(rate: Optional[float]) -> str:

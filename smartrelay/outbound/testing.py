@@ -13,6 +13,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.test import iosim
 from zope.interface import implementer
 
+from smartrelay.events import Event
 from smartrelay.engine.downgrade import Offers
 from smartrelay.message import Recipient, SpoolEntry
 from smartrelay.outbound.router import Hop, IRouter
@@ -139,6 +140,10 @@ class RecordingEvents:
     def emit(self, type, queue_id, recipient=None, *, tag=None, metadata=None, detail=None):
         self.emitted.append((type, queue_id, recipient, detail or {}))
         self.journal.append(("emit", queue_id, recipient, type))
+        return Event(
+            type=type, queue_id=queue_id, recipient=recipient, time=0.0,
+            tag=tag, metadata=metadata or {}, detail=detail or {},
+        )
 
     def ofType(self, type: str) -> list:
         return [e for e in self.emitted if e[0] == type]
