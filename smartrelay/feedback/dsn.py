@@ -155,11 +155,7 @@ def readDeliveryStatus(text: str) -> tuple[dict, list[RecipientStatus]]:
                 continue
             if current is None:
                 current = {}
-            elif name in current and name in _RECIPIENT_FIELDS or (
-                name == "original-recipient"
-                and "final-recipient" in current
-                and ("action" in current or "status" in current)
-            ):
+            elif name in current and name in _RECIPIENT_FIELDS:
                 # A new recipient without the blank line between groups.
                 groups.append(current)
                 current = {}

@@ -73,19 +73,23 @@ class TextRecipient:
 
 
 _LINE_ALONE = re.compile(
-    r"^[ \t]*(?:(?:to|recipient|rcpt|address|for|original-recipient|final-recipient)"
+    r"^[ \t]*(?:(?:>+|\*+|-+|\d+[.)])[ \t]*)?(?:(?:recipient|rcpt|address|original-recipient|final-recipient)"
     r"[ \t]*:?[ \t]*)?(?:rfc822;[ \t]*)?<?([^\s<>@]+@[^\s<>]+?)>?[ \t]*"
-    r"(?::|\.\.\.|,)?[ \t]*(?:\([^)\n]*\)|<[^>\n]*>|\[[^\]\n]*\])?[ \t]*:?[ \t]*$",
+    r"(?::|\.\.\.|,)?[ \t]*(?:\([^)\n]*\)|<[^>\n]*>|\[[^\]\n]*\]|on [^\n]*\d[^\n]*)?[ \t]*:?[ \t]*$",
     re.I | re.M,
 )
 _LINE_LEADING = re.compile(r"^[ \t]*<([^\s<>@]+@[^\s<>]+)>[ \t]*:?[ \t]+\S", re.M)
 _LINE_LEADING_BARE = re.compile(r"^[ \t]*([^\s<>@:]+@[^\s<>:]+?)[ \t]*:[ \t]+\S", re.M)
+# Sendmail's transcript: "550 5.1.1 <user@example.net>... User unknown".
+_TRANSCRIPT = re.compile(
+    r"^[ \t]*(?:<<<[ \t]*)?[245]\d\d[ -](?:[245]\.\d{1,3}\.\d{1,3}[ \t]+)?<([^\s<>@]+@[^\s<>]+)>\.\.\.", re.M
+)
 _RCPT = re.compile(r"RCPT[ \t]+TO[ \t]*:[ \t]*<?([^\s<>@]+@[^\s<>]+?)>?(?=[\s>]|$)", re.I)
 _NAMED = re.compile(
-    r"(?:(?:deliver(?:y|ed|ing)?|sen[dt]|message|mail|e-?mail|forward(?:ed|ing)?|relay(?:ed|ing)?)"
+    r"\b(?:(?:deliver(?:y|ed|ing)?|sen[dt]|message|mail|e-?mail|forward(?:ed|ing)?|relay(?:ed|ing)?)"
     r"[^\n.]{0,40}?\bto|recipient(?:\s+address)?|addressee|address(?:es)?|user|mailbox|"
     r"destinataire|empf\S{1,4}nger|destinatario)"
-    r"[ \t]*(?::|is|was|\()?[ \t\n]*[\"'(]?<?([^\s<>@\"'(),;]+@[^\s<>\"'(),;]+?)>?"
+    r"[ \t]*(?::|is|was|\()?[ \t\n]*[\"'(]?<?(?<![\w.+-])([^\s<>@\"'(),;]+@[^\s<>\"'(),;]+?)>?"
     r"(?=[\s>\"'),;:]|\.\s|\.?$)",
     re.I | re.M,
 )
@@ -93,6 +97,7 @@ _FAILURE = re.compile(
     r"(?i)fail|could ?n[o']t|cannot|can't|unable|undeliver|not (?:be )?deliver|reject"
     r"|unknown|no such|does not exist|doesn't exist|invalid|error|bounce|refused|denied"
     r"|full|quota|blocked|returned|problem|permanent|not found|disabled|expired|delay"
+    r"|exceed|not a member|size|suspend|inactive|over"
 )
 _SENDER_CONTEXT = re.compile(r"(?i)(?:mail from|from|sender|envelope-from|return-path|reply-to)[ \t]*:?[ \t]*<?$")
 _NOT_RECIPIENTS = re.compile(
@@ -107,7 +112,7 @@ def _positions(text: str, exclude: frozenset) -> list[tuple[int, str]]:
         recipient, strongest evidence first in each kind, in text order.
     """
     found: list[tuple[int, str]] = []
-    for pattern in (_LINE_ALONE, _LINE_LEADING, _LINE_LEADING_BARE, _RCPT):
+    for pattern in (_LINE_ALONE, _LINE_LEADING, _LINE_LEADING_BARE, _TRANSCRIPT, _RCPT):
         for match in pattern.finditer(text):
             found.append((match.start(), match.group(1)))
     if not found:
@@ -119,7 +124,7 @@ def _positions(text: str, exclude: frozenset) -> list[tuple[int, str]]:
             before = text[max(0, offset - 20) : offset]
             if _SENDER_CONTEXT.search(before):
                 continue
-            if address.lower() in exclude or _NOT_RECIPIENTS.match(address):
+            if address.lower() in exclude:
                 continue
             result.append((offset, address))
             break
@@ -160,19 +165,27 @@ def failedRecipients(
         the text from its first mention to the next recipient's.
     """
     excluded = frozenset(address.lower() for address in exclude)
-    knownList = []
+    knownList: list[str] = []
     for address in known:
         if address.lower() not in (each.lower() for each in knownList):
             knownList.append(address)
+    positions = (
+        _positions(text, excluded)
+        or _weakPositions(text, excluded)
+        # The sender may have written to itself.
+        or _positions(text, frozenset())
+    )
     if knownList:
-        positions = []
-        lowered = text.lower()
-        for address in knownList:
-            offset = lowered.find(address.lower())
-            positions.append((offset if offset != -1 else len(text), address))
-        positions.sort(key=lambda pair: pair[0])
-    else:
-        positions = _positions(text, excluded) or _weakPositions(text, excluded)
+        wanted = {address.lower() for address in knownList}
+        named = [pair for pair in positions if pair[1].lower() in wanted]
+        if named or not positions:
+            positions = named
+            lowered = text.lower()
+            for address in knownList:
+                if not any(pair[1].lower() == address.lower() for pair in named):
+                    offset = lowered.find(address.lower())
+                    positions.append((offset if offset != -1 else len(text), address))
+            positions.sort(key=lambda pair: pair[0])
     firsts: list[tuple[int, str]] = []
     seen: set = set()
     for offset, address in positions:

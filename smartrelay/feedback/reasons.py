@@ -1,4 +1,3 @@
-# -*- test-case-name: tests.test_feedback_reasons -*-
 """
 Why a message failed: the one classifier for both paths, the synchronous
 4xx/5xx reply in a delivery session and the DSN record that comes back
@@ -10,24 +9,48 @@ Sisimai's vocabulary (C{userunknown}, C{mailboxfull}, C{hostunknown}, ...),
 hard or soft, and the status (inferred from the text or the reply code when
 the report gives none).
 
-The rules are data, in four tables a maintainer reads and extends:
+The rules are data, in L{smartrelay.feedback.phrases}: status code ->
+reason, reply code -> reason, reason -> phrases, and the precedence that
+settles disagreements.  This module is the engine: every phrase of every
+reason is compiled into one trie-shaped regular expression, so a
+diagnostic is scanned once whatever the size of the table.
 
-  - L{STATUS_REASONS}: enhanced status code -> reason (Sisimai's reading of
-    RFC 3463 and the IANA registry);
-  - L{PHRASES}: reason -> the lower-case phrases servers write for it
-    (C{*} in a phrase matches any run of text within one diagnostic);
-  - L{PRECEDENCE}: which reason wins when the status and the text, or two
-    phrases, disagree;
-  - L{HARD_REASONS}: the reasons that make a bounce hard.
+The decision, in order:
 
-All phrases are compiled into one regular expression, so a diagnostic is
-scanned once whatever the size of the table.
+  1. a 2.x.x status or the action C{delivered}: C{delivered};
+  2. the first reason of C{PRECEDENCE} that the text names, or that the
+     status (or reply code) names unless the text names one it
+     C{STATUS_YIELDS} to;
+  3. when the status names nothing or something vague: the first of
+     C{TEXT_ONLY} that the text names;
+  4. the status's reason; then the status class (x.6 content, x.7
+     security), a command-syntax reply code, C{delayed} -> C{expired};
+  5. C{onhold} when there was something to read but nothing said a
+     reason, C{undefined} when there was nothing.
 """
 
 import re
 from typing import Iterable, Optional
 
 import attrs
+
+from smartrelay.feedback.phrases import (
+    BEFORE_DATA,
+    BLOCKED_COMMANDS,
+    COMMAND_HINTS,
+    NEUTRAL,
+    PHRASES,
+    PRECEDENCE,
+    REPLY_REASONS,
+    STATUS_OVERRULES,
+    STATUS_NEEDS_TEXT,
+    STATUS_REASONS,
+    STATUS_YIELDS,
+    TEXT_CONTEXT,
+    SYNTAX_REPLIES,
+    TEXT_ONLY,
+    VAGUE,
+)
 
 __all__ = [
     "REASONS",
@@ -39,6 +62,7 @@ __all__ = [
     "Verdict",
     "classify",
     "classifyReply",
+    "textReasons",
     "bounceKind",
 ]
 
@@ -71,306 +95,6 @@ BOUNCE_REASONS = REASONS - {"delivered", "feedback", "vacation"}
 HARD_REASONS = frozenset(["userunknown", "hostunknown", "hasmoved"])
 
 # ---------------------------------------------------------------------------
-# Table 1: enhanced status code -> reason.
-
-#: RFC 3463 / IANA enhanced status codes with a meaning specific enough to
-#: name a reason.  Codes not listed (x.0.0, 4.3.0, 5.5.1, ...) say nothing
-#: beyond permanent/temporary; the text decides then.
-STATUS_REASONS = {
-    "2.1.5": "delivered",
-    # 4.x.x: temporary.
-    "4.1.6": "hasmoved",
-    "4.1.7": "rejected",
-    "4.1.8": "rejected",
-    "4.1.9": "systemerror",
-    "4.2.1": "blocked",
-    "4.2.2": "mailboxfull",
-    "4.2.3": "exceedlimit",
-    "4.2.4": "filtered",
-    "4.3.1": "systemfull",
-    "4.3.2": "notaccept",
-    "4.3.3": "systemerror",
-    "4.3.5": "systemerror",
-    "4.4.1": "expired",
-    "4.4.2": "networkerror",
-    "4.4.3": "systemerror",
-    "4.4.4": "networkerror",
-    "4.4.5": "systemfull",
-    "4.4.6": "networkerror",
-    "4.4.7": "expired",
-    "4.4.8": "networkerror",
-    "4.5.3": "systemerror",
-    "4.5.5": "systemerror",
-    "4.6.0": "contenterror",
-    "4.6.2": "contenterror",
-    "4.6.5": "contenterror",
-    "4.7.1": "blocked",
-    "4.7.2": "blocked",
-    "4.7.5": "securityerror",
-    "4.7.6": "securityerror",
-    "4.7.7": "securityerror",
-    "4.7.12": "securityerror",
-    "4.7.15": "securityerror",
-    "4.7.16": "mesgtoobig",
-    "4.7.24": "authfailure",
-    "4.7.25": "requireptr",
-    "4.7.26": "authfailure",
-    # 5.x.x: permanent.
-    "5.1.0": "userunknown",
-    "5.1.1": "userunknown",
-    "5.1.2": "hostunknown",
-    "5.1.3": "userunknown",
-    "5.1.4": "filtered",
-    "5.1.6": "hasmoved",
-    "5.1.7": "rejected",
-    "5.1.8": "rejected",
-    "5.1.9": "systemerror",
-    "5.1.10": "notaccept",
-    "5.2.0": "filtered",
-    "5.2.1": "filtered",
-    "5.2.2": "mailboxfull",
-    "5.2.3": "exceedlimit",
-    "5.2.4": "filtered",
-    "5.3.0": "systemerror",
-    "5.3.1": "systemfull",
-    "5.3.2": "notaccept",
-    "5.3.3": "systemerror",
-    "5.3.4": "mesgtoobig",
-    "5.3.5": "systemerror",
-    "5.4.0": "networkerror",
-    "5.4.3": "systemerror",
-    "5.4.4": "hostunknown",
-    "5.5.2": "syntaxerror",
-    "5.5.3": "toomanyconn",
-    "5.5.4": "systemerror",
-    "5.5.5": "systemerror",
-    "5.5.6": "syntaxerror",
-    "5.6.0": "contenterror",
-    "5.6.1": "contenterror",
-    "5.6.2": "contenterror",
-    "5.6.3": "contenterror",
-    "5.6.5": "contenterror",
-    "5.6.6": "contenterror",
-    "5.6.7": "contenterror",
-    "5.6.8": "contenterror",
-    "5.6.9": "contenterror",
-    "5.7.0": "securityerror",
-    "5.7.1": "securityerror",
-    "5.7.2": "securityerror",
-    "5.7.3": "securityerror",
-    "5.7.4": "securityerror",
-    "5.7.5": "securityerror",
-    "5.7.6": "securityerror",
-    "5.7.7": "securityerror",
-    "5.7.8": "securityerror",
-    "5.7.9": "securityerror",
-    "5.7.10": "securityerror",
-    "5.7.11": "securityerror",
-    "5.7.13": "suspend",
-    "5.7.14": "securityerror",
-    "5.7.15": "securityerror",
-    "5.7.16": "mesgtoobig",
-    "5.7.17": "hasmoved",
-    "5.7.18": "hasmoved",
-    "5.7.19": "securityerror",
-    "5.7.20": "authfailure",
-    "5.7.21": "authfailure",
-    "5.7.22": "authfailure",
-    "5.7.23": "authfailure",
-    "5.7.24": "authfailure",
-    "5.7.25": "requireptr",
-    "5.7.26": "authfailure",
-    "5.7.27": "notaccept",
-    "5.7.28": "spamdetected",
-    "5.7.29": "authfailure",
-    "5.7.30": "failedstarttls",
-}
-
-# ---------------------------------------------------------------------------
-# Table 2: reason -> phrases.
-
-#: What servers write, per reason: lower-case, single-spaced text searched
-#: for in the lower-cased, single-spaced diagnostic.  C{*} stands for any
-#: text (up to a few hundred characters) between two parts of a phrase.
-#: Where two phrases of different reasons match, L{PRECEDENCE} decides;
-#: a longer phrase beats a shorter one starting at the same place.
-PHRASES = {
-    "userunknown": (
-        "user unknown",
-        "unknown user",
-        "no such user",
-        "no such mailbox",
-        "no such recipient",
-        "no such address",
-        "unknown mailbox",
-        "unknown recipient",
-        "unknown address",
-        "address unknown",
-        "recipient unknown",
-        "user does not exist",
-        "user not found",
-        "mailbox not found",
-        "mailbox does not exist",
-        "mailbox * does not exist",
-        "address does not exist",
-        "recipient does not exist",
-        "recipient not found",
-        "invalid recipient",
-        "invalid mailbox",
-        "the email account that you tried to reach does not exist",
-        "no mailbox here by that name",
-    ),
-    "mailboxfull": (
-        "mailbox full",
-        "mailbox is full",
-        "over quota",
-        "overquota",
-        "quota exceeded",
-        "exceeded storage allocation",
-        "exceeded the storage",
-        "insufficient disk space",
-        "is over quota",
-    ),
-    "hostunknown": (
-        "host unknown",
-        "unknown host",
-        "domain not found",
-        "domain does not exist",
-        "no such domain",
-        "host or domain name not found",
-        "name or service not known",
-    ),
-    "mesgtoobig": (
-        "message too big",
-        "message too large",
-        "message is too big",
-        "message is too large",
-        "message size exceeds",
-        "exceeds size limit",
-    ),
-    "suspend": (
-        "mailbox disabled",
-        "mailbox is disabled",
-        "account disabled",
-        "account is disabled",
-        "account has been disabled",
-        "account is suspended",
-        "account suspended",
-        "the email account that you tried to reach is disabled",
-    ),
-    "spamdetected": (
-        "spam",
-        "junk mail",
-        "unsolicited",
-        "bulk mail",
-    ),
-    "blocked": (
-        "blocklist",
-        "blacklist",
-        "denylist",
-        "dnsbl",
-        "spamhaus",
-        "spamcop",
-        "blocked using",
-        "client host rejected",
-        "client host * rejected",
-        "connection refused by policy",
-        "access denied",
-    ),
-    "badreputation": (
-        "poor reputation",
-        "bad reputation",
-        "low reputation",
-    ),
-    "filtered": (
-        "message filtered",
-        "content filter",
-        "rejected by filter",
-    ),
-    "systemerror": (
-        "system error",
-        "internal error",
-        "internal server error",
-        "local error",
-    ),
-    "expired": (
-        "delivery time expired",
-        "retry time exceeded",
-        "retry timeout exceeded",
-    ),
-    "vacation": (
-        "out of office",
-        "on vacation",
-    ),
-}
-
-# ---------------------------------------------------------------------------
-# Table 3: precedence.
-
-#: Order of the reasons that the text or the status may name alike: the
-#: first of these that either names wins.  A reason the status names is
-#: ignored when the text names one of its L{STATUS_VETO}es.
-PRECEDENCE = (
-    "mailboxfull",
-    "mesgtoobig",
-    "exceedlimit",
-    "suspend",
-    "hasmoved",
-    "norelaying",
-    "authfailure",
-    "userunknown",
-    "filtered",
-    "requireptr",
-    "notcompliantrfc",
-    "badreputation",
-    "contenterror",
-    "rejected",
-    "hostunknown",
-    "spamdetected",
-    "speeding",
-    "toomanyconn",
-    "blocked",
-)
-
-#: Reasons only the text can name, tried (in this order) when the above
-#: found nothing and the status names no reason or only a vague one
-#: (L{VAGUE}).
-TEXT_ONLY = (
-    "mailboxfull",
-    "authfailure",
-    "badreputation",
-    "speeding",
-    "spamdetected",
-    "virusdetected",
-    "policyviolation",
-    "norelaying",
-    "systemerror",
-    "networkerror",
-    "suspend",
-    "contenterror",
-    "systemfull",
-    "notaccept",
-    "expired",
-    "failedstarttls",
-    "securityerror",
-    "suppressed",
-    "mailererror",
-)
-
-#: Status-named reasons that a phrase of another reason overrides.
-VAGUE = frozenset(
-    ["systemerror", "securityerror", "networkerror", "expired", "onhold", "undefined"]
-)
-
-#: When the status says the first, the text naming any of the second wins
-#: (a 5.1.1 "blocked using zen.spamhaus.org" is a block, not a bad address).
-STATUS_VETO = {
-    "userunknown": frozenset(
-        ["blocked", "mailboxfull", "hasmoved", "rejected", "notaccept", "securityerror"]
-    ),
-}
-
-# ---------------------------------------------------------------------------
 # The engine.
 
 
@@ -393,38 +117,50 @@ class Verdict:
 
 
 _STATUS = re.compile(r"\A([245])\.(\d{1,3})\.(\d{1,3})\Z")
-_STATUS_IN_TEXT = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d]|\.\d)")
-_REPLY_IN_TEXT = re.compile(r"\A\W*(?:smtp\s*;\s*)?([245]\d\d)(?![\d.])")
+_STATUS_IN_TEXT = re.compile(r"(?<![\w.])([245])\.(\d{1,3})\.(\d{1,3})(?!\d|\.\d)")
+_REPLY_IN_TEXT = re.compile(r"(?<![\w.\-])([245][0-5]\d)(?:[ \-]|\Z)(?!\d)")
 _SPACE = re.compile(r"\s+")
 
-#: How much of a diagnostic is read (real ones are far shorter; this
-#: bounds the cost of a pathological one).
+#: How much of a diagnostic is read: real ones are far shorter; this bounds
+#: the cost of a pathological one.
 MAX_TEXT = 4096
+
+#: What C{*} in a phrase stands for.
 _WILD = r".{0,300}?"
 
 
-def _atoms(text: str) -> Iterable[str]:
+def _atoms(phrase: str) -> Iterable[str]:
     """
-    A phrase as trie atoms: each character, and C{*} as one wildcard.
+    A phrase as trie atoms: each character, and each C{*} as one wildcard.
     """
-    text = _SPACE.sub(" ", text.strip().lower())
-    for part in re.split(r"(\*)", text):
+    for part in re.split(r" ?(\*) ?", normalise(phrase)):
         if part == "*":
             yield "*"
         else:
             yield from part
 
 
-def _compile(phrases: dict) -> tuple:
+def compilePhrases(phrases: dict) -> tuple:
     """
-    Compile L{PHRASES}: the scanning regular expression and the map from
-    its group names to reasons.
+    Compile a reason -> phrases table into one regular expression: a trie,
+    so each position of a text costs about one branch per character
+    whatever the number of phrases, with an empty named group at the end
+    of each phrase; longer phrases are tried before their prefixes.
+
+    @return: C{(pattern, groups)}: the compiled expression and a dict from
+        its group names to reasons.
+    @raise ValueError: for an empty phrase or an unknown reason.
     """
     trie: dict = {}
     for reason, texts in phrases.items():
+        if reason != NEUTRAL and reason not in REASONS:
+            raise ValueError(f"unknown reason in the phrase table: {reason!r}")
         for text in texts:
+            atoms = list(_atoms(text))
+            if not [a for a in atoms if a != "*"]:
+                raise ValueError(f"empty phrase for {reason}: {text!r}")
             node = trie
-            for atom in _atoms(text):
+            for atom in atoms:
                 node = node.setdefault(atom, {})
             node.setdefault("", reason)
     groups: dict = {}
@@ -443,24 +179,46 @@ def _compile(phrases: dict) -> tuple:
             return branches[0]
         return "(?:" + "|".join(branches) + ")"
 
-    pattern = emit(trie) if trie else "(?!)"
+    # A lookahead finds phrases at every position, overlapping ones too.
+    pattern = "(?=" + emit(trie) + ")" if trie else "(?!)"
     return re.compile(pattern, re.DOTALL), groups
 
 
-_SCAN, _GROUPS = _compile(PHRASES)
+def normalise(text: str) -> str:
+    """
+    Text as phrases are matched: lower-case, each run of white space one
+    space, no leading or trailing space.
+    """
+    return _SPACE.sub(" ", text.lower()).strip()
 
 
-def _textReasons(text: str) -> frozenset:
+_SCAN, _GROUPS = compilePhrases({r: p for r, p in PHRASES.items() if r != NEUTRAL})
+_MASK, _ = compilePhrases({NEUTRAL: PHRASES.get(NEUTRAL, ())})
+
+
+def textReasons(text: str) -> frozenset:
     """
-    The reasons whose phrases occur in C{text} (already normalised).
+    The reasons whose phrases occur in C{text}: at each position the
+    longest phrase that starts there; a phrase inside a L{NEUTRAL} one does
+    not count.
     """
+    return _reasonsIn(normalise(text[:MAX_TEXT]))
+
+
+def _reasonsIn(text: str) -> frozenset:
+    masks = [(m.start(), m.end(m.lastgroup)) for m in _MASK.finditer(text)]
     found = set()
     for match in _SCAN.finditer(text):
-        found.add(_GROUPS[match.lastgroup])
+        reason = _GROUPS[match.lastgroup]
+        if masks:
+            start, end = match.start(), match.end(match.lastgroup)
+            if any(s <= start and end <= e for s, e in masks):
+                continue
+        found.add(reason)
     return frozenset(found)
 
 
-def _normalStatus(status: Optional[str]) -> Optional[str]:
+def _normalStatus(status) -> Optional[str]:
     """
     C{status} if it is a well-formed RFC 3463 code and not one of Sisimai's
     invented C{x.0.9xx}; else L{None}.
@@ -471,9 +229,10 @@ def _normalStatus(status: Optional[str]) -> Optional[str]:
     if match is None:
         return None
     klass, subject, detail = match.groups()
-    if subject == "0" and len(detail) == 3 and detail.startswith("9"):
+    subject, detail = int(subject), int(detail)
+    if subject == 0 and detail >= 900:
         return None
-    return f"{klass}.{int(subject)}.{int(detail)}"
+    return f"{klass}.{subject}.{detail}"
 
 
 def _isVague(status: Optional[str]) -> bool:
@@ -502,9 +261,10 @@ def classify(
     replycode: Optional[int],
     diagnostic: Optional[str],
     action: Optional[str] = None,
+    command: Optional[str] = None,
 ) -> Verdict:
     """
-    Classify one failure.
+    Classify one failure (see the module's docstring for the rules).
 
     @param status: the RFC 3463 status (C{"5.1.1"}), or L{None}.
     @param replycode: the SMTP reply code (C{550}), or L{None}.
@@ -512,46 +272,104 @@ def classify(
         reply), or L{None}.
     @param action: the DSN action (C{failed}, C{delayed}, C{delivered},
         ...), or L{None}.
+    @param command: the SMTP command the server answered (C{RCPT},
+        C{DATA}, C{MAIL}, C{EHLO}, ...), when known; else it is looked for
+        in the diagnostic ("in reply to RCPT TO command").
     @return: the L{Verdict}; never raises, whatever the input.
     """
-    text = diagnostic if isinstance(diagnostic, str) else ""
-    text = _SPACE.sub(" ", text[:MAX_TEXT].lower()).strip()
+    text = normalise(diagnostic[:MAX_TEXT]) if isinstance(diagnostic, str) else ""
     given = _normalStatus(status)
-    code = replycode if isinstance(replycode, int) and 200 <= replycode < 600 else None
-    if code is None:
-        match = _REPLY_IN_TEXT.match(text)
+    code = _replyCode(replycode)
+    if code is None and text:
+        match = _REPLY_IN_TEXT.search(text[:200])
         if match is not None:
             code = int(match.group(1))
     effective = given
-    if _isVague(effective):
-        match = _STATUS_IN_TEXT.search(text)
-        if match is not None:
+    if _isVague(effective) and text:
+        for match in _STATUS_IN_TEXT.finditer(text):
             found = _normalStatus(".".join(match.groups()))
-            if found is not None and (effective is None or not _isVague(found)):
+            if found is None or (effective is not None and found[0] != effective[0]):
+                continue
+            if effective is None or not _isVague(found):
                 effective = found
+                if not _isVague(found):
+                    break
     if effective is None and code is not None and code >= 400:
         effective = f"{code // 100}.0.0"
     action = action.strip().lower() if isinstance(action, str) else None
-
-    reason = _decide(effective, code, text, action)
+    if isinstance(command, str) and command.strip():
+        command = command.strip().upper().split()[0]
+        command = {"HELO": "EHLO", "BDAT": "DATA", "CONNECT": "CONN"}.get(command, command)
+    else:
+        command = _commandIn(text)
+    reason = _decide(effective, code, text, action, command)
     return Verdict(reason=reason, kind=bounceKind(reason, effective), status=effective)
 
 
+def _replyCode(replycode) -> Optional[int]:
+    if isinstance(replycode, str) and replycode.strip().isdigit():
+        replycode = int(replycode)
+    if isinstance(replycode, bool) or not isinstance(replycode, int):
+        return None
+    return replycode if 200 <= replycode < 600 else None
+
+
+_COMMANDS = [(re.compile(pattern), command) for pattern, command in COMMAND_HINTS]
+
+
+def _commandIn(text: str) -> Optional[str]:
+    """
+    The SMTP command a diagnostic says it answered (L{COMMAND_HINTS}).
+    """
+    if text:
+        for pattern, command in _COMMANDS:
+            if pattern.search(text):
+                return command
+    return None
+
+
 def _decide(
-    status: Optional[str], code: Optional[int], text: str, action: Optional[str]
+    status: Optional[str],
+    code: Optional[int],
+    text: str,
+    action: Optional[str],
+    command: Optional[str],
 ) -> str:
     if action == "delivered" or (status is not None and status.startswith("2.")):
         return "delivered"
-    said = _textReasons(text) if text else frozenset()
+    said = set(_reasonsIn(text)) if text else set()
     named = STATUS_REASONS.get(status) if status is not None else None
-    vetoed = STATUS_VETO.get(named, frozenset()) & said
+    if named is not None:
+        said -= STATUS_OVERRULES.get(named, frozenset())
+        if STATUS_YIELDS.get(named, frozenset()) & said:
+            named = None
+    specific = named is not None and named not in VAGUE
+    weak = {"generic": _isVague(status), "vague": not specific}
+    for reason, context in TEXT_CONTEXT.items():
+        if reason in said and reason != named:
+            if command in context["commands"]:
+                continue
+            if command is None and weak[context["status"]]:
+                continue
+            said.discard(reason)
+            otherwise = context["otherwise"]
+            if otherwise is not None and command not in BEFORE_DATA:
+                said.add(otherwise)
+    early = named
+    needs = STATUS_NEEDS_TEXT.get(named)
+    if needs is not None and not needs & said:
+        early = None
+    byReply = REPLY_REASONS.get(code)
+    first = byReply[1] if byReply is not None and byReply[0] == "first" else None
     for reason in PRECEDENCE:
-        if reason in said or (reason == named and not vetoed):
+        if reason in said or reason == early or reason == first:
             return reason
-    if named is None or named in VAGUE:
+    if not specific:
         for reason in TEXT_ONLY:
             if reason in said:
                 return reason
+        if byReply is not None:
+            return byReply[1]
     if named is not None:
         return named
     if status is not None:
@@ -560,18 +378,24 @@ def _decide(
             return "contenterror"
         if subject in ("5.7", "4.7"):
             return "securityerror"
+    if code in SYNTAX_REPLIES:
+        return "syntaxerror"
     if action in ("delayed", "expired"):
         return "expired"
+    if command in BLOCKED_COMMANDS:
+        return "blocked"
     if "vacation" in said:
         return "vacation"
-    if text or status is not None:
+    if text:
         return "onhold"
     return "undefined"
 
 
-def classifyReply(status: Optional[str], code: int, text: Optional[str]) -> Verdict:
+def classifyReply(
+    status: Optional[str], code: int, text: Optional[str], command: Optional[str] = None
+) -> Verdict:
     """
     Classify a negative reply in a delivery session (the C{bounced}
     event's C{source = "smtp"} path): L{classify} with the reply's parts.
     """
-    return classify(status, code, text, "failed")
+    return classify(status, code, text, "failed", command)

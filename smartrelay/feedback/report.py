@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 from twisted.logger import Logger
 
 from smartrelay import mime
-from smartrelay.feedback import arf, dsn, lhost
+from smartrelay.feedback import arf, dsn, jsonreport, lhost
 from smartrelay.feedback.mailtext import (
     MAX_TEXT,
     addressIn,
@@ -86,8 +86,39 @@ def _ownParts(tree: mime.Part) -> Iterator[mime.Part]:
         yield from _ownParts(child)
 
 
-def _read(data: bytes) -> Report:
+_MBOX_FROM = re.compile(rb"\A\s*(?:From [^\n]*\n|>From [^\n]*\n)+")
+
+
+# A body that is MIME without the header saying so: a boundary line
+# followed by a part header.
+_LOST_BOUNDARY = re.compile(rb"(?m)^--([^\s]{1,200}?)[ \t]*\r?\n(?:[ \t]*\r?\n)?Content-(?:Type|Transfer-Encoding|Description):", re.I)
+
+
+def _parseTree(data: bytes) -> mime.Part:
+    """
+    Parse the message, also when it is multipart without saying so (no
+    C{Content-Type} but boundary lines in the body).
+    """
     tree = mime.parse(data)
+    if tree.get("Content-Type") is None and tree.separator:
+        # The first boundary comes at once (perhaps after a line saying
+        # this is MIME), not after the bounce's text: that would be the
+        # returned message's.
+        start = len(tree.header)
+        match = _LOST_BOUNDARY.search(data, start, start + 400)
+        if match is not None and data.count(b"--" + match.group(1)) >= 2:
+            boundary = match.group(1).decode("ascii", "replace")
+            newline = tree.newline
+            header = f'Content-Type: multipart/mixed; boundary="{boundary}"'.encode("ascii", "replace")
+            repaired = mime.parse(header + newline + data)
+            if repaired.isMultipart:
+                return repaired
+    return tree
+
+
+def _read(data: bytes, depth: int = 0) -> Report:
+    data = _MBOX_FROM.sub(b"", data, count=1)
+    tree = _parseTree(data.lstrip(b"\r\n"))
     parts = list(_ownParts(tree))
     types = [part.contentType[0] for part in parts]
     queueId = queueIdIn(data, tree)
@@ -104,17 +135,30 @@ def _read(data: bytes) -> Report:
         for part, ctype in zip(parts, types)
         if ctype in ("message/delivery-status", "message/global-delivery-status", "text/delivery-status")
     ]
-    if _isAutoReply(tree) and not statusParts:
+    text = _bounceText(tree, parts, types)
+    notification = jsonreport.readJSONReport(text)
+    if notification is not None:
+        return _withQueueId(_fromJSON(*notification), queueId)
+    cut = lhost.bounceText(text)
+    if _isAutoReply(tree) and not statusParts and not _looksLikeBounce(tree, cut):
         return _withQueueId(_autoReply(tree), queueId)
 
-    text = _bounceText(tree, parts, types)
-    cut = lhost.bounceText(text)
     exclude = _senders(tree, text[len(cut) :])
     records: list[FeedbackRecord] = []
     if statusParts:
         records = _fromDeliveryStatus(tree, statusParts, cut, exclude)
-    if not records and (_looksLikeBounce(tree, cut) or statusParts):
+    bounceLike = bool(statusParts) or _looksLikeBounce(tree, cut)
+    if not records and bounceLike:
         records = _fromText(tree, cut, exclude)
+    if not records and depth < 2:
+        # A report forwarded as an attachment.
+        for part in parts:
+            for child in (part.message,) if part.message is not None else ():
+                inner = _read(child.serialize(), depth + 1)
+                if inner.type in ("bounce", "complaint"):
+                    return _withQueueId(inner, queueId)
+    if not records and bounceLike:
+        records = _fromReturnedRecipients(tree, text[len(cut) :], cut)
     if records:
         return _withQueueId(Report("bounce", tuple(records)), queueId)
 
@@ -180,7 +224,7 @@ def _bounceText(tree: mime.Part, parts: list, types: list) -> str:
         ]
     if not texts and not tree.isMultipart and tree.message is None:
         texts = [partText(tree)]
-    return "\n\n".join(texts)[:MAX_TEXT]
+    return "\n\n".join(texts)[:MAX_TEXT].replace("\r\n", "\n")
 
 
 _TAG = re.compile(r"(?s)<(?:style|script)\b.*?</(?:style|script)\s*>|<br\s*/?>|</?(?:p|div|tr|li|h\d)\b[^>]*>|<[^>]*>")
@@ -301,6 +345,19 @@ def _bounceRecord(
     )
 
 
+_USABLE = re.compile(r"[^\s@<>:]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+\.?")
+
+
+def _usable(address: Optional[str]) -> Optional[str]:
+    """
+    @return: C{address} if it is a whole e-mail address (a local part, a
+        domain with a dot; no source route), else L{None}.
+    """
+    if address and _USABLE.fullmatch(address.strip('"')) or address and address.startswith('"') and "@" in address:
+        return address
+    return None
+
+
 def _fromDeliveryStatus(
     tree: mime.Part, statusParts: list, text: str, exclude: set
 ) -> list[FeedbackRecord]:
@@ -311,11 +368,18 @@ def _fromDeliveryStatus(
         if not body.strip() and part.message is not None:
             body = part.message.serialize().decode("utf-8", "replace")
         perMessage, recipients = dsn.readDeliveryStatus(body)
-        for each in recipients:
-            recipient = each.recipient
-            if recipient is None or "@" not in recipient:
-                if each.original and "@" in each.original:
-                    recipient = each.original
+        fallback: Optional[list] = None
+        for index, each in enumerate(recipients):
+            recipient = _usable(each.recipient) or _usable(each.original)
+            if recipient is None:
+                if fallback is None:
+                    fallback = [
+                        found.address for found in lhost.failedRecipients(text, exclude)
+                    ] or _failedRecipientsHeader(tree)
+                if index < len(fallback):
+                    recipient = fallback[index]
+                else:
+                    recipient = each.recipient or each.original
             diagnostic, status, replycode, remote = (
                 each.diagnostic,
                 each.status,
@@ -351,6 +415,47 @@ def _fromDeliveryStatus(
                 _bounceRecord(recipient, action, status, replycode, diagnostic, remote)
             )
     return records
+
+
+def _fromJSON(kind: str, found: list) -> Report:
+    if kind == "complaint":
+        records = [FeedbackRecord(type="complaint", reason="feedback", **each) for each in found]
+    else:
+        records = [
+            _bounceRecord(
+                each["recipient"],
+                each["action"],
+                each["status"],
+                each["replycode"],
+                each["diagnostic"],
+                each["remote"],
+            )
+            for each in found
+        ]
+    return Report(kind if records else "none", tuple(records))
+
+
+def _fromReturnedRecipients(tree: mime.Part, quoted: str, text: str) -> list[FeedbackRecord]:
+    """
+    For a bounce whose text names no recipient: the recipients the returned
+    message was addressed to, with the bounce's text as the diagnostic.
+    """
+    returned = _returnedHeaders(tree, quoted)
+    if returned is None:
+        return []
+    found: list[str] = []
+    for name in ("To", "Cc"):
+        for _, address in addresses(headerText(returned.get(name))):
+            if address.lower() not in (each.lower() for each in found):
+                found.append(address)
+    if not found:
+        return []
+    extra = lhost.details(text, "")
+    action = "delayed" if lhost.isDelay(headerText(tree.get("Subject")), text) else "failed"
+    return [
+        _bounceRecord(address, action, extra["status"], extra["replycode"], extra["diagnostic"], extra["remote"])
+        for address in found
+    ]
 
 
 def _fromText(tree: mime.Part, text: str, exclude: set) -> list[FeedbackRecord]:
