@@ -167,9 +167,10 @@ class EndToEndTests(TestCase):
         self.assertTrue(delivered[3]["tls"])
         bounced = byRecipient["nobody@example.com"]
         # Twisted's "550 Cannot receive for specified address" names no
-        # reason: a soft bounce (only unknown users and domains are hard).
+        # reason (Sisimai's "onhold"): a soft bounce (only unknown users and
+        # domains are hard).
         self.assertEqual(
-            (bounced[0], bounced[3]["kind"], bounced[3]["reason"]), ("bounced", "soft", "rejected")
+            (bounced[0], bounced[3]["kind"], bounced[3]["reason"]), ("bounced", "soft", "onhold")
         )
         self.assertTrue(bounced[3]["diagnostic"].startswith("550 "))
 

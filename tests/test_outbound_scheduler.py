@@ -148,12 +148,14 @@ class OutcomeTests(SchedulerTestsMixin, SynchronousTestCase):
         self.assertEqual(self.flushLoggedErrors(ConnectionError), [])
 
     def test_bouncedWithoutStatus(self):
-        """A 5xx without an enhanced status gets status 5.0.0 and the fallback reason."""
+        """A 5xx without an enhanced status gets status 5.0.0 and the undecided reason."""
         self.add("Q1", ["a@example.com"])
         self.clock.advance(0)
-        self.call().answer(554, "go away")
+        self.call().answer(554, "no")
         detail = self.events.emitted[0][3]
-        self.assertEqual((detail["status"], detail["reason"]), ("5.0.0", "rejected"))
+        self.assertEqual(
+            (detail["status"], detail["reason"], detail["kind"]), ("5.0.0", "onhold", "soft")
+        )
 
     def test_deferred(self):
         """A 4xx reply defers the recipient with attempts+1 and the next attempt from the schedule."""

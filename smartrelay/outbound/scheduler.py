@@ -45,9 +45,9 @@ from twisted.python.failure import Failure
 from smartrelay.deferreds import whenAllDone
 from smartrelay.engine.rewrap import RewrapError
 from smartrelay.events import rfc3339
+from smartrelay.feedback.reasons import bounceKind, classifyReply
 from smartrelay.logs import MessageLog
 from smartrelay.message import Recipient, SpoolEntry
-from smartrelay.outbound.classify import bounceKind, classify
 from smartrelay.outbound.pool import Destination, DestinationPolicy, Throttle
 from smartrelay.outbound.router import NoRoute
 from smartrelay.outbound.session import Reply
@@ -1025,9 +1025,13 @@ class DeliveryScheduler(Service):
             }
         elif reply.permanent:
             state, nextAttempt = "bounced", recipient.next_attempt
-            reason = verdict.reason or classify(reply.status, reply.text)
+            if verdict.reason:
+                reason, kind = verdict.reason, bounceKind(verdict.reason, status)
+            else:
+                classified = classifyReply(reply.status, reply.code, reply.text)
+                reason, kind = classified.reason, classified.kind
             detail = {
-                "kind": bounceKind(reason),
+                "kind": kind,
                 "reason": reason,
                 "status": status,
                 "diagnostic": reply.line,

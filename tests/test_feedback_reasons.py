@@ -1,0 +1,281 @@
+"""
+Tests for L{smartrelay.feedback.reasons} and its tables in
+L{smartrelay.feedback.phrases}.
+"""
+
+import re
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from smartrelay.feedback import phrases
+from smartrelay.feedback.reasons import (
+    BOUNCE_REASONS,
+    HARD_REASONS,
+    REASONS,
+    Verdict,
+    bounceKind,
+    classify,
+    classifyReply,
+    compilePhrases,
+    textReasons,
+)
+
+#: (status, reply code, diagnostic, action, expected reason): short
+#: diagnostics of the kind real servers write, one or more per reason.
+CASES = [
+    ("5.1.1", 550, "<bob@example.com>: Recipient address rejected: User unknown in local recipient table", "failed", "userunknown"),
+    ("5.1.1", 550, "5.1.1 The email account that you tried to reach does not exist. Please try double-checking the recipient's email address", "failed", "userunknown"),
+    (None, 550, "550 sorry, no mailbox here by that name (#5.1.1 - chkusr)", "failed", "userunknown"),
+    ("5.0.0", 550, "550 5.1.1 RESOLVER.ADR.RecipNotFound; not found", "failed", "userunknown"),
+    (None, None, "host mx.example.net said: 550 No such user here (in reply to RCPT TO command)", "failed", "userunknown"),
+    (None, None, "host mx.example.net said: 550 Unknown user bob@example.net (in reply to end of DATA command)", "failed", "filtered"),
+    ("5.2.0", 550, "550 Unknown user bob@example.net", "failed", "filtered"),
+    ("5.2.2", 552, "552 5.2.2 mailbox full", "failed", "mailboxfull"),
+    ("4.2.2", 452, "The email account that you tried to reach is over quota.", "delayed", "mailboxfull"),
+    (None, None, "Quota exceeded (mailbox for user is full)", "failed", "mailboxfull"),
+    ("5.1.2", 550, "Host or domain name not found. Name service error for name=example.invalid type=A: Host not found", "failed", "hostunknown"),
+    ("5.4.4", None, "unrouteable address", "failed", "hostunknown"),
+    ("5.1.10", 550, "Recipient address has null MX", "failed", "notaccept"),
+    (None, 556, "556 5.1.10 domain does not accept mail", "failed", "notaccept"),
+    ("5.3.4", 552, "Message too big for system", "failed", "mesgtoobig"),
+    (None, 552, "552 message size exceeds fixed maximum message size", "failed", "mesgtoobig"),
+    ("5.2.3", 552, "552 5.2.3 Message length exceeds administrative limit", "failed", "exceedlimit"),
+    ("5.7.1", 554, "554 5.7.1 Message rejected as spam by Content Filtering", "failed", "spamdetected"),
+    ("5.7.1", 554, "Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org", "failed", "blocked"),
+    ("5.7.606", 550, "5.7.606 Access denied, banned sending IP [192.0.2.1]", "failed", "blocked"),
+    ("5.7.26", 550, "Unauthenticated email from example.com is not accepted due to domain's DMARC policy", "failed", "authfailure"),
+    ("5.7.1", 550, "The message does not pass SPF check: fail", "failed", "authfailure"),
+    ("5.7.25", 550, "The IP address sending this message does not have a PTR record setup", "failed", "requireptr"),
+    ("5.2.1", 550, "The email account that you tried to reach is disabled.", "failed", "suspend"),
+    ("5.1.6", 550, "5.1.6 mailbox has moved", "failed", "hasmoved"),
+    ("5.7.1", 554, "<bob@example.org>: Relay access denied (in reply to RCPT TO command)", "failed", "norelaying"),
+    ("4.7.0", 421, "Too many concurrent SMTP connections from this IP address; please try again later", "failed", "toomanyconn"),
+    ("4.7.1", 451, "Client host rejected: Please try again slower", "failed", "speeding"),
+    ("5.7.1", 550, "Your message was infected with a virus", "failed", "virusdetected"),
+    ("5.6.0", 550, "Message header size, or recipient list, exceeds policy limit", "failed", "contenterror"),
+    ("5.7.1", 550, "Messages with multiple addresses in From: header are not accepted", "failed", "notcompliantrfc"),
+    ("5.7.1", 550, "Message rejected due to local policy", "failed", "policyviolation"),
+    ("4.7.0", 421, "4.7.0 [TS01] Our system has detected a poor email reputation score", "failed", "badreputation"),
+    (None, 553, "553 sorry, sender address rejected (in reply to MAIL FROM command)", "failed", "rejected"),
+    ("4.4.7", None, "Delivery time expired", "delayed", "expired"),
+    ("4.4.1", 451, "connection timed out", "delayed", "expired"),
+    ("4.4.2", 421, "lost connection with mx.example.net while sending RCPT TO", "delayed", "networkerror"),
+    ("4.3.0", 451, "Temporary local problem - please try later", "delayed", "systemerror"),
+    ("4.3.1", 452, "Insufficient system storage", "delayed", "systemfull"),
+    ("5.3.0", 554, "procmail: Quota exceeded while writing", "failed", "mailboxfull"),
+    ("5.3.0", 554, "Command died with status 1: /usr/bin/deliver", "failed", "mailererror"),
+    (None, 530, "530 5.7.0 Must issue a STARTTLS command first", "failed", "failedstarttls"),
+    ("5.7.0", 554, "554 5.7.0 authentication required", "failed", "securityerror"),
+    (None, 501, "501 Syntax error in parameters or arguments", "failed", "syntaxerror"),
+    ("2.0.0", 250, "250 2.0.0 Ok: queued", "delivered", "delivered"),
+    ("5.0.0", 550, "550 Rejected (in reply to EHLO command)", "failed", "blocked"),
+    ("5.0.0", 550, "550 the server has no opinion", "failed", "onhold"),
+    (None, None, None, None, "undefined"),
+]
+
+
+class ClassifyTests(SynchronousTestCase):
+    """
+    L{classify} maps what a failure says to a reason, a kind and a status.
+    """
+
+    def test_samples(self):
+        """Typical real-world diagnostics get the expected Sisimai reason."""
+        for status, code, text, action, reason in CASES:
+            verdict = classify(status, code, text, action)
+            self.assertEqual(verdict.reason, reason, (status, code, text))
+
+    def test_verdict(self):
+        """A verdict carries reason, kind and status, and is immutable."""
+        verdict = classify("5.1.1", 550, "user unknown", "failed")
+        self.assertEqual(verdict, Verdict(reason="userunknown", kind="hard", status="5.1.1"))
+        with self.assertRaises(AttributeError):
+            verdict.reason = "blocked"
+
+    def test_statusFromText(self):
+        """Without a status, one in the diagnostic is used and returned."""
+        verdict = classify(None, 550, "550 5.1.1 <bob@example.com>... User unknown")
+        self.assertEqual((verdict.reason, verdict.status), ("userunknown", "5.1.1"))
+
+    def test_specificStatusFromTextBeatsGeneric(self):
+        """A class-only status (5.0.0) gives way to a specific one in the text."""
+        verdict = classify("5.0.0", 550, "550 5.2.2 mailbox full")
+        self.assertEqual((verdict.reason, verdict.status), ("mailboxfull", "5.2.2"))
+
+    def test_statusFromReplyCode(self):
+        """With no status anywhere, the reply code gives the class (5.0.0 / 4.0.0)."""
+        self.assertEqual(classify(None, 554, "go away").status, "5.0.0")
+        self.assertEqual(classify(None, 451, "try later").status, "4.0.0")
+        self.assertIsNone(classify(None, None, "").status)
+
+    def test_ipAddressIsNoStatus(self):
+        """Dotted numbers inside an IP address are not taken for a status."""
+        verdict = classify(None, None, "connection to 10.5.1.1 refused by policy")
+        self.assertNotEqual(verdict.status, "5.1.1")
+
+    def test_pseudoStatusIgnored(self):
+        """Sisimai's invented 5.0.9xx codes are not statuses."""
+        verdict = classify("5.0.911", 550, "mailbox full")
+        self.assertEqual((verdict.reason, verdict.status), ("mailboxfull", "5.0.0"))
+
+    def test_statusNamesReason(self):
+        """With no telling text, the status names the reason."""
+        self.assertEqual(classify("5.1.1", 550, "").reason, "userunknown")
+        self.assertEqual(classify("4.2.2", None, None).reason, "mailboxfull")
+        self.assertEqual(classify("5.7.13", None, "nope").reason, "suspend")
+
+    def test_textBeatsVagueStatus(self):
+        """Text naming a reason beats a status that only says "security"."""
+        self.assertEqual(classify("5.7.1", 554, "554 5.7.1 relay access denied").reason, "norelaying")
+
+    def test_statusYields(self):
+        """A 5.1.1 whose text says the mailbox is full is a full mailbox."""
+        self.assertEqual(classify("5.1.1", 550, "mailbox full").reason, "mailboxfull")
+
+    def test_commandArgument(self):
+        """The failed command, when the caller knows it, decides a bare "user unknown"."""
+        self.assertEqual(classify(None, 550, "550 User unknown", command="RCPT").reason, "userunknown")
+        self.assertEqual(classify(None, 550, "550 User unknown", command="DATA").reason, "filtered")
+        self.assertEqual(classify(None, 550, "550 User unknown", command="rcpt to").reason, "userunknown")
+
+    def test_delayedWithoutReasonExpires(self):
+        """A delayed record saying nothing more is C{expired}."""
+        self.assertEqual(classify("4.0.0", None, "", "delayed").reason, "expired")
+
+    def test_delivered(self):
+        """A 2.x.x status or the action C{delivered} is C{delivered}, with no kind."""
+        self.assertEqual(classify("2.1.5", 250, "ok"), Verdict("delivered", None, "2.1.5"))
+        self.assertEqual(classify(None, None, None, "delivered").kind, None)
+
+    def test_replyCodeAsText(self):
+        """A reply code given as a numeric string is used; nonsense is ignored."""
+        self.assertEqual(classify(None, "556", "").reason, "notaccept")
+        self.assertEqual(classify(None, 99999, "").status, None)
+        self.assertEqual(classify(None, True, "").status, None)
+
+    def test_longDiagnosticBounded(self):
+        """A huge diagnostic is read only up to a bound, and quickly."""
+        verdict = classify(None, None, "x" * 1_000_000 + " user unknown")
+        self.assertEqual(verdict.reason, "onhold")
+
+    @given(
+        st.one_of(st.none(), st.text(max_size=12), st.from_regex(r"\A[245]\.\d{1,3}\.\d{1,3}\Z")),
+        st.one_of(st.none(), st.integers(), st.text(max_size=4)),
+        st.one_of(st.none(), st.text(max_size=300)),
+        st.one_of(st.none(), st.sampled_from(["failed", "delayed", "delivered", "relayed"]), st.text(max_size=8)),
+        st.one_of(st.none(), st.text(max_size=10)),
+    )
+    def test_total(self, status, code, text, action, command):
+        """Any input yields a known reason, a consistent kind, and never raises."""
+        verdict = classify(status, code, text, action, command)
+        self.assertIn(verdict.reason, REASONS)
+        self.assertEqual(verdict.kind, bounceKind(verdict.reason, verdict.status))
+        if verdict.status is not None:
+            self.assertRegex(verdict.status, r"\A[245]\.\d{1,3}\.\d{1,3}\Z")
+
+    @given(st.sampled_from(sorted(phrases.PHRASES.items())), st.data())
+    def test_phrasesFound(self, item, data):
+        """Every plain phrase of the table is recognised inside other text."""
+        reason, texts = item
+        text = data.draw(st.sampled_from(texts))
+        if "*" in text or reason == phrases.NEUTRAL:
+            return
+        found = textReasons("Remote said: " + text.upper() + " (end)")
+        self.assertIn(reason, found, text)
+
+
+class KindTests(SynchronousTestCase):
+    """
+    L{bounceKind} is Sisimai's hard/soft rule.
+    """
+
+    def test_hard(self):
+        """Unknown users, unknown hosts and moved mailboxes are hard."""
+        for reason in HARD_REASONS:
+            self.assertEqual(bounceKind(reason, "5.0.0"), "hard")
+
+    def test_notaccept(self):
+        """C{notaccept} is hard when permanent, soft when temporary."""
+        self.assertEqual(bounceKind("notaccept", "5.1.10"), "hard")
+        self.assertEqual(bounceKind("notaccept", None), "hard")
+        self.assertEqual(bounceKind("notaccept", "4.3.2"), "soft")
+
+    def test_soft(self):
+        """Every other bounce reason is soft."""
+        for reason in BOUNCE_REASONS - HARD_REASONS - {"notaccept"}:
+            self.assertEqual(bounceKind(reason, "5.0.0"), "soft")
+
+    def test_notBounces(self):
+        """Deliveries, complaints and auto-replies have no kind."""
+        for reason in ("delivered", "feedback", "vacation"):
+            self.assertIsNone(bounceKind(reason))
+
+
+class ClassifyReplyTests(SynchronousTestCase):
+    """
+    L{classifyReply} is the delivery session's entry point.
+    """
+
+    def test_reply(self):
+        """A permanent reply is classified like a failed DSN record."""
+        self.assertEqual(
+            classifyReply("5.1.1", 550, "<a@example.com>: user unknown"),
+            Verdict("userunknown", "hard", "5.1.1"),
+        )
+        self.assertEqual(classifyReply(None, 554, "go away").reason, "blocked")
+
+
+class TableTests(SynchronousTestCase):
+    """
+    The rule tables are well-formed.
+    """
+
+    def test_statusTable(self):
+        """Every status is a well-formed RFC 3463 code naming a known reason."""
+        for status, reason in phrases.STATUS_REASONS.items():
+            self.assertRegex(status, r"\A[245]\.\d{1,3}\.\d{1,3}\Z")
+            self.assertIn(reason, REASONS, status)
+
+    def test_reasonsKnown(self):
+        """Every reason the tables name is in the vocabulary."""
+        named = set(phrases.PRECEDENCE) | set(phrases.TEXT_ONLY) | set(phrases.VAGUE)
+        named |= {reason for _, reason in phrases.REPLY_REASONS.values()}
+        for key, value in list(phrases.STATUS_YIELDS.items()) + list(
+            phrases.STATUS_OVERRULES.items()
+        ) + list(phrases.STATUS_NEEDS_TEXT.items()):
+            named |= {key} | set(value)
+        for reason, context in phrases.TEXT_CONTEXT.items():
+            named.add(reason)
+            if context["otherwise"] is not None:
+                named.add(context["otherwise"])
+            self.assertIn(context["status"], ("generic", "vague"))
+        self.assertEqual(named - REASONS, set())
+        self.assertEqual(set(phrases.PHRASES) - REASONS - {phrases.NEUTRAL}, set())
+
+    def test_everyBounceReasonReachable(self):
+        """Each reason with phrases appears in the precedence or the text-only list."""
+        ordered = set(phrases.PRECEDENCE) | set(phrases.TEXT_ONLY) | {"vacation"}
+        self.assertEqual(set(phrases.PHRASES) - ordered - {phrases.NEUTRAL}, set())
+
+    def test_phrasesCompile(self):
+        """Each phrase compiles on its own and is lower-case, trimmed text."""
+        for reason, texts in phrases.PHRASES.items():
+            self.assertIsInstance(texts, tuple, reason)
+            for text in texts:
+                self.assertEqual(text, text.lower(), text)
+                pattern, groups = compilePhrases({reason: (text,)})
+                self.assertIsInstance(pattern, re.Pattern)
+                self.assertEqual(set(groups.values()), {reason})
+
+    def test_commandHintsCompile(self):
+        """Every command hint is a valid expression naming an SMTP command."""
+        for pattern, command in phrases.COMMAND_HINTS:
+            re.compile(pattern)
+            self.assertIn(command, phrases.BEFORE_DATA | {"DATA"})
+
+    def test_badTable(self):
+        """An unknown reason or an empty phrase is a clear error."""
+        self.assertRaises(ValueError, compilePhrases, {"nosuchreason": ("x",)})
+        self.assertRaises(ValueError, compilePhrases, {"blocked": (" * ",)})
