@@ -91,6 +91,9 @@ hostname = relay.bench.test
 [web]
 listen = tcp:0:interface=127.0.0.1
 
+[feedback]
+listen = tcp:0:interface=127.0.0.1
+
 [smtp]
 listen = tcp:{smtpPort}:interface=127.0.0.1
 max_connections_per_client = 1000

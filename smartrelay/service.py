@@ -41,7 +41,12 @@ from smartrelay.engine.workers import WorkerPool
 from smartrelay.outbound.pool import Connector, DestinationPolicy, TLSContexts
 from smartrelay.outbound.router import DomainRouter, MXRouter, SmarthostRouter, makeResolver
 from smartrelay.outbound.scheduler import DeliveryScheduler
+from smartrelay.feedback.inbox import FeedbackInbox
+from smartrelay.feedback.processor import FeedbackProcessor
+from smartrelay.feedback.report import readReport
+from smartrelay.feedback.suppression import BounceSuppressor
 from smartrelay.logs import MessageLog
+from smartrelay.smtp.feedback import FeedbackAddresses, FeedbackPolicy
 from smartrelay.smtp.submission import SubmissionFactory, SubmissionPolicy, makeLoginLimiter
 from smartrelay.spool import Spool
 from smartrelay.store.redis import RedisConnectionFailed, RedisStore
@@ -57,6 +62,10 @@ DELIVERY_IO_THREADS = 2
 #: Threads for re-wrapping (HTML rewriting, DKIM signing); the GIL keeps
 #: Python work to one core, but the reactor thread stays responsive.
 REWRAP_THREADS = 2
+#: Threads that read reports that came back (CPU work, off the reactor).
+FEEDBACK_THREADS = 2
+#: Seconds between prunings of processed reports older than the retention.
+FEEDBACK_PRUNE_INTERVAL = 3600
 #: The tokens' key file under data_dir (when [smartrelay] secret is unset).
 TOKEN_KEYS_FILE = "token-keys"
 #: Seconds between checks that the queue id lease is far enough ahead.
@@ -202,7 +211,9 @@ class RelayService(MultiService):
     and re-wrap workers, then runs the start-up in order, off the reactor
     thread where it touches the disk: open the store, make this run's id
     state durable (before the first id), recover the spool and queue what
-    it holds, listen for HTTP, and only then for SMTP.  L{whenReady} fires
+    it holds, listen for HTTP, then for feedback (bounces, complaints,
+    unsubscribe mail; the reports an earlier run left unprocessed are
+    processed), and only then for SMTP submission.  L{whenReady} fires
     when the relay accepts mail.
     """
 
@@ -290,6 +301,14 @@ class RelayService(MultiService):
         self.webSite = makeSite(self.web)
         self.webEndpoint = endpoints.serverFromString(reactor, config.web.listen)
         self.webPort = None
+        # Hard bounces (and soft ones past the limit) onto the suppression
+        # list, from delivery sessions and from DSNs alike.
+        self.bounceSuppressor = BounceSuppressor(
+            store=self.store,
+            events=self.events,
+            softLimit=feedback.soft_bounce_limit,
+            softWindow=feedback.soft_bounce_window,
+        )
         self.scheduler = DeliveryScheduler(
             spool=self.spool,
             router=makeRouter(config, reactor),
@@ -314,6 +333,7 @@ class RelayService(MultiService):
             hold=delivery.hold,
             rewrapper=self.rewrapper,
             suppress=True,
+            bounces=self.bounceSuppressor,
             messageLog=MessageLog(relay.log_messages),
         )
         self.scheduler.setServiceParent(self)
@@ -362,12 +382,70 @@ class RelayService(MultiService):
         )
         self.smtpEndpoint = endpoints.serverFromString(reactor, smtp.listen)
         self.smtpPort = None
+
+        # The feedback listener: the public MX of bounce_domain, on the
+        # submission protocol with its own policy; the [smtp] certificate,
+        # line length and timeouts.
+        self.feedbackInbox = FeedbackInbox(
+            os.path.join(self.dataDir, "feedback"), self.runInSpoolThread
+        )
+        feedbackAddresses = FeedbackAddresses(
+            tokens=tokens,
+            bounceDomain=feedback.bounce_domain or relay.hostname.lower(),
+            verpPrefix=feedback.verp_prefix,
+            fblAddresses=frozenset(feedback.fbl_addresses),
+        )
+        self.feedbackProcessor = FeedbackProcessor(
+            clock=reactor,
+            inbox=self.feedbackInbox,
+            addresses=feedbackAddresses,
+            store=self.store,
+            events=self.events,
+            suppressor=self.bounceSuppressor,
+            readReport=readReport,
+            runInThread=threads.runner("feedback", FEEDBACK_THREADS),
+        )
+        self.feedbackFactory = SubmissionFactory(
+            policy=FeedbackPolicy(
+                clock=reactor,
+                addresses=feedbackAddresses,
+                inbox=self.feedbackInbox,
+                received=self.feedbackProcessor.received,
+                maxConnections=feedback.max_connections,
+                maxConnectionsPerClient=feedback.max_connections_per_client,
+            ),
+            clock=reactor,
+            hostname=relay.hostname,
+            maxMessageSize=feedback.max_message_size,
+            maxLineLength=smtp.max_line_length,
+            commandTimeout=smtp.command_timeout,
+            dataTimeout=smtp.data_timeout,
+            tlsContext=tlsContext,
+        )
+        self.feedbackEndpoint = endpoints.serverFromString(reactor, feedback.listen)
+        self.feedbackPort = None
+        # Processed reports are kept for the events' retention.
+        self.feedbackPruner = TimerService(FEEDBACK_PRUNE_INTERVAL, self._pruneFeedback)
+        self.feedbackPruner.clock = reactor
         self._readyWaiters = []
         self._readyResult = None
         # The start-up step once started (until then nothing to wait for),
         # and whether a stop was asked for: start-up never listens after it.
         self._starting: Deferred = succeed(None)
         self._stopping = False
+
+    def _pruneFeedback(self) -> Deferred:
+        d = self.feedbackInbox.prune(self.reactor.seconds() - self.config.store.retention)
+
+        def pruned(count: int) -> None:
+            if count:
+                self.log.info("feedback: removed {count} processed report(s) past the retention",
+                              count=count)
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("feedback: could not prune processed reports", failure)
+
+        return d.addCallbacks(pruned, failed)
 
     def _renewLease(self) -> Optional[Deferred]:
         return renewLease(self.ids, self.reactor.seconds(), self._persistIDState)
@@ -445,9 +523,17 @@ class RelayService(MultiService):
             self.scheduler.enqueue(entry)
         if entries:
             self.log.info("recovered {count} queued message(s) from the spool", count=len(entries))
+        pendingReports = await self.feedbackInbox.open()
         self._stopIfStopping()
         self.webPort = await self.webEndpoint.listen(self.webSite)
         self.log.info("web endpoints on {address}", address=self.webPort.getHost())
+        self._stopIfStopping()
+        self.feedbackPort = await self.feedbackEndpoint.listen(self.feedbackFactory)
+        self.log.info(
+            "feedback: receiving reports on {address}", address=self.feedbackPort.getHost()
+        )
+        self.feedbackProcessor.recover(pendingReports)
+        self.feedbackPruner.setServiceParent(self)
         self._stopIfStopping()
         port = self.smtpPort = await self.smtpEndpoint.listen(self.smtpFactory)
         self.log.info("smartrelay accepting mail on {address}", address=port.getHost())
@@ -475,6 +561,13 @@ class RelayService(MultiService):
             # Open sessions finish the message they are sending (stored
             # and answered) and are closed with 421.
             yield self.smtpFactory.shutDown(self.config.delivery.shutdown_timeout)
+        if self.feedbackPort is not None:
+            port, self.feedbackPort = self.feedbackPort, None
+            yield port.stopListening()
+            yield self.feedbackFactory.shutDown(self.config.delivery.shutdown_timeout)
+        # Reports being turned into events finish (their events and
+        # suppressions written); those waiting for a retry stay in new/.
+        yield self.feedbackProcessor.stop()
         yield MultiService.stopService(self)
         if self.webPort is not None:
             port, self.webPort = self.webPort, None

@@ -210,18 +210,24 @@ def waitFor(reactor, condition, timeout=60.0, interval=0.05):
 class RelayProcess:
     """
     C{twistd -n smartrelay --config PATH} as a child process, with its own
-    log file; the SMTP port is read from the log.
+    log file; the SMTP port (L{port}) and the feedback port
+    (L{feedbackPort}) are read from the log.  A config without a
+    C{[feedback]} section gets one with an OS-chosen loopback port, so that
+    relays of concurrent tests never compete for the default 2526.
     """
 
     def __init__(self, workdir: str, configText: str):
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)
         self.configPath = os.path.join(workdir, "smartrelay.ini")
+        if not re.search(r"(?m)^\[feedback\]", configText):
+            configText += "\n[feedback]\nlisten = tcp:0:interface=127.0.0.1\n"
         with open(self.configPath, "w") as f:
             f.write(configText)
         self.logPath = os.path.join(workdir, "twistd.log")
         self.process = None
         self.port = None
+        self.feedbackPort = None
 
     def logging(self) -> tuple:
         """
@@ -263,9 +269,12 @@ class RelayProcess:
                 raise AssertionError(
                     "relay exited with %s:\n%s" % (self.process.returncode, self.log())
                 )
-            match = re.search(r"accepting mail on .*port=(\d+)", self.log())
+            log = self.log()
+            match = re.search(r"accepting mail on .*port=(\d+)", log)
             if match:
                 self.port = int(match.group(1))
+                feedback = re.search(r"feedback: receiving reports on .*port=(\d+)", log)
+                self.feedbackPort = int(feedback.group(1)) if feedback else None
                 return True
             return False
 

@@ -479,7 +479,7 @@ class RewrapEndToEndTests(RelayTestMixin, TestCase):
             "[smtp]\nlisten = tcp:0:interface=127.0.0.1\n\n"
             "[web]\nlisten = tcp:%d:interface=127.0.0.1\n\n"
             "[tracking]\nbase_url = http://127.0.0.1:%d\n\n"
-            "[feedback]\nbounce_domain = bounces.relay.test\n\n"
+            "[feedback]\nbounce_domain = bounces.relay.test\nlisten = tcp:0:interface=127.0.0.1\n\n"
             "[delivery]\nsmarthost = tcp:host=127.0.0.1:port=%d\nretry = 5m\n\n"
             "[dkim:shop.example]\nselector = s1\nkey = %s\n"
             % (webPort, webPort, sinkPort, keyPath)

@@ -40,6 +40,7 @@ from smartrelay.service import (
     makeRelayService,
     makeSigner,
 )
+from smartrelay.smtp.feedback import FeedbackPolicy
 from smartrelay.smtp.submission import SubmissionFactory
 from smartrelay.store.redis import RedisStore
 from tests.redisserver import RedisServer, freePort, sharedRedisServer
@@ -179,9 +180,9 @@ class WiringTests(SynchronousTestCase):
     def test_listeners(self):
         """
         Built, the relay listens on nothing and has started no thread;
-        started, it listens for HTTP and then for SMTP on the configured
-        endpoints, with the site of its tracking app and its submission
-        factory, and C{whenReady} fires with the SMTP port; stopped, it
+        started, it listens for HTTP, feedback and then SMTP on the
+        configured endpoints, with the site of its tracking app, the
+        feedback policy and its submission factory, and C{whenReady} fires with the SMTP port; stopped, it
         stops the pools and leaves no timer behind.
         """
         relay = self.makeRelay()
@@ -190,8 +191,12 @@ class WiringTests(SynchronousTestCase):
         relay.startService()
         self.assertTrue(self.threads.started)
         port = self.successResultOf(relay.whenReady())
-        [web, smtp] = self.reactor.tcpServers
+        [web, feedback, smtp] = self.reactor.tcpServers
         self.assertEqual((web[0], web[3]), (8080, "127.0.0.1"))
+        self.assertEqual((feedback[0], feedback[3]), (2526, "127.0.0.1"))
+        self.assertIs(feedback[1], relay.feedbackFactory)
+        self.assertIsInstance(feedback[1].policy, FeedbackPolicy)
+        self.assertIs(feedback[1].policy.inbox, relay.feedbackInbox)
         self.assertIsInstance(web[1], Site)
         self.assertIs(web[1], relay.webSite)
         self.assertEqual((smtp[0], smtp[3]), (2525, "127.0.0.1"))
@@ -199,7 +204,7 @@ class WiringTests(SynchronousTestCase):
         self.assertIs(smtp[1].policy.ids, relay.ids)
         self.assertEqual(port.getHost().port, 2525)
         self.assertEqual(
-            sorted(self.threads.names), ["delivery-io", "journal", "rewrap", "spool", "sqlite"]
+            sorted(self.threads.names), ["delivery-io", "feedback", "journal", "rewrap", "spool", "sqlite"]
         )
         self.successResultOf(relay.stopService())
         self.assertTrue(self.threads.stopped)
@@ -226,22 +231,25 @@ class WiringTests(SynchronousTestCase):
         """
         Nothing listens before the store is open, this run's id state is
         durable (boot generation 1) and the spool is recovered; the web
-        endpoints listen before SMTP.
+        endpoints listen before feedback, and feedback before SMTP.
         """
         self.threads = SynchronousThreads(hold=True)
         relay = self.makeRelay()
         relay.startService()
         ready = relay.whenReady()
-        while self.threads.pending:
+        # Until it is ready (the background work that follows, the pruning
+        # of processed feedback reports say, aside).
+        while not ready.called:
             self.assertEqual(self.reactor.tcpServers, [])
-            self.assertNoResult(ready)
+            self.threads.runNext()
+        while self.threads.pending:
             self.threads.runNext()
         names = [f.__name__ for f in self.threads.ran]
         self.assertIn("saveIDState", names)
         self.assertIn("_recover", names)
         self.assertLess(names.index("saveIDState"), names.index("_recover"))
         self.assertEqual(self.successResultOf(ready).getHost().port, 2525)
-        self.assertEqual([s[0] for s in self.reactor.tcpServers], [8080, 2525])
+        self.assertEqual([s[0] for s in self.reactor.tcpServers], [8080, 2526, 2525])
         self.assertEqual(loadIDState(os.path.join(self.dataDir, ID_STATE_FILE)).boot, 1)
         self.threads.hold = False
         self.successResultOf(relay.stopService())
@@ -507,7 +515,7 @@ class RelayServiceTests(TestCase):
         yield relay.stopService()
         pools = relay.threads.pools
         self.assertEqual(
-            sorted(pools), ["delivery-io", "journal", "rewrap", "spool", "sqlite"]
+            sorted(pools), ["delivery-io", "feedback", "journal", "rewrap", "spool", "sqlite"]
         )
         self.assertTrue(all(pool.joined for pool in pools.values()))
         self.assertEqual(os.listdir(os.path.join(self.dataDir, "spool")), [])
