@@ -134,6 +134,35 @@ class ClassifyTests(SynchronousTestCase):
         """A 5.1.1 whose text says the mailbox is full is a full mailbox."""
         self.assertEqual(classify("5.1.1", 550, "mailbox full").reason, "mailboxfull")
 
+    def test_yieldedStatusLeavesTextOnlyReasons(self):
+        """When a status yields to the text, a reason only text names can win."""
+        self.assertEqual(classify("5.1.1", 550, "550 5.1.1 null MX").reason, "notaccept")
+
+    def test_yieldOverridesContext(self):
+        """A status that yields to "user unknown" keeps it whatever the command."""
+        verdict = classify("5.1.10", 550, "5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found")
+        self.assertEqual((verdict.reason, verdict.kind), ("userunknown", "hard"))
+
+    def test_userUnknownBesideVagueStatus(self):
+        """A "user unknown" beside a vague status (5.7.1) is a filter's disguise."""
+        self.assertEqual(classify("5.7.1", 550, "550 5.7.1 User unknown").reason, "filtered")
+        self.assertEqual(classify("5.5.0", 550, "550 5.5.0 User unknown").reason, "userunknown")
+
+    def test_senderStatusBeatsUserUnknownText(self):
+        """A sender status (5.1.8) is not overridden by recipient wording."""
+        verdict = classify("5.1.8", 501, "the address couldn't be found: 501 5.1.8 Sender address rejected")
+        self.assertEqual(verdict.reason, "rejected")
+
+    def test_senderPhraseAtRcpt(self):
+        """A 5.1.1 "address rejected" at RCPT is about the recipient."""
+        text = "said: 550 5.1.1 Address rejected bob@example.jp (in reply to RCPT TO command)"
+        self.assertEqual(classify("5.1.1", 550, text).reason, "userunknown")
+
+    def test_commandFromText(self):
+        """The command the diagnostic names decides like a given one."""
+        self.assertEqual(classify(None, 550, "SMTP:RCPT host 192.0.2.8: 553 no such user here").reason, "userunknown")
+        self.assertEqual(classify(None, 421, "host mx refused to talk to me: 421 try later").reason, "blocked")
+
     def test_commandArgument(self):
         """The failed command, when the caller knows it, decides a bare "user unknown"."""
         self.assertEqual(classify(None, 550, "550 User unknown", command="RCPT").reason, "userunknown")

@@ -192,9 +192,9 @@ TEXT_ONLY = (
     "virusdetected",
     "policyviolation",
     "systemerror",
+    "notaccept",
     "networkerror",
     "systemfull",
-    "notaccept",
     "expired",
     "failedstarttls",
     "securityerror",
@@ -208,9 +208,11 @@ TEXT_ONLY = (
 #: a 5.1.2 with "host not found, try again" is a DNS failure).
 STATUS_YIELDS = {
     "userunknown": frozenset(
-        ["norelaying", "blocked", "mailboxfull", "hasmoved", "rejected", "notaccept"]
+        ["norelaying", "blocked", "mailboxfull", "hasmoved", "rejected", "notaccept", "filtered"]
     ),
-    "hostunknown": frozenset(["networkerror"]),
+    "hostunknown": frozenset(["networkerror", "notaccept"]),
+    # Microsoft sends 5.1.10 (null MX) for "RecipientNotFound".
+    "notaccept": frozenset(["userunknown"]),
     "contenterror": frozenset(["spamdetected"]),
 }
 
@@ -235,14 +237,15 @@ BEFORE_DATA = frozenset(["CONN", "EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RC
 
 #: Reasons whose phrases are ambiguous out of context.  When the text names
 #: the key it counts only if the status names it too, or the failed SMTP
-#: command is one of C{commands}, or the status is as weak as C{status}
-#: says: C{"generic"} -- none, or only a class (x.0.0) -- or C{"vague"} --
-#: that or one naming only a L{VAGUE} reason.  Otherwise the text is read
-#: as C{otherwise} (unless the command was one before DATA), or not at all
-#: (L{None}).  A "user unknown" that the server says after DATA, or beside
-#: a status that says something else (5.2.0, 5.7.1), is the disguise of a
-#: content filter (Sisimai's reading: C{filtered}); a sender phrase at RCPT
-#: is about the recipient.
+#: command is one of C{commands}, or no command is known and the status
+#: L{STATUS_YIELDS} to it or is as weak as C{status} says: C{"generic"} --
+#: naming no reason (none, 5.0.0, 5.5.0) -- or C{"vague"} -- that or one
+#: naming only a L{VAGUE} reason.  Otherwise the text is read as
+#: C{otherwise} when the status is vague and the command was not one
+#: before DATA, or not at all.  A "user unknown" that the server says after
+#: DATA, or beside a status that says something vague (5.7.1, 5.3.0), is
+#: the disguise of a content filter (Sisimai's reading: C{filtered}); a
+#: sender phrase at RCPT is about the recipient.
 TEXT_CONTEXT = {
     "userunknown": {
         "commands": frozenset(["RCPT"]),
@@ -261,14 +264,18 @@ TEXT_CONTEXT = {
 COMMAND_HINTS = (
     (
         r"in reply to (?:the )?rcpt to command|after (?:pipelined )?rcpt to|>>> rcpt to"
-        r"|rcpt to response|does not like recipient|did not like our rcpt to",
+        r"|rcpt to response|does not like recipient|did not like our rcpt to"
+        r"|smtp:rcpt\b|\[rcpt_to\]",
         "RCPT",
     ),
     (r"in reply to (?:the )?mail from command|after mail from|>>> mail from", "MAIL"),
     (r"in reply to (?:the )?(?:end of )?data command|after (?:end of )?data|>>> data", "DATA"),
     (r"in reply to (?:the )?(?:ehlo|helo) command|after (?:ehlo|helo)\b", "EHLO"),
     (r"in reply to (?:the )?starttls command|after starttls", "STARTTLS"),
-    (r"after initial connection|while connected to|in reply to (?:the )?greeting", "CONN"),
+    (
+        r"after initial connection|in reply to (?:the )?greeting|refused to talk to me",
+        "CONN",
+    ),
 )
 
 #: Commands after which a failure with nothing more specific to say was a
@@ -1020,6 +1027,7 @@ PHRASES = {
         "an mx or srv record indicated no smtp service",
         "no mx found for domain",
         "couldn't find a mail exchanger or ip address",
+        "info/rfc7505",
         "null mx",
         "nullmx",
     ),

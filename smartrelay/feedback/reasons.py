@@ -339,22 +339,23 @@ def _decide(
         return "delivered"
     said = set(_reasonsIn(text)) if text else set()
     named = STATUS_REASONS.get(status) if status is not None else None
-    if named is not None:
-        said -= STATUS_OVERRULES.get(named, frozenset())
-        if STATUS_YIELDS.get(named, frozenset()) & said:
-            named = None
     specific = named is not None and named not in VAGUE
-    weak = {"generic": _isVague(status), "vague": not specific}
+    weak = {"generic": named is None, "vague": not specific}
+    yields = STATUS_YIELDS.get(named, frozenset())
     for reason, context in TEXT_CONTEXT.items():
         if reason in said and reason != named:
             if command in context["commands"]:
                 continue
-            if command is None and weak[context["status"]]:
+            if command is None and (weak[context["status"]] or reason in yields):
                 continue
             said.discard(reason)
             otherwise = context["otherwise"]
-            if otherwise is not None and command not in BEFORE_DATA:
+            if otherwise is not None and not specific and command not in BEFORE_DATA:
                 said.add(otherwise)
+    if named is not None:
+        said -= STATUS_OVERRULES.get(named, frozenset())
+        if STATUS_YIELDS.get(named, frozenset()) & said:
+            named = specific = None
     early = named
     needs = STATUS_NEEDS_TEXT.get(named)
     if needs is not None and not needs & said:
