@@ -14,6 +14,7 @@ from smartrelay import mime
 from smartrelay.feedback.mailtext import (
     addressIn,
     addresses,
+    contentTypeOf,
     fieldBlocks,
     headerText,
     partText,
@@ -48,7 +49,7 @@ def _embeddedHeaders(tree: mime.Part) -> Optional[mime.Part]:
     for part in mime.walk(tree):
         if part is tree:
             continue
-        ctype = part.contentType[0]
+        ctype = contentTypeOf(part)
         if part.message is not None:
             return part.message
         if ctype in ("message/rfc822", "text/rfc822-headers", "message/rfc822-headers"):
@@ -113,7 +114,7 @@ def _host(value: Optional[str]) -> Optional[str]:
 
 def _humanText(tree: mime.Part) -> Optional[str]:
     for part in mime.leaves(tree):
-        if part.contentType[0] == "text/plain":
+        if contentTypeOf(part) == "text/plain":
             return squeeze(partText(part, 4000), 500)
     return None
 

@@ -98,8 +98,22 @@ def _remote(value: Optional[str]) -> Optional[str]:
     return host.lower() or None
 
 
+def diagnosticValue(value: Optional[str]) -> Optional[str]:
+    """
+    @return: a C{Diagnostic-Code} value without its C{smtp;} type; other
+        types (C{X-Unix; 255}, C{X-Postfix; ...}) are kept, as they say
+        where the error came from.
+    """
+    if not value:
+        return None
+    head, semicolon, rest = value.partition(";")
+    if semicolon and head.strip().lower() in ("smtp", "esmtp", "lmtp"):
+        value = rest
+    return squeeze(value)
+
+
 def _recipientStatus(fields: dict) -> RecipientStatus:
-    diagnostic = squeeze(typedValue(fields.get("diagnostic-code")))
+    diagnostic = diagnosticValue(fields.get("diagnostic-code"))
     status = statusIn(fields.get("status"))
     replycode = replyCodeIn(diagnostic[:8]) if diagnostic else None
     if replycode is None and diagnostic:

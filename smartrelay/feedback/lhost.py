@@ -195,8 +195,13 @@ def failedRecipients(
         firsts.append((offset, address))
     result = []
     for index, (offset, address) in enumerate(firsts):
-        end = firsts[index + 1][0] if index + 1 < len(firsts) else len(text)
-        start = min(offset, len(text))
+        start = _lineStart(text, min(offset, len(text)))
+        if index + 1 < len(firsts):
+            end = _lineStart(text, firsts[index + 1][0])
+            if end <= start:
+                end = firsts[index + 1][0]
+        else:
+            end = len(text)
         segment = text[start:end]
         if not _hasReply(segment):
             # The error may be written before the addresses or after the
@@ -212,6 +217,10 @@ def failedRecipients(
                     segment = segment + "\n" + head
         result.append(TextRecipient(address=address, text=segment))
     return result
+
+
+def _lineStart(text: str, offset: int) -> int:
+    return text.rfind("\n", 0, offset) + 1
 
 
 _REPLY_WORDS = re.compile(r"(?<![\d.])[245]\d\d(?:[ -]|$)|(?<![\d.])[245]\.\d{1,3}\.\d{1,3}", re.M)
@@ -251,9 +260,10 @@ def details(segment: str, address: str) -> dict:
             break
     text = segment
     # Drop the line that only names the address.
-    lines = text.split("\n", 1)
-    if address.lower() in lines[0].lower() and len(lines[0].strip()) <= len(address) + 30 and len(lines) > 1:
-        text = lines[1]
+    first, newline, rest = text.partition("\n")
+    alone = _LINE_ALONE.match(first)
+    if newline and alone is not None and alone.end() >= len(first.rstrip()):
+        text = rest
     diagnostic = squeeze(text, 1000)
     status = statusIn(diagnostic)
     reply = None

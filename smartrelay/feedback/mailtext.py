@@ -168,25 +168,33 @@ def addressIn(text: Optional[str]) -> Optional[str]:
 
 def statusIn(text: Optional[str]) -> Optional[str]:
     """
-    @return: the first RFC 3463 status code (C{"5.1.1"}) in C{text}, or
-        L{None}.
+    @return: the first RFC 3463 failure status code (C{"5.1.1"}) in
+        C{text}, else the first success code (C{"2.1.5"}), or L{None}.
     """
     if not text:
         return None
-    match = _STATUS.search(text)
-    if match is None:
-        return None
-    return ".".join(str(int(group)) for group in match.groups())
+    success = None
+    for match in _STATUS.finditer(text):
+        found = ".".join(str(int(group)) for group in match.groups())
+        if found[0] != "2":
+            return found
+        success = success or found
+    return success
 
 
 def replyCodeIn(text: Optional[str]) -> Optional[int]:
     """
-    @return: the first SMTP reply code (C{550}) in C{text}, or L{None}.
+    @return: the first SMTP failure reply code (C{550}) in C{text}, else
+        the first success code (C{250}), or L{None}.
     """
     if not text:
         return None
-    match = _REPLY.search(text)
-    return int(match.group(1)) if match else None
+    success = None
+    for match in _REPLY.finditer(text):
+        if match.group(1)[0] != "2":
+            return int(match.group(1))
+        success = success or int(match.group(1))
+    return success
 
 
 def squeeze(text: Optional[str], limit: int = 2000) -> Optional[str]:
@@ -198,3 +206,57 @@ def squeeze(text: Optional[str], limit: int = 2000) -> Optional[str]:
         return None
     text = _SPACE.sub(" ", text).strip()
     return text[:limit] or None
+
+
+class Headers:
+    """
+    A part's header fields, looked up by name in constant time (the
+    L{mime.Part} lookups scan every field each time).
+    """
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, part: mime.Part):
+        fields: dict[str, list[str]] = {}
+        for raw in part.fields:
+            name, colon, value = raw.partition(b":")
+            if not colon:
+                continue
+            value = value.rstrip(b"\r\n")
+            text = value.decode("utf-8", "replace")
+            if "\n" in text:
+                text = _FOLD.sub("", text)
+            fields.setdefault(name.strip().lower().decode("ascii", "replace"), []).append(text.strip())
+        self._fields = fields
+
+    def getAll(self, name: str) -> list[str]:
+        """
+        @return: the unfolded values of all fields called C{name}.
+        """
+        return self._fields.get(name.lower(), [])
+
+    def get(self, name: str) -> Optional[str]:
+        """
+        @return: the unfolded value of the first field called C{name}, or
+            L{None}.
+        """
+        values = self._fields.get(name.lower())
+        return values[0] if values else None
+
+
+_FOLD = re.compile(r"\r?\n(?=[ \t])|\r?\n\Z")
+
+
+def contentTypeOf(part: mime.Part) -> str:
+    """
+    @return: C{part}'s lower-cased C{maintype/subtype} (its default type
+        if it declares none or a malformed one); a quicker
+        C{part.contentType[0]} for parts whose parameters do not matter.
+    """
+    for raw in part.fields:
+        if raw[:13].lower() == b"content-type:":
+            value = raw[13:].split(b";", 1)[0].strip().lower()
+            if b"/" in value and b" " not in value:
+                return value.decode("ascii", "replace")
+            return part.defaultType
+    return part.defaultType

@@ -17,6 +17,8 @@ from smartrelay import mime
 from smartrelay.feedback import arf, dsn, jsonreport, lhost
 from smartrelay.feedback.mailtext import (
     MAX_TEXT,
+    Headers,
+    contentTypeOf,
     addressIn,
     addresses,
     headerText,
@@ -64,12 +66,16 @@ def queueIdIn(data: bytes, tree: Optional[mime.Part] = None) -> Optional[str]:
         C{data} (the returned message's, quoted or attached, also inside
         an encoded part of C{tree}), or L{None}.
     """
-    match = _QUEUE_ID.search(data)
-    if match is not None:
-        return match.group(1).decode("ascii")
+    if data.find(b"X-SmartRelay-ID") != -1 or data.lower().find(b"x-smartrelay-id") != -1:
+        match = _QUEUE_ID.search(data)
+        if match is not None:
+            return match.group(1).decode("ascii")
     if tree is not None:
         for part in mime.leaves(tree):
-            if part.transferEncoding in ("base64", "quoted-printable"):
+            if contentTypeOf(part).startswith(("message/", "text/rfc822")) and part.transferEncoding in (
+                "base64",
+                "quoted-printable",
+            ):
                 found = _QUEUE_ID.search(part.decodedBody())
                 if found is not None:
                     return found.group(1).decode("ascii")
@@ -120,11 +126,12 @@ def _read(data: bytes, depth: int = 0) -> Report:
     data = _MBOX_FROM.sub(b"", data, count=1)
     tree = _parseTree(data.lstrip(b"\r\n"))
     parts = list(_ownParts(tree))
-    types = [part.contentType[0] for part in parts]
+    types = [contentTypeOf(part) for part in parts]
     queueId = queueIdIn(data, tree)
+    head = Headers(tree)
 
-    if _isUnsubscribe(tree):
-        return _unsubscribe(tree)
+    if _isUnsubscribe(head):
+        return _unsubscribe(head)
 
     feedback = [part for part, ctype in zip(parts, types) if ctype == "message/feedback-report"]
     if feedback:
@@ -140,16 +147,16 @@ def _read(data: bytes, depth: int = 0) -> Report:
     if notification is not None:
         return _withQueueId(_fromJSON(*notification), queueId)
     cut = lhost.bounceText(text)
-    if _isAutoReply(tree) and not statusParts and not _looksLikeBounce(tree, cut):
-        return _withQueueId(_autoReply(tree), queueId)
+    if _isAutoReply(head) and not statusParts and not _looksLikeBounce(head, cut):
+        return _withQueueId(_autoReply(tree, head), queueId)
 
-    exclude = _senders(tree, text[len(cut) :])
+    exclude = _senders(tree, head, text[len(cut) :])
     records: list[FeedbackRecord] = []
     if statusParts:
-        records = _fromDeliveryStatus(tree, statusParts, cut, exclude)
-    bounceLike = bool(statusParts) or _looksLikeBounce(tree, cut)
+        records = _fromDeliveryStatus(head, statusParts, cut, exclude)
+    bounceLike = bool(statusParts) or _looksLikeBounce(head, cut)
     if not records and bounceLike:
-        records = _fromText(tree, cut, exclude)
+        records = _fromText(head, cut, exclude)
     if not records and depth < 2:
         # A report forwarded as an attachment.
         for part in parts:
@@ -158,15 +165,15 @@ def _read(data: bytes, depth: int = 0) -> Report:
                 if inner.type in ("bounce", "complaint"):
                     return _withQueueId(inner, queueId)
     if not records and bounceLike:
-        records = _fromReturnedRecipients(tree, text[len(cut) :], cut)
+        records = _fromReturnedRecipients(tree, head, text[len(cut) :], cut)
     if records:
         return _withQueueId(Report("bounce", tuple(records)), queueId)
 
     complaint = arf.readProviderComplaint(tree)
     if complaint:
         return _withQueueId(Report("complaint", tuple(complaint)), queueId)
-    if _isAutoReplySubject(tree):
-        return _withQueueId(_autoReply(tree), queueId)
+    if _isAutoReplySubject(head):
+        return _withQueueId(_autoReply(tree, head), queueId)
     return Report("none")
 
 
@@ -250,7 +257,7 @@ def _returnedHeaders(tree: mime.Part, quoted: str) -> Optional[mime.Part]:
             continue
         if part.message is not None:
             return part.message
-        if part.contentType[0] in ("message/rfc822", "text/rfc822-headers", "message/rfc822-headers"):
+        if contentTypeOf(part) in ("message/rfc822", "text/rfc822-headers", "message/rfc822-headers"):
             return mime.parse(part.decodedBody())
     if quoted:
         start = re.search(r"(?m)^[A-Za-z][\w-]*:[ \t]", quoted)
@@ -259,15 +266,16 @@ def _returnedHeaders(tree: mime.Part, quoted: str) -> Optional[mime.Part]:
     return None
 
 
-def _senders(tree: mime.Part, quoted: str) -> set:
+def _senders(tree: mime.Part, head: Headers, quoted: str) -> set:
     """
     The addresses that are certainly not failed recipients: the report's
     own addressee and sender, the returned message's sender.
     """
     found = set()
+    returned = _returnedHeaders(tree, quoted)
     for part, names in (
-        (tree, ("To", "From", "Return-Path", "Reply-To", "Sender")),
-        (_returnedHeaders(tree, quoted), ("From", "Return-Path", "Sender", "Reply-To")),
+        (head, ("To", "From", "Return-Path", "Reply-To", "Sender")),
+        (Headers(returned) if returned is not None else None, ("From", "Return-Path", "Sender", "Reply-To")),
     ):
         if part is None:
             continue
@@ -297,7 +305,7 @@ _BOUNCE_WORDS = re.compile(
 )
 
 
-def _looksLikeBounce(tree: mime.Part, text: str) -> bool:
+def _looksLikeBounce(tree: Headers, text: str) -> bool:
     sender = headerText(tree.get("From"))
     subject = headerText(tree.get("Subject"))
     returnPath = (tree.get("Return-Path") or "").strip()
@@ -311,7 +319,7 @@ def _looksLikeBounce(tree: mime.Part, text: str) -> bool:
     )
 
 
-def _failedRecipientsHeader(tree: mime.Part) -> list[str]:
+def _failedRecipientsHeader(tree: Headers) -> list[str]:
     found = []
     for value in tree.getAll("X-Failed-Recipients"):
         for _, address in addresses(headerText(value)):
@@ -359,7 +367,7 @@ def _usable(address: Optional[str]) -> Optional[str]:
 
 
 def _fromDeliveryStatus(
-    tree: mime.Part, statusParts: list, text: str, exclude: set
+    tree: Headers, statusParts: list, text: str, exclude: set
 ) -> list[FeedbackRecord]:
     records = []
     textual = None
@@ -435,7 +443,7 @@ def _fromJSON(kind: str, found: list) -> Report:
     return Report(kind if records else "none", tuple(records))
 
 
-def _fromReturnedRecipients(tree: mime.Part, quoted: str, text: str) -> list[FeedbackRecord]:
+def _fromReturnedRecipients(tree: mime.Part, head: Headers, quoted: str, text: str) -> list[FeedbackRecord]:
     """
     For a bounce whose text names no recipient: the recipients the returned
     message was addressed to, with the bounce's text as the diagnostic.
@@ -451,14 +459,14 @@ def _fromReturnedRecipients(tree: mime.Part, quoted: str, text: str) -> list[Fee
     if not found:
         return []
     extra = lhost.details(text, "")
-    action = "delayed" if lhost.isDelay(headerText(tree.get("Subject")), text) else "failed"
+    action = "delayed" if lhost.isDelay(headerText(head.get("Subject")), text) else "failed"
     return [
         _bounceRecord(address, action, extra["status"], extra["replycode"], extra["diagnostic"], extra["remote"])
         for address in found
     ]
 
 
-def _fromText(tree: mime.Part, text: str, exclude: set) -> list[FeedbackRecord]:
+def _fromText(tree: Headers, text: str, exclude: set) -> list[FeedbackRecord]:
     subject = headerText(tree.get("Subject"))
     known = _failedRecipientsHeader(tree)
     found = lhost.failedRecipients(text, exclude, known)
@@ -497,7 +505,7 @@ _AUTO_BODY = re.compile(
 )
 
 
-def _isAutoReply(tree: mime.Part) -> bool:
+def _isAutoReply(tree: Headers) -> bool:
     submitted = (tree.get("Auto-Submitted") or "").strip().lower()
     if submitted.startswith("auto-replied") or submitted.startswith("auto-notified"):
         return True
@@ -514,20 +522,20 @@ def _isAutoReply(tree: mime.Part) -> bool:
     return False
 
 
-def _isAutoReplySubject(tree: mime.Part) -> bool:
+def _isAutoReplySubject(tree: Headers) -> bool:
     return _AUTO_SUBJECT.search(headerText(tree.get("Subject"))) is not None
 
 
-def _autoReply(tree: mime.Part) -> Report:
+def _autoReply(tree: mime.Part, head: Headers) -> Report:
     text = ""
     for part in mime.leaves(tree):
-        ctype = part.contentType[0]
+        ctype = contentTypeOf(part)
         if ctype == "text/plain":
             text = partText(part, 4000)
             break
         if ctype == "text/html" and not text:
             text = _htmlText(partText(part, 8000))
-    sender = addressIn(headerText(tree.get("From"))) or addressIn(tree.get("Return-Path"))
+    sender = addressIn(headerText(head.get("From"))) or addressIn(head.get("Return-Path"))
     return Report(
         "autoreply",
         (
@@ -541,7 +549,7 @@ def _autoReply(tree: mime.Part) -> Report:
     )
 
 
-def _isUnsubscribe(tree: mime.Part) -> bool:
+def _isUnsubscribe(tree: Headers) -> bool:
     for name in ("To", "Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To", "Cc"):
         for value in tree.getAll(name):
             if _UNSUBSCRIBE.search(value):
@@ -549,7 +557,7 @@ def _isUnsubscribe(tree: mime.Part) -> bool:
     return False
 
 
-def _unsubscribe(tree: mime.Part) -> Report:
+def _unsubscribe(tree: Headers) -> Report:
     sender = addressIn(headerText(tree.get("From"))) or addressIn(tree.get("Return-Path"))
     return Report(
         "unsubscribe",
