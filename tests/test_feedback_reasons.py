@@ -163,6 +163,23 @@ class ClassifyTests(SynchronousTestCase):
         self.assertEqual(classify(None, 550, "SMTP:RCPT host 192.0.2.8: 553 no such user here").reason, "userunknown")
         self.assertEqual(classify(None, 421, "host mx refused to talk to me: 421 try later").reason, "blocked")
 
+    def test_providerWordingDecides(self):
+        """A provider's documented wording names its reason whatever the status says."""
+        text = (
+            "The user you are trying to contact is receiving mail at a rate that prevents"
+            " additional messages from being delivered. - gsmtp"
+        )
+        self.assertEqual(classify("5.2.1", 550, text).reason, "speeding")
+        yahoo = "554 delivery error: dd This user doesn't have a yahoo.com account (in reply to end of DATA command)"
+        self.assertEqual(classify(None, 554, yahoo).reason, "userunknown")
+
+    @given(st.sampled_from(sorted(phrases.OVERRIDES.items())), st.data())
+    def test_overridesFound(self, item, data):
+        """Every provider phrase decides, even beside a status naming another reason."""
+        reason, texts = item
+        text = data.draw(st.sampled_from(texts))
+        self.assertEqual(classify("5.2.2", 552, "said: " + text + " (end)").reason, reason, text)
+
     def test_commandArgument(self):
         """The failed command, when the caller knows it, decides a bare "user unknown"."""
         self.assertEqual(classify(None, 550, "550 User unknown", command="RCPT").reason, "userunknown")
@@ -296,7 +313,20 @@ class TableTests(SynchronousTestCase):
                 self.assertEqual(text, text.lower(), text)
                 pattern, groups = compilePhrases({reason: (text,)})
                 self.assertIsInstance(pattern, re.Pattern)
-                self.assertEqual(set(groups.values()), {reason})
+                self.assertEqual(set(groups.values()), {(reason, False)})
+        for reason, texts in phrases.OVERRIDES.items():
+            self.assertIn(reason, REASONS)
+            for text in texts:
+                self.assertEqual(text, text.lower(), text)
+                _, groups = compilePhrases({}, {reason: (text,)})
+                self.assertEqual(set(groups.values()), {(reason, True)})
+
+    def test_overridesDistinct(self):
+        """No provider phrase is also an ordinary phrase of another reason."""
+        ordinary = {t: r for r, texts in phrases.PHRASES.items() for t in texts}
+        for reason, texts in phrases.OVERRIDES.items():
+            for text in texts:
+                self.assertIn(ordinary.get(text, reason), (reason,), text)
 
     def test_commandHintsCompile(self):
         """Every command hint is a valid expression naming an SMTP command."""
@@ -308,3 +338,4 @@ class TableTests(SynchronousTestCase):
         """An unknown reason or an empty phrase is a clear error."""
         self.assertRaises(ValueError, compilePhrases, {"nosuchreason": ("x",)})
         self.assertRaises(ValueError, compilePhrases, {"blocked": (" * ",)})
+        self.assertRaises(ValueError, compilePhrases, {}, {"nosuchreason": ("x",)})

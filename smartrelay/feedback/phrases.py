@@ -608,7 +608,6 @@ PHRASES = {
         "ip/domain reputation problems",
         "likely suspicious due to the very low reputation",
         "none/bad reputation",
-        "temporarily deferred due to unexpected volume or user complaints",
         "the sending mta's poor reputation",
         "poor reputation",
         "bad reputation",
@@ -1105,5 +1104,144 @@ PHRASES = {
         "i will be traveling for work on",
         "out of office",
         "out of the office",
+    ),
+}
+
+# ---------------------------------------------------------------------------
+# Provider messages that decide by themselves.
+
+#: The documented wording of the large providers (Google, Microsoft,
+#: Yahoo, GoDaddy, ...; Sisimai's C{Rhost} knowledge): each names its
+#: reason whatever the status says -- Gmail answers 5.2.1 for a recipient
+#: receiving too fast, Microsoft 5.1.10 for an unknown recipient.  Where two
+#: match, L{PRECEDENCE} then L{TEXT_ONLY} order them.
+OVERRIDES = {
+    "authfailure": (
+        "the spf record of the sending domain has one or more suspicious entries",
+        "senders to authenticate with either spf or dkim",
+        "senders to authenticate with spf",
+        "senders to authenticate with dkim",
+        "senders to authenticate their email with",
+        "has an spf record with a hard fail policy",
+        "fails to pass spf checks for an spf record",
+        "aligned with either the authenticated spf or dkim",
+        "to add a dmarc record to ",
+        "is not accepted due to domain's dmarc policy",
+        "must pass either spf or dkim validation",
+        "rejected because of sender policy framework violation",
+        "does not pass dmarc verification",
+        "doesn't meet the required authentication level",
+        "yahoo requires all senders to authenticate",
+    ),
+    "badreputation": (
+        "very low reputation of the sending",
+        "temporarily rate limited due to ip reputation",
+    ),
+    "blocked": (
+        "ip not in whitelist for rcpt domain",
+        "an unusual rate of unsolicited mail",
+        "an unusual rate of mail",
+        "access denied, banned sending ip",
+        "access denied, banned sender",
+        "access denied, bad helo",
+        "access denied, rejected by recipient",
+        "using customer block list",
+        "does not accept email over ipv6",
+        "because the ip is in spamhaus's list",
+        "not accepted from ip addresses on spamhaus xbl",
+        "part of their network is on our block list",
+    ),
+    "failedstarttls": (
+        "tls required for rcpt domain",
+        "senders to use tls/ssl for smtp",
+        "failed mta-sts validation",
+        "starttls-not-supported:",
+        "certificate-expired:",
+    ),
+    "filtered": ("refused due to recipient preferences",),
+    "mailboxfull": (
+        "inbox is out of storage space",
+        "email quota exceeded",
+    ),
+    "networkerror": ("message exceeded 50 hops",),
+    "norelaying": (
+        "mail relay denied",
+        "invalid credentials for relay",
+        "is not authorized to send email directly to our servers",
+        "relaying denied for ",
+    ),
+    "notcompliantrfc": (
+        "missing a valid address in the from: header",
+        "multiple addresses in from: header are not accepted",
+        "is not rfc 5322 compliant",
+        "missing a valid message-id: header",
+        "contains a unicode character in a disallowed header",
+        "encoded-word syntax is not permitted",
+        "is not a valid rfc 5321 address",
+        "mail message is malformed",
+        "headers are not rfc compliant",
+    ),
+    "policyviolation": (
+        "has a policy that prohibited the mail that you sent",
+        "sending messages with the same message-id:",
+        "not accepted for policy reasons",
+    ),
+    "rejected": (
+        "mail sending denied",
+        "temporarily deferred due to unexpected volume or user complaints",
+        "due to unresolvable rfc.5321",
+        " will be permanently deferred",
+    ),
+    "requireptr": (
+        "does not have a ptr record",
+        "doesn't have a ptr record",
+        "ipv6 sending guidelines regarding ptr records",
+        "does not match the ip address of the hostname",
+        "must have a reverse dns record",
+    ),
+    "securityerror": (
+        "too many login attempts",
+        "no identity changes permitted",
+        "application-specific password required",
+        "please log in with your web browser",
+        "please log in through your web browser",
+        "username and password not accepted",
+    ),
+    "spamdetected": (
+        "due to the nature of the content or the links within",
+        "likely unsolicited mail",
+    ),
+    "speeding": (
+        "is receiving mail too quickly",
+        "peak smtp relay limit exceeded",
+        "rate that prevents additional messages from being delivered",
+        "daily sending quota exceeded",
+        "daily user sending limit exceeded",
+        "daily smtp relay limit exceeded",
+        "daily smtp relay sending limit exceeded",
+        "this mail has been rate limited",
+        "has sent to too many recipients this hour",
+    ),
+    "suspend": (
+        "account that you tried to reach is disabled",
+        "account that you tried to reach is inactive",
+        "this mailbox is disabled",
+    ),
+    "systemerror": (
+        "temporary system problem",
+        "multiple destination domains per transaction is unsupported",
+        "mail server has temporarily rejected this message",
+        "mail server temporarily rejected message",
+        "domain policy size per transaction exceeded",
+    ),
+    "toomanyconn": (
+        "your message has too many recipients",
+        "too many recipients for this sender",
+        "max message per connection reached",
+    ),
+    "userunknown": (
+        "dd this user doesn't have a ",
+        "resolver.adr.recipientnotfound",
+        "resolver.adr.recipnotfound",
     ),
 }

@@ -39,6 +39,7 @@ from smartrelay.feedback.phrases import (
     BLOCKED_COMMANDS,
     COMMAND_HINTS,
     NEUTRAL,
+    OVERRIDES,
     PHRASES,
     PRECEDENCE,
     REPLY_REASONS,
@@ -140,37 +141,44 @@ def _atoms(phrase: str) -> Iterable[str]:
             yield from part
 
 
-def compilePhrases(phrases: dict) -> tuple:
+def compilePhrases(phrases: dict, overrides: Optional[dict] = None) -> tuple:
     """
-    Compile a reason -> phrases table into one regular expression: a trie,
+    Compile reason -> phrases tables into one regular expression: a trie,
     so each position of a text costs about one branch per character
     whatever the number of phrases, with an empty named group at the end
     of each phrase; longer phrases are tried before their prefixes.
 
+    @param phrases: the ordinary phrases (L{PHRASES}).
+    @param overrides: the phrases that decide by themselves (L{OVERRIDES}).
     @return: C{(pattern, groups)}: the compiled expression and a dict from
-        its group names to reasons.
+        its group names to C{(reason, overrides)} pairs.
     @raise ValueError: for an empty phrase or an unknown reason.
     """
     trie: dict = {}
-    for reason, texts in phrases.items():
-        if reason != NEUTRAL and reason not in REASONS:
-            raise ValueError(f"unknown reason in the phrase table: {reason!r}")
-        for text in texts:
-            atoms = list(_atoms(text))
-            if not [a for a in atoms if a != "*"]:
-                raise ValueError(f"empty phrase for {reason}: {text!r}")
-            node = trie
-            for atom in atoms:
-                node = node.setdefault(atom, {})
-            node.setdefault("", reason)
+    tables = [(phrases, False), (overrides or {}, True)]
+    for table, overriding in tables:
+        for reason, texts in table.items():
+            if reason != NEUTRAL and reason not in REASONS:
+                raise ValueError(f"unknown reason in the phrase table: {reason!r}")
+            for text in texts:
+                atoms = list(_atoms(text))
+                if not [a for a in atoms if a != "*"]:
+                    raise ValueError(f"empty phrase for {reason}: {text!r}")
+                node = trie
+                for atom in atoms:
+                    node = node.setdefault(atom, {})
+                if overriding or "" not in node:
+                    node[""] = (reason, overriding)
     groups: dict = {}
 
     def emit(node: dict) -> str:
         branches = []
-        for atom, child in node.items():
+        # Literal text before a wildcard before the end: the longest,
+        # most literal phrase wins at each position.
+        for atom in sorted(node, key=lambda a: (a == "", a == "*")):
             if atom != "":
                 head = _WILD if atom == "*" else re.escape(atom)
-                branches.append(head + emit(child))
+                branches.append(head + emit(node[atom]))
         if "" in node:
             name = f"p{len(groups)}"
             groups[name] = node[""]
@@ -192,7 +200,9 @@ def normalise(text: str) -> str:
     return _SPACE.sub(" ", text.lower()).strip()
 
 
-_SCAN, _GROUPS = compilePhrases({r: p for r, p in PHRASES.items() if r != NEUTRAL})
+_SCAN, _GROUPS = compilePhrases(
+    {r: p for r, p in PHRASES.items() if r != NEUTRAL}, OVERRIDES
+)
 _MASK, _ = compilePhrases({NEUTRAL: PHRASES.get(NEUTRAL, ())})
 
 
@@ -202,20 +212,28 @@ def textReasons(text: str) -> frozenset:
     longest phrase that starts there; a phrase inside a L{NEUTRAL} one does
     not count.
     """
-    return _reasonsIn(normalise(text[:MAX_TEXT]))
+    found, decided = _reasonsIn(normalise(text[:MAX_TEXT]))
+    return frozenset(found | decided)
 
 
-def _reasonsIn(text: str) -> frozenset:
+def _reasonsIn(text: str) -> tuple:
+    """
+    The reasons ordinary phrases name in C{text}, and those L{OVERRIDES}
+    name: two sets.
+    """
     masks = [(m.start(), m.end(m.lastgroup)) for m in _MASK.finditer(text)]
-    found = set()
+    found, decided = set(), set()
     for match in _SCAN.finditer(text):
-        reason = _GROUPS[match.lastgroup]
+        reason, overriding = _GROUPS[match.lastgroup]
+        if overriding:
+            decided.add(reason)
+            continue
         if masks:
             start, end = match.start(), match.end(match.lastgroup)
             if any(s <= start and end <= e for s, e in masks):
                 continue
         found.add(reason)
-    return frozenset(found)
+    return found, decided
 
 
 def _normalStatus(status) -> Optional[str]:
@@ -314,6 +332,9 @@ def _replyCode(replycode) -> Optional[int]:
     return replycode if 200 <= replycode < 600 else None
 
 
+#: Every reason in the order it wins ties.
+_ORDER = tuple(dict.fromkeys(PRECEDENCE + TEXT_ONLY + tuple(sorted(REASONS))))
+
 _COMMANDS = [(re.compile(pattern), command) for pattern, command in COMMAND_HINTS]
 
 
@@ -337,7 +358,11 @@ def _decide(
 ) -> str:
     if action == "delivered" or (status is not None and status.startswith("2.")):
         return "delivered"
-    said = set(_reasonsIn(text)) if text else set()
+    said, decided = _reasonsIn(text) if text else (set(), set())
+    if decided:
+        for reason in _ORDER:
+            if reason in decided:
+                return reason
     named = STATUS_REASONS.get(status) if status is not None else None
     specific = named is not None and named not in VAGUE
     weak = {"generic": named is None, "vague": not specific}
