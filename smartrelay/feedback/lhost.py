@@ -21,7 +21,7 @@ import attrs
 
 from smartrelay.feedback.mailtext import addresses, replyCodeIn, squeeze, statusIn
 
-__all__ = ["TextRecipient", "bounceText", "failedRecipients", "details", "isDelay"]
+__all__ = ["TextRecipient", "bounceText", "failedRecipients", "details", "isDelay", "deliveryStatusIn"]
 
 # A line that starts the returned message: dashes (or similar) and words
 # that announce a copy of the original, or one of the sentences MTAs write
@@ -41,10 +41,13 @@ _ORIGINAL_MARKER = re.compile(
 )
 # A paragraph that is the header of the returned message.
 _HEADER_PARAGRAPH = re.compile(
-    r"\n\s*\n((?:Return-Path|Received|DKIM-Signature|Message-I[dD]|Delivered-To"
-    r"|X-[\w-]+|From|Date|To|Subject|MIME-Version|Content-Type):[ \t]*\S[^\n]*\n"
+    r"\n\s*\n(?:"
+    r"(?:Return-Path|Received|DKIM-Signature|Message-I[dD]|Delivered-To|X-[\w-]+|ARC-[\w-]+"
+    r"|Authentication-Results|MIME-Version|Content-Type):[ \t]*\S[^\n]*\n"
     r"(?:[ \t]+\S[^\n]*\n)*"
-    r"[A-Za-z][\w-]*:[ \t])",
+    r"[A-Za-z][\w-]*:[ \t]"
+    # or four fields in a row, whichever they are
+    r"|(?:[A-Za-z][\w-]*:[ \t]*\S[^\n]*\n(?:[ \t]+\S[^\n]*\n)*){4})",
 )
 
 
@@ -56,10 +59,33 @@ def bounceText(text: str) -> str:
     match = _ORIGINAL_MARKER.search(text)
     if match is not None:
         cut = match.start()
-    match = _HEADER_PARAGRAPH.search(text, 0, cut + 1)
-    if match is not None and match.start() < cut:
-        cut = match.start() + 1
+    for match in _HEADER_PARAGRAPH.finditer(text, 0, cut + 1):
+        if match.start() >= cut:
+            break
+        if not _DSN_FIELD.match(text, match.start() + len(match.group(0)) - len(match.group(0).lstrip())):
+            cut = match.start() + 1
+            break
     return text[:cut]
+
+
+# The fields of a delivery-status part, when a report's text holds them.
+_DSN_FIELD = re.compile(
+    r"(?i)(?:Reporting-MTA|Received-From-MTA|Arrival-Date|Final-Recipient|Original-Recipient"
+    r"|Action|Status|Remote-MTA|Diagnostic-Code|Last-Attempt-Date|X-[\w-]*Queue-ID|X-Postfix-Sender)[ \t]*:"
+)
+_DSN_IN_TEXT = re.compile(r"(?im)^(?:Reporting-MTA|Final-Recipient|Original-Recipient)[ \t]*:[ \t]*\S")
+
+
+def deliveryStatusIn(text: str) -> Optional[str]:
+    """
+    @return: the part of C{text} from its first delivery-status field on,
+        when the text holds the fields of a DSN (a report whose MIME
+        structure was lost), else L{None}.
+    """
+    match = _DSN_IN_TEXT.search(text)
+    if match is None or not re.search(r"(?im)^(?:Final|Original)-Recipient[ \t]*:", text[match.start() :]):
+        return None
+    return text[match.start() :]
 
 
 @attrs.frozen

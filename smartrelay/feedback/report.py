@@ -97,7 +97,7 @@ _MBOX_FROM = re.compile(rb"\A\s*(?:From [^\n]*\n|>From [^\n]*\n)+")
 
 # A body that is MIME without the header saying so: a boundary line
 # followed by a part header.
-_LOST_BOUNDARY = re.compile(rb"(?m)^--([^\s]{1,200}?)[ \t]*\r?\n(?:[ \t]*\r?\n)?Content-(?:Type|Transfer-Encoding|Description):", re.I)
+_LOST_BOUNDARY = re.compile(rb"(?m)^--([^\s]{1,200}?)[ \t]*\r?$")
 
 
 def _parseTree(data: bytes) -> mime.Part:
@@ -154,6 +154,10 @@ def _read(data: bytes, depth: int = 0) -> Report:
     records: list[FeedbackRecord] = []
     if statusParts:
         records = _fromDeliveryStatus(head, statusParts, cut, exclude)
+    else:
+        embedded = lhost.deliveryStatusIn(text)
+        if embedded is not None:
+            records = _fromDeliveryStatus(head, [embedded], cut, exclude)
     bounceLike = bool(statusParts) or _looksLikeBounce(head, cut)
     if not records and bounceLike:
         records = _fromText(head, cut, exclude)
@@ -221,7 +225,7 @@ def _bounceText(tree: mime.Part, parts: list, types: list) -> str:
     texts = [
         partText(part)
         for part, ctype in zip(parts, types)
-        if ctype == "text/plain" and not part.isMultipart
+        if ctype == "text/plain" and not part.isMultipart and not _isInlineMessage(part)
     ]
     if not texts:
         texts = [
@@ -251,12 +255,27 @@ def _htmlText(html: str) -> str:
     return text
 
 
+_MESSAGE_FIELDS = (b"received:", b"return-path:", b"message-id:", b"dkim-signature:")
+
+
+def _isInlineMessage(part: mime.Part) -> bool:
+    """
+    Whether C{part} is a returned message put in as a body part without a
+    C{Content-Type} (its header is the message's header).
+    """
+    if not part.fields or any(raw[:13].lower() == b"content-type:" for raw in part.fields):
+        return False
+    return any(raw[:16].lower().startswith(_MESSAGE_FIELDS) for raw in part.fields)
+
+
 def _returnedHeaders(tree: mime.Part, quoted: str) -> Optional[mime.Part]:
     for part in mime.walk(tree):
         if part is tree:
             continue
         if part.message is not None:
             return part.message
+        if _isInlineMessage(part):
+            return part
         if contentTypeOf(part) in ("message/rfc822", "text/rfc822-headers", "message/rfc822-headers"):
             return mime.parse(part.decodedBody())
     if quoted:
@@ -353,6 +372,12 @@ def _bounceRecord(
     )
 
 
+# Where in the SMTP dialogue the error came (the classifier reads it).
+_COMMAND_HINT = re.compile(
+    r"(?i)\(?in reply to (?:the )?(?:end of )?[a-z]{2,8}(?: to| from)? command\)?"
+    r"|\bafter (?:pipelined )?(?:rcpt to|mail from|end of data|data|ehlo|helo|starttls)\b"
+    r"|>>> (?:rcpt to|mail from|data)\b"
+)
 _USABLE = re.compile(r"[^\s@<>:]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+\.?")
 
 
@@ -371,10 +396,14 @@ def _fromDeliveryStatus(
 ) -> list[FeedbackRecord]:
     records = []
     textual = None
+    hinted = _COMMAND_HINT.search(text) is not None
     for part in statusParts:
-        body = partText(part)
-        if not body.strip() and part.message is not None:
-            body = part.message.serialize().decode("utf-8", "replace")
+        if isinstance(part, str):
+            body = part
+        else:
+            body = partText(part)
+            if not body.strip() and part.message is not None:
+                body = part.message.serialize().decode("utf-8", "replace")
         perMessage, recipients = dsn.readDeliveryStatus(body)
         fallback: Optional[list] = None
         for index, each in enumerate(recipients):
@@ -394,7 +423,8 @@ def _fromDeliveryStatus(
                 each.replycode,
                 each.remote,
             )
-            if not diagnostic or replycode is None or remote is None:
+            wantsHint = hinted and not (diagnostic and _COMMAND_HINT.search(diagnostic))
+            if not diagnostic or replycode is None or remote is None or wantsHint:
                 if textual is None:
                     known = [r.recipient for r in recipients if r.recipient]
                     textual = {
@@ -406,6 +436,10 @@ def _fromDeliveryStatus(
                     found = next(iter(textual.values()))
                 if found is not None:
                     extra = lhost.details(found.text, found.address)
+                    if diagnostic and wantsHint:
+                        hint = _COMMAND_HINT.search(found.text)
+                        if hint is not None:
+                            diagnostic = f"{diagnostic} ({hint.group(0).strip('()')})"
                     diagnostic = diagnostic or extra["diagnostic"]
                     replycode = replycode or (extra["replycode"] if not each.diagnostic else None)
                     remote = remote or extra["remote"]
