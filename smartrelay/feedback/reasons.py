@@ -118,7 +118,7 @@ class Verdict:
 
 
 _STATUS = re.compile(r"\A([245])\.(\d{1,3})\.(\d{1,3})\Z")
-_STATUS_IN_TEXT = re.compile(r"(?<![\w.])([245])\.(\d{1,3})\.(\d{1,3})(?!\d|\.\d)")
+_STATUS_IN_TEXT = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?!\d|\.\d)")
 _REPLY_IN_TEXT = re.compile(r"(?<![\w.\-])([245][0-5]\d)(?:[ \-]|\Z)(?!\d)")
 _SPACE = re.compile(r"\s+")
 
@@ -305,6 +305,9 @@ def classify(
     effective = given
     if _isVague(effective) and text:
         for match in _STATUS_IN_TEXT.finditer(text):
+            start = match.start()
+            if start and (text[start - 1].isalnum() or text[start - 1] in "._"):
+                continue  # inside an address or a longer number
             found = _normalStatus(".".join(match.groups()))
             if found is None or (effective is not None and found[0] != effective[0]):
                 continue
@@ -340,7 +343,8 @@ _COMMANDS = [(re.compile(pattern), command) for pattern, command in COMMAND_HINT
 
 def _commandIn(text: str) -> Optional[str]:
     """
-    The SMTP command a diagnostic says it answered (L{COMMAND_HINTS}).
+    The SMTP command a diagnostic says it answered (L{COMMAND_HINTS}; the
+    first hint of the table that matches).
     """
     if text:
         for pattern, command in _COMMANDS:
