@@ -35,7 +35,7 @@ from smartrelay.auth import (
     setPasswordLine,
     usernameProblem,
 )
-from smartrelay.feedback.report import MAX_REPORT, readReport
+from smartrelay.feedback.report import MAX_REPORT, readReport, splitMailbox
 
 PROG = "smartrelay"
 
@@ -331,17 +331,18 @@ def _readInput(path: str, console: Console) -> bytes:
 
 def _classifyLines(path: str, data: bytes) -> list[dict]:
     """
-    The C{classify} output objects for one message.
+    The C{classify} output objects for one file: a message, or a mailbox
+    (mbox) of several.
     """
-    report = readReport(data)
-    if not report.records:
-        return [dict.fromkeys(CLASSIFY_KEYS, None) | {"file": path, "type": "none"}]
     lines = []
-    for record in report.records:
-        line = {key: getattr(record, key, None) for key in CLASSIFY_KEYS}
-        line["file"] = path
-        line["type"] = record.type
-        lines.append(line)
+    for message in splitMailbox(data):
+        for record in readReport(message).records:
+            line = {key: getattr(record, key, None) for key in CLASSIFY_KEYS}
+            line["file"] = path
+            line["type"] = record.type
+            lines.append(line)
+    if not lines:
+        return [dict.fromkeys(CLASSIFY_KEYS, None) | {"file": path, "type": "none"}]
     return lines
 
 

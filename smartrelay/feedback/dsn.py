@@ -49,6 +49,8 @@ _ACTION_WORDS = {
     "delay": "delayed",
     "deferred": "delayed",
     "success": "delivered",
+    "deliverable": "delivered",
+    "delivery": "delivered",
 }
 
 

@@ -31,7 +31,7 @@ _ORIGINAL_MARKER = re.compile(
     r"[-=_*#]{2,}[ \t]*(?:[^\n]{0,20}?)(?:this is a copy|below this line|(?:the )?original"
     r"|returned|undelivered|unsent|header of|headers of|forwarded|copy of|message follows"
     r"|attached message|rfc822|message text|text of)"
-    r"|(?:original message|original message headers|returned message|message headers follow"
+    r"|(?:original (?:message|mail)(?: as follows| follows)?|original message headers|returned message|message headers follow"
     r"|the original message(?: headers)? (?:is|are|was|were) (?:below|attached|included|as follows)"
     r"|below is a copy of|here is a copy of|a copy of the original message|"
     r"included is a copy|headers of the original|the header of the original)[^\n]{0,40}:?[ \t]*$"

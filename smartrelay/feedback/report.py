@@ -29,7 +29,7 @@ from smartrelay.feedback.mailtext import (
 from smartrelay.feedback.reasons import classify
 from smartrelay.feedback.records import FeedbackRecord, Report
 
-__all__ = ["readReport", "queueIdIn", "MAX_REPORT"]
+__all__ = ["readReport", "splitMailbox", "queueIdIn", "MAX_REPORT"]
 
 log = Logger()
 
@@ -60,6 +60,25 @@ def readReport(data: bytes) -> Report:
         return Report("none")
 
 
+# An mbox "From " line that starts a message: "From SENDER DATE" (the
+# date ends in a year), followed by a header field.
+_MBOX_SEPARATOR = re.compile(
+    rb"\r?\n(?=From \S+ [^\r\n]*\b\d{4}\b[^\r\n]*\r?\n[\x21-\x39\x3b-\x7e]+:)"
+)
+
+
+def splitMailbox(data: bytes) -> list:
+    """
+    Split a mailbox file (mbox: each message after a C{From } line) into
+    its messages; anything else is one message.
+
+    @return: the messages' bytes, in order (at least one element).
+    """
+    if not data.startswith(b"From "):
+        return [data]
+    return [chunk for chunk in _MBOX_SEPARATOR.split(data) if chunk.strip()] or [data]
+
+
 def queueIdIn(data: bytes, tree: Optional[mime.Part] = None) -> Optional[str]:
     """
     @return: the relay's queue id from an C{X-SmartRelay-ID} header in
@@ -85,11 +104,37 @@ def queueIdIn(data: bytes, tree: Optional[mime.Part] = None) -> Optional[str]:
 def _ownParts(tree: mime.Part) -> Iterator[mime.Part]:
     """
     The parts of the report itself: C{tree} and its descendants, not
-    descending into an attached message.
+    descending into an attached message; a multipart whose C{boundary}
+    parameter slipped onto a line of its own is split all the same.
     """
+    tree = _withBoundary(tree)
     yield tree
     for child in tree.children:
         yield from _ownParts(child)
+
+
+def _withBoundary(part: mime.Part) -> mime.Part:
+    """
+    @return: C{part}, or C{part} parsed again with a C{boundary=...} line
+        that follows its C{Content-Type} (without the folding white space)
+        taken as the parameter it was meant to be.
+    """
+    if part.isMultipart or not contentTypeOf(part).startswith("multipart/"):
+        return part
+    if not part.fields:
+        return part
+    raw = part.serialize()
+    header = b"".join(part.fields)
+    rest = raw[len(header) :]
+    match = _BOUNDARY_LINE.match(rest)
+    if match is None:
+        return part
+    repaired = mime.parse(header + b"\t" + rest[match.start(1) :], part.defaultType)
+    return repaired if repaired.isMultipart else part
+
+
+# A boundary parameter on a line of its own just after the header.
+_BOUNDARY_LINE = re.compile(rb"[ \t]*(?:\r?\n)?[ \t]*(boundary=)", re.I)
 
 
 _MBOX_FROM = re.compile(rb"\A\s*(?:From [^\n]*\n|>From [^\n]*\n)+")
@@ -147,7 +192,7 @@ def _read(data: bytes, depth: int = 0) -> Report:
     if notification is not None:
         return _withQueueId(_fromJSON(*notification), queueId)
     cut = lhost.bounceText(text)
-    if _isAutoReply(head) and not statusParts and not _looksLikeBounce(head, cut):
+    if _isAutoReply(head) and not statusParts and not _looksLikeBounce(head, cut, nullSender=False):
         return _withQueueId(_autoReply(tree, head), queueId)
 
     exclude = _senders(tree, head, text[len(cut) :])
@@ -305,8 +350,8 @@ def _senders(tree: mime.Part, head: Headers, quoted: str) -> set:
 
 
 _BOUNCE_SENDER = re.compile(
-    r"(?i)mailer-daemon|mailer_daemon|postmaster|mail delivery|mail-daemon|maildaemon|mdaemon"
-    r"|delivery subsystem|mail administrator|mail system|bounce|nicht zustellbar|^<?>?$"
+    r"(?i)mailer-daemon|mailer_daemon|post_?master|mail delivery|mail-daemon|maildaemon|mdaemon"
+    r"|delivery subsystem|mail administrator|mail system|bounce|nicht zustellbar|^\s*<?>?\s*$"
 )
 _BOUNCE_SUBJECT = re.compile(
     r"(?i)undeliver|undelivered|deliver(?:y|ed)? (?:status|fail|failure|problem|report|notification)"
@@ -324,15 +369,21 @@ _BOUNCE_WORDS = re.compile(
 )
 
 
-def _looksLikeBounce(tree: Headers, text: str) -> bool:
+def _looksLikeBounce(tree: Headers, text: str, nullSender: bool = True) -> bool:
+    """
+    Whether a message looks like a bounce: from the mail system, a bounce's
+    subject or words, C{X-Failed-Recipients}, or (when C{nullSender}) the
+    null return path (which auto-replies use too).
+    """
     sender = headerText(tree.get("From"))
     subject = headerText(tree.get("Subject"))
-    returnPath = (tree.get("Return-Path") or "").strip()
+    returnPath = tree.get("Return-Path")
     return bool(
         _BOUNCE_SENDER.search(sender)
         or _BOUNCE_SUBJECT.search(subject)
-        or returnPath in ("<>", "")
-        and tree.get("Return-Path") is not None
+        or nullSender
+        and returnPath is not None
+        and returnPath.strip() in ("<>", "")
         or tree.get("X-Failed-Recipients")
         or _BOUNCE_WORDS.search(text[:3000])
     )
