@@ -9,9 +9,11 @@ real servers write); the tables are ours.
 
 Adding a phrase: lower-case, single spaces, the shortest text that says the
 reason and nothing else ("user unknown", not "550 user unknown").  C{*}
-matches any text between two parts ("mailbox * does not exist").  A phrase
-of L{NEUTRAL} says nothing itself but keeps the shorter phrases inside it
+matches up to 120 characters of any text between two parts ("mailbox *
+does not exist"); the spaces around it are optional.  A phrase of
+L{NEUTRAL} says nothing itself but keeps the shorter phrases inside it
 from matching ("recipient address rejected" is no sender rejection).
+Phrases in L{OVERRIDES} decide the reason by themselves.
 tests/test_feedback_reasons.py checks that every phrase compiles and every
 reason is known.
 """
@@ -609,6 +611,9 @@ PHRASES = {
         "likely suspicious due to the very low reputation",
         "none/bad reputation",
         "the sending mta's poor reputation",
+        # Yahoo's [TSS04]; Sisimai calls it "rejected" when it knows the
+        # remote host was Yahoo's, but it is a reputation deferral.
+        "temporarily deferred due to unexpected volume or user complaints",
         "poor reputation",
         "bad reputation",
         "low reputation",
@@ -1188,7 +1193,6 @@ OVERRIDES = {
     ),
     "rejected": (
         "mail sending denied",
-        "temporarily deferred due to unexpected volume or user complaints",
         "due to unresolvable rfc.5321",
         " will be permanently deferred",
     ),

@@ -126,8 +126,9 @@ _SPACE = re.compile(r"\s+")
 #: the cost of a pathological one.
 MAX_TEXT = 4096
 
-#: What C{*} in a phrase stands for.
-_WILD = r".{0,300}?"
+#: What C{*} in a phrase stands for: up to 120 characters, the fewest that
+#: complete the phrase (bounded, so a hostile text cannot make a scan slow).
+_WILD = r".{0,120}?"
 
 
 def _atoms(phrase: str) -> Iterable[str]:
