@@ -180,6 +180,22 @@ class ClassifyTests(SynchronousTestCase):
         text = data.draw(st.sampled_from(texts))
         self.assertEqual(classify("5.2.2", 552, "said: " + text + " (end)").reason, reason, text)
 
+    def test_localProgram(self):
+        """An X-Unix diagnostic is a local program's: what it printed decides, else the status."""
+        text = 'X-Unix; procmail: Couldn\'t create "/var/mail/bob": No such user'
+        self.assertEqual(classify("5.1.1", None, text).reason, "mailererror")
+        self.assertEqual(classify("5.3.0", None, "X-Unix; 77").reason, "systemerror")
+        self.assertEqual(classify(None, None, "x-unix; 75").reason, "mailererror")
+
+    def test_continuationCodes(self):
+        """Codes of joined continuation lines do not break a phrase apart."""
+        text = (
+            "550-5.2.1 The user you are trying to contact is receiving mail at a rate that"
+            " 550-5.2.1 prevents additional messages from being delivered."
+        )
+        self.assertEqual(classify("5.2.1", 550, text).reason, "speeding")
+        self.assertEqual(classify(None, None, "550-5.2.1 x").status, "5.2.1")
+
     def test_commandArgument(self):
         """The failed command, when the caller knows it, decides a bare "user unknown"."""
         self.assertEqual(classify(None, 550, "550 User unknown", command="RCPT").reason, "userunknown")

@@ -267,11 +267,15 @@ COMMAND_HINTS = (
     (
         r"in reply to (?:the )?rcpt to command|after (?:pipelined )?rcpt to|>>> rcpt to"
         r"|rcpt to response|does not like recipient|did not like our rcpt to"
-        r"|smtp:rcpt\b|\[rcpt_to\]",
+        r"|smtp:rcpt\b|\[rcpt_to\]|after rcpt command|smtp command rcpt",
         "RCPT",
     ),
     (r"in reply to (?:the )?mail from command|after mail from|>>> mail from", "MAIL"),
-    (r"in reply to (?:the )?(?:end of )?data command|after (?:end of )?data|>>> data", "DATA"),
+    (
+        r"in reply to (?:the )?(?:end of )?data command|after (?:end of )?data|>>> data"
+        r"|smtp command data",
+        "DATA",
+    ),
     (r"in reply to (?:the )?(?:ehlo|helo) command|after (?:ehlo|helo)\b", "EHLO"),
     (r"in reply to (?:the )?starttls command|after starttls", "STARTTLS"),
     (
@@ -346,6 +350,7 @@ PHRASES = {
         "recipient address rejected: unknown user",
         "recipient address rejected: user unknown",
         "recipient address rejected: userunknown",
+        "recipient address rejected.",
         "recipient address rejected: user * does not exist",
         "recipient does not exist",
         "recipient is not accepted",
@@ -1057,6 +1062,9 @@ PHRASES = {
         "was not reachable within the allowed queue period",
         "your message could not be delivered for more than",
         "could not be delivered for* days",
+        "could not deliver for the last",
+        "envelope expired",
+        "did not accept our requests to connect",
         "retry timeout exceeded",
         "retry time exceeded",
     ),

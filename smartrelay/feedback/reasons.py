@@ -121,6 +121,12 @@ _STATUS = re.compile(r"\A([245])\.(\d{1,3})\.(\d{1,3})\Z")
 _STATUS_IN_TEXT = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?!\d|\.\d)")
 _REPLY_IN_TEXT = re.compile(r"(?<![\w.\-])([245][0-5]\d)(?:[ \-]|\Z)(?!\d)")
 _SPACE = re.compile(r"\s+")
+#: The code prefix of a continuation line of a multi-line reply, left in
+#: the middle of a joined diagnostic ("... at a rate that 550-5.2.1
+#: prevents additional messages ..."): removed before phrases are matched.
+_CONTINUATION = re.compile(r"[245]\d\d-(?:[245]\.\d{1,3}\.\d{1,3}\s?)?")
+#: How a Diagnostic-Code of type X-Unix starts when its type is kept.
+_LOCAL_TYPE = "x-unix;"
 
 #: How much of a diagnostic is read: real ones are far shorter; this bounds
 #: the cost of a pathological one.
@@ -297,6 +303,10 @@ def classify(
     @return: the L{Verdict}; never raises, whatever the input.
     """
     text = normalise(diagnostic[:MAX_TEXT]) if isinstance(diagnostic, str) else ""
+    # A Diagnostic-Code of type X-Unix is a local delivery program's word.
+    local = text.startswith(_LOCAL_TYPE)
+    if local:
+        text = text[len(_LOCAL_TYPE):].lstrip()
     given = _normalStatus(status)
     code = _replyCode(replycode)
     if code is None and text:
@@ -324,8 +334,18 @@ def classify(
         command = {"HELO": "EHLO", "BDAT": "DATA", "CONNECT": "CONN"}.get(command, command)
     else:
         command = _commandIn(text)
-    reason = _decide(effective, code, text, action, command)
+    reason = _decide(effective, code, text, action, command, local)
     return Verdict(reason=reason, kind=bounceKind(reason, effective), status=effective)
+
+
+def _unprefix(match: "re.Match[str]") -> str:
+    """
+    Drop a continuation line's code, unless it is part of a longer token.
+    """
+    start = match.start()
+    if start == 0 or match.string[start - 1] == " ":
+        return ""
+    return match.group(0)
 
 
 def _replyCode(replycode) -> Optional[int]:
@@ -360,10 +380,17 @@ def _decide(
     text: str,
     action: Optional[str],
     command: Optional[str],
+    local: bool = False,
 ) -> str:
     if action == "delivered" or (status is not None and status.startswith("2.")):
         return "delivered"
-    said, decided = _reasonsIn(text) if text else (set(), set())
+    said, decided = _reasonsIn(_CONTINUATION.sub(_unprefix, text)) if text else (set(), set())
+    if local:
+        # A local program's failure: what it printed, else the status.
+        for reason in TEXT_ONLY + PRECEDENCE:
+            if reason in said or reason in decided:
+                return reason
+        return STATUS_REASONS.get(status) or "mailererror"
     if decided:
         for reason in _ORDER:
             if reason in decided:
