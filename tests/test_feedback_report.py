@@ -4,12 +4,15 @@ ARF complaints, auto-replies and unsubscribe mail.  Every sample here is
 written for these tests.
 """
 
+import base64
+import json
+
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay.feedback.records import REPORT_TYPES, FeedbackRecord, Report
-from smartrelay.feedback.report import queueIdIn, readReport
+from smartrelay.feedback.report import queueIdIn, readReport, splitMailbox
 
 QUEUE_ID = "3A/7F-00042-0BADC0DE"
 
@@ -200,6 +203,60 @@ class ComplaintTests(SynchronousTestCase):
         self.assertIsNone(record.kind)
 
 
+    def test_recipientFromEmbeddedMessage(self):
+        """
+        Without C{Original-Rcpt-To}, the complaint is about the embedded
+        message's C{To}; C{opt-out} is kept as the feedback type.
+        """
+        data = message(
+            "From: fbl@isp.example",
+            'Content-Type: multipart/report; report-type=feedback-report; boundary="F"',
+            "",
+            "--F",
+            "Content-Type: message/feedback-report",
+            "",
+            "Feedback-Type: opt-out",
+            "Version: 1",
+            "--F",
+            "Content-Type: text/rfc822-headers",
+            "",
+            "From: news@shop.example",
+            "To: Someone <someone@isp.example>",
+            "--F--",
+        )
+        [record] = readReport(data).records
+        self.assertEqual((record.recipient, record.feedback_type), ("someone@isp.example", "opt-out"))
+
+    def test_hotmailForm(self):
+        """
+        A Hotmail / JMRP report without a feedback-report part: the
+        complained-about message attached, its recipient in
+        C{X-HmXmrOriginalRecipient}.
+        """
+        data = message(
+            "From: staff@hotmail.example",
+            "Subject: complaint about message from 192.0.2.9",
+            'Content-Type: multipart/mixed; boundary="H"',
+            "",
+            "--H",
+            "Content-Type: text/plain",
+            "",
+            "This is a complaint.",
+            "--H",
+            "Content-Type: message/rfc822",
+            "",
+            "X-HmXmrOriginalRecipient: <reader@hotmail.example>",
+            "From: news@shop.example",
+            "To: undisclosed-recipients:;",
+            "",
+            "hi",
+            "--H--",
+        )
+        report = readReport(data)
+        self.assertEqual(report.type, "complaint")
+        self.assertEqual([r.recipient for r in report.records], ["reader@hotmail.example"])
+
+
 class AutoReplyTests(SynchronousTestCase):
     """
     RFC 3834 auto-replies.
@@ -223,6 +280,423 @@ class AutoReplyTests(SynchronousTestCase):
         self.assertEqual(report.type, "autoreply")
         [record] = report.records
         self.assertEqual((record.recipient, record.reason), ("reader@example.com", "vacation"))
+
+
+def textBounce(headers: str, body: str) -> bytes:
+    """
+    @return: a single-part message with the given header lines and body
+        (LF-separated), CRLF line breaks.
+    """
+    return (headers.strip("\n") + "\n\n" + body).replace("\n", "\r\n").encode("utf-8")
+
+
+class TextBounceTests(SynchronousTestCase):
+    """
+    Bounces in words, as MTAs write them without (or beside) a DSN part.
+    """
+
+    def assertRecords(self, report, expected):
+        """
+        C{report} is a bounce whose records have the expected
+        C{(recipient, status, replycode, kind)}.
+        """
+        self.assertEqual(report.type, "bounce")
+        self.assertEqual(
+            [(r.recipient, r.status, r.replycode, r.kind) for r in report.records], expected
+        )
+
+    def test_eximTwoRecipients(self):
+        """
+        An Exim bounce names each failed address on a line of its own with
+        the remote server's reply below it; the returned message after the
+        marker line is not read for recipients.
+        """
+        report = readReport(
+            textBounce(
+                "From: Mail Delivery System <Mailer-Daemon@relay.example.org>\n"
+                "To: news@shop.example\n"
+                "Subject: Mail delivery failed: returning message to sender\n"
+                "X-Failed-Recipients: anna@example.net, bob@example.com\n"
+                "Auto-Submitted: auto-replied\n",
+                "This message was created automatically by mail delivery software.\n\n"
+                "A message that you sent could not be delivered to one or more of its\n"
+                "recipients. This is a permanent error. The following address(es) failed:\n\n"
+                "  anna@example.net\n"
+                "    host mx.example.net [192.0.2.10]\n"
+                "    SMTP error from remote mail server after RCPT TO:<anna@example.net>:\n"
+                "    550 5.1.1 <anna@example.net>: Recipient address rejected: User unknown\n"
+                "  bob@example.com\n"
+                "    host mx.example.com [192.0.2.20]\n"
+                "    SMTP error from remote mail server after RCPT TO:<bob@example.com>:\n"
+                "    552 5.2.2 Mailbox full\n\n"
+                "------ This is a copy of the message, including all the headers. ------\n\n"
+                "Return-path: <news@shop.example>\n"
+                "From: news@shop.example\n"
+                "To: anna@example.net, carol@example.org\n"
+                f"X-SmartRelay-ID: {QUEUE_ID}\n"
+                "Subject: News\n\n"
+                "Write to carol@example.org.\n",
+            )
+        )
+        self.assertRecords(
+            report,
+            [("anna@example.net", "5.1.1", 550, "hard"), ("bob@example.com", "5.2.2", 552, "soft")],
+        )
+        self.assertEqual([r.remote for r in report.records], ["mx.example.net", "mx.example.com"])
+        self.assertEqual({r.queue_id for r in report.records}, {QUEUE_ID})
+        self.assertEqual({r.reason for r in report.records}, {"userunknown", "mailboxfull"})
+
+    def test_qmail(self):
+        """
+        qmail writes C{<address>:} and the remote host's words below it.
+        """
+        report = readReport(
+            textBounce(
+                "From: MAILER-DAEMON@mail.example.net\nTo: news@shop.example\n"
+                "Subject: failure notice\n",
+                "Hi. This is the qmail-send program at mail.example.net.\n"
+                "I'm afraid I wasn't able to deliver your message to the following addresses.\n"
+                "This is a permanent error; I've given up. Sorry it didn't work out.\n\n"
+                "<gone@example.org>:\n"
+                "192.0.2.30 does not like recipient.\n"
+                "Remote host said: 550 5.1.1 <gone@example.org>: No such user\n"
+                "Giving up on 192.0.2.30.\n\n"
+                "--- Below this line is a copy of the message.\n\n"
+                "Return-Path: <news@shop.example>\nTo: gone@example.org\n\nhello\n",
+            )
+        )
+        self.assertRecords(report, [("gone@example.org", "5.1.1", 550, "hard")])
+
+    def test_gmail(self):
+        """
+        Gmail's notice: the address indented after 'failed permanently',
+        the other server's reply further down.
+        """
+        report = readReport(
+            textBounce(
+                "From: Mail Delivery Subsystem <mailer-daemon@googlemail.com>\n"
+                "To: news@shop.example\nSubject: Delivery Status Notification (Failure)\n",
+                "Delivery to the following recipient failed permanently:\n\n"
+                "     nobody@example.jp\n\n"
+                "Technical details of permanent failure:\n"
+                "Google tried to deliver your message, but it was rejected by the server for "
+                "the recipient domain example.jp by mx.example.jp. [192.0.2.40].\n\n"
+                "The error that the other server returned was:\n"
+                "550 5.1.1 <nobody@example.jp>... User Unknown\n\n"
+                "----- Original message -----\n\n"
+                "From: news@shop.example\nTo: nobody@example.jp\nSubject: hi\n\nhi\n",
+            )
+        )
+        self.assertRecords(report, [("nobody@example.jp", "5.1.1", 550, "hard")])
+        self.assertEqual(report.records[0].remote, "mx.example.jp")
+
+    def test_office365(self):
+        """
+        An Exchange / Office 365 notice names the address as
+        C{address<mailto:address>} and quotes the remote server's reply.
+        """
+        report = readReport(
+            textBounce(
+                "From: Microsoft Outlook <postmaster@contoso.example>\n"
+                "To: news@shop.example\nSubject: Undeliverable: News\n",
+                "Delivery has failed to these recipients or groups:\n\n"
+                "ghost@contoso.example<mailto:ghost@contoso.example>\n"
+                "The email address you entered couldn't be found.\n\n"
+                "Diagnostic information for administrators:\n\n"
+                "Generating server: AM0PR01MB0000.eurprd01.prod.example\n\n"
+                "ghost@contoso.example\n"
+                "Remote Server returned '550 5.1.10 RESOLVER.ADR.RecipientNotFound; "
+                "Recipient not found by SMTP address lookup'\n\n"
+                "Original message headers:\n\n"
+                "Received: from shop.example (192.0.2.50) by example with SMTP\n"
+                "From: news@shop.example\nTo: ghost@contoso.example\n",
+            )
+        )
+        self.assertRecords(report, [("ghost@contoso.example", "5.1.10", 550, "hard")])
+
+    def test_sendmailTranscript(self):
+        """
+        A Sendmail bounce without a DSN part: the address after 'permanent
+        fatal errors' and the transcript's reply.
+        """
+        report = readReport(
+            textBounce(
+                "From: Mail Delivery Subsystem <MAILER-DAEMON@mx.example.edu>\n"
+                "To: news@shop.example\nSubject: Returned mail: see transcript for details\n",
+                "The original message was received at Mon, 7 Dec 2026 01:02:03 +0900\n"
+                "from shop.example [192.0.2.60]\n\n"
+                "   ----- The following addresses had permanent fatal errors -----\n"
+                "<left@example.edu>\n"
+                "    (reason: 550 5.1.1 <left@example.edu>... User unknown)\n\n"
+                "   ----- Transcript of session follows -----\n"
+                "... while talking to mail.example.edu.:\n"
+                ">>> RCPT To:<left@example.edu>\n"
+                "<<< 550 5.1.1 <left@example.edu>... User unknown\n"
+                "550 5.1.1 <left@example.edu>... User unknown\n\n"
+                "   ----- Original message follows -----\n\n"
+                "From: news@shop.example\nTo: left@example.edu\n",
+            )
+        )
+        self.assertRecords(report, [("left@example.edu", "5.1.1", 550, "hard")])
+        self.assertEqual(report.records[0].remote, "mail.example.edu")
+
+    def test_errorBeforeAddress(self):
+        """
+        A short notice that writes the error before the address keeps the
+        error in the diagnostic.
+        """
+        report = readReport(
+            textBounce(
+                'From: "Postmaster" <postmaster@example.org>\nTo: news@shop.example\n'
+                "Subject: Undeliverable Mail\n",
+                "Mailbox full: filled@example.org\n\nOriginal message follows.\n\n"
+                "From: news@shop.example\nTo: filled@example.org\n",
+            )
+        )
+        [record] = report.records
+        self.assertEqual(record.recipient, "filled@example.org")
+        self.assertIn("Mailbox full", record.diagnostic)
+
+    def test_delayWarning(self):
+        """
+        A warning that delivery is delayed and will be retried is a delayed,
+        soft record.
+        """
+        report = readReport(
+            textBounce(
+                "From: Mail Delivery System <Mailer-Daemon@relay.example.org>\n"
+                "To: news@shop.example\nSubject: Warning: message 1abc-000 delayed 24 hours\n",
+                "This message was created automatically by mail delivery software.\n"
+                "A message that you sent has not yet been delivered to one or more of its\n"
+                "recipients after more than 24 hours on the queue on relay.example.org.\n\n"
+                "  slow@example.net\n"
+                "    host mx.example.net [192.0.2.70]: 451 4.4.1 Try again later\n\n"
+                "No action is required on your part. Delivery attempts will continue for\n"
+                "some time, and this warning may be repeated at intervals if the message\n"
+                "remains undelivered.\n",
+            )
+        )
+        [record] = report.records
+        self.assertEqual((record.recipient, record.action, record.kind), ("slow@example.net", "delayed", "soft"))
+
+    def test_senderWroteToItself(self):
+        """
+        When the failed recipient is the report's own addressee (someone
+        wrote to themselves), it is still found.
+        """
+        report = readReport(
+            textBounce(
+                "From: MAILER-DAEMON@mail.example.net\nTo: me@example.net\nSubject: failure notice\n",
+                "Hi. This is the qmail-send program at mail.example.net.\n\n"
+                "<me@example.net>:\nRemote host said: 552 Error: disk quota exceeded\n\n"
+                "--- Below this line is a copy of the message.\n\nFrom: me@example.net\n",
+            )
+        )
+        self.assertEqual([r.recipient for r in report.records], ["me@example.net"])
+
+
+class StructureTests(SynchronousTestCase):
+    """
+    Reports whose structure is bent: lost MIME headers, mailboxes,
+    notifications as JSON.
+    """
+
+    def test_multipartWithoutHeader(self):
+        """
+        A body with boundary lines but no C{Content-Type} saying so is read
+        as the multipart it is.
+        """
+        report = readReport(
+            textBounce(
+                "From: MAILER-DAEMON@mx.example.net\nTo: news@shop.example\n"
+                "Subject: Returned mail: see transcript for details\n",
+                "This is a MIME-encapsulated message\n\n--XYZ.1/mx\n\n"
+                "The original message was received somewhere.\n\n"
+                "--XYZ.1/mx\nContent-Type: message/delivery-status\n\n"
+                "Reporting-MTA: dns; mx.example.net\n\n"
+                "Final-Recipient: RFC822; lost@example.net\nAction: failed\nStatus: 5.1.1\n\n"
+                "--XYZ.1/mx--\n",
+            )
+        )
+        self.assertEqual([(r.recipient, r.status) for r in report.records], [("lost@example.net", "5.1.1")])
+
+    def test_dsnFieldsWithoutBoundaries(self):
+        """
+        A multipart/report whose boundary lines were lost is read from its
+        delivery-status fields.
+        """
+        report = readReport(
+            textBounce(
+                "From: MAILER-DAEMON@mx.example.net\nTo: news@shop.example\n"
+                'Content-Type: multipart/report; report-type=delivery-status; boundary="gone"\n',
+                "Your message could not be delivered.\n\nReporting-MTA: dns; mx.example.net\n"
+                "Arrival-Date: Mon, 7 Dec 2026 01:02:03 +0000\n\n"
+                "Final-Recipient: rfc822; lost@example.net\nAction: failed\nStatus: 5.2.2\n"
+                "Diagnostic-Code: smtp; 552 5.2.2 Mailbox full\n",
+            )
+        )
+        self.assertEqual([(r.recipient, r.status, r.replycode) for r in report.records], [("lost@example.net", "5.2.2", 552)])
+
+    def test_mailbox(self):
+        """
+        L{splitMailbox} splits an mbox file at its From lines; other data
+        is one message.
+        """
+        one = b"From MAILER-DAEMON Mon Dec  7 01:02:03 2026\nFrom: a@example.com\n\nbody\nFrom here on, text.\n"
+        two = b"From MAILER-DAEMON Mon Dec  7 01:02:04 2026\nFrom: b@example.com\n\nbody\n"
+        self.assertEqual(splitMailbox(one + two), [one.rstrip(b"\n"), two])
+        self.assertEqual(splitMailbox(b"From: a@example.com\n\nx\n"), [b"From: a@example.com\n\nx\n"])
+
+    def test_sesJSON(self):
+        """
+        An Amazon SES notification (here inside an SNS envelope) gives its
+        bounced recipients with status and diagnostic, and its complaints.
+        """
+        bounce = json.dumps(
+            {
+                "notificationType": "Bounce",
+                "bounce": {
+                    "bounceType": "Permanent",
+                    "bouncedRecipients": [
+                        {"emailAddress": "gone@example.net", "action": "failed", "status": "5.1.1",
+                         "diagnosticCode": "smtp; 550 5.1.1 user unknown"}
+                    ],
+                    "reportingMTA": "dsn; a1.smtp-out.example.com",
+                },
+            }
+        )
+        report = readReport(message("From: no-reply@sns.example.com", "Subject: AWS Notification", "",
+                                    json.dumps({"Type": "Notification", "Message": bounce})))
+        [record] = report.records
+        self.assertEqual(
+            (report.type, record.recipient, record.status, record.replycode, record.kind, record.remote),
+            ("bounce", "gone@example.net", "5.1.1", 550, "hard", "a1.smtp-out.example.com"),
+        )
+        complaint = json.dumps(
+            {"notificationType": "Complaint",
+             "complaint": {"complainedRecipients": [{"emailAddress": "angry@example.com"}],
+                           "complaintFeedbackType": "abuse", "userAgent": "ExampleFBL"}}
+        )
+        report = readReport(message("From: no-reply@sns.example.com", "", complaint))
+        [record] = report.records
+        self.assertEqual((report.type, record.recipient, record.feedback_type), ("complaint", "angry@example.com", "abuse"))
+
+    def test_queueIdInEncodedMessage(self):
+        """
+        The queue id is found in a returned message sent base64-encoded.
+        """
+        inner = base64.b64encode(f"From: news@shop.example\r\nX-SmartRelay-ID: {QUEUE_ID}\r\n\r\nhi\r\n".encode()).decode()
+        data = dsn("Final-Recipient: rfc822; a@example.net\nAction: failed\nStatus: 5.1.1", returned="X-Dummy: 1\n")
+        data = data.replace(b"Content-Type: text/rfc822-headers\r\n\r\nX-Dummy: 1\r\n",
+                            b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n" + inner.encode() + b"\r\n")
+        self.assertEqual(readReport(data).records[0].queue_id, QUEUE_ID)
+
+
+class AutoReplyMoreTests(SynchronousTestCase):
+    """
+    Auto-replies without RFC 3834 headers, and bounces that carry them.
+    """
+
+    def test_outOfOfficeSubject(self):
+        """
+        An out-of-office subject alone makes an auto-reply.
+        """
+        report = readReport(
+            message("From: reader@example.com", "Subject: Out of Office: Your order", "",
+                    "I am away until Monday.")
+        )
+        self.assertEqual([(r.type, r.recipient) for r in report.records], [("autoreply", "reader@example.com")])
+
+    def test_nullSenderAutoReply(self):
+        """
+        An RFC 3834 reply sent with the null return path it recommends is
+        still an auto-reply.
+        """
+        report = readReport(
+            message("Return-Path: <>", "From: reader@example.com", "Subject: Automatic reply: News",
+                    "Auto-Submitted: auto-replied", "", "Back on Monday.")
+        )
+        self.assertEqual(report.type, "autoreply")
+
+    def test_bounceMarkedAutoReplied(self):
+        """
+        A bounce from the mail system that says C{Auto-Submitted:
+        auto-replied} (as Exim's do) is a bounce.
+        """
+        report = readReport(
+            textBounce(
+                "From: Mail Delivery System <Mailer-Daemon@relay.example.org>\n"
+                "To: news@shop.example\nSubject: Mail delivery failed\nAuto-Submitted: auto-replied\n",
+                "The following address(es) failed:\n\n  gone@example.net\n    550 5.1.1 No such user\n",
+            )
+        )
+        self.assertEqual([(r.type, r.recipient) for r in report.records], [("bounce", "gone@example.net")])
+
+
+class UnsubscribeTests(SynchronousTestCase):
+    """
+    Mail to an C{unsub+TOKEN@} address.
+    """
+
+    def test_unsubscribe(self):
+        """
+        Whatever its content, mail addressed to C{unsub+TOKEN@} is an
+        unsubscribe record for its sender.
+        """
+        report = readReport(
+            message("From: Reader <Reader@Example.COM>", "To: <unsub+Zm9v_YmFy-1@bounces.shop.example>",
+                    "Subject: unsubscribe", "", "")
+        )
+        self.assertEqual(report.type, "unsubscribe")
+        self.assertEqual([(r.type, r.recipient) for r in report.records], [("unsubscribe", "Reader@example.com")])
+
+    def test_deliveredTo(self):
+        """
+        The envelope address in C{Delivered-To} counts as well.
+        """
+        report = readReport(
+            message("Delivered-To: unsub+abc@bounces.shop.example", "From: r@example.com", "To: list@shop.example", "", "x")
+        )
+        self.assertEqual(report.type, "unsubscribe")
+
+
+_FIELD_NAMES = st.sampled_from(
+    ["Final-Recipient", "Original-Recipient", "Action", "Status", "Remote-MTA", "Diagnostic-Code",
+     "Reporting-MTA", "Feedback-Type", "Original-Rcpt-To", "Source-IP", "User-Agent", "X-Junk"]
+)
+_FIELD_VALUES = st.one_of(
+    st.sampled_from(["rfc822; a@example.net", "failed", "delayed", "5.1.1", "4.4.7", "smtp; 550 5.1.1 no",
+                     "dns; mx.example.net", "abuse", "<b@example.org>", "192.0.2.1", "", ";", "rfc822;"]),
+    st.text(max_size=40).map(lambda text: text.replace("\r", " ").replace("\n", " ")),
+)
+_TYPES = st.sampled_from(
+    ["text/plain", "text/html", "message/delivery-status", "message/feedback-report", "message/rfc822",
+     "text/rfc822-headers", "message/global-delivery-status", "application/octet-stream"]
+)
+
+
+@st.composite
+def mimeTrees(draw, depth=0):
+    """
+    A multipart/report (or other multipart) of random parts with random
+    report fields, nested a little, with random transfer encodings and
+    an occasional broken boundary.
+    """
+    if depth < 2 and draw(st.booleans()):
+        boundary = draw(st.sampled_from(["B1", "b-2", "=_x", "very" * 20]))
+        children = draw(st.lists(mimeTrees(depth + 1), max_size=4))
+        kind = draw(st.sampled_from(["report; report-type=delivery-status", "report; report-type=feedback-report",
+                                     "mixed", "alternative"]))
+        header = f"Content-Type: multipart/{kind}; boundary=\"{boundary}\"\r\n"
+        closing = draw(st.sampled_from([f"--{boundary}--\r\n", "", f"--{boundary}\r\n"]))
+        body = "".join(f"--{boundary}\r\n{child}\r\n" for child in children) + closing
+        return header + "\r\n" + body
+    ctype = draw(_TYPES)
+    encoding = draw(st.sampled_from(["7bit", "base64", "quoted-printable", "8bit"]))
+    fields = draw(st.lists(st.tuples(_FIELD_NAMES, _FIELD_VALUES), max_size=8))
+    blank = draw(st.sampled_from(["\r\n", "\r\n\r\n"]))
+    body = blank.join(f"{name}: {value}" for name, value in fields)
+    return f"Content-Type: {ctype}\r\nContent-Transfer-Encoding: {encoding}\r\n\r\n{body}\r\n"
 
 
 class RobustnessTests(SynchronousTestCase):
@@ -252,3 +726,35 @@ class RobustnessTests(SynchronousTestCase):
         Arbitrary bytes never make L{readReport} raise.
         """
         self.assertValid(readReport(data))
+
+    @given(mimeTrees(), st.sampled_from(["", "From: MAILER-DAEMON@mx.example.net\r\nSubject: Undelivered\r\n",
+                                          "From: a@example.com\r\nAuto-Submitted: auto-replied\r\n"]))
+    def test_arbitraryMIMETrees(self, tree, header):
+        """
+        Random report-shaped MIME trees with random fields never make
+        L{readReport} raise, and every record it returns is valid.
+        """
+        self.assertValid(readReport((header + tree).encode("utf-8", "surrogatepass")))
+
+    def test_hugeHeader(self):
+        """
+        A message with a huge header, a field of a megabyte and deep nesting
+        is read without error.
+        """
+        data = b"From: MAILER-DAEMON@x.example\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n"
+        data += b"Content-Type: multipart/mixed; boundary=n\r\n\r\n" + b"--n\r\nContent-Type: multipart/mixed; boundary=n\r\n\r\n" * 200
+        self.assertValid(readReport(data))
+
+    def test_internalErrorIsNoReport(self):
+        """
+        Should reading fail inside (a bug), the message is no report and the
+        failure is logged, never raised.
+        """
+        from smartrelay.feedback import report as module
+
+        def broken(data, depth=0):
+            raise RuntimeError("bug")
+
+        self.patch(module, "_read", broken)
+        self.assertEqual(readReport(b"From: a@example.com\r\n\r\nx"), Report("none"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

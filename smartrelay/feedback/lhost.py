@@ -35,7 +35,7 @@ _ORIGINAL_MARKER = re.compile(
     r"|the original message(?: headers)? (?:is|are|was|were) (?:below|attached|included|as follows)"
     r"|below is a copy of|here is a copy of|a copy of the original message|"
     r"included is a copy|headers of the original|the header of the original)[^\n]{0,40}:?[ \t]*$"
-    r"|content-type:[ \t]*(?:message/rfc822|text/rfc822-headers)"
+    r"|content-type:[ \t]*(?:message/rfc822|text/rfc822-headers)|message hops[ \t]*$"
     r")",
     re.I | re.M,
 )
@@ -99,7 +99,7 @@ class TextRecipient:
 
 
 _LINE_ALONE = re.compile(
-    r"^[ \t]*(?:(?:>+|\*+|-+|\d+[.)])[ \t]*)?(?:(?:recipient|rcpt|address|original-recipient|final-recipient)"
+    r"^[ \t]*(?:(?:>+|\*+|-+|\d+[.)])[ \t]*)?(?:(?:recipient(?: address)?|rcpt|address|original-recipient|final-recipient)"
     r"[ \t]*:?[ \t]*)?(?:rfc822;[ \t]*)?<?([^\s<>@]+@[^\s<>]+?)>?[ \t]*"
     r"(?::|\.\.\.|,)?[ \t]*(?:\([^)\n]*\)|<[^>\n]*>|\[[^\]\n]*\]|on [^\n]*\d[^\n]*)?[ \t]*:?[ \t]*$",
     re.I | re.M,
@@ -259,7 +259,7 @@ def _hasReply(text: str) -> bool:
 _REMOTE = [
     re.compile(r"(?i)\bhost[ \t]+([\w-]+(?:\.[\w-]+)+)\.?[ \t]*\[[0-9a-f.:]+\]"),
     re.compile(r"(?i)remote host[ \t]+\[?([\w.:-]+?)\]?[ \t]+said"),
-    re.compile(r"(?i)while talking to[ \t]+([\w.-]+?)\.?[ \t]*[.:]"),
+    re.compile(r"(?i)while talking to[ \t]+([\w-]+(?:\.[\w-]+)*)\.?[ \t]*:"),
     re.compile(r"(?i)\bby[ \t]+([\w-]+(?:\.[\w-]+)+)\.?[ \t]+\[[0-9a-f.:]+\]"),
     re.compile(r"(?i)remote[ -]?(?:mta|server|host)[ \t]*(?:is|:|=)?[ \t]*(?:dns;[ \t]*)?\[?([\w-]+(?:\.[\w-]+)+)"),
     re.compile(r"(?i)(?:connect(?:ion)? to|connecting to)[ \t]+([\w-]+(?:\.[\w-]+)+)\.?[ \t]*\["),
