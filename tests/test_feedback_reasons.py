@@ -138,8 +138,8 @@ class ClassifyTests(SynchronousTestCase):
         """When a status yields to the text, a reason only text names can win."""
         self.assertEqual(classify("5.1.1", 550, "550 5.1.1 null MX").reason, "notaccept")
 
-    def test_yieldOverridesContext(self):
-        """A status that yields to "user unknown" keeps it whatever the command."""
+    def test_microsoftRecipientNotFound(self):
+        """Microsoft's RecipientNotFound is an unknown user, whatever 5.1.10 says."""
         verdict = classify("5.1.10", 550, "5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found")
         self.assertEqual((verdict.reason, verdict.kind), ("userunknown", "hard"))
 
@@ -156,6 +156,8 @@ class ClassifyTests(SynchronousTestCase):
     def test_senderPhraseAtRcpt(self):
         """A 5.1.1 "address rejected" at RCPT is about the recipient."""
         text = "said: 550 5.1.1 Address rejected bob@example.jp (in reply to RCPT TO command)"
+        self.assertEqual(classify("5.1.1", 550, text).reason, "userunknown")
+        text = "550 5.1.1 Address rejected bob@example.jp"
         self.assertEqual(classify("5.1.1", 550, text).reason, "userunknown")
 
     def test_commandFromText(self):
@@ -195,6 +197,10 @@ class ClassifyTests(SynchronousTestCase):
         )
         self.assertEqual(classify("5.2.1", 550, text).reason, "speeding")
         self.assertEqual(classify(None, None, "550-5.2.1 x").status, "5.2.1")
+
+    def test_explicitSenderRejection(self):
+        """An explicit "sender rejected" beats a 5.1.0 that would name the recipient."""
+        self.assertEqual(classify("5.1.0", 550, "550 5.1.0 <b@example.net> sender rejected").reason, "rejected")
 
     def test_commandArgument(self):
         """The failed command, when the caller knows it, decides a bare "user unknown"."""

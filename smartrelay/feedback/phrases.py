@@ -213,8 +213,6 @@ STATUS_YIELDS = {
         ["norelaying", "blocked", "mailboxfull", "hasmoved", "rejected", "notaccept", "filtered"]
     ),
     "hostunknown": frozenset(["networkerror", "notaccept"]),
-    # Microsoft sends 5.1.10 (null MX) for "RecipientNotFound".
-    "notaccept": frozenset(["userunknown"]),
     "contenterror": frozenset(["spamdetected"]),
 }
 
@@ -637,7 +635,6 @@ PHRASES = {
     "rejected": (
         "access denied (in reply to mail from command)",
         "access denied (sender blacklisted)",
-        "address rejected",
         "administrative prohibition",
         "batv failed to verify",
         "batv validation failure",
@@ -887,6 +884,7 @@ PHRASES = {
         "server access forbidden by your ip ",
         "service not available, closing transmission channel",
         "my name was rejected",
+        "client host blocked",
         "smtp error from remote mail server after initial connection:",
         "sorry, that domain isn't in my list of allowed rcpthosts",
         "sorry, your remotehost looks suspiciously like spammer",
@@ -1063,6 +1061,7 @@ PHRASES = {
         "your message could not be delivered for more than",
         "could not be delivered for* days",
         "could not deliver for the last",
+        "delivery failed * attempts",
         "envelope expired",
         "did not accept our requests to connect",
         "retry timeout exceeded",
@@ -1087,6 +1086,7 @@ PHRASES = {
         "unauthenticated senders not allowed",
         "verification failure",
         "you are not authorized to send mail, authentication is required",
+        "turn on smtp authentication",
         "authentication failed; server * said: ",
         "authentification invalide*305",
         "authentification requise*402",
