@@ -21,7 +21,7 @@ import attrs
 
 from smartrelay.feedback.mailtext import addresses, replyCodeIn, squeeze, statusIn
 
-__all__ = ["TextRecipient", "bounceText", "failedRecipients", "details", "isDelay", "deliveryStatusIn"]
+__all__ = ["TextRecipient", "bounceText", "failedRecipients", "details", "isDelay", "deliveryStatusIn", "commandIn"]
 
 # A line that starts the returned message: dashes (or similar) and words
 # that announce a copy of the original, or one of the sentences MTAs write
@@ -178,15 +178,17 @@ def _weakPositions(text: str, exclude: frozenset) -> list[tuple[int, str]]:
 
 
 def failedRecipients(
-    text: str, exclude: Iterable[str] = (), known: Iterable[str] = ()
+    text: str, exclude: Iterable[str] = (), known: Iterable[str] = (), trusted: bool = False
 ) -> list[TextRecipient]:
     """
     Find the failed recipients in a bounce's text (see L{bounceText}).
 
     @param exclude: addresses that are not recipients (the bounce's own
         addressee, the returned message's sender).
-    @param known: recipients already known (C{X-Failed-Recipients}); when
-        given, only their text is looked for.
+    @param known: recipients already known (C{X-Failed-Recipients}, a
+        DSN's); the text's own recipients are narrowed to them.
+    @param trusted: whether C{known} is the whole list (a DSN's): then
+        only their text is looked for.
     @return: each recipient once, in the order the text names them, with
         the text from its first mention to the next recipient's.
     """
@@ -195,6 +197,20 @@ def failedRecipients(
     for address in known:
         if address.lower() not in (each.lower() for each in knownList):
             knownList.append(address)
+    if trusted and knownList:
+        lowered = text.lower()
+        positions = []
+        for address in knownList:
+            offset = lowered.find(address.lower())
+            if offset != -1:
+                positions.append((offset, address))
+        positions.sort()
+    else:
+        positions = _candidates(text, excluded, knownList)
+    return _segments(text, positions)
+
+
+def _candidates(text: str, excluded: frozenset, knownList: list) -> list[tuple[int, str]]:
     positions = (
         _positions(text, excluded)
         or _weakPositions(text, excluded)
@@ -212,6 +228,10 @@ def failedRecipients(
                     offset = lowered.find(address.lower())
                     positions.append((offset if offset != -1 else len(text), address))
             positions.sort(key=lambda pair: pair[0])
+    return positions
+
+
+def _segments(text: str, positions: list[tuple[int, str]]) -> list[TextRecipient]:
     firsts: list[tuple[int, str]] = []
     seen: set = set()
     for offset, address in positions:
@@ -299,6 +319,38 @@ def details(segment: str, address: str) -> dict:
     if reply is None:
         reply = replyCodeIn(diagnostic)
     return dict(status=status, replycode=reply, remote=remote, diagnostic=diagnostic)
+
+
+# Where in the SMTP dialogue an error came: "in reply to RCPT TO
+# command" (Postfix), "after RCPT TO" (Exim), ">>> DATA" (Sendmail).
+_COMMAND = re.compile(
+    r"(?i)in reply to (?:the )?(end of data|data|rcpt to|mail from|ehlo|helo|starttls|rcpt|mail)\b"
+    r"|\bafter (?:pipelined )?(rcpt to|mail from|end of data|data|ehlo|helo|starttls)\b"
+    r"|>>> (rcpt to|mail from|data|ehlo|helo)\b"
+)
+_COMMAND_NAMES = {
+    "rcpt to": "RCPT",
+    "rcpt": "RCPT",
+    "mail from": "MAIL",
+    "mail": "MAIL",
+    "end of data": "DATA",
+    "data": "DATA",
+    "ehlo": "EHLO",
+    "helo": "EHLO",
+    "starttls": "STARTTLS",
+}
+
+
+def commandIn(text: str) -> Optional[str]:
+    """
+    @return: the SMTP command (C{RCPT}, C{MAIL}, C{DATA}, C{EHLO},
+        C{STARTTLS}) that C{text} says an error answered, or L{None}.
+    """
+    match = _COMMAND.search(text)
+    if match is None:
+        return None
+    said = next(group for group in match.groups() if group)
+    return _COMMAND_NAMES[said.lower()]
 
 
 _DELAY = re.compile(

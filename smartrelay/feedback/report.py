@@ -405,8 +405,9 @@ def _bounceRecord(
     replycode: Optional[int],
     diagnostic: Optional[str],
     remote: Optional[str],
+    command: Optional[str] = None,
 ) -> FeedbackRecord:
-    verdict = classify(status, replycode, diagnostic, action)
+    verdict = classify(status, replycode, diagnostic, action, command)
     kind = verdict.kind
     if action == "delayed":
         kind = "soft"
@@ -423,12 +424,6 @@ def _bounceRecord(
     )
 
 
-# Where in the SMTP dialogue the error came (the classifier reads it).
-_COMMAND_HINT = re.compile(
-    r"(?i)\(?in reply to (?:the )?(?:end of )?[a-z]{2,8}(?: to| from)? command\)?"
-    r"|\bafter (?:pipelined )?(?:rcpt to|mail from|end of data|data|ehlo|helo|starttls)\b"
-    r"|>>> (?:rcpt to|mail from|data)\b"
-)
 _USABLE = re.compile(r"[^\s@<>:]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+\.?")
 
 
@@ -447,7 +442,7 @@ def _fromDeliveryStatus(
 ) -> list[FeedbackRecord]:
     records = []
     textual = None
-    hinted = _COMMAND_HINT.search(text) is not None
+    hinted = lhost.commandIn(text) is not None
     for part in statusParts:
         if isinstance(part, str):
             body = part
@@ -474,23 +469,22 @@ def _fromDeliveryStatus(
                 each.replycode,
                 each.remote,
             )
-            wantsHint = hinted and not (diagnostic and _COMMAND_HINT.search(diagnostic))
+            command = None
+            wantsHint = hinted and lhost.commandIn(diagnostic or "") is None
             if not diagnostic or replycode is None or remote is None or wantsHint:
                 if textual is None:
                     known = [r.recipient for r in recipients if r.recipient]
                     textual = {
                         found.address.lower(): found
-                        for found in lhost.failedRecipients(text, exclude, known)
+                        for found in lhost.failedRecipients(text, exclude, known, trusted=True)
                     }
                 found = textual.get((recipient or "").lower())
                 if found is None and len(recipients) == 1 and len(textual) == 1:
                     found = next(iter(textual.values()))
                 if found is not None:
                     extra = lhost.details(found.text, found.address)
-                    if diagnostic and wantsHint:
-                        hint = _COMMAND_HINT.search(found.text)
-                        if hint is not None:
-                            diagnostic = f"{diagnostic} ({hint.group(0).strip('()')})"
+                    if wantsHint:
+                        command = lhost.commandIn(found.text)
                     diagnostic = diagnostic or extra["diagnostic"]
                     replycode = replycode or (extra["replycode"] if not each.diagnostic else None)
                     remote = remote or extra["remote"]
@@ -505,7 +499,7 @@ def _fromDeliveryStatus(
             if action in ("delivered", "relayed", "expanded") and not status:
                 continue
             records.append(
-                _bounceRecord(recipient, action, status, replycode, diagnostic, remote)
+                _bounceRecord(recipient, action, status, replycode, diagnostic, remote, command)
             )
     return records
 
@@ -569,6 +563,7 @@ def _fromText(tree: Headers, text: str, exclude: set) -> list[FeedbackRecord]:
                 extra["replycode"],
                 extra["diagnostic"],
                 extra["remote"],
+                lhost.commandIn(each.text),
             )
         )
     return records
