@@ -202,6 +202,19 @@ class ClassifyTests(SynchronousTestCase):
         """An explicit "sender rejected" beats a 5.1.0 that would name the recipient."""
         self.assertEqual(classify("5.1.0", 550, "550 5.1.0 <b@example.net> sender rejected").reason, "rejected")
 
+    def test_providerCodesDecide(self):
+        """A provider's own code (Orange, Cox, GoDaddy) names its reason."""
+        orange = "421 mwinf5c77 ME Service refuse. Service refused, please try later. OFR_999 [999]"
+        self.assertEqual(classify("4.0.0", 421, orange).reason, "blocked")
+        laposte = "550 5.5.0 Adresse d au moins un destinataire invalide. LPN007_416"
+        self.assertEqual(classify("5.5.0", 550, laposte).kind, "hard")
+        cox = "550 5.1.0 <b@example.com> sender rejected. AUP#CDRBL (in reply to MAIL FROM command)"
+        self.assertEqual(classify("5.1.0", 550, cox).reason, "blocked")
+        godaddy = "550 5.1.1 <a@example.com> - 192.0.2.1 has sent to too many recipients this hour. IB607"
+        self.assertEqual(classify("5.1.1", 550, godaddy).reason, "speeding")
+        self.assertEqual(classify("5.1.1", 550, "user unknown lib123_416x").reason, "userunknown")
+        self.assertEqual(classify("5.1.1", 550, "user unknown, see /usr/lib607 a.ib607").reason, "userunknown")
+
     def test_commandArgument(self):
         """The failed command, when the caller knows it, decides a bare "user unknown"."""
         self.assertEqual(classify(None, 550, "550 User unknown", command="RCPT").reason, "userunknown")
@@ -349,6 +362,14 @@ class TableTests(SynchronousTestCase):
         for reason, texts in phrases.OVERRIDES.items():
             for text in texts:
                 self.assertIn(ordinary.get(text, reason), (reason,), text)
+
+    def test_providerCodes(self):
+        """Each provider code table is a valid expression with one group and known reasons."""
+        for pattern, codes in phrases.PROVIDER_CODES:
+            self.assertEqual(re.compile(pattern).groups, 1, pattern)
+            self.assertEqual(set(codes.values()) - REASONS, set(), pattern)
+            for code in codes:
+                self.assertEqual(code, code.lower())
 
     def test_commandHintsCompile(self):
         """Every command hint is a valid expression naming an SMTP command."""

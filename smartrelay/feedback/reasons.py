@@ -41,6 +41,7 @@ from smartrelay.feedback.phrases import (
     NEUTRAL,
     OVERRIDES,
     PHRASES,
+    PROVIDER_CODES,
     PRECEDENCE,
     REPLY_REASONS,
     STATUS_OVERRULES,
@@ -359,6 +360,8 @@ def _replyCode(replycode) -> Optional[int]:
 #: Every reason in the order it wins ties.
 _ORDER = tuple(dict.fromkeys(PRECEDENCE + TEXT_ONLY + tuple(sorted(REASONS))))
 
+_PROVIDER_CODES = [(re.compile(pattern), codes) for pattern, codes in PROVIDER_CODES]
+
 _COMMANDS = [(re.compile(pattern), command) for pattern, command in COMMAND_HINTS]
 
 
@@ -385,6 +388,14 @@ def _decide(
     if action == "delivered" or (status is not None and status.startswith("2.")):
         return "delivered"
     said, decided = _reasonsIn(_CONTINUATION.sub(_unprefix, text)) if text else (set(), set())
+    for pattern, codes in _PROVIDER_CODES:
+        for match in pattern.finditer(text):
+            start = match.start()
+            if start and (text[start - 1].isalnum() or text[start - 1] in "._"):
+                continue
+            reason = codes.get(match.group(1))
+            if reason is not None:
+                decided.add(reason)
     if local:
         # A local program's failure: what it printed, else the status.
         for reason in TEXT_ONLY + PRECEDENCE:
