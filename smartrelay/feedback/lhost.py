@@ -119,8 +119,9 @@ _NAMED = re.compile(
     r"(?=[\s>\"'),;:]|\.\s|\.?$)",
     re.I | re.M,
 )
+# Matched against lower-cased text (case-insensitive alternations are slow).
 _FAILURE = re.compile(
-    r"(?i)fail|could ?n[o']t|cannot|can't|unable|undeliver|not (?:be )?deliver|reject"
+    r"fail|could ?n[o']t|cannot|can't|unable|undeliver|not (?:be )?deliver|reject"
     r"|unknown|no such|does not exist|doesn't exist|invalid|error|bounce|refused|denied"
     r"|full|quota|blocked|returned|problem|permanent|not found|disabled|expired|delay"
     r"|exceed|not a member|size|suspend|inactive|over"
@@ -172,7 +173,7 @@ def _weakPositions(text: str, exclude: frozenset) -> list[tuple[int, str]]:
         line = text[lineStart : lineEnd if lineEnd != -1 else len(text)]
         if _SENDER_CONTEXT.search(text[max(lineStart, offset - 20) : offset]):
             continue
-        if _FAILURE.search(line) or len(line.strip()) <= len(address) + 4:
+        if len(line.strip()) <= len(address) + 4 or _FAILURE.search(line.lower()):
             result.append((offset, address))
     return result
 
@@ -273,7 +274,7 @@ _REPLY_WORDS = re.compile(r"(?<![\d.])[245]\d\d(?:[ -]|$)|(?<![\d.])[245]\.\d{1,
 
 
 def _hasReply(text: str) -> bool:
-    return _REPLY_WORDS.search(text) is not None or _FAILURE.search(text) is not None and len(text) > 80
+    return _REPLY_WORDS.search(text) is not None or len(text) > 80 and _FAILURE.search(text.lower()) is not None
 
 
 _REMOTE = [
@@ -324,7 +325,7 @@ def details(segment: str, address: str) -> dict:
 # Where in the SMTP dialogue an error came: "in reply to RCPT TO
 # command" (Postfix), "after RCPT TO" (Exim), ">>> DATA" (Sendmail).
 _COMMAND = re.compile(
-    r"(?i)in reply to (?:the )?(end of data|data|rcpt to|mail from|ehlo|helo|starttls|rcpt|mail)\b"
+    r"in reply to (?:the )?(end of data|data|rcpt to|mail from|ehlo|helo|starttls|rcpt|mail)\b"
     r"|\bafter (?:pipelined )?(rcpt to|mail from|end of data|data|ehlo|helo|starttls)\b"
     r"|>>> (rcpt to|mail from|data|ehlo|helo)\b"
 )
@@ -346,7 +347,7 @@ def commandIn(text: str) -> Optional[str]:
     @return: the SMTP command (C{RCPT}, C{MAIL}, C{DATA}, C{EHLO},
         C{STARTTLS}) that C{text} says an error answered, or L{None}.
     """
-    match = _COMMAND.search(text)
+    match = _COMMAND.search(text.lower())
     if match is None:
         return None
     said = next(group for group in match.groups() if group)
@@ -354,7 +355,7 @@ def commandIn(text: str) -> Optional[str]:
 
 
 _DELAY = re.compile(
-    r"(?i)delivery (?:status notification \()?delay|\bdelayed\b|has not (?:yet )?been delivered"
+    r"delivery (?:status notification \()?delay|\bdelayed\b|has not (?:yet )?been delivered"
     r"|not yet been delivered|will (?:continue to )?(?:re)?try|still (?:be )?(?:trying|retrying|being retried)"
     r"|warning: could not send|temporar(?:y|ily) (?:failure|unable)[^\n]{0,80}retry"
     r"|no action is required on your part"
@@ -368,7 +369,7 @@ def isDelay(subject: str, text: str) -> bool:
     """
     if re.search(r"(?i)delay|warning", subject) and not re.search(r"(?i)fail|undeliver|returned", subject):
         return True
-    head = text[:1500]
-    if re.search(r"(?i)permanent|given up|giving up|gave up|could not be delivered|failed permanently", head):
+    head = text[:1500].lower()
+    if re.search(r"permanent|given up|giving up|gave up|could not be delivered|failed permanently", head):
         return False
     return _DELAY.search(head) is not None

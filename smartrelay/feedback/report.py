@@ -361,8 +361,8 @@ _BOUNCE_SUBJECT = re.compile(
     r"|delayed mail|delivery delayed|warning: could not send|message not delivered|undeliverable"
     r"|permanent error|fatal error|mail failure|\bnotification\b|retry time|unknown user|user unknown"
 )
-_BOUNCE_WORDS = re.compile(
-    r"(?i)could not be delivered|couldn't be delivered|not be delivered|was not delivered"
+_BOUNCE_WORDS = re.compile(  # against lower-cased text
+    r"could not be delivered|couldn't be delivered|not be delivered|was not delivered"
     r"|delivery (?:to the following|has failed|failed)|unable to deliver|permanent (?:error|fatal)"
     r"|following address(?:es)? failed|undeliverable|mail delivery software|qmail-send|"
     r"wasn't able to deliver|delivery (?:status|failure)|returned to (?:the )?sender|failed permanently"
@@ -385,7 +385,7 @@ def _looksLikeBounce(tree: Headers, text: str, nullSender: bool = True) -> bool:
         and returnPath is not None
         and returnPath.strip() in ("<>", "")
         or tree.get("X-Failed-Recipients")
-        or _BOUNCE_WORDS.search(text[:3000])
+        or _BOUNCE_WORDS.search(text[:3000].lower())
     )
 
 
