@@ -212,6 +212,10 @@ class ClassifyTests(SynchronousTestCase):
         self.assertEqual(classify("5.1.0", 550, cox).reason, "blocked")
         godaddy = "550 5.1.1 <a@example.com> - 192.0.2.1 has sent to too many recipients this hour. IB607"
         self.assertEqual(classify("5.1.1", 550, godaddy).reason, "speeding")
+        spectrum = "550 5.1.0 <a@example.com> sender rejected. Please see ... AUP#I1310"
+        self.assertEqual(classify("5.1.0", 550, spectrum).reason, "toomanyconn")
+        apple = "550 5.1.6 recipient no longer on server: bob@icloud.example"
+        self.assertEqual(classify("5.1.6", 550, apple), Verdict("hasmoved", "hard", "5.1.6"))
         self.assertEqual(classify("5.1.1", 550, "user unknown lib123_416x").reason, "userunknown")
         self.assertEqual(classify("5.1.1", 550, "user unknown, see /usr/lib607 a.ib607").reason, "userunknown")
 

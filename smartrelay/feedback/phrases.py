@@ -1145,11 +1145,14 @@ OVERRIDES = {
         "spf sender invalid - envelope rejected",
         "dkim sender invalid - envelope rejected",
         "dmarc sender invalid - envelope rejected",
+        "blocked for failing both spf and dkim",
+        "domain authentication fail",
     ),
     "badreputation": (
         "very low reputation of the sending",
         "temporarily rate limited due to ip reputation",
         "local ct ip reputation",
+        "connection rejected by policy",
     ),
     "blocked": (
         "ip not in whitelist for rcpt domain",
@@ -1170,6 +1173,10 @@ OVERRIDES = {
         "rbl reject",
         "too many bad commands from",
         "too many invalid recipients",
+        "rejected due to having a domain present in the spamhaus",
+        "rejected due to listing in spamhaus",
+        "support.proofpoint.com/dnsbl-lookup",
+        "mail rejected because your ip is in the pbl",
     ),
     "failedstarttls": (
         "tls required for rcpt domain",
@@ -1180,6 +1187,7 @@ OVERRIDES = {
         "this route requires encryption (tls)",
         "this route requires tls version",
         "this route requires high-strength ciphers",
+        "tls/sslv3 connection required",
     ),
     "filtered": ("refused due to recipient preferences",),
     "mailboxfull": (
@@ -1209,6 +1217,7 @@ OVERRIDES = {
         "is not a valid rfc 5321 address",
         "mail message is malformed",
         "headers are not rfc compliant",
+        "has detected that this message is not rfc 5322",
     ),
     "policyviolation": (
         "has a policy that prohibited the mail that you sent",
@@ -1230,6 +1239,11 @@ OVERRIDES = {
         "envelope blocked - user domain entry",
         "envelope rejected - block policy for envelope from address",
         "mail is rejected by recipients",
+        "sender envelope domain not allowed for sender ip address",
+        "your domain has been blocked",
+        "your email address has been blocked",
+        "your envelope sender is in my badmailfrom list",
+        "your domain has been blacklisted",
     ),
     "requireptr": (
         "does not have a ptr record",
@@ -1256,6 +1270,7 @@ OVERRIDES = {
         "likely unsolicited mail",
         "spam is embedded in the email",
         "message rejected for spam or virus content",
+        "filtered by outbound scanning",
     ),
     "speeding": (
         "is receiving mail too quickly",
@@ -1268,6 +1283,7 @@ OVERRIDES = {
         "this mail has been rate limited",
         "has sent to too many recipients this hour",
         "frequency of receiving messages is limited",
+        "deferred due to excessive volume",
     ),
     "suspend": (
         "account that you tried to reach is disabled",
@@ -1290,12 +1306,22 @@ OVERRIDES = {
         "exceeding outbound thread limit",
         "too many sessions from",
         "message threshold exceeded",
+        "too many recipients received this hour",
     ),
     "virusdetected": ("email rejected due to security policies",),
     "userunknown": (
         "dd this user doesn't have a ",
         "resolver.adr.recipientnotfound",
         "resolver.adr.recipnotfound",
+        "inactive email address",
+        "unknown or illegal alias",
+        "recipient mailbox is not allowed",
+    ),
+    "contenterror": (
+        "stray linefeeds in message",
+    ),
+    "hasmoved": (
+        "recipient no longer on server",
     ),
 }
 
@@ -1365,6 +1391,29 @@ PROVIDER_CODES = (
             "urlbl101": "spamdetected",
             "urlbl110": "spamdetected",
             "urlbl1001": "spamdetected",
+        },
+    ),
+    # Spectrum (Charter): "AUP#I1310", "AUP#O1540".
+    (
+        r"aup#[io]?(\d{4})\b",
+        {
+            "1000": "blocked",
+            "1010": "rejected",
+            **dict.fromkeys([str(n) for n in range(1020, 1081)], "rejected"),
+            "1090": "systemerror",
+            **dict.fromkeys([str(n) for n in range(1100, 1151)], "requireptr"),
+            **dict.fromkeys([str(n) for n in range(1160, 1191)], "policyviolation"),
+            **dict.fromkeys([str(n) for n in range(1200, 1251)], "blocked"),
+            "1260": "networkerror",
+            **dict.fromkeys([str(n) for n in range(1300, 1341)], "toomanyconn"),
+            **dict.fromkeys([str(n) for n in range(1350, 1491)], "speeding"),
+            "1500": "rejected",
+            "1520": "rejected",
+            "1530": "mesgtoobig",
+            "1540": "speeding",
+            "1550": "speeding",
+            "1560": "policyviolation",
+            "1580": "speeding",
         },
     ),
     # GoDaddy: "IB607".
