@@ -11,10 +11,12 @@ import re
 from typing import Optional
 
 from smartrelay import mime
+from smartrelay.feedback import mimescan
 from smartrelay.feedback.mailtext import (
     addressIn,
     addresses,
     contentTypeOf,
+    decodedBody,
     fieldBlocks,
     headerText,
     partText,
@@ -53,7 +55,7 @@ def _embeddedHeaders(tree: mime.Part) -> Optional[mime.Part]:
         if part.message is not None:
             return part.message
         if ctype in ("message/rfc822", "text/rfc822-headers", "message/rfc822-headers"):
-            return mime.parse(part.decodedBody())
+            return mimescan.parse(decodedBody(part))
     return None
 
 

@@ -14,6 +14,7 @@ import re
 from typing import Iterator, Optional
 
 from smartrelay import mime
+from smartrelay.feedback import mimescan
 
 __all__ = [
     "partText",
@@ -25,6 +26,9 @@ __all__ = [
     "statusIn",
     "replyCodeIn",
     "squeeze",
+    "decodedBody",
+    "contentTypeOf",
+    "Headers",
     "MAX_TEXT",
 ]
 
@@ -65,12 +69,15 @@ def partText(part: mime.Part, limit: int = MAX_TEXT) -> str:
         charset (UTF-8 with replacement characters when unknown or wrong),
         at most C{limit} characters.
     """
-    try:
-        raw = part.decodedBody()
-    except Exception:
-        raw = part.body
-    raw = raw[: limit * 2]
-    return decodeBytes(raw, part.charset)[:limit]
+    raw = decodedBody(part)[: limit * 4]
+    return decodeBytes(raw, mimescan.charsetOf(part))[:limit]
+
+
+def decodedBody(part: mime.Part) -> bytes:
+    """
+    @return: C{part}'s body with its transfer encoding undone.
+    """
+    return mime.decodeTransfer(part.body, mimescan.transferEncodingOf(part))
 
 
 def decodeBytes(raw: bytes, charset: Optional[str] = None) -> str:
@@ -253,10 +260,4 @@ def contentTypeOf(part: mime.Part) -> str:
         if it declares none or a malformed one); a quicker
         C{part.contentType[0]} for parts whose parameters do not matter.
     """
-    for raw in part.fields:
-        if raw[:13].lower() == b"content-type:":
-            value = raw[13:].split(b";", 1)[0].strip().lower()
-            if b"/" in value and b" " not in value:
-                return value.decode("ascii", "replace")
-            return part.defaultType
-    return part.defaultType
+    return mimescan.contentType(part)

@@ -14,11 +14,12 @@ from typing import Iterator, Optional
 from twisted.logger import Logger
 
 from smartrelay import mime
-from smartrelay.feedback import arf, dsn, jsonreport, lhost
+from smartrelay.feedback import arf, dsn, jsonreport, lhost, mimescan
 from smartrelay.feedback.mailtext import (
     MAX_TEXT,
     Headers,
     contentTypeOf,
+    decodedBody,
     addressIn,
     addresses,
     headerText,
@@ -91,11 +92,10 @@ def queueIdIn(data: bytes, tree: Optional[mime.Part] = None) -> Optional[str]:
             return match.group(1).decode("ascii")
     if tree is not None:
         for part in mime.leaves(tree):
-            if contentTypeOf(part).startswith(("message/", "text/rfc822")) and part.transferEncoding in (
-                "base64",
-                "quoted-printable",
-            ):
-                found = _QUEUE_ID.search(part.decodedBody())
+            if contentTypeOf(part).startswith(("message/", "text/rfc822")) and mimescan.transferEncodingOf(
+                part
+            ) in ("base64", "quoted-printable"):
+                found = _QUEUE_ID.search(decodedBody(part))
                 if found is not None:
                     return found.group(1).decode("ascii")
     return None
@@ -129,7 +129,7 @@ def _withBoundary(part: mime.Part) -> mime.Part:
     match = _BOUNDARY_LINE.match(rest)
     if match is None:
         return part
-    repaired = mime.parse(header + b"\t" + rest[match.start(1) :], part.defaultType)
+    repaired = mimescan.parse(header + b"\t" + rest[match.start(1) :], part.defaultType)
     return repaired if repaired.isMultipart else part
 
 
@@ -150,7 +150,7 @@ def _parseTree(data: bytes) -> mime.Part:
     Parse the message, also when it is multipart without saying so (no
     C{Content-Type} but boundary lines in the body).
     """
-    tree = mime.parse(data)
+    tree = mimescan.parse(data)
     if tree.get("Content-Type") is None and tree.separator:
         # The first boundary comes at once (perhaps after a line saying
         # this is MIME), not after the bounce's text: that would be the
@@ -161,7 +161,7 @@ def _parseTree(data: bytes) -> mime.Part:
             boundary = match.group(1).decode("ascii", "replace")
             newline = tree.newline
             header = f'Content-Type: multipart/mixed; boundary="{boundary}"'.encode("ascii", "replace")
-            repaired = mime.parse(header + newline + data)
+            repaired = mimescan.parse(header + newline + data)
             if repaired.isMultipart:
                 return repaired
     return tree
@@ -322,11 +322,11 @@ def _returnedHeaders(tree: mime.Part, quoted: str) -> Optional[mime.Part]:
         if _isInlineMessage(part):
             return part
         if contentTypeOf(part) in ("message/rfc822", "text/rfc822-headers", "message/rfc822-headers"):
-            return mime.parse(part.decodedBody())
+            return mimescan.parse(decodedBody(part))
     if quoted:
         start = re.search(r"(?m)^[A-Za-z][\w-]*:[ \t]", quoted)
         if start is not None:
-            return mime.parse(quoted[start.start() :].encode("utf-8", "replace"))
+            return mimescan.parse(quoted[start.start() :].encode("utf-8", "replace"))
     return None
 
 
