@@ -212,6 +212,8 @@ class ClassifyTests(SynchronousTestCase):
         self.assertEqual(classify("5.1.0", 550, cox).reason, "blocked")
         godaddy = "550 5.1.1 <a@example.com> - 192.0.2.1 has sent to too many recipients this hour. IB607"
         self.assertEqual(classify("5.1.1", 550, godaddy).reason, "speeding")
+        outlook = "550 5.7.1 Unfortunately, messages from [192.0.2.1] weren't sent. (SC-004)"
+        self.assertEqual(classify("5.7.1", 550, outlook).reason, "blocked")
         spectrum = "550 5.1.0 <a@example.com> sender rejected. Please see ... AUP#I1310"
         self.assertEqual(classify("5.1.0", 550, spectrum).reason, "toomanyconn")
         apple = "550 5.1.6 recipient no longer on server: bob@icloud.example"
@@ -369,11 +371,13 @@ class TableTests(SynchronousTestCase):
 
     def test_providerCodes(self):
         """Each provider code table is a valid expression with one group and known reasons."""
-        for pattern, codes in phrases.PROVIDER_CODES:
+        for marker, pattern, codes in phrases.PROVIDER_CODES:
             self.assertEqual(re.compile(pattern).groups, 1, pattern)
             self.assertEqual(set(codes.values()) - REASONS, set(), pattern)
             for code in codes:
                 self.assertEqual(code, code.lower())
+                # Every text a code is found in holds the marker.
+                self.assertTrue(marker in pattern or marker in code, (marker, code))
 
     def test_commandHintsCompile(self):
         """Every command hint is a valid expression naming an SMTP command."""

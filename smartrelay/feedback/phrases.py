@@ -1188,6 +1188,9 @@ OVERRIDES = {
         "this route requires tls version",
         "this route requires high-strength ciphers",
         "tls/sslv3 connection required",
+        "tlsa-invalid:",
+        "dnssec-invalid:",
+        "certificate-host-mismatch:",
     ),
     "filtered": ("refused due to recipient preferences",),
     "mailboxfull": (
@@ -1229,6 +1232,8 @@ OVERRIDES = {
         "host network, not allowed",
         "esmtp no data before greeting",
         "attachment extension is forbidden",
+        "x-dg-ref header is too long",
+        "policy violation detected (as345)",
     ),
     "rejected": (
         "mail sending denied",
@@ -1244,6 +1249,15 @@ OVERRIDES = {
         "your email address has been blocked",
         "your envelope sender is in my badmailfrom list",
         "your domain has been blacklisted",
+        "access denied, bad outbound sender",
+        "sender was not authenticated by organization",
+        "sender not in allowed-senders list",
+        "sender not authenticated for group",
+        "sender was not authenticated for mailbox",
+        "sender was not authenticated for public folder",
+        "access denied, spam abuse detected",
+        "client blocked from sending from unregistered domains",
+        "message must be rfc 5322 section 3.6.2 compliant",
     ),
     "requireptr": (
         "does not have a ptr record",
@@ -1264,6 +1278,8 @@ OVERRIDES = {
         "turn on smtp authentication",
         "incorrect authentication data",
         "submitter failed to authenticate",
+        "cannot achieve exchange server authentication",
+        "client was not authenticated to send anonymous mail",
     ),
     "spamdetected": (
         "due to the nature of the content or the links within",
@@ -1271,6 +1287,7 @@ OVERRIDES = {
         "spam is embedded in the email",
         "message rejected for spam or virus content",
         "filtered by outbound scanning",
+        "content filter agent quarantined this message",
     ),
     "speeding": (
         "is receiving mail too quickly",
@@ -1284,11 +1301,21 @@ OVERRIDES = {
         "has sent to too many recipients this hour",
         "frequency of receiving messages is limited",
         "deferred due to excessive volume",
+        "traffic not accepted from this ip",
+        "tenant has exceeded threshold",
+        "has exceeded permitted limits within",
+        "has exceeded the maximum number of connections",
+        "reached your daily limit for message recipients",
+        "submission quota exceeded",
+        "recipient's per hour message receive limit",
+        "the recipient has exceeded their limit for",
     ),
     "suspend": (
         "account that you tried to reach is disabled",
         "account that you tried to reach is inactive",
         "this mailbox is disabled",
+        "access denied, banned recipient",
+        "mailbox cannot be accessed",
     ),
     "systemerror": (
         "temporary system problem",
@@ -1298,6 +1325,10 @@ OVERRIDES = {
         "domain policy size per transaction exceeded",
         "esmtp server temporarily not available",
         "message is looping",
+        "message failed to be replicated",
+        "(suspiciousremoteservererror)",
+        "pfa agent busy",
+        "server busy. please try again later from",
     ),
     "toomanyconn": (
         "your message has too many recipients",
@@ -1316,22 +1347,38 @@ OVERRIDES = {
         "inactive email address",
         "unknown or illegal alias",
         "recipient mailbox is not allowed",
+        "resolver.adr.exrecipnotfound",
+        "storedrv.submit; invalid recipient address",
+        "recipient address reserved by rfc 2606",
+        "recipient addresses in single label domains not accepted",
+        "remote server returned unknown recipient or mailbox unavailable",
     ),
     "contenterror": (
         "stray linefeeds in message",
+        "agent generated message depth exceeded",
     ),
     "hasmoved": (
         "recipient no longer on server",
     ),
+    "systemfull": (
+        "insufficient system resources",
+    ),
+    "notaccept": (
+        "hosted tenant which has no mail-enabled subscriptions",
+        "missing or bad storedriver mdb properties",
+    ),
 }
 
-#: Providers that put a code of their own in the text: (regular expression
-#: on the normalised text whose first group is the code, code -> reason).
-#: A match counts where a token starts (not after a letter, digit, "." or
-#: "_"); a known code decides like an L{OVERRIDES} phrase.
+#: Providers that put a code of their own in the text: (a literal every
+#: match contains, a regular expression on the normalised text whose first
+#: group is the code, code -> reason).  The expression is only tried on a
+#: text containing the literal (which keeps the scan cheap); a match counts
+#: where a token starts (not after a letter, digit, "." or "_"); a known
+#: code decides like an L{OVERRIDES} phrase.
 PROVIDER_CODES = (
     # Orange and La Poste: "OFR006_102", "LPN007_416", "OFR_999".
     (
+        "_",
         r"(?:ofr|lpn(?:aaa)?|ouk)\d*_(\d{3})\b",
         {
             "101": "blocked",
@@ -1360,6 +1407,7 @@ PROVIDER_CODES = (
     ),
     # Cox: "AUP#CXBL".
     (
+        "aup#",
         r"aup#([a-z0-9]+)",
         {
             "cxbl": "blocked",
@@ -1395,6 +1443,7 @@ PROVIDER_CODES = (
     ),
     # Spectrum (Charter): "AUP#I1310", "AUP#O1540".
     (
+        "aup#",
         r"aup#[io]?(\d{4})\b",
         {
             "1000": "blocked",
@@ -1416,8 +1465,27 @@ PROVIDER_CODES = (
             "1580": "speeding",
         },
     ),
+    # Outlook.com: "(RP-001)", "SC-003".
+    (
+        "-00",
+        r"((?:rp|sc|dy|ou)-\d{3})\b",
+        {
+            "rp-001": "badreputation",
+            "rp-002": "badreputation",
+            "rp-003": "badreputation",
+            "sc-001": "badreputation",
+            "sc-002": "policyviolation",
+            "sc-003": "blocked",
+            "sc-004": "blocked",
+            "dy-001": "blocked",
+            "dy-002": "blocked",
+            "ou-001": "blocked",
+            "ou-002": "badreputation",
+        },
+    ),
     # GoDaddy: "IB607".
     (
+        "ib",
         r"(ib\d{3})\b",
         {
             "ib007": "toomanyconn",

@@ -360,7 +360,9 @@ def _replyCode(replycode) -> Optional[int]:
 #: Every reason in the order it wins ties.
 _ORDER = tuple(dict.fromkeys(PRECEDENCE + TEXT_ONLY + tuple(sorted(REASONS))))
 
-_PROVIDER_CODES = [(re.compile(pattern), codes) for pattern, codes in PROVIDER_CODES]
+_PROVIDER_CODES = [
+    (marker, re.compile(pattern), codes) for marker, pattern, codes in PROVIDER_CODES
+]
 
 _COMMANDS = [(re.compile(pattern), command) for pattern, command in COMMAND_HINTS]
 
@@ -388,7 +390,9 @@ def _decide(
     if action == "delivered" or (status is not None and status.startswith("2.")):
         return "delivered"
     said, decided = _reasonsIn(_CONTINUATION.sub(_unprefix, text)) if text else (set(), set())
-    for pattern, codes in _PROVIDER_CODES:
+    for marker, pattern, codes in _PROVIDER_CODES:
+        if marker not in text:
+            continue
         for match in pattern.finditer(text):
             start = match.start()
             if start and (text[start - 1].isalnum() or text[start - 1] in "._"):
