@@ -63,6 +63,8 @@ CASES = [
     ("4.4.1", 451, "connection timed out", "delayed", "expired"),
     ("4.4.2", 421, "lost connection with mx.example.net while sending RCPT TO", "delayed", "networkerror"),
     ("4.3.0", 451, "Temporary local problem - please try later", "delayed", "systemerror"),
+    ("4.4.3", None, "Host or domain name not found. Name service error for name=example.net type=MX: Host not found, try again", "delayed", "networkerror"),
+    ("5.3.0", 554, "554 5.3.0 Message rejected: Unsolicited bulk mail", "failed", "spamdetected"),
     ("4.3.1", 452, "Insufficient system storage", "delayed", "systemfull"),
     ("5.3.0", 554, "procmail: Quota exceeded while writing", "failed", "mailboxfull"),
     ("5.3.0", 554, "Command died with status 1: /usr/bin/deliver", "failed", "mailererror"),

@@ -720,6 +720,8 @@ PHRASES = {
         "//mail.163.com/help/help_spam_16.htm",
         "554 5.7.0 reject, id=",
         "appears to be unsolicited",
+        "unsolicited bulk",
+        "unsolicited commercial",
         "blacklisted url in message",
         "block for spam",
         "blocked by policy: no spam please",
@@ -996,7 +998,6 @@ PHRASES = {
         "hop count exceeded - possible mail loop",
         "host is unreachable",
         "host name lookup failure",
-        "host not found, try again",
         "mail forwarding loop for ",
         "malformed name server reply",
         "malformed or unexpected name server reply",
@@ -1201,6 +1202,7 @@ OVERRIDES = {
     "networkerror": (
         "message exceeded 50 hops",
         "the incorrect hostname used for inbounds",
+        "host not found, try again",
     ),
     "norelaying": (
         "mail relay denied",
