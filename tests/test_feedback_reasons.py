@@ -231,6 +231,7 @@ class ClassifyTests(SynchronousTestCase):
         self.assertEqual(classify(None, 550, "550 User unknown", command="RCPT").reason, "userunknown")
         self.assertEqual(classify(None, 550, "550 User unknown", command="DATA").reason, "filtered")
         self.assertEqual(classify(None, 550, "550 User unknown", command="rcpt to").reason, "userunknown")
+        self.assertEqual(classify(None, 550, "550 User unknown", command="end of data").reason, "filtered")
 
     def test_delayedWithoutReasonExpires(self):
         """A delayed record saying nothing more is C{expired}."""

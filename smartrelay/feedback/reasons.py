@@ -10,22 +10,32 @@ hard or soft, and the status (inferred from the text or the reply code when
 the report gives none).
 
 The rules are data, in L{smartrelay.feedback.phrases}: status code ->
-reason, reply code -> reason, reason -> phrases, and the precedence that
-settles disagreements.  This module is the engine: every phrase of every
-reason is compiled into one trie-shaped regular expression, so a
-diagnostic is scanned once whatever the size of the table.
+reason, reply code -> reason, reason -> phrases, the providers' own wording
+and codes, the precedence that settles disagreements and a few context
+rules.  This module is the engine: every phrase of every reason is
+compiled into one trie-shaped regular expression, so a diagnostic is
+scanned once whatever the size of the table.
 
 The decision, in order:
 
   1. a 2.x.x status or the action C{delivered}: C{delivered};
-  2. the first reason of C{PRECEDENCE} that the text names, or that the
+  2. a provider's documented wording or code (C{OVERRIDES},
+     C{PROVIDER_CODES}) decides by itself;
+  3. a diagnostic of type X-Unix (a local program's) is read by its words,
+     else by the status;
+  4. ambiguous phrases count only in context (C{TEXT_CONTEXT}: a "user
+     unknown" after DATA, or beside a vague status, is C{filtered}); the
+     failed SMTP command comes from the caller or from the text
+     (C{COMMAND_HINTS});
+  5. the first reason of C{PRECEDENCE} that the text names, or that the
      status (or reply code) names unless the text names one it
      C{STATUS_YIELDS} to;
-  3. when the status names nothing or something vague: the first of
+  6. when the status names nothing or something vague: the first of
      C{TEXT_ONLY} that the text names;
-  4. the status's reason; then the status class (x.6 content, x.7
-     security), a command-syntax reply code, C{delayed} -> C{expired};
-  5. C{onhold} when there was something to read but nothing said a
+  7. the status's reason; then the status class (x.6 content, x.7
+     security), a command-syntax reply code, C{delayed} -> C{expired}, a
+     refusal at the greeting or EHLO -> C{blocked};
+  8. C{onhold} when there was something to read but nothing said a
      reason, C{undefined} when there was nothing.
 """
 
@@ -261,7 +271,10 @@ def _normalStatus(status) -> Optional[str]:
     return f"{klass}.{subject}.{detail}"
 
 
-def _isVague(status: Optional[str]) -> bool:
+def _isGeneric(status: Optional[str]) -> bool:
+    """
+    Does C{status} say no more than permanent or temporary (none, x.0.0)?
+    """
     return status is None or status.endswith(".0.0")
 
 
@@ -315,7 +328,7 @@ def classify(
         if match is not None:
             code = int(match.group(1))
     effective = given
-    if _isVague(effective) and text:
+    if _isGeneric(effective) and text:
         for match in _STATUS_IN_TEXT.finditer(text):
             start = match.start()
             if start and (text[start - 1].isalnum() or text[start - 1] in "._"):
@@ -323,16 +336,16 @@ def classify(
             found = _normalStatus(".".join(match.groups()))
             if found is None or (effective is not None and found[0] != effective[0]):
                 continue
-            if effective is None or not _isVague(found):
+            if effective is None or not _isGeneric(found):
                 effective = found
-                if not _isVague(found):
+                if not _isGeneric(found):
                     break
     if effective is None and code is not None and code >= 400:
         effective = f"{code // 100}.0.0"
     action = action.strip().lower() if isinstance(action, str) else None
     if isinstance(command, str) and command.strip():
         command = command.strip().upper().split()[0]
-        command = {"HELO": "EHLO", "BDAT": "DATA", "CONNECT": "CONN"}.get(command, command)
+        command = _COMMAND_NAMES.get(command, command)
     else:
         command = _commandIn(text)
     reason = _decide(effective, code, text, action, command, local)
@@ -359,6 +372,9 @@ def _replyCode(replycode) -> Optional[int]:
 
 #: Every reason in the order it wins ties.
 _ORDER = tuple(dict.fromkeys(PRECEDENCE + TEXT_ONLY + tuple(sorted(REASONS))))
+
+#: How callers may name a command, and the name the rules use.
+_COMMAND_NAMES = {"HELO": "EHLO", "BDAT": "DATA", "END": "DATA", ".": "DATA", "CONNECT": "CONN"}
 
 _PROVIDER_CODES = [
     (marker, re.compile(pattern), codes) for marker, pattern, codes in PROVIDER_CODES
