@@ -226,6 +226,21 @@ class ClassifyTests(SynchronousTestCase):
         self.assertEqual(classify("5.1.1", 550, "user unknown lib123_416x").reason, "userunknown")
         self.assertEqual(classify("5.1.1", 550, "user unknown, see /usr/lib607 a.ib607").reason, "userunknown")
 
+    def test_neutralMasks(self):
+        """A phrase inside a neutral one does not count; a longer phrase around it does."""
+        self.assertEqual(textReasons("550 Recipient address rejected"), frozenset())
+        self.assertEqual(
+            textReasons("Recipient address rejected: User unknown in local recipient table"),
+            frozenset(["userunknown"]),
+        )
+        self.assertIn("rejected", textReasons("553 Sender address rejected: not owned by user"))
+
+    def test_overlappingPhrases(self):
+        """Phrases of two reasons that overlap are both found."""
+        found = textReasons("554 Message rejected: Email address is not verified.")
+        self.assertEqual(found, frozenset(["rejected", "norelaying"]))
+        self.assertEqual(classify(None, 554, "554 Message rejected: Email address is not verified.").reason, "norelaying")
+
     def test_commandArgument(self):
         """The failed command, when the caller knows it, decides a bare "user unknown"."""
         self.assertEqual(classify(None, 550, "550 User unknown", command="RCPT").reason, "userunknown")
