@@ -11,6 +11,7 @@ best of C{--repeat} passes over the whole corpus, the files already in
 memory).
 
     python3 bench/classify.py [--corpus DIR] [--repeat N] [--quiet]
+    python3 bench/classify.py --hostile
 
 Exit status 0 whatever the agreement; 2 if the corpus is missing.
 """
@@ -58,6 +59,43 @@ def _readFile(raw: bytes) -> Report:
     return Report(kinds[0] if kinds else "none", records)
 
 
+def _hostile() -> dict:
+    """
+    Inputs built to make a careless parser slow (long runs that regular
+    expressions backtrack over, huge headers, deep nesting), each a few
+    hundred kilobytes to a few megabytes.
+    """
+    head = b"From: MAILER-DAEMON@mx.example\r\nSubject: Undelivered Mail\r\n\r\n"
+    return {
+        "addresses on one line": head + b"a@b.example " * 20000,
+        "address lines": head + b"  user@example.com\r\n" * 10000,
+        "header fields": head + b"X-A: b\r\n" * 20000,
+        "one long line": head + b"x" * 3_000_000,
+        "dashes": head + b"-" * 500_000,
+        "open braces": head + b"{" * 100_000,
+        "RCPT TO:<": head + b"RCPT TO:<" * 50_000,
+        "huge header field": b"X-Big: " + b"a" * 3_000_000 + b"\r\n\r\n",
+        "nested multiparts": b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+        + b"--b\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n" * 5000,
+        "DSN groups": b"Content-Type: multipart/report; boundary=b\r\n\r\n--b\r\n"
+        b"Content-Type: message/delivery-status\r\n\r\n"
+        + b"Final-Recipient: rfc822; a@b.example\r\nAction: failed\r\n\r\n" * 20000,
+        "bad base64": b"Content-Transfer-Encoding: base64\r\n\r\n" + b"!" * 1_000_000,
+    }
+
+
+def hostile() -> int:
+    """
+    Print how long each hostile input takes to read.
+    """
+    for name, data in _hostile().items():
+        start = time.perf_counter()
+        report = readReport(data)
+        elapsed = time.perf_counter() - start
+        print(f"{name:22s} {len(data):>9,d} bytes {elapsed * 1000:8.1f} ms  {report.type}, {len(report.records)} records")
+    return 0
+
+
 def _kind(answer) -> str:
     return "hard" if answer["hardbounce"] else "soft"
 
@@ -80,7 +118,10 @@ def main(argv=None) -> int:
     parser.add_argument("--corpus", default=DEFAULT_CORPUS)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quiet", action="store_true", help="do not list disagreements")
+    parser.add_argument("--hostile", action="store_true", help="time hostile inputs instead")
     options = parser.parse_args(argv)
+    if options.hostile:
+        return hostile()
     if not os.path.isfile(os.path.join(options.corpus, "answers.jsonl")):
         print(f"no corpus at {options.corpus}", file=sys.stderr)
         return 2

@@ -758,3 +758,33 @@ class RobustnessTests(SynchronousTestCase):
         self.patch(module, "_read", broken)
         self.assertEqual(readReport(b"From: a@example.com\r\n\r\nx"), Report("none"))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class AddressTests(SynchronousTestCase):
+    """
+    L{smartrelay.feedback.mailtext.addresses}, which every reader uses.
+    """
+
+    def test_found(self):
+        """
+        Addresses are found in text with their offsets, the domain
+        lower-cased, brackets and a final dot left out.
+        """
+        from smartrelay.feedback.mailtext import addressIn, addresses
+
+        self.assertEqual(
+            list(addresses("to <Foo.Bar+x@Mail.Example.COM>, y@z.example.")),
+            [(4, "Foo.Bar+x@mail.example.com"), (32, "y@z.example")],
+        )
+        self.assertEqual(addressIn("no address here"), None)
+
+    def test_notAddresses(self):
+        """
+        A local part longer than 64 characters, a domain without a dot or
+        with a bad top-level label, and a run of local-part characters with
+        no C{@} are no addresses.
+        """
+        from smartrelay.feedback.mailtext import addresses
+
+        for text in ("x" * 65 + "@example.com", "user@localhost", "a@b.c", "-" * 10000, "a..b@example.com"):
+            self.assertEqual(list(addresses(text)), [], text[:20])

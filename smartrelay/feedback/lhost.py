@@ -28,8 +28,8 @@ __all__ = ["TextRecipient", "bounceText", "failedRecipients", "details", "isDela
 # before it.
 _ORIGINAL_MARKER = re.compile(
     r"^[ \t>]*(?:"
-    r"[-=_*#]{2,}[ \t]*(?:[^\n]{0,20}?)(?:this is a copy|below this line|(?:the )?original"
-    r"|returned|undelivered|unsent|header of|headers of|forwarded|copy of|message follows"
+    r"[-=_*#]{2,}+[ \t]*+(?:[^\n]{0,20}?)(?:this is a copy|below this line|(?:the )?original"
+    r"|returned|undelivered|unsent|header of|headers of|headers? follows?|forwarded|copy of|message follows"
     r"|attached message|rfc822|message text|text of)"
     r"|(?:original (?:message|mail)(?: as follows| follows)?|original message headers|returned message|message headers follow"
     r"|the original message(?: headers)? (?:is|are|was|were) (?:below|attached|included|as follows)"
@@ -133,6 +133,10 @@ _NOT_RECIPIENTS = re.compile(
 )
 
 
+#: At most this many recipients are taken from a bounce's text.
+MAX_RECIPIENTS = 1000
+
+
 def _positions(text: str, exclude: frozenset) -> list[tuple[int, str]]:
     """
     @return: C{(offset, address)} for each place C{text} names a failed
@@ -155,6 +159,8 @@ def _positions(text: str, exclude: frozenset) -> list[tuple[int, str]]:
                 continue
             result.append((offset, address))
             break
+        if len(result) >= MAX_RECIPIENTS:
+            break
     result.sort()
     return result
 
@@ -166,6 +172,8 @@ def _weakPositions(text: str, exclude: frozenset) -> list[tuple[int, str]]:
     """
     result = []
     for offset, address in addresses(text):
+        if len(result) >= MAX_RECIPIENTS:
+            break
         if address.lower() in exclude or _NOT_RECIPIENTS.match(address):
             continue
         lineStart = text.rfind("\n", 0, offset) + 1
@@ -358,7 +366,8 @@ _DELAY = re.compile(
     r"delivery (?:status notification \()?delay|\bdelayed\b|has not (?:yet )?been delivered"
     r"|not yet been delivered|will (?:continue to )?(?:re)?try|still (?:be )?(?:trying|retrying|being retried)"
     r"|warning: could not send|temporar(?:y|ily) (?:failure|unable)[^\n]{0,80}retry"
-    r"|no action is required on your part"
+    r"|no action is required on your part|warning message only|you do not need to resend"
+    r"|technical details of temporary failure|will be retried"
 )
 
 

@@ -37,11 +37,32 @@ __all__ = [
 MAX_TEXT = 64 * 1024
 
 # RFC 5321 addresses as bounces write them: lenient (quoted local parts,
-# IP literals and trailing dots are rare enough to leave out).
-_ADDRESS = re.compile(
-    r"(?<![\w.+=/-])([\w!#$%&'*+/=?^`{|}~-]+(?:\.[\w!#$%&'*+/=?^`{|}~-]+)*"
-    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63})(?![\w-])",
-)
+# IP literals and trailing dots are rare enough to leave out).  Found from
+# each "@" outwards, so that long runs of local-part characters cost
+# linear time: the local part is at most 64 characters, the domain 255.
+_AT = re.compile(r"@")
+_LOCAL = re.compile(r"(?<![\w.+=/-])[\w!#$%&'*+/=?^`{|}~-]+(?:\.[\w!#$%&'*+/=?^`{|}~-]+)*\Z")
+_DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}(?![\w-])")
+
+
+def _addressMatches(text: str) -> Iterator[tuple[int, int]]:
+    """
+    @return: C{(start, end)} of each e-mail address in C{text}.
+    """
+    for at in _AT.finditer(text):
+        position = at.start()
+        start = max(0, position - 64)
+        # Let the look-behind see the character before the window.
+        local = _LOCAL.search(text, start, position)
+        if local is None or (local.start() == start and start and _LOCAL_CHAR.match(text, start - 1)):
+            continue
+        domain = _DOMAIN.match(text, position + 1, position + 256)
+        if domain is None:
+            continue
+        yield local.start(), domain.end()
+
+
+_LOCAL_CHAR = re.compile(r"[\w!#$%&'*+/=?^`{|}~.-]")
 _STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.]*\d)")
 _REPLY = re.compile(r"(?<![\w.#-])([245][0-5]\d)(?:[ -]|$)(?!\s*(?:bytes|ms|sec))", re.M)
 _SPACE = re.compile(r"\s+")
@@ -159,8 +180,8 @@ def addresses(text: str) -> Iterator[tuple[int, str]]:
     """
     @return: C{(offset, address)} for each e-mail address in C{text}.
     """
-    for match in _ADDRESS.finditer(text):
-        yield match.start(), normalAddress(match.group(1))
+    for start, end in _addressMatches(text):
+        yield start, normalAddress(text[start:end])
 
 
 def addressIn(text: Optional[str]) -> Optional[str]:
@@ -169,8 +190,9 @@ def addressIn(text: Optional[str]) -> Optional[str]:
     """
     if not text:
         return None
-    match = _ADDRESS.search(text)
-    return normalAddress(match.group(1)) if match else None
+    for start, end in _addressMatches(text):
+        return normalAddress(text[start:end])
+    return None
 
 
 def statusIn(text: Optional[str]) -> Optional[str]:

@@ -38,10 +38,7 @@ log = Logger()
 MAX_REPORT = 4 * 1024 * 1024
 
 _QUEUE_ID = re.compile(
-    rb"(?im)^X-SmartRelay-ID[ \t]*:[ \t]*(?:\r?\n[ \t]+)?([0-9A-F]{2}/[0-9A-F]{2}-[0-9]{5}-[0-9A-F]{8})\b"
-)
-_QUEUE_ID_TEXT = re.compile(
-    r"(?im)^[ \t>]*X-SmartRelay-ID[ \t]*:[ \t]*([0-9A-F]{2}/[0-9A-F]{2}-[0-9]{5}-[0-9A-F]{8})\b"
+    rb"(?im)^[ \t>]*X-SmartRelay-ID[ \t]*:[ \t]*(?:\r?\n[ \t]+)?([0-9A-F]{2}/[0-9A-F]{2}-[0-9]{5}-[0-9A-F]{8})\b"
 )
 _UNSUBSCRIBE = re.compile(r"(?i)(?<![\w.+-])unsub\+[A-Za-z0-9_=-]+@")
 
@@ -216,7 +213,7 @@ def _read(data: bytes, depth: int = 0) -> Report:
     if not records and bounceLike:
         records = _fromReturnedRecipients(tree, head, text[len(cut) :], cut)
     if records:
-        return _withQueueId(Report("bounce", tuple(records)), queueId)
+        return _withQueueId(Report("bounce", tuple(records[:MAX_RECORDS])), queueId)
 
     complaint = arf.readProviderComplaint(tree)
     if complaint:
@@ -280,7 +277,17 @@ def _bounceText(tree: mime.Part, parts: list, types: list) -> str:
         ]
     if not texts and not tree.isMultipart and tree.message is None:
         texts = [partText(tree)]
-    return "\n\n".join(texts)[:MAX_TEXT].replace("\r\n", "\n")
+    text = "\n\n".join(texts)[:MAX_TEXT].replace("\r\n", "\n")
+    # No bounce writes lines this long; cutting them keeps every heuristic
+    # linear in the size of the text.
+    return _LONG_LINE.sub(lambda match: match.group(0)[:MAX_LINE], text)
+
+
+#: Lines of a report's text are cut to this many characters.
+MAX_LINE = 2000
+_LONG_LINE = re.compile(r"[^\n]{%d,}" % (MAX_LINE + 1))
+#: At most this many records are read from one message.
+MAX_RECORDS = 1000
 
 
 _TAG = re.compile(r"(?s)<(?:style|script)\b.*?</(?:style|script)\s*>|<br\s*/?>|</?(?:p|div|tr|li|h\d)\b[^>]*>|<[^>]*>")
@@ -452,7 +459,7 @@ def _fromDeliveryStatus(
                 body = part.message.serialize().decode("utf-8", "replace")
         perMessage, recipients = dsn.readDeliveryStatus(body)
         fallback: Optional[list] = None
-        for index, each in enumerate(recipients):
+        for index, each in enumerate(recipients[:MAX_RECORDS]):
             recipient = _usable(each.recipient) or _usable(each.original)
             if recipient is None:
                 if fallback is None:
