@@ -1153,6 +1153,7 @@ OVERRIDES = {
         "dmarc sender invalid - envelope rejected",
         "blocked for failing both spf and dkim",
         "domain authentication fail",
+        "email rejected per dmarc policy",
     ),
     "badreputation": (
         "very low reputation of the sending",
@@ -1183,6 +1184,8 @@ OVERRIDES = {
         "rejected due to listing in spamhaus",
         "support.proofpoint.com/dnsbl-lookup",
         "mail rejected because your ip is in the pbl",
+        "greylisted, try again after some time",
+        "found on one or more dnsbls",
     ),
     "failedstarttls": (
         "tls required for rcpt domain",
@@ -1265,6 +1268,8 @@ OVERRIDES = {
         "access denied, spam abuse detected",
         "client blocked from sending from unregistered domains",
         "message must be rfc 5322 section 3.6.2 compliant",
+        "email flagged as spam",
+        "mail rejected by destination domain",
     ),
     "requireptr": (
         "does not have a ptr record",
@@ -1336,6 +1341,7 @@ OVERRIDES = {
         "(suspiciousremoteservererror)",
         "pfa agent busy",
         "server busy. please try again later from",
+        "temporary system error",
     ),
     "toomanyconn": (
         "your message has too many recipients",
@@ -1346,7 +1352,10 @@ OVERRIDES = {
         "message threshold exceeded",
         "too many recipients received this hour",
     ),
-    "virusdetected": ("email rejected due to security policies",),
+    "virusdetected": (
+        "email rejected due to security policies",
+        " detected by zoho mail",
+    ),
     "userunknown": (
         "dd this user doesn't have a ",
         "resolver.adr.recipientnotfound",
@@ -1377,7 +1386,8 @@ OVERRIDES = {
 }
 
 #: Providers that put a code of their own in the text: (a literal every
-#: match contains, a regular expression on the normalised text whose first
+#: match contains, or a tuple of such literals one of which it contains, a
+#: regular expression on the normalised text whose first
 #: group is the code, code -> reason).  The expression is only tried on a
 #: text containing the literal (which keeps the scan cheap); a match counts
 #: where a token starts (not after a letter, digit, "." or "_"); a known
@@ -1488,6 +1498,62 @@ PROVIDER_CODES = (
             "dy-002": "blocked",
             "ou-001": "blocked",
             "ou-002": "badreputation",
+        },
+    ),
+    # Facebook: "RCP-P2", "POL-T1".
+    (
+        ("pol-", "msg-", "rcp-", "int-", "dns-", "con-"),
+        r"((?:pol|msg|rcp|int|dns|con)-[pt]\d)\b",
+        {
+            "pol-p1": "blocked",
+            "pol-p2": "blocked",
+            "pol-p3": "blocked",
+            "pol-p4": "blocked",
+            "pol-t1": "blocked",
+            "pol-t2": "blocked",
+            "pol-t3": "blocked",
+            "pol-p5": "virusdetected",
+            "pol-p6": "spamdetected",
+            "pol-p7": "authfailure",
+            "msg-p1": "mesgtoobig",
+            "int-p2": "mesgtoobig",
+            "msg-p2": "contenterror",
+            "msg-p3": "notcompliantrfc",
+            "msg-t1": "toomanyconn",
+            "rcp-p1": "userunknown",
+            "int-p1": "userunknown",
+            "int-p3": "userunknown",
+            "int-p4": "userunknown",
+            "rcp-p2": "filtered",
+            "rcp-p3": "filtered",
+            "rcp-t1": "systemerror",
+            "rcp-t4": "suspend",
+            "dns-p1": "rejected",
+            "dns-p2": "rejected",
+            "dns-t1": "rejected",
+            "dns-p3": "requireptr",
+            "dns-t2": "requireptr",
+            "con-t1": "toomanyconn",
+            "con-t2": "toomanyconn",
+            "con-t3": "toomanyconn",
+            "con-t4": "toomanyconn",
+        },
+    ),
+    # i.ua: "https://mail.i.ua/err/2/".
+    (
+        ".i.ua/err/",
+        r"\.i\.ua/err/(\d+)/",
+        {
+            "1": "norelaying",
+            "2": "userunknown",
+            "3": "suspend",
+            "4": "mailboxfull",
+            "5": "toomanyconn",
+            "6": "norelaying",
+            "7": "blocked",
+            "8": "rejected",
+            "9": "blocked",
+            "10": "filtered",
         },
     ),
     # GoDaddy: "IB607".

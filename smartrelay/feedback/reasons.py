@@ -377,7 +377,8 @@ _ORDER = tuple(dict.fromkeys(PRECEDENCE + TEXT_ONLY + tuple(sorted(REASONS))))
 _COMMAND_NAMES = {"HELO": "EHLO", "BDAT": "DATA", "END": "DATA", ".": "DATA", "CONNECT": "CONN"}
 
 _PROVIDER_CODES = [
-    (marker, re.compile(pattern), codes) for marker, pattern, codes in PROVIDER_CODES
+    ((marker,) if isinstance(marker, str) else tuple(marker), re.compile(pattern), codes)
+    for marker, pattern, codes in PROVIDER_CODES
 ]
 
 _COMMANDS = [(re.compile(pattern), command) for pattern, command in COMMAND_HINTS]
@@ -406,8 +407,8 @@ def _decide(
     if action == "delivered" or (status is not None and status.startswith("2.")):
         return "delivered"
     said, decided = _reasonsIn(_CONTINUATION.sub(_unprefix, text)) if text else (set(), set())
-    for marker, pattern, codes in _PROVIDER_CODES:
-        if marker not in text:
+    for markers, pattern, codes in _PROVIDER_CODES:
+        if not any(marker in text for marker in markers):
             continue
         for match in pattern.finditer(text):
             start = match.start()
