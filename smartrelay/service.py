@@ -42,8 +42,7 @@ from smartrelay.outbound.pool import Connector, DestinationPolicy, TLSContexts
 from smartrelay.outbound.router import DomainRouter, MXRouter, SmarthostRouter, makeResolver
 from smartrelay.outbound.scheduler import DeliveryScheduler
 from smartrelay.feedback.inbox import FeedbackInbox
-from smartrelay.feedback.processor import FeedbackProcessor
-from smartrelay.feedback.report import readReport
+from smartrelay.feedback.processor import FeedbackProcessor, ReportReader
 from smartrelay.feedback.suppression import BounceSuppressor
 from smartrelay.logs import MessageLog
 from smartrelay.smtp.feedback import FeedbackAddresses, FeedbackPolicy
@@ -402,8 +401,9 @@ class RelayService(MultiService):
             store=self.store,
             events=self.events,
             suppressor=self.bounceSuppressor,
-            readReport=readReport,
-            runInThread=threads.runner("feedback", FEEDBACK_THREADS),
+            read=ReportReader(
+                runInThread=threads.runner("feedback", FEEDBACK_THREADS), workers=self.workers
+            ),
         )
         self.feedbackFactory = SubmissionFactory(
             policy=FeedbackPolicy(

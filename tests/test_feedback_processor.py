@@ -14,7 +14,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay.events import Event, EventLog
 from smartrelay.feedback.inbox import Envelope, FeedbackInbox, receivedAt
-from smartrelay.feedback.processor import FeedbackProcessor, feedbackEventID
+from smartrelay.feedback.processor import (
+    FeedbackProcessor,
+    ReadReportJob,
+    ReportReader,
+    feedbackEventID,
+)
 from smartrelay.feedback.records import FeedbackRecord, Report
 from smartrelay.feedback.suppression import BounceSuppressor
 from smartrelay.smtp.feedback import FeedbackAddresses
@@ -90,8 +95,7 @@ class ProcessorMixin:
             suppressor=BounceSuppressor(
                 store=self.store, events=self.events, softLimit=softLimit, softWindow=86400.0
             ),
-            readReport=self.reports.__getitem__,
-            runInThread=maybeDeferred,
+            read=ReportReader(maybeDeferred, readReport=self.reports.__getitem__),
         )
 
     def accepted(self, queueID=QUEUE_ID, recipients=("first@example.org", "someone@example.org")):
@@ -392,7 +396,7 @@ class UnsubscribeAndAutoReplyTests(ProcessorMixin, SynchronousTestCase):
         def broken(data):
             raise RuntimeError("bug")
 
-        self.processor.readReport = broken
+        self.processor.read = ReportReader(maybeDeferred, readReport=broken)
         reportID = self.deliver(self.verp(1), Report("none"))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertTrue(os.path.exists(self.inbox.path("done", reportID)))
@@ -490,7 +494,8 @@ class DurabilityTests(ProcessorMixin, SynchronousTestCase):
         from twisted.internet.defer import Deferred
 
         waiting = Deferred()
-        self.processor.runInThread = lambda f, *args: waiting.addCallback(lambda _: f(*args))
+        read = self.processor.read
+        self.processor.read = lambda data: waiting.addCallback(lambda _: read(data))
         self.deliver(self.verp(1), Report("bounce", (hardBounce(),)))
         stopped = self.processor.stop()
         self.assertNoResult(stopped)
@@ -509,3 +514,56 @@ class DurabilityTests(ProcessorMixin, SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.inbox.prune(START + 50)), 1)
         self.assertFalse(os.path.exists(self.inbox.path("done", old)))
         self.assertTrue(os.path.exists(self.inbox.path("done", new)))
+
+
+class FakeWorkers:
+    """
+    A worker pool that runs jobs at once (or fails them all).
+    """
+
+    def __init__(self, running=True, failing=False):
+        self.running, self.failing, self.jobs = running, failing, []
+
+    @property
+    def available(self):
+        return self.running
+
+    def run(self, job):
+        self.jobs.append(job)
+        if self.failing:
+            return fail(RuntimeError("worker died"))
+        return maybeDeferred(job.run, "context")
+
+
+class ReportReaderTests(SynchronousTestCase):
+    DSN = (
+        b"From: MAILER-DAEMON@mx.example.org\r\nSubject: Undelivered Mail\r\n"
+        b"MIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nFailed.\r\n"
+        b"--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+        b"Reporting-MTA: dns; mx.example.org\r\n\r\n"
+        b"Final-Recipient: rfc822; who@example.org\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        b"\r\n--b--\r\n"
+    )
+
+    def test_workerWhenRunning(self):
+        """
+        With a running worker pool the real readReport runs there.
+        """
+        workers = FakeWorkers()
+        threads = []
+        reader = ReportReader(lambda *a: threads.append(a), workers=workers)
+        report = self.successResultOf(reader(self.DSN))
+        self.assertEqual([type(j) for j in workers.jobs], [ReadReportJob])
+        self.assertEqual(threads, [])
+        self.assertEqual((report.type, report.records[0].recipient), ("bounce", "who@example.org"))
+
+    def test_threadOtherwise(self):
+        """
+        Without workers, with none running, or when the worker fails, the
+        reader runs in a thread.
+        """
+        for workers in [None, FakeWorkers(running=False), FakeWorkers(failing=True)]:
+            reader = ReportReader(maybeDeferred, workers=workers)
+            self.assertEqual(self.successResultOf(reader(self.DSN)).type, "bounce")

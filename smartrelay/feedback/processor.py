@@ -7,8 +7,9 @@ once it is on disk (C{new/} of the L{FeedbackInbox}); at start-up
 L{FeedbackProcessor.recover} takes what an earlier run left there.  For
 each report:
 
- 1. the message is read as a report (C{readReport}, in a thread: parsing
-    is CPU work that must not hold up the reactor);
+ 1. the message is read as a report (C{readReport}, by a
+    L{ReportReader}: in a worker process, else a thread; parsing is CPU
+    work that must not hold up the reactor);
  2. every record is attributed to a message and a recipient: the VERP
     token of the address it came back to names the queue id and the
     recipient's index in the envelope (the address is the one of the
@@ -52,6 +53,7 @@ from twisted.logger import Logger
 from smartrelay.events import Event
 from smartrelay.feedback.inbox import Envelope, FeedbackInbox
 from smartrelay.feedback.records import FeedbackRecord, Report
+from smartrelay.feedback.report import readReport
 from smartrelay.feedback.suppression import BounceSuppressor
 from smartrelay.smtp.feedback import FeedbackAddresses, Target
 from smartrelay.smtp.replies import SMTPReply
@@ -123,9 +125,8 @@ class FeedbackProcessor:
     """
     See the module docstring.
 
-    @ivar readReport: C{readReport(bytes) -> Report}
-        (L{smartrelay.feedback.report.readReport}); run in C{runInThread}.
-    @ivar runInThread: C{run(f, *args) -> Deferred}, a thread pool.
+    @ivar read: C{read(bytes) -> Deferred[Report]}, off the reactor thread
+        (a L{ReportReader}).
     @ivar retryDelays: seconds before each new try of a report whose
         processing failed (the last one repeats).
     """
@@ -136,8 +137,7 @@ class FeedbackProcessor:
     store: object
     events: object
     suppressor: BounceSuppressor
-    readReport: Callable[[bytes], Report]
-    runInThread: Callable[..., Deferred]
+    read: Callable[[bytes], Deferred]
     retryDelays: tuple = (5.0, 30.0, 60.0, 300.0, 900.0)
     pollInterval: float = 1.0
     _inFlight: dict = attrs.field(factory=dict, init=False)
@@ -226,7 +226,7 @@ class FeedbackProcessor:
             await self._storeCaughtUp()
         if envelope is None or data is None:
             envelope, data = await self.inbox.read(reportID)
-        report = await self.runInThread(self._read, data)
+        report = await self.read(data)
         planned, skipped = await self.plan(reportID, envelope, report, careful)
         emitted = []
         for p in planned:
@@ -264,15 +264,6 @@ class FeedbackProcessor:
                 type=report.type,
             )
         return emitted
-
-    def _read(self, data: bytes) -> Report:
-        try:
-            return self.readReport(data)
-        except Exception:
-            # readReport must never raise; if it does, the report is kept
-            # (in done/) and logged, not retried for ever.
-            self.log.failure("feedback: the report parser failed")
-            return Report("none")
 
     async def _storeCaughtUp(self) -> None:
         """
@@ -490,6 +481,58 @@ class FeedbackProcessor:
                           recipient=p.recipient)
             return
         await self.store.addSuppression(entry)
+
+
+@attrs.frozen
+class ReadReportJob:
+    """
+    L{readReport} as a job for the worker processes
+    (L{smartrelay.engine.workers}).
+    """
+
+    data: bytes
+
+    def run(self, *context) -> Report:
+        return readReport(self.data)
+
+
+def _safely(readReport: Callable[[bytes], Report], data: bytes) -> Report:
+    try:
+        return readReport(data)
+    except Exception:
+        # readReport must never raise; if it does, the report is logged and
+        # kept (in done/), not retried for ever.
+        FeedbackProcessor.log.failure("feedback: the report parser failed")
+        return Report("none")
+
+
+@attrs.define(eq=False)
+class ReportReader:
+    """
+    Reads reports off the reactor thread: in a worker process when one is
+    running (parsing is CPU work; there it runs beside the reactor instead
+    of taking turns with it for the interpreter lock), else, or if the
+    worker fails, in a thread.
+
+    @ivar runInThread: C{run(f, *args) -> Deferred}, a thread pool.
+    @ivar workers: a started L{WorkerPool
+        <smartrelay.engine.workers.WorkerPool>}, or L{None}.
+    @ivar readReport: what the thread runs (the workers always run
+        L{smartrelay.feedback.report.readReport}).
+    """
+
+    runInThread: Callable[..., Deferred]
+    workers: object = None
+    readReport: Callable[[bytes], Report] = readReport
+
+    def __call__(self, data: bytes) -> Deferred:
+        if self.workers is not None and self.workers.available:
+            d = self.workers.run(ReadReportJob(data))
+            return d.addErrback(lambda failure: self._inThread(data))
+        return self._inThread(data)
+
+    def _inThread(self, data: bytes) -> Deferred:
+        return self.runInThread(_safely, self.readReport, data)
 
 
 def _recipientAt(known: Optional[_Message], index: Optional[int]) -> Optional[str]:
