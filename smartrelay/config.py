@@ -492,6 +492,25 @@ def _secrets(text: str) -> tuple[str, ...]:
     return secrets
 
 
+#: The shortest bearer token accepted for C{[web] api_tokens}, in characters.
+MIN_API_TOKEN_LENGTH = 24
+
+
+def _apiTokens(text: str) -> tuple[str, ...]:
+    tokens = tuple(_listItems(text))
+    for number, token in enumerate(tokens, 1):
+        if len(token) < MIN_API_TOKEN_LENGTH:
+            which = "the token" if len(tokens) == 1 else f"token number {number}"
+            raise ValueError(
+                f"{which} is too short: use at least {MIN_API_TOKEN_LENGTH} characters"
+                " (e.g. from: openssl rand -hex 24)"
+            )
+        if any(c.isspace() or not c.isprintable() for c in token):
+            which = "the token" if len(tokens) == 1 else f"token number {number}"
+            raise ValueError(f"{which} must not contain spaces or control characters")
+    return tokens
+
+
 def _optionalDomainName(text: str) -> Optional[str]:
     return _domainName(text) if text.strip() else None
 
@@ -1226,9 +1245,19 @@ class WebConfig:
     Section C{[web]}: the HTTP site (tracking, unsubscribe, API, reports).
 
     @ivar listen: server endpoint string for the web server.
+    @ivar api_tokens: the bearer tokens the HTTP API accepts
+        (comma-separated in the INI file, each at least
+        L{MIN_API_TOKEN_LENGTH} characters); none: the API is disabled.
+        Left out of the C{repr}.
+    @ivar trusted_proxies: networks of the reverse proxies whose
+        C{X-Forwarded-For} is believed (for the API's failure limits and
+        the C{ip} of open and click events); empty: the peer address is
+        the client.
     """
 
     listen: str = _setting(_serverEndpoint, default="tcp:8080:interface=127.0.0.1")
+    api_tokens: tuple[str, ...] = _setting(_apiTokens, default=(), repr=False)
+    trusted_proxies: tuple[IPNetwork, ...] = _setting(_networks, default=())
 
 
 _NAME = "smartrelay.config.name"

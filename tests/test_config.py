@@ -1413,7 +1413,45 @@ class WebSectionTests(ConfigTestMixin, SynchronousTestCase):
         self.assertEqual(
             sectionKeys(TrackingConfig), ["base_url", "opens", "clicks", "unsubscribe"]
         )
-        self.assertEqual(sectionKeys(WebConfig), ["listen"])
+        self.assertEqual(
+            sectionKeys(WebConfig)[:3], ["listen", "api_tokens", "trusted_proxies"]
+        )
+
+    def test_apiTokens(self):
+        """
+        C{api_tokens} is a comma-separated list of bearer tokens of at least
+        24 characters without spaces; a shorter one is one line naming it,
+        and the tokens are left out of the repr.
+        """
+        good = "a" * 24 + ", " + "0123456789abcdef" * 3
+        web = self.parseKey("web", "api_tokens", good)
+        self.assertEqual(web.api_tokens, ("a" * 24, "0123456789abcdef" * 3))
+        self.assertNotIn("aaaaaaaa", repr(web))
+        self.assertEqual(self.parseKey("web", "listen", "tcp:80").api_tokens, ())
+        self.assertKeyError(
+            "web", "api_tokens", "a" * 23,
+            "the token is too short: use at least 24 characters"
+            " (e.g. from: openssl rand -hex 24)",
+        )
+        self.assertKeyError(
+            "web", "api_tokens", "a" * 24 + ",short",
+            "token number 2 is too short: use at least 24 characters"
+            " (e.g. from: openssl rand -hex 24)",
+        )
+
+    def test_trustedProxies(self):
+        """
+        C{trusted_proxies} is a list of networks; empty by default.
+        """
+        web = self.parseKey("web", "trusted_proxies", "10.0.0.0/8, ::1")
+        self.assertEqual(
+            [str(n) for n in web.trusted_proxies], ["10.0.0.0/8", "::1/128"]
+        )
+        self.assertEqual(self.parseKey("web", "listen", "tcp:80").trusted_proxies, ())
+        self.assertKeyError(
+            "web", "trusted_proxies", "10.0.0.1/8",
+            "'10.0.0.1/8' has host bits set (did you mean '10.0.0.0/8'?)",
+        )
 
 
 #: A throw-away 512-bit RSA key (too small for DKIM; cryptography will not

@@ -626,3 +626,97 @@ class HoldTests(SchedulerTestsMixin, SynchronousTestCase):
         self.assertTrue(self.scheduler.retryNow("Q1"))
         self.clock.advance(0)
         self.assertEqual(len(self.deliverer.calls), 1)
+
+
+class QueueControlTests(SchedulerTestsMixin, SynchronousTestCase):
+    """
+    What the HTTP API reads and does to the queue: the queued messages,
+    who is being attempted, the last deferral, and deleting a message.
+    """
+
+    def test_queuedMessages(self):
+        """queuedMessages lists what is still to deliver, oldest first; finished mail leaves it."""
+        self.add("Q2", ["b@example.com"], received=START + 5)
+        first = self.add("Q1", ["a@example.com"], received=START)
+        self.assertEqual([e.queue_id for e in self.scheduler.queuedMessages()], ["Q1", "Q2"])
+        self.assertIs(self.scheduler.queuedMessage("Q1"), first)
+        self.assertIsNone(self.scheduler.queuedMessage("Q9"))
+        self.clock.advance(0)
+        self.assertEqual(self.scheduler.attempting("Q1"), {"a@example.com"})
+        [call] = [c for c in self.deliverer.calls if c.recipients == ["a@example.com"]]
+        call.answer(250, "ok", "2.0.0")
+        self.assertEqual([e.queue_id for e in self.scheduler.queuedMessages()], ["Q2"])
+        self.assertEqual(self.scheduler.attempting("Q1"), set())
+
+    def test_lastDeferral(self):
+        """The detail of a recipient's last deferred event is kept while it waits, and dropped once final."""
+        self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        self.call().answer(451, "greylisted", "4.7.1")
+        deferral = self.scheduler.lastDeferral("Q1", "a@example.com")
+        self.assertEqual((deferral["code"], deferral["reply"]), (451, "greylisted"))
+        self.assertEqual(self.scheduler.attempting("Q1"), set())
+        self.assertTrue(self.scheduler.retryNow("Q1"))
+        self.clock.advance(0)
+        self.call().answer(250, "ok", "2.0.0")
+        self.assertIsNone(self.scheduler.lastDeferral("Q1", "a@example.com"))
+
+    def test_delete(self):
+        """
+        Deleting a deferred message records every waiting recipient as
+        expired (reason deleted) in the spool before its event, and it is
+        never attempted again.
+        """
+        entry = self.add("Q1", ["a@example.com", "b@example.com"])
+        self.clock.advance(0)
+        self.call().answer(451, "try later", "4.7.1")
+        calls = len(self.deliverer.calls)
+        d = self.scheduler.delete("Q1")
+        self.assertEqual(sorted(self.successResultOf(d)), ["a@example.com", "b@example.com"])
+        self.assertEqual({r.state for r in entry.recipients}, {"expired"})
+        expired = self.events.ofType("expired")
+        self.assertEqual(len(expired), 2)
+        self.assertEqual(expired[0][3]["reason"], "deleted")
+        self.assertEqual(expired[0][3]["attempts"], 1)
+        self.assertLess(
+            self.journal.index(("record", "Q1", "a@example.com", "expired")),
+            self.journal.index(("emit", "Q1", "a@example.com", "expired")),
+        )
+        self.assertEqual(self.scheduler.queuedMessages(), [])
+        self.assertEqual(self.spool.removed, ["Q1"])
+        self.clock.advance(86400)
+        self.assertEqual(len(self.deliverer.calls), calls)
+        self.assertFalse(self.scheduler.retryNow("Q1"))
+
+    def test_deleteUnknown(self):
+        """Deleting a message that is not queued raises KeyError and changes nothing."""
+        self.assertRaises(KeyError, self.scheduler.delete, "Q9")
+        self.assertEqual(self.events.emitted, [])
+
+    def test_deleteInFlight(self):
+        """A message in a transaction cannot be deleted: DeliveryInProgress names its recipients."""
+        from smartrelay.outbound.scheduler import DeliveryInProgress
+
+        self.add("Q1", ["a@example.com"])
+        self.clock.advance(0)
+        error = self.assertRaises(DeliveryInProgress, self.scheduler.delete, "Q1")
+        self.assertEqual(error.recipients, ["a@example.com"])
+        self.assertIn("a@example.com", str(error))
+        self.call().answer(250, "ok", "2.0.0")
+        self.assertEqual(self.events.ofType("expired"), [])
+
+    def test_deleteWaitingJob(self):
+        """A job waiting for a free session is taken back: the message is deleted and never sent."""
+        self.add("Q1", ["a@example.com"])
+        self.add("Q2", ["b@example.com"])
+        self.add("Q3", ["c@example.com"])
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliverer.calls), 2)
+        self.assertEqual(self.scheduler.attempting("Q3"), {"c@example.com"})
+        self.assertEqual(self.successResultOf(self.scheduler.delete("Q3")), ["c@example.com"])
+        self.call(0).answer(250, "ok", "2.0.0")
+        self.call(1).answer(250, "ok", "2.0.0")
+        self.clock.advance(0)
+        sent = [r for call in self.deliverer.calls for r in call.recipients]
+        self.assertNotIn("c@example.com", sent)
+        self.assertEqual([e[2] for e in self.events.ofType("expired")], ["c@example.com"])

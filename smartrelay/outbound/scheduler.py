@@ -52,7 +52,7 @@ from smartrelay.outbound.pool import Destination, DestinationPolicy, Throttle
 from smartrelay.outbound.router import NoRoute
 from smartrelay.outbound.session import Reply
 
-__all__ = ["DeliveryScheduler"]
+__all__ = ["DeliveryScheduler", "DeliveryInProgress"]
 
 #: Longest wait between two tries of a failed C{spool.record}.
 MAX_RECORD_RETRY_DELAY = 300.0
@@ -227,6 +227,9 @@ class DeliveryScheduler(Service):
     _workers: set = attrs.field(factory=set, init=False)
     _inFlight: set = attrs.field(factory=set, init=False)
     _recordRetries: set = attrs.field(factory=set, init=False)
+    #: The detail of each waiting recipient's last C{deferred} event, by
+    #: (queue id, address), for the queue API (not kept across restarts).
+    _deferrals: dict = attrs.field(factory=dict, init=False)
 
     log = Logger()
 
@@ -301,6 +304,93 @@ class DeliveryScheduler(Service):
         throttle), for the API, the UI and C{/metrics}.
         """
         return [d.state() for d in self._destinations.values()]
+
+    # -- queue inspection and control (the HTTP API) --------------------------
+
+    def queuedMessages(self) -> list:
+        """
+        The messages with recipients still to deliver, oldest first: the
+        scheduler's own L{SpoolEntry} objects, to be read, never changed.
+        """
+        return sorted(self._entries.values(), key=lambda e: (e.received, e.queue_id))
+
+    def queuedMessage(self, queue_id: str) -> Optional[SpoolEntry]:
+        """
+        The queued message C{queue_id} (to be read only), or L{None}.
+        """
+        return self._entries.get(queue_id)
+
+    def attempting(self, queue_id: str) -> set:
+        """
+        The recipients of C{queue_id} being attempted right now (routed,
+        waiting for a session, or in a transaction).
+        """
+        return {address for (q, address) in self._busy if q == queue_id}
+
+    def lastDeferral(self, queue_id: str, address: str) -> Optional[dict]:
+        """
+        The C{detail} of the last C{deferred} event of a waiting recipient
+        in this run, or L{None}.
+        """
+        return self._deferrals.get((queue_id, address))
+
+    def delete(self, queue_id: str, reason: str = "deleted") -> Deferred:
+        """
+        Give up on every waiting recipient of C{queue_id}: none of them is
+        attempted again; each gets the final state C{expired} (in the spool
+        first) and an C{expired} event whose detail C{reason} is C{reason}.
+        Jobs still waiting for a session are taken back first.
+
+        @return: a L{Deferred} firing with the addresses given up, once the
+            spool has recorded them.
+        @raise KeyError: C{queue_id} is not queued.
+        @raise DeliveryInProgress: some recipients are being attempted right
+            now (in a transaction); nothing was changed.
+        """
+        entry = self._entries.get(queue_id)
+        if entry is None:
+            raise KeyError(queue_id)
+        for destination in self._destinations.values():
+            if any(job.entry is entry for job in destination.queue):
+                kept = [job for job in destination.queue if job.entry is not entry]
+                for job in destination.queue:
+                    if job.entry is entry:
+                        self._release(job)
+                destination.queue.clear()
+                destination.queue.extend(kept)
+        busy = sorted(self.attempting(queue_id))
+        if busy:
+            raise DeliveryInProgress(queue_id, busy)
+        self._cancelTimer(queue_id)
+        now = self.clock.seconds()
+        changes, events = [], []
+        for recipient in entry.pending():
+            self._busy.add((queue_id, recipient.address))
+            changes.append(
+                Recipient(
+                    address=recipient.address,
+                    state="expired",
+                    attempts=recipient.attempts,
+                    next_attempt=recipient.next_attempt,
+                )
+            )
+            detail = {
+                "reason": reason,
+                "diagnostic": "deleted from the queue by the operator",
+                "attempts": recipient.attempts,
+            }
+            line = {
+                "delay": now - entry.received,
+                "reply": "deleted from the queue by the operator",
+                "attempts": recipient.attempts,
+            }
+            events.append(("expired", recipient.address, detail, line))
+        addresses = [change.address for change in changes]
+        if not changes:
+            return succeed([])
+        d = self._record(entry, changes, events)
+        self._track(d)
+        return d.addCallback(lambda _: addresses)
 
     def startService(self) -> None:
         Service.startService(self)
@@ -1151,6 +1241,10 @@ class DeliveryScheduler(Service):
                 detail=detail,
             )
             self.messageLog.outcome(entry.queue_id, address, kind, **line)
+            if kind == "deferred":
+                self._deferrals[(entry.queue_id, address)] = detail
+            else:
+                self._deferrals.pop((entry.queue_id, address), None)
             if kind == "bounced" and self.bounces is not None:
                 self._suppressBounce(event)
         if entry.done:
@@ -1172,6 +1266,24 @@ class DeliveryScheduler(Service):
             )
 
         self._track(d.addErrback(failed))
+
+
+class DeliveryInProgress(Exception):
+    """
+    L{DeliveryScheduler.delete}: recipients of the message are being
+    attempted right now.
+
+    @ivar queue_id: the message.
+    @ivar recipients: the addresses being attempted.
+    """
+
+    def __init__(self, queue_id: str, recipients: list) -> None:
+        super().__init__(queue_id, recipients)
+        self.queue_id = queue_id
+        self.recipients = recipients
+
+    def __str__(self) -> str:
+        return f"{self.queue_id}: being delivered to {', '.join(self.recipients)} right now"
 
 
 def _rateText(rate: Optional[float]) -> str:
