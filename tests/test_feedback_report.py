@@ -720,6 +720,29 @@ class RobustnessTests(SynchronousTestCase):
         for data in (b"", b"\x00\xff" * 100, message("From: a@example.com", "Subject: hi", "", "hello")):
             self.assertEqual(readReport(data), Report("none"))
 
+    def test_personSaysNotDelivered(self):
+        """
+        A person's mail that says a message could not be delivered (and
+        names an address) is no bounce: only software's words count.
+        """
+        report = readReport(
+            message("From: Pat <pat@example.com>", "To: news@shop.example", "Subject: Re: your order", "",
+                    "My mail to sam@example.org could not be delivered, can you check?")
+        )
+        self.assertEqual(report, Report("none"))
+
+    def test_bounceSubjectInOtherLanguages(self):
+        """
+        A notice whose subject says it is a bounce in another language,
+        from an address that is not the mail system's, is read.
+        """
+        for subject in ("Unzustellbar: News", "Non remis : News", "=?UTF-8?B?44Oh44O844Or44Ko44Op44O86YCa55+l?="):
+            report = readReport(
+                message("From: no-reply@isp.example", f"Subject: {subject}", "",
+                        "<full@isp.example>:", "552 5.2.2 Mailbox full")
+            )
+            self.assertEqual([r.recipient for r in report.records], ["full@isp.example"], subject)
+
     @given(st.binary(max_size=2000))
     def test_arbitraryBytes(self, data):
         """
