@@ -404,19 +404,13 @@ def _decide(
     command: Optional[str],
     local: bool = False,
 ) -> str:
+    """
+    The reason, by the rules of the module's docstring.
+    """
     if action == "delivered" or (status is not None and status.startswith("2.")):
         return "delivered"
     said, decided = _reasonsIn(_CONTINUATION.sub(_unprefix, text)) if text else (set(), set())
-    for markers, pattern, codes in _PROVIDER_CODES:
-        if not any(marker in text for marker in markers):
-            continue
-        for match in pattern.finditer(text):
-            start = match.start()
-            if start and (text[start - 1].isalnum() or text[start - 1] in "._"):
-                continue
-            reason = codes.get(match.group(1))
-            if reason is not None:
-                decided.add(reason)
+    decided |= _providerCodes(text)
     if local:
         # A local program's failure: what it printed, else the status.
         for reason in TEXT_ONLY + PRECEDENCE:
@@ -424,27 +418,14 @@ def _decide(
                 return reason
         return STATUS_REASONS.get(status) or "mailererror"
     if decided:
-        for reason in _ORDER:
-            if reason in decided:
-                return reason
+        return _first(_ORDER, decided)
     named = STATUS_REASONS.get(status) if status is not None else None
-    specific = named is not None and named not in VAGUE
-    weak = {"generic": named is None, "vague": not specific}
-    yields = STATUS_YIELDS.get(named, frozenset())
-    for reason, context in TEXT_CONTEXT.items():
-        if reason in said and reason != named:
-            if command in context["commands"]:
-                continue
-            if command is None and (weak[context["status"]] or reason in yields):
-                continue
-            said.discard(reason)
-            otherwise = context["otherwise"]
-            if otherwise is not None and not specific and command not in BEFORE_DATA:
-                said.add(otherwise)
+    _inContext(said, named, command)
     if named is not None:
         said -= STATUS_OVERRULES.get(named, frozenset())
         if STATUS_YIELDS.get(named, frozenset()) & said:
-            named = specific = None
+            named = None
+    specific = named is not None and named not in VAGUE
     early = named
     needs = STATUS_NEEDS_TEXT.get(named)
     if needs is not None and not needs & said:
@@ -455,13 +436,76 @@ def _decide(
         if reason in said or reason == early or reason == first:
             return reason
     if not specific:
-        for reason in TEXT_ONLY:
-            if reason in said:
-                return reason
+        reason = _first(TEXT_ONLY, said)
+        if reason is not None:
+            return reason
         if byReply is not None:
             return byReply[1]
     if named is not None:
         return named
+    return _fallback(status, code, text, action, command, said)
+
+
+def _first(order: Iterable[str], found: set) -> Optional[str]:
+    """
+    The first reason of C{order} that is in C{found}, or L{None}.
+    """
+    for reason in order:
+        if reason in found:
+            return reason
+    return None
+
+
+def _providerCodes(text: str) -> set:
+    """
+    The reasons the providers' own codes in C{text} name (L{PROVIDER_CODES}).
+    """
+    decided = set()
+    for markers, pattern, codes in _PROVIDER_CODES:
+        if not any(marker in text for marker in markers):
+            continue
+        for match in pattern.finditer(text):
+            start = match.start()
+            if start and (text[start - 1].isalnum() or text[start - 1] in "._"):
+                continue  # not where a token starts
+            reason = codes.get(match.group(1))
+            if reason is not None:
+                decided.add(reason)
+    return decided
+
+
+def _inContext(said: set, named: Optional[str], command: Optional[str]) -> None:
+    """
+    Drop from C{said} the ambiguous reasons its context does not bear out
+    (L{TEXT_CONTEXT}), reading them as their C{otherwise} where that says so.
+    """
+    specific = named is not None and named not in VAGUE
+    weak = {"generic": named is None, "vague": not specific}
+    yields = STATUS_YIELDS.get(named, frozenset())
+    for reason, context in TEXT_CONTEXT.items():
+        if reason not in said or reason == named:
+            continue
+        if command in context["commands"]:
+            continue
+        if command is None and (weak[context["status"]] or reason in yields):
+            continue
+        said.discard(reason)
+        otherwise = context["otherwise"]
+        if otherwise is not None and not specific and command not in BEFORE_DATA:
+            said.add(otherwise)
+
+
+def _fallback(
+    status: Optional[str],
+    code: Optional[int],
+    text: str,
+    action: Optional[str],
+    command: Optional[str],
+    said: set,
+) -> str:
+    """
+    The reason when neither the status nor a phrase names one.
+    """
     if status is not None:
         subject = status[:3]
         if subject in ("5.6", "4.6"):
