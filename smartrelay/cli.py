@@ -421,6 +421,11 @@ def _buildParser() -> argparse.ArgumentParser:
     )
     p.add_argument("files", metavar="FILE", nargs="+", help="a message file, or - for standard input")
     p.set_defaults(run=classify)
+
+    # check-dns and the commands over the relay's API (smartrelay.commands).
+    from smartrelay.commands import register
+
+    register(commands)
     return parser
 
 

@@ -194,9 +194,12 @@ class DNSServer:
     def addTXT(self, host: str, text: str, ttl: int = 300) -> None:
         """
         Add a TXT record to C{host} (also makes the name exist, so that
-        other types get NODATA rather than NXDOMAIN).
+        other types get NODATA rather than NXDOMAIN).  A text longer than
+        255 bytes is cut into several strings, as a DKIM key is published.
         """
-        self._zone.add(host, dns.Record_TXT(text.encode("utf-8"), ttl=ttl), ttl)
+        data = text.encode("utf-8")
+        strings = [data[i:i + 255] for i in range(0, len(data), 255)] or [b""]
+        self._zone.add(host, dns.Record_TXT(*strings, ttl=ttl), ttl)
 
     def servfail(self, domain: str) -> None:
         """

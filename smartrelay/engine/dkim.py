@@ -625,6 +625,22 @@ def generateKey(algorithm: str, bits: int = 2048) -> Tuple[bytes, str]:
     return pem, _txtRecord(private)
 
 
+def publicRecord(privateKeyPEM: bytes) -> str:
+    """
+    The DNS TXT record value (C{"v=DKIM1; k=rsa; p=..."}) that publishes
+    the public half of the RSA or Ed25519 private key C{privateKeyPEM}.
+
+    @raise ValueError: not an unencrypted RSA or Ed25519 PEM private key.
+    """
+    try:
+        private = serialization.load_pem_private_key(privateKeyPEM, password=None)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"not a usable private key: {e}") from None
+    if not isinstance(private, (rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
+        raise ValueError("not an RSA or Ed25519 private key")
+    return _txtRecord(private)
+
+
 def _txtRecord(private: object) -> str:
     """
     The DNS TXT record value for an RSA or Ed25519 private key's public
