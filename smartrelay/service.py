@@ -404,6 +404,7 @@ class RelayService(MultiService):
             read=ReportReader(
                 runInThread=threads.runner("feedback", FEEDBACK_THREADS), workers=self.workers
             ),
+            logReports=relay.log_messages,
         )
         self.feedbackFactory = SubmissionFactory(
             policy=FeedbackPolicy(

@@ -381,6 +381,27 @@ class UnsubscribeAndAutoReplyTests(ProcessorMixin, SynchronousTestCase):
         self.assertEqual(self.stored("bounced"), [])
         self.assertIsNone(self.suppressed())
 
+    def test_oneLogLinePerReport(self):
+        """
+        A processed report is one log line naming what it made; none with
+        C{logReports} off.
+        """
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        self.accepted()
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        reportID = self.deliver(self.verp(1), Report("bounce", (hardBounce(),)))
+        lines = [formatEvent(e) for e in observer if "feedback: report" in formatEvent(e)]
+        self.assertEqual(
+            lines,
+            ["feedback: report %s (bounce) from 192.0.2.7 to %s: bounced %s someone@example.org"
+             " (hard userunknown 5.1.1)" % (reportID, self.verp(1), QUEUE_ID)],
+        )
+        self.processor.logReports = False
+        self.deliver(self.verp(1), Report("bounce", (hardBounce(),)))
+        self.assertEqual(len([e for e in observer if "feedback: report" in formatEvent(e)]), 1)
+
     def test_notAReport(self):
         """
         Mail to a VERP address that is no report makes no event.

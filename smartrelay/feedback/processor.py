@@ -48,7 +48,7 @@ from typing import Callable, Optional
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from smartrelay.events import Event
 from smartrelay.feedback.inbox import Envelope, FeedbackInbox
@@ -139,6 +139,8 @@ class FeedbackProcessor:
     suppressor: BounceSuppressor
     read: Callable[[bytes], Deferred]
     retryDelays: tuple = (5.0, 30.0, 60.0, 300.0, 900.0)
+    #: One log line per processed report (C{[smartrelay] log_messages}).
+    logReports: bool = True
     pollInterval: float = 1.0
     _inFlight: dict = attrs.field(factory=dict, init=False)
     _timers: dict = attrs.field(factory=dict, init=False)
@@ -228,27 +230,18 @@ class FeedbackProcessor:
             envelope, data = await self.inbox.read(reportID)
         report = await self.read(data)
         planned, skipped = await self.plan(reportID, envelope, report, careful)
-        emitted = []
-        for p in planned:
-            emitted.append(
-                self.events.emit(
-                    p.type,
-                    p.queue_id,
-                    p.recipient,
-                    tag=p.tag,
-                    metadata=p.metadata or None,
-                    detail=p.detail,
-                    id=p.id,
-                )
+        emitted = [
+            self.events.emit(
+                p.type,
+                p.queue_id,
+                p.recipient,
+                tag=p.tag,
+                metadata=p.metadata or None,
+                detail=p.detail,
+                id=p.id,
             )
-            self.log.info(
-                "feedback: report {report}: {type} {queue_id} {recipient}{what}",
-                report=reportID,
-                type=p.type,
-                queue_id=p.queue_id or "(no queue id)",
-                recipient=p.recipient or "(no recipient)",
-                what=_summary(p),
-            )
+            for p in planned
+        ]
         # Suppressions only once the events are durable: on a second run
         # an entry on the list means its event is stored.
         await self.events.flushed()
@@ -258,12 +251,31 @@ class FeedbackProcessor:
         for p in skipped:
             await self._suppress(p, None, envelope.received)
         await self.inbox.markDone(reportID)
-        if not planned and not skipped:
-            self.log.info(
-                "feedback: report {report} ({type}) makes no event", report=reportID,
-                type=report.type,
-            )
+        if self.logReports:
+            self._logReport(reportID, envelope, report, planned, skipped)
         return emitted
+
+    def _logReport(self, reportID, envelope, report, planned, skipped) -> None:
+        made = "; ".join(
+            "%s %s %s%s" % (
+                p.type, p.queue_id or "(no queue id)", p.recipient or "(no recipient)",
+                _summary(p),
+            )
+            for p in planned
+        ) or "no new event"
+        text = "feedback: report {report} ({kind}) from {client} to {to}: {made}".format(
+            report=reportID,
+            kind=report.type,
+            client=envelope.client.get("ip", "?"),
+            to=", ".join(envelope.recipients),
+            made=made + (" (%d already recorded)" % (len(skipped),) if skipped else ""),
+        )
+        # Formatted once (see smartrelay.logs.MessageLog): a busy listener
+        # writes one line per report.
+        self.log.emit(
+            LogLevel.info, "{log_text}", log_text=text, report=reportID,
+            report_type=report.type, events=len(planned),
+        )
 
     async def _storeCaughtUp(self) -> None:
         """

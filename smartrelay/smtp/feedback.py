@@ -169,13 +169,7 @@ class FeedbackPolicy(ConnectionLimits):
         d = self.inbox.store(envelope, data)
 
         def stored(reportID: str) -> str:
-            self.log.info(
-                "feedback: report {report} ({size} bytes) from {client} to {recipients}",
-                report=reportID,
-                size=len(data),
-                client=session.peer,
-                recipients=", ".join(recipients),
-            )
+            # The processor logs the report once it is processed.
             self.received(reportID, envelope, data)
             return reportID
 
