@@ -495,6 +495,51 @@ class TextBounceTests(SynchronousTestCase):
         self.assertEqual([r.recipient for r in report.records], ["me@example.net"])
 
 
+class DiagnosticTests(SynchronousTestCase):
+    """
+    What goes into a record's diagnostic when the report is terse.
+    """
+
+    def test_statusComment(self):
+        """
+        Without a Diagnostic-Code, the words after the status code are the
+        diagnostic, not the delivery-status fields quoted in the text.
+        """
+        report = readReport(
+            dsn(
+                "Final-Recipient: rfc822; far@example.net\nAction: delayed\n"
+                "Status: 4.4.3 (example.net: host name lookup failure)",
+                text="Final-Recipient: rfc822; far@example.net\nAction: delayed",
+            )
+        )
+        [record] = report.records
+        self.assertEqual(record.diagnostic, "example.net: host name lookup failure")
+
+    def test_wordsBesideAddress(self):
+        """
+        Words on the address's own line ("a@b [User unknown]") are kept.
+        """
+        report = readReport(
+            textBounce(
+                "From: MAILER-DAEMON@mx.example.org\nTo: news@shop.example\nSubject: Returned mail\n",
+                "---The following addresses had delivery errors---\n\nwho@example.org [User unknown]\n",
+            )
+        )
+        [record] = report.records
+        self.assertEqual((record.recipient, record.diagnostic), ("who@example.org", "who@example.org [User unknown]"))
+
+    def test_mislabelledCharset(self):
+        """
+        Text labelled ISO-2022-JP but written in EUC-JP is read as EUC-JP.
+        """
+        from smartrelay.feedback.mailtext import decodeBytes
+
+        words = "送信できませんでした"
+        self.assertEqual(decodeBytes(words.encode("euc_jp"), "ISO-2022-JP"), words)
+        self.assertEqual(decodeBytes("café".encode("utf-8"), "us-ascii"), "café")
+        self.assertEqual(decodeBytes(b"caf\xe9", "nonsense-charset"), "caf\ufffd")
+
+
 class StructureTests(SynchronousTestCase):
     """
     Reports whose structure is bent: lost MIME headers, mailboxes,

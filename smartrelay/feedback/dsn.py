@@ -39,6 +39,9 @@ class RecipientStatus:
     replycode: Optional[int] = None
     diagnostic: Optional[str] = None
     remote: Optional[str] = None
+    #: the words after the status code ("4.0.0 (host name lookup
+    #: failure)"), which some MTAs write instead of a Diagnostic-Code.
+    statusText: Optional[str] = None
 
 
 _ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")
@@ -121,7 +124,10 @@ def _recipientStatus(fields: dict) -> RecipientStatus:
     if replycode is None and diagnostic:
         replycode = replyCodeIn(diagnostic[:200])
     remote = _remote(fields.get("remote-mta"))
+    rawStatus = fields.get("status") or ""
+    statusText = squeeze(re.sub(r"^\s*[245]\.\d{1,3}\.\d{1,3}", "", rawStatus).strip(" ()"), 500)
     return RecipientStatus(
+        statusText=statusText,
         recipient=_address(fields.get("final-recipient")),
         original=_address(fields.get("original-recipient")),
         action=_action(fields.get("action")),

@@ -124,7 +124,7 @@ _FAILURE = re.compile(
     r"fail|could ?n[o']t|cannot|can't|unable|undeliver|not (?:be )?deliver|reject"
     r"|unknown|no such|does not exist|doesn't exist|invalid|error|bounce|refused|denied"
     r"|full|quota|blocked|returned|problem|permanent|not found|disabled|expired|delay"
-    r"|exceed|not a member|size|suspend|inactive|over"
+    r"|exceed|not a member|suspend|inactive"
 )
 _SENDER_CONTEXT = re.compile(r"(?i)(?:mail from|from|sender|envelope-from|return-path|reply-to)[ \t]*:?[ \t]*<?$")
 _NOT_RECIPIENTS = re.compile(
@@ -281,8 +281,20 @@ def _lineStart(text: str, offset: int) -> int:
 _REPLY_WORDS = re.compile(r"(?<![\d.])[245]\d\d(?:[ -]|$)|(?<![\d.])[245]\.\d{1,3}\.\d{1,3}", re.M)
 
 
+_NOISE = re.compile(r"^[\s<>:;,.()\[\]\"'*>-]+|[\s<>:;,.()\[\]\"']+$")
+
+
 def _hasReply(text: str) -> bool:
-    return _REPLY_WORDS.search(text) is not None or len(text) > 80 and _FAILURE.search(text.lower()) is not None
+    """
+    Whether C{text} holds an error: a reply or status code, or failure
+    words beside the addresses it names.
+    """
+    if _REPLY_WORDS.search(text) is not None:
+        return True
+    words = text.lower()
+    for _, address in addresses(text):
+        words = words.replace(address.lower(), " ")
+    return _FAILURE.search(words) is not None
 
 
 _REMOTE = [
@@ -318,7 +330,10 @@ def details(segment: str, address: str) -> dict:
     first, newline, rest = text.partition("\n")
     alone = _LINE_ALONE.match(first)
     if newline and alone is not None and alone.end() >= len(first.rstrip()):
-        text = rest
+        # ... unless it says more than the address: "a@b [User unknown]"
+        residue = _NOISE.sub("", first.replace(alone.group(1), ""))
+        if not residue or residue.lower().startswith(("expanded from", "generated from", "on ")):
+            text = rest
     diagnostic = squeeze(text, 1000)
     status = statusIn(diagnostic)
     reply = None

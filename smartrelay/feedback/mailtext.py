@@ -108,9 +108,31 @@ def decodeBytes(raw: bytes, charset: Optional[str] = None) -> str:
     """
     codec = _charsetOf(charset)
     try:
-        return raw.decode(codec, "replace")
-    except Exception:
-        return raw.decode("utf-8", "replace")
+        return raw.decode(codec)
+    except (UnicodeDecodeError, LookupError):
+        pass
+    # Mislabelled text: UTF-8, or the other encodings of the same
+    # language (EUC-JP labelled ISO-2022-JP is common in Japan).
+    for other in ("utf-8", *_SIBLINGS.get(codec, ())):
+        try:
+            return raw.decode(other)
+        except UnicodeDecodeError:
+            continue
+    return raw.decode(codec, "replace")
+
+
+_SIBLINGS = {
+    "iso2022_jp": ("euc_jp", "cp932"),
+    "euc_jp": ("cp932", "iso2022_jp"),
+    "shift_jis": ("cp932", "euc_jp"),
+    "cp932": ("euc_jp",),
+    "gb2312": ("gb18030",),
+    "gbk": ("gb18030",),
+    "big5": ("big5hkscs", "cp950"),
+    "euc_kr": ("cp949",),
+    "koi8_r": ("cp1251",),
+    "iso8859_1": ("cp1252",),
+}
 
 
 def headerText(value: Optional[str]) -> str:

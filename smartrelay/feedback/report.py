@@ -307,17 +307,22 @@ def _htmlText(html: str) -> str:
     return text
 
 
-_MESSAGE_FIELDS = (b"received:", b"return-path:", b"message-id:", b"dkim-signature:")
+_TRACE_FIELDS = (b"received:", b"return-path:", b"message-id:", b"dkim-signature:")
+_MESSAGE_FIELDS = (b"from:", b"to:", b"subject:", b"date:")
 
 
 def _isInlineMessage(part: mime.Part) -> bool:
     """
-    Whether C{part} is a returned message put in as a body part without a
-    C{Content-Type} (its header is the message's header).
+    Whether C{part} is a returned message put in as a body part of its own
+    (its header is a message's header: trace fields and From, To, Subject
+    or Date; a bounce's own text parts have none of these).
     """
-    if not part.fields or any(raw[:13].lower() == b"content-type:" for raw in part.fields):
+    if contentTypeOf(part) != "text/plain" or not part.fields:
         return False
-    return any(raw[:16].lower().startswith(_MESSAGE_FIELDS) for raw in part.fields)
+    names = [raw[:16].lower() for raw in part.fields]
+    return any(name.startswith(_TRACE_FIELDS) for name in names) and any(
+        name.startswith(_MESSAGE_FIELDS) for name in names
+    )
 
 
 def _returnedHeaders(tree: mime.Part, quoted: str) -> Optional[mime.Part]:
@@ -454,6 +459,12 @@ def _bounceRecord(
     )
 
 
+# Delivery-status fields quoted in a report's text are no diagnostic.
+_DSN_LINES = re.compile(
+    r"(?im)^[ \t]*(?:Final-Recipient|Original-Recipient|Action|Status|Remote-MTA|Reporting-MTA"
+    r"|Received-From-MTA|Arrival-Date|Last-Attempt-Date|Will-Retry-Until|X-Actual-Recipient"
+    r"|Diagnostic-Code|X-[\w-]*Queue-ID|X-Postfix-Sender)[ \t]*:[^\n]*(?:\n[ \t]+[^\n]*)*\n?"
+)
 _USABLE = re.compile(r"[^\s@<>:]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+\.?")
 
 
@@ -512,13 +523,21 @@ def _fromDeliveryStatus(
                 if found is None and len(recipients) == 1 and len(textual) == 1:
                     found = next(iter(textual.values()))
                 if found is not None:
-                    extra = lhost.details(found.text, found.address)
+                    extra = lhost.details(_DSN_LINES.sub("", found.text), found.address)
                     if wantsHint:
                         command = lhost.commandIn(found.text)
                     diagnostic = diagnostic or extra["diagnostic"]
                     replycode = replycode or (extra["replycode"] if not each.diagnostic else None)
                     remote = remote or extra["remote"]
                     status = status or extra["status"]
+            if not diagnostic and len(recipients) == 1 and (status is None or status.endswith(".0.0")):
+                # A status that names no reason and no words about the
+                # address: the report's words are all there is.
+                diagnostic = squeeze(_DSN_LINES.sub("", text), 1000)
+            if not each.diagnostic and each.statusText:
+                # "Status: 4.0.0 (host name lookup failure)" says more
+                # than the text around the address.
+                diagnostic = each.statusText
             if status is None:
                 status = statusIn(diagnostic)
             action = each.action
