@@ -113,6 +113,10 @@ def makeService(options):
             e.source = options["config"]
         stopWith(str(e))
     service.whenReady().addErrback(_startFailed, reactor)
+    # SIGHUP re-reads the configuration and the users (smartrelay.reload).
+    from smartrelay.reload import Reloader, installReloadSignal
+
+    installReloadSignal(reactor, Reloader.forService(service, options["config"]))
     return service
 
 
