@@ -26,6 +26,7 @@ __all__ = [
     "statusIn",
     "replyCodeIn",
     "squeeze",
+    "htmlText",
     "decodedBody",
     "contentTypeOf",
     "Headers",
@@ -305,3 +306,25 @@ def contentTypeOf(part: mime.Part) -> str:
         C{part.contentType[0]} for parts whose parameters do not matter.
     """
     return mimescan.contentType(part)
+
+
+_TAG = re.compile(r"(?s)<(?:style|script)\b.*?</(?:style|script)\s*>|<br\s*/?>|</?(?:p|div|tr|li|h\d)\b[^>]*>|<[^>]*>")
+_ENTITIES = {"&nbsp;": " ", "&lt;": "<", "&gt;": ">", "&amp;": "&", "&quot;": '"', "&#39;": "'"}
+
+
+def htmlText(html: str) -> str:
+    """
+    @return: the text of an HTML part: tags taken out, block ends made line
+        breaks, the common entities replaced.
+    """
+
+    def replace(match):
+        tag = match.group(0).lower()
+        if tag.startswith(("<br", "<p", "</p", "<div", "</div", "<tr", "</tr", "<li", "<h", "</h")):
+            return "\n"
+        return ""
+
+    text = _TAG.sub(replace, html)
+    for entity, char in _ENTITIES.items():
+        text = text.replace(entity, char)
+    return text

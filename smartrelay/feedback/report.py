@@ -14,20 +14,17 @@ from typing import Iterator, Optional
 from twisted.logger import Logger
 
 from smartrelay import mime
-from smartrelay.feedback import arf, dsn, jsonreport, lhost, mimescan
+from smartrelay.feedback import arf, autoreply, bounces, jsonreport, lhost, mimescan
 from smartrelay.feedback.mailtext import (
     MAX_TEXT,
     Headers,
+    addresses,
     contentTypeOf,
     decodedBody,
-    addressIn,
-    addresses,
     headerText,
+    htmlText,
     partText,
-    squeeze,
-    statusIn,
 )
-from smartrelay.feedback.reasons import classify
 from smartrelay.feedback.records import FeedbackRecord, Report
 
 __all__ = ["readReport", "splitMailbox", "queueIdIn", "MAX_REPORT"]
@@ -40,7 +37,6 @@ MAX_REPORT = 4 * 1024 * 1024
 _QUEUE_ID = re.compile(
     rb"(?im)^[ \t>]*X-SmartRelay-ID[ \t]*:[ \t]*(?:\r?\n[ \t]+)?([0-9A-F]{2}/[0-9A-F]{2}-[0-9]{5}-[0-9A-F]{8})\b"
 )
-_UNSUBSCRIBE = re.compile(r"(?i)(?<![\w.+-])unsub\+[A-Za-z0-9_=-]+@")
 
 
 def readReport(data: bytes) -> Report:
@@ -172,8 +168,8 @@ def _read(data: bytes, depth: int = 0) -> Report:
     queueId = queueIdIn(data, tree)
     head = Headers(tree)
 
-    if _isUnsubscribe(head):
-        return _unsubscribe(head)
+    if autoreply.isUnsubscribe(head):
+        return autoreply.unsubscribe(head)
 
     feedback = [part for part, ctype in zip(parts, types) if ctype == "message/feedback-report"]
     if feedback:
@@ -187,22 +183,22 @@ def _read(data: bytes, depth: int = 0) -> Report:
     text = _bounceText(tree, parts, types)
     notification = jsonreport.readJSONReport(text)
     if notification is not None:
-        return _withQueueId(_fromJSON(*notification), queueId)
+        return _withQueueId(bounces.fromJSON(*notification), queueId)
     cut = lhost.bounceText(text)
-    if _isAutoReply(head) and not statusParts and not _looksLikeBounce(head, cut, nullSender=False):
-        return _withQueueId(_autoReply(tree, head), queueId)
+    if autoreply.isAutoReply(head) and not statusParts and not _looksLikeBounce(head, cut, nullSender=False):
+        return _withQueueId(autoreply.autoReply(tree, head), queueId)
 
     exclude = _senders(tree, head, text[len(cut) :])
     records: list[FeedbackRecord] = []
     if statusParts:
-        records = _fromDeliveryStatus(head, statusParts, cut, exclude)
+        records = bounces.fromDeliveryStatus(head, statusParts, cut, exclude)
     else:
         embedded = lhost.deliveryStatusIn(text)
         if embedded is not None:
-            records = _fromDeliveryStatus(head, [embedded], cut, exclude)
+            records = bounces.fromDeliveryStatus(head, [embedded], cut, exclude)
     bounceLike = bool(statusParts) or _looksLikeBounce(head, cut)
     if not records and bounceLike:
-        records = _fromText(head, cut, exclude)
+        records = bounces.fromText(head, cut, exclude)
     if not records and depth < 2:
         # A report forwarded as an attachment.
         for part in parts:
@@ -211,15 +207,15 @@ def _read(data: bytes, depth: int = 0) -> Report:
                 if inner.type in ("bounce", "complaint"):
                     return _withQueueId(inner, queueId)
     if not records and bounceLike:
-        records = _fromReturnedRecipients(tree, head, text[len(cut) :], cut)
+        records = bounces.fromReturnedRecipients(_returnedHeaders(tree, text[len(cut) :]), head, cut)
     if records:
-        return _withQueueId(Report("bounce", tuple(records[:MAX_RECORDS])), queueId)
+        return _withQueueId(Report("bounce", tuple(records[: bounces.MAX_RECORDS])), queueId)
 
     complaint = arf.readProviderComplaint(tree)
     if complaint:
         return _withQueueId(Report("complaint", tuple(complaint)), queueId)
-    if _isAutoReplySubject(head):
-        return _withQueueId(_autoReply(tree, head), queueId)
+    if autoreply.isAutoReplySubject(head):
+        return _withQueueId(autoreply.autoReply(tree, head), queueId)
     return Report("none")
 
 
@@ -271,7 +267,7 @@ def _bounceText(tree: mime.Part, parts: list, types: list) -> str:
     ]
     if not texts:
         texts = [
-            _htmlText(partText(part))
+            htmlText(partText(part))
             for part, ctype in zip(parts, types)
             if ctype == "text/html" and not part.isMultipart
         ]
@@ -286,25 +282,6 @@ def _bounceText(tree: mime.Part, parts: list, types: list) -> str:
 #: Lines of a report's text are cut to this many characters.
 MAX_LINE = 2000
 _LONG_LINE = re.compile(r"[^\n]{%d,}" % (MAX_LINE + 1))
-#: At most this many records are read from one message.
-MAX_RECORDS = 1000
-
-
-_TAG = re.compile(r"(?s)<(?:style|script)\b.*?</(?:style|script)\s*>|<br\s*/?>|</?(?:p|div|tr|li|h\d)\b[^>]*>|<[^>]*>")
-_ENTITIES = {"&nbsp;": " ", "&lt;": "<", "&gt;": ">", "&amp;": "&", "&quot;": '"', "&#39;": "'"}
-
-
-def _htmlText(html: str) -> str:
-    def replace(match):
-        tag = match.group(0).lower()
-        if tag.startswith(("<br", "<p", "</p", "<div", "</div", "<tr", "</tr", "<li", "<h", "</h")):
-            return "\n"
-        return ""
-
-    text = _TAG.sub(replace, html)
-    for entity, char in _ENTITIES.items():
-        text = text.replace(entity, char)
-    return text
 
 
 _TRACE_FIELDS = (b"received:", b"return-path:", b"message-id:", b"dkim-signature:")
@@ -421,280 +398,4 @@ def _isGenerated(tree: Headers) -> bool:
         not submitted.startswith("no")
         or precedence in ("bulk", "junk", "list")
         or tree.get("From") is None
-    )
-
-
-def _failedRecipientsHeader(tree: Headers) -> list[str]:
-    found = []
-    for value in tree.getAll("X-Failed-Recipients"):
-        for _, address in addresses(headerText(value)):
-            if address.lower() not in (each.lower() for each in found):
-                found.append(address)
-    return found
-
-
-def _bounceRecord(
-    recipient: Optional[str],
-    action: Optional[str],
-    status: Optional[str],
-    replycode: Optional[int],
-    diagnostic: Optional[str],
-    remote: Optional[str],
-    command: Optional[str] = None,
-) -> FeedbackRecord:
-    verdict = classify(status, replycode, diagnostic, action, command)
-    kind = verdict.kind
-    if action == "delayed":
-        kind = "soft"
-    return FeedbackRecord(
-        type="bounce",
-        recipient=recipient,
-        action=action,
-        status=status or verdict.status,
-        replycode=replycode,
-        diagnostic=diagnostic,
-        remote=remote,
-        kind=kind,
-        reason=verdict.reason,
-    )
-
-
-# Delivery-status fields quoted in a report's text are no diagnostic.
-_DSN_LINES = re.compile(
-    r"(?im)^[ \t]*(?:Final-Recipient|Original-Recipient|Action|Status|Remote-MTA|Reporting-MTA"
-    r"|Received-From-MTA|Arrival-Date|Last-Attempt-Date|Will-Retry-Until|X-Actual-Recipient"
-    r"|Diagnostic-Code|X-[\w-]*Queue-ID|X-Postfix-Sender)[ \t]*:[^\n]*(?:\n[ \t]+[^\n]*)*\n?"
-)
-_USABLE = re.compile(r"[^\s@<>:]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+\.?")
-
-
-def _usable(address: Optional[str]) -> Optional[str]:
-    """
-    @return: C{address} if it is a whole e-mail address (a local part, a
-        domain with a dot; no source route), else L{None}.
-    """
-    if address and _USABLE.fullmatch(address.strip('"')) or address and address.startswith('"') and "@" in address:
-        return address
-    return None
-
-
-def _fromDeliveryStatus(
-    tree: Headers, statusParts: list, text: str, exclude: set
-) -> list[FeedbackRecord]:
-    records = []
-    textual = None
-    hinted = lhost.commandIn(text) is not None
-    for part in statusParts:
-        if isinstance(part, str):
-            body = part
-        else:
-            body = partText(part)
-            if not body.strip() and part.message is not None:
-                body = part.message.serialize().decode("utf-8", "replace")
-        perMessage, recipients = dsn.readDeliveryStatus(body)
-        fallback: Optional[list] = None
-        for index, each in enumerate(recipients[:MAX_RECORDS]):
-            recipient = _usable(each.recipient) or _usable(each.original)
-            if recipient is None:
-                if fallback is None:
-                    fallback = [
-                        found.address for found in lhost.failedRecipients(text, exclude)
-                    ] or _failedRecipientsHeader(tree)
-                if index < len(fallback):
-                    recipient = fallback[index]
-                else:
-                    recipient = each.recipient or each.original
-            diagnostic, status, replycode, remote = (
-                each.diagnostic,
-                each.status,
-                each.replycode,
-                each.remote,
-            )
-            command = None
-            wantsHint = hinted and lhost.commandIn(diagnostic or "") is None
-            if not diagnostic or replycode is None or remote is None or wantsHint:
-                if textual is None:
-                    known = [r.recipient for r in recipients if r.recipient]
-                    textual = {
-                        found.address.lower(): found
-                        for found in lhost.failedRecipients(text, exclude, known, trusted=True)
-                    }
-                found = textual.get((recipient or "").lower())
-                if found is None and len(recipients) == 1 and len(textual) == 1:
-                    found = next(iter(textual.values()))
-                if found is not None:
-                    extra = lhost.details(_DSN_LINES.sub("", found.text), found.address)
-                    if wantsHint:
-                        command = lhost.commandIn(found.text)
-                    diagnostic = diagnostic or extra["diagnostic"]
-                    replycode = replycode or (extra["replycode"] if not each.diagnostic else None)
-                    remote = remote or extra["remote"]
-                    status = status or extra["status"]
-            if not diagnostic and len(recipients) == 1 and (status is None or status.endswith(".0.0")):
-                # A status that names no reason and no words about the
-                # address: the report's words are all there is.
-                diagnostic = squeeze(_DSN_LINES.sub("", text), 1000)
-            if not each.diagnostic and each.statusText:
-                # "Status: 4.0.0 (host name lookup failure)" says more
-                # than the text around the address.
-                diagnostic = each.statusText
-            if status is None:
-                status = statusIn(diagnostic)
-            action = each.action
-            if action is None:
-                action = "delayed" if status and status.startswith("4") and lhost.isDelay(
-                    headerText(tree.get("Subject")), text
-                ) else "failed"
-            if action in ("delivered", "relayed", "expanded") and not status:
-                continue
-            records.append(
-                _bounceRecord(recipient, action, status, replycode, diagnostic, remote, command)
-            )
-    return records
-
-
-def _fromJSON(kind: str, found: list) -> Report:
-    if kind == "complaint":
-        records = [FeedbackRecord(type="complaint", reason="feedback", **each) for each in found]
-    else:
-        records = [
-            _bounceRecord(
-                each["recipient"],
-                each["action"],
-                each["status"],
-                each["replycode"],
-                each["diagnostic"],
-                each["remote"],
-            )
-            for each in found
-        ]
-    return Report(kind if records else "none", tuple(records))
-
-
-def _fromReturnedRecipients(tree: mime.Part, head: Headers, quoted: str, text: str) -> list[FeedbackRecord]:
-    """
-    For a bounce whose text names no recipient: the recipients the returned
-    message was addressed to, with the bounce's text as the diagnostic.
-    """
-    returned = _returnedHeaders(tree, quoted)
-    if returned is None:
-        return []
-    found: list[str] = []
-    for name in ("To", "Cc"):
-        for _, address in addresses(headerText(returned.get(name))):
-            if address.lower() not in (each.lower() for each in found):
-                found.append(address)
-    if not found:
-        return []
-    extra = lhost.details(text, "")
-    action = "delayed" if lhost.isDelay(headerText(head.get("Subject")), text) else "failed"
-    return [
-        _bounceRecord(address, action, extra["status"], extra["replycode"], extra["diagnostic"], extra["remote"])
-        for address in found
-    ]
-
-
-def _fromText(tree: Headers, text: str, exclude: set) -> list[FeedbackRecord]:
-    subject = headerText(tree.get("Subject"))
-    known = _failedRecipientsHeader(tree)
-    found = lhost.failedRecipients(text, exclude, known)
-    if not found:
-        return []
-    action = "delayed" if lhost.isDelay(subject, text) else "failed"
-    records = []
-    for each in found:
-        extra = lhost.details(each.text, each.address)
-        records.append(
-            _bounceRecord(
-                each.address,
-                action,
-                extra["status"],
-                extra["replycode"],
-                extra["diagnostic"],
-                extra["remote"],
-                lhost.commandIn(each.text),
-            )
-        )
-    return records
-
-
-# ---------------------------------------------------------------------------
-# Auto-replies and unsubscribe mail
-
-_AUTO_SUBJECT = re.compile(
-    r"(?i)^\s*(?:\[?auto(?:matic|matische)?[ -]?(?:reply|response|responder|antwort|answer)\]?"
-    r"|autoreply|auto-reply|out of (?:the )?office|ooo\b|vacation|away from (?:the|my) office"
-    r"|abwesenheit|absence|r[ée]ponse automatique|risposta automatica|respuesta autom[áa]tica"
-    r"|automatisch antwoord|fuera de la oficina|on (?:annual )?leave|i am (?:currently )?(?:away|out)"
-    r"|i'm (?:currently )?(?:away|out)|\u81ea\u52d5\u5fdc\u7b54|\u4e0d\u5728)"
-)
-_AUTO_BODY = re.compile(
-    r"(?i)out of (?:the )?office|on vacation|i am (?:currently )?(?:away|out)|i'm (?:currently )?(?:away|out)"
-    r"|away from (?:the|my) office|limited access to (?:my )?e-?mail|will be back|returning on"
-)
-
-
-def _isAutoReply(tree: Headers) -> bool:
-    submitted = (tree.get("Auto-Submitted") or "").strip().lower()
-    if submitted.startswith("auto-replied") or submitted.startswith("auto-notified"):
-        return True
-    for name in ("X-Autoreply", "X-Autorespond", "X-Autoresponder", "X-Mail-Autoreply", "X-Vacation"):
-        value = tree.get(name)
-        if value is not None and value.strip().lower() not in ("no", "false", "0"):
-            return True
-    if (tree.get("Precedence") or "").strip().lower() == "auto_reply":
-        return True
-    if (tree.get("X-Autogenerated") or "").strip().lower() == "reply":
-        return True
-    if (tree.get("X-Auto-Response-Suppress") or "") and _AUTO_SUBJECT.search(headerText(tree.get("Subject"))):
-        return True
-    return False
-
-
-def _isAutoReplySubject(tree: Headers) -> bool:
-    return _AUTO_SUBJECT.search(headerText(tree.get("Subject"))) is not None
-
-
-def _autoReply(tree: mime.Part, head: Headers) -> Report:
-    text = ""
-    for part in mime.leaves(tree):
-        ctype = contentTypeOf(part)
-        if ctype == "text/plain":
-            text = partText(part, 4000)
-            break
-        if ctype == "text/html" and not text:
-            text = _htmlText(partText(part, 8000))
-    sender = addressIn(headerText(head.get("From"))) or addressIn(head.get("Return-Path"))
-    return Report(
-        "autoreply",
-        (
-            FeedbackRecord(
-                type="autoreply",
-                recipient=sender,
-                reason="vacation",
-                diagnostic=squeeze(text, 500),
-            ),
-        ),
-    )
-
-
-def _isUnsubscribe(tree: Headers) -> bool:
-    for name in ("To", "Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To", "Cc"):
-        for value in tree.getAll(name):
-            if _UNSUBSCRIBE.search(value):
-                return True
-    return False
-
-
-def _unsubscribe(tree: Headers) -> Report:
-    sender = addressIn(headerText(tree.get("From"))) or addressIn(tree.get("Return-Path"))
-    return Report(
-        "unsubscribe",
-        (
-            FeedbackRecord(
-                type="unsubscribe",
-                recipient=sender,
-                diagnostic=squeeze(headerText(tree.get("Subject")), 200),
-            ),
-        ),
     )

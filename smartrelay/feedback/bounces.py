@@ -1,0 +1,256 @@
+# -*- test-case-name: tests.test_feedback_report -*-
+"""
+Bounce records from what the readers found: RFC 3464 recipient groups
+(with the report's text filling in what they leave out), a bounce in
+words, a JSON notification, or only the returned message's recipients;
+each classified by L{smartrelay.feedback.reasons.classify}.
+"""
+
+import re
+from typing import Optional
+
+from smartrelay import mime
+from smartrelay.feedback import dsn, lhost
+from smartrelay.feedback.mailtext import (
+    Headers,
+    addresses,
+    headerText,
+    partText,
+    squeeze,
+    statusIn,
+)
+from smartrelay.feedback.reasons import classify
+from smartrelay.feedback.records import FeedbackRecord, Report
+
+__all__ = [
+    "MAX_RECORDS",
+    "bounceRecord",
+    "failedRecipientsHeader",
+    "fromDeliveryStatus",
+    "fromJSON",
+    "fromReturnedRecipients",
+    "fromText",
+]
+
+#: At most this many records are read from one message.
+MAX_RECORDS = 1000
+
+
+def failedRecipientsHeader(tree: Headers) -> list[str]:
+    """
+    @return: the addresses of the C{X-Failed-Recipients} fields (Exim,
+        Gmail), each once, in order.
+    """
+    found = []
+    for value in tree.getAll("X-Failed-Recipients"):
+        for _, address in addresses(headerText(value)):
+            if address.lower() not in (each.lower() for each in found):
+                found.append(address)
+    return found
+
+
+def bounceRecord(
+    recipient: Optional[str],
+    action: Optional[str],
+    status: Optional[str],
+    replycode: Optional[int],
+    diagnostic: Optional[str],
+    remote: Optional[str],
+    command: Optional[str] = None,
+) -> FeedbackRecord:
+    """
+    @return: a bounce record, classified; a delay warning is always soft,
+        and a missing status is the one the classifier infers.
+    """
+    verdict = classify(status, replycode, diagnostic, action, command)
+    kind = verdict.kind
+    if action == "delayed":
+        kind = "soft"
+    return FeedbackRecord(
+        type="bounce",
+        recipient=recipient,
+        action=action,
+        status=status or verdict.status,
+        replycode=replycode,
+        diagnostic=diagnostic,
+        remote=remote,
+        kind=kind,
+        reason=verdict.reason,
+    )
+
+
+# Delivery-status fields quoted in a report's text are no diagnostic.
+_DSN_LINES = re.compile(
+    r"(?im)^[ \t]*(?:Final-Recipient|Original-Recipient|Action|Status|Remote-MTA|Reporting-MTA"
+    r"|Received-From-MTA|Arrival-Date|Last-Attempt-Date|Will-Retry-Until|X-Actual-Recipient"
+    r"|Diagnostic-Code|X-[\w-]*Queue-ID|X-Postfix-Sender)[ \t]*:[^\n]*(?:\n[ \t]+[^\n]*)*\n?"
+)
+_USABLE = re.compile(r"[^\s@<>:]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+\.?")
+
+
+def _usable(address: Optional[str]) -> Optional[str]:
+    """
+    @return: C{address} if it is a whole e-mail address (a local part, a
+        domain with a dot; no source route), else L{None}.
+    """
+    if address and _USABLE.fullmatch(address.strip('"')) or address and address.startswith('"') and "@" in address:
+        return address
+    return None
+
+
+def fromDeliveryStatus(
+    tree: Headers, statusParts: list, text: str, exclude: set
+) -> list[FeedbackRecord]:
+    """
+    Records from RFC 3464 recipient groups.
+
+    @param tree: the report's header.
+    @param statusParts: the C{message/delivery-status} parts (or the text
+        of delivery-status fields found in the report's words).
+    @param text: the report's own words, which fill in a missing
+        diagnostic, reply code, remote MTA or SMTP command.
+    @param exclude: addresses that are no recipients.
+    """
+    records = []
+    textual = None
+    hinted = lhost.commandIn(text) is not None
+    for part in statusParts:
+        if isinstance(part, str):
+            body = part
+        else:
+            body = partText(part)
+            if not body.strip() and part.message is not None:
+                body = part.message.serialize().decode("utf-8", "replace")
+        perMessage, recipients = dsn.readDeliveryStatus(body)
+        fallback: Optional[list] = None
+        for index, each in enumerate(recipients[:MAX_RECORDS]):
+            recipient = _usable(each.recipient) or _usable(each.original)
+            if recipient is None:
+                if fallback is None:
+                    fallback = [
+                        found.address for found in lhost.failedRecipients(text, exclude)
+                    ] or failedRecipientsHeader(tree)
+                if index < len(fallback):
+                    recipient = fallback[index]
+                else:
+                    recipient = each.recipient or each.original
+            diagnostic, status, replycode, remote = (
+                each.diagnostic,
+                each.status,
+                each.replycode,
+                each.remote,
+            )
+            command = None
+            wantsHint = hinted and lhost.commandIn(diagnostic or "") is None
+            if not diagnostic or replycode is None or remote is None or wantsHint:
+                if textual is None:
+                    known = [r.recipient for r in recipients if r.recipient]
+                    textual = {
+                        found.address.lower(): found
+                        for found in lhost.failedRecipients(text, exclude, known, trusted=True)
+                    }
+                found = textual.get((recipient or "").lower())
+                if found is None and len(recipients) == 1 and len(textual) == 1:
+                    found = next(iter(textual.values()))
+                if found is not None:
+                    extra = lhost.details(_DSN_LINES.sub("", found.text), found.address)
+                    if wantsHint:
+                        command = lhost.commandIn(found.text)
+                    diagnostic = diagnostic or extra["diagnostic"]
+                    replycode = replycode or (extra["replycode"] if not each.diagnostic else None)
+                    remote = remote or extra["remote"]
+                    status = status or extra["status"]
+            if not diagnostic and len(recipients) == 1 and (status is None or status.endswith(".0.0")):
+                # A status that names no reason and no words about the
+                # address: the report's words are all there is.
+                diagnostic = squeeze(_DSN_LINES.sub("", text), 1000)
+            if not each.diagnostic and each.statusText:
+                # "Status: 4.0.0 (host name lookup failure)" says more
+                # than the text around the address.
+                diagnostic = each.statusText
+            if status is None:
+                status = statusIn(diagnostic)
+            action = each.action
+            if action is None:
+                action = "delayed" if status and status.startswith("4") and lhost.isDelay(
+                    headerText(tree.get("Subject")), text
+                ) else "failed"
+            if action in ("delivered", "relayed", "expanded") and not status:
+                continue
+            records.append(
+                bounceRecord(recipient, action, status, replycode, diagnostic, remote, command)
+            )
+    return records
+
+
+def fromJSON(kind: str, found: list) -> Report:
+    """
+    @return: the report of a JSON notification's records
+        (L{smartrelay.feedback.jsonreport.readJSONReport}).
+    """
+    if kind == "complaint":
+        records = [FeedbackRecord(type="complaint", reason="feedback", **each) for each in found]
+    else:
+        records = [
+            bounceRecord(
+                each["recipient"],
+                each["action"],
+                each["status"],
+                each["replycode"],
+                each["diagnostic"],
+                each["remote"],
+            )
+            for each in found
+        ]
+    return Report(kind if records else "none", tuple(records))
+
+
+def fromReturnedRecipients(returned: Optional[mime.Part], head: Headers, text: str) -> list[FeedbackRecord]:
+    """
+    For a bounce whose text names no recipient: the recipients the returned
+    message was addressed to, with the bounce's text as the diagnostic.
+    """
+    if returned is None:
+        return []
+    found: list[str] = []
+    for name in ("To", "Cc"):
+        for _, address in addresses(headerText(returned.get(name))):
+            if address.lower() not in (each.lower() for each in found):
+                found.append(address)
+    if not found:
+        return []
+    extra = lhost.details(text, "")
+    action = "delayed" if lhost.isDelay(headerText(head.get("Subject")), text) else "failed"
+    return [
+        bounceRecord(address, action, extra["status"], extra["replycode"], extra["diagnostic"], extra["remote"])
+        for address in found
+    ]
+
+
+def fromText(tree: Headers, text: str, exclude: set) -> list[FeedbackRecord]:
+    """
+    @return: the records of a bounce in words (see
+        L{smartrelay.feedback.lhost}), narrowed to C{X-Failed-Recipients}
+        where the text names more.
+    """
+    subject = headerText(tree.get("Subject"))
+    known = failedRecipientsHeader(tree)
+    found = lhost.failedRecipients(text, exclude, known)
+    if not found:
+        return []
+    action = "delayed" if lhost.isDelay(subject, text) else "failed"
+    records = []
+    for each in found:
+        extra = lhost.details(each.text, each.address)
+        records.append(
+            bounceRecord(
+                each.address,
+                action,
+                extra["status"],
+                extra["replycode"],
+                extra["diagnostic"],
+                extra["remote"],
+                lhost.commandIn(each.text),
+            )
+        )
+    return records
