@@ -35,7 +35,7 @@ from smartrelay.auth import (
     setPasswordLine,
     usernameProblem,
 )
-from smartrelay.feedback.report import MAX_REPORT, readReport, splitMailbox
+from smartrelay.feedback.report import readReport, splitMailbox
 
 PROG = "smartrelay"
 
@@ -304,10 +304,15 @@ CLASSIFY_KEYS = (
 )
 
 
+#: A file given to C{classify} (a message or a mailbox) may be this large;
+#: each message in it is read up to
+#: L{smartrelay.feedback.report.MAX_REPORT} bytes.
+MAX_CLASSIFY_FILE = 1024 * 1024 * 1024
+
+
 def _readInput(path: str, console: Console) -> bytes:
     """
-    The bytes of the message at C{path} (C{-}: standard input), at most
-    L{smartrelay.feedback.report.MAX_REPORT}.
+    The bytes of the message or mailbox at C{path} (C{-}: standard input).
     """
     if path == "-":
         stdin = console.stdin
@@ -315,14 +320,20 @@ def _readInput(path: str, console: Console) -> bytes:
             raise CommandError("-: no standard input")
         source = getattr(stdin, "buffer", None)
         if source is not None:
-            return source.read(MAX_REPORT)
-        text = stdin.read(MAX_REPORT)
-        return text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+            data = source.read(MAX_CLASSIFY_FILE + 1)
+        else:
+            text = stdin.read(MAX_CLASSIFY_FILE + 1)
+            data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+        if len(data) > MAX_CLASSIFY_FILE:
+            raise CommandError(f"-: more than {MAX_CLASSIFY_FILE} bytes")
+        return data
     if os.path.isdir(path):
         raise CommandError(f"{path}: is a directory")
     try:
+        if os.path.getsize(path) > MAX_CLASSIFY_FILE:
+            raise CommandError(f"{path}: more than {MAX_CLASSIFY_FILE} bytes")
         with open(path, "rb") as f:
-            return f.read(MAX_REPORT)
+            return f.read(MAX_CLASSIFY_FILE + 1)
     except FileNotFoundError:
         raise CommandError(f"{path}: no such file") from None
     except OSError as e:

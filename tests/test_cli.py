@@ -738,6 +738,23 @@ class ClassifyTests(SynchronousTestCase):
         )
         self.assertEqual([line["file"] for line in lines], [good, good])
 
+    def test_mailbox(self):
+        """
+        A mailbox file (mbox) prints the records of each of its messages.
+        """
+        second = self.BOUNCE.replace(b"gone@example.net", b"other@example.com")
+        path = self.write(
+            "box.mbox",
+            b"From MAILER-DAEMON Mon Dec  7 01:02:03 2026\r\n" + self.BOUNCE
+            + b"\r\nFrom MAILER-DAEMON Mon Dec  7 01:02:04 2026\r\n" + second,
+        )
+        status, lines, _ = self.runCLI("classify", path)
+        self.assertEqual(status, 0)
+        self.assertEqual(
+            [line["recipient"] for line in lines],
+            ["gone@example.net", "later@example.org", "other@example.com", "later@example.org"],
+        )
+
     def test_noFiles(self):
         """
         C{classify} without a file is a usage error.
