@@ -153,7 +153,7 @@ class SenderFactory(protocol.ClientFactory):
         self.failed = []
 
 
-def writeConfig(workdir: str, feedbackPort: int) -> str:
+def writeConfig(workdir: str, feedbackPort: int, logMessages: bool) -> str:
     config = os.path.join(workdir, "smartrelay.ini")
     with open(config, "w") as f:
         f.write(
@@ -161,7 +161,7 @@ def writeConfig(workdir: str, feedbackPort: int) -> str:
 data_dir = {workdir}/var
 hostname = {DOMAIN}
 secret = {SECRET}
-log_messages = off
+log_messages = {'on' if logMessages else 'off'}
 
 [web]
 listen = tcp:0:interface=127.0.0.1
@@ -199,7 +199,7 @@ def sleep(seconds: float) -> defer.Deferred:
 async def oneRun(args) -> dict:
     workdir = tempfile.mkdtemp(prefix="smartrelay-bench-feedback-", dir=args.tmp)
     port = freePort()
-    config = writeConfig(workdir, port)
+    config = writeConfig(workdir, port, not args.quiet)
     log = os.path.join(workdir, "twistd.log")
     relay = subprocess.Popen(
         [installedScript("twistd"), "-n", "--pidfile=", "--logfile", log,
@@ -280,6 +280,8 @@ if __name__ == "__main__":
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--tmp", default=None, help="directory for the relay's data")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--quiet", action="store_true",
+                        help="[smartrelay] log_messages = off (no line per report)")
     args = parser.parse_args()
     failures = []
 

@@ -211,6 +211,37 @@ class WiringTests(SynchronousTestCase):
         self.assertIsNone(relay.smtpPort)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_feedbackWiring(self):
+        """
+        The feedback pieces reach each other: the policy hands reports to
+        the processor, which shares the store, event log and bounce
+        suppressor with the scheduler; at start-up processed reports older
+        than the retention are pruned and newer ones kept.
+        """
+        self.reactor.advance(1700000000)
+        done = os.path.join(self.dataDir, "feedback", "done")
+        os.makedirs(done)
+        now = self.reactor.seconds()
+        old = "%013d-%s" % (int((now - 40 * 86400) * 1000), "a" * 12)
+        recent = "%013d-%s" % (int((now - 86400) * 1000), "b" * 12)
+        for name in (old, recent):
+            with open(os.path.join(done, name), "wb") as f:
+                f.write(b"X-SmartRelay-Envelope: {}\r\n")
+        relay = self.makeRelay()
+        policy = relay.feedbackFactory.policy
+        self.assertEqual(policy.received, relay.feedbackProcessor.received)
+        self.assertIs(relay.feedbackProcessor.store, relay.store)
+        self.assertIs(relay.feedbackProcessor.events, relay.events)
+        self.assertIs(relay.feedbackProcessor.suppressor, relay.bounceSuppressor)
+        self.assertIs(relay.scheduler.bounces, relay.bounceSuppressor)
+        self.assertEqual(policy.addresses.bounceDomain, "relay.test")
+        self.assertEqual(relay.feedbackFactory.maxMessageSize, 10 * 1024 * 1024)
+        relay.startService()
+        self.successResultOf(relay.whenReady())
+        self.assertEqual(sorted(os.listdir(done)), [recent])
+        self.successResultOf(relay.stopService())
+        self.assertIsNone(relay.feedbackPort)
+
     def test_whole(self):
         """
         Every piece is built whole, with what it needs already loaded: the
