@@ -457,6 +457,80 @@ class TextBounceTests(SynchronousTestCase):
         self.assertEqual(record.recipient, "filled@example.org")
         self.assertIn("Mailbox full", record.diagnostic)
 
+    def test_mimecast(self):
+        """
+        Mimecast writes each address and each error line after "-- ".
+        """
+        report = readReport(
+            textBounce(
+                "From: Postmaster <postmaster@eu.mimecast.example>\nTo: news@shop.example\n"
+                "Subject: [Postmaster] Email Delivery Failure\n",
+                "An email that you attempted to send to the following address could not be delivered:\n"
+                "-- ghost@corp.example\n\nThe problem appears to be :\n"
+                "-- Recipient email address is possibly incorrect\n\nAdditional information follows :\n"
+                "-- 5.4.1 Recipient address rejected: Access denied.\n",
+            )
+        )
+        self.assertEqual([(r.recipient, r.status) for r in report.records], [("ghost@corp.example", "5.4.1")])
+
+    def test_gmxQuotedAddress(self):
+        """
+        GMX quotes the address (C{"a@b":}) and names the host after
+        C{host:}.
+        """
+        report = readReport(
+            textBounce(
+                'From: "Mail Delivery System" <mailer-daemon@gmx.example>\nTo: news@shop.example\n'
+                "Subject: Mail delivery failed: returning message to sender\n",
+                "A message that you sent could not be delivered to one or more of\nits recipients. "
+                'The following address\nfailed:\n\n"ghost@example.de":\n\n'
+                "SMTP error from remote server for RCPT TO command, host: mx.example.de (192.0.2.8) "
+                "reason: 550 5.1.1 User unknown\n\n"
+                "--- The header of the original message is following. ---\n\nFrom: news@shop.example\n",
+            )
+        )
+        self.assertRecords(report, [("ghost@example.de", "5.1.1", 550, "hard")])
+        self.assertEqual(report.records[0].remote, "mx.example.de")
+
+    def test_exchangeHashReply(self):
+        """
+        Exchange 2007 writes the reply as C{#550 5.1.1 ...##}.
+        """
+        report = readReport(
+            textBounce(
+                "From: Microsoft Exchange <MicrosoftExchange329e71ec@corp.example>\n"
+                "To: news@shop.example\nSubject: Undeliverable: News\n",
+                "Delivery has failed to these recipients or groups:\n\nghost@corp.example\n"
+                "The e-mail address you entered couldn't be found.\n\n"
+                "Diagnostic information for administrators:\n\nGenerating server: mail.corp.example\n\n"
+                "ghost@corp.example\n#550 5.1.1 RESOLVER.ADR.RecipNotFound; not found ##\n\n"
+                "Original message headers:\n\nFrom: news@shop.example\n",
+            )
+        )
+        self.assertRecords(report, [("ghost@corp.example", "5.1.1", 550, "hard")])
+
+    def test_postfixTextTwoRecipients(self):
+        """
+        Postfix's notice without its DSN part: each C{<address>: host ...
+        said:} paragraph is one recipient, with its own reply and host.
+        """
+        report = readReport(
+            textBounce(
+                "From: MAILER-DAEMON@mx.example.org (Mail Delivery System)\nTo: news@shop.example\n"
+                "Subject: Undelivered Mail Returned to Sender\n",
+                "This is the mail system at host mx.example.org.\n\n"
+                "<ghost@example.net>: host mx.example.net[192.0.2.11] said: 550 5.1.1\n"
+                "    <ghost@example.net>: Recipient address rejected: User unknown (in reply to\n"
+                "    RCPT TO command)\n"
+                "<full@example.com>: host mx.example.com[192.0.2.12] said: 452 4.2.2 Mailbox full\n"
+                "    (in reply to RCPT TO command)\n",
+            )
+        )
+        self.assertRecords(
+            report, [("ghost@example.net", "5.1.1", 550, "hard"), ("full@example.com", "4.2.2", 452, "soft")]
+        )
+        self.assertEqual([r.remote for r in report.records], ["mx.example.net", "mx.example.com"])
+
     def test_delayWarning(self):
         """
         A warning that delivery is delayed and will be retried is a delayed,

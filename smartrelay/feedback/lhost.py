@@ -305,6 +305,8 @@ _REMOTE = [
     re.compile(r"(?i)remote[ -]?(?:mta|server|host)[ \t]*(?:is|:|=)?[ \t]*(?:dns;[ \t]*)?\[?([\w-]+(?:\.[\w-]+)+)"),
     re.compile(r"(?i)(?:connect(?:ion)? to|connecting to)[ \t]+([\w-]+(?:\.[\w-]+)+)\.?[ \t]*\["),
     re.compile(r"(?i)\bmx(?: host)?[ \t]+([\w-]+(?:\.[\w-]+)+)"),
+    re.compile(r"(?i)\bhost:[ \t]*([\w-]+(?:\.[\w-]+)+)\.?[ \t]*[(\[,]"),
+    re.compile(r"(?im)^[ \t]*([\w-]+(?:\.[\w-]+)+)\.?[ \t]*\[[0-9a-f.:]+\]:?[ \t]*$"),
 ]
 _DIAGNOSTIC_START = re.compile(
     r"(?im)(?:said|returned|response|reply|responded|error|answer)[^\n]{0,20}?:[ \t\n]*"

@@ -65,7 +65,7 @@ def _addressMatches(text: str) -> Iterator[tuple[int, int]]:
 
 _LOCAL_CHAR = re.compile(r"[\w!#$%&'*+/=?^`{|}~.-]")
 _STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.]*\d)")
-_REPLY = re.compile(r"(?<![\w.#-])([245][0-5]\d)(?:[ -]|$)(?!\s*(?:bytes|ms|sec))", re.M)
+_REPLY = re.compile(r"(?<![\w.-])([245][0-5]\d)(?:[ -]|:(?!\d)|$)(?!\s*(?:bytes|ms|sec))", re.M)
 _SPACE = re.compile(r"\s+")
 
 
