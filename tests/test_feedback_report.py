@@ -227,6 +227,38 @@ class ComplaintTests(SynchronousTestCase):
         [record] = readReport(data).records
         self.assertEqual((record.recipient, record.feedback_type), ("someone@isp.example", "opt-out"))
 
+    def test_jmrp(self):
+        """
+        A Microsoft JMRP report: ARF, no Original-Rcpt-To, the mailbox in
+        the returned message's C{X-HmXmrOriginalRecipient}.
+        """
+        data = message(
+            "From: staff@hotmail.example",
+            'Content-Type: multipart/report; report-type=feedback-report; boundary="J"',
+            "",
+            "--J",
+            "Content-Type: message/feedback-report",
+            "",
+            "Feedback-Type: abuse",
+            "User-Agent: Microsoft Junk Mail Reporting Program",
+            "Version: 1",
+            "--J",
+            "Content-Type: message/rfc822",
+            "",
+            "X-HmXmrOriginalRecipient: <reader@outlook.example>",
+            "From: news@shop.example",
+            "To: list@shop.example",
+            f"X-SmartRelay-ID: {QUEUE_ID}",
+            "",
+            "hi",
+            "--J--",
+        )
+        [record] = readReport(data).records
+        self.assertEqual(
+            (record.recipient, record.feedback_type, record.user_agent, record.queue_id),
+            ("reader@outlook.example", "abuse", "Microsoft Junk Mail Reporting Program", QUEUE_ID),
+        )
+
     def test_hotmailForm(self):
         """
         A Hotmail / JMRP report without a feedback-report part: the

@@ -62,7 +62,9 @@ def _embeddedHeaders(tree: mime.Part) -> Optional[mime.Part]:
 def _embeddedRecipients(inner: Optional[mime.Part]) -> list[str]:
     if inner is None:
         return []
-    for name in ("To", "X-Original-To", "Delivered-To"):
+    # Microsoft's reports name the complaining mailbox in
+    # X-HmXmrOriginalRecipient (the To may be anyone's or redacted).
+    for name in ("X-HmXmrOriginalRecipient", "To", "X-Original-To", "Delivered-To"):
         found = [address for _, address in addresses(headerText(inner.get(name)))]
         if found:
             return found
