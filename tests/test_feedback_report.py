@@ -769,6 +769,18 @@ class AutoReplyMoreTests(SynchronousTestCase):
         )
         self.assertEqual(report.type, "autoreply")
 
+    def test_autoReplyQuotingABounce(self):
+        """
+        An auto-reply whose subject and quoted text speak of a rejected
+        delivery notification is still an auto-reply.
+        """
+        report = readReport(
+            message("From: reader@example.com", "Subject: Automatic reply: Order notification rejected",
+                    "Auto-Submitted: auto-replied", "", "I am away.",
+                    "> Your message to pat@example.org could not be delivered.")
+        )
+        self.assertEqual([(r.type, r.recipient) for r in report.records], [("autoreply", "reader@example.com")])
+
     def test_bounceMarkedAutoReplied(self):
         """
         A bounce from the mail system that says C{Auto-Submitted:

@@ -185,7 +185,7 @@ def _read(data: bytes, depth: int = 0) -> Report:
     if notification is not None:
         return _withQueueId(bounces.fromJSON(*notification), queueId)
     cut = lhost.bounceText(text)
-    if autoreply.isAutoReply(head) and not statusParts and not _looksLikeBounce(head, cut, nullSender=False):
+    if autoreply.isAutoReply(head) and not statusParts and not _fromMailSystem(head):
         return _withQueueId(autoreply.autoReply(tree, head), queueId)
 
     exclude = _senders(tree, head, text[len(cut) :])
@@ -363,11 +363,30 @@ _BOUNCE_WORDS = re.compile(  # against lower-cased text
 )
 
 
-def _looksLikeBounce(tree: Headers, text: str, nullSender: bool = True) -> bool:
+# What only a mail system's notices say in their subject.
+_NOTICE_SUBJECT = re.compile(
+    r"(?i)undeliver|returned mail|delivery status notification|mail delivery failed|failure notice"
+    r"|non[- ]?delivery|delivery (?:failure|has failed)|nicht zustellbar|unzustellbar|non remis"
+)
+
+
+def _fromMailSystem(tree: Headers) -> bool:
+    """
+    Whether a message that calls itself an auto-reply (Exim's bounces say
+    C{Auto-Submitted: auto-replied}) is in fact a mail system's notice: its
+    sender, C{X-Failed-Recipients} or a notice's subject.
+    """
+    return bool(
+        _BOUNCE_SENDER.search(headerText(tree.get("From")))
+        or tree.get("X-Failed-Recipients")
+        or _NOTICE_SUBJECT.search(headerText(tree.get("Subject")))
+    )
+
+
+def _looksLikeBounce(tree: Headers, text: str) -> bool:
     """
     Whether a message looks like a bounce: from the mail system, a bounce's
-    subject or words, C{X-Failed-Recipients}, or (when C{nullSender}) the
-    null return path (which auto-replies use too).
+    subject or words, C{X-Failed-Recipients}, or the null return path.
     """
     sender = headerText(tree.get("From"))
     subject = headerText(tree.get("Subject"))
@@ -375,8 +394,7 @@ def _looksLikeBounce(tree: Headers, text: str, nullSender: bool = True) -> bool:
     return bool(
         _BOUNCE_SENDER.search(sender)
         or _BOUNCE_SUBJECT.search(subject)
-        or nullSender
-        and returnPath is not None
+        or returnPath is not None
         and returnPath.strip() in ("<>", "")
         or tree.get("X-Failed-Recipients")
         # A person's mail may say "could not be delivered" too: the words
