@@ -51,7 +51,9 @@ from smartrelay.spool import Spool
 from smartrelay.store.redis import RedisConnectionFailed, RedisStore
 from smartrelay.store.sqlite import SQLiteStore
 from smartrelay.tokens import Tokens
-from smartrelay.web.tracking import TrackingApp, makeSite
+from smartrelay.web.api import ApiApp
+from smartrelay.web.site import SiteRoot, makeSite
+from smartrelay.web.tracking import TrackingApp
 
 #: Threads that write new messages to the spool: enough for the kernel to
 #: merge their fsyncs.
@@ -296,8 +298,13 @@ class RelayService(MultiService):
             signer=self.signer,
             workers=self.workers,
         )
-        self.web = TrackingApp(tokens=tokens, events=self.events, store=self.store, clock=reactor)
-        self.webSite = makeSite(self.web)
+        self.web = TrackingApp(
+            tokens=tokens,
+            events=self.events,
+            store=self.store,
+            clock=reactor,
+            trustedProxies=config.web.trusted_proxies,
+        )
         self.webEndpoint = endpoints.serverFromString(reactor, config.web.listen)
         self.webPort = None
         # Hard bounces (and soft ones past the limit) onto the suppression
@@ -336,6 +343,19 @@ class RelayService(MultiService):
             messageLog=MessageLog(relay.log_messages),
         )
         self.scheduler.setServiceParent(self)
+        # The one web site: each application by the first segment of its
+        # paths (smartrelay/web/site.py), the tracking links for the rest.
+        self.api = ApiApp(
+            store=self.store,
+            scheduler=self.scheduler,
+            spool=self.spool,
+            clock=reactor,
+            tokens=config.web.api_tokens,
+            trustedProxies=config.web.trusted_proxies,
+        )
+        self.webSite = makeSite(
+            SiteRoot(self.web.resource(), {b"api": self.api.resource()}), reactor
+        )
         # Started by start-up once this run's id state is durable.
         self.ids = ids
         self.idState = idState

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import re
 import struct
@@ -316,6 +317,20 @@ class OpenPixelTests(TrackingTestsMixin, SynchronousTestCase):
             event.detail, {"user_agent": HUMAN_UA, "ip": "127.0.0.1", "machine": False}
         )
         self.assertEqual(event.time, START)
+
+    def test_forwardedFor(self):
+        """
+        X-Forwarded-For gives the event's ip only when the peer is one of
+        the trusted proxies; otherwise the peer is the client.
+        """
+        path = f"/t/o/{signed(self, 'o')}.gif"
+        headers = {"X-Forwarded-For": "203.0.113.9, 127.0.0.1"}
+        self.request("GET", path, headers=dict(headers))
+        self.app.trustedProxies = (ipaddress.ip_network("127.0.0.0/8"),)
+        self.request("GET", path, headers=dict(headers))
+        self.assertEqual(
+            [e.detail["ip"] for e in self.recorded("opened")], ["127.0.0.1", "203.0.113.9"]
+        )
 
     def test_head(self):
         """

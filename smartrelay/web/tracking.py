@@ -62,6 +62,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from smartrelay.deferreds import whenAllDone
 from smartrelay.store.interfaces import SuppressionEntry, normaliseAddress
+from smartrelay.web.proxies import clientAddress
 
 __all__ = [
     "TRANSPARENT_GIF",
@@ -228,6 +229,8 @@ class TrackingApp:
     @ivar store: an L{smartrelay.store.interfaces.IStore}.
     @ivar clock: an L{IReactorTime}; stamps suppression entries.
     @ivar cacheSize: how many messages' (tag, metadata) to remember.
+    @ivar trustedProxies: networks (C{[web] trusted_proxies}) whose
+        C{X-Forwarded-For} gives the C{ip} of opens and clicks.
     """
 
     tokens: Any
@@ -235,6 +238,7 @@ class TrackingApp:
     store: Any
     clock: Any
     cacheSize: int = 4096
+    trustedProxies: tuple = ()
     _info: OrderedDict = attrs.field(factory=OrderedDict, init=False, repr=False)
     _busy: set = attrs.field(factory=set, init=False, repr=False)
 
@@ -276,7 +280,7 @@ class TrackingApp:
         """
         data = self._read("o", token, required=False)
         if data is not None:
-            userAgent, ip = _client(request)
+            userAgent, ip = _client(request, self.trustedProxies)
             self._record(
                 "opened",
                 data,
@@ -294,7 +298,7 @@ class TrackingApp:
         location = redirectTarget(data.url)
         if location is None:
             raise InvalidLink(f"not an http(s) link: {data.url!r}")
-        userAgent, ip = _client(request)
+        userAgent, ip = _client(request, self.trustedProxies)
         self._record(
             "clicked",
             data,
@@ -366,7 +370,7 @@ class TrackingApp:
             )
             raise StoreUnavailable(str(e)) from e
         if not found:
-            userAgent, ip = _client(request)
+            userAgent, ip = _client(request, self.trustedProxies)
             self._record(
                 "unsubscribed",
                 data,
@@ -532,15 +536,15 @@ class TrackingApp:
         )
 
 
-def _client(request) -> tuple[str, Optional[str]]:
+def _client(request, trustedProxies: tuple = ()) -> tuple[str, Optional[str]]:
     """
-    The (User-Agent, peer IP address) of a request.  X-Forwarded-For is
-    not trusted.
+    The (User-Agent, client IP address) of a request: the peer, or what
+    C{X-Forwarded-For} says when the peer is one of C{trustedProxies}
+    (L{smartrelay.web.proxies.clientAddress}).
     """
     raw = request.getHeader(b"user-agent") or b""
     userAgent = raw.decode("utf-8", "replace")[:MAX_USER_AGENT]
-    address = request.getClientAddress()
-    return userAgent, getattr(address, "host", None)
+    return userAgent, clientAddress(request, trustedProxies)
 
 
 def _setHeaders(request, headers: dict) -> None:
