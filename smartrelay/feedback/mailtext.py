@@ -263,37 +263,40 @@ def squeeze(text: Optional[str], limit: int = 2000) -> Optional[str]:
 class Headers:
     """
     A part's header fields, looked up by name in constant time (the
-    L{mime.Part} lookups scan every field each time).
+    L{mime.Part} lookups scan every field each time); values are decoded
+    when asked for.
     """
 
     __slots__ = ("_fields",)
 
     def __init__(self, part: mime.Part):
-        fields: dict[str, list[str]] = {}
+        fields: dict[bytes, list[bytes]] = {}
         for raw in part.fields:
             name, colon, value = raw.partition(b":")
-            if not colon:
-                continue
-            value = value.rstrip(b"\r\n")
-            text = value.decode("utf-8", "replace")
-            if "\n" in text:
-                text = _FOLD.sub("", text)
-            fields.setdefault(name.strip().lower().decode("ascii", "replace"), []).append(text.strip())
+            if colon:
+                fields.setdefault(name.strip().lower(), []).append(value)
         self._fields = fields
 
     def getAll(self, name: str) -> list[str]:
         """
         @return: the unfolded values of all fields called C{name}.
         """
-        return self._fields.get(name.lower(), [])
+        return [_unfold(value) for value in self._fields.get(name.lower().encode("ascii", "replace"), ())]
 
     def get(self, name: str) -> Optional[str]:
         """
         @return: the unfolded value of the first field called C{name}, or
             L{None}.
         """
-        values = self._fields.get(name.lower())
-        return values[0] if values else None
+        values = self._fields.get(name.lower().encode("ascii", "replace"))
+        return _unfold(values[0]) if values else None
+
+
+def _unfold(value: bytes) -> str:
+    text = value.rstrip(b"\r\n").decode("utf-8", "replace")
+    if "\n" in text:
+        text = _FOLD.sub("", text)
+    return text.strip()
 
 
 _FOLD = re.compile(r"\r?\n(?=[ \t])|\r?\n\Z")
