@@ -147,6 +147,7 @@ class DeliveryStatusTests(SynchronousTestCase):
         """
         self.assertEqual(queueIdIn(b"X-SmartRelay-ID: " + QUEUE_ID.encode() + b"\r\n"), QUEUE_ID)
         self.assertIsNone(queueIdIn(b"X-SmartRelay-ID: 3A/7F-42-0BADC0DE\r\n"))
+        self.assertEqual(queueIdIn(b"> x-smartrelay-id: " + QUEUE_ID.lower().encode() + b"\r\n"), QUEUE_ID)
 
 
 class ComplaintTests(SynchronousTestCase):

@@ -82,7 +82,7 @@ def queueIdIn(data: bytes, tree: Optional[mime.Part] = None) -> Optional[str]:
     if data.find(b"X-SmartRelay-ID") != -1 or data.lower().find(b"x-smartrelay-id") != -1:
         match = _QUEUE_ID.search(data)
         if match is not None:
-            return match.group(1).decode("ascii")
+            return match.group(1).decode("ascii").upper()
     if tree is not None:
         for part in mime.leaves(tree):
             if contentTypeOf(part).startswith(("message/", "text/rfc822")) and mimescan.transferEncodingOf(
@@ -90,7 +90,7 @@ def queueIdIn(data: bytes, tree: Optional[mime.Part] = None) -> Optional[str]:
             ) in ("base64", "quoted-printable"):
                 found = _QUEUE_ID.search(decodedBody(part))
                 if found is not None:
-                    return found.group(1).decode("ascii")
+                    return found.group(1).decode("ascii").upper()
     return None
 
 
