@@ -286,6 +286,27 @@ class WebTests(SynchronousTestCase):
             for method in rule.methods - {"OPTIONS"}:
                 self.assertTrue(any(method in row for row in rows), f"{method} {path}")
 
+    def test_apiRoutes(self):
+        """
+        Every route of the HTTP API, with each of its methods (HEAD aside),
+        has a heading in docs/api.md, and is in the OpenAPI document.
+        """
+        from smartrelay.web.api import ApiApp
+        from smartrelay.web.openapi import document
+
+        text = read("docs", "api.md")
+        paths = document()["paths"]
+        rules = list(ApiApp.app.url_map.iter_rules())
+        self.assertGreater(len(rules), 10)
+        for rule in rules:
+            names = re.findall(r"<(?:[a-z]+:)?([a-z_]+)>", rule.rule)
+            documented = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", lambda m: "<" + m.group(1).replace("_", "-") + ">", rule.rule)
+            openapi = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule)
+            for method in rule.methods - {"OPTIONS", "HEAD"}:
+                self.assertIn(f"### `{method} {documented}", text, f"{method} {rule.rule}")
+                self.assertIn(method.lower(), paths.get(openapi, {}), f"{method} {openapi}")
+            self.assertTrue(names or "<" not in rule.rule)
+
 
 #: [text](target) links of Markdown, not images.
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
