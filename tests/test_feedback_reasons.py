@@ -18,7 +18,9 @@ from smartrelay.feedback.reasons import (
     bounceKind,
     classify,
     classifyReply,
+    compileKeyed,
     compilePhrases,
+    providerOf,
     textReasons,
 )
 
@@ -151,7 +153,7 @@ class ClassifyTests(SynchronousTestCase):
     def test_userUnknownBesideVagueStatus(self):
         """A "user unknown" beside a vague status (5.7.1) is a filter's disguise."""
         self.assertEqual(classify("5.7.1", 550, "550 5.7.1 User unknown").reason, "filtered")
-        self.assertEqual(classify("5.5.0", 550, "550 5.5.0 User unknown").reason, "userunknown")
+        self.assertEqual(classify("5.5.0", 550, "550 5.5.0 User unknown").reason, "filtered")
 
     def test_senderStatusBeatsUserUnknownText(self):
         """A sender status (5.1.8) is not overridden by recipient wording."""
@@ -362,7 +364,7 @@ class TableTests(SynchronousTestCase):
             named.add(reason)
             if context["otherwise"] is not None:
                 named.add(context["otherwise"])
-            self.assertIn(context["status"], ("generic", "vague"))
+            self.assertIn(context["status"], ("generic", "vague", "never"))
         self.assertEqual(named - REASONS, set())
         self.assertEqual(set(phrases.PHRASES) - REASONS - {phrases.NEUTRAL}, set())
 
@@ -419,3 +421,143 @@ class TableTests(SynchronousTestCase):
         self.assertRaises(ValueError, compilePhrases, {"nosuchreason": ("x",)})
         self.assertRaises(ValueError, compilePhrases, {"blocked": (" * ",)})
         self.assertRaises(ValueError, compilePhrases, {}, {"nosuchreason": ("x",)})
+
+
+class UserUnknownContextTests(SynchronousTestCase):
+    """
+    Sisimai's rule for a recipient phrase: C{userunknown} with a x.1.1
+    status or at RCPT, else C{filtered} unless refused before DATA.
+    """
+
+    def test_bareUserUnknownIsFiltered(self):
+        """A "user unknown" with no status and no command is filtered, soft."""
+        verdict = classify(None, 550, "550 kijitora@example.com... No such user")
+        self.assertEqual((verdict.reason, verdict.kind), ("filtered", "soft"))
+        verdict = classify("5.0.0", 550, "550 : User unknown")
+        self.assertEqual((verdict.reason, verdict.kind), ("filtered", "soft"))
+
+    def test_userUnknownAtRcpt(self):
+        """The same words refused at RCPT are an unknown address, hard."""
+        verdict = classify(None, 550, "550 kijitora@example.com... No such user", command="RCPT")
+        self.assertEqual((verdict.reason, verdict.kind), ("userunknown", "hard"))
+        text = "host mx.example.jp said: 550 User unknown (in reply to RCPT TO command)"
+        self.assertEqual(classify(None, None, text).reason, "userunknown")
+
+    def test_userUnknownStatus(self):
+        """A 5.1.1 status makes the words an unknown address whatever the command."""
+        self.assertEqual(classify("5.1.1", 550, "550 User unknown").reason, "userunknown")
+
+    def test_directoryServersOwnReports(self):
+        """A directory server's own report (Domino, Exchange 2003, Gmail) is userunknown."""
+        for text in [
+            "User some.name (bob@example.jp) not listed in Domino Directory",
+            "The recipient name is not recognized MSEXCH:IMS:EXAMPLE",
+            "Your message wasn't delivered to bob@example.it because the address couldn't"
+            " be found. Check for typos or unnecessary spaces and try again.",
+        ]:
+            verdict = classify(None, None, text)
+            self.assertEqual((verdict.reason, verdict.kind), ("userunknown", "hard"), text)
+
+
+class LocalAgentTests(SynchronousTestCase):
+    """
+    Local delivery agents' failures (L{phrases.LOCAL_AGENTS}).
+    """
+
+    def test_mailLocal(self):
+        """mail.local's "unknown user" is userunknown, even beside a 554 service unavailable."""
+        text = "mail.local: unknown user: bob 554 <bob@example.net>... Service unavailable"
+        self.assertEqual(classify("5.5.0", 554, text).reason, "userunknown")
+
+    def test_agentWithoutKnownWords(self):
+        """An agent's failure that says nothing known is a mailererror."""
+        text = 'procmail: Couldn\'t create "/var/mail/bob"'
+        self.assertEqual(classify(None, None, text).reason, "mailererror")
+
+    def test_agentQuota(self):
+        """A local agent's quota message is mailboxfull."""
+        self.assertEqual(classify(None, None, "maildrop: maildir over quota.").reason, "mailboxfull")
+
+    def test_notAfterCommandBeforeData(self):
+        """Words refused at RCPT are no local agent's, whatever they look like."""
+        verdict = classify("5.1.1", 550, "procmail: no such user", command="RCPT")
+        self.assertEqual(verdict.reason, "userunknown")
+
+
+class ProviderTests(SynchronousTestCase):
+    """
+    Provider knowledge keyed on the remote host or the recipient's domain
+    (L{phrases.RHOSTS}, L{phrases.RHOST_PHRASES}).
+    """
+
+    def test_providerByRemote(self):
+        """The remote host names its provider, on a label boundary."""
+        self.assertEqual(providerOf("mx1.hotmail.com"), "outlook")
+        self.assertEqual(providerOf("dns; lsean.ezweb.ne.jp."), "kddi")
+        self.assertEqual(providerOf("MX.COX.NET [192.0.2.1]"), "cox")
+        self.assertEqual(providerOf("cox.net"), "cox")
+        self.assertIsNone(providerOf("notcox.net"))
+        self.assertIsNone(providerOf("hotmail.com.example.org"))
+        self.assertIsNone(providerOf("mx.example.org"))
+        self.assertIsNone(providerOf(None))
+        self.assertIsNone(providerOf(""))
+
+    def test_providerByRecipientDomain(self):
+        """The recipient's domain names its provider when a provider host lies under it."""
+        self.assertEqual(providerOf(None, "bob@ezweb.ne.jp"), "kddi")
+        self.assertEqual(providerOf(None, "bob@docomo.ne.jp"), "nttdocomo")
+        self.assertEqual(providerOf(None, "bob@icloud.com"), "apple")
+        self.assertIsNone(providerOf(None, "bob@example.com"))
+        self.assertIsNone(providerOf(None, "bob@com"))
+        self.assertIsNone(providerOf(None, "not an address"))
+
+    def test_providerByHostInText(self):
+        """A provider host named in the diagnostic counts; an address's domain does not."""
+        text = "550 5.4.1 access denied [am0pr01mb1234.eurprd01.prod.protection.outlook.com]"
+        self.assertEqual(providerOf(None, None, text), "microsoft")
+        self.assertIsNone(providerOf(None, None, "mail to bob@x.mail.icloud.com failed"))
+        self.assertIsNone(providerOf(None, None, "host mx.hotmail.community said"))
+
+    def test_kddiUserUnknown(self):
+        """au / KDDI: the address in the reply is an unknown user, none is a filter."""
+        text = "550 <bob@ezweb.ne.jp>: User unknown"
+        verdict = classify("5.0.0", 550, text, remote="lsean.ezweb.ne.jp")
+        self.assertEqual((verdict.reason, verdict.kind), ("userunknown", "hard"))
+        verdict = classify("5.0.0", 550, "550 : User unknown", recipient="bob@ezweb.ne.jp")
+        self.assertEqual((verdict.reason, verdict.kind), ("filtered", "soft"))
+
+    def test_outlookMailboxUnavailable(self):
+        """Outlook.com's "mailbox unavailable" is an unknown user; from others it is not."""
+        text = "550 Requested action not taken: mailbox unavailable (-1:2:-1)"
+        self.assertEqual(classify("5.5.0", 550, text, remote="bay004-mc1.hotmail.com").reason, "userunknown")
+        self.assertEqual(classify("5.5.0", 550, text, remote="mx.example.org").reason, "filtered")
+
+    def test_messageLabsNoSuchUser(self):
+        """MessageLabs' "No such user" is an unknown user."""
+        text = "550 bob@example.org... No such user"
+        verdict = classify("5.0.0", 550, text, remote="cluster5.eu.messagelabs.com")
+        self.assertEqual(verdict.reason, "userunknown")
+
+    def test_deliveredIgnoresProvider(self):
+        """A delivery stays a delivery whatever the provider's words."""
+        verdict = classify("2.0.0", 250, "550 : user unknown", "delivered", remote="x.ezweb.ne.jp")
+        self.assertEqual(verdict.reason, "delivered")
+
+    def test_classifyReplyRemote(self):
+        """classifyReply passes the remote host on."""
+        verdict = classifyReply(None, 550, "Requested action not taken: mailbox unavailable", "RCPT", "mx4.hotmail.com")
+        self.assertEqual(verdict.reason, "userunknown")
+
+    def test_keyedTables(self):
+        """Every provider and agent table names known keys and reasons, with phrases."""
+        compileKeyed(phrases.RHOST_PHRASES, phrases.RHOSTS, "RHOST_PHRASES")
+        compileKeyed(phrases.LOCAL_AGENT_PHRASES, phrases.LOCAL_AGENTS, "LOCAL_AGENT_PHRASES")
+        self.assertRaises(ValueError, compileKeyed, {"nosuch": {}}, phrases.RHOSTS, "T")
+        self.assertRaises(ValueError, compileKeyed, {"kddi": {"nosuchreason": ("x",)}}, phrases.RHOSTS, "T")
+        self.assertRaises(ValueError, compileKeyed, {"kddi": {"blocked": (" ",)}}, phrases.RHOSTS, "T")
+
+    @given(st.text(max_size=300), st.text(max_size=80), st.text(max_size=80))
+    def test_totalWithHosts(self, text, remote, recipient):
+        """classify never raises whatever the remote host and recipient are."""
+        verdict = classify(None, 550, text, remote=remote, recipient=recipient)
+        self.assertIn(verdict.reason, REASONS)

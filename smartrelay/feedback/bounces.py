@@ -62,7 +62,7 @@ def bounceRecord(
     @return: a bounce record, classified; a delay warning is always soft,
         and a missing status is the one the classifier infers.
     """
-    verdict = classify(status, replycode, diagnostic, action, command)
+    verdict = classify(status, replycode, diagnostic, action, command, remote, recipient)
     kind = verdict.kind
     if action == "delayed":
         kind = "soft"

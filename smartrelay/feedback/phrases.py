@@ -240,16 +240,21 @@ BEFORE_DATA = frozenset(["CONN", "EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RC
 #: command is one of C{commands}, or no command is known and the status
 #: L{STATUS_YIELDS} to it or is as weak as C{status} says: C{"generic"} --
 #: naming no reason (none, 5.0.0, 5.5.0) -- or C{"vague"} -- that or one
-#: naming only a L{VAGUE} reason.  Otherwise the text is read as
-#: C{otherwise} when the status is vague and the command was not one
-#: before DATA, or not at all.  A "user unknown" that the server says after
-#: DATA, or beside a status that says something vague (5.7.1, 5.3.0), is
-#: the disguise of a content filter (Sisimai's reading: C{filtered}); a
-#: sender phrase at RCPT is about the recipient.
+#: naming only a L{VAGUE} reason -- or C{"never"}: no status is weak
+#: enough.  Otherwise the text is read as C{otherwise} when the status is
+#: vague and the command was not one before DATA, or not at all.
+#:
+#: A "user unknown" counts only when the status says so (5.1.1) or the
+#: server said it at RCPT: said after DATA, or with nothing to say when,
+#: it may be a content filter's disguise, and Sisimai reads it as
+#: C{filtered} (its UserUnknown and Filtered rules: a recipient phrase is
+#: C{userunknown} only with a x.1.1 status or the RCPT command, and
+#: C{filtered} unless the command was one before DATA).  A sender phrase at
+#: RCPT is about the recipient.
 TEXT_CONTEXT = {
     "userunknown": {
         "commands": frozenset(["RCPT"]),
-        "status": "generic",
+        "status": "never",
         "otherwise": "filtered",
     },
     "rejected": {
@@ -410,9 +415,6 @@ PHRASES = {
         "no mailbox here by that name",
         "address rejected: user unknown",
         "the recipient's email address does not exist",
-        "not listed in domino directory",
-        "not listed in public name & address book",
-        "invalid final delivery userid",
         "because the address couldn't be found",
     ),
     "mailboxfull": (
@@ -1357,6 +1359,14 @@ OVERRIDES = {
         " detected by zoho mail",
     ),
     "userunknown": (
+        # Mail servers' own non-delivery reports, written by the server
+        # that holds the directory (Lotus Domino and Notes, Exchange 2003,
+        # IMail, Gmail): no content filter speaks in these words.
+        "not listed in domino directory",
+        "not listed in public name & address book",
+        "the recipient name is not recognized",
+        "invalid final delivery userid",
+        "because the address couldn't be found. check for typos or unnecessary spaces",
         "dd this user doesn't have a ",
         "resolver.adr.recipientnotfound",
         "resolver.adr.recipnotfound",
@@ -1383,6 +1393,136 @@ OVERRIDES = {
         "hosted tenant which has no mail-enabled subscriptions",
         "missing or bad storedriver mdb properties",
     ),
+}
+
+# ---------------------------------------------------------------------------
+# Remote hosts (Sisimai's Rhost classes).
+
+#: Mail providers known by the host that answered: provider -> host-name
+#: suffixes.  A record names its provider by its remote MTA (the DSN's
+#: Remote-MTA, the host a delivery session talked to), else by a host name
+#: in its diagnostic, else by its recipient's domain (C{ezweb.ne.jp} is
+#: KDDI's whatever host refused it).  A suffix starting with "." matches
+#: the names under it; one without matches itself and the names under it.
+RHOSTS = {
+    "aol": (".mail.aol.com", ".mx.aol.com"),
+    "apple": (".mail.icloud.com", ".apple.com", ".me.com"),
+    "cloudflare": (".mx.cloudflare.net",),
+    "cox": ("cox.net",),
+    "facebook": (".facebook.com",),
+    "franceptt": (".laposte.net", ".orange.fr", ".wanadoo.fr"),
+    "godaddy": ("smtp.secureserver.net", "mailstore1.secureserver.net"),
+    "google": ("aspmx.l.google.com", "gmail-smtp-in.l.google.com"),
+    "gsuite": ("googlemail.com",),
+    "iua": (".email.ua",),
+    "kddi": (".ezweb.ne.jp", "msmx.au.com"),
+    "messagelabs": (".messagelabs.com",),
+    "microsoft": (
+        ".prod.outlook.com",
+        ".protection.outlook.com",
+        ".onmicrosoft.com",
+        ".exchangelabs.com",
+    ),
+    "mimecast": (".mimecast.com",),
+    "nttdocomo": ("mfsmax.docomo.ne.jp",),
+    "outlook": (".hotmail.com",),
+    "spectrum": ("charter.net",),
+    "tencent": (".qq.com",),
+    "yahooinc": (".yahoodns.net",),
+}
+
+#: What a provider's own wording means when that provider said it: provider
+#: -> reason -> phrases (matched on the normalised text, like L{PHRASES}).
+#: Only for wording that is ambiguous from anyone else -- the same words
+#: from an unknown server go through the ordinary rules.  A phrase found
+#: here decides, like an L{OVERRIDES} one; the first reason listed wins.
+RHOST_PHRASES = {
+    # au / KDDI answer an unknown address with the address in the reply
+    # ("550 <...>: User unknown") and a content filter's refusal without
+    # it ("550 : User unknown").
+    "kddi": {
+        "filtered": ("550 : user unknown",),
+        "userunknown": (">: user unknown",),
+    },
+    # Outlook.com / Hotmail (technet bb232118).
+    "outlook": {
+        "hostunknown": (
+            "the mail could not be delivered to the recipient because the domain is not reachable",
+        ),
+        "userunknown": ("requested action not taken: mailbox unavailable",),
+    },
+    # Microsoft 365: directory-based edge blocking answers 5.4.1 for an
+    # address that is not in the tenant.
+    "microsoft": {
+        "userunknown": ("recipient address rejected: access denied",),
+    },
+    # Symantec / Broadcom Email Security.cloud (knowledge article 165163).
+    "messagelabs": {
+        "userunknown": ("no such user", "invalid recipient", "recipient mailbox is not allowed"),
+    },
+    # NTT docomo refuses an unknown address at RCPT with its own words.
+    "nttdocomo": {
+        "mailboxfull": ("552 too much mail data",),
+        "toomanyconn": ("552 too many recipients",),
+    },
+}
+
+# ---------------------------------------------------------------------------
+# Local delivery agents (Sisimai's LDA knowledge).
+
+#: Local delivery programs known by how their messages start: agent ->
+#: markers (any one, on the normalised text).  Their failure is the final
+#: mailbox's own word, so it is read before anything else -- unless the
+#: failed command is known and is not DATA (a local agent runs after it).
+LOCAL_AGENTS = {
+    "dovecot": ("> was automatically rejected:",),
+    "mail.local": ("mail.local: ",),
+    "procmail": ("procmail: ", "/procmail "),
+    "maildrop": ("maildrop: ",),
+    "vpopmail": ("vdelivermail: ",),
+    "vmailmgr": ("vdeliver: ",),
+}
+
+#: What each local agent's words mean: agent -> reason -> phrases; an
+#: agent's failure that says none of them is a C{mailererror}.
+LOCAL_AGENT_PHRASES = {
+    "dovecot": {
+        "mailboxfull": ("not enough disk space", "quota exceeded"),
+        "userunknown": ("mailbox doesn't exist: ",),
+    },
+    "mail.local": {
+        "mailboxfull": ("disc quota exceeded", "mailbox full or quota exceeded"),
+        "systemerror": ("temporary file write error",),
+        "userunknown": (
+            ": invalid mailbox path",
+            ": unknown user:",
+            ": user missing home directory",
+            ": user unknown",
+        ),
+    },
+    "procmail": {
+        "mailboxfull": ("quota exceeded while writing", "user over quota"),
+        "systemerror": ("service unavailable",),
+        "systemfull": ("no space left to finish writing",),
+    },
+    "maildrop": {
+        "mailboxfull": ("maildir over quota.",),
+        "userunknown": ("cannot find system user", "invalid user specified."),
+    },
+    "vpopmail": {
+        "filtered": ("user does not exist, but will deliver to ",),
+        "mailboxfull": ("domain is over quota", "user is over quota"),
+        "suspend": ("account is locked email bounced",),
+        "userunknown": ("sorry, no mailbox here by that name.",),
+    },
+    "vmailmgr": {
+        "mailboxfull": ("delivery failed due to system quota violation",),
+        "userunknown": (
+            "invalid or unknown base user or domain",
+            "invalid or unknown virtual user",
+            "user name does not refer to a virtual user",
+        ),
+    },
 }
 
 #: Providers that put a code of their own in the text: (a literal every

@@ -19,27 +19,34 @@ scanned once whatever the size of the table.
 The decision, in order:
 
   1. a 2.x.x status or the action C{delivered}: C{delivered};
-  2. a provider's documented wording or code (C{OVERRIDES},
-     C{PROVIDER_CODES}) decides by itself;
-  3. a diagnostic of type X-Unix (a local program's) is read by its words,
+  2. a local delivery agent's message (C{LOCAL_AGENTS}: mail.local,
+     procmail, dovecot, ...) unless the failed command is known and is not
+     DATA: its words (C{LOCAL_AGENT_PHRASES}), else C{mailererror};
+  3. the provider the recipient's domain, the remote host or a host name
+     in the text names (C{RHOSTS}): its wording (C{RHOST_PHRASES}) decides
+     by itself;
+  4. a provider's documented wording or code that no one else writes
+     (C{OVERRIDES}, C{PROVIDER_CODES}) decides by itself;
+  5. a diagnostic of type X-Unix (a local program's) is read by its words,
      else by the status;
-  4. ambiguous phrases count only in context (C{TEXT_CONTEXT}: a "user
-     unknown" after DATA, or beside a vague status, is C{filtered}); the
+  6. ambiguous phrases count only in context (C{TEXT_CONTEXT}: a "user
+     unknown" not said at RCPT nor beside a 5.1.1 is C{filtered}); the
      failed SMTP command comes from the caller or from the text
      (C{COMMAND_HINTS});
-  5. the first reason of C{PRECEDENCE} that the text names, or that the
+  7. the first reason of C{PRECEDENCE} that the text names, or that the
      status (or reply code) names unless the text names one it
      C{STATUS_YIELDS} to;
-  6. when the status names nothing or something vague: the first of
+  8. when the status names nothing or something vague: the first of
      C{TEXT_ONLY} that the text names;
-  7. the status's reason; then the status class (x.6 content, x.7
+  9. the status's reason; then the status class (x.6 content, x.7
      security), a command-syntax reply code, C{delayed} -> C{expired}, a
      refusal at the greeting or EHLO -> C{blocked};
-  8. C{onhold} when there was something to read but nothing said a
+  10. C{onhold} when there was something to read but nothing said a
      reason, C{undefined} when there was nothing.
 """
 
 import re
+from functools import lru_cache
 from typing import Iterable, Optional
 
 import attrs
@@ -48,12 +55,16 @@ from smartrelay.feedback.phrases import (
     BEFORE_DATA,
     BLOCKED_COMMANDS,
     COMMAND_HINTS,
+    LOCAL_AGENT_PHRASES,
+    LOCAL_AGENTS,
     NEUTRAL,
     OVERRIDES,
     PHRASES,
     PROVIDER_CODES,
     PRECEDENCE,
     REPLY_REASONS,
+    RHOST_PHRASES,
+    RHOSTS,
     STATUS_OVERRULES,
     STATUS_NEEDS_TEXT,
     STATUS_REASONS,
@@ -76,6 +87,7 @@ __all__ = [
     "classifyReply",
     "textReasons",
     "bounceKind",
+    "providerOf",
 ]
 
 # ---------------------------------------------------------------------------
@@ -301,6 +313,8 @@ def classify(
     diagnostic: Optional[str],
     action: Optional[str] = None,
     command: Optional[str] = None,
+    remote: Optional[str] = None,
+    recipient: Optional[str] = None,
 ) -> Verdict:
     """
     Classify one failure (see the module's docstring for the rules).
@@ -314,6 +328,11 @@ def classify(
     @param command: the SMTP command the server answered (C{RCPT},
         C{DATA}, C{MAIL}, C{EHLO}, ...), when known; else it is looked for
         in the diagnostic ("in reply to RCPT TO command").
+    @param remote: the host that refused (a DSN's Remote-MTA, the host a
+        delivery session talked to), or L{None}: it names the provider
+        whose own wording L{RHOST_PHRASES} reads.
+    @param recipient: the failed address, or L{None}: its domain names the
+        provider too (L{providerOf}).
     @return: the L{Verdict}; never raises, whatever the input.
     """
     text = normalise(diagnostic[:MAX_TEXT]) if isinstance(diagnostic, str) else ""
@@ -348,8 +367,174 @@ def classify(
         command = _COMMAND_NAMES.get(command, command)
     else:
         command = _commandIn(text)
-    reason = _decide(effective, code, text, action, command, local)
+    reason = None
+    if text and not (
+        action == "delivered" or (effective is not None and effective.startswith("2."))
+    ):
+        if command is None or command == "DATA":
+            reason = _localAgent(text)
+        if reason is None:
+            provider = providerOf(remote, recipient, text)
+            if provider is not None:
+                reason = _phraseIn(_PROVIDER_TABLES.get(provider, ()), text)
+    if reason is None:
+        reason = _decide(effective, code, text, action, command, local)
     return Verdict(reason=reason, kind=bounceKind(reason, effective), status=effective)
+
+
+def compileKeyed(tables: dict, keys: dict, name: str) -> dict:
+    """
+    Check and normalise a key -> reason -> phrases table
+    (L{RHOST_PHRASES}, L{LOCAL_AGENT_PHRASES}).
+
+    @param keys: the known keys (L{RHOSTS}, L{LOCAL_AGENTS}).
+    @param name: the table's name, for the error.
+    @return: key -> [(reason, phrases)], in the table's order.
+    @raise ValueError: for an unknown key or reason, or an empty phrase.
+    """
+    compiled = {}
+    for key, table in tables.items():
+        if key not in keys:
+            raise ValueError(f"{name} names an unknown key: {key!r}")
+        entries = []
+        for reason, texts in table.items():
+            if reason not in REASONS:
+                raise ValueError(f"unknown reason in {name}[{key!r}]: {reason!r}")
+            phrases = tuple(normalise(text) for text in texts)
+            if not all(phrases):
+                raise ValueError(f"empty phrase in {name}[{key!r}][{reason!r}]")
+            entries.append((reason, phrases))
+        compiled[key] = entries
+    return compiled
+
+
+#: Provider -> [(reason, phrases)], in the table's order.
+_PROVIDER_TABLES = compileKeyed(RHOST_PHRASES, RHOSTS, "RHOST_PHRASES")
+#: Local agent -> [(reason, phrases)].
+_AGENT_TABLES = compileKeyed(LOCAL_AGENT_PHRASES, LOCAL_AGENTS, "LOCAL_AGENT_PHRASES")
+_AGENT_MARKERS = [
+    (agent, tuple(marker.lower() for marker in markers)) for agent, markers in LOCAL_AGENTS.items()
+]
+
+
+def _localAgent(text: str) -> Optional[str]:
+    """
+    The reason a local delivery agent's message in C{text} gives
+    (L{LOCAL_AGENTS}), or L{None} when no agent speaks.
+    """
+    for agent, markers in _AGENT_MARKERS:
+        if any(marker in text for marker in markers):
+            return _phraseIn(_AGENT_TABLES.get(agent, ()), text) or "mailererror"
+    return None
+
+#: (suffix without its leading dot, whether it matched only names under it,
+#: provider), longest first.
+_SUFFIXES = sorted(
+    (
+        (suffix.lstrip(".").lower(), suffix.startswith("."), provider)
+        for provider, suffixes in RHOSTS.items()
+        for suffix in suffixes
+    ),
+    key=lambda entry: -len(entry[0]),
+)
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+def _hostProvider(host: str) -> Optional[str]:
+    """
+    The provider whose L{RHOSTS} suffix C{host} (lower case, no trailing
+    dot) ends with, or L{None}.
+    """
+    for suffix, under, provider in _SUFFIXES:
+        if host.endswith(suffix):
+            before = len(host) - len(suffix)
+            if before == 0:
+                if not under:
+                    return provider
+            elif host[before - 1] == ".":
+                return provider
+    return None
+
+
+@lru_cache(maxsize=4096)
+def _remoteProvider(remote: str) -> Optional[str]:
+    host = remote.strip().lower()
+    if host.startswith("dns;"):
+        host = host[4:].strip()
+    host = host.split(None, 1)[0].strip("[]()").rstrip(".") if host else ""
+    return _hostProvider(host) if host else None
+
+
+@lru_cache(maxsize=4096)
+def _domainProvider(domain: str) -> Optional[str]:
+    """
+    The provider one of whose host names is C{domain} or lies under it
+    (Sisimai's reading of the destination).
+    """
+    if "." not in domain:
+        return None
+    for suffix, _, provider in _SUFFIXES:
+        if suffix == domain or suffix.endswith("." + domain):
+            return provider
+    return None
+
+
+def providerOf(
+    remote: Optional[str], recipient: Optional[str] = None, text: str = ""
+) -> Optional[str]:
+    """
+    The mail provider (a key of L{RHOSTS}) a failure came from: by the
+    recipient's domain, else by the remote host, else by a host name of
+    the (normalised) diagnostic; L{None} when none is known.
+    """
+    if isinstance(recipient, str) and "@" in recipient:
+        domain = recipient.rsplit("@", 1)[1].strip().strip(">").rstrip(".").lower()
+        provider = _domainProvider(domain) if domain else None
+        if provider is not None:
+            return provider
+    if isinstance(remote, str) and remote.strip():
+        provider = _remoteProvider(remote[:255])
+        if provider is not None:
+            return provider
+    if text:
+        for suffix, _, _ in _SUFFIXES:
+            at = text.find(suffix)
+            while at >= 0:
+                provider = _hostAt(text, at, at + len(suffix))
+                if provider is not None:
+                    return provider
+                at = text.find(suffix, at + 1)
+    return None
+
+
+def _hostAt(text: str, start: int, end: int) -> Optional[str]:
+    """
+    The provider of the host name around C{text[start:end]} (a suffix of
+    L{RHOSTS}), or L{None} when that is no host name of a provider (it
+    goes on, or it is an address's domain).
+    """
+    if end < len(text) and (
+        text[end] in _HOST_CHARS
+        or (text[end] == "." and end + 1 < len(text) and text[end + 1] in _HOST_CHARS)
+    ):
+        return None  # the suffix goes on: another name
+    while start and (text[start - 1] in _HOST_CHARS or text[start - 1] == "."):
+        start -= 1
+    if start and text[start - 1] == "@":
+        return None  # an address's domain: the destination rule's
+    return _hostProvider(text[start:end].strip("."))
+
+
+def _phraseIn(table, text: str) -> Optional[str]:
+    """
+    The first reason of a compiled keyed C{table} one of whose phrases is
+    in C{text}, or L{None}.
+    """
+    for reason, phrases in table:
+        for phrase in phrases:
+            if phrase in text:
+                return reason
+    return None
 
 
 def _unprefix(match: "re.Match[str]") -> str:
@@ -480,7 +665,7 @@ def _inContext(said: set, named: Optional[str], command: Optional[str]) -> None:
     (L{TEXT_CONTEXT}), reading them as their C{otherwise} where that says so.
     """
     specific = named is not None and named not in VAGUE
-    weak = {"generic": named is None, "vague": not specific}
+    weak = {"never": False, "generic": named is None, "vague": not specific}
     yields = STATUS_YIELDS.get(named, frozenset())
     for reason, context in TEXT_CONTEXT.items():
         if reason not in said or reason == named:
@@ -526,10 +711,15 @@ def _fallback(
 
 
 def classifyReply(
-    status: Optional[str], code: int, text: Optional[str], command: Optional[str] = None
+    status: Optional[str],
+    code: int,
+    text: Optional[str],
+    command: Optional[str] = None,
+    remote: Optional[str] = None,
+    recipient: Optional[str] = None,
 ) -> Verdict:
     """
     Classify a negative reply in a delivery session (the C{bounced}
     event's C{source = "smtp"} path): L{classify} with the reply's parts.
     """
-    return classify(status, code, text, "failed", command)
+    return classify(status, code, text, "failed", command, remote, recipient)
