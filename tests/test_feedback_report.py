@@ -965,6 +965,16 @@ class AddressTests(SynchronousTestCase):
         )
         self.assertEqual(addressIn("no address here"), None)
 
+    def test_quotedAndPaths(self):
+        """
+        A quoted local part is kept with its quotes; a mailbox path ending
+        in an address gives the address.
+        """
+        from smartrelay.feedback.mailtext import addresses
+
+        self.assertEqual(list(addresses('to "a..b"@example.org.')), [(3, '"a..b"@example.org')])
+        self.assertEqual(list(addresses("/home/u/.cat/who@example.com")), [(13, "who@example.com")])
+
     def test_notAddresses(self):
         """
         A local part longer than 64 characters, a domain without a dot or

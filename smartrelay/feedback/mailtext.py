@@ -52,15 +52,28 @@ def _addressMatches(text: str) -> Iterator[tuple[int, int]]:
     """
     for at in _AT.finditer(text):
         position = at.start()
+        domain = _DOMAIN.match(text, position + 1, position + 256)
+        if domain is None:
+            continue
         start = max(0, position - 64)
+        if position and text[position - 1] == '"':
+            # A quoted local part: "a..b"@example.org
+            opening = text.rfind('"', start, position - 1)
+            if opening != -1 and "\n" not in text[opening:position]:
+                yield opening, domain.end()
+            continue
         # Let the look-behind see the character before the window.
         local = _LOCAL.search(text, start, position)
         if local is None or (local.start() == start and start and _LOCAL_CHAR.match(text, start - 1)):
             continue
-        domain = _DOMAIN.match(text, position + 1, position + 256)
-        if domain is None:
-            continue
-        yield local.start(), domain.end()
+        first = local.start()
+        if text[first] == "/":
+            # A mailbox path ("/home/u/.forward/a@b"): the address is its
+            # last component.
+            first = text.rfind("/", first, position) + 1
+            if first == position:
+                continue
+        yield first, domain.end()
 
 
 _LOCAL_CHAR = re.compile(r"[\w!#$%&'*+/=?^`{|}~.-]")
@@ -192,7 +205,9 @@ def normalAddress(address: str) -> str:
     @return: C{address} with the domain lower-cased (the local part is kept
         as written) and surrounding brackets, quotes and dots removed.
     """
-    address = address.strip().strip("<>\"'()[];:,. \t")
+    address = address.strip().strip("<>'()[];:,. \t")
+    if address.count('"') == 1:
+        address = address.strip('"')
     local, at, domain = address.rpartition("@")
     if not at:
         return address
