@@ -190,6 +190,29 @@ def suppressed(database: str) -> int:
         connection.close()
 
 
+def cpuSeconds(pid: int) -> float:
+    """
+    User + system CPU seconds of process C{pid} and of its children (the
+    re-wrap worker) so far.
+    """
+    total = 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
 def sleep(seconds: float) -> defer.Deferred:
     d = defer.Deferred()
     reactor.callLater(seconds, d.callback, None)
@@ -216,6 +239,7 @@ async def oneRun(args) -> dict:
         queue = reports(args.reports)
         factory = SenderFactory(queue)
         database = os.path.join(workdir, "var", "smartrelay.sqlite")
+        cpuBefore = cpuSeconds(relay.pid)
         started = time.monotonic()
         for _ in range(args.connections):
             reactor.connectTCP("127.0.0.1", port, factory)
@@ -237,6 +261,7 @@ async def oneRun(args) -> dict:
             await sleep(0.05)
         processed = time.monotonic() - started
         count = suppressed(database)
+        cpu = cpuSeconds(relay.pid) - cpuBefore
         rss = peakRSS(relay.pid)
     finally:
         relay.send_signal(signal.SIGTERM)
@@ -248,6 +273,7 @@ async def oneRun(args) -> dict:
         "accept_rate": args.reports / accepted,
         "end_to_end_rate": count / processed,
         "peak_rss_mb": rss / 2**20,
+        "cpu_ms": cpu * 1000 / count,
     }
 
 
@@ -258,16 +284,19 @@ async def main(args):
         results.append(r)
         print(
             "run %d: %6.0f reports/s accepted (250), %6.0f reports/s end to end, "
-            "%d suppressed, peak RSS %.0f MB"
-            % (n + 1, r["accept_rate"], r["end_to_end_rate"], r["suppressed"], r["peak_rss_mb"]),
+            "%d suppressed, relay CPU %.2f ms per report, peak RSS %.0f MB"
+            % (n + 1, r["accept_rate"], r["end_to_end_rate"], r["suppressed"], r["cpu_ms"],
+               r["peak_rss_mb"]),
             flush=True,
         )
     print(
-        "median of %d: %.0f reports/s accepted, %.0f reports/s end to end"
+        "median of %d: %.0f reports/s accepted, %.0f reports/s end to end, "
+        "relay CPU %.2f ms per report"
         % (
             len(results),
             statistics.median(r["accept_rate"] for r in results),
             statistics.median(r["end_to_end_rate"] for r in results),
+            statistics.median(r["cpu_ms"] for r in results),
         ),
         flush=True,
     )

@@ -306,3 +306,44 @@ class SessionTests(FeedbackTestMixin, SynchronousTestCase):
             SMTPReply, self.policy.checkRecipient, session, "", "x@relay.test", 0
         )
         self.assertEqual((refusal.code, refusal.status), (550, "5.1.1"))
+
+
+class InboxGroupCommitTests(SynchronousTestCase):
+    def test_directoryFsyncShared(self):
+        """
+        Reports renamed into C{new/} while a directory fsync runs share the
+        next one: three reports, two fsyncs, each report durable before
+        its store returns.
+        """
+        import threading
+        import time
+
+        from smartrelay.feedback.inbox import Envelope
+
+        calls, release, first = [], threading.Event(), threading.Event()
+
+        def fsyncDirectory(path):
+            calls.append(sorted(os.listdir(path)))
+            if len(calls) == 1:
+                first.set()
+                release.wait(10)
+
+        inbox = FeedbackInbox(self.mktemp(), maybeDeferred, fsyncDirectory=fsyncDirectory)
+        inbox._open()
+        envelope = Envelope("", ("postmaster@relay.test",), 1700000000.0, {})
+        ids = []
+        threads = [threading.Thread(target=lambda: ids.append(inbox._store(envelope, b"x")))]
+        threads[0].start()
+        self.assertTrue(first.wait(10))
+        for _ in range(2):
+            threads.append(threading.Thread(target=lambda: ids.append(inbox._store(envelope, b"y"))))
+            threads[-1].start()
+        deadline = time.monotonic() + 10
+        while inbox._renamed < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        release.set()
+        for thread in threads:
+            thread.join(10)
+        self.assertEqual(len(ids), 3)
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(calls[1], sorted(ids))

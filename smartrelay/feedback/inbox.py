@@ -25,6 +25,7 @@ on the reactor thread.
 import json
 import os
 import re
+import threading
 from typing import Callable, Optional
 
 import attrs
@@ -131,6 +132,13 @@ class FeedbackInbox:
     directory: str
     runInThread: Callable[..., Deferred]
     fsync: Callable[[int], None] = os.fsync
+    fsyncDirectory: Callable[[str], None] = fsyncDirectory
+    # Group commit of C{new/}'s fsync: reports renamed while one runs
+    # share the next (see L{_syncNew}).
+    _renamed: int = attrs.field(default=0, init=False)
+    _synced: int = attrs.field(default=0, init=False)
+    _ticketLock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+    _syncLock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
 
     def path(self, state: str, reportID: str) -> str:
         """
@@ -178,11 +186,28 @@ class FeedbackInbox:
             finally:
                 os.close(fd)
             os.rename(tmp, self.path("new", reportID))
-            fsyncDirectory(os.path.join(self.directory, "new"))
+            self._syncNew()
         except OSError as e:
             unlinkQuietly(tmp)
             raise InboxError(f"cannot write report {reportID}: {e.strerror or e}") from None
         return reportID
+
+    def _syncNew(self) -> None:
+        """
+        Make every rename into C{new/} so far durable: one directory fsync
+        for all the reports renamed while the previous one ran (the spool
+        thread pool writes several at once).
+        """
+        with self._ticketLock:
+            self._renamed += 1
+            ticket = self._renamed
+        with self._syncLock:
+            if self._synced >= ticket:
+                return
+            with self._ticketLock:
+                covered = self._renamed
+            self.fsyncDirectory(os.path.join(self.directory, "new"))
+            self._synced = covered
 
     def read(self, reportID: str) -> Deferred:
         """
