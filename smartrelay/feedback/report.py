@@ -11,6 +11,8 @@ C{"none"}.  It is pure CPU work on bytes and may run in a thread.
 import re
 from typing import Iterator, Optional
 
+import attrs
+
 from twisted.logger import Logger
 
 from smartrelay import mime
@@ -161,6 +163,12 @@ def _parseTree(data: bytes) -> mime.Part:
 
 
 def _read(data: bytes, depth: int = 0) -> Report:
+    """
+    Read C{data} as a report (see L{readReport}): an unsubscribe mail, an
+    ARF complaint, a JSON notification, an auto-reply, a DSN, a bounce in
+    words, a report attached to a report (up to C{depth} 2), a provider's
+    complaint form or an out-of-office reply, tried in that order.
+    """
     data = _MBOX_FROM.sub(b"", data, count=1)
     tree = _parseTree(data.lstrip(b"\r\n"))
     parts = list(_ownParts(tree))
@@ -220,35 +228,12 @@ def _read(data: bytes, depth: int = 0) -> Report:
 
 
 def _withQueueId(report: Report, queueId: Optional[str]) -> Report:
+    """
+    @return: C{report} with C{queueId} on each of its records.
+    """
     if queueId is None:
         return report
-    return Report(
-        report.type,
-        tuple(_replace(record, queue_id=queueId) for record in report.records),
-    )
-
-
-def _replace(record: FeedbackRecord, **changes) -> FeedbackRecord:
-    values = {
-        name: getattr(record, name)
-        for name in (
-            "type",
-            "recipient",
-            "action",
-            "status",
-            "replycode",
-            "diagnostic",
-            "remote",
-            "queue_id",
-            "kind",
-            "reason",
-            "feedback_type",
-            "source_ip",
-            "user_agent",
-        )
-    }
-    values.update(changes)
-    return FeedbackRecord(**values)
+    return Report(report.type, tuple(attrs.evolve(record, queue_id=queueId) for record in report.records))
 
 
 # ---------------------------------------------------------------------------
