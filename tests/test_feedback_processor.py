@@ -367,6 +367,19 @@ class UnsubscribeAndAutoReplyTests(ProcessorMixin, SynchronousTestCase):
         self.assertEqual(self.stored("unsubscribed"), [])
         self.assertTrue(os.path.exists(self.inbox.path("done", reportID)))
 
+    def test_unsubMalformedRecipient(self):
+        """
+        Mail to C{unsub+} whose only address (from the report) is not an
+        address makes nothing and is done, not retried.
+        """
+        reportID = self.deliver(
+            self.unsub(1),
+            Report("unsubscribe", (FeedbackRecord(type="unsubscribe", recipient="no-at-sign"),)),
+        )
+        self.assertEqual(self.stored(), [])
+        self.assertTrue(os.path.exists(self.inbox.path("done", reportID)))
+        self.assertTrue(self.processor.idle())
+
     def test_autoReply(self):
         """
         An auto-reply is C{auto_replied}, never a bounce or a suppression.

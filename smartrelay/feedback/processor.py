@@ -57,7 +57,7 @@ from smartrelay.feedback.report import readReport
 from smartrelay.feedback.suppression import BounceSuppressor
 from smartrelay.smtp.feedback import FeedbackAddresses, Target
 from smartrelay.smtp.replies import SMTPReply
-from smartrelay.store.interfaces import MAX_LIMIT, SuppressionEntry
+from smartrelay.store.interfaces import MAX_LIMIT, SuppressionEntry, normaliseAddress
 
 #: ARF feedback types that put the recipient on the suppression list
 #: (C{None}: a complaint that names no type, as some provider forms do).
@@ -391,6 +391,15 @@ class FeedbackProcessor:
                 report=reportID,
                 queue_id=target.queue_id,
                 index=target.index,
+            )
+            return []
+        try:
+            normaliseAddress(recipient)
+        except ValueError:
+            self.log.warn(
+                "feedback: report {report}: not unsubscribing {recipient!r}: not an address",
+                report=reportID,
+                recipient=recipient,
             )
             return []
         eventID = feedbackEventID(reportID, f"{n}.u")
