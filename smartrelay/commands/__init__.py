@@ -14,6 +14,7 @@ def register(commands) -> None:
     """
     Add every sub-command of this package to C{commands}.
     """
-    from smartrelay.commands import checkdns
+    from smartrelay.commands import api, checkdns
 
     checkdns.register(commands)
+    api.register(commands)
