@@ -345,6 +345,9 @@ def _classifyLines(path: str, data: bytes) -> list[dict]:
     The C{classify} output objects for one file: a message, or a mailbox
     (mbox) of several.
     """
+    # A file name that is not UTF-8 (surrogate escapes) cannot be printed
+    # as it is.
+    path = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     lines = []
     for message in splitMailbox(data):
         for record in readReport(message).records:

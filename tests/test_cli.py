@@ -755,6 +755,17 @@ class ClassifyTests(SynchronousTestCase):
             ["gone@example.net", "later@example.org", "other@example.com", "later@example.org"],
         )
 
+    def test_fileNameNotUTF8(self):
+        """
+        A file name that is not UTF-8 is printed with replacement
+        characters, not a traceback.
+        """
+        name = os.fsdecode(b"bad-\xff.eml")
+        path = self.write(name, self.BOUNCE)
+        status, lines, err = self.runCLI("classify", path)
+        self.assertEqual((status, err), (0, ""))
+        self.assertTrue(lines[0]["file"].endswith("bad-\ufffd.eml"))
+
     def test_noFiles(self):
         """
         C{classify} without a file is a usage error.
