@@ -293,6 +293,26 @@ class SessionTests(FeedbackTestMixin, SynchronousTestCase):
         [answer] = self.replies()
         self.assertTrue(answer.startswith("421 4.4.2 "), answer)
 
+    def test_startTLSWithCertificate(self):
+        """
+        With a TLS context (the [smtp] certificate) STARTTLS is offered and
+        started; without one it is not offered.
+        """
+        from tests.test_smtp_protocol import FakeTLSTransport
+
+        lines = self.connect() + self.send(b"EHLO mx.example.org\r\n")
+        self.assertFalse([line for line in lines if "STARTTLS" in line])
+        context = object()
+        self.factory.tlsContext = context
+        self.protocol = self.factory.buildProtocol(None)
+        self.transport = FakeTLSTransport(peerAddress=IPv4Address("TCP", "192.0.2.8", 40000))
+        self.protocol.makeConnection(self.transport)
+        lines = self.replies() + self.send(b"EHLO mx.example.org\r\n")
+        self.assertIn("250 STARTTLS", lines)
+        [answer] = self.send(b"STARTTLS\r\n")
+        self.assertTrue(answer.startswith("220 "), answer)
+        self.assertIs(self.transport.tlsStarted, context)
+
     def test_policyDirect(self):
         """
         The policy refuses AUTH outright, takes any sender and raises the
