@@ -10,6 +10,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay.feedback.inbox import FeedbackInbox, decodeReport
@@ -367,3 +369,57 @@ class InboxGroupCommitTests(SynchronousTestCase):
         self.assertEqual(len(ids), 3)
         self.assertEqual(len(calls), 2)
         self.assertEqual(calls[1], sorted(ids))
+
+
+class PropertyTests(SynchronousTestCase):
+    addresses = FeedbackAddresses(
+        tokens=Tokens([b"k" * 32]), bounceDomain="relay.test", verpPrefix="bounce",
+        fblAddresses=frozenset(["fbl@example.com"]),
+    )
+
+    @given(st.text(max_size=300))
+    def test_targetOnlyRefuses(self, address):
+        """
+        Any text given as a RCPT address is a target or an SMTP refusal
+        (550 5.1.1 / 5.7.1), never another exception.
+        """
+        try:
+            self.addresses.target(address)
+        except SMTPReply as refusal:
+            self.assertIn((refusal.code, refusal.status), [(550, "5.1.1"), (550, "5.7.1")])
+
+    @given(st.sampled_from(["bounce", "unsub"]), st.text(alphabet="abcdefghijklmnopqrstuvwxyz234567", max_size=60))
+    def test_randomTokensRefused(self, prefix, token):
+        """
+        A random token never verifies (5.7.1).
+        """
+        refusal = self.assertRaises(
+            SMTPReply, self.addresses.target, "%s+%s@relay.test" % (prefix, token)
+        )
+        self.assertEqual((refusal.code, refusal.status), (550, "5.7.1"))
+
+    @given(st.binary(max_size=500))
+    def test_decodeReportOnlyValueError(self, blob):
+        """
+        Any bytes read back as a report file decode or raise ValueError.
+        """
+        try:
+            decodeReport(blob)
+        except ValueError:
+            pass
+
+    @given(
+        st.text(max_size=40),
+        st.lists(st.text(max_size=40), max_size=5),
+        st.floats(min_value=0, max_value=4e9, allow_nan=False),
+        st.dictionaries(st.text(max_size=10), st.text(max_size=20) | st.booleans() | st.none(), max_size=3),
+        st.binary(max_size=300),
+    )
+    def test_reportFileRoundTrip(self, sender, recipients, received, client, data):
+        """
+        A report file gives back its envelope and message byte for byte.
+        """
+        from smartrelay.feedback.inbox import Envelope, encodeReport
+
+        envelope = Envelope(sender, tuple(recipients), received, client)
+        self.assertEqual(decodeReport(encodeReport(envelope, data)), (envelope, data))
