@@ -20,6 +20,7 @@ from smartrelay.feedback.reasons import (
     classifyReply,
     compileKeyed,
     compilePhrases,
+    preferStatus,
     providerOf,
     textReasons,
 )
@@ -310,6 +311,12 @@ class KindTests(SynchronousTestCase):
         for reason in HARD_REASONS:
             self.assertEqual(bounceKind(reason, "5.0.0"), "hard")
 
+    def test_notacceptTemporaryWords(self):
+        """Without a status, a notaccept the text calls temporary is soft."""
+        self.assertEqual(bounceKind("notaccept", None, "no mx, a temporary failure"), "soft")
+        self.assertEqual(bounceKind("notaccept", None, "no mx found for domain"), "hard")
+        self.assertEqual(bounceKind("notaccept", "5.1.10", "a temporary failure"), "hard")
+
     def test_notaccept(self):
         """C{notaccept} is hard when permanent, soft when temporary."""
         self.assertEqual(bounceKind("notaccept", "5.1.10"), "hard")
@@ -561,3 +568,44 @@ class ProviderTests(SynchronousTestCase):
         """classify never raises whatever the remote host and recipient are."""
         verdict = classify(None, 550, text, remote=remote, recipient=recipient)
         self.assertIn(verdict.reason, REASONS)
+
+
+class PreferStatusTests(SynchronousTestCase):
+    """
+    Which status to believe, the report's or the diagnostic's
+    (Sisimai::SMTP::Status's prefer).
+    """
+
+    def test_missing(self):
+        """Either one alone is taken."""
+        self.assertEqual(preferStatus(None, "5.1.1"), "5.1.1")
+        self.assertEqual(preferStatus("5.1.1", None), "5.1.1")
+        self.assertIsNone(preferStatus(None, None))
+
+    def test_classOnlyYields(self):
+        """x.0.0 and a x.y.0 beside a precise code yield to it."""
+        self.assertEqual(preferStatus("5.0.0", "5.2.2"), "5.2.2")
+        self.assertEqual(preferStatus("5.1.0", "5.7.1"), "5.7.1")
+        self.assertEqual(preferStatus("5.2.2", "5.0.0"), "5.2.2")
+
+    def test_replyCodeSettlesClass(self):
+        """When the classes differ, the one the reply code shares wins."""
+        self.assertEqual(preferStatus("4.4.1", "5.1.1", 550), "5.1.1")
+        self.assertEqual(preferStatus("4.4.1", "5.1.1", 450), "4.4.1")
+
+    def test_weakGivenYields(self):
+        """A vague given code (4.7.0, 5.3.x, x.5.x protocol) yields to the text's."""
+        self.assertEqual(preferStatus("4.7.0", "4.7.28"), "4.7.28")
+        self.assertEqual(preferStatus("5.5.1", "5.1.1"), "5.1.1")
+        self.assertEqual(preferStatus("5.3.0", "5.2.2"), "5.2.2")
+
+    def test_userUnknownStatus(self):
+        """A 5.1.1 yields to a precise code, not to a protocol or class-only one."""
+        self.assertEqual(preferStatus("5.1.1", "5.7.1"), "5.7.1")
+        self.assertEqual(preferStatus("5.1.1", "5.5.0"), "5.1.1")
+        self.assertEqual(preferStatus("5.2.2", "5.7.1"), "5.2.2")
+
+    def test_statusInTextChosen(self):
+        """classify takes the diagnostic's precise code over a class-only one."""
+        text = "5.1.0 - Unknown address error 550-'5.7.1 <a@b.example>... Access denied'"
+        self.assertEqual(classify("5.0.0", 550, text).status, "5.7.1")

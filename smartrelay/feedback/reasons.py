@@ -290,20 +290,25 @@ def _isGeneric(status: Optional[str]) -> bool:
     return status is None or status.endswith(".0.0")
 
 
-def bounceKind(reason: str, status: Optional[str] = None) -> Optional[str]:
+def bounceKind(reason: str, status: Optional[str] = None, text: str = "") -> Optional[str]:
     """
     C{"hard"} / C{"soft"} for a bounce reason, L{None} for a reason that is
     no bounce (C{delivered}, C{feedback}, C{vacation}).
 
     @param status: the status (or C{"4.0.0"}/C{"5.0.0"} from the reply
         code), which decides C{notaccept}: hard unless temporary.
+    @param text: the diagnostic (normalised): without a status, a
+        C{notaccept} it calls temporary or persistent is soft
+        (Sisimai::SMTP::Failure's hard-bounce rule).
     """
     if reason not in BOUNCE_REASONS:
         return None
     if reason in HARD_REASONS:
         return "hard"
     if reason == "notaccept":
-        return "soft" if status is not None and status.startswith("4") else "hard"
+        if status is not None:
+            return "soft" if status.startswith("4") else "hard"
+        return "soft" if " temporar" in text or " persistent" in text else "hard"
     return "soft"
 
 
@@ -346,19 +351,7 @@ def classify(
         match = _REPLY_IN_TEXT.search(text[:200])
         if match is not None:
             code = int(match.group(1))
-    effective = given
-    if _isGeneric(effective) and text:
-        for match in _STATUS_IN_TEXT.finditer(text):
-            start = match.start()
-            if start and (text[start - 1].isalnum() or text[start - 1] in "._"):
-                continue  # inside an address or a longer number
-            found = _normalStatus(".".join(match.groups()))
-            if found is None or (effective is not None and found[0] != effective[0]):
-                continue
-            if effective is None or not _isGeneric(found):
-                effective = found
-                if not _isGeneric(found):
-                    break
+    effective = preferStatus(given, _statusIn(text) if text else None, code)
     if effective is None and code is not None and code >= 400:
         effective = f"{code // 100}.0.0"
     action = action.strip().lower() if isinstance(action, str) else None
@@ -379,7 +372,7 @@ def classify(
                 reason = _phraseIn(_PROVIDER_TABLES.get(provider, ()), text)
     if reason is None:
         reason = _decide(effective, code, text, action, command, local)
-    return Verdict(reason=reason, kind=bounceKind(reason, effective), status=effective)
+    return Verdict(reason=reason, kind=bounceKind(reason, effective, text), status=effective)
 
 
 def compileKeyed(tables: dict, keys: dict, name: str) -> dict:
@@ -535,6 +528,80 @@ def _phraseIn(table, text: str) -> Optional[str]:
             if phrase in text:
                 return reason
     return None
+
+
+def _statusIn(text: str) -> Optional[str]:
+    """
+    The status a diagnostic gives (Sisimai::SMTP::Status's find): the
+    codes in their order, those saying only the class (x.0.0) or the
+    ambiguous 4.4.7 last, settled pairwise by L{preferStatus}.
+    """
+    found = []
+    another = None
+    for match in _STATUS_IN_TEXT.finditer(text):
+        start = match.start()
+        if start and (text[start - 1].isalnum() or text[start - 1] in "._/"):
+            continue  # inside an address, a version or a longer number
+        code = _normalStatus(".".join(match.groups()))
+        if code is None:
+            continue
+        if code.endswith(".0.0") or code == "4.4.7":
+            another = code
+            continue
+        found.append(code)
+    if another is not None:
+        found.append(another)
+    chosen = None
+    for code in found:
+        chosen = code if chosen is None else preferStatus(chosen, code, None)
+    return chosen
+
+
+#: Given statuses that a more specific code in the text replaces
+#: (L{preferStatus}): 4.4.7 and 4.7.0 say little, 5.3.x is any system
+#: error, x.5.1/2/4/5 a protocol complaint.
+_WEAK_GIVEN = ("4.4.7", "4.7.0")
+_WEAK_GIVEN_SUBJECTS = (".5.1", ".5.2", ".5.4", ".5.5")
+
+
+def preferStatus(
+    given: Optional[str], inText: Optional[str], code: Optional[int] = None
+) -> Optional[str]:
+    """
+    Which of two statuses to believe (Sisimai::SMTP::Status's prefer):
+    the report's own C{given} one, or the one its diagnostic holds.
+
+    The one whose class the reply code shares when their classes differ;
+    a code saying only the class (x.0.0, or a x.y.0 beside a precise one)
+    yields to the other; a weak given code (4.4.7, 4.7.0, 5.3.x, x.5.1,
+    x.5.2, x.5.4, x.5.5) yields to the text's; a 5.1.1 yields to a precise
+    code in the text that is not 5.5.x; a 5.1.3 to a 5.7.x.  Otherwise the
+    given one.
+    """
+    if given is None:
+        return inText
+    if inText is None or given == inText:
+        return given
+    if given[0] != inText[0] and code is not None:
+        klass = str(code)[0]
+        if klass == given[0]:
+            return given
+        if klass == inText[0]:
+            return inText
+    givenZero, textZero = ".0" in given, ".0" in inText
+    if given.endswith(".0.0") or given[1:5] == ".0.0":
+        return given if inText.endswith(".0.0") else inText
+    if givenZero and not textZero:
+        return inText
+    if inText[1:5] == ".0.0":
+        return given
+    if given in _WEAK_GIVEN or given.startswith("5.3.") or given[1:5] in _WEAK_GIVEN_SUBJECTS:
+        return inText
+    if given == "5.1.1":
+        return given if textZero or inText.startswith("5.5.") else inText
+    if given == "5.1.3" and inText.startswith("5.7."):
+        return inText
+    return given
 
 
 def _unprefix(match: "re.Match[str]") -> str:
