@@ -90,6 +90,16 @@ class ParseTests(SynchronousTestCase):
         leaf = mimescan.parse(b"Content-Type: multipart/mixed; boundary=z\n\nno parts\n")
         self.assertFalse(leaf.isMultipart)
 
+    def test_manyParts(self):
+        """
+        A multipart of more than L{mimescan.MAX_PARTS} parts is split into
+        that many, the last holding the rest, every byte kept.
+        """
+        data = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + b"--b\r\n\r\nx\r\n" * 1000 + b"--b--\r\n"
+        tree = mimescan.parse(data)
+        self.assertEqual(len(tree.children), mimescan.MAX_PARTS)
+        self.assertEqual(tree.serialize(), data)
+
     @given(st.binary(max_size=3000))
     def test_roundTripBytes(self, data):
         """

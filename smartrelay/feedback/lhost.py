@@ -292,8 +292,8 @@ def _hasReply(text: str) -> bool:
     if _REPLY_WORDS.search(text) is not None:
         return True
     words = text.lower()
-    for _, address in addresses(text):
-        words = words.replace(address.lower(), " ")
+    for address in {address.lower() for _, address in addresses(text)}:
+        words = words.replace(address, " ")
     return _FAILURE.search(words) is not None
 
 

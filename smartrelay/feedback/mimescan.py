@@ -22,7 +22,10 @@ from smartrelay import mime
 __all__ = ["parse", "headerValue", "contentType", "boundaryOf", "transferEncodingOf", "charsetOf"]
 
 #: Multiparts nested deeper than this stay leaves.
-MAX_DEPTH = 16
+MAX_DEPTH = 8
+#: A multipart is split into at most this many parts (the last holds the
+#: rest): no report has more, and hostile ones must stay cheap.
+MAX_PARTS = 256
 
 _FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
@@ -162,6 +165,7 @@ def _split(part: mime.Part, body: bytes, boundary: str, depth: int) -> bool:
     opening, closeAt = _delimiters(body, boundary.encode("utf-8", "replace"))
     if not opening or (closeAt is not None and closeAt < opening[0]):
         return False
+    opening = opening[:MAX_PARTS]
     childType = "message/rfc822" if contentType(part) == "multipart/digest" else "text/plain"
     starts = [start - _lineBreakBefore(body, start) for start in opening]
     closeStart = len(body) if closeAt is None else closeAt - _lineBreakBefore(body, closeAt)
