@@ -586,6 +586,22 @@ class TextBounceTests(SynchronousTestCase):
         [record] = report.records
         self.assertEqual((record.recipient, record.action, record.kind), ("slow@example.net", "delayed", "soft"))
 
+    def test_postmasterInFooter(self):
+        """
+        A postmaster address on a line of its own in the notice's footer is
+        no recipient when the notice names another; alone, it is one.
+        """
+        body = (
+            "Hi. This is the qmail-send program at mail.example.net.\n\n"
+            "<gone@example.org>:\nRemote host said: 550 5.1.1 No such user\n\n"
+            "Questions? Write to\n  postmaster@mail.example.net\n"
+        )
+        headers = "From: MAILER-DAEMON@mail.example.net\nTo: news@shop.example\nSubject: failure notice\n"
+        report = readReport(textBounce(headers, body))
+        self.assertEqual([r.recipient for r in report.records], ["gone@example.org"])
+        report = readReport(textBounce(headers, "<postmaster@example.org>:\n550 5.1.1 No such user\n"))
+        self.assertEqual([r.recipient for r in report.records], ["postmaster@example.org"])
+
     def test_senderWroteToItself(self):
         """
         When the failed recipient is the report's own addressee (someone

@@ -226,6 +226,11 @@ def _candidates(text: str, excluded: frozenset, knownList: list) -> list[tuple[i
         # The sender may have written to itself.
         or _positions(text, frozenset())
     )
+    # postmaster@ and the like are recipients only when nobody else is
+    # (else they are the notice's "write to postmaster@...").
+    others = [pair for pair in positions if not _NOT_RECIPIENTS.match(pair[1])]
+    if others:
+        positions = others
     if knownList:
         wanted = {address.lower() for address in knownList}
         named = [pair for pair in positions if pair[1].lower() in wanted]
