@@ -10,6 +10,7 @@ Applied at once:
     off for the next sessions;
   - C{[smtp] allowed_clients}, C{max_recipients}, C{max_connections},
     C{max_connections_per_client};
+  - C{[web] api_tokens}: the tokens the API accepts (added or revoked);
   - C{[feedback] soft_bounce_limit} and C{soft_bounce_window} (when soft
     bounces put an address on the suppression list).
 
@@ -47,6 +48,7 @@ RELOADABLE = frozenset({
     ("smtp", "max_recipients"),
     ("smtp", "max_connections"),
     ("smtp", "max_connections_per_client"),
+    ("web", "api_tokens"),
     ("feedback", "soft_bounce_limit"),
     ("feedback", "soft_bounce_window"),
 })
@@ -181,6 +183,10 @@ class Reloader:
         policy.maxRecipients = smtp.max_recipients
         policy.maxConnections = smtp.max_connections
         policy.maxConnectionsPerClient = smtp.max_connections_per_client
+        api = getattr(self.service, "api", None)
+        if api is not None and tuple(api.tokens) != new.web.api_tokens:
+            self.log.info("reload: {count} API token(s) now accepted", count=len(new.web.api_tokens))
+            api.tokens = new.web.api_tokens
         suppressor = self.service.bounceSuppressor
         suppressor.softLimit = new.feedback.soft_bounce_limit
         suppressor.softWindow = new.feedback.soft_bounce_window
@@ -194,6 +200,7 @@ class Reloader:
                 max_connections=smtp.max_connections,
                 max_connections_per_client=smtp.max_connections_per_client,
             ),
+            web=attrs.evolve(self.running.web, api_tokens=new.web.api_tokens),
             feedback=attrs.evolve(
                 self.running.feedback,
                 soft_bounce_limit=new.feedback.soft_bounce_limit,

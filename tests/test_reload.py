@@ -9,6 +9,8 @@ import os
 import signal
 import smtplib
 import ssl
+import urllib.error
+import urllib.request
 
 from twisted.internet import reactor
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
@@ -22,6 +24,7 @@ from smartrelay.reload import Reloader, changedKeys, installReloadSignal
 from smartrelay.service import makeRelayService
 from tests.sink import RelayProcess, Sink, waitFor
 from tests.test_e2e import RelayTestMixin, writeSelfSigned
+from tests.test_e2e_api import webPort
 from tests.test_service import SynchronousThreads
 
 BASE = (
@@ -157,6 +160,23 @@ class ReloaderTests(SynchronousTestCase):
             ("feedback", "soft_bounce_limit"), ("feedback", "soft_bounce_window")})
         self.assertEqual(self.reload().applied, ())
 
+    def test_apiTokens(self) -> None:
+        """
+        C{[web] api_tokens} changes the tokens the API accepts at once,
+        without logging them.
+        """
+        self.assertEqual(self.service.api.tokens, ())
+        token = "reloaded-token-0123456789abcdef"
+        text = open(self.path).read().replace(
+            "[web]\n", f"[web]\napi_tokens = {token}\n")
+        with open(self.path, "w") as f:
+            f.write(text)
+        report = self.reload()
+        self.assertEqual(self.service.api.tokens, (token,))
+        self.assertEqual(report.applied, (("web", "api_tokens"),))
+        self.assertNotIn(token, " ".join(self.messages()))
+        self.assertIn("1 API token(s) now accepted", " ".join(self.messages()))
+
     def test_restartNeeded(self) -> None:
         """
         Keys that cannot change live are named in one warning, every reload
@@ -262,6 +282,22 @@ class SignalTests(SynchronousTestCase):
         self.assertEqual(fakeReactor.calls, [(reloader.reload, ())])
 
 
+API_TOKEN = "reload-e2e-token-0123456789abcdef"
+
+
+def _apiStatus(port: int, token: str) -> int:
+    """
+    The status of C{GET /api/v1/queue} with C{token}.
+    """
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/queue",
+                                     headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def _session(port: int) -> smtplib.SMTP:
     client = smtplib.SMTP("127.0.0.1", port, timeout=30)
     client.ehlo("client.test")
@@ -280,8 +316,8 @@ class EndToEndTests(RelayTestMixin, TestCase):
 
     async def test_newUser(self) -> None:
         """
-        After SIGHUP a user just added can AUTH, and a session opened
-        before it stays up and still submits.
+        After SIGHUP a user just added can AUTH, a session opened before it
+        stays up and still submits, and an API token just added is accepted.
         """
         self.sink = Sink()
         sinkPort = reactor.listenTCP(0, self.sink, interface="127.0.0.1")
@@ -304,6 +340,12 @@ class EndToEndTests(RelayTestMixin, TestCase):
         await deferToThread(old.login, "app", "s3cret")
         with open(users, "a") as f:
             f.write("newapp:%s\n" % hashPassword("n3w", ln=4))
+        status = await deferToThread(_apiStatus, webPort(relay), API_TOKEN)
+        self.assertEqual(status, 403)
+        with open(relay.configPath) as f:
+            text = f.read()
+        with open(relay.configPath, "w") as f:
+            f.write(text.replace("[web]\n", f"[web]\napi_tokens = {API_TOKEN}\n", 1))
         os.kill(relay.process.pid, signal.SIGHUP)
         await waitFor(reactor, lambda: "reload: done" in relay.log(), 30)
         self.assertIn("1 added, 0 removed", relay.log())
@@ -314,6 +356,9 @@ class EndToEndTests(RelayTestMixin, TestCase):
         self.assertEqual(code, 235)
         code, _ = await deferToThread(old.noop)
         self.assertEqual(code, 250)
+        self.assertNotIn("restart smartrelay", relay.log())
+        status = await deferToThread(_apiStatus, webPort(relay), API_TOKEN)
+        self.assertEqual(status, 200)
         refused = await deferToThread(
             old.sendmail, "app@example.com", ["ok@example.org"],
             b"From: app@example.com\r\nSubject: after\r\n\r\nstill here\r\n")
