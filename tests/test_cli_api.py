@@ -184,6 +184,13 @@ class FakeServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 api.requests.append((self.command, parts.path, query, body))
+                if not parts.path.startswith("/api/v1/"):
+                    self.send_response(404)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", "9")
+                    self.end_headers()
+                    self.wfile.write(b"<p>no</p>")
+                    return
                 status, document = api.handle(self.command, parts.path, query, body,
                                               self.headers)
                 if isinstance(document, str):
@@ -319,12 +326,31 @@ class MessageTests(CommandTestsMixin, SynchronousTestCase):
         self.assertIn("connection refused", err)
         self.assertEqual(len(err.splitlines()), 1)
 
+    def test_noAnswer(self) -> None:
+        """
+        A server that takes the connection but never answers: one line
+        after C{--timeout}.
+        """
+        import socket
+
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(5)
+        self.addCleanup(silent.close)
+        url = "http://127.0.0.1:%d" % silent.getsockname()[1]
+        status, out, err = self.run_("message", "x", "--url", url, "--timeout", "0.2")
+        self.assertEqual(status, 1)
+        self.assertEqual(err, f"smartrelay: error: no answer from {url} within 0.2 s\n")
+
     def test_notTheAPI(self) -> None:
         """
         A server that answers something else than the API's errors.
         """
-        status, out, err = self.run_("message", "x", "--url", self.server.url + "/nothing")
+        url = self.server.url + "/nothing"
+        status, out, err = self.run_("message", "x", "--url", url)
         self.assertEqual(status, 1)
+        self.assertEqual(err, f"smartrelay: error: {url} answered 404 Not Found (not a "
+                              "smartrelay API answer: is --url right?)\n")
 
     def test_badURL(self) -> None:
         """

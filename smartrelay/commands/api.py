@@ -499,6 +499,15 @@ def stats(options, console: Console) -> int:
 # events
 
 
+def parseTime(text: str) -> float:
+    """
+    POSIX seconds of an event's RFC 3339 C{time} (C{...Z} or an offset).
+    """
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00")).timestamp()
+
+
 def _eventLine(event: dict) -> str:
     return "  ".join(str(x) for x in (
         event["time"], event["type"], event.get("queue_id") or "-",
@@ -538,8 +547,6 @@ def events(options, console: Console, sleep: Callable[[float], None] = time.slee
     # The cursor ends with the last page; go on from the last event's time
     # (less a margin for events written late, e.g. by another node), and
     # skip what was shown already.
-    from smartrelay.web.api import parseTime
-
     try:
         while True:
             sleep(options.interval)
