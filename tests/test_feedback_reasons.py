@@ -525,6 +525,15 @@ class ProviderTests(SynchronousTestCase):
         self.assertIsNone(providerOf(None, None, "mail to bob@x.mail.icloud.com failed"))
         self.assertIsNone(providerOf(None, None, "host mx.hotmail.community said"))
 
+    def test_providerByReporter(self):
+        """The reporting host names the provider when nothing else does."""
+        self.assertEqual(providerOf(None, None, "", "omr-a015e.mx.aol.com"), "aol")
+        self.assertEqual(providerOf("mx.cox.net", None, "", "omr-a015e.mx.aol.com"), "cox")
+        text = "Name service error for name=example.org type=MX: Malformed or unexpected name server reply"
+        verdict = classify("5.4.4", None, text, reporter="omr-a015e.mx.aol.com")
+        self.assertEqual((verdict.reason, verdict.kind), ("notaccept", "hard"))
+        self.assertNotEqual(classify("5.4.4", None, text).reason, "notaccept")
+
     def test_kddiUserUnknown(self):
         """au / KDDI: the address in the reply is an unknown user, none is a filter."""
         text = "550 <bob@ezweb.ne.jp>: User unknown"

@@ -1367,6 +1367,8 @@ OVERRIDES = {
         "the recipient name is not recognized",
         "invalid final delivery userid",
         "because the address couldn't be found. check for typos or unnecessary spaces",
+        # Verizon Wireless's MMS gateway (MM: a multimedia message).
+        "no valid recipients for this mm",
         "dd this user doesn't have a ",
         "resolver.adr.recipientnotfound",
         "resolver.adr.recipnotfound",
@@ -1400,9 +1402,9 @@ OVERRIDES = {
 
 #: Mail providers known by the host that answered: provider -> host-name
 #: suffixes.  A record names its provider by its remote MTA (the DSN's
-#: Remote-MTA, the host a delivery session talked to), else by a host name
-#: in its diagnostic, else by its recipient's domain (C{ezweb.ne.jp} is
-#: KDDI's whatever host refused it).  A suffix starting with "." matches
+#: Remote-MTA, the host a delivery session talked to), a host name in its
+#: diagnostic, its recipient's domain (C{ezweb.ne.jp} is KDDI's whatever
+#: host refused it) or the host that wrote the report (its Reporting-MTA).  A suffix starting with "." matches
 #: the names under it; one without matches itself and the names under it.
 RHOSTS = {
     "aol": (".mail.aol.com", ".mx.aol.com"),
@@ -1433,10 +1435,14 @@ RHOSTS = {
 
 #: What a provider's own wording means when that provider said it: provider
 #: -> reason -> phrases (matched on the normalised text, like L{PHRASES}).
-#: Only for wording that is ambiguous from anyone else -- the same words
+#: Only for wording that is ambiguous (or wrong) from anyone else -- the same words
 #: from an unknown server go through the ordinary rules.  A phrase found
 #: here decides, like an L{OVERRIDES} one; the first reason listed wins.
 RHOST_PHRASES = {
+    # AOL: a DNS answer it cannot read for the recipient domain's MX.
+    "aol": {
+        "notaccept": ("type=mx: malformed or unexpected name server reply",),
+    },
     # au / KDDI answer an unknown address with the address in the reply
     # ("550 <...>: User unknown") and a content filter's refusal without
     # it ("550 : User unknown").

@@ -320,6 +320,7 @@ def classify(
     command: Optional[str] = None,
     remote: Optional[str] = None,
     recipient: Optional[str] = None,
+    reporter: Optional[str] = None,
 ) -> Verdict:
     """
     Classify one failure (see the module's docstring for the rules).
@@ -338,6 +339,8 @@ def classify(
         whose own wording L{RHOST_PHRASES} reads.
     @param recipient: the failed address, or L{None}: its domain names the
         provider too (L{providerOf}).
+    @param reporter: the host that wrote the report (a DSN's
+        Reporting-MTA), or L{None}: the provider's name of last resort.
     @return: the L{Verdict}; never raises, whatever the input.
     """
     text = normalise(diagnostic[:MAX_TEXT]) if isinstance(diagnostic, str) else ""
@@ -367,7 +370,7 @@ def classify(
         if command is None or command == "DATA":
             reason = _localAgent(text)
         if reason is None:
-            provider = providerOf(remote, recipient, text)
+            provider = providerOf(remote, recipient, text, reporter)
             if provider is not None:
                 reason = _phraseIn(_PROVIDER_TABLES.get(provider, ()), text)
     if reason is None:
@@ -430,6 +433,11 @@ _SUFFIXES = sorted(
     ),
     key=lambda entry: -len(entry[0]),
 )
+#: Suffix -> (whether it matches only names under it, provider).
+_SUFFIX_TABLE = {suffix: (under, provider) for suffix, under, provider in reversed(_SUFFIXES)}
+#: The top-level labels of the suffixes (".com", ".jp", ...): a host name
+#: in a text is looked for where one of these ends a name.
+_TAILS = tuple(sorted({"." + suffix.rsplit(".", 1)[-1] for suffix, _, _ in _SUFFIXES}))
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
@@ -438,14 +446,15 @@ def _hostProvider(host: str) -> Optional[str]:
     The provider whose L{RHOSTS} suffix C{host} (lower case, no trailing
     dot) ends with, or L{None}.
     """
-    for suffix, under, provider in _SUFFIXES:
-        if host.endswith(suffix):
-            before = len(host) - len(suffix)
-            if before == 0:
-                if not under:
-                    return provider
-            elif host[before - 1] == ".":
-                return provider
+    entry = _SUFFIX_TABLE.get(host)
+    if entry is not None and not entry[0]:
+        return entry[1]  # the name itself
+    at = host.find(".")
+    while at >= 0:
+        entry = _SUFFIX_TABLE.get(host[at + 1:])
+        if entry is not None:
+            return entry[1]  # a name under the suffix
+        at = host.find(".", at + 1)
     return None
 
 
@@ -473,12 +482,17 @@ def _domainProvider(domain: str) -> Optional[str]:
 
 
 def providerOf(
-    remote: Optional[str], recipient: Optional[str] = None, text: str = ""
+    remote: Optional[str],
+    recipient: Optional[str] = None,
+    text: str = "",
+    reporter: Optional[str] = None,
 ) -> Optional[str]:
     """
     The mail provider (a key of L{RHOSTS}) a failure came from: by the
     recipient's domain, else by the remote host, else by a host name of
-    the (normalised) diagnostic; L{None} when none is known.
+    the (normalised) diagnostic, else by the reporting host (Sisimai's
+    order: destination, remote host, local host); L{None} when none is
+    known.
     """
     if isinstance(recipient, str) and "@" in recipient:
         domain = recipient.rsplit("@", 1)[1].strip().strip(">").rstrip(".").lower()
@@ -490,21 +504,24 @@ def providerOf(
         if provider is not None:
             return provider
     if text:
-        for suffix, _, _ in _SUFFIXES:
-            at = text.find(suffix)
+        for tail in _TAILS:
+            at = text.find(tail)
             while at >= 0:
-                provider = _hostAt(text, at, at + len(suffix))
+                end = at + len(tail)
+                provider = _hostAt(text, at, end)
                 if provider is not None:
                     return provider
-                at = text.find(suffix, at + 1)
+                at = text.find(tail, end)
+    if isinstance(reporter, str) and reporter.strip():
+        return _remoteProvider(reporter[:255])
     return None
 
 
 def _hostAt(text: str, start: int, end: int) -> Optional[str]:
     """
-    The provider of the host name around C{text[start:end]} (a suffix of
-    L{RHOSTS}), or L{None} when that is no host name of a provider (it
-    goes on, or it is an address's domain).
+    The provider of the host name that ends with C{text[start:end]} (a
+    top-level label), or L{None} when that is no host name of a provider
+    (it goes on, or it is an address's domain).
     """
     if end < len(text) and (
         text[end] in _HOST_CHARS
