@@ -2,7 +2,7 @@
 C{smartrelay check-dns DOMAIN}: is the DNS of a sending domain ready for
 the relay's mail?
 
-Five checks, each read from the DNS through L{twisted.names} (the
+Five or six checks, each read from the DNS through L{twisted.names} (the
 C{[delivery] nameservers} when set, as the relay itself asks):
 
   - C{spf}: the envelope sender's domain (C{[feedback] bounce_domain}, else
@@ -21,6 +21,9 @@ C{[delivery] nameservers} when set, as the relay itself asks):
     there, to the feedback listener).
   - C{tracking}: the host of C{[tracking] base_url} resolves (recipients'
     mail clients open the tracking and unsubscribe links there).
+  - C{ptr}, when mail leaves from C{[delivery] bind_address} straight to
+    the MX hosts: the address's reverse DNS name resolves back to it, and
+    is the EHLO name (C{[smartrelay] hostname}).
 
 Each check gives a L{Check}: its status (L{OK}, L{WARN} or L{FAIL}), a
 sentence, and, when something is missing, the record to publish.  No
@@ -59,7 +62,7 @@ class Check:
     """
     The outcome of one check.
 
-    @ivar check: C{spf}, C{dkim}, C{dmarc}, C{mx} or C{tracking}.
+    @ivar check: C{spf}, C{dkim}, C{dmarc}, C{mx}, C{tracking} or C{ptr}.
     @ivar name: the DNS name that was looked at.
     @ivar status: L{OK}, L{WARN} or L{FAIL}.
     @ivar message: one sentence saying what was found.
@@ -167,19 +170,26 @@ def _zoneTXT(name: str, value: str) -> str:
     return f"{name}. IN TXT {strings}"
 
 
-def _aligned(domain: str, other: str, mode: str) -> bool:
+def _aligned(domain: str, other: str, mode: str, organization: Optional[str] = None) -> bool:
     """
     Is C{other} aligned with C{domain} (RFC 7489 3.1): the same name, or,
-    relaxed (C{mode} C{r}), one a subdomain of the other?  (Without a
-    public suffix list, a parent shared above both counts only when it is
-    one of them.)
+    relaxed (C{mode} C{r}), in the same organizational domain.  Without a
+    public suffix list, that is C{organization} (the parent whose DMARC
+    record applies) when given, else one of the two names being a
+    subdomain of the other.
     """
     domain, other = domain.lower(), other.lower()
     if domain == other:
         return True
     if mode == "s":
         return False
-    return other.endswith("." + domain) or domain.endswith("." + other)
+
+    def within(name: str, parent: str) -> bool:
+        return name == parent or name.endswith("." + parent)
+
+    if organization is not None and within(domain, organization) and within(other, organization):
+        return True
+    return within(other, domain) or within(domain, other)
 
 
 @attrs.define
@@ -264,6 +274,9 @@ class DNSChecker:
         checks.append(await self.checkDMARC(domain))
         checks.append(await self.checkMX())
         checks.append(await self.checkTracking())
+        ptr = await self.checkPTR()
+        if ptr is not None:
+            checks.append(ptr)
         return checks
 
     def bounceDomain(self) -> str:
@@ -494,7 +507,8 @@ class DNSChecker:
         dkimAligned = domain in self.config.dkim and _aligned(
             domain, domain, tags.get("adkim", "r").lower())
         bounce = self.bounceDomain()
-        spfAligned = _aligned(domain, bounce, tags.get("aspf", "r").lower())
+        organization = name[len("_dmarc."):] if name != f"_dmarc.{domain}" else None
+        spfAligned = _aligned(domain, bounce, tags.get("aspf", "r").lower(), organization)
         aligned = []
         if dkimAligned:
             aligned.append(f"DKIM (d={domain})")
@@ -523,6 +537,42 @@ class DNSChecker:
                          f"{bounce} (the bounce domain) has a null MX: it takes no mail", publish)
         hosts = ", ".join(f"{preference} {host}" for preference, host in exchangers)
         return Check("mx", bounce, OK, f"{bounce} (the bounce domain) has MX {hosts}")
+
+    async def checkPTR(self) -> Optional[Check]:
+        """
+        Reverse DNS of the address mail leaves from (C{[delivery]
+        bind_address}, when mail goes to the MX hosts directly): a name
+        that resolves back to the address (forward-confirmed, which Gmail
+        and Yahoo require), best the C{[smartrelay] hostname} the relay
+        says in EHLO.  L{None} when the address is not known (a smarthost
+        sends for the relay, or no bind address is set).
+        """
+        delivery = self.config.delivery
+        if delivery.smarthost is not None or delivery.bind_address is None:
+            return None
+        address = str(ipaddress.ip_address(delivery.bind_address))
+        reverse = ipaddress.ip_address(address).reverse_pointer
+        hostname = self.config.relay.hostname.lower().rstrip(".")
+        publish = f"{reverse}. IN PTR {hostname}.  (set by whoever runs {address}: ask them)"
+        records = await self._query("lookupPointer", reverse, dns.PTR) or []
+        names = [r.name.name.decode("ascii").rstrip(".").lower() for r in records]
+        if not names:
+            return Check("ptr", reverse, FAIL,
+                         f"{address} ([delivery] bind_address) has no reverse DNS name", publish)
+        confirmed = []
+        for name in names:
+            if address in await self._addresses(name):
+                confirmed.append(name)
+        if not confirmed:
+            return Check("ptr", reverse, FAIL,
+                         f"{address} is {', '.join(names)}, which does not resolve back to "
+                         f"{address}", f"{names[0]}. IN A {address}" if ipaddress.ip_address(
+                             address).version == 4 else f"{names[0]}. IN AAAA {address}")
+        if hostname not in confirmed:
+            return Check("ptr", reverse, WARN,
+                         f"{address} is {confirmed[0]} (forward-confirmed), but the relay says "
+                         f"EHLO {hostname}: set [smartrelay] hostname = {confirmed[0]}")
+        return Check("ptr", reverse, OK, f"{address} is {hostname}, forward-confirmed")
 
     async def checkTracking(self) -> Check:
         url = self.config.tracking.base_url

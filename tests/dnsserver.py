@@ -201,6 +201,15 @@ class DNSServer:
         strings = [data[i:i + 255] for i in range(0, len(data), 255)] or [b""]
         self._zone.add(host, dns.Record_TXT(*strings, ttl=ttl), ttl)
 
+    def addPTR(self, address: str, host: str, ttl: int = 300) -> None:
+        """
+        Add a reverse DNS record: C{address} (IPv4 or IPv6) is C{host}.
+        """
+        import ipaddress
+
+        name = ipaddress.ip_address(address).reverse_pointer
+        self._zone.add(name, dns.Record_PTR(host, ttl=ttl), ttl)
+
     def servfail(self, domain: str) -> None:
         """
         Answer every query for C{domain} with SERVFAIL.

@@ -102,6 +102,8 @@ class DNSCheckTests(TestCase):
         self.server.addTXT("_dmarc.example.test", "v=DMARC1; p=reject; aspf=r")
         self.server.addMX("bounces.example.test", [(10, "relay.example.test")])
         self.server.addA("t.example.test", PUBLIC)
+        self.server.addPTR(PUBLIC, "relay.example.test")
+        self.server.addA("relay.example.test", PUBLIC)
 
     def _write(self, name: str, data: bytes) -> str:
         path = os.path.join(self.dir, name)
@@ -129,7 +131,7 @@ class DNSCheckTests(TestCase):
         """
         checks = await self.checks()
         self.assertEqual({name: c.status for name, c in checks.items()},
-                         dict.fromkeys(["spf", "dkim", "dmarc", "mx", "tracking"], OK))
+                         dict.fromkeys(["spf", "dkim", "dmarc", "mx", "tracking", "ptr"], OK))
         self.assertIn("[delivery] bind_address", checks["spf"].message)
 
     async def test_spfMissing(self) -> None:
@@ -267,6 +269,17 @@ class DNSCheckTests(TestCase):
         self.assertEqual(checks["dmarc"].status, OK)
         self.assertEqual(checks["dmarc"].name, "_dmarc.example.test")
 
+    async def test_dmarcSiblingAligned(self) -> None:
+        """
+        Relaxed SPF alignment holds for a bounce domain beside the From
+        domain under the parent whose DMARC record applies.
+        """
+        del self.settings["dkim:example.test"]
+        self.server.addTXT("s1._domainkey.mail.example.test", self.rsaRecord)
+        checks = await self.checks("mail.example.test")
+        self.assertEqual(checks["dmarc"].status, OK)
+        self.assertIn("SPF (bounce domain bounces.example.test)", checks["dmarc"].message)
+
     async def test_dmarcNotAligned(self) -> None:
         """
         Strict SPF alignment with a bounce subdomain and no DKIM key fails.
@@ -308,6 +321,45 @@ class DNSCheckTests(TestCase):
         self.server.addA("t.example.test", "127.0.0.1")
         checks = await self.checks()
         self.assertEqual(checks["tracking"].status, WARN)
+
+    async def test_ptrMissing(self) -> None:
+        """
+        A bind address without reverse DNS fails, naming the PTR record.
+        """
+        self.server.remove("11.10.9.5.in-addr.arpa")
+        checks = await self.checks()
+        self.assertEqual(checks["ptr"].status, FAIL)
+        self.assertTrue(checks["ptr"].publish.startswith(
+            "11.10.9.5.in-addr.arpa. IN PTR relay.example.test."))
+
+    async def test_ptrNotConfirmed(self) -> None:
+        """
+        A reverse name that does not resolve back to the address fails.
+        """
+        self.server.remove("relay.example.test", 1)
+        self.server.addA("relay.example.test", OTHER)
+        checks = await self.checks()
+        self.assertEqual(checks["ptr"].status, FAIL)
+        self.assertEqual(checks["ptr"].publish, f"relay.example.test. IN A {PUBLIC}")
+
+    async def test_ptrOtherName(self) -> None:
+        """
+        A forward-confirmed name other than the EHLO name warns.
+        """
+        self.server.remove("11.10.9.5.in-addr.arpa")
+        self.server.addPTR(PUBLIC, "static.host.test")
+        self.server.addA("static.host.test", PUBLIC)
+        checks = await self.checks()
+        self.assertEqual(checks["ptr"].status, WARN)
+        self.assertIn("set [smartrelay] hostname = static.host.test", checks["ptr"].message)
+
+    async def test_ptrSmarthost(self) -> None:
+        """
+        Through a smarthost there is no reverse DNS check: the provider sends.
+        """
+        self.settings["delivery"]["smarthost"] = "tcp:host=smtp.provider.test:port=587"
+        checks = await self.checks()
+        self.assertNotIn("ptr", checks)
 
 
 class CommandLineTests(TestCase):
@@ -360,7 +412,7 @@ class CommandLineTests(TestCase):
         self.assertEqual(code, 1)
         self.assertFalse(document["ok"])
         self.assertEqual([c["check"] for c in document["checks"]],
-                         ["spf", "dkim", "dmarc", "mx", "tracking"])
+                         ["spf", "dkim", "dmarc", "mx", "tracking", "ptr"])
         self.assertEqual(set(document["checks"][0]),
                          {"check", "name", "status", "message", "publish"})
 
