@@ -121,7 +121,7 @@ def fromDeliveryStatus(
             body = partText(part)
             if not body.strip() and part.message is not None:
                 body = part.message.serialize().decode("utf-8", "replace")
-        perMessage, recipients = dsn.readDeliveryStatus(body)
+        _, recipients = dsn.readDeliveryStatus(body)
         fallback: Optional[list] = None
         for index, each in enumerate(recipients[:MAX_RECORDS]):
             recipient = _usable(each.recipient) or _usable(each.original)
