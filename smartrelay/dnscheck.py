@@ -87,6 +87,16 @@ class DNSUnavailable(Exception):
     """
 
 
+class _LookupFailed(Exception):
+    """
+    The name server answered an error (SERVFAIL, REFUSED, ...) for one name.
+    """
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"the name server answered {why} for {name}")
+        self.name = name
+
+
 class _SPFError(Exception):
     """
     An SPF record that receivers would answer with C{permerror}.
@@ -223,7 +233,14 @@ class DNSChecker:
             answers, authority, additional = await getattr(self.resolver, method)(
                 name, timeout=tuple(self.timeout)
             )
-        except error.DomainError:
+        except error.DNSServerError:
+            raise _LookupFailed(name, "SERVFAIL") from None
+        except error.DNSQueryRefusedError:
+            raise _LookupFailed(name, "REFUSED") from None
+        except (error.DNSFormatError, error.DNSNotImplementedError, error.DNSUnknownError) as e:
+            raise _LookupFailed(name, type(e).__name__) from None
+        except (error.DomainError, error.AuthoritativeDomainError):
+            # NXDOMAIN (DNSNameError), or no such name in /etc/hosts.
             return None
         except (error.DNSQueryTimeoutError, error.TimeoutError, ConnectionError, OSError) as e:
             raise DNSUnavailable(
@@ -269,14 +286,25 @@ class DNSChecker:
 
         @raise DNSUnavailable: the name servers do not answer.
         """
-        checks = [await self.checkSPF(domain)]
-        checks.extend(await self.checkDKIM(domain))
-        checks.append(await self.checkDMARC(domain))
-        checks.append(await self.checkMX())
-        checks.append(await self.checkTracking())
-        ptr = await self.checkPTR()
-        if ptr is not None:
-            checks.append(ptr)
+        steps = [
+            ("spf", self.bounceDomain(), lambda: self.checkSPF(domain)),
+            ("dkim", f"_domainkey.{domain}", lambda: self.checkDKIM(domain)),
+            ("dmarc", f"_dmarc.{domain}", lambda: self.checkDMARC(domain)),
+            ("mx", self.bounceDomain(), self.checkMX),
+            ("tracking", urlsplit(self.config.tracking.base_url).hostname or "", self.checkTracking),
+            ("ptr", "", self.checkPTR),
+        ]
+        checks: list[Check] = []
+        for check, name, step in steps:
+            try:
+                result = await step()
+            except _LookupFailed as e:
+                checks.append(Check(check, e.name, FAIL, str(e)))
+                continue
+            if isinstance(result, list):
+                checks.extend(result)
+            elif result is not None:
+                checks.append(result)
         return checks
 
     def bounceDomain(self) -> str:

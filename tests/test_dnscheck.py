@@ -310,6 +310,17 @@ class DNSCheckTests(TestCase):
         self.assertEqual(checks["mx"].publish,
                          "bounces.example.test. IN MX 10 relay.example.test.")
 
+    async def test_serverFailure(self) -> None:
+        """
+        SERVFAIL for one name fails that check only, naming the name.
+        """
+        self.server.servfail("_dmarc.example.test")
+        checks = await self.checks()
+        self.assertEqual(checks["dmarc"].status, FAIL)
+        self.assertEqual(checks["dmarc"].message,
+                         "the name server answered SERVFAIL for _dmarc.example.test")
+        self.assertEqual(checks["spf"].status, OK)
+
     async def test_trackingHost(self) -> None:
         """
         A tracking host that does not resolve fails; one on a loopback
