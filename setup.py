@@ -124,6 +124,9 @@ setup(
         "idna>=3.4",
         # The web app imports werkzeug's HTTP exceptions directly.
         "werkzeug>=2.3",
+        # /metrics: the Prometheus text (and OpenMetrics) exposition of
+        # smartrelay/web/metrics.py, and a private CollectorRegistry per relay.
+        "prometheus_client>=0.17",
     ],
     extras_require={
         # tests/test_install.py builds the project with this setuptools
@@ -134,6 +137,8 @@ setup(
             "selenium>=4.11",
             "pynacl>=1.5",
             "setuptools>=70.1",
+            # tests/test_openapi.py runs it against a live relay.
+            "schemathesis>=4.0",
         ],
     },
     cmdclass=cmdclass,

@@ -1253,11 +1253,14 @@ class WebConfig:
         C{X-Forwarded-For} is believed (for the API's failure limits and
         the C{ip} of open and click events); empty: the peer address is
         the client.
+    @ivar metrics_clients: networks of the clients that may read
+        C{/metrics} and C{/healthz} (loopback unless set; empty: nobody).
     """
 
     listen: str = _setting(_serverEndpoint, default="tcp:8080:interface=127.0.0.1")
     api_tokens: tuple[str, ...] = _setting(_apiTokens, default=(), repr=False)
     trusted_proxies: tuple[IPNetwork, ...] = _setting(_networks, default=())
+    metrics_clients: tuple[IPNetwork, ...] = _setting(_networks, factory=_defaultNetworks)
 
 
 _NAME = "smartrelay.config.name"

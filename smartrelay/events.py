@@ -12,7 +12,7 @@ import itertools
 import json
 import os
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -152,6 +152,9 @@ class EventLog:
     _journaledSinceSeal: int = attrs.field(default=0, init=False)
     _stopped: bool = attrs.field(default=False, init=False)
     _storeStarted: bool = attrs.field(default=True, init=False)
+    #: Told of every event as it is emitted (C{observe(event)}), e.g. the
+    #: relay's event counters (L{smartrelay.web.metrics.EventCounts}).
+    observe: Optional[Callable[[Event], None]] = None
 
     log = Logger()
 
@@ -161,6 +164,20 @@ class EventLog:
         True while events go to the journal instead of the store.
         """
         return self._degraded
+
+    @property
+    def backlog(self) -> int:
+        """
+        Events emitted and not yet handed to the store (or the journal).
+        """
+        return len(self._pending)
+
+    @property
+    def writesInFlight(self) -> int:
+        """
+        Batches being written to the store or the journal.
+        """
+        return self._writing
 
     def start(self, storeStarted: bool = True) -> Deferred:
         """
@@ -226,6 +243,8 @@ class EventLog:
         )
         self._pending.append(event)
         self._schedule()
+        if self.observe is not None:
+            self.observe(event)
         return event
 
     def _schedule(self) -> None:

@@ -546,6 +546,27 @@ class Spool:
     def corruptDirectory(self) -> str:
         return os.path.join(self.directory, "corrupt")
 
+    @property
+    def diskBytes(self) -> int:
+        """
+        Bytes durably written to the segment files (for C{/metrics}).
+        """
+        return sum(segment.size for segment in self._segments.values())
+
+    @property
+    def liveBytes(self) -> int:
+        """
+        Bytes of the latest copies of the messages with work left.
+        """
+        return sum(segment.liveBytes for segment in self._segments.values())
+
+    @property
+    def segmentCount(self) -> int:
+        """
+        Segment files in the spool.
+        """
+        return len(self._segments)
+
     def _segmentPath(self, number: int) -> str:
         return os.path.join(self.directory, segmentName(number))
 

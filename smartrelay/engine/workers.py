@@ -281,6 +281,20 @@ class WorkerPool:
         """
         return self._running and any(w.alive for w in self.workers)
 
+    @property
+    def running(self) -> int:
+        """
+        Children running now (for C{/metrics}).
+        """
+        return sum(1 for w in self.workers if w.alive) if self._running else 0
+
+    @property
+    def inFlight(self) -> int:
+        """
+        Jobs sent to children and not answered yet.
+        """
+        return sum(len(w.waiting) for w in self.workers)
+
     def run(self, job: Any) -> Deferred:
         """
         Run C{job.run(*context)} in the least busy child.
