@@ -106,7 +106,7 @@ class OutcomeTests(SchedulerTestsMixin, SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_bounced(self):
-        """A 5xx reply is a hard bounce with a classified reason and the reply as diagnostic."""
+        """A 5xx reply is a hard bounce with a classified reason, the reply as diagnostic and source smtp."""
         entry = self.add("Q1", ["a@example.com"])
         self.clock.advance(0)
         self.call().answer(550, "<a@example.com>: user unknown", "5.1.1")
@@ -119,6 +119,7 @@ class OutcomeTests(SchedulerTestsMixin, SynchronousTestCase):
                 "status": "5.1.1",
                 "diagnostic": "550 5.1.1 <a@example.com>: user unknown",
                 "remote": "smarthost.test:25",
+                "source": "smtp",
             })],
         )
 
@@ -317,7 +318,8 @@ class RoutingTests(SchedulerTestsMixin, SynchronousTestCase):
         self.assertEqual(
             detail,
             {"kind": "hard", "reason": "hostunknown", "status": "5.1.10",
-             "diagnostic": "550 5.1.10 null.example does not accept mail", "remote": None},
+             "diagnostic": "550 5.1.10 null.example does not accept mail", "remote": None,
+             "source": "smtp"},
         )
         self.assertEqual(entry.recipients[0].state, "bounced")
 
