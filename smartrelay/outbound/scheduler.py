@@ -28,6 +28,7 @@ event is emitted; a failed record is logged and retried, never dropped.
 
 import random as _random
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import attrs
@@ -297,6 +298,15 @@ class DeliveryScheduler(Service):
         The number of messages with recipients still to deliver.
         """
         return len(self._entries)
+
+    @property
+    def pendingEntries(self) -> Iterable[SpoolEntry]:
+        """
+        The messages with recipients still to deliver, in no order: a live
+        view of the scheduler's own entries, to be read (on the reactor
+        thread) and never changed; C{/metrics} sums it by domain.
+        """
+        return self._entries.values()
 
     def destinations(self) -> list:
         """
