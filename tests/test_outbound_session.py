@@ -103,6 +103,20 @@ class ReuseTests(SessionTestsMixin, SynchronousTestCase):
         self.assertTrue(session.usable)
         self.assertEqual(self.send(session, ["c@example.com"]).results["c@example.com"].code, 250)
 
+    def test_refusalNamesCommand(self):
+        """A refusal says which command it answered: RCPT, MAIL, DATA or the final dot."""
+        script = SMTPScript(rcpt={"a@example.com": b"550 user unknown"})
+        result = self.send(self.session(script), ["a@example.com", "b@example.com"])
+        self.assertEqual(result.results["a@example.com"].command, "RCPT")
+        self.assertIsNone(result.results["b@example.com"].command)
+        result = self.send(self.session(SMTPScript(mail=b"553 5.1.8 bad sender")))
+        self.assertEqual(result.results["a@example.com"].command, "MAIL")
+        result = self.send(self.session(SMTPScript(data=b"554 5.3.0 no")))
+        self.assertEqual(result.results["a@example.com"].command, "DATA")
+        result = self.send(self.session(SMTPScript(final=b"550 5.7.1 spam")))
+        self.assertEqual(result.results["a@example.com"].command, "DATA")
+        self.assertEqual(result.results["a@example.com"], Reply(550, "5.7.1", "spam"))
+
     def test_mailRefusedPipelined(self):
         """Pipelined: a refused MAIL FROM is every recipient's reply, whatever RCPT said."""
         script = SMTPScript(ehlo=PIPELINING, mail=b"553 5.1.8 bad sender")

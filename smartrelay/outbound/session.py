@@ -84,11 +84,16 @@ class Reply:
         reply carried one whose class matches C{code}, else L{None}.
     @ivar text: the reply text without the code and the enhanced status
         (multi-line replies joined with spaces).
+    @ivar command: the SMTP command a refusal answered (C{"CONN"} for the
+        greeting, C{"EHLO"}, C{"MAIL"}, C{"RCPT"}, C{"DATA"}), when the
+        session knows it; the bounce classifier reads a "user unknown"
+        differently at RCPT and after DATA.  Not part of equality.
     """
 
     code: int
     status: Optional[str]
     text: str
+    command: Optional[str] = attrs.field(default=None, eq=False)
 
     @classmethod
     def fromResponse(cls, code: int, response: Any) -> "Reply":
@@ -188,14 +193,16 @@ def _protocolError(remote: str, reply: Reply) -> Reply:
     return Reply(451, "4.5.0", f"unexpected reply from {remote}: {reply.line}")
 
 
-def _refusal(remote: str, reply: Reply) -> Reply:
+def _refusal(remote: str, reply: Reply, command: Optional[str] = None) -> Reply:
     """
     The reply for a command that did not get the answer it expected.
     Anything but a 4xx or 5xx there is a protocol error (temporary), so
     that an odd 2xx or 3xx is never taken for acceptance.
+
+    @param command: the command refused (L{Reply.command}).
     """
     if 400 <= reply.code < 600:
-        return reply
+        return attrs.evolve(reply, command=command) if command else reply
     return _protocolError(remote, reply)
 
 
@@ -454,7 +461,7 @@ class SMTPSession(Protocol):
 
     def _greeting(self, reply: Reply) -> None:
         if reply.code != 220:
-            self._notReady(_refusal(self.remote, reply))
+            self._notReady(_refusal(self.remote, reply, "CONN"))
             return
         self._ehlo()
 
@@ -471,14 +478,14 @@ class SMTPSession(Protocol):
             # Not an ESMTP server (or it does not like our EHLO): try HELO.
             self._write([b"HELO " + self.heloName], [self._heloAnswered])
         else:
-            self._notReady(_refusal(self.remote, reply))
+            self._notReady(_refusal(self.remote, reply, "EHLO"))
 
     def _heloAnswered(self, reply: Reply) -> None:
         if reply.code == 250:
             self.extensions = {}
             self._afterHello()
         else:
-            self._notReady(_refusal(self.remote, reply))
+            self._notReady(_refusal(self.remote, reply, "EHLO"))
 
     def _afterHello(self) -> None:
         if self.tls:
@@ -634,7 +641,7 @@ class SMTPSession(Protocol):
             self._serverClosing(reply)
             return
         if not reply.positive:
-            transaction.mailRefused = _refusal(self.remote, reply)
+            transaction.mailRefused = _refusal(self.remote, reply, "MAIL")
             if not self.pipelining:
                 self._needReset = True
                 self._finish(transaction.mailRefused)
@@ -653,7 +660,7 @@ class SMTPSession(Protocol):
                 if reply.positive:
                     transaction.accepted.append(address)
                 else:
-                    transaction.replies[address] = _refusal(self.remote, reply)
+                    transaction.replies[address] = _refusal(self.remote, reply, "RCPT")
             if not pipelined:
                 self._nextRecipient()
 
@@ -680,7 +687,7 @@ class SMTPSession(Protocol):
             if transaction.mailRefused is not None:
                 self._finish(transaction.mailRefused)
             else:
-                self._finish(_refusal(self.remote, reply))
+                self._finish(_refusal(self.remote, reply, "DATA"))
             return
         if transaction.mailRefused is not None or not transaction.accepted:
             # A pipelining server said 354 although nobody was accepted:
@@ -712,8 +719,10 @@ class SMTPSession(Protocol):
         if reply.code == 421:
             self._serverClosing(reply)
             return
-        if reply.positive or 400 <= reply.code < 600:
+        if reply.positive:
             self._finish(reply)
+        elif 400 <= reply.code < 600:
+            self._finish(attrs.evolve(reply, command="DATA"))
         else:
             self._needReset = True
             self._finish(_protocolError(self.remote, reply))
