@@ -8,8 +8,12 @@ import json
 import os
 import sys
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from twisted.internet import defer, reactor
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.names import error as _dnserror
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smartrelay.commands.checkdns import runChecks
@@ -50,6 +54,66 @@ class SmarthostHostTests(SynchronousTestCase):
         self.assertEqual(smarthostHost("tls:host=smtp.example.net:port=465"), "smtp.example.net")
         self.assertEqual(smarthostHost(r"tcp:host=\:\:1:port=25"), "::1")
         self.assertIsNone(smarthostHost("unix:/run/smtp.sock"))
+
+
+class _ZoneResolver:
+    """
+    An in-memory C{IResolver} for the SPF evaluator: TXT records by name,
+    and every other name is NXDOMAIN; answers at once.
+    """
+
+    def __init__(self, txt: dict) -> None:
+        self.txt = txt
+
+    def _answer(self, name, records):
+        from twisted.names import dns as _dns
+
+        if name not in records:
+            return defer.fail(_dnserror.DNSNameError(name))
+        return defer.succeed(([_dns.RRHeader(name=name, type=_dns.TXT, payload=_dns.Record_TXT(
+            r.encode())) for r in records[name]], [], []))
+
+    def lookupText(self, name, timeout=None):
+        return self._answer(name, self.txt)
+
+    def lookupAddress(self, name, timeout=None):
+        return self._answer(name, {})
+
+    lookupIPV6Address = lookupMailExchange = lookupAddress
+
+
+_SPF_TERMS = st.sampled_from([
+    "all", "-all", "~all", "?all", "+all", "ip4:5.9.10.0/24", "ip4:5.9.10.11", "ip6:2001:db8::/32",
+    "a", "mx", "a:x.test", "mx:x.test/24", "a/24//64", "include:inc.test", "include:none.test",
+    "redirect=inc.test", "exp=explain.test", "ptr", "exists:%{i}.x.test", "ip4:bad", "bogus",
+    "include:%{d}", "v=spf1",
+])
+
+
+class SPFPropertyTests(SynchronousTestCase):
+    """
+    The SPF evaluator on arbitrary records.
+    """
+
+    @given(st.lists(_SPF_TERMS, max_size=12), st.lists(_SPF_TERMS, max_size=6))
+    def test_anyRecord(self, terms, included) -> None:
+        """
+        Any record gives a known result or a permanent error, never
+        another exception, and stays within the lookup limit.
+        """
+        from smartrelay.dnscheck import DNSChecker, _SPFError
+
+        resolver = _ZoneResolver({
+            "d.test": ["v=spf1 " + " ".join(terms)],
+            "inc.test": ["v=spf1 " + " ".join(included)],
+        })
+        checker = DNSChecker(resolver=resolver, config=parseConfig(""))
+        budget = [10]
+        d = defer.Deferred.fromCoroutine(checker.spfResult("d.test", PUBLIC, budget))
+        result = self.successResultOf(d.addErrback(lambda f: f.trap(_SPFError) and None))
+        if result is not None:
+            self.assertIn(result[0], {"pass", "fail", "softfail", "neutral", "none"})
+        self.assertGreaterEqual(budget[0], -1)
 
 
 class FormatTests(SynchronousTestCase):
