@@ -158,6 +158,10 @@ class Reloader:
         return d.addErrback(failed)
 
     async def _reload(self) -> ReloadReport:
+        if not self.service.running:
+            # Stopping (or not started): the threads may be gone.
+            self.log.info("reload: the relay is not running; nothing re-read")
+            return ReloadReport(problem="the relay is not running")
         self.log.info("reload: re-reading the configuration")
         try:
             new = await self.runInThread(self.load)

@@ -81,6 +81,9 @@ class ReloaderTests(SynchronousTestCase):
             SynchronousThreads(),
         )
         self.reloader = Reloader.forService(self.service, self.path)
+        # Running as far as the reloader can tell (no start-up on the
+        # memory reactor needed for what it touches).
+        self.service.running = 1
         self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
     _hashes: dict = {}
@@ -232,6 +235,16 @@ class ReloaderTests(SynchronousTestCase):
             f.write("broken line\n")
         report = self.reload()
         self.assertIn("users:2: expected 'username:", report.problem)
+        self.assertEqual(list(self.service.policy.checker.passwords.hashes), ["app1"])
+
+    def test_notRunning(self) -> None:
+        """
+        A SIGHUP while the relay is stopping re-reads nothing.
+        """
+        self.service.running = 0
+        self.writeUsers("app1", "app2")
+        report = self.reload()
+        self.assertEqual(report.problem, "the relay is not running")
         self.assertEqual(list(self.service.policy.checker.passwords.hashes), ["app1"])
 
     def test_configGone(self) -> None:
