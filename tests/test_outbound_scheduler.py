@@ -123,6 +123,18 @@ class OutcomeTests(SchedulerTestsMixin, SynchronousTestCase):
             })],
         )
 
+    def test_bounceReadsRefusedCommand(self):
+        """A bare "user unknown" is a hard userunknown at RCPT, a soft filtered after DATA."""
+        for command, expected in [("RCPT", ("hard", "userunknown")), ("DATA", ("soft", "filtered"))]:
+            self.events.emitted.clear()
+            entry = self.add(f"Q-{command}", ["a@example.com"])
+            self.clock.advance(0)
+            reply = Reply(550, None, "<a@example.com>: User unknown", command=command)
+            self.deliverer.pending()[0].answer(550, overrides={"a@example.com": reply})
+            self.assertEqual(self.stateOf(entry)["a@example.com"][0], "bounced")
+            (event,) = [e for e in self.events.emitted if e[0] == "bounced"]
+            self.assertEqual((event[3]["kind"], event[3]["reason"]), expected)
+
     def test_bounceHandedToSuppressor(self):
         """
         Every bounced event (and no other) goes to C{bounces}, which puts

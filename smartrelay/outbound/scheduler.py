@@ -1128,7 +1128,9 @@ class DeliveryScheduler(Service):
             if verdict.reason:
                 reason, kind = verdict.reason, bounceKind(verdict.reason, status)
             else:
-                classified = classifyReply(reply.status, reply.code, reply.text)
+                classified = classifyReply(
+                    reply.status, reply.code, reply.text, reply.command, verdict.remote, recipient.address
+                )
                 reason, kind = classified.reason, classified.kind
             detail = {
                 "kind": kind,
