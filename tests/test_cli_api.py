@@ -14,6 +14,8 @@ import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay.cli import Console, main
@@ -688,6 +690,28 @@ class EventsTests(CommandTestsMixin, SynchronousTestCase):
 
 
 _realEvents = __import__("smartrelay.commands.api", fromlist=["events"]).events
+
+
+class ImportFileTests(SynchronousTestCase):
+    """
+    L{smartrelay.commands.api._readImport} on arbitrary files.
+    """
+
+    @given(st.text(alphabet=st.sampled_from('ab@.,"\n\r []{}:x1-'), max_size=80))
+    def test_anyText(self, text) -> None:
+        """
+        Any text gives a list of entries or a one-line L{CommandError}.
+        """
+        from smartrelay.cli import CommandError
+        from smartrelay.commands.api import _readImport
+
+        console = Console(stdin=io.StringIO(text), stdout=io.StringIO(), stderr=io.StringIO())
+        try:
+            items = _readImport("-", console)
+        except CommandError as e:
+            self.assertNotIn("\n", str(e))
+        else:
+            self.assertIsInstance(items, list)
 
 
 class HelperTests(SynchronousTestCase):

@@ -368,7 +368,10 @@ def _readImport(path: str, console: Console) -> list:
         if not isinstance(document, list):
             raise CommandError(f'{path}: expected a JSON array or {{"items": [...]}}')
         return document
-    rows = [row for row in csv.reader(io.StringIO(text)) if any(c.strip() for c in row)]
+    try:
+        rows = [row for row in csv.reader(io.StringIO(text)) if any(c.strip() for c in row)]
+    except csv.Error as e:
+        raise CommandError(f"{path}: not CSV: {e}") from None
     if not rows:
         return []
     header = [h.strip().lower() for h in rows[0]]
