@@ -52,6 +52,7 @@ from smartrelay.store.redis import RedisConnectionFailed, RedisStore
 from smartrelay.store.sqlite import SQLiteStore
 from smartrelay.tokens import Tokens
 from smartrelay.web.api import ApiApp
+from smartrelay.web.metrics import HealthCheck, MetricsApp, RelayCollector, RelayMetrics
 from smartrelay.web.site import SiteRoot, makeSite
 from smartrelay.web.tracking import TrackingApp
 
@@ -259,11 +260,17 @@ class RelayService(MultiService):
         )
         # One SQLite writer thread gains nothing from a second write in
         # flight (batches just get smaller); Redis overlaps them.
+        # /metrics: a registry of this relay's own (docs/metrics.md); the
+        # event log and the scheduler call the store through a TimedStore,
+        # which measures its latency.
+        self.metrics = RelayMetrics()
+        timedStore = self.metrics.timedStore(self.store, reactor)
         self.events = EventLog(
-            self.store,
+            timedStore,
             reactor,
             journal=self.journal,
             maxInFlight=1 if relay.store == "sqlite" else 2,
+            observe=self.metrics.events.count,
         )
         self.pruner = Pruner(self.store, reactor, retention=config.store.retention)
         self.runDeliveryIO = threads.runner("delivery-io", DELIVERY_IO_THREADS)
@@ -330,7 +337,7 @@ class RelayService(MultiService):
             maxAge=delivery.max_age,
             maxConnections=delivery.max_connections,
             policy=DestinationPolicy.fromConfig(config),
-            store=self.store,
+            store=timedStore,
             throttlePatterns=delivery.throttle_patterns,
             throttleCooldown=delivery.throttle_cooldown,
             idleTimeout=delivery.idle_timeout,
@@ -353,8 +360,31 @@ class RelayService(MultiService):
             tokens=config.web.api_tokens,
             trustedProxies=config.web.trusted_proxies,
         )
+        # /healthz probes the spool directory in the delivery-io threads
+        # (never queued behind the group commits of new messages).
+        self.health = HealthCheck(
+            reactor,
+            spoolDirectory=self.spool.directory,
+            runInThread=self.runDeliveryIO,
+            store=self.store,
+            listeners=self.listening,
+            events=self.events,
+        )
+        self.metricsApp = MetricsApp(
+            self.metrics.registry,
+            self.health,
+            allowed=config.web.metrics_clients,
+            trustedProxies=config.web.trusted_proxies,
+        )
         self.webSite = makeSite(
-            SiteRoot(self.web.resource(), {b"api": self.api.resource()}), reactor
+            SiteRoot(
+                self.web.resource(),
+                {
+                    b"api": self.api.resource(),
+                    **dict.fromkeys(MetricsApp.PATHS, self.metricsApp.resource()),
+                },
+            ),
+            reactor,
         )
         # Started by start-up once this run's id state is durable.
         self.ids = ids
@@ -445,6 +475,19 @@ class RelayService(MultiService):
         )
         self.feedbackEndpoint = endpoints.serverFromString(reactor, feedback.listen)
         self.feedbackPort = None
+        # What /metrics reads at scrape time.
+        self.metricsCollector = RelayCollector(
+            clock=reactor,
+            scheduler=self.scheduler,
+            spool=self.spool,
+            events=self.events,
+            journal=self.journal,
+            listeners={"submission": self.smtpFactory, "feedback": self.feedbackFactory},
+            workers=self.workers,
+            threadPools=threads.pools if isinstance(threads, ThreadPools) else {},
+            nodeID="%02X" % relay.node_id,
+        )
+        self.metrics.register(self.metricsCollector)
         # Processed reports are kept for the events' retention.
         self.feedbackPruner = TimerService(FEEDBACK_PRUNE_INTERVAL, self._pruneFeedback)
         self.feedbackPruner.clock = reactor
@@ -454,6 +497,17 @@ class RelayService(MultiService):
         # and whether a stop was asked for: start-up never listens after it.
         self._starting: Deferred = succeed(None)
         self._stopping = False
+
+    def listening(self) -> dict:
+        """
+        Whether each listener is up (for C{/healthz}): not before start-up
+        has opened it, nor once stopping has closed it.
+        """
+        return {
+            "submission": self.smtpPort is not None,
+            "feedback": self.feedbackPort is not None,
+            "web": self.webPort is not None,
+        }
 
     def _pruneFeedback(self) -> Deferred:
         d = self.feedbackInbox.prune(self.reactor.seconds() - self.config.store.retention)
@@ -595,6 +649,8 @@ class RelayService(MultiService):
             yield port.stopListening()
         # Unsubscribes, opens and clicks still being written.
         yield self.web.drained()
+        self.health.stop()
+        self.metricsCollector.stop()
         yield self.events.flushed()
         self.events.stop()
         yield self.store.close()

@@ -1026,3 +1026,162 @@ class ConfigTests(SynchronousTestCase):
             parseConfig("[web]\nmetrics_clients = 10.0.0.1/8\n")
         self.assertIn("metrics_clients", str(caught.exception))
         self.assertIn("did you mean '10.0.0.0/8'", str(caught.exception))
+
+
+# -- the whole relay ------------------------------------------------------------
+
+
+class RelayTests(SynchronousTestCase):
+    """
+    The relay on a L{MemoryReactorClock} with synchronous thread pools
+    (as in L{tests.test_service}): C{/metrics} and C{/healthz} on its one
+    web site count and see what it does.
+    """
+
+    def setUp(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from tests.test_service import SynchronousThreads
+
+        self.dataDir = os.path.abspath(self.mktemp())
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(START)
+        self.threads = SynchronousThreads()
+
+    def makeRelay(self, extra: str = ""):
+        from smartrelay.service import makeRelayService
+        from tests.test_service import wiringConfig
+
+        relay = makeRelayService(wiringConfig(self.dataDir, extra=extra), self.reactor, self.threads)
+        self.treq = StubTreq(relay.webSite.resource)
+        return relay
+
+    def get(self, path: str):
+        d = self.treq.get("http://relay.test" + path)
+        self.treq.flush()
+        response = self.successResultOf(d)
+        return response.code, self.successResultOf(response.content())
+
+    def scrape(self) -> dict:
+        code, body = self.get("/metrics")
+        self.assertEqual(code, 200)
+        return families(body.decode("utf-8"))
+
+    def submit(self, relay, recipient: bytes = b"reader@example.org") -> list:
+        """
+        One message on the SMTP listener from loopback; the client's replies.
+        """
+        from twisted.test.iosim import FakeTransport, connect
+
+        from tests.test_service import Submitter
+
+        [factory] = [s[1] for s in self.reactor.tcpServers if s[0] == 2525]
+        peer = IPv4Address("TCP", "127.0.0.1", 40000)
+        server = factory.buildProtocol(peer)
+        client = Submitter(b"From: app@example.com\r\nSubject: hi\r\n\r\nhello\r\n", recipient)
+        connect(
+            server,
+            FakeTransport(server, True, IPv4Address("TCP", "127.0.0.1", 2525), peer),
+            client,
+            FakeTransport(client, False, peer, IPv4Address("TCP", "127.0.0.1", 2525)),
+            clock=self.reactor,
+        ).flush()
+        return client.replies
+
+    def test_countsDelivery(self):
+        """
+        A message submitted and delivered to the smarthost is counted as
+        accepted and delivered, and the store latency of the event writes
+        is measured; the SMTP session is gone once closed.
+        """
+        from twisted.internet.protocol import Factory
+        from twisted.test.iosim import ConnectionCompleter
+
+        from smartrelay.outbound.testing import ScriptedSMTPServer, SMTPScript
+
+        self.reactor.listenTCP(
+            2599, Factory.forProtocol(lambda: ScriptedSMTPServer(SMTPScript())),
+            interface="127.0.0.1",
+        )
+        relay = self.makeRelay()
+        relay.startService()
+        self.successResultOf(relay.whenReady())
+        replies = self.submit(relay)
+        self.assertTrue(any(r.startswith(b"250 2.0.0 OK") for r in replies), replies)
+        delivery = ConnectionCompleter(self.reactor).succeedOnce()
+        for _ in range(10):
+            delivery.flush()
+        found = self.scrape()
+        self.assertEqual(sample(found, "smartrelay_messages_accepted_total"), 1)
+        self.assertEqual(sample(found, "smartrelay_messages_delivered_total"), 1)
+        self.assertEqual(sample(found, "smartrelay_events_total", type="delivered"), 1)
+        self.assertGreaterEqual(
+            sample(found, "smartrelay_store_call_duration_seconds_count", operation="appendEvents"),
+            1,
+        )
+        self.assertGreaterEqual(
+            sample(found, "smartrelay_store_call_duration_seconds_count",
+                   operation="checkSuppressions"),
+            1,
+        )
+        self.assertEqual(sample(found, "smartrelay_queue_messages"), 0)
+        self.assertEqual(sample(found, "smartrelay_smtp_sessions", listener="submission"), 0)
+        self.assertEqual(sample(found, "smartrelay_smtp_sessions", listener="feedback"), 0)
+        [info] = found["smartrelay_node_info"].samples
+        self.assertEqual(info.labels["node_id"], "2A")
+        stopped = relay.stopService()
+        for _ in range(10):
+            delivery.flush()
+        self.successResultOf(stopped)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_queueWhileHeld(self):
+        """
+        A message accepted while delivery is on hold shows in the queue of
+        its domain, getting older, and in the spool's bytes.
+        """
+        relay = self.makeRelay(extra="hold = on\n")
+        relay.startService()
+        self.successResultOf(relay.whenReady())
+        self.submit(relay, b"someone@Example.ORG")
+        self.reactor.advance(42)
+        found = self.scrape()
+        self.assertEqual(sample(found, "smartrelay_queue_messages"), 1)
+        self.assertEqual(sample(found, "smartrelay_queue_recipients", domain="example.org"), 1)
+        self.assertEqual(
+            sample(found, "smartrelay_queue_oldest_age_seconds", domain="example.org"), 42
+        )
+        self.assertGreater(sample(found, "smartrelay_spool_bytes"), 0)
+        self.assertEqual(sample(found, "smartrelay_spool_segments"), 1)
+        self.assertEqual(sample(found, "smartrelay_event_backlog"), 0)
+        self.successResultOf(relay.stopService())
+
+    def test_healthz(self):
+        """
+        C{/healthz}: 503 until start-up has opened the listeners, 200 once
+        the relay accepts mail (the spool directory takes a file, the
+        store answers), 503 again once stopped.
+        """
+        relay = self.makeRelay()
+        code, body = self.get("/healthz")
+        self.assertEqual(code, 503)
+        self.assertIn("listener submission: not listening", json.loads(body)["problems"])
+        relay.startService()
+        self.successResultOf(relay.whenReady())
+        self.reactor.advance(PROBE_INTERVAL)
+        code, body = self.get("/healthz")
+        self.assertEqual((code, json.loads(body)["problems"]), (200, []))
+        self.successResultOf(relay.stopService())
+        code, body = self.get("/healthz")
+        self.assertEqual(code, 503)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_sameSite(self):
+        """
+        The metrics share the site with the tracking links and the API:
+        each still answers its own paths.
+        """
+        self.makeRelay()
+        self.assertEqual(self.get("/metrics")[0], 200)
+        self.assertEqual(self.get("/t/c/nonsense")[0], 404)
+        self.assertIn(self.get("/api/v1/queue")[0], (401, 403))
