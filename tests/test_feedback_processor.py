@@ -202,6 +202,21 @@ class BounceTests(ProcessorMixin, SynchronousTestCase):
         self.assertIsNotNone(self.suppressed("a@example.org"))
         self.assertIsNotNone(self.suppressed("b@example.org"))
 
+    def test_verpAndPostmasterOnce(self):
+        """
+        A report sent to a VERP address and to postmaster@ at once makes
+        its events once, attributed by the token.
+        """
+        self.accepted()
+        data = b"Subject: both\r\n\r\n"
+        self.reports[data] = Report("bounce", (hardBounce(queue_id=QUEUE_ID),))
+        envelope = Envelope("", ("postmaster@relay.test", self.verp(1)), START, {})
+        reportID = self.successResultOf(self.inbox.store(envelope, data))
+        self.processor.received(reportID, envelope, data)
+        self.settle()
+        [event] = self.stored("bounced")
+        self.assertEqual(event.id, feedbackEventID(reportID, "1.0"))
+
     def test_postmasterWithoutQueueID(self):
         """
         A record without a queue id is still recorded, under no message.

@@ -313,11 +313,10 @@ class FeedbackProcessor:
                 )
             return messages[queueID]
 
-        planned = []
-        fallbackDone = False
+        targets = []
         for n, address in enumerate(envelope.recipients):
             try:
-                target = self.addresses.target(address)
+                targets.append((n, self.addresses.target(address)))
             except SMTPReply:
                 # Accepted then, not now (the token key was retired).
                 self.log.warn(
@@ -325,7 +324,11 @@ class FeedbackProcessor:
                     report=reportID,
                     address=address,
                 )
-                continue
+        # A report that came to a VERP address as well as to postmaster@ or
+        # an FBL address is attributed by its token alone (once).
+        fallbackDone = any(target.kind == "verp" for n, target in targets)
+        planned = []
+        for n, target in targets:
             if target.kind == "unsubscribe":
                 known = await message(target.queue_id)
                 planned += await self._unsubscribe(reportID, n, target, known, report)
