@@ -3,9 +3,10 @@ Accuracy and speed of the bounce classifier alone (smartrelay.feedback.reasons),
 independent of the DSN parser.
 
 Feeds each expected record of the corpus's answers.jsonl -- its status
-(dropped where Sisimai invented one), reply code, diagnostic and action -- to
-classify() and compares the reason and hard/soft with the expected ones.
-Prints the agreement, every disagreement, and the time per record.
+(dropped where Sisimai invented one), reply code, diagnostic, action and
+recipient -- to classify() and compares the reason and hard/soft with the
+expected ones.  Prints the agreement, every disagreement, and the time per
+record.
 
     python3 bench/reasons.py [CORPUS]      # default ../shared/corpus/bounces
 
@@ -30,10 +31,23 @@ def load(corpus):
 
 
 def arguments(answer):
+    """
+    classify()'s arguments from an expected record: status, reply code,
+    diagnostic, action, no command, no remote host (the answers name
+    neither), and the recipient (whose domain may name the provider).
+    """
     status = None if answer.get("status_is_sisimai_pseudo") else answer.get("status") or None
     reply = answer.get("replycode") or None
     reply = int(reply) if reply and str(reply).isdigit() else None
-    return status, reply, answer.get("diagnosticcode") or None, answer.get("action") or None
+    return (
+        status,
+        reply,
+        answer.get("diagnosticcode") or None,
+        answer.get("action") or None,
+        None,
+        None,
+        answer.get("recipient") or None,
+    )
 
 
 def main(argv=None):
@@ -62,7 +76,7 @@ def main(argv=None):
         if not (sameReason and sameKind):
             misses.append((answer, verdict, expectedKind))
     for answer, verdict, expectedKind in misses:
-        status, reply, diagnostic, action = arguments(answer)
+        status, reply, diagnostic, action = arguments(answer)[:4]
         print(
             f"{answer['file']}#{answer['index']}: expected {answer['reason']}/{expectedKind}"
             f" got {verdict.reason}/{verdict.kind}"

@@ -554,6 +554,16 @@ class ProviderTests(SynchronousTestCase):
         verdict = classify("5.0.0", 550, text, remote="cluster5.eu.messagelabs.com")
         self.assertEqual(verdict.reason, "userunknown")
 
+    def test_yahooTss04(self):
+        """Yahoo's TSS04 deferral is a refused sender, from Yahoo's hosts only."""
+        text = (
+            "host mta6.am0.yahoodns.net[192.0.2.7] said: 421 4.7.0 [TSS04] Messages from 192.0.2.1"
+            " temporarily deferred due to unexpected volume or user complaints"
+        )
+        self.assertEqual(classify("4.7.0", 421, text).reason, "rejected")
+        text = "421 4.7.0 Messages temporarily deferred due to unexpected volume or user complaints"
+        self.assertNotEqual(classify("4.7.0", 421, text, remote="mx.example.net").reason, "rejected")
+
     def test_deliveredIgnoresProvider(self):
         """A delivery stays a delivery whatever the provider's words."""
         verdict = classify("2.0.0", 250, "550 : user unknown", "delivered", remote="x.ezweb.ne.jp")

@@ -1466,6 +1466,19 @@ RHOST_PHRASES = {
     "messagelabs": {
         "userunknown": ("no such user", "invalid recipient", "recipient mailbox is not allowed"),
     },
+    # Yahoo Inc. (senders.yahooinc.com/smtp-error-codes): TSS04 says only
+    # that the sender is refused for now, whatever the reason behind it.
+    "yahooinc": {
+        "rejected": (
+            "temporarily deferred due to unexpected volume or user complaints",
+            "due to unresolvable rfc.5321 domain",
+            " will be permanently deferred",
+        ),
+        "suspend": (" is no longer valid.", "this mailbox is disabled"),
+        "speeding": ("user is receiving mail too quickly",),
+        "toomanyconn": ("max message per connection reached",),
+        "userunknown": ("dd this user doesn't have a ", "mailbox not found"),
+    },
     # NTT docomo refuses an unknown address at RCPT with its own words.
     "nttdocomo": {
         "mailboxfull": ("552 too much mail data",),
