@@ -503,6 +503,20 @@ class DurabilityTests(ProcessorMixin, SynchronousTestCase):
         self.assertEqual(event.id, feedbackEventID(reportID, "0.0"))
         self.assertIsNotNone(self.suppressed())
 
+    def test_damagedReportSetAside(self):
+        """
+        A report file in new/ without its envelope line is logged and moved
+        to done/ at recovery, not retried.
+        """
+        reportID = "1700000000000-0123456789ab"
+        with open(self.inbox.path("new", reportID), "wb") as f:
+            f.write(b"Subject: no envelope\r\n\r\n")
+        self.processor.recover([reportID])
+        self.settle()
+        self.assertTrue(os.path.exists(self.inbox.path("done", reportID)))
+        self.assertTrue(self.processor.idle())
+        self.assertEqual(self.stored(), [])
+
     def test_storeDownRetried(self):
         """
         While the store fails, the report stays in new/ and is tried again

@@ -43,6 +43,13 @@ class InboxError(Exception):
     """
 
 
+class DamagedReport(InboxError):
+    """
+    A report file that reads but is not one this module wrote whole (no
+    envelope line, or a bad one): reading it again will not help.
+    """
+
+
 @attrs.frozen
 class Envelope:
     """
@@ -212,7 +219,8 @@ class FeedbackInbox:
     def read(self, reportID: str) -> Deferred:
         """
         Fire with the (L{Envelope}, message) of the report in C{new/}; fail
-        with L{InboxError} if it cannot be read or is damaged.
+        with L{InboxError} if it cannot be read, L{DamagedReport} if it is
+        damaged.
         """
         return self.runInThread(self._read, reportID)
 
@@ -220,9 +228,12 @@ class FeedbackInbox:
         try:
             with open(self.path("new", reportID), "rb") as f:
                 blob = f.read()
+        except OSError as e:
+            raise InboxError(f"cannot read report {reportID}: {e.strerror or e}") from None
+        try:
             return decodeReport(blob)
-        except (OSError, ValueError) as e:
-            raise InboxError(f"cannot read report {reportID}: {e}") from None
+        except ValueError as e:
+            raise DamagedReport(f"report {reportID} is damaged: {e}") from None
 
     def markDone(self, reportID: str) -> Deferred:
         """

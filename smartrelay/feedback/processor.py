@@ -51,7 +51,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger, LogLevel
 
 from smartrelay.events import Event
-from smartrelay.feedback.inbox import Envelope, FeedbackInbox
+from smartrelay.feedback.inbox import DamagedReport, Envelope, FeedbackInbox
 from smartrelay.feedback.records import FeedbackRecord, Report
 from smartrelay.feedback.report import readReport
 from smartrelay.feedback.suppression import BounceSuppressor
@@ -227,7 +227,13 @@ class FeedbackProcessor:
         if careful:
             await self._storeCaughtUp()
         if envelope is None or data is None:
-            envelope, data = await self.inbox.read(reportID)
+            try:
+                envelope, data = await self.inbox.read(reportID)
+            except DamagedReport as e:
+                # Kept (in done/) for the operator, not retried for ever.
+                self.log.error("feedback: {why}; moved to done/ unprocessed", why=str(e))
+                await self.inbox.markDone(reportID)
+                return []
         report = await self.read(data)
         planned, skipped = await self.plan(reportID, envelope, report, careful)
         emitted = [
