@@ -1,6 +1,7 @@
 """
 Tests for the C{smartrelay} commands over the relay's API
-(L{smartrelay.commands.api}, L{smartrelay.commands.client}): against a
+(L{smartrelay.commands.messages}, C{queue}, C{suppress}, C{console},
+C{client}): against a
 fake API server on a loopback port (a thread of this process) that answers
 in the shapes of DESIGN 1.6 and docs/api.md, and, at the end, against the
 real Klein application (L{smartrelay.web.api.ApiApp}) on the reactor.
@@ -19,7 +20,8 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay.cli import Console, main
-from smartrelay.commands.api import IMPORT_CHUNK, Progress, table
+from smartrelay.commands.console import Progress, table
+from smartrelay.commands.suppress import IMPORT_CHUNK
 from smartrelay.commands.client import ApiSettings, listenURL
 from smartrelay.cli import UsageError
 
@@ -659,7 +661,7 @@ class EventsTests(CommandTestsMixin, SynchronousTestCase):
         """
         C{--follow} shows the new events once each, until interrupted.
         """
-        from smartrelay.commands import api as module
+        from smartrelay.commands import messages as module
 
         naps = []
 
@@ -689,12 +691,12 @@ class EventsTests(CommandTestsMixin, SynchronousTestCase):
         self.assertIn("since: expected an RFC 3339 time", err)
 
 
-_realEvents = __import__("smartrelay.commands.api", fromlist=["events"]).events
+_realEvents = __import__("smartrelay.commands.messages", fromlist=["events"]).events
 
 
 class ImportFileTests(SynchronousTestCase):
     """
-    L{smartrelay.commands.api._readImport} on arbitrary files.
+    L{smartrelay.commands.suppress._readImport} on arbitrary files.
     """
 
     @given(st.text(alphabet=st.sampled_from('ab@.,"\n\r []{}:x1-'), max_size=80))
@@ -703,7 +705,7 @@ class ImportFileTests(SynchronousTestCase):
         Any text gives a list of entries or a one-line L{CommandError}.
         """
         from smartrelay.cli import CommandError
-        from smartrelay.commands.api import _readImport
+        from smartrelay.commands.suppress import _readImport
 
         console = Console(stdin=io.StringIO(text), stdout=io.StringIO(), stderr=io.StringIO())
         try:

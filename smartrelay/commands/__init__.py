@@ -5,8 +5,10 @@ C{run=function(options, console) -> int}) to the C{argparse}
 sub-parsers action C{commands}.
 
   - L{smartrelay.commands.checkdns}: C{check-dns DOMAIN} (offline).
-  - L{smartrelay.commands.api}: C{message}, C{queue}, C{suppress},
-    C{stats}, C{events}, over a running relay's JSON API.
+  - over a running relay's JSON API (L{smartrelay.commands.client},
+    L{smartrelay.commands.console}): L{smartrelay.commands.messages}
+    (C{message}, C{stats}, C{events}), L{smartrelay.commands.queue},
+    L{smartrelay.commands.suppress}.
 """
 
 
@@ -14,7 +16,9 @@ def register(commands) -> None:
     """
     Add every sub-command of this package to C{commands}.
     """
-    from smartrelay.commands import api, checkdns
+    from smartrelay.commands import checkdns, messages, queue, suppress
 
     checkdns.register(commands)
-    api.register(commands)
+    messages.register(commands)
+    queue.register(commands)
+    suppress.register(commands)
