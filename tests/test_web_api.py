@@ -311,7 +311,8 @@ class MessageTests(ApiTestsMixin, SynchronousTestCase):
     def test_unknown(self):
         """An unknown id: 404; a malformed one: 400 naming queue_id."""
         self.assertError("GET", "/api/v1/messages/" + QUEUE_ID, 404, "not_found")
-        self.assertError("GET", "/api/v1/messages/nonsense", 400, "bad_parameter", "queue_id")
+        self.assertError("GET", "/api/v1/messages/2A/nonsense", 400, "bad_parameter", "queue_id")
+        self.assertError("GET", "/api/v1/messages/nonsense", 404, "not_found")
         self.assertError(
             "GET", "/api/v1/messages/" + QUEUE_ID[:-1] + "G", 400, "bad_parameter", "queue_id"
         )
@@ -422,7 +423,8 @@ class TimeTests(SynchronousTestCase):
     def test_bad(self):
         """Anything else raises ValueError."""
         for bad in ["", "garbage", "2023-11-14T22:13:20", "2023-02-30", "1e400", "nan",
-                    "2023-11-14T25:00:00Z", "99999999999999"]:
+                    "2023-11-14T25:00:00Z", "999999999999", "-5", "1.0123456789",
+                    "0966-05-22", "1969-12-31T23:59:59Z"]:
             self.assertRaises(ValueError, parseTime, bad)
 
 
@@ -548,6 +550,12 @@ class SuppressionTests(ApiTestsMixin, SynchronousTestCase):
             (b'{"address": "a@b.c", "expires": "soon"}', "bad_parameter", "expires"),
             (b'{"address": "a@b.c", "expires": true}', "bad_parameter", "expires"),
             (b'{"address": "a@b.c", "colour": "red"}', "bad_parameter", "colour"),
+            (b'{"address": "a@b.c", "expires": ""}', "bad_parameter", "expires"),
+            (b'{"address": "a@b.c", "expires": -1}', "bad_parameter", "expires"),
+            (b'{"address": "a@b.c", "expires": 1e12}', "bad_parameter", "expires"),
+            (b'{"address": "a@b.c", "reason": ""}', "bad_parameter", "reason"),
+            (b'{"address": "a@b.c", "reason": {}}', "bad_parameter", "reason"),
+            (b'{"address": "a\\nb@b.c"}', "bad_parameter", "address"),
         ]:
             self.assertError(
                 "POST", "/api/v1/suppressions", 400, code, parameter, data=body, headers=headers
@@ -559,8 +567,9 @@ class SuppressionTests(ApiTestsMixin, SynchronousTestCase):
         self.assertError("GET", "/api/v1/suppressions?reason=x", 400, "bad_parameter", "reason")
         self.assertError("GET", "/api/v1/suppressions?limit=-1", 400, "bad_parameter", "limit")
         self.assertError("GET", "/api/v1/suppressions?cursor=zz", 400, "bad_parameter", "cursor")
-        self.assertError("DELETE", "/api/v1/suppressions/nobody", 400, "bad_parameter", "address")
-        self.assertError("GET", "/api/v1/suppressions/nobody", 400, "bad_parameter", "address")
+        self.assertError("DELETE", "/api/v1/suppressions/nobody@", 400, "bad_parameter", "address")
+        self.assertError("GET", "/api/v1/suppressions/%01@x", 400, "bad_parameter", "address")
+        self.assertError("DELETE", "/api/v1/suppressions/import", 405, "method_not_allowed")
 
     def test_importCSV(self):
         """A CSV with a header row imports every line; the export gives them back."""
@@ -733,8 +742,9 @@ class QueueTests(ApiTestsMixin, SynchronousTestCase):
     def test_badInput(self):
         """Unknown and malformed ids, bad filters."""
         self.assertError("POST", f"/api/v1/queue/{QUEUE_ID}/retry", 404, "not_found")
-        self.assertError("POST", "/api/v1/queue/nonsense/retry", 400, "bad_parameter", "queue_id")
-        self.assertError("DELETE", "/api/v1/queue/nonsense", 400, "bad_parameter", "queue_id")
+        self.assertError("POST", "/api/v1/queue/2A/nonsense/retry", 400, "bad_parameter", "queue_id")
+        self.assertError("DELETE", "/api/v1/queue/2A%2Fnonsense", 400, "bad_parameter", "queue_id")
+        self.assertError("DELETE", "/api/v1/queue/retry", 405, "method_not_allowed")
         self.assertError("GET", "/api/v1/queue?domain=a@b", 400, "bad_parameter", "domain")
         self.assertError("GET", "/api/v1/queue/messages?state=sent", 400, "bad_parameter", "state")
         self.assertError("GET", "/api/v1/queue/messages?cursor=abc", 400, "bad_parameter", "cursor")

@@ -41,6 +41,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import BaseConverter
 
 from smartrelay.events import EVENT_TYPES, rfc3339
 from smartrelay.ids import QUEUE_ID_RE
@@ -66,6 +67,9 @@ COMPLAINT_RATE_LIMIT = 0.003
 
 #: Largest request body (a bulk import), in bytes.
 MAX_BODY = 16 * 1024 * 1024
+
+#: The largest POSIX seconds accepted as a number.
+MAX_SECONDS = 99_999_999_999.0
 
 #: Most entries one bulk import may hold.
 MAX_IMPORT = 100_000
@@ -154,26 +158,31 @@ class Answer:
 
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: What a domain parameter may be (before a trailing dot is dropped and it
+#: is lower-cased); the OpenAPI document says the same.
+DOMAIN_PATTERN = r"[^\x00-\x20\x7f@/]{1,255}"
+#: What an address may be: a local part and a domain with no control
+#: characters (and the domain no C{@}); the OpenAPI document says the same.
+ADDRESS_PATTERN = r"[^\x00-\x1f\x7f]+@[^\x00-\x1f\x7f@]+"
+_NUMBER = re.compile(r"[0-9]{1,11}(?:\.[0-9]{1,9})?")
 
 
 def parseTime(text: str) -> float:
     """
     POSIX seconds from an RFC 3339 date-time with its offset
     (C{2026-12-07T10:00:00Z}, C{...+01:00}, fractions allowed), a date
-    (C{2026-12-07}: UTC midnight) or a number of POSIX seconds.
+    (C{2026-12-07}: UTC midnight) or POSIX seconds (up to 11 digits, a
+    fraction of up to 9).
 
     @raise ValueError: for anything else.
     """
     text = text.strip()
     if _NUMBER.fullmatch(text):
-        value = float(text)
-        if not math.isfinite(value) or abs(value) > 1e11:
-            raise ValueError("out of range")
-        return value
+        return float(text)
     if _DATE.fullmatch(text):
         when = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=timezone.utc)
-        return when.timestamp()
+        return _checkRange(when.timestamp())
     if not re.fullmatch(
         r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})", text
     ):
@@ -185,7 +194,13 @@ def parseTime(text: str) -> float:
     if fraction is not None and len(fraction.group(1)) > 6:
         text = text.replace(fraction.group(0), "." + fraction.group(1)[:6])
     when = datetime.fromisoformat(text.replace("z", "Z").replace("t", "T"))
-    return when.timestamp()
+    return _checkRange(when.timestamp())
+
+
+def _checkRange(seconds: float) -> float:
+    if not 0 <= seconds <= MAX_SECONDS:
+        raise ValueError("must be from 1970 to the year 5138")
+    return seconds
 
 
 def _time(value: Optional[float]) -> Optional[str]:
@@ -224,7 +239,7 @@ class _Query:
         value = self.values.get(name)
         if value is None or value == "":
             return default
-        if any(not c.isprintable() for c in value):
+        if _CONTROL.search(value):
             raise badParameter(name, "contains control characters")
         return value
 
@@ -261,10 +276,9 @@ class _Query:
         value = self.text(name)
         if value is None:
             return None
-        value = value.strip().rstrip(".").lower()
-        if not value or "@" in value or len(value) > 255 or any(c.isspace() for c in value):
+        if not re.fullmatch(DOMAIN_PATTERN, value) or not value.rstrip("."):
             raise badParameter(name, f"not a domain name: {value!r}")
-        return value
+        return value.rstrip(".").lower()
 
 
 def _checkQueueID(queue_id: str) -> str:
@@ -277,10 +291,9 @@ def _checkQueueID(queue_id: str) -> str:
 
 
 def _checkAddress(address: str, parameter: str = "address") -> str:
-    try:
-        return normaliseAddress(address)
-    except ValueError:
-        raise badParameter(parameter, f"not an e-mail address: {address!r}") from None
+    if not re.fullmatch(ADDRESS_PATTERN, address):
+        raise badParameter(parameter, f"not an e-mail address: {address!r}")
+    return normaliseAddress(address)
 
 
 def _suppressionJSON(entry: SuppressionEntry) -> dict:
@@ -331,8 +344,31 @@ def _rates(counts: dict, hard: int, soft: int, opens: int, clicks: int) -> dict:
     }
 
 
+class _QueueIDConverter(BaseConverter):
+    """
+    A queue id in a path: two characters, a slash (as it is or C{%2F}),
+    and more; checked in the handler, so that a malformed id is a C{400}
+    naming it.  Static routes such as C{/queue/retry} never match it.
+    """
+
+    regex = r"[^/]{2}/[^/]+"
+    part_isolating = False
+
+
+class _AddressConverter(BaseConverter):
+    """
+    An address in a path: something with an C{@} and no slash, checked in
+    the handler.  C{/suppressions/import} and C{/suppressions/export} never
+    match it.
+    """
+
+    regex = r"[^/]*@[^/]*"
+
+
 #: The routes of L{ApiApp} (its C{app}).
 _app = Klein()
+_app.url_map.converters["queueid"] = _QueueIDConverter
+_app.url_map.converters["address"] = _AddressConverter
 
 
 def endpoint(path: str, methods=("GET",), public: bool = False):
@@ -524,7 +560,7 @@ class ApiApp:
 
     # -- messages ----------------------------------------------------------
 
-    @endpoint("/api/v1/messages/<path:queue_id>")
+    @endpoint("/api/v1/messages/<queueid:queue_id>")
     async def message(self, request, queue_id: str):
         _Query(request, ())
         _checkQueueID(queue_id)
@@ -774,28 +810,24 @@ class ApiApp:
         if not isinstance(address, str):
             raise badParameter(f"{where}address", "required: an e-mail address")
         address = _checkAddress(address, f"{where}address")
-        reason = item.get("reason") or reason
-        if reason not in SUPPRESSION_REASONS:
+        reason = item.get("reason", reason)
+        if not isinstance(reason, str) or reason not in SUPPRESSION_REASONS:
             raise badParameter(
                 f"{where}reason",
                 f"must be one of {', '.join(sorted(SUPPRESSION_REASONS))}, not {reason!r}",
             )
         expires = item.get("expires")
-        if expires is not None and expires != "":
+        if expires is not None:
             try:
-                if isinstance(expires, bool):
-                    raise ValueError("not a time")
-                expires = (
-                    float(expires)
-                    if isinstance(expires, (int, float))
-                    else parseTime(str(expires))
-                )
-                if not math.isfinite(expires):
-                    raise ValueError("not finite")
+                if isinstance(expires, bool) or not isinstance(expires, (int, float, str)):
+                    raise ValueError("expected a time, POSIX seconds or null")
+                if isinstance(expires, str):
+                    expires = parseTime(expires)
+                elif not 0 <= expires <= MAX_SECONDS:
+                    raise ValueError(f"POSIX seconds from 0 to {MAX_SECONDS:.0f}")
+                expires = float(expires)
             except ValueError as e:
                 raise badParameter(f"{where}expires", str(e)) from None
-        else:
-            expires = None
         return SuppressionEntry(address=address, reason=reason, time=now, expires=expires)
 
     @endpoint("/api/v1/suppressions/import", methods=("POST",))
@@ -877,7 +909,7 @@ class ApiApp:
             {b"Content-Disposition": b'attachment; filename="suppressions.csv"'},
         )
 
-    @endpoint("/api/v1/suppressions/<path:address>")
+    @endpoint("/api/v1/suppressions/<address:address>")
     async def suppression(self, request, address: str):
         _Query(request, ())
         normalised = _checkAddress(address)
@@ -888,7 +920,7 @@ class ApiApp:
             raise notFound(f"{normalised} is not on the suppression list")
         return _suppressionJSON(found[normalised])
 
-    @endpoint("/api/v1/suppressions/<path:address>", methods=("DELETE",))
+    @endpoint("/api/v1/suppressions/<address:address>", methods=("DELETE",))
     async def removeSuppression(self, request, address: str):
         _Query(request, ())
         normalised = _checkAddress(address)
@@ -1002,7 +1034,7 @@ class ApiApp:
             raise badParameter("domain", "required: the recipient domain to retry")
         return {"domain": domain, "messages": self.scheduler.retryDomain(domain)}
 
-    @endpoint("/api/v1/queue/<path:queue_id>/retry", methods=("POST",))
+    @endpoint("/api/v1/queue/<queueid:queue_id>/retry", methods=("POST",))
     async def retry(self, request, queue_id: str):
         _Query(request, ())
         _checkQueueID(queue_id)
@@ -1023,7 +1055,7 @@ class ApiApp:
             },
         )
 
-    @endpoint("/api/v1/queue/<path:queue_id>", methods=("DELETE",))
+    @endpoint("/api/v1/queue/<queueid:queue_id>", methods=("DELETE",))
     async def delete(self, request, queue_id: str):
         _Query(request, ())
         _checkQueueID(queue_id)

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from smartrelay.events import EVENT_TYPES
 from smartrelay.store.interfaces import MAX_LIMIT, SUPPRESSION_REASONS
+from smartrelay.web.api import ADDRESS_PATTERN, DOMAIN_PATTERN, MAX_IMPORT, MAX_SECONDS
 
 __all__ = ["document"]
 
@@ -23,6 +24,20 @@ def _nullable(schema: dict) -> dict:
 
 
 _TIME = {"type": "string", "format": "date-time"}
+_ADDRESS = {"type": "string", "pattern": f"^{ADDRESS_PATTERN}$"}
+_TEXT = {"type": "string", "pattern": "^[^\\x00-\\x1f\\x7f]*$"}
+_TIME_PARAMETER = {
+    "anyOf": [
+        {
+            "type": "string",
+            "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}"
+            "(\\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})$",
+            "format": "date-time",
+        },
+        {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$", "format": "date"},
+        {"type": "string", "pattern": "^[0-9]{1,11}(\\.[0-9]{1,9})?$"},
+    ]
+}
 _QUEUE_ID = {"type": "string", "pattern": "^[0-9A-F]{2}/[0-9A-F]{2}-[0-9]{5}-[0-9A-F]{8}$"}
 _COUNTS = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}
 _RATE = _nullable({"type": "number", "minimum": 0})
@@ -210,10 +225,15 @@ _SCHEMAS = {
         "required": ["address"],
         "additionalProperties": False,
         "properties": {
-            "address": {"type": "string", "pattern": "^[^@\\s]+@[^@\\s]+$"},
+            "address": _ADDRESS,
             "reason": {"enum": sorted(SUPPRESSION_REASONS)},
             "expires": _nullable(
-                {"anyOf": [_TIME, {"type": "number", "minimum": 0, "maximum": 1e10}]}
+                {
+                    "anyOf": [
+                        _TIME_PARAMETER,
+                        {"type": "number", "minimum": 0, "maximum": MAX_SECONDS},
+                    ]
+                }
             ),
         },
     },
@@ -304,6 +324,13 @@ _ERRORS = {
 }
 
 
+_IMPORT_ITEMS = {
+    "type": "array",
+    "maxItems": MAX_IMPORT,
+    "items": {"anyOf": [_ref("NewSuppression"), _ADDRESS]},
+}
+
+
 def _json(schema: dict, description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -315,6 +342,7 @@ def _errors(*extra: str) -> dict:
         "409": "The message is being delivered right now",
         "413": "The body is too large",
         "415": "Not CSV or JSON",
+        "405": "Another method (a path that another route's parameter matches)",
         "500": "Internal error (see the relay's log)",
     }
     for code in extra:
@@ -323,6 +351,9 @@ def _errors(*extra: str) -> dict:
 
 
 def _query(name: str, schema: dict, description: str, required: bool = False) -> dict:
+    if not required:
+        # An empty value is as if the parameter were not given.
+        schema = {"anyOf": [schema, {"type": "string", "maxLength": 0}]}
     return {
         "name": name,
         "in": "query",
@@ -332,14 +363,7 @@ def _query(name: str, schema: dict, description: str, required: bool = False) ->
     }
 
 
-_TIME_PARAMETER = {
-    "anyOf": [
-        {"type": "string", "format": "date-time"},
-        {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$", "format": "date"},
-        {"type": "string", "pattern": "^[0-9]{1,10}(\\.[0-9]{1,6})?$"},
-    ]
-}
-_DOMAIN = {"type": "string", "pattern": "^[a-z0-9]([a-z0-9.-]{0,60}[a-z0-9])?$"}
+_DOMAIN = {"type": "string", "pattern": f"^{DOMAIN_PATTERN}$"}
 _LIMIT = _query(
     "limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100},
     "Page size",
@@ -360,7 +384,7 @@ _ADDRESS_PATH = {
     "in": "path",
     "required": True,
     "description": "The address, URL-encoded",
-    "schema": {"type": "string", "pattern": "^[a-z0-9._+-]{1,30}@[a-z0-9.-]{1,30}$"},
+    "schema": {"type": "string", "pattern": "^[^\\x00-\\x1f\\x7f/]+@[^\\x00-\\x1f\\x7f@/]+$"},
 }
 
 
@@ -392,7 +416,7 @@ def _paths() -> dict:
                 "A message: envelope, per-recipient state, headers, events",
                 _json(_ref("Message"), "The message"),
                 parameters=[_QUEUE_PATH],
-                errors=("404",),
+                errors=("404", "405"),
             )
         },
         "/api/v1/events": {
@@ -402,12 +426,8 @@ def _paths() -> dict:
                 parameters=[
                     _query("type", {"enum": sorted(EVENT_TYPES)}, "Event type"),
                     _query("queue_id", _QUEUE_ID, "Queue id"),
-                    _query(
-                        "recipient",
-                        {"type": "string", "pattern": "^[a-z0-9._+-]{1,30}@[a-z0-9.-]{1,30}$"},
-                        "Recipient address (domain case-insensitive)",
-                    ),
-                    _query("tag", {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,40}$"}, "Tag"),
+                    _query("recipient", _ADDRESS, "Recipient address (domain case-insensitive)"),
+                    _query("tag", _TEXT, "Tag"),
                     _query("domain", _DOMAIN, "Recipient domain"),
                     _query("since", _TIME_PARAMETER, "From this time (inclusive)"),
                     _query("until", _TIME_PARAMETER, "Up to this time (exclusive)"),
@@ -424,7 +444,7 @@ def _paths() -> dict:
                     _query("from", _TIME_PARAMETER, "Start (default: a day or 30 days before to)"),
                     _query("to", _TIME_PARAMETER, "End, exclusive (default: now)"),
                     _query("interval", {"enum": ["hour", "day"], "default": "hour"}, "Bucket size"),
-                    _query("tag", {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,40}$"}, "Tag"),
+                    _query("tag", _TEXT, "Tag"),
                     _query("domain", _DOMAIN, "Recipient domain"),
                 ],
             )
@@ -434,7 +454,7 @@ def _paths() -> dict:
                 "The suppression list, by address, paginated",
                 _json(_ref("SuppressionPage"), "One page of entries"),
                 parameters=[
-                    _query("q", {"type": "string", "pattern": "^[A-Za-z0-9@._+-]{1,40}$"},
+                    _query("q", _TEXT,
                            "Addresses starting with this"),
                     _query("reason", {"enum": sorted(SUPPRESSION_REASONS)}, "Reason"),
                     _CURSOR,
@@ -473,17 +493,15 @@ def _paths() -> dict:
                     "content": {
                         "application/json": {
                             "schema": {
-                                "type": "array",
-                                "maxItems": 20,
-                                "items": {
-                                    "anyOf": [
-                                        _ref("NewSuppression"),
-                                        {
-                                            "type": "string",
-                                            "pattern": "^[a-z0-9._+-]{1,30}@[a-z0-9.-]{1,30}$",
-                                        },
-                                    ]
-                                },
+                                "anyOf": [
+                                    _IMPORT_ITEMS,
+                                    {
+                                        "type": "object",
+                                        "required": ["items"],
+                                        "additionalProperties": False,
+                                        "properties": {"items": _IMPORT_ITEMS},
+                                    },
+                                ]
                             }
                         },
                         "text/csv": {"schema": {"type": "string"}},
@@ -503,7 +521,7 @@ def _paths() -> dict:
                 },
                 parameters=[
                     _query("format", {"enum": ["json", "csv"], "default": "json"}, "Format"),
-                    _query("q", {"type": "string", "pattern": "^[A-Za-z0-9@._+-]{1,40}$"},
+                    _query("q", _TEXT,
                            "Addresses starting with this"),
                     _query("reason", {"enum": sorted(SUPPRESSION_REASONS)}, "Reason"),
                 ],
@@ -514,7 +532,7 @@ def _paths() -> dict:
                 "One entry",
                 _json(_ref("Suppression"), "The entry"),
                 parameters=[_ADDRESS_PATH],
-                errors=("404",),
+                errors=("404", "405"),
             ),
             "delete": _operation(
                 "Remove an address",
@@ -530,7 +548,7 @@ def _paths() -> dict:
                     "Removed",
                 ),
                 parameters=[_ADDRESS_PATH],
-                errors=("404",),
+                errors=("404", "405"),
             ),
         },
         "/api/v1/queue": {
@@ -585,7 +603,7 @@ def _paths() -> dict:
                 ),
                 status="202",
                 parameters=[_QUEUE_PATH],
-                errors=("404", "409"),
+                errors=("404", "405", "409"),
             )
         },
         "/api/v1/queue/{queue_id}": {
@@ -603,7 +621,7 @@ def _paths() -> dict:
                     "The recipients given up",
                 ),
                 parameters=[_QUEUE_PATH],
-                errors=("404", "409"),
+                errors=("404", "405", "409"),
             )
         },
         "/api/v1/destinations": {
