@@ -81,30 +81,39 @@ def synchronous(f, *args, **kwargs) -> Deferred:
     return maybeDeferred(f, *args, **kwargs)
 
 
-def makeUnwritable(testCase, path: str) -> str:
+def makeUnwritable(testCase, path: str) -> tuple:
     """
-    Make the directory C{path} refuse new entries for this process, undone
-    at clean-up; returns how.
+    Make the directory C{path} refuse new entries for this process and
+    its children, undone at clean-up at the latest: C{(how, undo)}.
 
     Not root: mode 0555.  Root ignores permissions (C{os.access} and
     C{chmod} tell it nothing), so then the directory is made immutable
     (C{chattr +i}, which needs CAP_LINUX_IMMUTABLE and a file system
     that has the flag, such as ext4, xfs or btrfs): nobody, root
     included, can create a file in it, which is what the health probe
-    must notice.  Where neither works, the test is skipped.
+    must notice, while files already open in it stay writable (as for a
+    directory made read-only under a running relay).  Where neither
+    works, the test is skipped.
     """
     if os.geteuid() != 0:
-        os.chmod(path, 0o555)
-        testCase.addCleanup(os.chmod, path, 0o700)
-        return "mode 0555"
-    chattr = shutil.which("chattr")
-    if chattr is None:
-        raise SkipTest("running as root without chattr: no way to make a directory unwritable")
-    made = subprocess.run([chattr, "+i", path], capture_output=True, text=True)
+        how, make, unmake = "mode 0555", ["chmod", "0555", path], ["chmod", "0700", path]
+    else:
+        chattr = shutil.which("chattr")
+        if chattr is None:
+            raise SkipTest("running as root without chattr: no way to make a directory unwritable")
+        how, make, unmake = "immutable (chattr +i)", [chattr, "+i", path], [chattr, "-i", path]
+    made = subprocess.run(make, capture_output=True, text=True)
     if made.returncode != 0:
-        raise SkipTest(f"running as root and chattr +i failed: {made.stderr.strip()}")
-    testCase.addCleanup(subprocess.run, [chattr, "-i", path], check=True)
-    return "immutable (chattr +i)"
+        raise SkipTest(f"{' '.join(make)} failed: {made.stderr.strip()}")
+    undone = []
+
+    def undo() -> None:
+        if not undone:
+            undone.append(True)
+            subprocess.run(unmake, check=True)
+
+    testCase.addCleanup(undo)
+    return how, undo
 
 
 class _Only:
@@ -687,7 +696,7 @@ class HealthTests(AppTestsMixin, SynchronousTestCase):
         A spool directory that takes no new file (read-only, or immutable
         for root): 503 naming the spool and the directory.
         """
-        how = makeUnwritable(self, self.spoolDir)
+        how, _ = makeUnwritable(self, self.spoolDir)
         code, body = self.getJSON("/healthz")
         self.assertEqual(code, 503, how)
         self.assertEqual(body["status"], "unavailable")
