@@ -5,7 +5,6 @@ port), with real submissions and a real SMTP sink.
 """
 
 import json
-import os
 import subprocess
 
 from twisted.internet import reactor
