@@ -507,6 +507,12 @@ class SuppressionTests(ApiTestsMixin, SynchronousTestCase):
             {"address": "Someone@example.org", "reason": "complaint", "source_event": None,
              "time": rfc3339(START), "expires": "2030-01-01T00:00:00.000Z"},
         )
+        self.add("a/b@example.org")
+        self.assertEqual(
+            self.json("GET", "/api/v1/suppressions/" + quote("a/b@example.org", safe=""))["address"],
+            "a/b@example.org",
+        )
+        self.json("DELETE", "/api/v1/suppressions/a/b@example.org")
         self.add("other@example.org")
         self.add("third@example.net")
         page = self.json("GET", "/api/v1/suppressions?limit=2")

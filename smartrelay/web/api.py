@@ -357,12 +357,13 @@ class _QueueIDConverter(BaseConverter):
 
 class _AddressConverter(BaseConverter):
     """
-    An address in a path: something with an C{@} and no slash, checked in
-    the handler.  C{/suppressions/import} and C{/suppressions/export} never
-    match it.
+    An address in a path: something with an C{@} (slashes allowed, plain
+    or C{%2F}), checked in the handler.  C{/suppressions/import} and
+    C{/suppressions/export} never match it.
     """
 
-    regex = r"[^/]*@[^/]*"
+    regex = r".*@.*"
+    part_isolating = False
 
 
 #: The routes of L{ApiApp} (its C{app}).

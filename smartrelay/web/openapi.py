@@ -384,7 +384,7 @@ _ADDRESS_PATH = {
     "in": "path",
     "required": True,
     "description": "The address, URL-encoded",
-    "schema": {"type": "string", "pattern": "^[^\\x00-\\x1f\\x7f/]+@[^\\x00-\\x1f\\x7f@/]+$"},
+    "schema": _ADDRESS,
 }
 
 
