@@ -52,7 +52,8 @@ from smartrelay.store.redis import RedisConnectionFailed, RedisStore
 from smartrelay.store.sqlite import SQLiteStore
 from smartrelay.tokens import Tokens
 from smartrelay.web.api import ApiApp
-from smartrelay.web.metrics import HealthCheck, MetricsApp, RelayCollector, RelayMetrics
+from smartrelay.web.health import HealthCheck
+from smartrelay.web.metrics import MetricsApp, RelayCollector, RelayMetrics
 from smartrelay.web.site import SiteRoot, makeSite
 from smartrelay.web.tracking import TrackingApp
 

@@ -1,6 +1,7 @@
 """
-Tests for L{smartrelay.web.metrics}: the event counters, the store latency,
-the live-state collector, the health check and the routes, in memory
+Tests for L{smartrelay.web.metrics} and L{smartrelay.web.health}: the event
+counters, the store latency, the live-state collector, the health check
+and the routes, in memory
 (L{StubTreq}, L{Clock}); and the whole relay on a memory reactor.
 """
 
@@ -14,7 +15,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
@@ -31,15 +32,18 @@ from smartrelay.outbound.testing import Delays, FakeDeliverer, FakeRouter, FakeS
 from smartrelay.spool import Spool
 from smartrelay.store.interfaces import IStore
 from smartrelay.store.memory import MemoryStore
-from smartrelay.web.metrics import (
-    MAX_SERIES,
-    OTHER,
+from smartrelay.web.health import (
     PROBE_FILE,
     PROBE_INTERVAL,
     PROBE_TIMEOUT,
+    HealthCheck,
+    probeSpool,
+)
+from smartrelay.web.metrics import (
+    MAX_SERIES,
+    OTHER,
     STORE_BUCKETS,
     EventCounts,
-    HealthCheck,
     MetricsApp,
     QueueSummary,
     RelayCollector,
@@ -47,7 +51,6 @@ from smartrelay.web.metrics import (
     StoreLatency,
     TimedStore,
     clientIP,
-    probeSpool,
     queueByDomain,
 )
 
