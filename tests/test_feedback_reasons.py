@@ -548,6 +548,22 @@ class ProviderTests(SynchronousTestCase):
         self.assertEqual(classify("5.5.0", 550, text, remote="bay004-mc1.hotmail.com").reason, "userunknown")
         self.assertEqual(classify("5.5.0", 550, text, remote="mx.example.org").reason, "filtered")
 
+    def test_microsoftByStatus(self):
+        """Microsoft's "access denied" is an unknown address at 5.4.1, a suspended one at 5.7.504."""
+        text = "550 5.4.1 Recipient address rejected: Access denied. AS(201806281)"
+        remote = "example-com.mail.protection.outlook.com"
+        self.assertEqual(classify("5.4.1", 550, text, remote=remote).reason, "userunknown")
+        text = "550 5.7.504 Recipient address rejected: Access denied"
+        self.assertEqual(classify("5.7.504", 550, text, remote=remote).reason, "suspend")
+
+    def test_keyedStatusPrefix(self):
+        """A status-qualified provider phrase may name a status prefix; a bad one is an error."""
+        table = compileKeyed({"kddi": {"blocked": (("5.7.", "no thanks"),)}}, phrases.RHOSTS, "T")
+        self.assertRaises(
+            ValueError, compileKeyed, {"kddi": {"blocked": (("5.x", "no"),)}}, phrases.RHOSTS, "T"
+        )
+        self.assertEqual(table["kddi"], [("blocked", (("5.7.", "no thanks"),))])
+
     def test_messageLabsNoSuchUser(self):
         """MessageLabs' "No such user" is an unknown user."""
         text = "550 bob@example.org... No such user"

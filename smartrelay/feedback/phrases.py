@@ -1434,7 +1434,9 @@ RHOSTS = {
 }
 
 #: What a provider's own wording means when that provider said it: provider
-#: -> reason -> phrases (matched on the normalised text, like L{PHRASES}).
+#: -> reason -> phrases (matched on the normalised text, like L{PHRASES});
+#: a C{(status, phrase)} pair counts only beside that status (or, for
+#: C{"5.7."}, a status starting so).
 #: Only for wording that is ambiguous (or wrong) from anyone else -- the same words
 #: from an unknown server go through the ordinary rules.  A phrase found
 #: here decides, like an L{OVERRIDES} one; the first reason listed wins.
@@ -1457,10 +1459,22 @@ RHOST_PHRASES = {
         ),
         "userunknown": ("requested action not taken: mailbox unavailable",),
     },
-    # Microsoft 365: directory-based edge blocking answers 5.4.1 for an
-    # address that is not in the tenant.
+    # Microsoft 365 / Exchange Online (its NDR reference): the same words
+    # mean different things beside different statuses.  Directory-based
+    # edge blocking answers 5.4.1 for an address not in the tenant; 5.7.504
+    # is an address that may not receive.
     "microsoft": {
-        "userunknown": ("recipient address rejected: access denied",),
+        "suspend": (
+            ("5.7.504", "recipient address rejected: access denied"),
+            ("5.7.505", "access denied, banned recipient"),
+            ("5.2.1", "mailbox cannot be accessed"),
+        ),
+        "userunknown": (
+            ("5.4.1", "recipient address rejected: access denied"),
+            ("5.5.0", "requested action not taken: mailbox unavailable"),
+            ("5.1.10", "recipient not found"),
+            ("5.1.1", "bad destination mailbox address"),
+        ),
     },
     # Symantec / Broadcom Email Security.cloud (knowledge article 165163).
     "messagelabs": {

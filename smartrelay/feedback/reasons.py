@@ -372,7 +372,7 @@ def classify(
         if reason is None:
             provider = providerOf(remote, recipient, text, reporter)
             if provider is not None:
-                reason = _phraseIn(_PROVIDER_TABLES.get(provider, ()), text)
+                reason = _phraseIn(_PROVIDER_TABLES.get(provider, ()), text, effective)
     if reason is None:
         reason = _decide(effective, code, text, action, command, local)
     return Verdict(reason=reason, kind=bounceKind(reason, effective, text), status=effective)
@@ -381,7 +381,9 @@ def classify(
 def compileKeyed(tables: dict, keys: dict, name: str) -> dict:
     """
     Check and normalise a key -> reason -> phrases table
-    (L{RHOST_PHRASES}, L{LOCAL_AGENT_PHRASES}).
+    (L{RHOST_PHRASES}, L{LOCAL_AGENT_PHRASES}).  A phrase is a string, or
+    a C{(status, phrase)} pair that counts only beside that status (C{"5.4.1"})
+    or a status starting so (C{"5.7."}).
 
     @param keys: the known keys (L{RHOSTS}, L{LOCAL_AGENTS}).
     @param name: the table's name, for the error.
@@ -396,10 +398,20 @@ def compileKeyed(tables: dict, keys: dict, name: str) -> dict:
         for reason, texts in table.items():
             if reason not in REASONS:
                 raise ValueError(f"unknown reason in {name}[{key!r}]: {reason!r}")
-            phrases = tuple(normalise(text) for text in texts)
-            if not all(phrases):
-                raise ValueError(f"empty phrase in {name}[{key!r}][{reason!r}]")
-            entries.append((reason, phrases))
+            phrases = []
+            for text in texts:
+                status = None
+                if isinstance(text, tuple):
+                    status, text = text
+                    if not isinstance(status, str) or not (
+                        _STATUS.match(status) or re.fullmatch(r"[245]\.\d{1,3}\.", status)
+                    ):
+                        raise ValueError(f"bad status in {name}[{key!r}][{reason!r}]: {status!r}")
+                phrase = normalise(text) if isinstance(text, str) else ""
+                if not phrase:
+                    raise ValueError(f"empty phrase in {name}[{key!r}][{reason!r}]")
+                phrases.append((status, phrase))
+            entries.append((reason, tuple(phrases)))
         compiled[key] = entries
     return compiled
 
@@ -535,13 +547,18 @@ def _hostAt(text: str, start: int, end: int) -> Optional[str]:
     return _hostProvider(text[start:end].strip("."))
 
 
-def _phraseIn(table, text: str) -> Optional[str]:
+def _phraseIn(table, text: str, status: Optional[str] = None) -> Optional[str]:
     """
     The first reason of a compiled keyed C{table} one of whose phrases is
-    in C{text}, or L{None}.
+    in C{text} (beside C{status}, for a phrase that names one), or L{None}.
     """
     for reason, phrases in table:
-        for phrase in phrases:
+        for wanted, phrase in phrases:
+            if wanted is not None and (
+                status is None
+                or (status != wanted if wanted[-1] != "." else not status.startswith(wanted))
+            ):
+                continue
             if phrase in text:
                 return reason
     return None
