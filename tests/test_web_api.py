@@ -25,6 +25,7 @@ from smartrelay.outbound.testing import (
 )
 from smartrelay.store.interfaces import SuppressionEntry
 from smartrelay.store.memory import MemoryStore
+from smartrelay.store.sqlite import SQLiteStore
 from smartrelay.web.api import (
     AUTH_FAILURES,
     COMPLAINT_RATE_LIMIT,
@@ -33,6 +34,7 @@ from smartrelay.web.api import (
 )
 from smartrelay.web.proxies import clientAddress
 from smartrelay.web.site import SiteRoot
+from tests.test_store import synchronous
 
 START = 1_700_000_000.0
 TOKEN = "t" * 24
@@ -67,11 +69,15 @@ class ApiTestsMixin:
 
     tokens = (TOKEN, OTHER_TOKEN)
 
+    def makeStore(self):
+        return MemoryStore()
+
     def setUp(self):
         self.clock = Clock()
         self.clock.advance(START)
-        self.store = MemoryStore()
+        self.store = self.makeStore()
         self.successResultOf(self.store.start())
+        self.addCleanup(self.store.close)
         self.events = EventLog(self.store, self.clock)
         self.spool = FakeSpool()
         self.deliverer = FakeDeliverer()
@@ -849,3 +855,37 @@ class SiteRootTests(SynchronousTestCase):
             d = treq.get("http://x" + path)
             treq.flush()
             self.assertEqual(self.successResultOf(treq.content(self.successResultOf(d))), expected)
+
+
+class SQLiteMixin:
+    """
+    The same tests over a real L{SQLiteStore} (its statements run
+    synchronously).
+    """
+
+    def makeStore(self):
+        return SQLiteStore(self.mktemp(), synchronous)
+
+
+class SQLiteMessageTests(SQLiteMixin, MessageTests):
+    """
+    L{MessageTests} over SQLite.
+    """
+
+
+class SQLiteEventTests(SQLiteMixin, EventTests):
+    """
+    L{EventTests} over SQLite.
+    """
+
+
+class SQLiteStatsTests(SQLiteMixin, StatsTests):
+    """
+    L{StatsTests} over SQLite.
+    """
+
+
+class SQLiteSuppressionTests(SQLiteMixin, SuppressionTests):
+    """
+    L{SuppressionTests} over SQLite.
+    """
