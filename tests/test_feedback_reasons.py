@@ -161,6 +161,11 @@ class ClassifyTests(SynchronousTestCase):
         verdict = classify("5.1.8", 501, "the address couldn't be found: 501 5.1.8 Sender address rejected")
         self.assertEqual(verdict.reason, "rejected")
 
+    def test_senderPhraseAtRcptWithoutStatus(self):
+        """A sender phrase at RCPT beside no explicit status is a refused sender."""
+        text = "host mx.example.jp said: 550 Sender rejected (in reply to RCPT TO command)"
+        self.assertEqual(classify(None, 550, text).reason, "rejected")
+
     def test_senderPhraseAtRcpt(self):
         """A 5.1.1 "address rejected" at RCPT is about the recipient."""
         text = "said: 550 5.1.1 Address rejected bob@example.jp (in reply to RCPT TO command)"

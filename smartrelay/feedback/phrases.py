@@ -249,8 +249,11 @@ BEFORE_DATA = frozenset(["CONN", "EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RC
 #: it may be a content filter's disguise, and Sisimai reads it as
 #: C{filtered} (its UserUnknown and Filtered rules: a recipient phrase is
 #: C{userunknown} only with a x.1.1 status or the RCPT command, and
-#: C{filtered} unless the command was one before DATA).  A sender phrase at
-#: RCPT is about the recipient.
+#: C{filtered} unless the command was one before DATA).  With
+#: C{anyCommand}, a weak enough status lets the phrase count whatever the
+#: command: a sender phrase ("sender rejected") counts at MAIL or DATA, or
+#: beside a status that names nothing explicit (Sisimai's Rejected rule);
+#: beside a precise recipient status at RCPT it is about the recipient.
 TEXT_CONTEXT = {
     "userunknown": {
         "commands": frozenset(["RCPT"]),
@@ -261,6 +264,7 @@ TEXT_CONTEXT = {
         "commands": frozenset(["MAIL", "DATA"]),
         "status": "vague",
         "otherwise": None,
+        "anyCommand": True,
     },
 }
 

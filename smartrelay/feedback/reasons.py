@@ -773,7 +773,8 @@ def _inContext(said: set, named: Optional[str], command: Optional[str]) -> None:
             continue
         if command in context["commands"]:
             continue
-        if command is None and (weak[context["status"]] or reason in yields):
+        unknown = command is None or context.get("anyCommand", False)
+        if unknown and (weak[context["status"]] or reason in yields):
             continue
         said.discard(reason)
         otherwise = context["otherwise"]
