@@ -4,7 +4,7 @@ import hashlib
 import os
 import zipfile
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 try:
     from setuptools.command.editable_wheel import editable_wheel
@@ -100,15 +100,9 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=[
-        "smartrelay",
-        "smartrelay.smtp",
-        "smartrelay.engine",
-        "smartrelay.outbound",
-        "smartrelay.store",
-        "smartrelay.web",
-        "twisted.plugins",
-    ],
+    # Every package under smartrelay/ (a hand-kept list once missed new
+    # ones: a plain install lacked smartrelay.feedback), and the plugin.
+    packages=find_packages(include=["smartrelay", "smartrelay.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/smartrelay_plugin.py"]},
     install_requires=[
         "twisted[tls]>=24.7",

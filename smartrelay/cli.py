@@ -17,15 +17,10 @@ Sub-commands:
 """
 
 import argparse
-import getpass as _getpass
 import json
 import os
-import re
 import sys
-import tempfile
-from typing import Callable, Optional, Sequence, TextIO
-
-import attrs
+from typing import Optional, Sequence
 
 from smartrelay.auth import (
     AuthFileError,
@@ -35,46 +30,16 @@ from smartrelay.auth import (
     setPasswordLine,
     usernameProblem,
 )
+from smartrelay.commands.base import (
+    PROG,
+    CommandError,
+    Console,
+    Parser,
+    UsageError,
+    dkimNameProblem,
+    writeFileAtomically,
+)
 from smartrelay.feedback.report import readReport, splitMailbox
-
-PROG = "smartrelay"
-
-
-class UsageError(Exception):
-    """
-    The command line is wrong (exit status 2).
-    """
-
-
-class CommandError(Exception):
-    """
-    The command could not do its work (exit status 1).
-    """
-
-
-@attrs.define
-class Console:
-    """
-    The process's terminal, replaceable in tests.
-
-    @ivar getpass: C{getpass(prompt) -> str}, reading without echo.
-    """
-
-    stdin: TextIO = attrs.field(factory=lambda: sys.stdin)
-    stdout: TextIO = attrs.field(factory=lambda: sys.stdout)
-    stderr: TextIO = attrs.field(factory=lambda: sys.stderr)
-    getpass: Callable[[str], str] = _getpass.getpass
-
-
-class _Parser(argparse.ArgumentParser):
-    """
-    An argument parser that raises L{UsageError} instead of printing a usage
-    block and exiting.
-    """
-
-    def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
-
 
 # ---------------------------------------------------------------------------
 # passwd
@@ -118,48 +83,6 @@ def _readExisting(path: str) -> Optional[str]:
         raise CommandError(str(e)) from None
 
 
-def writeFileAtomically(path: str, text: str, mode: int = 0o600) -> None:
-    """
-    Replace the file at C{path} with C{text} so that readers see the old or
-    the new contents, never a mix: write a temporary file in the same
-    directory, fsync it, rename it over C{path} and fsync the directory.
-
-    The new file has permissions C{mode}; if C{path} existed, its owner and
-    group are kept where the process may set them.  A symbolic link at
-    C{path} is followed, so the file it points to is replaced.
-    """
-    path = os.path.realpath(path)
-    directory, name = os.path.split(path)
-    try:
-        previous = os.stat(path)
-    except FileNotFoundError:
-        previous = None
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            os.fchmod(f.fileno(), mode)
-            if previous is not None:
-                try:
-                    os.fchown(f.fileno(), previous.st_uid, previous.st_gid)
-                except PermissionError:
-                    pass
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    dirfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
-
-
 def passwd(options: argparse.Namespace, console: Console) -> int:
     """
     C{smartrelay passwd FILE USERNAME [--delete]}.
@@ -199,21 +122,6 @@ def passwd(options: argparse.Namespace, console: Console) -> int:
 # ---------------------------------------------------------------------------
 # dkim-keygen
 
-_DKIM_NAME_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-
-
-def _dkimNameProblem(name: str, what: str) -> Optional[str]:
-    """
-    Why C{name} cannot be a DKIM domain or selector (C{what}), or L{None}:
-    it must be dot-separated DNS labels of letters, digits and inner hyphens.
-    """
-    if (not name or len(name) > 253 or not name.isascii()
-            or not all(_DKIM_NAME_LABEL.fullmatch(label) for label in name.split("."))):
-        return f"invalid {what} {name!r}: expected DNS labels such as " + (
-            "example.com" if what == "domain" else "s2024")
-    return None
-
-
 def _writeNewFile(path: str, data: bytes, mode: int = 0o600) -> None:
     """
     Create the file C{path} with C{data} and permissions C{mode}; never
@@ -251,7 +159,7 @@ def dkimKeygen(options: argparse.Namespace, console: Console) -> int:
     if domain.endswith(".") and len(domain) > 1:
         domain = domain[:-1]
     for name, what in [(domain, "domain"), (selector, "selector")]:
-        problem = _dkimNameProblem(name, what)
+        problem = dkimNameProblem(name, what)
         if problem is not None:
             raise UsageError(f"{command}: {problem}")
     if options.algorithm == "rsa-sha256" and not 1024 <= options.bits <= 4096:
@@ -385,7 +293,7 @@ def classify(options: argparse.Namespace, console: Console) -> int:
 
 
 def _buildParser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="The smartrelay operator's console.")
+    parser = Parser(prog=PROG, description="The smartrelay operator's console.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = commands.add_parser(

@@ -45,7 +45,8 @@ from smartrelay.feedback.inbox import FeedbackInbox
 from smartrelay.feedback.processor import FeedbackProcessor, ReportReader
 from smartrelay.feedback.suppression import BounceSuppressor
 from smartrelay.logs import MessageLog
-from smartrelay.smtp.feedback import FeedbackAddresses, FeedbackPolicy
+from smartrelay.feedback.addresses import FeedbackAddresses
+from smartrelay.smtp.feedback import FeedbackPolicy
 from smartrelay.smtp.submission import SubmissionFactory, SubmissionPolicy, makeLoginLimiter
 from smartrelay.spool import Spool
 from smartrelay.store.redis import RedisConnectionFailed, RedisStore

@@ -22,7 +22,7 @@ from smartrelay.feedback.processor import (
 )
 from smartrelay.feedback.records import FeedbackRecord, Report
 from smartrelay.feedback.suppression import BounceSuppressor
-from smartrelay.smtp.feedback import FeedbackAddresses
+from smartrelay.feedback.addresses import FeedbackAddresses
 from smartrelay.store.memory import MemoryStore
 from smartrelay.tokens import Tokens
 

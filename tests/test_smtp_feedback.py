@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay.feedback.inbox import FeedbackInbox, decodeReport
-from smartrelay.smtp.feedback import FeedbackAddresses, FeedbackPolicy, Target
+from smartrelay.feedback.addresses import (
+    FeedbackAddresses,
+    ForgedToken,
+    NotAFeedbackAddress,
+    Target,
+    UnknownAddress,
+)
+from smartrelay.smtp.feedback import FeedbackPolicy, refusalFor
 from smartrelay.smtp.protocol import Session
 from smartrelay.smtp.replies import SMTPReply
 from smartrelay.smtp.submission import SubmissionFactory
@@ -168,6 +175,8 @@ class RecipientTests(FeedbackTestMixin, SynchronousTestCase):
         self.assertEqual(addresses.target(self.unsub(2)), Target("unsubscribe", QUEUE_ID, 2))
         self.assertEqual(addresses.target("postmaster@relay.test"), Target("postmaster"))
         self.assertEqual(addresses.target("fbl@EXAMPLE.com"), Target("fbl"))
+        self.assertRaises(UnknownAddress, addresses.target, "someone@relay.test")
+        self.assertRaises(ForgedToken, addresses.target, "bounce+aaaa@relay.test")
 
     def test_badSyntax(self):
         """
@@ -385,7 +394,8 @@ class PropertyTests(SynchronousTestCase):
         """
         try:
             self.addresses.target(address)
-        except SMTPReply as refusal:
+        except NotAFeedbackAddress as error:
+            refusal = refusalFor(error)
             self.assertIn((refusal.code, refusal.status), [(550, "5.1.1"), (550, "5.7.1")])
 
     @given(st.sampled_from(["bounce", "unsub"]), st.text(alphabet="abcdefghijklmnopqrstuvwxyz234567", max_size=60))
@@ -393,10 +403,10 @@ class PropertyTests(SynchronousTestCase):
         """
         A random token never verifies (5.7.1).
         """
-        refusal = self.assertRaises(
-            SMTPReply, self.addresses.target, "%s+%s@relay.test" % (prefix, token)
+        error = self.assertRaises(
+            ForgedToken, self.addresses.target, "%s+%s@relay.test" % (prefix, token)
         )
-        self.assertEqual((refusal.code, refusal.status), (550, "5.7.1"))
+        self.assertEqual((refusalFor(error).code, refusalFor(error).status), (550, "5.7.1"))
 
     @given(st.binary(max_size=500))
     def test_decodeReportOnlyValueError(self, blob):

@@ -6,7 +6,7 @@ the DNS checks of L{smartrelay.dnscheck}, as a checklist or as JSON.
 import argparse
 import json
 
-from smartrelay.cli import PROG, CommandError, Console, UsageError, _dkimNameProblem
+from smartrelay.commands.base import PROG, CommandError, Console, UsageError, dkimNameProblem
 from smartrelay.commands.common import readConfig, runOnReactor
 from smartrelay.dnscheck import FAIL, DNSChecker, DNSUnavailable, formatChecks
 
@@ -52,7 +52,7 @@ def checkDNS(options: argparse.Namespace, console: Console) -> int:
     domain = options.domain.lower()
     if domain.endswith(".") and len(domain) > 1:
         domain = domain[:-1]
-    problem = _dkimNameProblem(domain, "domain")
+    problem = dkimNameProblem(domain, "domain")
     if problem is not None:
         raise UsageError(f"{command}: {problem}")
     if not options.timeout > 0:

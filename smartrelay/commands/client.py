@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional
 
 import attrs
 
-from smartrelay.cli import CommandError, UsageError
+from smartrelay.commands.base import CommandError, UsageError
 from smartrelay.config import ConfigError, parseConfig
 
 __all__ = ["ApiClient", "ApiSettings", "Response", "listenURL"]

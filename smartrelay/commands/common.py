@@ -5,7 +5,7 @@ on the reactor from a synchronous command.
 
 from typing import Any, Awaitable, Callable, Optional
 
-from smartrelay.cli import CommandError, UsageError
+from smartrelay.commands.base import CommandError, UsageError
 from smartrelay.config import ConfigError, defaultConfig, loadConfig
 
 

@@ -10,7 +10,7 @@ import time
 import urllib.parse
 from typing import Any, Callable, Optional, Sequence
 
-from smartrelay.cli import PROG, CommandError, Console, UsageError
+from smartrelay.commands.base import PROG, CommandError, Console, UsageError
 from smartrelay.commands.client import ApiClient, ApiSettings
 from smartrelay.config import parseDuration
 

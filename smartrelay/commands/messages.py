@@ -8,7 +8,7 @@ import json
 import time
 from typing import Callable, Optional
 
-from smartrelay.cli import PROG, Console, UsageError
+from smartrelay.commands.base import PROG, Console, UsageError
 from smartrelay.commands.console import (
     API_NOTE,
     addCommonOptions,

@@ -5,7 +5,7 @@ C{smartrelay queue}: see and steer the delivery queue over the relay's API.
 import argparse
 import io
 
-from smartrelay.cli import PROG, Console, UsageError
+from smartrelay.commands.base import PROG, Console, UsageError
 from smartrelay.commands.console import (
     API_NOTE,
     addCommonOptions,

@@ -8,7 +8,7 @@ import json
 import re
 from typing import Iterable
 
-from smartrelay.cli import PROG, CommandError, Console, UsageError
+from smartrelay.commands.base import PROG, CommandError, Console, UsageError
 from smartrelay.commands.console import (
     API_NOTE,
     Progress,
@@ -161,7 +161,7 @@ def suppressExport(options, console: Console) -> int:
     if options.output is None or options.output == "-":
         console.stdout.write(data.decode("utf-8"))
         return 0
-    from smartrelay.cli import writeFileAtomically
+    from smartrelay.commands.base import writeFileAtomically
 
     try:
         writeFileAtomically(options.output, data.decode("utf-8"), mode=0o644)

@@ -55,8 +55,7 @@ from smartrelay.feedback.inbox import DamagedReport, Envelope, FeedbackInbox
 from smartrelay.feedback.records import FeedbackRecord, Report
 from smartrelay.feedback.report import readReport
 from smartrelay.feedback.suppression import BounceSuppressor
-from smartrelay.smtp.feedback import FeedbackAddresses, Target
-from smartrelay.smtp.replies import SMTPReply
+from smartrelay.feedback.addresses import FeedbackAddresses, NotAFeedbackAddress, Target
 from smartrelay.store.interfaces import MAX_LIMIT, SuppressionEntry, normaliseAddress
 
 #: ARF feedback types that put the recipient on the suppression list
@@ -323,7 +322,7 @@ class FeedbackProcessor:
         for n, address in enumerate(envelope.recipients):
             try:
                 targets.append((n, self.addresses.target(address)))
-            except SMTPReply:
+            except NotAFeedbackAddress:
                 # Accepted then, not now (the token key was retired).
                 self.log.warn(
                     "feedback: report {report}: {address!r} is no feedback address any more",

@@ -28,81 +28,24 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from smartrelay.feedback.addresses import FeedbackAddresses, ForgedToken, NotAFeedbackAddress
 from smartrelay.feedback.inbox import Envelope, FeedbackInbox, InboxError
 from smartrelay.smtp.connections import ConnectionLimits
 from smartrelay.smtp.protocol import ISubmissionPolicy, Session
 from smartrelay.smtp.replies import STORAGE_TROUBLE, TOO_MANY_RECIPIENTS, SMTPReply, reply
-from smartrelay.tokens import BadToken, Tokens
 
 UNKNOWN_RECIPIENT = reply(550, "5.1.1", "No such recipient here: this server only takes reports")
 BAD_TOKEN = reply(
     550, "5.7.1", "The address's token does not verify: it is forged, damaged or truncated"
 )
 AUTH_UNAVAILABLE = reply(502, "5.5.1", "AUTH not available")
-#: The local part of mailto unsubscribe addresses (DESIGN 1.5).
-UNSUBSCRIBE_PREFIX = "unsub"
 
 
-@attrs.frozen
-class Target:
+def refusalFor(error: NotAFeedbackAddress) -> SMTPReply:
     """
-    What a feedback recipient address is.
-
-    @ivar kind: C{"verp"}, C{"unsubscribe"}, C{"postmaster"} or C{"fbl"}.
-    @ivar queue_id: for C{verp} and C{unsubscribe}: the message's queue id.
-    @ivar index: for those: the recipient's index in its envelope.
+    The reply to a RCPT naming an address that takes no reports.
     """
-
-    kind: str
-    queue_id: Optional[str] = None
-    index: Optional[int] = None
-
-
-@attrs.frozen
-class FeedbackAddresses:
-    """
-    Reads the feedback listener's recipient addresses.
-
-    @ivar bounceDomain: lower-case.
-    @ivar verpPrefix: the local part before C{+TOKEN} of return paths.
-    @ivar fblAddresses: lower-case addresses.
-    """
-
-    tokens: Tokens
-    bounceDomain: str
-    verpPrefix: str
-    fblAddresses: frozenset = frozenset()
-
-    def target(self, address: str) -> Target:
-        """
-        @raise SMTPReply: C{550 5.7.1} for a token that does not verify,
-            C{550 5.1.1} for an address that is none of ours.
-        """
-        local, at, domain = address.rpartition("@")
-        domain = domain.lower()
-        if (local.lower() + at + domain) in self.fblAddresses:
-            return Target("fbl")
-        if not at or domain.rstrip(".") != self.bounceDomain:
-            raise UNKNOWN_RECIPIENT
-        lowered = local.lower()
-        if lowered == "postmaster":
-            return Target("postmaster")
-        prefix, plus, token = lowered.partition("+")
-        if plus:
-            if prefix == self.verpPrefix.lower():
-                kind, tokenKind = "verp", "v"
-            elif prefix == UNSUBSCRIBE_PREFIX:
-                kind, tokenKind = "unsubscribe", "u"
-            else:
-                raise UNKNOWN_RECIPIENT
-            try:
-                queueID, index = self.tokens.readCompact(tokenKind, token)
-            except BadToken:
-                raise BAD_TOKEN from None
-            return Target(kind, queueID, index)
-        raise UNKNOWN_RECIPIENT
-
-
+    return BAD_TOKEN if isinstance(error, ForgedToken) else UNKNOWN_RECIPIENT
 @implementer(ISubmissionPolicy)
 @attrs.define(eq=False)
 class FeedbackPolicy(ConnectionLimits):
@@ -148,14 +91,15 @@ class FeedbackPolicy(ConnectionLimits):
             raise TOO_MANY_RECIPIENTS
         try:
             self.addresses.target(recipient)
-        except SMTPReply as refusal:
+        except NotAFeedbackAddress as error:
+            refusal = refusalFor(error)
             self.log.info(
                 "feedback: refused RCPT {recipient!r} from {client}: {reply}",
                 recipient=recipient[:300],
                 client=session.peer,
                 reply=str(refusal),
             )
-            raise
+            raise refusal from None
 
     def messageReceived(
         self, session: Session, sender: str, recipients: list, data: bytes
