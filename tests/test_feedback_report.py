@@ -140,6 +140,52 @@ class DeliveryStatusTests(SynchronousTestCase):
         [record] = report.records
         self.assertEqual((record.action, record.kind), ("delayed", "soft"))
 
+    def test_reportingHostNamesProvider(self):
+        """
+        A DSN with no Remote-MTA is read in the words of the provider its
+        Reporting-MTA names: Outlook.com's "mailbox unavailable" is an
+        unknown user, which from an unknown host it is not.
+        """
+        group = (
+            "Final-Recipient: rfc822; gone@example.org\n"
+            "Action: failed\n"
+            "Status: 5.5.0\n"
+            "Diagnostic-Code: smtp; 550 Requested action not taken: mailbox unavailable"
+        )
+        [other] = readReport(dsn(group)).records
+        self.assertEqual(other.reason, "filtered")
+        raw = dsn(group).replace(b"Reporting-MTA: dns; mx.example.net", b"Reporting-MTA: dns; BAY004-MC1F2.hotmail.com")
+        [record] = readReport(raw).records
+        self.assertEqual((record.reason, record.kind), ("userunknown", "hard"))
+
+    def test_reporterFromReceived(self):
+        """
+        Without a Reporting-MTA the report's writer is the host of its
+        oldest Received field, else its From domain; the Reporting-MTA
+        wins when there is one.
+        """
+        from smartrelay.feedback.bounces import reporterOf
+        from smartrelay.feedback.mailtext import Headers
+        from smartrelay.feedback.mimescan import parse
+
+        head = Headers(
+            parse(
+                message(
+                    "Received: from relay.example.com by mx.shop.example; Mon, 7 Dec 2026 01:02:03 +0000",
+                    "Received: from [127.0.0.1] by SNT004-MC2F2.hotmail.com with Microsoft SMTPSVC;",
+                    " Mon, 7 Dec 2026 01:02:00 +0000",
+                    "From: postmaster@outlook.example",
+                    "",
+                    "body",
+                )
+            )
+        )
+        self.assertEqual(reporterOf(head), "snt004-mc2f2.hotmail.com")
+        self.assertEqual(reporterOf(head, {"reporting-mta": "dns; mx.example.net"}), "mx.example.net")
+        bare = Headers(parse(message("From: MAILER-DAEMON@Mail.Example.ORG", "", "body")))
+        self.assertEqual(reporterOf(bare), "mail.example.org")
+        self.assertIsNone(reporterOf(Headers(parse(message("Subject: x", "", "body")))))
+
     def test_queueIdInText(self):
         """
         L{queueIdIn} finds the id in a returned header block and not in a

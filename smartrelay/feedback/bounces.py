@@ -26,6 +26,7 @@ __all__ = [
     "MAX_RECORDS",
     "bounceRecord",
     "failedRecipientsHeader",
+    "reporterOf",
     "fromDeliveryStatus",
     "fromJSON",
     "fromReturnedRecipients",
@@ -57,12 +58,16 @@ def bounceRecord(
     diagnostic: Optional[str],
     remote: Optional[str],
     command: Optional[str] = None,
+    reporter: Optional[str] = None,
 ) -> FeedbackRecord:
     """
+    @param reporter: the host that wrote the report (L{reporterOf}), which
+        names the provider whose wording the classifier reads when neither
+        the recipient's domain nor the remote host does.
     @return: a bounce record, classified; a delay warning is always soft,
         and a missing status is the one the classifier infers.
     """
-    verdict = classify(status, replycode, diagnostic, action, command, remote, recipient)
+    verdict = classify(status, replycode, diagnostic, action, command, remote, recipient, reporter)
     kind = verdict.kind
     if action == "delayed":
         kind = "soft"
@@ -77,6 +82,35 @@ def bounceRecord(
         kind=kind,
         reason=verdict.reason,
     )
+
+
+# "from HOST" and "by HOST" of a Received field (RFC 5321 section 4.4).
+_RECEIVED_BY = re.compile(r"(?i)\bby\s+([A-Za-z0-9][A-Za-z0-9.-]*\.[A-Za-z]{2,})")
+_RECEIVED_FROM = re.compile(r"(?i)^\s*from\s+([A-Za-z0-9][A-Za-z0-9.-]*\.[A-Za-z]{2,})")
+
+
+def reporterOf(tree: Headers, perMessage: Optional[dict] = None) -> Optional[str]:
+    """
+    The host that wrote a report: the DSN's C{Reporting-MTA} (RFC 3464
+    section 2.2.2), else the host that first handled the report (the C{by}
+    host of its oldest C{Received} field, which the writing MTA or its
+    outbound relay adds), else the domain of its C{From}.
+
+    @return: a lower-case host name, or L{None}.
+    """
+    if perMessage:
+        host = dsn.remoteHost(perMessage.get("reporting-mta"))
+        if host and "." in host:
+            return host
+    received = tree.getAll("Received")
+    if received:
+        oldest = headerText(received[-1])
+        match = _RECEIVED_BY.search(oldest) or _RECEIVED_FROM.search(oldest)
+        if match is not None:
+            return match.group(1).lower().rstrip(".")
+    for _, address in addresses(headerText(tree.get("From"))):
+        return address.rsplit("@", 1)[-1].lower().rstrip(".>") or None
+    return None
 
 
 # Delivery-status fields quoted in a report's text are no diagnostic.
@@ -114,6 +148,7 @@ def fromDeliveryStatus(
     records = []
     textual = None
     hinted = lhost.commandIn(text) is not None
+    ownReporter = None
     for part in statusParts:
         if isinstance(part, str):
             body = part
@@ -121,7 +156,12 @@ def fromDeliveryStatus(
             body = partText(part)
             if not body.strip() and part.message is not None:
                 body = part.message.serialize().decode("utf-8", "replace")
-        _, recipients = dsn.readDeliveryStatus(body)
+        perMessage, recipients = dsn.readDeliveryStatus(body)
+        reporter = dsn.remoteHost(perMessage.get("reporting-mta"))
+        if not reporter or "." not in reporter:
+            if ownReporter is None:
+                ownReporter = reporterOf(tree) or ""
+            reporter = ownReporter or None
         fallback: Optional[list] = None
         for index, each in enumerate(recipients[:MAX_RECORDS]):
             recipient = _usable(each.recipient) or _usable(each.original)
@@ -178,7 +218,7 @@ def fromDeliveryStatus(
             if action in ("delivered", "relayed", "expanded") and not status:
                 continue
             records.append(
-                bounceRecord(recipient, action, status, replycode, diagnostic, remote, command)
+                bounceRecord(recipient, action, status, replycode, diagnostic, remote, command, reporter)
             )
     return records
 
@@ -221,8 +261,17 @@ def fromReturnedRecipients(returned: Optional[mime.Part], head: Headers, text: s
         return []
     extra = lhost.details(text, "")
     action = "delayed" if lhost.isDelay(headerText(head.get("Subject")), text) else "failed"
+    reporter = reporterOf(head)
     return [
-        bounceRecord(address, action, extra["status"], extra["replycode"], extra["diagnostic"], extra["remote"])
+        bounceRecord(
+            address,
+            action,
+            extra["status"],
+            extra["replycode"],
+            extra["diagnostic"],
+            extra["remote"],
+            reporter=reporter,
+        )
         for address in found
     ]
 
@@ -239,6 +288,7 @@ def fromText(tree: Headers, text: str, exclude: set) -> list[FeedbackRecord]:
     if not found:
         return []
     action = "delayed" if lhost.isDelay(subject, text) else "failed"
+    reporter = reporterOf(tree)
     records = []
     for each in found:
         extra = lhost.details(each.text, each.address)
@@ -251,6 +301,7 @@ def fromText(tree: Headers, text: str, exclude: set) -> list[FeedbackRecord]:
                 extra["diagnostic"],
                 extra["remote"],
                 lhost.commandIn(each.text),
+                reporter,
             )
         )
     return records

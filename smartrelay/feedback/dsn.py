@@ -23,7 +23,7 @@ from smartrelay.feedback.mailtext import (
     statusIn,
 )
 
-__all__ = ["RecipientStatus", "readDeliveryStatus", "typedValue"]
+__all__ = ["RecipientStatus", "readDeliveryStatus", "remoteHost", "typedValue"]
 
 
 @attrs.frozen
@@ -94,7 +94,11 @@ def _address(value: Optional[str]) -> Optional[str]:
     return bare or None
 
 
-def _remote(value: Optional[str]) -> Optional[str]:
+def remoteHost(value: Optional[str]) -> Optional[str]:
+    """
+    @return: the host name of a C{Remote-MTA} / C{Reporting-MTA} value
+        (C{"dns; mx.example.net (192.0.2.1)"}), lower case, or L{None}.
+    """
     bare = typedValue(value).strip("[]<> ")
     if not bare:
         return None
@@ -123,7 +127,7 @@ def _recipientStatus(fields: dict) -> RecipientStatus:
     replycode = replyCodeIn(diagnostic[:8]) if diagnostic else None
     if replycode is None and diagnostic:
         replycode = replyCodeIn(diagnostic[:200])
-    remote = _remote(fields.get("remote-mta"))
+    remote = remoteHost(fields.get("remote-mta"))
     rawStatus = fields.get("status") or ""
     statusText = squeeze(re.sub(r"^\s*[245]\.\d{1,3}\.\d{1,3}", "", rawStatus).strip(" ()"), 500)
     return RecipientStatus(
