@@ -358,6 +358,39 @@ class TableTests(SynchronousTestCase):
     The rule tables are well-formed.
     """
 
+    def test_agentTable(self):
+        """
+        L{reasons._checkAgents} takes L{phrases.LHOSTS} and refuses an
+        unknown test or reason.
+        """
+        from smartrelay.feedback.reasons import _checkAgents
+
+        self.assertEqual(set(_checkAgents(phrases.LHOSTS)), set(phrases.LHOSTS))
+        with self.assertRaises(ValueError):
+            _checkAgents({"x": {"recognise": (("From", "regex", "a"),)}})
+        with self.assertRaises(ValueError):
+            _checkAgents({"x": {"recognise": (("From", "equals", "a"),), "reasons": {"nosuch": ("a",)}}})
+
+    def test_agentVerdict(self):
+        """
+        L{reportingAgent} knows a program by its header (as many tests as
+        it needs); L{agentVerdict} reads its own words and header rules.
+        """
+        from smartrelay.feedback.reasons import agentVerdict, reportingAgent
+
+        header = {
+            "from": ["Mail Administrator <Postmaster@ezweb.ne.jp>"],
+            "subject": ["Mail System Error - Returned Mail"],
+        }
+        getAll = lambda name: header.get(name.lower(), [])
+        self.assertEqual(reportingAgent(getAll), "ezweb")
+        self.assertEqual(agentVerdict("ezweb", getAll, "The user(s) account is disabled.\n<a@b>"), "suspend")
+        self.assertIsNone(agentVerdict("ezweb", getAll, "550 user unknown"))
+        header["x-spasign"] = ["NG"]
+        self.assertEqual(agentVerdict("ezweb", getAll, "550 user unknown"), "filtered")
+        self.assertIsNone(reportingAgent(lambda name: {"subject": ["Mail System Error - Returned Mail"]}.get(name.lower(), [])))
+        self.assertIsNone(agentVerdict(None, getAll, "anything"))
+
     def test_statusTable(self):
         """Every status is a well-formed RFC 3463 code naming a known reason."""
         for status, reason in phrases.STATUS_REASONS.items():

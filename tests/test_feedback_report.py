@@ -374,6 +374,29 @@ class TextBounceTests(SynchronousTestCase):
     Bounces in words, as MTAs write them without (or beside) a DSN part.
     """
 
+
+    def test_reportingProgramsOwnWords(self):
+        """
+        A program known by its header (InterScan MSS here) gives its own
+        reason: "Unable to deliver message to" is an unknown user from it,
+        and nothing from an unknown writer.
+        """
+        body = (
+            "Reason: Unable to deliver message to <gone@example.jp> (and other recipients in the same domain).\n"
+        )
+        [record] = readReport(
+            textBounce(
+                'From: postmaster@mx.example.jp ("InterScan Notification")\n'
+                "To: bounce@shop.example\nSubject: Mail could not be delivered",
+                body,
+            )
+        ).records
+        self.assertEqual((record.recipient, record.reason, record.kind), ("gone@example.jp", "userunknown", "hard"))
+        [other] = readReport(
+            textBounce("From: MAILER-DAEMON@mx.example.jp\nTo: bounce@shop.example\nSubject: Returned mail", body)
+        ).records
+        self.assertNotEqual(other.reason, "userunknown")
+
     def assertRecords(self, report, expected):
         """
         C{report} is a bounce whose records have the expected

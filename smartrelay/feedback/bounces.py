@@ -19,7 +19,7 @@ from smartrelay.feedback.mailtext import (
     squeeze,
     statusIn,
 )
-from smartrelay.feedback.reasons import classify
+from smartrelay.feedback.reasons import agentVerdict, bounceKind, classify, reportingAgent
 from smartrelay.feedback.records import FeedbackRecord, Report
 
 __all__ = [
@@ -59,16 +59,21 @@ def bounceRecord(
     remote: Optional[str],
     command: Optional[str] = None,
     reporter: Optional[str] = None,
+    agentReason: Optional[str] = None,
 ) -> FeedbackRecord:
     """
     @param reporter: the host that wrote the report (L{reporterOf}), which
         names the provider whose wording the classifier reads when neither
         the recipient's domain nor the remote host does.
+    @param agentReason: the reason the program that wrote the report gives
+        in its own terms (L{_agentReason}), which decides.
     @return: a bounce record, classified; a delay warning is always soft,
         and a missing status is the one the classifier infers.
     """
     verdict = classify(status, replycode, diagnostic, action, command, remote, recipient, reporter)
-    kind = verdict.kind
+    reason, kind = verdict.reason, verdict.kind
+    if agentReason is not None and reason != "delivered":
+        reason, kind = agentReason, bounceKind(agentReason, status or verdict.status)
     if action == "delayed":
         kind = "soft"
     return FeedbackRecord(
@@ -80,8 +85,19 @@ def bounceRecord(
         diagnostic=diagnostic,
         remote=remote,
         kind=kind,
-        reason=verdict.reason,
+        reason=reason,
     )
+
+
+def _agentReason(tree: Headers, agent: Optional[str], *texts: Optional[str]) -> Optional[str]:
+    """
+    @return: the reason the program C{agent} that wrote the report
+        (L{reportingAgent}) gives for a record whose words are C{texts}
+        (L{agentVerdict}), or L{None}.
+    """
+    if agent is None:
+        return None
+    return agentVerdict(agent, tree.getAll, "\n".join(text for text in texts if text))
 
 
 # "from HOST" and "by HOST" of a Received field (RFC 5321 section 4.4).
@@ -149,6 +165,7 @@ def fromDeliveryStatus(
     textual = None
     hinted = lhost.commandIn(text) is not None
     ownReporter = None
+    agent = reportingAgent(tree.getAll)
     for part in statusParts:
         if isinstance(part, str):
             body = part
@@ -217,8 +234,11 @@ def fromDeliveryStatus(
                 ) else "failed"
             if action in ("delivered", "relayed", "expanded") and not status:
                 continue
+            agentReason = _agentReason(tree, agent, diagnostic, text if len(recipients) == 1 else None)
             records.append(
-                bounceRecord(recipient, action, status, replycode, diagnostic, remote, command, reporter)
+                bounceRecord(
+                    recipient, action, status, replycode, diagnostic, remote, command, reporter, agentReason
+                )
             )
     return records
 
@@ -262,6 +282,7 @@ def fromReturnedRecipients(returned: Optional[mime.Part], head: Headers, text: s
     extra = lhost.details(text, "")
     action = "delayed" if lhost.isDelay(headerText(head.get("Subject")), text) else "failed"
     reporter = reporterOf(head)
+    agent = reportingAgent(head.getAll)
     return [
         bounceRecord(
             address,
@@ -271,6 +292,7 @@ def fromReturnedRecipients(returned: Optional[mime.Part], head: Headers, text: s
             extra["diagnostic"],
             extra["remote"],
             reporter=reporter,
+            agentReason=_agentReason(head, agent, extra["diagnostic"], text if len(found) == 1 else None),
         )
         for address in found
     ]
@@ -289,9 +311,11 @@ def fromText(tree: Headers, text: str, exclude: set) -> list[FeedbackRecord]:
         return []
     action = "delayed" if lhost.isDelay(subject, text) else "failed"
     reporter = reporterOf(tree)
+    agent = reportingAgent(tree.getAll)
     records = []
     for each in found:
         extra = lhost.details(each.text, each.address)
+        context = text if len(found) == 1 else each.text
         records.append(
             bounceRecord(
                 each.address,
@@ -302,6 +326,7 @@ def fromText(tree: Headers, text: str, exclude: set) -> list[FeedbackRecord]:
                 extra["remote"],
                 lhost.commandIn(each.text),
                 reporter,
+                _agentReason(tree, agent, extra["diagnostic"], context),
             )
         )
     return records

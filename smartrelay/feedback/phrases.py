@@ -1763,3 +1763,69 @@ PROVIDER_CODES = (
         },
     ),
 )
+
+# ---------------------------------------------------------------------------
+# Reporting programs (Sisimai's Lhost modules).
+
+#: Programs that write bounces in a form of their own, with their own word
+#: for why: program -> C{recognise}, a tuple of C{(header, test, value)}
+#: (C{test} is C{"prefix"}, C{"contains"} or C{"equals"}, on the lower-cased
+#: unfolded value; C{"Received"} is tried on every such field), C{needs}
+#: (how many of them must hold; 1 if not given), C{headers} (a header
+#: test that decides a reason for every record of the report) and
+#: C{reasons}, reason -> phrases on the record's own words (lower case,
+#: the first reason listed that matches wins).  A reason found here is
+#: the program's own verdict and decides, as Sisimai keeps an Lhost
+#: module's reason.
+LHOSTS = {
+    # Trend Micro InterScan MSS (Sisimai::Lhost::InterScanMSS): "Unable
+    # to deliver message to <addr>" is what it says of an address that
+    # the next hop does not know.
+    "interscanmss": {
+        "recognise": (
+            ("From", "prefix", '"interscan mss"'),
+            ("From", "contains", '("interscan notification")'),
+            ("From", "prefix", '"interscan notification"'),
+            ("Subject", "equals", "mail could not be delivered"),
+            ("Subject", "equals", "メッセージを配信できません。"),
+            ("Subject", "equals", "メール配信に失敗しました"),
+        ),
+        "reasons": {"userunknown": ("unable to deliver message to",)},
+    },
+    # Ipswitch IMail Server (Sisimai::Lhost::IMailServer): one line per
+    # recipient, "Unknown user: addr".
+    "imailserver": {
+        "recognise": (
+            ("Subject", "prefix", "undeliverable mail "),
+            ("X-Mailer", "prefix", "<smtp32 v"),
+        ),
+        "reasons": {
+            "hostunknown": ("unknown host",),
+            "userunknown": ("unknown user", "invalid final delivery userid"),
+            "mailboxfull": ("user mailbox exceeds allowed size",),
+            "virusdetected": ("requested action not taken: virus detected",),
+            "expired": ("delivery failed ",),
+        },
+    },
+    # au by KDDI, EZweb (Sisimai::Lhost::EZweb): its notices say what
+    # became of the account above the address; X-SPASIGN: NG marks a
+    # message its filter stopped.
+    "ezweb": {
+        "recognise": (
+            ("From", "contains", "postmaster@ezweb.ne.jp"),
+            ("From", "contains", "postmaster@au.com"),
+            ("Subject", "equals", "mail system error - returned mail"),
+            ("Received", "contains", "ezweb.ne.jp (ezweb mail) with"),
+            ("Received", "contains", ".au.com ("),
+            ("Message-ID", "contains", ".ezweb.ne.jp>"),
+            ("Message-ID", "contains", ".au.com>"),
+        ),
+        "needs": 2,
+        "headers": (("X-SPASIGN", "equals", "ng", "filtered"),),
+        "reasons": {
+            "mailboxfull": ("the user(s) account is temporarily over quota",),
+            "suspend": ("the user(s) account is disabled.", "the user(s) account is temporarily limited."),
+            "expired": ("your message was not delivered within ",),
+        },
+    },
+}

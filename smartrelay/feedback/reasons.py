@@ -43,6 +43,11 @@ The decision, in order:
      refusal at the greeting or EHLO -> C{blocked};
   10. C{onhold} when there was something to read but nothing said a
      reason, C{undefined} when there was nothing.
+
+A report written by a program with words of its own (C{LHOSTS}: InterScan
+MSS, IMail, au EZweb; L{reportingAgent}) is read by its table first
+(L{agentVerdict}); what that finds decides, as Sisimai keeps the reason
+an Lhost module gives.
 """
 
 import re
@@ -55,6 +60,7 @@ from smartrelay.feedback.phrases import (
     BEFORE_DATA,
     BLOCKED_COMMANDS,
     COMMAND_HINTS,
+    LHOSTS,
     LOCAL_AGENT_PHRASES,
     LOCAL_AGENTS,
     NEUTRAL,
@@ -88,6 +94,8 @@ __all__ = [
     "textReasons",
     "bounceKind",
     "providerOf",
+    "reportingAgent",
+    "agentVerdict",
 ]
 
 # ---------------------------------------------------------------------------
@@ -810,6 +818,90 @@ def _fallback(
     if text:
         return "onhold"
     return "undefined"
+
+
+def _checkAgents(table: dict) -> dict:
+    """
+    Check L{LHOSTS} and normalise its tests and phrases to lower case.
+
+    @raise ValueError: for an unknown test or reason, or an empty phrase.
+    """
+    checked = {}
+    for agent, entry in table.items():
+        tests = []
+        for name, test, value in entry["recognise"]:
+            if test not in ("prefix", "contains", "equals") or not value:
+                raise ValueError(f"bad test in LHOSTS[{agent!r}]: {(name, test, value)!r}")
+            tests.append((name, test, value.lower()))
+        headers = []
+        for name, test, value, reason in entry.get("headers", ()):
+            if test not in ("prefix", "contains", "equals") or reason not in BOUNCE_REASONS:
+                raise ValueError(f"bad header rule in LHOSTS[{agent!r}]: {name!r}")
+            headers.append((name, test, value.lower(), reason))
+        reasons = []
+        for reason, phrases in entry.get("reasons", {}).items():
+            if reason not in BOUNCE_REASONS or not all(isinstance(p, str) and p for p in phrases):
+                raise ValueError(f"bad reason in LHOSTS[{agent!r}]: {reason!r}")
+            reasons.append((reason, tuple(phrase.lower() for phrase in phrases)))
+        checked[agent] = (tuple(tests), int(entry.get("needs", 1)), tuple(headers), tuple(reasons))
+    return checked
+
+
+_AGENTS = _checkAgents(LHOSTS)
+
+
+def _holds(values: list, test: str, wanted: str) -> bool:
+    for value in values:
+        value = value.strip().lower()
+        if (
+            test == "equals"
+            and value == wanted
+            or test == "prefix"
+            and value.startswith(wanted)
+            or test == "contains"
+            and wanted in value
+        ):
+            return True
+    return False
+
+
+def reportingAgent(getAll) -> Optional[str]:
+    """
+    The program that wrote a report, when it is one of L{LHOSTS}.
+
+    @param getAll: the report's header: name -> the unfolded values of
+        the fields of that name (a list).
+    @return: the key of L{LHOSTS}, or L{None}.
+    """
+    for agent, (tests, needs, _, _) in _AGENTS.items():
+        held = 0
+        for name, test, wanted in tests:
+            if _holds(getAll(name), test, wanted):
+                held += 1
+                if held >= needs:
+                    return agent
+    return None
+
+
+def agentVerdict(agent: Optional[str], getAll, text: str) -> Optional[str]:
+    """
+    The reason the program C{agent} (L{reportingAgent}) gives for a
+    record whose own words are C{text}, or L{None} when its table says
+    nothing of them.
+    """
+    entry = _AGENTS.get(agent) if agent is not None else None
+    if entry is None:
+        return None
+    _, _, headers, reasons = entry
+    for name, test, wanted, reason in headers:
+        if _holds(getAll(name), test, wanted):
+            return reason
+    if text:
+        lowered = text.lower()
+        for reason, phrases in reasons:
+            if any(phrase in lowered for phrase in phrases):
+                return reason
+    return None
 
 
 def classifyReply(
