@@ -375,6 +375,33 @@ class TextBounceTests(SynchronousTestCase):
     """
 
 
+    def test_mailingListNotice(self):
+        """
+        An fml notice (known by X-MLServer, an -admin@ sender and its
+        Message-ID) names the list that refused in angle brackets: one
+        record for it, read by fml's own words, else by its Subject; the
+        returned message after "Original mail as follows:" names none.
+        """
+        headers = (
+            "From: shop-list-admin@lists.example.org\n"
+            "To: sender@shop.example\n"
+            "Subject: Loop Alert: something (shop-list ML)\n"
+            "Message-ID: <202612070102.FMLAAAAAA0.shop-list@lists.example.org>\n"
+            "X-MLServer: fml [fml 4.0.3 release (20011202/4.0.3)]"
+        )
+        body = (
+            "You are not a member of this mailing list <shop-list@lists.example.org>.\n\n"
+            "Original mail as follows:\n\n   To: <other@example.net>\n"
+        )
+        report = readReport(textBounce(headers, body))
+        self.assertEqual(report.type, "bounce")
+        [record] = report.records
+        self.assertEqual((record.recipient, record.reason, record.kind), ("shop-list@lists.example.org", "rejected", "soft"))
+        [bySubject] = readReport(textBounce(headers, "Something odd about <shop-list@lists.example.org>.\n")).records
+        self.assertEqual(bySubject.reason, "systemerror")
+        plain = headers.replace("X-MLServer", "X-Mailer")
+        self.assertEqual(readReport(textBounce(plain, body)).type, "none")
+
     def test_reportingProgramsOwnWords(self):
         """
         A program known by its header (InterScan MSS here) gives its own

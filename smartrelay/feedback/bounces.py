@@ -19,7 +19,7 @@ from smartrelay.feedback.mailtext import (
     squeeze,
     statusIn,
 )
-from smartrelay.feedback.reasons import agentVerdict, bounceKind, classify, reportingAgent
+from smartrelay.feedback.reasons import agentNotice, agentVerdict, bounceKind, classify, reportingAgent
 from smartrelay.feedback.records import FeedbackRecord, Report
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "reporterOf",
     "fromDeliveryStatus",
     "fromJSON",
+    "fromNotice",
     "fromReturnedRecipients",
     "fromText",
 ]
@@ -296,6 +297,49 @@ def fromReturnedRecipients(returned: Optional[mime.Part], head: Headers, text: s
         )
         for address in found
     ]
+
+
+_BRACKETED = re.compile(r"<([^<>\s@]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)>")
+
+
+def fromNotice(tree: Headers, text: str) -> list[FeedbackRecord]:
+    """
+    The records of a notice by a program of L{LHOSTS} that writes no bounce
+    in form (a mailing-list manager's): each line naming an address in
+    angle brackets, before the line that ends the notice's words, starts
+    a record, its words running to the next such line.
+
+    @return: the records, or C{[]} when the report is no such notice.
+    """
+    agent = reportingAgent(tree.getAll)
+    end = agentNotice(agent)
+    if end is None:
+        return []
+    blocks: list[list] = []
+    for line in text.split("\n"):
+        if line.strip().lower().startswith(end):
+            break
+        match = _BRACKETED.search(line)
+        if match is not None and (not blocks or blocks[-1][0].lower() != match.group(1).lower()):
+            blocks.append([match.group(1), [line.strip()]])
+        elif blocks and line.strip():
+            blocks[-1][1].append(line.strip())
+    records = []
+    for address, lines in blocks[:MAX_RECORDS]:
+        diagnostic = squeeze(" ".join(lines), 2000)
+        records.append(
+            bounceRecord(
+                address,
+                "failed",
+                None,
+                None,
+                diagnostic,
+                None,
+                reporter=reporterOf(tree),
+                agentReason=_agentReason(tree, agent, diagnostic),
+            )
+        )
+    return records
 
 
 def fromText(tree: Headers, text: str, exclude: set) -> list[FeedbackRecord]:

@@ -1774,7 +1774,11 @@ PROVIDER_CODES = (
 #: (how many of them must hold; 1 if not given), C{headers} (a header
 #: test that decides a reason for every record of the report) and
 #: C{reasons}, reason -> phrases on the record's own words (lower case,
-#: the first reason listed that matches wins).  A reason found here is
+#: the first reason listed that matches wins), C{subjects}, reason ->
+#: phrases on the report's Subject when its words said none, and
+#: C{notice}, the line that ends the notice's own words when the program's
+#: notices are no bounce in form but name each address they are about
+#: in angle brackets (a mailing-list manager's).  A reason found here is
 #: the program's own verdict and decides, as Sisimai keeps an Lhost
 #: module's reason.
 LHOSTS = {
@@ -1826,6 +1830,38 @@ LHOSTS = {
             "mailboxfull": ("the user(s) account is temporarily over quota",),
             "suspend": ("the user(s) account is disabled.", "the user(s) account is temporarily limited."),
             "expired": ("your message was not delivered within ",),
+        },
+    },
+    # fml, the mailing-list manager (Sisimai::Lhost::FML): its notices
+    # to a poster name the list's address; "Original mail as follows:"
+    # starts the returned message.
+    "fml": {
+        "recognise": (
+            ("X-MLServer", "contains", "fml"),
+            ("From", "contains", "-admin@"),
+            ("Message-ID", "contains", ".fml"),
+        ),
+        "needs": 3,
+        "notice": "original mail as follows:",
+        "reasons": {
+            "rejected": (
+                " header may cause mail loop",
+                "not member article from ",
+                "reject mail from ",
+                "reject spammers:",
+                "you are not a member of this mailing list",
+            ),
+            "systemerror": (
+                " has detected a loop condition so that",
+                "duplicated message-id",
+                "loop back warning:",
+            ),
+            "securityerror": ("security alert:",),
+        },
+        "subjects": {
+            "rejected": (" are not member", "not member article from ", "reject mail ", "spam mail from a spammer is rejected"),
+            "systemerror": ("fml system error message", "loop alert: ", "loop back warning: ", "warning: unix from loop"),
+            "securityerror": ("security alert",),
         },
     },
 }

@@ -96,6 +96,7 @@ __all__ = [
     "providerOf",
     "reportingAgent",
     "agentVerdict",
+    "agentNotice",
 ]
 
 # ---------------------------------------------------------------------------
@@ -838,12 +839,15 @@ def _checkAgents(table: dict) -> dict:
             if test not in ("prefix", "contains", "equals") or reason not in BOUNCE_REASONS:
                 raise ValueError(f"bad header rule in LHOSTS[{agent!r}]: {name!r}")
             headers.append((name, test, value.lower(), reason))
-        reasons = []
-        for reason, phrases in entry.get("reasons", {}).items():
-            if reason not in BOUNCE_REASONS or not all(isinstance(p, str) and p for p in phrases):
-                raise ValueError(f"bad reason in LHOSTS[{agent!r}]: {reason!r}")
-            reasons.append((reason, tuple(phrase.lower() for phrase in phrases)))
-        checked[agent] = (tuple(tests), int(entry.get("needs", 1)), tuple(headers), tuple(reasons))
+        tables = []
+        for key in ("reasons", "subjects"):
+            reasons = []
+            for reason, phrases in entry.get(key, {}).items():
+                if reason not in BOUNCE_REASONS or not all(isinstance(p, str) and p for p in phrases):
+                    raise ValueError(f"bad reason in LHOSTS[{agent!r}]: {reason!r}")
+                reasons.append((reason, tuple(phrase.lower() for phrase in phrases)))
+            tables.append(tuple(reasons))
+        checked[agent] = (tuple(tests), int(entry.get("needs", 1)), tuple(headers), tables[0], tables[1])
     return checked
 
 
@@ -873,7 +877,7 @@ def reportingAgent(getAll) -> Optional[str]:
         the fields of that name (a list).
     @return: the key of L{LHOSTS}, or L{None}.
     """
-    for agent, (tests, needs, _, _) in _AGENTS.items():
+    for agent, (tests, needs, _, _, _) in _AGENTS.items():
         held = 0
         for name, test, wanted in tests:
             if _holds(getAll(name), test, wanted):
@@ -892,16 +896,27 @@ def agentVerdict(agent: Optional[str], getAll, text: str) -> Optional[str]:
     entry = _AGENTS.get(agent) if agent is not None else None
     if entry is None:
         return None
-    _, _, headers, reasons = entry
+    _, _, headers, reasons, subjects = entry
     for name, test, wanted, reason in headers:
         if _holds(getAll(name), test, wanted):
             return reason
-    if text:
-        lowered = text.lower()
-        for reason, phrases in reasons:
-            if any(phrase in lowered for phrase in phrases):
-                return reason
+    for table, said in ((reasons, text or ""), (subjects, " ".join(getAll("Subject")) if subjects else "")):
+        if said:
+            lowered = said.lower()
+            for reason, phrases in table:
+                if any(phrase in lowered for phrase in phrases):
+                    return reason
     return None
+
+
+def agentNotice(agent: Optional[str]) -> Optional[str]:
+    """
+    @return: the line that ends the notice's own words, when the program
+        C{agent}'s notices name their addresses in angle brackets
+        (L{LHOSTS}' C{notice}), else L{None}.
+    """
+    entry = LHOSTS.get(agent) if agent is not None else None
+    return entry.get("notice") if entry is not None else None
 
 
 def classifyReply(

@@ -207,6 +207,9 @@ def _read(data: bytes, depth: int = 0) -> Report:
     bounceLike = bool(statusParts) or _looksLikeBounce(head, cut)
     if not records and bounceLike:
         records = bounces.fromText(head, cut, exclude)
+    if not records:
+        # A mailing-list manager's notice that names the list refusing.
+        records = bounces.fromNotice(head, text)
     if not records and depth < 2:
         # A report forwarded as an attachment.
         for part in parts:
