@@ -390,6 +390,9 @@ class TableTests(SynchronousTestCase):
         self.assertEqual(agentVerdict("ezweb", getAll, "550 user unknown"), "filtered")
         self.assertIsNone(reportingAgent(lambda name: {"subject": ["Mail System Error - Returned Mail"]}.get(name.lower(), [])))
         self.assertIsNone(agentVerdict(None, getAll, "anything"))
+        zoho = lambda name: {"x-zohomail": ["Si CHF_MF_NL SS_10"]}.get(name.lower(), [])
+        self.assertEqual(reportingAgent(zoho), "zoho")
+        self.assertEqual(agentVerdict("zoho", zoho, "a@b.example Error, ERROR_CODE :421, Host not reachable."), "expired")
 
     def test_statusTable(self):
         """Every status is a well-formed RFC 3463 code naming a known reason."""

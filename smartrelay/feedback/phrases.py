@@ -1770,7 +1770,8 @@ PROVIDER_CODES = (
 #: Programs that write bounces in a form of their own, with their own word
 #: for why: program -> C{recognise}, a tuple of C{(header, test, value)}
 #: (C{test} is C{"prefix"}, C{"contains"} or C{"equals"}, on the lower-cased
-#: unfolded value; C{"Received"} is tried on every such field), C{needs}
+#: unfolded value, or C{"present"}; C{"Received"} is tried on every such
+#: field), C{needs}
 #: (how many of them must hold; 1 if not given), C{headers} (a header
 #: test that decides a reason for every record of the report) and
 #: C{reasons}, reason -> phrases on the record's own words (lower case,
@@ -1863,5 +1864,16 @@ LHOSTS = {
             "systemerror": ("fml system error message", "loop alert: ", "loop back warning: ", "warning: unix from loop"),
             "securityerror": ("security alert",),
         },
+    },
+    # Zoho Mail (Sisimai::Lhost::Zoho), known by its X-ZohoMail field.
+    "zoho": {
+        "recognise": (("X-ZohoMail", "present", "*"),),
+        "reasons": {"expired": ("host not reachable",)},
+    },
+    # Verizon's vtext.com gateway (Sisimai::Lhost::Verizon).
+    "verizon": {
+        "recognise": (("Received", "contains", ".vtext.com ("), ("From", "equals", "post_master@vtext.com")),
+        "needs": 2,
+        "reasons": {"userunknown": ("550 - requested action not taken: no such user here",)},
     },
 }

@@ -831,7 +831,7 @@ def _checkAgents(table: dict) -> dict:
     for agent, entry in table.items():
         tests = []
         for name, test, value in entry["recognise"]:
-            if test not in ("prefix", "contains", "equals") or not value:
+            if test not in ("prefix", "contains", "equals", "present") or not value:
                 raise ValueError(f"bad test in LHOSTS[{agent!r}]: {(name, test, value)!r}")
             tests.append((name, test, value.lower()))
         headers = []
@@ -858,7 +858,8 @@ def _holds(values: list, test: str, wanted: str) -> bool:
     for value in values:
         value = value.strip().lower()
         if (
-            test == "equals"
+            test == "present"
+            or test == "equals"
             and value == wanted
             or test == "prefix"
             and value.startswith(wanted)
