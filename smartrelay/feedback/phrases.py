@@ -1876,4 +1876,19 @@ LHOSTS = {
         "needs": 2,
         "reasons": {"userunknown": ("550 - requested action not taken: no such user here",)},
     },
+    # Symantec Email Security.cloud, once MessageLabs
+    # (Sisimai::Lhost::MessageLabs): in its own DSNs a 542 or "Rejected"
+    # is its word for an address the customer's server does not know.
+    "messagelabs": {
+        "recognise": (
+            ("X-Msg-Ref", "present", "*"),
+            ("From", "contains", "mailer-daemon@messagelabs.com"),
+            ("Subject", "prefix", "mail delivery failure"),
+        ),
+        "needs": 3,
+        "reasons": {
+            "securityerror": ("please turn on smtp authentication in your mail client",),
+            "userunknown": ("542 ", " rejected", "no such user"),
+        },
+    },
 }
