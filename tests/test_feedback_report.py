@@ -375,6 +375,35 @@ class TextBounceTests(SynchronousTestCase):
     """
 
 
+    def test_lastRecipientEndsWithItsParagraph(self):
+        """
+        The last recipient's words end with the paragraph holding its
+        server's reply: a second copy of the list below (another
+        language's) does not run into its diagnostic.
+        """
+        listing = (
+            "  full@example.jp\n"
+            "    SMTP error from remote mail server after RCPT TO:<full@example.jp>:\n"
+            "    host mx.example.jp [192.0.2.12]: 550 5.2.2 <full@example.jp>... Mailbox Full\n"
+            "  gone@example.jp\n"
+            "    SMTP error from remote mail server after RCPT TO:<gone@example.jp>:\n"
+            "    host mx.example.jp [192.0.2.12]: 550 5.1.1 <gone@example.jp>... User Unknown\n"
+        )
+        body = (
+            "Your message could not be delivered to one or more recipients:\n\n" + listing + "\n"
+            "Please check the addresses.\n\n"
+            "This message was created automatically by mail delivery software.\n"
+            "The following address(es) failed:\n\n" + listing
+        )
+        report = readReport(
+            textBounce("From: Mail Delivery System <MAILER-DAEMON@mx.example.ru>\nSubject: Mail failure.", body)
+        )
+        self.assertEqual(
+            [(r.recipient, r.reason) for r in report.records],
+            [("full@example.jp", "mailboxfull"), ("gone@example.jp", "userunknown")],
+        )
+        self.assertNotIn("Please check", report.records[1].diagnostic)
+
     def test_mailingListNotice(self):
         """
         An fml notice (known by X-MLServer, an -admin@ sender and its

@@ -262,6 +262,17 @@ def _segments(text: str, positions: list[tuple[int, str]]) -> list[TextRecipient
                 end = firsts[index + 1][0]
         else:
             end = len(text)
+            # The last recipient's words end with their paragraph when it
+            # holds the server's reply (a reply or status code) and what
+            # follows names the other recipients again: a second copy of
+            # the list (in another language), not this one's transcript.
+            blank = _BLANK_LINE.search(text, min(offset, len(text))) if len(firsts) > 1 else None
+            if (
+                blank is not None
+                and _REPLY_WORDS.search(text, start, blank.start()) is not None
+                and _namesAny(text[blank.start() :], [other for _, other in firsts[:-1]])
+            ):
+                end = blank.start()
         segment = text[start:end]
         if not _hasReply(segment):
             # The error may be written before the addresses or after the
@@ -277,6 +288,14 @@ def _segments(text: str, positions: list[tuple[int, str]]) -> list[TextRecipient
                     segment = segment + "\n" + head
         result.append(TextRecipient(address=address, text=segment))
     return result
+
+
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+
+def _namesAny(text: str, wanted: list) -> bool:
+    lowered = text.lower()
+    return any(address.lower() in lowered for address in wanted)
 
 
 def _lineStart(text: str, offset: int) -> int:
