@@ -23,7 +23,6 @@ from smartrelay.outbound.testing import (
     FakeSpool,
     makeEntry,
 )
-from smartrelay.store.interfaces import SuppressionEntry
 from smartrelay.store.memory import MemoryStore
 from smartrelay.store.sqlite import SQLiteStore
 from smartrelay.web.api import (

@@ -23,8 +23,6 @@ Mount it with the other applications of the site
 (L{smartrelay.web.site.SiteRoot}): C{{b"api": app.resource()}}.
 """
 
-import base64
-import binascii
 import csv
 import functools
 import hmac
@@ -32,8 +30,7 @@ import io
 import json
 import math
 import re
-from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any
 
 import attrs
 from klein import Klein
@@ -44,7 +41,6 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import BaseConverter
 
 from smartrelay.events import EVENT_TYPES, rfc3339
-from smartrelay.ids import QUEUE_ID_RE
 from smartrelay.outbound.scheduler import DeliveryInProgress
 from smartrelay.ratelimit import FailureLimiter, clientKey
 from smartrelay.store.interfaces import (
@@ -54,8 +50,31 @@ from smartrelay.store.interfaces import (
     InvalidCursor,
     SuppressionEntry,
     bucketStart,
-    normaliseAddress,
     recipientDomain,
+)
+from smartrelay.web.apijson import (
+    envelope,
+    envelopeFromEvents,
+    headerBlock,
+    headersFromEvents,
+    optionalTime,
+    queueItem,
+    rates,
+    recipientsFromEvents,
+    suppressionJSON,
+)
+from smartrelay.web.apirequest import (
+    MAX_SECONDS,
+    ApiError,
+    Query,
+    badParameter,
+    checkAddress,
+    checkQueueID,
+    csvItems,
+    decodeQueueCursor,
+    encodeQueueCursor,
+    notFound,
+    parseTime,
 )
 from smartrelay.web.proxies import clientAddress
 
@@ -68,8 +87,6 @@ COMPLAINT_RATE_LIMIT = 0.003
 #: Largest request body (a bulk import), in bytes.
 MAX_BODY = 16 * 1024 * 1024
 
-#: The largest POSIX seconds accepted as a number.
-MAX_SECONDS = 99_999_999_999.0
 
 #: Most entries one bulk import may hold.
 MAX_IMPORT = 100_000
@@ -90,16 +107,6 @@ MAX_REASON_SCAN = 100_000
 #: The widest statistics range, in buckets.
 MAX_BUCKETS = 24 * 400
 
-#: The recipient state an event leaves, for messages no longer queued.
-_STATE_OF_EVENT = {
-    "accepted": "queued",
-    "deferred": "deferred",
-    "delivered": "delivered",
-    "bounced": "bounced",
-    "expired": "expired",
-    "suppressed": "suppressed",
-    "rejected": "rejected",
-}
 
 _JSON = b"application/json; charset=utf-8"
 
@@ -107,42 +114,6 @@ _HEADERS = {
     b"Cache-Control": b"no-store",
     b"X-Content-Type-Options": b"nosniff",
 }
-
-
-class ApiError(Exception):
-    """
-    An answer other than success: the status, a stable machine-readable
-    C{code}, a sentence, and the bad parameter if there is one.
-    """
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        parameter: Optional[str] = None,
-        headers: Optional[dict] = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.parameter = parameter
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        error = {"code": self.code, "message": self.message}
-        if self.parameter is not None:
-            error["parameter"] = self.parameter
-        return {"error": error}
-
-
-def badParameter(name: str, message: str) -> ApiError:
-    return ApiError(400, "bad_parameter", f"{name}: {message}", parameter=name)
-
-
-def notFound(message: str) -> ApiError:
-    return ApiError(404, "not_found", message)
 
 
 @attrs.frozen
@@ -155,193 +126,6 @@ class Answer:
     body: Any = None
     contentType: bytes = _JSON
     headers: dict = attrs.field(factory=dict)
-
-
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-#: What a domain parameter may be (before a trailing dot is dropped and it
-#: is lower-cased); the OpenAPI document says the same.
-DOMAIN_PATTERN = r"[^\x00-\x20\x7f@/]{1,255}"
-#: What an address may be: a local part and a domain with no control
-#: characters (and the domain no C{@}); the OpenAPI document says the same.
-ADDRESS_PATTERN = r"[^\x00-\x1f\x7f]+@[^\x00-\x1f\x7f@]+"
-_NUMBER = re.compile(r"[0-9]{1,11}(?:\.[0-9]{1,9})?")
-
-
-def parseTime(text: str) -> float:
-    """
-    POSIX seconds from an RFC 3339 date-time with its offset
-    (C{2026-12-07T10:00:00Z}, C{...+01:00}, fractions allowed), a date
-    (C{2026-12-07}: UTC midnight) or POSIX seconds (up to 11 digits, a
-    fraction of up to 9).
-
-    @raise ValueError: for anything else.
-    """
-    text = text.strip()
-    if _NUMBER.fullmatch(text):
-        return float(text)
-    if _DATE.fullmatch(text):
-        when = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=timezone.utc)
-        return _checkRange(when.timestamp())
-    if not re.fullmatch(
-        r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})", text
-    ):
-        raise ValueError(
-            "expected an RFC 3339 time such as 2026-12-07T10:00:00Z, a date"
-            " such as 2026-12-07, or POSIX seconds"
-        )
-    fraction = re.search(r"\.(\d+)", text)
-    if fraction is not None and len(fraction.group(1)) > 6:
-        text = text.replace(fraction.group(0), "." + fraction.group(1)[:6])
-    when = datetime.fromisoformat(text.replace("z", "Z").replace("t", "T"))
-    return _checkRange(when.timestamp())
-
-
-def _checkRange(seconds: float) -> float:
-    if not 0 <= seconds <= MAX_SECONDS:
-        raise ValueError("must be from 1970 to the year 5138")
-    return seconds
-
-
-def _time(value: Optional[float]) -> Optional[str]:
-    return None if value is None or not value else rfc3339(value)
-
-
-class _Query:
-    """
-    The query string of a request, checked: no unknown or repeated
-    parameters; values by type, each error naming its parameter.
-    """
-
-    def __init__(self, request, allowed: tuple) -> None:
-        self.values: dict = {}
-        for raw, values in request.args.items():
-            try:
-                name = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise badParameter(repr(raw)[2:-1], "not UTF-8") from None
-            if name not in allowed:
-                raise ApiError(
-                    400,
-                    "unknown_parameter",
-                    f"unknown parameter {name!r}; this route takes: "
-                    + (", ".join(allowed) or "none"),
-                    parameter=name,
-                )
-            if len(values) > 1:
-                raise badParameter(name, "given more than once")
-            try:
-                self.values[name] = values[0].decode("utf-8")
-            except UnicodeDecodeError:
-                raise badParameter(name, "not UTF-8") from None
-
-    def text(self, name: str, default: Optional[str] = None) -> Optional[str]:
-        value = self.values.get(name)
-        if value is None or value == "":
-            return default
-        if _CONTROL.search(value):
-            raise badParameter(name, "contains control characters")
-        return value
-
-    def choice(self, name: str, choices, default: Optional[str] = None) -> Optional[str]:
-        value = self.text(name, default)
-        if value is not None and value not in choices:
-            raise badParameter(name, f"must be one of {', '.join(sorted(choices))}, not {value!r}")
-        return value
-
-    def time(self, name: str, default: Optional[float] = None) -> Optional[float]:
-        value = self.text(name)
-        if value is None:
-            return default
-        try:
-            return parseTime(value)
-        except ValueError as e:
-            raise badParameter(name, f"{e}; got {value!r}") from None
-
-    def limit(self) -> int:
-        value = self.text("limit")
-        if value is None:
-            return 100
-        if not re.fullmatch(r"[0-9]{1,7}", value) or not 1 <= int(value) <= MAX_LIMIT:
-            raise badParameter("limit", f"must be an integer from 1 to {MAX_LIMIT}, not {value!r}")
-        return int(value)
-
-    def cursor(self) -> Optional[str]:
-        value = self.text("cursor")
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,2048}", value):
-            raise badParameter("cursor", "not a cursor this API handed out")
-        return value
-
-    def domain(self, name: str = "domain") -> Optional[str]:
-        value = self.text(name)
-        if value is None:
-            return None
-        if not re.fullmatch(DOMAIN_PATTERN, value) or not value.rstrip("."):
-            raise badParameter(name, f"not a domain name: {value!r}")
-        return value.rstrip(".").lower()
-
-
-def _checkQueueID(queue_id: str) -> str:
-    if not QUEUE_ID_RE.fullmatch(queue_id):
-        raise badParameter(
-            "queue_id",
-            f"not a queue id (like 79/BC-12331-5C348706): {queue_id!r}",
-        )
-    return queue_id
-
-
-def _checkAddress(address: str, parameter: str = "address") -> str:
-    if not re.fullmatch(ADDRESS_PATTERN, address):
-        raise badParameter(parameter, f"not an e-mail address: {address!r}")
-    return normaliseAddress(address)
-
-
-def _suppressionJSON(entry: SuppressionEntry) -> dict:
-    return {
-        "address": entry.address,
-        "reason": entry.reason,
-        "source_event": entry.source_event,
-        "time": rfc3339(entry.time),
-        "expires": None if entry.expires is None else rfc3339(entry.expires),
-    }
-
-
-def _encodeQueueCursor(received: float, queue_id: str) -> str:
-    raw = json.dumps([received, queue_id]).encode("utf-8")
-    return "q" + base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def _decodeQueueCursor(cursor: str) -> tuple:
-    try:
-        if not cursor.startswith("q"):
-            raise ValueError(cursor)
-        body = cursor[1:]
-        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-        received, queue_id = json.loads(raw)
-        if not isinstance(received, (int, float)) or not isinstance(queue_id, str):
-            raise ValueError(cursor)
-        return (float(received), queue_id)
-    except (ValueError, TypeError, binascii.Error):
-        raise badParameter("cursor", "not a cursor this API handed out") from None
-
-
-def _rate(numerator: int, denominator: int) -> Optional[float]:
-    return numerator / denominator if denominator else None
-
-
-def _rates(counts: dict, hard: int, soft: int, opens: int, clicks: int) -> dict:
-    delivered = counts.get("delivered", 0)
-    attempts = delivered + counts.get("bounced", 0) + counts.get("expired", 0)
-    return {
-        "delivery": _rate(delivered, attempts),
-        "bounce": _rate(counts.get("bounced", 0), attempts),
-        "hard_bounce": _rate(hard, attempts),
-        "soft_bounce": _rate(soft, attempts),
-        "complaint": _rate(counts.get("complained", 0), delivered),
-        "unsubscribe": _rate(counts.get("unsubscribed", 0), delivered),
-        "unique_open": _rate(opens, delivered),
-        "unique_click": _rate(clicks, delivered),
-    }
 
 
 class _QueueIDConverter(BaseConverter):
@@ -563,8 +347,8 @@ class ApiApp:
 
     @endpoint("/api/v1/messages/<queueid:queue_id>")
     async def message(self, request, queue_id: str):
-        _Query(request, ())
-        _checkQueueID(queue_id)
+        Query(request, ())
+        checkQueueID(queue_id)
         entry = self.scheduler.queuedMessage(queue_id)
         events = await maybeDeferred(self.store.eventsForMessage, queue_id)
         if entry is None and not events:
@@ -577,11 +361,11 @@ class ApiApp:
             except Exception:
                 self.log.failure("API: could not read {queue_id} from the spool", queue_id=queue_id)
             else:
-                headers = _headerBlock(data)
+                headers = headerBlock(data)
             return {
                 "queue_id": queue_id,
                 "queued": True,
-                "envelope": _envelope(entry),
+                "envelope": envelope(entry),
                 "recipients": self._queuedRecipients(entry),
                 "headers": headers,
                 "events": eventJSON,
@@ -589,9 +373,9 @@ class ApiApp:
         return {
             "queue_id": queue_id,
             "queued": False,
-            "envelope": _envelopeFromEvents(events),
-            "recipients": _recipientsFromEvents(events),
-            "headers": _headersFromEvents(events),
+            "envelope": envelopeFromEvents(events),
+            "recipients": recipientsFromEvents(events),
+            "headers": headersFromEvents(events),
             "events": eventJSON,
         }
 
@@ -622,7 +406,7 @@ class ApiApp:
 
     @endpoint("/api/v1/events")
     async def events(self, request):
-        query = _Query(
+        query = Query(
             request,
             ("type", "queue_id", "recipient", "tag", "domain", "since", "until", "cursor", "limit"),
         )
@@ -635,9 +419,9 @@ class ApiApp:
             "until": query.time("until"),
         }
         if filters["queue_id"] is not None:
-            _checkQueueID(filters["queue_id"])
+            checkQueueID(filters["queue_id"])
         if filters["recipient"] is not None:
-            _checkAddress(filters["recipient"], "recipient")
+            checkAddress(filters["recipient"], "recipient")
         domain = query.domain()
         limit = query.limit()
         cursor = query.cursor()
@@ -663,7 +447,7 @@ class ApiApp:
 
     @endpoint("/api/v1/stats")
     async def stats(self, request):
-        query = _Query(request, ("from", "to", "interval", "tag", "domain"))
+        query = Query(request, ("from", "to", "interval", "tag", "domain"))
         interval = query.choice("interval", INTERVALS, "hour")
         size = INTERVALS[interval]
         now = self.clock.seconds()
@@ -697,7 +481,7 @@ class ApiApp:
                     "unique_opens": bucket.unique_opens,
                     "unique_clicks": bucket.unique_clicks,
                     "bounce_reasons": reasons.get(bucket.start, {}),
-                    "rates": _rates(
+                    "rates": rates(
                         bucket.counts,
                         bucket.hard_bounces,
                         bucket.soft_bounces,
@@ -710,14 +494,14 @@ class ApiApp:
         for perBucket in reasons.values():
             for reason, count in perBucket.items():
                 totalReasons[reason] = totalReasons.get(reason, 0) + count
-        rates = _rates(
+        totalRates = rates(
             stats.totals,
             stats.hard_bounces,
             stats.soft_bounces,
             stats.unique_opens,
             stats.unique_clicks,
         )
-        complaint = rates["complaint"]
+        complaint = totalRates["complaint"]
         return {
             "from": rfc3339(since),
             "to": rfc3339(until),
@@ -732,7 +516,7 @@ class ApiApp:
                 "unique_clicks": stats.unique_clicks,
                 "bounce_reasons": dict(sorted(totalReasons.items())),
             },
-            "rates": rates,
+            "rates": totalRates,
             "complaint_rate_limit": COMPLAINT_RATE_LIMIT,
             "complaint_rate_over_limit": None
             if complaint is None
@@ -780,7 +564,7 @@ class ApiApp:
 
     @endpoint("/api/v1/suppressions")
     async def suppressions(self, request):
-        query = _Query(request, ("q", "reason", "cursor", "limit"))
+        query = Query(request, ("q", "reason", "cursor", "limit"))
         page = await maybeDeferred(
             self.store.listSuppressions,
             prefix=query.text("q"),
@@ -789,19 +573,19 @@ class ApiApp:
             limit=query.limit(),
         )
         return {
-            "items": [_suppressionJSON(entry) for entry in page.entries],
+            "items": [suppressionJSON(entry) for entry in page.entries],
             "next_cursor": page.cursor,
         }
 
     @endpoint("/api/v1/suppressions", methods=("POST",))
     async def addSuppression(self, request):
-        _Query(request, ())
+        Query(request, ())
         body = self._json(request)
         if not isinstance(body, dict):
             raise ApiError(400, "bad_json", "the body must be a JSON object")
         entry = self._entryFrom(body, self.clock.seconds(), "manual")
         await maybeDeferred(self.store.addSuppression, entry)
-        return Answer(201, _suppressionJSON(entry))
+        return Answer(201, suppressionJSON(entry))
 
     def _entryFrom(self, item: dict, now: float, reason: str, where: str = "") -> SuppressionEntry:
         unknown = set(item) - {"address", "reason", "expires"}
@@ -810,7 +594,7 @@ class ApiApp:
         address = item.get("address")
         if not isinstance(address, str):
             raise badParameter(f"{where}address", "required: an e-mail address")
-        address = _checkAddress(address, f"{where}address")
+        address = checkAddress(address, f"{where}address")
         reason = item.get("reason", reason)
         if not isinstance(reason, str) or reason not in SUPPRESSION_REASONS:
             raise badParameter(
@@ -833,12 +617,12 @@ class ApiApp:
 
     @endpoint("/api/v1/suppressions/import", methods=("POST",))
     async def importSuppressions(self, request):
-        query = _Query(request, ("reason",))
+        query = Query(request, ("reason",))
         reason = query.choice("reason", SUPPRESSION_REASONS, "manual")
         contentType = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
         now = self.clock.seconds()
         if contentType in (b"text/csv", b"application/csv"):
-            items = _csvItems(self._body(request))
+            items = csvItems(self._body(request))
         elif contentType in (b"application/json", b""):
             body = self._json(request)
             if isinstance(body, dict) and set(body) == {"items"}:
@@ -877,7 +661,7 @@ class ApiApp:
 
     @endpoint("/api/v1/suppressions/export")
     async def exportSuppressions(self, request):
-        query = _Query(request, ("format", "q", "reason"))
+        query = Query(request, ("format", "q", "reason"))
         form = query.choice("format", ("json", "csv"), "json")
         prefix = query.text("q")
         reason = query.choice("reason", SUPPRESSION_REASONS)
@@ -891,7 +675,7 @@ class ApiApp:
                 cursor=cursor,
                 limit=MAX_LIMIT,
             )
-            entries.extend(_suppressionJSON(entry) for entry in page.entries)
+            entries.extend(suppressionJSON(entry) for entry in page.entries)
             cursor = page.cursor
             if cursor is None:
                 break
@@ -912,19 +696,19 @@ class ApiApp:
 
     @endpoint("/api/v1/suppressions/<address:address>")
     async def suppression(self, request, address: str):
-        _Query(request, ())
-        normalised = _checkAddress(address)
+        Query(request, ())
+        normalised = checkAddress(address)
         found = await maybeDeferred(
             self.store.checkSuppressions, [normalised], float("-inf")
         )
         if normalised not in found:
             raise notFound(f"{normalised} is not on the suppression list")
-        return _suppressionJSON(found[normalised])
+        return suppressionJSON(found[normalised])
 
     @endpoint("/api/v1/suppressions/<address:address>", methods=("DELETE",))
     async def removeSuppression(self, request, address: str):
-        _Query(request, ())
-        normalised = _checkAddress(address)
+        Query(request, ())
+        normalised = checkAddress(address)
         removed = await maybeDeferred(self.store.removeSuppression, normalised)
         if not removed:
             raise notFound(f"{normalised} is not on the suppression list")
@@ -934,7 +718,7 @@ class ApiApp:
 
     @endpoint("/api/v1/queue")
     async def queueSummary(self, request):
-        query = _Query(request, ("domain",))
+        query = Query(request, ("domain",))
         only = query.domain()
         domains: dict = {}
         for entry in self.scheduler.queuedMessages():
@@ -982,7 +766,7 @@ class ApiApp:
         for domain in sorted(domains):
             summary = domains[domain]
             summary["oldest"] = rfc3339(summary["oldest"])
-            summary["next_attempt"] = _time(summary["next_attempt"])
+            summary["next_attempt"] = optionalTime(summary["next_attempt"])
             summary["reasons"] = [
                 {"reason": text, "count": count}
                 for text, count in sorted(summary["reasons"].items(), key=lambda kv: -kv[1])
@@ -996,12 +780,12 @@ class ApiApp:
 
     @endpoint("/api/v1/queue/messages")
     async def queueMessages(self, request):
-        query = _Query(request, ("domain", "state", "cursor", "limit"))
+        query = Query(request, ("domain", "state", "cursor", "limit"))
         domain = query.domain()
         state = query.choice("state", ("queued", "deferred"))
         limit = query.limit()
         cursor = query.cursor()
-        after = None if cursor is None else _decodeQueueCursor(cursor)
+        after = None if cursor is None else decodeQueueCursor(cursor)
         items = []
         nextCursor = None
         for entry in self.scheduler.queuedMessages():
@@ -1018,9 +802,9 @@ class ApiApp:
                 continue
             if len(items) == limit:
                 last = items[-1]
-                nextCursor = _encodeQueueCursor(last["_position"][0], last["_position"][1])
+                nextCursor = encodeQueueCursor(last["_position"][0], last["_position"][1])
                 break
-            item = _queueItem(entry, self._queuedRecipients(entry))
+            item = queueItem(entry, self._queuedRecipients(entry))
             item["_position"] = position
             items.append(item)
         for item in items:
@@ -1029,7 +813,7 @@ class ApiApp:
 
     @endpoint("/api/v1/queue/retry", methods=("POST",))
     async def retryDomain(self, request):
-        query = _Query(request, ("domain",))
+        query = Query(request, ("domain",))
         domain = query.domain()
         if domain is None:
             raise badParameter("domain", "required: the recipient domain to retry")
@@ -1037,8 +821,8 @@ class ApiApp:
 
     @endpoint("/api/v1/queue/<queueid:queue_id>/retry", methods=("POST",))
     async def retry(self, request, queue_id: str):
-        _Query(request, ())
-        _checkQueueID(queue_id)
+        Query(request, ())
+        checkQueueID(queue_id)
         entry = self.scheduler.queuedMessage(queue_id)
         if entry is None:
             raise notFound(f"{queue_id} is not in the queue")
@@ -1058,8 +842,8 @@ class ApiApp:
 
     @endpoint("/api/v1/queue/<queueid:queue_id>", methods=("DELETE",))
     async def delete(self, request, queue_id: str):
-        _Query(request, ())
-        _checkQueueID(queue_id)
+        Query(request, ())
+        checkQueueID(queue_id)
         try:
             deleted = await self.scheduler.delete(queue_id)
         except KeyError:
@@ -1074,11 +858,11 @@ class ApiApp:
 
     @endpoint("/api/v1/destinations")
     async def destinations(self, request):
-        _Query(request, ())
+        Query(request, ())
         items = []
         for state in self.scheduler.destinations():
             state = dict(state)
-            state["throttle_until"] = _time(state.get("throttle_until"))
+            state["throttle_until"] = optionalTime(state.get("throttle_until"))
             items.append(state)
         items.sort(key=lambda d: d["destination"])
         return {"items": items, "next_cursor": None}
@@ -1087,7 +871,7 @@ class ApiApp:
 
     @endpoint("/api/v1/openapi.json", public=True)
     async def openapi(self, request):
-        _Query(request, ())
+        Query(request, ())
         from smartrelay.web.openapi import document
 
         return document()
@@ -1134,116 +918,6 @@ def _write(request, status: int, body: Any) -> bytes:
     request.setHeader(b"Content-Type", _JSON)
     request.setHeader(b"Content-Length", b"%d" % (len(data),))
     return data
-
-
-def _headerBlock(data: bytes) -> str:
-    end = data.find(b"\r\n\r\n")
-    block = data if end < 0 else data[: end + 2]
-    return block.decode("utf-8", "replace")
-
-
-def _envelope(entry) -> dict:
-    return {
-        "sender": entry.sender,
-        "recipients": [r.address for r in entry.recipients],
-        "received": rfc3339(entry.received),
-        "size": entry.size,
-        "client": entry.client,
-        "tag": entry.tag,
-        "metadata": entry.metadata,
-    }
-
-
-def _queueItem(entry, recipients: list) -> dict:
-    return {
-        "queue_id": entry.queue_id,
-        "sender": entry.sender,
-        "received": rfc3339(entry.received),
-        "size": entry.size,
-        "tag": entry.tag,
-        "recipients": recipients,
-    }
-
-
-def _envelopeFromEvents(events: list) -> dict:
-    accepted = [e for e in events if e.type == "accepted"]
-    first = accepted[0] if accepted else events[0]
-    detail = first.detail or {}
-    return {
-        "sender": detail.get("sender"),
-        "recipients": [e.recipient for e in accepted],
-        "received": rfc3339(first.time) if accepted else None,
-        "size": detail.get("size"),
-        "client": detail.get("client"),
-        "tag": first.tag,
-        "metadata": first.metadata,
-    }
-
-
-def _recipientsFromEvents(events: list) -> list:
-    recipients: dict = {}
-    for event in events:
-        if event.recipient is None or event.type not in _STATE_OF_EVENT:
-            continue
-        recipient = recipients.setdefault(
-            event.recipient,
-            {
-                "address": event.recipient,
-                "state": "queued",
-                "attempts": 0,
-                "next_attempt": None,
-                "attempting": False,
-                "last_reply": None,
-            },
-        )
-        recipient["state"] = _STATE_OF_EVENT[event.type]
-        detail = event.detail or {}
-        if event.type in ("deferred", "delivered") or (
-            event.type == "bounced" and detail.get("source") != "dsn"
-        ):
-            recipient["attempts"] += 1
-        if event.type == "deferred":
-            recipient["next_attempt"] = detail.get("next_attempt")
-        else:
-            recipient["next_attempt"] = None
-    return list(recipients.values())
-
-
-def _headersFromEvents(events: list) -> Optional[str]:
-    for event in events:
-        if event.type == "accepted" and isinstance((event.detail or {}).get("headers"), str):
-            return event.detail["headers"]
-    return None
-
-
-def _csvItems(data: bytes) -> list:
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise ApiError(400, "bad_csv", "the CSV is not UTF-8") from None
-    rows = list(csv.reader(io.StringIO(text)))
-    if not rows:
-        return []
-    header = [h.strip().lower() for h in rows[0]]
-    if "address" not in header:
-        # No header row: one address (and optionally a reason) a line.
-        header = ["address", "reason", "expires"][: max(len(r) for r in rows)]
-        body = rows
-    else:
-        body = rows[1:]
-    items = []
-    for number, row in enumerate(body, 1):
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) > len(header):
-            raise ApiError(400, "bad_csv", f"line {number}: more fields than the header has")
-        item = {
-            name: cell.strip()
-            for name, cell in zip(header, row)
-            if name in ("address", "reason", "expires") and cell.strip()
-        }
-        items.append(item)
-    return items
 
 
 class _GuardedResource(Resource):

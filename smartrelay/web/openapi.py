@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 from smartrelay.events import EVENT_TYPES
 from smartrelay.store.interfaces import MAX_LIMIT, SUPPRESSION_REASONS
-from smartrelay.web.api import ADDRESS_PATTERN, DOMAIN_PATTERN, MAX_IMPORT, MAX_SECONDS
+from smartrelay.web.api import MAX_IMPORT
+from smartrelay.web.apirequest import ADDRESS_PATTERN, DOMAIN_PATTERN, MAX_SECONDS
 
 __all__ = ["document"]
 
