@@ -186,6 +186,25 @@ class DeliveryStatusTests(SynchronousTestCase):
         self.assertEqual(reporterOf(bare), "mail.example.org")
         self.assertIsNone(reporterOf(Headers(parse(message("Subject: x", "", "body")))))
 
+    def test_commandFromReportText(self):
+        """
+        The SMTP command the report's words give for a recipient (Postfix's
+        "refused to talk to me", folded over lines) counts when the
+        Diagnostic-Code names none: a refusal at the greeting is a block.
+        """
+        report = readReport(
+            dsn(
+                "Final-Recipient: rfc822; someone@example.org\n"
+                "Action: failed\n"
+                "Status: 5.5.0\n"
+                "Diagnostic-Code: smtp; 550 5.5.0 Service refused, please try later.",
+                text="<someone@example.org>: host mx.example.org[192.0.2.1] refused to\n"
+                "    talk to me: 550 5.5.0 Service refused, please try later.",
+            )
+        )
+        [record] = report.records
+        self.assertEqual(record.reason, "blocked")
+
     def test_queueIdInText(self):
         """
         L{queueIdIn} finds the id in a returned header block and not in a

@@ -19,7 +19,14 @@ from smartrelay.feedback.mailtext import (
     squeeze,
     statusIn,
 )
-from smartrelay.feedback.reasons import agentNotice, agentVerdict, bounceKind, classify, reportingAgent
+from smartrelay.feedback.reasons import (
+    agentNotice,
+    agentVerdict,
+    bounceKind,
+    classify,
+    commandIn,
+    reportingAgent,
+)
 from smartrelay.feedback.records import FeedbackRecord, Report
 
 __all__ = [
@@ -49,6 +56,29 @@ def failedRecipientsHeader(tree: Headers) -> list[str]:
             if address.lower() not in (each.lower() for each in found):
                 found.append(address)
     return found
+
+
+def _commandIn(text: Optional[str]) -> Optional[str]:
+    """
+    @return: the SMTP command the words of a recipient's block say the
+        error answered (Postfix's "in reply to ... command" and "refused
+        to talk to me", Exim's "after RCPT TO", qmail's "does not like
+        recipient", Sendmail's ">>> RCPT"), or L{None}.
+    """
+    if not text:
+        return None
+    found = lhost.commandIn(text)
+    if found is None:
+        lowered = text.lower()
+        if any(marker in lowered for marker in _OTHER_HINTS):
+            found = commandIn(text)
+    return found
+
+
+# One word of each of the classifier's other command hints
+# (phrases.COMMAND_HINTS), which may be folded over lines: its scan runs
+# only on a text that has one.
+_OTHER_HINTS = ("refused", "like", "rcpt", "command", "greeting", "initial")
 
 
 def bounceRecord(
@@ -164,7 +194,7 @@ def fromDeliveryStatus(
     """
     records = []
     textual = None
-    hinted = lhost.commandIn(text) is not None
+    hinted = _commandIn(text) is not None
     ownReporter = None
     agent = reportingAgent(tree.getAll)
     for part in statusParts:
@@ -199,7 +229,7 @@ def fromDeliveryStatus(
                 each.remote,
             )
             command = None
-            wantsHint = hinted and lhost.commandIn(diagnostic or "") is None
+            wantsHint = hinted and _commandIn(diagnostic or "") is None
             if not diagnostic or replycode is None or remote is None or wantsHint:
                 if textual is None:
                     known = [r.recipient for r in recipients if r.recipient]
@@ -213,7 +243,7 @@ def fromDeliveryStatus(
                 if found is not None:
                     extra = lhost.details(_DSN_LINES.sub("", found.text), found.address)
                     if wantsHint:
-                        command = lhost.commandIn(found.text)
+                        command = _commandIn(found.text)
                     diagnostic = diagnostic or extra["diagnostic"]
                     replycode = replycode or (extra["replycode"] if not each.diagnostic else None)
                     remote = remote or extra["remote"]
@@ -368,7 +398,7 @@ def fromText(tree: Headers, text: str, exclude: set) -> list[FeedbackRecord]:
                 extra["replycode"],
                 extra["diagnostic"],
                 extra["remote"],
-                lhost.commandIn(each.text),
+                _commandIn(each.text),
                 reporter,
                 _agentReason(tree, agent, extra["diagnostic"], context),
             )

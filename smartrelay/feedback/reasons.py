@@ -97,6 +97,7 @@ __all__ = [
     "reportingAgent",
     "agentVerdict",
     "agentNotice",
+    "commandIn",
 ]
 
 # ---------------------------------------------------------------------------
@@ -677,6 +678,15 @@ _PROVIDER_CODES = [
 ]
 
 _COMMANDS = [(re.compile(pattern), command) for pattern, command in COMMAND_HINTS]
+
+
+def commandIn(text: Optional[str]) -> Optional[str]:
+    """
+    The SMTP command a failure's words (raw, not normalised) say it
+    answered (L{COMMAND_HINTS}: "in reply to RCPT TO command", "refused
+    to talk to me", "does not like recipient", ...), or L{None}.
+    """
+    return _commandIn(normalise(text[:MAX_TEXT])) if text else None
 
 
 def _commandIn(text: str) -> Optional[str]:
