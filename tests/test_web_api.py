@@ -195,6 +195,43 @@ class AuthTests(ApiTestsMixin, SynchronousTestCase):
         self.assertEqual(document["openapi"], "3.1.0")
 
 
+class EveryRouteTests(ApiTestsMixin, SynchronousTestCase):
+    """
+    What every route does with an unknown parameter and another method.
+    """
+
+    def test_unknownParameter(self):
+        """Every route refuses a parameter it does not take with a 400 naming it."""
+        from smartrelay.web.api import ApiApp
+
+        for rule in ApiApp.app.url_map.iter_rules():
+            path = rule.rule.replace("<queueid:queue_id>", QUEUE_ID).replace(
+                "<address:address>", "a@example.org"
+            )
+            for method in rule.methods - {"HEAD", "OPTIONS"}:
+                self.assertError(
+                    method, path + "?bogus=1", 400, "unknown_parameter", "bogus",
+                    headers={"Content-Type": "application/json"}, data=b"{}",
+                )
+
+    def test_otherMethods(self):
+        """A method a route does not take is a 405 JSON error with Allow."""
+        from smartrelay.web.api import ApiApp
+
+        for rule in ApiApp.app.url_map.iter_rules():
+            path = rule.rule.replace("<queueid:queue_id>", QUEUE_ID).replace(
+                "<address:address>", "a@example.org"
+            )
+            for method in {"GET", "POST", "DELETE", "PUT", "PATCH"} - rule.methods:
+                response, body = self.call(method, path)
+                if response.code == 405:
+                    self.assertEqual(json.loads(body)["error"]["code"], "method_not_allowed")
+                    self.assertTrue(response.headers.getRawHeaders("Allow"))
+                else:
+                    # Another route takes that method on this path.
+                    self.assertIn(response.code, (200, 201, 202, 400, 404, 409, 415), (method, path))
+
+
 class DisabledTests(ApiTestsMixin, SynchronousTestCase):
     """
     No [web] api_tokens: the API is disabled.
@@ -689,6 +726,7 @@ class QueueTests(ApiTestsMixin, SynchronousTestCase):
         self.assertEqual(other["domain"], "other.example")
         only = self.json("GET", "/api/v1/queue?domain=Other.Example")
         self.assertEqual([d["domain"] for d in only["domains"]], ["other.example"])
+        self.assertEqual((only["messages"], only["recipients"]), (1, 1))
 
     def test_list(self):
         """The per-message list pages by arrival, filtered by domain and state."""

@@ -721,9 +721,10 @@ class ApiApp:
         query = Query(request, ("domain",))
         only = query.domain()
         domains: dict = {}
+        messages = 0
         for entry in self.scheduler.queuedMessages():
             attempting = self.scheduler.attempting(entry.queue_id)
-            seen = set()
+            seen: set = set()
             for recipient in entry.pending():
                 domain = recipientDomain(recipient.address) or ""
                 if only is not None and domain != only:
@@ -742,6 +743,8 @@ class ApiApp:
                         "reasons": {},
                     },
                 )
+                if not seen:
+                    messages += 1
                 if domain not in seen:
                     seen.add(domain)
                     summary["messages"] += 1
@@ -773,7 +776,7 @@ class ApiApp:
             ]
             items.append(summary)
         return {
-            "messages": sum(1 for _ in self.scheduler.queuedMessages()),
+            "messages": messages,
             "recipients": sum(d["recipients"] for d in items),
             "domains": items,
         }
