@@ -603,7 +603,24 @@ class ProviderTests(SynchronousTestCase):
         self.assertRaises(
             ValueError, compileKeyed, {"kddi": {"blocked": (("5.x", "no"),)}}, phrases.RHOSTS, "T"
         )
-        self.assertEqual(table["kddi"], [("blocked", (("5.7.", "no thanks"),))])
+        self.assertEqual(table["kddi"], [("blocked", (("5.7.", None, "no thanks"),))])
+
+    def test_keyedCommand(self):
+        """
+        A provider phrase may count only in reply to a command (beside a
+        status): NTT docomo's "550 Unknown user" after DATA with 5.0.0 is
+        a refusal, at RCPT an unknown user; a bad condition is an error.
+        """
+        text = "550 Unknown user someone@docomo.ne.jp"
+        remote = "mfsmax.docomo.ne.jp"
+        self.assertEqual(classify("5.0.0", 550, text, command="DATA", remote=remote).reason, "rejected")
+        self.assertEqual(classify("5.0.0", 550, text, command="RCPT", remote=remote).reason, "userunknown")
+        self.assertNotEqual(classify("5.2.0", 550, text, command="DATA", remote=remote).reason, "rejected")
+        table = compileKeyed({"kddi": {"blocked": (("5.7.1 MAIL", "no thanks"),)}}, phrases.RHOSTS, "T")
+        self.assertEqual(table["kddi"], [("blocked", (("5.7.1", "MAIL", "no thanks"),))])
+        self.assertRaises(
+            ValueError, compileKeyed, {"kddi": {"blocked": (("5.7.1 QUIT", "no"),)}}, phrases.RHOSTS, "T"
+        )
 
     def test_messageLabsNoSuchUser(self):
         """MessageLabs' "No such user" is an unknown user."""

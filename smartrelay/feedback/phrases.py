@@ -1440,7 +1440,8 @@ RHOSTS = {
 #: What a provider's own wording means when that provider said it: provider
 #: -> reason -> phrases (matched on the normalised text, like L{PHRASES});
 #: a C{(status, phrase)} pair counts only beside that status (or, for
-#: C{"5.7."}, a status starting so).
+#: C{"5.7."}, a status starting so); a command (C{"DATA"}, C{"5.0.0 DATA"})
+#: there makes the phrase count only in reply to it.
 #: Only for wording that is ambiguous (or wrong) from anyone else -- the same words
 #: from an unknown server go through the ordinary rules.  A phrase found
 #: here decides, like an L{OVERRIDES} one; the first reason listed wins.
@@ -1497,10 +1498,14 @@ RHOST_PHRASES = {
         "toomanyconn": ("max message per connection reached",),
         "userunknown": ("dd this user doesn't have a ", "mailbox not found"),
     },
-    # NTT docomo refuses an unknown address at RCPT with its own words.
+    # NTT docomo refuses an unknown address at RCPT with its own words;
+    # the same "550 Unknown user" after DATA, beside no status but 5.0.0,
+    # is its refusal of the sender
+    # (the recipient's filter), as Sisimai::Rhost::NTTDOCOMO reads it.
     "nttdocomo": {
         "mailboxfull": ("552 too much mail data",),
         "toomanyconn": ("552 too many recipients",),
+        "rejected": (("5.0.0 DATA", "550 unknown user"),),
     },
 }
 

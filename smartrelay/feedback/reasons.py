@@ -382,7 +382,7 @@ def classify(
         if reason is None:
             provider = providerOf(remote, recipient, text, reporter)
             if provider is not None:
-                reason = _phraseIn(_PROVIDER_TABLES.get(provider, ()), text, effective)
+                reason = _phraseIn(_PROVIDER_TABLES.get(provider, ()), text, effective, command)
     if reason is None:
         reason = _decide(effective, code, text, action, command, local)
     return Verdict(reason=reason, kind=bounceKind(reason, effective, text), status=effective)
@@ -393,7 +393,9 @@ def compileKeyed(tables: dict, keys: dict, name: str) -> dict:
     Check and normalise a key -> reason -> phrases table
     (L{RHOST_PHRASES}, L{LOCAL_AGENT_PHRASES}).  A phrase is a string, or
     a C{(status, phrase)} pair that counts only beside that status (C{"5.4.1"})
-    or a status starting so (C{"5.7."}).
+    or a status starting so (C{"5.7."}); the status may be, or be followed
+    by, a command (C{"DATA"}, C{"5.0.0 DATA"}): the phrase counts only in
+    reply to it.
 
     @param keys: the known keys (L{RHOSTS}, L{LOCAL_AGENTS}).
     @param name: the table's name, for the error.
@@ -410,21 +412,29 @@ def compileKeyed(tables: dict, keys: dict, name: str) -> dict:
                 raise ValueError(f"unknown reason in {name}[{key!r}]: {reason!r}")
             phrases = []
             for text in texts:
-                status = None
+                status = command = None
                 if isinstance(text, tuple):
-                    status, text = text
-                    if not isinstance(status, str) or not (
-                        _STATUS.match(status) or re.fullmatch(r"[245]\.\d{1,3}\.", status)
-                    ):
-                        raise ValueError(f"bad status in {name}[{key!r}][{reason!r}]: {status!r}")
+                    condition, text = text
+                    for each in condition.split() if isinstance(condition, str) else [condition]:
+                        if each in _COMMAND_KEYS and command is None:
+                            command = each
+                        elif isinstance(each, str) and status is None and (
+                            _STATUS.match(each) or re.fullmatch(r"[245]\.\d{1,3}\.", each)
+                        ):
+                            status = each
+                        else:
+                            raise ValueError(f"bad status in {name}[{key!r}][{reason!r}]: {condition!r}")
                 phrase = normalise(text) if isinstance(text, str) else ""
                 if not phrase:
                     raise ValueError(f"empty phrase in {name}[{key!r}][{reason!r}]")
-                phrases.append((status, phrase))
+                phrases.append((status, command, phrase))
             entries.append((reason, tuple(phrases)))
         compiled[key] = entries
     return compiled
 
+
+#: The commands a keyed table's phrase may be said in reply to.
+_COMMAND_KEYS = frozenset(["CONN", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA"])
 
 #: Provider -> [(reason, phrases)], in the table's order.
 _PROVIDER_TABLES = compileKeyed(RHOST_PHRASES, RHOSTS, "RHOST_PHRASES")
@@ -557,13 +567,18 @@ def _hostAt(text: str, start: int, end: int) -> Optional[str]:
     return _hostProvider(text[start:end].strip("."))
 
 
-def _phraseIn(table, text: str, status: Optional[str] = None) -> Optional[str]:
+def _phraseIn(
+    table, text: str, status: Optional[str] = None, command: Optional[str] = None
+) -> Optional[str]:
     """
     The first reason of a compiled keyed C{table} one of whose phrases is
-    in C{text} (beside C{status}, for a phrase that names one), or L{None}.
+    in C{text} (beside C{status}, or in reply to C{command}, for a phrase
+    that names one), or L{None}.
     """
     for reason, phrases in table:
-        for wanted, phrase in phrases:
+        for wanted, after, phrase in phrases:
+            if after is not None and command != after:
+                continue
             if wanted is not None and (
                 status is None
                 or (status != wanted if wanted[-1] != "." else not status.startswith(wanted))
