@@ -617,6 +617,29 @@ class TextBounceTests(SynchronousTestCase):
         self.assertRecords(report, [("left@example.edu", "5.1.1", 550, "hard")])
         self.assertEqual(report.records[0].remote, "mail.example.edu")
 
+    def test_transcriptExchangeAboveAddress(self):
+        """
+        In a Sendmail transcript the ">>> / <<<" exchange just above an
+        address's own error line is that address's: the refused MAIL
+        FROM reaches its diagnostic (and the classifier).
+        """
+        report = readReport(
+            textBounce(
+                "From: Mail Delivery Subsystem <MAILER-DAEMON@mx.example.com>\n"
+                "To: news@shop.example\nSubject: Returned mail: Deferred\n",
+                "   ----- Transcript of session follows -----\n"
+                "While talking to mx.example.org:\n"
+                ">>> MAIL From:<news@shop.example>\n"
+                "<<< 421 mx.example.org relaying denied, go away\n"
+                "554 <left@example.org>... Remote protocol error\n\n"
+                "   ----- Unsent message follows -----\n"
+                "From: news@shop.example\nTo: left@example.org\n",
+            )
+        )
+        [record] = report.records
+        self.assertEqual(record.recipient, "left@example.org")
+        self.assertIn(">>> MAIL From:<news@shop.example>", record.diagnostic)
+
     def test_errorBeforeAddress(self):
         """
         A short notice that writes the error before the address keeps the

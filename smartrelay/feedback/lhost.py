@@ -255,7 +255,7 @@ def _segments(text: str, positions: list[tuple[int, str]]) -> list[TextRecipient
         firsts.append((offset, address))
     result = []
     for index, (offset, address) in enumerate(firsts):
-        start = _lineStart(text, min(offset, len(text)))
+        start = _withExchange(text, _lineStart(text, min(offset, len(text))))
         if index + 1 < len(firsts):
             end = _lineStart(text, firsts[index + 1][0])
             if end <= start:
@@ -291,6 +291,23 @@ def _segments(text: str, positions: list[tuple[int, str]]) -> list[TextRecipient
 
 
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+
+def _withExchange(text: str, start: int) -> int:
+    """
+    @return: C{start} moved back over the SMTP exchange (">>> MAIL
+        From:...", "<<< 501 ...") written just above that line: a
+        Sendmail transcript gives the exchange, then the address's own
+        line ("554 <addr>... Remote protocol error"), so the exchange is
+        that address's.
+    """
+    while start > 0:
+        previous = _lineStart(text, start - 1)
+        line = text[previous : start - 1].lstrip()
+        if not line.startswith((">>> ", "<<< ")):
+            break
+        start = previous
+    return start
 
 
 def _namesAny(text: str, wanted: list) -> bool:
