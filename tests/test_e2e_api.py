@@ -99,6 +99,9 @@ class APITests(RelayTestMixin, TestCase):
         self.assertFalse(document["queued"])
         self.assertEqual(document["recipients"][0]["state"], "delivered")
         self.assertEqual(document["envelope"]["sender"], "app@example.com")
+        # The headers as received, from the accepted event now.
+        self.assertIn(f"X-SmartRelay-ID: {queueIDs[0]}\r\n", document["headers"])
+        self.assertIn("Subject: hello\r\n", document["headers"])
         # The slash of the id may also be sent encoded.
         code, again = yield self.call("GET", "/messages/" + quote(queueIDs[0], safe=""))
         self.assertEqual((code, again["queue_id"]), (200, queueIDs[0]))

@@ -193,6 +193,21 @@ class AcceptTests(PolicyMixin, SynchronousTestCase):
             [("accepted", queueID, "a@x.com"), ("accepted", queueID, "b@y.com")],
         )
         self.assertEqual(events[0].detail["sender"], "app@example.com")
+        # The header block as stored, in the first recipient's event only.
+        self.assertEqual(
+            events[0].detail["headers"], data[: data.index(b"\r\n\r\n") + 2].decode()
+        )
+        self.assertTrue(events[0].detail["headers"].endswith("Subject: hi\r\n"))
+        self.assertNotIn("headers", events[1].detail)
+
+    def test_eventHeadersBounded(self):
+        """The headers kept in an event are at most 16 KiB, undecodable bytes replaced."""
+        from smartrelay.smtp.submission import MAX_EVENT_HEADERS, eventHeaders
+
+        self.assertEqual(eventHeaders(b"A: \xff\r\n\r\nbody"), "A: \ufffd\r\n")
+        self.assertEqual(eventHeaders(b"A: b\r\n"), "A: b\r\n")
+        big = b"X: " + b"y" * 100_000 + b"\r\n\r\n"
+        self.assertEqual(len(eventHeaders(big)), MAX_EVENT_HEADERS)
 
     def test_storageFailure(self):
         """

@@ -334,7 +334,8 @@ class MessageTests(ApiTestsMixin, SynchronousTestCase):
 
     def test_finished(self):
         """A message no longer queued is described from its events."""
-        self.emit("accepted", detail={"sender": "app@example.com", "size": 10})
+        self.emit("accepted", detail={"sender": "app@example.com", "size": 10,
+                                      "headers": "Subject: hi\r\n"})
         self.emit("delivered", time=START + 1, detail={"remote": "mx"})
         self.emit("accepted", recipient="b@example.org")
         self.emit("bounced", recipient="b@example.org", time=START + 2,
@@ -347,7 +348,7 @@ class MessageTests(ApiTestsMixin, SynchronousTestCase):
             [(r["address"], r["state"], r["attempts"]) for r in document["recipients"]],
             [("a@example.org", "delivered", 1), ("b@example.org", "bounced", 1)],
         )
-        self.assertIsNone(document["headers"])
+        self.assertEqual(document["headers"], "Subject: hi\r\n")
         self.assertEqual(len(document["events"]), 4)
 
     def test_unknown(self):

@@ -299,6 +299,10 @@ class SubmissionPolicy(ConnectionLimits):
 
         def stored(entry):
             detail = {"sender": sender, "size": entry.size, "client": entry.client}
+            # The header block as stored, once per message (in the first
+            # recipient's event): the API shows it after the spool has
+            # let the message go.
+            first = {**detail, "headers": eventHeaders(message)}
             self.messageLog.accepted(
                 queueID,
                 sender,
@@ -310,14 +314,14 @@ class SubmissionPolicy(ConnectionLimits):
                 session.tls,
                 entry.tag,
             )
-            for recipient in recipients:
+            for number, recipient in enumerate(recipients):
                 self.events.emit(
                     "accepted",
                     queueID,
                     recipient,
                     tag=entry.tag,
                     metadata=entry.metadata or None,
-                    detail=detail,
+                    detail=detail if number else first,
                 )
             self.enqueue(entry)
             return queueID
@@ -340,6 +344,21 @@ class SubmissionPolicy(ConnectionLimits):
         }
         for recipient in recipients:
             self.events.emit("rejected", None, recipient, detail=detail)
+
+
+#: The most of a message's header block kept in its C{accepted} event.
+MAX_EVENT_HEADERS = 16 * 1024
+
+
+def eventHeaders(message: bytes) -> str:
+    """
+    The header block of a stored message (up to the blank line, CRLFs
+    kept) as text for an event: UTF-8 (anything else replaced), at most
+    L{MAX_EVENT_HEADERS} bytes of it.
+    """
+    end = message.find(b"\r\n\r\n")
+    block = message if end < 0 else message[: end + 2]
+    return block[:MAX_EVENT_HEADERS].decode("utf-8", "replace")
 
 
 @attrs.define(eq=False, slots=False, repr=False)
