@@ -233,6 +233,9 @@ class ClassifyTests(SynchronousTestCase):
         self.assertEqual(classify(None, 550, iua).reason, "mailboxfull")
         spectrum = "550 5.1.0 <a@example.com> sender rejected. Please see ... AUP#I1310"
         self.assertEqual(classify("5.1.0", 550, spectrum).reason, "toomanyconn")
+        for written in ("AUP#In-1310", "AUP#O1540", "AUP#Out-1540"):
+            text = "550 5.1.0 <a@example.com> sender rejected. " + written
+            self.assertIn(classify("5.1.0", 550, text).reason, ("toomanyconn", "speeding"), written)
         apple = "550 5.1.6 recipient no longer on server: bob@icloud.example"
         self.assertEqual(classify("5.1.6", 550, apple), Verdict("hasmoved", "hard", "5.1.6"))
         self.assertEqual(classify("5.1.1", 550, "user unknown lib123_416x").reason, "userunknown")

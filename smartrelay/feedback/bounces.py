@@ -120,6 +120,16 @@ def bounceRecord(
     )
 
 
+def _agentOf(tree: Headers) -> Optional[str]:
+    """
+    @return: the program of L{LHOSTS} that wrote the report whose header is
+        C{tree} (L{reportingAgent}), worked out once per header.
+    """
+    if "agent" not in tree.memo:
+        tree.memo["agent"] = reportingAgent(tree.getAll)
+    return tree.memo["agent"]
+
+
 def _agentReason(tree: Headers, agent: Optional[str], *texts: Optional[str]) -> Optional[str]:
     """
     @return: the reason the program C{agent} that wrote the report
@@ -196,7 +206,7 @@ def fromDeliveryStatus(
     textual = None
     hinted = _commandIn(text) is not None
     ownReporter = None
-    agent = reportingAgent(tree.getAll)
+    agent = _agentOf(tree)
     for part in statusParts:
         if isinstance(part, str):
             body = part
@@ -313,7 +323,7 @@ def fromReturnedRecipients(returned: Optional[mime.Part], head: Headers, text: s
     extra = lhost.details(text, "")
     action = "delayed" if lhost.isDelay(headerText(head.get("Subject")), text) else "failed"
     reporter = reporterOf(head)
-    agent = reportingAgent(head.getAll)
+    agent = _agentOf(head)
     return [
         bounceRecord(
             address,
@@ -341,7 +351,7 @@ def fromNotice(tree: Headers, text: str) -> list[FeedbackRecord]:
 
     @return: the records, or C{[]} when the report is no such notice.
     """
-    agent = reportingAgent(tree.getAll)
+    agent = _agentOf(tree)
     end = agentNotice(agent)
     if end is None:
         return []
@@ -385,7 +395,7 @@ def fromText(tree: Headers, text: str, exclude: set) -> list[FeedbackRecord]:
         return []
     action = "delayed" if lhost.isDelay(subject, text) else "failed"
     reporter = reporterOf(tree)
-    agent = reportingAgent(tree.getAll)
+    agent = _agentOf(tree)
     records = []
     for each in found:
         extra = lhost.details(each.text, each.address)

@@ -282,7 +282,7 @@ class Headers:
     when asked for.
     """
 
-    __slots__ = ("_fields",)
+    __slots__ = ("_fields", "memo")
 
     def __init__(self, part: mime.Part):
         fields: dict[bytes, list[bytes]] = {}
@@ -291,6 +291,9 @@ class Headers:
             if colon:
                 fields.setdefault(name.strip().lower(), []).append(value)
         self._fields = fields
+        #: What readers worked out from this header once (the program
+        #: that wrote the report, its writing host), by their own keys.
+        self.memo: dict = {}
 
     def getAll(self, name: str) -> list[str]:
         """

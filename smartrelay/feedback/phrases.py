@@ -1640,10 +1640,11 @@ PROVIDER_CODES = (
             "urlbl1001": "spamdetected",
         },
     ),
-    # Spectrum (Charter): "AUP#I1310", "AUP#O1540".
+    # Spectrum (Charter): "AUP#I1310", "AUP#O1540", "AUP#In-1310",
+    # "AUP#Out-1540" (the direction, in or out, then the code).
     (
         "aup#",
-        r"aup#[io]?(\d{4})\b",
+        r"aup#(?:in?|o(?:ut)?)?-?(\d{4})\b",
         {
             "1000": "blocked",
             "1010": "rejected",

@@ -872,6 +872,9 @@ def _checkAgents(table: dict) -> dict:
                     raise ValueError(f"bad reason in LHOSTS[{agent!r}]: {reason!r}")
                 reasons.append((reason, tuple(phrase.lower() for phrase in phrases)))
             tables.append(tuple(reasons))
+        # Trace fields last: they are many and long, and are read only
+        # when the other tests leave the program still possible.
+        tests.sort(key=lambda each: each[0].lower() == "received")
         checked[agent] = (tuple(tests), int(entry.get("needs", 1)), tuple(headers), tables[0], tables[1])
     return checked
 
@@ -903,10 +906,16 @@ def reportingAgent(getAll) -> Optional[str]:
         the fields of that name (a list).
     @return: the key of L{LHOSTS}, or L{None}.
     """
+    values: dict = {}
     for agent, (tests, needs, _, _, _) in _AGENTS.items():
         held = 0
-        for name, test, wanted in tests:
-            if _holds(getAll(name), test, wanted):
+        for index, (name, test, wanted) in enumerate(tests):
+            if held + len(tests) - index < needs:
+                break  # the tests left cannot make up the number
+            found = values.get(name)
+            if found is None:
+                found = values[name] = getAll(name)
+            if found and _holds(found, test, wanted):
                 held += 1
                 if held >= needs:
                     return agent
