@@ -927,3 +927,35 @@ class SQLiteSuppressionTests(SQLiteMixin, SuppressionTests):
     """
     L{SuppressionTests} over SQLite.
     """
+
+
+class QueueSliceTests(ApiTestsMixin, SynchronousTestCase):
+    """
+    Walks over a big queue let the reactor run between slices.
+    """
+
+    def test_slices(self):
+        """The summary and the list of a queue bigger than a slice come in several reactor turns."""
+        from smartrelay.web import api
+
+        self.patch(api, "QUEUE_SLICE", 2)
+        self.scheduler.hold = True
+        for n in range(5):
+            self.enqueue(f"2A/01-00001-0000000{n}", (f"r{n}@example.org",))
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        d = self.treq.get("http://relay.test/api/v1/queue", headers=headers)
+        self.treq.flush()
+        self.assertNoResult(d)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.treq.flush()
+        summary = json.loads(self.successResultOf(self.treq.content(self.successResultOf(d))))
+        self.assertEqual((summary["messages"], summary["recipients"]), (5, 5))
+        d = self.treq.get("http://relay.test/api/v1/queue/messages?limit=4", headers=headers)
+        self.treq.flush()
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.treq.flush()
+        page = json.loads(self.successResultOf(self.treq.content(self.successResultOf(d))))
+        self.assertEqual(len(page["items"]), 4)
+        self.assertIsNotNone(page["next_cursor"])

@@ -35,6 +35,7 @@ from typing import Any
 import attrs
 from klein import Klein
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
@@ -103,6 +104,9 @@ MAX_SCAN = 20_000
 
 #: Bounced events read per statistics request to count bounce reasons.
 MAX_REASON_SCAN = 100_000
+
+#: Queued messages looked at per reactor turn by the queue routes.
+QUEUE_SLICE = 2000
 
 #: The widest statistics range, in buckets.
 MAX_BUCKETS = 24 * 400
@@ -716,13 +720,23 @@ class ApiApp:
 
     # -- queue -------------------------------------------------------------
 
+    async def _breathe(self, count: int) -> None:
+        """
+        Every L{QUEUE_SLICE} messages of a walk over the queue, let the
+        reactor run (a big queue is summed in many reactor turns, not one
+        long one; the walk reads the list taken at its start).
+        """
+        if count and not count % QUEUE_SLICE:
+            await deferLater(self.clock, 0, lambda: None)
+
     @endpoint("/api/v1/queue")
     async def queueSummary(self, request):
         query = Query(request, ("domain",))
         only = query.domain()
         domains: dict = {}
         messages = 0
-        for entry in self.scheduler.queuedMessages():
+        for count, entry in enumerate(self.scheduler.queuedMessages()):
+            await self._breathe(count)
             attempting = self.scheduler.attempting(entry.queue_id)
             seen: set = set()
             for recipient in entry.pending():
@@ -791,7 +805,8 @@ class ApiApp:
         after = None if cursor is None else decodeQueueCursor(cursor)
         items = []
         nextCursor = None
-        for entry in self.scheduler.queuedMessages():
+        for count, entry in enumerate(self.scheduler.queuedMessages()):
+            await self._breathe(count)
             position = (entry.received, entry.queue_id)
             if after is not None and position <= after:
                 continue
