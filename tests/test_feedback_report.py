@@ -423,6 +423,49 @@ class TextBounceTests(SynchronousTestCase):
         )
         self.assertNotIn("Please check", report.records[1].diagnostic)
 
+    def test_googleWorkspaceNotice(self):
+        """
+        A Google Workspace notice whose words name no address is about the
+        returned message's recipient, not its X-Failed-Recipients; a
+        notice that names its address keeps that one.
+        """
+        def notice(words: str) -> bytes:
+            return message(
+                "From: Mail Delivery Subsystem <mailer-daemon@googlemail.com>",
+                "To: sender@shop.example",
+                "Subject: Delivery Status Notification (Failure)",
+                "X-Failed-Recipients: group@groups.example.com",
+                "MIME-Version: 1.0",
+                'Content-Type: multipart/report; report-type=delivery-status; boundary="G"',
+                "",
+                "--G",
+                "Content-Type: text/plain",
+                "",
+                words,
+                "--G",
+                "Content-Type: message/delivery-status",
+                "",
+                "",
+                "--G",
+                "Content-Type: message/rfc822",
+                "",
+                "From: <sender@shop.example>",
+                "To: <reader@example.co.jp>",
+                "Subject: Hello",
+                "",
+                "Hello",
+                "--G--",
+            )
+
+        [record] = readReport(
+            notice("** Message not delivered **\r\n\r\nThe response was:\r\n\r\n550 Smtp server does not advertise AUTH")
+        ).records
+        self.assertEqual(record.recipient, "reader@example.co.jp")
+        [named] = readReport(
+            notice("** Address not found **\r\n\r\nYour message wasn't delivered to group@groups.example.com.")
+        ).records
+        self.assertEqual(named.recipient, "group@groups.example.com")
+
     def test_mailingListNotice(self):
         """
         An fml notice (known by X-MLServer, an -admin@ sender and its

@@ -21,6 +21,7 @@ from smartrelay.feedback.mailtext import (
 )
 from smartrelay.feedback.reasons import (
     agentNotice,
+    agentTakesReturned,
     agentVerdict,
     bounceKind,
     classify,
@@ -37,6 +38,7 @@ __all__ = [
     "fromDeliveryStatus",
     "fromJSON",
     "fromNotice",
+    "namesReturnedRecipients",
     "fromReturnedRecipients",
     "fromText",
 ]
@@ -380,6 +382,15 @@ def fromNotice(tree: Headers, text: str) -> list[FeedbackRecord]:
             )
         )
     return records
+
+
+def namesReturnedRecipients(tree: Headers, text: str, exclude: set) -> bool:
+    """
+    Whether a report is about the returned message's recipients rather
+    than its C{X-Failed-Recipients}: a notice of a program that says so
+    (L{agentTakesReturned}) whose words name no address.
+    """
+    return agentTakesReturned(_agentOf(tree)) and not lhost.failedRecipients(text, exclude)
 
 
 def fromText(tree: Headers, text: str, exclude: set) -> list[FeedbackRecord]:

@@ -1785,7 +1785,9 @@ PROVIDER_CODES = (
 #: phrases on the report's Subject when its words said none, and
 #: C{notice}, the line that ends the notice's own words when the program's
 #: notices are no bounce in form but name each address they are about
-#: in angle brackets (a mailing-list manager's).  A reason found here is
+#: in angle brackets (a mailing-list manager's), and C{returned}, true
+#: when a notice whose own words name no address is about the recipients
+#: of the returned message (not C{X-Failed-Recipients}).  A reason found here is
 #: the program's own verdict and decides, as Sisimai keeps an Lhost
 #: module's reason.
 LHOSTS = {
@@ -1896,5 +1898,16 @@ LHOSTS = {
             "securityerror": ("please turn on smtp authentication in your mail client",),
             "userunknown": ("542 ", " rejected", "no such user"),
         },
+    },
+    # Google Workspace's notices of a message it could not send on
+    # (Sisimai::Lhost::GoogleWorkspace): "** Message not delivered **"
+    # and why, no address in the words; the message's To is the recipient.
+    "googleworkspace": {
+        "recognise": (
+            ("From", "contains", "<mailer-daemon@googlemail.com>"),
+            ("Subject", "contains", "delivery status notification"),
+        ),
+        "needs": 2,
+        "returned": True,
     },
 }

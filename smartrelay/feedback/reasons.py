@@ -97,6 +97,7 @@ __all__ = [
     "reportingAgent",
     "agentVerdict",
     "agentNotice",
+    "agentTakesReturned",
     "commandIn",
 ]
 
@@ -942,6 +943,15 @@ def agentVerdict(agent: Optional[str], getAll, text: str) -> Optional[str]:
                 if any(phrase in lowered for phrase in phrases):
                     return reason
     return None
+
+
+def agentTakesReturned(agent: Optional[str]) -> bool:
+    """
+    @return: whether the program C{agent}'s notices that name no address
+        are about the returned message's recipients (L{LHOSTS}' C{returned}).
+    """
+    entry = LHOSTS.get(agent) if agent is not None else None
+    return bool(entry is not None and entry.get("returned"))
 
 
 def agentNotice(agent: Optional[str]) -> Optional[str]:

@@ -205,9 +205,10 @@ def _read(data: bytes, depth: int = 0) -> Report:
         if embedded is not None:
             records = bounces.fromDeliveryStatus(head, [embedded], cut, exclude)
     bounceLike = bool(statusParts) or _looksLikeBounce(head, cut)
-    if not records and bounceLike:
+    returnedRecipients = bounceLike and not records and bounces.namesReturnedRecipients(head, cut, exclude)
+    if not records and bounceLike and not returnedRecipients:
         records = bounces.fromText(head, cut, exclude)
-    if not records:
+    if not records and not returnedRecipients:
         # A mailing-list manager's notice that names the list refusing.
         records = bounces.fromNotice(head, text)
     if not records and depth < 2:
