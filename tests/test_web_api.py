@@ -332,6 +332,24 @@ class MessageTests(ApiTestsMixin, SynchronousTestCase):
                 [e["type"] for e in document["events"]], ["accepted", "deferred", "deferred"]
             )
 
+    def test_deferredBeforeRestart(self):
+        """
+        A recipient deferred before a restart (the scheduler knows no reply)
+        shows the reply of its last deferred event.
+        """
+        entry = makeEntry(QUEUE_ID, ["a@example.org"], received=START)
+        entry.recipients[0].state = "deferred"
+        entry.recipients[0].attempts = 1
+        entry.recipients[0].next_attempt = START + 600
+        self.spool.add(entry, MESSAGE)
+        self.scheduler.enqueue(entry)
+        self.emit("deferred", detail={"code": 451, "status": "4.2.0", "reply": "later", "remote": "mx"})
+        document = self.json("GET", "/api/v1/messages/" + QUEUE_ID)
+        self.assertEqual(
+            document["recipients"][0]["last_reply"],
+            {"code": 451, "status": "4.2.0", "reply": "later", "remote": "mx"},
+        )
+
     def test_finished(self):
         """A message no longer queued is described from its events."""
         self.emit("accepted", detail={"sender": "app@example.com", "size": 10,

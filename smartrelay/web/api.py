@@ -370,7 +370,7 @@ class ApiApp:
                 "queue_id": queue_id,
                 "queued": True,
                 "envelope": envelope(entry),
-                "recipients": self._queuedRecipients(entry),
+                "recipients": self._queuedRecipients(entry, events),
                 "headers": headers,
                 "events": eventJSON,
             }
@@ -383,11 +383,22 @@ class ApiApp:
             "events": eventJSON,
         }
 
-    def _queuedRecipients(self, entry) -> list:
+    def _queuedRecipients(self, entry, events: tuple = ()) -> list:
+        """
+        The recipients of a queued message; the last deferral of each from
+        the scheduler, else (after a restart) from its C{events} if given.
+        """
         attempting = self.scheduler.attempting(entry.queue_id)
+        deferrals = {
+            event.recipient: event.detail
+            for event in events
+            if event.type == "deferred" and isinstance(event.detail, dict)
+        }
         recipients = []
         for recipient in entry.recipients:
             deferral = self.scheduler.lastDeferral(entry.queue_id, recipient.address)
+            if deferral is None and recipient.state == "deferred":
+                deferral = deferrals.get(recipient.address)
             recipients.append(
                 {
                     "address": recipient.address,
