@@ -205,6 +205,36 @@ class DeliveryStatusTests(SynchronousTestCase):
         [record] = report.records
         self.assertEqual(record.reason, "blocked")
 
+    def test_multilineReplyFromTranscript(self):
+        """
+        A Diagnostic-Code that is only the first line of a multi-line
+        reply ("550-5.7.1 ...") is completed from the transcript quoted in
+        the report's words; without a transcript it stays as it is.
+        """
+        group = (
+            "Final-Recipient: rfc822; someone@example.org\n"
+            "Action: failed\n"
+            "Status: 5.7.1\n"
+            "Diagnostic-Code: smtp; 550-5.7.1 [192.0.2.1   13] Messages with multiple addresses in From:"
+        )
+        transcript = (
+            "   ----- Transcript of session follows -----\n"
+            "... while talking to mx.example.org.:\n"
+            ">>> DATA\n"
+            "<<< 550-5.7.1 [192.0.2.1   13] Messages with multiple addresses in From:\n"
+            "<<< 550 5.7.1 header are not accepted. abc123 - gsmtp\n"
+            "554 5.0.0 Service unavailable"
+        )
+        [record] = readReport(dsn(group, text=transcript)).records
+        self.assertEqual(
+            record.diagnostic,
+            "550-5.7.1 [192.0.2.1 13] Messages with multiple addresses in From: 550 5.7.1 header are not accepted."
+            " abc123 - gsmtp",
+        )
+        self.assertEqual(record.reason, "notcompliantrfc")
+        [alone] = readReport(dsn(group)).records
+        self.assertEqual(alone.diagnostic, "550-5.7.1 [192.0.2.1 13] Messages with multiple addresses in From:")
+
     def test_queueIdInText(self):
         """
         L{queueIdIn} finds the id in a returned header block and not in a

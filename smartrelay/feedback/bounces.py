@@ -260,6 +260,8 @@ def fromDeliveryStatus(
                     replycode = replycode or (extra["replycode"] if not each.diagnostic else None)
                     remote = remote or extra["remote"]
                     status = status or extra["status"]
+            if diagnostic and each.diagnostic:
+                diagnostic = _completedReply(diagnostic, text)
             if not diagnostic and len(recipients) == 1 and (status is None or status.endswith(".0.0")):
                 # A status that names no reason and no words about the
                 # address: the report's words are all there is.
@@ -284,6 +286,42 @@ def fromDeliveryStatus(
                 )
             )
     return records
+
+
+_FIRST_OF_MANY = re.compile(r"([245]\d\d)-")
+
+
+def _completedReply(diagnostic: str, text: str) -> str:
+    """
+    A Diagnostic-Code that is the first line of a multi-line reply
+    ("550-5.7.1 ...", RFC 5321 section 4.2.1: more lines follow), as
+    Sendmail writes it, completed from the session transcript of the
+    report's words, where the whole reply is quoted ("<<< 550-...",
+    "<<< 550 ...").
+
+    @return: the whole reply, or C{diagnostic} when the transcript does
+        not quote it.
+    """
+    match = _FIRST_OF_MANY.match(diagnostic)
+    if match is None or "<<< " not in text:
+        return diagnostic
+    code = match.group(1)
+    wanted = squeeze(diagnostic)
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped.startswith("<<< " + code + "-") or squeeze(stripped[4:]) != wanted:
+            continue
+        whole = [stripped[4:]]
+        for following in lines[index + 1 :]:
+            following = following.strip()
+            if not following.startswith("<<< " + code):
+                break
+            whole.append(following[4:])
+            if following[7:8] == " ":
+                break  # the last line of the reply
+        return squeeze(" ".join(whole)) or diagnostic
+    return diagnostic
 
 
 def fromJSON(kind: str, found: list) -> Report:
