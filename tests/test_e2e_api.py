@@ -156,6 +156,14 @@ class APITests(RelayTestMixin, TestCase):
         yield waitFor(reactor, lambda: second in self.sink.queueIDs())
         code, listed = yield self.call("GET", "/suppressions")
         self.assertEqual(listed["items"], [])
+        # A body over 16 MiB is refused with 413 and nothing is imported.
+        code, body = yield self.call(
+            "POST", "/suppressions/import", data=b"a@example.org\n" * 1_300_000,
+            headers={"Content-Type": "text/csv"},
+        )
+        self.assertEqual((code, body["error"]["code"]), (413, "too_large"))
+        code, listed = yield self.call("GET", "/suppressions")
+        self.assertEqual(listed["items"], [])
         yield self.relay.stop()
 
     @inlineCallbacks

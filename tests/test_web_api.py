@@ -32,7 +32,7 @@ from smartrelay.web.api import (
     parseTime,
 )
 from smartrelay.web.proxies import clientAddress
-from smartrelay.web.site import SiteRoot
+from smartrelay.web.site import MAX_BODY, BoundedRequest, SiteRoot, makeSite
 from tests.test_store import synchronous
 
 START = 1_700_000_000.0
@@ -977,3 +977,48 @@ class QueueSliceTests(ApiTestsMixin, SynchronousTestCase):
         page = json.loads(self.successResultOf(self.treq.content(self.successResultOf(d))))
         self.assertEqual(len(page["items"]), 4)
         self.assertIsNotNone(page["next_cursor"])
+
+
+class BoundedRequestTests(SynchronousTestCase):
+    """
+    L{BoundedRequest}: bodies over the limit are dropped, not stored.
+    """
+
+    def request(self):
+        from twisted.web.test.requesthelper import DummyChannel
+
+        return BoundedRequest(DummyChannel())
+
+    def test_declaredTooLarge(self):
+        """A Content-Length over the limit: nothing is kept, bodyTooLarge is set."""
+        request = self.request()
+        request.gotLength(MAX_BODY + 1)
+        request.handleContentChunk(b"x" * 1000)
+        self.assertTrue(request.bodyTooLarge)
+        request.content.seek(0)
+        self.assertEqual(request.content.read(), b"")
+
+    def test_chunkedTooLarge(self):
+        """A chunked body growing past the limit is dropped when it does."""
+        request = self.request()
+        request.maxBody = 10
+        request.gotLength(None)
+        request.handleContentChunk(b"x" * 6)
+        self.assertFalse(request.bodyTooLarge)
+        request.handleContentChunk(b"x" * 6)
+        self.assertTrue(request.bodyTooLarge)
+        self.assertEqual(request.content.read(), b"")
+
+    def test_small(self):
+        """A body within the limit is kept as Twisted keeps it."""
+        request = self.request()
+        request.gotLength(5)
+        request.handleContentChunk(b"hello")
+        request.content.seek(0)
+        self.assertEqual((request.content.read(), request.bodyTooLarge), (b"hello", False))
+
+    def test_makeSite(self):
+        """The relay's site makes bounded requests and shows no tracebacks."""
+        site = makeSite(Leaf(b"x"), Clock())
+        self.assertIs(site.requestFactory, BoundedRequest)
+        self.assertFalse(site.displayTracebacks)

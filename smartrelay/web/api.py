@@ -321,6 +321,9 @@ class ApiApp:
             )
 
     def _body(self, request) -> bytes:
+        if getattr(request, "bodyTooLarge", False):
+            # The site dropped it (smartrelay.web.site.BoundedRequest).
+            raise self._tooLarge()
         declared = request.getHeader(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.maxBody:
             raise self._tooLarge()

@@ -22,11 +22,11 @@ L{smartrelay.web.proxies.clientAddress}.
 from typing import Optional
 
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from smartrelay.web.tracking import accessLogFormatter
 
-__all__ = ["SiteRoot", "makeSite"]
+__all__ = ["MAX_BODY", "BoundedRequest", "SiteRoot", "makeSite"]
 
 
 class SiteRoot(Resource):
@@ -53,13 +53,75 @@ class SiteRoot(Resource):
         return self.default.render(request)
 
 
+#: The largest request body the site keeps; the bytes of a bigger one are
+#: read and dropped (the application answers 413).
+MAX_BODY = 16 * 1024 * 1024
+
+
+class _Dropped:
+    """
+    The C{content} of a request whose body is too large: takes every
+    write, keeps nothing, reads as empty.
+    """
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class BoundedRequest(Request):
+    """
+    A request that keeps at most L{MAX_BODY} bytes of its body, in memory
+    or a temporary file as Twisted does; past that (said by
+    C{Content-Length} or found while a chunked body arrives) the body is
+    dropped and C{bodyTooLarge} is set, for the application to answer
+    C{413}.  Without it a client could make the relay store any amount.
+    """
+
+    maxBody = MAX_BODY
+    bodyTooLarge = False
+    _received = 0
+
+    def gotLength(self, length: Optional[int]) -> None:
+        if length is not None and length > self.maxBody:
+            self.bodyTooLarge = True
+            self.content = _Dropped()
+        else:
+            super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.bodyTooLarge:
+            return
+        self._received += len(data)
+        if self._received > self.maxBody:
+            self.bodyTooLarge = True
+            self.content.close()
+            self.content = _Dropped()
+            return
+        super().handleContentChunk(data)
+
+
 def makeSite(root: Resource, clock) -> Site:
     """
     A quiet Twisted Web site serving C{root} on C{clock}, never showing
     tracebacks, whose access log shows no tokens
-    (L{smartrelay.web.tracking.accessLogFormatter}).
+    (L{smartrelay.web.tracking.accessLogFormatter}), keeping at most
+    L{MAX_BODY} bytes of a request body (L{BoundedRequest}).
     """
-    site = Site(root, logFormatter=accessLogFormatter, reactor=clock)
+    site = Site(
+        root, requestFactory=BoundedRequest, logFormatter=accessLogFormatter, reactor=clock
+    )
     site.noisy = False
     site.displayTracebacks = False
     return site
