@@ -1022,3 +1022,19 @@ class BoundedRequestTests(SynchronousTestCase):
         site = makeSite(Leaf(b"x"), Clock())
         self.assertIs(site.requestFactory, BoundedRequest)
         self.assertFalse(site.displayTracebacks)
+
+
+class ProtocolTests(SynchronousTestCase):
+    """
+    The collaborators the API is typed by.
+    """
+
+    def test_schedulerIsQueueControl(self):
+        """DeliveryScheduler has every method of QueueControl, and the spool MessageReader's."""
+        from smartrelay.spool import Spool
+        from smartrelay.web.api import MessageReader, QueueControl
+
+        for protocol, cls in [(QueueControl, DeliveryScheduler), (MessageReader, Spool)]:
+            for name in dir(protocol):
+                if not name.startswith("_"):
+                    self.assertTrue(callable(getattr(cls, name, None)), f"{cls.__name__}.{name}")

@@ -30,11 +30,12 @@ import io
 import json
 import math
 import re
-from typing import Any
+from typing import Any, Optional, Protocol
 
 import attrs
 from klein import Klein
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -42,10 +43,12 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import BaseConverter
 
 from smartrelay.events import EVENT_TYPES, rfc3339
+from smartrelay.message import SpoolEntry
 from smartrelay.outbound.scheduler import DeliveryInProgress
 from smartrelay.ratelimit import FailureLimiter, clientKey
 from smartrelay.store.interfaces import (
     INTERVALS,
+    IStore,
     MAX_LIMIT,
     SUPPRESSION_REASONS,
     InvalidCursor,
@@ -104,6 +107,37 @@ MAX_SCAN = 20_000
 
 #: Bounced events read per statistics request to count bounce reasons.
 MAX_REASON_SCAN = 100_000
+
+class QueueControl(Protocol):
+    """
+    What the API reads and does to this node's queue: the methods of
+    L{smartrelay.outbound.scheduler.DeliveryScheduler} it uses.
+    """
+
+    def queuedMessages(self) -> list: ...
+
+    def queuedMessage(self, queue_id: str) -> Optional[SpoolEntry]: ...
+
+    def attempting(self, queue_id: str) -> set: ...
+
+    def lastDeferral(self, queue_id: str, address: str) -> Optional[dict]: ...
+
+    def retryNow(self, queue_id: str) -> bool: ...
+
+    def retryDomain(self, domain: str) -> int: ...
+
+    def delete(self, queue_id: str, reason: str = "deleted") -> Deferred: ...
+
+    def destinations(self) -> list: ...
+
+
+class MessageReader(Protocol):
+    """
+    The spool's reading side: a queued message's bytes.
+    """
+
+    def readMessage(self, entry: SpoolEntry) -> Deferred: ...
+
 
 #: Queued messages looked at per reactor turn by the queue routes.
 QUEUE_SLICE = 2000
@@ -195,10 +229,10 @@ class ApiApp:
     @ivar limiter: counts wrong tokens per client address.
     """
 
-    store: Any
-    scheduler: Any
-    spool: Any
-    clock: Any
+    store: IStore
+    scheduler: QueueControl
+    spool: MessageReader
+    clock: IReactorTime
     tokens: tuple = ()
     trustedProxies: tuple = ()
     limiter: FailureLimiter = attrs.field(
