@@ -608,6 +608,17 @@ class ProviderTests(SynchronousTestCase):
         )
         self.assertEqual(table["kddi"], [("blocked", (("5.7.", None, "no thanks"),))])
 
+    def test_commandGivenCountsAsPostfixWrites(self):
+        """
+        A phrase written with Postfix's "(in reply to MAIL FROM command)"
+        counts when the caller gives the command: "Access denied" at MAIL
+        is a refused sender whichever way the command is known.
+        """
+        said = classify("5.7.1", 550, "550 5.7.1 Access denied (in reply to MAIL FROM command)")
+        given = classify("5.7.1", 550, "550 5.7.1 Access denied", command="MAIL")
+        self.assertEqual((said.reason, given.reason), ("rejected", "rejected"))
+        self.assertEqual(classify("5.7.1", 550, "550 5.7.1 Access denied", command="RCPT").reason, "securityerror")
+
     def test_keyedCommand(self):
         """
         A provider phrase may count only in reply to a command (beside a

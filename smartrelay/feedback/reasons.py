@@ -372,6 +372,11 @@ def classify(
     if isinstance(command, str) and command.strip():
         command = command.strip().upper().split()[0]
         command = _COMMAND_NAMES.get(command, command)
+        said = _SAID_IN_REPLY.get(command)
+        if said is not None and text and " command)" not in text:
+            # A phrase written with Postfix's "(in reply to ... command)"
+            # counts when the command is known from elsewhere.
+            text = f"{text} (in reply to {said} command)"
     else:
         command = _commandIn(text)
     reason = None
@@ -684,6 +689,9 @@ def _replyCode(replycode) -> Optional[int]:
 
 #: Every reason in the order it wins ties.
 _ORDER = tuple(dict.fromkeys(PRECEDENCE + TEXT_ONLY + tuple(sorted(REASONS))))
+
+#: How Postfix names each command in "(in reply to ... command)".
+_SAID_IN_REPLY = {"MAIL": "mail from", "RCPT": "rcpt to", "DATA": "end of data"}
 
 #: How callers may name a command, and the name the rules use.
 _COMMAND_NAMES = {"HELO": "EHLO", "BDAT": "DATA", "END": "DATA", ".": "DATA", "CONNECT": "CONN"}
