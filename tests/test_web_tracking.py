@@ -38,6 +38,7 @@ from smartrelay.web.tracking import (
     MACHINE_AGENTS,
     TRANSPARENT_GIF,
     UNSUBSCRIBE_REASON,
+    UNKNOWN_FOR,
     TrackingApp,
     isMachine,
     loggedPath,
@@ -232,9 +233,9 @@ class TrackingTestsMixin:
         body = self.successResultOf(self.treq.content(response))
         return response, body
 
-    def recorded(self, type):
+    def recorded(self, type, queueID=QUEUE_ID):
         self.clock.advance(0)
-        events = self.successResultOf(self.store.eventsForMessage(QUEUE_ID))
+        events = self.successResultOf(self.store.eventsForMessage(queueID))
         return [e for e in events if e.type == type]
 
     def header(self, response, name):
@@ -409,6 +410,40 @@ class OpenPixelTests(TrackingTestsMixin, SynchronousTestCase):
         self.assertEqual(self.store.lookups, 4)
         self.request("GET", f"/t/o/{signed(self, 'o', queueID='79/BC-12331-00000002')}.gif")
         self.assertEqual(self.store.lookups, 4)
+
+    def test_unknownMessageRemembered(self):
+        """
+        A message the store does not know (no C{accepted} event) is looked
+        up once, not once per hit, and again after C{UNKNOWN_FOR} seconds.
+        """
+        queueID = "79/BC-12331-0000000F"
+        token = signed(self, "c", queueID=queueID, url="https://shop.example/")
+        for _ in range(3):
+            self.request("GET", f"/t/c/{token}")
+        self.assertEqual(self.store.lookups, 1)
+        self.assertEqual([e.tag for e in self.recorded("clicked", queueID)], [None] * 3)
+        self.successResultOf(
+            self.store.appendEvents([Event("accepted", queueID, None, START, tag="late")])
+        )
+        self.clock.advance(UNKNOWN_FOR + 1)
+        before = self.store.lookups
+        self.request("GET", f"/t/c/{token}")
+        self.assertEqual(self.store.lookups, before + 1)
+        self.assertEqual(self.recorded("clicked", queueID)[-1].tag, "late")
+
+    def test_concurrentLookupsShared(self):
+        """
+        Hits on one message that arrive while its look-up is running wait
+        for that look-up instead of starting their own.
+        """
+        self.store.holdLookups = True
+        token = signed(self, "o")
+        for _ in range(5):
+            self.request("GET", f"/t/o/{token}.gif")
+        self.assertEqual(self.store.lookups, 1)
+        self.store.holdLookups = False
+        self.store.release()
+        self.assertEqual([e.tag for e in self.recorded("opened")], [TAG] * 5)
 
     def test_lookupFails(self):
         """
@@ -922,7 +957,8 @@ class DrainTests(TrackingTestsMixin, SynchronousTestCase):
         self.store.holdLookups = True
         self.request("GET", f"/t/o/{signed(self, 'o')}.gif")
         drained = self.app.drained()
-        self.request("GET", f"/t/c/{signed(self, 'c', url='https://shop.example/')}")
+        other = "79/BC-12331-0000000E"
+        self.request("GET", f"/t/c/{signed(self, 'c', queueID=other, url='https://shop.example/')}")
         [(first, call), second] = self.store.held
         self.store.held.remove((first, call))
         call().chainDeferred(first)
@@ -931,7 +967,7 @@ class DrainTests(TrackingTestsMixin, SynchronousTestCase):
         self.store.release()
         self.successResultOf(drained)
         self.assertEqual(len(self.recorded("opened")), 1)
-        self.assertEqual(len(self.recorded("clicked")), 1)
+        self.assertEqual(len(self.recorded("clicked", other)), 1)
 
     def test_unsubscribeInProgress(self):
         """

@@ -120,6 +120,9 @@ _MACHINE = re.compile("|".join(f"(?:{p})" for _, p in MACHINE_AGENTS), re.IGNORE
 
 #: Longest User-Agent kept in an event.
 MAX_USER_AGENT = 512
+#: Seconds a message the store does not know (no C{accepted} event: pruned,
+#: or still in the event journal) is not looked up again for its tag.
+UNKNOWN_FOR = 60.0
 
 _SECURITY_HEADERS = {
     b"X-Content-Type-Options": b"nosniff",
@@ -241,6 +244,7 @@ class TrackingApp:
     trustedProxies: tuple = ()
     _info: OrderedDict = attrs.field(factory=OrderedDict, init=False, repr=False)
     _busy: set = attrs.field(factory=set, init=False, repr=False)
+    _lookups: dict = attrs.field(factory=dict, init=False, repr=False)
 
     app = Klein()
     log = Logger()
@@ -508,20 +512,38 @@ class TrackingApp:
         """
         (tag, metadata) of a message, from its C{accepted} event; (None, {})
         if the store does not know it or fails.
+
+        Answers are kept in a small LRU cache; a message the store does
+        not know is remembered as unknown for L{UNKNOWN_FOR} seconds, and
+        the clicks of one message arriving together share one look-up: a
+        burst of clicks on one message must not read its (growing) list of
+        events once per click.
         """
-        if queueID in self._info:
-            self._info.move_to_end(queueID)
-            return succeed(self._info[queueID])
+        cached = self._info.get(queueID)
+        if cached is not None:
+            info, until = cached
+            if until is None or until > self.clock.seconds():
+                self._info.move_to_end(queueID)
+                return succeed(info)
+            del self._info[queueID]
+        waiting = self._lookups.get(queueID)
+        if waiting is not None:
+            d: Deferred = Deferred()
+            waiting.append(d)
+            return d
+        waiting = self._lookups[queueID] = []
+
+        def remember(info, until):
+            self._info[queueID] = (info, until)
+            while len(self._info) > self.cacheSize:
+                self._info.popitem(last=False)
+            return info
 
         def found(events):
             for event in events:
                 if event.type == "accepted":
-                    info = (event.tag, dict(event.metadata or {}))
-                    self._info[queueID] = info
-                    while len(self._info) > self.cacheSize:
-                        self._info.popitem(last=False)
-                    return info
-            return (None, {})
+                    return remember((event.tag, dict(event.metadata or {})), None)
+            return remember((None, {}), self.clock.seconds() + UNKNOWN_FOR)
 
         def failed(failure):
             self.log.failure(
@@ -531,9 +553,14 @@ class TrackingApp:
             )
             return (None, {})
 
-        return maybeDeferred(self.store.eventsForMessage, queueID).addCallbacks(
-            found, failed
-        )
+        def answer(info):
+            del self._lookups[queueID]
+            for d in waiting:
+                d.callback(info)
+            return info
+
+        d = maybeDeferred(self.store.eventsForMessage, queueID)
+        return d.addCallbacks(found, failed).addCallback(answer)
 
 
 def _client(request, trustedProxies: tuple = ()) -> tuple[str, Optional[str]]:

@@ -1,0 +1,136 @@
+"""
+The tracking redirect under a real HTTP load generator: C{wrk} (Debian
+package C{wrk}) against C{GET /t/c/TOKEN} of the installed C{twistd
+smartrelay}, on loopback, both on this machine's cores.
+
+    python3 bench/clicks.py                    # 3 runs of 10 s, 50 connections
+    python3 bench/clicks.py --connections 100 --seconds 20 --runs 5
+
+The token is sealed with the relay's own key (a fixed C{[smartrelay]
+secret}), so every request is a valid click: token opened, a C{clicked}
+event recorded, a 302 to the link.  Prints requests/s and latency
+percentiles of each run, and the medians.
+"""
+
+import argparse
+import http.client
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import accept  # bench/accept.py: installedScript, installedEnvironment, freePort
+
+SECRET = "bench-clicks-secret-0123456789abcdef"
+
+_LATENCY = re.compile(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+_RATE = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
+_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+_UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def clickURL(port: int) -> str:
+    from smartrelay.tokens import Tokens, deriveKey
+
+    tokens = Tokens([deriveKey(SECRET)])
+    token = tokens.make("c", "00/01-00001-6921A3F0", "alice@example.org",
+                        "https://www.example.org/offer?utm_source=mail")
+    return f"http://127.0.0.1:{port}/t/c/{token}"
+
+
+def startRelay(workdir: str, webPort: int) -> subprocess.Popen:
+    config = os.path.join(workdir, "smartrelay.ini")
+    with open(config, "w") as f:
+        f.write(f"""[smartrelay]
+data_dir = {workdir}/var
+hostname = relay.bench.test
+secret = {SECRET}
+
+[smtp]
+listen = tcp:0:interface=127.0.0.1
+
+[feedback]
+listen = tcp:0:interface=127.0.0.1
+
+[web]
+listen = tcp:{webPort}:interface=127.0.0.1
+
+[tracking]
+base_url = http://127.0.0.1:{webPort}
+
+[delivery]
+hold = on
+""")
+    process = subprocess.Popen(
+        [accept.installedScript("twistd"), "-n", "--pidfile=", "--logfile",
+         os.path.join(workdir, "twistd.log"), "smartrelay", "--config", config],
+        cwd=workdir, env=accept.installedEnvironment(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{webPort}/healthz", timeout=1).read()
+            return process
+        except Exception:
+            time.sleep(0.2)
+    process.kill()
+    sys.exit("bench: the relay did not start; see " + os.path.join(workdir, "twistd.log"))
+
+
+def wrk(url: str, connections: int, seconds: int) -> dict:
+    output = subprocess.run(
+        [shutil.which("wrk") or sys.exit("bench: apt-get install -y wrk"), "-t2",
+         f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    latencies = {p: float(v) * _UNIT[u] for p, v, u in _LATENCY.findall(output)}
+    bad = _NON2XX.search(output)
+    return {
+        "rate": float(_RATE.search(output).group(1)),
+        "p50": latencies.get("50"),
+        "p99": latencies.get("99"),
+        "bad": int(bad.group(1)) if bad else 0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix="bench-clicks-")
+    port = accept.freePort()
+    relay = startRelay(workdir, port)
+    try:
+        url = clickURL(port)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", url.split(str(port), 1)[1])
+        answer = connection.getresponse()
+        if answer.status != 302:
+            sys.exit(f"bench: the click answered {answer.status}, not 302")
+        connection.close()
+        results = []
+        for run in range(args.runs):
+            result = wrk(url, args.connections, args.seconds)
+            results.append(result)
+            print(f"run {run + 1}: {result['rate']:,.0f} requests/s, p50 {result['p50']:.1f} ms, "
+                  f"p99 {result['p99']:.1f} ms, non-3xx {result['bad']}", flush=True)
+        print(f"median: {statistics.median(r['rate'] for r in results):,.0f} requests/s, "
+              f"p99 {statistics.median(r['p99'] for r in results):.1f} ms "
+              f"({args.connections} connections, {args.seconds} s x {args.runs})")
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        relay.wait(60)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
