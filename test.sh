@@ -11,6 +11,8 @@ command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 # DKIM signatures are checked with Debian's independent verifier, Mail::DKIM.
 perl -MMail::DKIM::Verifier -e 1 >/dev/null 2>&1 || missing+=(libmail-dkim-perl)
+# Node.js peers (tests/js/package.json): axe-core and the smpp package's SMSC.
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         export DEBIAN_FRONTEND=noninteractive
@@ -21,6 +23,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
         exit 1
     fi
 fi
+(cd tests/js && npm ci --silent --no-audit --no-fund) || {
+    echo "test.sh: npm could not install tests/js/package-lock.json" >&2; exit 1; }
 # setuptools' default (PEP 660) editable mode: the checkout stays off sys.path
 # and the end-to-end tests start the installed twistd.
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
