@@ -954,9 +954,9 @@ class QueueSliceTests(ApiTestsMixin, SynchronousTestCase):
 
     def test_slices(self):
         """The summary and the list of a queue bigger than a slice come in several reactor turns."""
-        from smartrelay.web import api
+        from smartrelay.web import queries
 
-        self.patch(api, "QUEUE_SLICE", 2)
+        self.patch(queries, "QUEUE_SLICE", 2)
         self.scheduler.hold = True
         for n in range(5):
             self.enqueue(f"2A/01-00001-0000000{n}", (f"r{n}@example.org",))

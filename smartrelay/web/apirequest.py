@@ -17,7 +17,12 @@ from datetime import datetime, timezone
 from typing import Optional
 
 from smartrelay.ids import QUEUE_ID_RE
-from smartrelay.store.interfaces import MAX_LIMIT, normaliseAddress
+from smartrelay.store.interfaces import (
+    MAX_LIMIT,
+    SUPPRESSION_REASONS,
+    SuppressionEntry,
+    normaliseAddress,
+)
 
 __all__ = [
     "ADDRESS_PATTERN",
@@ -31,8 +36,10 @@ __all__ = [
     "csvItems",
     "decodeQueueCursor",
     "encodeQueueCursor",
+    "importEntries",
     "notFound",
     "parseTime",
+    "suppressionEntry",
 ]
 
 
@@ -266,3 +273,59 @@ def csvItems(data: bytes) -> list:
         }
         items.append(item)
     return items
+
+
+def suppressionEntry(item: dict, now: float, reason: str, where: str = "") -> SuppressionEntry:
+    """
+    A suppression entry from what a client sent (C{address}, optional
+    C{reason} and C{expires}: RFC 3339, a date, POSIX seconds or null),
+    added at C{now}; C{where} prefixes the parameter an error names
+    (C{items[3].}).
+
+    @raise ApiError: 400 naming the bad field.
+    """
+    unknown = set(item) - {"address", "reason", "expires"}
+    if unknown:
+        raise badParameter(f"{where}{sorted(unknown)[0]}", "unknown field")
+    address = item.get("address")
+    if not isinstance(address, str):
+        raise badParameter(f"{where}address", "required: an e-mail address")
+    address = checkAddress(address, f"{where}address")
+    reason = item.get("reason", reason)
+    if not isinstance(reason, str) or reason not in SUPPRESSION_REASONS:
+        raise badParameter(
+            f"{where}reason",
+            f"must be one of {', '.join(sorted(SUPPRESSION_REASONS))}, not {reason!r}",
+        )
+    expires = item.get("expires")
+    if expires is not None:
+        try:
+            if isinstance(expires, bool) or not isinstance(expires, (int, float, str)):
+                raise ValueError("expected a time, POSIX seconds or null")
+            if isinstance(expires, str):
+                expires = parseTime(expires)
+            elif not 0 <= expires <= MAX_SECONDS:
+                raise ValueError(f"POSIX seconds from 0 to {MAX_SECONDS:.0f}")
+            expires = float(expires)
+        except ValueError as e:
+            raise badParameter(f"{where}expires", str(e)) from None
+    return SuppressionEntry(address=address, reason=reason, time=now, expires=expires)
+
+
+def importEntries(items: list, now: float, reason: str, maximum: int) -> list:
+    """
+    The entries of a bulk import (objects or bare addresses), every one
+    checked before any is used: a bad line imports nothing.
+
+    @raise ApiError: 413 for more than C{maximum}, 400 naming the bad item.
+    """
+    if len(items) > maximum:
+        raise ApiError(413, "too_large", f"at most {maximum} entries per import")
+    entries = []
+    for number, item in enumerate(items, 1):
+        if isinstance(item, str):
+            item = {"address": item}
+        if not isinstance(item, dict):
+            raise badParameter(f"items[{number}]", "must be an object or an address")
+        entries.append(suppressionEntry(item, now, reason, f"items[{number}]."))
+    return entries

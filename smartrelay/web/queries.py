@@ -1,0 +1,643 @@
+"""
+What the HTTP API (L{smartrelay.web.api}) and the reports UI
+(L{smartrelay.web.ui}) read and do, in one place: a message's document,
+pages of events, statistics with rates, the suppression list, this node's
+queue and its destinations.
+
+L{Queries} takes checked arguments (the callers read and check their
+requests: the API its query strings, the UI its forms) and answers plain
+JSON-able documents, the ones C{docs/api.md} describes.  A failure the
+caller must show (no such message, a delivery in progress) is an
+L{ApiError}; the API writes it as JSON, the UI as a page.
+"""
+
+import csv
+import io
+from typing import Optional, Protocol
+
+import attrs
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from smartrelay.events import rfc3339
+from smartrelay.message import SpoolEntry
+from smartrelay.outbound.scheduler import DeliveryInProgress
+from smartrelay.store.interfaces import (
+    INTERVALS,
+    IStore,
+    MAX_LIMIT,
+    SuppressionEntry,
+    bucketStart,
+    recipientDomain,
+)
+from smartrelay.web.apijson import (
+    envelope,
+    envelopeFromEvents,
+    headerBlock,
+    headersFromEvents,
+    optionalTime,
+    queueItem,
+    rates,
+    recipientsFromEvents,
+    suppressionJSON,
+)
+from smartrelay.web.apirequest import (
+    ApiError,
+    decodeQueueCursor,
+    encodeQueueCursor,
+    notFound,
+)
+
+__all__ = [
+    "COMPLAINT_RATE_LIMIT",
+    "MAX_REASON_SCAN",
+    "MAX_SCAN",
+    "MessageReader",
+    "QUEUE_SLICE",
+    "QueueControl",
+    "Queries",
+    "SUPPRESSION_CSV_FIELDS",
+    "suppressionCSV",
+]
+
+#: The complaint rate Gmail and Yahoo require senders to stay below
+#: (their 2024 sender requirements): 0.3 %.
+COMPLAINT_RATE_LIMIT = 0.003
+
+#: A filter the store cannot apply (C{domain} on events) is applied here,
+#: reading at most this many events per request; the page may then hold
+#: fewer than C{limit} items, with a C{next_cursor} to go on.
+MAX_SCAN = 20_000
+
+#: Bounced events read per statistics request to count bounce reasons.
+MAX_REASON_SCAN = 100_000
+
+#: Queued messages looked at per reactor turn by the queue walks.
+QUEUE_SLICE = 2000
+
+#: The columns of the suppression list's CSV export.
+SUPPRESSION_CSV_FIELDS = ("address", "reason", "source_event", "time", "expires")
+
+
+class QueueControl(Protocol):
+    """
+    What the API and the UI read and do to this node's queue: the methods
+    of L{smartrelay.outbound.scheduler.DeliveryScheduler} they use.
+    """
+
+    def queuedMessages(self) -> list: ...
+
+    def queuedMessage(self, queue_id: str) -> Optional[SpoolEntry]: ...
+
+    def attempting(self, queue_id: str) -> set: ...
+
+    def lastDeferral(self, queue_id: str, address: str) -> Optional[dict]: ...
+
+    def retryNow(self, queue_id: str) -> bool: ...
+
+    def retryDomain(self, domain: str) -> int: ...
+
+    def delete(self, queue_id: str, reason: str = "deleted") -> Deferred: ...
+
+    def destinations(self) -> list: ...
+
+
+class MessageReader(Protocol):
+    """
+    The spool's reading side: a queued message's bytes.
+    """
+
+    def readMessage(self, entry: SpoolEntry) -> Deferred: ...
+
+
+def suppressionCSV(entries: list) -> bytes:
+    """
+    Suppression entries (as L{suppressionJSON} documents) as CSV with a
+    header row, CRLF line ends, UTF-8.
+    """
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(SUPPRESSION_CSV_FIELDS)
+    for entry in entries:
+        writer.writerow(["" if entry[f] is None else entry[f] for f in SUPPRESSION_CSV_FIELDS])
+    return out.getvalue().encode("utf-8")
+
+
+@attrs.define(slots=False)
+class Queries:
+    """
+    The reads and actions shared by the API and the UI.
+
+    @ivar store: an L{IStore}.
+    @ivar scheduler: this node's queue (L{QueueControl}).
+    @ivar spool: reads a queued message (L{MessageReader}).
+    @ivar clock: an L{IReactorTime}.
+    """
+
+    store: IStore
+    scheduler: QueueControl
+    spool: MessageReader
+    clock: IReactorTime
+
+    log = Logger()
+
+    # -- messages ----------------------------------------------------------
+
+    async def message(self, queue_id: str) -> dict:
+        """
+        The document of one message: envelope, recipients, headers and
+        every event; from the spool's entry while queued, else from its
+        events.
+
+        @raise ApiError: 404 if neither the queue nor the store knows it.
+        """
+        entry = self.scheduler.queuedMessage(queue_id)
+        events = await maybeDeferred(self.store.eventsForMessage, queue_id)
+        if entry is None and not events:
+            raise notFound(f"no message {queue_id} (in the queue or the events)")
+        eventJSON = [event.asDict() for event in events]
+        if entry is not None:
+            headers = None
+            try:
+                data = await maybeDeferred(self.spool.readMessage, entry)
+            except Exception:
+                self.log.failure("could not read {queue_id} from the spool", queue_id=queue_id)
+            else:
+                headers = headerBlock(data)
+            return {
+                "queue_id": queue_id,
+                "queued": True,
+                "envelope": envelope(entry),
+                "recipients": self.queuedRecipients(entry, events),
+                "headers": headers,
+                "events": eventJSON,
+            }
+        return {
+            "queue_id": queue_id,
+            "queued": False,
+            "envelope": envelopeFromEvents(events),
+            "recipients": recipientsFromEvents(events),
+            "headers": headersFromEvents(events),
+            "events": eventJSON,
+        }
+
+    def queuedRecipients(self, entry, events: tuple = ()) -> list:
+        """
+        The recipients of a queued message; the last deferral of each from
+        the scheduler, else (after a restart) from its C{events} if given.
+        """
+        attempting = self.scheduler.attempting(entry.queue_id)
+        deferrals = {
+            event.recipient: event.detail
+            for event in events
+            if event.type == "deferred" and isinstance(event.detail, dict)
+        }
+        recipients = []
+        for recipient in entry.recipients:
+            deferral = self.scheduler.lastDeferral(entry.queue_id, recipient.address)
+            if deferral is None and recipient.state == "deferred":
+                deferral = deferrals.get(recipient.address)
+            recipients.append(
+                {
+                    "address": recipient.address,
+                    "state": recipient.state,
+                    "attempts": recipient.attempts,
+                    "next_attempt": None
+                    if recipient.final
+                    else rfc3339(max(recipient.next_attempt, entry.received)),
+                    "attempting": recipient.address in attempting,
+                    "last_reply": None
+                    if deferral is None
+                    else {
+                        k: deferral.get(k) for k in ("code", "status", "reply", "remote")
+                    },
+                }
+            )
+        return recipients
+
+    # -- events ------------------------------------------------------------
+
+    async def events(
+        self, filters: dict, domain: Optional[str], limit: int, cursor: Optional[str]
+    ) -> dict:
+        """
+        One page of events: C{filters} are L{IStore.queryEvents}'s
+        (C{type}, C{queue_id}, C{recipient}, C{tag}, C{since}, C{until});
+        C{domain} (the recipient's) is applied here, reading at most
+        L{MAX_SCAN} events.
+
+        @return: C{{"items": [...], "next_cursor": ...}}.
+        """
+        items: list = []
+        scanned = 0
+        while True:
+            # With a domain filter, pages of what is still wanted: each ends
+            # where the store's cursor does, so none is skipped or repeated.
+            want = limit - len(items)
+            page = await maybeDeferred(
+                self.store.queryEvents, cursor=cursor, limit=want, **filters
+            )
+            scanned += len(page.events)
+            cursor = page.cursor
+            for event in page.events:
+                if domain is None or recipientDomain(event.recipient) == domain:
+                    items.append(event.asDict())
+            if cursor is None or len(items) >= limit or domain is None or scanned >= MAX_SCAN:
+                break
+        return {"items": items, "next_cursor": cursor}
+
+    # -- statistics --------------------------------------------------------
+
+    async def stats(
+        self,
+        since: float,
+        until: float,
+        interval: str,
+        tag: Optional[str] = None,
+        domain: Optional[str] = None,
+        bounceReasons: bool = True,
+    ) -> dict:
+        """
+        Counts and rates per bucket and in total, from the store's
+        counters.  With C{bounceReasons} the bounced events of the range
+        are also read (at most L{MAX_REASON_SCAN}) to count their reasons;
+        without, nothing but counters is read (the dashboard).
+        """
+        size = INTERVALS[interval]
+        stats = await maybeDeferred(
+            self.store.statistics,
+            since=since,
+            until=until,
+            interval=interval,
+            tag=tag,
+            domain=domain,
+        )
+        if bounceReasons:
+            reasons, complete = await self.bounceReasons(since, until, size, tag, domain)
+        else:
+            reasons, complete = {}, False
+        buckets = []
+        for bucket in stats.buckets:
+            buckets.append(
+                {
+                    "start": rfc3339(bucket.start),
+                    "counts": bucket.counts,
+                    "hard_bounces": bucket.hard_bounces,
+                    "soft_bounces": bucket.soft_bounces,
+                    "unique_opens": bucket.unique_opens,
+                    "unique_clicks": bucket.unique_clicks,
+                    "bounce_reasons": reasons.get(bucket.start, {}),
+                    "rates": rates(
+                        bucket.counts,
+                        bucket.hard_bounces,
+                        bucket.soft_bounces,
+                        bucket.unique_opens,
+                        bucket.unique_clicks,
+                    ),
+                }
+            )
+        totalReasons: dict = {}
+        for perBucket in reasons.values():
+            for reason, count in perBucket.items():
+                totalReasons[reason] = totalReasons.get(reason, 0) + count
+        totalRates = rates(
+            stats.totals,
+            stats.hard_bounces,
+            stats.soft_bounces,
+            stats.unique_opens,
+            stats.unique_clicks,
+        )
+        complaint = totalRates["complaint"]
+        return {
+            "from": rfc3339(since),
+            "to": rfc3339(until),
+            "interval": interval,
+            "tag": tag,
+            "domain": domain,
+            "totals": {
+                "counts": stats.totals,
+                "hard_bounces": stats.hard_bounces,
+                "soft_bounces": stats.soft_bounces,
+                "unique_opens": stats.unique_opens,
+                "unique_clicks": stats.unique_clicks,
+                "bounce_reasons": dict(sorted(totalReasons.items())),
+            },
+            "rates": totalRates,
+            "complaint_rate_limit": COMPLAINT_RATE_LIMIT,
+            "complaint_rate_over_limit": None
+            if complaint is None
+            else complaint >= COMPLAINT_RATE_LIMIT,
+            "bounce_reasons_complete": complete,
+            "buckets": buckets,
+        }
+
+    async def bounceReasons(self, since, until, size, tag, domain) -> tuple:
+        """
+        Bounced events per bucket and reason, read from the events still
+        kept (C{[store] retention}), at most L{MAX_REASON_SCAN}.
+
+        @return: ({bucket start: {reason: count}}, whether every bounce in
+            the range was read).
+        """
+        reasons: dict = {}
+        async for event, complete in self.bounces(bucketStart(since, size), until, tag):
+            if event is None:
+                return reasons, complete
+            if domain is not None and recipientDomain(event.recipient) != domain:
+                continue
+            reason = (event.detail or {}).get("reason") or "undefined"
+            counts = reasons.setdefault(bucketStart(event.time, size), {})
+            counts[reason] = counts.get(reason, 0) + 1
+        return reasons, True  # pragma: no cover (bounces always ends with None)
+
+    async def bounces(self, since: float, until: float, tag: Optional[str] = None):
+        """
+        The bounced events from C{since} to C{until}, oldest first, at most
+        L{MAX_REASON_SCAN}: yields C{(event, None)} for each, then
+        C{(None, complete)} once (whether every one in the range was read).
+        """
+        cursor = None
+        scanned = 0
+        while True:
+            page = await maybeDeferred(
+                self.store.queryEvents,
+                type="bounced",
+                tag=tag,
+                since=since,
+                until=until,
+                cursor=cursor,
+                limit=MAX_LIMIT,
+            )
+            for event in page.events:
+                yield event, None
+            scanned += len(page.events)
+            cursor = page.cursor
+            if cursor is None:
+                yield None, True
+                return
+            if scanned >= MAX_REASON_SCAN:
+                yield None, False
+                return
+
+    # -- suppressions ------------------------------------------------------
+
+    async def suppressions(
+        self,
+        prefix: Optional[str],
+        reason: Optional[str],
+        cursor: Optional[str],
+        limit: int,
+    ) -> dict:
+        """
+        One page of the suppression list (addresses starting with
+        C{prefix}, of C{reason}).
+        """
+        page = await maybeDeferred(
+            self.store.listSuppressions,
+            prefix=prefix,
+            reason=reason,
+            cursor=cursor,
+            limit=limit,
+        )
+        return {
+            "items": [suppressionJSON(entry) for entry in page.entries],
+            "next_cursor": page.cursor,
+        }
+
+    async def allSuppressions(self, prefix: Optional[str], reason: Optional[str]) -> list:
+        """
+        Every entry of the suppression list (for an export).
+        """
+        entries = []
+        cursor = None
+        while True:
+            page = await self.suppressions(prefix, reason, cursor, MAX_LIMIT)
+            entries.extend(page["items"])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return entries
+
+    async def suppression(self, address: str) -> dict:
+        """
+        The entry of one (normalised) address, expired or not.
+
+        @raise ApiError: 404 if it is not on the list.
+        """
+        found = await maybeDeferred(self.store.checkSuppressions, [address], float("-inf"))
+        if address not in found:
+            raise notFound(f"{address} is not on the suppression list")
+        return suppressionJSON(found[address])
+
+    async def addSuppressions(self, entries: list) -> int:
+        """
+        Put checked L{SuppressionEntry} objects on the list, a hundred at
+        a time (the store takes them in order).
+
+        @return: how many.
+        """
+        for start in range(0, len(entries), 100):
+            await gatherResults(
+                [
+                    maybeDeferred(self.store.addSuppression, entry)
+                    for entry in entries[start : start + 100]
+                ],
+                consumeErrors=True,
+            )
+        return len(entries)
+
+    async def addSuppression(self, entry: SuppressionEntry) -> dict:
+        """
+        Put one entry on the list; its document.
+        """
+        await maybeDeferred(self.store.addSuppression, entry)
+        return suppressionJSON(entry)
+
+    async def removeSuppression(self, address: str) -> dict:
+        """
+        Take a (normalised) address off the list.
+
+        @raise ApiError: 404 if it was not on it.
+        """
+        removed = await maybeDeferred(self.store.removeSuppression, address)
+        if not removed:
+            raise notFound(f"{address} is not on the suppression list")
+        return {"address": address, "removed": True}
+
+    # -- queue -------------------------------------------------------------
+
+    async def _breathe(self, count: int) -> None:
+        """
+        Every L{QUEUE_SLICE} messages of a walk over the queue, let the
+        reactor run (a big queue is summed in many reactor turns, not one
+        long one; the walk reads the list taken at its start).
+        """
+        if count and not count % QUEUE_SLICE:
+            await deferLater(self.clock, 0, lambda: None)
+
+    async def queueSummary(self, only: Optional[str] = None) -> dict:
+        """
+        This node's queue per recipient domain (C{only}: that domain):
+        messages, recipients, queued / deferred / attempting, the oldest,
+        the next attempt and the deferral replies.
+        """
+        domains: dict = {}
+        messages = 0
+        for count, entry in enumerate(self.scheduler.queuedMessages()):
+            await self._breathe(count)
+            attempting = self.scheduler.attempting(entry.queue_id)
+            seen: set = set()
+            for recipient in entry.pending():
+                domain = recipientDomain(recipient.address) or ""
+                if only is not None and domain != only:
+                    continue
+                summary = domains.setdefault(
+                    domain,
+                    {
+                        "domain": domain,
+                        "messages": 0,
+                        "recipients": 0,
+                        "queued": 0,
+                        "deferred": 0,
+                        "attempting": 0,
+                        "oldest": entry.received,
+                        "next_attempt": None,
+                        "reasons": {},
+                    },
+                )
+                if not seen:
+                    messages += 1
+                if domain not in seen:
+                    seen.add(domain)
+                    summary["messages"] += 1
+                summary["recipients"] += 1
+                summary["oldest"] = min(summary["oldest"], entry.received)
+                if recipient.address in attempting:
+                    summary["attempting"] += 1
+                else:
+                    due = max(recipient.next_attempt, entry.received)
+                    if summary["next_attempt"] is None or due < summary["next_attempt"]:
+                        summary["next_attempt"] = due
+                if recipient.state == "deferred":
+                    summary["deferred"] += 1
+                    deferral = self.scheduler.lastDeferral(entry.queue_id, recipient.address)
+                    text = "unknown (deferred before the relay restarted)"
+                    if deferral is not None:
+                        text = (
+                            f"{deferral.get('code')} {deferral.get('status')} "
+                            f"{deferral.get('reply')}"
+                        )
+                    summary["reasons"][text] = summary["reasons"].get(text, 0) + 1
+                else:
+                    summary["queued"] += 1
+        items = []
+        for domain in sorted(domains):
+            summary = domains[domain]
+            summary["oldest"] = rfc3339(summary["oldest"])
+            summary["next_attempt"] = optionalTime(summary["next_attempt"])
+            summary["reasons"] = [
+                {"reason": text, "count": count}
+                for text, count in sorted(summary["reasons"].items(), key=lambda kv: -kv[1])
+            ]
+            items.append(summary)
+        return {
+            "messages": messages,
+            "recipients": sum(d["recipients"] for d in items),
+            "domains": items,
+        }
+
+    async def queueMessages(
+        self,
+        domain: Optional[str],
+        state: Optional[str],
+        limit: int,
+        cursor: Optional[str],
+    ) -> dict:
+        """
+        One page of the queued messages with a recipient waiting (at
+        C{domain}, in C{state}), oldest first.
+        """
+        after = None if cursor is None else decodeQueueCursor(cursor)
+        items = []
+        nextCursor = None
+        for count, entry in enumerate(self.scheduler.queuedMessages()):
+            await self._breathe(count)
+            position = (entry.received, entry.queue_id)
+            if after is not None and position <= after:
+                continue
+            pending = [
+                r
+                for r in entry.pending()
+                if (domain is None or recipientDomain(r.address) == domain)
+                and (state is None or r.state == state)
+            ]
+            if not pending:
+                continue
+            if len(items) == limit:
+                last = items[-1]
+                nextCursor = encodeQueueCursor(last["_position"][0], last["_position"][1])
+                break
+            item = queueItem(entry, self.queuedRecipients(entry))
+            item["_position"] = position
+            items.append(item)
+        for item in items:
+            del item["_position"]
+        return {"items": items, "next_cursor": nextCursor}
+
+    def retryDomain(self, domain: str) -> dict:
+        """
+        Attempt every waiting recipient at C{domain} now.
+        """
+        return {"domain": domain, "messages": self.scheduler.retryDomain(domain)}
+
+    def retry(self, queue_id: str) -> dict:
+        """
+        Attempt a queued message's waiting recipients now.
+
+        @raise ApiError: 404 if it is not queued, 409 if every waiting
+            recipient is being attempted already.
+        """
+        entry = self.scheduler.queuedMessage(queue_id)
+        if entry is None:
+            raise notFound(f"{queue_id} is not in the queue")
+        if not self.scheduler.retryNow(queue_id):
+            raise ApiError(
+                409,
+                "in_progress",
+                f"{queue_id}: every waiting recipient is being attempted already",
+            )
+        return {"queue_id": queue_id, "retrying": sorted(self.scheduler.attempting(queue_id))}
+
+    async def delete(self, queue_id: str) -> dict:
+        """
+        Take a message out of the queue (its waiting recipients end
+        C{expired}, reason C{deleted}).
+
+        @raise ApiError: 404 if it is not queued, 409 while a delivery of
+            it is in progress.
+        """
+        try:
+            deleted = await self.scheduler.delete(queue_id)
+        except KeyError:
+            raise notFound(f"{queue_id} is not in the queue") from None
+        except DeliveryInProgress as e:
+            raise ApiError(
+                409,
+                "in_progress",
+                f"{e}; try again when the attempt is over",
+            ) from None
+        return {"queue_id": queue_id, "deleted": deleted}
+
+    def destinations(self) -> list:
+        """
+        The destinations' state (limits, adaptive throttle), sorted.
+        """
+        items = []
+        for state in self.scheduler.destinations():
+            state = dict(state)
+            state["throttle_until"] = optionalTime(state.get("throttle_until"))
+            items.append(state)
+        items.sort(key=lambda d: d["destination"])
+        return items
+
