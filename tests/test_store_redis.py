@@ -28,6 +28,7 @@ from zope.interface.verify import verifyObject
 
 from smartrelay.store.interfaces import (
     EventPage,
+    IEventStreams,
     IStore,
     StoreClosed,
     SuppressionEntry,
@@ -49,7 +50,7 @@ from tests.certs import selfSigned
 from tests.test_store import T0, StoreContractMixin, event
 
 
-@implementer(IStore)
+@implementer(IStore, IEventStreams)
 class BlockingStore:
     """
     An L{IStore} for a test running in a worker thread: every call runs on
@@ -106,6 +107,32 @@ class BlockingStore:
 
     def pruneEvents(self, before, limit=10000):
         return self._call("pruneEvents", before, limit)
+
+    # IEventStreams (issue 16)
+
+    def claimEvents(self, stream, owner, now, limit=None, begin="oldest"):
+        return self._call("claimEvents", stream, owner, now, limit, begin)
+
+    def claimedEvents(self, claim, cursor=None, limit=1000):
+        return self._call("claimedEvents", claim, cursor, limit)
+
+    def finishClaim(self, claim):
+        return self._call("finishClaim", claim)
+
+    def addToOutbox(self, outbox, batches, claim=None):
+        return self._call("addToOutbox", outbox, batches, claim)
+
+    def takeFromOutbox(self, outbox, now, lease, limit=10):
+        return self._call("takeFromOutbox", outbox, now, lease, limit)
+
+    def deferInOutbox(self, outbox, id, due):
+        return self._call("deferInOutbox", outbox, id, due)
+
+    def removeFromOutbox(self, outbox, id):
+        return self._call("removeFromOutbox", outbox, id)
+
+    def outboxSize(self, outbox):
+        return self._call("outboxSize", outbox)
 
 
 def newPrefix() -> str:

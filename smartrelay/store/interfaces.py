@@ -887,3 +887,239 @@ def takeFromBucket(
     # bucket's last update lies ahead of it.
     wait = (count - tokens) / rate + max(0.0, updated - now)
     return (tokens, updated), TokenResult(False, tokens, wait)
+
+
+# -- event streams and outboxes (the exporter and the webhooks) -------------
+#
+# A consumer that must see every event exactly once (an export file, a
+# webhook outbox) reads the store in insertion order through a named
+# *stream*: a cursor over the back end's event sequence numbers, kept in
+# the store.  A consumer *claims* the next range of sequence numbers; the
+# claim is durable and belongs to one owner (a node), so that after a crash
+# the same owner gets the same range back, and several nodes sharing a
+# store never claim one event twice.
+
+#: Where a stream seen for the first time starts.
+STREAM_BEGINNINGS = ("oldest", "newest")
+
+_STREAM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+
+
+@attrs.frozen
+class EventClaim:
+    """
+    A range of events one owner of a stream has taken (L{IEventStreams}).
+
+    @ivar stream: the stream's name.
+    @ivar owner: who claimed it (a node).
+    @ivar after: the claim covers the sequence numbers after this one...
+    @ivar last: ...up to and including this one.
+    @ivar time: POSIX seconds (the caller's clock) when it was claimed.
+    """
+
+    stream: str
+    owner: str
+    after: int
+    last: int
+    time: float
+
+
+@attrs.frozen
+class OutboxBatch:
+    """
+    One batch waiting in an outbox (L{IEventStreams}).
+
+    @ivar id: unique in its outbox; adding an id again changes nothing.
+    @ivar body: the text to deliver, fixed once added.
+    @ivar created: POSIX seconds when it was added.
+    @ivar due: POSIX seconds from which it may be taken.
+    @ivar attempts: how many times it was deferred.
+    """
+
+    id: str
+    body: str
+    created: float
+    due: float
+    attempts: int = 0
+
+
+class IEventStreams(Interface):
+    """
+    Streams over the events in insertion order, and outboxes of batches:
+    what a consumer needs to see every event once across crashes and
+    across nodes.  Every back end provides it with L{IStore}; every method
+    returns a L{Deferred}.
+    """
+
+    def claimEvents(stream, owner, now, limit=None, begin="oldest"):
+        """
+        The events of C{stream} that C{owner} is to handle next.
+
+        If C{owner} holds a claim on C{stream} that it has not finished,
+        that claim comes back (whatever C{limit}): a consumer that crashed
+        gets its range again.  Otherwise, if events were appended after the
+        stream's cursor, a new claim covers them (at most C{limit}
+        sequence numbers, all of them if L{None}) and the cursor moves past
+        it, atomically, so that no other owner claims them.  A stream
+        seen for the first time starts before the oldest event stored
+        (C{begin="oldest"}) or after the newest (C{"newest"}).
+
+        @param stream: a name (lower-case letters, digits, C{_.-}).
+        @param owner: a non-empty string.
+        @param now: POSIX seconds, the claim's L{EventClaim.time}.
+        @rtype: L{Deferred} firing with an L{EventClaim}, or L{None} when
+            there is nothing to claim; it fails with L{ValueError} for bad
+            arguments.
+        """
+
+    def claimedEvents(claim, cursor=None, limit=1000):
+        """
+        One page of the events of C{claim}, in insertion order.  A page may
+        hold fewer than C{limit} events (events pruned meanwhile are
+        skipped); follow C{cursor} until it is L{None}.
+
+        @rtype: L{Deferred} firing with an L{EventPage}.
+        """
+
+    def finishClaim(claim):
+        """
+        C{claim} is handled: forget it.
+
+        @rtype: L{Deferred} firing with L{True} if it was the owner's open
+            claim, L{False} otherwise (nothing changes then).
+        """
+
+    def addToOutbox(outbox, batches, claim=None):
+        """
+        Add L{OutboxBatch}es to C{outbox} and, in the same atomic step,
+        finish C{claim} (if given): the events of a claim become batches
+        once.  A batch whose id is already in the outbox is left as it is.
+
+        @rtype: L{Deferred} firing with L{None}.
+        """
+
+    def takeFromOutbox(outbox, now, lease, limit=10):
+        """
+        Take up to C{limit} batches due at C{now} (oldest due first): each
+        is due again only at C{now + lease}, so no other taker gets it
+        meanwhile, and it comes back if the taker dies.
+
+        @rtype: L{Deferred} firing with a L{list} of L{OutboxBatch} (with
+            their new C{due}).
+        """
+
+    def deferInOutbox(outbox, id, due):
+        """
+        A batch could not be delivered: it is due again at C{due}, with
+        one more attempt counted.
+
+        @rtype: L{Deferred} firing with L{True} if the batch was there.
+        """
+
+    def removeFromOutbox(outbox, id):
+        """
+        A batch is done (delivered, or given up): remove it.
+
+        @rtype: L{Deferred} firing with L{True} if it was there.
+        """
+
+    def outboxSize(outbox):
+        """
+        @rtype: L{Deferred} firing with the number of batches in C{outbox}.
+        """
+
+
+def checkStreamName(name) -> str:
+    """
+    @raise ValueError: unless C{name} is a valid stream or outbox name.
+    """
+    if not isinstance(name, str) or not _STREAM_NAME.fullmatch(name):
+        raise ValueError(f"not a stream name: {name!r}")
+    return name
+
+
+def checkClaimArguments(stream, owner, now, limit, begin) -> tuple:
+    """
+    Validate the arguments of C{claimEvents}.
+
+    @return: (stream, owner, now, limit, begin).
+    @raise ValueError: for a bad value.
+    """
+    checkStreamName(stream)
+    if not isinstance(owner, str) or not owner or len(owner) > 200:
+        raise ValueError(f"owner must be a non-empty string, not {owner!r}")
+    now = checkTime("now", now)
+    if now is None or not math.isfinite(now):
+        raise ValueError(f"now must be finite POSIX seconds, not {now!r}")
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+    ):
+        raise ValueError(f"limit must be a positive integer or None, not {limit!r}")
+    if begin not in STREAM_BEGINNINGS:
+        raise ValueError(f"begin must be one of {STREAM_BEGINNINGS}, not {begin!r}")
+    return stream, owner, now, limit, begin
+
+
+def checkClaim(claim) -> EventClaim:
+    """
+    @raise TypeError: unless C{claim} is an L{EventClaim}.
+    """
+    if not isinstance(claim, EventClaim):
+        raise TypeError(f"not an EventClaim: {claim!r}")
+    return claim
+
+
+def claimPage(claim: EventClaim, cursor: Optional[str], limit: int) -> tuple[int, int]:
+    """
+    The sequence numbers (first exclusive, last inclusive) one
+    C{claimedEvents} page may cover.
+
+    @raise InvalidCursor: for a cursor not made by L{claimCursor} for this
+        claim.
+    """
+    checkClaim(claim)
+    limit = checkLimit(limit)
+    after = claim.after
+    if cursor is not None:
+        _, after = decodeCursor(cursor)
+        if not claim.after <= after < claim.last:
+            raise InvalidCursor(f"cursor {cursor!r} is not within the claim")
+    return after, min(claim.last, after + limit)
+
+
+def claimCursor(claim: EventClaim, upTo: int) -> Optional[str]:
+    """
+    The cursor of a C{claimedEvents} page that covered the claim's
+    sequence numbers up to C{upTo}: L{None} at the end of the claim.
+    """
+    if upTo >= claim.last:
+        return None
+    return encodeCursor(0.0, upTo)
+
+
+def checkBatches(batches) -> list[OutboxBatch]:
+    """
+    @raise TypeError: unless C{batches} is a list of L{OutboxBatch}.
+    """
+    batches = list(batches)
+    for batch in batches:
+        if not isinstance(batch, OutboxBatch):
+            raise TypeError(f"not an OutboxBatch: {batch!r}")
+        if not isinstance(batch.id, str) or not batch.id:
+            raise ValueError(f"batch id must be a non-empty string, not {batch.id!r}")
+        if not isinstance(batch.body, str):
+            raise ValueError("batch body must be text")
+    return batches
+
+
+def checkTakeArguments(outbox, now, lease, limit) -> tuple:
+    """
+    Validate the arguments of C{takeFromOutbox}.
+    """
+    checkStreamName(outbox)
+    now = checkTime("now", now)
+    if now is None or not math.isfinite(now):
+        raise ValueError(f"now must be finite POSIX seconds, not {now!r}")
+    lease = _positive("lease", lease)
+    limit = checkLimit(limit)
+    return outbox, now, lease, limit

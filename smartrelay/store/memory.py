@@ -21,19 +21,29 @@ from zope.interface import implementer
 from smartrelay.events import Event
 from smartrelay.store.interfaces import (
     UNIQUE_TYPES,
+    EventClaim,
     EventPage,
+    IEventStreams,
     IStore,
+    OutboxBatch,
     StoreClosed,
     SuppressionEntry,
     SuppressionPage,
     buildStatistics,
     checkAddresses,
+    checkBatches,
+    checkClaim,
+    checkClaimArguments,
     checkLimit,
     checkPruneArguments,
     checkReason,
     checkStatisticsArguments,
+    checkStreamName,
+    checkTakeArguments,
     checkTime,
     checkTokenArguments,
+    claimCursor,
+    claimPage,
     counterBumps,
     decodeCursor,
     decodeSuppressionCursor,
@@ -65,7 +75,7 @@ class _Row:
         )
 
 
-@implementer(IStore)
+@implementer(IStore, IEventStreams)
 @attrs.define
 class MemoryStore:
     """
@@ -85,6 +95,11 @@ class MemoryStore:
     _seen: dict[tuple[str, str, str], float] = attrs.field(factory=dict, init=False)
     _buckets: dict[str, tuple[float, float]] = attrs.field(factory=dict, init=False)
     _nextSeq: int = attrs.field(default=1, init=False)
+    # Event streams and outboxes: stream -> cursor, (stream, owner) ->
+    # open claim, outbox -> id -> batch.
+    _streams: dict[str, int] = attrs.field(factory=dict, init=False)
+    _claims: dict[tuple[str, str], EventClaim] = attrs.field(factory=dict, init=False)
+    _outboxes: dict[str, dict[str, OutboxBatch]] = attrs.field(factory=dict, init=False)
     _closed: bool = attrs.field(default=False, init=False)
 
     def _checkOpen(self) -> None:
@@ -336,3 +351,116 @@ class MemoryStore:
         )
         self._buckets[key] = state
         return result
+
+    # -- event streams and outboxes --------------------------------------
+
+    def claimEvents(self, stream, owner, now, limit=None, begin="oldest") -> Deferred:
+        return maybeDeferred(self._claimEvents, stream, owner, now, limit, begin)
+
+    def _claimEvents(self, stream, owner, now, limit, begin):
+        self._checkOpen()
+        stream, owner, now, limit, begin = checkClaimArguments(
+            stream, owner, now, limit, begin
+        )
+        open = self._claims.get((stream, owner))
+        if open is not None:
+            return open
+        top = self._nextSeq - 1
+        cursor = self._streams.setdefault(stream, top if begin == "newest" else 0)
+        if top <= cursor:
+            return None
+        last = top if limit is None else min(top, cursor + limit)
+        claim = EventClaim(stream, owner, cursor, last, now)
+        self._claims[stream, owner] = claim
+        self._streams[stream] = last
+        return claim
+
+    def claimedEvents(self, claim, cursor=None, limit=1000) -> Deferred:
+        return maybeDeferred(self._claimedEvents, claim, cursor, limit)
+
+    def _claimedEvents(self, claim, cursor, limit) -> EventPage:
+        self._checkOpen()
+        after, upTo = claimPage(claim, cursor, limit)
+        rows = sorted(
+            (row for row in self._rows if after < row.seq <= upTo),
+            key=lambda row: row.seq,
+        )
+        return EventPage(
+            events=[row.toEvent() for row in rows], cursor=claimCursor(claim, upTo)
+        )
+
+    def finishClaim(self, claim) -> Deferred:
+        return maybeDeferred(self._finishClaim, claim)
+
+    def _finishClaim(self, claim) -> bool:
+        self._checkOpen()
+        checkClaim(claim)
+        key = (claim.stream, claim.owner)
+        if self._claims.get(key) != claim:
+            return False
+        del self._claims[key]
+        return True
+
+    def addToOutbox(self, outbox, batches, claim=None) -> Deferred:
+        return maybeDeferred(self._addToOutbox, outbox, batches, claim)
+
+    def _addToOutbox(self, outbox, batches, claim) -> None:
+        self._checkOpen()
+        checkStreamName(outbox)
+        batches = checkBatches(batches)
+        if claim is not None:
+            checkClaim(claim)
+        box = self._outboxes.setdefault(outbox, {})
+        for batch in batches:
+            box.setdefault(batch.id, batch)
+        if claim is not None:
+            self._finishClaim(claim)
+
+    def takeFromOutbox(self, outbox, now, lease, limit=10) -> Deferred:
+        return maybeDeferred(self._takeFromOutbox, outbox, now, lease, limit)
+
+    def _takeFromOutbox(self, outbox, now, lease, limit) -> list:
+        self._checkOpen()
+        outbox, now, lease, limit = checkTakeArguments(outbox, now, lease, limit)
+        box = self._outboxes.get(outbox, {})
+        due = sorted(
+            (batch for batch in box.values() if batch.due <= now),
+            key=lambda batch: (batch.due, batch.id),
+        )[:limit]
+        taken = []
+        for batch in due:
+            batch = box[batch.id] = attrs.evolve(batch, due=now + lease)
+            taken.append(batch)
+        return taken
+
+    def deferInOutbox(self, outbox, id, due) -> Deferred:
+        return maybeDeferred(self._deferInOutbox, outbox, id, due)
+
+    def _deferInOutbox(self, outbox, id, due) -> bool:
+        self._checkOpen()
+        checkStreamName(outbox)
+        due = checkTime("due", due)
+        if due is None:
+            raise ValueError("due is required")
+        box = self._outboxes.get(outbox, {})
+        batch = box.get(id)
+        if batch is None:
+            return False
+        box[id] = attrs.evolve(batch, due=due, attempts=batch.attempts + 1)
+        return True
+
+    def removeFromOutbox(self, outbox, id) -> Deferred:
+        return maybeDeferred(self._removeFromOutbox, outbox, id)
+
+    def _removeFromOutbox(self, outbox, id) -> bool:
+        self._checkOpen()
+        checkStreamName(outbox)
+        return self._outboxes.get(outbox, {}).pop(id, None) is not None
+
+    def outboxSize(self, outbox) -> Deferred:
+        return maybeDeferred(self._outboxSize, outbox)
+
+    def _outboxSize(self, outbox) -> int:
+        self._checkOpen()
+        checkStreamName(outbox)
+        return len(self._outboxes.get(outbox, {}))

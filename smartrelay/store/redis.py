@@ -62,20 +62,30 @@ from smartrelay.events import Event
 from smartrelay.store.interfaces import (
     SUPPRESSION_REASONS,
     UNIQUE_TYPES,
+    EventClaim,
     EventPage,
+    IEventStreams,
     IStore,
+    OutboxBatch,
     StoreClosed,
     SuppressionEntry,
     SuppressionPage,
     TokenResult,
     buildStatistics,
     checkAddresses,
+    checkBatches,
+    checkClaim,
+    checkClaimArguments,
     checkLimit,
     checkPruneArguments,
     checkReason,
     checkStatisticsArguments,
+    checkStreamName,
+    checkTakeArguments,
     checkTime,
     checkTokenArguments,
+    claimCursor,
+    claimPage,
     counterBumps,
     decodeCursor,
     decodeSuppressionCursor,
@@ -518,7 +528,100 @@ end
 return deleted
 """
 
+# -- event streams and outboxes (IEventStreams) --------------------------
+#
+# A stream is a hash: "cursor" (the last sequence number claimed) and
+# "claim:<owner>" ("after,last,time" of that owner's open claim).  An
+# outbox is a hash from batch id to [body, created] (JSON), a sorted set of
+# the ids scored by due time and a hash of attempts.
+
+# KEYS: stream, event sequence.  ARGV: owner, now, limit ("" for none),
+# begin.  Returns the claim as "after,last,time", or nil.
+_CLAIM_EVENTS = """
+local field = 'claim:' .. ARGV[1]
+local open = redis.call('HGET', KEYS[1], field)
+if open then return open end
+local top = tonumber(redis.call('GET', KEYS[2]) or '0')
+local cursor = redis.call('HGET', KEYS[1], 'cursor')
+if cursor then
+  cursor = tonumber(cursor)
+else
+  if ARGV[4] == 'newest' then cursor = top else cursor = 0 end
+  redis.call('HSET', KEYS[1], 'cursor', string.format('%d', cursor))
+end
+if top <= cursor then return false end
+local last = top
+if ARGV[3] ~= '' then last = math.min(top, cursor + tonumber(ARGV[3])) end
+local claim = string.format('%d,%d,', cursor, last) .. ARGV[2]
+redis.call('HSET', KEYS[1], field, claim, 'cursor', string.format('%d', last))
+return claim
+"""
+
+# KEYS: stream.  ARGV: field, claim.  Returns 1 if it was the open claim.
+_FINISH_CLAIM = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS: batches, due set, stream.  ARGV: claim field, claim ("" for none),
+# n, then per batch: id, record, due, attempts.
+_OUTBOX_ADD = """
+local n = tonumber(ARGV[3])
+local attempts = KEYS[2] .. ':attempts'
+for b = 0, n - 1 do
+  local i = 4 + 4 * b
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('ZADD', KEYS[2], ARGV[i + 2], ARGV[i])
+    redis.call('HSET', attempts, ARGV[i], ARGV[i + 3])
+  end
+end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[3], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+end
+return n
+"""
+
+# KEYS: batches, due set, attempts.  ARGV: now, new due, limit.
+# Returns [id, record, attempts, ...] as JSON.
+_OUTBOX_TAKE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1],
+                       'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for i = 1, #ids do
+  redis.call('ZADD', KEYS[2], ARGV[2], ids[i])
+  out[#out + 1] = ids[i]
+  out[#out + 1] = redis.call('HGET', KEYS[1], ids[i])
+  out[#out + 1] = redis.call('HGET', KEYS[3], ids[i]) or '0'
+end
+if #out == 0 then return '[]' end
+return cjson.encode(out)
+"""
+
+# KEYS: due set, attempts.  ARGV: id, due.
+_OUTBOX_DEFER = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+return 1
+"""
+
+# KEYS: batches, due set, attempts.  ARGV: id.
+_OUTBOX_REMOVE = """
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+return redis.call('HDEL', KEYS[1], ARGV[1])
+"""
+
 _SCRIPTS = {
+    "claimEvents": _CLAIM_EVENTS,
+    "finishClaim": _FINISH_CLAIM,
+    "outboxAdd": _OUTBOX_ADD,
+    "outboxTake": _OUTBOX_TAKE,
+    "outboxDefer": _OUTBOX_DEFER,
+    "outboxRemove": _OUTBOX_REMOVE,
     "append": _APPEND,
     "prune": _PRUNE,
     "query": _QUERY,
@@ -630,7 +733,7 @@ def _pairs(flat: list) -> list[tuple]:
 # -- the store -----------------------------------------------------------
 
 
-@implementer(IStore)
+@implementer(IStore, IEventStreams)
 @attrs.define
 class RedisStore:
     """
@@ -1267,6 +1370,171 @@ class RedisStore:
             return TokenResult(bool(allowed), float(remaining), float(wait))
 
         return d.addCallback(result)
+
+    # -- event streams and outboxes (IEventStreams) ----------------------
+
+    def _claimFrom(self, stream: str, owner: str, reply) -> Optional[EventClaim]:
+        if reply is None:
+            return None
+        after, last, time = _text(reply).split(",")
+        return EventClaim(stream, owner, int(after), int(last), float(time))
+
+    def _claimText(self, claim: EventClaim) -> str:
+        return "%d,%d,%s" % (claim.after, claim.last, _number(claim.time))
+
+    def claimEvents(self, stream, owner, now, limit=None, begin="oldest") -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            stream, owner, now, limit, begin = checkClaimArguments(
+                stream, owner, now, limit, begin
+            )
+            owner.encode("utf-8")
+        except Exception:
+            return fail()
+        d = self._do(
+            self._script,
+            "claimEvents",
+            [self._key("stream", stream), self._key("seq")],
+            [owner, _number(now), "" if limit is None else str(limit), begin],
+        )
+        return d.addCallback(lambda reply: self._claimFrom(stream, owner, reply))
+
+    def claimedEvents(self, claim, cursor=None, limit=1000) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            after, upTo = claimPage(claim, cursor, limit)
+        except Exception:
+            return fail()
+        members = ["%016x" % seq for seq in range(after + 1, upTo + 1)]
+        if members:
+            d = self._command("HMGET", self._key("events"), *members)
+        else:
+            d = self._do(lambda protocol: [])
+
+        def page(records):
+            return EventPage(
+                events=[_fromRecord(r) for r in records if r is not None],
+                cursor=claimCursor(claim, upTo),
+            )
+
+        return d.addCallback(page)
+
+    def finishClaim(self, claim) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            checkClaim(claim)
+        except Exception:
+            return fail()
+        d = self._do(
+            self._script,
+            "finishClaim",
+            [self._key("stream", claim.stream)],
+            ["claim:" + claim.owner, self._claimText(claim)],
+        )
+        return d.addCallback(lambda done: bool(int(done)))
+
+    def _outboxKeys(self, outbox: str) -> list[str]:
+        due = self._key("outbox", outbox, "due")
+        return [self._key("outbox", outbox), due, due + ":attempts"]
+
+    def addToOutbox(self, outbox, batches, claim=None) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            checkStreamName(outbox)
+            batches = checkBatches(batches)
+            field = text = ""
+            stream = self._key("stream", "-")
+            if claim is not None:
+                checkClaim(claim)
+                field, text = "claim:" + claim.owner, self._claimText(claim)
+                stream = self._key("stream", claim.stream)
+            args = [field, text, str(len(batches))]
+            for batch in batches:
+                args += [
+                    batch.id,
+                    json.dumps([batch.body, batch.created]),
+                    _number(batch.due),
+                    str(batch.attempts),
+                ]
+            for arg in args:
+                arg.encode("utf-8")
+        except Exception:
+            return fail()
+        keys = self._outboxKeys(outbox)[:2] + [stream]
+        d = self._do(self._script, "outboxAdd", keys, args)
+        return d.addCallback(lambda n: None)
+
+    def takeFromOutbox(self, outbox, now, lease, limit=10) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            outbox, now, lease, limit = checkTakeArguments(outbox, now, lease, limit)
+        except Exception:
+            return fail()
+        due = now + lease
+        d = self._do(
+            self._script,
+            "outboxTake",
+            self._outboxKeys(outbox),
+            [_number(now), _number(due), str(limit)],
+        )
+
+        def batches(reply):
+            flat = json.loads(reply)
+            taken = []
+            for i in range(0, len(flat), 3):
+                id, record, attempts = flat[i : i + 3]
+                body, created = json.loads(record)
+                taken.append(
+                    OutboxBatch(
+                        id=_text(id), body=body, created=created, due=due,
+                        attempts=int(attempts),
+                    )
+                )
+            return taken
+
+        return d.addCallback(batches)
+
+    def deferInOutbox(self, outbox, id, due) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            checkStreamName(outbox)
+            due = checkTime("due", due)
+            if due is None:
+                raise ValueError("due is required")
+            id.encode("utf-8")
+        except Exception:
+            return fail()
+        d = self._do(
+            self._script, "outboxDefer", self._outboxKeys(outbox)[1:], [id, _number(due)]
+        )
+        return d.addCallback(lambda done: bool(int(done)))
+
+    def removeFromOutbox(self, outbox, id) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            checkStreamName(outbox)
+            id.encode("utf-8")
+        except Exception:
+            return fail()
+        d = self._do(self._script, "outboxRemove", self._outboxKeys(outbox), [id])
+        return d.addCallback(lambda removed: int(removed) > 0)
+
+    def outboxSize(self, outbox) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            checkStreamName(outbox)
+        except Exception:
+            return fail()
+        d = self._command("ZCARD", self._outboxKeys(outbox)[1])
+        return d.addCallback(int)
 
 
 __all__ = [

@@ -27,19 +27,29 @@ from zope.interface import implementer
 from smartrelay.events import Event
 from smartrelay.store.interfaces import (
     UNIQUE_TYPES,
+    EventClaim,
     EventPage,
+    IEventStreams,
     IStore,
+    OutboxBatch,
     StoreClosed,
     SuppressionEntry,
     SuppressionPage,
     buildStatistics,
     checkAddresses,
+    checkBatches,
+    checkClaim,
+    checkClaimArguments,
     checkLimit,
     checkPruneArguments,
     checkReason,
     checkStatisticsArguments,
+    checkStreamName,
+    checkTakeArguments,
     checkTime,
     checkTokenArguments,
+    claimCursor,
+    claimPage,
     counterBumps,
     decodeCursor,
     decodeSuppressionCursor,
@@ -147,6 +157,61 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (
         3,
         ["CREATE INDEX seen_time ON seen (time)"],
+    ),
+    # Version 4: event streams (a cursor over seq per stream, the open
+    # claims of each owner) and outboxes, for the exporter and the webhooks
+    # (IEventStreams).  seq is the rowid, which SQLite reuses when the
+    # events with the highest ones are deleted (pruning an idle relay's
+    # last events): the trigger records how far down seq went, and the
+    # next claim moves every cursor and claim back there, so events stored
+    # under reused numbers are not skipped.
+    (
+        4,
+        [
+            """
+            CREATE TABLE event_streams (
+                name TEXT PRIMARY KEY,
+                cursor INTEGER NOT NULL
+            ) WITHOUT ROWID
+            """,
+            """
+            CREATE TABLE event_claims (
+                stream TEXT NOT NULL,
+                owner TEXT NOT NULL,
+                after INTEGER NOT NULL,
+                last INTEGER NOT NULL,
+                time REAL NOT NULL,
+                PRIMARY KEY (stream, owner)
+            ) WITHOUT ROWID
+            """,
+            """
+            CREATE TABLE outbox (
+                outbox TEXT NOT NULL,
+                id TEXT NOT NULL,
+                body TEXT NOT NULL,
+                created REAL NOT NULL,
+                due REAL NOT NULL,
+                attempts INTEGER NOT NULL,
+                PRIMARY KEY (outbox, id)
+            ) WITHOUT ROWID
+            """,
+            "CREATE INDEX outbox_due ON outbox (outbox, due, id)",
+            """
+            CREATE TABLE event_seq_reuse (
+                id INTEGER PRIMARY KEY CHECK (id = 0),
+                base INTEGER NOT NULL
+            )
+            """,
+            """
+            CREATE TRIGGER events_seq_reuse AFTER DELETE ON events
+            WHEN OLD.seq > (SELECT COALESCE(MAX(seq), 0) FROM events)
+            BEGIN
+                INSERT INTO event_seq_reuse (id, base)
+                VALUES (0, (SELECT COALESCE(MAX(seq), 0) FROM events))
+                ON CONFLICT (id) DO UPDATE SET base = MIN(base, excluded.base);
+            END
+            """,
+        ],
     ),
 ]
 
@@ -269,7 +334,7 @@ def _migrate(conn: sqlite3.Connection) -> tuple[int, list[int]]:
     return found, applied
 
 
-@implementer(IStore)
+@implementer(IStore, IEventStreams)
 @attrs.define
 class SQLiteStore:
     """
@@ -748,3 +813,179 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
             raise
         return result
+
+    # -- event streams and outboxes (IEventStreams) ----------------------
+
+    def claimEvents(self, stream, owner, now, limit=None, begin="oldest") -> Deferred:
+        try:
+            args = checkClaimArguments(stream, owner, now, limit, begin)
+        except ValueError:
+            return fail()
+        return self._run(self._claimEvents, *args)
+
+    def claimedEvents(self, claim, cursor=None, limit=1000) -> Deferred:
+        try:
+            after, upTo = claimPage(claim, cursor, limit)
+        except (TypeError, ValueError):
+            return fail()
+        d = self._run(
+            self._rows,
+            f"SELECT {_COLUMNS} FROM events WHERE seq > ? AND seq <= ? ORDER BY seq",
+            (after, upTo),
+        )
+        return d.addCallback(
+            lambda rows: EventPage(
+                events=[_fromRow(row) for row in rows], cursor=claimCursor(claim, upTo)
+            )
+        )
+
+    def finishClaim(self, claim) -> Deferred:
+        try:
+            checkClaim(claim)
+        except TypeError:
+            return fail()
+        return self._run(self._inTransaction, self._finishClaim, claim)
+
+    def addToOutbox(self, outbox, batches, claim=None) -> Deferred:
+        try:
+            checkStreamName(outbox)
+            batches = checkBatches(batches)
+            if claim is not None:
+                checkClaim(claim)
+        except (TypeError, ValueError):
+            return fail()
+        rows = [
+            (outbox, b.id, b.body, b.created, b.due, b.attempts) for b in batches
+        ]
+        return self._run(self._inTransaction, self._addToOutbox, rows, claim)
+
+    def takeFromOutbox(self, outbox, now, lease, limit=10) -> Deferred:
+        try:
+            args = checkTakeArguments(outbox, now, lease, limit)
+        except ValueError:
+            return fail()
+        return self._run(self._inTransaction, self._takeFromOutbox, *args)
+
+    def deferInOutbox(self, outbox, id, due) -> Deferred:
+        try:
+            checkStreamName(outbox)
+            due = checkTime("due", due)
+            if due is None:
+                raise ValueError("due is required")
+        except ValueError:
+            return fail()
+        d = self._run(
+            self._execute,
+            "UPDATE outbox SET due = ?, attempts = attempts + 1"
+            " WHERE outbox = ? AND id = ?",
+            (due, outbox, id),
+        )
+        return d.addCallback(lambda rowcount: rowcount > 0)
+
+    def removeFromOutbox(self, outbox, id) -> Deferred:
+        try:
+            checkStreamName(outbox)
+        except ValueError:
+            return fail()
+        d = self._run(
+            self._execute, "DELETE FROM outbox WHERE outbox = ? AND id = ?", (outbox, id)
+        )
+        return d.addCallback(lambda rowcount: rowcount > 0)
+
+    def outboxSize(self, outbox) -> Deferred:
+        try:
+            checkStreamName(outbox)
+        except ValueError:
+            return fail()
+        d = self._run(self._rows, "SELECT COUNT(*) FROM outbox WHERE outbox = ?", (outbox,))
+        return d.addCallback(lambda rows: rows[0][0])
+
+    # database thread
+
+    def _rows(self, sql: str, params: tuple) -> list:
+        return self._connection().execute(sql, params).fetchall()
+
+    def _inTransaction(self, f: Callable, *args):
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = f(conn, *args)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    def _claimEvents(self, stream, owner, now, limit, begin):
+        return self._inTransaction(self._claimIn, stream, owner, now, limit, begin)
+
+    def _claimIn(self, conn, stream, owner, now, limit, begin):
+        reused = conn.execute("SELECT base FROM event_seq_reuse WHERE id = 0").fetchone()
+        if reused is not None:
+            (base,) = reused
+            conn.execute("UPDATE event_streams SET cursor = MIN(cursor, ?)", (base,))
+            conn.execute(
+                "UPDATE event_claims SET after = MIN(after, ?), last = MIN(last, ?)",
+                (base, base),
+            )
+            conn.execute("DELETE FROM event_seq_reuse")
+        row = conn.execute(
+            "SELECT after, last, time FROM event_claims WHERE stream = ? AND owner = ?",
+            (stream, owner),
+        ).fetchone()
+        if row is not None:
+            return EventClaim(stream, owner, *row)
+        (top,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+        row = conn.execute(
+            "SELECT cursor FROM event_streams WHERE name = ?", (stream,)
+        ).fetchone()
+        if row is None:
+            cursor = top if begin == "newest" else 0
+            conn.execute(
+                "INSERT INTO event_streams (name, cursor) VALUES (?, ?)", (stream, cursor)
+            )
+        else:
+            (cursor,) = row
+        if top <= cursor:
+            return None
+        last = top if limit is None else min(top, cursor + limit)
+        conn.execute(
+            "INSERT INTO event_claims (stream, owner, after, last, time)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (stream, owner, cursor, last, now),
+        )
+        conn.execute("UPDATE event_streams SET cursor = ? WHERE name = ?", (last, stream))
+        return EventClaim(stream, owner, cursor, last, now)
+
+    def _finishClaim(self, conn, claim) -> bool:
+        return conn.execute(
+            "DELETE FROM event_claims WHERE stream = ? AND owner = ?"
+            " AND after = ? AND last = ? AND time = ?",
+            (claim.stream, claim.owner, claim.after, claim.last, claim.time),
+        ).rowcount > 0
+
+    def _addToOutbox(self, conn, rows, claim) -> None:
+        conn.executemany(
+            "INSERT OR IGNORE INTO outbox (outbox, id, body, created, due, attempts)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        if claim is not None:
+            self._finishClaim(conn, claim)
+
+    def _takeFromOutbox(self, conn, outbox, now, lease, limit) -> list:
+        rows = conn.execute(
+            "SELECT id, body, created, attempts FROM outbox"
+            " WHERE outbox = ? AND due <= ? ORDER BY due, id LIMIT ?",
+            (outbox, now, limit),
+        ).fetchall()
+        due = now + lease
+        conn.executemany(
+            "UPDATE outbox SET due = ? WHERE outbox = ? AND id = ?",
+            [(due, outbox, id) for id, _, _, _ in rows],
+        )
+        return [
+            OutboxBatch(id=id, body=body, created=created, due=due, attempts=attempts)
+            for id, body, created, attempts in rows
+        ]
