@@ -9,6 +9,8 @@ sub-parsers action C{commands}.
     L{smartrelay.commands.console}): L{smartrelay.commands.messages}
     (C{message}, C{stats}, C{events}), L{smartrelay.commands.queue},
     L{smartrelay.commands.suppress}.
+  - L{smartrelay.commands.export}: C{export} (the store directly with
+    C{--config}, else over the API).
 """
 
 
@@ -16,9 +18,10 @@ def register(commands) -> None:
     """
     Add every sub-command of this package to C{commands}.
     """
-    from smartrelay.commands import checkdns, messages, queue, suppress
+    from smartrelay.commands import checkdns, export, messages, queue, suppress
 
     checkdns.register(commands)
     messages.register(commands)
     queue.register(commands)
     suppress.register(commands)
+    export.register(commands)

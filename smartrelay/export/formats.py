@@ -22,21 +22,26 @@ COLUMNS = ("id", "time", "type", "queue_id", "recipient", "tag", "metadata", "de
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-def jsonLine(event: Event) -> str:
-    """
-    One event as a line of JSON (with its newline).
-    """
-    return _compact(event.asDict()) + "\n"
+def _asDict(event) -> dict:
+    return event if isinstance(event, dict) else event.asDict()
 
 
-def csvRow(event: Event) -> list:
+def jsonLine(event) -> str:
     """
-    One event as CSV fields.
+    One event (an L{Event}, or its section 1.7 object as the API gives it)
+    as a line of JSON (with its newline).
     """
-    d = event.asDict()
+    return _compact(_asDict(event)) + "\n"
+
+
+def csvRow(event) -> list:
+    """
+    One event (as for L{jsonLine}) as CSV fields.
+    """
+    d = _asDict(event)
     row = []
     for key in COLUMNS:
-        value = d[key]
+        value = d.get(key)
         if key in ("metadata", "detail"):
             value = _compact(value)
         row.append("" if value is None else value)

@@ -291,6 +291,63 @@ class RelayMetrics:
         self.registry.register(collector)
 
 
+# -- export files and webhooks (issue 16) ---------------------------------------
+
+
+@attrs.define
+class ExportCollector:
+    """
+    The exporter's and the webhook sender's counters
+    (L{smartrelay.export}), read at scrape time; either may be L{None}
+    (not configured), and then its series are left out.
+    """
+
+    exporter: Any = None
+    webhooks: Any = None
+
+    def collect(self) -> Iterable:
+        e, w = self.exporter, self.webhooks
+        if e is not None:
+            for name, text, value in [
+                ("smartrelay_export_files", "Export files written by this run.", e.files),
+                ("smartrelay_export_events", "Events written to export files by this run.",
+                 e.exported),
+                ("smartrelay_export_failures", "Exports that failed (store or disk trouble).",
+                 e.failures),
+                ("smartrelay_export_command_failures", "Runs of [export] command that failed.",
+                 e.commandFailures),
+            ]:
+                yield CounterMetricFamily(name, text, value=value)
+            yield GaugeMetricFamily(
+                "smartrelay_export_commands_pending",
+                "Export files whose [export] command has not succeeded yet.",
+                value=len(e.pendingCommands),
+            )
+        if w is not None:
+            for name, text, value in [
+                ("smartrelay_webhook_events_delivered", "Events delivered by webhooks (2xx).",
+                 w.delivered),
+                ("smartrelay_webhook_batches_delivered", "Webhook POSTs answered 2xx.",
+                 w.batches),
+                ("smartrelay_webhook_attempt_failures",
+                 "Webhook POSTs that failed (not 2xx, timeout, refused).", w.failedAttempts),
+                ("smartrelay_webhook_batches_dropped",
+                 "Webhook batches given up after [webhooks] max_age.", w.dropped),
+                ("smartrelay_webhook_events_dropped", "Events in dropped webhook batches.",
+                 w.droppedEvents),
+            ]:
+                yield CounterMetricFamily(name, text, value=value)
+            yield GaugeMetricFamily(
+                "smartrelay_webhook_outbox_batches",
+                "Batches waiting in the webhook outbox (all nodes), at the last look.",
+                value=w.outboxSize,
+            )
+            yield GaugeMetricFamily(
+                "smartrelay_webhook_posts_in_flight", "Webhook POSTs in progress.",
+                value=w.inFlight,
+            )
+
+
 # -- the live state, read at scrape time ----------------------------------------
 
 
