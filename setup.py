@@ -133,6 +133,10 @@ setup(
             "setuptools>=70.1",
             # tests/test_openapi.py runs it against a live relay.
             "schemathesis>=4.0",
+            # tests/test_sms_codec.py: an independent SMPP 3.4 codec for the
+            # differential test of smartrelay.sms.codec (test-only; its own
+            # encoder drops unknown TLVs, so it cannot replace ours).
+            "smpp.pdu3>=0.6",
         ],
     },
     cmdclass=cmdclass,
