@@ -1239,6 +1239,22 @@ class TrackingConfig:
     unsubscribe: bool = _setting(parseBool, default=True)
 
 
+def _accessLog(text: str) -> str:
+    text = text.strip()
+    if text in ("log", "off"):
+        return text
+    if not text:
+        raise ValueError("expected log, off or a file path")
+    directory = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(directory):
+        raise ValueError(f"the directory of {text!r} does not exist")
+    if os.path.isdir(text):
+        raise ValueError(f"{text!r} is a directory")
+    if not os.access(text if os.path.exists(text) else directory, os.W_OK):
+        raise ValueError(f"{text!r} cannot be written")
+    return text
+
+
 @attrs.frozen(kw_only=True)
 class WebConfig:
     """
@@ -1255,12 +1271,25 @@ class WebConfig:
         the client.
     @ivar metrics_clients: networks of the clients that may read
         C{/metrics} and C{/healthz} (loopback unless set; empty: nobody).
+    @ivar access_log: where the site's access log goes: C{log} (the
+        relay's log), C{off}, or a file path (written in batches; see
+        L{smartrelay.web.accesslog}).
+    @ivar users_file: the password file (C{smartrelay passwd FILE USER},
+        the format of C{[smtp] auth_file}) of the reports UI's users, or
+        L{None}: nobody can log in.
+    @ivar session_timeout: seconds a UI session may stay idle.
+    @ivar session_lifetime: seconds a UI session lasts at most.
     """
 
     listen: str = _setting(_serverEndpoint, default="tcp:8080:interface=127.0.0.1")
     api_tokens: tuple[str, ...] = _setting(_apiTokens, default=(), repr=False)
     trusted_proxies: tuple[IPNetwork, ...] = _setting(_networks, default=())
     metrics_clients: tuple[IPNetwork, ...] = _setting(_networks, factory=_defaultNetworks)
+    access_log: str = _setting(_accessLog, default="log")
+    # The reports UI (issue 14): who may log in, how long a session lasts.
+    users_file: Optional[str] = _setting(_authFile, default=None)
+    session_timeout: float = _setting(parseDuration, default=3600.0)
+    session_lifetime: float = _setting(parseDuration, default=12 * 3600.0)
 
 
 _NAME = "smartrelay.config.name"
@@ -1398,6 +1427,144 @@ class DKIMConfig:
         return [(self.algorithm, self.selector, self.key)]
 
 
+# -- [export] and [webhooks] (issue 16) ---------------------------------------
+
+
+def _exportFormat(text: str) -> str:
+    text = text.strip().lower()
+    if text not in ("jsonl", "csv"):
+        raise ValueError(f"expected jsonl or csv, got {text!r}")
+    return text
+
+
+def _command(text: str) -> Optional[tuple[str, ...]]:
+    import shlex
+
+    if not text.strip():
+        return None
+    try:
+        words = tuple(shlex.split(text))
+    except ValueError as e:
+        raise ValueError(f"cannot split into words ({e})") from None
+    return words
+
+
+def _eventTypes(text: str) -> tuple[str, ...]:
+    from smartrelay.events import EVENT_TYPES
+
+    items = _listItems(text)
+    if not items or items == ["all"]:
+        return ()
+    for item in items:
+        if item not in EVENT_TYPES:
+            raise ValueError(
+                f"unknown event type {item!r}{_suggest(item, EVENT_TYPES)}"
+                " (or 'all')"
+            )
+    return tuple(dict.fromkeys(items))
+
+
+def _webhookURL(text: str) -> Optional[str]:
+    text = text.strip()
+    if not text:
+        return None
+    from smartrelay.export.ssrf import checkURL
+
+    # Scheme and form only; private targets are checked with
+    # allow_private (_checkWebhooks).
+    checkURL(text, allowPrivate=True)
+    return text
+
+
+def _webhookSecret(text: str) -> str:
+    text = text.strip()
+    if text and len(text) < MIN_WEBHOOK_SECRET_LENGTH:
+        raise ValueError(
+            f"must be at least {MIN_WEBHOOK_SECRET_LENGTH} characters"
+            f" (got {len(text)})"
+        )
+    return text
+
+
+def _webhookBatch(text: str) -> int:
+    value = _positiveInt(text)
+    if value > 1000:
+        raise ValueError(f"expected 1 to 1000, got {value}")
+    return value
+
+
+#: The shortest C{[webhooks] secret} accepted.
+MIN_WEBHOOK_SECRET_LENGTH = 16
+
+
+@attrs.frozen(kw_only=True)
+class ExportConfig:
+    """
+    Section C{[export]}: event files (L{smartrelay.export.exporter}).
+
+    @ivar directory: where the files go (created if missing; relative to
+        the current directory); L{None}: no export.
+    @ivar format: C{jsonl} (one event object a line) or C{csv}.
+    @ivar interval: seconds between files; an interval without events
+        writes none.
+    @ivar gzip: compress each file (name ends in C{.gz}).
+    @ivar command: a program (and its first arguments) run after each new
+        file with the file's path as its last argument; a failure is
+        logged and retried.
+    @ivar command_timeout: seconds the command may run before it is
+        killed (and retried).
+    """
+
+    directory: Optional[str] = _setting(_optionalPath, default=None)
+    format: str = _setting(_exportFormat, default="jsonl")
+    interval: float = _setting(parseDuration, default=300.0)
+    gzip: bool = _setting(parseBool, default=False)
+    command: Optional[tuple[str, ...]] = _setting(_command, default=None)
+    command_timeout: float = _setting(parseDuration, default=600.0)
+
+
+@attrs.frozen(kw_only=True)
+class WebhooksConfig:
+    """
+    Section C{[webhooks]}: signed POSTs of events
+    (L{smartrelay.export.webhooks}, DESIGN section 1.7b).
+
+    @ivar url: the receiver, http(s); L{None}: no webhooks.
+    @ivar secret: the HMAC-SHA256 key of the C{X-SmartRelay-Signature}
+        header (required with C{url}); left out of the C{repr}.
+    @ivar events: the event types sent; empty: all.
+    @ivar allow_private: let C{url} be a loopback, private or link-local
+        address (refused otherwise, at start-up and at every connection).
+    @ivar batch: most events per POST.
+    @ivar max_age: seconds a batch is retried before it is given up.
+    @ivar timeout: seconds a POST may take.
+    @ivar concurrency: POSTs in flight at once.
+    """
+
+    url: Optional[str] = _setting(_webhookURL, default=None)
+    secret: str = _setting(_webhookSecret, default="", repr=False)
+    events: tuple[str, ...] = _setting(_eventTypes, default=())
+    allow_private: bool = _setting(parseBool, default=False)
+    batch: int = _setting(_webhookBatch, default=100)
+    max_age: float = _setting(parseDuration, default=3 * 86400.0)
+    timeout: float = _setting(parseDuration, default=30.0)
+    concurrency: int = _setting(_webhookBatch, default=4)
+
+
+def _checkWebhooks(webhooks: "WebhooksConfig") -> Optional[tuple[str, str]]:
+    if webhooks.url is None:
+        return None
+    from smartrelay.export.ssrf import URLRefused, checkURL
+
+    try:
+        checkURL(webhooks.url, webhooks.allow_private)
+    except URLRefused as e:
+        return ("url", str(e))
+    if not webhooks.secret:
+        return ("secret", "required with url (at least 16 characters)")
+    return None
+
+
 def _readOnly(mapping: Mapping) -> Mapping:
     return types.MappingProxyType(dict(mapping))
 
@@ -1422,6 +1589,8 @@ class Config:
     feedback: FeedbackConfig = attrs.field(factory=FeedbackConfig)
     tracking: TrackingConfig = attrs.field(factory=TrackingConfig)
     web: WebConfig = attrs.field(factory=WebConfig)
+    export: ExportConfig = attrs.field(factory=ExportConfig)
+    webhooks: WebhooksConfig = attrs.field(factory=WebhooksConfig)
     domains: Mapping[str, DomainConfig] = attrs.field(
         factory=dict, converter=_readOnly, hash=False
     )
@@ -1455,6 +1624,8 @@ SECTIONS: dict[str, tuple[str, type]] = {
     "feedback": ("feedback", FeedbackConfig),
     "tracking": ("tracking", TrackingConfig),
     "web": ("web", WebConfig),
+    "export": ("export", ExportConfig),
+    "webhooks": ("webhooks", WebhooksConfig),
 }
 
 #: Named sections: prefix -> (Config field, section class).  A section
@@ -1472,6 +1643,7 @@ NAMED_SECTIONS: dict[str, tuple[str, type]] = {
 _SECTION_CHECKS: dict[str, list[Callable[[Any], Optional[tuple[str, str]]]]] = {
     "smtp": [_checkTLS],
     "dkim": [_checkDKIM],
+    "webhooks": [_checkWebhooks],
 }
 
 

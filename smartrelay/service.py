@@ -9,7 +9,7 @@ one.
 
 import os
 from functools import partial
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -52,9 +52,11 @@ from smartrelay.spool import Spool
 from smartrelay.store.redis import RedisConnectionFailed, RedisStore
 from smartrelay.store.sqlite import SQLiteStore
 from smartrelay.tokens import Tokens
+from smartrelay.web.accesslog import AccessLogFile
 from smartrelay.web.api import ApiApp
 from smartrelay.web.health import HealthCheck
-from smartrelay.web.metrics import MetricsApp, RelayCollector, RelayMetrics
+from smartrelay.web.metrics import ExportCollector, MetricsApp, RelayCollector, RelayMetrics
+from smartrelay.export.services import checkWebhookTarget, makeExporter, makeWebhooks
 from smartrelay.web.site import SiteRoot, makeSite
 from smartrelay.web.tracking import TrackingApp
 
@@ -275,6 +277,11 @@ class RelayService(MultiService):
             observe=self.metrics.events.count,
         )
         self.pruner = Pruner(self.store, reactor, retention=config.store.retention)
+        # Every event leaves the relay (smartrelay/export/): export files
+        # and signed webhooks, both reading the store's event streams;
+        # started once the store is open (None when not configured).
+        self.exporter = makeExporter(config, reactor, self.store, threads.runner)
+        self.webhooks = makeWebhooks(config, reactor, self.store)
         self.runDeliveryIO = threads.runner("delivery-io", DELIVERY_IO_THREADS)
         self.spool = Spool(
             os.path.join(self.dataDir, "spool"),
@@ -378,6 +385,14 @@ class RelayService(MultiService):
             allowed=config.web.metrics_clients,
             trustedProxies=config.web.trusted_proxies,
         )
+        # [web] access_log: the relay's log, off, or a file written in batches.
+        accessLog: Any = config.web.access_log
+        if accessLog == "off":
+            accessLog = None
+        elif accessLog != "log":
+            accessLog = AccessLogFile(accessLog, reactor)
+            accessLog.setServiceParent(self)
+        self.accessLog = accessLog
         self.webSite = makeSite(
             SiteRoot(
                 self.web.resource(),
@@ -387,6 +402,7 @@ class RelayService(MultiService):
                 },
             ),
             reactor,
+            accessLog,
         )
         # Started by start-up once this run's id state is durable.
         self.ids = ids
@@ -490,6 +506,8 @@ class RelayService(MultiService):
             nodeID="%02X" % relay.node_id,
         )
         self.metrics.register(self.metricsCollector)
+        if self.exporter is not None or self.webhooks is not None:
+            self.metrics.register(ExportCollector(self.exporter, self.webhooks))
         # Processed reports are kept for the events' retention.
         self.feedbackPruner = TimerService(FEEDBACK_PRUNE_INTERVAL, self._pruneFeedback)
         self.feedbackPruner.clock = reactor
@@ -591,6 +609,9 @@ class RelayService(MultiService):
             storeStarted = False
         await self.events.start(storeStarted=storeStarted)
         self.pruner.setServiceParent(self)
+        for exporting in (self.exporter, self.webhooks):
+            if exporting is not None:
+                exporting.setServiceParent(self)
         # No queue id before this run's state is durable; then the lease is
         # kept ahead of the clock.
         await self._persistIDState(self.idState)
@@ -725,6 +746,7 @@ def makeRelayService(
             section="smartrelay",
             key="data_dir",
         ) from None
+    checkWebhookTarget(config)
     idState, ids = beginIDRun(config, reactor)
     return RelayService(
         config,

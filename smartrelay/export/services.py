@@ -98,5 +98,7 @@ def makeWebhooks(config, reactor, store) -> Optional[WebhookSender]:
         batch=webhooks.batch,
         maxAge=webhooks.max_age,
         concurrency=webhooks.concurrency,
-        lease=webhooks.timeout + 60.0,
+        # A POST ends (answered or abandoned) within its timeout; then
+        # the batch is removed or deferred at once.
+        lease=2 * webhooks.timeout + 5.0,
     )
