@@ -1,0 +1,952 @@
+"""
+The pages of the reports UI: each a function of the application
+(L{smartrelay.web.ui.app.UiApp}, for its query layer) and the request's
+L{Context}, answering a L{Page}, a redirect or a download.  Inputs are
+read with the API's own checks (L{smartrelay.web.apirequest.Query}); every
+string shown goes through L{twisted.web.template}, which escapes it.
+"""
+
+import email.header
+import re
+from datetime import datetime, timezone
+from typing import Optional
+from urllib.parse import quote, urlencode
+
+import attrs
+from twisted.web.template import Tag, tags
+
+from smartrelay.dnscheck import FAIL, OK, WARN
+from smartrelay.engine.dkim import fromDomain
+from smartrelay.events import EVENT_TYPES, rfc3339
+from smartrelay.ids import QUEUE_ID_RE, queueIDFromFileName
+from smartrelay.store.interfaces import (
+    INTERVALS,
+    MAX_LIMIT,
+    SUPPRESSION_REASONS,
+    bucketStart,
+    recipientDomain,
+)
+from smartrelay.web.apirequest import (
+    ApiError,
+    Query,
+    badParameter,
+    checkAddress,
+    checkQueueID,
+    csvItems,
+    importEntries,
+    suppressionEntry,
+)
+from smartrelay.web.queries import COMPLAINT_RATE_LIMIT, MAX_SCAN, suppressionCSV
+from smartrelay.web.ui.charts import SERIES, fillBuckets, lineChart, rateChart, seriesValues
+from smartrelay.web.ui.html import Download, Link, Page, Redirect, Table, percent, shortTime
+
+__all__ = ["RewrapSettings", "errorPage", "loginPage"]
+
+#: Most entries one CSV upload may hold (as the API's import).
+MAX_IMPORT = 100_000
+
+#: The dashboard's ranges: (interval, seconds back, label).
+RANGES = {
+    "hour": ("hour", 3600, "the last hour"),
+    "day": ("hour", 86400, "the last 24 hours"),
+    "month": ("day", 30 * 86400, "the last 30 days"),
+}
+
+#: How far back a Message-ID search looks, and how many events at most.
+MESSAGE_ID_WINDOW = 7 * 86400
+
+#: Fixed notices after an action (never text from the request).
+NOTICES = {
+    "added": "The address is on the suppression list.",
+    "removed": "The address is off the suppression list.",
+    "imported": "The file was imported.",
+    "retried": "The waiting recipients are being attempted now.",
+    "deleted": "The message was deleted from the queue.",
+}
+
+_COMMON = ("format", "table")
+
+
+@attrs.frozen
+class RewrapSettings:
+    """
+    What the relay does to every message it sends, for the message page.
+
+    @ivar dkim: From domain → ((algorithm, selector), ...).
+    @ivar bounceDomain: the VERP return path's domain.
+    @ivar verpPrefix: its local part before C{+TOKEN}.
+    @ivar opens: open tracking by default.
+    @ivar clicks: click tracking by default.
+    @ivar unsubscribe: List-Unsubscribe by default.
+    @ivar trackingBase: C{[tracking] base_url}.
+    """
+
+    dkim: dict = attrs.field(factory=dict)
+    bounceDomain: str = "localhost"
+    verpPrefix: str = "bounce"
+    opens: bool = False
+    clicks: bool = False
+    unsubscribe: bool = True
+    trackingBase: str = ""
+
+    @classmethod
+    def fromConfig(cls, config) -> "RewrapSettings":
+        return cls(
+            dkim={
+                domain: tuple((alg, sel) for alg, sel, _ in section.signingKeys())
+                for domain, section in config.dkim.items()
+            },
+            bounceDomain=config.feedback.bounce_domain or config.relay.hostname,
+            verpPrefix=config.feedback.verp_prefix,
+            opens=config.tracking.opens,
+            clicks=config.tracking.clicks,
+            unsubscribe=config.tracking.unsubscribe,
+            trackingBase=config.tracking.base_url,
+        )
+
+
+# -- small pieces -------------------------------------------------------------
+
+
+def _query(context, names: tuple) -> Query:
+    return Query(context.request, names + _COMMON)
+
+
+def _current(query: Query, names: tuple) -> dict:
+    """
+    The page's own query (for CSV links and cursors), without the CSV keys.
+    """
+    return {n: query.values[n] for n in names if query.values.get(n)}
+
+
+def _notice(page: Page, context) -> Page:
+    done = context.request.args.get(b"done")
+    if done:
+        page.notice = NOTICES.get(done[0].decode("ascii", "replace"))
+    return page
+
+
+def _hidden(context) -> Tag:
+    return tags.input(type="hidden", name="csrf", value=context.session.csrf)
+
+
+def _postButton(context, action: str, label: str, fields: dict, danger: bool = False,
+                describedBy: Optional[str] = None) -> Tag:
+    form = tags.form(_hidden(context), action=action, method="post", **{"class": "inline"})
+    for name, value in fields.items():
+        form(tags.input(type="hidden", name=name, value=value))
+    button = tags.button(label, type="submit")
+    if danger:
+        button(**{"class": "danger"})
+    if describedBy:
+        button(**{"aria-label": describedBy})
+    return form(button)
+
+
+def messageLink(queue_id: Optional[str]) -> Optional[Link]:
+    if not queue_id:
+        return None
+    return Link(queue_id, "/messages/" + quote(queue_id, safe=""))
+
+
+def decodedSubject(headers: Optional[str]) -> Optional[str]:
+    """
+    The Subject of a header block, encoded-words decoded (the text as the
+    recipient would read it; shown escaped like everything else).
+    """
+    if not headers:
+        return None
+    unfolded = re.sub(r"\r?\n[ \t]+", " ", headers)
+    match = re.search(r"(?mi)^subject[ \t]*:[ \t]*(.*?)\r?$", unfolded)
+    if match is None:
+        return None
+    raw = match.group(1)
+    try:
+        return str(email.header.make_header(email.header.decode_header(raw)))
+    except (ValueError, LookupError, UnicodeError):
+        return raw
+
+
+def _describe(event: dict) -> str:
+    """
+    One line for an event: what its detail says, by type.
+    """
+    detail = event.get("detail") or {}
+    kind = event["type"]
+    pick = {
+        "accepted": ("sender", "size"),
+        "deferred": ("code", "status", "reply", "remote", "next_attempt"),
+        "delivered": ("code", "reply", "remote", "tls"),
+        "bounced": ("kind", "reason", "status", "diagnostic", "remote", "source"),
+        "expired": ("reason", "diagnostic"),
+        "opened": ("ip", "user_agent", "machine"),
+        "clicked": ("url", "ip", "user_agent", "machine"),
+        "complained": ("feedback_type", "source_ip", "user_agent"),
+        "unsubscribed": ("method",),
+        "suppressed": ("reason",),
+        "rejected": ("code", "status", "reason"),
+        "auto_replied": ("reason",),
+    }.get(kind)
+    if pick is None:
+        pick = tuple(detail)[:6]
+    parts = []
+    for key in pick:
+        value = detail.get(key)
+        if value is None or value == "":
+            continue
+        if isinstance(value, (dict, list)):
+            continue
+        parts.append(f"{key}: {value}")
+    return "; ".join(parts)
+
+
+def errorPage(status: int, message: str) -> Page:
+    page = Page(title="Something went wrong" if status >= 500 else _statusTitle(status))
+    page.status = status
+    page.add(tags.p(message, role="alert", **{"class": "error"}))
+    page.add(tags.p(tags.a("Back to the dashboard", href="/")))
+    return page
+
+
+def _statusTitle(status: int) -> str:
+    return {
+        400: "Bad request",
+        401: "Not logged in",
+        403: "Refused",
+        404: "Not found",
+        405: "Not allowed",
+        409: "Busy",
+        413: "Too large",
+        429: "Too many attempts",
+    }.get(status, f"Error {status}")
+
+
+# -- login -----------------------------------------------------------------
+
+
+def loginPage(token: str, nextPath: str, problem: Optional[str], configured: bool,
+              status: int = 200) -> Page:
+    page = Page(title="Log in", status=status)
+    if not configured:
+        page.add(
+            tags.p(
+                "No users are configured: set [web] users_file in the configuration and "
+                "add users with “smartrelay passwd FILE USER”.",
+                role="alert",
+                **{"class": "error"},
+            )
+        )
+    if problem:
+        page.add(tags.p(problem, role="alert", **{"class": "error"}))
+    page.add(
+        tags.form(
+            tags.input(type="hidden", name="csrf", value=token),
+            tags.input(type="hidden", name="next", value=nextPath),
+            tags.label("User name", **{"for": "user"}),
+            tags.input(id="user", name="user", type="text", autocomplete="username",
+                       required="required", maxlength="200"),
+            tags.label("Password", **{"for": "password"}),
+            tags.input(id="password", name="password", type="password",
+                       autocomplete="current-password", required="required",
+                       maxlength="1024"),
+            tags.button("Log in", type="submit"),
+            action="/login",
+            method="post",
+            **{"class": "login"},
+        )
+    )
+    return page
+
+
+# -- dashboard --------------------------------------------------------------
+
+
+def _starts(since: float, until: float, size: int) -> list:
+    first = bucketStart(since, size)
+    return list(range(int(first), int(until), size)) or [int(first)]
+
+
+def _card(label: str, value: str, over: bool = False) -> Tag:
+    span = tags.span(value, **{"class": "value over" if over else "value"})
+    return tags.li(span, label)
+
+
+async def dashboard(ui, context) -> Page:
+    names = ("range", "tag", "domain")
+    query = _query(context, names)
+    chosen = query.choice("range", RANGES, "day")
+    tag = query.text("tag")
+    domain = query.domain()
+    interval, back, label = RANGES[chosen]
+    now = ui.clock.seconds()
+    size = INTERVALS[interval]
+    since = now - back
+    stats = await ui.queries.stats(since, now, interval, tag=tag, domain=domain,
+                                   bounceReasons=False)
+    starts = _starts(since, now, size)
+    buckets = fillBuckets(stats["buckets"], starts)
+    totals, rates = stats["totals"], stats["rates"]
+    counts = totals["counts"]
+    scope = label + (f", tag {tag}" if tag else "") + (f", domain {domain}" if domain else "")
+    page = Page(title="Dashboard")
+    page.add(_filters(
+        "/",
+        [
+            ("range", "Range", tags.select(
+                *[tags.option(RANGES[r][2], value=r, **({"selected": "selected"} if r == chosen else {}))
+                  for r in RANGES],
+                id="range", name="range")),
+            ("tag", "Tag", tags.input(id="tag", name="tag", value=tag or "")),
+            ("domain", "Recipient domain", tags.input(id="domain", name="domain",
+                                                       value=domain or "")),
+        ],
+    ))
+    complaint = rates["complaint"]
+    over = bool(stats["complaint_rate_over_limit"])
+    summary = await ui.queries.queueSummary()
+    oldest = min((d["oldest"] for d in summary["domains"]), default=None)
+    page.add(
+        tags.h2(f"Totals for {scope}"),
+        tags.ul(
+            _card("accepted", f"{counts.get('accepted', 0):,}"),
+            _card("delivered", f"{counts.get('delivered', 0):,}"),
+            _card("deferred", f"{counts.get('deferred', 0):,}"),
+            _card("bounced hard / soft", f"{totals['hard_bounces']:,} / {totals['soft_bounces']:,}"),
+            _card("complained", f"{counts.get('complained', 0):,}"),
+            _card("opened / clicked", f"{counts.get('opened', 0):,} / {counts.get('clicked', 0):,}"),
+            _card("delivery rate", percent(rates["delivery"])),
+            _card("bounce rate", percent(rates["bounce"])),
+            _card("complaint rate (limit 0.3 %)", percent(complaint, 3), over=over),
+            _card("unique open rate", percent(rates["unique_open"])),
+            _card("unique click rate", percent(rates["unique_click"])),
+            _card("queued messages", f"{summary['messages']:,}"),
+            _card("oldest queued", shortTime(oldest) or "—"),
+            **{"class": "cards"},
+        ),
+    )
+    if over:
+        page.add(tags.p(
+            f"The complaint rate {percent(complaint, 3)} is over the 0.3 % Gmail and Yahoo "
+            "allow senders.", role="alert", **{"class": "error"}))
+    page.add(
+        tags.h2("Events over time"),
+        lineChart(f"Events per {interval}, {scope}", starts, seriesValues(buckets), interval),
+        tags.ul(
+            *[tags.li(tags.span(**{"class": f"swatch swatch-{i}", "aria-hidden": "true"}), name)
+              for i, (name, _, _) in enumerate(SERIES)],
+            **{"class": "legend", "aria-label": "Legend"},
+        ),
+        tags.h2("Complaint rate against the 0.3 % limit"),
+        rateChart(
+            f"Complaint rate per {interval} against the 0.3 % limit, {scope}",
+            starts,
+            [b["rates"].get("complaint") for b in buckets],
+            COMPLAINT_RATE_LIMIT,
+            interval,
+        ),
+    )
+    table = Table(
+        "buckets",
+        f"Counts per {interval}",
+        ["start"] + [name for name, _, _ in SERIES] + ["delivery rate", "complaint rate"],
+    )
+    for bucket, values in zip(buckets, zip(*[v for _, _, v in seriesValues(buckets)])):
+        rates_ = bucket.get("rates") or {}
+        table.rows.append(
+            (shortTime(rfc3339(bucket["start"])),) + tuple(values)
+            + (percent(rates_.get("delivery")), percent(rates_.get("complaint"), 3))
+        )
+    page.add(page.table(table, _current(query, names)))
+    return page
+
+
+def _filters(action: str, fields: list, submit: str = "Show") -> Tag:
+    form = tags.form(action=action, method="get", **{"class": "filters"})
+    for name, label, control in fields:
+        form(tags.label(label, control, **{"for": name}))
+    return form(tags.button(submit, type="submit"))
+
+
+# -- search -----------------------------------------------------------------
+
+
+async def search(ui, context):
+    query = _query(context, ("q",))
+    q = (query.text("q") or "").strip()
+    page = Page(title="Search")
+    if not q:
+        page.add(tags.p("Type a queue id, a recipient address, a tag or a Message-ID "
+                        "in the search box."))
+        return page
+
+    if QUEUE_ID_RE.fullmatch(q.upper()):
+        return Redirect("/messages/" + quote(q.upper(), safe=""))
+    bare = q.strip("<>").strip()
+    local, at, _ = bare.rpartition("@")
+    if at:
+        generated = queueIDFromFileName(local.upper())
+        if generated is not None:
+            # The Message-ID the relay gives a message that has none.
+            return Redirect("/messages/" + quote(generated, safe=""))
+    if q.startswith("<") and q.endswith(">"):
+        return await _messageIDSearch(ui, page, q)
+    if at:
+        try:
+            address = checkAddress(bare, "q")
+        except ApiError:
+            pass
+        else:
+            return Redirect("/events?" + urlencode({"recipient": address}))
+    if re.fullmatch(r"[\x21-\x7e]{1,200}", q):
+        return Redirect("/events?" + urlencode({"tag": q, "type": "accepted"}))
+    page.add(tags.p(f"Nothing can be found for “{q}”: it is not a queue id, an address, "
+                    "a tag or a Message-ID.", role="status"))
+    return page
+
+
+async def _messageIDSearch(ui, page: Page, messageID: str) -> Page:
+    """
+    The messages whose stored headers carry C{messageID}: the accepted
+    events of the last L{MESSAGE_ID_WINDOW} seconds, at most L{MAX_SCAN}.
+    """
+    wanted = messageID.strip().lower()
+    now = ui.clock.seconds()
+    cursor = None
+    scanned = 0
+    found = []
+    pattern = re.compile(r"(?mi)^message-id[ \t]*:[ \t]*(.*?)\r?$")
+    while True:
+        result = await ui.queries.events(
+            {"type": "accepted", "since": now - MESSAGE_ID_WINDOW, "until": None,
+             "queue_id": None, "recipient": None, "tag": None},
+            None, MAX_LIMIT, cursor,
+        )
+        for event in result["items"]:
+            headers = (event.get("detail") or {}).get("headers")
+            if not isinstance(headers, str):
+                continue
+            match = pattern.search(re.sub(r"\r?\n[ \t]+", " ", headers))
+            if match and match.group(1).strip().lower() == wanted:
+                found.append(event)
+        scanned += len(result["items"])
+        cursor = result["next_cursor"]
+        if cursor is None or scanned >= MAX_SCAN:
+            break
+    if len(found) == 1:
+
+        return Redirect("/messages/" + quote(found[0]["queue_id"], safe=""))
+    complete = cursor is None
+    page.add(tags.p(
+        f"Messages with Message-ID {messageID} among the {scanned:,} accepted in the last 7 days"
+        + ("" if complete else " (the search stopped there)") + ".", role="status"))
+    table = Table("messages", "Messages with this Message-ID", ["queue id", "accepted", "tag"])
+    for event in found:
+        table.rows.append((messageLink(event["queue_id"]), shortTime(event["time"]), event["tag"]))
+    page.add(page.table(table, {"q": messageID}, "No message has this Message-ID."))
+    return page
+
+
+# -- message ------------------------------------------------------------------
+
+
+def _pairs(items: list) -> Tag:
+    dl = tags.dl(**{"class": "pairs"})
+    for key, value in items:
+        dl(tags.dt(key), tags.dd("—" if value is None or value == "" else value))
+    return dl
+
+
+async def message(ui, context, queue_id: str) -> Page:
+    query = _query(context, ("done",))
+    del query
+    checkQueueID(queue_id)
+    document = await ui.queries.message(queue_id)
+    envelope = document["envelope"]
+    headers = document["headers"]
+    page = _notice(Page(title=f"Message {queue_id}"), context)
+    client = envelope.get("client") or {}
+    page.add(
+        tags.h2("Envelope"),
+        _pairs([
+            ("Subject", decodedSubject(headers)),
+            ("Sender", envelope.get("sender")),
+            ("Recipients", ", ".join(envelope.get("recipients") or [])),
+            ("Accepted", shortTime(envelope.get("received"))),
+            ("Size", None if envelope.get("size") is None else f"{envelope['size']:,} bytes"),
+            ("Client", " ".join(str(client.get(k)) for k in ("ip", "helo") if client.get(k))
+             or None),
+            ("SMTP user", client.get("user")),
+            ("Tag", envelope.get("tag")),
+            ("Metadata", "; ".join(f"{k}: {v}" for k, v in (envelope.get("metadata") or {}).items())
+             or None),
+            ("In the queue", "yes" if document["queued"] else "no"),
+        ]),
+    )
+    if document["queued"]:
+        page.add(tags.p(
+            _postButton(context, "/queue/retry", "Retry now", {"queue_id": queue_id,
+                                                                "back": "message"}),
+            " ",
+            tags.a("Delete from the queue…",
+                   href="/queue/confirm?" + urlencode({"queue_id": queue_id})),
+        ))
+    table = Table("recipients", "Recipients",
+                  ["address", "state", "attempts", "next attempt", "last reply"])
+    for r in document["recipients"]:
+        reply = r.get("last_reply") or {}
+        table.rows.append((
+            r["address"], r["state"] + (" (being attempted)" if r.get("attempting") else ""),
+            r["attempts"], shortTime(r.get("next_attempt")),
+            " ".join(str(reply[k]) for k in ("code", "status", "reply") if reply.get(k)) or None,
+        ))
+    page.add(tags.h2("Recipients"), page.table(table, {}))
+    timeline = tags.ol(**{"class": "timeline", "aria-label": "Timeline"})
+    events = Table("events", "Events", ["time", "type", "recipient", "detail"])
+    for event in document["events"]:
+        line = _describe(event)
+        timeline(tags.li(
+            tags.time(shortTime(event["time"]), datetime=event["time"]), " ",
+            tags.span(event["type"], **{"class": "type"}), " ",
+            event.get("recipient") or "", tags.br(), line,
+            **{"class": f"t-{event['type']}"},
+        ))
+        events.rows.append((shortTime(event["time"]), event["type"], event.get("recipient"), line))
+    page.add(tags.h2("Timeline"), timeline)
+    page.tables[events.name] = events
+    page.add(tags.p(tags.a("Download the events as CSV",
+                           href="?" + urlencode({"format": "csv", "table": "events"}))))
+    page.add(tags.h2("Headers as received"),
+             tags.pre(headers) if headers else tags.p("The headers are not known.",
+                                                        **{"class": "empty"}))
+    page.add(tags.h2("What the relay applies"), _rewrap(ui.rewrap, headers, document))
+    return page
+
+
+def _rewrap(settings: RewrapSettings, headers: Optional[str], document: dict) -> Tag:
+    domain = fromDomain((headers or "").encode("utf-8") + b"\r\n") if headers else None
+    keys = settings.dkim.get(domain or "")
+    if keys:
+        dkim = f"signed for d={domain} with " + ", ".join(f"{a} (selector {s})" for a, s in keys)
+    elif domain:
+        dkim = f"not signed: no [dkim:{domain}] section for the From domain"
+    else:
+        dkim = "not known (no From header)"
+    types = {e["type"] for e in document["events"]}
+    tracking = []
+    tracking.append("opens " + ("on" if settings.opens else "off") + " by default")
+    tracking.append("clicks " + ("on" if settings.clicks else "off") + " by default")
+    seen = [t for t in ("opened", "clicked") if t in types]
+    return _pairs([
+        ("DKIM", dkim),
+        ("Return path (VERP)",
+         f"{settings.verpPrefix}+TOKEN@{settings.bounceDomain}, one signed token per recipient"),
+        ("Tracking", ", ".join(tracking)
+         + (f"; this message was {' and '.join(seen)}" if seen else "")),
+        ("List-Unsubscribe", "added by default" if settings.unsubscribe else "off by default"),
+    ])
+
+
+# -- events -------------------------------------------------------------------
+
+
+async def events(ui, context) -> Page:
+    names = ("type", "queue_id", "recipient", "tag", "domain", "since", "until", "cursor",
+             "limit")
+    query = _query(context, names)
+    filters = {
+        "type": query.choice("type", EVENT_TYPES),
+        "queue_id": query.text("queue_id"),
+        "recipient": query.text("recipient"),
+        "tag": query.text("tag"),
+        "since": query.time("since"),
+        "until": query.time("until"),
+    }
+    if filters["queue_id"] is not None:
+        checkQueueID(filters["queue_id"])
+    if filters["recipient"] is not None:
+        filters["recipient"] = checkAddress(filters["recipient"], "recipient")
+    domain = query.domain()
+    limit = query.limit()
+    cursor = query.cursor()
+    result = await ui.queries.events(filters, domain, limit, cursor)
+    page = Page(title="Events")
+    page.add(_filters("/events", [
+        ("type", "Type", tags.select(
+            tags.option("any", value=""),
+            *[tags.option(t, value=t, **({"selected": "selected"} if t == filters["type"] else {}))
+              for t in sorted(EVENT_TYPES)],
+            id="type", name="type")),
+        ("recipient", "Recipient", tags.input(id="recipient", name="recipient",
+                                              value=filters["recipient"] or "")),
+        ("tag", "Tag", tags.input(id="tag", name="tag", value=filters["tag"] or "")),
+        ("domain", "Recipient domain", tags.input(id="domain", name="domain",
+                                                   value=domain or "")),
+        ("since", "Since (RFC 3339 or date)", tags.input(id="since", name="since",
+                                                         value=query.values.get("since", ""))),
+        ("until", "Until", tags.input(id="until", name="until",
+                                      value=query.values.get("until", ""))),
+    ]))
+    if filters["recipient"]:
+        page.add(tags.p(tags.a("Search for this as a Message-ID instead",
+                               href="/search?" + urlencode({"q": f"<{filters['recipient']}>"}))))
+    table = Table("events", "Events, oldest first",
+                  ["time", "type", "queue id", "recipient", "tag", "detail"])
+    for event in result["items"]:
+        table.rows.append((shortTime(event["time"]), event["type"], messageLink(event["queue_id"]),
+                           event.get("recipient"), event.get("tag"), _describe(event)))
+    own = _current(query, names)
+    page.add(page.table(table, own, "No events match."))
+    page.add(_pager(own, result["next_cursor"]))
+    return page
+
+
+def _pager(own: dict, nextCursor: Optional[str]) -> Tag:
+    nav = tags.nav(**{"aria-label": "Pages"})
+    if own.get("cursor"):
+        first = {k: v for k, v in own.items() if k != "cursor"}
+        nav(tags.a("First page", href="?" + urlencode(first)), " ")
+    if nextCursor:
+        following = dict(own, cursor=nextCursor)
+        nav(tags.a("Next page", href="?" + urlencode(following), rel="next"))
+    return nav
+
+
+# -- bounces ----------------------------------------------------------------
+
+
+async def bounces(ui, context) -> Page:
+    names = ("range", "tag", "reason", "kind", "domain")
+    query = _query(context, names)
+    chosen = query.choice("range", ("day", "month"), "day")
+    tag = query.text("tag")
+    reason = query.text("reason")
+    kind = query.choice("kind", ("hard", "soft"))
+    domain = query.domain()
+    interval, back, label = RANGES[chosen]
+    now = ui.clock.seconds()
+    size = INTERVALS[interval]
+    since = now - back
+    byReason: dict = {}
+    byKind: dict = {}
+    byDomain: dict = {}
+    overTime: dict = {}
+    matching = []
+    complete = True
+    async for event, done in ui.queries.bounces(since, now, tag):
+        if event is None:
+            complete = bool(done)
+            break
+        detail = event.detail or {}
+        r = detail.get("reason") or "undefined"
+        k = detail.get("kind") or "soft"
+        d = recipientDomain(event.recipient) or ""
+        byReason[r] = byReason.get(r, 0) + 1
+        byKind[k] = byKind.get(k, 0) + 1
+        byDomain[d] = byDomain.get(d, 0) + 1
+        start = bucketStart(event.time, size)
+        slot = overTime.setdefault(start, {"hard": 0, "soft": 0})
+        slot[k if k in slot else "soft"] += 1
+        if (reason is None or r == reason) and (kind is None or k == kind) and (
+            domain is None or d == domain
+        ) and (reason or kind or domain) and len(matching) < 1000:
+            matching.append(event)
+    page = Page(title="Bounces")
+    page.add(_filters("/bounces", [
+        ("range", "Range", tags.select(
+            *[tags.option(RANGES[r][2], value=r, **({"selected": "selected"} if r == chosen else {}))
+              for r in ("day", "month")], id="range", name="range")),
+        ("tag", "Tag", tags.input(id="tag", name="tag", value=tag or "")),
+    ]))
+    total = sum(byKind.values())
+    page.add(tags.p(f"{total:,} bounces in {label}" + (f" with tag {tag}" if tag else "")
+                    + ("" if complete else " (only the first 100,000 were read)") + ".",
+                    role="status"))
+    base = {"range": chosen, **({"tag": tag} if tag else {})}
+    own = _current(query, names)
+
+    def linked(name: str, counts: dict, key: str, caption: str) -> Tag:
+        table = Table(name, caption, [key, "bounces", "share"])
+        for value, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            table.rows.append((Link(value or "(none)", "/bounces?" + urlencode(dict(base, **{key: value}))),
+                               count, percent(count / total if total else None)))
+        return page.table(table, own, "No bounces.")
+
+    page.add(linked("reasons", byReason, "reason", "By reason"))
+    page.add(linked("kinds", byKind, "kind", "By kind"))
+    page.add(linked("domains", byDomain, "domain", "By recipient domain"))
+    time = Table("time", f"Over time (per {interval})", ["start", "hard", "soft"])
+    for start in _starts(since, now, size):
+        slot = overTime.get(start, {"hard": 0, "soft": 0})
+        time.rows.append((shortTime(rfc3339(start)), slot["hard"], slot["soft"]))
+    page.add(page.table(time, own))
+    if reason or kind or domain:
+        what = ", ".join(f"{n} {v}" for n, v in (("reason", reason), ("kind", kind),
+                                                  ("domain", domain)) if v)
+        table = Table("messages", f"Bounces with {what}",
+                      ["time", "queue id", "recipient", "kind", "reason", "diagnostic"])
+        for event in matching:
+            detail = event.detail or {}
+            table.rows.append((shortTime(rfc3339(event.time)), messageLink(event.queue_id),
+                               event.recipient, detail.get("kind"), detail.get("reason"),
+                               detail.get("diagnostic")))
+        page.add(page.table(table, own, "No bounces match."))
+    return page
+
+
+# -- suppressions -------------------------------------------------------------
+
+
+async def suppressions(ui, context) -> Page:
+    names = ("q", "reason", "cursor", "limit", "done")
+    query = _query(context, names)
+    prefix = query.text("q")
+    reason = query.choice("reason", SUPPRESSION_REASONS)
+    result = await ui.queries.suppressions(prefix, reason, query.cursor(), query.limit())
+    page = _notice(Page(title="Suppression list"), context)
+    page.add(_filters("/suppressions", [
+        ("sq", "Address starts with", tags.input(id="sq", name="q", value=prefix or "")),
+        ("sreason", "Reason", _reasonSelect("sreason", reason, anyOption=True)),
+    ], submit="Search"))
+    page.add(
+        tags.h2("Add an address"),
+        tags.form(
+            _hidden(context),
+            tags.label("Address", tags.input(id="address", name="address", type="email",
+                                             required="required"), **{"for": "address"}),
+            tags.label("Reason", _reasonSelect("reason", "manual"), **{"for": "reason"}),
+            tags.label("Expires (optional)", tags.input(id="expires", name="expires",
+                                                        placeholder="2027-01-31"),
+                       **{"for": "expires"}),
+            tags.button("Add", type="submit"),
+            action="/suppressions/add", method="post", **{"class": "filters"},
+        ),
+        tags.h2("Import and export"),
+        tags.form(
+            _hidden(context),
+            tags.label("CSV file (address, reason, expires)",
+                       tags.input(id="file", name="file", type="file", accept=".csv,text/csv",
+                                  required="required"), **{"for": "file"}),
+            tags.label("Reason when the file gives none", _reasonSelect("ireason", "manual"),
+                       **{"for": "ireason"}),
+            tags.button("Import", type="submit"),
+            action="/suppressions/import", method="post", enctype="multipart/form-data",
+            **{"class": "filters"},
+        ),
+        tags.p(tags.a("Export the whole list as CSV", href="/suppressions/export.csv?"
+                      + urlencode({k: v for k, v in (("q", prefix), ("reason", reason)) if v}))),
+    )
+    table = Table("suppressions", "Suppressed addresses",
+                  ["address", "reason", "added", "expires", "source event", "remove"])
+    for entry in result["items"]:
+        table.rows.append((
+            entry["address"], entry["reason"], shortTime(entry["time"]),
+            shortTime(entry["expires"]) or "never", entry["source_event"],
+            _postButton(context, "/suppressions/remove", "Remove", {"address": entry["address"]},
+                        describedBy=f"Remove {entry['address']}"),
+        ))
+    own = _current(query, ("q", "reason", "cursor", "limit"))
+    page.add(page.table(table, own, "The list has no such address."))
+    page.add(_pager(own, result["next_cursor"]))
+    return page
+
+
+def _reasonSelect(name: str, chosen: Optional[str], anyOption: bool = False) -> Tag:
+    select = tags.select(id=name, name="reason")
+    if anyOption:
+        select(tags.option("any", value=""))
+    for reason in sorted(SUPPRESSION_REASONS):
+        option = tags.option(reason, value=reason)
+        if reason == chosen:
+            option(selected="selected")
+        select(option)
+    return select
+
+
+async def addSuppression(ui, context):
+    item = {"address": (context.field("address", 1000) or "").strip(),
+            "reason": context.field("reason", 50) or "manual"}
+    expires = (context.field("expires", 100) or "").strip()
+    if expires:
+        item["expires"] = expires
+    if not item["address"]:
+        raise badParameter("address", "required: an e-mail address")
+    entry = suppressionEntry(item, ui.clock.seconds(), "manual")
+    await ui.queries.addSuppression(entry)
+    return Redirect("/suppressions?" + urlencode({"q": entry.address, "done": "added"}))
+
+
+async def removeSuppression(ui, context):
+    address = checkAddress((context.field("address", 1000) or "").strip())
+    await ui.queries.removeSuppression(address)
+    return Redirect("/suppressions?done=removed")
+
+
+async def importSuppressions(ui, context):
+    data = context.upload("file")
+    if not data:
+        raise badParameter("file", "required: a CSV file of addresses")
+    reason = context.field("reason", 50) or "manual"
+    if reason not in SUPPRESSION_REASONS:
+        raise badParameter("reason", f"must be one of {', '.join(sorted(SUPPRESSION_REASONS))}")
+    entries = importEntries(csvItems(data), ui.clock.seconds(), reason, MAX_IMPORT)
+    await ui.queries.addSuppressions(entries)
+    return Redirect("/suppressions?done=imported")
+
+
+async def exportSuppressions(ui, context):
+    query = _query(context, ("q", "reason"))
+    entries = await ui.queries.allSuppressions(
+        query.text("q"), query.choice("reason", SUPPRESSION_REASONS)
+    )
+    return Download(suppressionCSV(entries), b"text/csv; charset=utf-8", "suppressions.csv")
+
+
+# -- queue --------------------------------------------------------------------
+
+
+async def queue(ui, context) -> Page:
+    names = ("domain", "state", "cursor", "limit", "done")
+    query = _query(context, names)
+    domain = query.domain()
+    state = query.choice("state", ("queued", "deferred"))
+    summary = await ui.queries.queueSummary(domain)
+    listing = await ui.queries.queueMessages(domain, state, query.limit(), query.cursor())
+    page = _notice(Page(title="Queue"), context)
+    page.add(tags.p(f"{summary['messages']:,} messages, {summary['recipients']:,} recipients "
+                    "waiting on this node.", role="status"))
+    page.add(_filters("/queue", [
+        ("qdomain", "Recipient domain", tags.input(id="qdomain", name="domain",
+                                                    value=domain or "")),
+        ("qstate", "State", tags.select(
+            tags.option("any", value=""),
+            *[tags.option(s, value=s, **({"selected": "selected"} if s == state else {}))
+              for s in ("queued", "deferred")], id="qstate", name="state")),
+    ]))
+    own = _current(query, ("domain", "state", "cursor", "limit"))
+    domains = Table("domains", "By destination domain",
+                    ["domain", "messages", "recipients", "queued", "deferred", "attempting",
+                     "oldest", "next attempt", "deferred because", "retry"])
+    for d in summary["domains"]:
+        domains.rows.append((
+            Link(d["domain"] or "(none)", "/queue?" + urlencode({"domain": d["domain"]})),
+            d["messages"], d["recipients"], d["queued"], d["deferred"], d["attempting"],
+            shortTime(d["oldest"]), shortTime(d["next_attempt"]),
+            "; ".join(f"{r['count']}× {r['reason']}" for r in d["reasons"][:3]) or None,
+            _postButton(context, "/queue/retry-domain", "Retry now", {"domain": d["domain"]},
+                        describedBy=f"Retry everything for {d['domain']} now"),
+        ))
+    page.add(page.table(domains, own, "The queue is empty."))
+    throttle = Table("destinations", "Destinations: limits and adaptive throttle",
+                     ["destination", "queued", "connections", "max connections", "rate",
+                      "throttled", "factor", "until", "why"])
+    for d in ui.queries.destinations():
+        throttle.rows.append((
+            d["destination"], d["queued"], d["connections"],
+            f"{d['max_connections']} of {d['configured_max_connections']}",
+            "" if d["rate"] is None else str(d["rate"]),
+            "yes" if d["throttled"] else "no", d["throttle_factor"], shortTime(d["throttle_until"]),
+            d.get("throttle_reason"),
+        ))
+    page.add(page.table(throttle, own, "No destination has been tried yet."))
+    messages = Table("messages", "Messages, oldest first",
+                     ["queue id", "received", "sender", "tag", "waiting", "actions"])
+    for item in listing["items"]:
+        waiting = [r for r in item["recipients"] if r["state"] in ("queued", "deferred")]
+        actions = tags.span(
+            _postButton(context, "/queue/retry", "Retry", {"queue_id": item["queue_id"]},
+                        describedBy=f"Retry {item['queue_id']} now"),
+            " ",
+            tags.a("Delete…", href="/queue/confirm?" + urlencode({"queue_id": item["queue_id"]}),
+                   **{"aria-label": f"Delete {item['queue_id']}"}),
+        )
+        messages.rows.append((
+            messageLink(item["queue_id"]), shortTime(item["received"]), item["sender"],
+            item["tag"], ", ".join(r["address"] for r in waiting[:3])
+            + (f" and {len(waiting) - 3} more" if len(waiting) > 3 else ""), actions,
+        ))
+    page.add(page.table(messages, own, "No message waits."))
+    page.add(_pager(own, listing["next_cursor"]))
+    return page
+
+
+def _queueID(context) -> str:
+    return checkQueueID((context.field("queue_id", 100) or "").strip())
+
+
+async def confirmDelete(ui, context) -> Page:
+    query = _query(context, ("queue_id",))
+    queue_id = checkQueueID(query.text("queue_id") or "")
+    entry = ui.queries.scheduler.queuedMessage(queue_id)
+    if entry is None:
+        raise ApiError(404, "not_found", f"{queue_id} is not in the queue")
+    waiting = [r.address for r in entry.pending()]
+    page = Page(title=f"Delete {queue_id}?")
+    page.add(
+        tags.p(f"{len(waiting)} recipients still wait: {', '.join(waiting[:10])}"
+               + (" …" if len(waiting) > 10 else "") + ". Deleting ends them as expired "
+               "(reason deleted); nothing is sent to them. This cannot be undone."),
+        tags.p(
+            _postButton(context, "/queue/delete", "Delete the message", {"queue_id": queue_id},
+                        danger=True),
+            " ",
+            tags.a("Cancel", href="/messages/" + quote(queue_id, safe="")),
+        ),
+    )
+    return page
+
+
+async def retry(ui, context):
+    queue_id = _queueID(context)
+    ui.queries.retry(queue_id)
+    if context.field("back", 20) == "message":
+        return Redirect("/messages/" + quote(queue_id, safe="") + "?done=retried")
+    return Redirect("/queue?done=retried")
+
+
+async def retryDomain(ui, context):
+    domain = (context.field("domain", 300) or "").strip().rstrip(".").lower()
+    if not domain or not re.fullmatch(r"[^\x00-\x20\x7f@/]{1,255}", domain):
+        raise badParameter("domain", "required: a recipient domain")
+    ui.queries.retryDomain(domain)
+    return Redirect("/queue?done=retried")
+
+
+async def delete(ui, context):
+    queue_id = _queueID(context)
+    await ui.queries.delete(queue_id)
+    return Redirect("/queue?done=deleted")
+
+
+# -- domains ------------------------------------------------------------------
+
+_STATUS_LABEL = {OK: "ok", WARN: "warning", FAIL: "failed"}
+
+
+async def domains(ui, context) -> Page:
+    query = _query(context, ("refresh",))
+    fresh = query.choice("refresh", ("on",)) == "on"
+    page = Page(title="Sending domains")
+    if ui.domains is None:
+        page.add(tags.p("The DNS checks are not available here.", **{"class": "empty"}))
+        return page
+    page.add(tags.p(
+        "The checks of “smartrelay check-dns” for every domain the relay signs for. ",
+        tags.a("Check again now", href="/domains?refresh=on"),
+    ))
+    for domain in ui.domains.domains:
+        result = await ui.domains.result(domain, fresh=fresh)
+        page.add(tags.h2(domain))
+        checked = datetime.fromtimestamp(result.time, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        page.add(tags.p(f"Checked {checked}.", **{"class": "empty"}))
+        if result.error:
+            page.add(tags.p(result.error, role="alert", **{"class": "error"}))
+            continue
+        table = Table(f"dns-{domain}", f"DNS checklist for {domain}",
+                      ["check", "name", "status", "what was found", "publish"])
+        for check in result.checks:
+            status = tags.span(_STATUS_LABEL.get(check.status, check.status),
+                               **{"class": f"status-{check.status}"})
+            table.rows.append((check.check, check.name, status, check.message,
+                               tags.code(check.publish) if check.publish else None))
+        page.add(page.table(table, {}, "No checks ran."))
+    return page
