@@ -294,7 +294,7 @@ class RelayMetrics:
 # -- export files and webhooks (issue 16) ---------------------------------------
 
 
-@attrs.define
+@attrs.define(eq=False)
 class ExportCollector:
     """
     The exporter's and the webhook sender's counters
