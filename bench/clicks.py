@@ -5,11 +5,17 @@ smartrelay}, on loopback, both on this machine's cores.
 
     python3 bench/clicks.py                    # 3 runs of 10 s, 50 connections
     python3 bench/clicks.py --connections 100 --seconds 20 --runs 5
+    python3 bench/clicks.py --access-log file  # [web] access_log = a file
 
 The token is sealed with the relay's own key (a fixed C{[smartrelay]
 secret}), so every request is a valid click: token opened, a C{clicked}
 event recorded, a 302 to the link.  Prints requests/s and latency
 percentiles of each run, and the medians.
+
+Each run is followed by one against a bare Klein route on the same
+machine (C{--bare}: a process of its own whose only route answers 302
+with a C{Location}, on a plain Twisted Web C{Site}), so the relay's
+figure can be read as a ratio to the framework's in the same conditions.
 """
 
 import argparse
@@ -44,7 +50,7 @@ def clickURL(port: int) -> str:
     return f"http://127.0.0.1:{port}/t/c/{token}"
 
 
-def startRelay(workdir: str, webPort: int) -> subprocess.Popen:
+def startRelay(workdir: str, webPort: int, accessLog: str = "log") -> subprocess.Popen:
     config = os.path.join(workdir, "smartrelay.ini")
     with open(config, "w") as f:
         f.write(f"""[smartrelay]
@@ -60,6 +66,7 @@ listen = tcp:0:interface=127.0.0.1
 
 [web]
 listen = tcp:{webPort}:interface=127.0.0.1
+access_log = {accessLog}
 
 [tracking]
 base_url = http://127.0.0.1:{webPort}
@@ -84,6 +91,43 @@ hold = on
     sys.exit("bench: the relay did not start; see " + os.path.join(workdir, "twistd.log"))
 
 
+def serveBare(port: int) -> None:
+    """
+    The comparison: a Klein app whose one route answers 302 and nothing
+    else, served on C{port} until killed.
+    """
+    from klein import Klein
+    from twisted.internet import endpoints, reactor
+    from twisted.web.server import Site
+
+    app = Klein()
+
+    @app.route("/t/c/<string:token>", methods=["GET", "HEAD"])
+    def click(request, token):
+        request.setResponseCode(302)
+        request.setHeader(b"Location", b"https://www.example.org/offer?utm_source=mail")
+        return b""
+
+    endpoints.serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1").listen(
+        Site(app.resource()))
+    reactor.run()
+
+
+def startBare(port: int) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--bare", str(port)])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            connection.request("GET", "/t/c/x")
+            connection.getresponse().read()
+            return process
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    sys.exit("bench: the bare Klein server did not start")
+
+
 def wrk(url: str, connections: int, seconds: int) -> dict:
     output = subprocess.run(
         [shutil.which("wrk") or sys.exit("bench: apt-get install -y wrk"), "-t2",
@@ -105,10 +149,18 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--access-log", default="log", choices=["log", "file", "off"],
+                        help="[web] access_log: the relay's log (default), a file, off")
+    parser.add_argument("--bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare:
+        return serveBare(args.bare)
     workdir = tempfile.mkdtemp(prefix="bench-clicks-")
     port = accept.freePort()
-    relay = startRelay(workdir, port)
+    accessLog = os.path.join(workdir, "access.log") if args.access_log == "file" else args.access_log
+    relay = startRelay(workdir, port, accessLog)
+    barePort = accept.freePort()
+    bare = startBare(barePort)
     try:
         url = clickURL(port)
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -117,16 +169,25 @@ def main() -> None:
         if answer.status != 302:
             sys.exit(f"bench: the click answered {answer.status}, not 302")
         connection.close()
-        results = []
+        results, bares = [], []
         for run in range(args.runs):
             result = wrk(url, args.connections, args.seconds)
             results.append(result)
             print(f"run {run + 1}: {result['rate']:,.0f} requests/s, p50 {result['p50']:.1f} ms, "
                   f"p99 {result['p99']:.1f} ms, non-3xx {result['bad']}", flush=True)
-        print(f"median: {statistics.median(r['rate'] for r in results):,.0f} requests/s, "
+            result = wrk(f"http://127.0.0.1:{barePort}/t/c/x", args.connections, args.seconds)
+            bares.append(result)
+            print(f"       bare Klein route: {result['rate']:,.0f} requests/s, "
+                  f"p99 {result['p99']:.1f} ms", flush=True)
+        rate = statistics.median(r["rate"] for r in results)
+        bareRate = statistics.median(r["rate"] for r in bares)
+        print(f"median: {rate:,.0f} requests/s, "
               f"p99 {statistics.median(r['p99'] for r in results):.1f} ms "
-              f"({args.connections} connections, {args.seconds} s x {args.runs})")
+              f"({args.connections} connections, {args.seconds} s x {args.runs}); "
+              f"bare Klein route {bareRate:,.0f} requests/s; ratio {rate / bareRate:.2f}")
     finally:
+        bare.kill()
+        bare.wait()
         relay.send_signal(signal.SIGTERM)
         relay.wait(60)
         shutil.rmtree(workdir, ignore_errors=True)

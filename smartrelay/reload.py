@@ -14,6 +14,9 @@ Applied at once:
   - C{[feedback] soft_bounce_limit} and C{soft_bounce_window} (when soft
     bounces put an address on the suppression list).
 
+An access log file (C{[web] access_log} set to a path) is reopened, for
+logrotate, whatever else the reload finds.
+
 Every other key that differs from the running configuration is named in
 one log line as needing a restart (among them C{[smartrelay] secret}, the
 token keys: the re-wrap worker processes and the links already sent hold
@@ -163,6 +166,9 @@ class Reloader:
             self.log.info("reload: the relay is not running; nothing re-read")
             return ReloadReport(problem="the relay is not running")
         self.log.info("reload: re-reading the configuration")
+        reopen = getattr(getattr(self.service, "accessLog", None), "reopen", None)
+        if reopen is not None:
+            reopen()
         try:
             new = await self.runInThread(self.load)
         except ConfigError as e:

@@ -59,6 +59,7 @@ from smartrelay.web.metrics import ExportCollector, MetricsApp, RelayCollector, 
 from smartrelay.export.services import checkWebhookTarget, makeExporter, makeWebhooks
 from smartrelay.web.site import SiteRoot, makeSite
 from smartrelay.web.tracking import TrackingApp
+from smartrelay.web.ui.build import makeUiApp
 
 #: Threads that write new messages to the spool: enough for the kernel to
 #: merge their fsyncs.
@@ -393,10 +394,16 @@ class RelayService(MultiService):
             accessLog = AccessLogFile(accessLog, reactor)
             accessLog.setServiceParent(self)
         self.accessLog = accessLog
+        # The reports UI (smartrelay/web/ui/) answers / and below, over the
+        # API's query layer; the tracking links keep /t/ and /u/.
+        self.ui = makeUiApp(config, reactor, self.api.queries, self.runDeliveryIO)
+        tracking = self.web.resource()
         self.webSite = makeSite(
             SiteRoot(
-                self.web.resource(),
+                self.ui.resource(),
                 {
+                    b"t": tracking,
+                    b"u": tracking,
                     b"api": self.api.resource(),
                     **dict.fromkeys(MetricsApp.PATHS, self.metricsApp.resource()),
                 },

@@ -180,6 +180,16 @@ class ReloaderTests(SynchronousTestCase):
         self.assertNotIn(token, " ".join(self.messages()))
         self.assertIn("1 API token(s) now accepted", " ".join(self.messages()))
 
+    def test_accessLogReopened(self) -> None:
+        """
+        A reload reopens an access log file (C{[web] access_log} a path),
+        so lines after logrotate go to the new file.
+        """
+        reopened = []
+        self.service.accessLog = type("Log", (), {"reopen": lambda self: reopened.append(1)})()
+        self.reload()
+        self.assertEqual(reopened, [1])
+
     def test_restartNeeded(self) -> None:
         """
         Keys that cannot change live are named in one warning, every reload

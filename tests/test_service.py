@@ -258,6 +258,32 @@ class WiringTests(SynchronousTestCase):
         self.assertIs(relay.rewrapper.signer, relay.signer)
         self.assertIs(relay.scheduler.rewrapper, relay.rewrapper)
 
+    def test_accessLog(self):
+        """
+        C{[web] access_log}: the relay's log by default, nothing for
+        C{off}, and for a path an L{AccessLogFile} that the relay starts
+        and stops as one of its services.
+        """
+        import attrs
+
+        from smartrelay.web.accesslog import AccessLogFile
+
+        self.assertEqual(self.makeRelay().webSite.accessLog, "log")
+        config = wiringConfig(self.dataDir)
+        for value, expected in [("off", None), ("log", "log")]:
+            relay = makeRelayService(
+                attrs.evolve(config, web=attrs.evolve(config.web, access_log=value)),
+                self.reactor, self.threads)
+            self.assertEqual(relay.webSite.accessLog, expected)
+        path = os.path.join(self.dataDir, "access.log")
+        relay = makeRelayService(
+            attrs.evolve(config, web=attrs.evolve(config.web, access_log=path)),
+            self.reactor, self.threads)
+        self.assertIsInstance(relay.webSite.accessLog, AccessLogFile)
+        self.assertIs(relay.accessLog, relay.webSite.accessLog)
+        self.assertEqual(relay.accessLog.path, path)
+        self.assertIn(relay.accessLog, list(relay))
+
     def test_listensOnlyWhenReady(self):
         """
         Nothing listens before the store is open, this run's id state is

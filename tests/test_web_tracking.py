@@ -804,6 +804,87 @@ class OtherPathTests(TrackingTestsMixin, SynchronousTestCase):
         self.assertIs(site.reactor, self.clock)
 
 
+class FastRouteTests(TrackingTestsMixin, SynchronousTestCase):
+    """
+    The click and pixel routes served in front of Klein answer exactly as
+    the Klein routes do (a percent-encoded token segment goes through
+    Klein).
+    """
+
+    def answer(self, path):
+        response, body = self.request("GET", path)
+        headers = {
+            name: values
+            for name, values in response.headers.getAllRawHeaders()
+            if name.lower() != b"date"
+        }
+        return response.code, headers, body
+
+    def viaKlein(self, path):
+        # The last character of the token percent-encoded: the same token
+        # once decoded, but not a plain segment.
+        head, tail = path[:-1], path[-1]
+        return head + "%%%02X" % ord(tail)
+
+    def test_sameAnswers(self):
+        """
+        Good and bad clicks and pixels: same code, headers, body and
+        events by either path.
+        """
+        paths = [
+            f"/t/c/{signed(self, 'c', 'https://shop.example/p?id=1')}",
+            f"/t/c/{signed(self, 'c', 'javascript:alert(1)')}",
+            f"/t/c/{signed(self, 'o')}",
+            "/t/c/garbage",
+            f"/t/o/{signed(self, 'o')}.gif",
+            "/t/o/garbage.gif",
+        ]
+        for path in paths:
+            before = len(self.tracked())
+            fast = self.answer(path)
+            afterFast = self.tracked()
+            slow = path[:-4] if path.endswith(".gif") else path
+            klein = self.answer(self.viaKlein(slow) + path[len(slow):])
+            afterKlein = self.tracked()
+            self.assertEqual(fast, klein, path)
+            fastEvents = afterFast[before:]
+            self.assertEqual(afterKlein[len(afterFast):], fastEvents, path)
+        # One good click and one good pixel, each answered both ways.
+        self.assertEqual(len(self.tracked()), 4)
+
+    def tracked(self):
+        return [
+            (e.type, e.queue_id, e.recipient, e.tag, e.metadata, e.detail)
+            for e in self.recorded("clicked") + self.recorded("opened")
+        ]
+
+    def test_otherSegmentsToKlein(self):
+        """
+        Paths that are not a click or a pixel under C{/t/} are Klein's
+        (404 page), whatever their shape.
+        """
+        for path in ["/t/x/abc", "/t/o/token.png", "/t/o/.gif", "/t/c/a/b"]:
+            response, body = self.request("GET", path)
+            self.assertPage(response, body, 404, "Page not found")
+
+    def test_internalError(self):
+        """
+        An unexpected error on the fast path gets the same 500 page and
+        logged error as through Klein.
+        """
+
+        class BrokenTokens:
+            def read(self, kind, token):
+                raise RuntimeError("secret detail")
+
+        self.app.tokens = BrokenTokens()
+        for path in ["/t/c/abc", "/t/c/ab%63"]:
+            response, body = self.request("GET", path)
+            self.assertPage(response, body, 500, "Something went wrong")
+            self.assertNotIn(b"secret detail", body)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+
 def digest(token: str) -> str:
     return hashlib.sha256(token.encode("ascii")).hexdigest()[:8]
 

@@ -19,8 +19,9 @@ Who the client of a request is (behind C{[web] trusted_proxies}) is
 L{smartrelay.web.proxies.clientAddress}.
 """
 
-from typing import Optional
+from typing import Any, Optional
 
+from twisted.python import log
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -112,16 +113,43 @@ class BoundedRequest(Request):
         super().handleContentChunk(data)
 
 
-def makeSite(root: Resource, clock) -> Site:
+class _Site(Site):
+    """
+    A site whose access log goes where C{[web] access_log} says: the
+    relay's log (Twisted Web's default), nowhere (C{accessLog} L{None}), or
+    an object with C{write(str)} such as
+    L{smartrelay.web.accesslog.AccessLogFile}.
+    """
+
+    accessLog: Any = "log"
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        if self.accessLog != "log":
+            self._logFile = self.accessLog
+
+    def stopFactory(self) -> None:
+        # Twisted Web closes a log file of its own; this one is the relay's.
+        if self.accessLog != "log":
+            self._logFile = log.logfile
+        super().stopFactory()
+
+
+def makeSite(root: Resource, clock, accessLog: Any = "log") -> Site:
     """
     A quiet Twisted Web site serving C{root} on C{clock}, never showing
     tracebacks, whose access log shows no tokens
     (L{smartrelay.web.tracking.accessLogFormatter}), keeping at most
     L{MAX_BODY} bytes of a request body (L{BoundedRequest}).
+
+    @param accessLog: C{"log"} for the relay's log, L{None} for no access
+        log, or a file-like C{write(str)} (L{AccessLogFile
+        <smartrelay.web.accesslog.AccessLogFile>}).
     """
-    site = Site(
+    site = _Site(
         root, requestFactory=BoundedRequest, logFormatter=accessLogFormatter, reactor=clock
     )
+    site.accessLog = accessLog
     site.noisy = False
     site.displayTracebacks = False
     return site

@@ -1,0 +1,240 @@
+"""
+Tests for L{smartrelay.web.accesslog} and C{[web] access_log}: where the
+site's access lines go.
+"""
+
+import os
+
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+
+from smartrelay.config import ConfigError, parseConfig
+from smartrelay.web.accesslog import FLUSH_INTERVAL, MAX_WAITING, AccessLogFile
+from smartrelay.web.site import makeSite
+
+
+class AccessLogFileTests(SynchronousTestCase):
+    """
+    L{AccessLogFile} writes lines in batches.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.path = os.path.join(self.mktemp() + "-dir", "access.log")
+        os.makedirs(os.path.dirname(self.path))
+        self.log = AccessLogFile(self.path, self.clock)
+        self.log.startService()
+        self.addCleanup(lambda: self.log.running and self.log.stopService())
+
+    def read(self):
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def test_batched(self):
+        """
+        Lines wait in memory until the next second's write.
+        """
+        self.log.write("one\n")
+        self.log.write("two\n")
+        self.assertEqual(self.read(), b"")
+        self.clock.advance(FLUSH_INTERVAL)
+        self.assertEqual(self.read(), b"one\ntwo\n")
+
+    def test_full(self):
+        """
+        64 KiB of waiting lines are written at once.
+        """
+        line = "x" * 1023 + "\n"
+        for _ in range(MAX_WAITING // len(line)):
+            self.log.write(line)
+        self.assertEqual(len(self.read()), MAX_WAITING)
+
+    def test_stop(self):
+        """
+        Stopping writes what waits and closes the file.
+        """
+        self.log.write("last\n")
+        self.log.stopService()
+        self.assertEqual(self.read(), b"last\n")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_appends(self):
+        """
+        An existing file is appended to, never truncated.
+        """
+        self.log.stopService()
+        with open(self.path, "wb") as f:
+            f.write(b"old\n")
+        log = AccessLogFile(self.path, self.clock)
+        log.startService()
+        log.write("new\n")
+        log.stopService()
+        self.assertEqual(self.read(), b"old\nnew\n")
+
+    def test_reopen(self):
+        """
+        After the file is moved away (logrotate), C{reopen} writes the
+        waiting lines to the old file and the next ones to a new file.
+        """
+        self.log.write("before\n")
+        os.rename(self.path, self.path + ".1")
+        self.log.reopen()
+        self.log.write("after\n")
+        self.clock.advance(FLUSH_INTERVAL)
+        with open(self.path + ".1", "rb") as f:
+            self.assertEqual(f.read(), b"before\n")
+        self.assertEqual(self.read(), b"after\n")
+
+    def test_reopenFails(self):
+        """
+        A file that cannot be reopened keeps the old one, with a log line.
+        """
+        os.rename(self.path, self.path + ".1")
+        os.rename(os.path.dirname(self.path), os.path.dirname(self.path) + "-gone")
+        self.log.reopen()
+        self.log.write("still\n")
+        self.clock.advance(FLUSH_INTERVAL)
+        gone = os.path.join(os.path.dirname(self.path) + "-gone", "access.log.1")
+        with open(gone, "rb") as f:
+            self.assertEqual(f.read(), b"still\n")
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_writeFails(self):
+        """
+        A failed write drops those lines with one error line, and the site
+        goes on.
+        """
+        os.close(self.log._fd)
+        self.log._fd = os.open(os.devnull, os.O_RDONLY)
+        logged = []
+        self.log.log = Logger(observer=logged.append)
+        self.log.write("lost\n")
+        self.clock.advance(FLUSH_INTERVAL)
+        self.log.write("lost too\n")
+        self.clock.advance(FLUSH_INTERVAL)
+        self.assertEqual(len(logged), 1)
+        self.assertIn("cannot write the access log", logged[0]["log_format"])
+
+    def test_nonUTF8(self):
+        """
+        A line is written as UTF-8, anything unencodable replaced.
+        """
+        self.log.write("caf\u00e9 \udcff\n")
+        self.clock.advance(FLUSH_INTERVAL)
+        self.assertEqual(self.read(), "caf\u00e9 ?\n".encode("utf-8"))
+
+
+class Hello(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        return b"hello"
+
+
+class SiteAccessLogTests(SynchronousTestCase):
+    """
+    L{makeSite} sends its access lines where C{accessLog} says.
+    """
+
+    def test_file(self):
+        """
+        With an L{AccessLogFile}, a request's line goes to it.
+        """
+        written = []
+
+        class Lines:
+            def write(self, line):
+                written.append(line)
+
+        site = makeSite(Hello(), Clock(), Lines())
+        site.doStart()
+        self.addCleanup(site.doStop)
+        request = site.requestFactory(_Channel(site), False)
+        request.method, request.uri, request.clientproto = b"GET", b"/t/c/tok", b"HTTP/1.1"
+        site.log(request)
+        [line] = written
+        self.assertIn('"GET /t/c/<token:', line)
+
+    def test_stopLeavesFileOpen(self):
+        """
+        Stopping the site does not close the access log file: the relay
+        stops it (after a last write) as a service of its own.
+        """
+
+        class Lines:
+            def write(self, line):
+                pass
+
+            def close(self):
+                self.fail("closed")
+
+        for accessLog in [Lines(), None]:
+            site = makeSite(Hello(), Clock(), accessLog)
+            site.doStart()
+            site.doStop()
+
+    def test_off(self):
+        """
+        With L{None}, nothing is logged and nothing is formatted.
+        """
+        site = makeSite(Hello(), Clock(), None)
+        site.doStart()
+        self.addCleanup(site.doStop)
+        site._logFormatter = lambda *a: self.fail("formatted")
+        site.log(object())
+
+
+class _Channel:
+    def __init__(self, site):
+        self.site = site
+        self.transport = None
+
+    def getPeer(self):
+        from twisted.internet.address import IPv4Address
+
+        return IPv4Address("TCP", "127.0.0.1", 1234)
+
+    def getHost(self):
+        return self.getPeer()
+
+
+class ConfigTests(SynchronousTestCase):
+    """
+    C{[web] access_log}.
+    """
+
+    def parse(self, value):
+        return parseConfig(f"[web]\naccess_log = {value}\n", "etc/x.ini").web.access_log
+
+    def test_values(self):
+        """
+        C{log} (the default), C{off} and a writable file path.
+        """
+        self.assertEqual(parseConfig("", "x").web.access_log, "log")
+        self.assertEqual(self.parse("off"), "off")
+        path = os.path.abspath(self.mktemp())
+        self.assertEqual(self.parse(path), path)
+
+    def test_bad(self):
+        """
+        A path whose directory is missing, a directory, an unwritable
+        place or nothing: one-line errors naming the key.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        os.chmod(directory, 0o500)
+        self.addCleanup(os.chmod, directory, 0o700)
+        for value, problem in [
+            ("/nonexistent/dir/access.log", "the directory of '/nonexistent/dir/access.log' does not exist"),
+            (directory, f"{directory!r} is a directory"),
+            ("", "expected log, off or a file path"),
+        ] + ([] if os.geteuid() == 0 else [
+            (os.path.join(directory, "a.log"), f"{os.path.join(directory, 'a.log')!r} cannot be written"),
+        ]):
+            with self.assertRaises(ConfigError) as e:
+                self.parse(value)
+            self.assertIn("access_log", str(e.exception))
+            self.assertIn(problem, str(e.exception))
+            self.assertNotIn("\n", str(e.exception))
