@@ -25,19 +25,11 @@ def makeUiApp(config, reactor, queries: Queries, runInThread) -> UiApp:
     users_file} checked in C{runInThread} (scrypt is slow), its sessions
     as C{[web] session_timeout} and C{session_lifetime} say.
     """
-    from smartrelay.outbound.router import makeResolver
-
     web = config.web
     checker = None
     if web.users_file is not None:
         checker = HashedPasswordChecker(PasswordFile.load(web.users_file), runInThread)
-    servers = config.delivery.nameservers
-    dns = DNSChecker(
-        resolver=makeResolver(servers, reactor),
-        config=config,
-        timeout=DNS_TIMEOUT,
-        nameservers=", ".join(f"{h}:{p}" for h, p in servers) or "the system's name servers",
-    )
+    dns = _LazyDNSChecker(config, reactor)
     return UiApp(
         queries=queries,
         clock=reactor,
@@ -46,8 +38,35 @@ def makeUiApp(config, reactor, queries: Queries, runInThread) -> UiApp:
         trustedProxies=web.trusted_proxies,
         domains=DomainChecks(
             sendingDomains(config),
-            run=lambda domain: Deferred.fromCoroutine(dns.run(domain)),
+            run=dns.run,
             clock=reactor,
         ),
         rewrap=RewrapSettings.fromConfig(config),
     )
+
+
+class _LazyDNSChecker:
+    """
+    The DNS checks with the resolver the relay would use, made at the
+    first check (a resolver reads the system's configuration and keeps a
+    timer to re-read it: nothing of that before the page is asked for).
+    """
+
+    def __init__(self, config, reactor) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.checker = None
+
+    def run(self, domain: str) -> Deferred:
+        if self.checker is None:
+            from smartrelay.outbound.router import makeResolver
+
+            servers = self.config.delivery.nameservers
+            self.checker = DNSChecker(
+                resolver=makeResolver(servers, self.reactor),
+                config=self.config,
+                timeout=DNS_TIMEOUT,
+                nameservers=", ".join(f"{h}:{p}" for h, p in servers)
+                or "the system's name servers",
+            )
+        return Deferred.fromCoroutine(self.checker.run(domain))
