@@ -131,7 +131,10 @@ class ExportTests(RelayTestMixin, TestCase):
         counts = self.exported()
         self.assertEqual(set(counts), {e["id"] for e in stored})
         self.assertEqual([i for i, n in counts.items() if n > 1], [])
-        self.assertGreaterEqual(len(stored), 16)
+        # The a and c messages' accepted and delivered events at least (a
+        # kill -9 may take events of the b messages not yet in the store:
+        # the spool, not the store, is what a 250 promises).
+        self.assertGreaterEqual(len(stored), 10)
         self.assertEqual(self.torn, [])
         self.assertEqual([n for n in os.listdir(self.exportDir) if n.endswith(".tmp")], [])
 
