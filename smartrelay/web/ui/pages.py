@@ -833,7 +833,7 @@ async def queue(ui, context) -> Page:
             shortTime(d["oldest"]), shortTime(d["next_attempt"]),
             "; ".join(f"{r['count']}× {r['reason']}" for r in d["reasons"][:3]) or None,
             _postButton(context, "/queue/retry-domain", "Retry now", {"domain": d["domain"]},
-                        describedBy=f"Retry everything for {d['domain']} now"),
+                        describedBy=f"Retry now for {d['domain']}"),
         ))
     page.add(page.table(domains, own, "The queue is empty."))
     throttle = Table("destinations", "Destinations: limits and adaptive throttle",
@@ -856,7 +856,7 @@ async def queue(ui, context) -> Page:
             _postButton(context, "/queue/retry", "Retry", {"queue_id": item["queue_id"]},
                         describedBy=f"Retry {item['queue_id']} now"),
             " ",
-            tags.a("Delete…", href="/queue/confirm?" + urlencode({"queue_id": item["queue_id"]}),
+            tags.a("Delete", href="/queue/confirm?" + urlencode({"queue_id": item["queue_id"]}),
                    **{"aria-label": f"Delete {item['queue_id']}"}),
         )
         messages.rows.append((
