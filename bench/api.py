@@ -21,13 +21,15 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# bench/accept.py's helpers; smartrelay itself is the installed one (the
+# checkout is never put on sys.path).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from twisted.internet.defer import maybeDeferred  # noqa: E402
 
 from smartrelay.events import Event  # noqa: E402
 from smartrelay.store.sqlite import SQLiteStore  # noqa: E402
-from tests.sink import installedEnvironment, installedScript  # noqa: E402
+from accept import installedEnvironment, installedScript  # noqa: E402
 
 TOKEN = "bench-api-token-0123456789abcdef"
 

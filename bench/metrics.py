@@ -21,8 +21,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from prometheus_client.exposition import generate_latest  # noqa: E402
 from twisted.internet.defer import maybeDeferred  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
