@@ -236,6 +236,13 @@ async def oneRun(args) -> dict:
             if relay.poll() is not None or time.monotonic() > deadline:
                 sys.exit("bench: relay did not start:\n" + open(log).read())
             await sleep(0.05)
+        profiler = None
+        if args.profile:
+            # py-spy (PyPI) samples the relay's threads while reports arrive.
+            profiler = subprocess.Popen(
+                ["py-spy", "record", "-p", str(relay.pid), "-r", "200", "-f", "raw",
+                 "-o", args.profile, "--nonblocking", "-d", "8"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         queue = reports(args.reports)
         factory = SenderFactory(queue)
         database = os.path.join(workdir, "var", "smartrelay.sqlite")
@@ -263,6 +270,9 @@ async def oneRun(args) -> dict:
         count = suppressed(database)
         cpu = cpuSeconds(relay.pid) - cpuBefore
         rss = peakRSS(relay.pid)
+        if profiler is not None:
+            profiler.wait(30)
+            args.profile = None  # the first run only
     finally:
         relay.send_signal(signal.SIGTERM)
         relay.wait(60)
@@ -309,6 +319,8 @@ if __name__ == "__main__":
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--tmp", default=None, help="directory for the relay's data")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="py-spy raw profile of the relay for 8 s of the first run")
     parser.add_argument("--quiet", action="store_true",
                         help="[smartrelay] log_messages = off (no line per report)")
     args = parser.parse_args()
