@@ -425,3 +425,32 @@ class FormatTests(SynchronousTestCase):
         An unknown format is a L{ValueError}.
         """
         self.assertRaises(ValueError, formats.encode, "xml", [])
+
+
+class FastPathTests(SynchronousTestCase):
+    """
+    The export's fast encodings give the same text as the event model's.
+    """
+
+    @given(st.floats(min_value=0, max_value=4e9) | st.integers(0, 4_000_000_000).map(
+        lambda n: n + 0.9995))
+    def test_rfc3339(self, seconds):
+        """
+        L{formats.rfc3339} is L{smartrelay.events.rfc3339} for any time.
+        """
+        from smartrelay.events import rfc3339
+
+        self.assertEqual(formats.rfc3339(seconds), rfc3339(seconds))
+
+    @given(eventStrategy)
+    def test_jsonLine(self, event):
+        """
+        A line is the compact JSON of the event's section 1.7 object, keys
+        in order.
+        """
+        self.assertEqual(
+            formats.jsonLine(event),
+            json.dumps(event.asDict(), ensure_ascii=False, separators=(",", ":")) + "\n",
+        )
+        self.assertEqual(formats.jsonLine(event.asDict()), formats.jsonLine(event))
+        self.assertEqual(formats.csvRow(event.asDict()), formats.csvRow(event))

@@ -93,7 +93,9 @@ class ExportFile:
         self._out.write(header(format).encode("utf-8"))
 
     def write(self, events: list) -> None:
-        self._out.write(encode(self.format, events).encode("utf-8"))
+        # "replace": a lone surrogate (never valid UTF-8) must not stop the
+        # export for good.
+        self._out.write(encode(self.format, events).encode("utf-8", "replace"))
         self.count += len(events)
 
     def commit(self, marker: bool) -> None:
