@@ -3,8 +3,9 @@ The one web site of the relay (DESIGN section 1.6): which application
 answers which path, and who the client of a request is.
 
 L{SiteRoot} sends a request to an application by the first segment of its
-path (C{api} to the HTTP API, C{metrics} and C{healthz} to theirs) and
-everything else to the tracking and unsubscribe routes.  Every
+path (C{api} to the HTTP API, C{metrics} and C{healthz} to theirs, C{t}
+and C{u} to the tracking and unsubscribe routes) and everything else to
+the default application, the reports UI (C{service.py} builds it).  Every
 application sees the whole path (its Klein routes are written
 C{/api/v1/...}, C{/t/c/<token>}), so none needs to know where it is
 mounted::
