@@ -1675,6 +1675,84 @@ class StoreContractMixin:
         self.failureResultOf(self.store.takeFromOutbox("w", T0, 1), StoreClosed)
         self.failureResultOf(self.store.outboxSize("w"), StoreClosed)
 
+    # -- SMS submissions (ISMSSubmissions, issue 15) -------------------------
+
+    def smsSubmission(self, message_id="5B1A", part=1, parts=2, time=T0, **kw):
+        from smartrelay.store.interfaces import SMSSubmission
+
+        fields = dict(queue_id="Q1", recipient="+393331234567@sms.example.com",
+                      tag="otp", metadata={"user": "7"})
+        fields.update(kw)
+        return SMSSubmission(message_id=message_id, part=part, parts=parts, time=time, **fields)
+
+    def test_smsProvidesInterface(self):
+        """
+        The store provides L{ISMSSubmissions}.
+        """
+        from smartrelay.store.interfaces import ISMSSubmissions
+
+        self.assertTrue(verifyObject(ISMSSubmissions, self.store))
+
+    def test_smsSubmissionFoundByNormalisedID(self):
+        """
+        A submission is found by its message id in any case and with
+        leading zeros; an unknown id finds nothing.
+        """
+        submission = self.smsSubmission("005B1A")
+        self.successResultOf(self.store.addSMSSubmission(submission))
+        self.assertEqual(self.successResultOf(self.store.findSMSSubmission("5b1a")), submission)
+        self.assertEqual(self.successResultOf(self.store.findSMSSubmission(" 05B1A")), submission)
+        self.assertIsNone(self.successResultOf(self.store.findSMSSubmission("5B1B")))
+        self.failureResultOf(self.store.findSMSSubmission(""), ValueError)
+        self.failureResultOf(self.store.findSMSSubmission("a" * 65), ValueError)
+
+    def test_smsSubmissionsOfRecipient(self):
+        """
+        The parts submitted for one message and recipient come back in
+        part order; a submission with the same id replaces the old one.
+        """
+        second = self.smsSubmission("B2", part=2, time=T0 + 1)
+        first = self.smsSubmission("B1", part=1, time=T0 + 2)
+        other = self.smsSubmission("C1", recipient="+15551234567@sms.example.com")
+        for submission in (second, first, other):
+            self.successResultOf(self.store.addSMSSubmission(submission))
+        found = self.successResultOf(
+            self.store.smsSubmissions("Q1", "+393331234567@sms.example.com")
+        )
+        self.assertEqual(found, [first, second])
+        moved = self.smsSubmission("B1", queue_id="Q2", part=1, time=T0 + 3)
+        self.successResultOf(self.store.addSMSSubmission(moved))
+        self.assertEqual(self.successResultOf(self.store.findSMSSubmission("b1")), moved)
+        self.assertEqual(
+            self.successResultOf(self.store.smsSubmissions("Q1", "+393331234567@sms.example.com")),
+            [second],
+        )
+
+    def test_smsSubmissionsPruned(self):
+        """
+        Pruning deletes submissions older than the cut-off, at most limit
+        a call.
+        """
+        for number in range(3):
+            self.successResultOf(
+                self.store.addSMSSubmission(self.smsSubmission(f"A{number}", time=T0 + number))
+            )
+        self.assertEqual(self.successResultOf(self.store.pruneSMSSubmissions(T0 + 2, 1)), 1)
+        self.assertEqual(self.successResultOf(self.store.pruneSMSSubmissions(T0 + 2)), 1)
+        self.assertEqual(self.successResultOf(self.store.pruneSMSSubmissions(T0 + 2)), 0)
+        self.assertIsNotNone(self.successResultOf(self.store.findSMSSubmission("a2")))
+
+    def test_smsSubmissionBadValues(self):
+        """
+        A submission with a bad id, part or missing queue id cannot be
+        made.
+        """
+        self.assertRaises(ValueError, self.smsSubmission, "bad id")
+        self.assertRaises(ValueError, self.smsSubmission, part=3, parts=2)
+        self.assertRaises(ValueError, self.smsSubmission, part=0)
+        self.assertRaises(ValueError, self.smsSubmission, queue_id="")
+
+
 class MemoryStoreTests(StoreContractMixin, SynchronousTestCase):
     """
     L{MemoryStore} fulfils the store contract.

@@ -29,6 +29,7 @@ from zope.interface.verify import verifyObject
 from smartrelay.store.interfaces import (
     EventPage,
     IEventStreams,
+    ISMSSubmissions,
     IStore,
     StoreClosed,
     SuppressionEntry,
@@ -50,7 +51,7 @@ from tests.certs import selfSigned
 from tests.test_store import T0, StoreContractMixin, event
 
 
-@implementer(IStore, IEventStreams)
+@implementer(IStore, IEventStreams, ISMSSubmissions)
 class BlockingStore:
     """
     An L{IStore} for a test running in a worker thread: every call runs on
@@ -133,6 +134,20 @@ class BlockingStore:
 
     def outboxSize(self, outbox):
         return self._call("outboxSize", outbox)
+
+    # ISMSSubmissions (issue 15)
+
+    def addSMSSubmission(self, submission):
+        return self._call("addSMSSubmission", submission)
+
+    def findSMSSubmission(self, message_id):
+        return self._call("findSMSSubmission", message_id)
+
+    def smsSubmissions(self, queue_id, recipient):
+        return self._call("smsSubmissions", queue_id, recipient)
+
+    def pruneSMSSubmissions(self, before, limit=10000):
+        return self._call("pruneSMSSubmissions", before, limit)
 
 
 def newPrefix() -> str:

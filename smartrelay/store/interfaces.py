@@ -1123,3 +1123,125 @@ def checkTakeArguments(outbox, now, lease, limit) -> tuple:
     lease = _positive("lease", lease)
     limit = checkLimit(limit)
     return outbox, now, lease, limit
+
+
+# -- SMS submissions (issue 15) ----------------------------------------------
+
+#: The longest SMSC message id SMPP 3.4 allows (65 octets with the NUL).
+MAX_SMS_MESSAGE_ID = 64
+
+_SMS_ID_RE = re.compile(r"[\x21-\x7e]{1,64}")
+
+
+def normaliseSMSMessageID(message_id) -> str:
+    """
+    An SMSC message id as the SMS stores key it: stripped, lower-case,
+    leading zeros dropped (so C{"00A1"} and C{"a1"} are one id).
+
+    @raise ValueError: empty, longer than L{MAX_SMS_MESSAGE_ID}, or with
+        characters other than printable ASCII.
+    """
+    if not isinstance(message_id, str):
+        raise ValueError(f"an SMSC message id is text, not {type(message_id).__name__}")
+    text = message_id.strip()
+    if not _SMS_ID_RE.fullmatch(text):
+        raise ValueError(f"not an SMSC message id: {message_id[:80]!r}")
+    text = text.lower().lstrip("0")
+    return text or "0"
+
+
+def smsMessageIDCandidates(message_id: str) -> list:
+    """
+    The normalised ids a receipt's id may stand for, most likely first:
+    itself, then its other base (SMSCs answer submit_sm in hex and write
+    receipts in decimal, or the other way round): decimal digits written
+    in hex, hex digits written in decimal.  Empty for an id that is not
+    one.
+    """
+    try:
+        first = normaliseSMSMessageID(message_id)
+    except ValueError:
+        return []
+    candidates = [first]
+    if first.isdigit() and len(first) <= 20:
+        candidates.append(format(int(first), "x"))
+    if re.fullmatch(r"[0-9a-f]{1,16}", first):
+        candidates.append(str(int(first, 16)))
+    return list(dict.fromkeys(candidates))
+
+
+def _checkPart(instance, attribute, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 255:
+        raise ValueError(f"{attribute.name} must be 1 to 255, not {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class SMSSubmission:
+    """
+    One short message the SMSC accepted: its message id and what it was
+    part of, so that a receipt (at any node, after any restart) finds the
+    message and recipient it reports on.
+
+    @ivar message_id: the SMSC's id, normalised (L{normaliseSMSMessageID}).
+    @ivar part: 1-based number of this part; L{parts} in all.
+    @ivar time: POSIX seconds of the submit_sm_resp.
+    """
+
+    message_id: str = attrs.field(converter=normaliseSMSMessageID)
+    queue_id: str
+    recipient: str
+    part: int = attrs.field(validator=_checkPart)
+    parts: int = attrs.field(validator=_checkPart)
+    time: float = attrs.field(converter=_requiredTime)
+    tag: Optional[str] = None
+    metadata: dict = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        if self.part > self.parts:
+            raise ValueError(f"part {self.part} of {self.parts}")
+        if not isinstance(self.queue_id, str) or not self.queue_id:
+            raise ValueError("queue_id is required")
+        if not isinstance(self.recipient, str) or not self.recipient:
+            raise ValueError("recipient is required")
+
+    def asDict(self) -> dict:
+        return attrs.asdict(self)
+
+
+class ISMSSubmissions(Interface):
+    """
+    Which SMSC message id belongs to which message, recipient and part
+    (L{SMSSubmission}); shared by the nodes that share the store.
+    """
+
+    def addSMSSubmission(submission):
+        """
+        Remember a submission; one with the same message id is replaced.
+
+        @type submission: L{SMSSubmission}
+        @rtype: L{Deferred} firing with L{None}
+        """
+
+    def findSMSSubmission(message_id):
+        """
+        The submission with this message id (normalised first), or L{None}.
+
+        @rtype: L{Deferred} firing with an L{SMSSubmission} or L{None}; it
+            fails with L{ValueError} for a malformed id.
+        """
+
+    def smsSubmissions(queue_id, recipient):
+        """
+        The parts of one message to one recipient already submitted.
+
+        @rtype: L{Deferred} firing with a L{list} of L{SMSSubmission}
+            ordered by part (then time).
+        """
+
+    def pruneSMSSubmissions(before, limit=10000):
+        """
+        Delete at most C{limit} submissions with a C{time} before
+        C{before}.
+
+        @rtype: L{Deferred} firing with the number deleted.
+        """

@@ -20,6 +20,9 @@ from zope.interface import implementer
 
 from smartrelay.events import Event
 from smartrelay.store.interfaces import (
+    ISMSSubmissions,
+    SMSSubmission,
+    normaliseSMSMessageID,
     UNIQUE_TYPES,
     EventClaim,
     EventPage,
@@ -75,7 +78,7 @@ class _Row:
         )
 
 
-@implementer(IStore, IEventStreams)
+@implementer(IStore, IEventStreams, ISMSSubmissions)
 @attrs.define
 class MemoryStore:
     """
@@ -94,6 +97,8 @@ class MemoryStore:
     # time of that first open / click
     _seen: dict[tuple[str, str, str], float] = attrs.field(factory=dict, init=False)
     _buckets: dict[str, tuple[float, float]] = attrs.field(factory=dict, init=False)
+    # SMS submissions (issue 15): message id -> submission as JSON.
+    _sms: dict[str, str] = attrs.field(factory=dict, init=False)
     _nextSeq: int = attrs.field(default=1, init=False)
     # Event streams and outboxes: stream -> cursor, (stream, owner) ->
     # open claim, outbox -> id -> batch.
@@ -464,3 +469,46 @@ class MemoryStore:
         self._checkOpen()
         checkStreamName(outbox)
         return len(self._outboxes.get(outbox, {}))
+
+    # -- SMS submissions (ISMSSubmissions, issue 15) ----------------------
+
+    def addSMSSubmission(self, submission) -> Deferred:
+        return maybeDeferred(self._addSMSSubmission, submission)
+
+    def _addSMSSubmission(self, submission) -> None:
+        self._checkOpen()
+        if not isinstance(submission, SMSSubmission):
+            raise TypeError("an SMSSubmission is needed")
+        self._sms[submission.message_id] = json.dumps(submission.asDict())
+
+    def findSMSSubmission(self, message_id) -> Deferred:
+        return maybeDeferred(self._findSMSSubmission, message_id)
+
+    def _findSMSSubmission(self, message_id):
+        self._checkOpen()
+        found = self._sms.get(normaliseSMSMessageID(message_id))
+        return None if found is None else SMSSubmission(**json.loads(found))
+
+    def smsSubmissions(self, queue_id, recipient) -> Deferred:
+        return maybeDeferred(self._smsSubmissions, queue_id, recipient)
+
+    def _smsSubmissions(self, queue_id, recipient) -> list:
+        self._checkOpen()
+        found = [SMSSubmission(**json.loads(value)) for value in self._sms.values()]
+        return sorted(
+            (s for s in found if s.queue_id == queue_id and s.recipient == recipient),
+            key=lambda s: (s.part, s.time),
+        )
+
+    def pruneSMSSubmissions(self, before, limit=10000) -> Deferred:
+        return maybeDeferred(self._pruneSMSSubmissions, before, limit)
+
+    def _pruneSMSSubmissions(self, before, limit) -> int:
+        self._checkOpen()
+        before, limit = checkPruneArguments(before, limit)
+        old = [
+            key for key, value in self._sms.items() if json.loads(value)["time"] < before
+        ][:limit]
+        for key in old:
+            del self._sms[key]
+        return len(old)

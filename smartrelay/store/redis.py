@@ -60,6 +60,9 @@ from zope.interface import implementer
 
 from smartrelay.events import Event
 from smartrelay.store.interfaces import (
+    ISMSSubmissions,
+    SMSSubmission,
+    normaliseSMSMessageID,
     SUPPRESSION_REASONS,
     UNIQUE_TYPES,
     EventClaim,
@@ -615,7 +618,36 @@ redis.call('HDEL', KEYS[3], ARGV[1])
 return redis.call('HDEL', KEYS[1], ARGV[1])
 """
 
+# SMS submissions (issue 15).  KEYS: the id hash, the time index, the
+# recipient's index; an id moving to another recipient leaves the old
+# one's index (named in the old record).
+_SMS_ADD = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then
+  redis.call('ZREM', cjson.decode(old)['rkey'], ARGV[1])
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+return 1
+"""
+
+_SMS_PRUNE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, id in ipairs(ids) do
+  local old = redis.call('HGET', KEYS[1], id)
+  if old then
+    redis.call('ZREM', cjson.decode(old)['rkey'], id)
+  end
+  redis.call('HDEL', KEYS[1], id)
+  redis.call('ZREM', KEYS[2], id)
+end
+return #ids
+"""
+
 _SCRIPTS = {
+    "smsAdd": _SMS_ADD,
+    "smsPrune": _SMS_PRUNE,
     "claimEvents": _CLAIM_EVENTS,
     "finishClaim": _FINISH_CLAIM,
     "outboxAdd": _OUTBOX_ADD,
@@ -733,7 +765,7 @@ def _pairs(flat: list) -> list[tuple]:
 # -- the store -----------------------------------------------------------
 
 
-@implementer(IStore, IEventStreams)
+@implementer(IStore, IEventStreams, ISMSSubmissions)
 @attrs.define
 class RedisStore:
     """
@@ -1535,6 +1567,74 @@ class RedisStore:
             return fail()
         d = self._command("ZCARD", self._outboxKeys(outbox)[1])
         return d.addCallback(int)
+
+    # -- SMS submissions (ISMSSubmissions, issue 15) ----------------------
+
+    def _smsRecipientKey(self, queue_id: str, recipient: str) -> str:
+        return self._key("sms", "r", queue_id, recipient)
+
+    def addSMSSubmission(self, submission) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        if not isinstance(submission, SMSSubmission):
+            return fail(TypeError("an SMSSubmission is needed"))
+        rkey = self._smsRecipientKey(submission.queue_id, submission.recipient)
+        try:
+            record = json.dumps({**submission.asDict(), "rkey": rkey})
+        except (TypeError, ValueError):
+            return fail()
+        d = self._do(
+            self._script,
+            "smsAdd",
+            [self._key("sms", "id"), self._key("sms", "time"), rkey],
+            [submission.message_id, record, _number(submission.time), str(submission.part)],
+        )
+        return d.addCallback(lambda _: None)
+
+    @staticmethod
+    def _smsFromRecord(value) -> SMSSubmission:
+        fields = json.loads(value)
+        fields.pop("rkey", None)
+        return SMSSubmission(**fields)
+
+    def findSMSSubmission(self, message_id) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            message_id = normaliseSMSMessageID(message_id)
+        except ValueError:
+            return fail()
+        d = self._command("HGET", self._key("sms", "id"), message_id)
+        return d.addCallback(lambda value: None if value is None else self._smsFromRecord(value))
+
+    def smsSubmissions(self, queue_id, recipient) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        rkey = self._smsRecipientKey(str(queue_id), str(recipient))
+
+        async def read(protocol):
+            ids = await protocol.execute_command("ZRANGE", rkey, 0, -1)
+            if not ids:
+                return []
+            values = await protocol.execute_command("HMGET", self._key("sms", "id"), *ids)
+            found = [self._smsFromRecord(v) for v in values if v is not None]
+            return sorted(found, key=lambda s: (s.part, s.time))
+
+        return self._do(lambda protocol: Deferred.fromCoroutine(read(protocol)))
+
+    def pruneSMSSubmissions(self, before, limit=10000) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            before, limit = checkPruneArguments(before, limit)
+        except ValueError:
+            return fail()
+        return self._do(
+            self._script,
+            "smsPrune",
+            [self._key("sms", "id"), self._key("sms", "time")],
+            [_number(before), str(limit)],
+        )
 
 
 __all__ = [

@@ -26,6 +26,9 @@ from zope.interface import implementer
 
 from smartrelay.events import Event
 from smartrelay.store.interfaces import (
+    ISMSSubmissions,
+    SMSSubmission,
+    normaliseSMSMessageID,
     UNIQUE_TYPES,
     EventClaim,
     EventPage,
@@ -213,6 +216,26 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             """,
         ],
     ),
+    (
+        # SMS submissions (issue 15): SMSC message id -> message, recipient, part.
+        5,
+        [
+            """
+            CREATE TABLE sms_submissions (
+                message_id TEXT PRIMARY KEY,
+                queue_id TEXT NOT NULL,
+                recipient TEXT NOT NULL,
+                part INTEGER NOT NULL,
+                parts INTEGER NOT NULL,
+                time REAL NOT NULL,
+                tag TEXT,
+                metadata TEXT NOT NULL
+            ) WITHOUT ROWID
+            """,
+            "CREATE INDEX sms_submissions_message ON sms_submissions (queue_id, recipient, part)",
+            "CREATE INDEX sms_submissions_time ON sms_submissions (time)",
+        ],
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -334,7 +357,7 @@ def _migrate(conn: sqlite3.Connection) -> tuple[int, list[int]]:
     return found, applied
 
 
-@implementer(IStore, IEventStreams)
+@implementer(IStore, IEventStreams, ISMSSubmissions)
 @attrs.define
 class SQLiteStore:
     """
@@ -989,3 +1012,63 @@ class SQLiteStore:
             OutboxBatch(id=id, body=body, created=created, due=due, attempts=attempts)
             for id, body, created, attempts in rows
         ]
+
+
+    # -- SMS submissions (ISMSSubmissions, issue 15) ----------------------
+
+    _SMS_COLUMNS = "message_id, queue_id, recipient, part, parts, time, tag, metadata"
+
+    def addSMSSubmission(self, submission) -> Deferred:
+        if not isinstance(submission, SMSSubmission):
+            return fail(TypeError("an SMSSubmission is needed"))
+        try:
+            metadata = json.dumps(submission.metadata)
+        except (TypeError, ValueError):
+            return fail()
+        row = (
+            submission.message_id, submission.queue_id, submission.recipient,
+            submission.part, submission.parts, submission.time, submission.tag, metadata,
+        )
+        return self._run(self._execute, (
+            f"INSERT OR REPLACE INTO sms_submissions ({self._SMS_COLUMNS})"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        ), row).addCallback(lambda _: None)
+
+    @staticmethod
+    def _smsFromRow(row) -> SMSSubmission:
+        message_id, queue_id, recipient, part, parts, time, tag, metadata = row
+        return SMSSubmission(
+            message_id=message_id, queue_id=queue_id, recipient=recipient, part=part,
+            parts=parts, time=time, tag=tag, metadata=json.loads(metadata),
+        )
+
+    def findSMSSubmission(self, message_id) -> Deferred:
+        try:
+            message_id = normaliseSMSMessageID(message_id)
+        except ValueError:
+            return fail()
+        return self._run(self._selectSMS, "message_id = ?", (message_id,)).addCallback(
+            lambda found: found[0] if found else None
+        )
+
+    def smsSubmissions(self, queue_id, recipient) -> Deferred:
+        return self._run(
+            self._selectSMS, "queue_id = ? AND recipient = ? ORDER BY part, time",
+            (str(queue_id), str(recipient)),
+        )
+
+    def _selectSMS(self, where: str, params: tuple) -> list:
+        rows = self._connection().execute(
+            f"SELECT {self._SMS_COLUMNS} FROM sms_submissions WHERE {where}", params
+        ).fetchall()
+        return [self._smsFromRow(row) for row in rows]
+
+    def pruneSMSSubmissions(self, before, limit=10000) -> Deferred:
+        try:
+            before, limit = checkPruneArguments(before, limit)
+        except ValueError:
+            return fail()
+        return self._run(self._execute, (
+            "DELETE FROM sms_submissions WHERE message_id IN"
+            " (SELECT message_id FROM sms_submissions WHERE time < ? ORDER BY time LIMIT ?)"
+        ), (before, limit))
