@@ -1,0 +1,143 @@
+"""
+The HTTP API of two real C{twistd smartrelay} nodes on one redis-server
+(started by the test on an OS-chosen port): what one node accepted and
+delivered is visible through the other's API, and a suppression added
+through one stops mail on the other.
+"""
+
+import json
+import os
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool
+
+from tests.redisserver import RedisServer
+from tests.sink import RelayProcess, Sink, waitFor
+from tests.test_e2e import submit
+from tests.test_e2e_api import webPort
+
+TOKEN = "e2e-cluster-token-0123456789abcdef"
+
+
+class ClusterAPITests(TestCase):
+    """
+    Two nodes, one Redis store, one API view.
+    """
+
+    timeout = 180
+
+    @inlineCallbacks
+    def setUp(self):
+        self.redis = RedisServer().start()
+        self.addCleanup(self.redis.stop)
+        self.sink = Sink()
+        port = reactor.listenTCP(0, self.sink, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.nodes = {}
+        for node in ("01", "02"):
+            relay = RelayProcess(os.path.abspath(self.mktemp()), (
+                f"[smartrelay]\ndata_dir = var\nhostname = node{node}.test\nnode_id = {node}\n"
+                f"store = {self.redis.url(db=0)}\n\n"
+                f"[web]\nlisten = tcp:0:interface=127.0.0.1\napi_tokens = {TOKEN}\n\n"
+                "[smtp]\nlisten = tcp:0:interface=127.0.0.1\n\n"
+                f"[delivery]\nsmarthost = tcp:host=127.0.0.1:port={port.getHost().port}\n"
+            ))
+            self.addCleanup(relay.kill)
+            relay.start()
+            self.nodes[node] = relay
+        for relay in self.nodes.values():
+            yield relay.waitReady(reactor)
+
+    @inlineCallbacks
+    def call(self, node, method, path, **kwargs):
+        headers = kwargs.pop("headers", {})
+        headers["Authorization"] = f"Bearer {TOKEN}"
+        response = yield treq.request(
+            method,
+            f"http://127.0.0.1:{webPort(self.nodes[node])}/api/v1" + path,
+            headers=headers,
+            reactor=reactor,
+            pool=HTTPConnectionPool(reactor, persistent=False),
+            **kwargs,
+        )
+        body = yield treq.content(response)
+        return response.code, json.loads(body)
+
+    @inlineCallbacks
+    def submitted(self, node, recipient):
+        (code, text), refused = yield deferToThread(submit, self.nodes[node].port, [recipient])
+        self.assertEqual((code, refused), (250, []), text)
+        return text.split()[-1]
+
+    @inlineCallbacks
+    def document(self, node, queueID, state):
+        """
+        The message document from C{node}'s API once its recipient is in
+        C{state}.
+        """
+        found = {}
+
+        @inlineCallbacks
+        def check():
+            code, document = yield self.call(node, "GET", "/messages/" + queueID)
+            found["document"] = document
+            return code == 200 and document["recipients"][0]["state"] == state
+
+        deadline = reactor.seconds() + 60
+        while not (yield check()):
+            self.assertLess(reactor.seconds(), deadline, found)
+            yield deferLater(reactor, 0.05)
+        return found["document"]
+
+    @inlineCallbacks
+    def test_oneView(self):
+        """
+        A message accepted and delivered by node 01 has its document,
+        events and statistics in node 02's API; the event list pages over
+        both nodes' events; a suppression added through node 02 stops the
+        next message to that address on node 01, and removing it lets the
+        one after through.
+        """
+        first = yield self.submitted("01", "one@example.org")
+        second = yield self.submitted("02", "two@example.org")
+        document = yield self.document("02", first, "delivered")
+        self.assertEqual([e["type"] for e in document["events"]], ["accepted", "delivered"])
+        self.assertEqual(document["envelope"]["sender"], "app@example.com")
+        yield self.document("01", second, "delivered")
+
+        seen, cursor = [], None
+        while True:
+            path = "/events?limit=1" + ("" if cursor is None else "&cursor=" + cursor)
+            code, page = yield self.call("01", "GET", path)
+            self.assertEqual(code, 200, page)
+            seen.extend((e["queue_id"], e["type"]) for e in page["items"])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        self.assertEqual(sorted(seen), sorted([
+            (first, "accepted"), (first, "delivered"), (second, "accepted"), (second, "delivered"),
+        ]))
+        for node in ("01", "02"):
+            code, stats = yield self.call(node, "GET", "/stats")
+            self.assertEqual(stats["totals"]["counts"]["delivered"], 2, (node, stats))
+
+        code, entry = yield self.call(
+            "02", "POST", "/suppressions",
+            data=json.dumps({"address": "held@example.org", "reason": "manual"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        self.assertEqual(code, 201, entry)
+        held = yield self.submitted("01", "held@example.org")
+        yield self.document("02", held, "suppressed")
+        self.assertNotIn(held, self.sink.queueIDs())
+        code, removed = yield self.call("01", "DELETE", "/suppressions/held@example.org")
+        self.assertEqual((code, removed["removed"]), (200, True))
+        again = yield self.submitted("01", "held@example.org")
+        yield waitFor(reactor, lambda: again in self.sink.queueIDs(), timeout=60)
+        for relay in self.nodes.values():
+            yield relay.stop()
