@@ -341,6 +341,18 @@ class LoginTests(UiTestsMixin, SynchronousTestCase):
         self.get("/", status=303, cookies=False,
                  headers={"Cookie": f"smartrelay_session={real}; smartrelay_session=x"})
 
+    def test_pathNotUTF8(self):
+        """A path that is not UTF-8 is a plain 400 with the security headers."""
+        response, body = self.request("GET", "/%FF%FE")
+        self.assertEqual(response.code, 400, body)
+        self.assertTrue(response.headers.getRawHeaders("Content-Security-Policy"))
+
+    def test_longPassword(self):
+        """A password longer than 1,024 characters is a 400 page; nothing is checked."""
+        _, body = self.get("/login")
+        token = re.search(r'name="csrf" value="([^"]+)"', body).group(1)
+        self.post("/login", {"user": USER, "password": "x" * 5000}, status=400, token=token)
+
     def test_noUsers(self):
         """Without [web] users_file the login page says so and nobody can log in."""
         self.ui.checker = None
@@ -376,6 +388,34 @@ class SecureCookieTests(UiTestsMixin, SynchronousTestCase):
         response, _ = self.get("/login", headers={"X-Forwarded-Proto": "https"})
         cookie = response.headers.getRawHeaders("Set-Cookie")[0]
         self.assertNotIn("Secure", cookie)
+
+
+class PerUserLimitTests(UiTestsMixin, SynchronousTestCase):
+    """
+    Wrong passwords for one user from many addresses (behind a trusted
+    proxy, the client is the address it names).
+    """
+
+    def trustedProxies(self):
+        return (ipaddress.ip_network("127.0.0.0/8"),)
+
+    def loginFrom(self, address, password, status):
+        self.cookies.clear()
+        headers = {"X-Forwarded-For": address}
+        _, body = self.get("/login", headers=headers)
+        token = re.search(r'name="csrf" value="([^"]+)"', body).group(1)
+        return self.post("/login", {"user": USER, "password": password}, status=status,
+                         token=token, headers=headers)
+
+    def test_userLockedOut(self):
+        """100 failures for a user from many addresses lock the user out for new addresses only."""
+        self.loginFrom("192.0.2.200", PASSWORD, 303)
+        for n in range(100):
+            self.loginFrom(f"198.51.100.{n}", "guess", 401)
+        _, body = self.loginFrom("203.0.113.9", PASSWORD, 429)
+        self.assertIn("Too many failed logins", body)
+        # The address the user logged in from before still gets in.
+        self.loginFrom("192.0.2.200", PASSWORD, 303)
 
 
 class CSRFTests(UiTestsMixin, SynchronousTestCase):
