@@ -1476,9 +1476,11 @@ def _webhookURL(text: str) -> Optional[str]:
     return text
 
 
-def _webhookSecret(text: str) -> str:
+def _webhookSecret(text: str) -> Optional[str]:
     text = text.strip()
-    if text and len(text) < MIN_WEBHOOK_SECRET_LENGTH:
+    if not text:
+        return None
+    if len(text) < MIN_WEBHOOK_SECRET_LENGTH:
         raise ValueError(
             f"must be at least {MIN_WEBHOOK_SECRET_LENGTH} characters"
             f" (got {len(text)})"
@@ -1542,7 +1544,7 @@ class WebhooksConfig:
     """
 
     url: Optional[str] = _setting(_webhookURL, default=None)
-    secret: str = _setting(_webhookSecret, default="", repr=False)
+    secret: Optional[str] = _setting(_webhookSecret, default=None, repr=False)
     events: tuple[str, ...] = _setting(_eventTypes, default=())
     allow_private: bool = _setting(parseBool, default=False)
     batch: int = _setting(_webhookBatch, default=100)
