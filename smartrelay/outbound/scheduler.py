@@ -52,6 +52,7 @@ from smartrelay.message import Recipient, SpoolEntry
 from smartrelay.outbound.pool import Destination, DestinationPolicy, Throttle
 from smartrelay.outbound.router import NoRoute
 from smartrelay.outbound.session import Reply
+from smartrelay.outbound.transport import transportFor
 
 __all__ = ["DeliveryScheduler", "DeliveryInProgress"]
 
@@ -75,6 +76,10 @@ class _Verdict:
     reason: Optional[str] = None
     throttle: Optional[dict] = None
     suppressed: bool = False
+    #: From a transport (L{TransportOutcome}): the event type instead of
+    #: the state's own (C{""}: none), and detail added to it.
+    event: Optional[str] = None
+    eventDetail: dict = attrs.field(factory=dict)
 
 
 @attrs.define(eq=False)
@@ -213,6 +218,10 @@ class DeliveryScheduler(Service):
     bounces: Any = None
     #: Writes one line per outcome (L{smartrelay.logs.MessageLog}).
     messageLog: MessageLog = attrs.field(factory=MessageLog)
+    #: Transports (L{smartrelay.outbound.transport.DeliveryTransport}) that
+    #: deliver the recipients of the domains they claim instead of an MX
+    #: (the SMS gateway).
+    transports: tuple = ()
 
     _entries: dict = attrs.field(factory=dict, init=False)
     _timers: dict = attrs.field(factory=dict, init=False)
@@ -562,6 +571,10 @@ class DeliveryScheduler(Service):
         Route C{addresses} and queue jobs at their destinations; recipients
         that cannot be routed get their verdict at once.
         """
+        if self.transports:
+            addresses = self._handToTransports(entry, addresses)
+            if not addresses:
+                return succeed(None)
         byDomain: dict = {}
         for address in addresses:
             byDomain.setdefault(_domain(address), []).append(address)
@@ -597,6 +610,44 @@ class DeliveryScheduler(Service):
             return None
 
         return DeferredList(lookups, consumeErrors=True).addCallback(routed)
+
+    # -- transports (SMS) --------------------------------------------------
+
+    def _handToTransports(self, entry: SpoolEntry, addresses: list) -> list:
+        """
+        Start a delivery by its transport for each address a transport
+        claims; return the others.
+        """
+        rest = []
+        for address in addresses:
+            transport = transportFor(self.transports, _domain(address))
+            if transport is None:
+                rest.append(address)
+            else:
+                self._track(Deferred.fromCoroutine(self._viaTransport(transport, entry, address)))
+        return rest
+
+    async def _viaTransport(self, transport: Any, entry: SpoolEntry, address: str) -> None:
+        try:
+            data = await maybeDeferred(self.spool.readMessage, entry)
+            outcome = await maybeDeferred(transport.deliver, entry, address, data)
+            verdict = _Verdict(
+                outcome.reply, outcome.remote, event=outcome.event,
+                eventDetail=dict(outcome.detail),
+            )
+        except CancelledError:
+            self._busy.discard((entry.queue_id, address))
+            raise
+        except Exception:
+            self.log.failure(
+                "delivery of {queue_id} to {recipient} failed unexpectedly",
+                queue_id=entry.queue_id,
+                recipient=address,
+            )
+            verdict = _Verdict(Reply(451, "4.3.0", "local error during the delivery"), None)
+        d = self._settle(entry, {address: verdict})
+        if d is not None:
+            await d
 
     def _unroutable(
         self, entry: SpoolEntry, domain: str, failure: Optional[Failure]
@@ -1168,6 +1219,11 @@ class DeliveryScheduler(Service):
             attempts=attempts,
             next_attempt=nextAttempt,
         )
+        override: tuple = ()
+        if verdict.event is not None:
+            # A transport's outcome: its own event type (or none), its detail.
+            detail = {**detail, **verdict.eventDetail}
+            override = (verdict.event,)
         # The log line's fields (MessageLog.outcome), beside the event's.
         line = {
             "delay": now - entry.received,
@@ -1177,7 +1233,7 @@ class DeliveryScheduler(Service):
             "attempts": attempts,
             "next_attempt": detail.get("next_attempt"),
         }
-        return change, (state, recipient.address, detail, line)
+        return change, (state, recipient.address, detail, line, *override)
 
     def _record(self, entry: SpoolEntry, changes: list, events: list) -> Deferred:
         """
@@ -1244,21 +1300,24 @@ class DeliveryScheduler(Service):
     def _recorded(self, entry: SpoolEntry, changes: list, events: list) -> None:
         for change in changes:
             self._busy.discard((entry.queue_id, change.address))
-        for kind, address, detail, line in events:
-            event = self.events.emit(
-                kind,
-                entry.queue_id,
-                address,
-                tag=entry.tag,
-                metadata=entry.metadata or None,
-                detail=detail,
-            )
+        for kind, address, detail, line, *override in events:
+            eventType = override[0] if override else kind
+            event = None
+            if eventType:
+                event = self.events.emit(
+                    eventType,
+                    entry.queue_id,
+                    address,
+                    tag=entry.tag,
+                    metadata=entry.metadata or None,
+                    detail=detail,
+                )
             self.messageLog.outcome(entry.queue_id, address, kind, **line)
             if kind == "deferred":
                 self._deferrals[(entry.queue_id, address)] = detail
             else:
                 self._deferrals.pop((entry.queue_id, address), None)
-            if kind == "bounced" and self.bounces is not None:
+            if eventType == "bounced" and self.bounces is not None:
                 self._suppressBounce(event)
         if entry.done:
             self._cancelTimer(entry.queue_id)
