@@ -193,3 +193,95 @@ class WebhookStartupTests(SynchronousTestCase):
             f"smartrelay: {path}: [webhooks] url: http://127.0.0.1:9000/hook is a loopback"
             " address (127.0.0.1); set allow_private = on to allow it\n",
         )
+
+
+class TwoNodeTests(TestCase):
+    """
+    Two relay processes sharing one Redis store: every event is POSTed by
+    one node, once, and is in one export file of one node.
+    """
+
+    timeout = 180
+    DB = 12
+
+    @inlineCallbacks
+    def test_eachEventOnce(self):
+        """
+        Mail submitted to both nodes at once: the receiver gets every
+        stored event exactly once, and the two nodes' export files hold
+        every stored event exactly once between them.
+        """
+        import collections
+        import threading
+
+        from smartrelay.store.redis import RedisStore
+        from tests.redisserver import sharedRedisServer
+        from tests.sink import RelayProcess, Sink
+        from tests.test_e2e_export import readExport
+        from tests.test_multinode import submitMany
+
+        server = sharedRedisServer()
+        url = server.url(db=self.DB)
+        sink = Sink()
+        sinkPort = reactor.listenTCP(0, sink, interface="127.0.0.1")
+        self.addCleanup(sinkPort.stopListening)
+        receiver = Receiver()
+        hookPort = reactor.listenTCP(0, Site(receiver), interface="127.0.0.1")
+        self.addCleanup(hookPort.stopListening)
+        relays = []
+        for node in ("0A", "0B"):
+            relay = RelayProcess(os.path.abspath(self.mktemp()), (
+                f"[smartrelay]\ndata_dir = var\nhostname = node{node}.test\nnode_id = {node}\n"
+                f"store = {url}\n\n[web]\nlisten = tcp:0:interface=127.0.0.1\n\n"
+                "[smtp]\nlisten = tcp:0:interface=127.0.0.1\n\n"
+                f"[delivery]\nsmarthost = tcp:host=127.0.0.1:port={sinkPort.getHost().port}\n\n"
+                "[export]\ndirectory = export\ninterval = 1s\n\n"
+                f"[webhooks]\nurl = http://127.0.0.1:{hookPort.getHost().port}/hook\n"
+                f"secret = {SECRET}\nallow_private = on\nbatch = 7\n"
+            ))
+            self.addCleanup(relay.kill)
+            relay.start()
+            relays.append(relay)
+        for relay in relays:
+            yield relay.waitReady(reactor)
+        results = {"0A": [], "0B": []}
+        threads = [threading.Thread(target=submitMany, args=(relay.port, node, 20, results[node]))
+                   for relay, node in zip(relays, results)]
+        for t in threads:
+            t.start()
+        yield deferToThread(lambda: [t.join(60) for t in threads])
+        yield waitFor(reactor, lambda: len(sink.received) >= 40, timeout=90)
+
+        store = RedisStore.fromURL(url, reactor)
+        yield store.start()
+        self.addCleanup(store.close)
+        stored = set()
+        cursor = None
+        while True:
+            page = yield store.queryEvents(cursor=cursor, limit=1000)
+            stored.update(e.id for e in page.events)
+            cursor = page.cursor
+            if cursor is None:
+                break
+        self.assertEqual(len(stored), 80)
+
+        def exported():
+            counts = collections.Counter()
+            for relay in relays:
+                directory = os.path.join(relay.workdir, "export")
+                if os.path.isdir(directory):
+                    for name in os.listdir(directory):
+                        if not name.startswith("."):
+                            counts.update(readExport(os.path.join(directory, name)))
+            return counts
+
+        yield waitFor(reactor, lambda: set(receiver.delivered()) >= stored
+                      and set(exported()) >= stored, timeout=60)
+        for relay in relays:
+            yield relay.stop()
+        delivered = collections.Counter(receiver.delivered())
+        self.assertEqual(set(delivered), stored)
+        self.assertEqual([i for i, n in delivered.items() if n > 1], [])
+        files = exported()
+        self.assertEqual(set(files), stored)
+        self.assertEqual([i for i, n in files.items() if n > 1], [])
