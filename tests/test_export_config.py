@@ -210,3 +210,36 @@ class SSRFTests(SynchronousTestCase):
                     "http://h.example/é", "http://h.example:99999/"]:
             self.assertRaises(URLRefused, checkURL, url, False)
         self.assertEqual(checkURL("https://h.example:8443/x", False).port, 8443)
+
+
+class ExportStartupTests(SynchronousTestCase):
+    """
+    What the relay checks of C{[export]} when it is built.
+    """
+
+    def test_directoryAndCommand(self):
+        """
+        The directory is created; one that cannot be, or a command that
+        does not exist, is one line naming the key.
+        """
+        import os
+
+        from smartrelay.export.services import checkExport
+
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        good = parseConfig(f"[export]\ndirectory = {base}/a/b\ncommand = sh -c true\n").export
+        checkExport(good)
+        self.assertTrue(os.path.isdir(f"{base}/a/b"))
+        blocker = os.path.join(base, "file")
+        open(blocker, "w").close()
+        for text, key, words in [
+            (f"directory = {blocker}/x\n", "directory", "cannot create"),
+            (f"directory = {base}\ncommand = no-such-program-here --x\n", "command",
+             "no-such-program-here: no such program"),
+            (f"directory = {base}\ncommand = {blocker}\n", "command", "no such program"),
+        ]:
+            with self.assertRaises(ConfigError) as e:
+                checkExport(parseConfig("[export]\n" + text).export)
+            self.assertIn(f"[export] {key}: ", str(e.exception))
+            self.assertIn(words, str(e.exception))

@@ -4,6 +4,8 @@ L{smartrelay.service} (which adds them to the relay once its store is
 open).
 """
 
+import os
+import shutil
 import socket
 from typing import Any, Callable, Optional
 
@@ -33,6 +35,7 @@ def makeExporter(config, reactor, store, runner: Callable[[str, int], Any]) -> O
     export = config.export
     if export.directory is None:
         return None
+    checkExport(export)
     return Exporter(
         store=store,
         clock=reactor,
@@ -45,6 +48,29 @@ def makeExporter(config, reactor, store, runner: Callable[[str, int], Any]) -> O
         command=export.command,
         runCommand=ProcessRunner(reactor, export.command_timeout) if export.command else None,
     )
+
+
+def checkExport(export) -> None:
+    """
+    At start-up: the export directory can be made and written to, and the
+    command's program exists and may be run.
+
+    @raise ConfigError: one line naming the key.
+    """
+    directory = export.directory
+    try:
+        os.makedirs(directory, 0o750, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create {directory}: {e.strerror or e}",
+                          section="export", key="directory") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"{directory} is not writable", section="export", key="directory")
+    if export.command:
+        program = export.command[0]
+        found = program if os.sep in program else shutil.which(program)
+        if found is None or not os.path.isfile(found) or not os.access(found, os.X_OK):
+            raise ConfigError(f"{program}: no such program (or not executable)",
+                              section="export", key="command")
 
 
 def checkWebhookTarget(config, getaddrinfo: Callable = socket.getaddrinfo) -> None:
