@@ -454,3 +454,105 @@ class FastPathTests(SynchronousTestCase):
         )
         self.assertEqual(formats.jsonLine(event.asDict()), formats.jsonLine(event))
         self.assertEqual(formats.csvRow(event.asDict()), formats.csvRow(event))
+
+
+class FakeProcessReactor(Clock):
+    """
+    A clock with C{spawnProcess}: records each child, whose end the test
+    decides.
+    """
+
+    def __init__(self):
+        Clock.__init__(self)
+        self.spawned = []
+
+    def spawnProcess(self, protocol, program, args, env=None, childFDs=None):
+        test = self
+
+        class Transport:
+            signals = []
+
+            def closeStdin(self):
+                pass
+
+            def signalProcess(self, name):
+                self.signals.append(name)
+
+        transport = Transport()
+        self.spawned.append((protocol, program, list(args), transport))
+        protocol.makeConnection(transport)
+        return transport
+
+
+class ProcessRunnerTests(SynchronousTestCase):
+    """
+    L{ProcessRunner} runs the export command and reports how it ended.
+    """
+
+    def setUp(self):
+        from smartrelay.export.exporter import ProcessRunner
+
+        self.reactor = FakeProcessReactor()
+        self.runner = ProcessRunner(self.reactor, timeout=60)
+
+    def end(self, exitCode=0, signal=None, output=b""):
+        from twisted.internet.error import ProcessDone, ProcessTerminated
+        from twisted.python.failure import Failure
+
+        protocol, _, _, _ = self.reactor.spawned[-1]
+        if output:
+            protocol.childDataReceived(2, output)
+        reason = ProcessDone(0) if exitCode == 0 and signal is None else ProcessTerminated(
+            exitCode, signal)
+        protocol.processEnded(Failure(reason))
+
+    def test_success(self):
+        """
+        The program is found on PATH and run with the arguments; exit 0
+        is success.
+        """
+        d = self.runner(["sh", "-c", "true", "/x/file.jsonl"])
+        [(_, program, args, _)] = self.reactor.spawned
+        self.assertTrue(program.endswith("/sh"))
+        self.assertEqual(args, ["sh", "-c", "true", "/x/file.jsonl"])
+        self.end(0)
+        self.successResultOf(d)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_failure(self):
+        """
+        A non-zero exit status fails with its number and the end of the
+        output, in one line.
+        """
+        d = self.runner(["sh"])
+        self.end(3, output=b"upload:\n  denied\n")
+        failure = self.failureResultOf(d, CommandFailed)
+        self.assertEqual(str(failure.value), "sh failed (exit status 3): upload: denied")
+
+    def test_timeout(self):
+        """
+        A command running past the timeout is killed and fails.
+        """
+        d = self.runner(["sh"])
+        self.reactor.advance(60)
+        [(_, _, _, transport)] = self.reactor.spawned
+        self.assertEqual(transport.signals, [9])
+        self.end(None, signal=9)
+        failure = self.failureResultOf(d, CommandFailed)
+        self.assertIn("ran longer than 60s and was killed", str(failure.value))
+
+    def test_noSuchProgram(self):
+        """
+        A program that is not there fails without starting anything.
+        """
+        self.failureResultOf(self.runner(["no-such-program-xyz"]), CommandFailed)
+        self.assertEqual(self.reactor.spawned, [])
+
+    def test_stop(self):
+        """
+        C{stop} terminates the commands still running.
+        """
+        self.runner(["sh"])
+        self.runner.stop()
+        [(_, _, _, transport)] = self.reactor.spawned
+        self.assertEqual(transport.signals, ["TERM"])
