@@ -51,7 +51,7 @@ from smartrelay.ratelimit import LoginLimited, LoginLimiter
 from smartrelay.web.apirequest import ApiError, badParameter
 from smartrelay.web.proxies import clientAddress
 from smartrelay.web.queries import Queries
-from smartrelay.web.ui import pages
+from smartrelay.web.ui import manage, pages
 from smartrelay.web.ui.guard import (
     SESSION_COOKIE,
     cookieHeader,
@@ -476,47 +476,47 @@ class UiApp:
 
     @page("/suppressions")
     async def suppressions(self, context: Context):
-        return await pages.suppressions(self, context)
+        return await manage.suppressions(self, context)
 
     @page("/suppressions/add", methods=("POST",))
     async def addSuppression(self, context: Context):
-        return await pages.addSuppression(self, context)
+        return await manage.addSuppression(self, context)
 
     @page("/suppressions/remove", methods=("POST",))
     async def removeSuppression(self, context: Context):
-        return await pages.removeSuppression(self, context)
+        return await manage.removeSuppression(self, context)
 
     @page("/suppressions/import", methods=("POST",))
     async def importSuppressions(self, context: Context):
-        return await pages.importSuppressions(self, context)
+        return await manage.importSuppressions(self, context)
 
     @page("/suppressions/export.csv")
     async def exportSuppressions(self, context: Context):
-        return await pages.exportSuppressions(self, context)
+        return await manage.exportSuppressions(self, context)
 
     @page("/queue")
     async def queue(self, context: Context):
-        return await pages.queue(self, context)
+        return await manage.queue(self, context)
 
     @page("/queue/confirm")
     async def confirmDelete(self, context: Context):
-        return await pages.confirmDelete(self, context)
+        return await manage.confirmDelete(self, context)
 
     @page("/queue/retry", methods=("POST",))
     async def retry(self, context: Context):
-        return await pages.retry(self, context)
+        return await manage.retry(self, context)
 
     @page("/queue/retry-domain", methods=("POST",))
     async def retryDomain(self, context: Context):
-        return await pages.retryDomain(self, context)
+        return await manage.retryDomain(self, context)
 
     @page("/queue/delete", methods=("POST",))
     async def delete(self, context: Context):
-        return await pages.delete(self, context)
+        return await manage.delete(self, context)
 
     @page("/domains")
     async def domainChecks(self, context: Context):
-        return await pages.domains(self, context)
+        return await manage.domains(self, context)
 
     # -- errors outside the handlers ---------------------------------------
 

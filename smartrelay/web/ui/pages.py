@@ -1,5 +1,6 @@
 """
-The pages of the reports UI: each a function of the application
+The reading pages of the reports UI (the ones that change things are in
+L{smartrelay.web.ui.manage}), and what both share: each a function of the application
 (L{smartrelay.web.ui.app.UiApp}, for its query layer) and the request's
 L{Context}, answering a L{Page}, a redirect or a download.  Inputs are
 read with the API's own checks (L{smartrelay.web.apirequest.Query}); every
@@ -8,42 +9,49 @@ string shown goes through L{twisted.web.template}, which escapes it.
 
 import email.header
 import re
-from datetime import datetime, timezone
 from typing import Optional
 from urllib.parse import quote, urlencode
 
 import attrs
 from twisted.web.template import Tag, tags
 
-from smartrelay.dnscheck import FAIL, OK, WARN
 from smartrelay.engine.dkim import fromDomain
 from smartrelay.events import EVENT_TYPES, rfc3339
 from smartrelay.ids import QUEUE_ID_RE, queueIDFromFileName
 from smartrelay.store.interfaces import (
     INTERVALS,
     MAX_LIMIT,
-    SUPPRESSION_REASONS,
     bucketStart,
     recipientDomain,
 )
 from smartrelay.web.apirequest import (
     ApiError,
     Query,
-    badParameter,
     checkAddress,
     checkQueueID,
-    csvItems,
-    importEntries,
-    suppressionEntry,
 )
-from smartrelay.web.queries import COMPLAINT_RATE_LIMIT, MAX_SCAN, suppressionCSV
+from smartrelay.web.queries import COMPLAINT_RATE_LIMIT, MAX_SCAN
 from smartrelay.web.ui.charts import SERIES, fillBuckets, lineChart, rateChart, seriesValues
-from smartrelay.web.ui.html import Download, Link, Page, Redirect, Table, percent, shortTime
+from smartrelay.web.ui.html import Link, Page, Redirect, Table, percent, shortTime
 
-__all__ = ["RewrapSettings", "errorPage", "loginPage"]
-
-#: Most entries one CSV upload may hold (as the API's import).
-MAX_IMPORT = 100_000
+__all__ = [
+    "RewrapSettings",
+    "bounces",
+    "dashboard",
+    "errorPage",
+    "events",
+    "filterForm",
+    "hiddenToken",
+    "loginPage",
+    "message",
+    "messageLink",
+    "ownQuery",
+    "pager",
+    "postButton",
+    "readQuery",
+    "search",
+    "withNotice",
+]
 
 #: The dashboard's ranges: (interval, seconds back, label).
 RANGES = {
@@ -108,31 +116,31 @@ class RewrapSettings:
 # -- small pieces -------------------------------------------------------------
 
 
-def _query(context, names: tuple) -> Query:
+def readQuery(context, names: tuple) -> Query:
     return Query(context.request, names + _COMMON)
 
 
-def _current(query: Query, names: tuple) -> dict:
+def ownQuery(query: Query, names: tuple) -> dict:
     """
     The page's own query (for CSV links and cursors), without the CSV keys.
     """
     return {n: query.values[n] for n in names if query.values.get(n)}
 
 
-def _notice(page: Page, context) -> Page:
+def withNotice(page: Page, context) -> Page:
     done = context.request.args.get(b"done")
     if done:
         page.notice = NOTICES.get(done[0].decode("ascii", "replace"))
     return page
 
 
-def _hidden(context) -> Tag:
+def hiddenToken(context) -> Tag:
     return tags.input(type="hidden", name="csrf", value=context.session.csrf)
 
 
-def _postButton(context, action: str, label: str, fields: dict, danger: bool = False,
+def postButton(context, action: str, label: str, fields: dict, danger: bool = False,
                 describedBy: Optional[str] = None) -> Tag:
-    form = tags.form(_hidden(context), action=action, method="post", **{"class": "inline"})
+    form = tags.form(hiddenToken(context), action=action, method="post", **{"class": "inline"})
     for name, value in fields.items():
         form(tags.input(type="hidden", name=name, value=value))
     button = tags.button(label, type="submit")
@@ -261,7 +269,7 @@ def loginPage(token: str, nextPath: str, problem: Optional[str], configured: boo
 # -- dashboard --------------------------------------------------------------
 
 
-def _starts(since: float, until: float, size: int) -> list:
+def bucketStarts(since: float, until: float, size: int) -> list:
     first = bucketStart(since, size)
     return list(range(int(first), int(until), size)) or [int(first)]
 
@@ -273,7 +281,7 @@ def _card(label: str, value: str, over: bool = False) -> Tag:
 
 async def dashboard(ui, context) -> Page:
     names = ("range", "tag", "domain")
-    query = _query(context, names)
+    query = readQuery(context, names)
     chosen = query.choice("range", RANGES, "day")
     tag = query.text("tag")
     domain = query.domain()
@@ -283,13 +291,13 @@ async def dashboard(ui, context) -> Page:
     since = now - back
     stats = await ui.queries.stats(since, now, interval, tag=tag, domain=domain,
                                    bounceReasons=False)
-    starts = _starts(since, now, size)
+    starts = bucketStarts(since, now, size)
     buckets = fillBuckets(stats["buckets"], starts)
     totals, rates = stats["totals"], stats["rates"]
     counts = totals["counts"]
     scope = label + (f", tag {tag}" if tag else "") + (f", domain {domain}" if domain else "")
     page = Page(title="Dashboard")
-    page.add(_filters(
+    page.add(filterForm(
         "/",
         [
             ("range", "Range", tags.select(
@@ -356,11 +364,11 @@ async def dashboard(ui, context) -> Page:
             (shortTime(rfc3339(bucket["start"])),) + tuple(values)
             + (percent(rates_.get("delivery")), percent(rates_.get("complaint"), 3))
         )
-    page.add(page.table(table, _current(query, names)))
+    page.add(page.table(table, ownQuery(query, names)))
     return page
 
 
-def _filters(action: str, fields: list, submit: str = "Show") -> Tag:
+def filterForm(action: str, fields: list, submit: str = "Show") -> Tag:
     form = tags.form(action=action, method="get", **{"class": "filters"})
     for name, label, control in fields:
         form(tags.label(label, control, **{"for": name}))
@@ -371,7 +379,7 @@ def _filters(action: str, fields: list, submit: str = "Show") -> Tag:
 
 
 async def search(ui, context):
-    query = _query(context, ("q",))
+    query = readQuery(context, ("q",))
     q = (query.text("q") or "").strip()
     page = Page(title="Search")
     if not q:
@@ -457,13 +465,13 @@ def _pairs(items: list) -> Tag:
 
 
 async def message(ui, context, queue_id: str) -> Page:
-    query = _query(context, ("done",))
+    query = readQuery(context, ("done",))
     del query
     checkQueueID(queue_id)
     document = await ui.queries.message(queue_id)
     envelope = document["envelope"]
     headers = document["headers"]
-    page = _notice(Page(title=f"Message {queue_id}"), context)
+    page = withNotice(Page(title=f"Message {queue_id}"), context)
     client = envelope.get("client") or {}
     page.add(
         tags.h2("Envelope"),
@@ -484,7 +492,7 @@ async def message(ui, context, queue_id: str) -> Page:
     )
     if document["queued"]:
         page.add(tags.p(
-            _postButton(context, "/queue/retry", "Retry now", {"queue_id": queue_id,
+            postButton(context, "/queue/retry", "Retry now", {"queue_id": queue_id,
                                                                 "back": "message"}),
             " ",
             tags.a("Delete from the queue…",
@@ -552,7 +560,7 @@ def _rewrap(settings: RewrapSettings, headers: Optional[str], document: dict) ->
 async def events(ui, context) -> Page:
     names = ("type", "queue_id", "recipient", "tag", "domain", "since", "until", "cursor",
              "limit")
-    query = _query(context, names)
+    query = readQuery(context, names)
     filters = {
         "type": query.choice("type", EVENT_TYPES),
         "queue_id": query.text("queue_id"),
@@ -570,7 +578,7 @@ async def events(ui, context) -> Page:
     cursor = query.cursor()
     result = await ui.queries.events(filters, domain, limit, cursor)
     page = Page(title="Events")
-    page.add(_filters("/events", [
+    page.add(filterForm("/events", [
         ("type", "Type", tags.select(
             tags.option("any", value=""),
             *[tags.option(t, value=t, **({"selected": "selected"} if t == filters["type"] else {}))
@@ -594,13 +602,13 @@ async def events(ui, context) -> Page:
     for event in result["items"]:
         table.rows.append((shortTime(event["time"]), event["type"], messageLink(event["queue_id"]),
                            event.get("recipient"), event.get("tag"), _describe(event)))
-    own = _current(query, names)
+    own = ownQuery(query, names)
     page.add(page.table(table, own, "No events match."))
-    page.add(_pager(own, result["next_cursor"]))
+    page.add(pager(own, result["next_cursor"]))
     return page
 
 
-def _pager(own: dict, nextCursor: Optional[str]) -> Tag:
+def pager(own: dict, nextCursor: Optional[str]) -> Tag:
     nav = tags.nav(**{"aria-label": "Pages"})
     if own.get("cursor"):
         first = {k: v for k, v in own.items() if k != "cursor"}
@@ -616,7 +624,7 @@ def _pager(own: dict, nextCursor: Optional[str]) -> Tag:
 
 async def bounces(ui, context) -> Page:
     names = ("range", "tag", "reason", "kind", "domain")
-    query = _query(context, names)
+    query = readQuery(context, names)
     chosen = query.choice("range", ("day", "month"), "day")
     tag = query.text("tag")
     reason = query.text("reason")
@@ -651,7 +659,7 @@ async def bounces(ui, context) -> Page:
         ) and (reason or kind or domain) and len(matching) < 1000:
             matching.append(event)
     page = Page(title="Bounces")
-    page.add(_filters("/bounces", [
+    page.add(filterForm("/bounces", [
         ("range", "Range", tags.select(
             *[tags.option(RANGES[r][2], value=r, **({"selected": "selected"} if r == chosen else {}))
               for r in ("day", "month")], id="range", name="range")),
@@ -662,7 +670,7 @@ async def bounces(ui, context) -> Page:
                     + ("" if complete else " (only the first 100,000 were read)") + ".",
                     role="status"))
     base = {"range": chosen, **({"tag": tag} if tag else {})}
-    own = _current(query, names)
+    own = ownQuery(query, names)
 
     def linked(name: str, counts: dict, key: str, caption: str) -> Tag:
         table = Table(name, caption, [key, "bounces", "share"])
@@ -675,7 +683,7 @@ async def bounces(ui, context) -> Page:
     page.add(linked("kinds", byKind, "kind", "By kind"))
     page.add(linked("domains", byDomain, "domain", "By recipient domain"))
     time = Table("time", f"Over time (per {interval})", ["start", "hard", "soft"])
-    for start in _starts(since, now, size):
+    for start in bucketStarts(since, now, size):
         slot = overTime.get(start, {"hard": 0, "soft": 0})
         time.rows.append((shortTime(rfc3339(start)), slot["hard"], slot["soft"]))
     page.add(page.table(time, own))
@@ -690,263 +698,4 @@ async def bounces(ui, context) -> Page:
                                event.recipient, detail.get("kind"), detail.get("reason"),
                                detail.get("diagnostic")))
         page.add(page.table(table, own, "No bounces match."))
-    return page
-
-
-# -- suppressions -------------------------------------------------------------
-
-
-async def suppressions(ui, context) -> Page:
-    names = ("q", "reason", "cursor", "limit", "done")
-    query = _query(context, names)
-    prefix = query.text("q")
-    reason = query.choice("reason", SUPPRESSION_REASONS)
-    result = await ui.queries.suppressions(prefix, reason, query.cursor(), query.limit())
-    page = _notice(Page(title="Suppression list"), context)
-    page.add(_filters("/suppressions", [
-        ("sq", "Address starts with", tags.input(id="sq", name="q", value=prefix or "")),
-        ("sreason", "Reason", _reasonSelect("sreason", reason, anyOption=True)),
-    ], submit="Search"))
-    page.add(
-        tags.h2("Add an address"),
-        tags.form(
-            _hidden(context),
-            tags.label("Address", tags.input(id="address", name="address", type="email",
-                                             required="required"), **{"for": "address"}),
-            tags.label("Reason", _reasonSelect("reason", "manual"), **{"for": "reason"}),
-            tags.label("Expires (optional)", tags.input(id="expires", name="expires",
-                                                        placeholder="2027-01-31"),
-                       **{"for": "expires"}),
-            tags.button("Add", type="submit"),
-            action="/suppressions/add", method="post", **{"class": "filters"},
-        ),
-        tags.h2("Import and export"),
-        tags.form(
-            _hidden(context),
-            tags.label("CSV file (address, reason, expires)",
-                       tags.input(id="file", name="file", type="file", accept=".csv,text/csv",
-                                  required="required"), **{"for": "file"}),
-            tags.label("Reason when the file gives none", _reasonSelect("ireason", "manual"),
-                       **{"for": "ireason"}),
-            tags.button("Import", type="submit"),
-            action="/suppressions/import", method="post", enctype="multipart/form-data",
-            **{"class": "filters"},
-        ),
-        tags.p(tags.a("Export the whole list as CSV", href="/suppressions/export.csv?"
-                      + urlencode({k: v for k, v in (("q", prefix), ("reason", reason)) if v}))),
-    )
-    table = Table("suppressions", "Suppressed addresses",
-                  ["address", "reason", "added", "expires", "source event", "remove"])
-    for entry in result["items"]:
-        table.rows.append((
-            entry["address"], entry["reason"], shortTime(entry["time"]),
-            shortTime(entry["expires"]) or "never", entry["source_event"],
-            _postButton(context, "/suppressions/remove", "Remove", {"address": entry["address"]},
-                        describedBy=f"Remove {entry['address']}"),
-        ))
-    own = _current(query, ("q", "reason", "cursor", "limit"))
-    page.add(page.table(table, own, "The list has no such address."))
-    page.add(_pager(own, result["next_cursor"]))
-    return page
-
-
-def _reasonSelect(name: str, chosen: Optional[str], anyOption: bool = False) -> Tag:
-    select = tags.select(id=name, name="reason")
-    if anyOption:
-        select(tags.option("any", value=""))
-    for reason in sorted(SUPPRESSION_REASONS):
-        option = tags.option(reason, value=reason)
-        if reason == chosen:
-            option(selected="selected")
-        select(option)
-    return select
-
-
-async def addSuppression(ui, context):
-    item = {"address": (context.field("address", 1000) or "").strip(),
-            "reason": context.field("reason", 50) or "manual"}
-    expires = (context.field("expires", 100) or "").strip()
-    if expires:
-        item["expires"] = expires
-    if not item["address"]:
-        raise badParameter("address", "required: an e-mail address")
-    entry = suppressionEntry(item, ui.clock.seconds(), "manual")
-    await ui.queries.addSuppression(entry)
-    return Redirect("/suppressions?" + urlencode({"q": entry.address, "done": "added"}))
-
-
-async def removeSuppression(ui, context):
-    address = checkAddress((context.field("address", 1000) or "").strip())
-    await ui.queries.removeSuppression(address)
-    return Redirect("/suppressions?done=removed")
-
-
-async def importSuppressions(ui, context):
-    data = context.upload("file")
-    if not data:
-        raise badParameter("file", "required: a CSV file of addresses")
-    reason = context.field("reason", 50) or "manual"
-    if reason not in SUPPRESSION_REASONS:
-        raise badParameter("reason", f"must be one of {', '.join(sorted(SUPPRESSION_REASONS))}")
-    entries = importEntries(csvItems(data), ui.clock.seconds(), reason, MAX_IMPORT)
-    await ui.queries.addSuppressions(entries)
-    return Redirect("/suppressions?done=imported")
-
-
-async def exportSuppressions(ui, context):
-    query = _query(context, ("q", "reason"))
-    entries = await ui.queries.allSuppressions(
-        query.text("q"), query.choice("reason", SUPPRESSION_REASONS)
-    )
-    return Download(suppressionCSV(entries), b"text/csv; charset=utf-8", "suppressions.csv")
-
-
-# -- queue --------------------------------------------------------------------
-
-
-async def queue(ui, context) -> Page:
-    names = ("domain", "state", "cursor", "limit", "done")
-    query = _query(context, names)
-    domain = query.domain()
-    state = query.choice("state", ("queued", "deferred"))
-    summary = await ui.queries.queueSummary(domain)
-    listing = await ui.queries.queueMessages(domain, state, query.limit(), query.cursor())
-    page = _notice(Page(title="Queue"), context)
-    page.add(tags.p(f"{summary['messages']:,} messages, {summary['recipients']:,} recipients "
-                    "waiting on this node.", role="status"))
-    page.add(_filters("/queue", [
-        ("qdomain", "Recipient domain", tags.input(id="qdomain", name="domain",
-                                                    value=domain or "")),
-        ("qstate", "State", tags.select(
-            tags.option("any", value=""),
-            *[tags.option(s, value=s, **({"selected": "selected"} if s == state else {}))
-              for s in ("queued", "deferred")], id="qstate", name="state")),
-    ]))
-    own = _current(query, ("domain", "state", "cursor", "limit"))
-    domains = Table("domains", "By destination domain",
-                    ["domain", "messages", "recipients", "queued", "deferred", "attempting",
-                     "oldest", "next attempt", "deferred because", "retry"])
-    for d in summary["domains"]:
-        domains.rows.append((
-            Link(d["domain"] or "(none)", "/queue?" + urlencode({"domain": d["domain"]})),
-            d["messages"], d["recipients"], d["queued"], d["deferred"], d["attempting"],
-            shortTime(d["oldest"]), shortTime(d["next_attempt"]),
-            "; ".join(f"{r['count']}× {r['reason']}" for r in d["reasons"][:3]) or None,
-            _postButton(context, "/queue/retry-domain", "Retry now", {"domain": d["domain"]},
-                        describedBy=f"Retry now for {d['domain']}"),
-        ))
-    page.add(page.table(domains, own, "The queue is empty."))
-    throttle = Table("destinations", "Destinations: limits and adaptive throttle",
-                     ["destination", "queued", "connections", "max connections", "rate",
-                      "throttled", "factor", "until", "why"])
-    for d in ui.queries.destinations():
-        throttle.rows.append((
-            d["destination"], d["queued"], d["connections"],
-            f"{d['max_connections']} of {d['configured_max_connections']}",
-            "" if d["rate"] is None else str(d["rate"]),
-            "yes" if d["throttled"] else "no", d["throttle_factor"], shortTime(d["throttle_until"]),
-            d.get("throttle_reason"),
-        ))
-    page.add(page.table(throttle, own, "No destination has been tried yet."))
-    messages = Table("messages", "Messages, oldest first",
-                     ["queue id", "received", "sender", "tag", "waiting", "actions"])
-    for item in listing["items"]:
-        waiting = [r for r in item["recipients"] if r["state"] in ("queued", "deferred")]
-        actions = tags.span(
-            _postButton(context, "/queue/retry", "Retry", {"queue_id": item["queue_id"]},
-                        describedBy=f"Retry {item['queue_id']} now"),
-            " ",
-            tags.a("Delete", href="/queue/confirm?" + urlencode({"queue_id": item["queue_id"]}),
-                   **{"aria-label": f"Delete {item['queue_id']}"}),
-        )
-        messages.rows.append((
-            messageLink(item["queue_id"]), shortTime(item["received"]), item["sender"],
-            item["tag"], ", ".join(r["address"] for r in waiting[:3])
-            + (f" and {len(waiting) - 3} more" if len(waiting) > 3 else ""), actions,
-        ))
-    page.add(page.table(messages, own, "No message waits."))
-    page.add(_pager(own, listing["next_cursor"]))
-    return page
-
-
-def _queueID(context) -> str:
-    return checkQueueID((context.field("queue_id", 100) or "").strip())
-
-
-async def confirmDelete(ui, context) -> Page:
-    query = _query(context, ("queue_id",))
-    queue_id = checkQueueID(query.text("queue_id") or "")
-    entry = ui.queries.scheduler.queuedMessage(queue_id)
-    if entry is None:
-        raise ApiError(404, "not_found", f"{queue_id} is not in the queue")
-    waiting = [r.address for r in entry.pending()]
-    page = Page(title=f"Delete {queue_id}?")
-    page.add(
-        tags.p(f"{len(waiting)} recipients still wait: {', '.join(waiting[:10])}"
-               + (" …" if len(waiting) > 10 else "") + ". Deleting ends them as expired "
-               "(reason deleted); nothing is sent to them. This cannot be undone."),
-        tags.p(
-            _postButton(context, "/queue/delete", "Delete the message", {"queue_id": queue_id},
-                        danger=True),
-            " ",
-            tags.a("Cancel", href="/messages/" + quote(queue_id, safe="")),
-        ),
-    )
-    return page
-
-
-async def retry(ui, context):
-    queue_id = _queueID(context)
-    ui.queries.retry(queue_id)
-    if context.field("back", 20) == "message":
-        return Redirect("/messages/" + quote(queue_id, safe="") + "?done=retried")
-    return Redirect("/queue?done=retried")
-
-
-async def retryDomain(ui, context):
-    domain = (context.field("domain", 300) or "").strip().rstrip(".").lower()
-    if not domain or not re.fullmatch(r"[^\x00-\x20\x7f@/]{1,255}", domain):
-        raise badParameter("domain", "required: a recipient domain")
-    ui.queries.retryDomain(domain)
-    return Redirect("/queue?done=retried")
-
-
-async def delete(ui, context):
-    queue_id = _queueID(context)
-    await ui.queries.delete(queue_id)
-    return Redirect("/queue?done=deleted")
-
-
-# -- domains ------------------------------------------------------------------
-
-_STATUS_LABEL = {OK: "ok", WARN: "warning", FAIL: "failed"}
-
-
-async def domains(ui, context) -> Page:
-    query = _query(context, ("refresh",))
-    fresh = query.choice("refresh", ("on",)) == "on"
-    page = Page(title="Sending domains")
-    if ui.domains is None:
-        page.add(tags.p("The DNS checks are not available here.", **{"class": "empty"}))
-        return page
-    page.add(tags.p(
-        "The checks of “smartrelay check-dns” for every domain the relay signs for. ",
-        tags.a("Check again now", href="/domains?refresh=on"),
-    ))
-    for domain in ui.domains.domains:
-        result = await ui.domains.result(domain, fresh=fresh)
-        page.add(tags.h2(domain))
-        checked = datetime.fromtimestamp(result.time, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-        page.add(tags.p(f"Checked {checked}.", **{"class": "empty"}))
-        if result.error:
-            page.add(tags.p(result.error, role="alert", **{"class": "error"}))
-            continue
-        table = Table(f"dns-{domain}", f"DNS checklist for {domain}",
-                      ["check", "name", "status", "what was found", "publish"])
-        for check in result.checks:
-            status = tags.span(_STATUS_LABEL.get(check.status, check.status),
-                               **{"class": f"status-{check.status}"})
-            table.rows.append((check.check, check.name, status, check.message,
-                               tags.code(check.publish) if check.publish else None))
-        page.add(page.table(table, {}, "No checks ran."))
     return page
