@@ -620,12 +620,13 @@ class DashboardTests(UiTestsMixin, SynchronousTestCase):
         self.get("/?format=csv&table=nope", status=404)
 
     def test_queueSize(self):
-        """The dashboard shows the queue's size."""
+        """The dashboard shows the queue's size and its oldest message."""
         self.scheduler.hold = True
         self.scheduler.enqueue(makeEntry(QUEUE_ID, ("a@example.org",), received=START - 100))
         _, body = self.get("/")
         self.assertIn("queued messages", body)
         self.assertIn(">1<", body)
+        self.assertIn("2023-11-14 22:11:40 UTC", body)  # the oldest: START - 100
 
 
 class SearchAndMessageTests(UiTestsMixin, SynchronousTestCase):

@@ -476,6 +476,17 @@ class Queries:
         if count and not count % QUEUE_SLICE:
             await deferLater(self.clock, 0, lambda: None)
 
+    def queueSize(self) -> dict:
+        """
+        How many messages wait in this node's queue and when the oldest
+        was received (no walk over their recipients: for the dashboard).
+        """
+        entries = self.scheduler.queuedMessages()
+        return {
+            "messages": len(entries),
+            "oldest": optionalTime(entries[0].received) if entries else None,
+        }
+
     async def queueSummary(self, only: Optional[str] = None) -> dict:
         """
         This node's queue per recipient domain (C{only}: that domain):

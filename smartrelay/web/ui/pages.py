@@ -311,8 +311,8 @@ async def dashboard(ui, context) -> Page:
     ))
     complaint = rates["complaint"]
     over = bool(stats["complaint_rate_over_limit"])
-    summary = await ui.queries.queueSummary()
-    oldest = min((d["oldest"] for d in summary["domains"]), default=None)
+    summary = ui.queries.queueSize()
+    oldest = summary["oldest"]
     page.add(
         tags.h2(f"Totals for {scope}"),
         tags.ul(
