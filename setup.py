@@ -103,7 +103,11 @@ setup(
     # Every package under smartrelay/ (a hand-kept list once missed new
     # ones: a plain install lacked smartrelay.feedback), and the plugin.
     packages=find_packages(include=["smartrelay", "smartrelay.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/smartrelay_plugin.py"]},
+    package_data={
+        "twisted": ["plugins/smartrelay_plugin.py"],
+        # The reports UI's style sheet (smartrelay/web/ui/app.py serves it).
+        "smartrelay.web.ui": ["static/*.css"],
+    },
     install_requires=[
         "twisted[tls]>=24.7",
         "attrs>=23.1",
