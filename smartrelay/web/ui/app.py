@@ -76,6 +76,11 @@ MAX_USER = 200
 _HTML = b"text/html; charset=utf-8"
 _STATIC = os.path.join(os.path.dirname(__file__), "static")
 
+# The style sheet (a few kilobytes shipped with the package), read once
+# when the module is imported, never on the reactor thread.
+with open(os.path.join(_STATIC, "ui.css"), "rb") as _file:
+    _STYLESHEET = _file.read()
+
 
 def makeLoginLimiter(clock) -> LoginLimiter:
     """
@@ -446,8 +451,7 @@ class UiApp:
     @page("/static/ui.css", public=True)
     async def stylesheet(self, context: Context):
         request = context.request
-        with open(os.path.join(_STATIC, "ui.css"), "rb") as f:
-            body = f.read()
+        body = _STYLESHEET
         request.setHeader(b"Content-Type", b"text/css; charset=utf-8")
         request.setHeader(b"Cache-Control", b"max-age=3600")
         return _Raw(body)
