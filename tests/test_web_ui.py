@@ -897,3 +897,55 @@ class SessionsTests(SynchronousTestCase):
         self.assertEqual(sessions.endUser("a"), 2)
         self.assertIsNone(sessions.get(first.id))
         self.assertEqual(len(sessions), 1)
+
+
+class BuildTests(SynchronousTestCase):
+    """
+    L{makeUiApp} from a configuration.
+    """
+
+    def build(self, extra=""):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from smartrelay.config import parseConfig
+        from smartrelay.web.ui.build import makeUiApp
+
+        config = parseConfig("[smartrelay]\nhostname = relay.example\n\n[web]\n" + extra)
+        reactor = MemoryReactorClock()
+        queries = Queries(MemoryStore(), None, None, reactor)
+        return makeUiApp(config, reactor, queries, lambda f, *a: maybeDeferred(f, *a)), reactor
+
+    def test_users(self):
+        """[web] users_file gives a checker of its users; sessions follow the [web] keys."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f"{USER}:{cheapHash(PASSWORD)}\n")
+        ui, reactor = self.build(
+            f"users_file = {path}\nsession_timeout = 10m\nsession_lifetime = 2h\n"
+        )
+        from twisted.cred.credentials import UsernamePassword
+
+        self.assertEqual(
+            self.successResultOf(ui.checker.requestAvatarId(UsernamePassword(USER, PASSWORD))),
+            USER,
+        )
+        self.assertEqual((ui.sessions.idle, ui.sessions.lifetime), (600.0, 7200.0))
+        self.assertEqual(tuple(ui.domains.domains), ("relay.example",))
+        # Nothing is scheduled on the reactor before a DNS check is asked for.
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_noUsers(self):
+        """Without [web] users_file there is no checker."""
+        ui, _ = self.build()
+        self.assertIsNone(ui.checker)
+
+    def test_badUsersFile(self):
+        """A users file that does not parse is one configuration error naming the key."""
+        from smartrelay.config import ConfigError, parseConfig
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("no colon here\n")
+        error = self.assertRaises(ConfigError, parseConfig, f"[web]\nusers_file = {path}\n")
+        self.assertIn("users_file", str(error))
+        self.assertNotIn("\n", str(error))

@@ -37,6 +37,7 @@ from urllib.parse import urlencode
 
 import attrs
 from klein import Klein
+from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
@@ -52,6 +53,7 @@ from smartrelay.web.apirequest import ApiError, badParameter
 from smartrelay.web.proxies import clientAddress
 from smartrelay.web.queries import Queries
 from smartrelay.web.ui import manage, pages
+from smartrelay.web.ui.domains import DomainChecks
 from smartrelay.web.ui.guard import (
     SESSION_COOKIE,
     cookieHeader,
@@ -223,7 +225,7 @@ class UiApp:
 
     queries: Queries
     clock: IReactorTime
-    checker: Any = None
+    checker: Optional[ICredentialsChecker] = None
     limiter: LoginLimiter = attrs.field(
         default=attrs.Factory(lambda self: makeLoginLimiter(self.clock), takes_self=True)
     )
@@ -231,8 +233,8 @@ class UiApp:
         default=attrs.Factory(lambda self: Sessions(self.clock), takes_self=True)
     )
     trustedProxies: tuple = ()
-    domains: Any = None
-    rewrap: Any = attrs.field(factory=lambda: pages.RewrapSettings())
+    domains: Optional[DomainChecks] = None
+    rewrap: pages.RewrapSettings = attrs.field(factory=pages.RewrapSettings)
     _loginKey: bytes = attrs.field(factory=lambda: os.urandom(32), repr=False)
 
     app = _app
