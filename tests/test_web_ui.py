@@ -697,6 +697,52 @@ class SearchAndMessageTests(UiTestsMixin, SynchronousTestCase):
         self.assertEqual(seen, ["accepted", "deferred", "delivered", "clicked"])
 
 
+class EventExportTests(UiTestsMixin, SynchronousTestCase):
+    """
+    Every matching event as one CSV download.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.login()
+
+    def test_everyPage(self):
+        """The download walks every page of the cursor, with the filters; formulas made text."""
+        from smartrelay.web.ui import pages
+
+        self.patch(pages, "MAX_LIMIT", 2)
+        for n in range(5):
+            self.emit("delivered", queue_id=f"2A/01-00001-0000000{n}", time=START + n,
+                      tag="=cmd|' /C calc'!A0" if n == 0 else "t",
+                      detail={"remote": "mx.example.org"})
+        self.emit("bounced", time=START + 10, detail={"kind": "hard"})
+        response, body = self.get("/events/export.csv?type=delivered")
+        self.assertEqual(response.headers.getRawHeaders("Content-Disposition"),
+                         ['attachment; filename="events.csv"'])
+        lines = body.splitlines()
+        self.assertEqual(lines[0], "id,time,type,queue_id,recipient,tag,metadata,detail")
+        self.assertEqual(len(lines), 6)
+        self.assertIn(",'=cmd|", lines[1])
+        self.assertIn('"{""remote"": ""mx.example.org""}"', lines[1])
+        _, page = self.get("/events?type=delivered")
+        self.assertIn("/events/export.csv?type=delivered", page)
+
+    def test_cap(self):
+        """At most MAX_EVENT_EXPORT events go into one download."""
+        from smartrelay.web.ui import pages
+
+        self.patch(pages, "MAX_EVENT_EXPORT", 3)
+        for n in range(5):
+            self.emit("delivered", queue_id=f"2A/01-00001-0000000{n}", time=START + n)
+        _, body = self.get("/events/export.csv")
+        self.assertEqual(len(body.splitlines()), 4)
+
+    def test_badFilter(self):
+        """A bad filter is a 400 page, not a download."""
+        _, body = self.get("/events/export.csv?since=yesterday", status=400)
+        self.assertIn("since", body)
+
+
 class SuppressionPageTests(UiTestsMixin, SynchronousTestCase):
     """
     The suppression list: search, add, remove, CSV import and export.

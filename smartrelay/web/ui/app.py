@@ -476,6 +476,10 @@ class UiApp:
     async def events(self, context: Context):
         return await pages.events(self, context)
 
+    @page("/events/export.csv")
+    async def exportEvents(self, context: Context):
+        return await pages.exportEvents(self, context)
+
     @page("/bounces")
     async def bounces(self, context: Context):
         return await pages.bounces(self, context)

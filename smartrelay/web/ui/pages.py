@@ -8,6 +8,7 @@ string shown goes through L{twisted.web.template}, which escapes it.
 """
 
 import email.header
+import json
 import re
 from typing import Optional
 from urllib.parse import quote, urlencode
@@ -32,7 +33,16 @@ from smartrelay.web.apirequest import (
 )
 from smartrelay.web.queries import COMPLAINT_RATE_LIMIT, MAX_SCAN
 from smartrelay.web.ui.charts import SERIES, fillBuckets, lineChart, rateChart, seriesValues
-from smartrelay.web.ui.html import Link, Page, Redirect, Table, percent, shortTime
+from smartrelay.web.ui.html import (
+    Download,
+    Link,
+    Page,
+    Redirect,
+    Table,
+    csvBytes,
+    percent,
+    shortTime,
+)
 
 __all__ = [
     "RewrapSettings",
@@ -40,6 +50,7 @@ __all__ = [
     "dashboard",
     "errorPage",
     "events",
+    "exportEvents",
     "filterForm",
     "hiddenToken",
     "loginPage",
@@ -557,10 +568,16 @@ def _rewrap(settings: RewrapSettings, headers: Optional[str], document: dict) ->
 # -- events -------------------------------------------------------------------
 
 
-async def events(ui, context) -> Page:
-    names = ("type", "queue_id", "recipient", "tag", "domain", "since", "until", "cursor",
-             "limit")
-    query = readQuery(context, names)
+#: Most events one CSV download of the events list holds.
+MAX_EVENT_EXPORT = 100_000
+
+_EVENT_FILTERS = ("type", "queue_id", "recipient", "tag", "domain", "since", "until")
+
+
+def _eventFilters(query: Query) -> tuple:
+    """
+    The store's filters and the recipient domain of an events query.
+    """
     filters = {
         "type": query.choice("type", EVENT_TYPES),
         "queue_id": query.text("queue_id"),
@@ -573,7 +590,13 @@ async def events(ui, context) -> Page:
         checkQueueID(filters["queue_id"])
     if filters["recipient"] is not None:
         filters["recipient"] = checkAddress(filters["recipient"], "recipient")
-    domain = query.domain()
+    return filters, query.domain()
+
+
+async def events(ui, context) -> Page:
+    names = _EVENT_FILTERS + ("cursor", "limit")
+    query = readQuery(context, names)
+    filters, domain = _eventFilters(query)
     limit = query.limit()
     cursor = query.cursor()
     result = await ui.queries.events(filters, domain, limit, cursor)
@@ -605,7 +628,39 @@ async def events(ui, context) -> Page:
     own = ownQuery(query, names)
     page.add(page.table(table, own, "No events match."))
     page.add(pager(own, result["next_cursor"]))
+    every = {k: v for k, v in own.items() if k in _EVENT_FILTERS}
+    page.add(tags.p(tags.a(
+        f"Download every matching event as CSV (up to {MAX_EVENT_EXPORT:,})",
+        href="/events/export.csv?" + urlencode(every),
+    )))
     return page
+
+
+async def exportEvents(ui, context) -> Download:
+    """
+    Every event matching the filters, oldest first, as CSV with the
+    event object's keys (metadata and detail as JSON), at most
+    L{MAX_EVENT_EXPORT}; the store's cursor walks them a page at a time.
+    """
+    query = readQuery(context, _EVENT_FILTERS)
+    filters, domain = _eventFilters(query)
+    table = Table("events", "Events",
+                  ["id", "time", "type", "queue_id", "recipient", "tag", "metadata", "detail"])
+    cursor = None
+    while len(table.rows) < MAX_EVENT_EXPORT:
+        want = min(MAX_LIMIT, MAX_EVENT_EXPORT - len(table.rows))
+        result = await ui.queries.events(filters, domain, want, cursor)
+        for event in result["items"]:
+            table.rows.append((
+                event["id"], event["time"], event["type"], event["queue_id"],
+                event["recipient"], event["tag"],
+                json.dumps(event["metadata"], ensure_ascii=False, sort_keys=True),
+                json.dumps(event["detail"], ensure_ascii=False, sort_keys=True),
+            ))
+        cursor = result["next_cursor"]
+        if cursor is None:
+            break
+    return Download(csvBytes(table), b"text/csv; charset=utf-8", "events.csv")
 
 
 def pager(own: dict, nextCursor: Optional[str]) -> Tag:
