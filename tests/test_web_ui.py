@@ -382,6 +382,25 @@ class SecureCookieTests(UiTestsMixin, SynchronousTestCase):
                   if c.startswith("smartrelay_session=")][0]
         self.assertIn("Secure", cookie)
 
+    def test_forwardedHost(self):
+        """Behind a trusted proxy the Origin is compared with its X-Forwarded-Host."""
+        self.ui.trustedProxies = self.trustedProxies()
+        proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "mail.example.com"}
+        _, body = self.get("/login", headers=proxied)
+        token = re.search(r'name="csrf" value="([^"]+)"', body).group(1)
+        self.post("/login", {"user": USER, "password": PASSWORD}, status=403, token=token,
+                  origin="https://relay.test", headers=proxied)
+        self.post("/login", {"user": USER, "password": PASSWORD}, token=token,
+                  origin="https://mail.example.com", headers=proxied)
+
+    def test_forwardedHostUntrusted(self):
+        """X-Forwarded-Host from a peer that is not a trusted proxy is not believed."""
+        self.ui.trustedProxies = ()
+        _, body = self.get("/login")
+        token = re.search(r'name="csrf" value="([^"]+)"', body).group(1)
+        self.post("/login", {"user": USER, "password": PASSWORD}, status=403, token=token,
+                  origin="http://evil.example", headers={"X-Forwarded-Host": "evil.example"})
+
     def test_untrustedProxyHeader(self):
         """X-Forwarded-Proto from a peer that is not a trusted proxy changes nothing."""
         self.ui.trustedProxies = ()

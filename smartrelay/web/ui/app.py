@@ -258,7 +258,7 @@ class UiApp:
             if request.method == b"POST":
                 if getattr(request, "bodyTooLarge", False):
                     raise ApiError(413, "too_large", "the form is too large")
-                if not sameOrigin(request, https):
+                if not sameOrigin(request, https, self.trustedProxies):
                     self.log.warn(
                         "UI: refused a cross-site {method} {path} from {client}",
                         method="POST",

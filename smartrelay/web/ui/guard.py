@@ -19,6 +19,7 @@ __all__ = [
     "readCookie",
     "sameOrigin",
     "setSecurityHeaders",
+    "siteHost",
     "tokensMatch",
 ]
 
@@ -116,13 +117,28 @@ def readCookie(request, name: bytes) -> Optional[str]:
     return value.decode("ascii")
 
 
-def sameOrigin(request, https: bool) -> bool:
+def siteHost(request, trustedProxies: Sequence = ()) -> Optional[bytes]:
+    """
+    The host (and port) the browser asked for: C{Host}, or behind a proxy
+    of C{trustedProxies} that sends it, the last C{X-Forwarded-Host}.
+    """
+    peer = getattr(request.getClientAddress(), "host", None)
+    if _trusted(peer, trustedProxies):
+        values = request.requestHeaders.getRawHeaders(b"x-forwarded-host", [])
+        if values:
+            last = values[-1].split(b",")[-1].strip()
+            if last:
+                return last
+    return request.getHeader(b"host")
+
+
+def sameOrigin(request, https: bool, trustedProxies: Sequence = ()) -> bool:
     """
     Does a state-changing request come from one of our own pages?  The
     browser's C{Sec-Fetch-Site} must be C{same-origin} when it is sent,
-    and C{Origin} must be this site (scheme, the C{Host} asked for) when
-    it is sent; at least one of them must be there.  A request with
-    neither (no browser made it) is refused.
+    and C{Origin} must be this site (scheme, the host asked for:
+    L{siteHost}) when it is sent; at least one of them must be there.  A
+    request with neither (no browser made it) is refused.
     """
     site = request.getHeader(b"sec-fetch-site")
     origin = request.getHeader(b"origin")
@@ -131,7 +147,7 @@ def sameOrigin(request, https: bool) -> bool:
     if site is not None and site.strip().lower() != b"same-origin":
         return False
     if origin is not None:
-        host = request.getHeader(b"host")
+        host = siteHost(request, trustedProxies)
         if not host:
             return False
         expected = (b"https://" if https else b"http://") + host.strip().lower()
