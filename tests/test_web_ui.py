@@ -909,6 +909,7 @@ class BouncesAndDomainsTests(UiTestsMixin, SynchronousTestCase):
                       detail={"kind": kind, "reason": reason, "diagnostic": "550 5.1.1 no"})
         _, body = self.get("/bounces")
         self.assertIn("3 bounces", body)
+        self.assertIn("<title>Bounces per hour", body)  # the chart, from the counters
         self.assertIn("/bounces?range=day&amp;reason=userunknown", body)
         _, body = self.get("/bounces?reason=userunknown")
         self.assertIn("2A/01-00001-00000000", body)

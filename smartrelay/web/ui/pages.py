@@ -692,7 +692,6 @@ async def bounces(ui, context) -> Page:
     byReason: dict = {}
     byKind: dict = {}
     byDomain: dict = {}
-    overTime: dict = {}
     matching = []
     complete = True
     async for event, done in ui.queries.bounces(since, now, tag):
@@ -706,9 +705,6 @@ async def bounces(ui, context) -> Page:
         byReason[r] = byReason.get(r, 0) + 1
         byKind[k] = byKind.get(k, 0) + 1
         byDomain[d] = byDomain.get(d, 0) + 1
-        start = bucketStart(event.time, size)
-        slot = overTime.setdefault(start, {"hard": 0, "soft": 0})
-        slot[k if k in slot else "soft"] += 1
         if (reason is None or r == reason) and (kind is None or k == kind) and (
             domain is None or d == domain
         ) and (reason or kind or domain) and len(matching) < 1000:
@@ -737,11 +733,30 @@ async def bounces(ui, context) -> Page:
     page.add(linked("reasons", byReason, "reason", "By reason"))
     page.add(linked("kinds", byKind, "kind", "By kind"))
     page.add(linked("domains", byDomain, "domain", "By recipient domain"))
+    # Over time from the counters: exact whatever the events' retention.
+    stats = await ui.queries.stats(since, now, interval, tag=tag, bounceReasons=False)
+    starts = bucketStarts(since, now, size)
+    counted = fillBuckets(stats["buckets"], starts)
     time = Table("time", f"Over time (per {interval})", ["start", "hard", "soft"])
-    for start in bucketStarts(since, now, size):
-        slot = overTime.get(start, {"hard": 0, "soft": 0})
-        time.rows.append((shortTime(rfc3339(start)), slot["hard"], slot["soft"]))
-    page.add(page.table(time, own))
+    for start, bucket in zip(starts, counted):
+        time.rows.append((shortTime(rfc3339(start)), bucket["hard_bounces"],
+                          bucket["soft_bounces"]))
+    page.add(
+        tags.h2("Hard and soft bounces over time"),
+        lineChart(
+            f"Bounces per {interval}, {label}" + (f", tag {tag}" if tag else ""),
+            starts,
+            [("hard bounces", "#D55E00", [b["hard_bounces"] for b in counted]),
+             ("soft bounces", "#CC79A7", [b["soft_bounces"] for b in counted])],
+            interval,
+        ),
+        tags.ul(
+            tags.li(tags.span(**{"class": "swatch swatch-3", "aria-hidden": "true"}), "hard"),
+            tags.li(tags.span(**{"class": "swatch swatch-4", "aria-hidden": "true"}), "soft"),
+            **{"class": "legend", "aria-label": "Legend"},
+        ),
+        page.table(time, own),
+    )
     if reason or kind or domain:
         what = ", ".join(f"{n} {v}" for n, v in (("reason", reason), ("kind", kind),
                                                   ("domain", domain)) if v)
