@@ -1245,3 +1245,120 @@ class ISMSSubmissions(Interface):
 
         @rtype: L{Deferred} firing with the number deleted.
         """
+
+
+# -- connection-slot leases (issue 17: one cluster, one set of limits) --------
+#
+# A connection limit that holds across the nodes sharing a store is a set of
+# *leases* per resource (a destination such as "limited.test" or
+# "provider:google"): a node takes one before it opens a session and gives
+# it back when the session ends.  Every lease expires C{ttl} seconds after it
+# was taken or last renewed, so the slots of a node that died come back on
+# their own.  Times are POSIX seconds from the caller's clock, as for the
+# token buckets.
+
+_LEASE_TEXT = re.compile(r"[^\x00-\x20\x7f]{1,200}")
+
+
+@attrs.frozen
+class LeaseGrant:
+    """
+    The answer of L{ILeases.acquireLease}.
+
+    @ivar granted: whether the lease is now held.
+    @ivar held: live leases of the resource afterwards (this one included
+        when granted).
+    @ivar retry_after: seconds until the earliest live lease expires (0
+        when granted): the longest a refused caller needs to wait for a
+        slot of a dead holder; a live holder may give one back sooner.
+    """
+
+    granted: bool
+    held: int
+    retry_after: float
+
+
+class ILeases(Interface):
+    """
+    Counted, expiring leases on named resources, atomic across every node
+    that shares the store.  Every method returns a L{Deferred}.
+    """
+
+    def acquireLease(resource, lease, limit, now, ttl):
+        """
+        Take the lease C{lease} on C{resource} if fewer than C{limit} live
+        leases are held on it; leases whose expiry is at or before C{now}
+        are dead and not counted.  Taking a lease already held renews it
+        (and is granted whatever C{limit}).
+
+        @param resource: a name (printable, no spaces, at most 200).
+        @param lease: the caller's unique name for this lease (same rules).
+        @param limit: a positive integer.
+        @param ttl: seconds the lease lives unless renewed, positive.
+        @rtype: L{Deferred} firing with a L{LeaseGrant}; it fails with
+            L{ValueError} for bad arguments.
+        """
+
+    def renewLeases(leases, now, ttl):
+        """
+        Extend each live lease of C{leases} (C{(resource, lease)} pairs) to
+        C{now + ttl}.
+
+        @rtype: L{Deferred} firing with the L{list} of the pairs that were
+            not live any more (expired or released), in the given order;
+            those stay released.
+        """
+
+    def releaseLease(resource, lease):
+        """
+        Give C{lease} on C{resource} back (nothing happens if it is not
+        held any more).
+
+        @rtype: L{Deferred} firing with L{None}.
+        """
+
+    def liveLeases(resource, now):
+        """
+        @rtype: L{Deferred} firing with the sorted L{list} of the names of
+            the live leases on C{resource}.
+        """
+
+
+def checkLeaseName(name: str, value) -> str:
+    """
+    @raise ValueError: C{value} is not a lease or resource name.
+    """
+    if not isinstance(value, str) or not _LEASE_TEXT.fullmatch(value):
+        raise ValueError(
+            f"{name} must be 1 to 200 printable characters without spaces, not {value!r}"
+        )
+    return value
+
+
+def checkLeaseArguments(resource, lease, limit, now, ttl) -> tuple:
+    """
+    Validate the arguments of C{acquireLease}.
+
+    @return: (resource, lease, limit, now, ttl).
+    @raise ValueError: for a bad value.
+    """
+    checkLeaseName("resource", resource)
+    checkLeaseName("lease", lease)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive integer, not {limit!r}")
+    now = checkTime("now", now)
+    if now is None or not math.isfinite(now):
+        raise ValueError(f"now must be finite POSIX seconds, not {now!r}")
+    ttl = _positive("ttl", ttl)
+    return resource, lease, limit, now, ttl
+
+
+def checkLeasePairs(leases) -> list:
+    """
+    Validate the C{(resource, lease)} pairs of C{renewLeases}.
+    """
+    pairs = []
+    for pair in leases:
+        resource, lease = pair
+        pairs.append((checkLeaseName("resource", resource), checkLeaseName("lease", lease)))
+    return pairs

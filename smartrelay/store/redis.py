@@ -46,7 +46,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     UNIXClientEndpoint,
@@ -56,10 +56,15 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import classImplements, implementer
 
 from smartrelay.events import Event
 from smartrelay.store.interfaces import (
+    ILeases,
+    LeaseGrant,
+    checkLeaseArguments,
+    checkLeaseName,
+    checkLeasePairs,
     ISMSSubmissions,
     SMSSubmission,
     normaliseSMSMessageID,
@@ -1636,6 +1641,142 @@ class RedisStore:
             [_number(before), str(limit)],
         )
 
+
+    # -- connection-slot leases (ILeases; issue 17) -------------------------
+    #
+    # C{lease:<resource>}: a sorted set of lease names scored by expiry
+    # (the callers' clock); dead members are dropped by the next script
+    # that touches the set, and the key expires a minute after its longest
+    # lease would.
+
+    def _leaseKey(self, resource: str) -> str:
+        return self._key("lease", resource)
+
+    def acquireLease(self, resource, lease, limit, now, ttl) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            resource, lease, limit, now, ttl = checkLeaseArguments(
+                resource, lease, limit, now, ttl
+            )
+        except ValueError:
+            return fail()
+        d = self._do(
+            self._script,
+            "leaseAcquire",
+            [self._leaseKey(resource)],
+            [lease, str(limit), _number(now), _number(ttl)],
+        )
+
+        def grant(reply):
+            granted, held, wait = reply
+            return LeaseGrant(bool(int(granted)), int(held), float(wait))
+
+        return d.addCallback(grant)
+
+    def renewLeases(self, leases, now, ttl) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            pairs = checkLeasePairs(leases)
+            _, _, _, now, ttl = checkLeaseArguments("r", "l", 1, now, ttl)
+        except ValueError:
+            return fail()
+        if not pairs:
+            return succeed([])
+        d = self._do(
+            self._script,
+            "leaseRenew",
+            [self._leaseKey(resource) for resource, _ in pairs],
+            [_number(now), _number(ttl), *[lease for _, lease in pairs]],
+        )
+        return d.addCallback(lambda lost: [pairs[int(i) - 1] for i in lost])
+
+    def releaseLease(self, resource, lease) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            checkLeaseName("resource", resource)
+            checkLeaseName("lease", lease)
+        except ValueError:
+            return fail()
+        d = self._command("ZREM", self._leaseKey(resource), lease)
+        return d.addCallback(lambda _: None)
+
+    def liveLeases(self, resource, now) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            checkLeaseName("resource", resource)
+            now = checkTime("now", now)
+            if now is None:
+                raise ValueError("now must be POSIX seconds, not None")
+        except ValueError:
+            return fail()
+        d = self._command(
+            "ZRANGEBYSCORE", self._leaseKey(resource), "(" + _number(now), "+inf"
+        )
+        return d.addCallback(lambda names: sorted(n.decode("utf-8") for n in names))
+
+
+# KEYS: the lease set.  ARGV: lease, limit, now, ttl.
+# Returns granted (0/1), live leases afterwards, seconds until the earliest
+# live lease expires (when refused).
+_LEASE_ACQUIRE = """
+local now = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local held = redis.call('ZCARD', KEYS[1])
+local granted = 0
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  granted = 1
+elseif held < tonumber(ARGV[2]) then
+  granted = 1
+  held = held + 1
+end
+if granted == 1 then
+  redis.call('ZADD', KEYS[1], string.format('%.17g', now + ttl), ARGV[1])
+  local keep = math.ceil(ttl * 1000) + 60000
+  if redis.call('PTTL', KEYS[1]) < keep then
+    redis.call('PEXPIRE', KEYS[1], keep)
+  end
+  return {1, held, '0'}
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {0, held, string.format('%.17g', tonumber(first[2]) - now)}
+"""
+
+# KEYS: the lease set of each lease.  ARGV: now, ttl, the leases.
+# Returns the (1-based) positions of the leases that were not live.
+_LEASE_RENEW = """
+local now = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local expiry = string.format('%.17g', now + ttl)
+local keep = math.ceil(ttl * 1000) + 60000
+local lost = {}
+for i, key in ipairs(KEYS) do
+  local lease = ARGV[i + 2]
+  local score = redis.call('ZSCORE', key, lease)
+  if score and tonumber(score) > now then
+    redis.call('ZADD', key, expiry, lease)
+    if redis.call('PTTL', key) < keep then
+      redis.call('PEXPIRE', key, keep)
+    end
+  else
+    if score then
+      redis.call('ZREM', key, lease)
+    end
+    lost[#lost + 1] = i
+  end
+end
+return lost
+"""
+
+_SCRIPTS["leaseAcquire"] = _LEASE_ACQUIRE
+_SCRIPTS["leaseRenew"] = _LEASE_RENEW
+_SHAS["leaseAcquire"] = _sha1(_LEASE_ACQUIRE)
+_SHAS["leaseRenew"] = _sha1(_LEASE_RENEW)
+classImplements(RedisStore, ILeases)
 
 __all__ = [
     "RedisAddress",

@@ -1,0 +1,486 @@
+"""
+Tests for L{smartrelay.cluster.leases} and L{smartrelay.cluster.nodes}:
+one L{ILeases} contract run against L{LocalLeases} and a real
+C{redis-server}, and the L{LeaseKeeper} and L{NodeRegistry} on a fake
+clock.
+"""
+
+from twisted.internet import reactor
+from twisted.internet.defer import fail, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from smartrelay.cluster.leases import (
+    LeaseKeeper,
+    LocalLeases,
+    leaseBackend,
+)
+from smartrelay.cluster.nodes import NODES, NodeRegistry
+from smartrelay.store.interfaces import ILeases, LeaseGrant
+from smartrelay.store.memory import MemoryStore
+from smartrelay.store.redis import RedisStore
+from tests.redisserver import sharedRedisServer
+from tests.test_store_redis import newPrefix
+
+T0 = 1_800_000_000.0
+
+
+class LeasesContractMixin:
+    """
+    What every L{ILeases} does; C{self.leases} is the one under test.
+    Every test returns a Deferred (the Redis one answers later).
+    """
+
+    def test_providesInterface(self):
+        """
+        The back end provides L{ILeases}.
+        """
+        self.assertTrue(verifyObject(ILeases, self.leases))
+
+    async def test_grantsUpToTheLimit(self):
+        """
+        Leases are granted while fewer than C{limit} are live, then refused
+        with the wait until the earliest expiry.
+        """
+        a = await self.leases.acquireLease("dest", "a", 2, T0, 30)
+        b = await self.leases.acquireLease("dest", "b", 2, T0 + 1, 30)
+        c = await self.leases.acquireLease("dest", "c", 2, T0 + 2, 30)
+        self.assertEqual(a, LeaseGrant(True, 1, 0.0))
+        self.assertEqual(b, LeaseGrant(True, 2, 0.0))
+        self.assertEqual((c.granted, c.held), (False, 2))
+        self.assertAlmostEqual(c.retry_after, 28.0)
+        self.assertEqual(await self.leases.liveLeases("dest", T0 + 2), ["a", "b"])
+
+    async def test_resourcesAreApart(self):
+        """
+        A full resource does not limit another one.
+        """
+        await self.leases.acquireLease("one", "a", 1, T0, 30)
+        other = await self.leases.acquireLease("two", "b", 1, T0, 30)
+        self.assertTrue(other.granted)
+
+    async def test_expiredLeasesFreeTheirSlots(self):
+        """
+        A lease not renewed is dead at C{now + ttl}: its slot can be taken.
+        """
+        await self.leases.acquireLease("dest", "dead", 1, T0, 30)
+        early = await self.leases.acquireLease("dest", "new", 1, T0 + 29.9, 30)
+        late = await self.leases.acquireLease("dest", "new", 1, T0 + 30, 30)
+        self.assertFalse(early.granted)
+        self.assertTrue(late.granted)
+        self.assertEqual(await self.leases.liveLeases("dest", T0 + 30), ["new"])
+
+    async def test_renewKeepsALeaseAlive(self):
+        """
+        A renewed lease lives C{ttl} seconds from the renewal.
+        """
+        await self.leases.acquireLease("dest", "a", 1, T0, 30)
+        lost = await self.leases.renewLeases([("dest", "a")], T0 + 20, 30)
+        self.assertEqual(lost, [])
+        refused = await self.leases.acquireLease("dest", "b", 1, T0 + 45, 30)
+        self.assertFalse(refused.granted)
+        self.assertAlmostEqual(refused.retry_after, 5.0)
+        self.assertEqual(await self.leases.liveLeases("dest", T0 + 49), ["a"])
+        self.assertEqual(await self.leases.liveLeases("dest", T0 + 50), [])
+
+    async def test_renewReportsLostLeases(self):
+        """
+        Renewing leases that expired or were released reports them, in the
+        order given, and does not bring them back.
+        """
+        await self.leases.acquireLease("d1", "a", 5, T0, 10)
+        await self.leases.acquireLease("d2", "b", 5, T0 + 5, 10)
+        await self.leases.acquireLease("d2", "c", 5, T0 + 5, 10)
+        await self.leases.releaseLease("d2", "c")
+        lost = await self.leases.renewLeases(
+            [("d2", "c"), ("d1", "a"), ("d2", "b"), ("d3", "never")], T0 + 12, 10
+        )
+        self.assertEqual(lost, [("d2", "c"), ("d1", "a"), ("d3", "never")])
+        self.assertEqual(await self.leases.liveLeases("d1", T0 + 12), [])
+        self.assertEqual(await self.leases.liveLeases("d2", T0 + 12), ["b"])
+
+    async def test_renewNothing(self):
+        """
+        Renewing an empty list loses nothing.
+        """
+        self.assertEqual(await self.leases.renewLeases([], T0, 30), [])
+
+    async def test_releaseFreesTheSlot(self):
+        """
+        A released lease's slot is free at once; releasing twice, or a
+        lease never held, changes nothing.
+        """
+        await self.leases.acquireLease("dest", "a", 1, T0, 30)
+        await self.leases.releaseLease("dest", "a")
+        await self.leases.releaseLease("dest", "a")
+        await self.leases.releaseLease("dest", "nobody")
+        again = await self.leases.acquireLease("dest", "b", 1, T0 + 1, 30)
+        self.assertTrue(again.granted)
+
+    async def test_acquireHeldLeaseRenewsIt(self):
+        """
+        Taking a lease already held renews it, even at the limit.
+        """
+        await self.leases.acquireLease("dest", "a", 1, T0, 30)
+        grant = await self.leases.acquireLease("dest", "a", 1, T0 + 20, 30)
+        self.assertEqual(grant, LeaseGrant(True, 1, 0.0))
+        self.assertEqual(await self.leases.liveLeases("dest", T0 + 40), ["a"])
+
+    async def test_lowerLimitRefusesNewOnly(self):
+        """
+        A limit lower than the leases held (a throttled destination) keeps
+        them but grants no new one until enough are gone.
+        """
+        for name in "abc":
+            await self.leases.acquireLease("dest", name, 3, T0, 30)
+        refused = await self.leases.acquireLease("dest", "d", 2, T0, 30)
+        self.assertFalse(refused.granted)
+        await self.leases.releaseLease("dest", "a")
+        still = await self.leases.acquireLease("dest", "d", 2, T0, 30)
+        self.assertFalse(still.granted)
+        await self.leases.releaseLease("dest", "b")
+        self.assertTrue((await self.leases.acquireLease("dest", "d", 2, T0, 30)).granted)
+
+    async def test_fractionalTimes(self):
+        """
+        Times and TTLs keep their fractions.
+        """
+        await self.leases.acquireLease("dest", "a", 1, T0 + 0.25, 0.5)
+        self.assertEqual(await self.leases.liveLeases("dest", T0 + 0.74), ["a"])
+        self.assertEqual(await self.leases.liveLeases("dest", T0 + 0.75), [])
+
+    async def test_unicodeNames(self):
+        """
+        Resource and lease names are text: an IDN destination works.
+        """
+        grant = await self.leases.acquireLease("bücher.example", "nöde/1", 1, T0, 30)
+        self.assertTrue(grant.granted)
+        self.assertEqual(await self.leases.liveLeases("bücher.example", T0), ["nöde/1"])
+
+    def test_badArguments(self):
+        """
+        Bad names, limits, times and TTLs fail with L{ValueError}; nothing
+        is taken.
+        """
+        bad = [
+            ("", "a", 1, T0, 30),
+            ("dest", "", 1, T0, 30),
+            ("de st", "a", 1, T0, 30),
+            ("dest", "a\n", 1, T0, 30),
+            ("x" * 201, "a", 1, T0, 30),
+            (None, "a", 1, T0, 30),
+            ("dest", "a", 0, T0, 30),
+            ("dest", "a", 1.5, T0, 30),
+            ("dest", "a", True, T0, 30),
+            ("dest", "a", 1, float("nan"), 30),
+            ("dest", "a", 1, None, 30),
+            ("dest", "a", 1, "now", 30),
+            ("dest", "a", 1, T0, 0),
+            ("dest", "a", 1, T0, -1),
+            ("dest", "a", 1, T0, float("inf")),
+        ]
+        for args in bad:
+            self.failureResultOf(self.leases.acquireLease(*args), ValueError)
+        self.failureResultOf(self.leases.renewLeases([("dest", "")], T0, 30), ValueError)
+        self.failureResultOf(self.leases.renewLeases([("dest", "a")], T0, 0), ValueError)
+        self.failureResultOf(self.leases.releaseLease("", "a"), ValueError)
+        self.failureResultOf(self.leases.liveLeases("dest", None), ValueError)
+
+        async def nothingTaken():
+            self.assertEqual(await self.leases.liveLeases("dest", T0), [])
+
+        return nothingTaken()
+
+
+class LocalLeasesTests(LeasesContractMixin, TestCase):
+    """
+    L{LocalLeases} fulfils the lease contract.
+    """
+
+    def setUp(self):
+        self.leases = LocalLeases()
+
+
+class RedisLeasesTests(LeasesContractMixin, TestCase):
+    """
+    L{RedisStore}, against a real C{redis-server}, fulfils the lease
+    contract.
+    """
+
+    def setUp(self):
+        self.server = sharedRedisServer()
+        self.leases = RedisStore.fromURL(self.server.url(0), reactor, prefix=newPrefix())
+        self.addCleanup(self.leases.close)
+        return self.leases.start()
+
+    async def test_keysExpire(self):
+        """
+        A lease set gets a Redis TTL a minute past its longest lease, so
+        Redis forgets sets nobody uses.
+        """
+        await self.leases.acquireLease("dest", "a", 1, T0, 30)
+        reply = self.server.command("PTTL", self.leases.prefix + "lease:dest")
+        pttl = int(reply.strip().lstrip(b":"))
+        self.assertTrue(60000 < pttl <= 90000, pttl)
+
+
+class LeaseBackendTests(SynchronousTestCase):
+    """
+    L{leaseBackend} picks the store where it is shared.
+    """
+
+    def test_localForMemory(self):
+        """
+        A store without L{ILeases} gets a L{LocalLeases}, not shared.
+        """
+        backend, shared = leaseBackend(MemoryStore())
+        self.assertIsInstance(backend, LocalLeases)
+        self.assertFalse(shared)
+
+    def test_redisIsShared(self):
+        """
+        The Redis store is its own, shared, back end.
+        """
+        store = RedisStore.fromURL("redis://127.0.0.1:1/0", Clock())
+        self.assertEqual(leaseBackend(store), (store, True))
+
+
+@implementer(ILeases)
+class UnreachableLeases:
+    """
+    An L{ILeases} whose store cannot be reached (while C{down}), else a
+    L{LocalLeases}.
+    """
+
+    def __init__(self):
+        self.local = LocalLeases()
+        self.down = False
+        self.calls = 0
+
+    def _call(self, name, *args):
+        self.calls += 1
+        if self.down:
+            return fail(ConnectionRefusedError("connection refused"))
+        return getattr(self.local, name)(*args)
+
+    def acquireLease(self, resource, lease, limit, now, ttl):
+        return self._call("acquireLease", resource, lease, limit, now, ttl)
+
+    def renewLeases(self, leases, now, ttl):
+        return self._call("renewLeases", leases, now, ttl)
+
+    def releaseLease(self, resource, lease):
+        return self._call("releaseLease", resource, lease)
+
+    def liveLeases(self, resource, now):
+        return self._call("liveLeases", resource, now)
+
+
+class FixedNodes:
+    """
+    A node registry that always counts C{n}.
+    """
+
+    def __init__(self, n):
+        self.n = n
+
+    def count(self):
+        return self.n
+
+
+class LeaseKeeperTests(SynchronousTestCase):
+    """
+    L{LeaseKeeper} on a fake clock.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.backend = UnreachableLeases()
+        self.keeper = LeaseKeeper(
+            self.backend, self.clock, holder="n1", shared=True, ttl=30, nodes=FixedNodes(2)
+        )
+        self.keeper.startService()
+        self.addCleanup(self.keeper.stopService)
+
+    def acquire(self, resource="dest", limit=2):
+        return self.successResultOf(self.keeper.acquire(resource, limit))
+
+    def test_fakeProvidesInterface(self):
+        """
+        The test's unreachable back end provides L{ILeases}.
+        """
+        self.assertTrue(verifyObject(ILeases, self.backend))
+
+    def test_acquireAndRelease(self):
+        """
+        Slots are granted up to the limit, refused after with a short wait,
+        and free again once released.
+        """
+        a, b, c = self.acquire(), self.acquire(), self.acquire()
+        self.assertTrue(a.lease.shared and b.lease.shared)
+        self.assertIsNone(c.lease)
+        self.assertTrue(0 < c.retryAfter <= self.keeper.pollInterval)
+        self.assertEqual(self.keeper.heldBy("dest"), 2)
+        a.lease.release()
+        a.lease.release()
+        self.assertEqual(self.keeper.heldBy("dest"), 1)
+        self.assertIsNotNone(self.acquire().lease)
+
+    def test_renewedWhileHeld(self):
+        """
+        A held lease is renewed each C{ttl / 3}: it outlives its first TTL
+        in the store.
+        """
+        lease = self.acquire().lease
+        for _ in range(10):
+            self.clock.advance(10)
+        self.assertFalse(lease.lost)
+        live = self.successResultOf(self.backend.local.liveLeases("dest", self.clock.seconds()))
+        self.assertEqual(live, [lease.name])
+
+    def test_deadHolderSlotsReturn(self):
+        """
+        The leases of a keeper that stops renewing (its node died) free
+        their slots within the TTL for another keeper.
+        """
+        other = LeaseKeeper(self.backend, self.clock, holder="n2", shared=True, ttl=30)
+        self.acquire(), self.acquire()
+        self.keeper.stopService()
+        self.assertIsNone(self.successResultOf(other.acquire("dest", 2)).lease)
+        self.clock.advance(29)
+        self.assertIsNone(self.successResultOf(other.acquire("dest", 2)).lease)
+        self.clock.advance(1)
+        self.assertIsNotNone(self.successResultOf(other.acquire("dest", 2)).lease)
+
+    def test_fallbackShareWhileUnreachable(self):
+        """
+        While the store cannot be reached a node grants itself C{limit / N}
+        slots per destination (at least one), never more, and says so.
+        """
+        self.backend.down = True
+        first = self.acquire(limit=4)
+        second = self.acquire(limit=4)
+        third = self.acquire(limit=4)
+        self.assertFalse(first.lease.shared)
+        self.assertIsNotNone(second.lease)
+        self.assertIsNone(third.lease)
+        self.assertFalse(self.keeper.reachable)
+        self.assertEqual(self.keeper.state()["held_locally"], 2)
+        self.assertIsNotNone(self.acquire(resource="one", limit=1).lease)
+        self.assertIsNone(self.acquire(resource="one", limit=1).lease)
+        warnings = [e for e in self.flushLoggedErrors()]
+        self.assertEqual(warnings, [])
+
+    def test_leaseLostAfterTTLUnrenewed(self):
+        """
+        A shared lease not renewed for a whole TTL (the store down) is
+        marked lost: the store may have given its slot to another node.
+        """
+        lease = self.acquire().lease
+        self.backend.down = True
+        self.clock.advance(10)
+        self.clock.advance(10)
+        self.assertFalse(lease.lost)
+        self.clock.advance(10)
+        self.assertTrue(lease.lost)
+
+    def test_localGrantsEndWhenStoreReturns(self):
+        """
+        Slots granted while the store was down are marked lost at the first
+        renewal that reaches it again, and the node is reachable again.
+        """
+        self.backend.down = True
+        lease = self.acquire().lease
+        self.backend.down = False
+        self.clock.advance(10)
+        self.assertTrue(lease.lost)
+        self.assertTrue(self.keeper.reachable)
+        lease.release()
+        self.assertEqual(self.keeper.state()["held"], 0)
+
+    def test_releaseWhileDownIsHarmless(self):
+        """
+        Releasing while the store is down forgets the lease locally (it
+        expires in the store by itself).
+        """
+        lease = self.acquire().lease
+        self.backend.down = True
+        lease.release()
+        self.assertEqual(self.keeper.heldBy("dest"), 0)
+
+    def test_fallbackLimit(self):
+        """
+        The share is the limit divided by the live nodes, rounded down, at
+        least one.
+        """
+        self.assertEqual(self.keeper.fallbackLimit(10), 5)
+        self.assertEqual(self.keeper.fallbackLimit(3), 1)
+        self.assertEqual(self.keeper.fallbackLimit(1), 1)
+        alone = LeaseKeeper(self.backend, self.clock)
+        self.assertEqual(alone.fallbackLimit(10), 10)
+
+    def test_badArgumentsFail(self):
+        """
+        A bad limit is a L{ValueError}, not a fallback grant.
+        """
+        self.failureResultOf(self.keeper.acquire("dest", 0), ValueError)
+
+
+class NodeRegistryTests(SynchronousTestCase):
+    """
+    L{NodeRegistry} on a fake clock.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.backend = UnreachableLeases()
+
+    def registry(self, name):
+        registry = NodeRegistry(self.backend, self.clock, name, ttl=30)
+        registry.startService()
+        return registry
+
+    def test_countsLiveNodes(self):
+        """
+        Nodes that heartbeat are counted; one that stops is gone within the
+        TTL; one that stops cleanly leaves at once.
+        """
+        a, b, c = self.registry("a"), self.registry("b"), self.registry("c")
+        self.clock.advance(10)
+        self.assertEqual([r.count() for r in (a, b, c)], [3, 3, 3])
+        self.successResultOf(c.stopService())
+        b._beat.stop()
+        self.clock.advance(10)
+        self.assertEqual(a.count(), 2)
+        self.clock.advance(20)
+        self.assertEqual(a.count(), 1)
+        self.successResultOf(a.stopService())
+        self.assertEqual(
+            self.successResultOf(self.backend.local.liveLeases(NODES, self.clock.seconds())), []
+        )
+
+    def test_keepsLastCountWhileDown(self):
+        """
+        While the store cannot be reached the last count stays.
+        """
+        a, b = self.registry("a"), self.registry("b")
+        self.clock.advance(10)
+        self.backend.down = True
+        self.clock.advance(60)
+        self.assertEqual(a.count(), 2)
+        self.assertEqual(a.seen, T0 + 10)
+        self.backend.down = False
+        a.stopService(), b.stopService()
+
+    def test_atLeastOne(self):
+        """
+        Before the first heartbeat answers the count is one.
+        """
+        self.backend.down = True
+        registry = self.registry("a")
+        self.assertEqual(registry.count(), 1)
+        registry.stopService()
