@@ -221,6 +221,10 @@ class LeaseKeeper(Service):
 
     def startService(self) -> None:
         Service.startService(self)
+        if not self.shared:
+            # One node: nobody else could take a slot whose lease expired,
+            # and the scheduler's own counts bound its sessions anyway.
+            return
         self._renewal = LoopingCall(self.renew)
         self._renewal.clock = self.clock
         self._renewal.start(self.ttl / 3, now=False).addErrback(

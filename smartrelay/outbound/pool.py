@@ -141,6 +141,10 @@ class Destination:
     served: int = 0
     deadUntil: float = 0.0
     deadVerdict: Any = None
+    #: A cluster-wide connection slot is being asked for.
+    acquiring: bool = False
+    #: Asks again for a slot that was refused.
+    leaseTimer: Any = None
 
     @property
     def maxConnections(self) -> int:

@@ -26,6 +26,7 @@ than C{maxAge}.  A state change is always recorded in the spool before its
 event is emitted; a failed record is logged and retried, never dropped.
 """
 
+import hashlib
 import random as _random
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -108,12 +109,24 @@ class _Slot:
     scheduler: Any
     destination: Destination
     released: bool = False
+    #: The cluster-wide connection slot (L{smartrelay.cluster.leases.Lease})
+    #: the session holds, or L{None} without a lease keeper.
+    lease: Any = None
 
     def release(self) -> None:
         if not self.released:
             self.released = True
             self.destination.sessions -= 1
             self.scheduler._active -= 1
+            if self.lease is not None:
+                self.lease.release()
+
+    @property
+    def lost(self) -> bool:
+        """
+        The session's lease is no longer held in the store: end it.
+        """
+        return self.lease is not None and self.lease.lost
 
 
 @attrs.define(eq=False)
@@ -136,6 +149,17 @@ class _IdleWorker:
 
 def _fairness(destination: Destination) -> tuple:
     return (destination.sessions, destination.served)
+
+
+def leaseResource(key: str) -> str:
+    """
+    The lease resource of the destination C{key}: C{conn:<key>}, the key
+    hashed when it is too long for a lease name.
+    """
+    resource = "conn:" + key
+    if len(resource) > 200 or any(c.isspace() or not c.isprintable() for c in resource):
+        resource = "conn:sha1:" + hashlib.sha1(key.encode("utf-8")).hexdigest()
+    return resource
 
 
 def _domain(address: str) -> str:
@@ -222,6 +246,14 @@ class DeliveryScheduler(Service):
     #: deliver the recipients of the domains they claim instead of an MX
     #: (the SMS gateway).
     transports: tuple = ()
+    #: Takes a connection slot for every new session
+    #: (L{smartrelay.cluster.leases.LeaseKeeper}): the destinations'
+    #: connection limits hold across the nodes sharing the store.  L{None}:
+    #: this node's own counts only.
+    leases: Any = None
+    #: Seconds an idle session holding a cluster-wide slot stays open (at
+    #: most C{idleTimeout}), so that a slot is not kept from other nodes.
+    leaseIdleTimeout: float = 2.0
 
     _entries: dict = attrs.field(factory=dict, init=False)
     _timers: dict = attrs.field(factory=dict, init=False)
@@ -432,7 +464,7 @@ class DeliveryScheduler(Service):
         for destination in self._destinations.values():
             while destination.queue:
                 self._release(destination.queue.popleft())
-            for timer in (destination.tokenTimer, destination.recoveryTimer):
+            for timer in (destination.tokenTimer, destination.recoveryTimer, destination.leaseTimer):
                 if timer is not None and timer.active():
                     timer.cancel()
             for idle in list(destination.idle):
@@ -732,8 +764,10 @@ class DeliveryScheduler(Service):
             return False
         if destination.idle:
             idle = destination.idle.pop()
-        elif destination.sessions < destination.maxConnections and (
-            self._active < self.maxConnections or self._closeIdleSession(destination)
+        elif (
+            destination.sessions < destination.maxConnections
+            and not self._waitingForLease(destination)
+            and (self._active < self.maxConnections or self._closeIdleSession(destination))
         ):
             idle = None
         else:
@@ -745,6 +779,11 @@ class DeliveryScheduler(Service):
                 self._fetchToken(destination)
                 return False
             destination.tokens -= 1
+        if idle is None and self.leases is not None:
+            # A new session needs a cluster-wide slot first; asked for only
+            # now that a job, a token and a local slot are ready for it.
+            self._acquireSlot(destination)
+            return False
         job = destination.queue.popleft()
         destination.lastUsed = self.clock.seconds()
         self._served += 1
@@ -814,10 +853,72 @@ class DeliveryScheduler(Service):
         )
         d.addCallbacks(taken, failed)
 
-    def _startWorker(self, destination: Destination, job: _Job) -> None:
+    # -- cluster-wide connection slots (leases) ------------------------------
+
+    def _waitingForLease(self, destination: Destination) -> bool:
+        timer = destination.leaseTimer
+        return destination.acquiring or (timer is not None and timer.active())
+
+    def _acquireSlot(self, destination: Destination) -> None:
+        """
+        Ask the lease keeper for a slot on C{destination}; the session
+        counts as being opened meanwhile.  Granted: the oldest job gets a
+        new session with it.  Refused: ask again after a short wait, and
+        leave the other destinations to the pump meanwhile.
+        """
+        destination.acquiring = True
         destination.sessions += 1
         self._active += 1
-        slot = _Slot(self, destination)
+        d = self.leases.acquire(leaseResource(destination.key), destination.maxConnections)
+
+        def undo() -> None:
+            destination.acquiring = False
+            destination.sessions -= 1
+            self._active -= 1
+            if destination.rate is not None:
+                destination.tokens += 1
+
+        def acquired(result: Any) -> None:
+            lease = result.lease
+            if lease is None:
+                undo()
+                if self.running:
+                    destination.leaseTimer = self.clock.callLater(
+                        result.retryAfter, self._pump
+                    )
+                return
+            if not self.running or not destination.queue:
+                undo()
+                lease.release()
+                self._pump()
+                return
+            destination.acquiring = False
+            job = destination.queue.popleft()
+            destination.lastUsed = self.clock.seconds()
+            self._served += 1
+            destination.served = self._served
+            self._startWorker(destination, job, lease=lease, counted=True)
+            self._pump()
+
+        def failed(failure: Failure) -> None:
+            undo()
+            self.log.failure(
+                "could not take a connection slot for {destination}",
+                failure,
+                destination=destination.key,
+            )
+            if self.running:
+                destination.leaseTimer = self.clock.callLater(1.0, self._pump)
+
+        d.addCallbacks(acquired, failed)
+
+    def _startWorker(
+        self, destination: Destination, job: _Job, lease: Any = None, counted: bool = False
+    ) -> None:
+        if not counted:
+            destination.sessions += 1
+            self._active += 1
+        slot = _Slot(self, destination, lease=lease)
         worker = Deferred.fromCoroutine(self._worker(destination, job, slot))
         self._workers.add(worker)
 
@@ -883,6 +984,7 @@ class DeliveryScheduler(Service):
                     or transactions >= destination.limits.messagesPerConnection
                     or destination.sessions > destination.maxConnections
                     or self._yieldSlot(destination)
+                    or slot.lost
                 ):
                     break
                 job = await self._nextJob(destination, session, slot)
@@ -909,7 +1011,11 @@ class DeliveryScheduler(Service):
                 destination.idle.remove(idle)
             idle.wake(None)
 
-        idle.timer = self.clock.callLater(self.idleTimeout, expire)
+        timeout = self.idleTimeout
+        if slot.lease is not None and self.leases.shared:
+            # An idle session must not sit on a slot another node could use.
+            timeout = min(timeout, self.leaseIdleTimeout)
+        idle.timer = self.clock.callLater(timeout, expire)
         session.closed.addCallback(lambda _: expire())
         destination.idle.append(idle)
         self._pump()
