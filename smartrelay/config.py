@@ -1049,6 +1049,10 @@ class RelayConfig:
     store: str = _setting(_store, default="sqlite")
     secret: tuple[str, ...] = _setting(_secrets, default=(), repr=False)
     log_messages: bool = _setting(parseBool, default=True)
+    #: Seconds a connection-slot lease (and a node's heartbeat) lives
+    #: without renewal: a dead node's slots come back this soon
+    #: (L{smartrelay.cluster.leases}).
+    lease_ttl: float = _setting(parseDuration, default=30.0)
 
 
 @attrs.frozen(kw_only=True)

@@ -41,6 +41,8 @@ from smartrelay.engine.workers import WorkerPool
 from smartrelay.outbound.pool import Connector, DestinationPolicy, TLSContexts
 from smartrelay.outbound.router import DomainRouter, MXRouter, SmarthostRouter, makeResolver
 from smartrelay.outbound.scheduler import DeliveryScheduler
+from smartrelay.cluster.leases import LeaseKeeper, leaseBackend
+from smartrelay.cluster.nodes import NodeRegistry
 from smartrelay.feedback.inbox import FeedbackInbox
 from smartrelay.feedback.processor import FeedbackProcessor, ReportReader
 from smartrelay.feedback.suppression import BounceSuppressor
@@ -332,6 +334,23 @@ class RelayService(MultiService):
             softLimit=feedback.soft_bounce_limit,
             softWindow=feedback.soft_bounce_window,
         )
+        # Connection limits that hold across the nodes sharing a Redis store
+        # (one node's own leases on SQLite); started once the store is open.
+        leaseStore, sharedLeases = leaseBackend(self.store)
+        holder = "%02X-%s" % (relay.node_id, os.urandom(4).hex())
+        self.nodeRegistry = (
+            NodeRegistry(leaseStore, reactor, holder, ttl=relay.lease_ttl)
+            if sharedLeases
+            else None
+        )
+        self.leaseKeeper = LeaseKeeper(
+            leaseStore,
+            reactor,
+            holder=holder,
+            shared=sharedLeases,
+            ttl=relay.lease_ttl,
+            nodes=self.nodeRegistry,
+        )
         self.scheduler = DeliveryScheduler(
             spool=self.spool,
             router=makeRouter(config, reactor),
@@ -358,6 +377,7 @@ class RelayService(MultiService):
             suppress=True,
             bounces=self.bounceSuppressor,
             messageLog=MessageLog(relay.log_messages),
+            leases=self.leaseKeeper,
         )
         self.scheduler.setServiceParent(self)
         # The one web site: each application by the first segment of its
@@ -616,6 +636,9 @@ class RelayService(MultiService):
             storeStarted = False
         await self.events.start(storeStarted=storeStarted)
         self.pruner.setServiceParent(self)
+        self.leaseKeeper.setServiceParent(self)
+        if self.nodeRegistry is not None:
+            self.nodeRegistry.setServiceParent(self)
         for exporting in (self.exporter, self.webhooks):
             if exporting is not None:
                 exporting.setServiceParent(self)
