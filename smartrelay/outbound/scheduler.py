@@ -254,6 +254,11 @@ class DeliveryScheduler(Service):
     #: Seconds an idle session holding a cluster-wide slot stays open (at
     #: most C{idleTimeout}), so that a slot is not kept from other nodes.
     leaseIdleTimeout: float = 2.0
+    #: The local suppression replica
+    #: (L{smartrelay.cluster.replica.SuppressionReplica}) checked while
+    #: the store cannot be; a recipient is held when it is too old.  L{None}:
+    #: deliver unchecked then (tools and tests only).
+    replica: Any = None
 
     _entries: dict = attrs.field(factory=dict, init=False)
     _timers: dict = attrs.field(factory=dict, init=False)
@@ -584,9 +589,11 @@ class DeliveryScheduler(Service):
             return self._route(entry, rest) if rest else None
 
         def unchecked(failure: Failure) -> Any:
+            now = self.clock.seconds()
+            if self.replica is not None:
+                return self._checkReplica(entry, addresses, failure, now, checked)
             # The store being down must not stop mail: deliver, and say so
             # (once a minute, not once per message).
-            now = self.clock.seconds()
             if now - self._suppressionWarned >= 60:
                 self._suppressionWarned = now
                 self.log.warn(
@@ -597,6 +604,46 @@ class DeliveryScheduler(Service):
             return self._route(entry, addresses)
 
         return d.addCallbacks(checked, unchecked)
+
+    def _checkReplica(
+        self, entry: SpoolEntry, addresses: list, failure: Failure, now: float, checked: Any
+    ) -> Any:
+        """
+        The store could not be asked: check against the local replica if it
+        is fresh enough, else hold the recipients (a temporary failure,
+        retried on the retry schedule).  Never deliver unchecked.
+        """
+        replica = self.replica
+        why = failure.getErrorMessage() or failure.type.__name__
+        warn = now - self._suppressionWarned >= 60
+        if warn:
+            self._suppressionWarned = now
+        if replica.fresh(now):
+            if warn:
+                self.log.warn(
+                    "cannot check recipients against the suppression list ({why}); "
+                    "checking against the local replica ({age:.0f}s old)",
+                    why=why,
+                    age=replica.age(now),
+                )
+            return checked(replica.check(addresses, now))
+        age = replica.age(now)
+        if warn:
+            self.log.warn(
+                "cannot check recipients against the suppression list ({why}) and "
+                "the local replica is {state}; holding recipients until one of them "
+                "answers",
+                why=why,
+                state="missing" if age is None else f"{age:.0f}s old",
+            )
+        replica.held += len(addresses)
+        reply = Reply(
+            451,
+            "4.3.0",
+            "held: the suppression list cannot be checked (store unreachable, "
+            "local copy too old)",
+        )
+        return self._settle(entry, {a: _Verdict(reply, None) for a in addresses})
 
     def _route(self, entry: SpoolEntry, addresses: list) -> Deferred:
         """
