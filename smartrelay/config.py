@@ -1053,6 +1053,10 @@ class RelayConfig:
     #: without renewal: a dead node's slots come back this soon
     #: (L{smartrelay.cluster.leases}).
     lease_ttl: float = _setting(parseDuration, default=30.0)
+    #: With a Redis store: how old the node's local copy of the suppression
+    #: list may be and still be checked against while Redis cannot be
+    #: reached; past it recipients are held (L{smartrelay.cluster.replica}).
+    suppression_max_staleness: float = _setting(parseDuration, default=600.0)
 
 
 @attrs.frozen(kw_only=True)
@@ -1472,7 +1476,7 @@ def _webhookURL(text: str) -> Optional[str]:
     text = text.strip()
     if not text:
         return None
-    from smartrelay.export.ssrf import checkURL
+    from smartrelay.ssrf import checkURL
 
     # Scheme and form only; private targets are checked with
     # allow_private (_checkWebhooks).
@@ -1560,7 +1564,7 @@ class WebhooksConfig:
 def _checkWebhooks(webhooks: "WebhooksConfig") -> Optional[tuple[str, str]]:
     if webhooks.url is None:
         return None
-    from smartrelay.export.ssrf import URLRefused, checkURL
+    from smartrelay.ssrf import URLRefused, checkURL
 
     try:
         checkURL(webhooks.url, webhooks.allow_private)

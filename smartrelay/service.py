@@ -43,6 +43,7 @@ from smartrelay.outbound.router import DomainRouter, MXRouter, SmarthostRouter, 
 from smartrelay.outbound.scheduler import DeliveryScheduler
 from smartrelay.cluster.leases import LeaseKeeper, leaseBackend
 from smartrelay.cluster.nodes import NodeRegistry
+from smartrelay.cluster.replica import REPLICA_FILE, SuppressionReplica
 from smartrelay.feedback.inbox import FeedbackInbox
 from smartrelay.feedback.processor import FeedbackProcessor, ReportReader
 from smartrelay.feedback.suppression import BounceSuppressor
@@ -351,6 +352,20 @@ class RelayService(MultiService):
             ttl=relay.lease_ttl,
             nodes=self.nodeRegistry,
         )
+        # With Redis, a local durable copy of the suppression list, checked
+        # while Redis cannot be reached (never deliver unchecked).
+        self.suppressionReplica = (
+            SuppressionReplica(
+                self.store,
+                reactor,
+                os.path.join(self.dataDir, REPLICA_FILE),
+                maxStaleness=relay.suppression_max_staleness,
+                interval=max(1.0, min(60.0, relay.suppression_max_staleness / 10)),
+                runInThread=self.runInSpoolThread,
+            )
+            if sharedLeases
+            else None
+        )
         self.scheduler = DeliveryScheduler(
             spool=self.spool,
             router=makeRouter(config, reactor),
@@ -378,6 +393,7 @@ class RelayService(MultiService):
             bounces=self.bounceSuppressor,
             messageLog=MessageLog(relay.log_messages),
             leases=self.leaseKeeper,
+            replica=self.suppressionReplica,
         )
         self.scheduler.setServiceParent(self)
         # The one web site: each application by the first segment of its
@@ -639,6 +655,9 @@ class RelayService(MultiService):
         self.leaseKeeper.setServiceParent(self)
         if self.nodeRegistry is not None:
             self.nodeRegistry.setServiceParent(self)
+        if self.suppressionReplica is not None:
+            await self.suppressionReplica.load()
+            self.suppressionReplica.setServiceParent(self)
         for exporting in (self.exporter, self.webhooks):
             if exporting is not None:
                 exporting.setServiceParent(self)

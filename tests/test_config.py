@@ -286,7 +286,7 @@ class ExampleFileTests(SynchronousTestCase):
         """
         with open(EXAMPLE, encoding="utf-8") as f:
             text = f.read()
-        files = {"auth_file", "tls_certificate", "tls_key", "tls_ca_certificates"}
+        files = {"auth_file", "users_file", "tls_certificate", "tls_key", "tls_ca_certificates"}
 
         def uncomment(match):
             key = match.group(1).split("=")[0].strip()

@@ -1,7 +1,7 @@
 """
 Tests for the C{[export]} and C{[webhooks]} sections of
 L{smartrelay.config}, the start-up check of the webhook target
-(L{smartrelay.export.services}) and L{smartrelay.export.ssrf}.
+(L{smartrelay.export.services}) and L{smartrelay.ssrf}.
 """
 
 import socket
@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay.config import ConfigError, parseConfig
 from smartrelay.export.services import checkWebhookTarget
-from smartrelay.export.ssrf import URLRefused, checkResolved, checkURL, refusal
+from smartrelay.ssrf import URLRefused, checkResolved, checkURL, refusal
 
 SECRET = "secret = 0123456789abcdef\n"
 
@@ -167,7 +167,7 @@ class WebhooksConfigTests(SynchronousTestCase):
 
 class SSRFTests(SynchronousTestCase):
     """
-    L{smartrelay.export.ssrf}.
+    L{smartrelay.ssrf}.
     """
 
     def test_refusal(self):

@@ -700,8 +700,10 @@ class RelayServiceTests(TestCase):
     def test_redisDownAtStart(self):
         """
         If the Redis store is unreachable at start, the relay starts anyway,
-        accepts mail, journals its events, and moves them into the store
-        once a Redis server answers.
+        accepts mail and journals its events; with no local copy of the
+        suppression list it holds the recipients (deferred, never delivered
+        unchecked) and delivers them on a retry once a Redis server answers,
+        moving the journalled events into the store.
         """
         port = freePort()
         relay = self.makeRelay()
@@ -709,7 +711,7 @@ class RelayServiceTests(TestCase):
             "[smartrelay]\ndata_dir = %s\nhostname = relay.test\n"
             "store = redis://127.0.0.1:%d/0\n"
             "[web]\nlisten = tcp:0:interface=127.0.0.1\n\n[smtp]\nlisten = tcp:0:interface=127.0.0.1\n"
-            "[delivery]\nsmarthost = %s\n"
+            "[delivery]\nsmarthost = %s\nretry = 1s*...\nretry_jitter = 0\n"
             % (self.dataDir, port, relay.config.delivery.smarthost)
         )
         relay = makeRelayService(config, reactor)
@@ -718,18 +720,23 @@ class RelayServiceTests(TestCase):
         code, text = yield deferToThread(submitOne, smtpPort.getHost().port)
         self.assertEqual(code, 250)
         queueID = text.split()[-1]
-        yield waitFor(reactor, lambda: self.sink.received)
+        yield waitFor(reactor, lambda: relay.suppressionReplica.held)
         self.assertTrue(relay.events.degraded)
+        self.assertEqual(self.sink.received, [])
 
         server = RedisServer().start(port=port)
         self.addCleanup(server.stop)
+        yield waitFor(reactor, lambda: self.sink.received, timeout=30)
         yield waitFor(reactor, lambda: not relay.events.degraded, timeout=30)
         yield relay.stopService()
         store = RedisStore.fromURL(server.url(), reactor)
         yield store.start()
         self.addCleanup(store.close)
         events = yield store.eventsForMessage(queueID)
-        self.assertEqual([e.type for e in events], ["accepted", "delivered"])
+        types = [e.type for e in events]
+        self.assertEqual(types[0], "accepted")
+        self.assertEqual(types[-1], "delivered")
+        self.assertEqual(set(types[1:-1]), {"deferred"})
 
     @inlineCallbacks
     def test_startFailure(self):

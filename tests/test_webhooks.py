@@ -19,7 +19,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from smartrelay.events import Event
-from smartrelay.export.ssrf import URLRefused
+from smartrelay.ssrf import URLRefused
 from smartrelay.export.webhooks import (
     FIRST_DELAY,
     MAX_DELAY,

@@ -117,7 +117,14 @@ class SuppressionReplica(Service):
                 self.synced, entries = snapshot
                 self._entries = {e.address: e for e in entries}
 
-        return d.addCallback(loaded)
+        def unreadable(failure: Any) -> None:
+            self.log.warn(
+                "cannot read the suppression replica {path} ({why}); starting without one",
+                path=self.path,
+                why=failure.getErrorMessage() or failure.type.__name__,
+            )
+
+        return d.addCallback(loaded).addErrback(unreadable)
 
     def startService(self) -> None:
         Service.startService(self)

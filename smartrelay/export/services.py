@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 from smartrelay.config import ConfigError
 from smartrelay.export.exporter import Exporter, ProcessRunner
-from smartrelay.export.ssrf import URLRefused, checkResolved, checkURL, hostAddress
+from smartrelay.ssrf import URLRefused, checkResolved, checkURL, hostAddress
 from smartrelay.export.webhooks import AgentPoster, WebhookSender
 
 #: Threads for the export files' blocking work.

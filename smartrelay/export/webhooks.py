@@ -23,7 +23,7 @@ steps run at least every second (L{TICK}), and at once again while there
 is more to do.
 
 The HTTP side (L{AgentPoster}) connects only to addresses that pass
-L{smartrelay.export.ssrf} (checked at every new connection, so DNS
+L{smartrelay.ssrf} (checked at every new connection, so DNS
 rebinding gets nowhere), follows no redirect and reads at most
 L{MAX_RESPONSE_BODY} bytes of an answer.
 """
@@ -49,7 +49,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import Interface, implementer
 
-from smartrelay.export.ssrf import URLRefused, checkResolved, hostAddress
+from smartrelay.ssrf import URLRefused, checkResolved, hostAddress
 from smartrelay.store.interfaces import IEventStreams, OutboxBatch
 
 #: The store stream and outbox the webhooks use.
@@ -210,7 +210,7 @@ class _CheckedEndpoint:
 class SafeEndpointFactory:
     """
     The L{Agent}'s endpoints: every new connection checked by
-    L{smartrelay.export.ssrf}.
+    L{smartrelay.ssrf}.
 
     @ivar resolve: C{resolve(host, port) -> Deferred[list of addresses]}.
     """
