@@ -417,6 +417,16 @@ class EventTests(ApiTestsMixin, SynchronousTestCase):
             {"id", "time", "type", "queue_id", "recipient", "tag", "metadata", "detail"},
         )
 
+    def test_recipientDomainCase(self):
+        """
+        The recipient filter matches whatever the case of its domain (as
+        the UI's events page does): the address is normalised first.
+        """
+        self.emit("delivered", recipient="r1@example.org", time=START)
+        self.emit("delivered", recipient="r2@example.org", time=START + 1)
+        page = self.json("GET", "/api/v1/events?recipient=r1@EXAMPLE.org")
+        self.assertEqual([e["recipient"] for e in page["items"]], ["r1@example.org"])
+
     def test_newEventsWhilePaging(self):
         """Events added during a walk show up once, on a later page."""
         self.fill()

@@ -39,7 +39,6 @@ from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import BaseConverter
 
-from smartrelay.events import EVENT_TYPES
 from smartrelay.ratelimit import FailureLimiter, clientKey
 from smartrelay.store.interfaces import (
     INTERVALS,
@@ -48,6 +47,7 @@ from smartrelay.store.interfaces import (
     InvalidCursor,
 )
 from smartrelay.web.apirequest import (
+    eventFilters,
     ApiError,
     Query,
     badParameter,
@@ -363,19 +363,7 @@ class ApiApp:
             request,
             ("type", "queue_id", "recipient", "tag", "domain", "since", "until", "cursor", "limit"),
         )
-        filters = {
-            "type": query.choice("type", EVENT_TYPES),
-            "queue_id": query.text("queue_id"),
-            "recipient": query.text("recipient"),
-            "tag": query.text("tag"),
-            "since": query.time("since"),
-            "until": query.time("until"),
-        }
-        if filters["queue_id"] is not None:
-            checkQueueID(filters["queue_id"])
-        if filters["recipient"] is not None:
-            checkAddress(filters["recipient"], "recipient")
-        domain = query.domain()
+        filters, domain = eventFilters(query)
         return await self.queries.events(filters, domain, query.limit(), query.cursor())
 
     # -- statistics --------------------------------------------------------

@@ -16,6 +16,7 @@ import re
 from datetime import datetime, timezone
 from typing import Optional
 
+from smartrelay.events import EVENT_TYPES
 from smartrelay.ids import QUEUE_ID_RE
 from smartrelay.store.interfaces import (
     MAX_LIMIT,
@@ -28,6 +29,7 @@ __all__ = [
     "ADDRESS_PATTERN",
     "DOMAIN_PATTERN",
     "MAX_SECONDS",
+    "EVENT_FILTERS",
     "ApiError",
     "Query",
     "badParameter",
@@ -36,6 +38,7 @@ __all__ = [
     "csvItems",
     "decodeQueueCursor",
     "encodeQueueCursor",
+    "eventFilters",
     "importEntries",
     "notFound",
     "parseTime",
@@ -329,3 +332,28 @@ def importEntries(items: list, now: float, reason: str, maximum: int) -> list:
             raise badParameter(f"items[{number}]", "must be an object or an address")
         entries.append(suppressionEntry(item, now, reason, f"items[{number}]."))
     return entries
+
+
+#: The filters of an events query.
+EVENT_FILTERS = ("type", "queue_id", "recipient", "tag", "domain", "since", "until")
+
+
+def eventFilters(query: Query) -> tuple:
+    """
+    The store's filters and the recipient domain of an events query (the
+    API's C{/api/v1/events} and the UI's events pages): each value checked,
+    the recipient normalised.
+    """
+    filters = {
+        "type": query.choice("type", EVENT_TYPES),
+        "queue_id": query.text("queue_id"),
+        "recipient": query.text("recipient"),
+        "tag": query.text("tag"),
+        "since": query.time("since"),
+        "until": query.time("until"),
+    }
+    if filters["queue_id"] is not None:
+        checkQueueID(filters["queue_id"])
+    if filters["recipient"] is not None:
+        filters["recipient"] = checkAddress(filters["recipient"], "recipient")
+    return filters, query.domain()

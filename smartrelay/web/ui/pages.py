@@ -26,6 +26,8 @@ from smartrelay.store.interfaces import (
     recipientDomain,
 )
 from smartrelay.web.apirequest import (
+    EVENT_FILTERS,
+    eventFilters,
     ApiError,
     Query,
     checkAddress,
@@ -571,32 +573,12 @@ def _rewrap(settings: RewrapSettings, headers: Optional[str], document: dict) ->
 #: Most events one CSV download of the events list holds.
 MAX_EVENT_EXPORT = 100_000
 
-_EVENT_FILTERS = ("type", "queue_id", "recipient", "tag", "domain", "since", "until")
-
-
-def _eventFilters(query: Query) -> tuple:
-    """
-    The store's filters and the recipient domain of an events query.
-    """
-    filters = {
-        "type": query.choice("type", EVENT_TYPES),
-        "queue_id": query.text("queue_id"),
-        "recipient": query.text("recipient"),
-        "tag": query.text("tag"),
-        "since": query.time("since"),
-        "until": query.time("until"),
-    }
-    if filters["queue_id"] is not None:
-        checkQueueID(filters["queue_id"])
-    if filters["recipient"] is not None:
-        filters["recipient"] = checkAddress(filters["recipient"], "recipient")
-    return filters, query.domain()
 
 
 async def events(ui, context) -> Page:
-    names = _EVENT_FILTERS + ("cursor", "limit")
+    names = EVENT_FILTERS + ("cursor", "limit")
     query = readQuery(context, names)
-    filters, domain = _eventFilters(query)
+    filters, domain = eventFilters(query)
     limit = query.limit()
     cursor = query.cursor()
     result = await ui.queries.events(filters, domain, limit, cursor)
@@ -628,7 +610,7 @@ async def events(ui, context) -> Page:
     own = ownQuery(query, names)
     page.add(page.table(table, own, "No events match."))
     page.add(pager(own, result["next_cursor"]))
-    every = {k: v for k, v in own.items() if k in _EVENT_FILTERS}
+    every = {k: v for k, v in own.items() if k in EVENT_FILTERS}
     page.add(tags.p(tags.a(
         f"Download every matching event as CSV (up to {MAX_EVENT_EXPORT:,})",
         href="/events/export.csv?" + urlencode(every),
@@ -642,8 +624,8 @@ async def exportEvents(ui, context) -> Download:
     event object's keys (metadata and detail as JSON), at most
     L{MAX_EVENT_EXPORT}; the store's cursor walks them a page at a time.
     """
-    query = readQuery(context, _EVENT_FILTERS)
-    filters, domain = _eventFilters(query)
+    query = readQuery(context, EVENT_FILTERS)
+    filters, domain = eventFilters(query)
     table = Table("events", "Events",
                   ["id", "time", "type", "queue_id", "recipient", "tag", "metadata", "detail"])
     cursor = None
