@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -38,6 +38,12 @@ EVENT_TYPES = frozenset(
         "sms_failed",
     ]
 )
+
+
+class JournalFull(Exception):
+    """
+    The event journal has no room for what the store could not take.
+    """
 
 
 def rfc3339(seconds: float) -> str:
@@ -127,6 +133,12 @@ class EventLog:
     in the journal, in order; then writes go to the store again.  Without a
     journal a failed batch is logged as lost.
 
+    Suppression entries ride on the same mechanism (L{suppress}): one the
+    store cannot take (an unsubscribe during a Redis outage) goes to the
+    journal, durably, is replayed with the events and, until the store has
+    it, is in L{pendingSuppressions}, which the relay checks recipients
+    against.
+
     @ivar store: provides C{appendEvents(list[Event]) -> Deferred}.
     @ivar clock: an L{IReactorTime}; its C{seconds} stamps events.
     """
@@ -155,6 +167,12 @@ class EventLog:
     #: Told of every event as it is emitted (C{observe(event)}), e.g. the
     #: relay's event counters (L{smartrelay.web.metrics.EventCounts}).
     observe: Optional[Callable[[Event], None]] = None
+    #: Suppression entries kept in the journal and not yet in the store:
+    #: normalised address -> the newest L{SuppressionEntry}.  The same dict
+    #: for the log's life (the replica and the store wrapper read it).
+    pendingSuppressions: dict = attrs.field(factory=dict, init=False)
+    #: Suppression entries being appended to the journal.
+    _keeping: int = attrs.field(default=0, init=False)
 
     log = Logger()
 
@@ -191,18 +209,86 @@ class EventLog:
         if self.journal is None:
             return succeed(None)
         self._storeStarted = storeStarted
+        return Deferred.fromCoroutine(self._start())
 
-        def opened(waiting):
-            if not self._storeStarted:
-                self._degrade(delay=self.retryDelays[0])
-            elif waiting:
+    async def _start(self) -> None:
+        waiting = await self.journal.open()
+        if waiting:
+            # Unsubscribes an earlier run could not give the store: checked
+            # against from now on, before anything is delivered.
+            for entry in await self.journal.suppressions():
+                self._pendingSuppression(entry)
+            if self.pendingSuppressions:
                 self.log.info(
-                    "replaying {count} journal segment(s) of events into the store",
-                    count=waiting,
+                    "{count} suppression(s) from the journal wait for the store",
+                    count=len(self.pendingSuppressions),
                 )
-                self._degrade(delay=0)
+        if not self._storeStarted:
+            self._degrade(delay=self.retryDelays[0])
+        elif waiting:
+            self.log.info(
+                "replaying {count} journal segment(s) of events into the store",
+                count=waiting,
+            )
+            self._degrade(delay=0)
 
-        return self.journal.open().addCallback(opened)
+    def suppress(self, entry: Any) -> Deferred:
+        """
+        Put a L{SuppressionEntry <smartrelay.store.interfaces.SuppressionEntry>}
+        on the store's list, durably: in the store or, when the store fails
+        (or the log is already degraded), in the journal, replayed when the
+        store is back (adding an entry twice changes nothing, so a replay
+        cut short by a crash is simply done again).  It is in
+        L{pendingSuppressions} from this call until the store has it.
+
+        @return: a L{Deferred} firing with L{True} once the store has it,
+            L{False} once it is in the journal; failing (L{JournalFull}, or
+            the store's or the disk's error) when it is in neither.
+        """
+        if self.journal is None:
+            return maybeDeferred(self.store.addSuppression, entry).addCallback(lambda _: True)
+        if self._degraded:
+            return self._keepSuppression(entry)
+
+        def failed(failure: Failure) -> Deferred:
+            self.log.warn(
+                "could not put {address} on the suppression list in the store "
+                "({why}); kept in the journal until the store is back",
+                address=entry.address,
+                why=failure.getErrorMessage() or failure.type.__name__,
+            )
+            self._degrade(delay=self.retryDelays[0])
+            return self._keepSuppression(entry)
+
+        return maybeDeferred(self.store.addSuppression, entry).addCallbacks(
+            lambda _: True, failed
+        )
+
+    def _pendingSuppression(self, entry: Any) -> None:
+        known = self.pendingSuppressions.get(entry.address)
+        if known is None or entry.time >= known.time:
+            self.pendingSuppressions[entry.address] = entry
+
+    def _keepSuppression(self, entry: Any) -> Deferred:
+        # Checked against at once, durable once the append has fired.
+        self._pendingSuppression(entry)
+        self._journaledSinceSeal += 1
+        self._keeping += 1
+
+        def kept(ok: bool) -> bool:
+            self._keeping -= 1
+            if not ok:
+                raise JournalFull(
+                    f"the event journal is full ({self.journal.size} bytes): "
+                    f"cannot keep the suppression of {entry.address}"
+                )
+            return False
+
+        def failed(failure: Failure) -> Failure:
+            self._keeping -= 1
+            return failure
+
+        return self.journal.append([entry]).addCallbacks(kept, failed)
 
     def stop(self) -> None:
         """
@@ -345,14 +431,36 @@ class EventLog:
             self._journaledSinceSeal = 0
             segments = await self.journal.sealedSegments()
             if not segments:
-                if self._journaledSinceSeal == 0 and self._writing == 0:
+                if self._journaledSinceSeal == 0 and self._writing == 0 and not self._keeping:
                     return True
                 continue
             for path in segments:
-                events = await self.journal.read(path)
-                for start in range(0, len(events), self.maxBatch):
-                    await self.store.appendEvents(events[start : start + self.maxBatch])
+                records = await self.journal.read(path)
+                batch, suppressions = [], []
+                for record in records:
+                    if isinstance(record, Event):
+                        batch.append(record)
+                        if len(batch) >= self.maxBatch:
+                            await self.store.appendEvents(batch)
+                            batch = []
+                        continue
+                    # A suppression entry, in its place among the events.
+                    if batch:
+                        await self.store.appendEvents(batch)
+                        batch = []
+                    await self.store.addSuppression(record)
+                    suppressions.append(record)
+                if batch:
+                    await self.store.appendEvents(batch)
                 await self.journal.remove(path)
+                for entry in suppressions:
+                    if self.pendingSuppressions.get(entry.address) == entry:
+                        del self.pendingSuppressions[entry.address]
+                if suppressions:
+                    self.log.info(
+                        "{count} suppression(s) kept during the outage are in the store",
+                        count=len(suppressions),
+                    )
         return False
 
     def _replayed(self, result) -> None:

@@ -7,6 +7,11 @@ fail because the store is unreachable.  L{smartrelay.events.EventLog} puts
 the events it cannot write into this journal and replays them, in order,
 when the store is back.
 
+Suppression entries the store could not take (an unsubscribe or a
+complaint that arrived while Redis was down) ride in the same journal, as
+lines of their own (C{{"suppression": {...}}}), and are replayed in order
+with the events around them.
+
 The journal is a directory of numbered segment files of JSON lines.  New
 events go to the current segment; L{EventJournal.seal} starts a new one, and
 sealed segments are replayed oldest first and removed once the store has
@@ -24,37 +29,45 @@ from twisted.logger import Logger
 
 from smartrelay.diskio import appendDurably
 from smartrelay.events import Event
+from smartrelay.store.interfaces import SuppressionEntry
 
 SUFFIX = ".jsonl"
 
+#: How a suppression entry's line starts (an event's line starts with C{"id"}).
+SUPPRESSION_LINE = b'{"suppression":'
 
-def encodeEvents(events: list) -> bytes:
+
+def _record(e) -> dict:
+    if isinstance(e, SuppressionEntry):
+        return {"suppression": attrs.asdict(e)}
+    return {
+        "id": e.id,
+        "time": e.time,
+        "type": e.type,
+        "queue_id": e.queue_id,
+        "recipient": e.recipient,
+        "tag": e.tag,
+        "metadata": e.metadata,
+        "detail": e.detail,
+    }
+
+
+def encodeEvents(records: list) -> bytes:
     """
-    Events as JSON lines, times kept as POSIX seconds so they round-trip.
+    Events (and L{SuppressionEntry} objects) as JSON lines, times kept as
+    POSIX seconds so they round-trip.
     """
     return b"".join(
-        json.dumps(
-            {
-                "id": e.id,
-                "time": e.time,
-                "type": e.type,
-                "queue_id": e.queue_id,
-                "recipient": e.recipient,
-                "tag": e.tag,
-                "metadata": e.metadata,
-                "detail": e.detail,
-            },
-            separators=(",", ":"),
-        ).encode("utf-8")
-        + b"\n"
-        for e in events
+        json.dumps(_record(e), separators=(",", ":")).encode("utf-8") + b"\n"
+        for e in records
     )
 
 
 def decodeEvents(raw: bytes) -> tuple:
     """
-    Parse journal lines; returns C{(events, skipped)} where C{skipped} counts
-    unreadable lines (a torn last line after a crash is expected).
+    Parse journal lines; returns C{(records, skipped)}: the L{Event} and
+    L{SuppressionEntry} objects in their order, and how many lines were
+    unreadable (a torn last line after a crash is expected).
     """
     events, skipped = [], 0
     for line in raw.split(b"\n"):
@@ -62,6 +75,9 @@ def decodeEvents(raw: bytes) -> tuple:
             continue
         try:
             record = json.loads(line)
+            if "suppression" in record:
+                events.append(SuppressionEntry(**record["suppression"]))
+                continue
             events.append(
                 Event(
                     type=record["type"],
@@ -74,9 +90,19 @@ def decodeEvents(raw: bytes) -> tuple:
                     id=str(record["id"]),
                 )
             )
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             skipped += 1
     return events, skipped
+
+
+def _suppressionsIn(path: str) -> list:
+    """
+    The suppression entries in one segment (a cheap scan: only their lines
+    are parsed).
+    """
+    with open(path, "rb") as f:
+        lines = [line for line in f if line.startswith(SUPPRESSION_LINE)]
+    return decodeEvents(b"".join(lines))[0]
 
 
 @attrs.define(eq=False)
@@ -175,6 +201,26 @@ class EventJournal:
             return events
 
         return self.runInThread(load).addCallback(loaded)
+
+    def suppressions(self) -> Deferred:
+        """
+        The suppression entries in every segment, oldest first: those the
+        store has not taken yet (read at start-up, so that the relay never
+        delivers to them meanwhile).
+        """
+
+        def scan():
+            names = sorted(
+                name
+                for name in os.listdir(self.directory)
+                if name.endswith(SUFFIX) and name[: -len(SUFFIX)].isdigit()
+            )
+            found = []
+            for name in names:
+                found.extend(_suppressionsIn(os.path.join(self.directory, name)))
+            return found
+
+        return self.runInThread(scan)
 
     def remove(self, path: str) -> Deferred:
         """

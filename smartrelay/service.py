@@ -44,6 +44,7 @@ from smartrelay.outbound.scheduler import DeliveryScheduler
 from smartrelay.cluster.leases import LeaseKeeper, leaseBackend
 from smartrelay.cluster.nodes import NodeRegistry
 from smartrelay.cluster.replica import REPLICA_FILE, SuppressionReplica
+from smartrelay.cluster.suppressions import DurableSuppressions
 from smartrelay.feedback.inbox import FeedbackInbox
 from smartrelay.feedback.processor import FeedbackProcessor, ReportReader
 from smartrelay.feedback.suppression import BounceSuppressor
@@ -318,10 +319,33 @@ class RelayService(MultiService):
             signer=self.signer,
             workers=self.workers,
         )
+        # With Redis, a local durable copy of the suppression list, checked
+        # while Redis cannot be reached (never deliver unchecked); it also
+        # holds what this node kept in the journal for the store.
+        self.suppressionReplica = (
+            SuppressionReplica(
+                self.store,
+                reactor,
+                os.path.join(self.dataDir, REPLICA_FILE),
+                maxStaleness=relay.suppression_max_staleness,
+                interval=max(1.0, min(60.0, relay.suppression_max_staleness / 10)),
+                runInThread=self.runInSpoolThread,
+                pending=self.events.pendingSuppressions,
+            )
+            if leaseBackend(self.store)[1]
+            else None
+        )
+        # Unsubscribes, complaints and bounces (feedback, the unsubscribe
+        # links, the API) go on the list through this: into the store or,
+        # while it cannot be reached, into the event journal (replayed when
+        # it is back) and the replica at once.
+        self.suppressions = DurableSuppressions(
+            self.store, self.events, self.suppressionReplica
+        )
         self.web = TrackingApp(
             tokens=tokens,
             events=self.events,
-            store=self.store,
+            store=self.suppressions,
             clock=reactor,
             trustedProxies=config.web.trusted_proxies,
         )
@@ -330,7 +354,7 @@ class RelayService(MultiService):
         # Hard bounces (and soft ones past the limit) onto the suppression
         # list, from delivery sessions and from DSNs alike.
         self.bounceSuppressor = BounceSuppressor(
-            store=self.store,
+            store=self.suppressions,
             events=self.events,
             softLimit=feedback.soft_bounce_limit,
             softWindow=feedback.soft_bounce_window,
@@ -352,20 +376,6 @@ class RelayService(MultiService):
             ttl=relay.lease_ttl,
             nodes=self.nodeRegistry,
         )
-        # With Redis, a local durable copy of the suppression list, checked
-        # while Redis cannot be reached (never deliver unchecked).
-        self.suppressionReplica = (
-            SuppressionReplica(
-                self.store,
-                reactor,
-                os.path.join(self.dataDir, REPLICA_FILE),
-                maxStaleness=relay.suppression_max_staleness,
-                interval=max(1.0, min(60.0, relay.suppression_max_staleness / 10)),
-                runInThread=self.runInSpoolThread,
-            )
-            if sharedLeases
-            else None
-        )
         self.scheduler = DeliveryScheduler(
             spool=self.spool,
             router=makeRouter(config, reactor),
@@ -381,7 +391,7 @@ class RelayService(MultiService):
             maxAge=delivery.max_age,
             maxConnections=delivery.max_connections,
             policy=DestinationPolicy.fromConfig(config),
-            store=timedStore,
+            store=DurableSuppressions(timedStore, self.events, self.suppressionReplica),
             throttlePatterns=delivery.throttle_patterns,
             throttleCooldown=delivery.throttle_cooldown,
             idleTimeout=delivery.idle_timeout,
@@ -399,7 +409,7 @@ class RelayService(MultiService):
         # The one web site: each application by the first segment of its
         # paths (smartrelay/web/site.py), the tracking links for the rest.
         self.api = ApiApp(
-            store=self.store,
+            store=self.suppressions,
             scheduler=self.scheduler,
             spool=self.spool,
             clock=reactor,
@@ -509,7 +519,7 @@ class RelayService(MultiService):
             clock=reactor,
             inbox=self.feedbackInbox,
             addresses=feedbackAddresses,
-            store=self.store,
+            store=self.suppressions,
             events=self.events,
             suppressor=self.bounceSuppressor,
             read=ReportReader(

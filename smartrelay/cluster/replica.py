@@ -15,6 +15,7 @@ otherwise the scheduler holds the recipient and retries later.
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import attrs
@@ -83,6 +84,10 @@ class SuppressionReplica(Service):
     @ivar interval: seconds between syncs.
     @ivar runInThread: C{runInThread(f, *args) -> Deferred}: where the
         file is read and written (a thread pool in the relay).
+    @ivar pending: normalised address -> L{SuppressionEntry}: entries this
+        node has kept for the store and the store does not have yet (the
+        event log's C{pendingSuppressions}, replayed from its journal);
+        checked as part of the copy whatever a sync brings.
     """
 
     store: Any
@@ -91,6 +96,7 @@ class SuppressionReplica(Service):
     maxStaleness: float = 600.0
     interval: float = 60.0
     runInThread: Callable = maybeDeferred
+    pending: Mapping = attrs.field(factory=dict)
     _entries: dict = attrs.field(factory=dict, init=False)
     #: When the sync that made the copy started (clock seconds), or None.
     synced: Optional[float] = attrs.field(default=None, init=False)
@@ -207,6 +213,8 @@ class SuppressionReplica(Service):
         found = {}
         for given, normalised in checkAddresses(addresses):
             entry = self._entries.get(normalised)
+            if entry is None or not entry.activeAt(now):
+                entry = self.pending.get(normalised)
             if entry is not None and entry.activeAt(now):
                 found[given] = entry
         self.checkedLocally += len(addresses)

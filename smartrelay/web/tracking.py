@@ -358,9 +358,21 @@ class TrackingApp:
         oneClick = request.args.get(b"List-Unsubscribe") == [b"One-Click"]
         now = self.clock.seconds()
         try:
-            found = yield maybeDeferred(
-                self.store.checkSuppressions, [data.recipient], now
-            )
+            try:
+                found = yield maybeDeferred(
+                    self.store.checkSuppressions, [data.recipient], now
+                )
+            except Exception as e:
+                # The store cannot be asked (a Redis outage): add anyway,
+                # adding twice changes nothing; the relay's store keeps the
+                # entry on disk until the store takes it.
+                self.log.warn(
+                    "could not check whether {queue_id}'s recipient is already "
+                    "unsubscribed ({why}); unsubscribing",
+                    queue_id=data.queue_id,
+                    why=str(e) or type(e).__name__,
+                )
+                found = {}
             if not found:
                 yield maybeDeferred(
                     self.store.addSuppression,
