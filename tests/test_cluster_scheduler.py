@@ -246,3 +246,61 @@ LeasedRecordTests = _leased(single.RecordTests)
 LeasedStopTests = _leased(single.StopTests)
 LeasedHoldTests = _leased(single.HoldTests)
 LeasedQueueControlTests = _leased(single.QueueControlTests)
+
+
+class RateFallbackTests(SynchronousTestCase):
+    """
+    With the store unreachable, a node of N paces every rate at 1/N of it.
+    """
+
+    def test_shareOfRate(self):
+        """
+        One of four live nodes, a rate of 4/s: with the store down this
+        node delivers one message a second, never more.
+        """
+        from twisted.internet.defer import fail
+
+        from smartrelay.outbound.pool import Limits
+        from smartrelay.outbound.session import AttemptResult, Reply
+
+        class DownStore:
+            def takeTokens(self, *args):
+                return fail(ConnectionRefusedError("connection refused"))
+
+        clock = Clock()
+        clock.advance(START)
+        keeper = LeaseKeeper(UnreachableLeases(), clock, shared=True, nodes=FixedNodes(4))
+        self.assertEqual(keeper.fallbackRate(4.0), 1.0)
+        events = RecordingEvents()
+        deliverer = FakeDeliverer(
+            auto=lambda call: AttemptResult(
+                call.hop.name, False, {a: Reply(250, None, "ok") for a in call.recipients}
+            )
+        )
+        spool = FakeSpool()
+        scheduler = DeliveryScheduler(
+            spool=spool,
+            router=FakeRouter(table={"a.example": ["mx.a.example"]}),
+            connector=deliverer,
+            events=events,
+            clock=clock,
+            retry=Delays((60,)),
+            maxAge=3600.0,
+            maxConnections=10,
+            policy=DestinationPolicy(defaults=Limits(maxConnections=5, rate=4.0, burst=4)),
+            store=DownStore(),
+            leases=keeper,
+            idleTimeout=30.0,
+        )
+        scheduler.startService()
+        self.addCleanup(scheduler.stopService)
+        for i in range(10):
+            entry = makeEntry(f"Q{i}", [f"r{i}@a.example"], received=clock.seconds())
+            spool.add(entry, b"message")
+            scheduler.enqueue(entry)
+        delivered = []
+        for second in range(5):
+            clock.advance(0 if second == 0 else 1)
+            delivered.append(len(events.ofType("delivered")))
+        self.assertEqual(delivered, [1, 2, 3, 4, 5])
+        self.assertTrue(scheduler.ratesLocal)

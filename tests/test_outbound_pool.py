@@ -348,21 +348,36 @@ class RateTests(PoolTestsMixin, SynchronousTestCase):
         self.assertEqual(self.delivered() + len(otherEvents.ofType("delivered")), 4)
 
     def test_storeDownPacesLocally(self):
-        """If the store cannot be reached, delivery goes on at the configured rate."""
-        class DownStore:
-            def takeTokens(self, *args):
-                return fail(ConnectionError("store down"))
+        """
+        If the store cannot be reached, a node alone goes on at the
+        configured rate (never unlimited) and says so once; when the store
+        answers again the bucket is shared again.
+        """
+        store = self.store
 
-        self.scheduler.store = DownStore()
+        class DownStore:
+            down = True
+
+            def takeTokens(self, *args):
+                if self.down:
+                    return fail(ConnectionError("store down"))
+                return store.takeTokens(*args)
+
+        self.scheduler.store = down = DownStore()
         self.deliverer.auto = lambda call: __import__(
             "smartrelay.outbound.session", fromlist=["AttemptResult"]
         ).AttemptResult(call.hop.name, False, {a: Reply(250, None, "ok") for a in call.recipients})
         self.addMany(3)
         self.clock.advance(0)
         self.assertEqual(self.delivered(), 1)
+        self.assertTrue(self.scheduler.ratesLocal)
         self.clock.advance(0.5)
         self.assertEqual(self.delivered(), 2)
-        self.assertTrue(self.flushLoggedErrors(ConnectionError))
+        self.assertEqual(self.flushLoggedErrors(ConnectionError), [])
+        down.down = False
+        self.clock.advance(0.5)
+        self.assertEqual(self.delivered(), 3)
+        self.assertFalse(self.scheduler.ratesLocal)
 
 
 class ThrottleTests(PoolTestsMixin, SynchronousTestCase):

@@ -246,13 +246,25 @@ class LeaseKeeper(Service):
         """
         return sum(1 for lease in self._held.values() if lease.resource == resource)
 
+    def nodeCount(self) -> int:
+        """
+        N: the live nodes the registry last saw (1 without one).
+        """
+        return 1 if self.nodes is None else max(1, self.nodes.count())
+
     def fallbackLimit(self, limit: int) -> int:
         """
         This node's share of C{limit} while the store cannot be reached:
         C{limit / N} for N live nodes, rounded down, at least 1.
         """
-        count = 1 if self.nodes is None else max(1, self.nodes.count())
-        return max(1, limit // count)
+        return max(1, limit // self.nodeCount())
+
+    def fallbackRate(self, rate: float) -> float:
+        """
+        This node's share of a cluster-wide C{rate} (messages a second)
+        while the store cannot be reached: C{rate / N}.
+        """
+        return rate / self.nodeCount()
 
     def acquire(self, resource: str, limit: int) -> Deferred:
         """
@@ -363,7 +375,7 @@ class LeaseKeeper(Service):
     def _unreachable(self, failure: Failure) -> None:
         if self.reachable:
             self.reachable = False
-            nodes = 1 if self.nodes is None else max(1, self.nodes.count())
+            nodes = self.nodeCount()
             self.log.warn(
                 "cannot reach the store for connection slots ({why}); each "
                 "destination gets 1/{nodes} of its connection limit on this node "
@@ -387,5 +399,5 @@ class LeaseKeeper(Service):
             "held": len(self._held),
             "held_locally": sum(1 for l in self._held.values() if not l.shared),
             "fallback_grants": self.fallbackGrants,
-            "nodes": 1 if self.nodes is None else max(1, self.nodes.count()),
+            "nodes": self.nodeCount(),
         }

@@ -270,6 +270,9 @@ class DeliveryScheduler(Service):
     _pumpAgain: bool = attrs.field(default=False, init=False)
     _served: int = attrs.field(default=0, init=False)
     _suppressionWarned: float = attrs.field(default=float("-inf"), init=False)
+    #: Whether the last rate token could not be taken from the store (rates
+    #: are then paced locally, at this node's share).
+    ratesLocal: bool = attrs.field(default=False, init=False)
     _sessions: set = attrs.field(factory=set, init=False)
     _workers: set = attrs.field(factory=set, init=False)
     _inFlight: set = attrs.field(factory=set, init=False)
@@ -872,6 +875,9 @@ class DeliveryScheduler(Service):
 
         def taken(result: Any) -> None:
             destination.fetchingToken = False
+            if self.ratesLocal:
+                self.ratesLocal = False
+                self.log.info("the store answers again: rate limits are cluster-wide again")
             if result.allowed:
                 destination.tokens += 1
                 self._pump()
@@ -879,16 +885,23 @@ class DeliveryScheduler(Service):
                 later(result.retry_after)
 
         def failed(failure: Failure) -> None:
-            # The store is unreachable: pace locally at the same rate
-            # rather than stop delivering or run unlimited.
+            # The store is unreachable: pace locally at this node's share
+            # of the rate (1/N of it for N live nodes), rather than stop
+            # delivering or run unlimited.
             destination.fetchingToken = False
-            self.log.failure(
-                "could not take a rate token for {destination}; pacing locally",
-                failure,
-                destination=destination.key,
-            )
+            share = rate if self.leases is None else self.leases.fallbackRate(rate)
+            if not self.ratesLocal:
+                self.ratesLocal = True
+                self.log.warn(
+                    "could not take a rate token for {destination} ({why}); every "
+                    "rate limit is paced on this node at 1/{nodes} of its rate "
+                    "until the store answers",
+                    destination=destination.key,
+                    why=failure.getErrorMessage() or failure.type.__name__,
+                    nodes=round(rate / share),
+                )
             destination.tokens += 1
-            later(1 / rate)
+            later(1 / share)
             self._pump()
 
         d = maybeDeferred(
