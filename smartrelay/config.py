@@ -1575,6 +1575,112 @@ def _checkWebhooks(webhooks: "WebhooksConfig") -> Optional[tuple[str, str]]:
     return None
 
 
+# -- [sms] (issue 15) ----------------------------------------------------------
+
+_SMS_SOURCE_RE = re.compile(r"\+?[0-9]{1,15}|(?=.*[A-Za-z])[A-Za-z0-9 ._&'-]{1,11}")
+
+
+def _smsSource(text: str) -> Optional[str]:
+    text = text.strip()
+    if not text:
+        return None
+    if not _SMS_SOURCE_RE.fullmatch(text):
+        raise ValueError(
+            f"{text!r} is not a sender id: an E.164 number (+393331234567), a short "
+            "code, or 1 to 11 letters, digits, spaces and ._&'- with a letter"
+        )
+    return text
+
+
+def _smppString(limit: int) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if len(text) > limit or not all(" " <= c <= "~" for c in text):
+            raise ValueError(f"must be at most {limit} printable ASCII characters")
+        return text
+
+    return parse
+
+
+def _smsRate(text: str) -> Optional[float]:
+    text = text.strip()
+    if not text or text.lower() == "off":
+        return None
+    try:
+        rate = float(text.removesuffix("/s"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of submits per second (e.g. 50)") from None
+    if not rate > 0 or rate == float("inf"):
+        raise ValueError("must be a positive number of submits per second")
+    return rate
+
+
+def _maxParts(text: str) -> int:
+    value = _positiveInt(text)
+    if value > 255:
+        raise ValueError("must be 1 to 255 (a concatenated SMS has at most 255 parts)")
+    return value
+
+
+def _subjectMode(text: str) -> str:
+    text = text.strip().lower()
+    if text not in ("prepend", "ignore"):
+        raise ValueError("must be prepend or ignore")
+    return text
+
+
+@attrs.frozen(kw_only=True)
+class SMSConfig:
+    """
+    Section C{[sms]}: mail to C{+E164@DOMAIN} goes out as SMS over SMPP 3.4
+    (L{smartrelay.sms}, DESIGN section 1.8).
+
+    @ivar domain: the recipient domain of SMS; L{None}: no SMS.
+    @ivar smsc: client endpoint string of the SMSC (C{tcp:host=...:port=2775},
+        C{tls:...}); required with C{domain}.
+    @ivar system_id: the bind's system_id (at most 15 characters).
+    @ivar password: the bind's password (at most 8); left out of the C{repr}.
+    @ivar system_type: the bind's system_type (at most 12).
+    @ivar source_addr: the default sender id (an E.164 number, a short code
+        or up to 11 letters and digits); a message's
+        C{X-SmartRelay-SMS-From} overrides it.
+    @ivar window: submit_sm sent and not yet answered, at most.
+    @ivar rate: submit_sm per second, at most (C{off}: no limit).
+    @ivar max_parts: most parts one SMS may take (a longer text is refused
+        with C{554 5.3.4} at the end of DATA).
+    @ivar subject: C{prepend} the Subject to the text, or C{ignore} it.
+    @ivar response_timeout: seconds to wait for an answer from the SMSC
+        before the session is given up (and its unanswered submits sent
+        again on the next one).
+    @ivar enquire_link: seconds without traffic before an enquire_link.
+    @ivar queue_timeout: seconds a message waits for a bound session
+        before its delivery is deferred.
+    """
+
+    domain: Optional[str] = _setting(_optionalDomainName, default=None)
+    smsc: Optional[str] = _setting(_clientEndpoint, default=None)
+    system_id: str = _setting(_smppString(15), default="")
+    password: str = _setting(_smppString(8), default="", repr=False)
+    system_type: str = _setting(_smppString(12), default="")
+    source_addr: Optional[str] = _setting(_smsSource, default=None)
+    window: int = _setting(_positiveInt, default=10)
+    rate: Optional[float] = _setting(_smsRate, default=None)
+    max_parts: int = _setting(_maxParts, default=5)
+    subject: str = _setting(_subjectMode, default="ignore")
+    response_timeout: float = _setting(parseDuration, default=30.0)
+    enquire_link: float = _setting(parseDuration, default=30.0)
+    queue_timeout: float = _setting(parseDuration, default=60.0)
+
+
+def _checkSMS(sms: "SMSConfig") -> Optional[tuple[str, str]]:
+    if sms.domain is None:
+        return None
+    if sms.smsc is None:
+        return ("smsc", "required with domain (e.g. tcp:host=smsc.example.com:port=2775)")
+    if not sms.system_id:
+        return ("system_id", "required with domain")
+    return None
+
+
 def _readOnly(mapping: Mapping) -> Mapping:
     return types.MappingProxyType(dict(mapping))
 
@@ -1601,6 +1707,7 @@ class Config:
     web: WebConfig = attrs.field(factory=WebConfig)
     export: ExportConfig = attrs.field(factory=ExportConfig)
     webhooks: WebhooksConfig = attrs.field(factory=WebhooksConfig)
+    sms: SMSConfig = attrs.field(factory=SMSConfig)
     domains: Mapping[str, DomainConfig] = attrs.field(
         factory=dict, converter=_readOnly, hash=False
     )
@@ -1636,6 +1743,7 @@ SECTIONS: dict[str, tuple[str, type]] = {
     "web": ("web", WebConfig),
     "export": ("export", ExportConfig),
     "webhooks": ("webhooks", WebhooksConfig),
+    "sms": ("sms", SMSConfig),
 }
 
 #: Named sections: prefix -> (Config field, section class).  A section
@@ -1654,6 +1762,7 @@ _SECTION_CHECKS: dict[str, list[Callable[[Any], Optional[tuple[str, str]]]]] = {
     "smtp": [_checkTLS],
     "dkim": [_checkDKIM],
     "webhooks": [_checkWebhooks],
+    "sms": [_checkSMS],
 }
 
 
