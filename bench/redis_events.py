@@ -164,7 +164,7 @@ def where(server, prefix: str = "smartrelay:") -> dict:
         cursor, keys = flat[0], flat[1:]
         for key in keys:
             parts = key[len(prefix):].split(":")
-            kind = ":".join(parts[:2]) if parts[0] in ("ev", "stats") else parts[0]
+            kind = ":".join(parts[:2]) if parts[0] in ("e", "ev", "stats") else parts[0]
             size = _integer(server.command("MEMORY", "USAGE", key, "SAMPLES", "0"))
             bytes_, count = kinds.get(kind, (0, 0))
             kinds[kind] = (bytes_ + size, count + 1)

@@ -12,6 +12,7 @@ assertions are the mixin's own, unchanged.
 """
 
 import functools
+import json
 import os
 import uuid
 
@@ -35,6 +36,7 @@ from smartrelay.store.interfaces import (
     SuppressionEntry,
 )
 from smartrelay.store.redis import (
+    COMPACT_AT,
     RedisAddress,
     RedisConnectionFailed,
     RedisStore,
@@ -356,7 +358,7 @@ class RedisStoreNetworkTests(TestCase):
         yield store.start()
         protocol = yield store._service.whenConnected()
         self.assertEqual(
-            (yield protocol.execute_command("GET", prefix + "schema")), b"2"
+            (yield protocol.execute_command("GET", prefix + "schema")), b"3"
         )
         yield store.appendEvents(
             [event(T0, "opened", "Q1", "a@Example.com"),
@@ -424,6 +426,160 @@ class RedisStoreNetworkTests(TestCase):
             self.fail("the store did not reconnect within 10 seconds")
         # A new server: the bucket starts full again.
         self.assertEqual(result.remaining, 1.0)
+
+
+def _oldRecord(e) -> str:
+    """
+    An event as layout version 2 stored it in its events hash.
+    """
+    return json.dumps(
+        [e.id, e.time, e.type, e.queue_id, e.recipient, e.tag, e.metadata, e.detail]
+    )
+
+
+class RedisBucketLayoutTests(TestCase):
+    """
+    Layout version 3: events in compressed time buckets, moved there from
+    the layout of version 2 by C{start}.
+    """
+
+    def setUp(self):
+        self.server = sharedRedisServer()
+        self.prefix = newPrefix()
+        self.store = RedisStore.fromURL(self.server.url(), reactor, prefix=self.prefix)
+        self.addCleanup(self.store.close)
+
+    def keys(self) -> list:
+        reply = self.server.command("KEYS", self.prefix + "*").decode("utf-8")
+        return sorted(
+            line[len(self.prefix):]
+            for line in reply.split("\r\n")
+            if line.startswith(self.prefix)
+        )
+
+    def fields(self, bucket: str) -> list:
+        reply = self.server.command("HKEYS", self.prefix + "e:b:" + bucket)
+        return [line for line in reply.decode("latin-1").split("\r\n")
+                if line[:2] in ("r:", "z:")]
+
+    @inlineCallbacks
+    def test_version2Migrated(self):
+        """
+        The events of a version 2 store (one hash of every event, a sorted
+        set per index) are moved into buckets on start, with their
+        sequence numbers: every query and stream cursor sees them as
+        before, new events come after them, and no old key is left.
+        """
+        events = [
+            event(T0 + i / 2, "accepted" if i % 2 else "delivered", f"Q{i % 7}",
+                  f"r{i % 5}@Example.COM", tag=f"t{i % 3}", detail={"i": i})
+            for i in range(250)
+        ]
+        p = self.prefix
+        self.server.command("SET", p + "schema", "2")
+        self.server.command("SET", p + "seq", str(len(events)))
+        for seq, e in enumerate(events, 1):
+            member = "%016x" % seq
+            self.server.command("HSET", p + "events", member, _oldRecord(e))
+            for index in ["ev:all", f"ev:y:{e.type}", f"ev:q:{e.queue_id}",
+                          f"ev:r:{e.recipient.lower()}", f"ev:t:{e.tag}"]:
+                self.server.command("ZADD", p + index, repr(e.time), member)
+        self.server.command("HSET", p + "stream:export", "cursor", "100")
+        yield self.store.start()
+
+        left = self.keys()
+        self.assertEqual([k for k in left if k.startswith("ev") or k == "events"], [])
+        self.assertEqual(self.server.command("GET", p + "schema"), b"$1\r\n3\r\n")
+        self.assertEqual((yield self.store.eventsForMessage("Q3")),
+                         [e for e in events if e.queue_id == "Q3"])
+        page = yield self.store.queryEvents(recipient="r2@example.com", tag="t1",
+                                            limit=1000)
+        self.assertEqual(page.events, [e for e in events
+                                       if e.recipient == "r2@Example.COM" and e.tag == "t1"])
+        # A minute of the old events filled a bucket past the compaction
+        # threshold.
+        self.assertTrue(any(f.startswith("z:") for f in self.fields(repr(T0 - 20))))
+        claim = yield self.store.claimEvents("export", "me", T0)
+        self.assertEqual((claim.after, claim.last), (100, 250))
+        page = yield self.store.claimedEvents(claim)
+        self.assertEqual(page.events, events[100:])
+        later = event(T0 + 500, queue_id="Q3")
+        yield self.store.appendEvents([later])
+        self.assertEqual((yield self.store.eventsForMessage("Q3"))[-1], later)
+        claim2 = yield self.store.claimEvents("other", "me", T0)
+        self.assertEqual(claim2.last, 251)
+
+    @inlineCallbacks
+    def test_bucketsCompacted(self):
+        """
+        Once a bucket holds L{COMPACT_AT} raw events (appended in any number
+        of batches) they become one compressed block; reads see the same
+        events, in order.
+        """
+        yield self.store.start()
+        events = [event(T0 + i / 10, queue_id=f"Q{i % 4}", detail={"i": i})
+                  for i in range(COMPACT_AT + 10)]
+        for first in range(0, len(events), 9):
+            yield self.store.appendEvents(events[first:first + 9])
+        bucket = repr(float(T0 - T0 % 60))
+        fields = self.fields(bucket)
+        self.assertEqual(len([f for f in fields if f.startswith("z:")]), 1)
+        # Batches of 9: the 8th brought the bucket to 72 raw events, all
+        # packed; the last 2 are raw.
+        self.assertEqual(len([f for f in fields if f.startswith("r:")]), 2)
+        page = yield self.store.queryEvents(limit=1000)
+        self.assertEqual(page.events, events)
+        self.assertEqual((yield self.store.eventsForMessage("Q1")), events[1::4])
+
+    @inlineCallbacks
+    def test_compactionLosesRace(self):
+        """
+        A compaction whose raw events are no longer all there (another
+        node compacted or pruned them) changes nothing.
+        """
+        yield self.store.start()
+        yield self.store.appendEvents([event(T0), event(T0 + 1)])
+        bucket = repr(float(T0 - T0 % 60))
+        before = self.fields(bucket)
+        protocol = yield self.store._service.whenConnected()
+        done = yield self.store._script(
+            protocol, "compact", [self.prefix + "e:b:" + bucket],
+            ["z:0000000000000001", b"junk", *before, "r:00000000000000ff"],
+        )
+        self.assertEqual(done, 0)
+        self.assertEqual(self.fields(bucket), before)
+        self.assertEqual(len((yield self.store.queryEvents()).events), 2)
+
+    @inlineCallbacks
+    def test_pruneThroughCompactedBuckets(self):
+        """
+        Pruning in small steps through compacted buckets deletes exactly
+        the oldest events before the cut, keeps the rest readable, and
+        leaves no index entry for what is gone.
+        """
+        yield self.store.start()
+        events = [event(T0 + i, queue_id=f"Q{i // 50}", recipient=f"r{i // 50}@x.org")
+                  for i in range(300)]
+        yield self.store.appendEvents(events)
+        cut = T0 + 130.5
+        deleted = 0
+        while True:
+            n = yield self.store.pruneEvents(cut, 40)
+            self.assertLessEqual(n, 40)
+            if not n:
+                break
+            deleted += n
+        self.assertEqual(deleted, 131)
+        page = yield self.store.queryEvents(limit=1000)
+        self.assertEqual(page.events, events[131:])
+        self.assertEqual((yield self.store.eventsForMessage("Q0")), [])
+        self.assertEqual((yield self.store.eventsForMessage("Q2")), events[131:150])
+        page = yield self.store.queryEvents(recipient="r1@x.org")
+        self.assertEqual(page.events, [])
+        index = self.server.command("HKEYS", self.prefix + "e:q").decode("utf-8")
+        self.assertNotIn("Q0", index)
+        self.assertNotIn("Q1", index)
+        self.assertIn("Q2", index)
 
 
 class CountingProtocol:

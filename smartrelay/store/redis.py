@@ -7,13 +7,32 @@ Layout (every key starts with the store's prefix, C{smartrelay:} unless
 told otherwise):
 
     - C{seq}: the event sequence, bumped with INCRBY once per batch;
-    - C{events}: a hash from event member (the sequence number as 16 hex
-      digits) to the event as JSON, each event stored once;
-    - C{ev:all}, C{ev:q:<queue id>}, C{ev:r:<normalised recipient>},
-      C{ev:t:<tag>}, C{ev:y:<type>}: sorted sets of event members scored by
-      time.  Members of equal score sort by their bytes, which for the
-      fixed-width hex members is insertion order: a sorted set is in
-      (time, seq) order, the order of the contract and of the cursors;
+    - C{e:b:<bucket>}: a hash per L{BUCKET_SECONDS} of event time (the
+      bucket's name is its start, as L{_number} writes it) holding the
+      events of that minute: C{r:<seq>} (the sequence number as 16 hex
+      digits) to one event's JSON record as appended, C{z:<seq>} to a
+      zlib-compressed JSON list of (seq, record) pairs, the lowest seq
+      naming it.  Once L{COMPACT_AT} raw events are in a bucket, the
+      appending node packs them into one block (the records of a minute
+      repeat queue ids, recipients, tags, metadata and reply texts, so a
+      block takes about a tenth of the JSON).  The bucket's other fields:
+      C{c} events, C{n} raw events, C{v} a version bumped by every change
+      (pruning rewrites a bucket only if it is unchanged since read), and
+      C{#y:<type>} / C{#t:<tag>} counts that let filtered queries skip
+      buckets without such events;
+    - C{e:buckets}: a sorted set of the bucket names scored by their
+      start; C{e:maxseq} and C{e:minseq} the highest and lowest sequence
+      number in each bucket (what L{claimedEvents} reads by);
+    - C{e:q} and C{e:r}: hashes from queue id and from normalised
+      recipient to the space-separated names of the buckets that hold
+      their events.  A query reads whole buckets (those of these index
+      entries when it filters by queue id or recipient, else every bucket
+      in its time range) and filters and orders the events itself, in
+      (time, seq) order, the order of the contract and of the cursors: a
+      later bucket holds only later events, so it stops at the first
+      bucket after the page is full;
+    - C{events} and C{ev:*} (layout version 2: one hash of every event
+      and a sorted set per index) are moved into buckets by L{start};
     - C{supp}: a hash from normalised address to the suppression entry as
       JSON, C{supp:time} the entry's time alone (for the upsert rule in Lua),
       C{supp:all} and C{supp:reason:<reason>} sorted sets with every score 0
@@ -40,6 +59,7 @@ import hashlib
 import json
 import math
 import os
+import zlib
 from collections import Counter
 from typing import Any, Optional
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -112,8 +132,10 @@ DEFAULT_PREFIX = "smartrelay:"
 
 # The data layout version this code writes; start() refuses a newer one
 # and raises an older one (version 2: unique opens and clicks are recorded
-# in the seenat:<type> sorted sets, which version 1 code would not see).
-SCHEMA_VERSION = 2
+# in the seenat:<type> sorted sets, which version 1 code would not see;
+# version 3: events in compressed time buckets instead of one hash of
+# every event and a sorted set per index, moved over by start()).
+SCHEMA_VERSION = 3
 
 
 class RedisConnectionFailed(Exception):
@@ -290,38 +312,72 @@ def parseRedisURL(url: str) -> RedisAddress:
 
 # -- Lua scripts ---------------------------------------------------------
 
+# Shared by the append and migrate scripts: store one event in its bucket.
+# KEYS (both scripts): sequence, bucket set, bucket max seqs, bucket min
+# seqs, queue id index, recipient index.
+_STORE_EVENT = """
+local function addIndex(hash, field, bucket)
+  local old = redis.call('HGET', hash, field)
+  if not old then
+    redis.call('HSET', hash, field, bucket)
+    return
+  end
+  local n, b = #old, #bucket
+  if old == bucket or (n > b and string.sub(old, n - b) == ' ' .. bucket) then
+    return
+  end
+  if not string.find(' ' .. old .. ' ', ' ' .. bucket .. ' ', 1, true) then
+    redis.call('HSET', hash, field, old .. ' ' .. bucket)
+  end
+end
+local full = {}
+local function storeEvent(bp, threshold, seq, bucket, score, record, etype, tag, qid, rcpt)
+  local key = bp .. bucket
+  redis.call('HSET', key, 'r:' .. string.format('%016x', seq), record)
+  local n = redis.call('HINCRBY', key, 'n', 1)
+  redis.call('HINCRBY', key, 'c', 1)
+  redis.call('HINCRBY', key, 'v', 1)
+  redis.call('HINCRBY', key, '#y:' .. etype, 1)
+  if tag ~= '' then redis.call('HINCRBY', key, '#t:' .. string.sub(tag, 2), 1) end
+  redis.call('ZADD', KEYS[2], score, bucket)
+  local top = redis.call('ZSCORE', KEYS[3], bucket)
+  if not top or tonumber(top) < seq then redis.call('ZADD', KEYS[3], seq, bucket) end
+  local bottom = redis.call('ZSCORE', KEYS[4], bucket)
+  if not bottom or tonumber(bottom) > seq then redis.call('ZADD', KEYS[4], seq, bucket) end
+  if qid ~= '' then addIndex(KEYS[5], string.sub(qid, 2), bucket) end
+  if rcpt ~= '' then addIndex(KEYS[6], string.sub(rcpt, 2), bucket) end
+  if n >= threshold then full[#full + 1] = bucket end
+end
+"""
+
 # Append a batch: one INCRBY for the batch's sequence numbers, each event
-# stored once and added to its indexes, counters bumped, unique opens and
+# stored in its bucket and indexed, counters bumped, unique opens and
 # clicks counted when their (queue id, recipient) is new.
 #
-# KEYS: sequence, events hash.
-# ARGV: n, then per event: time, record, index count, index keys...,
+# ARGV: bucket key prefix, n, compaction threshold, then per event:
+#   bucket, score, record, type, tag, queue id, recipient (the last three
+#   "" for none, else one character and the value),
 #   seen sorted set, legacy seen set, seen member ("" for none),
-#   unique bump count,
-#   (hash, field, bucket set, bucket)...;
+#   unique bump count, (hash, field, bucket set, bucket)...;
 #   then bump count, (hash, field, count, bucket set, bucket)...
-_APPEND = """
-local n = tonumber(ARGV[1])
+# Returns [last sequence number, buckets due for compaction...].
+_APPEND = _STORE_EVENT + """
+local bp, n, threshold = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local last = redis.call('INCRBY', KEYS[1], n)
 local seq = last - n
-local i = 2
+local i = 4
 for e = 1, n do
   seq = seq + 1
-  local member = string.format('%016x', seq)
-  local time = ARGV[i]
-  redis.call('HSET', KEYS[2], member, ARGV[i + 1])
-  local nidx = tonumber(ARGV[i + 2])
-  i = i + 3
-  for j = 0, nidx - 1 do
-    redis.call('ZADD', ARGV[i + j], time, member)
-  end
-  i = i + nidx
+  storeEvent(bp, threshold, seq, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
+             ARGV[i + 4], ARGV[i + 5], ARGV[i + 6])
+  i = i + 7
   local seenKey, legacyKey = ARGV[i], ARGV[i + 1]
   local seenMember, nu = ARGV[i + 2], tonumber(ARGV[i + 3])
-  i = i + 4
+  local etime = ARGV[i + 4]
+  i = i + 5
   if seenMember ~= ''
      and redis.call('SISMEMBER', legacyKey, seenMember) == 0
-     and redis.call('ZADD', seenKey, 'NX', time, seenMember) == 1 then
+     and redis.call('ZADD', seenKey, 'NX', etime, seenMember) == 1 then
     for j = 0, nu - 1 do
       local b = i + 4 * j
       redis.call('HINCRBY', ARGV[b], ARGV[b + 1], 1)
@@ -337,62 +393,266 @@ for j = 0, nb - 1 do
   redis.call('HINCRBY', ARGV[b], ARGV[b + 1], ARGV[b + 2])
   redis.call('ZADD', ARGV[b + 3], ARGV[b + 4], ARGV[b + 4])
 end
-return last
+local out = {last}
+for k = 1, #full do out[#out + 1] = full[k] end
+return out
 """
 
-# One page of events: walk the primary index from the lower bound, skip
-# what is at or before the cursor, keep members that are in every filter
-# index, stop after limit + 1.
+# Move events of layout version 2 (members of the old events hash) into
+# their buckets, with their own sequence numbers, and delete them from the
+# old hash in the same step: nothing is lost or stored twice.
 #
-# KEYS: primary index, events hash, filter indexes...
-# ARGV: min score, max score, cursor time ("" for none), cursor member,
-#   limit + 1, chunk size.
-# Returns [member, record, member, record, ...] as one JSON text: one bulk
-# reply is much cheaper for the client to read than thousands.
-_QUERY = """
-local ctime = ARGV[3] ~= '' and tonumber(ARGV[3]) or nil
-local cmember = ARGV[4]
-local want = tonumber(ARGV[5])
-local chunk = tonumber(ARGV[6])
-local found = {}
-local offset = 0
-while #found < want do
-  local batch = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[2],
-                           'WITHSCORES', 'LIMIT', offset, chunk)
-  for i = 1, #batch, 2 do
-    local member = batch[i]
-    local ok = true
-    if ctime ~= nil and tonumber(batch[i + 1]) == ctime and member <= cmember then
-      ok = false
-    end
-    if ok then
-      for k = 3, #KEYS do
-        if not redis.call('ZSCORE', KEYS[k], member) then
-          ok = false
-          break
+# KEYS: as for _APPEND, then the old events hash.
+# ARGV: bucket key prefix, n, compaction threshold, then per event: old
+#   member, sequence number, bucket, score, record, type, tag, queue id,
+#   recipient.
+# Returns the buckets due for compaction.
+_MIGRATE = _STORE_EVENT + """
+local bp, n, threshold = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local i = 4
+for e = 1, n do
+  if redis.call('HDEL', KEYS[7], ARGV[i]) == 1 then
+    storeEvent(bp, threshold, tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3],
+               ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8])
+  end
+  i = i + 9
+end
+return full
+"""
+
+# Scores as Redis writes them ("inf", "-inf", "+inf" included) as numbers.
+_NUMBER = """
+local function num(s)
+  if s == '-inf' then return -math.huge end
+  if s == 'inf' or s == '+inf' then return math.huge end
+  return tonumber(s)
+end
+"""
+
+# The buckets a query needs, oldest first, with everything in them: those
+# of the queue id and / or recipient index entries when one is given, else
+# every bucket in the score range; buckets whose summary says they hold no
+# event of the type or tag asked for are skipped.  Stops once the buckets
+# sent hold at least "want" events or "most" buckets.
+#
+# KEYS: bucket set, queue id index, recipient index.
+# ARGV: bucket key prefix, queue id, recipient, type, tag (each "" for
+#   none, else one character and the value), lowest score, highest score
+#   (ZRANGEBYSCORE syntax), continue after this score ("" from the start),
+#   want, most.
+# Returns [score to continue after ("" when done), then per bucket: its
+#   field count, its fields and values...].
+_SCAN = _NUMBER + """
+local bp, qid, rcpt, etype, tag = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local low, high, after = ARGV[6], ARGV[7], ARGV[8]
+local want, most = tonumber(ARGV[9]), tonumber(ARGV[10])
+local highOpen = string.sub(high, 1, 1) == '('
+local highN = num(highOpen and string.sub(high, 2) or high)
+local lowN = num(low)
+local afterN = nil
+if after ~= '' then afterN = num(after) end
+local out = {''}
+local got, sent = 0, 0
+local function take(bucket)
+  local key = bp .. bucket
+  if etype ~= '' and not redis.call('HGET', key, '#y:' .. string.sub(etype, 2)) then
+    return true
+  end
+  if tag ~= '' and not redis.call('HGET', key, '#t:' .. string.sub(tag, 2)) then
+    return true
+  end
+  local flat = redis.call('HGETALL', key)
+  out[#out + 1] = #flat
+  for k = 1, #flat do
+    out[#out + 1] = flat[k]
+    if flat[k] == 'c' and k % 2 == 1 then got = got + tonumber(flat[k + 1]) end
+  end
+  sent = sent + 1
+  return got < want and sent < most
+end
+if qid ~= '' or rcpt ~= '' then
+  local lists = {}
+  if qid ~= '' then lists[#lists + 1] = redis.call('HGET', KEYS[2], string.sub(qid, 2)) or '' end
+  if rcpt ~= '' then lists[#lists + 1] = redis.call('HGET', KEYS[3], string.sub(rcpt, 2)) or '' end
+  local other = nil
+  if #lists == 2 then
+    other = {}
+    for b in string.gmatch(lists[2], '%S+') do other[b] = true end
+  end
+  local found = {}
+  for b in string.gmatch(lists[1], '%S+') do
+    if other == nil or other[b] then
+      local s = redis.call('ZSCORE', KEYS[1], b)
+      if s then
+        local n = num(s)
+        if n >= lowN and (n < highN or (not highOpen and n == highN))
+           and (afterN == nil or n > afterN) then
+          found[#found + 1] = {n, b, s}
         end
       end
     end
-    if ok then
-      found[#found + 1] = member
-      if #found >= want then break end
+  end
+  table.sort(found, function(x, y) return x[1] < y[1] end)
+  for k = 1, #found do
+    if not take(found[k][2]) then
+      if k < #found then out[1] = found[k][3] end
+      break
     end
   end
-  if #batch < 2 * chunk then break end
-  offset = offset + chunk
-end
-local out = {}
-for first = 1, #found, 500 do
-  local last = math.min(first + 499, #found)
-  local records = redis.call('HMGET', KEYS[2], unpack(found, first, last))
-  for i = first, last do
-    out[#out + 1] = found[i]
-    out[#out + 1] = records[i - first + 1]
+else
+  local min = low
+  if after ~= '' then min = '(' .. after end
+  local offset = 0
+  local going = true
+  while going do
+    local batch = redis.call('ZRANGEBYSCORE', KEYS[1], min, high, 'WITHSCORES',
+                             'LIMIT', offset, 200)
+    for k = 1, #batch, 2 do
+      if not take(batch[k]) then
+        out[1] = batch[k + 1]
+        going = false
+        break
+      end
+    end
+    if #batch < 400 then break end
+    offset = offset + 200
   end
 end
-if #out == 0 then return '[]' end
-return cjson.encode(out)
+return out
 """
+
+# The buckets that may hold events with sequence numbers after ARGV[2] up
+# to ARGV[3] (a bucket's lowest is at most the last, its highest after the
+# first), with everything in them.
+# KEYS: bucket max seqs, bucket min seqs.  ARGV: bucket key prefix, after,
+# up to.  Returns [per bucket: field count, fields and values...].
+_SEQ_SCAN = """
+local bp, after, upto = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local buckets = {}
+local above = redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[2], '+inf')
+local below = redis.call('ZCOUNT', KEYS[2], '-inf', ARGV[3])
+if above <= below then
+  for _, b in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[2], '+inf')) do
+    local s = redis.call('ZSCORE', KEYS[2], b)
+    if s and tonumber(s) <= upto then buckets[#buckets + 1] = b end
+  end
+else
+  for _, b in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])) do
+    local s = redis.call('ZSCORE', KEYS[1], b)
+    if s and tonumber(s) > after then buckets[#buckets + 1] = b end
+  end
+end
+local out = {}
+for _, b in ipairs(buckets) do
+  local flat = redis.call('HGETALL', bp .. b)
+  out[#out + 1] = #flat
+  for k = 1, #flat do out[#out + 1] = flat[k] end
+end
+return out
+"""
+
+# The raw (not yet compacted) events of a bucket: [field, record, ...].
+# KEYS: the bucket.
+_RAW_EVENTS = """
+local flat = redis.call('HGETALL', KEYS[1])
+local out = {}
+for k = 1, #flat, 2 do
+  if string.sub(flat[k], 1, 2) == 'r:' then
+    out[#out + 1] = flat[k]
+    out[#out + 1] = flat[k + 1]
+  end
+end
+return out
+"""
+
+# Replace raw events of a bucket by one compressed block of them, unless
+# one of them is gone (pruned or compacted by another node meanwhile).
+# KEYS: the bucket.  ARGV: block field, block, the raw events' fields...
+_COMPACT = """
+for k = 3, #ARGV do
+  if redis.call('HEXISTS', KEYS[1], ARGV[k]) == 0 then return 0 end
+end
+for first = 3, #ARGV, 500 do
+  redis.call('HDEL', KEYS[1], unpack(ARGV, first, math.min(first + 499, #ARGV)))
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'n', -(#ARGV - 2))
+redis.call('HINCRBY', KEYS[1], 'v', 1)
+return 1
+"""
+
+# Prune: rewrite one bucket without its deleted events (or delete it when
+# none is left), unless it changed since it was read (then -1: read it
+# again), and drop it from the index entries of the queue ids and
+# recipients none of whose events is left in it.
+#
+# KEYS: the bucket, bucket set, bucket max seqs, bucket min seqs, queue id
+#   index, recipient index.
+# ARGV: bucket, version read, events deleted, events left, block field,
+#   block, lowest seq left, highest seq left, summary count,
+#   (field, count)..., queue id count, queue ids..., recipient count,
+#   recipients...
+_REWRITE = """
+local function removeIndex(hash, field, bucket)
+  local old = redis.call('HGET', hash, field)
+  if not old then return end
+  local kept = {}
+  for b in string.gmatch(old, '%S+') do
+    if b ~= bucket then kept[#kept + 1] = b end
+  end
+  if #kept == 0 then
+    redis.call('HDEL', hash, field)
+  else
+    redis.call('HSET', hash, field, table.concat(kept, ' '))
+  end
+end
+local bucket = ARGV[1]
+local version = redis.call('HGET', KEYS[1], 'v')
+if version ~= ARGV[2] then return -1 end
+redis.call('DEL', KEYS[1])
+local left = tonumber(ARGV[4])
+local i = 10
+local ns = tonumber(ARGV[9])
+if left > 0 then
+  redis.call('HSET', KEYS[1], ARGV[5], ARGV[6], 'n', 0, 'c', left,
+             'v', tonumber(version) + 1)
+  for j = 0, ns - 1 do
+    redis.call('HSET', KEYS[1], ARGV[i + 2 * j], ARGV[i + 2 * j + 1])
+  end
+  redis.call('ZADD', KEYS[3], ARGV[8], bucket)
+  redis.call('ZADD', KEYS[4], ARGV[7], bucket)
+else
+  redis.call('ZREM', KEYS[2], bucket)
+  redis.call('ZREM', KEYS[3], bucket)
+  redis.call('ZREM', KEYS[4], bucket)
+end
+i = i + 2 * ns
+local nq = tonumber(ARGV[i])
+for j = 1, nq do removeIndex(KEYS[5], ARGV[i + j], bucket) end
+i = i + nq + 1
+local nr = tonumber(ARGV[i])
+for j = 1, nr do removeIndex(KEYS[6], ARGV[i + j], bucket) end
+return tonumber(ARGV[3])
+"""
+
+# Unique open / click records older than ARGV[1] (ZRANGEBYSCORE syntax),
+# at most ARGV[2] of them.  KEYS: the seen sorted sets.
+_PRUNE_SEEN = """
+local budget = tonumber(ARGV[2])
+local deleted = 0
+for k = 1, #KEYS do
+  if budget <= 0 then break end
+  local old = redis.call('ZRANGEBYSCORE', KEYS[k], '-inf', ARGV[1],
+                         'LIMIT', 0, budget)
+  for first = 1, #old, 500 do
+    local last = math.min(first + 499, #old)
+    deleted = deleted + redis.call('ZREM', KEYS[k], unpack(old, first, last))
+  end
+  budget = budget - #old
+end
+return deleted
+"""
+
 
 # Upsert a suppression entry unless the stored one is newer.
 # KEYS: entries, times, all addresses, the four reason sets.
@@ -496,44 +756,6 @@ else
   redis.call('PERSIST', KEYS[1])
 end
 return {allowed, string.format('%.17g', tokens), string.format('%.17g', wait)}
-"""
-
-# Delete events that a query script read (members and their index keys),
-# then, with what is left of the budget, the oldest unique open / click
-# records.  Events never change once stored, so the index keys computed
-# from what was read are still right; an event already deleted (by another
-# node) is not counted again.
-#
-# KEYS: events hash, the seen sorted sets...
-# ARGV: max score (exclusive, "(<before>"), budget, n, then per event:
-#   member, index count, index keys...
-# Returns the number of records deleted.
-_PRUNE = """
-local budget = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
-local deleted = 0
-local i = 4
-for e = 1, n do
-  local member, nidx = ARGV[i], tonumber(ARGV[i + 1])
-  i = i + 2
-  deleted = deleted + redis.call('HDEL', KEYS[1], member)
-  for j = 0, nidx - 1 do
-    redis.call('ZREM', ARGV[i + j], member)
-  end
-  i = i + nidx
-end
-budget = budget - n
-for k = 2, #KEYS do
-  if budget <= 0 then break end
-  local old = redis.call('ZRANGEBYSCORE', KEYS[k], '-inf', ARGV[1],
-                         'LIMIT', 0, budget)
-  for first = 1, #old, 500 do
-    local last = math.min(first + 499, #old)
-    deleted = deleted + redis.call('ZREM', KEYS[k], unpack(old, first, last))
-  end
-  budget = budget - #old
-end
-return deleted
 """
 
 # -- event streams and outboxes (IEventStreams) --------------------------
@@ -660,8 +882,13 @@ _SCRIPTS = {
     "outboxDefer": _OUTBOX_DEFER,
     "outboxRemove": _OUTBOX_REMOVE,
     "append": _APPEND,
-    "prune": _PRUNE,
-    "query": _QUERY,
+    "migrate": _MIGRATE,
+    "scan": _SCAN,
+    "seqScan": _SEQ_SCAN,
+    "rawEvents": _RAW_EVENTS,
+    "compact": _COMPACT,
+    "rewrite": _REWRITE,
+    "pruneSeen": _PRUNE_SEEN,
     "addSuppression": _ADD_SUPPRESSION,
     "removeSuppression": _REMOVE_SUPPRESSION,
     "listSuppressions": _LIST_SUPPRESSIONS,
@@ -679,8 +906,18 @@ _REASONS = sorted(SUPPRESSION_REASONS)
 
 _SHAS = {name: _sha1(script) for name, script in _SCRIPTS.items()}
 
-# Members looked at per ZRANGEBYSCORE of a filtered query.
-_QUERY_CHUNK = 500
+# Events are kept in buckets of this many seconds of event time.
+BUCKET_SECONDS = 60
+
+# A bucket's raw events are packed into one compressed block once this many
+# have been appended to it.
+COMPACT_AT = 64
+
+# Old events moved per migration script call.
+_MIGRATE_CHUNK = 500
+
+# Buckets sent per scan script call.
+_SCAN_BUCKETS = 20
 
 
 # -- encoding ------------------------------------------------------------
@@ -731,6 +968,135 @@ def _record(event: Event) -> str:
             event.detail,
         ]
     )
+
+
+def _globEscape(text: str) -> str:
+    """
+    C{text} matched literally by a Redis glob pattern.
+    """
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _present(value) -> str:
+    """
+    An optional script argument: "" for L{None}, else "=" and the value
+    (so that an empty string is not taken for none).
+    """
+    return "" if value is None else "=" + str(value)
+
+
+def _bucketOf(time: float) -> tuple[str, float]:
+    """
+    The bucket of an event time: its name and its score, the start of its
+    L{BUCKET_SECONDS} (the time itself when it is infinite).  A later
+    bucket holds only later events.
+    """
+    if math.isfinite(time):
+        start = float(math.floor(time / BUCKET_SECONDS) * BUCKET_SECONDS)
+    else:
+        start = float(time)
+    return _number(start), start
+
+
+def _eventArgs(event: Event, time: float) -> list[str]:
+    bucket, start = _bucketOf(time)
+    return [
+        bucket,
+        _number(start),
+        _record(event),
+        str(event.type),
+        _present(event.tag),
+        _present(event.queue_id),
+        _present(normaliseRecipient(event.recipient)),
+    ]
+
+
+def _packBlock(rows: list) -> bytes:
+    """
+    A compressed block of events: (sequence number, record) pairs, the
+    records as L{_record} wrote them.
+    """
+    text = "[" + ",".join("[%d,%s" % (seq, record[1:]) for seq, record in rows) + "]"
+    return zlib.compress(text.encode("utf-8"), 6)
+
+
+def _buckets(flat: list) -> list[dict]:
+    """
+    The buckets of a scan script's reply (per bucket: its field count, its
+    fields and values) as dicts from field name to value.
+    """
+    buckets, i = [], 0
+    while i < len(flat):
+        n = int(flat[i])
+        fields = flat[i + 1 : i + 1 + n]
+        i += 1 + n
+        buckets.append({_text(f): v for f, v in zip(fields[0::2], fields[1::2])})
+    return buckets
+
+
+def _rows(fields: dict) -> list:
+    """
+    The events of one bucket as (sequence number, row) pairs, in no
+    particular order; a row is the record's list with its time a float.
+    """
+    rows = []
+    for field, value in fields.items():
+        if field.startswith("r:"):
+            row = json.loads(value)
+            row[1] = float(row[1])
+            rows.append((int(field[2:], 16), row))
+        elif field.startswith("z:"):
+            for item in json.loads(zlib.decompress(value)):
+                row = item[1:]
+                row[1] = float(row[1])
+                rows.append((item[0], row))
+    return rows
+
+
+def _fromRow(row: list) -> Event:
+    id, time, type, queue_id, recipient, tag, metadata, detail = row
+    return Event(
+        type=type,
+        queue_id=queue_id,
+        recipient=recipient,
+        # Like the SQLite back end's REAL column: always a float.
+        time=float(time),
+        tag=tag,
+        metadata=metadata,
+        detail=detail,
+        id=id,
+    )
+
+
+def _rewriteArgs(bucket: str, version: str, gone: list, kept: list) -> list:
+    """
+    The arguments of the rewrite script for a bucket that loses the events
+    C{gone} and keeps C{kept} (both lists of (time, seq, row)).
+    """
+    summary: Counter = Counter()
+    for _, _, row in kept:
+        summary["#y:" + str(row[2])] += 1
+        if row[5] is not None:
+            summary["#t:" + str(row[5])] += 1
+    block, blockField, low, high = b"", "", "0", "0"
+    if kept:
+        seqs = sorted(seq for _, seq, _ in kept)
+        rows = sorted((seq, json.dumps(row)) for _, seq, row in kept)
+        block, blockField = _packBlock(rows), "z:%016x" % seqs[0]
+        low, high = str(seqs[0]), str(seqs[-1])
+    queues = {row[3] for _, _, row in gone if row[3] is not None} - {
+        row[3] for _, _, row in kept
+    }
+    recipients = {
+        normaliseRecipient(row[4]) for _, _, row in gone if row[4] is not None
+    } - {normaliseRecipient(row[4]) for _, _, row in kept}
+    args = [bucket, version, str(len(gone)), str(len(kept)), blockField, block, low, high]
+    args.append(str(len(summary)))
+    for field, count in sorted(summary.items()):
+        args += [field, str(count)]
+    args += [str(len(queues)), *sorted(map(str, queues))]
+    args += [str(len(recipients)), *sorted(map(str, recipients))]
+    return args
 
 
 def _fromRecord(record: bytes) -> Event:
@@ -906,14 +1272,17 @@ class RedisStore:
                     f" {version}, newer than the newest this smartrelay knows"
                     f" ({SCHEMA_VERSION})"
                 )
+            # Mark older data upgraded first, so that older code, which
+            # would not see the new layout, refuses it from now on; then
+            # move the events of layout 1 and 2 into buckets (also when a
+            # start that was doing so stopped halfway, or an old node kept
+            # writing).  Version 1's unique open and click records are
+            # still read where they are.
+            d = succeed(None)
             if version < SCHEMA_VERSION:
-                # Version 1 data needs no conversion (its unique open and
-                # click records are still read); mark it upgraded so that
-                # version 1 code, which would not see the new records,
-                # refuses it.
                 d = protocol.execute_command("SET", key, str(SCHEMA_VERSION))
-                return d.addCallback(lambda _: announce())
-            announce()
+            d.addCallback(lambda _: Deferred.fromCoroutine(self._migrate(protocol)))
+            return d.addCallback(lambda _: announce())
 
         def announce():
             if not self._started:
@@ -925,6 +1294,57 @@ class RedisStore:
                 )
 
         return d.addCallback(check)
+
+    async def _migrate(self, protocol) -> None:
+        """
+        Move the events of layout version 2 (one hash of every event, a
+        sorted set per index) into buckets, a chunk per script so that each
+        event is moved exactly once whatever happens in between, then
+        delete the old indexes.
+        """
+        events = self._key("events")
+        if not int(await protocol.execute_command("EXISTS", events)):
+            return
+        keys = [*self._eventKeys(), events]
+        moved = 0
+        while int(await protocol.execute_command("EXISTS", events)):
+            cursor = "0"
+            while True:
+                cursor, flat = await protocol.execute_command(
+                    "HSCAN", events, cursor, "COUNT", str(_MIGRATE_CHUNK)
+                )
+                cursor = _text(cursor)
+                pairs = _pairs(flat)
+                if pairs:
+                    args = [self._bucketPrefix(), str(len(pairs)), str(COMPACT_AT)]
+                    for member, record in pairs:
+                        member = _text(member)
+                        event = _fromRecord(record)
+                        args += [member, str(int(member, 16))]
+                        args += _eventArgs(event, event.time)
+                    full = await self._script(protocol, "migrate", keys, args)
+                    await self._compact(protocol, full)
+                    moved += len(pairs)
+                if cursor == "0":
+                    break
+        pattern = _globEscape(self.prefix) + "ev:*"
+        cursor = "0"
+        while True:
+            cursor, found = await protocol.execute_command(
+                "SCAN", cursor, "MATCH", pattern, "COUNT", "1000"
+            )
+            cursor = _text(cursor)
+            if found:
+                await protocol.execute_command("DEL", *found)
+            if cursor == "0":
+                break
+        self.log.info(
+            "Moved {count} events of the Redis event store under {prefix} to"
+            " layout version {version}",
+            count=moved,
+            prefix=self.prefix,
+            version=SCHEMA_VERSION,
+        )
 
     def _connected(self) -> Deferred:
         """
@@ -1010,16 +1430,18 @@ class RedisStore:
 
     # -- events ----------------------------------------------------------
 
-    def _eventIndexes(self, event: Event) -> list[str]:
-        keys = [self._key("ev", "all"), self._key("ev", "y", str(event.type))]
-        if event.queue_id is not None:
-            keys.append(self._key("ev", "q", str(event.queue_id)))
-        recipient = normaliseRecipient(event.recipient)
-        if recipient is not None:
-            keys.append(self._key("ev", "r", str(recipient)))
-        if event.tag is not None:
-            keys.append(self._key("ev", "t", str(event.tag)))
-        return keys
+    def _eventKeys(self) -> list[str]:
+        return [
+            self._key("seq"),
+            self._key("e", "buckets"),
+            self._key("e", "maxseq"),
+            self._key("e", "minseq"),
+            self._key("e", "q"),
+            self._key("e", "r"),
+        ]
+
+    def _bucketPrefix(self) -> str:
+        return self._key("e", "b", "")
 
     def _series(self, interval: str, dim: str, key: str) -> str:
         return self._key("stats", interval, dim, key)
@@ -1040,27 +1462,28 @@ class RedisStore:
             return fail()
         if args is None:
             return self._do(lambda protocol: None)
-        d = self._do(
-            self._script,
-            "append",
-            [self._key("seq"), self._key("events")],
-            args,
-        )
-        return d.addCallback(lambda last: None)
+
+        def append(protocol):
+            d = self._script(protocol, "append", self._eventKeys(), args)
+            # The batch is stored once the script has run; compaction
+            # afterwards is housekeeping whose failure loses nothing.
+            d.addCallback(lambda reply: self._compact(protocol, reply[1:]))
+            return d
+
+        return self._do(append).addCallback(lambda _: None)
 
     def _encodeBatch(self, events: list[Event]) -> Optional[list[str]]:
         if not events:
             return None
-        args = [str(len(events))]
+        args = [self._bucketPrefix(), str(len(events)), str(COMPACT_AT)]
         bumps: Counter = Counter()
         for event in events:
             time = _eventTime(event)
-            indexes = self._eventIndexes(event)
-            args += [_number(time), _record(event), str(len(indexes)), *indexes]
+            args += _eventArgs(event, time)
             bumps.update(counterBumps(event, eventCounterTypes(event)))
             unique = uniqueKey(event)
             if unique is None:
-                args += ["", "", "", "0"]
+                args += ["", "", "", "0", ""]
             else:
                 queue_id, recipient, type = unique
                 uniqueBumps = counterBumps(event, [UNIQUE_TYPES[type]])
@@ -1069,6 +1492,7 @@ class RedisStore:
                     self._key("seen", type),
                     json.dumps([queue_id, recipient]),
                     str(len(uniqueBumps)),
+                    _number(time),
                 ]
                 for bump in uniqueBumps:
                     args += self._bump(bump)
@@ -1082,22 +1506,99 @@ class RedisStore:
             arg.encode("utf-8")
         return args
 
+    def _compact(self, protocol, buckets) -> Deferred:
+        """
+        Pack the raw events of each bucket in C{buckets} into one
+        compressed block.  Failures are logged, not passed on: the events
+        are stored either way, and the next append that fills the bucket
+        tries again.
+        """
+
+        async def compact():
+            for bucket in dict.fromkeys(_text(b) for b in buckets):
+                key = self._bucketPrefix() + bucket
+                flat = await self._script(protocol, "rawEvents", [key], [])
+                if not flat:
+                    continue
+                fields, rows = [], []
+                for field, record in _pairs(flat):
+                    field = _text(field)
+                    fields.append(field)
+                    rows.append((int(field[2:], 16), _text(record)))
+                rows.sort()
+                await self._script(
+                    protocol,
+                    "compact",
+                    [key],
+                    ["z:%016x" % rows[0][0], _packBlock(rows), *fields],
+                )
+
+        def failed(failure):
+            self.log.failure("Compacting Redis event buckets failed", failure)
+
+        return Deferred.fromCoroutine(compact()).addErrback(failed)
+
+    async def _gather(self, protocol, *, queue_id=None, recipient=None, type=None,
+                      tag=None, low="-inf", high="+inf", accept, want) -> list:
+        """
+        The events of the buckets a query needs that C{accept(seq, row)}
+        takes, as C{(time, seq, row)} sorted: bucket by bucket, oldest
+        first, until C{want} are found (every later bucket holds only later
+        events) or no bucket is left.
+        """
+        found = []
+        after = ""
+        while True:
+            reply = await self._script(
+                protocol,
+                "scan",
+                self._eventKeys()[1:2] + self._eventKeys()[4:],
+                [
+                    self._bucketPrefix(),
+                    _present(queue_id),
+                    _present(normaliseRecipient(recipient)),
+                    _present(type),
+                    _present(tag),
+                    low,
+                    high,
+                    after,
+                    str(max(want - len(found), 1)),
+                    str(_SCAN_BUCKETS),
+                ],
+            )
+            after = _text(reply[0])
+            for fields in _buckets(reply[1:]):
+                for seq, row in _rows(fields):
+                    if accept(seq, row):
+                        found.append((row[1], seq, row))
+            if len(found) >= want or not after:
+                break
+        found.sort(key=lambda item: (item[0], item[1]))
+        return found
+
     def eventsForMessage(self, queue_id: str) -> Deferred:
         if self._closed:
             return fail(StoreClosed("the event store is closed"))
         if queue_id is None:
             return self._do(lambda protocol: [])
         try:
-            index = self._key("ev", "q", str(queue_id))
-            index.encode("utf-8")
+            queue_id = str(queue_id)
+            queue_id.encode("utf-8")
         except Exception:
             return fail()
-        keys = [index, self._key("events")]
-        args = ["-inf", "+inf", "", "", str(2**53), str(_QUERY_CHUNK)]
-        d = self._do(self._script, "query", keys, args)
-        return d.addCallback(
-            lambda reply: [_fromRecord(record) for _, record in _pairs(json.loads(reply))]
-        )
+
+        def read(protocol):
+            return Deferred.fromCoroutine(
+                self._gather(
+                    protocol,
+                    queue_id=queue_id,
+                    accept=lambda seq, row: row[3] == queue_id,
+                    want=2**53,
+                )
+            )
+
+        d = self._do(read)
+        return d.addCallback(lambda rows: [_fromRow(row) for _, _, row in rows])
 
     def queryEvents(
         self,
@@ -1118,58 +1619,73 @@ class RedisStore:
             since = checkTime("since", since)
             until = checkTime("until", until)
             after = None if cursor is None else decodeCursor(cursor)
-            indexes = []
-            # Most selective first: the first is walked, the others filter.
-            for name, value in [
-                ("q", queue_id),
-                ("r", normaliseRecipient(recipient)),
-                ("t", tag),
-                ("y", type),
-            ]:
+            wanted = normaliseRecipient(recipient)
+            for value in (type, queue_id, wanted, tag):
                 if value is not None:
-                    indexes.append(self._key("ev", name, str(value)))
-            if not indexes:
-                indexes.append(self._key("ev", "all"))
-            for key in indexes:
-                key.encode("utf-8")
+                    str(value).encode("utf-8")
         except Exception:
             return fail()
-
-        low = "-inf" if since is None else _number(since)
-        cursorTime = cursorMember = ""
-        if after is not None:
-            time, seq = after
-            if since is None or time >= since:
-                low = _number(time)
-                cursorTime = low
-                cursorMember = "%016x" % (seq,)
+        low = "-inf" if since is None else _number(_bucketOf(since)[1])
+        if after is not None and (since is None or after[0] >= since):
+            low = _number(_bucketOf(after[0])[1])
         high = "+inf" if until is None else "(" + _number(until)
-        chunk = limit + 1 if len(indexes) == 1 else max(limit + 1, _QUERY_CHUNK)
-        keys = [indexes[0], self._key("events"), *indexes[1:]]
-        args = [low, high, cursorTime, cursorMember, str(limit + 1), str(chunk)]
-        d = self._do(self._script, "query", keys, args)
 
-        def page(reply):
-            rows = _pairs(json.loads(reply))
+        def accept(seq, row):
+            time = row[1]
+            if since is not None and time < since:
+                return False
+            if until is not None and time >= until:
+                return False
+            if after is not None and (time, seq) <= after:
+                return False
+            if type is not None and row[2] != type:
+                return False
+            if queue_id is not None and row[3] != queue_id:
+                return False
+            if wanted is not None and (
+                row[4] is None or normaliseRecipient(row[4]) != wanted
+            ):
+                return False
+            if tag is not None and row[5] != tag:
+                return False
+            return True
+
+        def read(protocol):
+            return Deferred.fromCoroutine(
+                self._gather(
+                    protocol,
+                    queue_id=queue_id,
+                    recipient=recipient,
+                    type=type,
+                    tag=tag,
+                    low=low,
+                    high=high,
+                    accept=accept,
+                    want=limit + 1,
+                )
+            )
+
+        def page(rows):
             # One more than asked for tells whether there is a next page.
             more = len(rows) > limit
             del rows[limit:]
-            events = [_fromRecord(record) for _, record in rows]
+            events = [_fromRow(row) for _, _, row in rows]
             nextCursor = None
             if more:
-                nextCursor = encodeCursor(events[-1].time, int(rows[-1][0], 16))
+                nextCursor = encodeCursor(events[-1].time, rows[-1][1])
             return EventPage(events=events, cursor=nextCursor)
 
-        return d.addCallback(page)
+        return self._do(read).addCallback(page)
 
     def pruneEvents(self, before: float, limit: int = 10000) -> Deferred:
         """
-        Two steps: the query script reads the oldest events (at most
-        C{limit}), then the prune script deletes them from the events hash
-        and every index they are in, and unique open / click records with
-        what is left of C{limit}.  The index keys are computed here, by the
-        code that computed them for the append (recipients are normalised
-        with Python's Unicode case rules, which Lua cannot repeat).
+        Bucket by bucket, oldest first: read a bucket whose time range
+        starts before C{before}, and rewrite it without its events older
+        than C{before} (at most what is left of C{limit}), or delete it when
+        none is left, dropping it from the index entries of the queue ids
+        and recipients that have no event left in it; a bucket another
+        node changed in between is read again.  Then unique open / click
+        records with what is left of C{limit}.
         """
         if self._closed:
             return fail(StoreClosed("the event store is closed"))
@@ -1178,34 +1694,53 @@ class RedisStore:
         except ValueError:
             return fail()
         high = "(" + _number(before)
-        queryKeys = [self._key("ev", "all"), self._key("events")]
-        queryArgs = ["-inf", high, "", "", str(limit), str(limit)]
-        seen = [self._key("seenat", type) for type in sorted(UNIQUE_TYPES)]
-        pruneKeys = [self._key("events"), *seen]
+        keys = self._eventKeys()
 
-        def pruneArgs(reply):
-            rows = _pairs(json.loads(reply))
-            args = [high, str(limit), str(len(rows))]
-            for member, record in rows:
-                if record is None:
-                    indexes = [self._key("ev", "all")]
-                else:
-                    indexes = self._eventIndexes(_fromRecord(record))
-                args += [member, str(len(indexes)), *indexes]
-            return args
-
-        def prune(protocol):
-            # Both steps on the one connection, as one tracked operation:
-            # a close() in between waits for the second.
-            d = self._script(protocol, "query", queryKeys, queryArgs)
-            d.addCallback(
-                lambda reply: self._script(
-                    protocol, "prune", pruneKeys, pruneArgs(reply)
+        async def prune(protocol):
+            budget, deleted, after = limit, 0, ""
+            while budget > 0:
+                reply = await self._script(
+                    protocol,
+                    "scan",
+                    keys[1:2] + keys[4:],
+                    [self._bucketPrefix(), "", "", "", "", "-inf", high, after, "1", "1"],
                 )
-            )
-            return d
+                buckets = _buckets(reply[1:])
+                if not buckets:
+                    break
+                fields = buckets[0]
+                rows = sorted(
+                    ((row[1], seq, row) for seq, row in _rows(fields)),
+                    key=lambda item: (item[0], item[1]),
+                )
+                old = [item for item in rows if item[0] < before]
+                gone, kept = old[:budget], rows[len(old[:budget]):]
+                if not gone:
+                    if not _text(reply[0]):
+                        break
+                    after = _text(reply[0])
+                    continue
+                bucket = _bucketOf(gone[0][0])[0]
+                done = await self._script(
+                    protocol,
+                    "rewrite",
+                    [self._bucketPrefix() + bucket, *keys[1:]],
+                    _rewriteArgs(bucket, _text(fields["v"]), gone, kept),
+                )
+                if int(done) < 0:
+                    continue
+                deleted += int(done)
+                budget -= int(done)
+                if len(gone) < len(old):
+                    break
+            if budget > 0:
+                seen = [self._key("seenat", type) for type in sorted(UNIQUE_TYPES)]
+                deleted += int(
+                    await self._script(protocol, "pruneSeen", seen, [high, str(budget)])
+                )
+            return deleted
 
-        return self._do(prune).addCallback(int)
+        return self._do(lambda protocol: Deferred.fromCoroutine(prune(protocol)))
 
     # -- suppression list ------------------------------------------------
 
@@ -1444,15 +1979,26 @@ class RedisStore:
             after, upTo = claimPage(claim, cursor, limit)
         except Exception:
             return fail()
-        members = ["%016x" % seq for seq in range(after + 1, upTo + 1)]
-        if members:
-            d = self._command("HMGET", self._key("events"), *members)
+        if upTo > after:
+            keys = self._eventKeys()
+            d = self._do(
+                self._script,
+                "seqScan",
+                [keys[2], keys[3]],
+                [self._bucketPrefix(), str(after), str(upTo)],
+            )
         else:
             d = self._do(lambda protocol: [])
 
-        def page(records):
+        def page(reply):
+            rows = sorted(
+                (seq, row)
+                for fields in _buckets(reply)
+                for seq, row in _rows(fields)
+                if after < seq <= upTo
+            )
             return EventPage(
-                events=[_fromRecord(r) for r in records if r is not None],
+                events=[_fromRow(row) for _, row in rows],
                 cursor=claimCursor(claim, upTo),
             )
 
