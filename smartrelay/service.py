@@ -15,6 +15,7 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -634,6 +635,18 @@ class RelayService(MultiService):
         if isinstance(result, Failure):
             if result.check(StartUpInterrupted):
                 self.log.info("smartrelay stopped before it was ready")
+            elif result.check(CannotListenError):
+                # The usual reason (another program on the port) in one
+                # line naming the key, not a traceback.
+                error = result.value
+                self.log.critical(
+                    "smartrelay could not start: {key}: cannot listen on "
+                    "{interface}:{port}: {why}",
+                    key=getattr(self, "_listening", "listen"),
+                    interface=error.interface or "*",
+                    port=error.port,
+                    why=getattr(error.socketError, "strerror", None) or error.socketError,
+                )
             else:
                 self.log.failure("smartrelay could not start", result)
         self._readyResult = result
@@ -682,9 +695,11 @@ class RelayService(MultiService):
             self.log.info("recovered {count} queued message(s) from the spool", count=len(entries))
         pendingReports = await self.feedbackInbox.open()
         self._stopIfStopping()
+        self._listening = "[web] listen"
         self.webPort = await self.webEndpoint.listen(self.webSite)
         self.log.info("web endpoints on {address}", address=self.webPort.getHost())
         self._stopIfStopping()
+        self._listening = "[feedback] listen"
         self.feedbackPort = await self.feedbackEndpoint.listen(self.feedbackFactory)
         self.log.info(
             "feedback: receiving reports on {address}", address=self.feedbackPort.getHost()
@@ -692,6 +707,7 @@ class RelayService(MultiService):
         self.feedbackProcessor.recover(pendingReports)
         self.feedbackPruner.setServiceParent(self)
         self._stopIfStopping()
+        self._listening = "[smtp] listen"
         port = self.smtpPort = await self.smtpEndpoint.listen(self.smtpFactory)
         self.log.info("smartrelay accepting mail on {address}", address=port.getHost())
         return port

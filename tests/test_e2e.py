@@ -386,7 +386,8 @@ class StartupTests(SynchronousTestCase):
     def test_portInUse(self):
         """
         If the SMTP port cannot be bound, start-up fails: the reason is
-        logged and twistd exits with status 1.
+        logged in one line naming the key and the address, with no
+        traceback, and twistd exits with status 1.
         """
         import socket
 
@@ -397,14 +398,22 @@ class StartupTests(SynchronousTestCase):
         directory = os.path.abspath(self.mktemp_dir())
         path = os.path.join(directory, "relay.ini")
         with open(path, "w") as f:
-            f.write("[smtp]\nlisten = tcp:%d:interface=127.0.0.1\n" % busy.getsockname()[1])
+            f.write(
+                "[smtp]\nlisten = tcp:%d:interface=127.0.0.1\n"
+                "[web]\nlisten = tcp:0:interface=127.0.0.1\n"
+                "[feedback]\nlisten = tcp:0:interface=127.0.0.1\n" % busy.getsockname()[1]
+            )
         log = os.path.join(directory, "twistd.log")
         result = self.run_twistd("--config", path, cwd=directory, logfile=log)
         self.assertEqual(result.returncode, 1)
         with open(log) as f:
             text = f.read()
-        self.assertIn("smartrelay could not start", text)
-        self.assertIn("Address already in use", text)
+        self.assertIn(
+            "smartrelay could not start: [smtp] listen: cannot listen on "
+            "127.0.0.1:%d: Address already in use" % busy.getsockname()[1],
+            text,
+        )
+        self.assertNotIn("Traceback", text)
 
     def test_exampleConfigAccepted(self):
         """

@@ -555,6 +555,7 @@ class RelayServiceTests(TestCase):
         config = parseConfig(
             "[smartrelay]\ndata_dir = %s\nhostname = relay.test\n"
             "[web]\nlisten = tcp:0:interface=127.0.0.1\n\n[smtp]\nlisten = tcp:0:interface=127.0.0.1\n"
+            "[feedback]\nlisten = tcp:0:interface=127.0.0.1\n"
             "[delivery]\nsmarthost = tcp:host=127.0.0.1:port=%d\n%s"
             % (self.dataDir, sinkPort, extra)
         )
@@ -665,6 +666,7 @@ class RelayServiceTests(TestCase):
         config = parseConfig(
             "[smartrelay]\ndata_dir = %s\nhostname = relay.test\n"
             "[web]\nlisten = tcp:0:interface=127.0.0.1\n\n[smtp]\nlisten = tcp:0:interface=127.0.0.1\n"
+            "[feedback]\nlisten = tcp:0:interface=127.0.0.1\n"
             "[delivery]\nsmarthost = %s\n"
             % (self.dataDir, relay.config.delivery.smarthost)
         )
@@ -686,6 +688,7 @@ class RelayServiceTests(TestCase):
         config = parseConfig(
             "[smartrelay]\ndata_dir = %s\nhostname = relay.test\nstore = %s\n"
             "[web]\nlisten = tcp:0:interface=127.0.0.1\n\n[smtp]\nlisten = tcp:0:interface=127.0.0.1\n"
+            "[feedback]\nlisten = tcp:0:interface=127.0.0.1\n"
             "[delivery]\nsmarthost = %s\n"
             % (self.dataDir, server.url(db=3), relay.config.delivery.smarthost)
         )
@@ -717,6 +720,7 @@ class RelayServiceTests(TestCase):
             "[smartrelay]\ndata_dir = %s\nhostname = relay.test\n"
             "store = redis://127.0.0.1:%d/0\n"
             "[web]\nlisten = tcp:0:interface=127.0.0.1\n\n[smtp]\nlisten = tcp:0:interface=127.0.0.1\n"
+            "[feedback]\nlisten = tcp:0:interface=127.0.0.1\n"
             "[delivery]\nsmarthost = %s\nretry = 1s*...\nretry_jitter = 0\n"
             % (self.dataDir, port, relay.config.delivery.smarthost)
         )
