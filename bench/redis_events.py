@@ -28,6 +28,7 @@ each index, the counters) for the first run: where the bytes go.
 import argparse
 import os
 import random
+import socket
 import statistics
 import time
 
@@ -120,36 +121,67 @@ def messageEvents(number: int, rng: random.Random) -> list:
     return [accepted, delivered]
 
 
+def _resp(data: bytes, i: int = 0):
+    """
+    One RESP reply parsed from C{data} at C{i}: (value, next index), or
+    L{None} when C{data} ends before the reply does.
+    """
+    end = data.find(b"\r\n", i)
+    if end < 0:
+        return None
+    kind, line, i = data[i:i + 1], data[i + 1:end], end + 2
+    if kind in (b"+", b"-"):
+        return line.decode("utf-8"), i
+    if kind == b":":
+        return int(line), i
+    if kind == b"$":
+        size = int(line)
+        if size < 0:
+            return None, i
+        if len(data) < i + size + 2:
+            return None
+        return data[i:i + size].decode("utf-8", "replace"), i + size + 2
+    if kind == b"*":
+        items = []
+        for _ in range(int(line)):
+            parsed = _resp(data, i)
+            if parsed is None:
+                return None
+            item, i = parsed
+            items.append(item)
+        return items, i
+    raise ValueError(f"not a RESP reply: {data[i - 1:i + 20]!r}")
+
+
+def command(server, *args: str):
+    """
+    Send one command to C{server} and read its whole reply.
+    """
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"".join(
+            [b"*%d\r\n" % len(args)]
+            + [b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args]
+        ))
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise RuntimeError(f"connection closed during {args[0]}")
+            data += chunk
+            parsed = _resp(data)
+            if parsed is not None:
+                return parsed[0]
+
+
 def _info(server, field: str) -> int:
-    reply = server.command("INFO", "memory").decode("ascii")
-    for line in reply.split("\r\n"):
+    for line in command(server, "INFO", "memory").split("\r\n"):
         if line.startswith(field + ":"):
             return int(line.split(":", 1)[1])
     raise RuntimeError(f"no {field} in INFO memory")
 
 
-def _integer(reply: bytes) -> int:
-    return int(reply.decode("ascii").strip().lstrip(":"))
-
-
 def _dbsize(server) -> int:
-    return _integer(server.command("DBSIZE"))
-
-
-def _bulkStrings(reply: bytes) -> list:
-    """
-    The bulk strings of a RESP array reply (nested arrays flattened).
-    """
-    out, i = [], 0
-    while i < len(reply):
-        end = reply.index(b"\r\n", i)
-        line = reply[i:end]
-        i = end + 2
-        if line[:1] == b"$" and line != b"$-1":
-            size = int(line[1:])
-            out.append(reply[i : i + size].decode("utf-8"))
-            i += size + 2
-    return out
+    return command(server, "DBSIZE")
 
 
 def where(server, prefix: str = "smartrelay:") -> dict:
@@ -160,12 +192,11 @@ def where(server, prefix: str = "smartrelay:") -> dict:
     kinds: dict = {}
     cursor = "0"
     while True:
-        flat = _bulkStrings(server.command("SCAN", cursor, "COUNT", "1000"))
-        cursor, keys = flat[0], flat[1:]
+        cursor, keys = command(server, "SCAN", cursor, "COUNT", "1000")
         for key in keys:
             parts = key[len(prefix):].split(":")
             kind = ":".join(parts[:2]) if parts[0] in ("e", "ev", "stats") else parts[0]
-            size = _integer(server.command("MEMORY", "USAGE", key, "SAMPLES", "0"))
+            size = command(server, "MEMORY", "USAGE", key, "SAMPLES", "0")
             bytes_, count = kinds.get(kind, (0, 0))
             kinds[kind] = (bytes_ + size, count + 1)
         if cursor == "0":
@@ -173,7 +204,7 @@ def where(server, prefix: str = "smartrelay:") -> dict:
 
 
 async def oneRun(reactor, server, messages: int, batch: int, seed: int) -> dict:
-    server.command("FLUSHALL")
+    command(server, "FLUSHALL")
     rng = random.Random(seed)
     events = []
     for number in range(messages):

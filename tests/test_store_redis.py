@@ -36,6 +36,7 @@ from smartrelay.store.interfaces import (
     SuppressionEntry,
 )
 from smartrelay.store.redis import (
+    BLOCK_EVENTS,
     COMPACT_AT,
     RedisAddress,
     RedisConnectionFailed,
@@ -532,6 +533,45 @@ class RedisBucketLayoutTests(TestCase):
         self.assertEqual((yield self.store.eventsForMessage("Q1")), events[1::4])
 
     @inlineCallbacks
+    def test_blocksMerged(self):
+        """
+        Raw events are packed together with the bucket's smallest block
+        (below L{BLOCK_EVENTS}): a busy bucket ends up with few big
+        blocks.
+        """
+        yield self.store.start()
+        events = [event(T0 + i / 10, queue_id=f"Q{i % 4}") for i in range(150)]
+        for first in range(0, len(events), 9):
+            yield self.store.appendEvents(events[first:first + 9])
+        fields = self.fields(repr(float(T0 - T0 % 60)))
+        # Packed at 72 events and again at 144 (with the block of 72).
+        self.assertLess(144, BLOCK_EVENTS)
+        self.assertEqual(sorted(f.split(":")[-1] for f in fields if f.startswith("z:")),
+                         ["144"])
+        self.assertEqual(len([f for f in fields if f.startswith("r:")]), 6)
+        self.assertEqual((yield self.store.queryEvents(limit=1000)).events, events)
+
+    @inlineCallbacks
+    def test_staleBucketsPacked(self):
+        """
+        The few raw events of a bucket are packed once events are written
+        two buckets later; the current bucket's stay raw.
+        """
+        yield self.store.start()
+        first = [event(T0, queue_id="Q1"), event(T0 + 1, queue_id="Q2")]
+        yield self.store.appendEvents(first)
+        yield self.store.appendEvents([event(T0 + 60)])
+        old = repr(float(T0 - T0 % 60))
+        self.assertEqual(len([f for f in self.fields(old) if f.startswith("r:")]), 2)
+        late = event(T0 + 150)
+        yield self.store.appendEvents([late])
+        self.assertEqual([f[:2] for f in self.fields(old)], ["z:"])
+        self.assertEqual(
+            self.server.command("SMEMBERS", self.prefix + "e:raw").count(b"\r\n$"), 2
+        )
+        self.assertEqual((yield self.store.eventsForMessage("Q2")), first[1:])
+
+    @inlineCallbacks
     def test_compactionLosesRace(self):
         """
         A compaction whose raw events are no longer all there (another
@@ -543,8 +583,8 @@ class RedisBucketLayoutTests(TestCase):
         before = self.fields(bucket)
         protocol = yield self.store._service.whenConnected()
         done = yield self.store._script(
-            protocol, "compact", [self.prefix + "e:b:" + bucket],
-            ["z:0000000000000001", b"junk", *before, "r:00000000000000ff"],
+            protocol, "compact", [self.prefix + "e:b:" + bucket, self.prefix + "e:raw"],
+            ["z:0000000000000001:3", b"junk", "", bucket, *before, "r:00000000000000ff"],
         )
         self.assertEqual(done, 0)
         self.assertEqual(self.fields(bucket), before)

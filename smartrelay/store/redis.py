@@ -137,6 +137,9 @@ DEFAULT_PREFIX = "smartrelay:"
 # every event and a sorted set per index, moved over by start()).
 SCHEMA_VERSION = 3
 
+# Events are kept in buckets of this many seconds of event time.
+BUCKET_SECONDS = 60
+
 
 class RedisConnectionFailed(Exception):
     """
@@ -312,10 +315,32 @@ def parseRedisURL(url: str) -> RedisAddress:
 
 # -- Lua scripts ---------------------------------------------------------
 
+# Scores as Redis writes them ("inf", "-inf", "+inf" included) as numbers.
+_NUMBER = """
+local function num(s)
+  if s == '-inf' then return -math.huge end
+  if s == 'inf' or s == '+inf' then return math.huge end
+  return tonumber(s)
+end
+"""
+
+# The buckets a query needs, oldest first, with everything in them: those
+# of the queue id and / or recipient index entries when one is given, else
+# every bucket in the score range; buckets whose summary says they hold no
+# event of the type or tag asked for are skipped.  Stops once the buckets
+# sent hold at least "want" events or "most" buckets.
+#
+# KEYS: bucket set, queue id index, recipient index.
+# ARGV: bucket key prefix, queue id, recipient, type, tag (each "" for
+#   none, else one character and the value), lowest score, highest score
+#   (ZRANGEBYSCORE syntax), continue after this score ("" from the start),
+#   want, most.
+# Returns [score to continue after ("" when done), then per bucket: its
+#   field count, its fields and values...].
 # Shared by the append and migrate scripts: store one event in its bucket.
 # KEYS (both scripts): sequence, bucket set, bucket max seqs, bucket min
-# seqs, queue id index, recipient index.
-_STORE_EVENT = """
+# seqs, queue id index, recipient index, buckets with raw events.
+_STORE_EVENT = _NUMBER + """
 local function addIndex(hash, field, bucket)
   local old = redis.call('HGET', hash, field)
   if not old then
@@ -331,6 +356,7 @@ local function addIndex(hash, field, bucket)
   end
 end
 local full = {}
+local newest = nil
 local function storeEvent(bp, threshold, seq, bucket, score, record, etype, tag, qid, rcpt)
   local key = bp .. bucket
   redis.call('HSET', key, 'r:' .. string.format('%016x', seq), record)
@@ -346,7 +372,29 @@ local function storeEvent(bp, threshold, seq, bucket, score, record, etype, tag,
   if not bottom or tonumber(bottom) > seq then redis.call('ZADD', KEYS[4], seq, bucket) end
   if qid ~= '' then addIndex(KEYS[5], string.sub(qid, 2), bucket) end
   if rcpt ~= '' then addIndex(KEYS[6], string.sub(rcpt, 2), bucket) end
+  redis.call('SADD', KEYS[7], bucket)
   if n >= threshold then full[#full + 1] = bucket end
+  local start = num(score)
+  if newest == nil or start > newest then newest = start end
+end
+-- Buckets with raw events that end more than a bucket before the newest
+-- one written to: late events are no longer expected there, so their last
+-- raw events are packed too, however few.
+local function staleBuckets()
+  local span = """ + str(BUCKET_SECONDS) + """
+  if newest == nil then return end
+  local listed = {}
+  for _, b in ipairs(full) do listed[b] = true end
+  for _, b in ipairs(redis.call('SMEMBERS', KEYS[7])) do
+    if not listed[b] then
+      local s = redis.call('ZSCORE', KEYS[2], b)
+      if not s then
+        redis.call('SREM', KEYS[7], b)
+      elseif num(s) + 2 * span <= newest then
+        full[#full + 1] = b
+      end
+    end
+  end
 end
 """
 
@@ -393,6 +441,7 @@ for j = 0, nb - 1 do
   redis.call('HINCRBY', ARGV[b], ARGV[b + 1], ARGV[b + 2])
   redis.call('ZADD', ARGV[b + 3], ARGV[b + 4], ARGV[b + 4])
 end
+staleBuckets()
 local out = {last}
 for k = 1, #full do out[#out + 1] = full[k] end
 return out
@@ -411,37 +460,16 @@ _MIGRATE = _STORE_EVENT + """
 local bp, n, threshold = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local i = 4
 for e = 1, n do
-  if redis.call('HDEL', KEYS[7], ARGV[i]) == 1 then
+  if redis.call('HDEL', KEYS[8], ARGV[i]) == 1 then
     storeEvent(bp, threshold, tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3],
                ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8])
   end
   i = i + 9
 end
+staleBuckets()
 return full
 """
 
-# Scores as Redis writes them ("inf", "-inf", "+inf" included) as numbers.
-_NUMBER = """
-local function num(s)
-  if s == '-inf' then return -math.huge end
-  if s == 'inf' or s == '+inf' then return math.huge end
-  return tonumber(s)
-end
-"""
-
-# The buckets a query needs, oldest first, with everything in them: those
-# of the queue id and / or recipient index entries when one is given, else
-# every bucket in the score range; buckets whose summary says they hold no
-# event of the type or tag asked for are skipped.  Stops once the buckets
-# sent hold at least "want" events or "most" buckets.
-#
-# KEYS: bucket set, queue id index, recipient index.
-# ARGV: bucket key prefix, queue id, recipient, type, tag (each "" for
-#   none, else one character and the value), lowest score, highest score
-#   (ZRANGEBYSCORE syntax), continue after this score ("" from the start),
-#   want, most.
-# Returns [score to continue after ("" when done), then per bucket: its
-#   field count, its fields and values...].
 _SCAN = _NUMBER + """
 local bp, qid, rcpt, etype, tag = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local low, high, after = ARGV[6], ARGV[7], ARGV[8]
@@ -551,32 +579,54 @@ end
 return out
 """
 
-# The raw (not yet compacted) events of a bucket: [field, record, ...].
+# The raw (not yet packed) events of a bucket and its smallest block of
+# fewer than ARGV[1] events (block fields are "z:<lowest seq>:<events>"),
+# so that packing makes fewer, bigger blocks (which compress better).
 # KEYS: the bucket.
+# Returns [block field or "", block or "", field, record, ...].
 _RAW_EVENTS = """
 local flat = redis.call('HGETALL', KEYS[1])
-local out = {}
+local most = tonumber(ARGV[1])
+local out = {'', ''}
+local smallest = nil
 for k = 1, #flat, 2 do
-  if string.sub(flat[k], 1, 2) == 'r:' then
-    out[#out + 1] = flat[k]
+  local field = flat[k]
+  local head = string.sub(field, 1, 2)
+  if head == 'r:' then
+    out[#out + 1] = field
     out[#out + 1] = flat[k + 1]
+  elseif head == 'z:' then
+    local count = tonumber(string.match(field, '^z:%x+:(%d+)$') or '')
+    if count and count < most and (smallest == nil or count < smallest) then
+      smallest = count
+      out[1], out[2] = field, flat[k + 1]
+    end
   end
 end
 return out
 """
 
-# Replace raw events of a bucket by one compressed block of them, unless
-# one of them is gone (pruned or compacted by another node meanwhile).
-# KEYS: the bucket.  ARGV: block field, block, the raw events' fields...
+# Replace raw events of a bucket (and the block they are merged with) by
+# one compressed block, unless one of them is gone (pruned or packed by
+# another node meanwhile).
+# KEYS: the bucket, buckets with raw events.
+# ARGV: new block field, block, merged block field ("" for none), the
+#   bucket's name, the raw events' fields...
 _COMPACT = """
-for k = 3, #ARGV do
+for k = 5, #ARGV do
   if redis.call('HEXISTS', KEYS[1], ARGV[k]) == 0 then return 0 end
 end
-for first = 3, #ARGV, 500 do
+if ARGV[3] ~= '' then
+  if redis.call('HEXISTS', KEYS[1], ARGV[3]) == 0 then return 0 end
+  redis.call('HDEL', KEYS[1], ARGV[3])
+end
+for first = 5, #ARGV, 500 do
   redis.call('HDEL', KEYS[1], unpack(ARGV, first, math.min(first + 499, #ARGV)))
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'n', -(#ARGV - 2))
+if redis.call('HINCRBY', KEYS[1], 'n', -(#ARGV - 4)) <= 0 then
+  redis.call('SREM', KEYS[2], ARGV[4])
+end
 redis.call('HINCRBY', KEYS[1], 'v', 1)
 return 1
 """
@@ -587,7 +637,7 @@ return 1
 # recipients none of whose events is left in it.
 #
 # KEYS: the bucket, bucket set, bucket max seqs, bucket min seqs, queue id
-#   index, recipient index.
+#   index, recipient index, buckets with raw events.
 # ARGV: bucket, version read, events deleted, events left, block field,
 #   block, lowest seq left, highest seq left, summary count,
 #   (field, count)..., queue id count, queue ids..., recipient count,
@@ -610,6 +660,7 @@ local bucket = ARGV[1]
 local version = redis.call('HGET', KEYS[1], 'v')
 if version ~= ARGV[2] then return -1 end
 redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[7], bucket)
 local left = tonumber(ARGV[4])
 local i = 10
 local ns = tonumber(ARGV[9])
@@ -906,12 +957,14 @@ _REASONS = sorted(SUPPRESSION_REASONS)
 
 _SHAS = {name: _sha1(script) for name, script in _SCRIPTS.items()}
 
-# Events are kept in buckets of this many seconds of event time.
-BUCKET_SECONDS = 60
-
 # A bucket's raw events are packed into one compressed block once this many
-# have been appended to it.
+# have been appended to it (or once it is two buckets behind the newest one
+# written to).
 COMPACT_AT = 64
+
+# Raw events are packed together with the smallest block of the bucket that
+# holds fewer than this many events (bigger blocks compress better).
+BLOCK_EVENTS = 512
 
 # Old events moved per migration script call.
 _MIGRATE_CHUNK = 500
@@ -1011,6 +1064,14 @@ def _eventArgs(event: Event, time: float) -> list[str]:
     ]
 
 
+def _blockField(rows: list) -> str:
+    """
+    The field of a block of (seq, record) pairs sorted by seq: its lowest
+    seq and how many events it holds.
+    """
+    return "z:%016x:%d" % (rows[0][0], len(rows))
+
+
 def _packBlock(rows: list) -> bytes:
     """
     A compressed block of events: (sequence number, record) pairs, the
@@ -1082,7 +1143,7 @@ def _rewriteArgs(bucket: str, version: str, gone: list, kept: list) -> list:
     if kept:
         seqs = sorted(seq for _, seq, _ in kept)
         rows = sorted((seq, json.dumps(row)) for _, seq, row in kept)
-        block, blockField = _packBlock(rows), "z:%016x" % seqs[0]
+        block, blockField = _packBlock(rows), _blockField(rows)
         low, high = str(seqs[0]), str(seqs[-1])
     queues = {row[3] for _, _, row in gone if row[3] is not None} - {
         row[3] for _, _, row in kept
@@ -1438,6 +1499,7 @@ class RedisStore:
             self._key("e", "minseq"),
             self._key("e", "q"),
             self._key("e", "r"),
+            self._key("e", "raw"),
         ]
 
     def _bucketPrefix(self) -> str:
@@ -1517,20 +1579,31 @@ class RedisStore:
         async def compact():
             for bucket in dict.fromkeys(_text(b) for b in buckets):
                 key = self._bucketPrefix() + bucket
-                flat = await self._script(protocol, "rawEvents", [key], [])
-                if not flat:
-                    continue
+                reply = await self._script(
+                    protocol, "rawEvents", [key], [str(BLOCK_EVENTS)]
+                )
+                merged, block, flat = _text(reply[0]), reply[1], reply[2:]
                 fields, rows = [], []
                 for field, record in _pairs(flat):
                     field = _text(field)
                     fields.append(field)
                     rows.append((int(field[2:], 16), _text(record)))
+                if not rows:
+                    if bucket:
+                        await protocol.execute_command(
+                            "SREM", self._key("e", "raw"), bucket
+                        )
+                    continue
+                if merged:
+                    rows += [
+                        (seq, json.dumps(row)) for seq, row in _rows({merged: block})
+                    ]
                 rows.sort()
                 await self._script(
                     protocol,
                     "compact",
-                    [key],
-                    ["z:%016x" % rows[0][0], _packBlock(rows), *fields],
+                    [key, self._key("e", "raw")],
+                    [_blockField(rows), _packBlock(rows), merged, bucket, *fields],
                 )
 
         def failed(failure):
@@ -1552,7 +1625,7 @@ class RedisStore:
             reply = await self._script(
                 protocol,
                 "scan",
-                self._eventKeys()[1:2] + self._eventKeys()[4:],
+                self._eventKeys()[1:2] + self._eventKeys()[4:6],
                 [
                     self._bucketPrefix(),
                     _present(queue_id),
@@ -1702,7 +1775,7 @@ class RedisStore:
                 reply = await self._script(
                     protocol,
                     "scan",
-                    keys[1:2] + keys[4:],
+                    keys[1:2] + keys[4:6],
                     [self._bucketPrefix(), "", "", "", "", "-inf", high, after, "1", "1"],
                 )
                 buckets = _buckets(reply[1:])
