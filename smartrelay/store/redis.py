@@ -1072,13 +1072,19 @@ def _blockField(rows: list) -> str:
     return "z:%016x:%d" % (rows[0][0], len(rows))
 
 
+def _blockText(rows: list) -> str:
+    """
+    The JSON list of a block: one list per (sequence number, record) pair,
+    the seq followed by the record's items (as L{_record} wrote them).
+    """
+    return "[" + ",".join("[%d,%s" % (seq, record[1:]) for seq, record in rows) + "]"
+
+
 def _packBlock(rows: list) -> bytes:
     """
-    A compressed block of events: (sequence number, record) pairs, the
-    records as L{_record} wrote them.
+    A compressed block of (sequence number, record) pairs.
     """
-    text = "[" + ",".join("[%d,%s" % (seq, record[1:]) for seq, record in rows) + "]"
-    return zlib.compress(text.encode("utf-8"), 6)
+    return zlib.compress(_blockText(rows).encode("utf-8"), 6)
 
 
 def _buckets(flat: list) -> list[dict]:
@@ -1594,16 +1600,28 @@ class RedisStore:
                             "SREM", self._key("e", "raw"), bucket
                         )
                     continue
-                if merged:
-                    rows += [
-                        (seq, json.dumps(row)) for seq, row in _rows({merged: block})
-                    ]
                 rows.sort()
+                text = _blockText(rows)
+                low, count = rows[0][0], len(rows)
+                if merged:
+                    # The block's JSON list and the raw events' joined as
+                    # text, not decoded and encoded again; a block's
+                    # events need not be in seq order.
+                    _, first, size = merged.split(":")
+                    old = zlib.decompress(block).decode("utf-8")
+                    text = old[:-1] + "," + text[1:]
+                    low, count = min(low, int(first, 16)), count + int(size)
                 await self._script(
                     protocol,
                     "compact",
                     [key, self._key("e", "raw")],
-                    [_blockField(rows), _packBlock(rows), merged, bucket, *fields],
+                    [
+                        "z:%016x:%d" % (low, count),
+                        zlib.compress(text.encode("utf-8"), 6),
+                        merged,
+                        bucket,
+                        *fields,
+                    ],
                 )
 
         def failed(failure):
