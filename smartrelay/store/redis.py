@@ -10,12 +10,13 @@ told otherwise):
     - C{e:b:<bucket>}: a hash per L{BUCKET_SECONDS} of event time (the
       bucket's name is its start, as L{_number} writes it) holding the
       events of that minute: C{r:<seq>} (the sequence number as 16 hex
-      digits) to one event's JSON record as appended, C{z:<seq>} to a
-      zlib-compressed JSON list of (seq, record) pairs, the lowest seq
-      naming it.  Once L{COMPACT_AT} raw events are in a bucket, the
-      appending node packs them into one block (the records of a minute
-      repeat queue ids, recipients, tags, metadata and reply texts, so a
-      block takes about a tenth of the JSON).  The bucket's other fields:
+      digits) to one event's JSON record as appended, C{z:<seq>:<count>}
+      to a zlib-compressed JSON list of (seq, record) pairs (its lowest
+      seq and how many).  Once L{COMPACT_AT} raw events are in a bucket,
+      the appending node packs them into a block, together with the
+      bucket's smallest block under L{BLOCK_EVENTS} (the records of a
+      minute repeat queue ids, recipients, tags, metadata and reply texts,
+      so a block takes about a tenth of their JSON).  The bucket's other fields:
       C{c} events, C{n} raw events, C{v} a version bumped by every change
       (pruning rewrites a bucket only if it is unchanged since read), and
       C{#y:<type>} / C{#t:<tag>} counts that let filtered queries skip
@@ -23,6 +24,9 @@ told otherwise):
     - C{e:buckets}: a sorted set of the bucket names scored by their
       start; C{e:maxseq} and C{e:minseq} the highest and lowest sequence
       number in each bucket (what L{claimedEvents} reads by);
+    - C{e:raw}: a set of the buckets that hold raw events; those more
+      than a bucket behind the newest one an append wrote to are packed
+      too, however few their raw events;
     - C{e:q} and C{e:r}: hashes from queue id and from normalised
       recipient to the space-separated names of the buckets that hold
       their events.  A query reads whole buckets (those of these index
