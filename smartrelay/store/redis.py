@@ -361,25 +361,55 @@ local function addIndex(hash, field, bucket)
 end
 local full = {}
 local newest = nil
-local function storeEvent(bp, threshold, seq, bucket, score, record, etype, tag, qid, rcpt)
-  local key = bp .. bucket
-  redis.call('HSET', key, 'r:' .. string.format('%016x', seq), record)
-  local n = redis.call('HINCRBY', key, 'n', 1)
-  redis.call('HINCRBY', key, 'c', 1)
-  redis.call('HINCRBY', key, 'v', 1)
-  redis.call('HINCRBY', key, '#y:' .. etype, 1)
-  if tag ~= '' then redis.call('HINCRBY', key, '#t:' .. string.sub(tag, 2), 1) end
-  redis.call('ZADD', KEYS[2], score, bucket)
-  local top = redis.call('ZSCORE', KEYS[3], bucket)
-  if not top or tonumber(top) < seq then redis.call('ZADD', KEYS[3], seq, bucket) end
-  local bottom = redis.call('ZSCORE', KEYS[4], bucket)
-  if not bottom or tonumber(bottom) > seq then redis.call('ZADD', KEYS[4], seq, bucket) end
-  if qid ~= '' then addIndex(KEYS[5], string.sub(qid, 2), bucket) end
-  if rcpt ~= '' then addIndex(KEYS[6], string.sub(rcpt, 2), bucket) end
-  redis.call('SADD', KEYS[7], bucket)
-  if n >= threshold then full[#full + 1] = bucket end
-  local start = num(score)
-  if newest == nil or start > newest then newest = start end
+-- What a batch does to each bucket, written once per bucket by
+-- flushBuckets: events added, lowest and highest seq, type / tag counts.
+local touched, order, indexed = {}, {}, {}
+local function storeEvent(bp, seq, bucket, score, record, etype, tag, qid, rcpt)
+  local t = touched[bucket]
+  if t == nil then
+    t = {score = score, n = 0, low = seq, high = seq, counts = {}}
+    touched[bucket] = t
+    order[#order + 1] = bucket
+  end
+  redis.call('HSET', bp .. bucket, 'r:' .. string.format('%016x', seq), record)
+  t.n = t.n + 1
+  if seq < t.low then t.low = seq end
+  if seq > t.high then t.high = seq end
+  local field = '#y:' .. etype
+  t.counts[field] = (t.counts[field] or 0) + 1
+  if tag ~= '' then
+    field = '#t:' .. string.sub(tag, 2)
+    t.counts[field] = (t.counts[field] or 0) + 1
+  end
+  if qid ~= '' and not indexed['q' .. bucket .. ' ' .. qid] then
+    indexed['q' .. bucket .. ' ' .. qid] = true
+    addIndex(KEYS[5], string.sub(qid, 2), bucket)
+  end
+  if rcpt ~= '' and not indexed['r' .. bucket .. ' ' .. rcpt] then
+    indexed['r' .. bucket .. ' ' .. rcpt] = true
+    addIndex(KEYS[6], string.sub(rcpt, 2), bucket)
+  end
+end
+local function flushBuckets(bp, threshold)
+  for _, bucket in ipairs(order) do
+    local t = touched[bucket]
+    local key = bp .. bucket
+    local n = redis.call('HINCRBY', key, 'n', t.n)
+    redis.call('HINCRBY', key, 'c', t.n)
+    redis.call('HINCRBY', key, 'v', 1)
+    for field, count in pairs(t.counts) do
+      redis.call('HINCRBY', key, field, count)
+    end
+    redis.call('ZADD', KEYS[2], t.score, bucket)
+    local top = redis.call('ZSCORE', KEYS[3], bucket)
+    if not top or tonumber(top) < t.high then redis.call('ZADD', KEYS[3], t.high, bucket) end
+    local bottom = redis.call('ZSCORE', KEYS[4], bucket)
+    if not bottom or tonumber(bottom) > t.low then redis.call('ZADD', KEYS[4], t.low, bucket) end
+    redis.call('SADD', KEYS[7], bucket)
+    if n >= threshold then full[#full + 1] = bucket end
+    local start = num(t.score)
+    if newest == nil or start > newest then newest = start end
+  end
 end
 -- Buckets with raw events that end more than a bucket before the newest
 -- one written to: late events are no longer expected there, so their last
@@ -420,7 +450,7 @@ local seq = last - n
 local i = 4
 for e = 1, n do
   seq = seq + 1
-  storeEvent(bp, threshold, seq, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
+  storeEvent(bp, seq, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
              ARGV[i + 4], ARGV[i + 5], ARGV[i + 6])
   i = i + 7
   local seenKey, legacyKey = ARGV[i], ARGV[i + 1]
@@ -445,6 +475,7 @@ for j = 0, nb - 1 do
   redis.call('HINCRBY', ARGV[b], ARGV[b + 1], ARGV[b + 2])
   redis.call('ZADD', ARGV[b + 3], ARGV[b + 4], ARGV[b + 4])
 end
+flushBuckets(bp, threshold)
 staleBuckets()
 local out = {last}
 for k = 1, #full do out[#out + 1] = full[k] end
@@ -465,11 +496,12 @@ local bp, n, threshold = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local i = 4
 for e = 1, n do
   if redis.call('HDEL', KEYS[8], ARGV[i]) == 1 then
-    storeEvent(bp, threshold, tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3],
+    storeEvent(bp, tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3],
                ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8])
   end
   i = i + 9
 end
+flushBuckets(bp, threshold)
 staleBuckets()
 return full
 """
