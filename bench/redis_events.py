@@ -16,7 +16,9 @@ events as L{EventLog} writes them) and reports:
     - write throughput: events appended per second (one batch in flight).
 
 Then it checks that the events read back (one message's events, a page of
-a recipient's, a tag's) so that a layout that loses data cannot look small.
+a recipient's, a tag's) so that a layout that loses data cannot look small,
+and times reads: one message's events, a recipient's, a page of 100 of a
+tag's from a point in the middle (medians of 20, milliseconds).
 
 With C{--where} it also sums C{MEMORY USAGE} per kind of key (the events,
 each index, the counters) for the first run: where the bytes go.
@@ -235,6 +237,21 @@ async def oneRun(reactor, server, messages: int, batch: int, seed: int) -> dict:
         page = await store.queryEvents(tag=probe.tag, limit=50)
         assert len(page.events) == 50 and all(e.tag == probe.tag for e in page.events)
         assert page.events == sorted(page.events, key=lambda e: e.time)
+
+        # Read latency: one message's events, a recipient's page, a page of
+        # 100 of a tag's events from a time in the middle.
+        reads = {"message": [], "recipient": [], "tag page": []}
+        for i in range(20):
+            probe = events[(2 * i + 1) * len(events) // 42]
+            started = time.perf_counter()
+            await store.eventsForMessage(probe.queue_id)
+            reads["message"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            await store.queryEvents(recipient=probe.recipient)
+            reads["recipient"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            await store.queryEvents(tag=probe.tag, since=probe.time, limit=100)
+            reads["tag page"].append(time.perf_counter() - started)
     finally:
         await store.close()
     return {
@@ -242,6 +259,7 @@ async def oneRun(reactor, server, messages: int, batch: int, seed: int) -> dict:
         "keys": (keysAfter - keysBefore) / messages,
         "rate": len(events) / elapsed,
         "kinds": kinds,
+        "reads": {k: statistics.median(v) * 1000 for k, v in reads.items()},
     }
 
 
@@ -260,17 +278,22 @@ async def main(reactor, options) -> None:
                         kind, count, size / options.messages))
             print(
                 "run %d: %d messages, %.0f bytes/message, %.2f keys/message,"
-                " %.0f events/s"
+                " %.0f events/s; reads (median ms): %s"
                 % (run + 1, options.messages, result["bytes"], result["keys"],
-                   result["rate"])
+                   result["rate"],
+                   ", ".join("%s %.2f" % kv for kv in result["reads"].items()))
             )
         print(
             "median: %.0f bytes per delivered message, %.2f keys per message,"
-            " %.0f events/s written"
+            " %.0f events/s written; reads (ms): %s"
             % (
                 statistics.median(r["bytes"] for r in results),
                 statistics.median(r["keys"] for r in results),
                 statistics.median(r["rate"] for r in results),
+                ", ".join(
+                    "%s %.2f" % (kind, statistics.median(r["reads"][kind] for r in results))
+                    for kind in results[0]["reads"]
+                ),
             )
         )
     finally:

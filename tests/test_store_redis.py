@@ -545,7 +545,7 @@ class RedisBucketLayoutTests(TestCase):
             yield self.store.appendEvents(events[first:first + 9])
         fields = self.fields(repr(float(T0 - T0 % 60)))
         # Packed at 72 events and again at 144 (with the block of 72).
-        self.assertLess(144, BLOCK_EVENTS)
+        self.assertLess(72, BLOCK_EVENTS)
         self.assertEqual(sorted(f.split(":")[-1] for f in fields if f.startswith("z:")),
                          ["144"])
         self.assertEqual(len([f for f in fields if f.startswith("r:")]), 6)

@@ -1000,7 +1000,7 @@ COMPACT_AT = 64
 
 # Raw events are packed together with the smallest block of the bucket that
 # holds fewer than this many events (bigger blocks compress better).
-BLOCK_EVENTS = 512
+BLOCK_EVENTS = 128
 
 # Old events moved per migration script call.
 _MIGRATE_CHUNK = 500
@@ -1137,19 +1137,29 @@ def _buckets(flat: list) -> list[dict]:
     return buckets
 
 
-def _rows(fields: dict) -> list:
+def _rows(fields: dict, needle: Optional[bytes] = None) -> list:
     """
     The events of one bucket as (sequence number, row) pairs, in no
     particular order; a row is the record's list with its time a float.
+
+    @param needle: if given, records and blocks whose JSON does not
+        contain it are not decoded (their events are left out): a cheap
+        first filter, for a value whose JSON text every matching record
+        holds.
     """
     rows = []
     for field, value in fields.items():
         if field.startswith("r:"):
+            if needle is not None and needle not in value:
+                continue
             row = json.loads(value)
             row[1] = float(row[1])
             rows.append((int(field[2:], 16), row))
         elif field.startswith("z:"):
-            for item in json.loads(zlib.decompress(value)):
+            text = zlib.decompress(value)
+            if needle is not None and needle not in text:
+                continue
+            for item in json.loads(text):
                 row = item[1:]
                 row[1] = float(row[1])
                 rows.append((item[0], row))
@@ -1675,6 +1685,9 @@ class RedisStore:
         """
         found = []
         after = ""
+        # Every record of the queue id holds it as _record's json.dumps
+        # wrote it: blocks without that text are not decoded.
+        needle = None if queue_id is None else json.dumps(queue_id).encode("utf-8")
         while True:
             reply = await self._script(
                 protocol,
@@ -1695,7 +1708,7 @@ class RedisStore:
             )
             after = _text(reply[0])
             for fields in _buckets(reply[1:]):
-                for seq, row in _rows(fields):
+                for seq, row in _rows(fields, needle):
                     if accept(seq, row):
                         found.append((row[1], seq, row))
             if len(found) >= want or not after:
