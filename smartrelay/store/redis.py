@@ -1686,8 +1686,15 @@ class RedisStore:
         found = []
         after = ""
         # Every record of the queue id holds it as _record's json.dumps
-        # wrote it: blocks without that text are not decoded.
-        needle = None if queue_id is None else json.dumps(queue_id).encode("utf-8")
+        # wrote it, every record of the recipient its local part and "@"
+        # (the domain may differ in case): blocks without that text are not
+        # decoded.
+        needle = None
+        if queue_id is not None:
+            needle = json.dumps(queue_id).encode("utf-8")
+        elif recipient is not None and "@" in recipient:
+            local = recipient.rpartition("@")[0]
+            needle = json.dumps(local + "@")[:-1].encode("utf-8")
         while True:
             reply = await self._script(
                 protocol,
