@@ -53,6 +53,9 @@ from smartrelay.logs import MessageLog
 from smartrelay.feedback.addresses import FeedbackAddresses
 from smartrelay.smtp.feedback import FeedbackPolicy
 from smartrelay.smtp.submission import SubmissionFactory, SubmissionPolicy, makeLoginLimiter
+from smartrelay.sms.client import SMSClient
+from smartrelay.sms.gateway import SMSGateway, SMSPolicy
+from smartrelay.sms.protocol import SessionSettings
 from smartrelay.spool import Spool
 from smartrelay.store.redis import RedisConnectionFailed, RedisStore
 from smartrelay.store.sqlite import SQLiteStore
@@ -181,6 +184,45 @@ def makeSigner(config):
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return signer
+
+
+def makeSMS(config, reactor, store, events) -> tuple:
+    """
+    The SMS side of C{[sms]}: C{(SMSPolicy, SMSClient, SMSGateway)}, or
+    three L{None}s without an SMS domain.  The client keeps the session
+    to the SMSC and hands receipts to the gateway; the gateway is the
+    delivery scheduler's transport for the SMS domain.
+    """
+    sms = config.sms
+    if sms.domain is None:
+        return None, None, None
+    policy = SMSPolicy(
+        domain=sms.domain, maxParts=sms.max_parts, subject=sms.subject, source=sms.source_addr
+    )
+    settings = SessionSettings(
+        system_id=sms.system_id.encode("ascii"),
+        password=sms.password.encode("ascii"),
+        system_type=sms.system_type.encode("ascii"),
+        window=sms.window,
+        rate=sms.rate,
+        responseTimeout=sms.response_timeout,
+        enquireLinkInterval=sms.enquire_link,
+    )
+    gateways: list = []
+    client = SMSClient(
+        endpoint=endpoints.clientFromString(reactor, sms.smsc),
+        clock=reactor,
+        settings=settings,
+        receiver=lambda pdu: gateways[0].received(pdu),
+        queueTimeout=sms.queue_timeout,
+        description=sms.smsc,
+    )
+    gateway = SMSGateway(
+        policy=policy, submit=client.submit, store=store, events=events, clock=reactor,
+        remote=sms.smsc,
+    )
+    gateways.append(gateway)
+    return policy, client, gateway
 
 
 def makeRouter(config, reactor):
@@ -377,6 +419,12 @@ class RelayService(MultiService):
             ttl=relay.lease_ttl,
             nodes=self.nodeRegistry,
         )
+        # [sms]: mail to +E164@domain goes out over SMPP; the client is
+        # started once the store is open (receipts are matched through it)
+        # and stopped after delivery.
+        self.smsPolicy, self.smsClient, self.smsGateway = makeSMS(
+            config, reactor, self.store, self.events
+        )
         self.scheduler = DeliveryScheduler(
             spool=self.spool,
             router=makeRouter(config, reactor),
@@ -405,6 +453,7 @@ class RelayService(MultiService):
             messageLog=MessageLog(relay.log_messages),
             leases=self.leaseKeeper,
             replica=self.suppressionReplica,
+            transports=() if self.smsGateway is None else (self.smsGateway,),
         )
         self.scheduler.setServiceParent(self)
         # The one web site: each application by the first segment of its
@@ -487,6 +536,7 @@ class RelayService(MultiService):
             renewLease=self._renewLease,
             limiter=makeLoginLimiter(smtp, reactor),
             messageLog=MessageLog(relay.log_messages),
+            sms=self.smsPolicy,
         )
         tlsContext = None
         if smtp.tls_certificate is not None:
@@ -684,6 +734,8 @@ class RelayService(MultiService):
         for exporting in (self.exporter, self.webhooks):
             if exporting is not None:
                 exporting.setServiceParent(self)
+        if self.smsClient is not None:
+            self.smsClient.startService()
         # No queue id before this run's state is durable; then the lease is
         # kept ahead of the clock.
         await self._persistIDState(self.idState)
@@ -742,6 +794,11 @@ class RelayService(MultiService):
         # suppressions written); those waiting for a retry stay in new/.
         yield self.feedbackProcessor.stop()
         yield MultiService.stopService(self)
+        # Delivery has stopped: nothing more to submit; unbind.  Receipts
+        # still being matched are written below with the other events.
+        if self.smsClient is not None and self.smsClient.running:
+            yield self.smsClient.stopService()
+            self.smsGateway.stop()
         if self.webPort is not None:
             port, self.webPort = self.webPort, None
             yield port.stopListening()

@@ -32,6 +32,7 @@ from smartrelay.smtp.replies import (
     reply,
 )
 from smartrelay.ratelimit import LoginLimited, LoginLimiter
+from smartrelay.sms.gateway import SMSPolicy, SMSRefused
 from smartrelay.spool import SpoolError
 
 AUTH_FAILED = reply(535, "5.7.8", "Authentication credentials invalid")
@@ -131,6 +132,10 @@ class SubmissionPolicy(ConnectionLimits):
     @ivar limiter: the failed-AUTH policy (L{LoginLimiter}), or L{None} for
         no limit but the protocol's per-connection one.
     @ivar messageLog: writes the C{accepted} line of each stored message.
+    @ivar sms: the rules of C{[sms]} (L{SMSPolicy}), or L{None} without
+        SMS: a recipient at its domain that is not an E.164 number is
+        refused at RCPT, and a message for an SMS recipient whose text is
+        empty, too long or without a sender at the end of DATA.
     """
 
     clock: object
@@ -147,6 +152,7 @@ class SubmissionPolicy(ConnectionLimits):
     renewLease: Callable[[], object] = lambda: None
     limiter: Optional[LoginLimiter] = None
     messageLog: MessageLog = attrs.field(factory=MessageLog)
+    sms: Optional[SMSPolicy] = None
     connections: int = 0
     perClient: dict = attrs.field(factory=dict)
 
@@ -250,6 +256,27 @@ class SubmissionPolicy(ConnectionLimits):
             raise ACCESS_DENIED
         if accepted >= self.maxRecipients:
             raise TOO_MANY_RECIPIENTS
+        if self.sms is not None:
+            try:
+                self.sms.number(recipient)
+            except SMSRefused as e:
+                raise reply(e.code, e.status, str(e)) from None
+
+    def _checkSMS(self, recipients: list, data: bytes) -> Optional[SMTPReply]:
+        """
+        The refusal of a message with SMS recipients that cannot become an
+        SMS (no text, too many parts, no sender), or L{None}.
+        """
+        if self.sms is None or not any(self.sms.isSMS(r) for r in recipients):
+            return None
+        try:
+            self.sms.prepare(data)
+        except SMSRefused as e:
+            return reply(e.code, e.status, str(e))
+        except Exception:
+            self.log.failure("could not read the text of an SMS")
+            return reply(554, "5.6.0", "the message could not be read as an SMS")
+        return None
 
     def messageReceived(
         self, session: Session, sender: str, recipients: list, data: bytes
@@ -259,6 +286,10 @@ class SubmissionPolicy(ConnectionLimits):
             controls, data = readControls(data)
         except InvalidControlHeader as e:
             refusal = reply(554, "5.6.0", str(e))
+            self.messageRejected(session, sender, recipients, refusal)
+            return fail(refusal)
+        refusal = self._checkSMS(recipients, data)
+        if refusal is not None:
             self.messageRejected(session, sender, recipients, refusal)
             return fail(refusal)
         try:
