@@ -572,6 +572,41 @@ class RedisBucketLayoutTests(TestCase):
         self.assertEqual((yield self.store.eventsForMessage("Q2")), first[1:])
 
     @inlineCallbacks
+    def test_pruneRereadsChangedBucket(self):
+        """
+        A bucket that changes between the prune's read and its rewrite is
+        read again; one that keeps changing is left for the next call (and
+        the unique open records wait for its events to go).
+        """
+        yield self.store.start()
+        yield self.store.appendEvents(
+            [event(T0, "opened", "Q1"), event(T0 + 1, queue_id="Q2")]
+        )
+        bucket = self.prefix + "e:b:" + repr(float(T0 - T0 % 60))
+        original = RedisStore._script
+        changes = []
+        limit = [1000]
+
+        def script(store, protocol, name, keys, args):
+            if name == "rewrite" and len(changes) < limit[0]:
+                changes.append(name)
+                self.server.command("HINCRBY", bucket, "v", "1")
+            return original(store, protocol, name, keys, args)
+
+        self.patch(RedisStore, "_script", script)
+        self.assertEqual((yield self.store.pruneEvents(T0 + 10)), 0)
+        self.assertEqual(len(changes), 11)
+        self.assertEqual(len((yield self.store.queryEvents()).events), 2)
+        self.assertEqual(
+            self.server.command("ZCARD", self.prefix + "seenat:opened"), b":1\r\n"
+        )
+        del changes[:]
+        limit[0] = 3
+        self.assertEqual((yield self.store.pruneEvents(T0 + 10)), 3)
+        self.assertEqual(len(changes), 3)
+        self.assertEqual((yield self.store.queryEvents()).events, [])
+
+    @inlineCallbacks
     def test_compactionLosesRace(self):
         """
         A compaction whose raw events are no longer all there (another

@@ -1002,6 +1002,10 @@ COMPACT_AT = 64
 # holds fewer than this many events (bigger blocks compress better).
 BLOCK_EVENTS = 128
 
+# How often one pruneEvents call reads a bucket again that changed between
+# its read and its rewrite.
+_PRUNE_RETRIES = 10
+
 # Old events moved per migration script call.
 _MIGRATE_CHUNK = 500
 
@@ -1844,7 +1848,7 @@ class RedisStore:
         keys = self._eventKeys()
 
         async def prune(protocol):
-            budget, deleted, after = limit, 0, ""
+            budget, deleted, after, retries = limit, 0, "", 0
             while budget > 0:
                 reply = await self._script(
                     protocol,
@@ -1875,6 +1879,12 @@ class RedisStore:
                     _rewriteArgs(bucket, _text(fields["v"]), gone, kept),
                 )
                 if int(done) < 0:
+                    # Changed since it was read (an append, another
+                    # node's prune): read it again, a few times at most;
+                    # the next call carries on.
+                    retries += 1
+                    if retries > _PRUNE_RETRIES:
+                        return deleted
                     continue
                 deleted += int(done)
                 budget -= int(done)
