@@ -20,6 +20,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
+from tests.redisserver import freePort
 from tests.sink import PROJECT, waitFor
 from tests.test_e2e import RelayTestMixin, events, submit
 
@@ -86,8 +87,16 @@ class NpmSMSCTests(RelayTestMixin, TestCase):
             self.fail("the npm smpp package is missing: run npm ci in tests/js (test.sh does)")
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
+        self.directory = directory
         self.smsc = NodeSMSC(directory)
         self.addCleanup(self.smsc.stop)
+
+    def smsConfig(self, sinkPort, smscPort):
+        return self.relayConfig(
+            sinkPort,
+            "[sms]\ndomain = sms.example.com\nsmsc = tcp:host=127.0.0.1:port=%d\n"
+            "system_id = relay\npassword = pw\nsource_addr = Shop\n" % smscPort,
+        )
 
     @inlineCallbacks
     def test_textsAndReceipts(self):
@@ -100,13 +109,7 @@ class NpmSMSCTests(RelayTestMixin, TestCase):
         delivered by SMTP as usual; the relay unbinds when it stops.
         """
         sinkPort = self.startSink()
-        relay = self.makeRelay(
-            self.relayConfig(
-                sinkPort,
-                "[sms]\ndomain = sms.example.com\nsmsc = tcp:host=127.0.0.1:port=%d\n"
-                "system_id = relay\npassword = pw\nsource_addr = Shop\n" % self.smsc.port,
-            )
-        )
+        relay = self.makeRelay(self.smsConfig(sinkPort, self.smsc.port))
         relay.start()
         yield relay.waitReady(reactor)
         queueIDs = []
@@ -185,3 +188,39 @@ class NpmSMSCTests(RelayTestMixin, TestCase):
             ["ok@example.org", "ok@example.org"],
         )
         self.assertEqual([t for t, q, r, d in found if t in ("sms_failed", "deferred")], [])
+
+    @inlineCallbacks
+    def test_survivesKill(self):
+        """
+        An SMS answered 250 while the SMSC cannot be reached survives a
+        kill -9 of the relay: after the restart, with the SMSC up, it is
+        submitted once and its receipt makes sms_delivered.
+        """
+        sinkPort = self.startSink()
+        relay = self.makeRelay(self.smsConfig(sinkPort, freePort()))
+        relay.start()
+        yield relay.waitReady(reactor)
+        (code, reply), refused = yield deferToThread(
+            submit, relay.port, [NUMBER], message(GSM_TEXT)
+        )
+        self.assertEqual((code, refused), (250, []), reply)
+        queueID = reply.split()[-1]
+        relay.kill(signal.SIGKILL)
+        with open(relay.configPath, "w") as f:
+            f.write(self.smsConfig(sinkPort, self.smsc.port)
+                    + "\n[feedback]\nlisten = tcp:0:interface=127.0.0.1\n")
+        relay.start()
+        yield relay.waitReady(reactor)
+        yield waitFor(
+            reactor,
+            lambda: [e[0] for e in events(self.workdir)].count("sms_delivered") >= 1,
+        )
+        yield relay.stop()
+        self.assertIn("recovered 1 queued message", relay.log())
+        [submitted] = self.smsc.records("submit_sm")
+        self.assertEqual(submitted["text"], GSM_TEXT)
+        kinds = [(t, q, r) for t, q, r, d in events(self.workdir)]
+        self.assertEqual(
+            [t for t, q, r in kinds if q == queueID and r == NUMBER],
+            ["accepted", "sms_submitted", "sms_delivered"],
+        )
