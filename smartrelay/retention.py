@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_retention -*-
 """
-Background pruning of events older than C{[store] retention}.
+Background pruning of events older than C{[store] retention}, and of the
+SMSC message ids kept to match SMS receipts (L{ISMSSubmissions}) as old.
 """
 
 from typing import Any, Optional
@@ -10,6 +11,8 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
+from smartrelay.store.interfaces import ISMSSubmissions
+
 
 @attrs.define(eq=False, slots=False)
 class Pruner(Service):
@@ -18,7 +21,10 @@ class Pruner(Service):
     C{retention} in steps of at most C{step} events, one store call at a
     time, so no single call holds the store (or its writer thread) long.
 
-    @ivar store: provides C{pruneEvents(before, limit) -> Deferred[int]}.
+    @ivar store: provides C{pruneEvents(before, limit) -> Deferred[int]};
+        if it provides L{ISMSSubmissions} too, its SMS submissions older
+        than C{retention} are pruned after the events (a receipt later than
+        that no longer finds its message).
     @ivar clock: an C{IReactorTime}.
     """
 
@@ -82,6 +88,18 @@ class Pruner(Service):
             self.log.info(
                 "pruned {count} events (and open/click records) older than {days:.0f} days",
                 count=total,
+                days=self.retention / 86400,
+            )
+        submissions = 0
+        while ISMSSubmissions.providedBy(self.store) and self.running:
+            removed = await self.store.pruneSMSSubmissions(before, self.step)
+            submissions += removed
+            if removed < self.step:
+                break
+        if submissions:
+            self.log.info(
+                "pruned {count} SMS submissions older than {days:.0f} days",
+                count=submissions,
                 days=self.retention / 86400,
             )
         return total

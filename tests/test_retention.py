@@ -86,3 +86,34 @@ class PrunerTests(SynchronousTestCase):
         self.clock.advance(0)
         self.successResultOf(pruner.stopService())
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class SMSSubmissionPruningTests(SynchronousTestCase):
+    """
+    The SMS submissions kept to match receipts are pruned with the events.
+    """
+
+    def test_oldSubmissionsPruned(self):
+        """
+        A store providing ISMSSubmissions loses the submissions older than
+        the retention, in steps; newer ones stay.
+        """
+        from smartrelay.store.interfaces import SMSSubmission
+        from smartrelay.store.memory import MemoryStore
+
+        clock = Clock()
+        clock.advance(100 * DAY)
+        store = MemoryStore()
+        for number, time in enumerate([1 * DAY, 2 * DAY, 3 * DAY, 4 * DAY, 99 * DAY]):
+            self.successResultOf(store.addSMSSubmission(SMSSubmission(
+                message_id="%X" % (0x100 + number), queue_id="2A/01-00000-00000000",
+                recipient="+393331234567@sms.example.com", part=number + 1, parts=5, time=time,
+            )))
+        pruner = Pruner(store, clock, retention=30 * DAY, step=3)
+        pruner.startService()
+        self.addCleanup(pruner.stopService)
+        clock.advance(0)
+        left = self.successResultOf(
+            store.smsSubmissions("2A/01-00000-00000000", "+393331234567@sms.example.com")
+        )
+        self.assertEqual([s.message_id for s in left], ["104"])
