@@ -734,3 +734,26 @@ def leaves(part: Part) -> Iterator[Part]:
     for each in walk(part):
         if each.message is None and not each.isMultipart:
             yield each
+
+
+def removeHeader(data: bytes, name: bytes) -> bytes:
+    """
+    Remove every occurrence of header C{name} (with its continuation lines)
+    from the header section of C{data}; the body is untouched.
+    """
+    end = data.find(b"\r\n\r\n")
+    header = data if end < 0 else data[: end + 2]
+    lowered = name.lower() + b":"
+    if lowered not in header.lower():
+        return data
+    kept, dropping = [], False
+    for line in header.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = line.lower().startswith(lowered)
+        if not dropping:
+            kept.append(line)
+    newHeader = b"\r\n".join(kept)
+    return newHeader if end < 0 else newHeader + data[end + 2 :]

@@ -120,6 +120,13 @@ class RewrapTests(RewrapperFactory, SynchronousTestCase):
         self.assertEqual(self.tokens.readCompact("v", token), (QUEUE_ID, 1))
         self.assertLessEqual(len(local), 64)
 
+    def test_smsSenderRemoved(self):
+        """X-SmartRelay-SMS-From (the sender id of the SMS recipients) is not sent to mail recipients."""
+        data = TEXT.replace(b"Subject: hi\r\n", b"Subject: hi\r\nX-SmartRelay-SMS-From: Shop\r\n")
+        _, (_, sent) = self.rewrap(data)
+        self.assertNotIn(b"sms-from", sent.lower())
+        self.assertIn(b"Subject: hi\r\n", sent)
+
     def test_nullSenderStays(self):
         """A null envelope sender stays null."""
         _, (sender, _) = self.rewrap(sender="")

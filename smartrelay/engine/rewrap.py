@@ -47,6 +47,7 @@ from smartrelay.engine.downgrade import Offers, Prepared, prepare
 from smartrelay.engine.workers import JobFailed, WorkerLost
 from smartrelay.ids import fileName
 from smartrelay.message import SpoolEntry
+from smartrelay.mime import removeHeader
 
 __all__ = ["Rewrapper", "RewrapJob", "RewrapError", "SigningError"]
 
@@ -262,6 +263,8 @@ def _rewrapBlocking(
     """
     What L{RewrapJob.run} does.
     """
+    # The SMS sender id is for the message's SMS recipients only.
+    data = removeHeader(data, b"X-SmartRelay-SMS-From")
     header = headerSection(data)
     domain = fromDomain(header)
     present = b"\n" + header.lower()

@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from smartrelay.ids import LeaseExpired, QueueIDGenerator
 from smartrelay.logs import MessageLog
+from smartrelay.mime import removeHeader
 from smartrelay.message import Recipient, SpoolEntry
 from smartrelay.smtp.connections import ConnectionLimits
 from smartrelay.smtp.controls import InvalidControlHeader, readControls
@@ -89,29 +90,6 @@ def traceHeaders(
         date,
     )
     return (received + "X-SmartRelay-ID: %s\r\n" % (queueID,)).encode("utf-8", "replace")
-
-
-def removeHeader(data: bytes, name: bytes) -> bytes:
-    """
-    Remove every occurrence of header C{name} (with its continuation lines)
-    from the header section of C{data}; the body is untouched.
-    """
-    end = data.find(b"\r\n\r\n")
-    header = data if end < 0 else data[: end + 2]
-    lowered = name.lower() + b":"
-    if lowered not in header.lower():
-        return data
-    kept, dropping = [], False
-    for line in header.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):
-            if not dropping:
-                kept.append(line)
-            continue
-        dropping = line.lower().startswith(lowered)
-        if not dropping:
-            kept.append(line)
-    newHeader = b"\r\n".join(kept)
-    return newHeader if end < 0 else newHeader + data[end + 2 :]
 
 
 @implementer(ISubmissionPolicy)
