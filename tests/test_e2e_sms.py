@@ -33,11 +33,11 @@ UCS2_TEXT = "Привет, мир! Ваш код 5521. 你好，世界"
 NUMBER = "+393331234567@sms.example.com"
 
 
-def message(text: str, subject: str = "sms") -> str:
+def message(text: str, subject: str = "sms", headers: str = "") -> str:
     return (
-        "From: App <app@example.com>\r\nSubject: %s\r\n"
+        f"From: App <app@example.com>\r\nSubject: {subject}\r\n{headers}"
         "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
-        "\r\n%s\r\n-- \r\nThe signature, never sent\r\n" % (subject, text)
+        f"\r\n{text}\r\n-- \r\nThe signature, never sent\r\n"
     )
 
 
@@ -120,7 +120,9 @@ class NpmSMSCTests(RelayTestMixin, TestCase):
             (["ok@example.org", NUMBER], "Mail and SMS in one go"),
         ]:
             (code, reply), refused = yield deferToThread(
-                submit, relay.port, recipients, message(text)
+                submit, relay.port, recipients,
+                message(text, headers="X-SmartRelay-SMS-From: +15551230000\r\n"
+                        if "ok@example.org" in recipients else ""),
             )
             self.assertEqual((code, refused), (250, []), reply)
             queueIDs.append(reply.split()[-1])
@@ -148,7 +150,14 @@ class NpmSMSCTests(RelayTestMixin, TestCase):
         submits = self.smsc.records("submit_sm")
         self.assertEqual(len(submits), 5)
         gsm, first, second, ucs2, mixed = submits
-        for s in submits:
+        self.assertEqual(
+            (mixed["source_addr"], mixed["source_addr_ton"], mixed["source_addr_npi"]),
+            ("15551230000", 1, 1),
+        )
+        # The mail copy does not carry the SMS sender id.
+        self.assertTrue(all(b"x-smartrelay-sms-from" not in r.data.lower()
+                            for r in self.sink.received))
+        for s in submits[:4]:
             self.assertEqual(
                 (s["destination_addr"], s["dest_addr_ton"], s["dest_addr_npi"],
                  s["source_addr"], s["source_addr_ton"], s["source_addr_npi"],
