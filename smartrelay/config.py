@@ -1875,7 +1875,32 @@ def parseConfig(text: str, source: str = "<config>") -> Config:
             raise ConfigError(
                 f"unknown section{_suggest(section, candidates)}", source, section
             )
-    return Config(**sections, **named)
+    config = Config(**sections, **named)
+    _checkSMSDomain(config, source)
+    return config
+
+
+def _checkSMSDomain(config: "Config", source: str) -> None:
+    """
+    The SMS domain must be no other section's domain: mail to it never
+    reaches an MX, so a C{[domain:...]} section for it would silently not
+    apply, and the bounce domain is the feedback listener's.
+
+    @raise ConfigError: naming C{[sms] domain}.
+    """
+    domain = config.sms.domain
+    if domain is None:
+        return
+    if domain in config.domains:
+        raise ConfigError(
+            f"{domain} also has a [domain:{domain}] section, whose keys never apply to SMS",
+            source, "sms", "domain",
+        )
+    if domain == config.feedback.bounce_domain:
+        raise ConfigError(
+            "must not be [feedback] bounce_domain (mail there is the feedback listener's)",
+            source, "sms", "domain",
+        )
 
 
 def _parseSection(

@@ -81,6 +81,30 @@ class SMSSectionTests(ConfigTestMixin, SynchronousTestCase):
         )
         self.assertEqual(str(error), "x.ini: [sms] system_id: required with domain")
 
+    def test_domainOfAnotherSection(self):
+        """
+        The SMS domain may not have a [domain:...] section (its keys would
+        never apply) nor be the feedback listener's bounce domain.
+        """
+        error = self.assertRaises(
+            Exception, parseConfig,
+            "[sms]\n" + ON + "[domain:sms.example.com]\nmax_connections = 2\n", "x.ini",
+        )
+        self.assertEqual(
+            str(error),
+            "x.ini: [sms] domain: sms.example.com also has a [domain:sms.example.com] "
+            "section, whose keys never apply to SMS",
+        )
+        error = self.assertRaises(
+            Exception, parseConfig,
+            "[sms]\n" + ON + "[feedback]\nbounce_domain = SMS.example.com\n", "x.ini",
+        )
+        self.assertEqual(
+            str(error),
+            "x.ini: [sms] domain: must not be [feedback] bounce_domain "
+            "(mail there is the feedback listener's)",
+        )
+
     def test_badDomain(self):
         """
         C{domain} must be a domain name.
