@@ -608,6 +608,8 @@ class RelayService(MultiService):
             workers=self.workers,
             threadPools=threads.pools if isinstance(threads, ThreadPools) else {},
             nodeID="%02X" % relay.node_id,
+            leases=self.leaseKeeper,
+            replica=self.suppressionReplica,
         )
         self.metrics.register(self.metricsCollector)
         if self.exporter is not None or self.webhooks is not None:

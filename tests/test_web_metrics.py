@@ -601,6 +601,56 @@ class CollectorTests(SynchronousTestCase):
         self.assertGreater(sample(found, "smartrelay_event_journal_bytes"), 0)
         self.events.stop()
 
+    def test_storeOutage(self):
+        """
+        While the store cannot be reached: the outage, the 1/N fallback of
+        connection slots and rates, N, the replica's age, what was checked
+        against it and held, the suppressions waiting in the journal.
+        """
+        from smartrelay.cluster.leases import LeaseKeeper
+        from smartrelay.cluster.replica import SuppressionReplica
+        from smartrelay.store.interfaces import SuppressionEntry
+        from tests.test_cluster_leases import FixedNodes, UnreachableLeases
+        from tests.test_cluster_replica import FlakyStore
+
+        backend, store = UnreachableLeases(), FlakyStore()
+        self.collector.leases = keeper = LeaseKeeper(
+            backend, self.clock, shared=True, nodes=FixedNodes(3)
+        )
+        self.collector.replica = replica = SuppressionReplica(
+            store, self.clock, self.mktemp(), pending=self.events.pendingSuppressions
+        )
+        found = self.scrape()
+        self.assertEqual(sample(found, "smartrelay_store_unreachable"), 0)
+        self.assertEqual(sample(found, "smartrelay_limits_fallback", kind="connections"), 0)
+        self.assertEqual(sample(found, "smartrelay_suppression_replica_age_seconds"), float("inf"))
+        self.successResultOf(replica.sync())
+        backend.down = store.down = True
+        self.successResultOf(keeper.acquire("conn:a", 6))
+        self.scheduler.ratesLocal = True
+        self.clock.advance(42)
+        self.successResultOf(replica.sync())
+        replica.check(["a@example.org", "b@example.org"], self.clock.seconds())
+        replica.held += 1
+        self.events.store = FlakyStore()
+        self.events.store.addSuppression = lambda entry: fail(ConnectionRefusedError())
+        self.successResultOf(
+            self.events.suppress(
+                SuppressionEntry(address="u@example.org", reason="unsubscribe", time=START)
+            )
+        )
+        found = self.scrape()
+        self.assertEqual(sample(found, "smartrelay_store_unreachable"), 1)
+        self.assertEqual(sample(found, "smartrelay_limits_fallback", kind="connections"), 1)
+        self.assertEqual(sample(found, "smartrelay_limits_fallback", kind="rates"), 1)
+        self.assertEqual(sample(found, "smartrelay_cluster_nodes"), 3)
+        self.assertEqual(sample(found, "smartrelay_suppression_replica_age_seconds"), 42)
+        self.assertEqual(sample(found, "smartrelay_suppression_replica_entries"), 0)
+        self.assertEqual(sample(found, "smartrelay_suppression_replica_checked_total"), 2)
+        self.assertEqual(sample(found, "smartrelay_suppression_replica_held_total"), 1)
+        self.assertEqual(sample(found, "smartrelay_suppressions_pending"), 1)
+        self.events.stop()
+
 
 # -- /healthz -----------------------------------------------------------------------
 

@@ -106,6 +106,8 @@ class SuppressionReplica(Service):
     checkedLocally: int = attrs.field(default=0, init=False)
     #: Recipients held because the copy was missing or too old.
     held: int = attrs.field(default=0, init=False)
+    #: Whether the last sync failed (the store could not be read).
+    failing: bool = attrs.field(default=False, init=False)
 
     log = Logger()
 
@@ -170,6 +172,7 @@ class SuppressionReplica(Service):
                     break
             await self.runInThread(_writeSnapshot, self.path, started, entries)
         except Exception as e:
+            self.failing = True
             self.log.warn(
                 "could not refresh the local suppression replica ({why}); "
                 "keeping the copy of {age}",
@@ -181,6 +184,7 @@ class SuppressionReplica(Service):
             self._syncing = False
         self._entries = {e.address: e for e in entries}
         self.synced = started
+        self.failing = False
 
     def remember(self, entry: SuppressionEntry) -> None:
         """
@@ -190,6 +194,12 @@ class SuppressionReplica(Service):
         known = self._entries.get(entry.address)
         if known is None or entry.time >= known.time:
             self._entries[entry.address] = entry
+
+    def __len__(self) -> int:
+        """
+        The entries in the copy.
+        """
+        return len(self._entries)
 
     def age(self, now: float) -> Optional[float]:
         """

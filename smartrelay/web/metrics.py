@@ -487,6 +487,10 @@ class RelayCollector:
     workers: Optional["WorkerPool"] = None
     threadPools: Mapping = attrs.field(factory=dict)
     nodeID: str = ""
+    #: The connection-slot keeper (C{LeaseKeeper.state()}), or L{None}.
+    leases: Any = None
+    #: The suppression replica (on Redis), or L{None}.
+    replica: Any = None
     _queue: QueueSummary = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -531,6 +535,7 @@ class RelayCollector:
         )
         yield from self._rewrap()
         yield from self._eventBacklog()
+        yield from self._outage(now)
 
     def _queues(self, now: float) -> Iterable:
         scheduler = self.scheduler
@@ -633,6 +638,72 @@ class RelayCollector:
             "smartrelay_event_store_degraded",
             "1 while events go to the journal because the store failed, else 0.",
             value=1 if events.degraded else 0,
+        )
+
+
+    def _outage(self, now: float) -> Iterable:
+        """
+        What a node does while the store cannot be reached: limits at its
+        share, suppressions checked against the replica or held.
+        """
+        leases = None if self.leases is None else self.leases.state()
+        connectionsLocal = leases is not None and leases["shared"] and not leases["reachable"]
+        ratesLocal = bool(getattr(self.scheduler, "ratesLocal", False))
+        replica = self.replica
+        unreachable = (
+            connectionsLocal
+            or ratesLocal
+            or self.events.degraded
+            or (replica is not None and replica.failing)
+        )
+        yield GaugeMetricFamily(
+            "smartrelay_store_unreachable",
+            "1 while this node's last calls to the store failed (connection slots, "
+            "rate tokens, the replica's sync or event writes), else 0.",
+            value=1 if unreachable else 0,
+        )
+        fallback = GaugeMetricFamily(
+            "smartrelay_limits_fallback",
+            "1 while this node applies its 1/N share of the cluster's limits "
+            "because the store cannot be reached, by kind (connections, rates).",
+            labels=["kind"],
+        )
+        fallback.add_metric(["connections"], 1 if connectionsLocal else 0)
+        fallback.add_metric(["rates"], 1 if ratesLocal else 0)
+        yield fallback
+        yield GaugeMetricFamily(
+            "smartrelay_cluster_nodes",
+            "N: the live nodes this node last counted (its share of a limit is 1/N).",
+            value=1 if leases is None else leases["nodes"],
+        )
+        yield GaugeMetricFamily(
+            "smartrelay_suppressions_pending",
+            "Suppressions kept in the event journal for the store, not in it yet.",
+            value=len(self.events.pendingSuppressions),
+        )
+        if replica is None:
+            return
+        age = replica.age(now)
+        yield GaugeMetricFamily(
+            "smartrelay_suppression_replica_age_seconds",
+            "Age of the local copy of the suppression list (+Inf: none yet).",
+            value=float("inf") if age is None else age,
+        )
+        yield GaugeMetricFamily(
+            "smartrelay_suppression_replica_entries",
+            "Entries in the local copy of the suppression list.",
+            value=len(replica),
+        )
+        yield CounterMetricFamily(
+            "smartrelay_suppression_replica_checked",
+            "Recipients checked against the local copy because the store failed.",
+            value=replica.checkedLocally,
+        )
+        yield CounterMetricFamily(
+            "smartrelay_suppression_replica_held",
+            "Recipients held (451, retried) because the store failed and the copy "
+            "was missing or older than suppression_max_staleness.",
+            value=replica.held,
         )
 
 
