@@ -610,6 +610,7 @@ class RelayService(MultiService):
             nodeID="%02X" % relay.node_id,
             leases=self.leaseKeeper,
             replica=self.suppressionReplica,
+            sms=self.smsClient,
         )
         self.metrics.register(self.metricsCollector)
         if self.exporter is not None or self.webhooks is not None:

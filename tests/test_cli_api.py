@@ -152,10 +152,12 @@ class FakeAPI:
                 "from": "2026-12-06T10:00:00Z", "to": "2026-12-07T10:00:00Z",
                 "interval": "hour", "tag": None, "domain": None,
                 "totals": {"counts": {"accepted": 10, "delivered": 9, "bounced": 1,
-                                      "complained": 1},
+                                      "complained": 1, "sms_submitted": 3,
+                                      "sms_delivered": 2},
                            "hard_bounces": 1, "soft_bounces": 0, "unique_opens": 0,
                            "unique_clicks": 0, "bounce_reasons": {"userunknown": 1}},
-                "rates": {"delivery": 0.9, "bounce": 0.1, "complaint": 1 / 9},
+                "rates": {"delivery": 0.9, "bounce": 0.1, "complaint": 1 / 9,
+                          "sms_delivery": 1.0},
                 "complaint_rate_limit": 0.003, "complaint_rate_over_limit": True,
                 "bounce_reasons_complete": True,
                 "buckets": [{"start": "2026-12-07T09:00:00Z",
@@ -612,6 +614,10 @@ class StatsTests(CommandTestsMixin, SynchronousTestCase):
         self.assertIn("complaint rate 11.11%: OVER the limit (0.30%, Gmail and Yahoo)", out)
         self.assertRegex(out, r"userunknown +1")
         self.assertRegex(out, r"2026-12-07T09:00:00Z +10 +9")
+        self.assertRegex(out, r"sms_submitted +3")
+        self.assertRegex(out, r"sms_delivered +2")
+        self.assertNotIn("sms_failed", out)
+        self.assertRegex(out, r"sms_delivery +100.00%")
 
     def test_durations(self) -> None:
         """

@@ -102,6 +102,22 @@ class ClientTests(SynchronousTestCase):
             [self.successResultOf(d) for d in (first, second, third)], ["1A0", "1A1", "1A2"]
         )
 
+    def test_inFlight(self):
+        """
+        L{SMSClient.inFlight} counts the submits sent and not answered yet;
+        without a session it is 0.
+        """
+        client = self.makeClient(SMSCScript(submitStatuses=[None, Status.ESME_ROK]))
+        self.assertEqual(client.inFlight, 0)
+        self.submit(client, b"1")
+        self.endpoint.flush()
+        self.assertEqual(client.inFlight, 1)
+        self.clock.advance(5)  # response timeout: the session is dropped
+        self.endpoint.flush()
+        self.assertFalse(client.bound)
+        self.assertEqual(client.inFlight, 0)
+        self.assertEqual(client.waiting, 1)
+
     def test_refusalIsFinal(self):
         """
         A refusal by the SMSC reaches the caller; it is not retried.

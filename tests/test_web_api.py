@@ -538,6 +538,33 @@ class StatsTests(ApiTestsMixin, SynchronousTestCase):
         self.assertEqual(byDomain["totals"]["bounce_reasons"], {"mailboxfull": 1})
         self.assertIsNone(byDomain["complaint_rate_over_limit"])
 
+    def test_sms(self):
+        """
+        SMS parts are counted like mail, per tag and by the SMS domain, with
+        their delivery rate over the parts that have a final receipt.
+        """
+        phone = "+4915112345678@sms.example"
+        for part in range(3):
+            self.emit("sms_submitted", recipient=phone, tag="otp", time=START + part,
+                      detail={"message_id": f"m{part}", "part": part + 1, "parts": 3})
+        self.emit("sms_delivered", recipient=phone, tag="otp", time=START + 10,
+                  detail={"message_id": "m0", "state": "delivered"})
+        self.emit("sms_failed", recipient=phone, tag="otp", time=START + 10,
+                  detail={"message_id": "m1", "state": "expired"})
+        since = quote(rfc3339(START - 3600))
+        until = quote(rfc3339(START + 3600))
+        for scope in ("", "&tag=otp", "&domain=sms.example"):
+            stats = self.json("GET", f"/api/v1/stats?from={since}&to={until}{scope}")
+            self.assertEqual(
+                stats["totals"]["counts"],
+                {"sms_submitted": 3, "sms_delivered": 1, "sms_failed": 1},
+            )
+            self.assertEqual(stats["rates"]["sms_delivery"], 0.5)
+            self.assertIsNone(stats["rates"]["delivery"])
+        stats = self.json("GET", f"/api/v1/stats?from={since}&to={until}&domain=example.org")
+        self.assertEqual(stats["totals"]["counts"], {})
+        self.assertIsNone(stats["rates"]["sms_delivery"])
+
     def test_defaults(self):
         """Without from and to: the last day by hour."""
         stats = self.json("GET", "/api/v1/stats")

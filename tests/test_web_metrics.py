@@ -187,6 +187,23 @@ class EventCountsTests(SynchronousTestCase):
         self.assertEqual(sample(found, "smartrelay_messages_bounced_total", kind="soft"), 1)
         self.assertEqual(sample(found, "smartrelay_messages_bounced_total", kind="unknown"), 1)
 
+    def test_sms(self):
+        """
+        SMS parts are counted by their events, from 0.
+        """
+        found = self.scrape()
+        for name in ("submitted", "delivered", "failed"):
+            self.assertEqual(sample(found, f"smartrelay_sms_parts_{name}_total"), 0)
+        phone = "+4915112345678@sms.example"
+        self.log.emit("sms_submitted", "Q1", phone, detail={"part": 1, "parts": 2})
+        self.log.emit("sms_submitted", "Q1", phone, detail={"part": 2, "parts": 2})
+        self.log.emit("sms_delivered", "Q1", phone, detail={"part": 1, "parts": 2})
+        self.clock.advance(0)
+        found = self.scrape()
+        self.assertEqual(sample(found, "smartrelay_sms_parts_submitted_total"), 2)
+        self.assertEqual(sample(found, "smartrelay_sms_parts_delivered_total"), 1)
+        self.assertEqual(sample(found, "smartrelay_sms_parts_failed_total"), 0)
+
 
 class SlowStore(MemoryStore):
     """
@@ -599,6 +616,23 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(sample(found, "smartrelay_event_backlog"), 0)
         self.assertEqual(sample(found, "smartrelay_event_store_degraded"), 1)
         self.assertGreater(sample(found, "smartrelay_event_journal_bytes"), 0)
+        self.events.stop()
+
+    def test_sms(self):
+        """
+        With C{[sms]}: the SMPP session's state and its window.
+        """
+        found = self.scrape()
+        self.assertNotIn("smartrelay_smpp_bound", found)
+
+        class Client:
+            bound, inFlight, waiting = True, 3, 2
+
+        self.collector.sms = Client()
+        found = self.scrape()
+        self.assertEqual(sample(found, "smartrelay_smpp_bound"), 1)
+        self.assertEqual(sample(found, "smartrelay_smpp_submits_in_flight"), 3)
+        self.assertEqual(sample(found, "smartrelay_smpp_submits_waiting"), 2)
         self.events.stop()
 
     def test_storeOutage(self):

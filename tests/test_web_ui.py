@@ -601,6 +601,32 @@ class DashboardTests(UiTestsMixin, SynchronousTestCase):
         self.assertIn("<title>Events per hour", body)
         self.assertIn("100.00 %", body)  # delivery rate
 
+    def test_sms(self):
+        """
+        SMS are counted like mail: parts submitted, delivered and failed,
+        the SMS delivery rate and a chart of their own, shown once there
+        are any.
+        """
+        _, body = self.get("/?range=day")
+        self.assertNotIn("SMS parts submitted", body)
+        self.emit("accepted", recipient="+4915112345678@sms.example", time=START - 3600)
+        for part in (1, 2):
+            self.emit("sms_submitted", recipient="+4915112345678@sms.example",
+                      time=START - 3500, detail={"message_id": f"m{part}", "part": part, "parts": 2})
+        self.emit("sms_delivered", recipient="+4915112345678@sms.example", time=START - 3400,
+                  detail={"message_id": "m1", "part": 1, "parts": 2, "state": "delivered"})
+        self.emit("sms_failed", recipient="+4915112345678@sms.example", time=START - 3400,
+                  detail={"message_id": "m2", "part": 2, "parts": 2, "state": "expired"})
+        _, body = self.get("/?range=day")
+        self.assertIn("SMS parts submitted", body)
+        self.assertIn("<title>SMS parts per hour", body)
+        self.assertEqual(body.count("<svg"), 3)
+        self.assertIn("50.00 %", body)  # one part of two delivered
+        _, body = self.get("/?range=day&domain=sms.example")
+        self.assertIn("SMS parts delivered", body)
+        _, body = self.get("/?range=day&domain=example.org")
+        self.assertNotIn("SMS parts submitted", body)
+
     def test_complaintOverLimit(self):
         """A complaint rate over 0.3 % is drawn and said in red."""
         for n in range(100):

@@ -66,6 +66,8 @@ def message(options, console: Console) -> int:
 
 _STAT_COLUMNS = ("accepted", "delivered", "deferred", "bounced", "suppressed", "complained",
                  "unsubscribed", "opened", "clicked")
+#: Shown only when the range has SMS (parts submitted, and their receipts).
+_SMS_COLUMNS = ("sms_submitted", "sms_delivered", "sms_failed")
 
 
 def _percent(value: Optional[float]) -> str:
@@ -80,7 +82,8 @@ def _statsText(document: dict) -> str:
     counts = totals.get("counts", {})
     out.write(table([[k, counts.get(k, 0)] for k in _STAT_COLUMNS]
                     + [["hard bounces", totals.get("hard_bounces", 0)],
-                       ["soft bounces", totals.get("soft_bounces", 0)]],
+                       ["soft bounces", totals.get("soft_bounces", 0)]]
+                    + [[k, counts[k]] for k in _SMS_COLUMNS if counts.get(k)],
                     ["event", "count"]))
     rates = document.get("rates", {})
     if rates:

@@ -107,6 +107,14 @@ class SMSClient(Service):
         return self._session is not None and self._session.bound
 
     @property
+    def inFlight(self) -> int:
+        """
+        Submits sent on the session and not answered yet (at most the
+        window).
+        """
+        return 0 if self._session is None else self._session.inFlight
+
+    @property
     def waiting(self) -> int:
         """
         Submits waiting for a session (not sent, or to be sent again).

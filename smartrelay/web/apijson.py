@@ -65,6 +65,9 @@ def rates(counts: dict, hard: int, soft: int, opens: int, clicks: int) -> dict:
         "unsubscribe": _rate(counts.get("unsubscribed", 0), delivered),
         "unique_open": _rate(opens, delivered),
         "unique_click": _rate(clicks, delivered),
+        # SMS parts: delivered / (delivered + failed), from the SMSC's receipts.
+        "sms_delivery": _rate(counts.get("sms_delivered", 0),
+                              counts.get("sms_delivered", 0) + counts.get("sms_failed", 0)),
     }
 
 

@@ -101,6 +101,15 @@ MESSAGE_COUNTERS = (
     ("smartrelay_messages_unsubscribed", "unsubscribed",
      "Unsubscribes (link, one-click or mail)."),
 )
+#: SMS, counted by part like their events (issue SMS, docs/sms.md).
+SMS_COUNTERS = (
+    ("smartrelay_sms_parts_submitted", "sms_submitted",
+     "SMS parts the SMSC accepted (submit_sm answered ESME_ROK)."),
+    ("smartrelay_sms_parts_delivered", "sms_delivered",
+     "SMS parts whose delivery receipt says delivered."),
+    ("smartrelay_sms_parts_failed", "sms_failed",
+     "SMS parts refused by the SMSC or whose receipt says they failed."),
+)
 #: The values of C{kind} on L{BOUNCES} (what else a bounce says: C{unknown}).
 BOUNCE_KINDS = ("hard", "soft")
 
@@ -139,7 +148,7 @@ class EventCounts:
         for type, count in self.byType.items():
             events.add_metric([type], count)
         yield events
-        for name, type, help in MESSAGE_COUNTERS:
+        for name, type, help in MESSAGE_COUNTERS + SMS_COUNTERS:
             yield CounterMetricFamily(name, help, value=self.byType[type])
         bounced = CounterMetricFamily(
             "smartrelay_messages_bounced",
@@ -491,6 +500,8 @@ class RelayCollector:
     leases: Any = None
     #: The suppression replica (on Redis), or L{None}.
     replica: Any = None
+    #: The SMPP client (C{[sms]}), or L{None}.
+    sms: Any = None
     _queue: QueueSummary = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -536,6 +547,30 @@ class RelayCollector:
         yield from self._rewrap()
         yield from self._eventBacklog()
         yield from self._outage(now)
+        yield from self._smpp()
+
+    def _smpp(self) -> Iterable:
+        """
+        The session to the SMSC, with C{[sms]} only.
+        """
+        client = self.sms
+        if client is None:
+            return
+        yield GaugeMetricFamily(
+            "smartrelay_smpp_bound",
+            "1 while the SMPP session to [sms] smsc is bound, else 0.",
+            value=1 if client.bound else 0,
+        )
+        yield GaugeMetricFamily(
+            "smartrelay_smpp_submits_in_flight",
+            "submit_sm sent and not answered yet (at most [sms] window).",
+            value=client.inFlight,
+        )
+        yield GaugeMetricFamily(
+            "smartrelay_smpp_submits_waiting",
+            "Submits waiting for a bound session (or to be sent again).",
+            value=client.waiting,
+        )
 
     def _queues(self, now: float) -> Iterable:
         scheduler = self.scheduler

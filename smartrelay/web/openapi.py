@@ -138,13 +138,13 @@ _SCHEMAS = {
         "type": "object",
         "required": [
             "delivery", "bounce", "hard_bounce", "soft_bounce", "complaint",
-            "unsubscribe", "unique_open", "unique_click",
+            "unsubscribe", "unique_open", "unique_click", "sms_delivery",
         ],
         "properties": {
             name: _RATE
             for name in [
                 "delivery", "bounce", "hard_bounce", "soft_bounce", "complaint",
-                "unsubscribe", "unique_open", "unique_click",
+                "unsubscribe", "unique_open", "unique_click", "sms_delivery",
             ]
         },
     },

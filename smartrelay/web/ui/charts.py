@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from twisted.web.template import Tag
 
-__all__ = ["SERIES", "fillBuckets", "lineChart", "rateChart", "seriesValues"]
+__all__ = ["SERIES", "SMS_SERIES", "fillBuckets", "lineChart", "rateChart", "seriesValues"]
 
 #: What the events chart draws: (label, how to read a bucket, colour);
 #: colours from the Okabe-Ito palette, told apart by people with colour
@@ -26,6 +26,17 @@ SERIES = (
     ("opened", lambda b: b["counts"].get("opened", 0), "#56B4E9"),
     ("clicked", lambda b: b["counts"].get("clicked", 0), "#7A6A00"),
 )
+
+#: What the SMS chart draws (parts: one event per part of a text); the
+#: colours are those of the mail series with the same meaning.
+SMS_SERIES = (
+    ("SMS parts submitted", lambda b: b["counts"].get("sms_submitted", 0), "#0072B2"),
+    ("SMS parts delivered", lambda b: b["counts"].get("sms_delivered", 0), "#009E73"),
+    ("SMS parts failed", lambda b: b["counts"].get("sms_failed", 0), "#D55E00"),
+)
+#: The index in L{SERIES} (and so the legend's swatch class) of each
+#: L{SMS_SERIES} colour.
+SMS_SWATCHES = (0, 1, 3)
 
 WIDTH, HEIGHT = 720, 240
 LEFT, RIGHT, TOP, BOTTOM = 56, 12, 12, 36
@@ -69,11 +80,12 @@ def fillBuckets(buckets: Sequence[dict], starts: Sequence[float]) -> list:
     return filled
 
 
-def seriesValues(buckets: Sequence[dict]) -> list:
+def seriesValues(buckets: Sequence[dict], series: Sequence = SERIES) -> list:
     """
-    (label, colour, [value per bucket]) for each of L{SERIES}.
+    (label, colour, [value per bucket]) for each of C{series} (L{SERIES}
+    or L{SMS_SERIES}).
     """
-    return [(label, colour, [read(b) for b in buckets]) for label, read, colour in SERIES]
+    return [(label, colour, [read(b) for b in buckets]) for label, read, colour in series]
 
 
 def _niceMax(value: float) -> float:

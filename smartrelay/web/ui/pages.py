@@ -34,7 +34,15 @@ from smartrelay.web.apirequest import (
     checkQueueID,
 )
 from smartrelay.web.queries import COMPLAINT_RATE_LIMIT, MAX_SCAN
-from smartrelay.web.ui.charts import SERIES, fillBuckets, lineChart, rateChart, seriesValues
+from smartrelay.web.ui.charts import (
+    SERIES,
+    SMS_SERIES,
+    SMS_SWATCHES,
+    fillBuckets,
+    lineChart,
+    rateChart,
+    seriesValues,
+)
 from smartrelay.web.ui.html import (
     Download,
     Link,
@@ -292,6 +300,31 @@ def _card(label: str, value: str, over: bool = False) -> Tag:
     return tags.li(span, label)
 
 
+def _smsSection(counts, rates, buckets, starts, interval, scope) -> tuple:
+    """
+    The dashboard's SMS totals and chart, counted from the same statistics
+    as mail (one C{sms_submitted} per part the SMSC took, the receipts'
+    C{sms_delivered} and C{sms_failed}).
+    """
+    return (
+        tags.h2(f"SMS for {scope}"),
+        tags.ul(
+            _card("SMS parts submitted", f"{counts.get('sms_submitted', 0):,}"),
+            _card("SMS parts delivered", f"{counts.get('sms_delivered', 0):,}"),
+            _card("SMS parts failed", f"{counts.get('sms_failed', 0):,}"),
+            _card("SMS delivery rate", percent(rates.get("sms_delivery"))),
+            **{"class": "cards"},
+        ),
+        lineChart(f"SMS parts per {interval}, {scope}", starts,
+                  seriesValues(buckets, SMS_SERIES), interval),
+        tags.ul(
+            *[tags.li(tags.span(**{"class": f"swatch swatch-{i}", "aria-hidden": "true"}), name)
+              for i, (name, _, _) in zip(SMS_SWATCHES, SMS_SERIES)],
+            **{"class": "legend", "aria-label": "SMS legend"},
+        ),
+    )
+
+
 async def dashboard(ui, context) -> Page:
     names = ("range", "tag", "domain")
     query = readQuery(context, names)
@@ -366,6 +399,8 @@ async def dashboard(ui, context) -> Page:
             interval,
         ),
     )
+    if any(counts.get(type) for type in ("sms_submitted", "sms_delivered", "sms_failed")):
+        page.add(*_smsSection(counts, rates, buckets, starts, interval, scope))
     table = Table(
         "buckets",
         f"Counts per {interval}",
