@@ -1362,3 +1362,124 @@ def checkLeasePairs(leases) -> list:
         resource, lease = pair
         pairs.append((checkLeaseName("resource", resource), checkLeaseName("lease", lease)))
     return pairs
+
+
+# -- adaptive throttles shared by the nodes (issue 17) -------------------------
+
+#: The deepest a throttle goes: C{2 ** -4}, 1/16 of a destination's
+#: configured connections and rate.
+MAX_THROTTLE_LEVEL = 4
+
+#: The longest reason a throttle state keeps (the reply that triggered it).
+MAX_THROTTLE_REASON = 300
+
+
+@attrs.frozen
+class ThrottleState:
+    """
+    A destination's adaptive throttle as the nodes share it.
+
+    The budget is C{2 ** -level} of the configured one until C{until};
+    from then on it is one level less (twice the budget) every C{cooldown}
+    seconds, down to level 0, the whole budget.  The state is a function
+    of time: every node reading it recovers in the same steps at the same
+    moments, and nobody writes a recovery step (so no step is taken twice).
+
+    @ivar level: halvings in force, 1 to L{MAX_THROTTLE_LEVEL}.
+    @ivar until: when the first recovery step is due (POSIX seconds).
+    @ivar cooldown: seconds between two steps.
+    @ivar reason: the reply that triggered it last.
+    """
+
+    level: int
+    until: float
+    cooldown: float
+    reason: str = ""
+
+    def levelAt(self, now: float) -> int:
+        """
+        The halvings in force at C{now}.
+        """
+        if now < self.until:
+            return self.level
+        steps = 1 + math.floor((now - self.until) / self.cooldown)
+        return max(0, self.level - steps)
+
+    def nextStep(self, now: float) -> Optional[float]:
+        """
+        When the level in force at C{now} next drops by one, or L{None} if
+        it is 0.
+        """
+        if self.levelAt(now) == 0:
+            return None
+        if now < self.until:
+            return self.until
+        return self.until + (math.floor((now - self.until) / self.cooldown) + 1) * self.cooldown
+
+    @property
+    def end(self) -> float:
+        """
+        When the level reaches 0.
+        """
+        return self.until + (self.level - 1) * self.cooldown
+
+
+def triggered(
+    current: Optional[ThrottleState], seen: int, reason: str, now: float, cooldown: float
+) -> ThrottleState:
+    """
+    The state after a "slow down" reply received under C{seen} halvings:
+    one halving more than C{seen} (or the current level, if deeper: the
+    reply answered a budget another node has already lowered), the
+    cool-down started again.  What every back end's trigger computes.
+    """
+    level = 0 if current is None else current.levelAt(now)
+    level = min(MAX_THROTTLE_LEVEL, max(level, seen + 1))
+    return ThrottleState(level, now + cooldown, cooldown, reason)
+
+
+class IThrottles(Interface):
+    """
+    The destinations' adaptive throttles (L{ThrottleState}), shared by
+    every node of the store.  Every method returns a L{Deferred}; a state
+    is forgotten once its level is 0 (Redis also drops it by a TTL).
+    """
+
+    def triggerThrottle(destination, seen, reason, now, cooldown):
+        """
+        Record a "slow down" reply for C{destination} (L{triggered}),
+        atomically.
+
+        @param destination: a destination key (the lease name rules).
+        @param seen: the halvings the caller had in force (0 to
+            L{MAX_THROTTLE_LEVEL}).
+        @param reason: the reply, text (cut to L{MAX_THROTTLE_REASON}).
+        @param cooldown: seconds, positive.
+        @rtype: L{Deferred} firing with the new L{ThrottleState}; it fails
+            with L{ValueError} for bad arguments.
+        """
+
+    def throttleStates(now):
+        """
+        @rtype: L{Deferred} firing with a L{dict} of the destinations
+            throttled at C{now} (level above 0) to their L{ThrottleState}.
+        """
+
+
+def checkThrottleArguments(destination, seen, reason, now, cooldown) -> tuple:
+    """
+    Validate the arguments of C{triggerThrottle}.
+
+    @return: (destination, seen, reason, now, cooldown).
+    @raise ValueError: for a bad value.
+    """
+    checkLeaseName("destination", destination)
+    if isinstance(seen, bool) or not isinstance(seen, int) or not 0 <= seen <= MAX_THROTTLE_LEVEL:
+        raise ValueError(f"seen must be an integer from 0 to {MAX_THROTTLE_LEVEL}, not {seen!r}")
+    if not isinstance(reason, str):
+        raise ValueError(f"reason must be text, not {reason!r}")
+    now = checkTime("now", now)
+    if now is None or not math.isfinite(now):
+        raise ValueError(f"now must be finite POSIX seconds, not {now!r}")
+    cooldown = _positive("cooldown", cooldown)
+    return destination, seen, reason[:MAX_THROTTLE_REASON], now, cooldown

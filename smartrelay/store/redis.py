@@ -65,7 +65,7 @@ import math
 import os
 import zlib
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import attrs
@@ -76,6 +76,7 @@ from twisted.internet.endpoints import (
     UNIXClientEndpoint,
     wrapClientTLS,
 )
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -85,7 +86,11 @@ from zope.interface import classImplements, implementer
 from smartrelay.events import Event
 from smartrelay.store.interfaces import (
     ILeases,
+    IThrottles,
     LeaseGrant,
+    MAX_THROTTLE_LEVEL,
+    ThrottleState,
+    checkThrottleArguments,
     checkLeaseArguments,
     checkLeaseName,
     checkLeasePairs,
@@ -1253,6 +1258,26 @@ def _pairs(flat: list) -> list[tuple]:
 # -- the store -----------------------------------------------------------
 
 
+@implementer(IStreamClientEndpoint)
+@attrs.frozen
+class _WatchedEndpoint:
+    """
+    A client endpoint that tells C{failed(failure)} about each connection
+    attempt that fails, before the L{ClientService} that made it hears of
+    it.
+    """
+
+    endpoint: Any
+    failed: Callable[[Failure], None]
+
+    def connect(self, factory: Any) -> Deferred:
+        def attemptFailed(failure: Failure) -> Failure:
+            self.failed(failure)
+            return failure
+
+        return self.endpoint.connect(factory).addErrback(attemptFailed)
+
+
 @implementer(IStore, IEventStreams, ISMSSubmissions)
 @attrs.define
 class RedisStore:
@@ -1267,6 +1292,14 @@ class RedisStore:
     @ivar connectTimeout: seconds a connection attempt may take.
     @ivar replyTimeout: seconds to wait for a reply before dropping the
         connection (and failing what waits on it), or L{None} for ever.
+
+    While the server cannot be reached, an operation fails at once with
+    L{RedisConnectionFailed} once a connection attempt has failed, rather
+    than each waiting for the next attempt, which the back-off puts up to a
+    minute away: callers (the event log's journal, the suppression
+    replica, the 1/N limits) then do without the store straight away.  An
+    operation issued between the loss of a connection and the first failed
+    attempt waits for that attempt (a second or so).
     """
 
     address: RedisAddress
@@ -1275,6 +1308,8 @@ class RedisStore:
     connectTimeout: float = 30
     replyTimeout: Optional[float] = 30
     _service: Optional[ClientService] = attrs.field(default=None, init=False)
+    #: Why the last connection attempt failed, until one connects again.
+    _unreachable: Optional[Failure] = attrs.field(default=None, init=False)
     _started: bool = attrs.field(default=False, init=False)
     _closed: bool = attrs.field(default=False, init=False)
     _closing: Optional[Deferred] = attrs.field(default=None, init=False)
@@ -1331,9 +1366,11 @@ class RedisStore:
         d = DeferredList(ds, fireOnOneErrback=True, consumeErrors=True)
 
         def ready(_):
+            self._unreachable = None
             return protocol
 
         def failed(failure):
+            self._unreachable = failure.value.subFailure
             # ClientService treats a failed preparation as a failed attempt
             # but leaves the connection open, and its state machine has no
             # transition for that connection's loss once it is waiting to
@@ -1350,8 +1387,12 @@ class RedisStore:
             return fail(StoreClosed("the event store is closed"))
         if self._service is not None:
             return self._connected().addCallback(lambda protocol: None)
+        self._unreachable = None
         self._service = ClientService(
-            self.address.endpoint(self._reactor, self.connectTimeout),
+            _WatchedEndpoint(
+                self.address.endpoint(self._reactor, self.connectTimeout),
+                self._attemptFailed,
+            ),
             self._factory(),
             retryPolicy=backoffPolicy(),
             clock=self._reactor,
@@ -1470,7 +1511,21 @@ class RedisStore:
         """
         if self._service is None:
             return fail(StoreClosed("the event store is not started"))
+        if self._unreachable is not None:
+            reason = self._unreachable.getErrorMessage() or self._unreachable.type.__name__
+            return fail(
+                RedisConnectionFailed(
+                    f"the Redis event store at {self.address} cannot be reached: {reason}"
+                )
+            )
         return self._service.whenConnected(failAfterFailures=1)
+
+    def _attemptFailed(self, failure: Failure) -> None:
+        """
+        A connection attempt failed: fail operations at once until one
+        connects (see the class docstring).
+        """
+        self._unreachable = failure
 
     def _track(self, d: Deferred) -> Deferred:
         """
@@ -2421,6 +2476,66 @@ class RedisStore:
         )
         return d.addCallback(lambda names: sorted(n.decode("utf-8") for n in names))
 
+    # -- adaptive throttles (IThrottles; issue 17) --------------------------
+    #
+    # C{throttle:<destination>}: a hash (level, until, cooldown, reason)
+    # expiring a minute after its level reaches 0; C{throttles}: a sorted
+    # set of the throttled destinations scored by that time (the callers'
+    # clock), so that reading them costs nothing when none is.
+
+    def _throttleKey(self, destination: str) -> str:
+        return self._key("throttle", destination)
+
+    def triggerThrottle(self, destination, seen, reason, now, cooldown) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            destination, seen, reason, now, cooldown = checkThrottleArguments(
+                destination, seen, reason, now, cooldown
+            )
+        except ValueError:
+            return fail()
+        d = self._do(
+            self._script,
+            "throttleTrigger",
+            [self._throttleKey(destination), self._key("throttles")],
+            [
+                destination,
+                str(seen),
+                reason,
+                _number(now),
+                _number(cooldown),
+                str(MAX_THROTTLE_LEVEL),
+            ],
+        )
+        return d.addCallback(lambda reply: _throttleState(reply))
+
+    def throttleStates(self, now) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            now = checkTime("now", now)
+            if now is None:
+                raise ValueError("now must be POSIX seconds, not None")
+        except ValueError:
+            return fail()
+        d = self._do(
+            self._script,
+            "throttleStates",
+            [self._key("throttles")],
+            [_number(now), self._throttleKey("")],
+        )
+
+        def states(reply) -> dict:
+            found = {}
+            for i in range(0, len(reply), 5):
+                state = _throttleState(reply[i + 1 : i + 5])
+                if state.levelAt(now) > 0:
+                    found[_text(reply[i])] = state
+            return found
+
+        return d.addCallback(states)
+
 
 # KEYS: the lease set.  ARGV: lease, limit, now, ttl.
 # Returns granted (0/1), live leases afterwards, seconds until the earliest
@@ -2480,6 +2595,69 @@ _SCRIPTS["leaseRenew"] = _LEASE_RENEW
 _SHAS["leaseAcquire"] = _sha1(_LEASE_ACQUIRE)
 _SHAS["leaseRenew"] = _sha1(_LEASE_RENEW)
 classImplements(RedisStore, ILeases)
+
+
+def _throttleState(reply) -> ThrottleState:
+    level, until, cooldown, reason = reply
+    return ThrottleState(int(level), float(until), float(cooldown), _text(reason or b""))
+
+
+# KEYS: the destination's state, the index.  ARGV: destination, seen,
+# reason, now, cooldown, the deepest level.  The state afterwards: level,
+# until, cooldown, reason (smartrelay.store.interfaces.triggered).
+_THROTTLE_TRIGGER = """
+local now = tonumber(ARGV[4])
+local cooldown = tonumber(ARGV[5])
+local level = 0
+local s = redis.call('HMGET', KEYS[1], 'level', 'until', 'cooldown')
+if s[1] then
+  local l, u, c = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
+  if now < u then
+    level = l
+  else
+    level = math.max(0, l - 1 - math.floor((now - u) / c))
+  end
+end
+level = math.min(tonumber(ARGV[6]), math.max(level, tonumber(ARGV[2]) + 1))
+local untilText = string.format('%.17g', now + cooldown)
+local finish = now + cooldown + (level - 1) * cooldown
+redis.call('HSET', KEYS[1], 'level', level, 'until', untilText,
+  'cooldown', ARGV[5], 'reason', ARGV[3])
+local keep = math.ceil((finish - now) * 1000) + 60000
+redis.call('PEXPIRE', KEYS[1], keep)
+redis.call('ZADD', KEYS[2], string.format('%.17g', finish), ARGV[1])
+if redis.call('PTTL', KEYS[2]) < keep then
+  redis.call('PEXPIRE', KEYS[2], keep)
+end
+return {level, untilText, ARGV[5], ARGV[3]}
+"""
+
+# KEYS: the index.  ARGV: now, the prefix of the state keys.  Flat
+# (destination, level, until, cooldown, reason) of every throttled one.
+_THROTTLE_STATES = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local names = redis.call('ZRANGE', KEYS[1], 0, 999)
+local out = {}
+for _, name in ipairs(names) do
+  local s = redis.call('HMGET', ARGV[2] .. name, 'level', 'until', 'cooldown', 'reason')
+  if s[1] then
+    out[#out + 1] = name
+    out[#out + 1] = s[1]
+    out[#out + 1] = s[2]
+    out[#out + 1] = s[3]
+    out[#out + 1] = s[4] or ''
+  else
+    redis.call('ZREM', KEYS[1], name)
+  end
+end
+return out
+"""
+
+_SCRIPTS["throttleTrigger"] = _THROTTLE_TRIGGER
+_SCRIPTS["throttleStates"] = _THROTTLE_STATES
+_SHAS["throttleTrigger"] = _sha1(_THROTTLE_TRIGGER)
+_SHAS["throttleStates"] = _sha1(_THROTTLE_STATES)
+classImplements(RedisStore, IThrottles)
 
 __all__ = [
     "RedisAddress",
