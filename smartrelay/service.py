@@ -44,6 +44,7 @@ from smartrelay.outbound.router import DomainRouter, MXRouter, SmarthostRouter, 
 from smartrelay.outbound.scheduler import DeliveryScheduler
 from smartrelay.cluster.leases import LeaseKeeper, leaseBackend
 from smartrelay.cluster.nodes import NodeRegistry
+from smartrelay.cluster.throttle import ThrottleBoard, throttleBackend
 from smartrelay.cluster.replica import REPLICA_FILE, SuppressionReplica
 from smartrelay.cluster.suppressions import DurableSuppressions
 from smartrelay.feedback.inbox import FeedbackInbox
@@ -419,6 +420,15 @@ class RelayService(MultiService):
             ttl=relay.lease_ttl,
             nodes=self.nodeRegistry,
         )
+        # Adaptive throttles kept with the other nodes on a Redis store (this
+        # node's own on SQLite); read periodically once the store is open.
+        throttleStore, sharedThrottles = throttleBackend(self.store)
+        self.throttleBoard = ThrottleBoard(
+            throttleStore,
+            reactor,
+            cooldown=delivery.throttle_cooldown,
+            shared=sharedThrottles,
+        )
         # [sms]: mail to +E164@domain goes out over SMPP; the client is
         # started once the store is open (receipts are matched through it)
         # and stopped after delivery.
@@ -452,6 +462,7 @@ class RelayService(MultiService):
             bounces=self.bounceSuppressor,
             messageLog=MessageLog(relay.log_messages),
             leases=self.leaseKeeper,
+            throttles=self.throttleBoard,
             replica=self.suppressionReplica,
             transports=() if self.smsGateway is None else (self.smsGateway,),
         )
@@ -609,6 +620,7 @@ class RelayService(MultiService):
             threadPools=threads.pools if isinstance(threads, ThreadPools) else {},
             nodeID="%02X" % relay.node_id,
             leases=self.leaseKeeper,
+            throttles=self.throttleBoard,
             replica=self.suppressionReplica,
             sms=self.smsClient,
         )
@@ -729,6 +741,7 @@ class RelayService(MultiService):
         await self.events.start(storeStarted=storeStarted)
         self.pruner.setServiceParent(self)
         self.leaseKeeper.setServiceParent(self)
+        self.throttleBoard.setServiceParent(self)
         if self.nodeRegistry is not None:
             self.nodeRegistry.setServiceParent(self)
         if self.suppressionReplica is not None:

@@ -16,6 +16,16 @@ from smartrelay.cluster.throttle import (
     ThrottleBoard,
     throttleBackend,
 )
+from smartrelay.outbound.pool import DestinationPolicy
+from smartrelay.outbound.scheduler import DeliveryScheduler
+from smartrelay.outbound.testing import (
+    Delays,
+    FakeDeliverer,
+    FakeRouter,
+    FakeSpool,
+    RecordingEvents,
+    makeEntry,
+)
 from smartrelay.store.interfaces import IThrottles, ThrottleState
 from smartrelay.store.memory import MemoryStore
 from smartrelay.store.redis import RedisStore
@@ -382,3 +392,89 @@ class OneNodeTests(SynchronousTestCase):
         Alone, the board reads nothing periodically.
         """
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class SchedulerNode:
+    """
+    A delivery scheduler whose throttles are kept on C{backend} with the
+    other nodes' (its own spool, deliverer and board; a shared clock).
+    """
+
+    def __init__(self, clock, backend):
+        self.clock = clock
+        self.spool = FakeSpool()
+        self.events = RecordingEvents()
+        self.deliverer = FakeDeliverer()
+        self.board = ThrottleBoard(backend, clock, cooldown=60.0, shared=True)
+        self.scheduler = DeliveryScheduler(
+            spool=self.spool,
+            router=FakeRouter(table={"limited.test": ["mx.limited.test"]}),
+            connector=self.deliverer,
+            events=self.events,
+            clock=clock,
+            retry=Delays((60, 300, 900)),
+            maxAge=3600.0,
+            maxConnections=20,
+            policy=DestinationPolicy(domains={"limited.test": {"maxConnections": 4}}),
+            throttleCooldown=60.0,
+            throttles=self.board,
+        )
+        self.board.startService()
+        self.scheduler.startService()
+
+    def add(self, queue_id, recipients):
+        entry = makeEntry(queue_id, recipients, received=self.clock.seconds())
+        self.spool.add(entry, b"message " + queue_id.encode())
+        self.scheduler.enqueue(entry)
+        return entry
+
+    def limit(self):
+        [state] = [d for d in self.scheduler.destinations() if d["destination"] == "limited.test"]
+        return state["max_connections"], state["throttle_factor"]
+
+    def stop(self):
+        self.scheduler.stopService()
+        self.board.stopService()
+
+
+class SchedulerTests(SynchronousTestCase):
+    """
+    Two delivery schedulers sharing their throttles: a 421 on node A slows
+    node B down, and both recover together.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(T0)
+        backend = LocalThrottles()
+        self.a = SchedulerNode(self.clock, backend)
+        self.b = SchedulerNode(self.clock, backend)
+        self.addCleanup(self.a.stop)
+        self.addCleanup(self.b.stop)
+
+    def test_421OnANodeSlowsTheOther(self):
+        """
+        After a 421 on A, B opens at most half the destination's sessions
+        within a second, and both have the whole limit back one cool-down
+        later, at the same moment.
+        """
+        self.b.add("B0", ["first@limited.test"])
+        self.clock.advance(0)
+        self.b.deliverer.pending()[0].answer(250, "ok")
+        self.assertEqual(self.b.limit(), (4, 1.0))
+        self.a.add("A0", ["x@limited.test"])
+        self.clock.advance(0)
+        self.a.deliverer.pending()[0].answer(421, "try again later", "4.7.0")
+        self.assertEqual(self.a.limit(), (2, 0.5))
+        self.clock.advance(1.0)
+        self.assertEqual(self.b.limit(), (2, 0.5))
+        for i in range(10):
+            self.b.add(f"B{i + 1}", [f"r{i}@limited.test"])
+        self.clock.advance(0)
+        self.assertEqual(len(self.b.deliverer.pending()), 2)
+        self.clock.advance(58.0)
+        self.assertEqual((self.a.limit(), self.b.limit()), ((2, 0.5), (2, 0.5)))
+        self.clock.advance(1.0)
+        self.assertEqual((self.a.limit(), self.b.limit()), ((4, 1.0), (4, 1.0)))
+        # B's recovery pumped its queue: the whole limit is in use.
+        self.assertEqual(len(self.b.deliverer.pending()), 4)

@@ -259,6 +259,10 @@ class DeliveryScheduler(Service):
     #: the store cannot be; a recipient is held when it is too old.  L{None}:
     #: deliver unchecked then (tools and tests only).
     replica: Any = None
+    #: The destinations' throttles kept with the other nodes sharing the
+    #: store (L{smartrelay.cluster.throttle.ThrottleBoard}: C{throttle(key,
+    #: onChange)}).  L{None}: a L{Throttle} of this node's own each.
+    throttles: Any = None
 
     _entries: dict = attrs.field(factory=dict, init=False)
     _timers: dict = attrs.field(factory=dict, init=False)
@@ -755,11 +759,11 @@ class DeliveryScheduler(Service):
     def _destination(self, key: str, limits: Any) -> Destination:
         destination = self._destinations.get(key)
         if destination is None:
-            destination = Destination(
-                key=key,
-                limits=limits,
-                throttle=Throttle(self.clock, self.throttleCooldown),
-            )
+            if self.throttles is None:
+                throttle = Throttle(self.clock, self.throttleCooldown)
+            else:
+                throttle = self.throttles.throttle(key, lambda: self._throttleChanged(key))
+            destination = Destination(key=key, limits=limits, throttle=throttle)
             self._destinations[key] = destination
         return destination
 
@@ -1288,6 +1292,25 @@ class DeliveryScheduler(Service):
         destination.recoveryTimer = self.clock.callLater(
             max(0.0, until - self.clock.seconds()), self._recover, destination
         )
+
+    def _throttleChanged(self, key: str) -> None:
+        """
+        Another node throttled C{key}, or its throttle changed in the
+        cluster: apply its budget and recovery here.
+        """
+        destination = self._destinations.get(key)
+        if destination is None:
+            return
+        self.log.info(
+            "{destination} (throttled in the cluster): {connections} connections{rate}"
+            "{state}",
+            destination=key,
+            connections=destination.maxConnections,
+            rate=_rateText(destination.rate),
+            state="" if destination.throttle.throttled else " (throttle lifted)",
+        )
+        self._armRecovery(destination)
+        self._pump()
 
     def _recover(self, destination: Destination) -> None:
         destination.recoveryTimer = None

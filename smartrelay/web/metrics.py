@@ -498,6 +498,9 @@ class RelayCollector:
     nodeID: str = ""
     #: The connection-slot keeper (C{LeaseKeeper.state()}), or L{None}.
     leases: Any = None
+    #: The throttles kept with the cluster
+    #: (L{smartrelay.cluster.throttle.ThrottleBoard}), or L{None}.
+    throttles: Any = None
     #: The suppression replica (on Redis), or L{None}.
     replica: Any = None
     #: The SMPP client (C{[sms]}), or L{None}.
@@ -685,16 +688,18 @@ class RelayCollector:
         connectionsLocal = leases is not None and leases["shared"] and not leases["reachable"]
         ratesLocal = bool(getattr(self.scheduler, "ratesLocal", False))
         replica = self.replica
+        throttlesLocal = self.throttles is not None and not self.throttles.reachable
         unreachable = (
             connectionsLocal
             or ratesLocal
+            or throttlesLocal
             or self.events.degraded
             or (replica is not None and replica.failing)
         )
         yield GaugeMetricFamily(
             "smartrelay_store_unreachable",
             "1 while this node's last calls to the store failed (connection slots, "
-            "rate tokens, the replica's sync or event writes), else 0.",
+            "rate tokens, throttles, the replica's sync or event writes), else 0.",
             value=1 if unreachable else 0,
         )
         fallback = GaugeMetricFamily(
