@@ -428,6 +428,42 @@ class RedisStoreNetworkTests(TestCase):
         # A new server: the bucket starts full again.
         self.assertEqual(result.remaining, 1.0)
 
+    @inlineCallbacks
+    def test_failsAtOnceWhileUnreachable(self):
+        """
+        Once a connection attempt has failed, an operation fails at once
+        with L{RedisConnectionFailed} instead of waiting for the next
+        attempt (which the back-off puts up to a minute away): the
+        scheduler's suppression check then goes to the replica without a
+        pause per message.  The first attempt that connects again ends it.
+        """
+        server = RedisServer().start()
+        self.addCleanup(server.stop)
+        store = RedisStore.fromURL(server.url(), reactor, prefix=newPrefix())
+        self.addCleanup(store.close)
+        yield store.start()
+        server.kill()
+        yield deferLater(reactor, 0.2, lambda: None)  # the loss is seen
+        # This one waits for the first reconnection attempt, which fails.
+        with self.assertRaises(Exception):
+            yield store.takeTokens("k", 1.0, 2.0, T0)
+        failure = self.failureResultOf(
+            store.takeTokens("k", 1.0, 2.0, T0), RedisConnectionFailed
+        )
+        self.assertIn(f"127.0.0.1:{server.port}", failure.getErrorMessage())
+        self.failureResultOf(store.checkSuppressions(["a@example.com"], T0))
+        server.start(port=server.port)
+        for _ in range(200):
+            try:
+                result = yield store.takeTokens("k", 1.0, 2.0, T0)
+            except RedisConnectionFailed:
+                yield deferLater(reactor, 0.1, lambda: None)
+            else:
+                break
+        else:
+            self.fail("the store did not reconnect within 20 seconds")
+        self.assertTrue(result.allowed)
+
 
 def _oldRecord(e) -> str:
     """

@@ -1259,7 +1259,7 @@ def _pairs(flat: list) -> list[tuple]:
 
 
 @implementer(IStreamClientEndpoint)
-@attrs.frozen
+@attrs.frozen(repr=False)
 class _WatchedEndpoint:
     """
     A client endpoint that tells C{failed(failure)} about each connection
@@ -1269,6 +1269,10 @@ class _WatchedEndpoint:
 
     endpoint: Any
     failed: Callable[[Failure], None]
+
+    def __repr__(self) -> str:
+        # ClientService names the endpoint in its retry log lines.
+        return repr(self.endpoint)
 
     def connect(self, factory: Any) -> Deferred:
         def attemptFailed(failure: Failure) -> Failure:
