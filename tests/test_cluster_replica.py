@@ -7,6 +7,7 @@ import os
 
 from twisted.internet.defer import fail
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay.cluster.replica import SuppressionReplica
@@ -223,6 +224,26 @@ class SchedulerReplicaTests(SynchronousTestCase):
         self.deliverer.calls[0].answer(250, "ok")
         states = {r.address: r.state for r in entry.recipients}
         self.assertEqual(states, {"gone@example.com": "suppressed", "ok@example.com": "delivered"})
+
+    def test_holdingLoggedWhenReplicaGoesStale(self):
+        """
+        The warning that recipients are held is logged when the replica
+        turns too old, even within a minute of the warning that they are
+        checked against it: the operator sees that mail stopped.
+        """
+        self.successResultOf(self.replica.sync())
+        self.store.down = True
+        with capturedLogs() as captured:
+            self.clock.advance(590)
+            for queueID, wait in [("Q1", 20), ("Q2", 0), ("Q3", 0)]:
+                self.add(queueID, ["ok@example.com"])
+                self.clock.advance(0)
+                self.clock.advance(wait)
+        texts = [formatEvent(e) for e in captured if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(
+            [("local replica (590s old)" in t, "holding recipients" in t) for t in texts],
+            [(True, False), (False, True)],
+        )
 
     def test_noReplicaYetHolds(self):
         """

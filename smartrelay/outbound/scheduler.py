@@ -274,6 +274,7 @@ class DeliveryScheduler(Service):
     _pumpAgain: bool = attrs.field(default=False, init=False)
     _served: int = attrs.field(default=0, init=False)
     _suppressionWarned: float = attrs.field(default=float("-inf"), init=False)
+    _suppressionHeld: bool = attrs.field(default=False, init=False)
     #: Whether the last rate token could not be taken from the store (rates
     #: are then paced locally, at this node's share).
     ratesLocal: bool = attrs.field(default=False, init=False)
@@ -622,10 +623,13 @@ class DeliveryScheduler(Service):
         """
         replica = self.replica
         why = failure.getErrorMessage() or failure.type.__name__
-        warn = now - self._suppressionWarned >= 60
+        fresh = replica.fresh(now)
+        # Once a minute, and whenever checking turns into holding or back.
+        warn = now - self._suppressionWarned >= 60 or self._suppressionHeld == fresh
+        self._suppressionHeld = not fresh
         if warn:
             self._suppressionWarned = now
-        if replica.fresh(now):
+        if fresh:
             if warn:
                 self.log.warn(
                     "cannot check recipients against the suppression list ({why}); "
