@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from smartrelay.config import parseConfig
 from smartrelay.engine.downgrade import Offers, Prepared
 from smartrelay.engine.rewrap import SigningError
+from smartrelay.outbound.parking import FLUSH_INTERVAL
 from smartrelay.outbound.pool import Destination, DestinationPolicy, Limits, Throttle
 from smartrelay.outbound.router import Hop
 from smartrelay.outbound.scheduler import DeliveryScheduler
@@ -271,11 +272,18 @@ class ConnectFailureTests(PoolTestsMixin, SynchronousTestCase):
     """
 
     def test_deadDestinationFailsItsQueue(self):
-        """When no session can be opened, everything queued for those hops is deferred at once."""
+        """
+        When no session can be opened, the attempt is deferred at once and
+        everything else queued for those hops is parked, without attempts,
+        and deferred in one bulk record.
+        """
         self.scheduler.policy = DestinationPolicy(defaults=Limits(maxConnections=1))
         self.deliverer.refuse["mx.a.example"] = Reply(451, "4.4.1", "cannot connect")
         self.addMany(4)
         self.clock.advance(0)
+        self.assertEqual(len(self.deliverer.opens), 1)
+        self.assertEqual(len(self.events.ofType("deferred")), 1)
+        self.clock.advance(FLUSH_INTERVAL)
         self.assertEqual(len(self.deliverer.opens), 1)
         self.assertEqual(len(self.events.ofType("deferred")), 4)
 

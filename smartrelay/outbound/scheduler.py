@@ -50,6 +50,7 @@ from smartrelay.events import rfc3339
 from smartrelay.feedback.reasons import bounceKind, classifyReply
 from smartrelay.logs import MessageLog
 from smartrelay.message import Recipient, SpoolEntry
+from smartrelay.outbound.parking import Parking
 from smartrelay.outbound.pool import Destination, DestinationPolicy, Throttle
 from smartrelay.outbound.router import NoRoute
 from smartrelay.outbound.session import Reply
@@ -285,8 +286,27 @@ class DeliveryScheduler(Service):
     #: The detail of each waiting recipient's last C{deferred} event, by
     #: (queue id, address), for the queue API (not kept across restarts).
     _deferrals: dict = attrs.field(factory=dict, init=False)
+    #: Destinations that cannot be connected to, and the recipients
+    #: parked there until their retry (L{smartrelay.outbound.parking}).
+    _parking: Parking = attrs.field(
+        default=attrs.Factory(lambda self: self._makeParking(), takes_self=True), init=False
+    )
 
     log = Logger()
+
+    def _makeParking(self) -> Parking:
+        return Parking(
+            clock=self.clock,
+            retry=self.retry,
+            maxAge=self.maxAge,
+            record=self._recordParked,
+            expire=self._expireParked,
+            release=self._unpark,
+            opening=lambda key: key in self._destinations
+            and self._destinations[key].sessions > 0,
+            jitter=self.jitter,
+            random=self.random,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -308,6 +328,9 @@ class DeliveryScheduler(Service):
                 return
             self._entries[entry.queue_id] = known = entry
         if self.running and not self.hold:
+            # Recipients at a domain whose destination is suspended wait
+            # there, with no timer and no attempt of their own.
+            self._parking.admit(known, self._idle(known), self.clock.seconds())
             self._reschedule(known)
 
     def release(self) -> None:
@@ -329,6 +352,8 @@ class DeliveryScheduler(Service):
         if not self.running or queue_id not in self._entries:
             return False
         self._cancelTimer(queue_id)
+        # Parked recipients are tried too: their destination is probed now.
+        self._parking.probeNow(self._parking.forget(queue_id))
         return self._wake(queue_id, force=True)
 
     def retryDomain(self, domain: str) -> int:
@@ -342,6 +367,7 @@ class DeliveryScheduler(Service):
         domain = domain.lower().rstrip(".")
         woken = 0
         for queue_id, entry in list(self._entries.items()):
+            self._parking.probeNow(self._parking.forget(queue_id, domain))
             if any(_domain(r.address) == domain for r in self._idle(entry)):
                 self._cancelTimer(queue_id)
                 woken += self._wake(queue_id, force=True, domain=domain)
@@ -367,7 +393,9 @@ class DeliveryScheduler(Service):
         The state of every destination seen (queue, sessions, limits,
         throttle), for the API, the UI and C{/metrics}.
         """
-        return [d.state() for d in self._destinations.values()]
+        return [
+            {**d.state(), **self._parking.state(d.key)} for d in self._destinations.values()
+        ]
 
     # -- queue inspection and control (the HTTP API) --------------------------
 
@@ -425,6 +453,7 @@ class DeliveryScheduler(Service):
         busy = sorted(self.attempting(queue_id))
         if busy:
             raise DeliveryInProgress(queue_id, busy)
+        self._parking.forget(queue_id)
         self._cancelTimer(queue_id)
         now = self.clock.seconds()
         changes, events = [], []
@@ -474,6 +503,7 @@ class DeliveryScheduler(Service):
         Service.stopService(self)
         for queue_id in list(self._timers):
             self._cancelTimer(queue_id)
+        self._parking.stop()
         for destination in self._destinations.values():
             while destination.queue:
                 self._release(destination.queue.popleft())
@@ -532,7 +562,11 @@ class DeliveryScheduler(Service):
             timer.cancel()
 
     def _idle(self, entry: SpoolEntry) -> list:
-        return [r for r in entry.pending() if (entry.queue_id, r.address) not in self._busy]
+        queue_id, busy, parked = entry.queue_id, self._busy, self._parking
+        return [
+            r for r in entry.pending()
+            if (queue_id, r.address) not in busy and (queue_id, r.address) not in parked
+        ]
 
     def _reschedule(self, entry: SpoolEntry) -> None:
         """
@@ -815,6 +849,14 @@ class DeliveryScheduler(Service):
         """
         if not destination.queue:
             return False
+        suspension = self._parking.get(destination.key)
+        if suspension is not None:
+            if not suspension.probing:
+                while destination.queue:
+                    self._parkJob(destination, destination.queue.popleft())
+                return False
+            if destination.sessions:
+                return False  # one probe connection at a time
         if destination.deadUntil > self.clock.seconds():
             verdict = destination.deadVerdict
             while destination.queue:
@@ -1103,6 +1145,7 @@ class DeliveryScheduler(Service):
             opened = await self.connector.open(hop, destination.limits.tls)
             if opened.session is not None:
                 destination.deadUntil = 0.0
+                self._parking.recovered(destination.key)
                 return opened.session
             if self._isThrottling(opened.reply):
                 self._throttle(destination, opened.reply)
@@ -1130,7 +1173,13 @@ class DeliveryScheduler(Service):
             return None
         verdict = _Verdict(reply, remote, throttle=self._throttleDetail(destination, reply))
         self._settleJob(job, verdict)
-        if destination.sessions <= 1:
+        if destination.sessions <= 1 and not reply.permanent and self.running:
+            # Nothing to this destination works: park what waits for it
+            # and what comes until its next retry.
+            self._parking.suspend(destination.key, reply, remote, job.addresses)
+            while destination.queue:
+                self._parkJob(destination, destination.queue.popleft())
+        elif destination.sessions <= 1:
             # A dead destination: what waits for it, or comes in the next
             # moments, would only fail the same way.
             destination.deadUntil = self.clock.seconds() + DEAD_DESTINATION_TIME
@@ -1490,9 +1539,12 @@ class DeliveryScheduler(Service):
         tryRecord(0)
         return done
 
-    def _recorded(self, entry: SpoolEntry, changes: list, events: list) -> None:
-        for change in changes:
-            self._busy.discard((entry.queue_id, change.address))
+    def _recorded(
+        self, entry: SpoolEntry, changes: list, events: list, discard: bool = True
+    ) -> None:
+        if discard:
+            for change in changes:
+                self._busy.discard((entry.queue_id, change.address))
         for kind, address, detail, line, *override in events:
             eventType = override[0] if override else kind
             event = None
@@ -1518,6 +1570,57 @@ class DeliveryScheduler(Service):
         elif self.running:
             self._reschedule(entry)
 
+
+    # -- parked recipients (smartrelay.outbound.parking) -----------------
+
+    def _parkJob(self, destination: Destination, job: _Job) -> None:
+        self._release(job)
+        self._parking.park(destination.key, job.entry, job.addresses)
+
+    def _recordParked(self, entry: SpoolEntry, changes: list, events: list) -> None:
+        """
+        Record the deferral of parked recipients, then emit its events.  They
+        stay parked (and may be released) meanwhile, so they are not marked
+        busy; a failed record is not retried (it could land after a later
+        outcome): they stay parked, and their next deferral or outcome is
+        recorded instead.
+        """
+        d = maybeDeferred(self.spool.record, entry, changes)
+
+        def failed(failure: Failure) -> None:
+            self.log.failure(
+                "could not record the deferral of {count} parked recipients of {queue_id}",
+                failure,
+                count=len(changes),
+                queue_id=entry.queue_id,
+            )
+
+        d.addCallbacks(
+            lambda _: self._recorded(entry, changes, events, discard=False), failed
+        )
+        self._track(d)
+
+    def _expireParked(self, entry: SpoolEntry, changes: list, events: list) -> None:
+        """
+        Record the expiry of recipients taken out of the parking, as any
+        outcome (busy until recorded, retried if the record fails).
+        """
+        for change in changes:
+            self._busy.add((entry.queue_id, change.address))
+        self._track(self._record(entry, changes, events))
+
+    def _unpark(self, entry: SpoolEntry, addresses: list) -> None:
+        """
+        Attempt released parked recipients now.
+        """
+        if not self.running or self._entries.get(entry.queue_id) is not entry:
+            return
+        pending = {r.address for r in self._idle(entry)}
+        due = [a for a in addresses if a in pending]
+        for address in due:
+            self._busy.add((entry.queue_id, address))
+        if due:
+            self._track(self._dispatch(entry, due))
 
     def _suppressBounce(self, event) -> None:
         d = maybeDeferred(self.bounces.bounced, event)

@@ -1,0 +1,533 @@
+"""
+Parking: a destination that cannot be connected to is suspended until its
+next retry, and the mail queued for it waits there without attempts.
+
+When no session can be opened to a destination (every hop refused the
+connection, timed out or answered the greeting with a temporary failure)
+and no other session to it works, the scheduler calls L{Parking.suspend}.
+From then until the destination's next retry time:
+
+* recipients routed to it, and new recipients at a domain already seen
+  going there, join its I{parked set} (L{Parking.park}, L{Parking.admit}):
+  no connection attempt, no timer, no routing, no suppression check;
+* each parked recipient gets one C{deferred} event (the connection
+  failure, C{next_attempt} the destination's retry time) and a spool
+  state record, written in bulk: everything parked in one interval
+  (L{FLUSH_INTERVAL}) is recorded in one go, at most L{CHUNK} recipients
+  a reactor turn, so that the spool writes it in one group commit and the
+  event log in one batch;
+* a parked recipient whose next attempt would come after C{max_age}
+  expires instead (an C{expired} event, as for any deferral).
+
+At the retry time one parked recipient is released as the I{probe}
+(L{Parking.probing}: the scheduler opens at most one session to a
+probing destination).  If its session opens, L{Parking.recovered}
+releases every parked recipient, L{CHUNK} a reactor turn, into the
+scheduler's normal path (suppression list, routing, the destination's
+limits, the pump's fairness between destinations).  If it fails,
+L{Parking.suspend} is called again: the next retry comes from the retry
+schedule by the number of consecutive failures, and every parked
+recipient is told its new next attempt (bulk again).
+
+Nothing here is durable and nothing needs to be: the spool holds every
+parked recipient (queued, or deferred with its next attempt), so after a
+restart each is retried at its next attempt, the first failure parks the
+destination again, and the rest join it.
+"""
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
+
+import attrs
+from twisted.logger import Logger
+
+from smartrelay.events import rfc3339
+from smartrelay.message import Recipient, SpoolEntry
+
+__all__ = ["Parking", "Suspension", "FLUSH_INTERVAL", "CHUNK", "PROBE_TIMEOUT"]
+
+#: Seconds between two bulk records of new parked recipients.
+FLUSH_INTERVAL = 1.0
+
+#: Parked recipients recorded, or released, in one reactor turn.
+CHUNK = 2000
+
+#: A probe that has not led to a connection attempt after this many
+#: seconds (its recipient was suppressed, deleted or routed elsewhere) is
+#: replaced by another parked recipient.
+PROBE_TIMEOUT = 120.0
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+@attrs.define(eq=False, repr=False)
+class Suspension:
+    """
+    One suspended destination and its parked recipients.
+
+    @ivar key: the destination's key (a domain, C{provider:NAME},
+        C{relay:HOST:PORT}).
+    @ivar reply: the L{Reply <smartrelay.outbound.session.Reply>} of the
+        last failed connection.
+    @ivar remote: the hop that failed last.
+    @ivar failures: failed connections in a row (the last probe's
+        included): the retry schedule's index.
+    @ivar retryAt: clock seconds of the next probe.
+    @ivar probing: a probe recipient has been released and its connection
+        is awaited.
+    @ivar members: C{(queue id, address)} → L{SpoolEntry}, oldest first.
+    @ivar domains: the recipient domains seen routed here.
+    """
+
+    key: str
+    reply: Any
+    remote: Optional[str]
+    failures: int = 0
+    retryAt: float = 0.0
+    probing: bool = False
+    members: dict = attrs.field(factory=dict)
+    domains: set = attrs.field(factory=set)
+    timer: Any = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Suspension {self.key} parked={len(self.members)} "
+            f"failures={self.failures} probing={self.probing}>"
+        )
+
+    @property
+    def reason(self) -> str:
+        """
+        What a parked recipient's C{deferred} event says.
+        """
+        return f"delivery temporarily suspended: {self.reply.text}"
+
+    def state(self) -> dict:
+        """
+        For the destination views (API, UI, C{/metrics}).
+        """
+        return {
+            "parked": len(self.members),
+            "suspended_until": self.retryAt,
+            "suspended_reason": self.reply.line,
+        }
+
+
+@attrs.define(eq=False, slots=False, repr=False)
+class Parking:
+    """
+    The suspended destinations of one L{DeliveryScheduler
+    <smartrelay.outbound.scheduler.DeliveryScheduler>} and their parked
+    recipients.
+
+    @ivar clock: an C{IReactorTime}.
+    @ivar retry: C{delay(failures) -> seconds} (the scheduler's retry
+        schedule).
+    @ivar maxAge: seconds after C{entry.received} past which a recipient
+        is not deferred but expired.
+    @ivar record: C{record(entry, changes, events)}: write C{deferred}
+        states of parked recipients and then emit their events; the
+        recipients stay parked meanwhile (and may be released).
+    @ivar expire: C{expire(entry, changes, events)}: the same for
+        recipients no longer parked that expire.
+    @ivar release: C{release(entry, addresses)}: attempt these recipients
+        now, through the scheduler's normal path.
+    @ivar opening: C{opening(key) -> bool}: whether a session to the
+        destination is open or being opened (the probe is under way).
+    @ivar jitter: retry delays are stretched by up to this fraction.
+    @ivar random: C{random() -> float} in [0, 1).
+    """
+
+    clock: Any
+    retry: Any
+    maxAge: float
+    record: Callable
+    expire: Callable
+    release: Callable
+    opening: Callable
+    jitter: float = 0.0
+    random: Any = None
+    flushInterval: float = FLUSH_INTERVAL
+    chunk: int = CHUNK
+    probeTimeout: float = PROBE_TIMEOUT
+
+    _suspensions: dict = attrs.field(factory=dict, init=False)
+    _byDomain: dict = attrs.field(factory=dict, init=False)
+    #: (queue id, address) → (entry, its Suspension or None while released)
+    _parked: dict = attrs.field(factory=dict, init=False)
+    _byQueue: dict = attrs.field(factory=dict, init=False)
+    #: (queue id, address) keys whose deferral is still to be recorded.
+    _pending: dict = attrs.field(factory=dict, init=False)
+    _flushTimer: Any = attrs.field(default=None, init=False)
+    _releasing: deque = attrs.field(factory=deque, init=False)
+    _releaseTimer: Any = attrs.field(default=None, init=False)
+
+    log = Logger()
+
+    def __repr__(self) -> str:
+        return f"<Parking suspended={len(self._suspensions)} parked={len(self._parked)}>"
+
+    def __contains__(self, key: tuple) -> bool:
+        """
+        Whether the recipient C{(queue id, address)} is parked (and so not
+        to be attempted by the scheduler's own timers).
+        """
+        return key in self._parked
+
+    def __len__(self) -> int:
+        return len(self._parked)
+
+    def get(self, key: str) -> Optional[Suspension]:
+        """
+        The suspension of the destination C{key}, or L{None}.
+        """
+        return self._suspensions.get(key)
+
+    def state(self, key: str) -> dict:
+        """
+        The destination's parking state for its views: C{parked}
+        (recipients), C{suspended_until} (clock seconds of the next probe
+        or L{None}) and C{suspended_reason}.
+        """
+        suspension = self._suspensions.get(key)
+        if suspension is None:
+            return {"parked": 0, "suspended_until": None, "suspended_reason": None}
+        return suspension.state()
+
+    # -- suspending and parking -------------------------------------------
+
+    def suspend(
+        self, key: str, reply: Any, remote: Optional[str], addresses: Iterable[str] = ()
+    ) -> Suspension:
+        """
+        No connection to C{key} could be opened: suspend it until its next
+        retry (by the failures in a row so far), and tell every recipient
+        parked there its new next attempt.
+
+        @param addresses: the recipients of the failed attempt: new mail
+            for their domains is parked without being routed.
+        """
+        suspension = self._suspensions.get(key)
+        if suspension is None:
+            suspension = self._suspensions[key] = Suspension(key, reply, remote)
+        self._learn(suspension, addresses)
+        suspension.reply, suspension.remote = reply, remote
+        suspension.failures += 1
+        suspension.probing = False
+        delay = self.retry.delay(suspension.failures)
+        if self.jitter and self.random is not None:
+            delay *= 1 + self.jitter * self.random.random()
+        suspension.retryAt = self.clock.seconds() + delay
+        self._cancel(suspension)
+        suspension.timer = self.clock.callLater(delay, self._probe, suspension)
+        for member in suspension.members:
+            self._pending[member] = None
+        self._armFlush()
+        self.log.warn(
+            "{destination} suspended until {until} after: {reply}; "
+            "{count} recipients parked",
+            destination=key,
+            until=rfc3339(suspension.retryAt),
+            reply=reply.line,
+            count=len(suspension.members),
+        )
+        return suspension
+
+    def park(self, key: str, entry: SpoolEntry, addresses: Iterable[str]) -> None:
+        """
+        Park recipients routed to the suspended destination C{key}.
+        """
+        suspension = self._suspensions[key]
+        for address in addresses:
+            self._add(suspension, entry, address)
+        self._learn(suspension, addresses)
+        self._armFlush()
+
+    def _learn(self, suspension: Suspension, addresses: Iterable[str]) -> None:
+        for address in addresses:
+            domain = _domain(address)
+            if domain not in suspension.domains:
+                suspension.domains.add(domain)
+                self._byDomain[domain] = suspension
+
+    def admit(self, entry: SpoolEntry, recipients: Iterable[Recipient], now: float) -> None:
+        """
+        Park at once, without routing, the due C{recipients} of C{entry}
+        whose domain was seen going to a suspended destination.
+        """
+        if not self._byDomain:
+            return
+        added = False
+        for recipient in recipients:
+            if recipient.next_attempt > now:
+                continue
+            suspension = self._byDomain.get(_domain(recipient.address))
+            if suspension is not None:
+                self._add(suspension, entry, recipient.address)
+                added = True
+        if added:
+            self._armFlush()
+
+    def _add(self, suspension: Suspension, entry: SpoolEntry, address: str) -> None:
+        member = (entry.queue_id, address)
+        self._parked[member] = (entry, suspension)
+        self._byQueue.setdefault(entry.queue_id, set()).add(address)
+        suspension.members[member] = entry
+        self._pending[member] = None
+
+    def _remove(self, member: tuple) -> Optional[SpoolEntry]:
+        """
+        Unpark C{member}; return its entry (L{None} if it was not parked).
+        """
+        found = self._parked.pop(member, None)
+        if found is None:
+            return None
+        entry, suspension = found
+        if suspension is not None:
+            suspension.members.pop(member, None)
+        addresses = self._byQueue.get(member[0])
+        if addresses is not None:
+            addresses.discard(member[1])
+            if not addresses:
+                del self._byQueue[member[0]]
+        self._pending.pop(member, None)
+        return entry
+
+    def forget(self, queue_id: str, domain: Optional[str] = None) -> set:
+        """
+        Unpark the recipients of C{queue_id} (only those at C{domain} if
+        given) without releasing them: the operator deletes or retries
+        them.
+
+        @return: the L{Suspension}s they were parked in.
+        """
+        suspensions = set()
+        for address in list(self._byQueue.get(queue_id, ())):
+            if domain is not None and _domain(address) != domain:
+                continue
+            member = (queue_id, address)
+            suspension = self._parked[member][1]
+            if suspension is not None:
+                suspensions.add(suspension)
+            self._remove(member)
+        return suspensions
+
+    # -- the bulk records -------------------------------------------------
+
+    def _armFlush(self) -> None:
+        if self._pending and self._flushTimer is None:
+            self._flushTimer = self.clock.callLater(self.flushInterval, self._flush)
+
+    def _flush(self) -> None:
+        """
+        Record the deferral (or expiry) of up to L{chunk} parked
+        recipients, grouped by message; the rest in the next turn.
+        """
+        self._flushTimer = None
+        now = self.clock.seconds()
+        byEntry: dict = {}
+        taken = 0
+        while self._pending and taken < self.chunk:
+            member = next(iter(self._pending))
+            del self._pending[member]
+            found = self._parked.get(member)
+            if found is None or found[1] is None:
+                continue
+            taken += 1
+            byEntry.setdefault(found[0], []).append((member[1], found[1]))
+        for entry, parked in byEntry.items():
+            self._recordEntry(entry, parked, now)
+        if self._pending:
+            self._flushTimer = self.clock.callLater(0, self._flush)
+
+    def _recordEntry(self, entry: SpoolEntry, parked: list, now: float) -> None:
+        current = {r.address: r for r in entry.recipients}
+        deferrals: tuple = ([], [])
+        expiries: tuple = ([], [])
+        for address, suspension in parked:
+            recipient = current.get(address)
+            if recipient is None or recipient.final:
+                self._remove((entry.queue_id, address))
+                continue
+            change, event = self._deferral(entry, recipient, suspension, now)
+            if change.state == "expired":
+                self._remove((entry.queue_id, address))
+                target = expiries
+            else:
+                target = deferrals
+            target[0].append(change)
+            target[1].append(event)
+        if deferrals[0]:
+            self.record(entry, *deferrals)
+        if expiries[0]:
+            self.expire(entry, *expiries)
+
+    def _deferral(
+        self, entry: SpoolEntry, recipient: Recipient, suspension: Suspension, now: float
+    ) -> tuple:
+        """
+        The recipient's new state and event (in the scheduler's form:
+        C{(state, address, detail, log line fields)}); no attempt is
+        counted, none was made.
+        """
+        reply = suspension.reply
+        status = reply.status if reply.status and reply.status.startswith("4") else "4.0.0"
+        detail = {
+            "reply": suspension.reason,
+            "code": reply.code,
+            "status": status,
+            "remote": suspension.remote,
+            "attempts": recipient.attempts,
+            "suspended": suspension.key,
+        }
+        nextAttempt = suspension.retryAt
+        if nextAttempt - entry.received > self.maxAge:
+            state, nextAttempt = "expired", recipient.next_attempt
+            detail = {"reason": "expired", "diagnostic": f"{reply.code} {status} {suspension.reason}", **detail}
+        else:
+            state = "deferred"
+            detail["next_attempt"] = rfc3339(nextAttempt)
+        change = Recipient(
+            address=recipient.address,
+            state=state,
+            attempts=recipient.attempts,
+            next_attempt=nextAttempt,
+        )
+        line = {
+            "delay": now - entry.received,
+            "reply": f"{reply.code} {status} {suspension.reason}",
+            "relay": None,
+            "dsn": status,
+            "attempts": recipient.attempts,
+            "next_attempt": detail.get("next_attempt"),
+        }
+        return change, (state, recipient.address, detail, line)
+
+    # -- probing and releasing --------------------------------------------
+
+    def probing(self, key: str) -> bool:
+        """
+        Whether the destination C{key} is being probed: at most one
+        session to it may be opened.
+        """
+        suspension = self._suspensions.get(key)
+        return suspension is not None and suspension.probing
+
+    def probeNow(self, suspensions: Iterable[Suspension]) -> None:
+        """
+        The operator asked for recipients of these suspensions to be tried
+        now: probe them at once, the recipients asked for being the probe.
+        """
+        for suspension in suspensions:
+            if self._suspensions.get(suspension.key) is suspension:
+                self._cancel(suspension)
+                suspension.probing = True
+                suspension.timer = self.clock.callLater(
+                    self.probeTimeout, self._probeAgain, suspension
+                )
+
+    def _probe(self, suspension: Suspension) -> None:
+        """
+        The retry time has come: release the oldest parked recipient as
+        the probe; with nothing parked, end the suspension.
+        """
+        suspension.timer = None
+        if self._suspensions.get(suspension.key) is not suspension:
+            return
+        if not suspension.members:
+            self._end(suspension)
+            return
+        suspension.probing = True
+        member = next(iter(suspension.members))
+        entry = self._remove(member)
+        suspension.timer = self.clock.callLater(self.probeTimeout, self._probeAgain, suspension)
+        self.log.info(
+            "{destination}: retrying ({count} recipients parked)",
+            destination=suspension.key,
+            count=len(suspension.members),
+        )
+        self.release(entry, [member[1]])
+
+    def _probeAgain(self, suspension: Suspension) -> None:
+        suspension.timer = None
+        if self._suspensions.get(suspension.key) is not suspension or not suspension.probing:
+            return
+        if self.opening(suspension.key):
+            suspension.timer = self.clock.callLater(
+                self.probeTimeout, self._probeAgain, suspension
+            )
+            return
+        self._probe(suspension)
+
+    def recovered(self, key: str) -> None:
+        """
+        A session to C{key} opened: end its suspension and release its
+        parked recipients, L{chunk} a reactor turn.
+        """
+        suspension = self._suspensions.get(key)
+        if suspension is None:
+            return
+        count = len(suspension.members)
+        self._end(suspension)
+        self.log.info(
+            "{destination} answers again: releasing {count} parked recipients",
+            destination=key,
+            count=count,
+        )
+
+    def _end(self, suspension: Suspension) -> None:
+        self._cancel(suspension)
+        del self._suspensions[suspension.key]
+        for domain in suspension.domains:
+            if self._byDomain.get(domain) is suspension:
+                del self._byDomain[domain]
+        for member, entry in suspension.members.items():
+            self._parked[member] = (entry, None)
+            self._pending.pop(member, None)
+            self._releasing.append(member)
+        suspension.members.clear()
+        if self._releasing and self._releaseTimer is None:
+            self._releaseTimer = self.clock.callLater(0, self._releaseSome)
+
+    def _releaseSome(self) -> None:
+        self._releaseTimer = None
+        byEntry: dict = {}
+        taken = 0
+        while self._releasing and taken < self.chunk:
+            member = self._releasing.popleft()
+            found = self._parked.get(member)
+            if found is None or found[1] is not None:
+                continue  # forgotten, or parked again meanwhile
+            self._remove(member)
+            taken += 1
+            byEntry.setdefault(found[0], []).append(member[1])
+        for entry, addresses in byEntry.items():
+            self.release(entry, addresses)
+        if self._releasing:
+            self._releaseTimer = self.clock.callLater(0, self._releaseSome)
+
+    def _cancel(self, suspension: Suspension) -> None:
+        if suspension.timer is not None and suspension.timer.active():
+            suspension.timer.cancel()
+        suspension.timer = None
+
+    def stop(self) -> None:
+        """
+        The scheduler stops: cancel every timer and forget everything
+        parked (the spool has it for the next start).
+        """
+        for suspension in self._suspensions.values():
+            self._cancel(suspension)
+        for timer in (self._flushTimer, self._releaseTimer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._flushTimer = self._releaseTimer = None
+        self._suspensions.clear()
+        self._byDomain.clear()
+        self._parked.clear()
+        self._byQueue.clear()
+        self._pending.clear()
+        self._releasing.clear()
