@@ -55,13 +55,18 @@ class RedisServer:
         executable: str = "redis-server",
         unixSocket: bool = False,
         tls: Optional[tuple] = None,
+        persistent: bool = False,
     ) -> None:
         """
         @param unixSocket: listen on a UNIX socket (L{socketPath}) too.
         @param tls: C{(certificate path, key path)}: serve TLS only, on
             L{port}, with that certificate (which is also its CA file).
+        @param persistent: keep the data in an append-only file in
+            L{directory}, fsynced after every write, as an operator's Redis
+            would; a server started again (after L{kill}) reads it back.
         """
         self.executable = executable
+        self.persistent = persistent
         self.unixSocket = unixSocket
         self.tls = tls
         self.socketPath: Optional[str] = None
@@ -115,7 +120,11 @@ class RedisServer:
                         "--bind", "127.0.0.1",
                         "--dir", self.directory,
                         "--save", "",
-                        "--appendonly", "no",
+                        *(
+                            ["--appendonly", "yes", "--appendfsync", "always"]
+                            if self.persistent
+                            else ["--appendonly", "no"]
+                        ),
                         "--daemonize", "no",
                         *extra,
                     ],
@@ -176,6 +185,17 @@ class RedisServer:
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def kill(self) -> None:
+        """
+        Kill the server with SIGKILL (no shutdown, no last save) and wait
+        for it; its directory stays, so L{start} with the same C{port}
+        brings it back as an operator's restart would.
+        """
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
 
