@@ -44,6 +44,7 @@ from smartrelay.outbound.router import DomainRouter, MXRouter, SmarthostRouter, 
 from smartrelay.outbound.scheduler import DeliveryScheduler
 from smartrelay.cluster.leases import LeaseKeeper, leaseBackend
 from smartrelay.cluster.nodes import NodeRegistry
+from smartrelay.cluster.commands import NodeCommands, mailboxBackend
 from smartrelay.cluster.throttle import ThrottleBoard, throttleBackend
 from smartrelay.cluster.replica import REPLICA_FILE, SuppressionReplica
 from smartrelay.cluster.suppressions import DurableSuppressions
@@ -65,6 +66,7 @@ from smartrelay.web.accesslog import AccessLogFile
 from smartrelay.web.api import ApiApp
 from smartrelay.web.health import HealthCheck
 from smartrelay.web.metrics import ExportCollector, MetricsApp, RelayCollector, RelayMetrics
+from smartrelay.web.queries import QueueActions
 from smartrelay.export.services import checkWebhookTarget, makeExporter, makeWebhooks
 from smartrelay.web.site import SiteRoot, makeSite
 from smartrelay.web.tracking import TrackingApp
@@ -469,6 +471,20 @@ class RelayService(MultiService):
         self.scheduler.setServiceParent(self)
         # The one web site: each application by the first segment of its
         # paths (smartrelay/web/site.py), the tracking links for the rest.
+        # Retries and deletes of messages queued on another node sharing the
+        # store go to that node's mailbox; this node runs those sent to it.
+        mailboxes, sharedMailboxes = mailboxBackend(self.store)
+        self.nodeCommands = (
+            NodeCommands(
+                mailboxes,
+                leaseStore,
+                reactor,
+                node="%02X" % relay.node_id,
+                handler=QueueActions(self.scheduler).answer,
+            )
+            if sharedMailboxes and sharedLeases
+            else None
+        )
         self.api = ApiApp(
             store=self.suppressions,
             scheduler=self.scheduler,
@@ -476,6 +492,7 @@ class RelayService(MultiService):
             clock=reactor,
             tokens=config.web.api_tokens,
             trustedProxies=config.web.trusted_proxies,
+            remote=self.nodeCommands,
         )
         # /healthz probes the spool directory in the delivery-io threads
         # (never queued behind the group commits of new messages).
@@ -744,6 +761,8 @@ class RelayService(MultiService):
         self.throttleBoard.setServiceParent(self)
         if self.nodeRegistry is not None:
             self.nodeRegistry.setServiceParent(self)
+        if self.nodeCommands is not None:
+            self.nodeCommands.setServiceParent(self)
         if self.suppressionReplica is not None:
             await self.suppressionReplica.load()
             self.suppressionReplica.setServiceParent(self)

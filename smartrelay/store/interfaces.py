@@ -1483,3 +1483,64 @@ def checkThrottleArguments(destination, seen, reason, now, cooldown) -> tuple:
         raise ValueError(f"now must be finite POSIX seconds, not {now!r}")
     cooldown = _positive("cooldown", cooldown)
     return destination, seen, reason[:MAX_THROTTLE_REASON], now, cooldown
+
+
+# -- mailboxes between the nodes (issue 17) ------------------------------------
+
+#: The longest message a mailbox takes (characters).
+MAX_MAILBOX_MESSAGE = 65536
+
+
+class IMailboxes(Interface):
+    """
+    Named queues of text messages between the nodes sharing the store
+    (commands for the node that owns a message, and their answers).  A
+    mailbox nobody posts to expires; every method returns a L{Deferred}.
+    """
+
+    def postToMailbox(mailbox, message, ttl):
+        """
+        Append C{message} to C{mailbox}; the mailbox, with whatever is
+        still in it, is dropped C{ttl} seconds after this post unless
+        posted to again.
+
+        @param mailbox: a name (the lease name rules).
+        @param message: text, at most L{MAX_MAILBOX_MESSAGE} characters.
+        @rtype: L{Deferred} firing with L{None}; it fails with
+            L{ValueError} for bad arguments.
+        """
+
+    def takeFromMailbox(mailbox, limit):
+        """
+        Remove and return the oldest C{limit} messages of C{mailbox}: each
+        is taken by one caller only.
+
+        @rtype: L{Deferred} firing with a L{list} of text, oldest first
+            (empty when there is none).
+        """
+
+
+def checkMailboxPost(mailbox, message, ttl) -> tuple:
+    """
+    Validate the arguments of C{postToMailbox}.
+
+    @return: (mailbox, message, ttl).
+    @raise ValueError: for a bad value.
+    """
+    checkLeaseName("mailbox", mailbox)
+    if not isinstance(message, str) or len(message) > MAX_MAILBOX_MESSAGE:
+        raise ValueError(f"message must be text of at most {MAX_MAILBOX_MESSAGE} characters")
+    return mailbox, message, _positive("ttl", ttl)
+
+
+def checkMailboxTake(mailbox, limit) -> tuple:
+    """
+    Validate the arguments of C{takeFromMailbox}.
+
+    @return: (mailbox, limit).
+    @raise ValueError: for a bad value.
+    """
+    checkLeaseName("mailbox", mailbox)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be an integer from 1 to {MAX_LIMIT}, not {limit!r}")
+    return mailbox, limit

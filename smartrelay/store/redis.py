@@ -86,7 +86,10 @@ from zope.interface import classImplements, implementer
 from smartrelay.events import Event
 from smartrelay.store.interfaces import (
     ILeases,
+    IMailboxes,
     IThrottles,
+    checkMailboxPost,
+    checkMailboxTake,
     LeaseGrant,
     MAX_THROTTLE_LEVEL,
     ThrottleState,
@@ -2540,6 +2543,36 @@ class RedisStore:
 
         return d.addCallback(states)
 
+    # -- mailboxes between the nodes (IMailboxes; issue 17) -------------------
+    #
+    # C{mbox:<name>}: a list of messages, expiring C{ttl} after its last
+    # post.
+
+    def postToMailbox(self, mailbox, message, ttl) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            mailbox, message, ttl = checkMailboxPost(mailbox, message, ttl)
+        except ValueError:
+            return fail()
+        d = self._do(
+            self._script,
+            "mailboxPost",
+            [self._key("mbox", mailbox)],
+            [message, str(math.ceil(ttl * 1000))],
+        )
+        return d.addCallback(lambda _: None)
+
+    def takeFromMailbox(self, mailbox, limit) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            mailbox, limit = checkMailboxTake(mailbox, limit)
+        except ValueError:
+            return fail()
+        d = self._do(self._script, "mailboxTake", [self._key("mbox", mailbox)], [str(limit)])
+        return d.addCallback(lambda messages: [_text(m) for m in messages])
+
 
 # KEYS: the lease set.  ARGV: lease, limit, now, ttl.
 # Returns granted (0/1), live leases afterwards, seconds until the earliest
@@ -2662,6 +2695,30 @@ _SCRIPTS["throttleStates"] = _THROTTLE_STATES
 _SHAS["throttleTrigger"] = _sha1(_THROTTLE_TRIGGER)
 _SHAS["throttleStates"] = _sha1(_THROTTLE_STATES)
 classImplements(RedisStore, IThrottles)
+
+
+# KEYS: the mailbox.  ARGV: the message, its TTL in milliseconds.
+_MAILBOX_POST = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: the mailbox.  ARGV: how many.  The oldest that many, removed.
+_MAILBOX_TAKE = """
+local n = tonumber(ARGV[1])
+local taken = redis.call('LRANGE', KEYS[1], 0, n - 1)
+if #taken > 0 then
+  redis.call('LTRIM', KEYS[1], n, -1)
+end
+return taken
+"""
+
+_SCRIPTS["mailboxPost"] = _MAILBOX_POST
+_SCRIPTS["mailboxTake"] = _MAILBOX_TAKE
+_SHAS["mailboxPost"] = _sha1(_MAILBOX_POST)
+_SHAS["mailboxTake"] = _sha1(_MAILBOX_TAKE)
+classImplements(RedisStore, IMailboxes)
 
 __all__ = [
     "RedisAddress",

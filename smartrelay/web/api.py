@@ -17,7 +17,8 @@ C{{"items": [...], "next_cursor": ... | null}}.
 
 What comes from the store (events, statistics, the suppression list) is
 the same on every node sharing a Redis store; the queue is this node's
-spool.
+spool, but a retry or delete of a message queued on another node is sent
+to that node (L{smartrelay.cluster.commands}) and answered as it answers.
 
 Mount it with the other applications of the site
 (L{smartrelay.web.site.SiteRoot}): C{{b"api": app.resource()}}.
@@ -181,6 +182,8 @@ class ApiApp:
     @ivar tokens: the accepted bearer tokens; empty: the API is disabled.
     @ivar trustedProxies: networks whose C{X-Forwarded-For} is believed.
     @ivar limiter: counts wrong tokens per client address.
+    @ivar remote: reaches the node that owns a message for retries and
+        deletes (L{smartrelay.cluster.commands.NodeCommands}), or L{None}.
     @ivar queries: what the routes read and do
         (L{smartrelay.web.queries.Queries}, shared with the reports UI);
         built over the four above unless given.
@@ -199,9 +202,12 @@ class ApiApp:
         )
     )
     maxBody: int = MAX_BODY
+    remote: Any = None
     queries: Queries = attrs.field(
         default=attrs.Factory(
-            lambda self: Queries(self.store, self.scheduler, self.spool, self.clock),
+            lambda self: Queries(
+                self.store, self.scheduler, self.spool, self.clock, remote=self.remote
+            ),
             takes_self=True,
         )
     )
@@ -490,7 +496,7 @@ class ApiApp:
     async def retry(self, request, queue_id: str):
         Query(request, ())
         checkQueueID(queue_id)
-        return Answer(202, self.queries.retry(queue_id))
+        return Answer(202, await self.queries.retry(queue_id))
 
     @endpoint("/api/v1/queue/<queueid:queue_id>", methods=("DELETE",))
     async def delete(self, request, queue_id: str):

@@ -13,7 +13,7 @@ L{ApiError}; the API writes it as JSON, the UI as a page.
 
 import csv
 import io
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
@@ -21,6 +21,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from smartrelay.cluster.commands import (
+    NodeTimeout,
+    NodeUnavailable,
+    StoreUnreachable,
+    ownerOf,
+)
 from smartrelay.events import rfc3339
 from smartrelay.message import SpoolEntry
 from smartrelay.outbound.scheduler import DeliveryInProgress
@@ -45,6 +51,7 @@ from smartrelay.web.apijson import (
 )
 from smartrelay.web.apirequest import (
     ApiError,
+    checkQueueID,
     decodeQueueCursor,
     encodeQueueCursor,
     notFound,
@@ -56,8 +63,10 @@ __all__ = [
     "MAX_SCAN",
     "MessageReader",
     "QUEUE_SLICE",
+    "QueueActions",
     "QueueControl",
     "Queries",
+    "answerOrError",
     "SUPPRESSION_CSV_FIELDS",
     "suppressionCSV",
 ]
@@ -126,6 +135,89 @@ def suppressionCSV(entries: list) -> bytes:
 
 
 @attrs.define(slots=False)
+class QueueActions:
+    """
+    What may be done to this node's own queue: retry now and delete.
+
+    @ivar scheduler: this node's queue (L{QueueControl}).
+    """
+
+    scheduler: QueueControl
+
+    def retry(self, queue_id: str) -> dict:
+        """
+        Attempt a queued message's waiting recipients now.
+
+        @raise ApiError: 404 if it is not queued, 409 if every waiting
+            recipient is being attempted already.
+        """
+        entry = self.scheduler.queuedMessage(queue_id)
+        if entry is None:
+            raise notFound(f"{queue_id} is not in the queue")
+        if not self.scheduler.retryNow(queue_id):
+            raise ApiError(
+                409,
+                "in_progress",
+                f"{queue_id}: every waiting recipient is being attempted already",
+            )
+        return {"queue_id": queue_id, "retrying": sorted(self.scheduler.attempting(queue_id))}
+
+    async def delete(self, queue_id: str) -> dict:
+        """
+        Take a message out of the queue (its waiting recipients end
+        C{expired}, reason C{deleted}).
+
+        @raise ApiError: 404 if it is not queued, 409 while a delivery of
+            it is in progress.
+        """
+        try:
+            deleted = await self.scheduler.delete(queue_id)
+        except KeyError:
+            raise notFound(f"{queue_id} is not in the queue") from None
+        except DeliveryInProgress as e:
+            raise ApiError(
+                409,
+                "in_progress",
+                f"{e}; try again when the attempt is over",
+            ) from None
+        return {"queue_id": queue_id, "deleted": deleted}
+
+    async def answer(self, op: str, args: dict) -> dict:
+        """
+        C{retry} or C{delete} of C{args["queue_id"]} as a command's answer:
+        C{{"status": 202 or 200, "body": the document}} or the error's
+        status and body.  Never fails.
+        """
+        try:
+            queue_id = args.get("queue_id") if isinstance(args, dict) else None
+            checkQueueID(queue_id if isinstance(queue_id, str) else "")
+            if op == "retry":
+                return {"status": 202, "body": self.retry(queue_id)}
+            if op == "delete":
+                return {"status": 200, "body": await self.delete(queue_id)}
+            raise ApiError(400, "bad_request", f"no such command: {op!r}")
+        except ApiError as e:
+            return {"status": e.status, "body": e.body()}
+
+
+def answerOrError(answer: Any) -> dict:
+    """
+    The body of a command's answer (L{QueueActions.answer}).
+
+    @raise ApiError: for an error answer, with its status, code and text.
+    """
+    try:
+        status, body = int(answer["status"]), answer["body"]
+        if status < 400:
+            return body
+        error = body["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (KeyError, TypeError, ValueError):
+        raise ApiError(500, "internal_error", "the owning node answered nonsense") from None
+    raise ApiError(status, code, message)
+
+
+@attrs.define(slots=False)
 class Queries:
     """
     The reads and actions shared by the API and the UI.
@@ -134,12 +226,20 @@ class Queries:
     @ivar scheduler: this node's queue (L{QueueControl}).
     @ivar spool: reads a queued message (L{MessageReader}).
     @ivar clock: an L{IReactorTime}.
+    @ivar remote: sends retries and deletes of messages that belong to
+        another node to it (L{smartrelay.cluster.commands.NodeCommands}:
+        C{isElsewhere(queue_id)}, C{request(node, op, args)}), or L{None}
+        (one node).
     """
 
     store: IStore
     scheduler: QueueControl
     spool: MessageReader
     clock: IReactorTime
+    remote: Any = None
+    actions: QueueActions = attrs.field(
+        default=attrs.Factory(lambda self: QueueActions(self.scheduler), takes_self=True)
+    )
 
     log = Logger()
 
@@ -602,43 +702,80 @@ class Queries:
         """
         return {"domain": domain, "messages": self.scheduler.retryDomain(domain)}
 
-    def retry(self, queue_id: str) -> dict:
+    async def retry(self, queue_id: str) -> dict:
         """
-        Attempt a queued message's waiting recipients now.
+        Attempt a queued message's waiting recipients now, on the node
+        that owns it (L{forward}).
 
         @raise ApiError: 404 if it is not queued, 409 if every waiting
-            recipient is being attempted already.
+            recipient is being attempted already; see L{forward}.
         """
-        entry = self.scheduler.queuedMessage(queue_id)
-        if entry is None:
-            raise notFound(f"{queue_id} is not in the queue")
-        if not self.scheduler.retryNow(queue_id):
-            raise ApiError(
-                409,
-                "in_progress",
-                f"{queue_id}: every waiting recipient is being attempted already",
-            )
-        return {"queue_id": queue_id, "retrying": sorted(self.scheduler.attempting(queue_id))}
+        if self._isRemote(queue_id):
+            return await self.forward(queue_id, "retry")
+        return self.actions.retry(queue_id)
 
     async def delete(self, queue_id: str) -> dict:
         """
         Take a message out of the queue (its waiting recipients end
-        C{expired}, reason C{deleted}).
+        C{expired}, reason C{deleted}), on the node that owns it.
 
         @raise ApiError: 404 if it is not queued, 409 while a delivery of
-            it is in progress.
+            it is in progress; see L{forward}.
         """
+        if self._isRemote(queue_id):
+            return await self.forward(queue_id, "delete")
+        return await self.actions.delete(queue_id)
+
+    def _isRemote(self, queue_id: str) -> bool:
+        # A message in this node's queue is this node's, whatever its id
+        # says (a node whose node_id was changed keeps its spool).
+        return (
+            self.remote is not None
+            and self.scheduler.queuedMessage(queue_id) is None
+            and self.remote.isElsewhere(queue_id)
+        )
+
+    async def forward(self, queue_id: str, op: str) -> dict:
+        """
+        Run C{op} (C{retry}, C{delete}) on the node whose id C{queue_id}
+        starts with, through the store, and answer what it answers.
+
+        @raise ApiError: what the owner answered, or 503 C{node_unavailable}
+            (no live heartbeat of the owner), 504 C{node_timeout} (no answer
+            in time), 503 C{store_unreachable}.
+        """
+        node = ownerOf(queue_id)
         try:
-            deleted = await self.scheduler.delete(queue_id)
-        except KeyError:
-            raise notFound(f"{queue_id} is not in the queue") from None
-        except DeliveryInProgress as e:
+            answer = await self.remote.request(node, op, {"queue_id": queue_id})
+        except NodeUnavailable:
             raise ApiError(
-                409,
-                "in_progress",
-                f"{e}; try again when the attempt is over",
+                503,
+                "node_unavailable",
+                f"{queue_id} belongs to node {node}, which is not running (no heartbeat "
+                f"in the store): only that node can {op} it",
             ) from None
-        return {"queue_id": queue_id, "deleted": deleted}
+        except NodeTimeout as e:
+            raise ApiError(
+                504,
+                "node_timeout",
+                f"node {node}, which owns {queue_id}, did not answer within "
+                f"{e.timeout:g} s; the {op} may still happen there",
+            ) from None
+        except StoreUnreachable as e:
+            raise ApiError(
+                503,
+                "store_unreachable",
+                f"cannot reach the store to ask node {node}, which owns {queue_id}: {e}",
+            ) from None
+        return answerOrError(answer)
+
+    async def localCommand(self, op: str, args: dict) -> dict:
+        """
+        Run a command another node sent for this node's queue
+        (L{smartrelay.cluster.commands.NodeCommands}'s handler): the answer
+        the same request made here would get, as C{{"status", "body"}}.
+        """
+        return await self.actions.answer(op, args)
 
     def destinations(self) -> list:
         """
@@ -648,6 +785,7 @@ class Queries:
         for state in self.scheduler.destinations():
             state = dict(state)
             state["throttle_until"] = optionalTime(state.get("throttle_until"))
+            state["suspended_until"] = optionalTime(state.get("suspended_until"))
             items.append(state)
         items.sort(key=lambda d: d["destination"])
         return items

@@ -260,7 +260,7 @@ async def confirmDelete(ui, context) -> Page:
 
 async def retry(ui, context):
     queue_id = _queueID(context)
-    ui.queries.retry(queue_id)
+    await ui.queries.retry(queue_id)
     if context.field("back", 20) == "message":
         return Redirect("/messages/" + quote(queue_id, safe="") + "?done=retried")
     return Redirect("/queue?done=retried")
