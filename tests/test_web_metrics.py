@@ -28,6 +28,7 @@ from smartrelay.events import EVENT_TYPES, Event, EventLog
 from smartrelay.journal import EventJournal
 from smartrelay.message import Recipient, SpoolEntry
 from smartrelay.outbound.scheduler import DeliveryScheduler
+from smartrelay.outbound.session import Reply
 from smartrelay.outbound.testing import Delays, FakeDeliverer, FakeRouter, FakeSpool, RecordingEvents
 from smartrelay.spool import Spool
 from smartrelay.store.interfaces import IStore
@@ -559,6 +560,29 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(
             sample(found, "smartrelay_queue_oldest_age_seconds", domain="example.org"), 100
         )
+
+    def test_parkedDestination(self):
+        """
+        A destination that cannot be connected to shows its parked
+        recipients and when it is tried again; they are still queued
+        recipients of their domain.
+        """
+        self.deliverer.refuse["smarthost.test:25"] = Reply(451, "4.4.1", "cannot connect")
+        for n in range(4):
+            e = entry(f"Q{n}", START, f"r{n}@example.org")
+            self.fakeSpool.add(e)
+            self.scheduler.enqueue(e)
+            self.clock.advance(0)
+        found = self.scrape()
+        destination = "relay:smarthost.test:25"
+        self.assertEqual(
+            sample(found, "smartrelay_destination_recipients_parked", destination=destination), 3
+        )
+        self.assertEqual(
+            sample(found, "smartrelay_destination_suspended_until_seconds", destination=destination),
+            START + 60,
+        )
+        self.assertEqual(sample(found, "smartrelay_queue_recipients", domain="example.org"), 4)
 
     def test_domainsCapped(self):
         """

@@ -609,7 +609,10 @@ class RelayCollector:
             "smartrelay_connections_limit", "[delivery] max_connections.",
             value=self.scheduler.maxConnections,
         )
-        active = [s for s in states if s["connections"] or s["queued"] or s["throttled"]]
+        active = [
+            s for s in states
+            if s["connections"] or s["queued"] or s["throttled"] or s.get("parked")
+        ]
         if len(active) > MAX_SERIES:
             active = heapq.nlargest(
                 MAX_SERIES, active, key=lambda s: (s["connections"], s["queued"])
@@ -625,13 +628,26 @@ class RelayCollector:
              "Recipients routed and waiting for a connection, by destination."),
             ("throttle_factor", "smartrelay_destination_throttle_factor",
              "Share of the configured limits in force (1: not throttled), by destination."),
+            ("parked", "smartrelay_destination_recipients_parked",
+             "Recipients parked at a suspended destination (it could not be connected "
+             "to) until its next retry, by destination."),
         ]
         active.sort(key=lambda s: s["destination"])
         for key, name, help in families:
             family = GaugeMetricFamily(name, help, labels=["destination"])
             for state in active:
-                family.add_metric([state["destination"]], state[key])
+                family.add_metric([state["destination"]], state.get(key, 0))
             yield family
+        family = GaugeMetricFamily(
+            "smartrelay_destination_suspended_until_seconds",
+            "When a suspended destination (no connection could be opened) is tried "
+            "again, as Unix time, by destination.",
+            labels=["destination"],
+        )
+        for state in active:
+            if state.get("suspended_until"):
+                family.add_metric([state["destination"]], state["suspended_until"])
+        yield family
 
     def _rewrap(self) -> Iterable:
         workers = self.workers

@@ -313,6 +313,9 @@ _SCHEMAS = {
             "throttle_factor": {"type": "number"},
             "throttle_until": _nullable(_TIME),
             "throttle_reason": _nullable({"type": "string"}),
+            "parked": {"type": "integer"},
+            "suspended_until": _nullable(_TIME),
+            "suspended_reason": _nullable({"type": "string"}),
         },
     },
 }
