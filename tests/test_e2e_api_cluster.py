@@ -1,8 +1,10 @@
 """
 The HTTP API of two real C{twistd smartrelay} nodes on one redis-server
 (started by the test on an OS-chosen port): what one node accepted and
-delivered is visible through the other's API, and a suppression added
-through one stops mail on the other.
+delivered is visible through the other's API, a suppression added
+through one stops mail on the other, a retry or delete sent to one for a
+message queued on the other reaches its owner, and a C{421} to one
+throttles the other.
 """
 
 import json
@@ -17,11 +19,32 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from tests.redisserver import RedisServer
-from tests.sink import RelayProcess, Sink, waitFor
+from twisted.mail import smtp
+
+from tests.sink import RelayProcess, Sink, _Delivery, waitFor
 from tests.test_e2e import submit
 from tests.test_e2e_api import webPort
 
 TOKEN = "e2e-cluster-token-0123456789abcdef"
+
+
+class _ThrottlingDelivery(_Delivery):
+    def validateTo(self, user):
+        if user.dest.local.decode().startswith("slowdown"):
+            raise smtp.SMTPBadRcpt(user, code=421, resp="4.7.0 Try again later, slow down")
+        return _Delivery.validateTo(self, user)
+
+
+class ThrottlingSink(Sink):
+    """
+    The test sink, answering C{421 4.7.0} to recipients whose local part
+    starts with C{slowdown} (a provider asking senders to slow down).
+    """
+
+    def buildProtocol(self, addr):
+        p = Sink.buildProtocol(self, addr)
+        p.delivery = _ThrottlingDelivery(self)
+        return p
 
 
 class ClusterAPITests(TestCase):
@@ -35,7 +58,7 @@ class ClusterAPITests(TestCase):
     def setUp(self):
         self.redis = RedisServer().start()
         self.addCleanup(self.redis.stop)
-        self.sink = Sink()
+        self.sink = ThrottlingSink()
         port = reactor.listenTCP(0, self.sink, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.nodes = {}
@@ -139,5 +162,93 @@ class ClusterAPITests(TestCase):
         self.assertEqual((code, removed["removed"]), (200, True))
         again = yield self.submitted("01", "held@example.org")
         yield waitFor(reactor, lambda: again in self.sink.queueIDs(), timeout=60)
+        for relay in self.nodes.values():
+            yield relay.stop()
+
+    @inlineCallbacks
+    def events(self, node, queueID, type, count):
+        """
+        The C{type} events of C{queueID} through C{node}'s API, once there
+        are C{count} of them.
+        """
+        found = {}
+
+        @inlineCallbacks
+        def check():
+            code, document = yield self.call(node, "GET", "/messages/" + queueID)
+            found["events"] = [e for e in document.get("events", ()) if e["type"] == type]
+            return len(found["events"]) >= count
+
+        deadline = reactor.seconds() + 30
+        while not (yield check()):
+            self.assertLess(reactor.seconds(), deadline, found)
+            yield deferLater(reactor, 0.05)
+        return found["events"]
+
+    @inlineCallbacks
+    def test_retryAndDeleteReachTheOwner(self):
+        """
+        A message deferred on node 01 is retried at once and then deleted
+        through node 02's API, answered as node 01 would answer; once node
+        01 has stopped, node 02 answers 503 C{node_unavailable} for its
+        messages.
+        """
+        queueID = yield self.submitted("01", "defer-me@example.org")
+        self.assertTrue(queueID.startswith("01/"), queueID)
+        yield self.events("02", queueID, "deferred", 1)
+        started = reactor.seconds()
+        code, answer = yield self.call("02", "POST", f"/queue/{queueID}/retry")
+        self.assertEqual((code, answer["queue_id"]), (202, queueID), answer)
+        # The retry schedule's next attempt is minutes away: this one is
+        # the retry asked for.
+        deferred = yield self.events("02", queueID, "deferred", 2)
+        self.assertEqual(deferred[1]["detail"]["attempts"], 2)
+        self.assertLess(reactor.seconds() - started, 10)
+
+        code, answer = yield self.call("02", "DELETE", f"/queue/{queueID}")
+        self.assertEqual((code, answer), (200, {"queue_id": queueID, "deleted": ["defer-me@example.org"]}))
+        document = yield self.document("01", queueID, "expired")
+        self.assertFalse(document["queued"])
+        code, answer = yield self.call("02", "DELETE", f"/queue/{queueID}")
+        self.assertEqual((code, answer["error"]["code"]), (404, "not_found"), answer)
+
+        yield self.nodes["01"].stop()
+        code, answer = yield self.call("02", "POST", f"/queue/{queueID}/retry")
+        self.assertEqual((code, answer["error"]["code"]), (503, "node_unavailable"), answer)
+        self.assertIn("node 01", answer["error"]["message"])
+        yield self.nodes["02"].stop()
+
+    @inlineCallbacks
+    def test_throttleOnOneNodeSlowsTheOther(self):
+        """
+        A C{421} to node 01 halves the smarthost's budget on node 02 too,
+        within a couple of seconds, with node 01's reply as the reason.
+        """
+        first = yield self.submitted("02", "warm-up@example.org")
+        yield self.document("02", first, "delivered")
+        code, before = yield self.call("02", "GET", "/destinations")
+        [destination] = before["items"] if isinstance(before, dict) else before
+        self.assertFalse(destination["throttled"], destination)
+        slowed = yield self.submitted("01", "slowdown@example.org")
+        yield self.events("01", slowed, "deferred", 1)
+        started = reactor.seconds()
+        found = {}
+
+        @inlineCallbacks
+        def throttled():
+            code, items = yield self.call("02", "GET", "/destinations")
+            items = items["items"] if isinstance(items, dict) else items
+            found["items"] = items
+            return bool(items) and items[0]["throttled"]
+
+        while not (yield throttled()):
+            self.assertLess(reactor.seconds() - started, 5, found)
+            yield deferLater(reactor, 0.05)
+        [after] = found["items"]
+        self.assertEqual(after["destination"], destination["destination"])
+        self.assertEqual(after["throttle_factor"], 0.5)
+        self.assertEqual(after["max_connections"], destination["configured_max_connections"] // 2)
+        self.assertIn("slow down", after["throttle_reason"])
+        self.assertIn("throttled in the cluster", self.nodes["02"].log())
         for relay in self.nodes.values():
             yield relay.stop()
