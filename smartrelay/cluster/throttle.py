@@ -226,13 +226,15 @@ class SharedThrottle:
     def _learn(self, state: Optional[ThrottleState]) -> None:
         """
         Apply the cluster's state (L{None}: not throttled there); tell
-        C{onChange} if that changes the budget or its next step.
+        C{onChange} when a trigger elsewhere changes the budget or its next
+        step here (the steps of recovery are a matter of time, noted by
+        L{recover}).
         """
-        before = self._reported
+        before, previous = self._reported, self.cluster
         self.cluster = state
         self._drop()
         level, _, until = self._current()
-        if (level, until) != before:
+        if state is not None and state != previous and (level, until) != before:
             self._reported = (level, until)
             if self.onChange is not None:
                 self.onChange()
