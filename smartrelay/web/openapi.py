@@ -348,6 +348,9 @@ def _errors(*extra: str) -> dict:
         "415": "Not CSV or JSON",
         "405": "Another method (a path that another route's parameter matches)",
         "500": "Internal error (see the relay's log)",
+        "503": "The message belongs to another node that is not running, or the store "
+        "cannot be reached to ask it",
+        "504": "The node that owns the message did not answer in time",
     }
     for code in extra:
         codes[code] = more[code]
@@ -607,7 +610,7 @@ def _paths() -> dict:
                 ),
                 status="202",
                 parameters=[_QUEUE_PATH],
-                errors=("404", "405", "409"),
+                errors=("404", "405", "409", "503", "504"),
             )
         },
         "/api/v1/queue/{queue_id}": {
@@ -625,7 +628,7 @@ def _paths() -> dict:
                     "The recipients given up",
                 ),
                 parameters=[_QUEUE_PATH],
-                errors=("404", "405", "409"),
+                errors=("404", "405", "409", "503", "504"),
             )
         },
         "/api/v1/destinations": {
