@@ -331,6 +331,30 @@ class ParkingTests(ParkingTestsMixin, SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(len(self.opens()), 2)
 
+    def test_retryDomainProbes(self):
+        """retryDomain on a parked domain tries its destination at once and delivers what was parked."""
+        self.suspendWithOne()
+        self.addMany(3)
+        self.clock.advance(FLUSH_INTERVAL)
+        del self.deliverer.refuse[SMARTHOST]
+        self.deliverer.auto = _ok
+        self.assertEqual(self.scheduler.retryDomain("example.com"), 4)
+        self.clock.advance(0)
+        self.assertEqual(len(self.opens()), 2)
+        self.assertEqual(
+            sorted(e[1] for e in self.events.ofType("delivered")), ["FIRST", "P0", "P1", "P2"]
+        )
+
+    def test_permanentRefusalNotParked(self):
+        """A permanent refusal of the connection (a 5xx greeting) bounces; nothing is parked."""
+        self.deliverer.refuse[SMARTHOST] = Reply(554, "5.7.1", "go away")
+        self.add("FIRST")
+        self.clock.advance(0)
+        self.add("SECOND")
+        self.clock.advance(FLUSH_INTERVAL)
+        self.assertEqual(self.destination()["parked"], 0)
+        self.assertEqual(sorted(e[1] for e in self.events.ofType("bounced")), ["FIRST", "SECOND"])
+
     def test_queueViews(self):
         """The queue views show a parked recipient as deferred, with the reason and the retry time."""
         self.suspendWithOne()
