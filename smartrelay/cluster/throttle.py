@@ -328,9 +328,14 @@ class ThrottleBoard(Service):
         finally:
             self._reading = False
         self._reachable()
+        # Only the destinations throttled now or at the last read: a node
+        # with thousands of destinations does not walk them every second.
+        changed = set(states) | set(self._known)
         self._known = states
-        for key, throttle in list(self._throttles.items()):
-            throttle._learn(states.get(key))
+        for key in changed:
+            throttle = self._throttles.get(key)
+            if throttle is not None:
+                throttle._learn(states.get(key))
 
     def _trigger(self, throttle: SharedThrottle, seen: int, reason: str, now: float) -> None:
         d = maybeDeferred(
