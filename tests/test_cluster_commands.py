@@ -71,7 +71,13 @@ class MailboxesContractMixin:
         """
         Bad names, messages, TTLs and limits fail with L{ValueError}.
         """
-        for args in [("", "m", 30), ("a b", "m", 30), ("box", b"m", 30), ("box", "x" * 70000, 30), ("box", "m", 0)]:
+        for args in [
+            ("", "m", 30),
+            ("a b", "m", 30),
+            ("box", b"m", 30),
+            ("box", "x" * 70000, 30),
+            ("box", "m", 0),
+        ]:
             self.failureResultOf(self.mailboxes.postToMailbox(*args), ValueError)
         for args in [("", 1), ("box", 0), ("box", 1001), ("box", True)]:
             self.failureResultOf(self.mailboxes.takeFromMailbox(*args), ValueError)
@@ -270,8 +276,9 @@ class TwoNodesTests(SynchronousTestCase):
         """
         self.b.mailboxes.down = True
         self.b.queue.queued.add(QA)
-        self.assertEqual(self.successResultOf(self.settle(self.b.queries.retry(QA)))["queue_id"], QA)
-        self.assertEqual(self.successResultOf(self.settle(self.b.queries.retry(QB)))["queue_id"], QB)
+        for queueID in (QA, QB):
+            answer = self.successResultOf(self.settle(self.b.queries.retry(queueID)))
+            self.assertEqual(answer["queue_id"], queueID)
         self.assertEqual(self.a.queue.retried, [])
 
     def test_ownerNotLive(self):
@@ -314,7 +321,8 @@ class TwoNodesTests(SynchronousTestCase):
         Something in the mailbox that is not a message is logged and
         dropped; the channel goes on.
         """
-        self.a.mailboxes.local.postToMailbox("node:0A", "not json", 30)
+        for junk in ("not json", "5", '{"kind": "command", "id": "x"}', '{"kind": "x", "id": 1}'):
+            self.a.mailboxes.local.postToMailbox("node:0A", junk, 30)
         self.clock.advance(0.25)
         self.flushLoggedErrors()
         self.test_retryReachesTheOwner()

@@ -247,7 +247,9 @@ class TwoNodesTests(SynchronousTestCase):
         self.b = ThrottleBoard(self.backendB, self.clock, cooldown=60.0, shared=True)
         self.changes = []
         self.ta = self.a.throttle("provider:google")
-        self.tb = self.b.throttle("provider:google", lambda: self.changes.append(self.clock.seconds()))
+        self.tb = self.b.throttle(
+            "provider:google", lambda: self.changes.append(self.clock.seconds())
+        )
         self.a.startService()
         self.b.startService()
         self.addCleanup(self.a.stopService)

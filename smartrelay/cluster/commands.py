@@ -298,10 +298,18 @@ class NodeCommands(Service):
     def _received(self, text: str) -> None:
         try:
             message = json.loads(text)
-            kind = message["kind"]
-            request = message["id"]
+            kind, request = message["kind"], message["id"]
+            if not isinstance(request, str) or kind not in ("answer", "command"):
+                raise ValueError(kind)
+            if kind == "command" and not (
+                isinstance(message.get("deadline"), (int, float))
+                and isinstance(message.get("from"), str)
+            ):
+                raise ValueError("deadline")
         except (ValueError, KeyError, TypeError):
-            self.log.warn("dropped an unreadable message from the mailbox: {text!r}", text=text[:200])
+            self.log.warn(
+                "dropped an unreadable message from the mailbox: {text!r}", text=text[:200]
+            )
             return
         if kind == "answer":
             waiting = self._waiting.pop(request, None)
@@ -311,14 +319,20 @@ class NodeCommands(Service):
             d, timer = waiting
             timer.cancel()
             d.callback(message.get("answer"))
-        elif kind == "command":
+        else:
             d = Deferred.fromCoroutine(self._run(message))
             self._running.add(d)
-            d.addBoth(lambda _: self._running.discard(d))
+
+            def ran(result: Any) -> None:
+                self._running.discard(d)
+                if isinstance(result, Failure):
+                    self.log.failure("running a command failed", result)
+
+            d.addBoth(ran)
 
     async def _run(self, message: dict) -> None:
         op, sender = message.get("op"), message.get("from")
-        if self.clock.seconds() > message.get("deadline", 0):
+        if self.clock.seconds() > message["deadline"]:
             self.log.warn(
                 "dropped a {op} command from node {sender} that came after its deadline",
                 op=op,
@@ -332,17 +346,20 @@ class NodeCommands(Service):
             answer = await maybeDeferred(self.handler, op, message.get("args") or {})
         except Exception:
             self.log.failure("the {op} command from node {sender} failed", op=op, sender=sender)
-            answer = {
-                "status": 500,
-                "body": {"error": {"code": "internal_error", "message": "internal error on the owning node; see its log"}},
+            error = {
+                "code": "internal_error",
+                "message": "internal error on the owning node; see its log",
             }
+            answer = {"status": 500, "body": {"error": error}}
         reply = json.dumps({"kind": "answer", "id": message["id"], "answer": answer})
         try:
             await maybeDeferred(
                 self.backend.postToMailbox, mailboxName(sender), reply, self.timeout + 60
             )
         except Exception:
-            self.log.failure("could not answer the {op} command of node {sender}", op=op, sender=sender)
+            self.log.failure(
+                "could not answer the {op} command of node {sender}", op=op, sender=sender
+            )
 
     def _unreachable(self, failure: Failure) -> None:
         if self.reachable:
