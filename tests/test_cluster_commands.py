@@ -171,6 +171,10 @@ class FakeQueue:
         self.busy = set(busy)
         self.retried = []
 
+    def retryDomain(self, domain):
+        self.retried.append(domain)
+        return len(self.queued)
+
     def queuedMessage(self, queue_id):
         return object() if queue_id in self.queued else None
 
@@ -326,6 +330,40 @@ class TwoNodesTests(SynchronousTestCase):
         self.clock.advance(0.25)
         self.flushLoggedErrors()
         self.test_retryReachesTheOwner()
+
+    def test_retryDomainEverywhere(self):
+        """
+        A retry of a domain through B runs on every live node: the answer
+        sums them and says what each woke; a live node that does not
+        answer is listed as unanswered.
+        """
+        d = self.settle(self.b.queries.retryDomain("example.org"))
+        self.assertEqual(
+            self.successResultOf(d),
+            {
+                "domain": "example.org",
+                "messages": 2,
+                "nodes": {"0A": 1, "0B": 1},
+                "unanswered": [],
+            },
+        )
+        self.assertEqual(self.a.queue.retried, ["example.org"])
+        self.assertEqual(self.b.queue.retried, ["example.org"])
+        self.a.commands.stopService()
+        d = self.settle(self.b.queries.retryDomain("example.org"))
+        self.clock.advance(10.0)
+        self.assertEqual(
+            self.successResultOf(d),
+            {"domain": "example.org", "messages": 1, "nodes": {"0B": 1}, "unanswered": ["0A"]},
+        )
+
+    def test_retryDomainAlone(self):
+        """
+        Without other nodes the answer is this node's, as before.
+        """
+        queries = Queries(MemoryStore(), FakeQueue({QA}), None, self.clock)
+        d = Deferred.fromCoroutine(queries.retryDomain("example.org"))
+        self.assertEqual(self.successResultOf(d), {"domain": "example.org", "messages": 1})
 
     def test_unknownCommand(self):
         """

@@ -188,10 +188,10 @@ class ClusterAPITests(TestCase):
     @inlineCallbacks
     def test_retryAndDeleteReachTheOwner(self):
         """
-        A message deferred on node 01 is retried at once and then deleted
-        through node 02's API, answered as node 01 would answer; once node
-        01 has stopped, node 02 answers 503 C{node_unavailable} for its
-        messages.
+        A message deferred on node 01 is retried at once (by its queue id,
+        then by its domain) and then deleted through node 02's API, answered
+        as node 01 would answer; once node 01 has stopped, node 02 answers
+        503 C{node_unavailable} for its messages.
         """
         queueID = yield self.submitted("01", "defer-me@example.org")
         self.assertTrue(queueID.startswith("01/"), queueID)
@@ -204,6 +204,13 @@ class ClusterAPITests(TestCase):
         deferred = yield self.events("02", queueID, "deferred", 2)
         self.assertEqual(deferred[1]["detail"]["attempts"], 2)
         self.assertLess(reactor.seconds() - started, 10)
+        code, answer = yield self.call("02", "POST", "/queue/retry?domain=example.org")
+        self.assertEqual(
+            (code, answer),
+            (200, {"domain": "example.org", "messages": 1, "nodes": {"01": 1, "02": 0},
+                   "unanswered": []}),
+        )
+        yield self.events("02", queueID, "deferred", 3)
 
         code, answer = yield self.call("02", "DELETE", f"/queue/{queueID}")
         self.assertEqual((code, answer), (200, {"queue_id": queueID, "deleted": ["defer-me@example.org"]}))

@@ -490,7 +490,7 @@ class ApiApp:
         domain = query.domain()
         if domain is None:
             raise badParameter("domain", "required: the recipient domain to retry")
-        return self.queries.retryDomain(domain)
+        return await self.queries.retryDomain(domain)
 
     @endpoint("/api/v1/queue/<queueid:queue_id>/retry", methods=("POST",))
     async def retry(self, request, queue_id: str):

@@ -587,9 +587,11 @@ def _paths() -> dict:
                         "properties": {
                             "domain": {"type": "string"},
                             "messages": {"type": "integer"},
+                            "nodes": _COUNTS,
+                            "unanswered": {"type": "array", "items": {"type": "string"}},
                         },
                     },
-                    "How many messages were woken",
+                    "How many messages were woken (with other nodes on the store: by node)",
                 ),
                 parameters=[_query("domain", _DOMAIN, "Recipient domain", required=True)],
             )

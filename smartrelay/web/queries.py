@@ -182,13 +182,25 @@ class QueueActions:
             ) from None
         return {"queue_id": queue_id, "deleted": deleted}
 
+    def retryDomain(self, domain: str) -> dict:
+        """
+        Attempt every waiting recipient at C{domain} now.
+        """
+        return {"domain": domain, "messages": self.scheduler.retryDomain(domain)}
+
     async def answer(self, op: str, args: dict) -> dict:
         """
-        C{retry} or C{delete} of C{args["queue_id"]} as a command's answer:
-        C{{"status": 202 or 200, "body": the document}} or the error's
-        status and body.  Never fails.
+        C{retry} or C{delete} of C{args["queue_id"]}, or C{retryDomain} of
+        C{args["domain"]}, as a command's answer: C{{"status": 202 or 200,
+        "body": the document}} or the error's status and body.  Never
+        fails.
         """
         try:
+            if op == "retryDomain":
+                domain = args.get("domain") if isinstance(args, dict) else None
+                if not isinstance(domain, str) or not domain:
+                    raise ApiError(400, "bad_request", "retryDomain needs a domain")
+                return {"status": 200, "body": self.retryDomain(domain)}
             queue_id = args.get("queue_id") if isinstance(args, dict) else None
             checkQueueID(queue_id if isinstance(queue_id, str) else "")
             if op == "retry":
@@ -696,11 +708,58 @@ class Queries:
             del item["_position"]
         return {"items": items, "next_cursor": nextCursor}
 
-    def retryDomain(self, domain: str) -> dict:
+    async def retryDomain(self, domain: str) -> dict:
         """
-        Attempt every waiting recipient at C{domain} now.
+        Attempt every waiting recipient at C{domain} now, here and, with
+        other nodes sharing the store, on each of them: C{messages} is the
+        sum, C{nodes} what each node woke and C{unanswered} the live nodes
+        that did not answer in time (both only with other nodes).
         """
-        return {"domain": domain, "messages": self.scheduler.retryDomain(domain)}
+        here = self.actions.retryDomain(domain)
+        if self.remote is None:
+            return here
+        try:
+            live = await self.remote.liveNodes()
+        except Exception as e:
+            live = set()
+            self.log.warn(
+                "retrying {domain} on this node only: cannot read the live nodes ({why})",
+                domain=domain,
+                why=str(e) or type(e).__name__,
+            )
+        others = sorted(n for n in live if n != self.remote.node)
+        answers = await gatherResults(
+            [
+                Deferred.fromCoroutine(self._retryDomainOn(node, domain))
+                for node in others
+            ]
+        )
+        nodes = {self.remote.node: here["messages"]}
+        unanswered = []
+        for node, count in zip(others, answers):
+            if count is None:
+                unanswered.append(node)
+            else:
+                nodes[node] = count
+        return {
+            "domain": domain,
+            "messages": sum(nodes.values()),
+            "nodes": nodes,
+            "unanswered": unanswered,
+        }
+
+    async def _retryDomainOn(self, node: str, domain: str) -> Optional[int]:
+        try:
+            answer = await self.remote.request(node, "retryDomain", {"domain": domain})
+            return int(answerOrError(answer)["messages"])
+        except Exception as e:
+            self.log.warn(
+                "node {node} did not retry {domain}: {why}",
+                node=node,
+                domain=domain,
+                why=str(e) or type(e).__name__,
+            )
+            return None
 
     async def retry(self, queue_id: str) -> dict:
         """

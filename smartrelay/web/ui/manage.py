@@ -270,7 +270,7 @@ async def retryDomain(ui, context):
     domain = (context.field("domain", 300) or "").strip().rstrip(".").lower()
     if not domain or not re.fullmatch(r"[^\x00-\x20\x7f@/]{1,255}", domain):
         raise badParameter("domain", "required: a recipient domain")
-    ui.queries.retryDomain(domain)
+    await ui.queries.retryDomain(domain)
     return Redirect("/queue?done=retried")
 
 
