@@ -381,6 +381,9 @@ class RelayService(MultiService):
             if leaseBackend(self.store)[1]
             else None
         )
+        if self.suppressionReplica is not None:
+            # A Redis back without its data gets this node's copy back.
+            self.store.observeDataLoss(self.suppressionReplica.storeLostData)
         # Unsubscribes, complaints and bounces (feedback, the unsubscribe
         # links, the API) go on the list through this: into the store or,
         # while it cannot be reached, into the event journal (replayed when

@@ -5,7 +5,7 @@ scheduler's use of it while the store cannot be reached, on a fake clock.
 
 import os
 
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
@@ -135,6 +135,66 @@ class ReplicaTests(SynchronousTestCase):
         self.clock.advance(60)
         self.assertEqual(self.replica.synced, T0 + 60)
         self.assertIn("late@example.com", self.replica.check(["late@example.com"], T0 + 60))
+
+    def loseData(self):
+        """
+        Empty the store, as a Redis restarted without persistence is.
+        """
+        for entry in self.successResultOf(MemoryStore.listSuppressions(self.store)).entries:
+            self.successResultOf(self.store.removeSuppression(entry.address))
+
+    def test_restoresAfterStoreLostData(self):
+        """
+        When the store lost its data the copy is kept (and looked up while
+        C{restoring}); the next sync, soon after, puts it back into the
+        store before copying the list again.
+        """
+        self.successResultOf(self.store.addSuppression(suppression("a@example.com")))
+        self.replica.startService()
+        self.addCleanup(self.replica.stopService)
+        self.loseData()
+        self.clock.advance(10)
+        self.replica.storeLostData()
+        self.assertTrue(self.replica.restoring)
+        self.assertIn("a@example.com", self.replica.lookup(["a@example.com"], T0 + 10))
+        self.clock.advance(0)
+        self.assertFalse(self.replica.restoring)
+        self.assertEqual(self.replica.synced, T0 + 10)
+        self.assertIn(
+            "a@example.com",
+            self.successResultOf(self.store.checkSuppressions(["a@example.com"], T0 + 10)),
+        )
+        self.assertIn("a@example.com", self.replica.check(["a@example.com"], T0 + 10))
+
+    def test_lossDuringSyncNotCopied(self):
+        """
+        A sync whose reading of the list was under way when the store
+        lost its data does not replace the copy with what it read: it
+        puts the copy back and reads again.
+        """
+        self.successResultOf(self.store.addSuppression(suppression("a@example.com")))
+        self.successResultOf(self.replica.sync())
+        waiting = []
+        listSuppressions = self.store.listSuppressions
+
+        def slowly(**kwargs):
+            d = Deferred()
+            waiting.append((d, kwargs))
+            return d
+
+        self.store.listSuppressions = slowly
+        self.replica.sync()
+        self.loseData()
+        self.replica.storeLostData()
+        self.store.listSuppressions = listSuppressions
+        [(d, kwargs)] = waiting
+        d.callback(self.successResultOf(listSuppressions(**kwargs)))  # the empty list
+        self.assertFalse(self.replica.restoring)
+        self.assertIn("a@example.com", self.replica.check(["a@example.com"], T0))
+        self.assertIn(
+            "a@example.com",
+            self.successResultOf(self.store.checkSuppressions(["a@example.com"], T0)),
+        )
 
     def test_remember(self):
         """

@@ -319,6 +319,24 @@ class DurableSuppressionsTests(SynchronousTestCase):
             self.successResultOf(self.store.checkSuppressions(["Late@example.com"], T0)),
         )
 
+    def test_replicaMergedWhileRestoring(self):
+        """
+        While the replica puts its copy back into a store that lost its
+        data, the copy's entries are part of every check; not after.
+        """
+        self.successResultOf(self.suppressions.addSuppression(unsubscribe("a@b.c")))
+        self.successResultOf(self.relay.replica.sync())
+        self.successResultOf(self.store.removeSuppression("a@b.c"))  # the loss
+        self.relay.replica.storeLostData()
+        found = self.successResultOf(self.suppressions.checkSuppressions(["a@B.c", "x@y.z"], T0))
+        self.assertEqual(list(found), ["a@B.c"])
+        self.successResultOf(self.relay.replica.sync())
+        self.assertFalse(self.relay.replica.restoring)
+        self.successResultOf(self.store.removeSuppression("a@b.c"))  # removed on purpose
+        self.assertEqual(
+            self.successResultOf(self.suppressions.checkSuppressions(["a@b.c"], T0)), {}
+        )
+
     def test_expiredPendingIgnored(self):
         """
         A pending entry that has expired does not suppress.

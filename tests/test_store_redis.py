@@ -341,7 +341,7 @@ class RedisStoreNetworkTests(TestCase):
         left = sorted(key.decode("utf-8")[len(prefix):] for key in keys)
         self.assertEqual(
             [key for key in left if not key.startswith("stats:")],
-            ["schema", "seq"],
+            ["epoch", "schema", "seq"],
         )
         stats = yield store.statistics(since=T0 - 3600, until=T0 + 3600)
         self.assertEqual((stats.unique_opens, stats.unique_clicks), (1, 1))
@@ -427,6 +427,52 @@ class RedisStoreNetworkTests(TestCase):
             self.fail("the store did not reconnect within 10 seconds")
         # A new server: the bucket starts full again.
         self.assertEqual(result.remaining, 1.0)
+
+    @inlineCallbacks
+    def reconnected(self, store):
+        """
+        Wait until C{store} answers again after its connection was cut.
+        """
+        for _ in range(200):
+            try:
+                yield store.takeTokens("k", 1.0, 2.0, T0)
+            except Exception:
+                yield deferLater(reactor, 0.1, lambda: None)
+            else:
+                return
+        self.fail("the store did not reconnect within 20 seconds")
+
+    @inlineCallbacks
+    def test_dataLossObserved(self):
+        """
+        A reconnection to a server that kept its data tells nobody; one to
+        a server that lost it (here FLUSHALL, as a restart without
+        persistence) calls the data loss observers once, before the first
+        operation on the new connection.
+        """
+        server = RedisServer().start()
+        self.addCleanup(server.stop)
+        store = RedisStore.fromURL(server.url(), reactor, prefix=newPrefix())
+        self.addCleanup(store.close)
+        seen = []
+        store.observeDataLoss(lambda: seen.append("lost"))
+        yield store.start()
+        yield store.addSuppression(SuppressionEntry(address="a@example.com", reason="manual", time=T0))
+        server.command("CLIENT", "KILL", "TYPE", "normal")
+        yield self.reconnected(store)
+        self.assertEqual(seen, [])
+        server.command("FLUSHALL")
+        server.command("CLIENT", "KILL", "TYPE", "normal")
+        store.observeDataLoss(
+            lambda: seen.append(store.checkSuppressions(["a@example.com"], T0))
+        )
+        yield self.reconnected(store)
+        self.assertEqual(seen[0], "lost")
+        # The second observer's check ran on the new connection, after.
+        self.assertEqual((yield seen[1]), {})
+        server.command("CLIENT", "KILL", "TYPE", "normal")
+        yield self.reconnected(store)
+        self.assertEqual(len(seen), 2)
 
     @inlineCallbacks
     def test_failsAtOnceWhileUnreachable(self):

@@ -11,6 +11,13 @@ restarts during an outage still has it.  The copy's age is counted from
 the start of the sync that made it: a recipient is checked against it only
 while that age is at most C{[smartrelay] suppression_max_staleness};
 otherwise the scheduler holds the recipient and retries later.
+
+When the store comes back without its data (L{storeLostData}: a Redis
+restarted without persistence, or a new one), the copy is not replaced by
+the empty list: it is put back into the store first, and until that is
+done it is merged into every check
+(L{DurableSuppressions <smartrelay.cluster.suppressions.DurableSuppressions>}),
+so an address unsubscribed before the loss is not mailed after it.
 """
 
 import json
@@ -20,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -108,6 +115,11 @@ class SuppressionReplica(Service):
     held: int = attrs.field(default=0, init=False)
     #: Whether the last sync failed (the store could not be read).
     failing: bool = attrs.field(default=False, init=False)
+    #: Whether the copy must be put back into the store (it lost its data)
+    #: and is meanwhile merged into every check.
+    restoring: bool = attrs.field(default=False, init=False)
+    #: Data losses of the store signalled so far.
+    _losses: int = attrs.field(default=0, init=False)
 
     log = Logger()
 
@@ -161,15 +173,16 @@ class SuppressionReplica(Service):
         self._syncing = True
         started = self.clock.seconds()
         try:
-            entries, cursor = [], None
             while True:
-                page = await maybeDeferred(
-                    self.store.listSuppressions, cursor=cursor, limit=PAGE
-                )
-                entries.extend(page.entries)
-                cursor = page.cursor
-                if cursor is None:
+                losses = self._losses
+                if self.restoring:
+                    await self._restore()
+                started = self.clock.seconds()
+                entries = await self._copy()
+                if losses == self._losses:
                     break
+                # The store lost its data while it was being copied: what
+                # was read may be the empty list; put the copy back first.
             await self.runInThread(_writeSnapshot, self.path, started, entries)
         except Exception as e:
             self.failing = True
@@ -185,6 +198,57 @@ class SuppressionReplica(Service):
         self._entries = {e.address: e for e in entries}
         self.synced = started
         self.failing = False
+
+    async def _copy(self) -> list:
+        """
+        Every entry in the store, page by page.
+        """
+        entries, cursor = [], None
+        while True:
+            page = await maybeDeferred(self.store.listSuppressions, cursor=cursor, limit=PAGE)
+            entries.extend(page.entries)
+            cursor = page.cursor
+            if cursor is None:
+                return entries
+
+    async def _restore(self) -> None:
+        """
+        Put every entry of the copy into the store (its upsert keeps an
+        entry with a later time that a node wrote since).
+        """
+        losses = self._losses
+        entries = list(self._entries.values())
+        for start in range(0, len(entries), PAGE):
+            await gatherResults(
+                [
+                    maybeDeferred(self.store.addSuppression, entry)
+                    for entry in entries[start : start + PAGE]
+                ],
+                consumeErrors=True,
+            )
+        if losses == self._losses:
+            self.restoring = False
+        self.log.info(
+            "put {count} suppressions from the local replica back into the store",
+            count=len(entries),
+        )
+
+    def storeLostData(self) -> None:
+        """
+        The store came back without its data: keep the copy, merge it into
+        every check and put it back into the store (now, and again at each
+        sync until that succeeds).
+        """
+        self._losses += 1
+        self.restoring = True
+        self.log.warn(
+            "the store lost its suppression list; putting this node's copy of"
+            " {count} entries back",
+            count=len(self._entries),
+        )
+        if self.running:
+            # Not from inside the store's connection set-up, which calls this.
+            self.clock.callLater(0, self.sync)
 
     def remember(self, entry: SuppressionEntry) -> None:
         """
@@ -216,9 +280,18 @@ class SuppressionReplica(Service):
 
     def check(self, addresses: list, now: float) -> dict:
         """
-        Like C{IStore.checkSuppressions}, against the copy.
+        Like C{IStore.checkSuppressions}, against the copy (counted in
+        L{checkedLocally}).
 
         @raise ValueError: for a bad address.
+        """
+        found = self.lookup(addresses, now)
+        self.checkedLocally += len(addresses)
+        return found
+
+    def lookup(self, addresses: list, now: float) -> dict:
+        """
+        Like L{check}, not counted.
         """
         found = {}
         for given, normalised in checkAddresses(addresses):
@@ -227,5 +300,4 @@ class SuppressionReplica(Service):
                 entry = self.pending.get(normalised)
             if entry is not None and entry.activeAt(now):
                 found[given] = entry
-        self.checkedLocally += len(addresses)
         return found

@@ -13,8 +13,9 @@ the store is back; either way the entry is added to the node's
 suppression replica at once.  Its C{checkSuppressions} adds the entries
 still waiting in the journal to the store's answer, so a recipient who
 unsubscribed during an outage is not mailed in the minutes between the
-store's return and the journal's replay.  Every other call goes to the
-store as it is.
+store's return and the journal's replay; and the replica's entries while
+it puts them back into a store that came back without its data.  Every
+other call goes to the store as it is.
 """
 
 from typing import Any, Optional
@@ -74,6 +75,9 @@ class DurableSuppressions:
         d = maybeDeferred(self.store.checkSuppressions, addresses, now)
 
         def merged(found: dict) -> dict:
+            if self.replica is not None and self.replica.restoring:
+                # The store lost its data and has not got the copy back yet.
+                found = {**self.replica.lookup(addresses, now), **found}
             pending = self.events.pendingSuppressions
             if not pending:
                 return found

@@ -50,7 +50,12 @@ told otherwise):
       first open or click (so that L{RedisStore.pruneEvents} can drop the
       old ones); C{seen:<type>}, a plain set of such pairs, is what layout
       version 1 wrote: it is still consulted, never written, never pruned;
-    - C{bucket:<key>}: a token bucket (C{tokens}, C{updated}).
+    - C{bucket:<key>}: a token bucket (C{tokens}, C{updated});
+    - C{epoch}: a random value set once (SET NX) by the first node to
+      connect to a Redis without it.  A node that reconnects and finds it
+      gone or changed knows the server came back without its data (a
+      restart without persistence, a new instance, a flush) and tells
+      L{RedisStore.observeDataLoss}'s observers.
 
 Every write that must be atomic (a batch of events with its counters, a
 suppression upsert or removal, a token bucket take) is one Lua script,
@@ -1317,6 +1322,9 @@ class RedisStore:
     _service: Optional[ClientService] = attrs.field(default=None, init=False)
     #: Why the last connection attempt failed, until one connects again.
     _unreachable: Optional[Failure] = attrs.field(default=None, init=False)
+    #: The server's C{epoch} as this store last saw it (None: never).
+    _epoch: Optional[bytes] = attrs.field(default=None, init=False)
+    _dataLossObservers: list = attrs.field(factory=list, init=False)
     _started: bool = attrs.field(default=False, init=False)
     _closed: bool = attrs.field(default=False, init=False)
     _closing: Optional[Deferred] = attrs.field(default=None, init=False)
@@ -1368,12 +1376,19 @@ class RedisStore:
             commands.append(("SELECT", str(self.address.db)))
         for script in _SCRIPTS.values():
             commands.append(("SCRIPT", "LOAD", script))
+        epoch = self._key("epoch")
+        commands.append(("SET", epoch, os.urandom(16).hex(), "NX"))
+        commands.append(("GET", epoch))
         # Pipelined: one round trip; the first failure fails the lot.
         ds = [protocol.execute_command(*command) for command in commands]
         d = DeferredList(ds, fireOnOneErrback=True, consumeErrors=True)
 
-        def ready(_):
+        def ready(results):
             self._unreachable = None
+            found = results[-1][1]
+            known, self._epoch = self._epoch, found
+            if known is not None and found != known:
+                self._dataLost()
             return protocol
 
         def failed(failure):
@@ -1526,6 +1541,28 @@ class RedisStore:
                 )
             )
         return self._service.whenConnected(failAfterFailures=1)
+
+    def observeDataLoss(self, observer: Callable[[], None]) -> None:
+        """
+        Call C{observer()} whenever the store reconnects to a server that
+        has lost its data (see C{epoch} in the module docstring), before
+        any operation runs on that connection.
+        """
+        self._dataLossObservers.append(observer)
+
+    def _dataLost(self) -> None:
+        self.log.error(
+            "the Redis event store {address} came back without its data (prefix"
+            " {prefix}): the events, statistics, suppressions and limits written"
+            " before are gone from it",
+            address=str(self.address),
+            prefix=self.prefix,
+        )
+        for observer in self._dataLossObservers:
+            try:
+                observer()
+            except Exception:
+                self.log.failure("a data loss observer failed")
 
     def _attemptFailed(self, failure: Failure) -> None:
         """
