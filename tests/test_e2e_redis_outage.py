@@ -42,7 +42,7 @@ TOKEN = "e2e-outage-token-0123456789abcdef"
 
 #: [smartrelay] suppression_max_staleness of the relay under test (the
 #: replica is then synced every second).
-STALENESS = 8.0
+STALENESS = 12.0
 
 #: The address unsubscribed (through the API) before the outage.
 EARLY = "early@example.org"
