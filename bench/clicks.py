@@ -6,6 +6,8 @@ smartrelay}, on loopback, both on this machine's cores.
     python3 bench/clicks.py                    # 3 runs of 10 s, 50 connections
     python3 bench/clicks.py --connections 100 --seconds 20 --runs 5
     python3 bench/clicks.py --access-log file  # [web] access_log = a file
+    git archive HEAD~3 smartrelay | tar -x -C /tmp/old
+    python3 bench/clicks.py --baseline /tmp/old  # and an older version, interleaved
 
 The token is sealed with the relay's own key (a fixed C{[smartrelay]
 secret}), so every request is a valid click: token opened, a C{clicked}
@@ -16,6 +18,15 @@ Each run is followed by one against a bare Klein route on the same
 machine (C{--bare}: a process of its own whose only route answers 302
 with a C{Location}, on a plain Twisted Web C{Site}), so the relay's
 figure can be read as a ratio to the framework's in the same conditions.
+
+With C{--baseline TREE}, a second relay runs the C{smartrelay} package
+found in C{TREE} (first on its C{PYTHONPATH}), and each run measures it
+too, between the relay and the bare route: before and after a change, in
+the same minutes.
+
+Each run also reports the CPU time (user + system, all threads) the
+server process spent per request: on a machine shared with other work
+the rates move with the load, the CPU per request much less.
 """
 
 import argparse
@@ -29,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 
 import accept  # bench/accept.py: installedScript, installedEnvironment, freePort
@@ -50,7 +62,8 @@ def clickURL(port: int) -> str:
     return f"http://127.0.0.1:{port}/t/c/{token}"
 
 
-def startRelay(workdir: str, webPort: int, accessLog: str = "log") -> subprocess.Popen:
+def startRelay(workdir: str, webPort: int, accessLog: str = "log",
+               tree: str = None) -> subprocess.Popen:
     config = os.path.join(workdir, "smartrelay.ini")
     with open(config, "w") as f:
         f.write(f"""[smartrelay]
@@ -74,10 +87,13 @@ base_url = http://127.0.0.1:{webPort}
 [delivery]
 hold = on
 """)
+    env = accept.installedEnvironment()
+    if tree is not None:
+        env["PYTHONPATH"] = os.path.abspath(tree)
     process = subprocess.Popen(
         [accept.installedScript("twistd"), "-n", "--pidfile=", "--logfile",
          os.path.join(workdir, "twistd.log"), "smartrelay", "--config", config],
-        cwd=workdir, env=accept.installedEnvironment(),
+        cwd=workdir, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30
@@ -128,16 +144,29 @@ def startBare(port: int) -> subprocess.Popen:
     sys.exit("bench: the bare Klein server did not start")
 
 
-def wrk(url: str, connections: int, seconds: int) -> dict:
+def cpuSeconds(pid: int) -> float:
+    """
+    User + system CPU seconds of process C{pid} so far (all its threads).
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, connections: int, seconds: int, pid: int) -> dict:
+    before = cpuSeconds(pid)
     output = subprocess.run(
         [shutil.which("wrk") or sys.exit("bench: apt-get install -y wrk"), "-t2",
          f"-c{connections}", f"-d{seconds}s", "--latency", url],
         capture_output=True, text=True, check=True,
     ).stdout
+    cpu = cpuSeconds(pid) - before
     latencies = {p: float(v) * _UNIT[u] for p, v, u in _LATENCY.findall(output)}
     bad = _NON2XX.search(output)
+    rate = float(_RATE.search(output).group(1))
     return {
-        "rate": float(_RATE.search(output).group(1)),
+        "rate": rate,
+        "cpu": cpu / (rate * seconds) * 1e6,
         "p50": latencies.get("50"),
         "p99": latencies.get("99"),
         "bad": int(bad.group(1)) if bad else 0,
@@ -151,6 +180,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--access-log", default="log", choices=["log", "file", "off"],
                         help="[web] access_log: the relay's log (default), a file, off")
+    parser.add_argument("--baseline", metavar="TREE",
+                        help="also measure the smartrelay package in TREE, interleaved")
     parser.add_argument("--bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:
@@ -159,37 +190,64 @@ def main() -> None:
     port = accept.freePort()
     accessLog = os.path.join(workdir, "access.log") if args.access_log == "file" else args.access_log
     relay = startRelay(workdir, port, accessLog)
+    baseline = None
+    if args.baseline:
+        baseDir = os.path.join(workdir, "baseline")
+        os.makedirs(baseDir)
+        basePort = accept.freePort()
+        baseLog = os.path.join(baseDir, "access.log") if args.access_log == "file" else accessLog
+        baseline = startRelay(baseDir, basePort, baseLog, args.baseline)
     barePort = accept.freePort()
     bare = startBare(barePort)
     try:
         url = clickURL(port)
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        connection.request("GET", url.split(str(port), 1)[1])
-        answer = connection.getresponse()
-        if answer.status != 302:
-            sys.exit(f"bench: the click answered {answer.status}, not 302")
-        connection.close()
-        results, bares = [], []
+        for checked in [url] + ([clickURL(basePort)] if baseline else []):
+            parts = urllib.parse.urlsplit(checked)
+            connection = http.client.HTTPConnection("127.0.0.1", parts.port, timeout=10)
+            connection.request("GET", parts.path)
+            answer = connection.getresponse()
+            if answer.status != 302:
+                sys.exit(f"bench: the click answered {answer.status}, not 302")
+            connection.close()
+        results, bares, bases = [], [], []
         for run in range(args.runs):
-            result = wrk(url, args.connections, args.seconds)
+            result = wrk(url, args.connections, args.seconds, relay.pid)
             results.append(result)
             print(f"run {run + 1}: {result['rate']:,.0f} requests/s, p50 {result['p50']:.1f} ms, "
-                  f"p99 {result['p99']:.1f} ms, non-3xx {result['bad']}", flush=True)
-            result = wrk(f"http://127.0.0.1:{barePort}/t/c/x", args.connections, args.seconds)
+                  f"p99 {result['p99']:.1f} ms, non-3xx {result['bad']}, "
+                  f"{result['cpu']:.0f} us CPU/request", flush=True)
+            if baseline is not None:
+                result = wrk(clickURL(basePort), args.connections, args.seconds, baseline.pid)
+                bases.append(result)
+                print(f"       baseline: {result['rate']:,.0f} requests/s, "
+                      f"p99 {result['p99']:.1f} ms, {result['cpu']:.0f} us CPU/request", flush=True)
+            result = wrk(f"http://127.0.0.1:{barePort}/t/c/x", args.connections, args.seconds,
+                         bare.pid)
             bares.append(result)
             print(f"       bare Klein route: {result['rate']:,.0f} requests/s, "
-                  f"p99 {result['p99']:.1f} ms", flush=True)
+                  f"p99 {result['p99']:.1f} ms, {result['cpu']:.0f} us CPU/request", flush=True)
         rate = statistics.median(r["rate"] for r in results)
         bareRate = statistics.median(r["rate"] for r in bares)
         print(f"median: {rate:,.0f} requests/s, "
               f"p99 {statistics.median(r['p99'] for r in results):.1f} ms "
               f"({args.connections} connections, {args.seconds} s x {args.runs}); "
               f"bare Klein route {bareRate:,.0f} requests/s; ratio {rate / bareRate:.2f}")
+        cpu = statistics.median(r["cpu"] for r in results)
+        bareCPU = statistics.median(r["cpu"] for r in bares)
+        print(f"CPU per request: {cpu:.0f} us, bare Klein route {bareCPU:.0f} us; "
+              f"ratio (bare / relay) {bareCPU / cpu:.2f}")
+        if bases:
+            baseRate = statistics.median(r["rate"] for r in bases)
+            print(f"baseline: {baseRate:,.0f} requests/s, "
+                  f"p99 {statistics.median(r['p99'] for r in bases):.1f} ms, ratio to bare "
+                  f"{baseRate / bareRate:.2f}; CPU per request "
+                  f"{statistics.median(r['cpu'] for r in bases):.0f} us")
     finally:
         bare.kill()
         bare.wait()
-        relay.send_signal(signal.SIGTERM)
-        relay.wait(60)
+        for process in [relay] + ([baseline] if baseline else []):
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -4,14 +4,28 @@ site's access lines go.
 """
 
 import os
+import re
 
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from smartrelay.config import ConfigError, parseConfig
-from smartrelay.web.accesslog import FLUSH_INTERVAL, MAX_WAITING, AccessLogFile
+from twisted.web.http import combinedLogFormatter
+
+from smartrelay.web import accesslog
+from smartrelay.web.accesslog import (
+    FLUSH_INTERVAL,
+    MAX_WAITING,
+    AccessLogFile,
+    _origin,
+    accessLogFormatter,
+    loggedPath,
+)
 from smartrelay.web.site import makeSite
 
 
@@ -238,3 +252,105 @@ class ConfigTests(SynchronousTestCase):
             self.assertIn("access_log", str(e.exception))
             self.assertIn(problem, str(e.exception))
             self.assertNotIn("\n", str(e.exception))
+
+
+class _Request:
+    """
+    What an access log formatter reads of a request.
+    """
+
+    def __init__(self, uri, userAgent=None, referrer=None, client=None, method=b"GET",
+                 clientproto=b"HTTP/1.1", code=200, sentLength=0):
+        self.uri, self.method, self.clientproto = uri, method, clientproto
+        self.code, self.sentLength = code, sentLength
+        self._client = client
+        self._headers = {b"user-agent": userAgent, b"referer": referrer}
+
+    def getClientAddress(self):
+        return self._client
+
+    def getHeader(self, name):
+        return self._headers.get(name.lower())
+
+
+class _Logged:
+    """
+    The request as Twisted's own formatter is to see it: the URI of
+    L{loggedPath} and the referrer's origin (what L{accessLogFormatter}
+    is defined as).
+    """
+
+    def __init__(self, request):
+        self._request = request
+        self.uri = loggedPath(request.uri)
+
+    def getHeader(self, name):
+        value = self._request.getHeader(name)
+        if value is not None and name.lower() == b"referer":
+            return _origin(value)
+        return value
+
+    def __getattr__(self, name):
+        return getattr(self._request, name)
+
+
+def _slowLoggedPath(uri: bytes) -> bytes:
+    """
+    L{loggedPath} without its shortcut for plain token paths.
+    """
+    with_shortcut = accesslog._PLAIN_TOKEN_PATH
+    accesslog._PLAIN_TOKEN_PATH = re.compile(rb"(?!)")
+    try:
+        return loggedPath(uri)
+    finally:
+        accesslog._PLAIN_TOKEN_PATH = with_shortcut
+
+
+_segments = st.text(alphabet="AZaz09_.~-%/?", max_size=12).map(str.encode)
+
+
+class FormatterTests(SynchronousTestCase):
+    """
+    L{accessLogFormatter} writes the line Twisted's combined log formatter
+    would, over the logged URI and the referrer's origin.
+    """
+
+    @given(
+        uri=st.one_of(
+            st.builds(lambda r, s: b"/" + r + b"/" + s, st.sampled_from([b"t/c", b"t/o", b"u", b"x"]), _segments),
+            st.binary(max_size=40).map(lambda b: b"/" + b),
+        ),
+        userAgent=st.one_of(st.none(), st.binary(max_size=30), st.text(max_size=20).map(str.encode)),
+        referrer=st.one_of(st.none(), st.just(b""), st.binary(max_size=30),
+                           st.just(b"https://user@webmail.example:8443/inbox?q=1")),
+        client=st.sampled_from([
+            IPv4Address("TCP", "192.0.2.7", 1), IPv6Address("TCP", "2001:db8::1", 1),
+            UNIXAddress(b"/tmp/sock"), None,
+        ]),
+        method=st.sampled_from([b"GET", b"HEAD", b'PO"ST', b"\xff"]),
+        sentLength=st.integers(0, 10_000),
+    )
+    def test_sameAsTwisted(self, uri, userAgent, referrer, client, method, sentLength):
+        """
+        For any request, the same text as
+        L{twisted.web.http.combinedLogFormatter}.
+        """
+        request = _Request(uri, userAgent, referrer, client, method, sentLength=sentLength)
+        timestamp = "[07/Dec/2026:15:00:00 +0000]"
+        self.assertEqual(
+            accessLogFormatter(timestamp, request),
+            combinedLogFormatter(timestamp, _Logged(request)),
+        )
+
+    @given(
+        route=st.sampled_from([b"/t/c/", b"/t/o/", b"/u/", b"/t/x/", b"//t/c/", b"/a/u/"]),
+        segment=_segments,
+        suffix=st.sampled_from([b"", b".gif", b"?", b"?a=b"]),
+    )
+    def test_plainPathsShortcut(self, route, segment, suffix):
+        """
+        The shortcut for plain token paths gives what the general case
+        gives.
+        """
+        uri = route + segment + suffix
+        self.assertEqual(loggedPath(uri), _slowLoggedPath(uri))

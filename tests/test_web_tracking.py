@@ -26,14 +26,17 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import Site, version as SERVER_VERSION
 from twisted.web.static import Data
 
 from smartrelay.events import Event, EventLog
 from smartrelay.store.interfaces import SUPPRESSION_REASONS, SuppressionEntry
 from smartrelay.store.memory import MemoryStore
 from smartrelay.tokens import Tokens
+from smartrelay.web import tracking
+from smartrelay.web.site import BoundedRequest
 from smartrelay.web.tracking import (
     MACHINE_AGENTS,
     TRANSPARENT_GIF,
@@ -192,7 +195,14 @@ class TrackingTestsMixin:
     """
     A L{TrackingApp} over a L{FlakyStore} and a real L{EventLog}, on a
     L{Clock}, reached through L{StubTreq}.
+
+    @cvar front: if true (the default), the requests are the site's
+        (L{BoundedRequest}), so the clicks and pixels with plain tokens
+        are answered by the front route as in the relay; if false, by
+        Klein.
     """
+
+    front = True
 
     def setUp(self):
         self.clock = Clock()
@@ -216,6 +226,9 @@ class TrackingTestsMixin:
         self.tokens = FakeTokens()
         self.app = TrackingApp(self.tokens, self.events, self.store, self.clock)
         self.treq = StubTreq(self.app.resource())
+        if self.front:
+            # treq's in-memory site, with the relay's requests.
+            self.treq._agent._serverFactory.requestFactory = BoundedRequest
 
     def request(self, method, path, userAgent=HUMAN_UA, **kwargs):
         headers = kwargs.pop("headers", {})
@@ -231,6 +244,8 @@ class TrackingTestsMixin:
         self.treq.flush()
         response = self.successResultOf(d)
         body = self.successResultOf(self.treq.content(response))
+        # The next reactor turn, when opens and clicks are recorded.
+        self.clock.advance(0)
         return response, body
 
     def recorded(self, type, queueID=QUEUE_ID):
@@ -565,6 +580,23 @@ class ClickTests(TrackingTestsMixin, SynchronousTestCase):
         self.assertTrue(event.detail["machine"])
 
 
+class KleinOpenPixelTests(OpenPixelTests):
+    """
+    C{/t/o/<token>.gif} through Klein (the route that answers a token
+    segment with percent-escapes), as through the front route.
+    """
+
+    front = False
+
+
+class KleinClickTests(ClickTests):
+    """
+    C{/t/c/<token>} through Klein, as through the front route.
+    """
+
+    front = False
+
+
 class UnsubscribeTests(TrackingTestsMixin, SynchronousTestCase):
     """
     C{/u/<token>}.
@@ -819,13 +851,29 @@ class OtherPathTests(TrackingTestsMixin, SynchronousTestCase):
 
 class FastRouteTests(TrackingTestsMixin, SynchronousTestCase):
     """
-    The click and pixel routes served in front of Klein answer exactly as
-    the Klein routes do (a percent-encoded token segment goes through
-    Klein).
+    The click and pixel routes served in front of Klein
+    (L{TrackingApp.frontRoute}) answer exactly as the Klein routes do (a
+    percent-encoded token segment goes through Klein).
     """
 
-    def answer(self, path):
-        response, body = self.request("GET", path)
+    def setUp(self):
+        super().setUp()
+        resource = self.app.resource()
+        front = resource.frontRoute
+        self.answered = []
+
+        def spy(request):
+            answered = front(request)
+            if answered:
+                self.answered.append(request.path.decode("ascii"))
+            return answered
+
+        resource.frontRoute = spy
+        self.treq = StubTreq(resource)
+        self.treq._agent._serverFactory.requestFactory = BoundedRequest
+
+    def answer(self, path, method="GET"):
+        response, body = self.request(method, path)
         headers = {
             name: values
             for name, values in response.headers.getAllRawHeaders()
@@ -841,8 +889,8 @@ class FastRouteTests(TrackingTestsMixin, SynchronousTestCase):
 
     def test_sameAnswers(self):
         """
-        Good and bad clicks and pixels: same code, headers, body and
-        events by either path.
+        Good and bad clicks and pixels, by C{GET} and C{HEAD}: same code,
+        headers, body and events by either path.
         """
         paths = [
             f"/t/c/{signed(self, 'c', 'https://shop.example/p?id=1')}",
@@ -852,18 +900,23 @@ class FastRouteTests(TrackingTestsMixin, SynchronousTestCase):
             f"/t/o/{signed(self, 'o')}.gif",
             "/t/o/garbage.gif",
         ]
-        for path in paths:
-            before = len(self.tracked())
-            fast = self.answer(path)
-            afterFast = self.tracked()
-            slow = path[:-4] if path.endswith(".gif") else path
-            klein = self.answer(self.viaKlein(slow) + path[len(slow):])
-            afterKlein = self.tracked()
-            self.assertEqual(fast, klein, path)
-            fastEvents = afterFast[before:]
-            self.assertEqual(afterKlein[len(afterFast):], fastEvents, path)
-        # One good click and one good pixel, each answered both ways.
-        self.assertEqual(len(self.tracked()), 4)
+        for method in ["GET", "HEAD"]:
+            for path in paths:
+                before = len(self.tracked())
+                fast = self.answer(path, method)
+                afterFast = self.tracked()
+                slow = path[:-4] if path.endswith(".gif") else path
+                klein = self.answer(self.viaKlein(slow) + path[len(slow):], method)
+                afterKlein = self.tracked()
+                self.assertEqual(fast, klein, (method, path))
+                fastEvents = afterFast[before:]
+                self.assertEqual(afterKlein[len(afterFast):], fastEvents, path)
+                if method == "HEAD":
+                    self.assertEqual(fast[2], b"")
+        # The plain spellings only, by the front route.
+        self.assertEqual(self.answered, paths * 2)
+        # One good click and one good pixel, each answered both ways, twice.
+        self.assertEqual(len(self.tracked()), 8)
 
     def tracked(self):
         return [
@@ -874,11 +927,93 @@ class FastRouteTests(TrackingTestsMixin, SynchronousTestCase):
     def test_otherSegmentsToKlein(self):
         """
         Paths that are not a click or a pixel under C{/t/} are Klein's
-        (404 page), whatever their shape.
+        (404 page), whatever their shape, and so are other methods.
         """
-        for path in ["/t/x/abc", "/t/o/token.png", "/t/o/.gif", "/t/c/a/b"]:
+        for path in ["/t/x/abc", "/t/o/token.png", "/t/o/.gif", "/t/c/a/b", "/t/c/"]:
             response, body = self.request("GET", path)
             self.assertPage(response, body, 404, "Page not found")
+        response, body = self.request("POST", f"/t/c/{signed(self, 'c', 'https://e.example/')}")
+        self.assertEqual(response.code, 405)
+        self.assertEqual(self.answered, [])
+
+    def test_query(self):
+        """
+        A query string after a plain token is ignored, as Klein ignores it.
+        """
+        url = "https://shop.example/"
+        response, _ = self.request("GET", f"/t/c/{signed(self, 'c', url)}?utm=x")
+        self.assertEqual(response.headers.getRawHeaders("Location"), [url])
+        self.assertEqual(len(self.answered), 1)
+
+    def test_redirectsKept(self):
+        """
+        The answer for a link is made once and kept for the next clicks on
+        it (each click still opens its token and records its event); at
+        most C{_MAX_REDIRECTS} links are kept.
+        """
+        self.patch(tracking, "_MAX_REDIRECTS", 2)
+        made = []
+        original = tracking._redirectAnswer
+        self.patch(tracking, "_redirectAnswer", lambda url: made.append(url) or original(url))
+        links = ["https://a.example/", "https://b.example/", "https://c.example/"]
+        for url in links[:2] + links[:2] + ["javascript:x", "javascript:x"]:
+            response, _ = self.request("GET", f"/t/c/{signed(self, 'c', url)}")
+        self.assertEqual(made, links[:2] + ["javascript:x"])
+        self.assertEqual(response.code, 404)
+        self.assertEqual(len(self.recorded("clicked")), 4)
+        self.request("GET", f"/t/c/{signed(self, 'c', links[2])}")
+        self.assertLessEqual(len(self.app._redirects), 2)
+        response, _ = self.request("GET", f"/t/c/{signed(self, 'c', links[0])}")
+        self.assertEqual(response.headers.getRawHeaders("Location"), [links[0]])
+
+    def test_batch(self):
+        """
+        The answers go out at once; the hits of one reactor turn are
+        recorded together in the next.
+        """
+        paths = [
+            f"/t/c/{signed(self, 'c', 'https://shop.example/')}",
+            f"/t/o/{signed(self, 'o')}.gif",
+        ]
+        responses = [
+            self.treq.get("http://track.example" + path, allow_redirects=False) for path in paths
+        ]
+        self.treq.flush()
+        self.assertEqual([self.successResultOf(d).code for d in responses], [302, 200])
+        self.assertEqual(self.store.lookups, 0)
+        self.assertEqual(self.events.backlog, 0)
+        drained = self.app.drained()
+        self.assertNoResult(drained)
+        self.clock.advance(0)
+        self.assertEqual(self.store.lookups, 1)
+        self.successResultOf(drained)
+        self.assertEqual([len(self.recorded(t)) for t in ("clicked", "opened")], [1, 1])
+
+    def test_emitFails(self):
+        """
+        An event that cannot be emitted is logged; the others of its batch
+        are emitted all the same.
+        """
+        self.request("GET", f"/t/o/{signed(self, 'o')}.gif")
+        events = self.events
+        calls = []
+
+        class FailFirst:
+            def emit(self, *args, **kwargs):
+                calls.append(args)
+                if len(calls) == 1:
+                    raise RuntimeError("no room")
+                return events.emit(*args, **kwargs)
+
+        self.app.events = FailFirst()
+        token = signed(self, "o")
+        for _ in range(2):
+            self.treq.get(f"http://track.example/t/o/{token}.gif")
+        self.treq.flush()
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(len(self.recorded("opened")), 2)
 
     def test_internalError(self):
         """
@@ -896,6 +1031,98 @@ class FastRouteTests(TrackingTestsMixin, SynchronousTestCase):
             self.assertPage(response, body, 500, "Something went wrong")
             self.assertNotIn(b"secret detail", body)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        self.assertEqual(self.answered, ["/t/c/abc"])
+
+
+class FrontRouteWireTests(TrackingTestsMixin, SynchronousTestCase):
+    """
+    The front route's answers in HTTP bytes, over L{makeSite}'s site: the
+    channel's keep-alive, pipelining and versions work as for any request.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.site = makeSite(self.app)
+        self.site.startFactory()
+        self.addCleanup(self.site.stopFactory)
+        self.site.logFile = io.StringIO()
+
+    def serve(self, data: bytes) -> StringTransport:
+        address = IPv4Address("TCP", "192.0.2.7", 40000)
+        protocol = self.site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(data)
+        self.addCleanup(protocol.connectionLost, Failure(ConnectionDone()))
+        return transport
+
+    def test_answer(self):
+        """
+        A click: the status line, C{Server}, C{Date}, the route's headers
+        and the page, and the connection kept open.
+        """
+        url = "https://shop.example/?a=1&b=2"
+        token = signed(self, "c", url)
+        transport = self.serve(b"GET /t/c/%s HTTP/1.1\r\nHost: t\r\n\r\n" % token.encode())
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        self.assertEqual(lines[0], b"HTTP/1.1 302 Found")
+        headers = dict(line.split(b": ", 1) for line in lines[1:])
+        self.assertEqual(len(headers), len(lines) - 1)
+        self.assertEqual(headers[b"Location"], url.encode())
+        self.assertEqual(headers[b"Server"], SERVER_VERSION)
+        self.assertEqual(headers[b"Date"], datetimeToString(START))
+        self.assertEqual(headers[b"Content-Length"], b"%d" % len(body))
+        self.assertIn(b'href="https://shop.example/?a=1&amp;b=2"', body)
+        self.assertFalse(transport.disconnecting)
+        self.assertIn(f'"GET /t/c/<token:{digest(token)}> HTTP/1.1" 302 {len(body)} ',
+                      self.site.logFile.getvalue())
+
+    def test_pipelined(self):
+        """
+        Requests sent together are answered in order, the front route's
+        and Klein's alike.
+        """
+        click = signed(self, "c", "https://shop.example/").encode()
+        transport = self.serve(
+            b"GET /t/c/%s HTTP/1.1\r\nHost: t\r\n\r\n"
+            b"GET /t/x HTTP/1.1\r\nHost: t\r\n\r\n"
+            b"GET /t/o/%s.gif HTTP/1.1\r\nHost: t\r\n\r\n" % (click, signed(self, "o").encode())
+        )
+        statuses = re.findall(rb"HTTP/1\.1 \d+ [A-Za-z ]+\r\n", transport.value())
+        self.assertEqual(
+            statuses, [b"HTTP/1.1 302 Found\r\n", b"HTTP/1.1 404 Not Found\r\n", b"HTTP/1.1 200 OK\r\n"]
+        )
+        self.assertTrue(transport.value().endswith(TRANSPARENT_GIF))
+
+    def test_close(self):
+        """
+        HTTP/1.0 gets an HTTP/1.0 answer; it, and C{Connection: close},
+        close the connection after the answer.
+        """
+        token = signed(self, "o").encode()
+        for request, status in [
+            (b"GET /t/o/%s.gif HTTP/1.0\r\n\r\n", b"HTTP/1.0 200 OK\r\n"),
+            (b"GET /t/o/%s.gif HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+             b"HTTP/1.1 200 OK\r\n"),
+        ]:
+            transport = self.serve(request % token)
+            self.assertTrue(transport.value().startswith(status))
+            self.assertTrue(transport.value().endswith(TRANSPARENT_GIF))
+            self.assertTrue(transport.disconnecting)
+        self.assertIn(b"\r\nConnection: close\r\n", transport.value())
+
+    def test_head(self):
+        """
+        C{HEAD}: the headers of the C{GET} answer, C{Content-Length}
+        included, and no body.
+        """
+        transport = self.serve(
+            b"HEAD /t/o/%s.gif HTTP/1.1\r\nHost: t\r\n\r\n" % signed(self, "o").encode()
+        )
+        self.assertTrue(transport.value().endswith(b"\r\nContent-Length: 43\r\n\r\n"))
+        self.clock.advance(0)
+        self.assertEqual(len(self.recorded("opened")), 1)
 
 
 def digest(token: str) -> str:

@@ -16,6 +16,17 @@ mounted::
 To add an application, give it a first path segment of its own in the
 mapping (C{service.py} builds it).
 
+Front routes: an application's resource may have a C{frontRoute(request)}
+method, which the site's requests (L{BoundedRequest}) call, through
+L{SiteRoot.frontRoute}, before any resource is looked up for a request
+whose first segment is the application's.  It either answers and
+finishes the request and returns L{True}, or does nothing and returns
+L{False}, and the request is processed as usual.  The tracking
+application answers its click redirect and open pixel there
+(L{smartrelay.web.tracking.TrackingApp.frontRoute}): those see campaign
+bursts, and Twisted Web's traversal and header handling cost more than
+the routes themselves.
+
 Who the client of a request is (behind C{[web] trusted_proxies}) is
 L{smartrelay.web.proxies.clientAddress}.
 """
@@ -23,10 +34,11 @@ L{smartrelay.web.proxies.clientAddress}.
 from typing import Any, Optional
 
 from twisted.python import log
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from smartrelay.web.tracking import accessLogFormatter
+from smartrelay.web.accesslog import accessLogFormatter
 
 __all__ = ["MAX_BODY", "BoundedRequest", "SiteRoot", "makeSite"]
 
@@ -44,6 +56,22 @@ class SiteRoot(Resource):
         super().__init__()
         self.default = default
         self.mounts = dict(mounts or {})
+        self._fronts = {
+            segment: resource.frontRoute
+            for segment, resource in self.mounts.items()
+            if getattr(resource, "frontRoute", None) is not None
+        }
+
+    def frontRoute(self, request) -> bool:
+        """
+        The front route of the application mounted under the request's
+        first path segment, if it has one: L{True} if it answered the
+        request.
+        """
+        path = request.path
+        end = path.find(b"/", 1)
+        front = self._fronts.get(path[1:end] if end > 0 else path[1:])
+        return front is not None and front(request)
 
     def getChildWithDefault(self, path: bytes, request) -> Resource:
         # Put the segment back: the application routes the whole path.
@@ -95,6 +123,22 @@ class BoundedRequest(Request):
     bodyTooLarge = False
     _received = 0
 
+    def process(self) -> None:
+        """
+        Give the site's front route (its root resource's C{frontRoute},
+        if any) the first go at the request, then process it as usual.
+        """
+        self.site = self.channel.site
+        front = getattr(self.site.resource, "frontRoute", None)
+        if front is not None:
+            try:
+                if front(self):
+                    return
+            except BaseException:
+                self.processingFailed(Failure())
+                return
+        super().process()
+
     def gotLength(self, length: Optional[int]) -> None:
         if length is not None and length > self.maxBody:
             self.bodyTooLarge = True
@@ -140,8 +184,9 @@ def makeSite(root: Resource, clock, accessLog: Any = "log") -> Site:
     """
     A quiet Twisted Web site serving C{root} on C{clock}, never showing
     tracebacks, whose access log shows no tokens
-    (L{smartrelay.web.tracking.accessLogFormatter}), keeping at most
-    L{MAX_BODY} bytes of a request body (L{BoundedRequest}).
+    (L{smartrelay.web.accesslog.accessLogFormatter}), keeping at most
+    L{MAX_BODY} bytes of a request body (L{BoundedRequest}), answering
+    its front routes before Klein (L{BoundedRequest.process}).
 
     @param accessLog: C{"log"} for the relay's log, L{None} for no access
         log, or a file-like C{write(str)} (L{AccessLogFile

@@ -27,43 +27,57 @@ user agent is empty or matches L{MACHINE_AGENTS} (mail-provider image
 proxies, link scanners, HTTP libraries, crawlers, headless browsers).
 Machine hits are recorded, never dropped; reports decide what to count.
 
-Opens and clicks are recorded in the background: the GIF and the redirect
-are answered at once, whatever the store is doing.
+Opens and clicks are recorded in batches, off the request path: the GIF
+and the redirect are answered at once, whatever the store is doing, and
+the hits of one reactor turn become their events together in the next
+(L{TrackingApp.drained} waits for them).
+
+The click redirect and the pixel are also served in front of Klein
+(L{TrackingApp.frontRoute}, called by the site's requests before any
+resource is looked up, L{smartrelay.web.site.BoundedRequest}): a C{GET}
+or C{HEAD} with a plain token segment is answered with a prepared answer
+(L{smartrelay.web.answers}), one per link, without Klein's routing and
+Deferreds or Twisted Web's header handling per request.  The answers and
+events are the same as through Klein, which serves every other spelling
+of these paths.
 
 Unsubscribing is idempotent: if the address already has an active entry on
 the suppression list (for any reason) the entry is left as it is, no event
 is recorded again, and the answer is the same as the first time.  Only a
 POST that adds the entry records C{unsubscribed}.
 
-The site's access log (L{accessLogFormatter}) and its error log name the
+The site's access log (L{accessLogFormatter
+<smartrelay.web.accesslog.accessLogFormatter>}) and its error log name the
 route, never the token: a token segment is logged as
 C{<token:HASH>}, the first 8 hex digits of the token's SHA-256 (so a line
 can be found from a token in hand, but no token from a line), query
-strings are left out and the referrer is cut to its origin.
+strings are left out and the referrer is cut to its origin
+(L{smartrelay.web.accesslog.loggedPath}).
 """
 
-import hashlib
+import functools
 import html
 import re
 from collections import OrderedDict
 from typing import Any, Optional
-from urllib.parse import quote, unquote_to_bytes, urlsplit
+from urllib.parse import quote, urlsplit
 
 import attrs
 from klein import Klein
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import combinedLogFormatter
-from twisted.web.iweb import IAccessLogFormatter
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
-from twisted.web.server import Site
-from zope.interface import provider
+from twisted.web.server import Site, version as SERVER_VERSION
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from smartrelay.deferreds import whenAllDone
 from smartrelay.store.interfaces import SuppressionEntry, normaliseAddress
+from smartrelay.web.accesslog import accessLogFormatter, loggedPath
+from smartrelay.web.answers import DateHeader, PreparedAnswer, send
 from smartrelay.web.proxies import clientAddress
+from smartrelay.web.site import makeSite as _makeSite
 
 __all__ = [
     "TRANSPARENT_GIF",
@@ -150,10 +164,15 @@ _STYLE = (
 )
 
 
+@functools.lru_cache(maxsize=1024)
 def isMachine(userAgent: Optional[str]) -> bool:
     """
     Is a request with this User-Agent made by a program rather than by a
     person's mail client or browser?  See L{MACHINE_AGENTS}.
+
+    The answers for the last 1,024 user agents are kept: a campaign's
+    clicks come from a few browsers, and searching a browser's User-Agent
+    for every pattern takes about 25 microseconds.
     """
     if userAgent is None or not userAgent.strip():
         return True
@@ -246,13 +265,25 @@ class TrackingApp:
     _info: OrderedDict = attrs.field(factory=OrderedDict, init=False, repr=False)
     _busy: set = attrs.field(factory=set, init=False, repr=False)
     _lookups: dict = attrs.field(factory=dict, init=False, repr=False)
+    #: Opens and clicks waiting for the next batch: (type, data, detail).
+    _hits: list = attrs.field(factory=list, init=False, repr=False)
+    #: The front route's redirects: link -> L{PreparedAnswer}, or None for
+    #: a link that is not redirected to.
+    _redirects: dict = attrs.field(factory=dict, init=False, repr=False)
+    _dates: DateHeader = attrs.field(
+        default=attrs.Factory(lambda self: DateHeader(self.clock), takes_self=True),
+        init=False,
+        repr=False,
+    )
 
     app = Klein()
     log = Logger()
 
     def resource(self) -> Resource:
         """
-        The Twisted Web resource serving this application.
+        The Twisted Web resource serving this application; its
+        C{frontRoute} is L{frontRoute}, for the site to call first
+        (L{smartrelay.web.site}).
         """
         return _EncodingGuard(self.app.resource(), self)
 
@@ -286,7 +317,7 @@ class TrackingApp:
         data = self._read("o", token, required=False)
         if data is not None:
             userAgent, ip = _client(request, self.trustedProxies)
-            self._record(
+            self._hit(
                 "opened",
                 data,
                 {"user_agent": userAgent, "ip": ip, "machine": isMachine(userAgent)},
@@ -304,7 +335,7 @@ class TrackingApp:
         if location is None:
             raise InvalidLink(f"not an http(s) link: {data.url!r}")
         userAgent, ip = _client(request, self.trustedProxies)
-        self._record(
+        self._hit(
             "clicked",
             data,
             {
@@ -466,6 +497,127 @@ class TrackingApp:
             "<p>Please try again later.</p>",
         )
 
+    # -- in front of Klein -------------------------------------------------
+
+    def frontRoute(self, request) -> bool:
+        """
+        Answer C{request} (and return L{True}) if it is a C{GET} or C{HEAD}
+        of C{/t/c/<token>} or C{/t/o/<token>.gif} with a plain token
+        segment (URL-unreserved characters: nothing to percent-decode), as
+        L{click} and L{openPixel} would; return L{False}, having done
+        nothing, for any other request.
+
+        A good click is answered with the link's prepared redirect
+        (L{PreparedAnswer}, made once per link and kept for the next
+        clicks on it), a pixel with the prepared GIF; a bad token gets the
+        pages of L{invalidLink} and L{internalError}, through Twisted Web.
+        """
+        method = request.method
+        if method != b"GET" and method != b"HEAD":
+            return False
+        path = request.path
+        prefix = path[:5]
+        if prefix == b"/t/c/":
+            segment = path[5:]
+            kind = "c"
+        elif prefix == b"/t/o/" and path[-4:] == b".gif" and len(path) > 9:
+            segment = path[5:-4]
+            kind = "o"
+        else:
+            return False
+        if _PLAIN_TOKEN.fullmatch(segment) is None:
+            return False
+        try:
+            if kind == "c":
+                answer = self._frontClick(request, segment.decode("ascii"))
+            else:
+                answer = self._frontPixel(request, segment.decode("ascii"))
+        except InvalidLink:
+            _sendPage(request, self.invalidLink, Failure())
+        except Exception:
+            _sendPage(request, self.internalError, Failure())
+        else:
+            send(request, answer, self._dates)
+        return True
+
+    def _frontClick(self, request, token: str) -> PreparedAnswer:
+        data = self._read("c", token)
+        url = data.url
+        answer = self._redirects.get(url, _UNKNOWN)
+        if answer is _UNKNOWN:
+            answer = _redirectAnswer(url)
+            if len(self._redirects) >= _MAX_REDIRECTS:
+                self._redirects.clear()
+            self._redirects[url] = answer
+        if answer is None:
+            raise InvalidLink(f"not an http(s) link: {url!r}")
+        userAgent, ip = _client(request, self.trustedProxies)
+        self._hit(
+            "clicked",
+            data,
+            {"url": url, "user_agent": userAgent, "ip": ip, "machine": isMachine(userAgent)},
+        )
+        return answer
+
+    def _frontPixel(self, request, token: str) -> PreparedAnswer:
+        data = self._read("o", token, required=False)
+        if data is not None:
+            userAgent, ip = _client(request, self.trustedProxies)
+            self._hit(
+                "opened",
+                data,
+                {"user_agent": userAgent, "ip": ip, "machine": isMachine(userAgent)},
+            )
+        return _PIXEL
+
+    # -- opens and clicks, in batches -------------------------------------
+
+    def _hit(self, type: str, data, detail: dict) -> None:
+        """
+        Record an open or a click: with the others of this reactor turn,
+        in the next (L{_recordHits}).
+        """
+        hits = self._hits
+        hits.append((type, data, detail))
+        if len(hits) == 1:
+            recorded: Deferred = Deferred()
+            self._busy.add(recorded)
+            self.clock.callLater(0, self._recordHits, recorded)
+
+    def _recordHits(self, recorded: Deferred) -> None:
+        """
+        Emit the events of the waiting hits: at once for messages whose tag
+        and metadata are known, after the look-up for the others
+        (L{_record}).
+        """
+        hits, self._hits = self._hits, []
+        info = self._info
+        now = self.clock.seconds()
+        emit = self.events.emit
+        for type, data, detail in hits:
+            queueID = data.queue_id
+            cached = info.get(queueID)
+            if cached is None or (cached[1] is not None and cached[1] <= now):
+                self._record(type, data, detail)
+                continue
+            info.move_to_end(queueID)
+            tag, metadata = cached[0]
+            try:
+                emit(
+                    type,
+                    queueID,
+                    data.recipient,
+                    tag=tag,
+                    metadata=dict(metadata),
+                    detail=detail,
+                )
+            except Exception:
+                self.log.failure(
+                    "could not record {type} for {queue_id}", type=type, queue_id=queueID
+                )
+        self._busy.discard(recorded)
+        recorded.callback(None)
+
     # -- helpers --------------------------------------------------------
 
     def _read(self, kind: str, token: str, required: bool = True):
@@ -609,20 +761,68 @@ def _htmlPage(request, code: int, title: str, body: str) -> bytes:
     return _respond(request, code, b"text/html; charset=utf-8", page(title, body))
 
 
+# -- the front route's answers ----------------------------------------------
+
+#: The open pixel's answer, as L{TrackingApp.openPixel} gives it.
+_PIXEL = PreparedAnswer.of(
+    200,
+    [*_NO_CACHE.items(), *_SECURITY_HEADERS.items(), (b"Content-Type", b"image/gif")],
+    TRANSPARENT_GIF,
+)
+
+#: Links whose redirects the front route keeps; all are forgotten when
+#: there are this many (a campaign has a few links, clicked many times).
+_MAX_REDIRECTS = 4096
+
+_UNKNOWN = object()
+
+
+def _redirectAnswer(url: str) -> Optional[PreparedAnswer]:
+    """
+    The answer to a click on C{url}, as L{TrackingApp.click} gives it, or
+    L{None} if it is not redirected to (L{redirectTarget}).
+    """
+    location = redirectTarget(url)
+    if location is None:
+        return None
+    body = page(
+        "Redirecting",
+        '<p><a href="%s">Continue</a></p>' % html.escape(location.decode("ascii")),
+    )
+    return PreparedAnswer.of(
+        302,
+        [
+            (b"Location", location),
+            (b"Cache-Control", b"no-store"),
+            *_SECURITY_HEADERS.items(),
+            (b"Content-Type", b"text/html; charset=utf-8"),
+        ],
+        body,
+    )
+
+
+def _sendPage(request, handler, failure: Failure) -> None:
+    """
+    Answer a front route's request with one of the application's error
+    pages (C{handler(request, failure)}, such as L{TrackingApp.invalidLink}),
+    through Twisted Web as it answers a resource's page.
+    """
+    request.setHeader(b"Server", SERVER_VERSION)
+    request.setHeader(b"Date", datetimeToString())
+    body = handler(request, failure)
+    request.write(b"" if request.method == b"HEAD" else body)
+    request.finish()
+
+
 class _EncodingGuard(Resource):
     """
     In front of the Klein application: answers requests whose path or host
     is not UTF-8 (which Klein refuses with a logged error and a bare 400):
     the pixel for pixel paths, since a bad token always gets the pixel, and
-    a 400 page for the rest.
+    a 400 page for the rest.  Anything else goes to Klein.
 
-    It also serves the two routes that see campaign-sized bursts, C{GET}
-    and C{HEAD} of C{/t/c/<token>} and C{/t/o/<token>.gif} with a plain
-    token segment (unreserved characters: nothing to percent-decode), by
-    calling the application's route methods directly: the same answers and
-    events as through Klein, without its routing and Deferred plumbing per
-    request, which took about a fifth of the reactor thread under load
-    (C{bench/clicks.py} with py-spy).  Anything else goes to Klein.
+    @ivar frontRoute: the application's L{TrackingApp.frontRoute}, for the
+        site to call before it looks for a resource.
     """
 
     isLeaf = True
@@ -630,20 +830,10 @@ class _EncodingGuard(Resource):
     def __init__(self, inner: Resource, app: "TrackingApp") -> None:
         super().__init__()
         self._inner = inner
-        self._app = app
+        self.frontRoute = app.frontRoute
 
     def render(self, request):
-        postpath = request.postpath
-        if (
-            request.method in (b"GET", b"HEAD")
-            and len(postpath) == 3
-            and postpath[0] == b"t"
-            and _PLAIN_TOKEN.fullmatch(postpath[2]) is not None
-        ):
-            answer = self._fastRoute(request, postpath[1], postpath[2])
-            if answer is not None:
-                return answer
-        path = b"/" + b"/".join(postpath)
+        path = b"/" + b"/".join(request.postpath)
         try:
             path.decode("utf-8")
             request.getRequestHostname().decode("utf-8")
@@ -656,114 +846,17 @@ class _EncodingGuard(Resource):
             )
         return self._inner.render(request)
 
-    def _fastRoute(self, request, kind: bytes, segment: bytes) -> Optional[bytes]:
-        """
-        The answer of the click or pixel route for this token segment, or
-        L{None} when the path is neither (Klein answers it).
-        """
-        app = self._app
-        try:
-            if kind == b"c":
-                return app.click(request, segment.decode("ascii"))
-            if kind == b"o" and segment.endswith(b".gif") and len(segment) > 4:
-                return app.openPixel(request, segment[:-4].decode("ascii"))
-        except InvalidLink:
-            return app.invalidLink(request, Failure())
-        except Exception:
-            return app.internalError(request, Failure())
-        return None
-
 
 # A token segment with nothing to decode: URL-unreserved characters only
 # (the relay's tokens are URL-safe base64; the pixel's ends in ".gif").
 _PLAIN_TOKEN = re.compile(rb"[A-Za-z0-9_.~-]+")
 
 
-# A token's path segment: what follows a route prefix, after any
-# leading path (a proxy's prefix, doubled slashes).
-_TOKEN_ROUTE = re.compile(rb"(?:^|/)(?:t/[oc]|u)/")
-
-
-def loggedPath(uri: bytes) -> bytes:
-    """
-    What the logs show of a request's URI: its path with any token replaced
-    by C{<token:HASH>} (the first 8 hex digits of the token's SHA-256; the
-    pixel keeps its C{.gif}), a query string as C{?<query>}, the scheme and
-    host of an absolute URI left out, and only printable ASCII
-    (percent-encoded otherwise).
-
-    A token is whatever follows C{/t/o/}, C{/t/c/} or C{/u/} anywhere in
-    the percent-decoded path with runs of slashes merged, so no spelling of
-    a tracking URL shows its token.
-    """
-    path, query, _ = uri.partition(b"?")
-    if not path.startswith(b"/"):
-        try:
-            path = urlsplit(path).path or b"/"
-        except ValueError:
-            path = b"/<uri>"
-    path = re.sub(rb"/{2,}", b"/", unquote_to_bytes(path))
-    match = _TOKEN_ROUTE.search(path)
-    if match is not None:
-        token, suffix = path[match.end() :], b""
-        if path[match.end() - 2 : match.end()] == b"o/" and token.endswith(b".gif"):
-            token, suffix = token[:-4], b".gif"
-        digest = hashlib.sha256(token).hexdigest()[:8].encode("ascii")
-        path = path[: match.end()] + b"<token:" + digest + b">" + suffix
-    path = quote(path, safe="/<>:;,=@!$&'()*+~.-_").encode("ascii")
-    return path + (b"?<query>" if query else b"")
-
-
-def _origin(referrer: bytes) -> bytes:
-    """
-    The C{scheme://host[:port]} of a referrer, or C{b"-"}.
-    """
-    try:
-        parts = urlsplit(referrer)
-        parts.port
-    except ValueError:
-        return b"-"
-    if not parts.scheme or not parts.netloc:
-        return b"-"
-    return parts.scheme + b"://" + parts.netloc.rpartition(b"@")[2]
-
-
-class _LoggedRequest:
-    """
-    A request as the access log sees it: the URI of L{loggedPath}, the
-    referrer cut to its origin, the rest as it is.
-    """
-
-    def __init__(self, request) -> None:
-        self._request = request
-        self.uri = loggedPath(request.uri)
-
-    def getHeader(self, name: bytes) -> Optional[bytes]:
-        value = self._request.getHeader(name)
-        if value is not None and name.lower() == b"referer":
-            return _origin(value)
-        return value
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._request, name)
-
-
-@provider(IAccessLogFormatter)
-def accessLogFormatter(timestamp: str, request) -> str:
-    """
-    Twisted's combined log line for C{request}, but with the URI of
-    L{loggedPath} (no token, no query) and the referrer's origin only: for
-    a click, C{"GET /t/c/<token:1a2b3c4d> HTTP/1.1" 302 ...}.
-    """
-    return combinedLogFormatter(timestamp, _LoggedRequest(request))
-
-
 def makeSite(app: TrackingApp) -> Site:
     """
-    A quiet Twisted Web site serving C{app} on C{app.clock}, never showing
-    tracebacks, whose access log shows no tokens (L{accessLogFormatter}).
+    A quiet Twisted Web site serving C{app} alone on C{app.clock}, never
+    showing tracebacks, whose access log shows no tokens
+    (L{accessLogFormatter}), with the front route
+    (L{smartrelay.web.site.makeSite}).
     """
-    site = Site(app.resource(), logFormatter=accessLogFormatter, reactor=app.clock)
-    site.noisy = False
-    site.displayTracebacks = False
-    return site
+    return _makeSite(app.resource(), app.clock)
