@@ -50,6 +50,10 @@ _OUTCOME = (
 )
 _DEFERRED = _OUTCOME + " next_attempt={next_attempt}"
 _SUPPRESSED = "{queue_id} to=<{recipient}> relay=none delay={delay:.1f} status=suppressed ({reply})"
+_PARKED = (
+    "{destination} suspended: {count} parked relay=none dsn={dsn} status=deferred ({reply}) "
+    "next_attempt={next_attempt}: {members}"
+)
 
 #: The level of each outcome's line.
 _LEVELS = {"expired": LogLevel.warn}
@@ -76,6 +80,9 @@ class MessageLog:
 
     enabled: bool = True
     log: Logger = attrs.field(factory=lambda: Logger(namespace=NAMESPACE), eq=False)
+
+    #: Parked recipients named in one line of L{parked}.
+    PARKED_PER_LINE = 100
 
     def _emit(self, level: LogLevel, template: str, **fields: Any) -> None:
         # The text is formatted here, once, with str.format: the same
@@ -163,6 +170,43 @@ class MessageLog:
             reply=printable(reply or ""),
             next_attempt=next_attempt,
         )
+
+
+    def parked(
+        self,
+        destination: str,
+        members: list,
+        reply: str,
+        dsn: Optional[str],
+        next_attempt: Optional[str],
+    ) -> None:
+        """
+        Recipients parked at a suspended destination were deferred without
+        an attempt of their own: one line per L{PARKED_PER_LINE} of them
+        (a queue id and its recipient each, so that grepping for a queue id
+        finds it), not one each.
+
+        @param members: C{(queue_id, recipient)} pairs.
+        @param reply: the reply line they are deferred with.
+        """
+        if not self.enabled:
+            return
+        step = self.PARKED_PER_LINE
+        for start in range(0, len(members), step):
+            part = members[start : start + step]
+            self._emit(
+                LogLevel.info,
+                _PARKED,
+                destination=destination,
+                count=len(part),
+                dsn=dsn,
+                status="deferred",
+                reply=printable(reply),
+                next_attempt=next_attempt,
+                members=", ".join(f"{q} <{r}>" for q, r in part),
+                queue_ids=[q for q, _ in part],
+                recipients=[r for _, r in part],
+            )
 
 
 # ---------------------------------------------------------------------------

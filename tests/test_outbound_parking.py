@@ -8,9 +8,11 @@ connector and event log.
 import os
 
 from twisted.internet.task import Clock
+from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay.events import rfc3339
+from smartrelay.logs import MessageLog
 from smartrelay.outbound.parking import CHUNK, FLUSH_INTERVAL, PROBE_TIMEOUT
 from smartrelay.outbound.router import NoRoute
 from smartrelay.outbound.scheduler import DeliveryScheduler
@@ -167,6 +169,24 @@ class ParkingTests(ParkingTestsMixin, SynchronousTestCase):
             [(r.state, r.attempts, r.next_attempt) for r in entries[0].recipients],
             [("deferred", 0, START + 60)],
         )
+
+    def test_loggedInBulk(self):
+        """Parked recipients are logged a line per destination and hundred recipients, each naming its queue ids."""
+        lines = []
+        self.scheduler.messageLog = MessageLog(log=Logger(namespace="m", observer=lines.append))
+        self.suspendWithOne()
+        del lines[:]
+        self.addMany(150)
+        self.clock.advance(FLUSH_INTERVAL)
+        self.assertEqual([line["count"] for line in lines], [100, 50])
+        first = lines[0]
+        self.assertEqual(
+            (first["destination"], first["status"], first["dsn"], first["next_attempt"]),
+            (DESTINATION, "deferred", "4.4.1", rfc3339(START + 60)),
+        )
+        self.assertEqual(first["queue_ids"][:2], ["P0", "P1"])
+        self.assertIn("P0 <r0@example.com>, P1 <r1@example.com>", first["log_text"])
+        self.assertIn("status=deferred (451 4.4.1 delivery temporarily suspended: ", first["log_text"])
 
     def test_bulkInChunks(self):
         """More parked recipients than one chunk are all recorded, a chunk a reactor turn."""

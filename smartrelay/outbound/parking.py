@@ -37,6 +37,7 @@ destination again, and the rest join it.
 
 from collections import deque
 from collections.abc import Callable, Iterable
+from itertools import islice
 from typing import Any, Optional
 
 import attrs
@@ -128,9 +129,10 @@ class Parking:
         schedule).
     @ivar maxAge: seconds after C{entry.received} past which a recipient
         is not deferred but expired.
-    @ivar record: C{record(entry, changes, events)}: write C{deferred}
-        states of parked recipients and then emit their events; the
-        recipients stay parked meanwhile (and may be released).
+    @ivar record: C{record([(entry, changes, events), ...])}: write the
+        C{deferred} states of parked recipients, message by message in one
+        go, and then emit their events; the recipients stay parked
+        meanwhile (and may be released).
     @ivar expire: C{expire(entry, changes, events)}: the same for
         recipients no longer parked that expire.
     @ivar release: C{release(entry, addresses)}: attempt these recipients
@@ -328,22 +330,29 @@ class Parking:
         """
         self._flushTimer = None
         now = self.clock.seconds()
+        if len(self._pending) <= self.chunk:
+            members, self._pending = list(self._pending), {}
+        else:
+            # Taken from the front in one pass (popping the first key one
+            # at a time would rescan the deleted slots: quadratic).
+            members = list(islice(self._pending, self.chunk))
+            for member in members:
+                del self._pending[member]
         byEntry: dict = {}
-        taken = 0
-        while self._pending and taken < self.chunk:
-            member = next(iter(self._pending))
-            del self._pending[member]
+        for member in members:
             found = self._parked.get(member)
             if found is None or found[1] is None:
                 continue
-            taken += 1
             byEntry.setdefault(found[0], []).append((member[1], found[1]))
+        batch: list = []
         for entry, parked in byEntry.items():
-            self._recordEntry(entry, parked, now)
+            self._recordEntry(entry, parked, now, batch)
+        if batch:
+            self.record(batch)
         if self._pending:
             self._flushTimer = self.clock.callLater(0, self._flush)
 
-    def _recordEntry(self, entry: SpoolEntry, parked: list, now: float) -> None:
+    def _recordEntry(self, entry: SpoolEntry, parked: list, now: float, batch: list) -> None:
         current = {r.address: r for r in entry.recipients}
         deferrals: tuple = ([], [])
         expiries: tuple = ([], [])
@@ -361,7 +370,7 @@ class Parking:
             target[0].append(change)
             target[1].append(event)
         if deferrals[0]:
-            self.record(entry, *deferrals)
+            batch.append((entry, *deferrals))
         if expiries[0]:
             self.expire(entry, *expiries)
 

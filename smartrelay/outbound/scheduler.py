@@ -1540,7 +1540,12 @@ class DeliveryScheduler(Service):
         return done
 
     def _recorded(
-        self, entry: SpoolEntry, changes: list, events: list, discard: bool = True
+        self,
+        entry: SpoolEntry,
+        changes: list,
+        events: list,
+        discard: bool = True,
+        log: bool = True,
     ) -> None:
         if discard:
             for change in changes:
@@ -1557,7 +1562,8 @@ class DeliveryScheduler(Service):
                     metadata=entry.metadata or None,
                     detail=detail,
                 )
-            self.messageLog.outcome(entry.queue_id, address, kind, **line)
+            if log:
+                self.messageLog.outcome(entry.queue_id, address, kind, **line)
             if kind == "deferred":
                 self._deferrals[(entry.queue_id, address)] = detail
             else:
@@ -1577,28 +1583,39 @@ class DeliveryScheduler(Service):
         self._release(job)
         self._parking.park(destination.key, job.entry, job.addresses)
 
-    def _recordParked(self, entry: SpoolEntry, changes: list, events: list) -> None:
+    def _recordParked(self, batch: list) -> None:
         """
-        Record the deferral of parked recipients, then emit its events.  They
-        stay parked (and may be released) meanwhile, so they are not marked
-        busy; a failed record is not retried (it could land after a later
-        outcome): they stay parked, and their next deferral or outcome is
+        Record the deferrals of parked recipients, C{(entry, changes,
+        events)} for each message, in one go (one group commit), then emit
+        their events and log them a line per destination and up to
+        L{MessageLog.PARKED_PER_LINE} recipients.  They stay parked (and
+        may be released) meanwhile, so they are not marked busy; a failed
+        record is not retried (it could land after a later outcome): its
+        recipients stay parked, and their next deferral or outcome is
         recorded instead.
         """
-        d = maybeDeferred(self.spool.record, entry, changes)
+        records = [maybeDeferred(self.spool.record, entry, changes) for entry, changes, _ in batch]
 
-        def failed(failure: Failure) -> None:
-            self.log.failure(
-                "could not record the deferral of {count} parked recipients of {queue_id}",
-                failure,
-                count=len(changes),
-                queue_id=entry.queue_id,
-            )
+        def recorded(results: list) -> None:
+            lines: dict = {}
+            for (ok, value), (entry, changes, events) in zip(results, batch):
+                if not ok:
+                    self.log.failure(
+                        "could not record the deferral of {count} parked recipients of "
+                        "{queue_id}",
+                        value,
+                        count=len(changes),
+                        queue_id=entry.queue_id,
+                    )
+                    continue
+                self._recorded(entry, changes, events, discard=False, log=False)
+                for _, address, detail, line in events:
+                    key = (detail["suspended"], line["reply"], line["dsn"], line["next_attempt"])
+                    lines.setdefault(key, []).append((entry.queue_id, address))
+            for (destination, reply, dsn, nextAttempt), members in lines.items():
+                self.messageLog.parked(destination, members, reply, dsn, nextAttempt)
 
-        d.addCallbacks(
-            lambda _: self._recorded(entry, changes, events, discard=False), failed
-        )
-        self._track(d)
+        self._track(DeferredList(records, consumeErrors=True).addCallback(recorded))
 
     def _expireParked(self, entry: SpoolEntry, changes: list, events: list) -> None:
         """
