@@ -12,6 +12,9 @@ Paths:
 
 * down: the next hop refuses connections (smarthost / relayhost on a port
   nothing listens on): the acceptance rate while mail can only be queued;
+* hold: nothing is delivered by choice (smartrelay `[delivery] hold = on`,
+  Postfix `defer_transports = relay, smtp`): acceptance alone, the rate
+  the down path is measured against;
 * relay: relayed end to end to smtp-sink (first connection to the last
   message at the sink);
 * dkim: the same with an RSA-2048 DKIM signature on every message:
@@ -28,6 +31,7 @@ Needs (as root, for Postfix's master):
     apt-get install -y postfix opendkim
     python3 bench/postfix.py                        # 3 rounds of each path
     python3 bench/postfix.py --paths relay,dkim --rounds 5
+    python3 bench/postfix.py --paths down,hold       # the outage path against acceptance alone
     python3 bench/postfix.py --messages 5000 --rounds 1
 """
 
@@ -47,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import accept  # noqa: E402  (freePort, tool, installedScript)
 import relay  # noqa: E402  (SinkCounter, startRelay, dkimSection, BenchError)
 
-PATHS = ("down", "relay", "dkim")
+PATHS = ("down", "hold", "relay", "dkim")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 # Postfix's daemons, from Debian's master.cf, none chrooted (the private
@@ -99,7 +103,7 @@ alias_maps =
 alias_database =
 local_recipient_maps =
 biff = no
-{milter}"""
+{hold}{milter}"""
 
 _OPENDKIM_CONF = """\
 Syslog no
@@ -178,14 +182,15 @@ class Server:
 class SmartRelay(Server):
     name = "smartrelay"
 
-    def __init__(self, workdir: str, nextHop: int, dkim: Optional[str]) -> None:
-        self.workdir, self.nextHop, self.dkim = workdir, nextHop, dkim
+    def __init__(self, workdir: str, nextHop: int, dkim: Optional[str], hold: bool = False) -> None:
+        self.workdir, self.nextHop, self.dkim, self.hold = workdir, nextHop, dkim, hold
         self.port = accept.freePort()
         self.process: Optional[subprocess.Popen] = None
 
     def start(self) -> None:
         extra = "" if self.dkim is None else "\n" + relay.dkimSection(self.workdir, "rsa-sha256")
-        self.process, self.log = relay.startRelay(self.workdir, self.port, self.nextHop, extra)
+        self.process, self.log = relay.startRelay(
+            self.workdir, self.port, self.nextHop, extra, hold=self.hold)
 
     def cpu(self) -> float:
         return treeCPU(self.process.pid)
@@ -198,11 +203,12 @@ class SmartRelay(Server):
 class Postfix(Server):
     name = "postfix"
 
-    def __init__(self, workdir: str, nextHop: int, dkim: Optional[str]) -> None:
+    def __init__(self, workdir: str, nextHop: int, dkim: Optional[str], hold: bool = False) -> None:
         self.dir = workdir
         self.port = accept.freePort()
         self.nextHop = nextHop
         self.dkim = dkim
+        self.hold = hold
         self.process: Optional[subprocess.Popen] = None
         self.milter: Optional[subprocess.Popen] = None
         self.log = os.path.join(workdir, "postfix.log")
@@ -232,7 +238,8 @@ class Postfix(Server):
             milter = (f"smtpd_milters = inet:127.0.0.1:{milterPort}\n"
                       "milter_default_action = tempfail\n")
         with open(os.path.join(etc, "main.cf"), "w") as f:
-            f.write(_MAIN_CF.format(dir=self.dir, nextHop=self.nextHop, milter=milter))
+            hold = "defer_transports = relay, smtp\n" if self.hold else ""
+            f.write(_MAIN_CF.format(dir=self.dir, nextHop=self.nextHop, milter=milter, hold=hold))
         with open(os.path.join(etc, "master.cf"), "w") as f:
             f.write(_MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
         with open(self.log, "wb") as out:
@@ -267,14 +274,14 @@ def oneRound(args, kind: str, path: str, dkimKey: Optional[str]) -> dict:
     """
     workdir = tempfile.mkdtemp(prefix=f"bench-{kind}-{path}-", dir=args.tmp)
     sink = None
-    if path == "down":
+    if path in ("down", "hold"):
         nextHop = accept.freePort()  # nothing listens there
     else:
         nextHop = accept.freePort()
         sink = relay.SinkCounter(nextHop, 100)
         time.sleep(0.2)
     server = (SmartRelay if kind == "smartrelay" else Postfix)(
-        workdir, nextHop, dkimKey if path == "dkim" else None)
+        workdir, nextHop, dkimKey if path == "dkim" else None, hold=path == "hold")
     try:
         server.start()
         cpuBefore = server.cpu()
@@ -363,6 +370,11 @@ def main() -> None:
               f"{med(ours, 'rate') / med(theirs, 'rate'):.2f}x | {med(ours, 'cpu_ms'):.2f} ms | "
               f"{med(theirs, 'cpu_ms'):.2f} ms | {100 * med(ours, 'busy'):.0f} % / "
               f"{100 * med(theirs, 'busy'):.0f} % |")
+    if "down" in paths and "hold" in paths:
+        for kind in ("smartrelay", "postfix"):
+            down = statistics.median(r["rate"] for r in results[(kind, "down")])
+            hold = statistics.median(r["rate"] for r in results[(kind, "hold")])
+            print(f"{kind}: next hop down at {down / hold:.2f}x its hold rate")
     print(f"\n(medians of {args.rounds} rounds; {args.messages} x {args.size} B messages, "
           f"{args.sessions} sessions{', reused' if args.reuse else ''})")
 

@@ -147,15 +147,16 @@ def _tail(path: str, lines: int = 30) -> str:
         return "(no log)"
 
 
-def startRelay(workdir: str, smtpPort: int, sinkPort: int, extra: str) -> tuple:
+def startRelay(workdir: str, smtpPort: int, sinkPort: int, extra: str, hold: bool = False) -> tuple:
     """
     Start C{twistd smartrelay} as L{accept.startRelay} does (same
-    configuration, delivery not held), but keep its standard error (where
-    configuration errors go) and raise L{BenchError} instead of exiting.
+    configuration, delivery not held unless C{hold}), but keep its standard
+    error (where configuration errors go) and raise L{BenchError} instead
+    of exiting.
 
     @return: C{(subprocess.Popen, log path)} once it accepts mail.
     """
-    config = accept.writeConfig(workdir, smtpPort, sinkPort, extra, hold=False)
+    config = accept.writeConfig(workdir, smtpPort, sinkPort, extra, hold=hold)
     log = os.path.join(workdir, "twistd.log")
     errors = os.path.join(workdir, "twistd.stderr")
     with open(errors, "wb") as stderr:
