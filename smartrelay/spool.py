@@ -90,6 +90,7 @@ did, written to a new segment, flushed, and only then removed.
 
 import errno
 import json
+import math
 import os
 import re
 import struct
@@ -192,18 +193,24 @@ def decodeEntry(raw: bytes) -> tuple[SpoolEntry, bytes]:
 
 
 def encodeState(recipient: Recipient) -> bytes:
+    """
+    One line of a C{STATE} record: C{{"a":address,"s":state,"n":attempts,
+    "t":next_attempt}} as compact JSON and a newline.  Written out by hand
+    (the bytes of C{json.dumps(..., separators=(",", ":"))}, half the time:
+    every outcome, and every parked recipient's deferral, writes one).
+    """
+    attempts, nextAttempt = recipient.attempts, recipient.next_attempt
     return (
-        json.dumps(
-            {
-                "a": recipient.address,
-                "s": recipient.state,
-                "n": recipient.attempts,
-                "t": recipient.next_attempt,
-            },
-            separators=(",", ":"),
-        ).encode("utf-8")
-        + b"\n"
-    )
+        '{"a":%s,"s":%s,"n":%s,"t":%s}\n'
+        % (
+            json.dumps(recipient.address),
+            json.dumps(recipient.state),
+            int.__repr__(attempts) if type(attempts) is int else json.dumps(attempts),
+            float.__repr__(nextAttempt)
+            if type(nextAttempt) is float and math.isfinite(nextAttempt)
+            else json.dumps(nextAttempt),
+        )
+    ).encode("ascii")
 
 
 def applyState(entry: SpoolEntry, raw: bytes) -> int:

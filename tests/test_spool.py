@@ -6,6 +6,7 @@ the thread pool.
 """
 
 import errno
+import json
 import os
 
 from hypothesis import given, settings
@@ -67,6 +68,20 @@ def makeSpool(directory, runInThread=synchronous, clock=None, **kwargs):
 
 
 class CodecTests(SynchronousTestCase):
+    @given(
+        st.text(max_size=40),
+        st.sampled_from(["queued", "deferred", "delivered", "bounced", "expired", "suppressed"]),
+        st.integers(min_value=0, max_value=10**6),
+        st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(0, 2**40)),
+    )
+    def test_stateLineIsCompactJSON(self, address, state, attempts, nextAttempt):
+        """A state line is the bytes of compact json.dumps of its four fields (any address text)."""
+        recipient = Recipient(address, state, attempts, nextAttempt)
+        expected = json.dumps(
+            {"a": address, "s": state, "n": attempts, "t": nextAttempt}, separators=(",", ":")
+        ).encode("utf-8") + b"\n"
+        self.assertEqual(encodeState(recipient), expected)
+
     @given(st.binary(max_size=3000), st.lists(st.emails(), min_size=1, max_size=5), st.text(max_size=30))
     def test_roundTrip(self, data, recipients, sender):
         """
