@@ -8,6 +8,7 @@ smartrelay}, on loopback, both on this machine's cores.
     python3 bench/clicks.py --access-log file  # [web] access_log = a file
     git archive HEAD~3 smartrelay | tar -x -C /tmp/old
     python3 bench/clicks.py --baseline /tmp/old  # and an older version, interleaved
+    python3 bench/clicks.py --user-agent "Mozilla/5.0 ..."   # clicks from a browser
 
 The token is sealed with the relay's own key (a fixed C{[smartrelay]
 secret}), so every request is a valid click: token opened, a C{clicked}
@@ -153,11 +154,12 @@ def cpuSeconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wrk(url: str, connections: int, seconds: int, pid: int) -> dict:
+def wrk(url: str, connections: int, seconds: int, pid: int, userAgent: str = None) -> dict:
     before = cpuSeconds(pid)
+    headers = [] if userAgent is None else ["-H", f"User-Agent: {userAgent}"]
     output = subprocess.run(
         [shutil.which("wrk") or sys.exit("bench: apt-get install -y wrk"), "-t2",
-         f"-c{connections}", f"-d{seconds}s", "--latency", url],
+         f"-c{connections}", f"-d{seconds}s", "--latency", *headers, url],
         capture_output=True, text=True, check=True,
     ).stdout
     cpu = cpuSeconds(pid) - before
@@ -180,6 +182,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--access-log", default="log", choices=["log", "file", "off"],
                         help="[web] access_log: the relay's log (default), a file, off")
+    parser.add_argument("--user-agent", metavar="TEXT",
+                        help="the clicks' User-Agent (default: none, as wrk sends)")
     parser.add_argument("--baseline", metavar="TREE",
                         help="also measure the smartrelay package in TREE, interleaved")
     parser.add_argument("--bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -211,18 +215,19 @@ def main() -> None:
             connection.close()
         results, bares, bases = [], [], []
         for run in range(args.runs):
-            result = wrk(url, args.connections, args.seconds, relay.pid)
+            result = wrk(url, args.connections, args.seconds, relay.pid, args.user_agent)
             results.append(result)
             print(f"run {run + 1}: {result['rate']:,.0f} requests/s, p50 {result['p50']:.1f} ms, "
                   f"p99 {result['p99']:.1f} ms, non-3xx {result['bad']}, "
                   f"{result['cpu']:.0f} us CPU/request", flush=True)
             if baseline is not None:
-                result = wrk(clickURL(basePort), args.connections, args.seconds, baseline.pid)
+                result = wrk(clickURL(basePort), args.connections, args.seconds, baseline.pid,
+                             args.user_agent)
                 bases.append(result)
                 print(f"       baseline: {result['rate']:,.0f} requests/s, "
                       f"p99 {result['p99']:.1f} ms, {result['cpu']:.0f} us CPU/request", flush=True)
             result = wrk(f"http://127.0.0.1:{barePort}/t/c/x", args.connections, args.seconds,
-                         bare.pid)
+                         bare.pid, args.user_agent)
             bares.append(result)
             print(f"       bare Klein route: {result['rate']:,.0f} requests/s, "
                   f"p99 {result['p99']:.1f} ms, {result['cpu']:.0f} us CPU/request", flush=True)
