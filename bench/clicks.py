@@ -9,9 +9,12 @@ smartrelay}, on loopback, both on this machine's cores.
     git archive HEAD~3 smartrelay | tar -x -C /tmp/old
     python3 bench/clicks.py --baseline /tmp/old  # and an older version, interleaved
     python3 bench/clicks.py --user-agent "Mozilla/5.0 ..."   # clicks from a browser
+    python3 bench/clicks.py --tokens 1000      # 1,000 recipients' tokens in turn
 
 The token is sealed with the relay's own key (a fixed C{[smartrelay]
-secret}), so every request is a valid click: token opened, a C{clicked}
+secret}), so every request is a valid click (with C{--tokens N}, the
+clicks of N recipients on the same link, in turn, through a C{wrk} Lua
+script; the bare route gets the same paths): token opened, a C{clicked}
 event recorded, a 302 to the link.  Prints requests/s and latency
 percentiles of each run, and the medians.
 
@@ -54,13 +57,38 @@ _NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
 _UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def clickURL(port: int) -> str:
+LINK = "https://www.example.org/offer?utm_source=mail"
+
+
+def clickPaths(count: int) -> list:
+    """
+    The paths of C{count} clicks on one link of one message, each by
+    another recipient (so each has a token of its own).
+    """
     from smartrelay.tokens import Tokens, deriveKey
 
     tokens = Tokens([deriveKey(SECRET)])
-    token = tokens.make("c", "00/01-00001-6921A3F0", "alice@example.org",
-                        "https://www.example.org/offer?utm_source=mail")
-    return f"http://127.0.0.1:{port}/t/c/{token}"
+    recipients = ["alice@example.org"] + [f"user{n}@example.org" for n in range(1, count)]
+    return ["/t/c/" + tokens.make("c", "00/01-00001-6921A3F0", r, LINK) for r in recipients]
+
+
+def clickURL(port: int) -> str:
+    return f"http://127.0.0.1:{port}{clickPaths(1)[0]}"
+
+
+def pathsScript(workdir: str, paths: list) -> str:
+    """
+    A C{wrk} Lua script that asks for C{paths} in turn (its file name).
+    """
+    script = os.path.join(workdir, "paths.lua")
+    with open(script, "w") as f:
+        f.write("paths = {\n" + "".join(f'  "{p}",\n' for p in paths) + "}\n"
+                "n = 0\n"
+                "request = function()\n"
+                "  n = n % #paths + 1\n"
+                "  return wrk.format(nil, paths[n])\n"
+                "end\n")
+    return script
 
 
 def startRelay(workdir: str, webPort: int, accessLog: str = "log",
@@ -154,9 +182,12 @@ def cpuSeconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wrk(url: str, connections: int, seconds: int, pid: int, userAgent: str = None) -> dict:
+def wrk(url: str, connections: int, seconds: int, pid: int, userAgent: str = None,
+        script: str = None) -> dict:
     before = cpuSeconds(pid)
     headers = [] if userAgent is None else ["-H", f"User-Agent: {userAgent}"]
+    if script is not None:
+        headers += ["-s", script]
     output = subprocess.run(
         [shutil.which("wrk") or sys.exit("bench: apt-get install -y wrk"), "-t2",
          f"-c{connections}", f"-d{seconds}s", "--latency", *headers, url],
@@ -182,6 +213,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--access-log", default="log", choices=["log", "file", "off"],
                         help="[web] access_log: the relay's log (default), a file, off")
+    parser.add_argument("--tokens", type=int, default=1, metavar="N",
+                        help="clicks by N recipients in turn, each with its own token "
+                             "(default 1: every click has the same token)")
     parser.add_argument("--user-agent", metavar="TEXT",
                         help="the clicks' User-Agent (default: none, as wrk sends)")
     parser.add_argument("--baseline", metavar="TREE",
@@ -205,6 +239,7 @@ def main() -> None:
     bare = startBare(barePort)
     try:
         url = clickURL(port)
+        script = pathsScript(workdir, clickPaths(args.tokens)) if args.tokens > 1 else None
         for checked in [url] + ([clickURL(basePort)] if baseline else []):
             parts = urllib.parse.urlsplit(checked)
             connection = http.client.HTTPConnection("127.0.0.1", parts.port, timeout=10)
@@ -215,19 +250,19 @@ def main() -> None:
             connection.close()
         results, bares, bases = [], [], []
         for run in range(args.runs):
-            result = wrk(url, args.connections, args.seconds, relay.pid, args.user_agent)
+            result = wrk(url, args.connections, args.seconds, relay.pid, args.user_agent, script)
             results.append(result)
             print(f"run {run + 1}: {result['rate']:,.0f} requests/s, p50 {result['p50']:.1f} ms, "
                   f"p99 {result['p99']:.1f} ms, non-3xx {result['bad']}, "
                   f"{result['cpu']:.0f} us CPU/request", flush=True)
             if baseline is not None:
                 result = wrk(clickURL(basePort), args.connections, args.seconds, baseline.pid,
-                             args.user_agent)
+                             args.user_agent, script)
                 bases.append(result)
                 print(f"       baseline: {result['rate']:,.0f} requests/s, "
                       f"p99 {result['p99']:.1f} ms, {result['cpu']:.0f} us CPU/request", flush=True)
             result = wrk(f"http://127.0.0.1:{barePort}/t/c/x", args.connections, args.seconds,
-                         bare.pid, args.user_agent)
+                         bare.pid, args.user_agent, script)
             bares.append(result)
             print(f"       bare Klein route: {result['rate']:,.0f} requests/s, "
                   f"p99 {result['p99']:.1f} ms, {result['cpu']:.0f} us CPU/request", flush=True)
