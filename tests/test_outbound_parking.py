@@ -375,6 +375,20 @@ class ParkingTests(ParkingTestsMixin, SynchronousTestCase):
         self.assertEqual(self.destination()["parked"], 0)
         self.assertEqual(sorted(e[1] for e in self.events.ofType("bounced")), ["FIRST", "SECOND"])
 
+    def test_permanentRefusalAtTheProbe(self):
+        """A probe refused permanently ends the suspension: the parked recipients get that answer too."""
+        self.suspendWithOne()
+        self.addMany(3)
+        self.clock.advance(FLUSH_INTERVAL)
+        self.deliverer.refuse[SMARTHOST] = Reply(554, "5.7.1", "go away")
+        self.clock.advance(60)
+        self.clock.advance(0)
+        self.assertEqual(self.destination()["parked"], 0)
+        self.assertEqual(
+            sorted(e[1] for e in self.events.ofType("bounced")), ["FIRST", "P0", "P1", "P2"]
+        )
+        self.assertEqual(self.scheduler.queued(), 0)
+
     def test_queueViews(self):
         """The queue views show a parked recipient as deferred, with the reason and the retry time."""
         self.suspendWithOne()

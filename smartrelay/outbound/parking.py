@@ -487,6 +487,25 @@ class Parking:
             count=count,
         )
 
+    def refused(self, key: str, reply: Any) -> None:
+        """
+        The destination C{key} refused a connection permanently (a C{5xx}
+        greeting): end its suspension and release its parked recipients
+        to get that answer like any other mail for it.
+        """
+        suspension = self._suspensions.get(key)
+        if suspension is None:
+            return
+        count = len(suspension.members)
+        self._end(suspension)
+        self.log.warn(
+            "{destination} refused permanently ({reply}): releasing {count} parked "
+            "recipients",
+            destination=key,
+            reply=reply.line,
+            count=count,
+        )
+
     def _end(self, suspension: Suspension) -> None:
         self._cancel(suspension)
         del self._suspensions[suspension.key]

@@ -1182,6 +1182,7 @@ class DeliveryScheduler(Service):
         elif destination.sessions <= 1:
             # A dead destination: what waits for it, or comes in the next
             # moments, would only fail the same way.
+            self._parking.refused(destination.key, reply)
             destination.deadUntil = self.clock.seconds() + DEAD_DESTINATION_TIME
             destination.deadVerdict = attrs.evolve(
                 verdict,
