@@ -290,8 +290,9 @@ class TrackingApp:
     def drained(self) -> Deferred:
         """
         Fires once the work that writes to the store or the event log
-        (unsubscribes, and opens and clicks being recorded in the
-        background) is done, including any started meanwhile; the relay
+        (unsubscribes, and opens and clicks waiting for their batch or for
+        their message's look-up) is done, including any started
+        meanwhile; the relay
         waits for it when stopping, before it flushes the events and closes
         the store.
         """
