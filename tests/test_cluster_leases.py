@@ -401,6 +401,21 @@ class LeaseKeeperTests(SynchronousTestCase):
         lease.release()
         self.assertEqual(self.keeper.state()["held"], 0)
 
+    def test_reachableAgainWithoutLeases(self):
+        """
+        A node that holds no slot says the store answers again at its next
+        renewal time (C{/metrics} smartrelay_store_unreachable back to 0),
+        without waiting for a session to need a slot.
+        """
+        self.backend.down = True
+        self.acquire().lease.release()
+        self.assertFalse(self.keeper.reachable)
+        self.clock.advance(10)
+        self.assertFalse(self.keeper.reachable)
+        self.backend.down = False
+        self.clock.advance(10)
+        self.assertTrue(self.keeper.reachable)
+
     def test_releaseWhileDownIsHarmless(self):
         """
         Releasing while the store is down forgets the lease locally (it

@@ -331,6 +331,10 @@ class LeaseKeeper(Service):
         # with their sessions once it answers again.
         local = [l for l in self._held.values() if not l.shared and not l.lost]
         if not leases and not (local and self.shared):
+            if self.shared and not self.reachable:
+                # Nothing to renew: ask the store anyway, so that the node
+                # says it answers again before a session needs a slot.
+                await self._probe()
             return
         now = self.clock.seconds()
         self._renewing = True
@@ -358,6 +362,13 @@ class LeaseKeeper(Service):
                 lease.renewed = now
         for lease in local:
             self._lose(lease, "granted while the store was unreachable")
+
+    async def _probe(self) -> None:
+        try:
+            await maybeDeferred(self.backend.liveLeases, "probe", self.clock.seconds())
+        except Exception:
+            return
+        self._reachable()
 
     def _lose(self, lease: Lease, why: str) -> None:
         if not lease.lost:
