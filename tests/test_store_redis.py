@@ -40,6 +40,7 @@ from smartrelay.store.redis import (
     COMPACT_AT,
     RedisAddress,
     RedisConnectionFailed,
+    SCHEMA_VERSION,
     RedisStore,
     UnsupportedSchema,
     parseRedisURL,
@@ -470,6 +471,10 @@ class RedisStoreNetworkTests(TestCase):
         self.assertEqual(seen[0], "lost")
         # The second observer's check ran on the new connection, after.
         self.assertEqual((yield seen[1]), {})
+        # The schema key is back, as a start would have set it.
+        self.assertEqual(
+            server.command("GET", store.prefix + "schema"), b"$1\r\n%d\r\n" % SCHEMA_VERSION
+        )
         server.command("CLIENT", "KILL", "TYPE", "normal")
         yield self.reconnected(store)
         self.assertEqual(len(seen), 2)

@@ -1388,6 +1388,12 @@ class RedisStore:
             found = results[-1][1]
             known, self._epoch = self._epoch, found
             if known is not None and found != known:
+                # Written before anything else on this connection.
+                protocol.execute_command(
+                    "SET", self._key("schema"), str(SCHEMA_VERSION), "NX"
+                ).addErrback(
+                    lambda f: self.log.failure("could not set the schema key again", f)
+                )
                 self._dataLost()
             return protocol
 
