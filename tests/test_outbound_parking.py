@@ -389,6 +389,27 @@ class ParkingTests(ParkingTestsMixin, SynchronousTestCase):
         )
         self.assertEqual(self.scheduler.queued(), 0)
 
+    def test_releasedWhileRecording(self):
+        """A parked recipient released while its bulk record is being written is delivered once, its events in order."""
+        self.suspendWithOne()
+        self.add("P")
+        self.spool.hold = True
+        self.clock.advance(FLUSH_INTERVAL)
+        ((_, entry, changes),) = self.spool.held
+        self.assertEqual((entry.queue_id, changes[0].state), ("P", "deferred"))
+        # The retry comes before the record is written: P is the probe.
+        del self.deliverer.refuse[SMARTHOST]
+        self.deliverer.auto = _ok
+        self.clock.advance(60)
+        self.clock.advance(0)
+        while self.spool.held:
+            self.spool.releaseRecord(0)
+            self.clock.advance(0)
+        kinds = [e[0] for e in self.events.emitted if e[1] == "P"]
+        self.assertEqual(kinds, ["deferred", "delivered"])
+        self.assertIsNone(self.scheduler.queuedMessage("P"))
+        self.assertEqual(len([c for c in self.deliverer.calls if c.data == b"message P"]), 1)
+
     def test_queueViews(self):
         """The queue views show a parked recipient as deferred, with the reason and the retry time."""
         self.suspendWithOne()
