@@ -7,6 +7,7 @@ connector and event log.
 
 import os
 
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
@@ -16,7 +17,7 @@ from smartrelay.logs import MessageLog
 from smartrelay.outbound.parking import CHUNK, FLUSH_INTERVAL, PROBE_TIMEOUT
 from smartrelay.outbound.router import NoRoute
 from smartrelay.outbound.scheduler import DeliveryScheduler
-from smartrelay.outbound.session import Reply
+from smartrelay.outbound.session import AttemptResult, OpenResult, Reply
 from smartrelay.outbound.testing import (
     Delays,
     FakeDeliverer,
@@ -34,8 +35,9 @@ REFUSED = Reply(451, "4.4.1", "cannot connect to smarthost.test:25: Connection r
 
 
 def synchronous(f, *args, **kwargs):
-    from twisted.internet.defer import maybeDeferred
-
+    """
+    The spool's C{runInThread}, run at once on this thread.
+    """
     return maybeDeferred(f, *args, **kwargs)
 
 
@@ -279,8 +281,6 @@ class ParkingTests(ParkingTestsMixin, SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(len(self.deliverer.opening), 1)
         ((d, session),) = self.deliverer.opening
-        from smartrelay.outbound.session import OpenResult
-
         self.deliverer.hang = False
         self.deliverer.auto = lambda call: _ok(call)
         self.deliverer.sessions.append(session)
@@ -462,8 +462,9 @@ class ParkingTests(ParkingTestsMixin, SynchronousTestCase):
 
 
 def _ok(call):
-    from smartrelay.outbound.session import AttemptResult
-
+    """
+    Every recipient of C{call} accepted.
+    """
     return AttemptResult(call.hop.name, False, {a: Reply(250, "2.0.0", "ok") for a in call.recipients})
 
 
