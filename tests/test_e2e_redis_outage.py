@@ -67,6 +67,9 @@ def request(url: str, method: str = "GET", body: bytes = None, headers: dict = {
 
 
 def sleep(seconds: float) -> Deferred:
+    """
+    Wait C{seconds} on the real reactor (end-to-end tests only).
+    """
     return deferLater(reactor, seconds, lambda: None)
 
 
@@ -184,6 +187,9 @@ class RedisOutageTests(TestCase):
         return document["recipients"][0]["state"] if status == 200 else None
 
     def replicaFile(self) -> str:
+        """
+        The node's suppression replica file as its last sync wrote it.
+        """
         path = os.path.join(self.workdir, "var", "suppression-replica.jsonl")
         try:
             with open(path, encoding="utf-8") as f:
