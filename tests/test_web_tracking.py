@@ -413,7 +413,7 @@ class OpenPixelTests(TrackingTestsMixin, SynchronousTestCase):
         The cache keeps at most C{cacheSize} messages, dropping the least
         recently used.
         """
-        self.app.cacheSize = 2
+        self.app.hits.cacheSize = 2
         for n in range(3):
             queueID = f"79/BC-12331-0000000{n}"
             self.successResultOf(
@@ -1005,7 +1005,7 @@ class FastRouteTests(TrackingTestsMixin, SynchronousTestCase):
                     raise RuntimeError("no room")
                 return events.emit(*args, **kwargs)
 
-        self.app.events = FailFirst()
+        self.app.hits.events = FailFirst()
         token = signed(self, "o")
         for _ in range(2):
             self.treq.get(f"http://track.example/t/o/{token}.gif")

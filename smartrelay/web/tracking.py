@@ -21,7 +21,8 @@ Mount it with::
     site = makeSite(app)    # or put app.resource() under another Resource
 
 Events carry the tag and metadata of the message (read once per message
-from its C{accepted} event and kept in a small LRU cache) and, in
+from its C{accepted} event and kept in a small LRU cache:
+L{smartrelay.web.hits}) and, in
 C{detail}, the client's C{user_agent}, C{ip} and C{machine}: true when the
 user agent is empty or matches L{MACHINE_AGENTS} (mail-provider image
 proxies, link scanners, HTTP libraries, crawlers, headless browsers).
@@ -58,13 +59,12 @@ strings are left out and the referrer is cut to its origin
 import functools
 import html
 import re
-from collections import OrderedDict
 from typing import Any, Optional
 from urllib.parse import quote, urlsplit
 
 import attrs
 from klein import Klein
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
@@ -76,12 +76,14 @@ from smartrelay.deferreds import whenAllDone
 from smartrelay.store.interfaces import SuppressionEntry, normaliseAddress
 from smartrelay.web.accesslog import accessLogFormatter, loggedPath
 from smartrelay.web.answers import DateHeader, PreparedAnswer, send
+from smartrelay.web.hits import UNKNOWN_FOR, HitRecorder
 from smartrelay.web.proxies import clientAddress
 from smartrelay.web.site import makeSite as _makeSite
 
 __all__ = [
     "TRANSPARENT_GIF",
     "MACHINE_AGENTS",
+    "UNKNOWN_FOR",
     "UNSUBSCRIBE_REASON",
     "TrackingApp",
     "accessLogFormatter",
@@ -135,9 +137,6 @@ _MACHINE = re.compile("|".join(f"(?:{p})" for _, p in MACHINE_AGENTS), re.IGNORE
 
 #: Longest User-Agent kept in an event.
 MAX_USER_AGENT = 512
-#: Seconds a message the store does not know (no C{accepted} event: pruned,
-#: or still in the event journal) is not looked up again for its tag.
-UNKNOWN_FOR = 60.0
 
 _SECURITY_HEADERS = {
     b"X-Content-Type-Options": b"nosniff",
@@ -251,7 +250,8 @@ class TrackingApp:
         metadata, detail)}.
     @ivar store: an L{smartrelay.store.interfaces.IStore}.
     @ivar clock: an L{IReactorTime}; stamps suppression entries.
-    @ivar cacheSize: how many messages' (tag, metadata) to remember.
+    @ivar cacheSize: how many messages' (tag, metadata) to remember
+        (L{HitRecorder}).
     @ivar trustedProxies: networks (C{[web] trusted_proxies}) whose
         C{X-Forwarded-For} gives the C{ip} of opens and clicks.
     """
@@ -262,11 +262,9 @@ class TrackingApp:
     clock: Any
     cacheSize: int = 4096
     trustedProxies: tuple = ()
-    _info: OrderedDict = attrs.field(factory=OrderedDict, init=False, repr=False)
+    #: Records the events (L{HitRecorder}), built from the fields above.
+    hits: HitRecorder = attrs.field(init=False, repr=False)
     _busy: set = attrs.field(factory=set, init=False, repr=False)
-    _lookups: dict = attrs.field(factory=dict, init=False, repr=False)
-    #: Opens and clicks waiting for the next batch: (type, data, detail).
-    _hits: list = attrs.field(factory=list, init=False, repr=False)
     #: The front route's redirects: link -> L{PreparedAnswer}, or None for
     #: a link that is not redirected to.
     _redirects: dict = attrs.field(factory=dict, init=False, repr=False)
@@ -278,6 +276,9 @@ class TrackingApp:
 
     app = Klein()
     log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        self.hits = HitRecorder(self.events, self.store, self.clock, self.cacheSize)
 
     def resource(self) -> Resource:
         """
@@ -296,7 +297,7 @@ class TrackingApp:
         waits for it when stopping, before it flushes the events and closes
         the store.
         """
-        return whenAllDone(lambda: self._busy)
+        return whenAllDone(lambda: self._busy | self.hits.pending)
 
     def _track(self, d: Deferred) -> Deferred:
         self._busy.add(d)
@@ -318,7 +319,7 @@ class TrackingApp:
         data = self._read("o", token, required=False)
         if data is not None:
             userAgent, ip = _client(request, self.trustedProxies)
-            self._hit(
+            self.hits.hit(
                 "opened",
                 data,
                 {"user_agent": userAgent, "ip": ip, "machine": isMachine(userAgent)},
@@ -336,7 +337,7 @@ class TrackingApp:
         if location is None:
             raise InvalidLink(f"not an http(s) link: {data.url!r}")
         userAgent, ip = _client(request, self.trustedProxies)
-        self._hit(
+        self.hits.hit(
             "clicked",
             data,
             {
@@ -420,7 +421,7 @@ class TrackingApp:
             raise StoreUnavailable(str(e)) from e
         if not found:
             userAgent, ip = _client(request, self.trustedProxies)
-            self._record(
+            self.hits.record(
                 "unsubscribed",
                 data,
                 {
@@ -553,7 +554,7 @@ class TrackingApp:
         if answer is None:
             raise InvalidLink(f"not an http(s) link: {url!r}")
         userAgent, ip = _client(request, self.trustedProxies)
-        self._hit(
+        self.hits.hit(
             "clicked",
             data,
             {"url": url, "user_agent": userAgent, "ip": ip, "machine": isMachine(userAgent)},
@@ -564,60 +565,12 @@ class TrackingApp:
         data = self._read("o", token, required=False)
         if data is not None:
             userAgent, ip = _client(request, self.trustedProxies)
-            self._hit(
+            self.hits.hit(
                 "opened",
                 data,
                 {"user_agent": userAgent, "ip": ip, "machine": isMachine(userAgent)},
             )
         return _PIXEL
-
-    # -- opens and clicks, in batches -------------------------------------
-
-    def _hit(self, type: str, data, detail: dict) -> None:
-        """
-        Record an open or a click: with the others of this reactor turn,
-        in the next (L{_recordHits}).
-        """
-        hits = self._hits
-        hits.append((type, data, detail))
-        if len(hits) == 1:
-            recorded: Deferred = Deferred()
-            self._busy.add(recorded)
-            self.clock.callLater(0, self._recordHits, recorded)
-
-    def _recordHits(self, recorded: Deferred) -> None:
-        """
-        Emit the events of the waiting hits: at once for messages whose tag
-        and metadata are known, after the look-up for the others
-        (L{_record}).
-        """
-        hits, self._hits = self._hits, []
-        info = self._info
-        now = self.clock.seconds()
-        emit = self.events.emit
-        for type, data, detail in hits:
-            queueID = data.queue_id
-            cached = info.get(queueID)
-            if cached is None or (cached[1] is not None and cached[1] <= now):
-                self._record(type, data, detail)
-                continue
-            info.move_to_end(queueID)
-            tag, metadata = cached[0]
-            try:
-                emit(
-                    type,
-                    queueID,
-                    data.recipient,
-                    tag=tag,
-                    metadata=dict(metadata),
-                    detail=detail,
-                )
-            except Exception:
-                self.log.failure(
-                    "could not record {type} for {queue_id}", type=type, queue_id=queueID
-                )
-        self._busy.discard(recorded)
-        recorded.callback(None)
 
     # -- helpers --------------------------------------------------------
 
@@ -644,89 +597,6 @@ class TrackingApp:
         if data is None and required:
             raise InvalidLink(f"bad {kind} token")
         return data
-
-    def _record(self, type: str, data, detail: dict) -> Deferred:
-        """
-        Emit an event for the message and recipient of C{data}, with the
-        message's tag and metadata when they can be found.
-        """
-
-        def emit(info):
-            tag, metadata = info
-            self.events.emit(
-                type,
-                data.queue_id,
-                data.recipient,
-                tag=tag,
-                metadata=dict(metadata),
-                detail=detail,
-            )
-
-        d = self._messageInfo(data.queue_id)
-        d.addCallback(emit)
-        d.addErrback(
-            lambda f: self.log.failure(
-                "could not record {type} for {queue_id}",
-                f,
-                type=type,
-                queue_id=data.queue_id,
-            )
-        )
-        return self._track(d)
-
-    def _messageInfo(self, queueID: str) -> Deferred:
-        """
-        (tag, metadata) of a message, from its C{accepted} event; (None, {})
-        if the store does not know it or fails.
-
-        Answers are kept in a small LRU cache; a message the store does
-        not know is remembered as unknown for L{UNKNOWN_FOR} seconds, and
-        the clicks of one message arriving together share one look-up: a
-        burst of clicks on one message must not read its (growing) list of
-        events once per click.
-        """
-        cached = self._info.get(queueID)
-        if cached is not None:
-            info, until = cached
-            if until is None or until > self.clock.seconds():
-                self._info.move_to_end(queueID)
-                return succeed(info)
-            del self._info[queueID]
-        waiting = self._lookups.get(queueID)
-        if waiting is not None:
-            d: Deferred = Deferred()
-            waiting.append(d)
-            return d
-        waiting = self._lookups[queueID] = []
-
-        def remember(info, until):
-            self._info[queueID] = (info, until)
-            while len(self._info) > self.cacheSize:
-                self._info.popitem(last=False)
-            return info
-
-        def found(events):
-            for event in events:
-                if event.type == "accepted":
-                    return remember((event.tag, dict(event.metadata or {})), None)
-            return remember((None, {}), self.clock.seconds() + UNKNOWN_FOR)
-
-        def failed(failure):
-            self.log.failure(
-                "could not look up the tag and metadata of {queue_id}",
-                failure,
-                queue_id=queueID,
-            )
-            return (None, {})
-
-        def answer(info):
-            del self._lookups[queueID]
-            for d in waiting:
-                d.callback(info)
-            return info
-
-        d = maybeDeferred(self.store.eventsForMessage, queueID)
-        return d.addCallbacks(found, failed).addCallback(answer)
 
 
 def _client(request, trustedProxies: tuple = ()) -> tuple[str, Optional[str]]:
