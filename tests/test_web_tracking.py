@@ -123,6 +123,7 @@ class FlakyStore(MemoryStore):
     holdLookups: bool = False
     held: list = attrs.field(factory=list)
     lookups: int = 0
+    queries: list = attrs.field(factory=list)
 
     def release(self):
         """Let every held call go on."""
@@ -147,13 +148,14 @@ class FlakyStore(MemoryStore):
         self.held.append((d, call))
         return d
 
-    def eventsForMessage(self, queue_id):
+    def queryEvents(self, **filters):
         self.lookups += 1
+        self.queries.append(filters)
         if self.failLookups:
             return fail(ConnectionError("store is down"))
         if self.holdLookups:
-            return self._hold(lambda: super(FlakyStore, self).eventsForMessage(queue_id))
-        return super().eventsForMessage(queue_id)
+            return self._hold(lambda: super(FlakyStore, self).queryEvents(**filters))
+        return super().queryEvents(**filters)
 
 
 class _Tags(HTMLParser):
@@ -407,6 +409,17 @@ class OpenPixelTests(TrackingTestsMixin, SynchronousTestCase):
             self.request("GET", f"/t/o/{token}.gif")
         self.assertEqual(self.store.lookups, 1)
         self.assertEqual([e.tag for e in self.recorded("opened")], [TAG] * 3)
+
+    def test_lookupReadsAcceptedOnly(self):
+        """
+        The look-up asks the store for the message's first C{accepted}
+        event only, not for all its events (its opens and clicks among
+        them).
+        """
+        self.request("GET", f"/t/o/{signed(self, 'o')}.gif")
+        self.assertEqual(
+            self.store.queries, [{"type": "accepted", "queue_id": QUEUE_ID, "limit": 1}]
+        )
 
     def test_cacheBounded(self):
         """

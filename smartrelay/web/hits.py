@@ -4,7 +4,9 @@ Opens, clicks and unsubscribes as events (L{HitRecorder}), for the
 tracking routes of L{smartrelay.web.tracking}.
 
 Each event carries the tag and metadata of its message, read once per
-message from its C{accepted} event and kept in a small LRU cache; a
+message from its C{accepted} event (that event alone: a message's clicks
+are events too, and there may be hundreds of thousands of them) and kept
+in a small LRU cache; a
 message the store does not know (pruned, or still in the event journal)
 is remembered as unknown for L{UNKNOWN_FOR} seconds, and the hits of one
 message that arrive together share one look-up: a burst of clicks on one
@@ -38,8 +40,9 @@ class HitRecorder:
 
     @ivar events: an event log: C{emit(type, queue_id, recipient, *, tag,
         metadata, detail)}.
-    @ivar store: provides C{eventsForMessage(queue_id)}, where the
-        message's C{accepted} event is found.
+    @ivar store: provides C{queryEvents(type=, queue_id=, limit=)}
+        (L{smartrelay.store.interfaces.IStore}), where the message's
+        C{accepted} event is found.
     @ivar clock: an C{IReactorTime}.
     @ivar cacheSize: how many messages' (tag, metadata) to remember.
     @ivar pending: the L{Deferred}s of the work not done yet (a batch
@@ -170,10 +173,9 @@ class HitRecorder:
                 self._info.popitem(last=False)
             return info
 
-        def found(events):
-            for event in events:
-                if event.type == "accepted":
-                    return remember((event.tag, dict(event.metadata or {})), None)
+        def found(page):
+            for event in page.events:
+                return remember((event.tag, dict(event.metadata or {})), None)
             return remember((None, {}), self.clock.seconds() + UNKNOWN_FOR)
 
         def failed(failure):
@@ -190,5 +192,7 @@ class HitRecorder:
                 d.callback(info)
             return info
 
-        d = maybeDeferred(self.store.eventsForMessage, queueID)
+        d = maybeDeferred(
+            self.store.queryEvents, type="accepted", queue_id=queueID, limit=1
+        )
         return d.addCallbacks(found, failed).addCallback(answer)
