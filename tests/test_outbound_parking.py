@@ -171,6 +171,26 @@ class ParkingTests(ParkingTestsMixin, SynchronousTestCase):
             [(r.state, r.attempts, r.next_attempt) for r in entries[0].recipients],
             [("deferred", 0, START + 60)],
         )
+        # One detail for every recipient it is the same for (memory: the
+        # scheduler keeps each parked recipient's last deferral).
+        self.assertTrue(all(d[3] is detail for d in deferrals))
+        self.assertIs(self.scheduler.lastDeferral(entries[-1].queue_id, "r29@example.com"), detail)
+
+    def test_deleteOneOfSeveral(self):
+        """
+        A parked message with several recipients: deleting one domain's
+        leaves the others parked; deleting the message unparks them all.
+        """
+        self.suspendWithOne()
+        self.add("M", ["a@example.com", "b@example.com", "c@example.net"])
+        self.clock.advance(FLUSH_INTERVAL)
+        self.assertEqual(self.destination()["parked"], 3)
+        self.assertEqual(self.scheduler._parking.forget("M", "example.net"),
+                         {self.scheduler._parking._suspensions[DESTINATION]})
+        self.assertEqual(self.destination()["parked"], 2)
+        self.assertEqual(sorted(self.successResultOf(self.scheduler.delete("M"))),
+                         ["a@example.com", "b@example.com", "c@example.net"])
+        self.assertEqual(self.destination()["parked"], 0)
 
     def test_loggedInBulk(self):
         """Parked recipients are logged a line per destination and hundred recipients, each naming its queue ids."""

@@ -166,6 +166,10 @@ class Parking:
     _flushTimer: Any = attrs.field(default=None, init=False)
     _releasing: deque = attrs.field(factory=deque, init=False)
     _releaseTimer: Any = attrs.field(default=None, init=False)
+    #: The C{deferred} details of the flush in progress, shared by the
+    #: recipients they are the same for (the scheduler keeps each parked
+    #: recipient's last deferral: one dict a recipient was ~400 bytes).
+    _details: dict = attrs.field(factory=dict, init=False)
 
     log = Logger()
 
@@ -276,7 +280,16 @@ class Parking:
     def _add(self, suspension: Suspension, entry: SpoolEntry, address: str) -> None:
         member = (entry.queue_id, address)
         self._parked[member] = (entry, suspension)
-        self._byQueue.setdefault(entry.queue_id, set()).add(address)
+        # One address (most messages) is kept as the string itself: a set
+        # of one costs some 200 bytes a parked message.
+        known = self._byQueue.get(entry.queue_id)
+        if known is None:
+            self._byQueue[entry.queue_id] = address
+        elif isinstance(known, str):
+            if known != address:
+                self._byQueue[entry.queue_id] = {known, address}
+        else:
+            known.add(address)
         suspension.members[member] = entry
         self._pending[member] = None
 
@@ -291,7 +304,10 @@ class Parking:
         if suspension is not None:
             suspension.members.pop(member, None)
         addresses = self._byQueue.get(member[0])
-        if addresses is not None:
+        if isinstance(addresses, str):
+            if addresses == member[1]:
+                del self._byQueue[member[0]]
+        elif addresses is not None:
             addresses.discard(member[1])
             if not addresses:
                 del self._byQueue[member[0]]
@@ -307,7 +323,8 @@ class Parking:
         @return: the L{Suspension}s they were parked in.
         """
         suspensions = set()
-        for address in list(self._byQueue.get(queue_id, ())):
+        addresses = self._byQueue.get(queue_id, ())
+        for address in [addresses] if isinstance(addresses, str) else list(addresses):
             if domain is not None and _domain(address) != domain:
                 continue
             member = (queue_id, address)
@@ -345,8 +362,10 @@ class Parking:
                 continue
             byEntry.setdefault(found[0], []).append((member[1], found[1]))
         batch: list = []
+        self._details = {}
         for entry, parked in byEntry.items():
             self._recordEntry(entry, parked, now, batch)
+        self._details = {}
         if batch:
             self.record(batch)
         if self._pending:
@@ -384,21 +403,26 @@ class Parking:
         """
         reply = suspension.reply
         status = reply.status if reply.status and reply.status.startswith("4") else "4.0.0"
-        detail = {
-            "reply": suspension.reason,
-            "code": reply.code,
-            "status": status,
-            "remote": suspension.remote,
-            "attempts": recipient.attempts,
-            "suspended": suspension.key,
-        }
         nextAttempt = suspension.retryAt
+        key = (suspension.key, nextAttempt, reply, suspension.remote, recipient.attempts)
+        detail = self._details.get(key)
+        if detail is None:
+            detail = {
+                "reply": suspension.reason,
+                "code": reply.code,
+                "status": status,
+                "remote": suspension.remote,
+                "attempts": recipient.attempts,
+                "suspended": suspension.key,
+                "next_attempt": rfc3339(nextAttempt),
+            }
+            self._details[key] = detail
         if nextAttempt - entry.received > self.maxAge:
             state, nextAttempt = "expired", recipient.next_attempt
-            detail = {"reason": "expired", "diagnostic": f"{reply.code} {status} {suspension.reason}", **detail}
+            detail = {"reason": "expired", "diagnostic": f"{reply.code} {status} {suspension.reason}",
+                      **{k: v for k, v in detail.items() if k != "next_attempt"}}
         else:
             state = "deferred"
-            detail["next_attempt"] = rfc3339(nextAttempt)
         change = Recipient(
             address=recipient.address,
             state=state,
