@@ -455,7 +455,9 @@ class RelayService(MultiService):
             maxAge=delivery.max_age,
             maxConnections=delivery.max_connections,
             policy=DestinationPolicy.fromConfig(config),
-            store=DurableSuppressions(timedStore, self.events, self.suppressionReplica),
+            store=DurableSuppressions(
+                timedStore, self.events, self.suppressionReplica, provisional=True
+            ),
             throttlePatterns=delivery.throttle_patterns,
             throttleCooldown=delivery.throttle_cooldown,
             idleTimeout=delivery.idle_timeout,
@@ -608,6 +610,7 @@ class RelayService(MultiService):
                 runInThread=threads.runner("feedback", FEEDBACK_THREADS), workers=self.workers
             ),
             logReports=relay.log_messages,
+            provisional=self.suppressionReplica,
         )
         self.feedbackFactory = SubmissionFactory(
             policy=FeedbackPolicy(

@@ -196,6 +196,25 @@ class ReplicaTests(SynchronousTestCase):
             self.successResultOf(self.store.checkSuppressions(["a@example.com"], T0)),
         )
 
+    def test_provisionalEntries(self):
+        """
+        A provisional entry is part of every check, whatever syncs bring,
+        until it is released; it never goes to the store.
+        """
+        self.replica.holdProvisionally("R1", suppression("held@example.com"))
+        self.successResultOf(self.replica.sync())
+        self.assertIn("held@example.com", self.replica.check(["held@example.com"], T0))
+        self.assertEqual(
+            list(self.replica.lookupProvisional(["held@Example.com", "x@y.z"], T0)),
+            ["held@Example.com"],
+        )
+        self.assertEqual(
+            self.successResultOf(self.store.checkSuppressions(["held@example.com"], T0)), {}
+        )
+        self.replica.releaseProvisional("R1")
+        self.replica.releaseProvisional("R1")
+        self.assertEqual(self.replica.check(["held@example.com"], T0), {})
+
     def test_remember(self):
         """
         An entry this node adds is in the copy at once; an older one does

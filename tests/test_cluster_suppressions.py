@@ -337,6 +337,26 @@ class DurableSuppressionsTests(SynchronousTestCase):
             self.successResultOf(self.suppressions.checkSuppressions(["a@b.c"], T0)), {}
         )
 
+    def test_provisionalMerged(self):
+        """
+        An unsubscribe held provisionally (by mail, not attributed yet) is
+        part of the answer of a wrapper that asks for them (the
+        scheduler's) until released; not of the others (the feedback
+        processor's must see the list as it is, or it would think the
+        address already unsubscribed and record nothing).
+        """
+        scheduler = DurableSuppressions(
+            self.store, self.relay.events, self.relay.replica, provisional=True
+        )
+        self.relay.replica.holdProvisionally("R1", unsubscribe("a@b.c"))
+        found = self.successResultOf(scheduler.checkSuppressions(["a@b.c"], T0))
+        self.assertEqual(list(found), ["a@b.c"])
+        self.assertEqual(
+            self.successResultOf(self.suppressions.checkSuppressions(["a@b.c"], T0)), {}
+        )
+        self.relay.replica.releaseProvisional("R1")
+        self.assertEqual(self.successResultOf(scheduler.checkSuppressions(["a@b.c"], T0)), {})
+
     def test_expiredPendingIgnored(self):
         """
         A pending entry that has expired does not suppress.

@@ -538,6 +538,67 @@ class DurabilityTests(ProcessorMixin, SynchronousTestCase):
         self.assertTrue(os.path.exists(self.inbox.path("done", reportID)))
         self.assertTrue(self.processor.idle())
 
+    def test_unsubscribeHeldWhileStoreDown(self):
+        """
+        Mail to C{unsub+} while the store cannot say whom it is for: the
+        address the mail names is held provisionally (not put on the list)
+        until the report is processed once the store answers; then the
+        token's recipient is unsubscribed and the hold released.
+        """
+        held = {}
+
+        class Provisional:
+            def holdProvisionally(self, key, entry):
+                held[key] = entry
+
+            def releaseProvisional(self, key):
+                held.pop(key, None)
+
+        self.processor.provisional = Provisional()
+        self.accepted()
+        self.store.down = True
+        reportID = self.deliver(
+            self.unsub(1),
+            Report("unsubscribe", (FeedbackRecord(type="unsubscribe", recipient="Leaver@Example.org"),)),
+        )
+        self.flushLoggedErrors(ConnectionError)
+        self.assertEqual(
+            [(k, e.address, e.reason, e.time) for k, e in held.items()],
+            [(reportID, "Leaver@example.org", "unsubscribe", START)],
+        )
+        self.assertIsNone(self.suppressed("Leaver@example.org"))
+        self.store.down = False
+        self.clock.advance(5)
+        self.settle()
+        self.assertEqual(held, {})
+        self.assertEqual(self.suppressed().reason, "unsubscribe")
+        self.assertIsNone(self.suppressed("Leaver@example.org"))
+
+    def test_unsubscribeHeldForEnvelopeSender(self):
+        """
+        A mail to C{unsub+} that names nobody itself is held for its
+        envelope sender while the store is down.
+        """
+        held = {}
+
+        class Provisional:
+            def holdProvisionally(self, key, entry):
+                held[key] = entry.address
+
+            def releaseProvisional(self, key):
+                held.pop(key, None)
+
+        self.processor.provisional = Provisional()
+        self.store.down = True
+        data = b"Subject: bye\r\n\r\n"
+        self.reports[data] = Report("none")
+        envelope = Envelope("me@Example.org", (self.unsub(1),), self.clock.seconds(), {})
+        reportID = self.successResultOf(self.inbox.store(envelope, data))
+        self.processor.received(reportID, envelope, data)
+        self.settle()
+        self.flushLoggedErrors(ConnectionError)
+        self.assertEqual(held, {reportID: "me@example.org"})
+
     def test_stopCancelsRetries(self):
         """
         C{stop} cancels waiting retries (the report stays in new/ for the

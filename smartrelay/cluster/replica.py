@@ -120,6 +120,10 @@ class SuppressionReplica(Service):
     restoring: bool = attrs.field(default=False, init=False)
     #: Data losses of the store signalled so far.
     _losses: int = attrs.field(default=0, init=False)
+    #: Unsubscribes that came by mail and cannot be attributed while the
+    #: store cannot be reached: key (the report id) -> the entry for the
+    #: address the report names, checked until L{releaseProvisional}.
+    _provisional: dict = attrs.field(factory=dict, init=False)
 
     log = Logger()
 
@@ -250,6 +254,35 @@ class SuppressionReplica(Service):
             # Not from inside the store's connection set-up, which calls this.
             self.clock.callLater(0, self.sync)
 
+    def holdProvisionally(self, key: str, entry: SuppressionEntry) -> None:
+        """
+        Check recipients against C{entry} too, whatever syncs bring, until
+        L{releaseProvisional}C{(key)}: an unsubscribe this node received
+        and cannot put on the list yet (it never goes to the store from
+        here).
+        """
+        self._provisional[key] = entry
+
+    def releaseProvisional(self, key: str) -> None:
+        """
+        Stop checking against the entry held for C{key}, if any.
+        """
+        self._provisional.pop(key, None)
+
+    def lookupProvisional(self, addresses: list, now: float) -> dict:
+        """
+        Like L{lookup}, against the provisional entries alone.
+        """
+        if not self._provisional:
+            return {}
+        held = {e.address: e for e in self._provisional.values()}
+        found = {}
+        for given, normalised in checkAddresses(addresses):
+            entry = held.get(normalised)
+            if entry is not None and entry.activeAt(now):
+                found[given] = entry
+        return found
+
     def remember(self, entry: SuppressionEntry) -> None:
         """
         Add an entry this node has just put on the list (in memory; the
@@ -289,11 +322,13 @@ class SuppressionReplica(Service):
         self.checkedLocally += len(addresses)
         return found
 
-    def lookup(self, addresses: list, now: float) -> dict:
+    def lookup(self, addresses: list, now: float, provisional: bool = True) -> dict:
         """
         Like L{check}, not counted.
+
+        @param provisional: whether to include the provisional entries.
         """
-        found = {}
+        found = self.lookupProvisional(addresses, now) if provisional else {}
         for given, normalised in checkAddresses(addresses):
             entry = self._entries.get(normalised)
             if entry is None or not entry.activeAt(now):

@@ -13,8 +13,10 @@ the store is back; either way the entry is added to the node's
 suppression replica at once.  Its C{checkSuppressions} adds the entries
 still waiting in the journal to the store's answer, so a recipient who
 unsubscribed during an outage is not mailed in the minutes between the
-store's return and the journal's replay; and the replica's entries while
-it puts them back into a store that came back without its data.  Every
+store's return and the journal's replay; the replica's entries while it
+puts them back into a store that came back without its data; and the
+unsubscribes by mail the replica holds provisionally until the feedback
+processor can attribute them.  Every
 other call goes to the store as it is.
 """
 
@@ -39,12 +41,18 @@ class DurableSuppressions:
     @ivar replica: the node's
         L{SuppressionReplica <smartrelay.cluster.replica.SuppressionReplica>}
         (C{remember(entry)}), or L{None} without one (SQLite).
+    @ivar provisional: whether checks include the unsubscribes by mail the
+        replica holds provisionally (the scheduler's checks do; the
+        feedback processor's, which must see the list as it is, do not).
     """
 
-    def __init__(self, store: IStore, events: Any, replica: Optional[Any] = None) -> None:
+    def __init__(
+        self, store: IStore, events: Any, replica: Optional[Any] = None, provisional: bool = False
+    ) -> None:
         self.store = store
         self.events = events
         self.replica = replica
+        self.provisional = provisional
 
     def __repr__(self) -> str:
         return f"<DurableSuppressions over {self.store!r}>"
@@ -75,9 +83,16 @@ class DurableSuppressions:
         d = maybeDeferred(self.store.checkSuppressions, addresses, now)
 
         def merged(found: dict) -> dict:
-            if self.replica is not None and self.replica.restoring:
-                # The store lost its data and has not got the copy back yet.
-                found = {**self.replica.lookup(addresses, now), **found}
+            if self.replica is not None:
+                if self.replica.restoring:
+                    # The store lost its data and has not got the copy back yet.
+                    found = {
+                        **self.replica.lookup(addresses, now, provisional=self.provisional),
+                        **found,
+                    }
+                elif self.provisional:
+                    # Unsubscribes by mail not attributed yet.
+                    found = {**self.replica.lookupProvisional(addresses, now), **found}
             pending = self.events.pendingSuppressions
             if not pending:
                 return found

@@ -43,7 +43,7 @@ added again).
 """
 
 import hashlib
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -141,6 +141,12 @@ class FeedbackProcessor:
     #: One log line per processed report (C{[smartrelay] log_messages}).
     logReports: bool = True
     pollInterval: float = 1.0
+    #: Where an unsubscribe by mail that cannot be attributed while the
+    #: store cannot be reached is held meanwhile, for the address the mail
+    #: names (C{holdProvisionally(report id, entry)},
+    #: C{releaseProvisional(report id)}: the suppression replica), or
+    #: L{None}.
+    provisional: Any = None
     _inFlight: dict = attrs.field(factory=dict, init=False)
     _timers: dict = attrs.field(factory=dict, init=False)
     _stopped: bool = attrs.field(default=False, init=False)
@@ -176,6 +182,8 @@ class FeedbackProcessor:
 
         def done(result) -> None:
             del self._inFlight[reportID]
+            if self.provisional is not None:
+                self.provisional.releaseProvisional(reportID)
 
         def failed(failure) -> None:
             del self._inFlight[reportID]
@@ -335,7 +343,11 @@ class FeedbackProcessor:
         planned = []
         for n, target in targets:
             if target.kind == "unsubscribe":
-                known = await message(target.queue_id)
+                try:
+                    known = await message(target.queue_id)
+                except Exception:
+                    self._holdProvisionally(reportID, envelope, report)
+                    raise
                 planned += await self._unsubscribe(reportID, n, target, known, report)
             elif target.kind == "verp":
                 known = await message(target.queue_id)
@@ -364,6 +376,33 @@ class FeedbackProcessor:
             else:
                 fresh.append(p)
         return fresh, stored
+
+    def _holdProvisionally(self, reportID: str, envelope: Envelope, report: Report) -> None:
+        """
+        The store cannot say whom an unsubscribe by mail is for: until it
+        can (the report is tried again), hold the address the mail names
+        (its sender: the report's, else the envelope's) so that this node
+        does not mail it meanwhile.
+        """
+        if self.provisional is None:
+            return
+        names = [record.recipient for record in report.records if record.recipient]
+        for name in names + ([envelope.sender] if envelope.sender else []):
+            try:
+                address = normaliseAddress(name)
+            except ValueError:
+                continue
+            self.provisional.holdProvisionally(
+                reportID,
+                SuppressionEntry(address=address, reason="unsubscribe", time=envelope.received),
+            )
+            self.log.info(
+                "feedback: report {report}: unsubscribe for {address} held on this node"
+                " until the store can attribute it",
+                report=reportID,
+                address=address,
+            )
+            return
 
     async def _stored(self, p: Planned, messages: dict, envelope: Envelope, careful: bool) -> bool:
         known = messages.get(p.queue_id)
