@@ -214,6 +214,11 @@ class NpmSMSCTests(RelayTestMixin, TestCase):
         )
         self.assertEqual((code, refused), (250, []), reply)
         queueID = reply.split()[-1]
+        # The accepted event is written in a batch just after the 250; a
+        # kill inside that window loses the event (not the message: a
+        # known gap, see docs/events.md), which is not what this test is about.
+        yield waitFor(reactor, lambda: any(
+            t == "accepted" and q == queueID for t, q, r, d in events(self.workdir)))
         relay.kill(signal.SIGKILL)
         with open(relay.configPath, "w") as f:
             f.write(self.smsConfig(sinkPort, self.smsc.port)
