@@ -75,11 +75,12 @@ def tool(name: str) -> str:
     sys.exit(f"bench: {name} not found; install it with: apt-get install -y postfix")
 
 
-def writeConfig(workdir: str, smtpPort: int, sinkPort: int, extra: str, hold: bool) -> str:
+def writeConfig(workdir: str, smtpPort: int, sinkPort: int, extra: str, hold: bool,
+                relayLines: str = "") -> str:
     """
     The benchmark relay's configuration file (its path): SMTP on
     C{smtpPort}, delivery to the sink on C{sinkPort}, C{extra} lines
-    appended to C{[delivery]}.
+    appended to C{[delivery]}, C{relayLines} to C{[smartrelay]}.
     """
     config = os.path.join(workdir, "smartrelay.ini")
     with open(config, "w") as f:
@@ -87,6 +88,7 @@ def writeConfig(workdir: str, smtpPort: int, sinkPort: int, extra: str, hold: bo
             f"""[smartrelay]
 data_dir = {workdir}/var
 hostname = relay.bench.test
+{relayLines}
 
 [web]
 listen = tcp:0:interface=127.0.0.1

@@ -156,7 +156,17 @@ def startRelay(workdir: str, smtpPort: int, sinkPort: int, extra: str, hold: boo
 
     @return: C{(subprocess.Popen, log path)} once it accepts mail.
     """
-    config = accept.writeConfig(workdir, smtpPort, sinkPort, extra, hold=hold)
+    return startConfigured(workdir, accept.writeConfig(workdir, smtpPort, sinkPort, extra, hold=hold))
+
+
+def startConfigured(workdir: str, config: str) -> tuple:
+    """
+    Start C{twistd smartrelay --config config} in C{workdir}, as
+    L{startRelay} does.
+
+    @return: C{(subprocess.Popen, log path)} once it accepts mail.
+    @raise BenchError: if it exits or does not start in 30 s.
+    """
     log = os.path.join(workdir, "twistd.log")
     errors = os.path.join(workdir, "twistd.stderr")
     with open(errors, "wb") as stderr:

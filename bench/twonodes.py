@@ -57,68 +57,6 @@ def _redisServerClass():
     return module.RedisServer
 
 
-def nodeConfig(workdir: str, node: str, smtpPort: int, sinkPort: int, store: str,
-               extra: str) -> str:
-    """
-    Write one node's configuration file; its path.
-    """
-    path = os.path.join(workdir, "smartrelay.ini")
-    with open(path, "w") as f:
-        f.write(
-            f"""[smartrelay]
-data_dir = {workdir}/var
-hostname = node{node.lower()}.bench.test
-node_id = {node}
-store = {store}
-
-[web]
-listen = tcp:0:interface=127.0.0.1
-
-[feedback]
-listen = tcp:0:interface=127.0.0.1
-
-[smtp]
-listen = tcp:{smtpPort}:interface=127.0.0.1
-max_connections_per_client = 1000
-
-[delivery]
-smarthost = tcp:host=127.0.0.1:port={sinkPort}
-{extra}
-"""
-        )
-    return path
-
-
-def startNode(workdir: str, config: str) -> tuple:
-    """
-    Start C{twistd smartrelay} on C{config}.
-
-    @return: C{(subprocess.Popen, log path)}, once it accepts mail.
-    @raise relay.BenchError: if it exits or does not start in 30 s.
-    """
-    log = os.path.join(workdir, "twistd.log")
-    errors = os.path.join(workdir, "twistd.stderr")
-    with open(errors, "wb") as stderr:
-        process = subprocess.Popen(
-            [accept.installedScript("twistd"),
-             "-n", "--pidfile=", "--logfile", log, "smartrelay", "--config", config],
-            cwd=workdir, env=accept.installedEnvironment(), stdin=subprocess.DEVNULL,
-            stdout=stderr, stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise relay.BenchError(
-                f"relay exited ({process.returncode}):\n"
-                f"{relay._tail(errors)}{relay._tail(log)}"
-            )
-        if "accepting mail on" in relay._tail(log, 10_000):
-            return process, log
-        time.sleep(0.05)
-    relay._stopRelay(process)
-    raise relay.BenchError(f"relay did not start within 30 s:\n{relay._tail(log)}")
-
-
 def oneRound(args, redis, nodes: int) -> dict:
     """
     One round with C{nodes} fresh nodes: send, wait for the sink, measure.
@@ -136,8 +74,11 @@ def oneRound(args, redis, nodes: int) -> dict:
         ports = []
         for workdir, node in zip(workdirs, NODE_IDS):
             port = accept.freePort()
-            config = nodeConfig(workdir, node, port, sinkPort, redis.url(0), args.extra)
-            started.append(startNode(workdir, config))
+            config = accept.writeConfig(
+                workdir, port, sinkPort, args.extra, hold=False,
+                relayLines=f"node_id = {node}\nstore = {redis.url(0)}",
+            )
+            started.append(relay.startConfigured(workdir, config))
             ports.append(port)
         share = args.messages // nodes
         counts = [share] * nodes
