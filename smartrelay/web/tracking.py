@@ -316,14 +316,7 @@ class TrackingApp:
         """
         The open pixel: always the GIF; records C{opened} for a good token.
         """
-        data = self._read("o", token, required=False)
-        if data is not None:
-            userAgent, ip = _client(request, self.trustedProxies)
-            self.hits.hit(
-                "opened",
-                data,
-                {"user_agent": userAgent, "ip": ip, "machine": isMachine(userAgent)},
-            )
+        self._opened(request, token)
         _setHeaders(request, _NO_CACHE)
         return _respond(request, 200, b"image/gif", TRANSPARENT_GIF)
 
@@ -336,17 +329,7 @@ class TrackingApp:
         location = redirectTarget(data.url)
         if location is None:
             raise InvalidLink(f"not an http(s) link: {data.url!r}")
-        userAgent, ip = _client(request, self.trustedProxies)
-        self.hits.hit(
-            "clicked",
-            data,
-            {
-                "url": data.url,
-                "user_agent": userAgent,
-                "ip": ip,
-                "machine": isMachine(userAgent),
-            },
-        )
+        self._clicked(request, data)
         request.setHeader(b"Location", location)
         request.setHeader(b"Cache-Control", b"no-store")
         return _respond(
@@ -553,15 +536,18 @@ class TrackingApp:
             self._redirects[url] = answer
         if answer is None:
             raise InvalidLink(f"not an http(s) link: {url!r}")
-        userAgent, ip = _client(request, self.trustedProxies)
-        self.hits.hit(
-            "clicked",
-            data,
-            {"url": url, "user_agent": userAgent, "ip": ip, "machine": isMachine(userAgent)},
-        )
+        self._clicked(request, data)
         return answer
 
     def _frontPixel(self, request, token: str) -> PreparedAnswer:
+        self._opened(request, token)
+        return _PIXEL
+
+    def _opened(self, request, token: str) -> None:
+        """
+        Record C{opened} for a good open token (a bad one records nothing:
+        the pixel is served either way).
+        """
         data = self._read("o", token, required=False)
         if data is not None:
             userAgent, ip = _client(request, self.trustedProxies)
@@ -570,7 +556,17 @@ class TrackingApp:
                 data,
                 {"user_agent": userAgent, "ip": ip, "machine": isMachine(userAgent)},
             )
-        return _PIXEL
+
+    def _clicked(self, request, data) -> None:
+        """
+        Record C{clicked} for the click token's C{data}.
+        """
+        userAgent, ip = _client(request, self.trustedProxies)
+        self.hits.hit(
+            "clicked",
+            data,
+            {"url": data.url, "user_agent": userAgent, "ip": ip, "machine": isMachine(userAgent)},
+        )
 
     # -- helpers --------------------------------------------------------
 
