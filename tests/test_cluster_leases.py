@@ -1,6 +1,7 @@
 """
 Tests for L{smartrelay.cluster.leases} and L{smartrelay.cluster.nodes}:
-one L{ILeases} contract run against L{LocalLeases} and a real
+one L{ILeases} contract run against L{LocalLeases} (its own buckets, a
+L{MemoryStore}'s, a L{SQLiteStore}'s in its thread) and a real
 C{redis-server}, and the L{LeaseKeeper} and L{NodeRegistry} on a fake
 clock.
 """
@@ -18,9 +19,10 @@ from smartrelay.cluster.leases import (
     leaseBackend,
 )
 from smartrelay.cluster.nodes import NODES, NodeRegistry
-from smartrelay.store.interfaces import ILeases, LeaseGrant
+from smartrelay.store.interfaces import ILeases, LeaseGrant, SlotAndTokenGrant
 from smartrelay.store.memory import MemoryStore
 from smartrelay.store.redis import RedisStore
+from smartrelay.store.sqlite import SQLiteStore
 from tests.redisserver import sharedRedisServer
 from tests.test_store_redis import newPrefix
 
@@ -159,6 +161,122 @@ class LeasesContractMixin:
         self.assertTrue(grant.granted)
         self.assertEqual(await self.leases.liveLeases("bücher.example", T0), ["nöde/1"])
 
+    # -- a lease and a token together (acquireLeaseAndTokens) ----------------
+
+    def both(self, lease, now, limit=1, ttl=30, rate=1.0, burst=2.0, resource="dest", key="rate:dest"):
+        return self.leases.acquireLeaseAndTokens(
+            resource, lease, limit, now, ttl, key, rate, burst
+        )
+
+    def tokens(self, now, rate=1.0, burst=2.0, key="rate:dest"):
+        """
+        Take the whole burst of C{key} at C{now}: allowed only if the
+        bucket is full.
+        """
+        return self.tokenStore.takeTokens(key, rate, burst, now, burst)
+
+    async def test_bothGranted(self):
+        """
+        A free slot and a token: both are taken in one call; the lease is
+        live and the bucket one token lighter (the same bucket as
+        C{takeTokens}).
+        """
+        grant = await self.both("a", T0, limit=2)
+        self.assertEqual(grant, SlotAndTokenGrant(True, None, 1, 0.0, 1.0))
+        self.assertEqual(await self.leases.liveLeases("dest", T0), ["a"])
+        second = await self.both("b", T0, limit=2)
+        self.assertEqual(second, SlotAndTokenGrant(True, None, 2, 0.0, 0.0))
+        taken = await self.tokenStore.takeTokens("rate:dest", 1.0, 2.0, T0)
+        self.assertFalse(taken.allowed)
+        self.assertAlmostEqual(taken.retry_after, 1.0)
+
+    async def test_slotFullTakesNoToken(self):
+        """
+        With every slot held by others the answer says the slot is missing,
+        with the wait until the earliest lease expires, and no token is
+        taken.
+        """
+        await self.leases.acquireLease("dest", "other", 1, T0, 30)
+        grant = await self.both("a", T0 + 10)
+        self.assertEqual((grant.granted, grant.missing, grant.held), (False, "slot", 1))
+        self.assertAlmostEqual(grant.retry_after, 20.0)
+        self.assertIsNone(grant.remaining)
+        full = await self.tokens(T0 + 10)
+        self.assertTrue(full.allowed, full)
+        self.assertEqual(await self.leases.liveLeases("dest", T0 + 10), ["other"])
+
+    async def test_noTokenTakesNoSlot(self):
+        """
+        An empty bucket: the answer says the token is missing and when the
+        bucket holds one, and no lease is taken.
+        """
+        await self.tokenStore.takeTokens("rate:dest", 1.0, 2.0, T0, 2)
+        grant = await self.both("a", T0 + 0.25, limit=3)
+        self.assertEqual((grant.granted, grant.missing, grant.held), (False, "token", 0))
+        self.assertAlmostEqual(grant.retry_after, 0.75)
+        self.assertAlmostEqual(grant.remaining, 0.25)
+        self.assertEqual(await self.leases.liveLeases("dest", T0 + 0.25), [])
+        later = await self.both("a", T0 + 1, limit=3)
+        self.assertTrue(later.granted)
+        self.assertAlmostEqual(later.remaining, 0.0)
+
+    async def test_bothRefusedIsSlot(self):
+        """
+        No slot and no token: the slot is what is reported missing (the
+        bucket is not looked at).
+        """
+        await self.leases.acquireLease("dest", "other", 1, T0, 30)
+        await self.tokenStore.takeTokens("rate:dest", 1.0, 2.0, T0, 2)
+        grant = await self.both("a", T0)
+        self.assertEqual(grant.missing, "slot")
+
+    async def test_bothLeaseExpires(self):
+        """
+        A lease taken with a token lives C{ttl} seconds unless renewed,
+        like any other, and can be renewed and released.
+        """
+        await self.both("a", T0, ttl=10)
+        self.assertEqual(await self.leases.liveLeases("dest", T0 + 9.9), ["a"])
+        self.assertEqual(await self.leases.liveLeases("dest", T0 + 10), [])
+        again = await self.both("b", T0 + 10, ttl=10)
+        self.assertTrue(again.granted)
+        self.assertEqual(await self.leases.renewLeases([("dest", "b")], T0 + 15, 10), [])
+        self.assertEqual(await self.leases.liveLeases("dest", T0 + 24), ["b"])
+        await self.leases.releaseLease("dest", "b")
+        self.assertEqual(await self.leases.liveLeases("dest", T0 + 16), [])
+
+    async def test_bothHeldLeaseRenews(self):
+        """
+        Taking a lease already held (at the limit) with a token renews it
+        and takes the token.
+        """
+        await self.both("a", T0, ttl=10)
+        grant = await self.both("a", T0 + 5, ttl=10)
+        self.assertEqual(grant, SlotAndTokenGrant(True, None, 1, 0.0, 1.0))
+        self.assertEqual(await self.leases.liveLeases("dest", T0 + 14), ["a"])
+
+    def test_bothBadArguments(self):
+        """
+        Bad lease or bucket arguments fail with L{ValueError}; nothing is
+        taken.
+        """
+        bad = [
+            ("", "a", 1, T0, 30, "k", 1.0, 1.0, 1),
+            ("dest", "a", 0, T0, 30, "k", 1.0, 1.0, 1),
+            ("dest", "a", 1, T0, 0, "k", 1.0, 1.0, 1),
+            ("dest", "a", 1, None, 30, "k", 1.0, 1.0, 1),
+            ("dest", "a", 1, T0, 30, "", 1.0, 1.0, 1),
+            ("dest", "a", 1, T0, 30, "k", 0, 1.0, 1),
+            ("dest", "a", 1, T0, 30, "k", 1.0, 1.0, 2),
+        ]
+        for args in bad:
+            self.failureResultOf(self.leases.acquireLeaseAndTokens(*args), ValueError)
+
+        async def nothingTaken():
+            self.assertEqual(await self.leases.liveLeases("dest", T0), [])
+
+        return nothingTaken()
+
     def test_badArguments(self):
         """
         Bad names, limits, times and TTLs fail with L{ValueError}; nothing
@@ -194,13 +312,67 @@ class LeasesContractMixin:
         return nothingTaken()
 
 
+class _OwnBuckets:
+    """
+    The buckets of a L{LocalLeases} without a store, seen as C{takeTokens}.
+    """
+
+    def __init__(self, leases):
+        self.leases = leases
+
+    def takeTokens(self, key, rate, burst, now, count=1):
+        from smartrelay.store.interfaces import takeFromBucket
+
+        state, result = takeFromBucket(self.leases._buckets.get(key), rate, burst, now, count)
+        self.leases._buckets[key] = state
+        return succeed(result)
+
+
 class LocalLeasesTests(LeasesContractMixin, TestCase):
     """
-    L{LocalLeases} fulfils the lease contract.
+    L{LocalLeases} with its own buckets fulfils the lease contract.
     """
 
     def setUp(self):
         self.leases = LocalLeases()
+        self.tokenStore = _OwnBuckets(self.leases)
+
+
+class LocalLeasesMemoryTests(LeasesContractMixin, TestCase):
+    """
+    L{LocalLeases} over a L{MemoryStore}'s buckets (what L{leaseBackend}
+    gives the memory store) fulfils the lease contract.
+    """
+
+    def setUp(self):
+        self.tokenStore = MemoryStore()
+        self.leases = leaseBackend(self.tokenStore)[0]
+
+
+class LocalLeasesSQLiteTests(LeasesContractMixin, TestCase):
+    """
+    L{LocalLeases} over a L{SQLiteStore}'s buckets, in its own thread (the
+    tokens answer later), fulfils the lease contract.
+    """
+
+    def setUp(self):
+        self.tokenStore, _ = SQLiteStore.inThreadPool(self.mktemp(), reactor)
+        self.addCleanup(self.tokenStore.close)
+        self.leases = leaseBackend(self.tokenStore)[0]
+        return self.tokenStore.start()
+
+    async def test_slotHeldWhileTheTokenIsAsked(self):
+        """
+        While the store is asked for the token the slot is held: a second
+        caller at the limit is refused, and gets it once the first one's
+        token is refused.
+        """
+        await self.tokenStore.takeTokens("rate:dest", 1.0, 2.0, T0, 2)
+        first = self.both("a", T0)
+        second = self.both("b", T0)
+        self.assertEqual(self.successResultOf(second).missing, "slot")
+        self.assertEqual((await first).missing, "token")
+        self.assertEqual(await self.leases.liveLeases("dest", T0), [])
 
 
 class RedisLeasesTests(LeasesContractMixin, TestCase):
@@ -212,6 +384,7 @@ class RedisLeasesTests(LeasesContractMixin, TestCase):
     def setUp(self):
         self.server = sharedRedisServer()
         self.leases = RedisStore.fromURL(self.server.url(0), reactor, prefix=newPrefix())
+        self.tokenStore = self.leases
         self.addCleanup(self.leases.close)
         return self.leases.start()
 
@@ -270,6 +443,11 @@ class UnreachableLeases:
 
     def renewLeases(self, leases, now, ttl):
         return self._call("renewLeases", leases, now, ttl)
+
+    def acquireLeaseAndTokens(self, resource, lease, limit, now, ttl, key, rate, burst, count=1):
+        return self._call(
+            "acquireLeaseAndTokens", resource, lease, limit, now, ttl, key, rate, burst, count
+        )
 
     def releaseLease(self, resource, lease):
         return self._call("releaseLease", resource, lease)
@@ -442,6 +620,87 @@ class LeaseKeeperTests(SynchronousTestCase):
         A bad limit is a L{ValueError}, not a fallback grant.
         """
         self.failureResultOf(self.keeper.acquire("dest", 0), ValueError)
+        self.failureResultOf(
+            self.keeper.acquireWithToken("dest", 0, "rate:dest", 1.0, 1.0), ValueError
+        )
+        self.failureResultOf(
+            self.keeper.acquireWithToken("dest", 1, "rate:dest", -1.0, 1.0), ValueError
+        )
+        self.backend.down = True
+        self.failureResultOf(
+            self.keeper.acquireWithToken("dest", 0, "rate:dest", 1.0, 1.0), ValueError
+        )
+
+    def withToken(self, resource="dest", limit=2, rate=1.0, burst=2.0):
+        return self.successResultOf(
+            self.keeper.acquireWithToken(resource, limit, "rate:" + resource, rate, burst)
+        )
+
+    def test_withTokenGranted(self):
+        """
+        C{acquireWithToken} gives a shared lease, renewed and released like
+        the others, and takes the token from the store's bucket.
+        """
+        a = self.withToken()
+        self.assertTrue(a.lease.shared)
+        self.assertIsNone(a.missing)
+        self.assertEqual(self.keeper.heldBy("dest"), 1)
+        for _ in range(4):
+            self.clock.advance(10)
+        self.assertFalse(a.lease.lost)
+        a.lease.release()
+        self.assertEqual(self.keeper.heldBy("dest"), 0)
+        self.assertEqual(self.successResultOf(self.backend.local.liveLeases("dest", T0 + 40)), [])
+        bucket = self.backend.local._buckets["rate:dest"]
+        self.assertEqual(bucket, (1.0, T0))
+
+    def test_withTokenRefused(self):
+        """
+        No slot: missing C{"slot"}, asked again within the poll interval.
+        No token: missing C{"token"}, asked again when the bucket holds one;
+        neither refusal leaves a lease held.
+        """
+        self.withToken(limit=1)
+        slot = self.withToken(limit=1)
+        self.assertEqual(slot.missing, "slot")
+        self.assertIsNone(slot.lease)
+        self.assertTrue(0 < slot.retryAfter <= self.keeper.pollInterval)
+        self.withToken(resource="r", limit=5, rate=0.5, burst=1.0)
+        token = self.withToken(resource="r", limit=5, rate=0.5, burst=1.0)
+        self.assertEqual(token.missing, "token")
+        self.assertAlmostEqual(token.retryAfter, 2.0)
+        self.assertEqual(self.keeper.heldBy("r"), 1)
+
+    def test_withTokenFallback(self):
+        """
+        While the store cannot be reached C{acquireWithToken} grants local
+        slots up to C{limit / N} and tokens at C{rate / N} (a bucket of
+        C{burst / N}, at least one), both or neither, and says the store
+        answers again on the next call that reaches it.
+        """
+        self.backend.down = True
+        first = self.withToken(limit=4, rate=2.0, burst=2.0)
+        self.assertFalse(first.lease.shared)
+        self.assertFalse(self.keeper.reachable)
+        # N = 2: a bucket of one token refilling at one a second.
+        noToken = self.withToken(limit=4, rate=2.0, burst=2.0)
+        self.assertEqual(noToken.missing, "token")
+        self.assertAlmostEqual(noToken.retryAfter, 1.0)
+        self.assertEqual(self.keeper.heldBy("dest"), 1)
+        self.clock.advance(1)
+        second = self.withToken(limit=4, rate=2.0, burst=2.0)
+        self.assertIsNotNone(second.lease)
+        self.clock.advance(5)
+        noSlot = self.withToken(limit=4, rate=2.0, burst=2.0)
+        self.assertEqual(noSlot.missing, "slot")
+        # The refused slot took no token: one is there after the release.
+        second.lease.release()
+        self.assertIsNotNone(self.withToken(limit=4, rate=2.0, burst=2.0).lease)
+        self.assertEqual(self.keeper.fallbackGrants, 3)
+        self.backend.down = False
+        shared = self.withToken(resource="other", limit=4, rate=2.0, burst=2.0)
+        self.assertTrue(shared.lease.shared)
+        self.assertTrue(self.keeper.reachable)
 
 
 class NodeRegistryTests(SynchronousTestCase):

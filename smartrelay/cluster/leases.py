@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,10 +35,13 @@ from zope.interface import implementer
 from smartrelay.store.interfaces import (
     ILeases,
     LeaseGrant,
+    SlotAndTokenGrant,
+    checkLeaseAndTokenArguments,
     checkLeaseArguments,
     checkLeaseName,
     checkLeasePairs,
     checkTime,
+    takeFromBucket,
 )
 
 __all__ = ["LocalLeases", "Lease", "Acquired", "LeaseKeeper", "leaseBackend"]
@@ -63,10 +66,18 @@ def _now(now: Any) -> float:
 class LocalLeases:
     """
     L{ILeases} in this process: the leases of one node (the SQLite and
-    memory stores).  Every Deferred has fired when it is returned.
+    memory stores).  Every Deferred has fired when it is returned, except
+    C{acquireLeaseAndTokens} over a store whose C{takeTokens} answers
+    later (SQLite's writer thread).
+
+    @ivar tokens: what C{acquireLeaseAndTokens} takes tokens from: the
+        store (C{takeTokens}, the buckets the scheduler's other tokens come
+        from), or L{None} for buckets kept here.
     """
 
+    tokens: Any = None
     _leases: dict = attrs.field(factory=dict, init=False)
+    _buckets: dict = attrs.field(factory=dict, init=False)
 
     def _live(self, resource: str, now: float) -> dict:
         held = self._leases.get(resource, {})
@@ -85,6 +96,70 @@ class LocalLeases:
             self._leases[resource] = held
             return LeaseGrant(True, len(held), 0.0)
         return LeaseGrant(False, len(held), min(held.values()) - now)
+
+    def acquireLeaseAndTokens(
+        self, resource, lease, limit, now, ttl, key, rate, burst, count=1
+    ) -> Deferred:
+        try:
+            resource, lease, limit, now, ttl, key, rate, burst, count = (
+                checkLeaseAndTokenArguments(
+                    resource, lease, limit, now, ttl, key, rate, burst, count
+                )
+            )
+        except ValueError:
+            return fail()
+        held = self._live(resource, now)
+        if lease not in held and len(held) >= limit:
+            return succeed(
+                SlotAndTokenGrant(False, "slot", len(held), min(held.values()) - now, None)
+            )
+        if self.tokens is None:
+            state, result = takeFromBucket(self._buckets.get(key), rate, burst, now, count)
+            if not result.allowed:
+                return succeed(
+                    SlotAndTokenGrant(False, "token", len(held), result.retry_after, result.remaining)
+                )
+            self._buckets[key] = state
+            held[lease] = now + ttl
+            self._leases[resource] = held
+            return succeed(SlotAndTokenGrant(True, None, len(held), 0.0, result.remaining))
+        # The bucket is the store's and may answer later: hold the slot
+        # meanwhile (nobody else gets it), give it back if no token.
+        previous = held.get(lease)
+        reserved = held[lease] = now + ttl
+        self._leases[resource] = held
+
+        def undo() -> None:
+            current = self._leases.get(resource)
+            if current is None or current.get(lease) != reserved:
+                return
+            if previous is None:
+                del current[lease]
+                if not current:
+                    del self._leases[resource]
+            else:
+                current[lease] = previous
+
+        def answered(result) -> SlotAndTokenGrant:
+            if not result.allowed:
+                undo()
+                return SlotAndTokenGrant(
+                    False,
+                    "token",
+                    len(self._live(resource, now)),
+                    result.retry_after,
+                    result.remaining,
+                )
+            return SlotAndTokenGrant(
+                True, None, len(self._live(resource, now)), 0.0, result.remaining
+            )
+
+        def failed(failure):
+            undo()
+            return failure
+
+        d = maybeDeferred(self.tokens.takeTokens, key, rate, burst, now, count)
+        return d.addCallbacks(answered, failed)
 
     def renewLeases(self, leases, now, ttl) -> Deferred:
         return maybeDeferred(self._renew, leases, now, ttl)
@@ -125,13 +200,14 @@ class LocalLeases:
 def leaseBackend(store: Any) -> Any:
     """
     The L{ILeases} for C{store}: the store itself where it provides it (the
-    Redis store, shared by the nodes), else a L{LocalLeases}.
+    Redis store, shared by the nodes), else a L{LocalLeases} that takes the
+    tokens of C{acquireLeaseAndTokens} from C{store}'s buckets.
 
     @return: C{(backend, shared)}.
     """
     if ILeases.providedBy(store):
         return store, True
-    return LocalLeases(), False
+    return LocalLeases(tokens=store), False
 
 
 @attrs.define(eq=False)
@@ -171,12 +247,16 @@ class Acquired:
     """
     What L{LeaseKeeper.acquire} came to.
 
-    @ivar lease: the L{Lease}, or L{None} when every slot is taken.
+    @ivar lease: the L{Lease}, or L{None} when refused.
     @ivar retryAfter: when refused, seconds to wait before asking again.
+    @ivar missing: when refused, what was: C{"slot"} (every slot taken)
+        or C{"token"} (L{LeaseKeeper.acquireWithToken}: the rate bucket was
+        empty; C{retryAfter} is then when it holds a token again).
     """
 
     lease: Optional[Lease]
     retryAfter: float = 0.0
+    missing: Optional[str] = None
 
 
 @attrs.define(eq=False, slots=False, repr=False)
@@ -211,6 +291,9 @@ class LeaseKeeper(Service):
     reachable: bool = attrs.field(default=True, init=False)
     #: Slots granted locally because the store could not be reached.
     fallbackGrants: int = attrs.field(default=0, init=False)
+    #: The rate buckets of C{acquireWithToken} while the store cannot be
+    #: reached (C{rate / N} each).
+    _localBuckets: dict = attrs.field(factory=dict, init=False)
 
     log = Logger()
 
@@ -293,13 +376,85 @@ class LeaseKeeper(Service):
                 lease = Lease(self, resource, name, shared=False, renewed=now)
                 self._held[name] = lease
                 return Acquired(lease)
-            return Acquired(None, self.pollInterval)
+            return Acquired(None, self.pollInterval, "slot")
         self._reachable()
         if not grant.granted:
-            return Acquired(None, max(0.01, min(grant.retry_after, self.pollInterval)))
+            return Acquired(
+                None, max(0.01, min(grant.retry_after, self.pollInterval)), "slot"
+            )
         lease = Lease(self, resource, name, shared=True, renewed=now)
         self._held[name] = lease
         return Acquired(lease)
+
+    def acquireWithToken(
+        self, resource: str, limit: int, key: str, rate: float, burst: float, count: float = 1
+    ) -> Deferred:
+        """
+        Take a slot on C{resource} (as L{acquire}) and C{count} tokens from
+        the rate bucket C{key} (C{rate} a second, up to C{burst}; the
+        store's C{takeTokens} buckets) together, in one call to the store
+        (one Lua script on Redis): both or neither.
+
+        While the store cannot be reached: a slot from this node's share
+        C{limit / N} (L{fallbackLimit}) and a token from a bucket kept here
+        at C{rate / N} (L{fallbackRate}, up to C{burst / N}, at least
+        C{count}), again both or neither.
+
+        @rtype: L{Deferred} firing with an L{Acquired}: the lease, whose
+            token is taken; or refused with C{missing} (C{"slot"}: ask
+            again after C{retryAfter}, at most L{pollInterval}; C{"token"}:
+            the bucket holds one again in C{retryAfter} seconds).  It
+            fails only for bad arguments (L{ValueError}).
+        """
+        self._serial += 1
+        name = f"{self.holder}/{self._serial}"
+        now = self.clock.seconds()
+        try:
+            d = self.backend.acquireLeaseAndTokens(
+                resource, name, limit, now, self.ttl, key, rate, burst, count
+            )
+        except Exception:
+            d = fail()
+
+        def answered(grant: SlotAndTokenGrant) -> Acquired:
+            if not self.reachable:
+                self._reachable()
+            if grant.granted:
+                lease = Lease(self, resource, name, True, now)
+                self._held[name] = lease
+                return Acquired(lease)
+            if grant.missing == "slot":
+                return Acquired(
+                    None, max(0.01, min(grant.retry_after, self.pollInterval)), "slot"
+                )
+            return Acquired(None, max(0.001, grant.retry_after), "token")
+
+        def failed(failure: Failure) -> Any:
+            if failure.check(ValueError):
+                return failure
+            try:
+                checkLeaseAndTokenArguments(
+                    resource, name, limit, now, self.ttl, key, rate, burst, count
+                )
+            except ValueError:
+                return Failure()
+            self._unreachable(failure)
+            if self.heldBy(resource) >= self.fallbackLimit(limit):
+                return Acquired(None, self.pollInterval, "slot")
+            n = self.nodeCount()
+            share = max(float(count), burst / n)
+            state, result = takeFromBucket(
+                self._localBuckets.get(key), rate / n, share, now, count
+            )
+            if not result.allowed:
+                return Acquired(None, max(0.001, result.retry_after), "token")
+            self._localBuckets[key] = state
+            self.fallbackGrants += 1
+            lease = Lease(self, resource, name, False, now)
+            self._held[name] = lease
+            return Acquired(lease)
+
+        return d.addCallbacks(answered, failed)
 
     def _released(self, lease: Lease) -> None:
         self._held.pop(lease.name, None)

@@ -1278,11 +1278,50 @@ class LeaseGrant:
     retry_after: float
 
 
+@attrs.frozen
+class SlotAndTokenGrant:
+    """
+    The answer of L{ILeases.acquireLeaseAndTokens}: a lease and rate tokens
+    taken together, or neither.
+
+    @ivar granted: whether both the lease and the tokens were taken.
+    @ivar missing: L{None} when granted; C{"slot"} when C{limit} live
+        leases were held by others (the bucket is then not looked at, and
+        nothing is taken from it); C{"token"} when a slot was free but the
+        bucket did not hold the tokens (no lease is then taken).
+    @ivar held: live leases of the resource afterwards (this one included
+        when granted).
+    @ivar retry_after: 0 when granted; for a missing slot, seconds until
+        the earliest live lease expires (as L{LeaseGrant.retry_after}); for
+        a missing token, seconds until the bucket holds the tokens (as
+        L{TokenResult.retry_after}).
+    @ivar remaining: tokens in the bucket afterwards, L{None} when it was
+        not looked at (C{missing == "slot"}).
+    """
+
+    granted: bool
+    missing: Optional[str]
+    held: int
+    retry_after: float
+    remaining: Optional[float]
+
+
 class ILeases(Interface):
     """
     Counted, expiring leases on named resources, atomic across every node
     that shares the store.  Every method returns a L{Deferred}.
     """
+
+    def acquireLeaseAndTokens(resource, lease, limit, now, ttl, key, rate, burst, count=1):
+        """
+        Take the lease C{lease} on C{resource} (as L{acquireLease}) and
+        C{count} tokens from the bucket C{key} (as L{IStore.takeTokens},
+        the same buckets) in one atomic step: both or neither.  A refused
+        call changes neither the lease set nor the bucket.
+
+        @rtype: L{Deferred} firing with a L{SlotAndTokenGrant}; it fails
+            with L{ValueError} for bad arguments (nothing taken).
+        """
 
     def acquireLease(resource, lease, limit, now, ttl):
         """
@@ -1351,6 +1390,18 @@ def checkLeaseArguments(resource, lease, limit, now, ttl) -> tuple:
         raise ValueError(f"now must be finite POSIX seconds, not {now!r}")
     ttl = _positive("ttl", ttl)
     return resource, lease, limit, now, ttl
+
+
+def checkLeaseAndTokenArguments(resource, lease, limit, now, ttl, key, rate, burst, count) -> tuple:
+    """
+    Validate the arguments of C{acquireLeaseAndTokens}.
+
+    @return: (resource, lease, limit, now, ttl, key, rate, burst, count).
+    @raise ValueError: for a bad value.
+    """
+    resource, lease, limit, now, ttl = checkLeaseArguments(resource, lease, limit, now, ttl)
+    key, rate, burst, now, count = checkTokenArguments(key, rate, burst, now, count)
+    return resource, lease, limit, now, ttl, key, rate, burst, count
 
 
 def checkLeasePairs(leases) -> list:

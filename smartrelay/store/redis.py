@@ -97,6 +97,8 @@ from smartrelay.store.interfaces import (
     checkMailboxTake,
     LeaseGrant,
     MAX_THROTTLE_LEVEL,
+    SlotAndTokenGrant,
+    checkLeaseAndTokenArguments,
     ThrottleState,
     checkThrottleArguments,
     checkLeaseArguments,
@@ -2482,6 +2484,35 @@ class RedisStore:
 
         return d.addCallback(grant)
 
+    def acquireLeaseAndTokens(
+        self, resource, lease, limit, now, ttl, key, rate, burst, count=1
+    ) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            resource, lease, limit, now, ttl, key, rate, burst, count = (
+                checkLeaseAndTokenArguments(
+                    resource, lease, limit, now, ttl, key, rate, burst, count
+                )
+            )
+        except ValueError:
+            return fail()
+        d = self._do(
+            self._script,
+            "leaseAndTokens",
+            [self._leaseKey(resource), self._key("bucket", key)],
+            [
+                lease,
+                str(limit),
+                _number(now),
+                _number(ttl),
+                _number(rate),
+                _number(burst),
+                _number(count),
+            ],
+        )
+        return d.addCallback(_slotAndToken)
+
     def renewLeases(self, leases, now, ttl) -> Deferred:
         if self._closed:
             return fail(StoreClosed("the event store is closed"))
@@ -2670,6 +2701,82 @@ end
 return lost
 """
 
+def _slotAndToken(reply) -> SlotAndTokenGrant:
+    status, held, wait, remaining = reply
+    status = int(status)
+    return SlotAndTokenGrant(
+        status == 1,
+        _MISSING[status],
+        int(held),
+        float(wait),
+        None if status == 0 else float(remaining),
+    )
+
+
+_MISSING = {0: "slot", 1: None, 2: "token"}
+
+# A lease (as _LEASE_ACQUIRE) and tokens (as _TAKE_TOKENS, the same bucket
+# keys and arithmetic) together: both or neither; a refusal writes nothing.
+#
+# KEYS: the lease set, the bucket.  ARGV: lease, limit, now, ttl, rate,
+# burst, count.  Returns status (1 granted, 0 no slot, 2 no token), live
+# leases afterwards, the wait (until the earliest lease expires, or until
+# the bucket holds the tokens), the tokens left ('' when no slot).
+_LEASE_AND_TOKENS = """
+local now = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local held = redis.call('ZCARD', KEYS[1])
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  if held >= tonumber(ARGV[2]) then
+    local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    return {0, held, string.format('%.17g', tonumber(first[2]) - now), ''}
+  end
+  held = held + 1
+end
+local rate = tonumber(ARGV[5])
+local burst = tonumber(ARGV[6])
+local count = tonumber(ARGV[7])
+local state = redis.call('HMGET', KEYS[2], 'tokens', 'updated')
+local tokens, updated
+if not state[1] or not state[2] then
+  tokens, updated = burst, now
+else
+  tokens, updated = tonumber(state[1]), tonumber(state[2])
+  if now > updated then
+    tokens = tokens + (now - updated) * rate
+    updated = now
+  end
+  if burst < tokens then
+    tokens = burst
+  end
+end
+if tokens < count then
+  local ahead = updated - now
+  if ahead < 0 then ahead = 0.0 end
+  local wait = (count - tokens) / rate + ahead
+  return {2, redis.call('ZCARD', KEYS[1]), string.format('%.17g', wait),
+          string.format('%.17g', tokens)}
+end
+tokens = tokens - count
+redis.call('HSET', KEYS[2], 'tokens', string.format('%.17g', tokens),
+           'updated', string.format('%.17g', updated))
+local idle = burst / rate + math.max(0, updated - now)
+if idle < 2592000 then
+  redis.call('PEXPIRE', KEYS[2], math.ceil(idle * 1000) + 60000)
+else
+  redis.call('PERSIST', KEYS[2])
+end
+redis.call('ZADD', KEYS[1], string.format('%.17g', now + ttl), ARGV[1])
+local keep = math.ceil(ttl * 1000) + 60000
+if redis.call('PTTL', KEYS[1]) < keep then
+  redis.call('PEXPIRE', KEYS[1], keep)
+end
+return {1, held, '0', string.format('%.17g', tokens)}
+"""
+
+_SCRIPTS["leaseAndTokens"] = _LEASE_AND_TOKENS
+_SHAS["leaseAndTokens"] = _sha1(_LEASE_AND_TOKENS)
 _SCRIPTS["leaseAcquire"] = _LEASE_ACQUIRE
 _SCRIPTS["leaseRenew"] = _LEASE_RENEW
 _SHAS["leaseAcquire"] = _sha1(_LEASE_ACQUIRE)
