@@ -1041,6 +1041,61 @@ def _txredisapi():
     return txredisapi
 
 
+_protocolClass = None
+
+
+def _fastProtocol():
+    """
+    txredisapi's C{BaseRedisProtocol}, cheaper per command:
+
+      - after each bulk string followed by more data in the same read
+        (every reply of more than one string, and pipelined replies),
+        txredisapi pauses the transport and handles the rest in a
+        C{callLater(0)}: two C{epoll_ctl} calls, a timed call and a reactor
+        iteration per string.  Here the rest is handled in a loop in the
+        same C{dataReceived} (no recursion, the order kept);
+      - the command encoder builds one bytes template per argument instead
+        of a bytearray token by token (the store's arguments are short,
+        most already text or bytes).
+    """
+    global _protocolClass
+    if _protocolClass is None:
+        base = _txredisapi().BaseRedisProtocol
+
+        class FastRedisProtocol(base):
+            _extra = None
+
+            def setLineMode(self, extra=b""):
+                self.line_mode = 1
+                if extra:
+                    self._extra = extra
+
+            def dataReceived(self, data, unpause=False):
+                why = base.dataReceived(self, data, unpause)
+                while self._extra is not None:
+                    extra, self._extra = self._extra, None
+                    if why or (self.transport is not None and self.transport.disconnecting):
+                        break
+                    why = base.dataReceived(self, extra)
+                return why
+
+            def _build_command(self, *args, **kwargs):
+                parts = [b"*%d\r\n" % len(args)]
+                append = parts.append
+                for arg in args:
+                    if type(arg) is bytes:
+                        pass
+                    elif type(arg) is str:
+                        arg = arg.encode("utf-8")
+                    else:
+                        arg = self._encode_value(arg)
+                    append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+                return b"".join(parts)
+
+        _protocolClass = FastRedisProtocol
+    return _protocolClass
+
+
 def _number(value: float) -> str:
     """
     A float as text that Redis and Lua read back bit for bit.
@@ -1331,6 +1386,8 @@ class RedisStore:
     _closed: bool = attrs.field(default=False, init=False)
     _closing: Optional[Deferred] = attrs.field(default=None, init=False)
     _pending: set = attrs.field(factory=set, init=False)
+    #: The last connection handed out (used directly while it is up).
+    _protocol: Any = attrs.field(default=None, init=False)
 
     log = Logger()
 
@@ -1350,11 +1407,12 @@ class RedisStore:
 
     def _factory(self) -> Factory:
         reactor = self._reactor
-        txredisapi = _txredisapi()
         replyTimeout = self.replyTimeout
 
+        protocolClass = _fastProtocol()
+
         def build():
-            protocol = txredisapi.BaseRedisProtocol(
+            protocol = protocolClass(
                 charset=None, convertNumbers=False, replyTimeout=replyTimeout
             )
             # txredisapi takes the global reactor for this; use ours.
@@ -1387,6 +1445,7 @@ class RedisStore:
 
         def ready(results):
             self._unreachable = None
+            self._protocol = protocol
             found = results[-1][1]
             known, self._epoch = self._epoch, found
             if known is not None and found != known:
@@ -1598,6 +1657,23 @@ class RedisStore:
         """
         if self._closed:
             return fail(StoreClosed("the event store is closed"))
+        protocol = self._protocol
+        if (
+            protocol is not None
+            and protocol.connected
+            and self._service is not None
+            and self._unreachable is None
+        ):
+            # The connection is up: what whenConnected would hand out now,
+            # without its state machine and a Deferred per operation.
+            try:
+                d = operation(protocol, *args)
+            except Exception:
+                d = fail()
+            else:
+                if not isinstance(d, Deferred):
+                    d = succeed(d)
+            return self._track(d)
         d = self._connected()
         d.addCallback(lambda protocol: operation(protocol, *args))
         return self._track(d)
@@ -1606,9 +1682,8 @@ class RedisStore:
         return self._do(lambda protocol: protocol.execute_command(*args))
 
     def _script(self, protocol, name: str, keys: list, args: list) -> Deferred:
-        sha = _SHAS[name]
         numbers = [str(len(keys))]
-        d = protocol.execute_command("EVALSHA", sha, *numbers, *keys, *args)
+        d = protocol.execute_command("EVALSHA", _SHA_BYTES[name], *numbers, *keys, *args)
 
         def noScript(failure):
             # Scripts are loaded on every (re)connection, so this happens
@@ -2869,6 +2944,8 @@ _SCRIPTS["mailboxTake"] = _MAILBOX_TAKE
 _SHAS["mailboxPost"] = _sha1(_MAILBOX_POST)
 _SHAS["mailboxTake"] = _sha1(_MAILBOX_TAKE)
 classImplements(RedisStore, IMailboxes)
+
+_SHA_BYTES = {name: sha.encode("ascii") for name, sha in _SHAS.items()}
 
 __all__ = [
     "RedisAddress",
