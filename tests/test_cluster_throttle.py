@@ -129,6 +129,83 @@ class ThrottlesContractMixin:
         state = await self.throttles.triggerThrottle("dest", 0, "x" * 1000, T0, 30)
         self.assertEqual(state.reason, "x" * 300)
 
+    # -- replaying a trigger kept during an outage -------------------------
+
+    async def test_replayIntoNothing(self):
+        """
+        A replayed state the store does not have is written as it is, and
+        listed until its level is 0.
+        """
+        state = ThrottleState(2, T0 + 60, 60.0, "421 while down")
+        written = await self.throttles.replayThrottle("dest", state, T0 + 10)
+        self.assertEqual(written, state)
+        self.assertEqual(await self.throttles.throttleStates(T0 + 10), {"dest": state})
+        self.assertEqual(await self.throttles.throttleStates(T0 + 119.9), {"dest": state})
+        self.assertEqual(await self.throttles.throttleStates(T0 + 120), {})
+
+    async def test_replayOverNeverExtends(self):
+        """
+        A replayed state that is over (or would be over before the stored
+        one, and is not deeper) changes nothing; the store's state is not
+        started again as a trigger would start it.
+        """
+        stored = await self.throttles.triggerThrottle("dest", 1, "later", T0 + 30, 60)
+        old = ThrottleState(1, T0 + 60, 60.0, "earlier")
+        self.assertEqual(await self.throttles.replayThrottle("dest", old, T0 + 40), stored)
+        over = ThrottleState(1, T0 + 10, 60.0, "over")
+        self.assertIsNone(await self.throttles.replayThrottle("other", over, T0 + 40))
+        self.assertEqual(await self.throttles.throttleStates(T0 + 40), {"dest": stored})
+
+    async def test_replayDeeperWins(self):
+        """
+        A replayed state deeper and longer than the stored one replaces
+        it, with its own times.
+        """
+        await self.throttles.triggerThrottle("dest", 0, "cluster", T0, 60)
+        mine = ThrottleState(3, T0 + 70, 60.0, "mine")
+        self.assertEqual(await self.throttles.replayThrottle("dest", mine, T0 + 20), mine)
+
+    async def test_replayMergesDepthAndEnd(self):
+        """
+        Deeper now but over sooner than the stored state: the result has
+        the deeper level now and the later end, so it is at least as deep
+        as both at every moment and lasts no longer than the longer one.
+        """
+        # (With one cool-down and states from triggers the level now
+        # follows from the end, so one always covers the other; a state
+        # whose first step lies more than a cool-down ahead does not.)
+        stored = ThrottleState(1, T0 + 300, 60.0, "cluster")
+        await self.throttles.replayThrottle("dest", stored, T0 + 100)
+        # Replayed: level 2 now (T0 + 110), over at T0 + 180.
+        mine = ThrottleState(2, T0 + 120, 60.0, "mine")
+        result = await self.throttles.replayThrottle("dest", mine, T0 + 110)
+        self.assertEqual(result, ThrottleState(2, T0 + 240, 60.0, "cluster"))
+        self.assertAlmostEqual(result.end, stored.end)
+        for t in range(110, 320, 5):
+            now = T0 + t
+            self.assertGreaterEqual(
+                result.levelAt(now), max(stored.levelAt(now), mine.levelAt(now)), t
+            )
+        self.assertEqual(result.levelAt(stored.end), 0)
+        self.assertEqual(await self.throttles.throttleStates(T0 + 110), {"dest": result})
+
+    def test_replayBadArguments(self):
+        """
+        Bad names, states and times fail with L{ValueError}.
+        """
+        good = ThrottleState(1, T0, 60.0, "r")
+        bad = [
+            ("", good, T0),
+            ("dest", None, T0),
+            ("dest", ThrottleState(0, T0, 60.0, "r"), T0),
+            ("dest", ThrottleState(5, T0, 60.0, "r"), T0),
+            ("dest", ThrottleState(1, T0, 0.0, "r"), T0),
+            ("dest", ThrottleState(1, float("nan"), 60.0, "r"), T0),
+            ("dest", good, None),
+        ]
+        for args in bad:
+            self.failureResultOf(self.throttles.replayThrottle(*args), ValueError)
+
     def test_badArguments(self):
         """
         Bad names, levels, reasons, times and cool-downs fail with
@@ -229,6 +306,11 @@ class FlakyThrottles:
         if self.down:
             return fail(ConnectionRefusedError("connection refused"))
         return self.local.throttleStates(now)
+
+    def replayThrottle(self, *args):
+        if self.down:
+            return fail(ConnectionRefusedError("connection refused"))
+        return self.local.replayThrottle(*args)
 
 
 class TwoNodesTests(SynchronousTestCase):
@@ -340,6 +422,74 @@ class TwoNodesTests(SynchronousTestCase):
         self.backendB.down = False
         self.clock.advance(1.0)
         self.assertTrue(self.b.reachable)
+
+    def test_outageTriggerReachesTheOtherNode(self):
+        """
+        A trigger on B while the store is down is kept; once the store
+        answers (B's next read) it is written, and A backs off too, until
+        the moment B's own throttle ends: not a cool-down counted from the
+        replay.  B says so in the log.
+        """
+        self.backendB.down = True
+        self.clock.advance(10.0)
+        self.tb.trigger("421 during the outage")
+        self.tb.trigger("421 again")
+        self.assertEqual(self.tb.factor, 0.25)
+        self.assertEqual(set(self.b.unwritten()), {"provider:google"})
+        self.assertEqual(self.b.state()["unwritten"], 1)
+        self.clock.advance(20.0)
+        self.assertEqual(self.ta.factor, 1.0)
+        self.backendB.down = False
+        self.clock.advance(1.0)
+        self.assertEqual(self.b.unwritten(), {})
+        self.clock.advance(1.0)
+        self.assertEqual(self.ta.factor, 0.25)
+        # B's own: level 2 until T0 + 70, over at T0 + 130.
+        self.assertEqual(self.ta.until, T0 + 70)
+        self.clock.advance(T0 + 129.5 - self.clock.seconds())
+        self.assertEqual(self.ta.factor, 0.5)
+        self.clock.advance(0.5)
+        self.assertEqual(self.ta.factor, 1.0)
+
+    def test_outageTriggerOverIsDropped(self):
+        """
+        A kept trigger whose throttle is over before the store answers is
+        not written.
+        """
+        self.backendB.down = True
+        self.tb.trigger("421")
+        self.clock.advance(61.0)
+        self.backendB.down = False
+        self.clock.advance(1.0)
+        self.assertEqual(self.b.unwritten(), {})
+        self.assertEqual(self.successResultOf(self.backendA.throttleStates(T0 + 62)), {})
+
+    def test_outageReplayDoesNotShortenTheCluster(self):
+        """
+        A's trigger, written after B's outage trigger and lasting longer,
+        is not cut short by B's replay.
+        """
+        self.backendB.down = True
+        self.tb.trigger("421 B")
+        self.clock.advance(30.0)
+        self.ta.trigger("421 A")
+        self.ta.trigger("421 A")
+        self.backendB.down = False
+        self.clock.advance(1.0)
+        states = self.successResultOf(self.backendA.throttleStates(self.clock.seconds()))
+        self.assertEqual(states["provider:google"], ThrottleState(2, T0 + 90, 60.0, "421 A"))
+
+    def test_writtenTriggerCoversKeptOnes(self):
+        """
+        A trigger written from the node after one that was kept covers it:
+        the kept one is not written again.
+        """
+        self.backendB.down = True
+        self.tb.trigger("kept")
+        self.backendB.down = False
+        self.clock.advance(0.5)
+        self.tb.trigger("written")
+        self.assertEqual(self.b.unwritten(), {})
 
     def test_storeDeeperThanLocal(self):
         """

@@ -22,7 +22,16 @@ down by all of them, and they recover together:
     state, so an unreachable store never makes it less polite than it
     would be alone: while the store cannot be reached its own triggers
     still apply, and the cluster's last known state keeps recovering on
-    its schedule.
+    its schedule;
+  - a trigger that could not be written (the store unreachable) is kept,
+    the deepest per destination with its time (the node's own state after
+    it), and written once the store answers again (C{replayThrottle}, at
+    the first call that succeeds: a read, within a second): the other
+    nodes then back off too, for what is left of it.  The replay merges
+    it (L{merged}): as deep as the stored state and the replayed one,
+    over no later than the later of the two, so it never lasts longer
+    than it would have had it been written at its time; one already over
+    is dropped.
 
 On SQLite and memory (one node) the same objects run over L{LocalThrottles};
 both back ends pass the contract suite of C{tests/test_cluster_throttle.py}.
@@ -32,7 +41,7 @@ from typing import Any, Callable, Optional
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -42,8 +51,11 @@ from smartrelay.store.interfaces import (
     MAX_THROTTLE_LEVEL,
     IThrottles,
     ThrottleState,
+    checkLeaseName,
     checkThrottleArguments,
+    checkThrottleState,
     checkTime,
+    merged,
     triggered,
 )
 
@@ -83,6 +95,22 @@ class LocalThrottles:
 
     def throttleStates(self, now) -> Deferred:
         return maybeDeferred(self._live, now)
+
+    def replayThrottle(self, destination, state, now) -> Deferred:
+        return maybeDeferred(self._replay, destination, state, now)
+
+    def _replay(self, destination, state, now) -> Optional[ThrottleState]:
+        checkLeaseName("destination", destination)
+        state = checkThrottleState("state", state)
+        now = checkTime("now", now)
+        if now is None:
+            raise ValueError("now must be POSIX seconds, not None")
+        result = merged(self._states.get(destination), state, now)
+        if result is None:
+            self._states.pop(destination, None)
+        else:
+            self._states[destination] = result
+        return result
 
     def _live(self, now) -> dict:
         now = checkTime("now", now)
@@ -265,6 +293,10 @@ class ThrottleBoard(Service):
     _reading: bool = attrs.field(default=False, init=False)
     #: Whether the last call to the store succeeded.
     reachable: bool = attrs.field(default=True, init=False)
+    #: Triggers not written yet (the store was unreachable): destination
+    #: -> (this node's own state after the trigger, the trigger's time).
+    _unwritten: dict = attrs.field(factory=dict, init=False)
+    _replaying: set = attrs.field(factory=set, init=False)
 
     log = Logger()
 
@@ -327,7 +359,6 @@ class ThrottleBoard(Service):
             return
         finally:
             self._reading = False
-        self._reachable()
         # Only the destinations throttled now or at the last read: a node
         # with thousands of destinations does not walk them every second.
         changed = set(states) | set(self._known)
@@ -336,6 +367,8 @@ class ThrottleBoard(Service):
             throttle = self._throttles.get(key)
             if throttle is not None:
                 throttle._learn(states.get(key))
+        # Then the kept triggers, if any, are written over what was read.
+        self._reachable()
 
     def _trigger(self, throttle: SharedThrottle, seen: int, reason: str, now: float) -> None:
         d = maybeDeferred(
@@ -347,10 +380,17 @@ class ThrottleBoard(Service):
             throttle.cooldown,
         )
 
+        own = throttle.own
+
         def written(state: ThrottleState) -> None:
-            self._reachable()
+            # A trigger written from here covers those kept before it (it
+            # went from the level they left in force).
+            kept = self._unwritten.get(throttle.key)
+            if kept is not None and kept[1] <= now:
+                del self._unwritten[throttle.key]
             self._known[throttle.key] = state
             throttle._learn(state)
+            self._reachable()
 
         def failed(failure: Failure) -> None:
             if failure.check(ValueError):
@@ -361,8 +401,83 @@ class ThrottleBoard(Service):
                 )
                 return
             self._unreachable(failure)
+            kept = self._unwritten.get(throttle.key)
+            if own is not None and (kept is None or kept[1] <= now):
+                self._unwritten[throttle.key] = (own, now)
+                self.log.info(
+                    "the throttle of {destination} (1/{share} until {until}) is kept "
+                    "to be written to the store when it answers",
+                    destination=throttle.key,
+                    share=2**own.level,
+                    until=own.until,
+                )
 
         d.addCallbacks(written, failed)
+
+    def unwritten(self) -> dict:
+        """
+        The triggers kept to be written when the store answers again:
+        destination -> this node's own state after the trigger.
+        """
+        return {key: state for key, (state, _) in self._unwritten.items()}
+
+    def replay(self) -> Deferred:
+        """
+        Write the kept triggers into the store (done by itself once the
+        store answers again).
+
+        @rtype: L{Deferred} firing with the number written when all have
+            been tried.
+        """
+        now = self.clock.seconds()
+        ds, written = [], [0]
+        for key, (state, at) in list(self._unwritten.items()):
+            if key in self._replaying:
+                continue
+            if state.levelAt(now) == 0:
+                # Over already: the cluster's would be too.
+                del self._unwritten[key]
+                continue
+            self._replaying.add(key)
+            d = maybeDeferred(self.backend.replayThrottle, key, state, now)
+
+            def done(result, key=key, state=state, at=at):
+                self._replaying.discard(key)
+                if self._unwritten.get(key, (None, None))[1] == at:
+                    del self._unwritten[key]
+                written[0] += 1
+                if result is None:
+                    self._known.pop(key, None)
+                else:
+                    self._known[key] = result
+                throttle = self._throttles.get(key)
+                if throttle is not None:
+                    throttle._learn(result)
+
+            def failed(failure, key=key):
+                self._replaying.discard(key)
+                if failure.check(ValueError):
+                    self._unwritten.pop(key, None)
+                    self.log.failure(
+                        "could not write the kept throttle of {destination}",
+                        failure,
+                        destination=key,
+                    )
+                    return
+                self._unreachable(failure)
+
+            ds.append(d.addCallbacks(done, failed))
+
+        def report(_):
+            if written[0]:
+                self.log.info(
+                    "wrote {count} throttle(s) triggered while the store was "
+                    "unreachable; the other nodes back off for what is left of them",
+                    count=written[0],
+                )
+            return written[0]
+
+        return gatherResults(ds).addCallback(report)
 
     def _unreachable(self, failure: Failure) -> None:
         if self.reachable:
@@ -378,6 +493,8 @@ class ThrottleBoard(Service):
         if not self.reachable:
             self.reachable = True
             self.log.info("the store answers again: throttles are cluster-wide again")
+        if self._unwritten and len(self._replaying) < len(self._unwritten):
+            self.replay()
 
     def state(self) -> dict:
         """
@@ -387,4 +504,5 @@ class ThrottleBoard(Service):
             "shared": self.shared,
             "reachable": self.reachable,
             "throttled": sum(1 for t in self._throttles.values() if t.throttled),
+            "unwritten": len(self._unwritten),
         }

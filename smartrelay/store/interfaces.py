@@ -1489,6 +1489,56 @@ def triggered(
     return ThrottleState(level, now + cooldown, cooldown, reason)
 
 
+def merged(
+    current: Optional[ThrottleState], state: ThrottleState, now: float
+) -> Optional[ThrottleState]:
+    """
+    The state after replaying C{state} (a node's own trigger that could not
+    be written while the store was unreachable) into C{current} at C{now}:
+    at every moment from C{now} at least as deep as both, and over no
+    later than the later of the two (a replay never makes a throttle last
+    longer than it would have had the trigger been written at its time).
+    What every back end's replay computes.
+
+    Either one when it is as deep as the other now and ends no sooner;
+    else the deeper level now with the later end (and that one's
+    cool-down and reason).  L{None} when neither is throttled at C{now}.
+    """
+    live = [s for s in (current, state) if s is not None and s.levelAt(now) > 0]
+    if not live:
+        return None
+    if len(live) == 1:
+        return live[0]
+    a, b = live
+    if a.levelAt(now) >= b.levelAt(now) and a.end >= b.end:
+        return a
+    if b.levelAt(now) >= a.levelAt(now) and b.end >= a.end:
+        return b
+    level = max(a.levelAt(now), b.levelAt(now))
+    later = a if a.end >= b.end else b
+    return ThrottleState(
+        level, later.end - (level - 1) * later.cooldown, later.cooldown, later.reason
+    )
+
+
+def checkThrottleState(name: str, state) -> ThrottleState:
+    """
+    @raise ValueError: C{state} is not a L{ThrottleState} a store can keep.
+    """
+    if not isinstance(state, ThrottleState):
+        raise ValueError(f"{name} must be a ThrottleState, not {state!r}")
+    level = state.level
+    if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= MAX_THROTTLE_LEVEL:
+        raise ValueError(f"level must be an integer from 1 to {MAX_THROTTLE_LEVEL}, not {level!r}")
+    until = checkTime("until", state.until)
+    if until is None or not math.isfinite(until):
+        raise ValueError(f"until must be finite POSIX seconds, not {state.until!r}")
+    cooldown = _positive("cooldown", state.cooldown)
+    if not isinstance(state.reason, str):
+        raise ValueError(f"reason must be text, not {state.reason!r}")
+    return ThrottleState(level, until, cooldown, state.reason[:MAX_THROTTLE_REASON])
+
+
 class IThrottles(Interface):
     """
     The destinations' adaptive throttles (L{ThrottleState}), shared by
@@ -1514,6 +1564,17 @@ class IThrottles(Interface):
         """
         @rtype: L{Deferred} firing with a L{dict} of the destinations
             throttled at C{now} (level above 0) to their L{ThrottleState}.
+        """
+
+    def replayThrottle(destination, state, now):
+        """
+        Write C{state}, a trigger of this node's that could not reach the
+        store when it happened, into C{destination}'s state at C{now}
+        (L{merged}), atomically.
+
+        @rtype: L{Deferred} firing with the state afterwards, or L{None}
+            when neither is throttled at C{now} (nothing is written); it
+            fails with L{ValueError} for bad arguments.
         """
 
 

@@ -101,6 +101,7 @@ from smartrelay.store.interfaces import (
     checkLeaseAndTokenArguments,
     ThrottleState,
     checkThrottleArguments,
+    checkThrottleState,
     checkLeaseArguments,
     checkLeaseName,
     checkLeasePairs,
@@ -2666,6 +2667,32 @@ class RedisStore:
         )
         return d.addCallback(lambda reply: _throttleState(reply))
 
+    def replayThrottle(self, destination, state, now) -> Deferred:
+        if self._closed:
+            return fail(StoreClosed("the event store is closed"))
+        try:
+            checkLeaseName("destination", destination)
+            state = checkThrottleState("state", state)
+            now = checkTime("now", now)
+            if now is None or not math.isfinite(now):
+                raise ValueError("now must be finite POSIX seconds")
+        except ValueError:
+            return fail()
+        d = self._do(
+            self._script,
+            "throttleReplay",
+            [self._throttleKey(destination), self._key("throttles")],
+            [
+                destination,
+                str(state.level),
+                _number(state.until),
+                _number(state.cooldown),
+                state.reason,
+                _number(now),
+            ],
+        )
+        return d.addCallback(lambda reply: _throttleState(reply) if reply else None)
+
     def throttleStates(self, now) -> Deferred:
         if self._closed:
             return fail(StoreClosed("the event store is closed"))
@@ -2915,6 +2942,67 @@ end
 return out
 """
 
+# A trigger replayed after an outage (smartrelay.store.interfaces.merged).
+# KEYS: the destination's state, the index.  ARGV: destination, level,
+# until, cooldown, reason (the replayed state), now.  The state afterwards
+# (level, until, cooldown, reason), or an empty list when neither is
+# throttled at now (nothing written).
+_THROTTLE_REPLAY = """
+local now = tonumber(ARGV[6])
+local function at(l, u, c)
+  if now < u then
+    return l
+  end
+  return math.max(0, l - 1 - math.floor((now - u) / c))
+end
+local b = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5],
+  ARGV[3], ARGV[4]}
+local live = {}
+local s = redis.call('HMGET', KEYS[1], 'level', 'until', 'cooldown', 'reason')
+if s[1] then
+  local a = {tonumber(s[1]), tonumber(s[2]), tonumber(s[3]), s[4] or '', s[2], s[3]}
+  if at(a[1], a[2], a[3]) > 0 then
+    live[#live + 1] = a
+  end
+end
+if at(b[1], b[2], b[3]) > 0 then
+  live[#live + 1] = b
+end
+if #live == 0 then
+  return {}
+end
+local r = live[1]
+if #live == 2 then
+  local a = live[1]
+  local la, lb = at(a[1], a[2], a[3]), at(b[1], b[2], b[3])
+  local ea, eb = a[2] + (a[1] - 1) * a[3], b[2] + (b[1] - 1) * b[3]
+  if la >= lb and ea >= eb then
+    r = a
+  elseif lb >= la and eb >= ea then
+    r = b
+  else
+    local later = a
+    if eb > ea then later = b end
+    local level = math.max(la, lb)
+    local e = later[2] + (later[1] - 1) * later[3]
+    local u = e - (level - 1) * later[3]
+    r = {level, u, later[3], later[4], string.format('%.17g', u), later[6]}
+  end
+end
+local finish = r[2] + (r[1] - 1) * r[3]
+redis.call('HSET', KEYS[1], 'level', r[1], 'until', r[5], 'cooldown', r[6],
+  'reason', r[4])
+local keep = math.ceil((finish - now) * 1000) + 60000
+redis.call('PEXPIRE', KEYS[1], keep)
+redis.call('ZADD', KEYS[2], string.format('%.17g', finish), ARGV[1])
+if redis.call('PTTL', KEYS[2]) < keep then
+  redis.call('PEXPIRE', KEYS[2], keep)
+end
+return {r[1], r[5], r[6], r[4]}
+"""
+
+_SCRIPTS["throttleReplay"] = _THROTTLE_REPLAY
+_SHAS["throttleReplay"] = _sha1(_THROTTLE_REPLAY)
 _SCRIPTS["throttleTrigger"] = _THROTTLE_TRIGGER
 _SCRIPTS["throttleStates"] = _THROTTLE_STATES
 _SHAS["throttleTrigger"] = _sha1(_THROTTLE_TRIGGER)
