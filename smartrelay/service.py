@@ -189,12 +189,15 @@ def makeSigner(config):
     return signer
 
 
-def makeSMS(config, reactor, store, events) -> tuple:
+def makeSMS(config, reactor, store, events, nodes=None) -> tuple:
     """
     The SMS side of C{[sms]}: C{(SMSPolicy, SMSClient, SMSGateway)}, or
     three L{None}s without an SMS domain.  The client keeps the session
     to the SMSC and hands receipts to the gateway; the gateway is the
-    delivery scheduler's transport for the SMS domain.
+    delivery scheduler's transport for the SMS domain.  C{[sms] rate}
+    holds for every node sharing C{store} (its bucket C{sms:<smsc>});
+    C{nodes} (the live-node registry, or L{None}) gives the C{rate / N}
+    a node paces itself at while the store cannot be reached.
     """
     sms = config.sms
     if sms.domain is None:
@@ -219,6 +222,8 @@ def makeSMS(config, reactor, store, events) -> tuple:
         receiver=lambda pdu: gateways[0].received(pdu),
         queueTimeout=sms.queue_timeout,
         description=sms.smsc,
+        rates=store,
+        nodes=nodes,
     )
     gateway = SMSGateway(
         policy=policy, submit=client.submit, store=store, events=events, clock=reactor,
@@ -438,7 +443,7 @@ class RelayService(MultiService):
         # started once the store is open (receipts are matched through it)
         # and stopped after delivery.
         self.smsPolicy, self.smsClient, self.smsGateway = makeSMS(
-            config, reactor, self.store, self.events
+            config, reactor, self.store, self.events, nodes=self.nodeRegistry
         )
         self.scheduler = DeliveryScheduler(
             spool=self.spool,

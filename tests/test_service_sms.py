@@ -230,3 +230,31 @@ class SMSWiringTests(SynchronousTestCase):
         )
         self.stop(relay)
         self.assertEqual(self.spooled(), [])
+
+    def test_rateIsTheCluster(self):
+        """
+        With C{[sms] rate} the submits take their tokens from the store's
+        bucket C{sms:<smsc>} (shared by the nodes of a Redis store), not
+        from a pacing of the session's own: two SMS at one a second go out
+        a second apart.
+        """
+        relay = self.start(extra=SMS + "rate = 1\n")
+        client = relay.smsClient
+        self.assertEqual((client.rate, client.settings.rate), (1.0, None))
+        self.assertIs(client.rates, relay.store)
+        self.assertEqual(client.rateKey, "sms:tcp:host=127.0.0.1:port=%d" % SMSC_PORT)
+        replies = self.submit(
+            relay,
+            [NUMBER, b"+393337654321@sms.example.com"],
+            b"From: app@example.com\r\nSubject: x\r\n\r\nYour code is 1234\r\n",
+        )
+        self.assertTrue([r for r in replies if r.startswith(b"250 2.0.0 OK")], replies)
+        self.pump()
+        self.assertEqual(len(self.smsc.sessions[0].submits), 1)
+        self.reactor.advance(0.5)
+        self.pump()
+        self.assertEqual(len(self.smsc.sessions[0].submits), 1)
+        self.reactor.advance(0.6)
+        self.pump()
+        self.assertEqual(len(self.smsc.sessions[0].submits), 2)
+        self.stop(relay)
