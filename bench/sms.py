@@ -20,7 +20,15 @@ Two SMSCs:
   same reactor (no receipts): both ends share one core, so the figure is
   a lower bound of the client's own speed.
 
+With C{--redis} every run is made twice, interleaved: as above, and with
+C{[sms] rate} held cluster-wide through a Redis store (a local
+C{redis-server} started by L{tests.redisserver}, stopped at the end): each
+submit takes a token from the bucket C{sms:<smsc>} first, at C{--rate}
+(default 10**9 a second, so that the bucket never waits: the figure is what
+the token costs).
+
     python3 bench/sms.py [--smsc npm|fake] [--messages 20000] [--window 10] [--runs 3]
+                         [--redis [--rate R]]
 """
 
 import argparse
@@ -57,13 +65,28 @@ def startNode() -> tuple:
     return process, json.loads(line)["port"]
 
 
-async def once(reactor, port: int, messages: int, window: int) -> tuple:
+def _redisServerClass():
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests",
+                        "redisserver.py")
+    spec = spec_from_file_location("_smartrelay_bench_redisserver", path)
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.RedisServer
+
+
+async def once(
+    reactor, port: int, messages: int, window: int, store=None, rate=None
+) -> tuple:
     receipts = [0]
     client = SMSClient(
         endpoint=endpoints.clientFromString(reactor, f"tcp:host=127.0.0.1:port={port}"),
         clock=reactor,
-        settings=SessionSettings(system_id=b"bench", password=b"pw", window=window),
+        settings=SessionSettings(system_id=b"bench", password=b"pw", window=window, rate=rate),
         receiver=lambda pdu: receipts.__setitem__(0, receipts[0] + 1),
+        description=f"tcp:host=127.0.0.1:port={port}",
+        rates=store,
     )
     client.startService()
     while not client.bound:
@@ -89,18 +112,37 @@ async def main(reactor, options) -> None:
         factory = FakeSMSCFactory(SMSCScript())
         listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
         port = listening.getHost().port
+    server = store = None
+    if options.redis:
+        from smartrelay.store.redis import RedisStore
+
+        server = _redisServerClass()()
+        server.start()
+        store = RedisStore.fromURL(server.url(0), reactor)
+        await store.start()
+    modes = [("session alone", None, None)]
+    if store is not None:
+        modes.append((f"rate {options.rate:g}/s through the Redis bucket", store, options.rate))
     try:
-        rates, cpus = [], []
+        results = {name: ([], []) for name, _, _ in modes}
         for run in range(options.runs):
-            rate, cpu, receipts = await once(reactor, port, options.messages, options.window)
-            rates.append(rate)
-            cpus.append(cpu)
-            print(f"run {run + 1}: {rate:,.0f} submits/s, {cpu:.0f} us relay CPU per submit, "
-                  f"{receipts} receipts answered")
-        print(f"{options.smsc} SMSC, window {options.window}, {options.messages} submits: "
-              f"median {statistics.median(rates):,.0f} submits/s, "
-              f"{statistics.median(cpus):.0f} us CPU per submit")
+            for name, paced, rate in modes:
+                speed, cpu, receipts = await once(
+                    reactor, port, options.messages, options.window, paced, rate
+                )
+                results[name][0].append(speed)
+                results[name][1].append(cpu)
+                print(f"run {run + 1}, {name}: {speed:,.0f} submits/s, {cpu:.0f} us relay "
+                      f"CPU per submit, {receipts} receipts answered", flush=True)
+        for name, (speeds, cpus) in results.items():
+            print(f"{options.smsc} SMSC, window {options.window}, {options.messages} submits, "
+                  f"{name}: median {statistics.median(speeds):,.0f} submits/s, "
+                  f"{statistics.median(cpus):.0f} us CPU per submit")
+        print("load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     finally:
+        if store is not None:
+            await store.close()
+            server.stop()
         if process is not None:
             os.kill(process.pid, signal.SIGTERM)
             process.wait(10)
@@ -115,5 +157,7 @@ if __name__ == "__main__":
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--redis", action="store_true")
+    parser.add_argument("--rate", type=float, default=1e9)
     options = parser.parse_args()
     react(lambda reactor: ensureDeferred(main(reactor, options)))
