@@ -19,6 +19,13 @@ not deliver without limit either: it grants itself at most C{limit / N}
 sessions per destination (at least one), C{N} being the live nodes the
 registry (L{smartrelay.cluster.nodes}) last saw, and says so in the log and
 in C{/metrics}.
+
+A new session on a rate-limited destination needs a slot and a rate token:
+L{LeaseKeeper.acquireWithToken} takes both in one call to the store (one
+Lua script on Redis, L{ILeases.acquireLeaseAndTokens}; the token from the
+same bucket as the store's C{takeTokens}), both or neither, and while the
+store cannot be reached grants C{limit / N} slots and tokens from a bucket
+of its own at C{rate / N}.
 """
 
 import os
@@ -545,6 +552,7 @@ class LeaseKeeper(Service):
             self.log.warn(
                 "cannot reach the store for connection slots ({why}); each "
                 "destination gets 1/{nodes} of its connection limit on this node "
+                "(and 1/{nodes} of its rate for the slots taken with a token) "
                 "until it answers",
                 why=failure.getErrorMessage() or failure.type.__name__,
                 nodes=nodes,
