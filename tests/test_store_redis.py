@@ -1071,3 +1071,81 @@ class ParseRedisURLTests(SynchronousTestCase):
         L{RedisStore.fromURL} refuses a bad URL at once.
         """
         self.assertRaises(ValueError, RedisStore.fromURL, "redis://h/x", reactor)
+
+
+class FastProtocolTests(SynchronousTestCase):
+    """
+    The store's protocol (txredisapi's, with the rest of a read after a
+    bulk string handled in the same call) parses replies as txredisapi
+    does, however the bytes are cut, without pausing the transport or
+    waiting for the reactor.
+    """
+
+    REPLIES = (
+        b"*4\r\n:1\r\n:3\r\n$1\r\n0\r\n$4\r\n1.25\r\n"
+        b"+OK\r\n"
+        b"$-1\r\n"
+        b"*2\r\n*2\r\n$1\r\na\r\n$0\r\n\r\n*0\r\n"
+        b"-NOSCRIPT No matching script\r\n"
+        b":42\r\n"
+        b"$5\r\nhe\r\nl\r\n"
+    )
+
+    def protocol(self):
+        from twisted.internet.testing import StringTransport
+
+        from smartrelay.store.redis import _fastProtocol
+
+        clock = MemoryReactorClock()
+        protocol = _fastProtocol()(charset=None, convertNumbers=False, replyTimeout=None)
+        protocol.callLater = clock.callLater
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport, clock
+
+    def replies(self, chunks):
+        protocol, transport, clock = self.protocol()
+        ds = [protocol.execute_command("PING") for _ in range(7)]
+        for chunk in chunks:
+            protocol.dataReceived(chunk)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(transport.producerState, "producing")
+        return ds
+
+    def check(self, ds):
+        values = [self.successResultOf(d) for d in ds[:4]]
+        self.assertEqual(values[0], [1, 3, b"0", b"1.25"])
+        self.assertEqual(values[1], "OK")
+        self.assertIsNone(values[2])
+        self.assertEqual(values[3], [[b"a", b""], []])
+        failure = self.failureResultOf(ds[4])
+        self.assertTrue(str(failure.value).startswith("NOSCRIPT"), failure)
+        self.assertEqual(self.successResultOf(ds[5]), 42)
+        self.assertEqual(self.successResultOf(ds[6]), b"he\r\nl")
+
+    def test_oneRead(self):
+        """
+        Seven pipelined replies in one read.
+        """
+        self.check(self.replies([self.REPLIES]))
+
+    def test_everyCut(self):
+        """
+        The same replies cut in two at every byte, and byte by byte.
+        """
+        for i in range(1, len(self.REPLIES)):
+            self.check(self.replies([self.REPLIES[:i], self.REPLIES[i:]]))
+        self.check(self.replies([self.REPLIES[i : i + 1] for i in range(len(self.REPLIES))]))
+
+    def test_commandEncoding(self):
+        """
+        Commands are encoded as txredisapi encodes them.
+        """
+        from txredisapi import BaseRedisProtocol
+
+        from smartrelay.store.redis import _fastProtocol
+
+        args = ("EVALSHA", b"\x00sha", "2", "bücher", 7, 1.5, bytearray(b"x"))
+        plain = BaseRedisProtocol(charset=None)
+        fast = _fastProtocol()(charset=None)
+        self.assertEqual(fast._build_command(*args), plain._build_command(*args))
