@@ -14,13 +14,20 @@ an API request to any node reaches it:
     posts each answer back;
   - before posting, the node asked checks the live-node registry
     (L{smartrelay.cluster.nodes}): a command for a node with no live
-    heartbeat fails at once (L{NodeUnavailable}) instead of waiting;
+    heartbeat, or none within the last two heartbeat intervals (not on
+    C{nodes-fresh}), fails at once (L{NodeUnavailable}) instead of
+    waiting;
   - a command not taken before its deadline is dropped by its node
     rather than run late, and the mailbox of a node that never comes back
     expires by itself.
 
 The answer is the owner's own: what the same request to the owner would
-have answered (a document with its HTTP status).  This module knows
+have answered (a document with its HTTP status).  Besides retries and
+deletes, the queue views ask every live node for its part
+(C{queueSummary}, C{queuePage}, C{destinations}, C{queued}; see
+L{smartrelay.web.queries.QueueActions.answer}); an answer longer than a
+mailbox message may be (L{MAX_MAILBOX_MESSAGE}) is replaced by a 500
+C{answer_too_large} error.  This module knows
 nothing of HTTP: the handler and the caller (L{smartrelay.web.queries})
 agree on C{{"status": ..., "body": ...}}.
 """
@@ -38,8 +45,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smartrelay.cluster.nodes import NODES
-from smartrelay.store.interfaces import IMailboxes, checkMailboxPost, checkMailboxTake
+from smartrelay.cluster.nodes import FRESH, NODES
+from smartrelay.store.interfaces import (
+    MAX_MAILBOX_MESSAGE,
+    IMailboxes,
+    checkMailboxPost,
+    checkMailboxTake,
+)
 
 __all__ = [
     "COMMAND_TIMEOUT",
@@ -96,6 +108,10 @@ def ownerOf(queue_id: str) -> str:
     The node id (two upper-case hex digits) in C{queue_id}.
     """
     return queue_id[:2].upper()
+
+
+def _ids(names) -> set:
+    return {name.split("-")[0].upper() for name in names}
 
 
 def mailboxName(node: str) -> str:
@@ -214,29 +230,53 @@ class NodeCommands(Service):
 
     def liveNodes(self) -> Deferred:
         """
-        The ids of the nodes with a live heartbeat.
+        The ids of the nodes with a live heartbeat (a lease on C{nodes}).
 
         @rtype: L{Deferred} firing with a L{set}.
         """
-        d = maybeDeferred(self.leases.liveLeases, NODES, self.clock.seconds())
-        return d.addCallback(lambda names: {name.split("-")[0].upper() for name in names})
+        return Deferred.fromCoroutine(self._nodeStates()).addCallback(lambda both: both[0])
 
-    def request(self, node: str, op: str, args: dict) -> Deferred:
+    def nodeStates(self) -> Deferred:
         """
-        Run C{op} with C{args} on C{node} and wait for its answer.
+        The ids of the registered nodes (a live lease on C{nodes}) and of
+        those that beat within the last two heartbeat intervals (also on
+        C{nodes-fresh}).  While no node at all is on C{nodes-fresh} (nodes
+        of a version that did not write it) every registered node counts
+        as fresh.
+
+        @rtype: L{Deferred} firing with C{(registered, fresh)}, two L{set}s.
+        """
+        return Deferred.fromCoroutine(self._nodeStates())
+
+    async def _nodeStates(self) -> tuple:
+        now = self.clock.seconds()
+        registered = _ids(await maybeDeferred(self.leases.liveLeases, NODES, now))
+        fresh = _ids(await maybeDeferred(self.leases.liveLeases, FRESH, now))
+        if not fresh:
+            fresh = set(registered)
+        return registered, fresh & registered
+
+    def request(
+        self, node: str, op: str, args: dict, timeout: Optional[float] = None
+    ) -> Deferred:
+        """
+        Run C{op} with C{args} on C{node} and wait for its answer, at most
+        C{timeout} seconds (default: L{timeout}).
 
         @rtype: L{Deferred} firing with the answer (C{{"status", "body"}});
             it fails with L{NodeUnavailable}, L{NodeTimeout} or
             L{StoreUnreachable}.
         """
-        return Deferred.fromCoroutine(self._request(node, op, args))
+        return Deferred.fromCoroutine(
+            self._request(node, op, args, self.timeout if timeout is None else timeout)
+        )
 
-    async def _request(self, node: str, op: str, args: dict) -> dict:
+    async def _request(self, node: str, op: str, args: dict, timeout: float) -> dict:
         try:
-            live = await self.liveNodes()
+            registered, fresh = await self.nodeStates()
         except Exception as e:
             raise StoreUnreachable(str(e) or type(e).__name__) from e
-        if node not in live:
+        if node not in fresh:
             raise NodeUnavailable(node)
         self._serial += 1
         request = f"{node}/{self._name}/{self._serial}"
@@ -248,16 +288,16 @@ class NodeCommands(Service):
                 "from": self.node,
                 "op": op,
                 "args": args,
-                "deadline": now + self.timeout,
+                "deadline": now + timeout,
             }
         )
         answer: Deferred = Deferred()
 
         def expire() -> None:
             if self._waiting.pop(request, None) is not None:
-                answer.errback(NodeTimeout(node, self.timeout))
+                answer.errback(NodeTimeout(node, timeout))
 
-        self._waiting[request] = (answer, self.clock.callLater(self.timeout, expire))
+        self._waiting[request] = (answer, self.clock.callLater(timeout, expire))
         try:
             await maybeDeferred(
                 self.backend.postToMailbox, mailboxName(node), message, self.timeout + 60
@@ -352,6 +392,26 @@ class NodeCommands(Service):
             }
             answer = {"status": 500, "body": {"error": error}}
         reply = json.dumps({"kind": "answer", "id": message["id"], "answer": answer})
+        if len(reply) > MAX_MAILBOX_MESSAGE:
+            self.log.warn(
+                "the answer to the {op} command from node {sender} is too long to send "
+                "({length} characters)",
+                op=op,
+                sender=sender,
+                length=len(reply),
+            )
+            error = {
+                "code": "answer_too_large",
+                "message": f"node {self.node}'s answer to {op} is longer than "
+                f"{MAX_MAILBOX_MESSAGE} characters",
+            }
+            reply = json.dumps(
+                {
+                    "kind": "answer",
+                    "id": message["id"],
+                    "answer": {"status": 500, "body": {"error": error}},
+                }
+            )
         try:
             await maybeDeferred(
                 self.backend.postToMailbox, mailboxName(sender), reply, self.timeout + 60

@@ -4,6 +4,14 @@ The live-node registry: each node holds a lease on the resource C{nodes}
 seconds, so the live leases there are the live nodes.  A node that cannot
 reach the store uses the last count it saw to take its share (1/N) of the
 connection limits (L{smartrelay.cluster.leases.LeaseKeeper}).
+
+With each heartbeat a node also takes a short lease on C{nodes-fresh}
+(L{FRESH}), lasting two heartbeat intervals: a node there has beaten
+recently.  A node that was killed stays on C{nodes} until its lease there
+ends (C{ttl}, 30 s by default) but leaves C{nodes-fresh} after at most two
+intervals (20 s); the commands sent to another node
+(L{smartrelay.cluster.commands}) refuse at once a node that is not fresh.
+A node that stops cleanly releases both leases at once.
 """
 
 from typing import Any, Optional
@@ -14,10 +22,17 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-__all__ = ["NodeRegistry", "NODES"]
+__all__ = ["FRESH", "FRESH_BEATS", "NodeRegistry", "NODES"]
 
 #: The resource whose leases are the nodes.
 NODES = "nodes"
+
+#: The resource whose leases are the nodes that beat within the last
+#: L{FRESH_BEATS} heartbeat intervals.
+FRESH = "nodes-fresh"
+
+#: Heartbeat intervals a node stays on L{FRESH} after its last beat.
+FRESH_BEATS = 2
 
 #: More nodes than any cluster has: the registry's lease limit.
 _MANY = 1 << 30
@@ -56,11 +71,18 @@ class NodeRegistry(Service):
         """
         return max(1, self._count)
 
+    @property
+    def interval(self) -> float:
+        """
+        Seconds between two heartbeats.
+        """
+        return self.ttl / 3
+
     def startService(self) -> None:
         Service.startService(self)
         self._beat = LoopingCall(self.heartbeat)
         self._beat.clock = self.clock
-        self._beat.start(self.ttl / 3, now=True).addErrback(
+        self._beat.start(self.interval, now=True).addErrback(
             lambda f: self.log.failure("node heartbeat stopped", f)
         )
 
@@ -69,8 +91,11 @@ class NodeRegistry(Service):
         if self._beat is not None and self._beat.running:
             self._beat.stop()
         self._beat = None
-        # Leave at once rather than in a TTL: the others' share grows back.
-        d = maybeDeferred(self.backend.releaseLease, NODES, self.name)
+        # Leave at once rather than in a TTL: the others' share grows back,
+        # and commands for this node's messages get 503 node_unavailable.
+        d = maybeDeferred(self.backend.releaseLease, FRESH, self.name)
+        d.addErrback(lambda f: None)
+        d.addCallback(lambda _: self.backend.releaseLease(NODES, self.name))
         return d.addErrback(lambda f: None)
 
     def heartbeat(self) -> Deferred:
@@ -88,6 +113,14 @@ class NodeRegistry(Service):
             now = self.clock.seconds()
             await maybeDeferred(
                 self.backend.acquireLease, NODES, self.name, _MANY, now, self.ttl
+            )
+            await maybeDeferred(
+                self.backend.acquireLease,
+                FRESH,
+                self.name,
+                _MANY,
+                now,
+                min(self.ttl, FRESH_BEATS * self.interval),
             )
             live = await maybeDeferred(self.backend.liveLeases, NODES, now)
         except Exception:
