@@ -64,6 +64,22 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
+#: In L{Parking}'s pending records: every parked recipient of the message.
+ALL = object()
+
+
+@attrs.define(eq=False)
+class _Several:
+    """
+    The parked recipients of a message with more than one.
+
+    @ivar addresses: address → its L{Suspension} (L{None} while released).
+    """
+
+    entry: SpoolEntry
+    addresses: dict
+
+
 @attrs.define(eq=False, repr=False)
 class Suspension:
     """
@@ -79,7 +95,9 @@ class Suspension:
     @ivar retryAt: clock seconds of the next probe.
     @ivar probing: a probe recipient has been released and its connection
         is awaited.
-    @ivar members: C{(queue id, address)} → L{SpoolEntry}, oldest first.
+    @ivar members: queue id → L{SpoolEntry} of the messages with
+        recipients parked here, oldest first.
+    @ivar count: the recipients parked here.
     @ivar domains: the recipient domains seen routed here.
     """
 
@@ -90,12 +108,13 @@ class Suspension:
     retryAt: float = 0.0
     probing: bool = False
     members: dict = attrs.field(factory=dict)
+    count: int = 0
     domains: set = attrs.field(factory=set)
     timer: Any = None
 
     def __repr__(self) -> str:
         return (
-            f"<Suspension {self.key} parked={len(self.members)} "
+            f"<Suspension {self.key} parked={self.count} "
             f"failures={self.failures} probing={self.probing}>"
         )
 
@@ -111,7 +130,7 @@ class Suspension:
         For the destination views (API, UI, C{/metrics}).
         """
         return {
-            "parked": len(self.members),
+            "parked": self.count,
             "suspended_until": self.retryAt,
             "suspended_reason": self.reply.line,
         }
@@ -158,12 +177,19 @@ class Parking:
 
     _suspensions: dict = attrs.field(factory=dict, init=False)
     _byDomain: dict = attrs.field(factory=dict, init=False)
-    #: (queue id, address) → (entry, its Suspension or None while released)
+    #: queue id → its parked recipients: C{(entry, address, suspension)}
+    #: for one (most messages: a million parked messages is the size to
+    #: plan for, and every object a recipient costs tens of bytes), or a
+    #: L{_Several}; the suspension is L{None} while the recipient is being
+    #: released.
     _parked: dict = attrs.field(factory=dict, init=False)
-    _byQueue: dict = attrs.field(factory=dict, init=False)
-    #: (queue id, address) keys whose deferral is still to be recorded.
+    #: The parked recipients in all.
+    _count: int = attrs.field(default=0, init=False)
+    #: queue id → whose deferral is still to be recorded: L{ALL} its
+    #: parked recipients, or one address, or a set of them.
     _pending: dict = attrs.field(factory=dict, init=False)
     _flushTimer: Any = attrs.field(default=None, init=False)
+    #: Queue ids with recipients being released.
     _releasing: deque = attrs.field(factory=deque, init=False)
     _releaseTimer: Any = attrs.field(default=None, init=False)
     #: The C{deferred} details of the flush in progress, shared by the
@@ -174,17 +200,34 @@ class Parking:
     log = Logger()
 
     def __repr__(self) -> str:
-        return f"<Parking suspended={len(self._suspensions)} parked={len(self._parked)}>"
+        return f"<Parking suspended={len(self._suspensions)} parked={self._count}>"
 
     def __contains__(self, key: tuple) -> bool:
         """
         Whether the recipient C{(queue id, address)} is parked (and so not
         to be attempted by the scheduler's own timers).
         """
-        return key in self._parked
+        found = self._parked.get(key[0])
+        if found is None:
+            return False
+        if type(found) is tuple:
+            return found[1] == key[1]
+        return key[1] in found.addresses
 
     def __len__(self) -> int:
-        return len(self._parked)
+        return self._count
+
+    def _recipients(self, queue_id: str) -> tuple:
+        """
+        The entry of C{queue_id} and its parked recipients as C{(address,
+        suspension)} pairs (C{(None, [])} if none is parked).
+        """
+        found = self._parked.get(queue_id)
+        if found is None:
+            return None, []
+        if type(found) is tuple:
+            return found[0], [(found[1], found[2])]
+        return found.entry, list(found.addresses.items())
 
     def get(self, key: str) -> Optional[Suspension]:
         """
@@ -229,8 +272,8 @@ class Parking:
         suspension.retryAt = self.clock.seconds() + delay
         self._cancel(suspension)
         suspension.timer = self.clock.callLater(delay, self._probe, suspension)
-        for member in suspension.members:
-            self._pending[member] = None
+        for queue_id in suspension.members:
+            self._pending[queue_id] = ALL
         self._armFlush()
         self.log.warn(
             "{destination} suspended until {until} after: {reply}; "
@@ -238,7 +281,7 @@ class Parking:
             destination=key,
             until=rfc3339(suspension.retryAt),
             reply=reply.line,
-            count=len(suspension.members),
+            count=suspension.count,
         )
         return suspension
 
@@ -278,41 +321,73 @@ class Parking:
             self._armFlush()
 
     def _add(self, suspension: Suspension, entry: SpoolEntry, address: str) -> None:
-        member = (entry.queue_id, address)
-        self._parked[member] = (entry, suspension)
-        # One address (most messages) is kept as the string itself: a set
-        # of one costs some 200 bytes a parked message.
-        known = self._byQueue.get(entry.queue_id)
-        if known is None:
-            self._byQueue[entry.queue_id] = address
-        elif isinstance(known, str):
-            if known != address:
-                self._byQueue[entry.queue_id] = {known, address}
+        queue_id = entry.queue_id
+        found = self._parked.get(queue_id)
+        if found is None:
+            self._parked[queue_id] = (entry, address, suspension)
         else:
-            known.add(address)
-        suspension.members[member] = entry
-        self._pending[member] = None
+            if type(found) is tuple:
+                if found[1] == address:
+                    self._leave(found[2], queue_id, None)
+                    self._parked[queue_id] = (entry, address, suspension)
+                    found = None
+                else:
+                    found = self._parked[queue_id] = _Several(entry, {found[1]: found[2]})
+            if found is not None:
+                known = address in found.addresses
+                before = found.addresses.get(address)
+                found.addresses[address] = suspension
+                if known:
+                    self._leave(before, queue_id, found)
+        self._count += 1
+        suspension.count += 1
+        suspension.members[queue_id] = entry
+        pending = self._pending.get(queue_id)
+        if pending is None:
+            self._pending[queue_id] = address
+        elif pending is ALL or pending == address:
+            pass
+        elif type(pending) is str:
+            self._pending[queue_id] = {pending, address}
+        else:
+            pending.add(address)
 
-    def _remove(self, member: tuple) -> Optional[SpoolEntry]:
+    def _leave(self, suspension: Optional[Suspension], queue_id: str, found: Any) -> None:
         """
-        Unpark C{member}; return its entry (L{None} if it was not parked).
+        Count one recipient of C{queue_id} out of C{suspension} (L{None}:
+        it was being released), which keeps the message among its members
+        while C{found} (a L{_Several}) has another recipient there.
         """
-        found = self._parked.pop(member, None)
+        self._count -= 1
+        if suspension is None:
+            return
+        suspension.count -= 1
+        if found is None or suspension not in found.addresses.values():
+            suspension.members.pop(queue_id, None)
+
+    def _remove(self, queue_id: str, address: str) -> Optional[SpoolEntry]:
+        """
+        Unpark one recipient; return its entry (L{None} if it was not
+        parked).
+        """
+        found = self._parked.get(queue_id)
         if found is None:
             return None
-        entry, suspension = found
-        if suspension is not None:
-            suspension.members.pop(member, None)
-        addresses = self._byQueue.get(member[0])
-        if isinstance(addresses, str):
-            if addresses == member[1]:
-                del self._byQueue[member[0]]
-        elif addresses is not None:
-            addresses.discard(member[1])
-            if not addresses:
-                del self._byQueue[member[0]]
-        self._pending.pop(member, None)
-        return entry
+        if type(found) is tuple:
+            if found[1] != address:
+                return None
+            del self._parked[queue_id]
+            self._leave(found[2], queue_id, None)
+            self._pending.pop(queue_id, None)
+            return found[0]
+        if address not in found.addresses:
+            return None
+        suspension = found.addresses.pop(address)
+        self._leave(suspension, queue_id, found)
+        if not found.addresses:
+            del self._parked[queue_id]
+            self._pending.pop(queue_id, None)
+        return found.entry
 
     def forget(self, queue_id: str, domain: Optional[str] = None) -> set:
         """
@@ -323,15 +398,13 @@ class Parking:
         @return: the L{Suspension}s they were parked in.
         """
         suspensions = set()
-        addresses = self._byQueue.get(queue_id, ())
-        for address in [addresses] if isinstance(addresses, str) else list(addresses):
+        _, parked = self._recipients(queue_id)
+        for address, suspension in parked:
             if domain is not None and _domain(address) != domain:
                 continue
-            member = (queue_id, address)
-            suspension = self._parked[member][1]
             if suspension is not None:
                 suspensions.add(suspension)
-            self._remove(member)
+            self._remove(queue_id, address)
         return suspensions
 
     # -- the bulk records -------------------------------------------------
@@ -348,23 +421,25 @@ class Parking:
         self._flushTimer = None
         now = self.clock.seconds()
         if len(self._pending) <= self.chunk:
-            members, self._pending = list(self._pending), {}
+            members, self._pending = list(self._pending.items()), {}
         else:
             # Taken from the front in one pass (popping the first key one
             # at a time would rescan the deleted slots: quadratic).
-            members = list(islice(self._pending, self.chunk))
-            for member in members:
-                del self._pending[member]
-        byEntry: dict = {}
-        for member in members:
-            found = self._parked.get(member)
-            if found is None or found[1] is None:
-                continue
-            byEntry.setdefault(found[0], []).append((member[1], found[1]))
+            members = list(islice(self._pending.items(), self.chunk))
+            for queue_id, _ in members:
+                del self._pending[queue_id]
         batch: list = []
         self._details = {}
-        for entry, parked in byEntry.items():
-            self._recordEntry(entry, parked, now, batch)
+        for queue_id, which in members:
+            entry, parked = self._recipients(queue_id)
+            parked = [
+                (address, suspension)
+                for address, suspension in parked
+                if suspension is not None
+                and (which is ALL or address == which or (type(which) is set and address in which))
+            ]
+            if parked:
+                self._recordEntry(entry, parked, now, batch)
         self._details = {}
         if batch:
             self.record(batch)
@@ -378,11 +453,11 @@ class Parking:
         for address, suspension in parked:
             recipient = current.get(address)
             if recipient is None or recipient.final:
-                self._remove((entry.queue_id, address))
+                self._remove(entry.queue_id, address)
                 continue
             change, event = self._deferral(entry, recipient, suspension, now)
             if change.state == "expired":
-                self._remove((entry.queue_id, address))
+                self._remove(entry.queue_id, address)
                 target = expiries
             else:
                 target = deferrals
@@ -474,15 +549,17 @@ class Parking:
             self._end(suspension)
             return
         suspension.probing = True
-        member = next(iter(suspension.members))
-        entry = self._remove(member)
+        queue_id = next(iter(suspension.members))
+        entry, parked = self._recipients(queue_id)
+        address = next(a for a, s in parked if s is suspension)
+        self._remove(queue_id, address)
         suspension.timer = self.clock.callLater(self.probeTimeout, self._probeAgain, suspension)
         self.log.info(
             "{destination}: retrying ({count} recipients parked)",
             destination=suspension.key,
-            count=len(suspension.members),
+            count=suspension.count,
         )
-        self.release(entry, [member[1]])
+        self.release(entry, [address])
 
     def _probeAgain(self, suspension: Suspension) -> None:
         suspension.timer = None
@@ -503,7 +580,7 @@ class Parking:
         suspension = self._suspensions.get(key)
         if suspension is None:
             return
-        count = len(suspension.members)
+        count = suspension.count
         self._end(suspension)
         self.log.info(
             "{destination} answers again: releasing {count} parked recipients",
@@ -520,7 +597,7 @@ class Parking:
         suspension = self._suspensions.get(key)
         if suspension is None:
             return
-        count = len(suspension.members)
+        count = suspension.count
         self._end(suspension)
         self.log.warn(
             "{destination} refused permanently ({reply}): releasing {count} parked "
@@ -536,11 +613,18 @@ class Parking:
         for domain in suspension.domains:
             if self._byDomain.get(domain) is suspension:
                 del self._byDomain[domain]
-        for member, entry in suspension.members.items():
-            self._parked[member] = (entry, None)
-            self._pending.pop(member, None)
-            self._releasing.append(member)
+        for queue_id in suspension.members:
+            found = self._parked[queue_id]
+            if type(found) is tuple:
+                self._parked[queue_id] = found[:2] + (None,)
+            else:
+                for address, there in found.addresses.items():
+                    if there is suspension:
+                        found.addresses[address] = None
+            self._pending.pop(queue_id, None)
+            self._releasing.append(queue_id)
         suspension.members.clear()
+        suspension.count = 0
         if self._releasing and self._releaseTimer is None:
             self._releaseTimer = self.clock.callLater(0, self._releaseSome)
 
@@ -549,13 +633,13 @@ class Parking:
         byEntry: dict = {}
         taken = 0
         while self._releasing and taken < self.chunk:
-            member = self._releasing.popleft()
-            found = self._parked.get(member)
-            if found is None or found[1] is not None:
-                continue  # forgotten, or parked again meanwhile
-            self._remove(member)
-            taken += 1
-            byEntry.setdefault(found[0], []).append(member[1])
+            queue_id = self._releasing.popleft()
+            entry, parked = self._recipients(queue_id)
+            for address, suspension in parked:
+                if suspension is None:  # not forgotten, nor parked again meanwhile
+                    self._remove(queue_id, address)
+                    taken += 1
+                    byEntry.setdefault(entry, []).append(address)
         for entry, addresses in byEntry.items():
             self.release(entry, addresses)
         if self._releasing:
@@ -580,6 +664,6 @@ class Parking:
         self._suspensions.clear()
         self._byDomain.clear()
         self._parked.clear()
-        self._byQueue.clear()
+        self._count = 0
         self._pending.clear()
         self._releasing.clear()
