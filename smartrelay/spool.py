@@ -96,7 +96,8 @@ import re
 import struct
 import zlib
 from collections import OrderedDict
-from typing import Callable, Optional
+from collections.abc import Iterator
+from typing import Any, Callable, Optional
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -306,6 +307,66 @@ def parseRecord(raw: bytes, offset: int = 0) -> tuple:
     if zlib.crc32(payload) != crc:
         return kind, payload, length, "crc"
     return kind, payload, length, None
+
+
+_FIELD = 40
+_MASK = (1 << _FIELD) - 1
+
+
+class Locations:
+    """
+    Where each message's latest C{MESSAGE} record is: queue id →
+    C{(segment number, offset, length)}.
+
+    A queue of a million deferred messages keeps a million of these, so
+    each is held as one integer (the three numbers packed, 40 bits for the
+    offset and the length) rather than a tuple of three: some 90 bytes a
+    message less.  An offset or length that does not fit (a segment past a
+    terabyte) is kept as the tuple.
+    """
+
+    __slots__ = ("_packed",)
+
+    def __init__(self) -> None:
+        self._packed: dict = {}
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def __contains__(self, queueID: object) -> bool:
+        return queueID in self._packed
+
+    def __setitem__(self, queueID: str, location: tuple) -> None:
+        number, offset, length = location
+        if 0 <= offset <= _MASK and 0 <= length <= _MASK and number >= 0:
+            self._packed[queueID] = (number << (2 * _FIELD)) | (offset << _FIELD) | length
+        else:
+            self._packed[queueID] = (number, offset, length)
+
+    @staticmethod
+    def _unpack(value: Any) -> tuple:
+        if type(value) is tuple:
+            return value
+        return (value >> (2 * _FIELD), (value >> _FIELD) & _MASK, value & _MASK)
+
+    def __getitem__(self, queueID: str) -> tuple:
+        return self._unpack(self._packed[queueID])
+
+    def get(self, queueID: str, default: Any = None) -> Any:
+        value = self._packed.get(queueID)
+        return default if value is None else self._unpack(value)
+
+    def pop(self, queueID: str, default: Any = None) -> Any:
+        value = self._packed.pop(queueID, None)
+        return default if value is None else self._unpack(value)
+
+    def __delitem__(self, queueID: str) -> None:
+        del self._packed[queueID]
+
+    def items(self) -> Iterator[tuple]:
+        unpack = self._unpack
+        for queueID, value in self._packed.items():
+            yield queueID, unpack(value)
 
 
 @attrs.define
@@ -538,7 +599,7 @@ class Spool:
     _active: Optional[_Segment] = attrs.field(default=None, init=False)
     _rollNext: bool = attrs.field(default=False, init=False)
     _nextNumber: int = attrs.field(default=1, init=False)
-    _locations: dict = attrs.field(factory=dict, init=False)
+    _locations: Locations = attrs.field(factory=Locations, init=False)
     _entries: dict = attrs.field(factory=dict, init=False)
 
     log = Logger()
@@ -595,7 +656,7 @@ class Spool:
         names = sorted(os.listdir(self.directory))
         numbers = sorted(n for n in map(segmentNumber, names) if n is not None)
         entries: dict = {}
-        locations: dict = {}
+        locations = Locations()
         finished: set = set()
         sizes: dict = {}
         for number in numbers:
@@ -636,7 +697,7 @@ class Spool:
         return sorted(entries.values(), key=lambda e: e.received)
 
     def _replaySegment(
-        self, number: int, entries: dict, locations: dict, finished: set
+        self, number: int, entries: dict, locations: Locations, finished: set
     ) -> int:
         """
         Apply the records of one segment; returns its (possibly truncated)
@@ -688,7 +749,7 @@ class Spool:
         payload: bytes,
         record: bytes,
         entries: dict,
-        locations: dict,
+        locations: Locations,
         finished: set,
     ) -> None:
         if kind == MESSAGE:
@@ -750,7 +811,7 @@ class Spool:
         names: list,
         nextNumber: int,
         entries: dict,
-        locations: dict,
+        locations: Locations,
         finished: set,
         sizes: dict,
     ) -> int:

@@ -136,6 +136,50 @@ class CodecTests(SynchronousTestCase):
         self.assertIsNone(spoolModule.segmentNumber("79BC-00001-5C348706.msg"))
 
 
+class LocationsTests(SynchronousTestCase):
+    """
+    L{spoolModule.Locations} gives back every location as it was put, packed
+    or not.
+    """
+
+    @given(
+        st.dictionaries(
+            st.text(min_size=1, max_size=20),
+            st.tuples(
+                st.integers(min_value=0, max_value=2**64),
+                st.integers(min_value=0, max_value=2**45),
+                st.integers(min_value=0, max_value=2**45),
+            ),
+        )
+    )
+    def test_roundTrip(self, table):
+        """Whatever the numbers (past 40 bits too), get, items, pop and len agree with a dict."""
+        locations = spoolModule.Locations()
+        for queueID, location in table.items():
+            locations[queueID] = location
+        self.assertEqual(len(locations), len(table))
+        self.assertEqual(dict(locations.items()), table)
+        for queueID, location in table.items():
+            self.assertIn(queueID, locations)
+            self.assertEqual(locations[queueID], location)
+            self.assertEqual(locations.get(queueID), location)
+        self.assertIsNone(locations.get("missing"))
+        self.assertEqual(locations.get("missing", "x"), "x")
+        for queueID, location in table.items():
+            self.assertEqual(locations.pop(queueID), location)
+        self.assertEqual(len(locations), 0)
+        self.assertIsNone(locations.pop("missing"))
+
+    def test_overwrite(self):
+        """A message copied forward by compaction gets its new location."""
+        locations = spoolModule.Locations()
+        locations["Q"] = (1, 10, 20)
+        locations["Q"] = (2, 0, 20)
+        self.assertEqual(locations["Q"], (2, 0, 20))
+        del locations["Q"]
+        self.assertNotIn("Q", locations)
+
+
 class SpoolTests(SynchronousTestCase):
     def setUp(self):
         self.directory = self.mktemp()
