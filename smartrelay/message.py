@@ -11,12 +11,86 @@ Plain data, with no behaviour beyond reading its own state: whoever stores
 or changes it (the spool, the scheduler) lives elsewhere.
 """
 
-from typing import Optional
+from typing import Any, Optional
 
 import attrs
 
 #: The states a recipient never leaves.
 FINAL_STATES = frozenset(["delivered", "bounced", "expired", "suppressed"])
+
+
+class SharedDict(dict):
+    """
+    A dict that refuses to be changed, because one instance of it stands for
+    the same value in many messages (see L{SpoolEntry}): copy it
+    (C{dict(d)}) to change it.  It is a real C{dict} for everything else
+    (JSON, equality, C{isinstance}).
+    """
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("this dict is shared by many messages: copy it to change it")
+
+    __setitem__ = __delitem__ = __ior__ = _refuse  # type: ignore[assignment]
+    clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple:
+        return (SharedDict, (dict(self),))
+
+    def __copy__(self) -> "SharedDict":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "SharedDict":
+        return self
+
+
+#: The one empty mapping of every message without metadata or options.
+EMPTY = SharedDict()
+
+
+class _Recent:
+    """
+    The values seen lately, each kept once: a queue of a million deferred
+    messages from a few applications holds a few senders, clients and tags,
+    not a million copies of each (every string and dict is tens to hundreds
+    of bytes).  Bounded: forgets everything past C{size} values.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._seen: dict = {}
+
+    def string(self, value: Optional[str]) -> Optional[str]:
+        if type(value) is not str:
+            return value
+        seen = self._seen
+        if len(seen) >= self.size:
+            seen.clear()
+        return seen.setdefault(value, value)
+
+    def mapping(self, value: Optional[dict]) -> dict:
+        if not value:
+            return EMPTY
+        try:
+            key = (dict, *sorted(value.items()))
+            hash(key)
+        except TypeError:  # unhashable or unorderable values: kept as given
+            return value
+        seen = self._seen
+        shared = seen.get(key)
+        if shared is None:
+            if len(seen) >= self.size:
+                seen.clear()
+            shared = seen.setdefault(key, SharedDict(value))
+        return shared
+
+
+_recent = _Recent()
+
+
+def _empty(value: Optional[dict]) -> dict:
+    return value if value else EMPTY
 
 
 @attrs.define
@@ -58,17 +132,22 @@ class SpoolEntry:
     @ivar options: what the message's control headers chose instead of the
         relay's defaults: C{opens}, C{clicks}, C{unsubscribe} (booleans;
         missing keys: the default).
+
+    The sender, tag, client and options of recent messages are shared with
+    the messages that have the same ones, and an empty metadata or options
+    is the one L{EMPTY}: C{client}, C{metadata} and C{options} may be
+    L{SharedDict}s, which refuse changes (assign a new dict instead).
     """
 
     queue_id: str
-    sender: str
+    sender: str = attrs.field(converter=_recent.string)
     recipients: list
     received: float
     size: int
-    client: dict = attrs.field(factory=dict)
-    tag: Optional[str] = None
-    metadata: dict = attrs.field(factory=dict)
-    options: dict = attrs.field(factory=dict)
+    client: dict = attrs.field(factory=dict, converter=_recent.mapping)
+    tag: Optional[str] = attrs.field(default=None, converter=_recent.string)
+    metadata: dict = attrs.field(factory=dict, converter=_empty)
+    options: dict = attrs.field(factory=dict, converter=_recent.mapping)
 
     def pending(self) -> list:
         return [r for r in self.recipients if not r.final]
