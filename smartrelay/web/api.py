@@ -507,7 +507,7 @@ class ApiApp:
     @endpoint("/api/v1/destinations")
     async def destinations(self, request):
         Query(request, ())
-        return {"items": self.queries.destinations(), "next_cursor": None}
+        return await self.queries.clusterDestinations()
 
     # -- the description ---------------------------------------------------
 

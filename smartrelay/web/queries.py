@@ -13,6 +13,7 @@ L{ApiError}; the API writes it as JSON, the UI as a page.
 
 import csv
 import io
+import json
 from typing import Any, Optional, Protocol
 
 import attrs
@@ -34,6 +35,7 @@ from smartrelay.store.interfaces import (
     INTERVALS,
     IStore,
     MAX_LIMIT,
+    MAX_MAILBOX_MESSAGE,
     SuppressionEntry,
     bucketStart,
     recipientDomain,
@@ -62,11 +64,15 @@ __all__ = [
     "MAX_REASON_SCAN",
     "MAX_SCAN",
     "MessageReader",
+    "PAGE_BUDGET",
     "QUEUE_SLICE",
     "QueueActions",
     "QueueControl",
     "Queries",
+    "VIEW_TIMEOUT",
     "answerOrError",
+    "mergePages",
+    "mergeSummaries",
     "SUPPRESSION_CSV_FIELDS",
     "suppressionCSV",
 ]
@@ -85,6 +91,13 @@ MAX_REASON_SCAN = 100_000
 
 #: Queued messages looked at per reactor turn by the queue walks.
 QUEUE_SLICE = 2000
+
+#: Seconds a queue view waits for the other nodes' parts.
+VIEW_TIMEOUT = 5.0
+
+#: Characters of queue items another node sends for one page (its answer
+#: must fit in a mailbox message).
+PAGE_BUDGET = MAX_MAILBOX_MESSAGE - 8192
 
 #: The columns of the suppression list's CSV export.
 SUPPRESSION_CSV_FIELDS = ("address", "reason", "source_event", "time", "expires")
@@ -137,12 +150,17 @@ def suppressionCSV(entries: list) -> bytes:
 @attrs.define(slots=False)
 class QueueActions:
     """
-    What may be done to this node's own queue: retry now and delete.
+    What may be done to this node's own queue (retry now and delete), and
+    this node's parts of the queue views, as other nodes ask for them
+    (L{answer}).
 
     @ivar scheduler: this node's queue (L{QueueControl}).
+    @ivar clock: an L{IReactorTime} to let the reactor run during long
+        walks over the queue; L{None}: the global reactor.
     """
 
     scheduler: QueueControl
+    clock: Any = None
 
     def retry(self, queue_id: str) -> dict:
         """
@@ -188,21 +206,225 @@ class QueueActions:
         """
         return {"domain": domain, "messages": self.scheduler.retryDomain(domain)}
 
+    # -- this node's parts of the queue views ----------------------------------
+
+    async def breathe(self, count: int) -> None:
+        """
+        Every L{QUEUE_SLICE} messages of a walk over the queue, let the
+        reactor run (a big queue is summed in many reactor turns, not one
+        long one; the walk reads the list taken at its start).
+        """
+        if count and not count % QUEUE_SLICE:
+            clock = self.clock
+            if clock is None:  # pragma: no cover (the service's handler)
+                from twisted.internet import reactor as clock
+            await deferLater(clock, 0, lambda: None)
+
+    def queuedRecipients(self, entry, events: tuple = ()) -> list:
+        """
+        The recipients of a queued message; the last deferral of each from
+        the scheduler, else (after a restart) from its C{events} if given.
+        """
+        attempting = self.scheduler.attempting(entry.queue_id)
+        deferrals = {
+            event.recipient: event.detail
+            for event in events
+            if event.type == "deferred" and isinstance(event.detail, dict)
+        }
+        recipients = []
+        for recipient in entry.recipients:
+            deferral = self.scheduler.lastDeferral(entry.queue_id, recipient.address)
+            if deferral is None and recipient.state == "deferred":
+                deferral = deferrals.get(recipient.address)
+            recipients.append(
+                {
+                    "address": recipient.address,
+                    "state": recipient.state,
+                    "attempts": recipient.attempts,
+                    "next_attempt": None
+                    if recipient.final
+                    else rfc3339(max(recipient.next_attempt, entry.received)),
+                    "attempting": recipient.address in attempting,
+                    "last_reply": None
+                    if deferral is None
+                    else {
+                        k: deferral.get(k) for k in ("code", "status", "reply", "remote")
+                    },
+                }
+            )
+        return recipients
+
+    async def summaryPart(self, only: Optional[str] = None) -> dict:
+        """
+        This node's queue per recipient domain (C{only}: that domain), raw:
+        C{{"messages": n, "domains": {domain: {"messages", "recipients",
+        "queued", "deferred", "attempting", "oldest" (seconds),
+        "next_attempt" (seconds or None), "reasons": {text: count}}}}}
+        (L{mergeSummaries} writes it, and sums those of several nodes).
+        """
+        domains: dict = {}
+        messages = 0
+        for count, entry in enumerate(self.scheduler.queuedMessages()):
+            await self.breathe(count)
+            attempting = self.scheduler.attempting(entry.queue_id)
+            seen: set = set()
+            for recipient in entry.pending():
+                domain = recipientDomain(recipient.address) or ""
+                if only is not None and domain != only:
+                    continue
+                summary = domains.setdefault(
+                    domain,
+                    {
+                        "messages": 0,
+                        "recipients": 0,
+                        "queued": 0,
+                        "deferred": 0,
+                        "attempting": 0,
+                        "oldest": entry.received,
+                        "next_attempt": None,
+                        "reasons": {},
+                    },
+                )
+                if not seen:
+                    messages += 1
+                if domain not in seen:
+                    seen.add(domain)
+                    summary["messages"] += 1
+                summary["recipients"] += 1
+                summary["oldest"] = min(summary["oldest"], entry.received)
+                if recipient.address in attempting:
+                    summary["attempting"] += 1
+                else:
+                    due = max(recipient.next_attempt, entry.received)
+                    if summary["next_attempt"] is None or due < summary["next_attempt"]:
+                        summary["next_attempt"] = due
+                if recipient.state == "deferred":
+                    summary["deferred"] += 1
+                    deferral = self.scheduler.lastDeferral(entry.queue_id, recipient.address)
+                    text = "unknown (deferred before the relay restarted)"
+                    if deferral is not None:
+                        text = (
+                            f"{deferral.get('code')} {deferral.get('status')} "
+                            f"{deferral.get('reply')}"
+                        )
+                    summary["reasons"][text] = summary["reasons"].get(text, 0) + 1
+                else:
+                    summary["queued"] += 1
+        return {"messages": messages, "domains": domains}
+
+    async def pagePart(
+        self,
+        domain: Optional[str],
+        state: Optional[str],
+        limit: int,
+        after: Optional[tuple],
+        budget: Optional[int] = None,
+    ) -> dict:
+        """
+        This node's queued messages with a recipient waiting (at C{domain},
+        in C{state}) that come after the position C{after} (C{(received,
+        queue_id)}), oldest first: at most C{limit}, and (with C{budget})
+        no more than fit in C{budget} characters of JSON, at least one.
+
+        @return: C{{"items": [...], "positions": [[received, queue_id],
+            ...], "more": whether messages were left out}} (L{mergePages}).
+        """
+        items: list = []
+        positions: list = []
+        size = 0
+        more = False
+        for count, entry in enumerate(self.scheduler.queuedMessages()):
+            await self.breathe(count)
+            position = (entry.received, entry.queue_id)
+            if after is not None and position <= after:
+                continue
+            if not any(
+                (domain is None or recipientDomain(r.address) == domain)
+                and (state is None or r.state == state)
+                for r in entry.pending()
+            ):
+                continue
+            if len(items) >= limit:
+                more = True
+                break
+            item = queueItem(entry, self.queuedRecipients(entry))
+            if budget is not None:
+                length = len(json.dumps(item)) + 64
+                if items and size + length > budget:
+                    more = True
+                    break
+                size += length
+            items.append(item)
+            positions.append(list(position))
+        return {"items": items, "positions": positions, "more": more}
+
+    def destinationsPart(self) -> list:
+        """
+        This node's destinations' state, as the scheduler has it.
+        """
+        return [dict(state) for state in self.scheduler.destinations()]
+
+    def queuedPart(self, queue_id: str) -> dict:
+        """
+        Whether C{queue_id} is in this node's queue; if so its envelope and
+        recipients (the message document's parts that are not in the
+        store).
+        """
+        entry = self.scheduler.queuedMessage(queue_id)
+        if entry is None:
+            return {"queued": False}
+        return {
+            "queued": True,
+            "envelope": envelope(entry),
+            "recipients": self.queuedRecipients(entry),
+        }
+
     async def answer(self, op: str, args: dict) -> dict:
         """
-        C{retry} or C{delete} of C{args["queue_id"]}, or C{retryDomain} of
-        C{args["domain"]}, as a command's answer: C{{"status": 202 or 200,
-        "body": the document}} or the error's status and body.  Never
-        fails.
+        A command another node sent, answered as C{{"status": 202 or 200,
+        "body": the document}} or the error's status and body; never
+        fails:
+
+          - C{retry} or C{delete} of C{args["queue_id"]}, C{retryDomain}
+            of C{args["domain"]};
+          - C{queueSummary} (C{args["domain"]} or null): L{summaryPart};
+          - C{queuePage} (C{domain}, C{state}, C{limit}, C{after}):
+            L{pagePart}, within what a mailbox message holds;
+          - C{destinations}: L{destinationsPart};
+          - C{queued} (C{queue_id}): L{queuedPart}.
         """
         try:
+            if not isinstance(args, dict):
+                args = {}
             if op == "retryDomain":
-                domain = args.get("domain") if isinstance(args, dict) else None
+                domain = args.get("domain")
                 if not isinstance(domain, str) or not domain:
                     raise ApiError(400, "bad_request", "retryDomain needs a domain")
                 return {"status": 200, "body": self.retryDomain(domain)}
-            queue_id = args.get("queue_id") if isinstance(args, dict) else None
+            if op == "queueSummary":
+                only = args.get("domain")
+                if only is not None and not isinstance(only, str):
+                    raise ApiError(400, "bad_request", "queueSummary: bad domain")
+                return {"status": 200, "body": await self.summaryPart(only)}
+            if op == "queuePage":
+                domain, state, limit = args.get("domain"), args.get("state"), args.get("limit")
+                after = _position(args.get("after"))
+                if (
+                    (domain is not None and not isinstance(domain, str))
+                    or state not in (None, "queued", "deferred")
+                    or isinstance(limit, bool)
+                    or not isinstance(limit, int)
+                    or not 1 <= limit <= MAX_LIMIT
+                ):
+                    raise ApiError(400, "bad_request", "queuePage: bad arguments")
+                body = await self.pagePart(domain, state, limit, after, PAGE_BUDGET)
+                return {"status": 200, "body": body}
+            if op == "destinations":
+                return {"status": 200, "body": {"items": self.destinationsPart()}}
+            queue_id = args.get("queue_id")
             checkQueueID(queue_id if isinstance(queue_id, str) else "")
+            if op == "queued":
+                return {"status": 200, "body": self.queuedPart(queue_id)}
             if op == "retry":
                 return {"status": 202, "body": self.retry(queue_id)}
             if op == "delete":
@@ -210,6 +432,122 @@ class QueueActions:
             raise ApiError(400, "bad_request", f"no such command: {op!r}")
         except ApiError as e:
             return {"status": e.status, "body": e.body()}
+
+
+def _position(value: Any) -> Optional[tuple]:
+    """
+    A C{[received, queue_id]} position sent by another node, or L{None}.
+
+    @raise ApiError: 400 for anything else.
+    """
+    if value is None:
+        return None
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], (int, float))
+        and not isinstance(value[0], bool)
+        and isinstance(value[1], str)
+    ):
+        return (float(value[0]), value[1])
+    raise ApiError(400, "bad_request", "queuePage: bad position")
+
+
+def mergeSummaries(parts: list) -> dict:
+    """
+    The queue summary document (C{docs/api.md}) of the raw parts
+    (L{QueueActions.summaryPart}) of one or more nodes: counts added per
+    domain, the oldest and the next attempt the earliest, the reasons'
+    counts added (most frequent first).
+
+    @raise KeyError, TypeError, ValueError: for a malformed part.
+    """
+    domains: dict = {}
+    messages = 0
+    for part in parts:
+        messages += int(part["messages"])
+        for domain, raw in part["domains"].items():
+            summary = domains.get(domain)
+            if summary is None:
+                summary = domains[domain] = {
+                    "domain": domain,
+                    "messages": 0,
+                    "recipients": 0,
+                    "queued": 0,
+                    "deferred": 0,
+                    "attempting": 0,
+                    "oldest": float(raw["oldest"]),
+                    "next_attempt": None,
+                    "reasons": {},
+                }
+            for key in ("messages", "recipients", "queued", "deferred", "attempting"):
+                summary[key] += int(raw[key])
+            summary["oldest"] = min(summary["oldest"], float(raw["oldest"]))
+            due = raw["next_attempt"]
+            if due is not None and (
+                summary["next_attempt"] is None or float(due) < summary["next_attempt"]
+            ):
+                summary["next_attempt"] = float(due)
+            for text, count in raw["reasons"].items():
+                summary["reasons"][str(text)] = summary["reasons"].get(str(text), 0) + int(count)
+    items = []
+    for domain in sorted(domains):
+        summary = domains[domain]
+        summary["oldest"] = rfc3339(summary["oldest"])
+        summary["next_attempt"] = optionalTime(summary["next_attempt"])
+        summary["reasons"] = [
+            {"reason": text, "count": count}
+            for text, count in sorted(summary["reasons"].items(), key=lambda kv: -kv[1])
+        ]
+        items.append(summary)
+    return {
+        "messages": messages,
+        "recipients": sum(d["recipients"] for d in items),
+        "domains": items,
+    }
+
+
+def mergePages(parts: list, limit: int) -> tuple:
+    """
+    One page of the queued messages of several nodes, from each node's
+    part (L{QueueActions.pagePart}: its messages after the cursor, oldest
+    first, C{more} if some were left out), in the order of C{(received,
+    queue_id)}.
+
+    A node that left messages out has sent every one of its messages up to
+    its last position; so the page stops at the earliest such last
+    position (and at C{limit}), and holds every message of every node up
+    to its own end: the next page, after that position, repeats none and
+    skips none.
+
+    @param parts: C{(node, part)} pairs; C{node} is written into each item
+        unless it is L{None}.
+    @return: C{(items, position after which the next page starts, or
+        None: no more)}.
+    @raise KeyError, TypeError, ValueError: for a malformed part.
+    """
+    cut = None
+    merged = []
+    for node, part in parts:
+        positions = [(float(r), str(q)) for r, q in part["positions"]]
+        items = list(part["items"])
+        if len(positions) != len(items):
+            raise ValueError("positions and items differ")
+        if part["more"]:
+            if not positions:
+                raise ValueError("more without items")
+            if cut is None or positions[-1] < cut:
+                cut = positions[-1]
+        for position, item in zip(positions, items):
+            if node is not None:
+                item = dict(item, node=node)
+            merged.append((position, item))
+    merged.sort(key=lambda pair: pair[0])
+    if cut is not None:
+        merged = [pair for pair in merged if pair[0] <= cut]
+    page = merged[:limit]
+    more = cut is not None or len(merged) > limit
+    return [item for _, item in page], (page[-1][0] if more and page else None)
 
 
 def answerOrError(answer: Any) -> dict:
@@ -250,7 +588,9 @@ class Queries:
     clock: IReactorTime
     remote: Any = None
     actions: QueueActions = attrs.field(
-        default=attrs.Factory(lambda self: QueueActions(self.scheduler), takes_self=True)
+        default=attrs.Factory(
+            lambda self: QueueActions(self.scheduler, self.clock), takes_self=True
+        )
     )
 
     log = Logger()
@@ -267,6 +607,8 @@ class Queries:
         """
         entry = self.scheduler.queuedMessage(queue_id)
         events = await maybeDeferred(self.store.eventsForMessage, queue_id)
+        if entry is None and self._isRemote(queue_id):
+            return await self._messageElsewhere(queue_id, events)
         if entry is None and not events:
             raise notFound(f"no message {queue_id} (in the queue or the events)")
         eventJSON = [event.asDict() for event in events]
@@ -295,39 +637,63 @@ class Queries:
             "events": eventJSON,
         }
 
+    async def _messageElsewhere(self, queue_id: str, events: list) -> dict:
+        """
+        The document of a message another node accepted: C{queued},
+        envelope and recipients from that node while it holds it (C{node}
+        names it), else from the events; if the node does not answer,
+        from the events, C{queued} true if a recipient is still waiting
+        there, with C{partial} and C{missing_nodes}.
+        """
+        node = ownerOf(queue_id)
+        part, error = await self._partOf(node, "queued", {"queue_id": queue_id}, True)
+        eventJSON = [event.asDict() for event in events]
+        if isinstance(part, dict) and part.get("queued") is True:
+            return {
+                "queue_id": queue_id,
+                "queued": True,
+                "envelope": part["envelope"],
+                "recipients": part["recipients"],
+                "headers": headersFromEvents(events),
+                "events": eventJSON,
+                "node": node,
+            }
+        if not events:
+            if error is None:
+                raise notFound(f"no message {queue_id} (in the queue or the events)")
+            raise ApiError(
+                504 if error["code"] == "node_timeout" else 503,
+                error["code"],
+                f"{queue_id} belongs to node {node}, which did not answer, and the "
+                f"store has no events of it: {error['message']}",
+            )
+        recipients = recipientsFromEvents(events)
+        document = {
+            "queue_id": queue_id,
+            "queued": False,
+            "envelope": envelopeFromEvents(events),
+            "recipients": recipients,
+            "headers": headersFromEvents(events),
+            "events": eventJSON,
+        }
+        if error is not None:
+            document["queued"] = any(r["state"] in ("queued", "deferred") for r in recipients)
+            document.update(
+                {
+                    "node": node,
+                    "partial": True,
+                    "missing_nodes": [node],
+                    "node_errors": [dict(error, node=node)],
+                }
+            )
+        return document
+
     def queuedRecipients(self, entry, events: tuple = ()) -> list:
         """
         The recipients of a queued message; the last deferral of each from
         the scheduler, else (after a restart) from its C{events} if given.
         """
-        attempting = self.scheduler.attempting(entry.queue_id)
-        deferrals = {
-            event.recipient: event.detail
-            for event in events
-            if event.type == "deferred" and isinstance(event.detail, dict)
-        }
-        recipients = []
-        for recipient in entry.recipients:
-            deferral = self.scheduler.lastDeferral(entry.queue_id, recipient.address)
-            if deferral is None and recipient.state == "deferred":
-                deferral = deferrals.get(recipient.address)
-            recipients.append(
-                {
-                    "address": recipient.address,
-                    "state": recipient.state,
-                    "attempts": recipient.attempts,
-                    "next_attempt": None
-                    if recipient.final
-                    else rfc3339(max(recipient.next_attempt, entry.received)),
-                    "attempting": recipient.address in attempting,
-                    "last_reply": None
-                    if deferral is None
-                    else {
-                        k: deferral.get(k) for k in ("code", "status", "reply", "remote")
-                    },
-                }
-            )
-        return recipients
+        return self.actions.queuedRecipients(entry, events)
 
     # -- events ------------------------------------------------------------
 
@@ -580,13 +946,7 @@ class Queries:
     # -- queue -------------------------------------------------------------
 
     async def _breathe(self, count: int) -> None:
-        """
-        Every L{QUEUE_SLICE} messages of a walk over the queue, let the
-        reactor run (a big queue is summed in many reactor turns, not one
-        long one; the walk reads the list taken at its start).
-        """
-        if count and not count % QUEUE_SLICE:
-            await deferLater(self.clock, 0, lambda: None)
+        await self.actions.breathe(count)
 
     def queueSize(self) -> dict:
         """
@@ -599,76 +959,132 @@ class Queries:
             "oldest": optionalTime(entries[0].received) if entries else None,
         }
 
+    async def gather(self, op: str, args: dict, here: Any) -> tuple:
+        """
+        The parts of a queue view of this node (C{here}) and, with other
+        nodes sharing the store, of every other registered node: C{op}
+        with C{args} sent to each (L{QueueActions.answer}), waiting at most
+        L{VIEW_TIMEOUT} seconds.  A node without a heartbeat within the
+        last two heartbeat intervals is not asked.
+
+        @return: C{(parts, cluster)}: C{parts} the C{(node, body)} of the
+            nodes that answered, this one first (C{node} L{None} on one
+            node); C{cluster} L{None} on one node, else the fields every
+            cluster-wide view adds (C{nodes}, C{partial},
+            C{missing_nodes}, C{node_errors}).
+        """
+        if self.remote is None:
+            return [(None, here)], None
+        me = self.remote.node
+        parts = [(me, here)]
+        errors = []
+        try:
+            registered, fresh = await self.remote.nodeStates()
+        except Exception as e:
+            registered, fresh = set(), set()
+            errors.append(
+                {
+                    "node": None,
+                    "code": "store_unreachable",
+                    "message": "cannot read the live nodes from the store "
+                    f"({str(e) or type(e).__name__}): this node's part only",
+                }
+            )
+        others = sorted(n for n in registered if n != me)
+        answers = await gatherResults(
+            [
+                Deferred.fromCoroutine(self._partOf(node, op, args, node in fresh))
+                for node in others
+            ]
+        )
+        for node, (body, error) in zip(others, answers):
+            if error is None:
+                parts.append((node, body))
+            else:
+                errors.append(dict(error, node=node))
+        return parts, {
+            "nodes": sorted(node for node, _ in parts),
+            "partial": bool(errors),
+            "missing_nodes": [e["node"] for e in errors if e["node"] is not None],
+            "node_errors": errors,
+        }
+
+    async def _partOf(self, node: str, op: str, args: dict, fresh: bool) -> tuple:
+        if not fresh:
+            return None, {
+                "code": "node_unavailable",
+                "message": f"node {node} has not renewed its heartbeat for two "
+                "heartbeat intervals",
+            }
+        try:
+            answer = await self.remote.request(node, op, args, timeout=VIEW_TIMEOUT)
+            return answerOrError(answer), None
+        except NodeUnavailable:
+            error = {"code": "node_unavailable", "message": f"node {node} is not running"}
+        except NodeTimeout as e:
+            error = {
+                "code": "node_timeout",
+                "message": f"node {node} did not answer within {e.timeout:g} s",
+            }
+        except StoreUnreachable as e:
+            error = {
+                "code": "store_unreachable",
+                "message": f"cannot reach the store to ask node {node}: {e}",
+            }
+        except ApiError as e:
+            error = {"code": e.code, "message": f"node {node}: {e.message}"}
+        self.log.warn(
+            "queue view {op}: no part from node {node}: {why}",
+            op=op,
+            node=node,
+            why=error["message"],
+        )
+        return None, error
+
+    def _malformed(self, cluster: dict, node: str, op: str) -> None:
+        self.log.warn("queue view {op}: node {node} answered nonsense", op=op, node=node)
+        cluster["partial"] = True
+        cluster["nodes"].remove(node)
+        cluster["missing_nodes"].append(node)
+        cluster["node_errors"].append(
+            {
+                "node": node,
+                "code": "internal_error",
+                "message": f"node {node} answered nonsense to {op}",
+            }
+        )
+
     async def queueSummary(self, only: Optional[str] = None) -> dict:
         """
-        This node's queue per recipient domain (C{only}: that domain):
-        messages, recipients, queued / deferred / attempting, the oldest,
-        the next attempt and the deferral replies.
+        The queue per recipient domain (C{only}: that domain): messages,
+        recipients, queued / deferred / attempting, the oldest, the next
+        attempt and the deferral replies; with other nodes sharing the
+        store, summed over every node that answered (L{gather}), with the
+        totals of each in C{per_node}.
         """
-        domains: dict = {}
-        messages = 0
-        for count, entry in enumerate(self.scheduler.queuedMessages()):
-            await self._breathe(count)
-            attempting = self.scheduler.attempting(entry.queue_id)
-            seen: set = set()
-            for recipient in entry.pending():
-                domain = recipientDomain(recipient.address) or ""
-                if only is not None and domain != only:
-                    continue
-                summary = domains.setdefault(
-                    domain,
-                    {
-                        "domain": domain,
-                        "messages": 0,
-                        "recipients": 0,
-                        "queued": 0,
-                        "deferred": 0,
-                        "attempting": 0,
-                        "oldest": entry.received,
-                        "next_attempt": None,
-                        "reasons": {},
-                    },
-                )
-                if not seen:
-                    messages += 1
-                if domain not in seen:
-                    seen.add(domain)
-                    summary["messages"] += 1
-                summary["recipients"] += 1
-                summary["oldest"] = min(summary["oldest"], entry.received)
-                if recipient.address in attempting:
-                    summary["attempting"] += 1
-                else:
-                    due = max(recipient.next_attempt, entry.received)
-                    if summary["next_attempt"] is None or due < summary["next_attempt"]:
-                        summary["next_attempt"] = due
-                if recipient.state == "deferred":
-                    summary["deferred"] += 1
-                    deferral = self.scheduler.lastDeferral(entry.queue_id, recipient.address)
-                    text = "unknown (deferred before the relay restarted)"
-                    if deferral is not None:
-                        text = (
-                            f"{deferral.get('code')} {deferral.get('status')} "
-                            f"{deferral.get('reply')}"
-                        )
-                    summary["reasons"][text] = summary["reasons"].get(text, 0) + 1
-                else:
-                    summary["queued"] += 1
-        items = []
-        for domain in sorted(domains):
-            summary = domains[domain]
-            summary["oldest"] = rfc3339(summary["oldest"])
-            summary["next_attempt"] = optionalTime(summary["next_attempt"])
-            summary["reasons"] = [
-                {"reason": text, "count": count}
-                for text, count in sorted(summary["reasons"].items(), key=lambda kv: -kv[1])
-            ]
-            items.append(summary)
-        return {
-            "messages": messages,
-            "recipients": sum(d["recipients"] for d in items),
-            "domains": items,
-        }
+        here = await self.actions.summaryPart(only)
+        parts, cluster = await self.gather("queueSummary", {"domain": only}, here)
+        if cluster is None:
+            return mergeSummaries([here])
+        good, perNode = [], []
+        for node, part in parts:
+            try:
+                summary = mergeSummaries([part])
+            except (KeyError, TypeError, ValueError, AttributeError):
+                self._malformed(cluster, node, "queueSummary")
+                continue
+            good.append(part)
+            perNode.append(
+                {
+                    "node": node,
+                    "messages": summary["messages"],
+                    "recipients": summary["recipients"],
+                }
+            )
+        document = mergeSummaries(good)
+        document.update(cluster)
+        document["per_node"] = perNode
+        return document
 
     async def queueMessages(
         self,
@@ -679,34 +1095,36 @@ class Queries:
     ) -> dict:
         """
         One page of the queued messages with a recipient waiting (at
-        C{domain}, in C{state}), oldest first.
+        C{domain}, in C{state}), oldest first (by received time, then
+        queue id); with other nodes sharing the store, of every node that
+        answered, each item naming its C{node} (L{mergePages}: the cursor
+        is the last position, so that paging visits each message once).
         """
         after = None if cursor is None else decodeQueueCursor(cursor)
-        items = []
-        nextCursor = None
-        for count, entry in enumerate(self.scheduler.queuedMessages()):
-            await self._breathe(count)
-            position = (entry.received, entry.queue_id)
-            if after is not None and position <= after:
+        here = await self.actions.pagePart(domain, state, limit, after)
+        args = {
+            "domain": domain,
+            "state": state,
+            "limit": limit,
+            "after": None if after is None else list(after),
+        }
+        parts, cluster = await self.gather("queuePage", args, here)
+        good = []
+        for node, part in parts:
+            try:
+                mergePages([(node, part)], limit)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                self._malformed(cluster, node, "queuePage")
                 continue
-            pending = [
-                r
-                for r in entry.pending()
-                if (domain is None or recipientDomain(r.address) == domain)
-                and (state is None or r.state == state)
-            ]
-            if not pending:
-                continue
-            if len(items) == limit:
-                last = items[-1]
-                nextCursor = encodeQueueCursor(last["_position"][0], last["_position"][1])
-                break
-            item = queueItem(entry, self.queuedRecipients(entry))
-            item["_position"] = position
-            items.append(item)
-        for item in items:
-            del item["_position"]
-        return {"items": items, "next_cursor": nextCursor}
+            good.append((node, part))
+        items, last = mergePages(good, limit)
+        document = {
+            "items": items,
+            "next_cursor": None if last is None else encodeQueueCursor(last[0], last[1]),
+        }
+        if cluster is not None:
+            document.update(cluster)
+        return document
 
     async def retryDomain(self, domain: str) -> dict:
         """
@@ -838,14 +1256,40 @@ class Queries:
 
     def destinations(self) -> list:
         """
-        The destinations' state (limits, adaptive throttle), sorted.
+        This node's destinations' state (limits, adaptive throttle), sorted.
         """
-        items = []
-        for state in self.scheduler.destinations():
-            state = dict(state)
-            state["throttle_until"] = optionalTime(state.get("throttle_until"))
-            state["suspended_until"] = optionalTime(state.get("suspended_until"))
-            items.append(state)
-        items.sort(key=lambda d: d["destination"])
-        return items
+        return sorted(
+            (_destination(state) for state in self.actions.destinationsPart()),
+            key=lambda d: d["destination"],
+        )
 
+    async def clusterDestinations(self) -> dict:
+        """
+        The destinations' state of this node and, with other nodes sharing
+        the store, of every node that answered (L{gather}): each item names
+        its C{node}; sorted by destination, then node.
+        """
+        here = self.actions.destinationsPart()
+        parts, cluster = await self.gather("destinations", {}, {"items": here})
+        if cluster is None:
+            return {"items": self.destinations(), "next_cursor": None}
+        items = []
+        for node, part in parts:
+            try:
+                mine = [dict(_destination(state), node=node) for state in part["items"]]
+            except (KeyError, TypeError, ValueError, AttributeError):
+                self._malformed(cluster, node, "destinations")
+                continue
+            items.extend(mine)
+        items.sort(key=lambda d: (d["destination"], d["node"]))
+        document = {"items": items, "next_cursor": None}
+        document.update(cluster)
+        return document
+
+
+def _destination(state: dict) -> dict:
+    state = dict(state)
+    state["destination"] = str(state["destination"])
+    state["throttle_until"] = optionalTime(state.get("throttle_until"))
+    state["suspended_until"] = optionalTime(state.get("suspended_until"))
+    return state
