@@ -134,7 +134,7 @@ class Cluster:
                 commands.stopService()
 
     def settle(self, coroutine, seconds=6.0):
-        d = Deferred.fromCoroutine(coroutine)
+        d = coroutine if isinstance(coroutine, Deferred) else Deferred.fromCoroutine(coroutine)
         steps = int(seconds / 0.25)
         for _ in range(steps):
             if d.called:
