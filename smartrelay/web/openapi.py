@@ -42,6 +42,27 @@ _TIME_PARAMETER = {
 _QUEUE_ID = {"type": "string", "pattern": "^[0-9A-F]{2}/[0-9A-F]{2}-[0-9]{5}-[0-9A-F]{8}$"}
 _COUNTS = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}
 _RATE = _nullable({"type": "number", "minimum": 0})
+_NODE = {"type": "string", "pattern": "^[0-9A-F]{2}$"}
+
+#: The fields a queue view adds with other nodes sharing a Redis store
+#: (never on one node): who answered, who did not and why.
+_CLUSTER = {
+    "nodes": {"type": "array", "items": _NODE},
+    "partial": {"type": "boolean"},
+    "missing_nodes": {"type": "array", "items": _NODE},
+    "node_errors": {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["node", "code", "message"],
+            "properties": {
+                "node": _nullable(_NODE),
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+            },
+        },
+    },
+}
 
 _SCHEMAS = {
     "Error": {
@@ -132,6 +153,8 @@ _SCHEMAS = {
             "recipients": {"type": "array", "items": _ref("Recipient")},
             "headers": _nullable({"type": "string"}),
             "events": {"type": "array", "items": _ref("Event")},
+            "node": _NODE,
+            **_CLUSTER,
         },
     },
     "Rates": {
@@ -275,6 +298,19 @@ _SCHEMAS = {
                     },
                 },
             },
+            **_CLUSTER,
+            "per_node": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["node", "messages", "recipients"],
+                    "properties": {
+                        "node": _NODE,
+                        "messages": {"type": "integer"},
+                        "recipients": {"type": "integer"},
+                    },
+                },
+            },
         },
     },
     "QueuedMessage": {
@@ -287,6 +323,7 @@ _SCHEMAS = {
             "size": {"type": "integer"},
             "tag": _nullable({"type": "string"}),
             "recipients": {"type": "array", "items": _ref("Recipient")},
+            "node": _NODE,
         },
     },
     "QueuePage": {
@@ -295,6 +332,7 @@ _SCHEMAS = {
         "properties": {
             "items": {"type": "array", "items": _ref("QueuedMessage")},
             "next_cursor": _nullable({"type": "string"}),
+            **_CLUSTER,
         },
     },
     "Destination": {
@@ -316,6 +354,7 @@ _SCHEMAS = {
             "parked": {"type": "integer"},
             "suspended_until": _nullable(_TIME),
             "suspended_reason": _nullable({"type": "string"}),
+            "node": _NODE,
         },
     },
 }
@@ -423,7 +462,7 @@ def _paths() -> dict:
                 "A message: envelope, per-recipient state, headers, events",
                 _json(_ref("Message"), "The message"),
                 parameters=[_QUEUE_PATH],
-                errors=("404", "405"),
+                errors=("404", "405", "503", "504"),
             )
         },
         "/api/v1/events": {
@@ -560,14 +599,14 @@ def _paths() -> dict:
         },
         "/api/v1/queue": {
             "get": _operation(
-                "This node's queue per recipient domain",
+                "The queue per recipient domain (every node's, on a shared store)",
                 _json(_ref("QueueSummary"), "The summary"),
                 parameters=[_query("domain", _DOMAIN, "Only this domain")],
             )
         },
         "/api/v1/queue/messages": {
             "get": _operation(
-                "Queued messages, oldest first, paginated",
+                "Queued messages (every node's, on a shared store), oldest first, paginated",
                 _json(_ref("QueuePage"), "One page of messages"),
                 parameters=[
                     _query("domain", _DOMAIN, "With recipients at this domain"),
@@ -643,6 +682,7 @@ def _paths() -> dict:
                         "properties": {
                             "items": {"type": "array", "items": _ref("Destination")},
                             "next_cursor": {"type": "null"},
+                            **_CLUSTER,
                         },
                     },
                     "Every destination seen",
