@@ -158,3 +158,27 @@ class ParkingIndexTests(SynchronousTestCase):
         self.assertEqual(harness.parking.get(KEYS[0]).count, 1)
         self.assertEqual(harness.parking.get(KEYS[1]).count, 1)
         harness.check(self)
+
+    def test_lastDeferral(self):
+        """A parked recipient's last deferral is made from its suspension when asked; others have none."""
+        harness = Harness()
+        harness.park(KEYS[0], "A", ["x@one.example"])
+        detail = harness.parking.lastDeferral("A", "x@one.example")
+        self.assertEqual(detail["suspended"], KEYS[0])
+        self.assertEqual(detail["code"], 451)
+        self.assertEqual(detail["status"], "4.4.1")
+        self.assertEqual(detail["attempts"], 0)
+        self.assertEqual(detail["next_attempt"], "2023-11-14T22:14:20.000Z")
+        self.assertTrue(detail["reply"].startswith("delivery temporarily suspended: "))
+        self.assertIsNone(harness.parking.lastDeferral("A", "y@one.example"))
+        self.assertIsNone(harness.parking.lastDeferral("B", "x@one.example"))
+        harness.recover(KEYS[0])
+        self.assertIsNone(harness.parking.lastDeferral("A", "x@one.example"))
+
+    def test_lastDeferralLikeTheEvent(self):
+        """The detail asked for equals the one the bulk record's event carried."""
+        harness = Harness()
+        harness.park(KEYS[0], "A", ["x@one.example"])
+        harness.clock.advance(1)
+        ((entry, changes, events),) = harness.recorded[0]
+        self.assertEqual(harness.parking.lastDeferral("A", "x@one.example"), events[0][2])

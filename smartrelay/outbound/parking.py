@@ -64,6 +64,26 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
+def _status(reply: Any) -> str:
+    return reply.status if reply.status and reply.status.startswith("4") else "4.0.0"
+
+
+def _detail(suspension: "Suspension", attempts: int) -> dict:
+    """
+    The C{detail} of a parked recipient's C{deferred} event.
+    """
+    reply = suspension.reply
+    return {
+        "reply": suspension.reason,
+        "code": reply.code,
+        "status": _status(reply),
+        "remote": suspension.remote,
+        "attempts": attempts,
+        "suspended": suspension.key,
+        "next_attempt": rfc3339(suspension.retryAt),
+    }
+
+
 #: In L{Parking}'s pending records: every parked recipient of the message.
 ALL = object()
 
@@ -477,21 +497,12 @@ class Parking:
         counted, none was made.
         """
         reply = suspension.reply
-        status = reply.status if reply.status and reply.status.startswith("4") else "4.0.0"
+        status = _status(reply)
         nextAttempt = suspension.retryAt
         key = (suspension.key, nextAttempt, reply, suspension.remote, recipient.attempts)
         detail = self._details.get(key)
         if detail is None:
-            detail = {
-                "reply": suspension.reason,
-                "code": reply.code,
-                "status": status,
-                "remote": suspension.remote,
-                "attempts": recipient.attempts,
-                "suspended": suspension.key,
-                "next_attempt": rfc3339(nextAttempt),
-            }
-            self._details[key] = detail
+            detail = self._details[key] = _detail(suspension, recipient.attempts)
         if nextAttempt - entry.received > self.maxAge:
             state, nextAttempt = "expired", recipient.next_attempt
             detail = {"reason": "expired", "diagnostic": f"{reply.code} {status} {suspension.reason}",
@@ -513,6 +524,21 @@ class Parking:
             "next_attempt": detail.get("next_attempt"),
         }
         return change, (state, recipient.address, detail, line)
+
+    def lastDeferral(self, queue_id: str, address: str) -> Optional[dict]:
+        """
+        The C{detail} of a parked recipient's C{deferred} event, or L{None}
+        if it is not parked.  Made when asked, from its suspension: a
+        million parked recipients keep no detail each.
+        """
+        entry, parked = self._recipients(queue_id)
+        suspension = dict(parked).get(address)
+        if suspension is None:
+            return None
+        for recipient in entry.recipients:
+            if recipient.address == address:
+                return _detail(suspension, recipient.attempts)
+        return None
 
     # -- probing and releasing --------------------------------------------
 
