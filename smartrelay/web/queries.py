@@ -1083,7 +1083,7 @@ class Queries:
             )
         document = mergeSummaries(good)
         document.update(cluster)
-        document["per_node"] = perNode
+        document["per_node"] = sorted(perNode, key=lambda n: n["node"])
         return document
 
     async def queueMessages(
