@@ -73,13 +73,23 @@ class FakeAPI:
             for i in range(5)
         ]
         self.imported: list = []
+        #: Answer the queue views as a cluster with node 2B missing.
+        self.cluster = False
 
     def page(self, items, query):
         limit = int(query.get("limit", 100))
         start = int(query.get("cursor", 0))
         chunk = items[start:start + limit]
         more = start + limit < len(items)
-        return 200, {"items": chunk, "next_cursor": str(start + limit) if more else None}
+        return 200, dict({"items": chunk, "next_cursor": str(start + limit) if more else None},
+                         **self.clusterFields())
+
+    def clusterFields(self) -> dict:
+        if not self.cluster:
+            return {}
+        return {"nodes": ["2A"], "partial": True, "missing_nodes": ["2B"],
+                "node_errors": [{"node": "2B", "code": "node_timeout",
+                                 "message": "node 2B did not answer within 5 s"}]}
 
     def handle(self, method, path, query, body, headers):
         if headers.get("Authorization") != f"Bearer {TOKEN}":
@@ -91,15 +101,22 @@ class FakeAPI:
                 return 200, MESSAGE
             return _error(404, "not_found", f"no message {queue_id} (in the queue or the events)")
         if method == "GET" and route == "queue":
-            return 200, {"messages": 1, "recipients": 1, "domains": [
+            summary = {"messages": 1, "recipients": 1, "domains": [
                 {"domain": "example.org", "messages": 1, "recipients": 1, "queued": 0,
                  "deferred": 1, "attempting": 0, "oldest": "2026-12-07T10:00:00Z",
                  "next_attempt": "2026-12-07T10:30:00Z",
                  "reasons": [{"reason": "451 4.7.1 try later", "count": 1}]}]}
+            if self.cluster:
+                summary.update(self.clusterFields(), nodes=["2A", "2C"], per_node=[
+                    {"node": "2A", "messages": 1, "recipients": 1},
+                    {"node": "2C", "messages": 0, "recipients": 0}])
+            return 200, summary
         if method == "GET" and route == "queue/messages":
             item = {k: MESSAGE["envelope"][k] for k in ("sender", "received", "size", "tag")}
             items = [dict(item, queue_id=f"2A/01-00000-0000000{i}",
                           recipients=MESSAGE["recipients"]) for i in range(3)]
+            if self.cluster:
+                items = [dict(i, node="2A") for i in items]
             return self.page(items, query)
         if method == "POST" and route == "queue/retry":
             if "domain" not in query:
@@ -396,14 +413,38 @@ class QueueTests(CommandTestsMixin, SynchronousTestCase):
         """
         C{queue list} follows the cursor through every page.
         """
-        self.patch(__import__("smartrelay.commands.client", fromlist=["x"]).ApiClient,
-                   "pages", _smallPages)
+        self.patch(__import__("smartrelay.commands.queue", fromlist=["x"]), "PAGE", 1)
         status, out, err = self.run_("queue", "list", "--json")
+        self.assertEqual(json.loads(out), {"items": json.loads(out)["items"]})
+        self.assertEqual(len([r for r in self.api.requests if r[1].endswith("queue/messages")]), 3)
         self.assertEqual([i["queue_id"] for i in json.loads(out)["items"]],
                          [f"2A/01-00000-0000000{i}" for i in range(3)])
         status, out, err = self.run_("queue", "list")
         self.assertIn("3 message(s)", out)
         self.assertRegex(out, r"2A/01-00000-00000001 +2026-12-07T10:00:00Z +1234 +app@example.com +1 +deferred")
+
+    def test_cluster(self) -> None:
+        """
+        A cluster-wide answer shows the nodes, each node's count and a
+        node column; a node that did not answer is a warning on stderr
+        (the table stays the same) and in the --json document, which is
+        the API's.
+        """
+        self.api.cluster = True
+        status, out, err = self.run_("queue")
+        self.assertEqual(status, 0, err)
+        self.assertIn("1 message(s), 1 recipient(s) queued on 2 node(s) (2A, 2C)", out)
+        self.assertIn("  node 2C: 0 message(s), 0 recipient(s)", out)
+        self.assertEqual(
+            err, "warning: incomplete: node 2B: node_timeout: node 2B did not answer within 5 s\n")
+        status, out, err = self.run_("queue", "--json")
+        self.assertEqual((json.loads(out)["missing_nodes"], err), (["2B"], ""))
+        status, out, err = self.run_("queue", "list")
+        self.assertRegex(out, r"queue id .* node\n")
+        self.assertRegex(out, r"2A/01-00000-00000001 .* deferred .* 2A\n")
+        self.assertIn("warning: incomplete: node 2B: node_timeout", err)
+        status, out, err = self.run_("queue", "list", "--json")
+        self.assertEqual(json.loads(out)["missing_nodes"], ["2B"])
 
     def test_limit(self) -> None:
         """

@@ -19,10 +19,44 @@ from smartrelay.commands.console import (
 )
 from smartrelay.commands.messages import message
 
+#: Queued messages asked for per request by C{queue list}.
+PAGE = 1000
+
+
+def _missingText(document: dict) -> str:
+    """
+    The warning lines of a cluster-wide answer that lacks some nodes'
+    parts (C{partial}, C{node_errors}); empty otherwise.
+    """
+    if not document.get("partial"):
+        return ""
+    lines = []
+    for error in document.get("node_errors") or [{}]:
+        node = error.get("node")
+        who = f"node {node}" if node else "the store"
+        lines.append(f"warning: incomplete: {who}: {error.get('code', '?')}: "
+                     f"{error.get('message', '')}\n")
+    return "".join(lines)
+
+
+def _warn(console: Console, options, document: dict) -> None:
+    # With --json the document says it; without, the warning goes to stderr
+    # so that the table stays the same.
+    text = _missingText(document)
+    if text and not options.json:
+        console.stderr.write(text)
+
 
 def _summaryText(document: dict) -> str:
     out = io.StringIO()
-    out.write(f"{document['messages']} message(s), {document['recipients']} recipient(s) queued\n")
+    where = ""
+    if document.get("nodes"):
+        where = f" on {len(document['nodes'])} node(s) ({', '.join(document['nodes'])})"
+    out.write(f"{document['messages']} message(s), {document['recipients']} recipient(s) "
+              f"queued{where}\n")
+    if len(document.get("per_node") or ()) > 1:
+        out.write("".join(f"  node {n['node']}: {n['messages']} message(s), "
+                          f"{n['recipients']} recipient(s)\n" for n in document["per_node"]))
     if not document.get("domains"):
         return out.getvalue()
     rows = [[d["domain"], d["messages"], d["recipients"], d["deferred"], d["attempting"],
@@ -41,6 +75,7 @@ def queueSummary(options, console: Console) -> int:
     """
     document = apiClient(options).json("GET", "queue", {"domain": options.domain})
     write(console, options, document, _summaryText)
+    _warn(console, options, document)
     return 0
 
 
@@ -48,8 +83,27 @@ def queueList(options, console: Console) -> int:
     """
     C{smartrelay queue list [--domain D] [--state S] [--limit N]}.
     """
-    items = list(apiClient(options).pages(
-        "queue/messages", {"domain": options.domain, "state": options.state}, options.limit))
+    client = apiClient(options)
+    query = {"domain": options.domain, "state": options.state}
+    items: list = []
+    errors: dict = {}
+    while True:
+        want = PAGE if options.limit is None else min(PAGE, options.limit - len(items))
+        page = client.json("GET", "queue/messages", dict(query, limit=want))
+        items.extend(page.get("items", []))
+        for error in page.get("node_errors") or ():
+            errors.setdefault(error.get("node"), error)
+        cursor = page.get("next_cursor")
+        if not cursor or (options.limit is not None and len(items) >= options.limit):
+            break
+        query["cursor"] = cursor
+    if options.limit is not None:
+        items = items[: options.limit]
+    document: dict = {"items": items}
+    if errors:
+        document.update(partial=True, missing_nodes=sorted(n for n in errors if n),
+                        node_errors=list(errors.values()))
+    nodes = any("node" in item for item in items)
 
     def human(items: list) -> str:
         rows = []
@@ -58,11 +112,14 @@ def queueList(options, console: Console) -> int:
             nexts = [r["next_attempt"] for r in item.get("recipients", []) if r.get("next_attempt")]
             rows.append([item["queue_id"], item.get("received"), item.get("size"),
                          item.get("sender") or "<>", len(item.get("recipients", [])),
-                         ",".join(states), min(nexts) if nexts else None])
+                         ",".join(states), min(nexts) if nexts else None]
+                        + ([item.get("node")] if nodes else []))
         return table(rows, ["queue id", "received", "size", "sender", "rcpts", "state",
-                            "next attempt"]) + f"{len(items)} message(s)\n"
+                            "next attempt"] + (["node"] if nodes else [])) \
+            + f"{len(items)} message(s)\n"
 
-    write(console, options, {"items": items}, lambda d: human(d["items"]))
+    write(console, options, document, lambda d: human(d["items"]))
+    _warn(console, options, document)
     return 0
 
 
