@@ -565,3 +565,53 @@ class TooLargeTests(SynchronousTestCase):
             (answer["status"], answer["body"]["error"]["code"]), (500, "answer_too_large")
         )
         self.flushLoggedErrors()
+
+
+class MessageEventsTests(SynchronousTestCase):
+    """
+    The document of another node's message when the store has its events.
+    """
+
+    def setUp(self):
+        from smartrelay.events import Event
+
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.cluster = Cluster(self.clock, {"0A": FakeScheduler(), "0B": FakeScheduler()})
+        self.addCleanup(self.cluster.stop)
+        self.a = self.cluster.queries["0A"]
+        self.queueID = "0B/01-00007-5C348706"
+        self.events = [
+            Event("accepted", self.queueID, "x@example.org", T0, detail={"sender": "s@e.com"}),
+        ]
+        self.Event = Event
+
+    def store(self):
+        self.successResultOf(self.a.store.appendEvents(self.events))
+
+    def test_finalNotAsked(self):
+        """
+        A message whose recipients all have their final event is answered
+        from the events without asking its node (even one that is gone).
+        """
+        self.events.append(self.Event("delivered", self.queueID, "x@example.org", T0 + 1))
+        self.store()
+        self.cluster.commands["0B"].stopService()
+        d = Deferred.fromCoroutine(self.a.message(self.queueID))
+        doc = self.successResultOf(d)
+        self.assertEqual((doc["queued"], doc["recipients"][0]["state"]), (False, "delivered"))
+        self.assertNotIn("partial", doc)
+
+    def test_waitingOwnerSilent(self):
+        """
+        A message still waiting by its events, whose node does not answer,
+        is shown from the events as queued, partial, naming the node.
+        """
+        self.store()
+        self.cluster.commands["0B"].stopService()
+        doc = self.successResultOf(self.cluster.settle(self.a.message(self.queueID)))
+        self.assertEqual(
+            (doc["queued"], doc["partial"], doc["missing_nodes"], doc["node"]),
+            (True, True, ["0B"], "0B"),
+        )
+        self.assertEqual(doc["node_errors"][0]["code"], "node_timeout")

@@ -16,9 +16,11 @@ Lists take C{limit} (default 100, at most 1000) and C{cursor}, and answer
 C{{"items": [...], "next_cursor": ... | null}}.
 
 What comes from the store (events, statistics, the suppression list) is
-the same on every node sharing a Redis store; the queue is this node's
-spool, but a retry or delete of a message queued on another node is sent
-to that node (L{smartrelay.cluster.commands}) and answered as it answers.
+the same on every node sharing a Redis store; the queue is each node's
+spool, but the queue views gather every live node's part (naming the
+nodes that did not answer), and a retry or delete of a message queued on
+another node is sent to that node (L{smartrelay.cluster.commands}) and
+answered as it answers.
 
 Mount it with the other applications of the site
 (L{smartrelay.web.site.SiteRoot}): C{{b"api": app.resource()}}.
@@ -182,8 +184,9 @@ class ApiApp:
     @ivar tokens: the accepted bearer tokens; empty: the API is disabled.
     @ivar trustedProxies: networks whose C{X-Forwarded-For} is believed.
     @ivar limiter: counts wrong tokens per client address.
-    @ivar remote: reaches the node that owns a message for retries and
-        deletes (L{smartrelay.cluster.commands.NodeCommands}), or L{None}.
+    @ivar remote: reaches the other nodes for retries, deletes and the
+        queue views (L{smartrelay.cluster.commands.NodeCommands}), or
+        L{None} (one node).
     @ivar queries: what the routes read and do
         (L{smartrelay.web.queries.Queries}, shared with the reports UI);
         built over the four above unless given.

@@ -646,8 +646,15 @@ class Queries:
         there, with C{partial} and C{missing_nodes}.
         """
         node = ownerOf(queue_id)
-        part, error = await self._partOf(node, "queued", {"queue_id": queue_id}, True)
+        recipients = recipientsFromEvents(events)
         eventJSON = [event.asDict() for event in events]
+        if events and recipients and not any(
+            r["state"] in ("queued", "deferred") for r in recipients
+        ):
+            # Every recipient has its final event: nothing to ask.
+            part, error = None, None
+        else:
+            part, error = await self._partOf(node, "queued", {"queue_id": queue_id}, True)
         if isinstance(part, dict) and part.get("queued") is True:
             return {
                 "queue_id": queue_id,
@@ -667,7 +674,6 @@ class Queries:
                 f"{queue_id} belongs to node {node}, which did not answer, and the "
                 f"store has no events of it: {error['message']}",
             )
-        recipients = recipientsFromEvents(events)
         document = {
             "queue_id": queue_id,
             "queued": False,
