@@ -289,3 +289,51 @@ class ClusterAPITests(TestCase):
         self.assertIn("throttled in the cluster", self.nodes["02"].log())
         for relay in self.nodes.values():
             yield relay.stop()
+
+    @inlineCallbacks
+    def test_killedNode(self):
+        """
+        Node 01 killed (no clean stop) with a message deferred: node 02's
+        queue summary still answers at once, 200, naming node 01 as
+        missing; within two heartbeat intervals (20 s) a retry of its
+        message is 503 node_unavailable at once instead of waiting, and the
+        message document comes from the events, queued, partial.
+        """
+        queueID = yield self.submitted("01", "defer-me@example.org")
+        yield self.events("02", queueID, "deferred", 1)
+        self.nodes["01"].kill()
+        killed = reactor.seconds()
+
+        code, summary = yield self.call("02", "GET", "/queue")
+        self.assertEqual(code, 200, summary)
+        self.assertEqual(
+            (summary["partial"], summary["missing_nodes"], summary["nodes"]),
+            (True, ["01"], ["02"]),
+            summary,
+        )
+        self.assertIn(summary["node_errors"][0]["code"], ("node_timeout", "node_unavailable"))
+
+        while True:
+            started = reactor.seconds()
+            code, answer = yield self.call("02", "POST", f"/queue/{queueID}/retry")
+            if code == 503:
+                break
+            self.assertEqual((code, answer["error"]["code"]), (504, "node_timeout"), answer)
+            self.assertLess(reactor.seconds() - killed, 40)
+        self.assertEqual(answer["error"]["code"], "node_unavailable", answer)
+        self.assertLess(reactor.seconds() - started, 2)
+        # Two heartbeat intervals (20 s) after its last beat, seen by the
+        # first retry sent after them (each 504 takes the 10 s timeout).
+        self.assertLess(reactor.seconds() - killed, 20 + 10 + 3)
+
+        started = reactor.seconds()
+        code, summary = yield self.call("02", "GET", "/queue")
+        self.assertLess(reactor.seconds() - started, 2)
+        self.assertEqual(summary["node_errors"][0]["code"], "node_unavailable", summary)
+        code, document = yield self.call("02", "GET", "/messages/" + queueID)
+        self.assertEqual(
+            (code, document["queued"], document["partial"], document["missing_nodes"]),
+            (200, True, True, ["01"]),
+            document,
+        )
+        yield self.nodes["02"].stop()
