@@ -375,8 +375,9 @@ class _Segment:
     What the spool knows of one segment file.
 
     @ivar size: bytes durably written to it.
-    @ivar live: queue id → length of its C{MESSAGE} record, for the messages
-        with work left whose latest copy is in this segment.
+    @ivar live: the queue ids of the messages with work left whose latest
+        copy is in this segment (a set: their record lengths are in the
+        spool's L{Locations}, and C{liveBytes} is their sum).
     @ivar sealedAt: when it stopped being the active segment (the spool's
         clock), or L{None} while it is active.
     """
@@ -384,16 +385,19 @@ class _Segment:
     number: int
     path: str
     size: int = 0
-    live: dict = attrs.field(factory=dict)
+    live: set = attrs.field(factory=set)
     liveBytes: int = 0
     sealedAt: Optional[float] = None
 
     def addLive(self, queueID: str, length: int) -> None:
-        self.liveBytes += length - self.live.get(queueID, 0)
-        self.live[queueID] = length
+        if queueID not in self.live:
+            self.live.add(queueID)
+            self.liveBytes += length
 
-    def dropLive(self, queueID: str) -> None:
-        self.liveBytes -= self.live.pop(queueID, 0)
+    def dropLive(self, queueID: str, length: int) -> None:
+        if queueID in self.live:
+            self.live.remove(queueID)
+            self.liveBytes -= length
 
 
 @attrs.define
@@ -1093,7 +1097,7 @@ class Spool:
             for queueID, offset, length in placed:
                 old = self._locations.get(queueID)
                 if old is not None:
-                    self._segments[old[0]].dropLive(queueID)
+                    self._segments[old[0]].dropLive(queueID, old[2])
                 self._locations[queueID] = (active.number, offset, length)
                 active.addLive(queueID, length)
             for op in stores:
@@ -1129,7 +1133,7 @@ class Spool:
         """
         location = self._locations.pop(queueID, None)
         if location is not None and location[0] in self._segments:
-            self._segments[location[0]].dropLive(queueID)
+            self._segments[location[0]].dropLive(queueID, location[2])
         self._entries.pop(queueID, None)
         self._cache.pop(queueID)
 

@@ -500,7 +500,7 @@ class SegmentTests(SynchronousTestCase):
             self.finish(entry)
         # Segment 2 is finished, but segment 1 is not.
         self.assertEqual(len(segments(self.directory)), 4)
-        self.assertEqual(self.spool._segments[2].live, {})
+        self.assertEqual(self.spool._segments[2].live, set())
         [first, *_] = self.successResultOf(makeSpool(self.directory, synchronous).recover())
         self.assertEqual(first.recipients[0], Recipient("a@example.com", "deferred", 1, 7.0))
 
@@ -544,6 +544,36 @@ class SegmentTests(SynchronousTestCase):
         )
         self.assertEqual(recovered[0].recipients[0], Recipient("a@example.com", "deferred", 3, 77.0))
         self.assertEqual(recovered[0].recipients[1].state, "queued")
+
+    def assertLiveBytesAgree(self, spool):
+        """
+        Each segment's live bytes are the lengths of its live messages'
+        latest records.
+        """
+        for number, segment in spool._segments.items():
+            here = [q for q, location in spool._locations.items() if location[0] == number]
+            self.assertEqual(segment.live, set(here))
+            self.assertEqual(segment.liveBytes, sum(spool._locations[q][2] for q in here))
+
+    def test_liveBytesThroughCompaction(self):
+        """Live bytes per segment stay the sum of their messages' record lengths through rolls, finishes, compaction and recovery."""
+        self.spool.compactRatio = 0.5
+        entries = [self.store(n, size=100 + 37 * n) for n in range(1, 8)]
+        self.assertLiveBytesAgree(self.spool)
+        self.successResultOf(
+            self.spool.record(entries[0], [Recipient("a@example.com", "deferred", 3, 77.0)])
+        )
+        for entry in entries[1:5]:
+            self.finish(entry)
+        self.assertLiveBytesAgree(self.spool)
+        self.clock.advance(self.spool.compactAfter)
+        self.store(9)
+        self.store(10)
+        self.assertLiveBytesAgree(self.spool)
+        recovered = makeSpool(self.directory, synchronous)
+        self.successResultOf(recovered.recover())
+        self.assertLiveBytesAgree(recovered)
+        self.assertEqual(recovered.liveBytes, self.spool.liveBytes)
 
     def test_recoveredSegmentsSealedByTheClock(self):
         """
