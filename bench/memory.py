@@ -63,14 +63,14 @@ def _send(source: str, port: int, count: int, sessions: int, size: int) -> float
     return time.monotonic() - started
 
 
-def _measure(relay, sent: int, elapsed: float) -> dict:
+def _measure(relay, sent: int, count: int, elapsed: float) -> dict:
     workers = _children(relay.pid)
     return {
         "messages": sent,
         "rss": _status(relay.pid, "VmRSS"),
         "hwm": _status(relay.pid, "VmHWM"),
         "workers": sum(_status(pid, "VmRSS") for pid in workers),
-        "rate": 0.0 if not elapsed else sent / elapsed,
+        "rate": 0.0 if not elapsed else count / elapsed,
     }
 
 
@@ -98,7 +98,7 @@ def runRelay(args, workdir: str) -> list:
             sink.waitFor(sent, stall=120, limit=3600)
             elapsed = time.monotonic() - started
             time.sleep(args.settle)
-            rows.append(_measure(relay, sent, elapsed))
+            rows.append(_measure(relay, sent, count, elapsed))
             _print(rows[-1], "delivered")
     finally:
         _stopRelay(relay)
@@ -117,7 +117,7 @@ def runDeferred(args, workdir: str) -> list:
             elapsed = _send(accept.tool("smtp-source"), smtpPort, count, args.sessions, args.size)
             sent += count
             time.sleep(args.settle)
-            rows.append(_measure(relay, sent, elapsed))
+            rows.append(_measure(relay, sent, count, elapsed))
             _print(rows[-1], "queued")
     finally:
         _stopRelay(relay)
