@@ -171,10 +171,13 @@ class ParkingTests(ParkingTestsMixin, SynchronousTestCase):
             [(r.state, r.attempts, r.next_attempt) for r in entries[0].recipients],
             [("deferred", 0, START + 60)],
         )
-        # One detail for every recipient it is the same for (memory: the
-        # scheduler keeps each parked recipient's last deferral).
+        # One detail for every recipient it is the same for; the scheduler
+        # keeps none per parked recipient, and makes an equal one when asked.
         self.assertTrue(all(d[3] is detail for d in deferrals))
-        self.assertIs(self.scheduler.lastDeferral(entries[-1].queue_id, "r29@example.com"), detail)
+        self.assertEqual(list(self.scheduler._deferrals), [("FIRST", "a@example.com")])
+        self.assertEqual(
+            self.scheduler.lastDeferral(entries[-1].queue_id, "r29@example.com"), detail
+        )
 
     def test_deleteOneOfSeveral(self):
         """

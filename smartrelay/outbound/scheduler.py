@@ -422,8 +422,12 @@ class DeliveryScheduler(Service):
     def lastDeferral(self, queue_id: str, address: str) -> Optional[dict]:
         """
         The C{detail} of the last C{deferred} event of a waiting recipient
-        in this run, or L{None}.
+        in this run, or L{None}.  A parked recipient's is made from its
+        destination's suspension (it is shared, not kept per recipient).
         """
+        parked = self._parking.lastDeferral(queue_id, address)
+        if parked is not None:
+            return parked
         return self._deferrals.get((queue_id, address))
 
     def delete(self, queue_id: str, reason: str = "deleted") -> Deferred:
@@ -1565,7 +1569,7 @@ class DeliveryScheduler(Service):
                 )
             if log:
                 self.messageLog.outcome(entry.queue_id, address, kind, **line)
-            if kind == "deferred":
+            if kind == "deferred" and "suspended" not in detail:
                 self._deferrals[(entry.queue_id, address)] = detail
             else:
                 self._deferrals.pop((entry.queue_id, address), None)
