@@ -1654,6 +1654,9 @@ class SMSConfig:
     @ivar enquire_link: seconds without traffic before an enquire_link.
     @ivar queue_timeout: seconds a message waits for a bound session
         before its delivery is deferred.
+    @ivar max_binds: binds to the SMSC at most across every node sharing
+        the store (issue 17: a lease on C{sms-bind:<smsc>} per bind);
+        L{None} (not set): no cluster-wide limit, one bind per node.
     """
 
     domain: Optional[str] = _setting(_optionalDomainName, default=None)
@@ -1669,6 +1672,7 @@ class SMSConfig:
     response_timeout: float = _setting(parseDuration, default=30.0)
     enquire_link: float = _setting(parseDuration, default=30.0)
     queue_timeout: float = _setting(parseDuration, default=60.0)
+    max_binds: Optional[int] = _setting(_optionalPositiveInt, default=None)
 
 
 def _checkSMS(sms: "SMSConfig") -> Optional[tuple[str, str]]:

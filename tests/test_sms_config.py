@@ -28,7 +28,7 @@ class SMSSectionTests(ConfigTestMixin, SynchronousTestCase):
             [
                 "domain", "smsc", "system_id", "password", "system_type", "source_addr",
                 "window", "rate", "max_parts", "subject", "response_timeout",
-                "enquire_link", "queue_timeout",
+                "enquire_link", "queue_timeout", "max_binds",
             ],
         )
 
@@ -176,6 +176,35 @@ class SMSSectionTests(ConfigTestMixin, SynchronousTestCase):
         self.assertKeyError("sms", "max_parts", "256",
                             "must be 1 to 255 (a concatenated SMS has at most 255 parts)")
         self.assertKeyError("sms", "max_parts", "0", "expected a positive integer, got '0'")
+
+    def test_maxBinds(self):
+        """
+        C{max_binds} (issue 17) is not set by default (no cluster-wide bind
+        limit), empty is not set, else a positive integer; anything else
+        stops start-up with one line naming the key.
+        """
+        self.assertIsNone(parseConfig("", "x.ini").sms.max_binds)
+        self.assertIsNone(parseConfig("[sms]\n" + ON, "x.ini").sms.max_binds)
+        self.assertIsNone(self.parseKey("sms", "max_binds", "").max_binds)
+        self.assertEqual(self.parseKey("sms", "max_binds", "1").max_binds, 1)
+        self.assertEqual(self.parseKey("sms", "max_binds", " 4 ").max_binds, 4)
+        sms = parseConfig("[sms]\n" + ON + "max_binds = 2\n", "x.ini").sms
+        self.assertEqual(sms.max_binds, 2)
+        for bad in ["0", "-1", "2.5", "two", "3 binds", "0x2"]:
+            self.assertKeyError(
+                "sms", "max_binds", bad, f"expected a positive integer, got {bad!r}"
+            )
+
+    def test_maxBindsErrorLine(self):
+        """
+        The error of a bad C{max_binds} is exactly one line: the file, the
+        section and the key, then the problem.
+        """
+        error = self.assertRaises(
+            Exception, parseConfig, "[sms]\n" + ON + "max_binds = 0\n", "x.ini"
+        )
+        self.assertEqual(str(error), "x.ini: [sms] max_binds: expected a positive integer, got '0'")
+        self.assertNotIn("\n", str(error))
 
     def test_subject(self):
         """
