@@ -189,7 +189,7 @@ def makeSigner(config):
     return signer
 
 
-def makeSMS(config, reactor, store, events, nodes=None) -> tuple:
+def makeSMS(config, reactor, store, events, nodes=None, leases=None) -> tuple:
     """
     The SMS side of C{[sms]}: C{(SMSPolicy, SMSClient, SMSGateway)}, or
     three L{None}s without an SMS domain.  The client keeps the session
@@ -197,7 +197,10 @@ def makeSMS(config, reactor, store, events, nodes=None) -> tuple:
     delivery scheduler's transport for the SMS domain.  C{[sms] rate}
     holds for every node sharing C{store} (its bucket C{sms:<smsc>});
     C{nodes} (the live-node registry, or L{None}) gives the C{rate / N}
-    a node paces itself at while the store cannot be reached.
+    a node paces itself at while the store cannot be reached.  With
+    C{[sms] max_binds} each bind first takes a lease on C{sms-bind:<smsc>}
+    from C{leases} (the relay's L{LeaseKeeper}), at most that many held in
+    the cluster.
     """
     sms = config.sms
     if sms.domain is None:
@@ -224,6 +227,8 @@ def makeSMS(config, reactor, store, events, nodes=None) -> tuple:
         description=sms.smsc,
         rates=store,
         nodes=nodes,
+        leases=leases,
+        maxBinds=sms.max_binds,
     )
     gateway = SMSGateway(
         policy=policy, submit=client.submit, store=store, events=events, clock=reactor,
@@ -443,7 +448,12 @@ class RelayService(MultiService):
         # started once the store is open (receipts are matched through it)
         # and stopped after delivery.
         self.smsPolicy, self.smsClient, self.smsGateway = makeSMS(
-            config, reactor, self.store, self.events, nodes=self.nodeRegistry
+            config,
+            reactor,
+            self.store,
+            self.events,
+            nodes=self.nodeRegistry,
+            leases=self.leaseKeeper,
         )
         self.scheduler = DeliveryScheduler(
             spool=self.spool,

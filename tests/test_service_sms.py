@@ -231,6 +231,37 @@ class SMSWiringTests(SynchronousTestCase):
         self.stop(relay)
         self.assertEqual(self.spooled(), [])
 
+    def test_maxBinds(self):
+        """
+        C{[sms] max_binds} (issue 17) gives the client the relay's lease
+        keeper and the limit: the bind holds a lease on C{sms-bind:<smsc>}
+        while bound and gives it back when the relay stops.
+        """
+        relay = self.start(extra=SMS + "max_binds = 2\n")
+        client = relay.smsClient
+        self.assertIs(client.leases, relay.leaseKeeper)
+        self.assertEqual(client.maxBinds, 2)
+        self.assertTrue(client.bound)
+        resource = "sms-bind:tcp:host=127.0.0.1:port=%d" % SMSC_PORT
+        self.assertIsNotNone(client.bindLease)
+        self.assertEqual(client.bindLease.resource, resource)
+        self.assertEqual(relay.leaseKeeper.heldBy(resource), 1)
+        self.stop(relay)
+        self.assertEqual(relay.leaseKeeper.heldBy(resource), 0)
+
+    def test_noMaxBinds(self):
+        """
+        Without C{[sms] max_binds} the client still has the keeper but no
+        limit, and binds without a lease.
+        """
+        relay = self.start()
+        client = relay.smsClient
+        self.assertIs(client.leases, relay.leaseKeeper)
+        self.assertIsNone(client.maxBinds)
+        self.assertTrue(client.bound)
+        self.assertIsNone(client.bindLease)
+        self.stop(relay)
+
     def test_rateIsTheCluster(self):
         """
         With C{[sms] rate} the submits take their tokens from the store's
