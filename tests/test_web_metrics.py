@@ -659,6 +659,61 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(sample(found, "smartrelay_smpp_submits_waiting"), 2)
         self.events.stop()
 
+    def test_smsRateLocal(self):
+        """
+        C{smartrelay_sms_rate_local} is 1 while the SMS client paces its
+        submits at C{rate / N} because the store's bucket cannot be reached
+        (its C{ratesLocal}), else 0; the store counts as unreachable then.
+        """
+        from smartrelay.sms.client import SMSClient
+
+        found = self.scrape()
+        self.assertNotIn("smartrelay_sms_rate_local", found)
+
+        class Client:
+            bound, inFlight, waiting, ratesLocal = True, 0, 0, False
+
+        self.collector.sms = client = Client()
+        found = self.scrape()
+        self.assertEqual(sample(found, "smartrelay_sms_rate_local"), 0)
+        self.assertEqual(sample(found, "smartrelay_store_unreachable"), 0)
+        client.ratesLocal = True
+        found = self.scrape()
+        self.assertEqual(sample(found, "smartrelay_sms_rate_local"), 1)
+        self.assertEqual(sample(found, "smartrelay_store_unreachable"), 1)
+        self.assertEqual(sample(found, "smartrelay_limits_fallback", kind="rates"), 0)
+        # The attribute read is the real client's.
+        self.assertIn("ratesLocal", {a.name for a in SMSClient.__attrs_attrs__})
+        self.events.stop()
+
+    def test_throttlesUnwritten(self):
+        """
+        C{smartrelay_throttles_unwritten}: the adaptive throttle triggers
+        this node holds because the store could not take them, back to 0
+        once they are written (replayed) when it answers again.
+        """
+        from smartrelay.cluster.throttle import LocalThrottles, ThrottleBoard
+        from tests.test_cluster_throttle import FlakyThrottles
+
+        found = self.scrape()
+        self.assertEqual(sample(found, "smartrelay_throttles_unwritten"), 0)
+        backend = FlakyThrottles(LocalThrottles())
+        self.collector.throttles = board = ThrottleBoard(
+            backend, self.clock, cooldown=60.0, shared=True
+        )
+        backend.down = True
+        board.throttle("provider:google").trigger("421 slow down")
+        board.throttle("example.org").trigger("421 slow down")
+        found = self.scrape()
+        self.assertEqual(sample(found, "smartrelay_throttles_unwritten"), 2)
+        self.assertEqual(sample(found, "smartrelay_store_unreachable"), 1)
+        backend.down = False
+        self.successResultOf(board.read())
+        found = self.scrape()
+        self.assertEqual(sample(found, "smartrelay_throttles_unwritten"), 0)
+        self.assertEqual(sample(found, "smartrelay_store_unreachable"), 0)
+        self.events.stop()
+
     def test_storeOutage(self):
         """
         While the store cannot be reached: the outage, the 1/N fallback of

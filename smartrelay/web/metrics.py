@@ -574,6 +574,12 @@ class RelayCollector:
             "Submits waiting for a bound session (or to be sent again).",
             value=client.waiting,
         )
+        yield GaugeMetricFamily(
+            "smartrelay_sms_rate_local",
+            "1 while this node paces its submits at 1/N of [sms] rate because the "
+            "store's bucket cannot be reached, else 0.",
+            value=1 if getattr(client, "ratesLocal", False) else 0,
+        )
 
     def _queues(self, now: float) -> Iterable:
         scheduler = self.scheduler
@@ -705,9 +711,11 @@ class RelayCollector:
         ratesLocal = bool(getattr(self.scheduler, "ratesLocal", False))
         replica = self.replica
         throttlesLocal = self.throttles is not None and not self.throttles.reachable
+        smsRatesLocal = self.sms is not None and bool(getattr(self.sms, "ratesLocal", False))
         unreachable = (
             connectionsLocal
             or ratesLocal
+            or smsRatesLocal
             or throttlesLocal
             or self.events.degraded
             or (replica is not None and replica.failing)
@@ -736,6 +744,12 @@ class RelayCollector:
             "smartrelay_suppressions_pending",
             "Suppressions kept in the event journal for the store, not in it yet.",
             value=len(self.events.pendingSuppressions),
+        )
+        yield GaugeMetricFamily(
+            "smartrelay_throttles_unwritten",
+            "Adaptive throttle triggers held on this node because the store could "
+            "not take them, to be written when it answers again.",
+            value=0 if self.throttles is None else len(self.throttles.unwritten()),
         )
         if replica is None:
             return
