@@ -5,6 +5,8 @@ fake clock sharing one lease back end, and the single-node scheduler suite
 run again with a local lease keeper.
 """
 
+from random import Random
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -129,7 +131,8 @@ class TwoNodeTests(SynchronousTestCase):
         self.clock.advance(0.5)
         self.assertEqual(self.b.pending(), [])
         self.clock.advance(2)
-        self.clock.advance(0.5)
+        # B asks again within 1.25 poll intervals (its retries are spread).
+        self.clock.advance(1.5)
         self.assertEqual(len(self.b.pending()), 1)
 
     def test_deadNodeSlotsReturnWithinTTL(self):
@@ -269,7 +272,10 @@ class RateFallbackTests(SynchronousTestCase):
 
         clock = Clock()
         clock.advance(START)
-        keeper = LeaseKeeper(UnreachableLeases(), clock, shared=True, nodes=FixedNodes(4))
+        # The one store (its leases and its buckets) cannot be reached.
+        backend = UnreachableLeases()
+        backend.down = True
+        keeper = LeaseKeeper(backend, clock, shared=True, nodes=FixedNodes(4))
         self.assertEqual(keeper.fallbackRate(4.0), 1.0)
         events = RecordingEvents()
         deliverer = FakeDeliverer(
@@ -304,3 +310,127 @@ class RateFallbackTests(SynchronousTestCase):
             delivered.append(len(events.ofType("delivered")))
         self.assertEqual(delivered, [1, 2, 3, 4, 5])
         self.assertTrue(scheduler.ratesLocal)
+
+
+class CountingStore:
+    """
+    A store's token buckets (a L{MemoryStore}'s), counting the calls.
+    """
+
+    def __init__(self):
+        from smartrelay.store.memory import MemoryStore
+
+        self.store = MemoryStore()
+        self.takes = 0
+
+    def takeTokens(self, *args):
+        self.takes += 1
+        return self.store.takeTokens(*args)
+
+
+class CountingLeases(LocalLeases):
+    """
+    L{LocalLeases} counting the calls that take a slot.
+    """
+
+    def __init__(self, tokens):
+        super().__init__(tokens=tokens)
+        self.acquires = self.combined = 0
+
+    def acquireLease(self, *args):
+        self.acquires += 1
+        return super().acquireLease(*args)
+
+    def acquireLeaseAndTokens(self, *args):
+        self.combined += 1
+        return super().acquireLeaseAndTokens(*args)
+
+
+class SlotAndTokenTests(SynchronousTestCase):
+    """
+    A destination with a rate and a cluster-wide connection limit: a new
+    session takes its slot and its token in one call to the store
+    (L{LeaseKeeper.acquireWithToken}); a session already open takes
+    tokens alone.
+    """
+
+    def setUp(self):
+        from smartrelay.outbound.pool import Limits
+        from smartrelay.outbound.session import AttemptResult, Reply
+
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.tokens = CountingStore()
+        self.backend = CountingLeases(self.tokens)
+        self.nodes = []
+        for name in ("a", "b"):
+            keeper = LeaseKeeper(self.backend, self.clock, holder=name, shared=True, ttl=30)
+            events = RecordingEvents()
+            spool = FakeSpool()
+            deliverer = FakeDeliverer(
+                auto=lambda call: AttemptResult(
+                    call.hop.name, False, {a: Reply(250, None, "ok") for a in call.recipients}
+                )
+            )
+            scheduler = DeliveryScheduler(
+                spool=spool,
+                router=FakeRouter(table={"a.example": ["mx.a.example"]}),
+                connector=deliverer,
+                events=events,
+                clock=self.clock,
+                retry=Delays((60,)),
+                maxAge=3600.0,
+                maxConnections=10,
+                policy=DestinationPolicy(
+                    defaults=Limits(maxConnections=1, rate=2.0, burst=2, messagesPerConnection=1)
+                ),
+                store=self.tokens,
+                leases=keeper,
+                idleTimeout=30.0,
+                random=Random(len(self.nodes)),
+            )
+            keeper.startService()
+            scheduler.startService()
+            self.addCleanup(keeper.stopService)
+            self.addCleanup(scheduler.stopService)
+            self.nodes.append((scheduler, spool, events))
+
+    def add(self, node, count):
+        scheduler, spool, _ = self.nodes[node]
+        for i in range(count):
+            entry = makeEntry(f"N{node}Q{i}", [f"r{i}@a.example"], received=self.clock.seconds())
+            spool.add(entry, b"message")
+            scheduler.enqueue(entry)
+
+    def delivered(self):
+        return sum(len(events.ofType("delivered")) for _, _, events in self.nodes)
+
+    def test_oneCallPerNewSession(self):
+        """
+        One message, one new session: one call to the store takes the
+        slot and the token, and no separate token is asked for.
+        """
+        self.add(0, 1)
+        self.clock.advance(0)
+        self.assertEqual(self.delivered(), 1)
+        self.assertEqual((self.backend.combined, self.backend.acquires, self.tokens.takes), (1, 0, 1))
+
+    def test_rateHoldsAcrossNodes(self):
+        """
+        Both nodes with 10 messages for a destination of 2 a second
+        (burst 2), one session per message: the cluster delivers at the
+        rate, and a refused token or slot waits (no busy loop of calls).
+        """
+        self.add(0, 10)
+        self.add(1, 10)
+        seen = []
+        for _ in range(5):
+            self.clock.advance(1)
+            seen.append(self.delivered())
+        # Never more than the burst plus 2 a second, and close to the rate.
+        for second, count in enumerate(seen, 1):
+            self.assertLessEqual(count, 2 + 2 * second)
+        self.assertGreaterEqual(seen[-1], 8)
+        # Both nodes had their turns.
+        self.assertTrue(all(events.ofType("delivered") for _, _, events in self.nodes))
+        self.assertLess(self.backend.combined, 100)

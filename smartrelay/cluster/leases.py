@@ -356,6 +356,26 @@ class LeaseKeeper(Service):
         """
         return rate / self.nodeCount()
 
+    def takeLocalTokens(self, key: str, rate: float, burst: float, count: float = 1) -> Any:
+        """
+        Take C{count} tokens from this node's own bucket C{key}, filled at
+        its share of the cluster-wide C{rate} (L{fallbackRate}, up to
+        C{burst / N}, at least C{count}): a rate limit while the store
+        cannot be reached.  The same bucket serves L{acquireWithToken}'s
+        fallback, so a destination is paced once however its tokens are
+        asked for.
+
+        @rtype: L{TokenResult <smartrelay.store.interfaces.TokenResult>}
+        """
+        n = self.nodeCount()
+        state, result = takeFromBucket(
+            self._localBuckets.get(key), rate / n, max(float(count), burst / n),
+            self.clock.seconds(), count,
+        )
+        if result.allowed:
+            self._localBuckets[key] = state
+        return result
+
     def acquire(self, resource: str, limit: int) -> Deferred:
         """
         Take a slot on C{resource}, of which at most C{limit} may be held
@@ -448,14 +468,9 @@ class LeaseKeeper(Service):
             self._unreachable(failure)
             if self.heldBy(resource) >= self.fallbackLimit(limit):
                 return Acquired(None, self.pollInterval, "slot")
-            n = self.nodeCount()
-            share = max(float(count), burst / n)
-            state, result = takeFromBucket(
-                self._localBuckets.get(key), rate / n, share, now, count
-            )
+            result = self.takeLocalTokens(key, rate, burst, count)
             if not result.allowed:
                 return Acquired(None, max(0.001, result.retry_after), "token")
-            self._localBuckets[key] = state
             self.fallbackGrants += 1
             lease = Lease(self, resource, name, False, now)
             self._held[name] = lease

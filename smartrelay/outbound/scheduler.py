@@ -878,6 +878,11 @@ class DeliveryScheduler(Service):
             return False
         if destination.rate is not None:
             if destination.tokens <= 0:
+                if idle is None and self.leases is not None:
+                    # A new session needs a slot and a token: both in one
+                    # call to the store.
+                    self._acquireSlot(destination, withToken=True)
+                    return False
                 if idle is not None:
                     destination.idle.append(idle)
                 self._fetchToken(destination)
@@ -944,6 +949,12 @@ class DeliveryScheduler(Service):
             # delivering or run unlimited.
             destination.fetchingToken = False
             share = rate if self.leases is None else self.leases.fallbackRate(rate)
+            if self.leases is not None:
+                # This node's bucket at its share, the one the lease keeper
+                # takes from with a slot too.
+                result = self.leases.takeLocalTokens(
+                    f"rate:{destination.key}", rate, destination.burst
+                )
             if not self.ratesLocal:
                 self.ratesLocal = True
                 self.log.warn(
@@ -954,9 +965,15 @@ class DeliveryScheduler(Service):
                     why=failure.getErrorMessage() or failure.type.__name__,
                     nodes=round(rate / share),
                 )
-            destination.tokens += 1
-            later(1 / share)
-            self._pump()
+            if self.leases is None:
+                destination.tokens += 1
+                later(1 / share)
+                self._pump()
+            elif result.allowed:
+                destination.tokens += 1
+                self._pump()
+            else:
+                later(result.retry_after)
 
         d = maybeDeferred(
             self.store.takeTokens,
@@ -973,36 +990,52 @@ class DeliveryScheduler(Service):
         timer = destination.leaseTimer
         return destination.acquiring or (timer is not None and timer.active())
 
-    def _acquireSlot(self, destination: Destination) -> None:
+    def _acquireSlot(self, destination: Destination, withToken: bool = False) -> None:
         """
-        Ask the lease keeper for a slot on C{destination}; the session
-        counts as being opened meanwhile.  Granted: the oldest job gets a
-        new session with it.  Refused: ask again after a short wait, and
-        leave the other destinations to the pump meanwhile.
+        Ask the lease keeper for a slot on C{destination} (and, if
+        C{withToken}, a rate token with it, in the same call to the store);
+        the session counts as being opened meanwhile.  Granted: the oldest
+        job gets a new session with it.  Refused (no slot, or no token):
+        ask again when the keeper says, and leave the other destinations
+        to the pump meanwhile.
         """
         destination.acquiring = True
         destination.sessions += 1
         self._active += 1
-        d = self.leases.acquire(leaseResource(destination.key), destination.maxConnections)
+        resource = leaseResource(destination.key)
+        if withToken:
+            d = self.leases.acquireWithToken(
+                resource,
+                destination.maxConnections,
+                f"rate:{destination.key}",
+                destination.rate,
+                destination.burst,
+            )
+        else:
+            d = self.leases.acquire(resource, destination.maxConnections)
 
-        def undo() -> None:
+        def undo(tokenTaken: bool) -> None:
+            # A token taken for this session (with the slot, or before it)
+            # is kept for the next one.
             destination.acquiring = False
             destination.sessions -= 1
             self._active -= 1
-            if destination.rate is not None:
+            if destination.rate is not None and tokenTaken:
                 destination.tokens += 1
 
         def acquired(result: Any) -> None:
             lease = result.lease
             if lease is None:
-                undo()
+                undo(not withToken)
                 if self.running:
-                    destination.leaseTimer = self.clock.callLater(
-                        result.retryAfter, self._pump
-                    )
+                    # Spread a little, so that the nodes waiting for the
+                    # same slot or token do not ask in lockstep (the first
+                    # to ask winning every time).
+                    delay = result.retryAfter * (1 + 0.25 * self.random.random())
+                    destination.leaseTimer = self.clock.callLater(delay, self._pump)
                 return
             if not self.running or not destination.queue:
-                undo()
+                undo(True)
                 lease.release()
                 self._pump()
                 return
@@ -1015,7 +1048,7 @@ class DeliveryScheduler(Service):
             self._pump()
 
         def failed(failure: Failure) -> None:
-            undo()
+            undo(not withToken)
             self.log.failure(
                 "could not take a connection slot for {destination}",
                 failure,
