@@ -107,7 +107,7 @@ from twisted.python.failure import Failure
 
 from smartrelay.diskio import fsyncDirectory, unlinkQuietly, writeAll
 from smartrelay.ids import fileName
-from smartrelay.message import Recipient, SpoolEntry
+from smartrelay.message import FINAL_STATES, Recipient, SpoolEntry
 
 
 class SpoolError(Exception):
@@ -193,6 +193,22 @@ def decodeEntry(raw: bytes) -> tuple[SpoolEntry, bytes]:
     return entry, data
 
 
+#: A string JSON writes as itself in quotes: printable ASCII, no C{"} or C{\\}.
+_PLAIN = re.compile(r'[ !#-\[\]-~]*')
+
+#: The JSON of the recipient states (C{encodeState}'s C{"s"}).
+_STATE_JSON = {
+    state: json.dumps(state)
+    for state in ("queued", "deferred", "delivered", "bounced", "expired", "suppressed")
+}
+
+
+def _jsonString(value: Any) -> str:
+    if type(value) is str and _PLAIN.fullmatch(value) is not None:
+        return '"' + value + '"'
+    return json.dumps(value)
+
+
 def encodeState(recipient: Recipient) -> bytes:
     """
     One line of a C{STATE} record: C{{"a":address,"s":state,"n":attempts,
@@ -200,18 +216,20 @@ def encodeState(recipient: Recipient) -> bytes:
     (the bytes of C{json.dumps(..., separators=(",", ":"))}, half the time:
     every outcome, and every parked recipient's deferral, writes one).
     """
-    attempts, nextAttempt = recipient.attempts, recipient.next_attempt
-    return (
-        '{"a":%s,"s":%s,"n":%s,"t":%s}\n'
-        % (
-            json.dumps(recipient.address),
-            json.dumps(recipient.state),
-            int.__repr__(attempts) if type(attempts) is int else json.dumps(attempts),
-            float.__repr__(nextAttempt)
-            if type(nextAttempt) is float and math.isfinite(nextAttempt)
-            else json.dumps(nextAttempt),
-        )
-    ).encode("ascii")
+    return _encodeStateText(recipient).encode("ascii")
+
+
+def _encodeStateText(recipient: Recipient) -> str:
+    attempts, nextAttempt, state = recipient.attempts, recipient.next_attempt, recipient.state
+    return '{"a":%s,"s":%s,"n":%s,"t":%s}\n' % (
+        _jsonString(recipient.address),
+        _STATE_JSON.get(state) if type(state) is str and state in _STATE_JSON
+        else json.dumps(state),
+        int.__repr__(attempts) if type(attempts) is int else json.dumps(attempts),
+        float.__repr__(nextAttempt)
+        if type(nextAttempt) is float and math.isfinite(nextAttempt)
+        else json.dumps(nextAttempt),
+    )
 
 
 def applyState(entry: SpoolEntry, raw: bytes) -> int:
@@ -267,7 +285,10 @@ def statePayload(queueID: str, recipients: list) -> bytes:
     The payload of a C{STATE} record: the queue id, a newline, then one
     L{encodeState} line per recipient.
     """
-    return queueID.encode("utf-8") + b"\n" + b"".join(encodeState(r) for r in recipients)
+    # The lines as one string, encoded once (the JSON is ASCII).
+    return queueID.encode("utf-8") + b"\n" + "".join(
+        [_encodeStateText(r) for r in recipients]
+    ).encode("ascii")
 
 
 def segmentName(number: int) -> str:
@@ -949,7 +970,11 @@ class Spool:
         the batch could not be written; C{entry} is then left unchanged.
         """
         byAddress = {r.address: r for r in changes}
-        finishing = all(byAddress.get(r.address, r).final for r in entry.recipients)
+        finishing = True
+        for r in entry.recipients:
+            if byAddress.get(r.address, r).state not in FINAL_STATES:
+                finishing = False
+                break
         if finishing:
             payload = entry.queue_id.encode("utf-8")
         else:

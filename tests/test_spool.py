@@ -82,6 +82,36 @@ class CodecTests(SynchronousTestCase):
         ).encode("utf-8") + b"\n"
         self.assertEqual(encodeState(recipient), expected)
 
+    @given(
+        st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7F), max_size=40),
+        st.text(max_size=12),
+        st.integers(min_value=0, max_value=10**6),
+        st.floats(allow_nan=False, allow_infinity=False),
+    )
+    def test_plainAddressAnyState(self, address, state, attempts, nextAttempt):
+        """
+        Printable ASCII addresses (quoted as they are, by hand) and any
+        state text still give the bytes of compact json.dumps.
+        """
+        recipient = Recipient(address, state, attempts, nextAttempt)
+        expected = json.dumps(
+            {"a": address, "s": state, "n": attempts, "t": nextAttempt}, separators=(",", ":")
+        ).encode("utf-8") + b"\n"
+        self.assertEqual(encodeState(recipient), expected)
+
+    @given(st.lists(st.tuples(st.text(max_size=20), st.sampled_from(["queued", "deferred"]),
+                              st.integers(0, 9), st.floats(0, 1e10)), max_size=6))
+    def test_statePayloadIsTheLines(self, specs):
+        """
+        A C{STATE} payload is the queue id, a newline and each recipient's
+        state line.
+        """
+        recipients = [Recipient(*spec) for spec in specs]
+        self.assertEqual(
+            statePayload("79/BC-00001-5C348706", recipients),
+            b"79/BC-00001-5C348706\n" + b"".join(encodeState(r) for r in recipients),
+        )
+
     @given(st.binary(max_size=3000), st.lists(st.emails(), min_size=1, max_size=5), st.text(max_size=30))
     def test_roundTrip(self, data, recipients, sender):
         """
@@ -267,6 +297,22 @@ class SpoolTests(SynchronousTestCase):
         )
         self.assertEqual(segments(self.directory), [segmentName(1)])
         self.assertEqual([e.queue_id for e in self.reopen()], [queueID(2)])
+
+    def test_recordFinishesOnlyWhenAllFinal(self):
+        """
+        A record that leaves a recipient not final is a C{STATE} record
+        (the message is recovered with its states); the one that makes the
+        last recipient final finishes the message.
+        """
+        entry = makeEntry(queueID(1))
+        self.successResultOf(self.spool.store(entry, b"x\r\n"))
+        self.successResultOf(self.spool.record(entry, [
+            Recipient("a@example.com", "delivered", 1), Recipient("b@example.org", "deferred", 1, 9.0)]))
+        [recovered] = self.reopen()
+        self.assertEqual([(r.state, r.next_attempt) for r in recovered.recipients],
+                         [("delivered", 0.0), ("deferred", 9.0)])
+        self.successResultOf(self.spool.record(recovered, [Recipient("b@example.org", "bounced", 2)]))
+        self.assertEqual(self.reopen(), [])
 
     def test_finishedWithoutDone(self):
         """
