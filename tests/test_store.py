@@ -2291,3 +2291,207 @@ class SQLiteStoreThreadPoolTests(TestCase):
         trigger()
         self.assertTrue(self.pool.joined)
         self.assertFalse(any(t.is_alive() for t in self.pool.threads))
+
+
+class EncodeEventsTests(SynchronousTestCase):
+    """
+    The SQLite store's batch encoding (L{_encodeEvents}) gives what
+    encoding the events one by one gives, with a detail dict shared by many
+    events (the parked recipients of one suspension) encoded once.
+    """
+
+    def oneByOne(self, events):
+        from collections import Counter
+
+        from smartrelay.store.sqlite import _counting
+
+        bumps, uniques = Counter(), []
+        for e in events:
+            always, unique = _counting(e)
+            bumps.update(always)
+            if unique is not None:
+                uniques.append(unique)
+        return [_toRow(e) for e in events], bumps, uniques
+
+    def mixed(self):
+        shared = {"reply": "delivery temporarily suspended", "attempts": 0}
+        events = []
+        for n in range(60):
+            events.append(event(
+                T0 + 97 * n * 13,  # across hour (and day) buckets
+                type=("deferred", "delivered", "bounced", "opened", "clicked", "accepted")[n % 6],
+                queue_id=None if n % 11 == 0 else f"Q{n % 4}",
+                recipient=(None, "a@Example.COM", "b@example.net", "nodomain")[n % 4],
+                tag=(None, "news", "receipts")[n % 3],
+                metadata=({}, {"k": "v"}, shared)[n % 3],
+                detail=(shared, {}, {"kind": ("hard", "soft")[n % 2]})[n % 3],
+                id=f"e{n}",
+            ))
+        return events
+
+    def test_sameAsOneByOne(self):
+        """
+        Rows, counters and the unique opens and clicks are those of
+        L{_toRow} and L{_counting}, event by event.
+        """
+        from smartrelay.store.sqlite import _encodeEvents
+
+        events = self.mixed()
+        self.assertEqual(_encodeEvents(events), self.oneByOne(events))
+
+    @given(st.lists(st.tuples(
+        st.sampled_from(["deferred", "delivered", "bounced", "opened", "accepted"]),
+        st.floats(min_value=0, max_value=4e9, allow_nan=False),
+        st.sampled_from([None, "x@A.example", "y@b.example"]),
+        st.sampled_from([None, "t"]),
+        st.integers(0, 2),
+        jsonValues,
+    ), max_size=20))
+    @settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+    def test_sameAsOneByOneAny(self, specs):
+        """
+        The same for any events (shared and distinct detail dicts alike).
+        """
+        from smartrelay.store.sqlite import _encodeEvents
+
+        shared = {"v": 1}
+        events = [
+            event(time, type=kind, recipient=recipient, tag=tag,
+                  detail=(shared, {}, {"value": value})[which], id=f"e{n}")
+            for n, (kind, time, recipient, tag, which, value) in enumerate(specs)
+        ]
+        self.assertEqual(_encodeEvents(events), self.oneByOne(events))
+
+    def test_sharedDetailEncodedOnce(self):
+        """
+        A detail dict that is the same object for many events of a batch is
+        encoded once, an empty metadata dict not at all; a detail only equal
+        to another is encoded on its own.
+        """
+        import json
+
+        import smartrelay.store.sqlite as sqlite
+
+        calls = []
+
+        class CountingJSON:
+            @staticmethod
+            def dumps(value, **kw):
+                calls.append(value)
+                return json.dumps(value, **kw)
+
+        self.patch(sqlite, "json", CountingJSON)
+        shared = {"reply": "suspended", "attempts": 0}
+        events = [event(T0 + n, type="deferred", recipient=f"r{n}@example.com",
+                        detail=shared, id=f"e{n}") for n in range(100)]
+        events.append(event(T0, type="deferred", detail=dict(shared), id="other"))
+        rows, bumps, uniques = sqlite._encodeEvents(events)
+        self.assertEqual(calls, [shared, shared])
+        self.assertEqual({row[8] for row in rows}, {json.dumps(shared)})
+        self.assertEqual({row[7] for row in rows}, {"{}"})
+
+    def test_changedBetweenBatches(self):
+        """
+        The cache lasts one batch: a shared dict changed afterwards is
+        written as it is when the next batch is encoded.
+        """
+        from smartrelay.store.sqlite import _encodeEvents
+
+        shared = {"attempts": 0}
+        first = _encodeEvents([event(detail=shared, id="a")])[0]
+        shared["attempts"] = 1
+        second = _encodeEvents([event(detail=shared, id="b")])[0]
+        self.assertEqual((first[0][8], second[0][8]), ('{"attempts": 0}', '{"attempts": 1}'))
+
+    def test_unencodableFailsTheBatch(self):
+        """
+        A batch with a value JSON cannot encode fails as a whole, nothing
+        written.
+        """
+        store = SQLiteStore(self.mktemp(), synchronous)
+        self.successResultOf(store.start())
+        self.addCleanup(store.close)
+        bad = event(detail={"x": object()}, id="bad")
+        self.failureResultOf(store.appendEvents([event(id="good"), bad]), TypeError)
+        self.assertEqual(self.successResultOf(store.eventsForMessage("Q1")), [])
+
+    def test_storedAndCounted(self):
+        """
+        Through the store: events sharing one detail dict are read back
+        with it, and counted in their hours, tags and domains.
+        """
+        store = SQLiteStore(self.mktemp(), synchronous)
+        self.successResultOf(store.start())
+        self.addCleanup(store.close)
+        shared = {"reply": "suspended", "attempts": 0}
+        events = [event(DAY0 + HOUR * (n % 3) + n, type="deferred", queue_id=f"Q{n}",
+                        recipient=f"r{n}@{('a', 'b')[n % 2]}.example", tag="t",
+                        detail=shared, id=f"e{n}") for n in range(12)]
+        self.successResultOf(store.appendEvents(events))
+        self.assertEqual(
+            [e.detail for n in range(12)
+             for e in self.successResultOf(store.eventsForMessage(f"Q{n}"))],
+            [shared] * 12,
+        )
+        memory = MemoryStore()
+        self.successResultOf(memory.appendEvents(events))
+        for kw in ({}, {"tag": "t"}, {"domain": "a.example"}, {"tag": "t", "domain": "B.example"}):
+            self.assertEqual(
+                self.successResultOf(store.statistics(since=DAY0, until=DAY0 + DAY, **kw)),
+                self.successResultOf(memory.statistics(since=DAY0, until=DAY0 + DAY, **kw)),
+            )
+
+
+class RedisEventEncodingTests(SynchronousTestCase):
+    """
+    The Redis store's record text with the batch's detail cache
+    (L{smartrelay.store.redis._recordCached}) is L{_record}'s, byte for
+    byte; a shared detail is encoded once.
+    """
+
+    def test_sameAsRecord(self):
+        from smartrelay.store.redis import _record, _recordCached
+
+        shared = {"reply": "suspended \u00e9", "n": 1.5}
+        encoded = {}
+        for n in range(30):
+            e = event(T0 + n / 7, type="deferred", queue_id=(None, "Q1")[n % 2],
+                      recipient=(None, 'q"@x.example', "a@b.example")[n % 3],
+                      tag=(None, "t")[n % 2], metadata=({}, {"k": "v"}, shared)[n % 3],
+                      detail=(shared, {}, {"kind": "hard"})[n % 3], id=f"e{n}")
+            self.assertEqual(_recordCached(e, encoded), _record(e))
+
+    def test_sharedDetailEncodedOnce(self):
+        import json
+
+        import smartrelay.store.redis as redis
+
+        calls = []
+
+        class CountingJSON:
+            @staticmethod
+            def dumps(value, **kw):
+                calls.append(value)
+                return json.dumps(value, **kw)
+
+        self.patch(redis, "json", CountingJSON)
+        shared = {"reply": "suspended"}
+        encoded = {}
+        for n in range(50):
+            redis._recordCached(event(detail=shared, id=f"e{n}"), encoded)
+        self.assertEqual(calls.count(shared), 1)
+        self.assertNotIn({}, calls)
+
+    def test_counterKey(self):
+        """
+        Events alike for the counters have one key: type, tag, recipient
+        domain (case-insensitive) and their hour and day; bounces none.
+        """
+        from smartrelay.store.redis import _counterKey
+
+        self.assertEqual(_counterKey(event(T0, recipient="a@X.example")),
+                         _counterKey(event(T0 + 1, recipient="b@x.example")))
+        self.assertNotEqual(_counterKey(event(DAY0 + HOUR - 1)), _counterKey(event(DAY0 + HOUR)))
+        self.assertNotEqual(_counterKey(event(T0, tag="a")), _counterKey(event(T0)))
+        self.assertNotEqual(_counterKey(event(T0, type="deferred")), _counterKey(event(T0)))
+        self.assertIsNone(_counterKey(event(T0, type="bounced")))

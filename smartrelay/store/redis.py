@@ -90,6 +90,9 @@ from zope.interface import classImplements, implementer
 
 from smartrelay.events import Event
 from smartrelay.store.interfaces import (
+    INTERVALS,
+    bucketStart,
+    recipientDomain,
     ILeases,
     IMailboxes,
     IThrottles,
@@ -1162,12 +1165,47 @@ def _bucketOf(time: float) -> tuple[str, float]:
     return _number(start), start
 
 
-def _eventArgs(event: Event, time: float) -> list[str]:
+def _counterKey(event: Event) -> Optional[tuple]:
+    """
+    What the counters L{counterBumps} gives an event depend on: its type,
+    tag, recipient domain and buckets; L{None} for bounces (their detail
+    counts too), which are counted one by one.
+    """
+    if event.type == "bounced":
+        return None
+    return (event.type, event.tag, recipientDomain(event.recipient)) + tuple(
+        [bucketStart(event.time, size) for size in INTERVALS.values()]
+    )
+
+
+def _recordCached(event: Event, encoded: dict) -> str:
+    """
+    L{_record}'s text, with a C{metadata} or C{detail} dict that is the same
+    object as one already in C{encoded} (C{id(dict) -> (dict, its JSON)},
+    one batch's) not encoded again: the scheduler gives every parked
+    recipient of one suspension the same detail.
+    """
+    parts = []
+    for value in (event.metadata, event.detail):
+        if type(value) is dict and not value:
+            parts.append("{}")
+            continue
+        known = encoded.get(id(value))
+        if known is None or known[0] is not value:
+            known = encoded[id(value)] = (value, json.dumps(value))
+        parts.append(known[1])
+    head = json.dumps(
+        [event.id, event.time, event.type, event.queue_id, event.recipient, event.tag]
+    )
+    return "%s, %s, %s]" % (head[:-1], parts[0], parts[1])
+
+
+def _eventArgs(event: Event, time: float, encoded: Optional[dict] = None) -> list[str]:
     bucket, start = _bucketOf(time)
     return [
         bucket,
         _number(start),
-        _record(event),
+        _record(event) if encoded is None else _recordCached(event, encoded),
         str(event.type),
         _present(event.tag),
         _present(event.queue_id),
@@ -1778,10 +1816,22 @@ class RedisStore:
             return None
         args = [self._bucketPrefix(), str(len(events)), str(COMPACT_AT)]
         bumps: Counter = Counter()
+        encoded: dict = {}  # the batch's metadata and detail JSON, by identity
+        counted: dict = {}  # events alike (L{_counterKey}) -> how many
+        bumpsOf: dict = {}  # and the counters of one of them
         for event in events:
             time = _eventTime(event)
-            args += _eventArgs(event, time)
-            bumps.update(counterBumps(event, eventCounterTypes(event)))
+            args += _eventArgs(event, time, encoded)
+            key = _counterKey(event)
+            if key is None:
+                bumps.update(counterBumps(event, eventCounterTypes(event)))
+            else:
+                count = counted.get(key)
+                if count is None:
+                    counted[key] = 1
+                    bumpsOf[key] = counterBumps(event, eventCounterTypes(event))
+                else:
+                    counted[key] = count + 1
             unique = uniqueKey(event)
             if unique is None:
                 args += ["", "", "", "0", ""]
@@ -1797,6 +1847,9 @@ class RedisStore:
                 ]
                 for bump in uniqueBumps:
                     args += self._bump(bump)
+        for key, count in counted.items():
+            for bump in bumpsOf[key]:
+                bumps[bump] += count
         args.append(str(len(bumps)))
         for bump, count in bumps.items():
             hashKey, type, zset, bucket = self._bump(bump)

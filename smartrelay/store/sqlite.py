@@ -29,6 +29,7 @@ from smartrelay.store.interfaces import (
     ISMSSubmissions,
     SMSSubmission,
     normaliseSMSMessageID,
+    INTERVALS,
     UNIQUE_TYPES,
     EventClaim,
     EventPage,
@@ -38,6 +39,7 @@ from smartrelay.store.interfaces import (
     StoreClosed,
     SuppressionEntry,
     SuppressionPage,
+    bucketStart,
     buildStatistics,
     checkAddresses,
     checkBatches,
@@ -63,6 +65,7 @@ from smartrelay.store.interfaces import (
     normalisePrefix,
     normaliseRecipient,
     prefixUpperBound,
+    recipientDomain,
     takeFromBucket,
     uniqueKey,
 )
@@ -297,6 +300,84 @@ def _counting(event: Event) -> tuple:
     return bumps, (unique, event.time, counterBumps(event, [UNIQUE_TYPES[event.type]]))
 
 
+def _encodeEvents(events: list) -> tuple:
+    """
+    The rows of C{events} and what they do to the statistics, as
+    L{_toRow} and L{_counting} make them, event by event, but with the work
+    that repeats done once per batch: a C{metadata} or C{detail} dict that
+    is the same object as one already encoded in this batch (the scheduler
+    gives every parked recipient of one suspension the same detail) is
+    encoded once, an empty one is C{"{}"}, and the counters of events that
+    share their type, tag, recipient domain and hour and day are computed
+    once and counted.
+
+    @return: C{(rows, bumps, uniques)}: C{bumps} a L{Counter} of the
+        counters every event bumps, C{uniques} the C{(key, time, bumps)} of
+        opens and clicks in order.
+    """
+    rows = []
+    uniques = []
+    encoded: dict = {}  # id(dict) -> (dict, its JSON); the dict kept alive
+    keys: dict = {}  # counters key -> events with it
+    bumpsOf: dict = {}  # counters key -> the counters of one such event
+    dumps = json.dumps
+    sizes = tuple(INTERVALS.values())
+    for event in events:
+        metadata, detail = event.metadata, event.detail
+        if type(metadata) is dict and not metadata:
+            metadataJSON = "{}"
+        else:
+            known = encoded.get(id(metadata))
+            if known is None or known[0] is not metadata:
+                known = encoded[id(metadata)] = (metadata, dumps(metadata))
+            metadataJSON = known[1]
+        if type(detail) is dict and not detail:
+            detailJSON = "{}"
+        else:
+            known = encoded.get(id(detail))
+            if known is None or known[0] is not detail:
+                known = encoded[id(detail)] = (detail, dumps(detail))
+            detailJSON = known[1]
+        recipient = event.recipient
+        rows.append(
+            (
+                event.id,
+                event.time,
+                event.type,
+                event.queue_id,
+                recipient,
+                normaliseRecipient(recipient),
+                event.tag,
+                metadataJSON,
+                detailJSON,
+            )
+        )
+        if event.type in UNIQUE_TYPES or event.type == "bounced":
+            # Rare on the busy paths: as L{_counting} does.
+            always, unique = _counting(event)
+            key = ("event", event.id)
+            keys[key] = 1
+            bumpsOf[key] = always
+            if unique is not None:
+                uniques.append(unique)
+            continue
+        when = event.time
+        key = (event.type, event.tag, recipientDomain(recipient)) + tuple(
+            [bucketStart(when, size) for size in sizes]
+        )
+        count = keys.get(key)
+        if count is None:
+            keys[key] = 1
+            bumpsOf[key] = counterBumps(event, eventCounterTypes(event))
+        else:
+            keys[key] = count + 1
+    bumps: Counter = Counter()
+    for key, count in keys.items():
+        for counter in bumpsOf[key]:
+            bumps[counter] += count
+    return rows, bumps, uniques
+
+
 def _entryFromRow(row: tuple) -> SuppressionEntry:
     address, reason, source_event, time, expires = row
     return SuppressionEntry(
@@ -503,11 +584,10 @@ class SQLiteStore:
         # events as they were when appended, and a value that cannot be
         # encoded fails before anything is written.
         try:
-            rows = [_toRow(event) for event in events]
-            counting = [_counting(event) for event in events]
+            rows, bumps, uniques = _encodeEvents(events)
         except Exception:
             return fail()
-        return self._run(self._append, rows, counting)
+        return self._run(self._append, rows, bumps, uniques)
 
     def eventsForMessage(self, queue_id: str) -> Deferred:
         return self._run(self._eventsForMessage, queue_id)
@@ -702,23 +782,25 @@ class SQLiteStore:
             finally:
                 conn.close()
 
-    def _append(self, rows: list[tuple], counting: list[tuple]) -> None:
+    def _append(self, rows: list[tuple], always: Counter, uniques: list[tuple]) -> None:
+        """
+        Insert the rows of L{_encodeEvents} and bump the counters (C{always}
+        and, for the opens and clicks not seen before, theirs) in one
+        transaction.
+        """
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(_INSERT, rows)
-            bumps: Counter = Counter()
-            for always, unique in counting:
-                bumps.update(always)
-                if unique is not None:
-                    key, time, uniqueBumps = unique
-                    inserted = conn.execute(
-                        "INSERT OR IGNORE INTO seen"
-                        " (queue_id, recipient_norm, type, time) VALUES (?, ?, ?, ?)",
-                        (*key, time),
-                    )
-                    if inserted.rowcount == 1:
-                        bumps.update(uniqueBumps)
+            bumps: Counter = Counter(always)
+            for key, time, uniqueBumps in uniques:
+                inserted = conn.execute(
+                    "INSERT OR IGNORE INTO seen"
+                    " (queue_id, recipient_norm, type, time) VALUES (?, ?, ?, ?)",
+                    (*key, time),
+                )
+                if inserted.rowcount == 1:
+                    bumps.update(uniqueBumps)
             conn.executemany(
                 _BUMP, [(*counter, count) for counter, count in bumps.items()]
             )
