@@ -174,7 +174,7 @@ class ParkingTests(ParkingTestsMixin, SynchronousTestCase):
         # One detail for every recipient it is the same for; the scheduler
         # keeps none per parked recipient, and makes an equal one when asked.
         self.assertTrue(all(d[3] is detail for d in deferrals))
-        self.assertEqual(list(self.scheduler._deferrals), [("FIRST", "a@example.com")])
+        self.assertEqual(list(self.scheduler._queue._deferrals), [("FIRST", "a@example.com")])
         self.assertEqual(
             self.scheduler.lastDeferral(entries[-1].queue_id, "r29@example.com"), detail
         )
@@ -546,3 +546,154 @@ class RealSpoolTests(ParkingTestsMixin, SynchronousTestCase):
             sorted(e[1] for e in self.events.ofType("delivered")), ["FIRST", "P0", "P1", "P2"]
         )
         self.assertEqual(self.recover()[1], [])
+
+
+class ParkingFlushTests(SynchronousTestCase):
+    """
+    L{Parking}'s bulk record on its own (fake clock, recording callables):
+    what it hands the scheduler per parked recipient, and what the
+    recipients of one suspension share.
+    """
+
+    def setUp(self):
+        from smartrelay.outbound.parking import Parking
+
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.batches, self.expired, self.released = [], [], []
+        self.parking = Parking(
+            clock=self.clock,
+            retry=Delays((60, 300)),
+            maxAge=3600.0,
+            record=self.batches.append,
+            expire=lambda entry, changes, events: self.expired.append((entry, changes, events)),
+            release=lambda entry, addresses: self.released.append((entry, addresses)),
+            opening=lambda key: False,
+        )
+        self.addCleanup(self.parking.stop)
+        self.suspension = self.parking.suspend(DESTINATION, REFUSED, SMARTHOST)
+
+    def park(self, queue_id, addresses, received=START, attempts=0):
+        entry = makeEntry(queue_id, list(addresses), received=received)
+        for recipient in entry.recipients:
+            recipient.attempts = attempts
+        self.parking.park(DESTINATION, entry, list(addresses))
+        return entry
+
+    def flush(self):
+        self.clock.advance(FLUSH_INTERVAL)
+        self.assertLessEqual(len(self.batches), 1)
+        return self.batches.pop() if self.batches else []
+
+    def test_oneDetailPerSuspension(self):
+        """
+        Every parked recipient of one suspension with as many attempts gets
+        the same detail dict (one object: the event log encodes it once) and
+        the same reply text; messages with one recipient and with several
+        are recorded alike.
+        """
+        self.park("M1", ["a@example.com"])
+        self.park("M2", ["b@example.com"])
+        self.park("M3", ["c@example.com", "d@example.net"])
+        batch = self.flush()
+        self.assertEqual([entry.queue_id for entry, _, _ in batch], ["M1", "M2", "M3"])
+        events = [event for _, _, each in batch for event in each]
+        self.assertEqual([e[1] for e in events],
+                         ["a@example.com", "b@example.com", "c@example.com", "d@example.net"])
+        details = {id(e[2]) for e in events}
+        self.assertEqual(len(details), 1)
+        self.assertEqual(events[0][2], {
+            "reply": "delivery temporarily suspended: " + REFUSED.text,
+            "code": 451,
+            "status": "4.4.1",
+            "remote": SMARTHOST,
+            "attempts": 0,
+            "suspended": DESTINATION,
+            "next_attempt": rfc3339(START + 60),
+        })
+        for state, address, detail, line in events:
+            self.assertEqual(state, "deferred")
+            self.assertEqual(line, {
+                "delay": FLUSH_INTERVAL,
+                "reply": "451 4.4.1 delivery temporarily suspended: " + REFUSED.text,
+                "relay": None,
+                "dsn": "4.4.1",
+                "attempts": 0,
+                "next_attempt": rfc3339(START + 60),
+            })
+        changes = [change for _, each, _ in batch for change in each]
+        self.assertEqual(
+            [(c.address, c.state, c.attempts, c.next_attempt) for c in changes],
+            [(a, "deferred", 0, START + 60)
+             for a in ("a@example.com", "b@example.com", "c@example.com", "d@example.net")],
+        )
+        self.assertEqual(len(self.parking), 4)
+
+    def test_detailByAttempts(self):
+        """
+        Recipients with different attempt counts get their own detail.
+        """
+        self.park("M1", ["a@example.com"], attempts=2)
+        self.park("M2", ["b@example.com"], attempts=2)
+        self.park("M3", ["c@example.com"], attempts=5)
+        details = [each[0][2] for _, _, each in self.flush()]
+        self.assertIs(details[0], details[1])
+        self.assertEqual([d["attempts"] for d in details], [2, 2, 5])
+        self.assertIsNot(details[0], details[2])
+
+    def test_detailsNotKeptAfterFlush(self):
+        """
+        A later flush makes new details (the recipients of the earlier one
+        may keep theirs).
+        """
+        self.park("M1", ["a@example.com"])
+        first = self.flush()[0][2][0][2]
+        self.park("M2", ["b@example.com"])
+        second = self.flush()[0][2][0][2]
+        self.assertEqual(first, second)
+        self.assertIsNot(first, second)
+
+    def test_finalRecipientUnparked(self):
+        """
+        A parked one-recipient message whose recipient has meanwhile
+        reached a final state is not recorded, and no longer parked.
+        """
+        from smartrelay.message import Recipient
+
+        entry = self.park("M1", ["a@example.com"])
+        self.park("M2", ["b@example.com"])
+        entry.recipients = [Recipient("a@example.com", "delivered", 1, 0.0)]
+        batch = self.flush()
+        self.assertEqual([e.queue_id for e, _, _ in batch], ["M2"])
+        self.assertNotIn(("M1", "a@example.com"), self.parking)
+        self.assertEqual(len(self.parking), 1)
+
+    def test_onlyPendingRecipient(self):
+        """
+        Only the recipient whose deferral is pending is recorded: one
+        released meanwhile (the message then gone from the parking) is not.
+        """
+        self.park("M1", ["a@example.com"])
+        self.parking.forget("M1")
+        self.park("M2", ["b@example.com"])
+        self.assertEqual([e.queue_id for e, _, _ in self.flush()], ["M2"])
+
+    def test_expiresSingle(self):
+        """
+        A one-recipient message past its maximum age at the retry time
+        expires (through C{expire}, not the bulk record) and is unparked.
+        """
+        self.park("OLD", ["a@example.com"], received=START - 3590)
+        self.park("NEW", ["b@example.com"])
+        batch = self.flush()
+        self.assertEqual([e.queue_id for e, _, _ in batch], ["NEW"])
+        [(entry, changes, events)] = self.expired
+        self.assertEqual(entry.queue_id, "OLD")
+        self.assertEqual([(c.address, c.state) for c in changes], [("a@example.com", "expired")])
+        [(state, address, detail, line)] = events
+        self.assertEqual(state, "expired")
+        self.assertEqual(detail["reason"], "expired")
+        self.assertEqual(detail["diagnostic"],
+                         "451 4.4.1 delivery temporarily suspended: " + REFUSED.text)
+        self.assertNotIn("next_attempt", detail)
+        self.assertNotIn(("OLD", "a@example.com"), self.parking)

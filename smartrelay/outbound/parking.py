@@ -44,7 +44,7 @@ import attrs
 from twisted.logger import Logger
 
 from smartrelay.events import rfc3339
-from smartrelay.message import Recipient, SpoolEntry
+from smartrelay.message import FINAL_STATES, Recipient, SpoolEntry
 
 __all__ = ["Parking", "Suspension", "FLUSH_INTERVAL", "CHUNK", "PROBE_TIMEOUT"]
 
@@ -450,11 +450,23 @@ class Parking:
                 del self._pending[queue_id]
         batch: list = []
         self._details = {}
+        found = self._parked.get
         for queue_id, which in members:
-            entry, parked = self._recipients(queue_id)
+            parked = found(queue_id)
+            if parked is None:
+                continue
+            if type(parked) is tuple:
+                # Most messages: one recipient, parked (no list to build).
+                entry, address, suspension = parked
+                if suspension is None or not (which is ALL or address == which or (
+                    type(which) is set and address in which)):
+                    continue
+                self._recordOne(entry, address, suspension, now, batch)
+                continue
+            entry = parked.entry
             parked = [
                 (address, suspension)
-                for address, suspension in parked
+                for address, suspension in parked.addresses.items()
                 if suspension is not None
                 and (which is ALL or address == which or (type(which) is set and address in which))
             ]
@@ -465,6 +477,26 @@ class Parking:
             self.record(batch)
         if self._pending:
             self._flushTimer = self.clock.callLater(0, self._flush)
+
+    def _recordOne(
+        self, entry: SpoolEntry, address: str, suspension: Suspension, now: float, batch: list
+    ) -> None:
+        """
+        L{_recordEntry} for the one parked recipient of a message.
+        """
+        recipient = None
+        for each in entry.recipients:  # the last of that address, as in _recordEntry
+            if each.address == address:
+                recipient = each
+        if recipient is None or recipient.state in FINAL_STATES:
+            self._remove(entry.queue_id, address)
+            return
+        change, event = self._deferral(entry, recipient, suspension, now)
+        if change.state == "expired":
+            self._remove(entry.queue_id, address)
+            self.expire(entry, [change], [event])
+        else:
+            batch.append((entry, [change], [event]))
 
     def _recordEntry(self, entry: SpoolEntry, parked: list, now: float, batch: list) -> None:
         current = {r.address: r for r in entry.recipients}
@@ -497,30 +529,34 @@ class Parking:
         counted, none was made.
         """
         reply = suspension.reply
-        status = _status(reply)
         nextAttempt = suspension.retryAt
-        key = (suspension.key, nextAttempt, reply, suspension.remote, recipient.attempts)
-        detail = self._details.get(key)
-        if detail is None:
-            detail = self._details[key] = _detail(suspension, recipient.attempts)
+        attempts = recipient.attempts
+        key = (suspension.key, nextAttempt, reply, suspension.remote, attempts)
+        # What the recipients of one suspension with as many attempts
+        # share (the detail dict itself, and the strings of the log line)
+        # is made once a flush.
+        shared = self._details.get(key)
+        if shared is None:
+            status = _status(reply)
+            shared = self._details[key] = (
+                _detail(suspension, attempts),
+                status,
+                f"{reply.code} {status} {suspension.reason}",
+            )
+        detail, status, replyLine = shared
         if nextAttempt - entry.received > self.maxAge:
             state, nextAttempt = "expired", recipient.next_attempt
-            detail = {"reason": "expired", "diagnostic": f"{reply.code} {status} {suspension.reason}",
+            detail = {"reason": "expired", "diagnostic": replyLine,
                       **{k: v for k, v in detail.items() if k != "next_attempt"}}
         else:
             state = "deferred"
-        change = Recipient(
-            address=recipient.address,
-            state=state,
-            attempts=recipient.attempts,
-            next_attempt=nextAttempt,
-        )
+        change = Recipient(recipient.address, state, attempts, nextAttempt)
         line = {
             "delay": now - entry.received,
-            "reply": f"{reply.code} {status} {suspension.reason}",
+            "reply": replyLine,
             "relay": None,
             "dsn": status,
-            "attempts": recipient.attempts,
+            "attempts": attempts,
             "next_attempt": detail.get("next_attempt"),
         }
         return change, (state, recipient.address, detail, line)
