@@ -3,6 +3,7 @@ Tests for L{smartrelay.web.accesslog} and C{[web] access_log}: where the
 site's access lines go.
 """
 
+import io
 import os
 import re
 
@@ -10,7 +11,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.task import Clock
-from twisted.logger import Logger
+from twisted.logger import (
+    LoggingFile,
+    Logger,
+    LogLevel,
+    LogPublisher,
+    formatEvent,
+    formatTime,
+    textFileLogObserver,
+)
+from twisted.logger import _logger
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
@@ -20,8 +30,11 @@ from twisted.web.http import combinedLogFormatter
 from smartrelay.web import accesslog
 from smartrelay.web.accesslog import (
     FLUSH_INTERVAL,
+    LOG_FLUSH_INTERVAL,
+    MAX_LOG_LINES,
     MAX_WAITING,
     AccessLogFile,
+    RelayLogLines,
     _origin,
     accessLogFormatter,
     loggedPath,
@@ -138,6 +151,188 @@ class AccessLogFileTests(SynchronousTestCase):
         self.log.write("caf\u00e9 \udcff\n")
         self.clock.advance(FLUSH_INTERVAL)
         self.assertEqual(self.read(), "caf\u00e9 ?\n".encode("utf-8"))
+
+
+class _Bytes(io.BytesIO):
+    """
+    A binary file whose text a L{FileLogObserver} writes as UTF-8.
+    """
+
+
+class RelayLogLinesTests(SynchronousTestCase):
+    """
+    L{RelayLogLines} logs access lines in batches, as Twisted's legacy log
+    file logs them one by one.
+    """
+
+    LINE = '"127.0.0.1" - - [07/Dec/2026:23:47:27 +0000] "GET /t/c/<token:7d38d8ea> HTTP/1.1" 302 687 "-" "-"'
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1_765_150_000.5)
+        self.publisher = LogPublisher()
+
+    def legacyText(self, lines, when):
+        """
+        What twistd's log file gets for C{lines} written at C{when} through
+        Twisted's legacy log file (C{LoggingFile}), one event each.
+        """
+        out = io.StringIO()
+        publisher = LogPublisher(textFileLogObserver(out))
+        logFile = LoggingFile(Logger(namespace="twisted.python.log", observer=publisher))
+        original = _logger.time
+        _logger.time = lambda: when
+        try:
+            for line in lines:
+                logFile.write(line + "\n")
+        finally:
+            _logger.time = original
+        return out.getvalue()
+
+    def test_batchedToLogFile(self):
+        """
+        With twistd's text log file as the only observer, the lines wait
+        for L{LOG_FLUSH_INTERVAL} and are then written in one C{write}, the
+        text being what the legacy log file gave, time stamps included.
+        """
+        out = io.StringIO()
+        writes = []
+        original = out.write
+        out.write = lambda text: (writes.append(text), original(text))[1]
+        self.publisher.addObserver(textFileLogObserver(out))
+        lines = RelayLogLines(self.clock, self.publisher)
+        self.clock.advance(0.4)
+        first = self.clock.seconds()
+        lines.write(self.LINE + "\n")
+        lines.write("caf\u00e9 \"x\"\n")
+        self.clock.advance(LOG_FLUSH_INTERVAL / 2)  # into the next second
+        lines.write(self.LINE + "\n")
+        self.assertEqual(out.getvalue(), "")
+        self.clock.advance(LOG_FLUSH_INTERVAL / 2 + 0.01)
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(
+            out.getvalue(),
+            self.legacyText([self.LINE, "caf\u00e9 \"x\""], first)
+            + self.legacyText([self.LINE], first + LOG_FLUSH_INTERVAL / 2),
+        )
+        self.assertNotEqual(int(first), int(first + LOG_FLUSH_INTERVAL / 2))
+        self.assertIn("[twisted.python.log#info] " + self.LINE + "\n", out.getvalue())
+
+    def test_binaryLogFile(self):
+        """
+        A log file the observer writes UTF-8 bytes to gets them.
+        """
+        out = _Bytes()
+        self.publisher.addObserver(textFileLogObserver(out))
+        lines = RelayLogLines(self.clock, self.publisher)
+        lines.write("caf\u00e9\n")
+        lines.flush()
+        self.assertEqual(
+            out.getvalue(),
+            self.legacyText(["caf\u00e9"], self.clock.seconds()).encode("utf-8"),
+        )
+
+    def test_otherObservers(self):
+        """
+        With any other observers (a JSON log, several), each line is an
+        event of its own, with the time it was written, as the legacy log
+        file emits it.
+        """
+        events = []
+        self.publisher.addObserver(events.append)
+        lines = RelayLogLines(self.clock, self.publisher)
+        lines.write(self.LINE + "\n")
+        when = self.clock.seconds()
+        self.clock.advance(LOG_FLUSH_INTERVAL)
+        [event] = events
+        self.assertEqual(formatEvent(event), self.LINE)
+        self.assertEqual(event["log_time"], when)
+        self.assertEqual(event["log_namespace"], "twisted.python.log")
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertEqual(event["log_io"], self.LINE)
+
+        out = io.StringIO()
+        self.publisher.addObserver(textFileLogObserver(out))
+        lines.write(self.LINE + "\n")
+        lines.flush()
+        self.assertEqual(len(events), 2)
+        self.assertEqual(out.getvalue(), self.legacyText([self.LINE], self.clock.seconds()))
+
+    def test_otherFormat(self):
+        """
+        A text file observer that formats lines otherwise than twistd's
+        (another time format) gets events.
+        """
+        out = io.StringIO()
+        self.publisher.addObserver(textFileLogObserver(out, timeFormat="%H:%M"))
+        lines = RelayLogLines(self.clock, self.publisher)
+        lines.write("x\n")
+        lines.flush()
+        self.assertEqual(out.getvalue(), formatTime(self.clock.seconds(), "%H:%M")
+                         + " [twisted.python.log#info] x\n")
+
+    def test_full(self):
+        """
+        L{MAX_LOG_LINES} waiting lines are logged at once.
+        """
+        out = io.StringIO()
+        self.publisher.addObserver(textFileLogObserver(out))
+        lines = RelayLogLines(self.clock, self.publisher)
+        for n in range(MAX_LOG_LINES - 1):
+            lines.write(f"{n}\n")
+        self.assertEqual(out.getvalue(), "")
+        lines.write("last\n")
+        self.assertEqual(out.getvalue().count("\n"), MAX_LOG_LINES)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_partialLines(self):
+        """
+        Text without its newline waits for the rest, as in a file.
+        """
+        events = []
+        self.publisher.addObserver(events.append)
+        lines = RelayLogLines(self.clock, self.publisher)
+        lines.write("a\nb")
+        lines.write("c\nd\n")
+        lines.flush()
+        self.assertEqual([e["log_io"] for e in events], ["a", "bc", "d"])
+
+    def test_brokenFile(self):
+        """
+        If the direct write fails, the lines go through the publisher
+        (which deals with its broken observer).
+        """
+        out = io.StringIO()
+        out.close()
+        observer = textFileLogObserver(out)
+        events = []
+        self.publisher.addObserver(observer)
+        self.publisher.addObserver(events.append)
+        self.publisher.removeObserver(events.append)
+        lines = RelayLogLines(self.clock, self.publisher)
+        errors = []
+        self.publisher._errorLoggerForObserver = lambda o: Logger(observer=errors.append)
+        lines.write("x\n")
+        lines.flush()
+        self.assertEqual(len(errors), 1)
+
+    def test_site(self):
+        """
+        A site whose access log is C{"log"} logs through L{RelayLogLines}
+        and writes what waits when it stops.
+        """
+        site = makeSite(Hello(), self.clock, "log")
+        site.doStart()
+        self.assertIsInstance(site._logFile, RelayLogLines)
+        events = []
+        site._logFile.publisher = LogPublisher(events.append)
+        request = site.requestFactory(_Channel(site), False)
+        request.method, request.uri, request.clientproto = b"GET", b"/t/c/tok", b"HTTP/1.1"
+        site.log(request)
+        self.assertEqual(events, [])
+        site.doStop()
+        [event] = events
+        self.assertIn('"GET /t/c/<token:', event["log_io"])
 
 
 class Hello(Resource):

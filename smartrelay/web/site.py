@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from smartrelay.web.accesslog import accessLogFormatter
+from smartrelay.web.accesslog import RelayLogLines, accessLogFormatter
 
 __all__ = ["MAX_BODY", "BoundedRequest", "SiteRoot", "makeSite"]
 
@@ -161,7 +161,7 @@ class BoundedRequest(Request):
 class _Site(Site):
     """
     A site whose access log goes where C{[web] access_log} says: the
-    relay's log (Twisted Web's default), nowhere (C{accessLog} L{None}), or
+    relay's log (in batches, L{RelayLogLines}), nowhere (C{accessLog} L{None}), or
     an object with C{write(str)} such as
     L{smartrelay.web.accesslog.AccessLogFile}.
     """
@@ -170,13 +170,17 @@ class _Site(Site):
 
     def startFactory(self) -> None:
         super().startFactory()
-        if self.accessLog != "log":
+        if self.accessLog == "log":
+            # The relay's log, in batches (the same lines).
+            self._logFile = RelayLogLines(self.reactor)
+        else:
             self._logFile = self.accessLog
 
     def stopFactory(self) -> None:
         # Twisted Web closes a log file of its own; this one is the relay's.
-        if self.accessLog != "log":
-            self._logFile = log.logfile
+        if isinstance(self._logFile, RelayLogLines):
+            self._logFile.flush()
+        self._logFile = log.logfile
         super().stopFactory()
 
 
