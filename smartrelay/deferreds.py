@@ -6,6 +6,7 @@ Waiting for work in flight.
 from typing import Any, Callable, Collection
 
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.python.failure import Failure
 
 
 def whenAllDone(pending: Callable[[], Collection[Deferred]]) -> Deferred:
@@ -30,3 +31,32 @@ def whenAllDone(pending: Callable[[], Collection[Deferred]]) -> Deferred:
 
     check()
     return done
+
+
+class InFlight:
+    """
+    Work in flight that must finish (or be waited for) before a service
+    stops: each tracked L{Deferred} is kept until it fires, and an
+    unexpected failure is logged rather than lost.
+    """
+
+    def __init__(self, log: Any, what: str = "unexpected error in delivery scheduling") -> None:
+        self._log = log
+        self._what = what
+        self.pending: set = set()
+
+    def track(self, d: Deferred) -> Deferred:
+        """
+        Keep C{d} until it fires; log its failure, if any.
+
+        @return: C{d}.
+        """
+        self.pending.add(d)
+
+        def finished(result: Any) -> None:
+            self.pending.discard(d)
+            if isinstance(result, Failure):
+                self._log.failure(self._what, result)
+
+        d.addBoth(finished)
+        return d

@@ -168,7 +168,7 @@ class TwoNodeTests(SynchronousTestCase):
         hosts = [c.hop.name for c in self.b.pending()]
         self.assertEqual(hosts, ["mx.other.test"])
         # The refused destination took no global slot meanwhile.
-        self.assertEqual(self.b.scheduler._active, 1)
+        self.assertEqual(self.b.scheduler.activeSessions, 1)
 
     def test_onlyUsableSlotsTaken(self):
         """

@@ -130,3 +130,27 @@ class LayerTests(SynchronousTestCase):
 
         for part in sorted(edges):
             visit(part, [])
+
+    def test_schedulerParts(self):
+        """
+        The delivery scheduler is a service composing parts, each of which
+        knows only what it is given: none imports the scheduler, the
+        session loop and the hand-out of sessions know nothing of recipient
+        state (the queue) or of the suppression check, and the queue knows
+        nothing of sessions.
+        """
+        graph = importGraph()
+        parts = ["queue", "dispatch", "sessions", "outcomes", "throttling", "checks", "parking"]
+        for part in parts:
+            self.assertNotIn(
+                "smartrelay.outbound.scheduler", graph[f"smartrelay.outbound.{part}"], part
+            )
+        for part in ("dispatch", "sessions"):
+            for unknown in ("queue", "checks", "parking"):
+                self.assertNotIn(
+                    f"smartrelay.outbound.{unknown}", graph[f"smartrelay.outbound.{part}"], part
+                )
+        for unknown in ("dispatch", "sessions", "session", "pool"):
+            self.assertNotIn(
+                f"smartrelay.outbound.{unknown}", graph["smartrelay.outbound.queue"], unknown
+            )

@@ -174,7 +174,7 @@ class ParkingTests(ParkingTestsMixin, SynchronousTestCase):
         # One detail for every recipient it is the same for; the scheduler
         # keeps none per parked recipient, and makes an equal one when asked.
         self.assertTrue(all(d[3] is detail for d in deferrals))
-        self.assertEqual(list(self.scheduler._deferrals), [("FIRST", "a@example.com")])
+        self.assertEqual(list(self.scheduler._queue._deferrals), [("FIRST", "a@example.com")])
         self.assertEqual(
             self.scheduler.lastDeferral(entries[-1].queue_id, "r29@example.com"), detail
         )

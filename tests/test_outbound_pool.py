@@ -375,16 +375,18 @@ class RateTests(PoolTestsMixin, SynchronousTestCase):
         self.deliverer.auto = lambda call: __import__(
             "smartrelay.outbound.session", fromlist=["AttemptResult"]
         ).AttemptResult(call.hop.name, False, {a: Reply(250, None, "ok") for a in call.recipients})
-        self.addMany(3)
+        self.addMany(5)
         self.clock.advance(0)
-        self.assertEqual(self.delivered(), 1)
+        # This node's own bucket: the burst of 2 at once, then 2 a second.
+        self.assertEqual(self.delivered(), 2)
         self.assertTrue(self.scheduler.ratesLocal)
         self.clock.advance(0.5)
-        self.assertEqual(self.delivered(), 2)
+        self.assertEqual(self.delivered(), 3)
         self.assertEqual(self.flushLoggedErrors(ConnectionError), [])
         down.down = False
+        # The store's bucket again (full: its burst of 2).
         self.clock.advance(0.5)
-        self.assertEqual(self.delivered(), 3)
+        self.assertEqual(self.delivered(), 5)
         self.assertFalse(self.scheduler.ratesLocal)
 
 
@@ -613,17 +615,24 @@ class SuppressionTests(PoolTestsMixin, SynchronousTestCase):
         self.assertEqual(self.scheduler.queued(), 0)
 
     def test_storeDown(self):
-        """If the list cannot be checked the mail goes out (and the failure is logged)."""
+        """
+        If the list cannot be checked (and there is no local replica) the
+        recipient is held, never delivered unchecked: deferred with a
+        reason that says so, retried on the retry schedule.
+        """
 
         class DownStore:
             def checkSuppressions(self, addresses, now):
                 return fail(ConnectionError("store down"))
 
         self.scheduler.store = DownStore()
-        self.add("Q1", ["gone@a.example"])
+        entry = self.add("Q1", ["gone@a.example"])
         self.clock.advance(0)
-        self.answerAll()
-        self.assertEqual(len(self.events.ofType("delivered")), 1)
+        self.assertEqual(self.deliverer.opens, [])
+        [deferred] = self.events.ofType("deferred")
+        self.assertEqual(deferred[3]["code"], 451)
+        self.assertIn("suppression list cannot be checked", deferred[3]["reply"])
+        self.assertEqual(entry.recipients[0].next_attempt, START + 60)
 
 
 class RewrapHookTests(PoolTestsMixin, SynchronousTestCase):

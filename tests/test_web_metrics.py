@@ -434,8 +434,8 @@ class QueueSummaryTests(SynchronousTestCase):
         self.summary.current()
         self.summary.current()
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
-        for queueID in list(self.scheduler._entries)[:3]:
-            del self.scheduler._entries[queueID]
+        for queueID in list(self.scheduler._queue.entries)[:3]:
+            del self.scheduler._queue.entries[queueID]
         self.assertEqual(self.summary.current()["example.org"][0], 3)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 

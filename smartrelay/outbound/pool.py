@@ -24,7 +24,9 @@ from typing import Any, Optional
 
 import attrs
 from twisted.internet.defer import Deferred
+from zope.interface import implementer
 
+from smartrelay.outbound.interfaces import IConnector
 from smartrelay.outbound.session import TLSPolicy, openSession
 
 __all__ = [
@@ -331,6 +333,7 @@ def _pemBlocks(pem: bytes) -> list:
     return blocks
 
 
+@implementer(IConnector)
 @attrs.define
 class Connector:
     """

@@ -45,8 +45,10 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from smartrelay.engine.downgrade import Offers, Prepared, prepare
+from smartrelay.outbound.interfaces import IDeliverySession
 
 __all__ = [
     "Reply",
@@ -224,6 +226,7 @@ class _Transaction:
     pending: deque = attrs.field(factory=deque)
 
 
+@implementer(IDeliverySession)
 class SMTPSession(Protocol):
     """
     The client side of one ESMTP connection.

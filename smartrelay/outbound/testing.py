@@ -16,6 +16,7 @@ from zope.interface import implementer
 from smartrelay.events import Event
 from smartrelay.engine.downgrade import Offers
 from smartrelay.message import Recipient, SpoolEntry
+from smartrelay.outbound.interfaces import IConnector, IDeliverySession, IDeliverySpool, IEventSink
 from smartrelay.outbound.router import Hop, IRouter
 from smartrelay.outbound.session import AttemptResult, OpenResult, Reply
 
@@ -67,6 +68,7 @@ class Delays:
         return float(self.delays[min(attempt, len(self.delays)) - 1])
 
 
+@implementer(IDeliverySpool)
 @attrs.define
 class FakeSpool:
     """
@@ -128,6 +130,7 @@ class FakeSpool:
             self.messages.pop(entry.queue_id, None)
 
 
+@implementer(IEventSink)
 @attrs.define
 class RecordingEvents:
     """
@@ -218,6 +221,7 @@ class DeliveryCall:
         )
 
 
+@implementer(IDeliverySession)
 @attrs.define(eq=False)
 class FakeSession:
     """
@@ -281,6 +285,7 @@ class FakeSession:
         self.closeByServer()
 
 
+@implementer(IConnector)
 @attrs.define
 class FakeDeliverer:
     """
