@@ -38,6 +38,7 @@ from smartrelay.store.sqlite import (
     SQLiteStore,
     UnsupportedSchema,
     _toRow,
+    _SEEN_ROWS,
 )
 
 T0 = 1_700_000_000.0
@@ -2495,3 +2496,107 @@ class RedisEventEncodingTests(SynchronousTestCase):
         self.assertNotEqual(_counterKey(event(T0, tag="a")), _counterKey(event(T0)))
         self.assertNotEqual(_counterKey(event(T0, type="deferred")), _counterKey(event(T0)))
         self.assertIsNone(_counterKey(event(T0, type="bounced")))
+
+
+class SQLiteUniqueCountingTests(SynchronousTestCase):
+    """
+    How L{SQLiteStore} counts unique opens and clicks: the keys it knows to
+    be recorded are not asked about again, the others are inserted with a
+    statement per L{_SEEN_ROWS} keys.
+    """
+
+    def setUp(self):
+        self.store = SQLiteStore(self.mktemp(), synchronous)
+        self.successResultOf(self.store.start())
+        self.addCleanup(self.store.close)
+        self.statements = []
+        self.store._connection().set_trace_callback(self.statements.append)
+
+    def append(self, *events):
+        self.successResultOf(self.store.appendEvents(list(events)))
+
+    def stats(self):
+        return self.successResultOf(self.store.statistics(since=DAY0, until=DAY0 + DAY))
+
+    def seenStatements(self):
+        return [s for s in self.statements if "INTO seen" in s]
+
+    def test_repeatsNotAsked(self):
+        """
+        An open or click whose key a recent batch recorded costs no
+        statement; it is counted as an open or click, not a unique one.
+        """
+        self.append(event(DAY0, "clicked"), event(DAY0 + 1, "opened"))
+        self.assertEqual(len(self.seenStatements()), 1)
+        del self.statements[:]
+        self.append(event(DAY0 + 2, "clicked", recipient="a@Example.com"),
+                    event(DAY0 + 3, "opened"))
+        self.assertEqual(self.seenStatements(), [])
+        stats = self.stats()
+        self.assertEqual((stats.unique_opens, stats.unique_clicks), (1, 1))
+        self.assertEqual(stats.totals, {"clicked": 2, "opened": 2})
+
+    def test_recordedByEarlierRun(self):
+        """
+        A key recorded before the store was opened (not known in memory)
+        is asked about and not counted again.
+        """
+        self.append(event(DAY0, "clicked"))
+        self.store._seen.clear()
+        self.append(event(DAY0 + 1, "clicked"), event(DAY0 + 2, "clicked", queue_id="Q2"))
+        stats = self.stats()
+        self.assertEqual(stats.unique_clicks, 2)
+        self.assertEqual(stats.totals, {"clicked": 3})
+
+    def test_manyInOneBatch(self):
+        """
+        More keys than one statement takes, some repeated in the batch (in
+        other spellings): each counted once, in one statement per
+        L{_SEEN_ROWS}, with the time of its first event.
+        """
+        count = 2 * _SEEN_ROWS + 17
+        events = [event(DAY0 + n, "opened", recipient=f"u{n}@example.com") for n in range(count)]
+        events += [event(DAY0 + 1000 + n, "opened", recipient=f"u{n}@EXAMPLE.com")
+                   for n in range(0, count, 3)]
+        events += [event(DAY0 + 2000, "clicked", recipient="u5@example.com")]
+        self.append(*events)
+        self.assertEqual(len(self.seenStatements()), 3)
+        stats = self.stats()
+        self.assertEqual((stats.unique_opens, stats.unique_clicks), (count, 1))
+        conn = self.store._connection()
+        self.assertEqual(
+            conn.execute("SELECT time FROM seen WHERE recipient_norm = 'u3@example.com'").fetchall(),
+            [(DAY0 + 3,)],
+        )
+
+    def test_failedBatchNotRemembered(self):
+        """
+        The keys of a batch whose transaction fails are not remembered: the
+        next open of that pair is unique.
+        """
+        import smartrelay.store.sqlite as module
+
+        original = module._BUMP
+        module._BUMP = "INSERT INTO nowhere VALUES (?, ?, ?, ?, ?, ?)"
+        try:
+            self.failureResultOf(self.store.appendEvents([event(DAY0, "opened")]))
+        finally:
+            module._BUMP = original
+        self.assertEqual(self.store._seen, set())
+        self.append(event(DAY0 + 1, "opened"))
+        self.assertEqual(self.stats().unique_opens, 1)
+
+    def test_bounded(self):
+        """
+        At most L{SEEN_KEPT} keys are remembered: past that they are all
+        forgotten (and asked about again), and still counted once.
+        """
+        import smartrelay.store.sqlite as module
+
+        self.patch(module, "SEEN_KEPT", 3)
+        self.append(*[event(DAY0 + n, "opened", recipient=f"u{n}@example.com") for n in range(3)])
+        self.assertEqual(len(self.store._seen), 3)
+        self.append(event(DAY0 + 10, "opened", recipient="u9@example.com"))
+        self.assertEqual(self.store._seen, {("Q1", "u9@example.com", "opened")})
+        self.append(event(DAY0 + 11, "opened", recipient="u0@example.com"))
+        self.assertEqual(self.stats().unique_opens, 4)

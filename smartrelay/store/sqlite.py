@@ -266,6 +266,14 @@ _CHECK_CHUNK = 500
 
 _COLUMNS = "seq, id, time, type, queue_id, recipient, tag, metadata, detail"
 
+#: Unique open / click keys (queue id, recipient, type) the database
+#: thread remembers as recorded, so that a repeated open or click costs no
+#: query (all are forgotten when there would be more).
+SEEN_KEPT = 100_000
+
+# Keys inserted into C{seen} by one statement (4 parameters each).
+_SEEN_ROWS = 200
+
 _INSERT = (
     "INSERT INTO events"
     " (id, time, type, queue_id, recipient, recipient_norm, tag, metadata, detail)"
@@ -308,8 +316,9 @@ def _encodeEvents(events: list) -> tuple:
     is the same object as one already encoded in this batch (the scheduler
     gives every parked recipient of one suspension the same detail) is
     encoded once, an empty one is C{"{}"}, and the counters of events that
-    share their type, tag, recipient domain and hour and day are computed
-    once and counted.
+    share their type, tag, recipient domain and hour and day (and, for
+    opens and clicks, their unique counters) are computed once and
+    counted.
 
     @return: C{(rows, bumps, uniques)}: C{bumps} a L{Counter} of the
         counters every event bumps, C{uniques} the C{(key, time, bumps)} of
@@ -320,6 +329,7 @@ def _encodeEvents(events: list) -> tuple:
     encoded: dict = {}  # id(dict) -> (dict, its JSON); the dict kept alive
     keys: dict = {}  # counters key -> events with it
     bumpsOf: dict = {}  # counters key -> the counters of one such event
+    uniqueBumpsOf: dict = {}  # counters key -> its unique open / click counters
     dumps = json.dumps
     sizes = tuple(INTERVALS.values())
     for event in events:
@@ -352,14 +362,12 @@ def _encodeEvents(events: list) -> tuple:
                 detailJSON,
             )
         )
-        if event.type in UNIQUE_TYPES or event.type == "bounced":
+        if event.type == "bounced":
             # Rare on the busy paths: as L{_counting} does.
             always, unique = _counting(event)
             key = ("event", event.id)
             keys[key] = 1
             bumpsOf[key] = always
-            if unique is not None:
-                uniques.append(unique)
             continue
         when = event.time
         key = (event.type, event.tag, recipientDomain(recipient)) + tuple(
@@ -371,6 +379,15 @@ def _encodeEvents(events: list) -> tuple:
             bumpsOf[key] = counterBumps(event, eventCounterTypes(event))
         else:
             keys[key] = count + 1
+        if event.type in UNIQUE_TYPES and event.queue_id is not None and recipient is not None:
+            # An open or a click (a campaign's busiest events): its
+            # unique counters are those of the others alike, made once.
+            uniqueBumps = uniqueBumpsOf.get(key)
+            if uniqueBumps is None:
+                uniqueBumps = uniqueBumpsOf[key] = counterBumps(
+                    event, [UNIQUE_TYPES[event.type]]
+                )
+            uniques.append(((event.queue_id, rows[-1][5], event.type), when, uniqueBumps))
     bumps: Counter = Counter()
     for key, count in keys.items():
         for counter in bumpsOf[key]:
@@ -459,6 +476,9 @@ class SQLiteStore:
     # Only the database thread touches _conn; only the reactor thread
     # touches the rest.
     _conn: Optional[sqlite3.Connection] = attrs.field(default=None, init=False)
+    #: Unique open / click keys known to be in C{seen} (the database
+    #: thread's, like _conn; at most L{SEEN_KEPT}).
+    _seen: set = attrs.field(factory=set, init=False, repr=False)
     _closed: bool = attrs.field(default=False, init=False)
     _closeDone: bool = attrs.field(default=False, init=False)
     _closeWaiters: list = attrs.field(factory=list, init=False)
@@ -776,6 +796,7 @@ class SQLiteStore:
 
     def _closeConnection(self) -> None:
         conn, self._conn = self._conn, None
+        self._seen.clear()
         if conn is not None:
             try:
                 conn.execute("PRAGMA optimize")
@@ -793,14 +814,7 @@ class SQLiteStore:
         try:
             conn.executemany(_INSERT, rows)
             bumps: Counter = Counter(always)
-            for key, time, uniqueBumps in uniques:
-                inserted = conn.execute(
-                    "INSERT OR IGNORE INTO seen"
-                    " (queue_id, recipient_norm, type, time) VALUES (?, ?, ?, ?)",
-                    (*key, time),
-                )
-                if inserted.rowcount == 1:
-                    bumps.update(uniqueBumps)
+            checked = self._countUniques(conn, uniques, bumps) if uniques else ()
             conn.executemany(
                 _BUMP, [(*counter, count) for counter, count in bumps.items()]
             )
@@ -809,6 +823,45 @@ class SQLiteStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        if checked:
+            seen = self._seen
+            if len(seen) + len(checked) > SEEN_KEPT:
+                seen.clear()
+            seen.update(checked)
+
+    def _countUniques(self, conn, uniques: list[tuple], bumps: Counter) -> list:
+        """
+        Record the opens and clicks of C{uniques} (C{(key, time, bumps)})
+        in C{seen} and add to C{bumps} the unique counters of those whose
+        key was not there: the keys this thread knows to be there (L{_seen},
+        those of recent batches) are not asked about again, and the others
+        are inserted with one statement per L{_SEEN_ROWS} keys, which
+        returns the keys it added.
+
+        @return: the keys now in C{seen} (once this transaction commits).
+        """
+        known = self._seen
+        fresh: dict = {}
+        for key, time, uniqueBumps in uniques:
+            if key not in known and key not in fresh:
+                fresh[key] = (time, uniqueBumps)
+        if not fresh:
+            return []
+        items = list(fresh.items())
+        for start in range(0, len(items), _SEEN_ROWS):
+            chunk = items[start : start + _SEEN_ROWS]
+            params = []
+            for (queueID, recipient, type), (time, _) in chunk:
+                params += (queueID, recipient, type, time)
+            added = conn.execute(
+                "INSERT OR IGNORE INTO seen (queue_id, recipient_norm, type, time)"
+                " VALUES " + ", ".join(["(?, ?, ?, ?)"] * len(chunk))
+                + " RETURNING queue_id, recipient_norm, type",
+                params,
+            ).fetchall()
+            for row in added:
+                bumps.update(fresh[tuple(row)][1])
+        return list(fresh)
 
     def _eventsForMessage(self, queue_id: str) -> list[Event]:
         rows = self._connection().execute(
@@ -886,12 +939,16 @@ class SQLiteStore:
                 (before, limit),
             ).rowcount
             if deleted < limit:
-                deleted += conn.execute(
+                unseen = conn.execute(
                     "DELETE FROM seen WHERE (queue_id, recipient_norm, type) IN"
                     " (SELECT queue_id, recipient_norm, type FROM seen"
                     " WHERE time < ? ORDER BY time LIMIT ?)",
                     (before, limit - deleted),
                 ).rowcount
+                if unseen:
+                    # Those keys count as unique again: ask about all.
+                    self._seen.clear()
+                deleted += unseen
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
