@@ -291,6 +291,20 @@ def statePayload(queueID: str, recipients: list) -> bytes:
     ).encode("ascii")
 
 
+def _apply(entry: SpoolEntry, changes: list) -> None:
+    """
+    Merge recorded C{changes} into C{entry} as it is now (another record
+    for other recipients of the same entry may have completed meanwhile).
+    """
+    if len(changes) == 1:
+        change = changes[0]
+        address = change.address
+        entry.recipients = [change if r.address == address else r for r in entry.recipients]
+    else:
+        byAddress = {r.address: r for r in changes}
+        entry.recipients = [byAddress.get(r.address, r) for r in entry.recipients]
+
+
 def segmentName(number: int) -> str:
     """
     The file name of segment C{number}.
@@ -969,28 +983,34 @@ class Spool:
         finished and its space reclaimable).  Fails with the C{OSError} if
         the batch could not be written; C{entry} is then left unchanged.
         """
-        byAddress = {r.address: r for r in changes}
+        # Few objects a record: a parked recipient's deferral is recorded
+        # many thousand times a second, and every object allocated here
+        # and alive until the batch is written costs the garbage collector
+        # more.
+        changes = list(changes)
         finishing = True
-        for r in entry.recipients:
-            if byAddress.get(r.address, r).state not in FINAL_STATES:
-                finishing = False
-                break
+        if len(changes) == 1:
+            change = changes[0]
+            address = change.address
+            for r in entry.recipients:
+                if (change if r.address == address else r).state not in FINAL_STATES:
+                    finishing = False
+                    break
+        else:
+            byAddress = {r.address: r for r in changes}
+            for r in entry.recipients:
+                if byAddress.get(r.address, r).state not in FINAL_STATES:
+                    finishing = False
+                    break
         if finishing:
             payload = entry.queue_id.encode("utf-8")
         else:
             payload = statePayload(entry.queue_id, changes)
         d = Deferred()
-        self._pendingRecords.append(
-            _Op(entry, payload, d, changes=list(changes), finishing=finishing)
-        )
+        # Applied to the entry by _batchWritten, before d fires.
+        self._pendingRecords.append(_Op(entry, payload, d, changes=changes, finishing=finishing))
         self._startBatch()
-
-        def applied(_):
-            # Merge into the entry as it is now: another record() for other
-            # recipients of the same entry may have completed meanwhile.
-            entry.recipients = [byAddress.get(r.address, r) for r in entry.recipients]
-
-        return d.addCallback(applied)
+        return d
 
     def _startBatch(self) -> None:
         """
@@ -1129,6 +1149,8 @@ class Spool:
                 self._entries[op.entry.queue_id] = op.entry
                 op.waiter.callback(None)
             for op in records:
+                if op.changes is not None:
+                    _apply(op.entry, op.changes)
                 if op.waiter is not None:
                     op.waiter.callback(None)
                 queueID = op.entry.queue_id

@@ -857,6 +857,45 @@ class DeliverySideTests(SynchronousTestCase):
         self.assertIsNone(self.spool._cache.get(entry.queue_id))
         self.assertEqual(self.successResultOf(makeSpool(self.directory, synchronous).recover()), [])
 
+    def test_recordAppliedBeforeItFires(self):
+        """
+        A record's changes are in the entry when its Deferred fires, not
+        before its batch is written; one change or several alike, merged
+        into the entry as it is then.
+        """
+        batches = []
+
+        def runner(f, *args):
+            d = Deferred()
+            batches.append((d, f, args))
+            return d
+
+        self.spool.runInThread = runner
+        entry = makeEntry(recipients=("a@example.com", "b@example.org", "c@example.net"))
+        stored = self.spool.store(entry, b"x\r\n")
+        d, f, args = batches.pop(0)
+        d.callback(f(*args))
+        self.successResultOf(stored)
+        seen = []
+        one = self.spool.record(entry, [Recipient("a@example.com", "deferred", 1, 60.0)])
+        one.addCallback(lambda _: seen.append([(r.state, r.attempts) for r in entry.recipients]))
+        several = self.spool.record(entry, [Recipient("b@example.org", "delivered", 1, 0.0),
+                                            Recipient("c@example.net", "deferred", 2, 90.0)])
+        self.assertEqual([r.state for r in entry.recipients], ["queued"] * 3)
+        while batches:
+            d, f, args = batches.pop(0)
+            d.callback(f(*args))
+        self.assertIsNone(self.successResultOf(one))
+        self.assertIsNone(self.successResultOf(several))
+        # The first record had its own batch, written before the second's.
+        self.assertEqual(seen, [[("deferred", 1), ("queued", 0), ("queued", 0)]])
+        self.assertEqual([(r.address, r.state, r.attempts, r.next_attempt) for r in entry.recipients],
+                         [("a@example.com", "deferred", 1, 60.0), ("b@example.org", "delivered", 1, 0.0),
+                          ("c@example.net", "deferred", 2, 90.0)])
+        self.assertEqual([[(r.state, r.next_attempt) for r in e.recipients]
+                          for e in self.successResultOf(makeSpool(self.directory, synchronous).recover())],
+                         [[("deferred", 60.0), ("delivered", 0.0), ("deferred", 90.0)]])
+
     def test_cacheBounded(self):
         """
         The message cache drops the oldest messages past its byte limit.
@@ -899,6 +938,21 @@ class FailureTests(SynchronousTestCase):
         self.patch(os, "write", self.fail(errno.ENOSPC))
         self.assertRefused()
         self.assertEqual(self.reopen(), [])
+
+    def test_failedRecordLeavesEntry(self):
+        """
+        A record whose batch cannot be written fails with the error and
+        leaves the entry's recipients as they were.
+        """
+        entry = makeEntry(queueID(1))
+        self.successResultOf(self.spool.store(entry, b"x\r\n"))
+        before = list(entry.recipients)
+        self.patch(os, "fdatasync", self.fail())
+        failure = self.failureResultOf(
+            self.spool.record(entry, [Recipient("a@example.com", "deferred", 1, 60.0)]))
+        self.assertTrue(failure.check(OSError, SpoolError))
+        self.flushLoggedErrors(OSError)
+        self.assertEqual(entry.recipients, before)
 
     def test_flushFailure(self):
         """
