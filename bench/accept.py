@@ -57,9 +57,16 @@ def installedScript(name: str) -> str:
 
 def installedEnvironment() -> dict:
     """
-    This process's environment without PYTHONPATH.
+    This process's environment without PYTHONPATH; with
+    C{SMARTRELAY_BENCH_TREE} set (a source tree, e.g. a C{git archive} of
+    an earlier commit), that tree alone on the relay's PYTHONPATH, for A/B
+    runs of two trees by the same benchmark code.
     """
-    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    tree = os.environ.get("SMARTRELAY_BENCH_TREE")
+    if tree:
+        env["PYTHONPATH"] = tree
+    return env
 
 
 def freePort() -> int:
