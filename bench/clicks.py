@@ -81,9 +81,9 @@ def pathsScript(workdir: str, paths: list) -> str:
     A C{wrk} Lua script that asks for C{paths} in turn (its file name).
 
     The requests are formatted once, in each thread's C{init} (with the
-    headers of C{-H}), and C{request} returns them in turn: formatting
-    each request in C{request} (C{wrk.format} per request) cost C{wrk}
-    more CPU on the two cores it shares with the server.
+    headers of C{-H}), and C{request} returns them in turn, so that C{wrk}
+    does not build each request in Lua (C{wrk.format} per request) on the
+    cores it shares with the server.
     """
     script = os.path.join(workdir, "paths.lua")
     with open(script, "w") as f:
