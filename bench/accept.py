@@ -23,6 +23,8 @@ are used, no Postfix server is started):
     python3 bench/accept.py                  # 3 runs per mode, 20 sessions, 20,000 x 2 KB
     python3 bench/accept.py --mode accept    # one mode only
     python3 bench/accept.py --reuse          # smtp-source -d: many messages per session
+    python3 bench/accept.py --mode parked --messages 2000 --runs 9
+                                             # in-process: CPU per parked recipient's record
 """
 
 import argparse
@@ -199,6 +201,115 @@ def oneRun(args, mode: str) -> dict:
     }
 
 
+def parkedRecord(args) -> None:
+    """
+    C{--mode parked}: in this process, no network, no relay: the CPU time
+    of the bulk record of parked recipients (issue 18), per recipient.
+    C{--messages} one-recipient messages are parked at one suspended
+    destination, then recorded as the scheduler's C{_recordParked} does:
+    L{Parking._flush}, one C{Spool.record} per message (a real spool in a
+    temporary directory; its thread hand-off replaced by a reactor turn on
+    a fake clock, so that the records share one group commit), a
+    L{DeferredList} over them, and one C{EventLog.emit} per recipient with
+    the suspension's shared detail; then the event log's batch into a real
+    SQLite store (same hand-off).  Repeated C{--runs} times on the same
+    messages (each repetition a later retry).  The imported C{smartrelay}
+    is measured: put a tree first on C{PYTHONPATH} to measure another.
+    """
+    from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+    from twisted.internet.task import Clock
+
+    import smartrelay
+    from smartrelay.events import EventLog
+    from smartrelay.message import Recipient, SpoolEntry
+    from smartrelay.outbound.parking import Parking
+    from smartrelay.outbound.session import Reply
+    from smartrelay.spool import Spool
+    from smartrelay.store.sqlite import SQLiteStore
+
+    class Retries:
+        def delay(self, failures):
+            return 60.0 * failures
+
+    workdir = tempfile.mkdtemp(prefix="smartrelay-bench-parked-", dir=args.tmp)
+    clock = Clock()
+    clock.advance(1_700_000_000.0)
+
+    def inTurn(f, *a, **kw):
+        # The thread pool's hand-off, as a later reactor turn.
+        d = Deferred()
+        clock.callLater(0, lambda: maybeDeferred(f, *a, **kw).chainDeferred(d))
+        return d
+
+    def turns(n=8):
+        for _ in range(n):
+            clock.advance(0)
+
+    spool = Spool(os.path.join(workdir, "spool"), inTurn, clock=clock)
+    store = SQLiteStore(os.path.join(workdir, "events.sqlite"), inTurn)
+    events = EventLog(store, clock, maxBatch=args.messages + 1)
+    for d in (spool.recover(), store.start()):
+        turns()
+    entries = [
+        SpoolEntry(queue_id="79BC-%05d-5C348706" % n, sender="app@bench.test",
+                   recipients=[Recipient("rcpt%d@sink.test" % n)], received=clock.seconds(),
+                   size=args.size)
+        for n in range(args.messages)
+    ]
+    body = b"x" * args.size
+    for entry in entries:
+        spool.store(entry, body)
+    turns()
+
+    def record(batch):
+        # As DeliveryScheduler._recordParked (its log lines left out).
+        records = [maybeDeferred(spool.record, entry, changes) for entry, changes, _ in batch]
+
+        def recorded(results):
+            for (ok, _), (entry, changes, evs) in zip(results, batch):
+                if ok:
+                    for kind, address, detail, line in evs:
+                        events.emit(kind, entry.queue_id, address, tag=entry.tag,
+                                    metadata=entry.metadata or None, detail=detail)
+
+        DeferredList(records, consumeErrors=True).addCallback(recorded)
+
+    parking = Parking(clock=clock, retry=Retries(), maxAge=10 * 86400.0, record=record,
+                      expire=None, release=None, opening=lambda key: False,
+                      chunk=args.messages + 1)
+    refused = Reply(451, "4.4.1", "cannot connect to 127.0.0.1:25: Connection refused")
+    parking.suspend("relay:127.0.0.1:25", refused, "127.0.0.1:25")
+    for entry in entries:
+        parking.park("relay:127.0.0.1:25", entry, [entry.recipients[0].address])
+    costs = []
+    for n in range(args.runs):
+        if n:
+            parking.suspend("relay:127.0.0.1:25", refused, "127.0.0.1:25")
+        timer = parking._flushTimer
+        if timer is not None and timer.active():
+            timer.cancel()
+        started = time.process_time()
+        parking._flush()
+        turns(20)  # the group commit, the events emitted, their batch written
+        costs.append((time.process_time() - started) / args.messages * 1e6)
+        print("parked run %d: %.1f us CPU per parked recipient" % (n + 1, costs[-1]), flush=True)
+        if events.backlog or events.writesInFlight:
+            sys.exit("bench: events still being written after 20 turns")
+    deferred = [r.state for e in entries for r in e.recipients].count("deferred")
+    if deferred != args.messages:
+        sys.exit(f"bench: only {deferred} of {args.messages} recipients recorded as deferred")
+    stored = countEvents(os.path.join(workdir, "events.sqlite"), "deferred")
+    if stored != args.messages * args.runs:
+        sys.exit(f"bench: {stored} deferred events stored, not {args.messages * args.runs}")
+    parking.stop()
+    print("parked median of %d (%s, %d recipients): %.1f us CPU per parked recipient "
+          "(flush, spool record and group commit, event, its SQLite write)"
+          % (args.runs, os.path.dirname(smartrelay.__file__), args.messages,
+             statistics.median(costs)), flush=True)
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -206,11 +317,15 @@ def main():
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--reuse", action="store_true", help="smtp-source -d (reuse sessions)")
-    parser.add_argument("--mode", choices=["accept", "relay", "both"], default="both")
+    parser.add_argument("--mode", choices=["accept", "relay", "both", "parked"], default="both",
+                        help="parked: the bulk record of parked recipients, in this process")
     parser.add_argument("--extra", default="", help="extra lines for the [delivery] section")
     parser.add_argument("--tmp", default=None, help="directory for the relay's data")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
+    if args.mode == "parked":
+        parkedRecord(args)
+        return
     modes = ["accept", "relay"] if args.mode == "both" else [args.mode]
     for mode in modes:
         results = []
