@@ -90,8 +90,8 @@ class CodecTests(SynchronousTestCase):
     )
     def test_plainAddressAnyState(self, address, state, attempts, nextAttempt):
         """
-        Printable ASCII addresses (quoted as they are, by hand) and any
-        state text still give the bytes of compact json.dumps.
+        Printable ASCII addresses (the string encoder is called directly)
+        and any state text still give the bytes of compact json.dumps.
         """
         recipient = Recipient(address, state, attempts, nextAttempt)
         expected = json.dumps(
