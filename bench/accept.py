@@ -25,6 +25,7 @@ are used, no Postfix server is started):
     python3 bench/accept.py --reuse          # smtp-source -d: many messages per session
     python3 bench/accept.py --mode parked --messages 2000 --runs 9
                                              # in-process: CPU per parked recipient's record
+    python3 bench/accept.py --mode parked --record-many   # ... with Spool.recordMany
 """
 
 import argparse
@@ -262,8 +263,14 @@ def parkedRecord(args) -> None:
     turns()
 
     def record(batch):
-        # As DeliveryScheduler._recordParked (its log lines left out).
-        records = [maybeDeferred(spool.record, entry, changes) for entry, changes, _ in batch]
+        # As DeliveryScheduler._recordParked (its log lines left out); with
+        # --record-many, as it would with Spool.recordMany.
+        if args.record_many:
+            recording = spool.recordMany([(entry, changes) for entry, changes, _ in batch])
+        else:
+            recording = DeferredList(
+                [maybeDeferred(spool.record, entry, changes) for entry, changes, _ in batch],
+                consumeErrors=True)
 
         def recorded(results):
             for (ok, _), (entry, changes, evs) in zip(results, batch):
@@ -272,7 +279,7 @@ def parkedRecord(args) -> None:
                         events.emit(kind, entry.queue_id, address, tag=entry.tag,
                                     metadata=entry.metadata or None, detail=detail)
 
-        DeferredList(records, consumeErrors=True).addCallback(recorded)
+        recording.addCallback(recorded)
 
     parking = Parking(clock=clock, retry=Retries(), maxAge=10 * 86400.0, record=record,
                       expire=None, release=None, opening=lambda key: False,
@@ -302,10 +309,10 @@ def parkedRecord(args) -> None:
     if stored != args.messages * args.runs:
         sys.exit(f"bench: {stored} deferred events stored, not {args.messages * args.runs}")
     parking.stop()
-    print("parked median of %d (%s, %d recipients): %.1f us CPU per parked recipient "
+    print("parked median of %d (%s, %d recipients%s): %.1f us CPU per parked recipient "
           "(flush, spool record and group commit, event, its SQLite write)"
           % (args.runs, os.path.dirname(smartrelay.__file__), args.messages,
-             statistics.median(costs)), flush=True)
+             ", recordMany" if args.record_many else "", statistics.median(costs)), flush=True)
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -319,6 +326,9 @@ def main():
     parser.add_argument("--reuse", action="store_true", help="smtp-source -d (reuse sessions)")
     parser.add_argument("--mode", choices=["accept", "relay", "both", "parked"], default="both",
                         help="parked: the bulk record of parked recipients, in this process")
+    parser.add_argument("--record-many", action="store_true",
+                        help="--mode parked: record with one Spool.recordMany call instead "
+                             "of a Spool.record per message and a DeferredList")
     parser.add_argument("--extra", default="", help="extra lines for the [delivery] section")
     parser.add_argument("--tmp", default=None, help="directory for the relay's data")
     parser.add_argument("--keep", action="store_true")

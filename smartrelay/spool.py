@@ -557,6 +557,43 @@ class _Op:
     finishing: bool = False
 
 
+@attrs.define(eq=False)
+class _Group:
+    """
+    The records of one L{Spool.recordMany}: C{results} filled in by their
+    L{_Member}s, C{deferred} fired with them when C{left} reaches 0.
+    """
+
+    deferred: Deferred
+    results: list
+    left: int
+
+
+class _Member:
+    """
+    The waiter of one record of a L{_Group} (what L{Spool._batchWritten}
+    tells, as it tells a record's L{Deferred}).
+    """
+
+    __slots__ = ("group", "index")
+
+    def __init__(self, group: _Group, index: int) -> None:
+        self.group, self.index = group, index
+
+    def callback(self, _: Any) -> None:
+        self._done((True, None))
+
+    def errback(self, failure: Failure) -> None:
+        self._done((False, failure))
+
+    def _done(self, result: tuple) -> None:
+        group = self.group
+        group.results[self.index] = result
+        group.left -= 1
+        if group.left == 0:
+            group.deferred.callback(group.results)
+
+
 class MessageCache:
     """
     Message bytes by queue id, oldest dropped first past C{limit} bytes.
@@ -983,6 +1020,39 @@ class Spool:
         finished and its space reclaimable).  Fails with the C{OSError} if
         the batch could not be written; C{entry} is then left unchanged.
         """
+        d = Deferred()
+        self._record(entry, changes, d)
+        self._startBatch()
+        return d
+
+    def recordMany(self, batch: list) -> Deferred:
+        """
+        L{record} for many messages in one go (the deferrals of parked
+        recipients, once a second): C{[(entry, changes), ...]}, all in the
+        next batch (one group commit), with one L{Deferred} instead of one
+        a message.
+
+        @return: a L{Deferred} firing, once every record is written or has
+            failed, with one C{(True, None)} or C{(False, failure)} per
+            message, in order (the results of a L{DeferredList} with
+            C{consumeErrors}); each entry is updated, as by L{record}, when
+            its record is written.
+        """
+        group = _Group(Deferred(), [None] * len(batch), len(batch))
+        if not batch:
+            group.deferred.callback([])
+            return group.deferred
+        for index, (entry, changes) in enumerate(batch):
+            self._record(entry, changes, _Member(group, index))
+        self._startBatch()
+        return group.deferred
+
+    def _record(self, entry: SpoolEntry, changes: list, waiter: Any) -> None:
+        """
+        Queue the record of C{changes} for the next batch; C{waiter} is
+        told (C{callback(None)} or C{errback(failure)}) once it is written
+        and applied to C{entry}, or has failed.
+        """
         # Few objects a record: a parked recipient's deferral is recorded
         # many thousand times a second, and every object allocated here
         # and alive until the batch is written costs the garbage collector
@@ -1006,11 +1076,10 @@ class Spool:
             payload = entry.queue_id.encode("utf-8")
         else:
             payload = statePayload(entry.queue_id, changes)
-        d = Deferred()
-        # Applied to the entry by _batchWritten, before d fires.
-        self._pendingRecords.append(_Op(entry, payload, d, changes=changes, finishing=finishing))
-        self._startBatch()
-        return d
+        # Applied to the entry by _batchWritten, before the waiter is told.
+        self._pendingRecords.append(
+            _Op(entry, payload, waiter, changes=changes, finishing=finishing)
+        )
 
     def _startBatch(self) -> None:
         """

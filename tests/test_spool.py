@@ -896,6 +896,65 @@ class DeliverySideTests(SynchronousTestCase):
                           for e in self.successResultOf(makeSpool(self.directory, synchronous).recover())],
                          [[("deferred", 60.0), ("delivered", 0.0), ("deferred", 90.0)]])
 
+    def test_recordMany(self):
+        """
+        L{Spool.recordMany} records many messages in one batch and fires
+        once, with a C{(True, None)} per message in order, each entry
+        updated; the states are recovered after a restart.
+        """
+        batches = []
+
+        def runner(f, *args):
+            d = Deferred()
+            batches.append((d, f, args))
+            return d
+
+        self.spool.runInThread = runner
+        entries = [makeEntry(queueID(n), recipients=("a@example.com",)) for n in range(1, 4)]
+        for entry in entries:
+            stored = self.spool.store(entry, b"x\r\n")
+            d, f, args = batches.pop(0)
+            d.callback(f(*args))
+            self.successResultOf(stored)
+        done = self.spool.recordMany(
+            [(entry, [Recipient("a@example.com", "deferred", 1, 60.0 + n)])
+             for n, entry in enumerate(entries)])
+        self.assertNoResult(done)
+        self.assertEqual(len(batches), 1)  # one group commit
+        self.assertEqual([e.recipients[0].state for e in entries], ["queued"] * 3)
+        d, f, args = batches.pop(0)
+        d.callback(f(*args))
+        self.assertEqual(self.successResultOf(done), [(True, None)] * 3)
+        self.assertEqual([(e.recipients[0].state, e.recipients[0].next_attempt) for e in entries],
+                         [("deferred", 60.0), ("deferred", 61.0), ("deferred", 62.0)])
+        self.assertEqual(
+            [(e.queue_id, e.recipients[0].next_attempt)
+             for e in self.successResultOf(makeSpool(self.directory, synchronous).recover())],
+            [(queueID(1), 60.0), (queueID(2), 61.0), (queueID(3), 62.0)])
+
+    def test_recordManyFinishes(self):
+        """
+        A message that L{Spool.recordMany} leaves with every recipient final
+        is finished, as by L{Spool.record}.
+        """
+        first, second = makeEntry(queueID(1)), makeEntry(queueID(2))
+        for entry in (first, second):
+            self.successResultOf(self.spool.store(entry, b"x\r\n"))
+        results = self.successResultOf(self.spool.recordMany([
+            (first, [Recipient(r.address, "delivered", 1) for r in first.recipients]),
+            (second, [Recipient("a@example.com", "deferred", 1, 5.0)]),
+        ]))
+        self.assertEqual(results, [(True, None), (True, None)])
+        self.assertTrue(first.done)
+        recovered = self.successResultOf(makeSpool(self.directory, synchronous).recover())
+        self.assertEqual([e.queue_id for e in recovered], [queueID(2)])
+
+    def test_recordManyNothing(self):
+        """
+        Nothing to record: the result is an empty list at once, no batch.
+        """
+        self.assertEqual(self.successResultOf(self.spool.recordMany([])), [])
+
     def test_cacheBounded(self):
         """
         The message cache drops the oldest messages past its byte limit.
@@ -953,6 +1012,23 @@ class FailureTests(SynchronousTestCase):
         self.assertTrue(failure.check(OSError, SpoolError))
         self.flushLoggedErrors(OSError)
         self.assertEqual(entry.recipients, before)
+
+    def test_recordManyFailure(self):
+        """
+        When the batch of L{Spool.recordMany} cannot be written, every
+        message's result is C{(False, failure)} and no entry changes.
+        """
+        entries = [makeEntry(queueID(n), recipients=("a@example.com",)) for n in (1, 2)]
+        for entry in entries:
+            self.successResultOf(self.spool.store(entry, b"x\r\n"))
+        self.patch(os, "fdatasync", self.fail())
+        results = self.successResultOf(self.spool.recordMany(
+            [(entry, [Recipient("a@example.com", "deferred", 1, 60.0)]) for entry in entries]))
+        self.flushLoggedErrors(OSError)
+        self.assertEqual([ok for ok, _ in results], [False, False])
+        for _, failure in results:
+            self.assertTrue(failure.check(OSError, SpoolError))
+        self.assertEqual([e.recipients[0].state for e in entries], ["queued", "queued"])
 
     def test_flushFailure(self):
         """
