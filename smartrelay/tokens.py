@@ -241,8 +241,33 @@ def _kindByte(kind: str, kinds: Sequence[str], error: type = ValueError) -> int:
     return ord(kind)
 
 
+_BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
+#: Every pair of base32 digits, by the 10 bits they stand for.
+_BASE32_PAIRS = [a + b for a in _BASE32 for b in _BASE32]
+
+
 def _encodeCompact(data: bytes) -> str:
-    return base64.b32encode(data).decode("ascii").rstrip("=").lower()
+    """
+    C{data} in lower-case base32 without padding (RFC 4648), as
+    C{base64.b32encode(data).decode().rstrip("=").lower()} gives it but in
+    about half the time (that function is Python code working five
+    bytes at a time; every message's VERP and unsubscribe addresses are one
+    each, on the reactor thread).
+    """
+    bits = len(data) * 8
+    extra = -bits % 5
+    number = int.from_bytes(data, "big") << extra
+    digits = (bits + extra) // 5
+    pairs = _BASE32_PAIRS
+    out = []
+    if digits % 2:
+        out.append(_BASE32[number & 31])
+        number >>= 5
+    for _ in range(digits // 2):
+        out.append(pairs[number & 1023])
+        number >>= 10
+    out.reverse()
+    return "".join(out)
 
 
 def _decodeCompact(token: str) -> bytes:
@@ -539,7 +564,8 @@ class Tokens:
 
     @staticmethod
     def _mac(key: bytes, tag: bytes, body: bytes) -> bytes:
-        return hmac.new(key, tag + body, hashlib.sha256).digest()
+        # hmac.digest: OpenSSL's one-shot HMAC, no Python HMAC object.
+        return hmac.digest(key, tag + body, "sha256")
 
     def _verify(self, kindByte: int, tag: bytes, body: bytes, mac: bytes) -> None:
         """

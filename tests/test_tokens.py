@@ -792,3 +792,25 @@ class QueueIDStrategyTests(SynchronousTestCase):
     def test_valid(self, queueID):
         self.assertTrue(isQueueID(queueID))
         self.assertTrue(re.fullmatch(r"[0-9A-F]{2}/[0-9A-F]{2}-[0-9]{5}-[0-9A-F]{8}", queueID))
+
+
+class CompactEncodingTests(SynchronousTestCase):
+    """
+    The compact tokens' base32 is RFC 4648's, lower case, unpadded.
+    """
+
+    @given(st.binary(max_size=64))
+    def test_asBase64Module(self, data):
+        """
+        L{_encodeCompact} gives what C{base64.b32encode} gives, and
+        L{_decodeCompact} reads back a token's worth of it.
+        """
+        import base64
+
+        from smartrelay.tokens import _decodeCompact, _encodeCompact
+
+        text = _encodeCompact(data)
+        self.assertEqual(text, base64.b32encode(data).decode("ascii").rstrip("=").lower())
+        token = (data * 23)[:23]
+        if token:
+            self.assertEqual(_decodeCompact(_encodeCompact(token)), token)
