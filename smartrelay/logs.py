@@ -24,6 +24,12 @@ It writes one JSON object per line to standard output (twistd calls a
 C{--logger} factory with no arguments, so it cannot see C{--logfile}); use
 it with C{-n} (systemd, containers, or a shell redirection), since a
 daemon's standard output is C{/dev/null}.
+
+The relay's L{MessageLog} (given the reactor as its clock) and the web
+site's access lines in the relay's log write in batches (L{BatchedLog}):
+the lines are kept with their time and logged every L{FLUSH_INTERVAL}
+seconds, the same lines with the same time stamps; a crash loses at most
+that much of them.
 """
 
 import json
@@ -32,12 +38,29 @@ import time
 from typing import Any, Optional, TextIO
 
 import attrs
-from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    Logger,
+    LogLevel,
+    formatEvent,
+    formatTime,
+    globalLogPublisher,
+)
 from zope.interface import implementer
 
 from smartrelay.events import rfc3339
 
-__all__ = ["NAMESPACE", "MessageLog", "JSONLinesObserver", "eventAsJSONLine", "jsonObserver"]
+__all__ = [
+    "FLUSH_INTERVAL",
+    "MAX_LINES",
+    "NAMESPACE",
+    "BatchedLog",
+    "MessageLog",
+    "JSONLinesObserver",
+    "eventAsJSONLine",
+    "jsonObserver",
+]
 
 #: The namespace of the per-message lines.
 NAMESPACE = "smartrelay.messages"
@@ -59,6 +82,187 @@ _PARKED = (
 _LEVELS = {"expired": LogLevel.warn}
 
 
+# ---------------------------------------------------------------------------
+# Batches
+
+#: Seconds a line of a L{BatchedLog} waits at most before it is logged.
+FLUSH_INTERVAL = 0.2
+
+#: Waiting lines of a L{BatchedLog} that are logged at once.
+MAX_LINES = 2000
+
+_ALL_LEVELS = list(LogLevel.iterconstants())
+
+
+class BatchedLog:
+    """
+    Log lines of one namespace, each kept with the time it was made and
+    logged together every C{interval} seconds (at once when C{maxLines}
+    are waiting, and on L{flush}).
+
+    When the log is twistd's own text log file (the publisher has that one
+    observer, a L{FileLogObserver} that formats probe lines, at every
+    level, as twistd does), the batch is that file's text, formatted here
+    with the time stamp made once a second, in one C{write}: through the
+    log system a line (an event, its time formatted with C{strftime}, a
+    C{write} and a flush) costs tens of microseconds of the reactor thread.
+    With any other observer (C{twistd --logger}, several observers, a
+    test's) each line is logged as an event of its own, in order, with its
+    level, its fields and the time it was made as C{log_time}.  Either way
+    a line reads as it would have one event at a time: C{TIME
+    [NAMESPACE#LEVEL] TEXT}.
+
+    After L{stop}, each line is logged at once.
+
+    @ivar clock: an C{IReactorTime}: the lines' times and the batches.
+    @ivar namespace: the lines' C{log_namespace}.
+    @ivar publisher: the log observer the events go to (Twisted's global
+        log publisher), read at each flush.
+    @ivar textKey: the event key holding a line's text (its C{log_format}
+        is C{"{textKey}"}).
+    @ivar logger: the events' C{log_logger}.
+    """
+
+    def __init__(
+        self,
+        clock,
+        namespace: str,
+        publisher: Any = globalLogPublisher,
+        textKey: str = "log_text",
+        logger: Optional[Logger] = None,
+        interval: float = FLUSH_INTERVAL,
+        maxLines: int = MAX_LINES,
+    ) -> None:
+        self.clock = clock
+        self.namespace = namespace
+        self.publisher = publisher
+        self.textKey = textKey
+        self.logger = logger
+        self.interval = interval
+        self.maxLines = maxLines
+        self._format = "{" + textKey + "}"
+        # [(time, level, text, fields or None)]
+        self._waiting: list = []
+        self._call: Any = None
+        self._stopped = False
+        # The observer checked for direct writes, and the answer.
+        self._checked: Any = None
+        self._direct: Any = None
+        self._stamp: tuple = (-1, "")
+        self._systems = {level: f" [{namespace}#{level.name}] " for level in _ALL_LEVELS}
+
+    def add(self, level: LogLevel, text: str, fields: Optional[dict] = None) -> None:
+        """
+        Keep one line to be logged with the next batch.
+
+        @param fields: more keys of its event (the dict becomes the event),
+            or L{None}.
+        """
+        waiting = self._waiting
+        waiting.append((self.clock.seconds(), level, text, fields))
+        if self._stopped or len(waiting) >= self.maxLines:
+            self.flush()
+        elif self._call is None:
+            self._call = self.clock.callLater(self.interval, self.flush)
+
+    def stop(self) -> None:
+        """
+        Log the waiting lines, and any later line at once.
+        """
+        self._stopped = True
+        self.flush()
+
+    def flush(self) -> None:
+        """
+        Log the waiting lines now.
+        """
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+        if not self._waiting:
+            return
+        lines, self._waiting = self._waiting, []
+        direct = self._directObserver()
+        if direct is not None:
+            try:
+                self._writeDirectly(direct, lines)
+                return
+            except Exception:
+                # Through the publisher, which deals with a broken observer.
+                self._checked = self._direct = None
+        publish = self.publisher
+        logger, namespace, textKey, form = self.logger, self.namespace, self.textKey, self._format
+        for when, level, text, fields in lines:
+            event = {} if fields is None else fields
+            event[textKey] = text
+            event.update(
+                log_logger=logger,
+                log_level=level,
+                log_namespace=namespace,
+                log_source=None,
+                log_format=form,
+                log_time=when,
+            )
+            publish(event)
+
+    def _writeDirectly(self, observer: FileLogObserver, lines: list) -> None:
+        parts = []
+        systems = self._systems
+        last, stamp = self._stamp
+        for when, level, text, _ in lines:
+            if not text:  # as twistd writes it: nothing
+                continue
+            second = int(when)
+            if second != last:
+                last, stamp = second, formatTime(when)
+            if "\n" in text:
+                text = text.replace("\n", "\n\t")
+            parts.append(stamp + systems[level] + text + "\n")
+        self._stamp = (last, stamp)
+        text = "".join(parts)
+        outFile = observer._outFile
+        encoding = observer._encoding
+        outFile.write(text if encoding is None else text.encode(encoding))
+        outFile.flush()
+
+    def _directObserver(self) -> Optional[FileLogObserver]:
+        """
+        The publisher's only observer if it is a text file observer that
+        writes a line as L{_writeDirectly} does, else L{None}.
+        """
+        observers = getattr(self.publisher, "_observers", None)
+        if type(observers) is not list or len(observers) != 1:
+            return None
+        observer = observers[0]
+        if observer is self._checked:
+            return self._direct
+        self._checked, self._direct = observer, None
+        if type(observer) is not FileLogObserver or not hasattr(observer, "_outFile"):
+            return None
+        for when in (1_000_000_000.25, self.clock.seconds()):
+            for level in _ALL_LEVELS:
+                probe = {
+                    "log_level": level,
+                    "log_namespace": self.namespace,
+                    "log_format": self._format,
+                    self.textKey: '"probe" - -',
+                    "log_time": when,
+                }
+                try:
+                    if observer.formatEvent(probe) != (
+                        formatTime(when) + self._systems[level] + '"probe" - -\n'
+                    ):
+                        return None
+                except Exception:
+                    return None
+        self._direct = observer
+        return observer
+
+
+# ---------------------------------------------------------------------------
+# The per-message lines
+
 def printable(text: str) -> str:
     """
     C{text} with control characters (a remote server's reply can hold any)
@@ -74,15 +278,31 @@ class MessageLog:
     """
     Writes the per-message lines (see the module docstring).
 
+    Without a clock (tests, tools) each line is a log event at once, through
+    C{log}.  With one (the relay gives the reactor) the lines are written in
+    batches (L{BatchedLog}, to C{log}'s observer): every L{FLUSH_INTERVAL}
+    seconds, the same lines, events and time stamps; L{flush} and L{stop}
+    write what waits (the relay stops it after delivery has stopped).
+
     @ivar enabled: L{False} writes nothing (C{[smartrelay] log_messages = off}).
     @ivar log: where the lines go.
+    @ivar clock: an C{IReactorTime} for the batches, or L{None}.
     """
 
     enabled: bool = True
     log: Logger = attrs.field(factory=lambda: Logger(namespace=NAMESPACE), eq=False)
+    clock: Any = attrs.field(default=None, eq=False, repr=False)
+    _batch: Optional[BatchedLog] = attrs.field(init=False, default=None, eq=False, repr=False)
 
     #: Parked recipients named in one line of L{parked}.
     PARKED_PER_LINE = 100
+
+    def __attrs_post_init__(self) -> None:
+        if self.clock is not None and self.enabled:
+            batch = BatchedLog(
+                self.clock, self.log.namespace, self.log.observer, "log_text", self.log
+            )
+            object.__setattr__(self, "_batch", batch)
 
     def _emit(self, level: LogLevel, template: str, **fields: Any) -> None:
         # The text is formatted here, once, with str.format: the same
@@ -90,7 +310,25 @@ class MessageLog:
         # a line (its Formatter is Python code), str.format about 1 us, and
         # a busy relay writes two lines per message.  The fields stay
         # fields of the event.
-        self.log.emit(level, "{log_text}", log_text=template.format(**fields), **fields)
+        batch = self._batch
+        if batch is not None:
+            batch.add(level, template.format(**fields), fields)
+        else:
+            self.log.emit(level, "{log_text}", log_text=template.format(**fields), **fields)
+
+    def flush(self) -> None:
+        """
+        Write the waiting lines now.
+        """
+        if self._batch is not None:
+            self._batch.flush()
+
+    def stop(self) -> None:
+        """
+        Write the waiting lines, and any later one at once.
+        """
+        if self._batch is not None:
+            self._batch.stop()
 
     def accepted(
         self,

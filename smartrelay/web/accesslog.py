@@ -27,10 +27,13 @@ from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
-from twisted.logger import FileLogObserver, LogLevel, Logger, formatTime, globalLogPublisher
+from twisted.logger import LogLevel, Logger, globalLogPublisher
 from twisted.web.http import _escape
 from twisted.web.iweb import IAccessLogFormatter
 from zope.interface import provider
+
+from smartrelay import logs
+from smartrelay.logs import BatchedLog
 
 __all__ = [
     "AccessLogFile",
@@ -148,52 +151,47 @@ class AccessLogFile(Service):
 
 #: Seconds between writes of the waiting lines to the relay's log
 #: (C{[web] access_log = log}).
-LOG_FLUSH_INTERVAL = 0.2
+LOG_FLUSH_INTERVAL = logs.FLUSH_INTERVAL
 
 #: Lines waiting for the relay's log that make a write at once.
-MAX_LOG_LINES = 2000
+MAX_LOG_LINES = logs.MAX_LINES
 
 # What Twisted's legacy log file (C{twisted.python.log.logfile}, a
 # C{LoggingFile}), which Twisted Web writes its access lines to by default,
 # gives them: this namespace, at level info, the line as C{log_io}.
 _LEGACY_NAMESPACE = "twisted.python.log"
-_LEGACY_SYSTEM = "[" + _LEGACY_NAMESPACE + "#info] "
 
 
-class RelayLogLines:
+class RelayLogLines(BatchedLog):
     """
     C{[web] access_log = log}: Twisted Web's access lines (its C{write(str)})
     in the relay's log, as they were written through Twisted's legacy log
-    file, but in batches: each line is kept with the time it was written and
-    they are logged together every L{LOG_FLUSH_INTERVAL} seconds (at once
-    when L{MAX_LOG_LINES} are waiting, and when the site stops).
+    file, but in batches (L{BatchedLog}): each line is kept with the time it
+    was written and they are logged together every L{LOG_FLUSH_INTERVAL}
+    seconds (at once when L{MAX_LOG_LINES} are waiting, and when the site
+    stops).
 
-    When the relay's log is twistd's own text log file (the log publisher
-    has that one observer, a L{FileLogObserver} that formats a probe line
-    as twistd does), the batch is that file's text, formatted here with the
-    time stamp made once a second, in one C{write}: at tracking campaign
-    rates a line through the log system (an event, its time formatted
-    with C{strftime}, a C{write} and a flush) costs 20 to 70 microseconds
-    of the reactor thread.  With any other observer (C{twistd --logger},
-    several observers) each line is a log event of its own, as before, with
-    its time.  Either way a line reads as it did, C{TIME
-    [twisted.python.log#info] "1.2.3.4" - - ...}; a crash loses at most the
-    last L{LOG_FLUSH_INTERVAL} seconds of access lines.
+    At tracking campaign rates a line through the log system costs 20 to
+    70 microseconds of the reactor thread; written directly to twistd's
+    text log file, a batch costs a fraction of that.  Either way a line
+    reads as it did, C{TIME [twisted.python.log#info] "1.2.3.4" - - ...};
+    a crash loses at most the last L{LOG_FLUSH_INTERVAL} seconds of access
+    lines.
 
     @ivar clock: an C{IReactorTime}: the lines' times and the batches.
     @ivar publisher: the log publisher (Twisted's global one).
     """
 
     def __init__(self, clock, publisher: Any = globalLogPublisher) -> None:
-        self.clock = clock
-        self.publisher = publisher
-        self._waiting: list[tuple[float, str]] = []
-        self._call = None
+        super().__init__(
+            clock,
+            _LEGACY_NAMESPACE,
+            publisher,
+            textKey="log_io",
+            interval=LOG_FLUSH_INTERVAL,
+            maxLines=MAX_LOG_LINES,
+        )
         self._partial = ""
-        # The observer checked for direct writes, and the answer.
-        self._checked: Any = None
-        self._direct: Any = None
-        self._stamp: tuple[int, str] = (-1, "")
 
     def write(self, text: str) -> None:
         """
@@ -204,100 +202,12 @@ class RelayLogLines:
         if self._partial:
             text, self._partial = self._partial + text, ""
         if text.endswith("\n") and text.count("\n") == 1:
-            lines = [text[:-1]]
-        else:
-            lines = text.split("\n")
-            self._partial = lines.pop()
-        now = self.clock.seconds()
-        waiting = self._waiting
-        for line in lines:
-            waiting.append((now, line))
-        if len(waiting) >= MAX_LOG_LINES:
-            self.flush()
-        elif waiting and self._call is None:
-            self._call = self.clock.callLater(LOG_FLUSH_INTERVAL, self.flush)
-
-    def flush(self) -> None:
-        """
-        Log the waiting lines now.
-        """
-        if self._call is not None:
-            if self._call.active():
-                self._call.cancel()
-            self._call = None
-        if not self._waiting:
+            self.add(LogLevel.info, text[:-1])
             return
-        lines, self._waiting = self._waiting, []
-        direct = self._directObserver()
-        if direct is not None:
-            try:
-                self._writeDirectly(direct, lines)
-                return
-            except Exception:
-                # Through the publisher, which deals with a broken observer.
-                self._checked = self._direct = None
-        publish = self.publisher
-        for when, line in lines:
-            publish(
-                {
-                    "log_logger": None,
-                    "log_level": LogLevel.info,
-                    "log_namespace": _LEGACY_NAMESPACE,
-                    "log_source": None,
-                    "log_format": "{log_io}",
-                    "log_io": line,
-                    "log_time": when,
-                }
-            )
-
-    def _writeDirectly(self, observer: FileLogObserver, lines: list) -> None:
-        parts = []
-        last, stamp = self._stamp
-        for when, line in lines:
-            second = int(when)
-            if second != last:
-                last, stamp = second, formatTime(when) + " " + _LEGACY_SYSTEM
-            if "\n" in line:  # never an access line; as twistd writes it
-                line = line.replace("\n", "\n\t")
-            parts.append(stamp + line + "\n")
-        self._stamp = (last, stamp)
-        text = "".join(parts)
-        outFile = observer._outFile
-        encoding = observer._encoding
-        outFile.write(text if encoding is None else text.encode(encoding))
-        outFile.flush()
-
-    def _directObserver(self) -> Optional[FileLogObserver]:
-        """
-        The publisher's only observer if it is a text file observer that
-        writes a line as L{_writeDirectly} does, else L{None}.
-        """
-        observers = getattr(self.publisher, "_observers", None)
-        if type(observers) is not list or len(observers) != 1:
-            return None
-        observer = observers[0]
-        if observer is self._checked:
-            return self._direct
-        self._checked, self._direct = observer, None
-        if type(observer) is not FileLogObserver or not hasattr(observer, "_outFile"):
-            return None
-        for when in (1_000_000_000.25, self.clock.seconds()):
-            probe = {
-                "log_level": LogLevel.info,
-                "log_namespace": _LEGACY_NAMESPACE,
-                "log_format": "{log_io}",
-                "log_io": '"probe" - -',
-                "log_time": when,
-            }
-            try:
-                if observer.formatEvent(probe) != (
-                    formatTime(when) + " " + _LEGACY_SYSTEM + '"probe" - -\n'
-                ):
-                    return None
-            except Exception:
-                return None
-        self._direct = observer
-        return observer
+        lines = text.split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self.add(LogLevel.info, line)
 
 
 # -- the lines ------------------------------------------------------------
