@@ -213,11 +213,16 @@ class BatchedLog:
         for when, level, text, _ in lines:
             if not text:  # as twistd writes it: nothing
                 continue
-            second = int(when)
-            if second != last:
-                last, stamp = second, formatTime(when)
             if "\n" in text:
                 text = text.replace("\n", "\n\t")
+            second = int(when)
+            if when - second > 0.999999:
+                # formatTime's datetime rounds the microseconds: the next
+                # second's stamp (made each time).
+                parts.append(formatTime(when) + systems[level] + text + "\n")
+                continue
+            if second != last:
+                last, stamp = second, formatTime(when)
             parts.append(stamp + systems[level] + text + "\n")
         self._stamp = (last, stamp)
         text = "".join(parts)

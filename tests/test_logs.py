@@ -13,9 +13,13 @@ from twisted.logger import (
     ILogObserver,
     Logger,
     LogLevel,
+    LogPublisher,
     formatEvent,
+    formatTime,
     globalLogPublisher,
+    textFileLogObserver,
 )
+from twisted.logger import _logger
 from twisted.python import log as legacyLog
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -24,7 +28,10 @@ from zope.interface.verify import verifyObject
 from smartrelay.events import rfc3339
 from smartrelay.ids import IDState, startRun
 from smartrelay.logs import (
+    FLUSH_INTERVAL,
+    MAX_LINES,
     NAMESPACE,
+    BatchedLog,
     JSONLinesObserver,
     MessageLog,
     eventAsJSONLine,
@@ -161,6 +168,306 @@ class MessageLogTests(SynchronousTestCase):
         messages.accepted("Q", "", 1, 1, "127.0.0.1")
         messages.outcome("Q", "b@y.example", "delivered", 1, "250 ok")
         self.assertEqual(events, [])
+
+
+def writeLines(messages):
+    """
+    One line of each kind, at info and at warn, to C{messages}.
+    """
+    messages.accepted("2A/01-00000-6921A3F0", "a@x.example", 1234, 2, "127.0.0.1", "app1",
+                      helo="client.test", tls=True, tag="welcome")
+    messages.accepted("2A/01-00001-6921A3F0", "", 10, 1, "192.0.2.1")
+    messages.outcome("2A/01-00000-6921A3F0", "b@y.example", "delivered", 1.23,
+                     "250 2.0.0 Ok: queued as ABC", relay="mx.y.example", dsn="2.0.0", attempts=1)
+    messages.outcome("2A/01-00000-6921A3F0", "c@y.example", "deferred", 0.04,
+                     "451 4.7.1 greyl\u00efsted", relay="mx.y.example", dsn="4.7.1", attempts=2,
+                     next_attempt="2023-11-14T22:14:20.000Z")
+    messages.outcome("2A/01-00001-6921A3F0", "d@y.example", "expired", 86400,
+                     "451 4.4.1 cannot connect", dsn="4.4.1", attempts=9)
+    messages.outcome("2A/01-00001-6921A3F0", "e@y.example", "suppressed", 0, "unsubscribe")
+    messages.parked("y.example", [("Q1", "f@y.example"), ("Q2", "g@y.example")],
+                    "421 4.7.0 try later", "4.7.0", "2023-11-14T22:14:20.000Z")
+
+
+class _Bytes(io.BytesIO):
+    """
+    A binary file whose text a L{FileLogObserver} writes as UTF-8.
+    """
+
+
+class BatchedMessageLogTests(SynchronousTestCase):
+    """
+    Given a clock, L{MessageLog} writes its lines in batches (L{BatchedLog}),
+    the same lines as one event at a time.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(START + 0.7)
+
+    def immediately(self, observer, times):
+        """
+        What C{observer} gets from L{writeLines} without a clock, one event
+        at a time, the n-th line made at C{times[n]}.
+        """
+        times = iter(times)
+        self.patch(_logger, "time", lambda: next(times))
+        writeLines(MessageLog(log=Logger(namespace=NAMESPACE, observer=observer)))
+        self.patch(_logger, "time", lambda: self.fail("time asked for"))
+
+    def batched(self, observer, step=0.0):
+        """
+        L{writeLines} with a clock, the clock advancing C{step} between
+        lines, and their times; nothing logged yet.
+        """
+        messages = MessageLog(log=Logger(namespace=NAMESPACE, observer=observer),
+                              clock=self.clock)
+        times = []
+        clock = self.clock
+
+        class Stepping:
+            def seconds(self):
+                times.append(clock.seconds())
+                clock.rightNow += step
+                return times[-1]
+
+            def callLater(self, *a, **k):
+                return clock.callLater(*a, **k)
+
+        messages._batch.clock = Stepping()
+        writeLines(messages)
+        return messages, times
+
+    def test_textLogFile(self):
+        """
+        With twistd's text log file the only observer, the lines wait for
+        L{FLUSH_INTERVAL} and are then written in one C{write}: byte for
+        byte what the file got one event at a time (time stamps, across a
+        second, C{[smartrelay.messages#info]}, C{#warn} for an expired
+        recipient).
+        """
+        out = io.StringIO()
+        writes = []
+        original = out.write
+        out.write = lambda text: (writes.append(text), original(text))[1]
+        self.patch(_logger, "time", lambda: self.fail("time asked for"))
+        messages, times = self.batched(LogPublisher(textFileLogObserver(out)), step=0.1)
+        self.assertNotEqual(int(times[0]), int(times[-1]))
+        self.assertEqual(out.getvalue(), "")
+        self.clock.advance(FLUSH_INTERVAL)
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+        expected = io.StringIO()
+        self.immediately(LogPublisher(textFileLogObserver(expected)), times)
+        self.assertEqual(out.getvalue(), expected.getvalue())
+        text = out.getvalue()
+        self.assertIn(
+            formatTime(times[0]) + " [smartrelay.messages#info] accepted 2A/01-00000-6921A3F0 "
+            "from=<a@x.example> size=1234 nrcpt=2 client=127.0.0.1 user=app1\n", text)
+        self.assertIn(" [smartrelay.messages#warn] 2A/01-00001-6921A3F0 to=<d@y.example> ", text)
+        self.assertEqual(text.count("\n"), 7)
+
+    def test_binaryLogFile(self):
+        """
+        A log file the observer writes UTF-8 bytes to (twistd's C{LogFile})
+        gets the same bytes.
+        """
+        out = _Bytes()
+        messages, times = self.batched(LogPublisher(textFileLogObserver(out)))
+        messages.flush()
+        expected = _Bytes()
+        self.immediately(LogPublisher(textFileLogObserver(expected)), times)
+        self.assertEqual(out.getvalue(), expected.getvalue())
+        self.assertIn("greyl\u00efsted".encode("utf-8"), out.getvalue())
+
+    def test_otherObservers(self):
+        """
+        With any other observers (a test's, a JSON observer, several), each
+        line is one event, in order, with its level, its fields and the time
+        it was made: the very events logged one at a time.
+        """
+        for observers in [[Capture()], [Capture(), textFileLogObserver(io.StringIO())]]:
+            publisher = LogPublisher(*observers)
+            messages, times = self.batched(publisher, step=0.05)
+            self.assertEqual(observers[0], [])
+            self.clock.advance(FLUSH_INTERVAL)
+            expected = Capture()
+            self.immediately(expected, times)
+            self.assertEqual(len(observers[0]), 7)
+            self.assertEqual({e.pop("log_logger") for e in observers[0]}, {messages.log})
+            self.assertEqual({type(e.pop("log_logger")) for e in expected}, {Logger})
+            self.assertEqual(observers[0], expected)
+            self.assertEqual([e["log_time"] for e in observers[0]], times)
+            self.assertEqual(
+                [e["log_level"] for e in observers[0]],
+                [LogLevel.info] * 4 + [LogLevel.warn] + [LogLevel.info] * 2,
+            )
+            self.assertEqual(observers[0][0]["helo"], "client.test")
+
+    def test_json(self):
+        """
+        The JSON observer writes each batched line as it did one event at a
+        time.
+        """
+        out = io.StringIO()
+        messages, times = self.batched(LogPublisher(JSONLinesObserver(out)), step=0.3)
+        messages.flush()
+        expected = io.StringIO()
+        self.immediately(LogPublisher(JSONLinesObserver(expected)), times)
+        self.assertEqual(out.getvalue(), expected.getvalue())
+        self.assertEqual(json.loads(out.getvalue().splitlines()[0])["queue_id"],
+                         "2A/01-00000-6921A3F0")
+
+    def test_observerChanges(self):
+        """
+        Each flush looks at the observers again: a second one added to
+        twistd's text log file gets events, and the file its lines.
+        """
+        out = io.StringIO()
+        publisher = LogPublisher(textFileLogObserver(out))
+        messages = MessageLog(log=Logger(namespace=NAMESPACE, observer=publisher),
+                              clock=self.clock)
+        messages.accepted("Q", "", 1, 1, "127.0.0.1")
+        messages.flush()
+        events = Capture()
+        publisher.addObserver(events)
+        messages.accepted("R", "", 1, 1, "127.0.0.1")
+        messages.flush()
+        self.assertEqual([e["queue_id"] for e in events], ["R"])
+        self.assertEqual(out.getvalue().count(" [smartrelay.messages#info] accepted "), 2)
+
+    def test_otherFormat(self):
+        """
+        A text file observer that formats lines otherwise than twistd's
+        (another time format) gets events.
+        """
+        out = io.StringIO()
+        publisher = LogPublisher(textFileLogObserver(out, timeFormat="%H:%M"))
+        messages = MessageLog(log=Logger(namespace=NAMESPACE, observer=publisher),
+                              clock=self.clock)
+        messages.accepted("Q", "", 1, 1, "127.0.0.1")
+        messages.flush()
+        self.assertEqual(
+            out.getvalue(),
+            formatTime(self.clock.seconds(), "%H:%M")
+            + " [smartrelay.messages#info] accepted Q from=<> size=1 nrcpt=1 client=127.0.0.1\n",
+        )
+
+    def test_full(self):
+        """
+        L{MAX_LINES} waiting lines are written at once.
+        """
+        events = Capture()
+        messages = MessageLog(log=Logger(namespace=NAMESPACE, observer=events), clock=self.clock)
+        for n in range(MAX_LINES - 1):
+            messages.accepted(str(n), "", 1, 1, "127.0.0.1")
+        self.assertEqual(events, [])
+        messages.accepted("last", "", 1, 1, "127.0.0.1")
+        self.assertEqual(len(events), MAX_LINES)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop(self):
+        """
+        L{MessageLog.stop} writes what waits, and later lines at once.
+        """
+        events = Capture()
+        messages = MessageLog(log=Logger(namespace=NAMESPACE, observer=events), clock=self.clock)
+        messages.accepted("Q", "", 1, 1, "127.0.0.1")
+        messages.stop()
+        self.assertEqual([e["queue_id"] for e in events], ["Q"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        messages.outcome("Q", "b@y.example", "delivered", 1, "250 ok")
+        self.assertEqual([e["queue_id"] for e in events], ["Q", "Q"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_disabled(self):
+        """
+        Disabled (C{log_messages = off}), it writes nothing and waits for
+        nothing, even when flushed or stopped.
+        """
+        events = Capture()
+        out = io.StringIO()
+        for observer in [events, LogPublisher(textFileLogObserver(out))]:
+            messages = MessageLog(False, Logger(namespace=NAMESPACE, observer=observer),
+                                  clock=self.clock)
+            writeLines(messages)
+            self.assertEqual(self.clock.getDelayedCalls(), [])
+            messages.flush()
+            messages.stop()
+        self.assertEqual((events, out.getvalue()), ([], ""))
+
+    def test_withoutClock(self):
+        """
+        Without a clock each line is logged at once; flush and stop do
+        nothing.
+        """
+        events, messages = capturingLog()
+        messages.accepted("Q", "", 1, 1, "127.0.0.1")
+        self.assertEqual(len(events), 1)
+        messages.flush()
+        messages.stop()
+        self.assertEqual(len(events), 1)
+
+    def test_brokenFile(self):
+        """
+        If the direct write fails, the lines go through the publisher
+        (which deals with its broken observer).
+        """
+        out = io.StringIO()
+        out.close()
+        publisher = LogPublisher(textFileLogObserver(out))
+        errors = []
+        publisher._errorLoggerForObserver = lambda o: Logger(observer=errors.append)
+        messages = MessageLog(log=Logger(namespace=NAMESPACE, observer=publisher),
+                              clock=self.clock)
+        messages.accepted("Q", "", 1, 1, "127.0.0.1")
+        messages.flush()
+        self.assertEqual(len(errors), 1)
+
+
+class BatchedLogTests(SynchronousTestCase):
+    """
+    L{BatchedLog} details.
+    """
+
+    def test_newlines(self):
+        """
+        A line holding newlines is written as twistd writes it (its
+        continuation lines indented by a tab); an empty one not at all.
+        """
+        clock = Clock()
+        clock.advance(START)
+        out, expected = io.StringIO(), io.StringIO()
+        batch = BatchedLog(clock, "n", LogPublisher(textFileLogObserver(out)))
+        batch.add(LogLevel.error, "two\nlines")
+        batch.add(LogLevel.info, "")
+        batch.flush()
+        self.patch(_logger, "time", lambda: START)
+        log = Logger(namespace="n", observer=LogPublisher(textFileLogObserver(expected)))
+        log.emit(LogLevel.error, "{log_text}", log_text="two\nlines")
+        log.emit(LogLevel.info, "{log_text}", log_text="")
+        self.assertEqual(out.getvalue(), expected.getvalue())
+        self.assertEqual(out.getvalue(), formatTime(START) + " [n#error] two\n\tlines\n")
+
+    def test_roundedStamp(self):
+        """
+        A line made in the last microsecond of a second has the next
+        second's time stamp, as twistd's (C{datetime}'s rounding) gives it;
+        the others of that second keep theirs.
+        """
+        clock = Clock()
+        out, expected = io.StringIO(), io.StringIO()
+        batch = BatchedLog(clock, "n", LogPublisher(textFileLogObserver(out)))
+        log = Logger(namespace="n", observer=LogPublisher(textFileLogObserver(expected)))
+        for when in [START + 0.5, START + 0.9999998, START + 0.9, START + 1.0000001]:
+            clock.rightNow = when
+            batch.add(LogLevel.info, "x")
+            self.patch(_logger, "time", lambda: when)
+            log.emit(LogLevel.info, "{log_text}", log_text="x")
+        batch.flush()
+        self.assertEqual(out.getvalue(), expected.getvalue())
+        self.assertEqual(len(set(out.getvalue().splitlines())), 2)
 
 
 class SubmissionLineTests(SynchronousTestCase):
