@@ -122,9 +122,10 @@ class EventLog:
     Batches events and writes them to a store.
 
     Events emitted during one reactor turn are written together: the first
-    C{emit} schedules a flush with C{callLater(0)}; at most C{maxInFlight}
-    writes are in flight, events that arrive meanwhile wait for the next
-    batch.
+    C{emit} schedules a flush with C{callLater(0)} (or, with
+    C{minInterval}, no sooner than that after the last write started); at
+    most C{maxInFlight} writes are in flight, events that arrive meanwhile
+    wait for the next batch.
 
     If the store fails a write and there is a C{journal}
     (L{smartrelay.journal.EventJournal}), the log becomes I{degraded}: the
@@ -155,6 +156,12 @@ class EventLog:
     #: apply writes in the order they were issued); with one, events that
     #: arrive during a write make the next batch bigger.
     maxInFlight: int = 2
+    #: Seconds at least between the starts of two writes: under load the
+    #: batches are bigger and the writes (each a hand-off to the store's
+    #: thread, or a round trip to Redis) fewer; an event waits at most this
+    #: long more for its write.  0: every reactor turn's events at once.
+    minInterval: float = 0.0
+    _lastWrite: float = attrs.field(default=float("-inf"), init=False)
     _writing: int = attrs.field(default=0, init=False)
     _waiters: list = attrs.field(factory=list, init=False)
     _degraded: bool = attrs.field(default=False, init=False)
@@ -335,7 +342,10 @@ class EventLog:
 
     def _schedule(self) -> None:
         if self._scheduled is None and self._writing < self.maxInFlight:
-            self._scheduled = self.clock.callLater(0, self._flush)
+            delay = 0.0
+            if self.minInterval:
+                delay = max(0.0, self._lastWrite + self.minInterval - self.clock.seconds())
+            self._scheduled = self.clock.callLater(delay, self._flush)
 
     def _flush(self) -> None:
         self._scheduled = None
@@ -343,6 +353,7 @@ class EventLog:
             if self._writing == 0:
                 self._notifyIdle()
             return
+        self._lastWrite = self.clock.seconds()
         batch = self._pending[: self.maxBatch]
         del self._pending[: self.maxBatch]
         if self._degraded:

@@ -86,6 +86,9 @@ FEEDBACK_THREADS = 2
 FEEDBACK_PRUNE_INTERVAL = 3600
 #: The tokens' key file under data_dir (when [smartrelay] secret is unset).
 TOKEN_KEYS_FILE = "token-keys"
+#: Seconds at least between two event writes to the store (EventLog's
+#: minInterval): bigger batches, fewer hand-offs to the store's thread.
+EVENT_WRITE_INTERVAL = 0.05
 #: Seconds between checks that the queue id lease is far enough ahead.
 LEASE_RENEWAL = 10
 
@@ -335,6 +338,7 @@ class RelayService(MultiService):
             reactor,
             journal=self.journal,
             maxInFlight=1 if relay.store == "sqlite" else 2,
+            minInterval=EVENT_WRITE_INTERVAL,
             observe=self.metrics.events.count,
         )
         self.pruner = Pruner(self.store, reactor, retention=config.store.retention)
@@ -455,6 +459,9 @@ class RelayService(MultiService):
             nodes=self.nodeRegistry,
             leases=self.leaseKeeper,
         )
+        # The per-message lines of the scheduler and the submission policy,
+        # written in batches (smartrelay/logs.py), the last at stop.
+        self.messageLog = MessageLog(relay.log_messages, clock=reactor)
         self.scheduler = DeliveryScheduler(
             spool=self.spool,
             router=makeRouter(config, reactor),
@@ -482,7 +489,7 @@ class RelayService(MultiService):
             rewrapper=self.rewrapper,
             suppress=True,
             bounces=self.bounceSuppressor,
-            messageLog=MessageLog(relay.log_messages),
+            messageLog=self.messageLog,
             leases=self.leaseKeeper,
             throttles=self.throttleBoard,
             replica=self.suppressionReplica,
@@ -583,7 +590,7 @@ class RelayService(MultiService):
             maxRecipients=smtp.max_recipients,
             renewLease=self._renewLease,
             limiter=makeLoginLimiter(smtp, reactor),
-            messageLog=MessageLog(relay.log_messages),
+            messageLog=self.messageLog,
             sms=self.smsPolicy,
         )
         tlsContext = None
@@ -850,6 +857,9 @@ class RelayService(MultiService):
         # suppressions written); those waiting for a retry stay in new/.
         yield self.feedbackProcessor.stop()
         yield MultiService.stopService(self)
+        # The last per-message lines (delivery has stopped); any later one
+        # is written at once.
+        self.messageLog.stop()
         # Delivery has stopped: nothing more to submit; unbind.  Receipts
         # still being matched are written below with the other events.
         if self.smsClient is not None and self.smsClient.running:

@@ -81,6 +81,34 @@ class EventLogTests(SynchronousTestCase):
         self.assertEqual([e.queue_id for e in events], ["Q0", "Q1"])
         self.assertEqual({e.time for e in events}, {50.0})
 
+    def test_minInterval(self):
+        """
+        With C{minInterval}, a write starts no sooner than that after the
+        last one started: what comes meanwhile waits and goes in one batch,
+        and C{flushed} waits for it.
+        """
+        log = EventLog(self.store, self.clock, maxInFlight=1, minInterval=0.05)
+        self.clock.advance(10)
+        log.emit("accepted", "Q0", "r@example.com")
+        self.clock.advance(0)
+        self.assertEqual(len(self.store.writes), 1)
+        self.store.writes[0][1].callback(None)
+        for i in range(1, 4):
+            log.emit("accepted", f"Q{i}", "r@example.com")
+            self.clock.advance(0.01)
+        flushed = log.flushed()
+        self.assertEqual(len(self.store.writes), 1)
+        self.clock.advance(0.03)
+        self.assertEqual([e.queue_id for e in self.store.writes[1][0]], ["Q1", "Q2", "Q3"])
+        self.assertNoResult(flushed)
+        self.store.writes[1][1].callback(None)
+        self.successResultOf(flushed)
+        # Quiet for longer than the interval: the next event goes at once.
+        self.clock.advance(1)
+        log.emit("accepted", "Q4", "r@example.com")
+        self.clock.advance(0)
+        self.assertEqual(len(self.store.writes), 3)
+
     def test_inFlightLimit(self):
         """
         At most maxInFlight writes are outstanding; the rest waits, in order.

@@ -33,6 +33,7 @@ from smartrelay.engine.workers import encodeFrame
 from smartrelay.ids import ID_STATE_FILE, isQueueID, loadIDState
 from smartrelay.outbound.testing import ScriptedSMTPServer, SMTPScript
 from smartrelay.service import (
+    EVENT_WRITE_INTERVAL,
     IThreadPools,
     StartUpInterrupted,
     ThreadPools,
@@ -382,6 +383,8 @@ class WiringTests(SynchronousTestCase):
         self.assertIn(b"RCPT TO:<reader@example.org>", server.commands)
         self.assertIn(b"X-SmartRelay-ID: " + queueID.encode(), server.message)
         self.assertIn(b"List-Unsubscribe: <https://t.example.org/u/", server.message)
+        # Events are written in batches at most every EVENT_WRITE_INTERVAL.
+        self.reactor.advance(EVENT_WRITE_INTERVAL)
         events = self.successResultOf(relay.store.eventsForMessage(queueID))
         self.assertEqual([e.type for e in events], ["accepted", "delivered"])
 

@@ -16,7 +16,7 @@ from twisted.test.iosim import ConnectionCompleter, FakeTransport, connect
 from twisted.trial.unittest import SynchronousTestCase
 
 from smartrelay.outbound.testing import ScriptedSMTPServer, SMTPScript
-from smartrelay.service import makeRelayService
+from smartrelay.service import EVENT_WRITE_INTERVAL, makeRelayService
 from smartrelay.sms.codec import Command
 from smartrelay.sms.testing import FakeSMSCFactory, SMSCScript
 
@@ -220,6 +220,8 @@ class SMSWiringTests(SynchronousTestCase):
         [server] = self.smarthost
         self.assertIn(b"RCPT TO:<reader@example.org>", server.commands)
         self.assertNotIn(b"sms.example.com", b"".join(server.commands))
+        # Events are written in batches at most every EVENT_WRITE_INTERVAL.
+        self.reactor.advance(EVENT_WRITE_INTERVAL)
         events = self.successResultOf(relay.store.eventsForMessage(queueID))
         types = {(e.type, e.recipient) for e in events}
         self.assertTrue(

@@ -30,6 +30,7 @@ from smartrelay.message import Recipient, SpoolEntry
 from smartrelay.outbound.scheduler import DeliveryScheduler
 from smartrelay.outbound.session import Reply
 from smartrelay.outbound.testing import Delays, FakeDeliverer, FakeRouter, FakeSpool, RecordingEvents
+from smartrelay.service import EVENT_WRITE_INTERVAL
 from smartrelay.spool import Spool
 from smartrelay.store.interfaces import IStore
 from smartrelay.store.memory import MemoryStore
@@ -1307,6 +1308,8 @@ class RelayTests(SynchronousTestCase):
         stopped = relay.stopService()
         for _ in range(10):
             delivery.flush()
+        # The last events' write waits up to EVENT_WRITE_INTERVAL.
+        self.reactor.advance(EVENT_WRITE_INTERVAL)
         self.successResultOf(stopped)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
