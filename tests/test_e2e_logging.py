@@ -8,6 +8,8 @@ import json
 import os
 import re
 import smtplib
+import urllib.error
+import urllib.request
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -68,8 +70,13 @@ def authOnce(port, user, password, source="127.0.0.1"):
         return code, text.decode()
 
 
-class JSONLogTests(TestCase):
+class RelayLogTests(TestCase):
+    """
+    Runs the relay (L{processClass}) with a sink to relay to.
+    """
+
     timeout = 120
+    processClass = RelayProcess
 
     def startSink(self):
         self.sink = Sink()
@@ -92,10 +99,14 @@ class JSONLogTests(TestCase):
             "[delivery]\nsmarthost = tcp:host=127.0.0.1:port=%d\nretry = 5m\n"
             % (users, extra, sinkPort)
         )
-        relay = JSONRelayProcess(workdir, config)
+        relay = self.processClass(workdir, config)
         self.addCleanup(relay.kill)
         relay.start()
         return relay
+
+
+class JSONLogTests(RelayLogTests):
+    processClass = JSONRelayProcess
 
     @inlineCallbacks
     def test_acceptedAndDeliveredLines(self):
@@ -188,3 +199,63 @@ class JSONLogTests(TestCase):
         failures = [r for r in relay.records() if r["text"].startswith("failed SMTP AUTH")]
         self.assertEqual(len(failures), 3)
         self.assertEqual({(r["client"], r["user"]) for r in failures}, {("127.0.0.1", "app1")})
+
+
+def fetch(url):
+    """
+    GET C{url}; its status code.
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+#: twistd's time stamp (RFC 3339 to the second, with the UTC offset).
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}"
+
+
+class TextLogTests(RelayLogTests):
+    """
+    twistd's own text log file (C{--logfile}), where the message lines and
+    the access lines are written in batches, straight to the file.
+    """
+
+    @inlineCallbacks
+    def test_messageAndAccessLines(self):
+        """
+        The accepted line, a line per recipient and the web site's access
+        line read as twistd writes a log event: C{TIME [NAMESPACE#LEVEL]
+        TEXT}; after a clean stop every one is in the file.
+        """
+        relay = self.startRelay()
+        yield relay.waitReady(reactor)
+        webPort = int(re.search(r"web endpoints on .*port=(\d+)", relay.log()).group(1))
+        code, text = yield deferToThread(
+            submitAndAuth, relay.port, ["ok@example.org", "bounce@example.org"],
+            login=("app1", "right"),
+        )
+        self.assertEqual(code, 250, text)
+        queueID = text.decode().split()[-1]
+        status = yield deferToThread(fetch, f"http://127.0.0.1:{webPort}/healthz")
+        yield waitFor(reactor, lambda: relay.log().count(f"{queueID} to=<") == 2)
+        yield relay.stop()
+        lines = relay.log().splitlines()
+        q = re.escape(queueID)
+        patterns = [
+            rf"{STAMP} \[smartrelay\.messages#info\] accepted {q} from=<app@example\.com> "
+            r"size=\d+ nrcpt=2 client=127\.0\.0\.1 user=app1",
+            rf"{STAMP} \[smartrelay\.messages#info\] {q} to=<ok@example\.org> "
+            rf"relay=127\.0\.0\.1:{self.sinkPort} delay=\d+\.\d attempts=1 dsn=2\.0\.0 "
+            r"status=delivered \(250 .*\)",
+            rf"{STAMP} \[smartrelay\.messages#info\] {q} to=<bounce@example\.org> "
+            rf"relay=127\.0\.0\.1:{self.sinkPort} delay=\d+\.\d attempts=1 dsn=5\.1\.1 "
+            r"status=bounced \(550 .*\)",
+            rf'{STAMP} \[twisted\.python\.log#info\] "127\.0\.0\.1" - - \[[^]]+\] '
+            rf'"GET /healthz HTTP/1\.1" {status} ',
+        ]
+        for pattern in patterns:
+            self.assertEqual(
+                len([line for line in lines if re.match(pattern, line)]), 1, (pattern, lines)
+            )
