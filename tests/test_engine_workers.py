@@ -1052,7 +1052,10 @@ class RealWorkerTests(TestCase):
         self.assertTrue(other.alive)
         message = (yield self.pool.run(self.job())).data
         self.assertTrue(dkim.verify(message, dnsfunc=dnsfunc))
-        self.assertEqual(self.pool.workers, [other])
+        # The dead one is gone (its replacement may be there already, on a
+        # loaded machine).
+        self.assertNotIn(victim, self.pool.workers)
+        self.assertIn(other, self.pool.workers)
         # The replacement comes after RESTART_DELAY, and works.
         yield waitUntil(lambda: len(self.pool.workers) == 2, RESTART_DELAY + 20)
         [new] = [w for w in self.pool.workers if w is not other]
@@ -1085,6 +1088,8 @@ class RealWorkerTests(TestCase):
     @inlineCallbacks
     def test_stop(self):
         """C{stop} ends every child; each has finished the job it held."""
+        # On a loaded machine a child may take seconds to get to its job.
+        self.patch(workers, "STOP_TIMEOUT", 60.0)
         held = self.pool.run(SleepJob(0.2))
         yield self.pool.stop()
         self.assertEqual(self.successResultOf(held), "slept")
