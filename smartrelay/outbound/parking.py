@@ -214,7 +214,10 @@ class Parking:
     _releaseTimer: Any = attrs.field(default=None, init=False)
     #: The C{deferred} details of the flush in progress, shared by the
     #: recipients they are the same for (the scheduler keeps each parked
-    #: recipient's last deferral: one dict a recipient was ~400 bytes).
+    #: recipient's last deferral: one dict a recipient was ~400 bytes),
+    #: with the status and reply text of their log line: C{(suspension
+    #: key, retry time, reply, remote, attempts) -> (detail, status,
+    #: reply line)}.
     _details: dict = attrs.field(factory=dict, init=False)
 
     log = Logger()
