@@ -179,6 +179,30 @@ class ParkingTests(ParkingTestsMixin, SynchronousTestCase):
             self.scheduler.lastDeferral(entries[-1].queue_id, "r29@example.com"), detail
         )
 
+    def test_bulkRecordFails(self):
+        """
+        If the spool cannot take the bulk record at all, the failure is
+        logged and the recipients stay parked: no event, and they are
+        released and tried at the retry as any.
+        """
+        self.suspendWithOne()
+        self.spool.failBulk = 1
+        entries = self.addMany(3)
+        self.clock.advance(0)
+        self.clock.advance(FLUSH_INTERVAL)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(self.deferrals(), [])
+        self.assertEqual(self.destination()["parked"], 3)
+        self.assertEqual([e.recipients[0].state for e in entries], ["queued"] * 3)
+        # The retry: the smarthost answers; all three are delivered.
+        self.deliverer.refuse.clear()
+        self.deliverer.auto = lambda call: AttemptResult(
+            call.hop.name, False, {a: Reply(250, None, "ok") for a in call.recipients}
+        )
+        self.clock.advance(60)
+        self.clock.advance(0)
+        self.assertEqual([e.recipients[0].state for e in entries], ["delivered"] * 3)
+
     def test_deleteOneOfSeveral(self):
         """
         A parked message with several recipients: deleting one domain's

@@ -48,6 +48,15 @@ class IDeliverySpool(Interface):
             C{entry}); an event about them may be emitted only then.
         """
 
+    def recordMany(batch):
+        """
+        L{record} for many messages in one go: C{[(entry, changes), ...]}.
+
+        @return: a L{Deferred} firing once each is written or has failed,
+            with one C{(True, None)} or C{(False, failure)} per message, in
+            order (the results of a C{DeferredList} with C{consumeErrors}).
+        """
+
 
 class IDeliverySession(Interface):
     """

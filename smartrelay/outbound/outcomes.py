@@ -15,7 +15,7 @@ import random as _random
 from typing import Any, Callable, Optional
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -278,7 +278,10 @@ class Recorder:
         recipients stay parked, and their next deferral or outcome is
         recorded instead.
         """
-        records = [maybeDeferred(self.spool.record, entry, changes) for entry, changes, _ in batch]
+        # One group commit, one Deferred (not one a message).
+        recording = maybeDeferred(
+            self.spool.recordMany, [(entry, changes) for entry, changes, _ in batch]
+        )
 
         def recorded(results: list) -> None:
             lines: dict = {}
@@ -300,7 +303,15 @@ class Recorder:
             for (destination, reply, dsn, nextAttempt), members in lines.items():
                 self.messageLog.parked(destination, members, reply, dsn, nextAttempt)
 
-        self.inFlight.track(DeferredList(records, consumeErrors=True).addCallback(recorded))
+        def failed(failure: Failure) -> None:
+            # As a failed record of each: they stay parked.
+            self.log.failure(
+                "could not record the deferrals of {count} parked messages",
+                failure,
+                count=len(batch),
+            )
+
+        self.inFlight.track(recording.addCallbacks(recorded, failed))
 
     def tell(self, entry: SpoolEntry, events: list, log: bool = True) -> None:
         """

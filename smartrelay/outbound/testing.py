@@ -7,7 +7,7 @@ reachable through an endpoint that connects with L{twisted.test.iosim}.
 from typing import Any, Callable, Optional
 
 import attrs
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.protocols.basic import LineReceiver
 from twisted.test import iosim
@@ -87,6 +87,8 @@ class FakeSpool:
     messages: dict = attrs.field(factory=dict)
     records: list = attrs.field(factory=list)
     failRecords: int = 0
+    #: How many of the next C{recordMany} calls raise (the whole batch).
+    failBulk: int = 0
     hold: bool = False
     held: list = attrs.field(factory=list)
     journal: list = attrs.field(factory=list)
@@ -113,6 +115,17 @@ class FakeSpool:
             return d
         self._apply(entry, changes)
         return succeed(None)
+
+    def recordMany(self, batch: list) -> Deferred:
+        """
+        L{record} for each C{(entry, changes)}: one L{Deferred} firing with
+        C{(ok, failure or None)} per message, as the spool's.
+        """
+        if self.failBulk:
+            self.failBulk -= 1
+            raise OSError("disk on fire")
+        records = [maybeDeferred(self.record, entry, changes) for entry, changes in batch]
+        return DeferredList(records, consumeErrors=True)
 
     def releaseRecord(self, index: int = 0) -> None:
         d, entry, changes = self.held.pop(index)
