@@ -109,6 +109,9 @@ class ApiTestsMixin:
             headers["Authorization"] = f"Bearer {token}"
         d = self.treq.request(method, "http://relay.test" + path, headers=headers, **kwargs)
         self.treq.flush()
+        # (The event log writes on the next turn; a delete answers then.)
+        self.clock.advance(0)
+        self.treq.flush()
         response = self.successResultOf(d)
         body = self.successResultOf(self.treq.content(response))
         self.clock.advance(0)

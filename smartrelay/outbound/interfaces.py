@@ -122,6 +122,12 @@ class IEventSink(Interface):
         @return: the L{Event <smartrelay.events.Event>}.
         """
 
+    def flushed():
+        """
+        @return: a L{Deferred} firing once every event emitted so far is
+            written (or its write failed and was logged).
+        """
+
 
 class IRewrapper(Interface):
     """

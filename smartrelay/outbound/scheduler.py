@@ -432,7 +432,8 @@ class DeliveryScheduler(Service):
         Jobs still waiting for a session are taken back first.
 
         @return: a L{Deferred} firing with the addresses given up, once the
-            spool has recorded them.
+            spool has recorded them and their events are written (so that
+            whoever asked reads them at once).
         @raise KeyError: C{queue_id} is not queued.
         @raise DeliveryInProgress: some recipients are being attempted right
             now (in a transaction); nothing was changed.
@@ -441,7 +442,10 @@ class DeliveryScheduler(Service):
         if entry is None:
             raise KeyError(queue_id)
         self._dispatcher.takeBack(entry)
-        return self._queue.delete(entry, reason)
+        d = self._queue.delete(entry, reason)
+        return d.addCallback(
+            lambda addresses: maybeDeferred(self.events.flushed).addCallback(lambda _: addresses)
+        )
 
     def startService(self) -> None:
         Service.startService(self)

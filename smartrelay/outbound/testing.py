@@ -161,6 +161,9 @@ class RecordingEvents:
             tag=tag, metadata=metadata or {}, detail=detail or {},
         )
 
+    def flushed(self) -> Deferred:
+        return succeed(None)
+
     def ofType(self, type: str) -> list:
         return [e for e in self.emitted if e[0] == type]
 
