@@ -16,7 +16,7 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 import treq
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent, _SynchronousProducer
-from twisted.internet.defer import maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -885,6 +885,46 @@ class QueuePageTests(UiTestsMixin, SynchronousTestCase):
         self.assertIn(QUEUE_ID, body)
         self.assertIn("Retry", body)
         self.assertIn("/queue/confirm?queue_id=" + quote(QUEUE_ID, safe=""), body)
+
+    def test_localWording(self):
+        """Without other nodes the counts are this node's."""
+        _, body = self.get("/queue")
+        self.assertIn("waiting on this node.", body)
+        self.assertNotIn("did not answer", body)
+
+    def test_clusterAndMissingNodes(self):
+        """
+        With other nodes sharing the store the page says over which nodes
+        it counted, names those that did not answer, and shows each
+        destination's node.
+        """
+        summary = self.successResultOf(Deferred.fromCoroutine(self.queries.queueSummary()))
+        listing = self.successResultOf(Deferred.fromCoroutine(
+            self.queries.queueMessages(None, None, 50, None)))
+        cluster = {"nodes": ["01", "02"], "partial": True, "missing_nodes": ["03"],
+                   "node_errors": [{"node": "03", "error": "node_timeout"}]}
+
+        async def clusterSummary(only=None):
+            return dict(summary, **cluster)
+
+        async def clusterMessages(*args):
+            return dict(listing, **cluster)
+
+        async def clusterDestinations():
+            return dict(cluster, items=[{
+                "destination": "example.net", "node": "02", "queued": 1, "connections": 0,
+                "max_connections": 10, "configured_max_connections": 10, "rate": None,
+                "throttled": False, "throttle_factor": 1.0, "throttle_until": None,
+            }], next_cursor=None)
+
+        self.patch(self.queries, "queueSummary", clusterSummary)
+        self.patch(self.queries, "queueMessages", clusterMessages)
+        self.patch(self.queries, "clusterDestinations", clusterDestinations)
+        _, body = self.get("/queue")
+        self.assertIn("waiting on the 2 nodes that answered (01, 02).", body)
+        self.assertIn("Not counted: node 03 did not answer in time", body)
+        self.assertIn('role="alert"', body)
+        self.assertIn("<th scope=\"col\">node</th>", body.replace("'", '"'))
 
     def test_deleteWithConfirmation(self):
         """Delete asks first; the confirmed form ends the recipients expired."""

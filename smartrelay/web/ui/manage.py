@@ -174,9 +174,24 @@ async def queue(ui, context) -> Page:
     state = query.choice("state", ("queued", "deferred"))
     summary = await ui.queries.queueSummary(domain)
     listing = await ui.queries.queueMessages(domain, state, query.limit(), query.cursor())
+    destinations = await ui.queries.clusterDestinations()
     page = withNotice(Page(title="Queue"), context)
+    if "nodes" in summary:
+        # With other nodes sharing the store the views are the cluster's:
+        # say over which nodes, and which did not answer.
+        where = f"on the {len(summary['nodes'])} nodes that answered ({', '.join(summary['nodes'])})"
+    else:
+        where = "on this node"
     page.add(tags.p(f"{summary['messages']:,} messages, {summary['recipients']:,} recipients "
-                    "waiting on this node.", role="status"))
+                    f"waiting {where}.", role="status"))
+    missing = sorted(set(summary.get("missing_nodes", ()))
+                     | set(listing.get("missing_nodes", ()))
+                     | set(destinations.get("missing_nodes", ())))
+    if missing:
+        page.add(tags.p(
+            f"Not counted: node{'s' if len(missing) > 1 else ''} {', '.join(missing)} did not "
+            "answer in time; their messages and destinations are missing from this page.",
+            role="alert", **{"class": "error"}))
     page.add(filterForm("/queue", [
         ("qdomain", "Recipient domain", tags.input(id="qdomain", name="domain",
                                                     value=domain or "")),
@@ -199,12 +214,14 @@ async def queue(ui, context) -> Page:
                         describedBy=f"Retry now for {d['domain']}"),
         ))
     page.add(page.table(domains, own, "The queue is empty."))
+    clustered = any("node" in d for d in destinations["items"])
     throttle = Table("destinations", "Destinations: limits and adaptive throttle",
-                     ["destination", "queued", "connections", "max connections", "rate",
-                      "throttled", "factor", "until", "why"])
-    for d in ui.queries.destinations():
+                     ["destination"] + (["node"] if clustered else [])
+                     + ["queued", "connections", "max connections", "rate",
+                        "throttled", "factor", "until", "why"])
+    for d in destinations["items"]:
         throttle.rows.append((
-            d["destination"], d["queued"], d["connections"],
+            d["destination"], *([d["node"]] if clustered else []), d["queued"], d["connections"],
             f"{d['max_connections']} of {d['configured_max_connections']}",
             "" if d["rate"] is None else str(d["rate"]),
             "yes" if d["throttled"] else "no", d["throttle_factor"], shortTime(d["throttle_until"]),
