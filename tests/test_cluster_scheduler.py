@@ -146,7 +146,6 @@ class TwoNodeTests(SynchronousTestCase):
         self.assertEqual(len(self.a.pending()), 2)
         # kill -9: its timers stop, its sessions hang, nothing is released.
         self.a.keeper._renewal.stop()
-        self.a.scheduler.leases = None
         self.b.add("B0", ["z@limited.test"])
         self.clock.advance(29)
         self.assertEqual(self.b.pending(), [])
@@ -228,12 +227,11 @@ def _leased(case):
     """
 
     class Leased(case):
-        def setUp(self):
-            super().setUp()
+        def schedulerOptions(self) -> dict:
             keeper = LeaseKeeper(LocalLeases(), self.clock, holder="n", shared=False)
             keeper.startService()
             self.addCleanup(keeper.stopService)
-            self.scheduler.leases = keeper
+            return dict(super().schedulerOptions(), leases=keeper)
 
     Leased.__name__ = "Leased" + case.__name__
     Leased.__qualname__ = Leased.__name__

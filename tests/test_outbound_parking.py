@@ -62,7 +62,7 @@ class ParkingTestsMixin:
     def storeMessage(self, entry, data):
         self.spool.add(entry, data)
 
-    def makeScheduler(self):
+    def makeScheduler(self, **options):
         scheduler = DeliveryScheduler(
             spool=self.spool,
             router=self.router,
@@ -72,6 +72,7 @@ class ParkingTestsMixin:
             retry=Delays((60, 300, 900)),
             maxAge=self.maxAge,
             maxConnections=self.maxConnections,
+            **options,
         )
         self.addCleanup(lambda: scheduler.running and scheduler.stopService())
         return scheduler
@@ -222,7 +223,11 @@ class ParkingTests(ParkingTestsMixin, SynchronousTestCase):
     def test_loggedInBulk(self):
         """Parked recipients are logged a line per destination and hundred recipients, each naming its queue ids."""
         lines = []
-        self.scheduler.messageLog = MessageLog(log=Logger(namespace="m", observer=lines.append))
+        self.scheduler.stopService()
+        self.scheduler = self.makeScheduler(
+            messageLog=MessageLog(log=Logger(namespace="m", observer=lines.append))
+        )
+        self.scheduler.startService()
         self.suspendWithOne()
         del lines[:]
         self.addMany(150)

@@ -73,6 +73,15 @@ class PoolTestsMixin:
         options.update(kwargs)
         return DeliveryScheduler(**options)
 
+    def rebuild(self, **options):
+        """
+        Replace setUp's scheduler (nothing queued yet) by one made with
+        C{options} too.
+        """
+        self.scheduler.stopService()
+        self.scheduler = self.makeScheduler(**options)
+        self.scheduler.startService()
+
     def add(self, queue_id, recipients):
         entry = makeEntry(queue_id, recipients, received=self.clock.seconds())
         self.spool.add(entry, b"message " + queue_id.encode())
@@ -201,7 +210,7 @@ class LimitTests(PoolTestsMixin, SynchronousTestCase):
 
     def test_global(self):
         """maxConnections bounds the sessions of all destinations together."""
-        self.scheduler.maxConnections = 4
+        self.rebuild(maxConnections=4)
         self.addMany(5, "a.example", "A")
         self.addMany(5, "b.example", "B")
         self.clock.advance(0)
@@ -214,7 +223,7 @@ class LimitTests(PoolTestsMixin, SynchronousTestCase):
 
     def test_idleSessionMakesRoom(self):
         """An idle session of one destination is closed when another needs its slot."""
-        self.scheduler.maxConnections = 1
+        self.rebuild(maxConnections=1)
         self.addMany(1, "a.example", "A")
         self.clock.advance(0)
         self.answerAll()
@@ -226,7 +235,7 @@ class LimitTests(PoolTestsMixin, SynchronousTestCase):
 
     def test_busyDestinationYields(self):
         """With every slot taken, a session hands its slot over to a destination that has none."""
-        self.scheduler.maxConnections = 1
+        self.rebuild(maxConnections=1)
         self.addMany(3, "a.example", "A")
         self.clock.advance(0)
         self.addMany(1, "b.example", "B")
@@ -371,7 +380,8 @@ class RateTests(PoolTestsMixin, SynchronousTestCase):
                     return fail(ConnectionError("store down"))
                 return store.takeTokens(*args)
 
-        self.scheduler.store = down = DownStore()
+        down = DownStore()
+        self.rebuild(store=down)
         self.deliverer.auto = lambda call: __import__(
             "smartrelay.outbound.session", fromlist=["AttemptResult"]
         ).AttemptResult(call.hop.name, False, {a: Reply(250, None, "ok") for a in call.recipients})
@@ -583,11 +593,13 @@ class SuppressionTests(PoolTestsMixin, SynchronousTestCase):
     Recipients on the suppression list are not delivered.
     """
 
+    def makeScheduler(self, **kwargs):
+        return super().makeScheduler(**dict(dict(suppress=True), **kwargs))
+
     def setUp(self):
         super().setUp()
         from smartrelay.store.interfaces import SuppressionEntry
 
-        self.scheduler.suppress = True
         self.successResultOf(self.store.start())
         self.successResultOf(
             self.store.addSuppression(SuppressionEntry(address="gone@a.example", reason="bounce", time=START))
@@ -625,7 +637,7 @@ class SuppressionTests(PoolTestsMixin, SynchronousTestCase):
             def checkSuppressions(self, addresses, now):
                 return fail(ConnectionError("store down"))
 
-        self.scheduler.store = DownStore()
+        self.rebuild(store=DownStore())
         entry = self.add("Q1", ["gone@a.example"])
         self.clock.advance(0)
         self.assertEqual(self.deliverer.opens, [])
@@ -657,7 +669,7 @@ class RewrapHookTests(PoolTestsMixin, SynchronousTestCase):
                 prepared = Prepared(data + b"#%d" % index)
                 return succeed((f"bounce+{index}@b.example", prepared))
 
-        self.scheduler.rewrapper = Rewrapper()
+        self.rebuild(rewrapper=Rewrapper())
         self.add("Q1", ["x@a.example", "y@a.example"])
         self.clock.advance(0)
         self.answerAll()
@@ -682,7 +694,7 @@ class RewrapHookTests(PoolTestsMixin, SynchronousTestCase):
                 seen.append(offers)
                 return succeed(("", Prepared(data, eightBitMIME=True)))
 
-        self.scheduler.rewrapper = Rewrapper()
+        self.rebuild(rewrapper=Rewrapper())
         self.add("Q1", ["x@a.example"])
         self.clock.advance(0)
         self.answerAll()
@@ -696,7 +708,7 @@ class RewrapHookTests(PoolTestsMixin, SynchronousTestCase):
             def rewrap(self, entry, index, data, offers):
                 return fail(ZeroDivisionError())
 
-        self.scheduler.rewrapper = Broken()
+        self.rebuild(rewrapper=Broken())
         entry = self.add("Q1", ["x@a.example"])
         self.clock.advance(0)
         self.assertEqual(entry.recipients[0].state, "deferred")
@@ -718,7 +730,7 @@ class RewrapHookTests(PoolTestsMixin, SynchronousTestCase):
             def rewrap(self, entry, index, data, offers):
                 return fail(SigningError("shop.example", "InternalError: hook not used"))
 
-        self.scheduler.rewrapper = Failing()
+        self.rebuild(rewrapper=Failing())
         entry = self.add("Q1", ["x@a.example"])
         self.clock.advance(0)
         self.assertEqual(entry.recipients[0].state, "deferred")

@@ -35,7 +35,12 @@ class SchedulerTestsMixin:
         self.events = RecordingEvents(journal=self.journal)
         self.router = FakeRouter()
         self.deliverer = FakeDeliverer()
-        self.scheduler = DeliveryScheduler(
+        self.scheduler = self.makeScheduler()
+        self.scheduler.startService()
+        self.addCleanup(lambda: self.scheduler.running and self.scheduler.stopService())
+
+    def schedulerOptions(self) -> dict:
+        return dict(
             spool=self.spool,
             router=self.router,
             connector=self.deliverer,
@@ -45,8 +50,18 @@ class SchedulerTestsMixin:
             maxAge=3600.0,
             maxConnections=self.maxConnections,
         )
+
+    def makeScheduler(self, **options):
+        return DeliveryScheduler(**dict(self.schedulerOptions(), **options))
+
+    def rebuild(self, **options):
+        """
+        Replace setUp's scheduler (nothing queued yet) by one made with
+        C{options} too.
+        """
+        self.scheduler.stopService()
+        self.scheduler = self.makeScheduler(**options)
         self.scheduler.startService()
-        self.addCleanup(lambda: self.scheduler.running and self.scheduler.stopService())
 
     def add(self, queue_id, recipients, received=None, **kwargs):
         entry = makeEntry(
@@ -148,7 +163,7 @@ class OutcomeTests(SchedulerTestsMixin, SynchronousTestCase):
                 told.append(event)
                 return fail(ConnectionError("store down"))
 
-        self.scheduler.bounces = Bounces()
+        self.rebuild(bounces=Bounces())
         self.add("Q1", ["a@example.com"])
         self.add("Q2", ["b@example.com"])
         self.clock.advance(0)
@@ -267,7 +282,7 @@ class RoutingTests(SchedulerTestsMixin, SynchronousTestCase):
 
     def test_groupByHops(self):
         """Recipients at different domains (destinations) get separate attempts."""
-        self.scheduler.maxConnections = 3
+        self.rebuild(maxConnections=3)
         self.router.table = {"x.example": ["mx.x"], "y.example": ["mx.y"], "z.example": ["mx.x"]}
         self.add("Q1", ["a@x.example", "b@y.example", "c@x.example", "d@z.example"])
         self.clock.advance(0)
@@ -468,7 +483,7 @@ class ConcurrencyTests(SchedulerTestsMixin, SynchronousTestCase):
 
     def test_retriesNotStarved(self):
         """A retry that comes due waits behind earlier work only, not behind mail that arrives later."""
-        self.scheduler.maxConnections = 1
+        self.rebuild(maxConnections=1)
         self.add("A", ["a@example.com"])
         self.clock.advance(0)
         self.call().answer(451, "later", "4.0.0")  # A due again at +60

@@ -741,7 +741,7 @@ class CollectorTests(SynchronousTestCase):
         self.successResultOf(replica.sync())
         backend.down = store.down = True
         self.successResultOf(keeper.acquire("conn:a", 6))
-        self.scheduler.ratesLocal = True
+        self.scheduler._dispatcher.ratesLocal = True
         self.clock.advance(42)
         self.successResultOf(replica.sync())
         replica.check(["a@example.org", "b@example.org"], self.clock.seconds())

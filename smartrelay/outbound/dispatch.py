@@ -430,11 +430,10 @@ class Dispatcher:
                 destination.rate,
                 destination.burst,
             )
-        elif destination.rate is not None:
-            # A token held already: this session spends it.
-            destination.tokens -= 1
-            d = self.leases.acquire(resource, destination.maxConnections)
         else:
+            if destination.rate is not None:
+                # A token held already: this session spends it.
+                destination.tokens -= 1
             d = self.leases.acquire(resource, destination.maxConnections)
 
         def undo(tokenTaken: bool) -> None:

@@ -58,42 +58,20 @@ from smartrelay.logs import MessageLog
 from smartrelay.message import SpoolEntry
 from smartrelay.outbound.checks import SuppressionCheck
 from smartrelay.outbound.dispatch import Dispatcher, Job, leaseResource
-from smartrelay.outbound.outcomes import MAX_RECORD_RETRY_DELAY, Outcomes, Recorder, Verdict
+from smartrelay.outbound.outcomes import Outcomes, Recorder, Verdict
 from smartrelay.outbound.parking import Parking
-from smartrelay.outbound.pool import Destination, DestinationPolicy
+from smartrelay.outbound.pool import DestinationPolicy
 from smartrelay.outbound.queue import DeliveryInProgress, RecipientQueue, recipientDomain
 from smartrelay.outbound.router import NoRoute
 from smartrelay.outbound.session import Reply
-from smartrelay.outbound.sessions import DEAD_DESTINATION_TIME, SessionLoop
+from smartrelay.outbound.sessions import SessionLoop
 from smartrelay.outbound.throttling import Throttling
 from smartrelay.outbound.transport import transportFor
 
-__all__ = [
-    "DeliveryScheduler",
-    "DeliveryInProgress",
-    "leaseResource",
-    "MAX_RECORD_RETRY_DELAY",
-    "DEAD_DESTINATION_TIME",
-]
+__all__ = ["DeliveryScheduler", "DeliveryInProgress", "leaseResource"]
 
 
-def _reconfigure(scheduler: "DeliveryScheduler", attribute: Any, value: Any) -> Any:
-    """
-    A setting changed after the parts were made: tell the part that uses it.
-    """
-    if "_dispatcher" in scheduler.__dict__:
-        # The hook runs before the assignment: make it first.
-        object.__setattr__(scheduler, attribute.name, value)
-        scheduler._configure(attribute.name, value)
-    return value
-
-
-@attrs.define(
-    eq=False,
-    slots=False,
-    repr=False,
-    on_setattr=[attrs.setters.convert, attrs.setters.validate, _reconfigure],
-)
+@attrs.define(eq=False, slots=False, repr=False)
 class DeliveryScheduler(Service):
     """
     Schedules and runs deliveries of spooled messages.
@@ -196,9 +174,10 @@ class DeliveryScheduler(Service):
     def __attrs_post_init__(self) -> None:
         running = lambda: self.running  # noqa: E731
         self._inFlight = InFlight(self.log)
-        self._ownLeases = self.leases is None
-        if self._ownLeases:
-            self.leases = self._localLeases()
+        if self.leases is None:
+            # One node's own slots, over the store's buckets for rates.
+            tokens = self.store if hasattr(self.store, "takeTokens") else None
+            self.leases = LeaseKeeper(LocalLeases(tokens=tokens), self.clock, shared=False)
         self._outcomes = Outcomes(self.retry, self.maxAge, self.jitter, self.random)
         self._parking = Parking(
             clock=self.clock,
@@ -268,39 +247,11 @@ class DeliveryScheduler(Service):
             rewrapper=self.rewrapper,
         )
         self._dispatcher.startSession = self._sessions.start
-        self._check = self._makeCheck()
-
-    def _localLeases(self) -> LeaseKeeper:
-        """
-        Without a lease keeper: one of this node's own slots, over the
-        store's buckets for rates.
-        """
-        tokens = self.store if hasattr(self.store, "takeTokens") else None
-        return LeaseKeeper(LocalLeases(tokens=tokens), self.clock, shared=False)
-
-    def _configure(self, name: str, value: Any) -> None:
-        if name == "maxConnections":
-            self._dispatcher.maxConnections = value
-        elif name == "leases":
-            self._ownLeases = value is None
-            if value is None:
-                object.__setattr__(self, "leases", self._localLeases())
-            self._dispatcher.leases = self.leases
-        elif name in ("bounces", "messageLog"):
-            setattr(self._recorder, name, value)
-        elif name == "rewrapper":
-            self._sessions.rewrapper = value
-        elif name in ("store", "suppress", "replica"):
-            self._dispatcher.tokens = self.store
-            self._check = self._makeCheck()
-            if name == "store" and self._ownLeases:
-                object.__setattr__(self, "leases", self._localLeases())
-                self._dispatcher.leases = self.leases
-
-    def _makeCheck(self) -> Optional[SuppressionCheck]:
-        if not self.suppress or self.store is None:
-            return None
-        return SuppressionCheck(self.store, self.clock, self.replica)
+        self._check = (
+            SuppressionCheck(self.store, self.clock, self.replica)
+            if self.suppress and self.store is not None
+            else None
+        )
 
     def _opening(self, key: str) -> bool:
         destination = self._dispatcher.destinations.get(key)
@@ -376,10 +327,6 @@ class DeliveryScheduler(Service):
         from the store: rates are then paced locally, at this node's share.
         """
         return self._dispatcher.ratesLocal
-
-    @ratesLocal.setter
-    def ratesLocal(self, value: bool) -> None:
-        self._dispatcher.ratesLocal = value
 
     @property
     def activeSessions(self) -> int:
