@@ -2371,6 +2371,7 @@ class EncodeEventsTests(SynchronousTestCase):
         """
         import json
 
+        import smartrelay.store.interfaces as interfaces
         import smartrelay.store.sqlite as sqlite
 
         calls = []
@@ -2381,7 +2382,8 @@ class EncodeEventsTests(SynchronousTestCase):
                 calls.append(value)
                 return json.dumps(value, **kw)
 
-        self.patch(sqlite, "json", CountingJSON)
+        # The batch's JSON (BatchJSON) is made in the stores' shared part.
+        self.patch(interfaces, "json", CountingJSON)
         shared = {"reply": "suspended", "attempts": 0}
         events = [event(T0 + n, type="deferred", recipient=f"r{n}@example.com",
                         detail=shared, id=f"e{n}") for n in range(100)]
@@ -2451,10 +2453,11 @@ class RedisEventEncodingTests(SynchronousTestCase):
     """
 
     def test_sameAsRecord(self):
+        from smartrelay.store.interfaces import BatchJSON
         from smartrelay.store.redis import _record, _recordCached
 
         shared = {"reply": "suspended \u00e9", "n": 1.5}
-        encoded = {}
+        encoded = BatchJSON()
         for n in range(30):
             e = event(T0 + n / 7, type="deferred", queue_id=(None, "Q1")[n % 2],
                       recipient=(None, 'q"@x.example', "a@b.example")[n % 3],
@@ -2465,6 +2468,7 @@ class RedisEventEncodingTests(SynchronousTestCase):
     def test_sharedDetailEncodedOnce(self):
         import json
 
+        import smartrelay.store.interfaces as interfaces
         import smartrelay.store.redis as redis
 
         calls = []
@@ -2475,9 +2479,9 @@ class RedisEventEncodingTests(SynchronousTestCase):
                 calls.append(value)
                 return json.dumps(value, **kw)
 
-        self.patch(redis, "json", CountingJSON)
+        self.patch(interfaces, "json", CountingJSON)
         shared = {"reply": "suspended"}
-        encoded = {}
+        encoded = interfaces.BatchJSON()
         for n in range(50):
             redis._recordCached(event(detail=shared, id=f"e{n}"), encoded)
         self.assertEqual(calls.count(shared), 1)
@@ -2488,7 +2492,7 @@ class RedisEventEncodingTests(SynchronousTestCase):
         Events alike for the counters have one key: type, tag, recipient
         domain (case-insensitive) and their hour and day; bounces none.
         """
-        from smartrelay.store.redis import _counterKey
+        from smartrelay.store.interfaces import counterKey as _counterKey
 
         self.assertEqual(_counterKey(event(T0, recipient="a@X.example")),
                          _counterKey(event(T0 + 1, recipient="b@x.example")))

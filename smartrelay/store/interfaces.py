@@ -13,9 +13,11 @@ agree on the details the contract test suite pins down.
 
 import base64
 import binascii
+import json
 import math
 import re
 import struct
+from collections import Counter
 from collections.abc import Iterable
 from typing import Optional
 
@@ -736,6 +738,81 @@ def counterBumps(
             for type in types:
                 bumps.append((interval, bucket, dim, key, type))
     return bumps
+
+
+class BatchJSON:
+    """
+    The JSON of the C{metadata} and C{detail} dicts of one batch of events,
+    each dict encoded once however many events share it (the scheduler
+    gives every parked recipient of one suspension the same detail); an
+    empty dict is C{"{}"}.  Each dict is kept for the batch's life, so that
+    its id cannot be reused by another.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict = {}
+
+    def __call__(self, value: Optional[dict]) -> str:
+        if type(value) is dict and not value:
+            return "{}"
+        known = self._known.get(id(value))
+        if known is None:
+            known = self._known[id(value)] = (value, json.dumps(value))
+        return known[1]
+
+
+def counterKey(event: Event) -> Optional[tuple]:
+    """
+    What the counters L{counterBumps} gives an event depend on: its type,
+    tag, recipient domain and buckets; L{None} for bounces (their detail
+    counts too), which are counted one by one.
+    """
+    if event.type == "bounced":
+        return None
+    return (event.type, event.tag, recipientDomain(event.recipient)) + tuple(
+        [bucketStart(event.time, size) for size in INTERVALS.values()]
+    )
+
+
+class BatchCounters:
+    """
+    The counters a batch of events bumps (L{counterBumps} under
+    L{eventCounterTypes}), computed once for the events alike
+    (L{counterKey}) and counted.
+    """
+
+    def __init__(self) -> None:
+        self._alike: dict = {}  # counter key -> [how many, the bumps of one]
+        self._each: list = []  # the bumps of events counted one by one
+
+    def add(self, event: Event) -> Optional[tuple]:
+        """
+        Count C{event}'s counters.
+
+        @return: its L{counterKey}.
+        """
+        key = counterKey(event)
+        if key is None:
+            self._each.append(counterBumps(event, eventCounterTypes(event)))
+            return None
+        known = self._alike.get(key)
+        if known is None:
+            self._alike[key] = [1, counterBumps(event, eventCounterTypes(event))]
+        else:
+            known[0] += 1
+        return key
+
+    def total(self) -> "Counter":
+        """
+        Every counter the batch bumps, and by how much.
+        """
+        bumps: Counter = Counter()
+        for count, counters in self._alike.values():
+            for counter in counters:
+                bumps[counter] += count
+        for counters in self._each:
+            bumps.update(counters)
+        return bumps
 
 
 def checkStatisticsArguments(since, until, interval, tag, domain):

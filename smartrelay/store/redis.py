@@ -90,9 +90,8 @@ from zope.interface import classImplements, implementer
 
 from smartrelay.events import Event
 from smartrelay.store.interfaces import (
-    INTERVALS,
-    bucketStart,
-    recipientDomain,
+    BatchCounters,
+    BatchJSON,
     ILeases,
     IMailboxes,
     IThrottles,
@@ -142,7 +141,6 @@ from smartrelay.store.interfaces import (
     decodeSuppressionCursor,
     encodeCursor,
     encodeSuppressionCursor,
-    eventCounterTypes,
     normaliseAddress,
     normalisePrefix,
     normaliseRecipient,
@@ -1165,47 +1163,23 @@ def _bucketOf(time: float) -> tuple[str, float]:
     return _number(start), start
 
 
-def _counterKey(event: Event) -> Optional[tuple]:
+def _recordCached(event: Event, encode: BatchJSON) -> str:
     """
-    What the counters L{counterBumps} gives an event depend on: its type,
-    tag, recipient domain and buckets; L{None} for bounces (their detail
-    counts too), which are counted one by one.
+    L{_record}'s text, with the batch's C{metadata} and C{detail} JSON from
+    C{encode} (each shared dict encoded once).
     """
-    if event.type == "bounced":
-        return None
-    return (event.type, event.tag, recipientDomain(event.recipient)) + tuple(
-        [bucketStart(event.time, size) for size in INTERVALS.values()]
-    )
-
-
-def _recordCached(event: Event, encoded: dict) -> str:
-    """
-    L{_record}'s text, with a C{metadata} or C{detail} dict that is the same
-    object as one already in C{encoded} (C{id(dict) -> (dict, its JSON)},
-    one batch's) not encoded again: the scheduler gives every parked
-    recipient of one suspension the same detail.
-    """
-    parts = []
-    for value in (event.metadata, event.detail):
-        if type(value) is dict and not value:
-            parts.append("{}")
-            continue
-        known = encoded.get(id(value))
-        if known is None or known[0] is not value:
-            known = encoded[id(value)] = (value, json.dumps(value))
-        parts.append(known[1])
     head = json.dumps(
         [event.id, event.time, event.type, event.queue_id, event.recipient, event.tag]
     )
-    return "%s, %s, %s]" % (head[:-1], parts[0], parts[1])
+    return "%s, %s, %s]" % (head[:-1], encode(event.metadata), encode(event.detail))
 
 
-def _eventArgs(event: Event, time: float, encoded: Optional[dict] = None) -> list[str]:
+def _eventArgs(event: Event, time: float, encode: Optional[BatchJSON] = None) -> list[str]:
     bucket, start = _bucketOf(time)
     return [
         bucket,
         _number(start),
-        _record(event) if encoded is None else _recordCached(event, encoded),
+        _record(event) if encode is None else _recordCached(event, encode),
         str(event.type),
         _present(event.tag),
         _present(event.queue_id),
@@ -1815,23 +1789,12 @@ class RedisStore:
         if not events:
             return None
         args = [self._bucketPrefix(), str(len(events)), str(COMPACT_AT)]
-        bumps: Counter = Counter()
-        encoded: dict = {}  # the batch's metadata and detail JSON, by identity
-        counted: dict = {}  # events alike (L{_counterKey}) -> how many
-        bumpsOf: dict = {}  # and the counters of one of them
+        encode = BatchJSON()
+        counters = BatchCounters()
         for event in events:
             time = _eventTime(event)
-            args += _eventArgs(event, time, encoded)
-            key = _counterKey(event)
-            if key is None:
-                bumps.update(counterBumps(event, eventCounterTypes(event)))
-            else:
-                count = counted.get(key)
-                if count is None:
-                    counted[key] = 1
-                    bumpsOf[key] = counterBumps(event, eventCounterTypes(event))
-                else:
-                    counted[key] = count + 1
+            args += _eventArgs(event, time, encode)
+            counters.add(event)
             unique = uniqueKey(event)
             if unique is None:
                 args += ["", "", "", "0", ""]
@@ -1847,9 +1810,7 @@ class RedisStore:
                 ]
                 for bump in uniqueBumps:
                     args += self._bump(bump)
-        for key, count in counted.items():
-            for bump in bumpsOf[key]:
-                bumps[bump] += count
+        bumps = counters.total()
         args.append(str(len(bumps)))
         for bump, count in bumps.items():
             hashKey, type, zset, bucket = self._bump(bump)

@@ -26,10 +26,11 @@ from zope.interface import implementer
 
 from smartrelay.events import Event
 from smartrelay.store.interfaces import (
+    BatchCounters,
+    BatchJSON,
     ISMSSubmissions,
     SMSSubmission,
     normaliseSMSMessageID,
-    INTERVALS,
     UNIQUE_TYPES,
     EventClaim,
     EventPage,
@@ -39,7 +40,6 @@ from smartrelay.store.interfaces import (
     StoreClosed,
     SuppressionEntry,
     SuppressionPage,
-    bucketStart,
     buildStatistics,
     checkAddresses,
     checkBatches,
@@ -65,7 +65,6 @@ from smartrelay.store.interfaces import (
     normalisePrefix,
     normaliseRecipient,
     prefixUpperBound,
-    recipientDomain,
     takeFromBucket,
     uniqueKey,
 )
@@ -326,28 +325,10 @@ def _encodeEvents(events: list) -> tuple:
     """
     rows = []
     uniques = []
-    encoded: dict = {}  # id(dict) -> (dict, its JSON); the dict kept alive
-    keys: dict = {}  # counters key -> events with it
-    bumpsOf: dict = {}  # counters key -> the counters of one such event
+    encode = BatchJSON()
+    counters = BatchCounters()
     uniqueBumpsOf: dict = {}  # counters key -> its unique open / click counters
-    dumps = json.dumps
-    sizes = tuple(INTERVALS.values())
     for event in events:
-        metadata, detail = event.metadata, event.detail
-        if type(metadata) is dict and not metadata:
-            metadataJSON = "{}"
-        else:
-            known = encoded.get(id(metadata))
-            if known is None or known[0] is not metadata:
-                known = encoded[id(metadata)] = (metadata, dumps(metadata))
-            metadataJSON = known[1]
-        if type(detail) is dict and not detail:
-            detailJSON = "{}"
-        else:
-            known = encoded.get(id(detail))
-            if known is None or known[0] is not detail:
-                known = encoded[id(detail)] = (detail, dumps(detail))
-            detailJSON = known[1]
         recipient = event.recipient
         rows.append(
             (
@@ -358,28 +339,17 @@ def _encodeEvents(events: list) -> tuple:
                 recipient,
                 normaliseRecipient(recipient),
                 event.tag,
-                metadataJSON,
-                detailJSON,
+                encode(event.metadata),
+                encode(event.detail),
             )
         )
-        if event.type == "bounced":
-            # Rare on the busy paths: as L{_counting} does.
-            always, unique = _counting(event)
-            key = ("event", event.id)
-            keys[key] = 1
-            bumpsOf[key] = always
-            continue
-        when = event.time
-        key = (event.type, event.tag, recipientDomain(recipient)) + tuple(
-            [bucketStart(when, size) for size in sizes]
-        )
-        count = keys.get(key)
-        if count is None:
-            keys[key] = 1
-            bumpsOf[key] = counterBumps(event, eventCounterTypes(event))
-        else:
-            keys[key] = count + 1
-        if event.type in UNIQUE_TYPES and event.queue_id is not None and recipient is not None:
+        key = counters.add(event)
+        if (
+            key is not None
+            and event.type in UNIQUE_TYPES
+            and event.queue_id is not None
+            and recipient is not None
+        ):
             # An open or a click (a campaign's busiest events): its
             # unique counters are those of the others alike, made once.
             uniqueBumps = uniqueBumpsOf.get(key)
@@ -387,12 +357,8 @@ def _encodeEvents(events: list) -> tuple:
                 uniqueBumps = uniqueBumpsOf[key] = counterBumps(
                     event, [UNIQUE_TYPES[event.type]]
                 )
-            uniques.append(((event.queue_id, rows[-1][5], event.type), when, uniqueBumps))
-    bumps: Counter = Counter()
-    for key, count in keys.items():
-        for counter in bumpsOf[key]:
-            bumps[counter] += count
-    return rows, bumps, uniques
+            uniques.append(((event.queue_id, rows[-1][5], event.type), event.time, uniqueBumps))
+    return rows, counters.total(), uniques
 
 
 def _entryFromRow(row: tuple) -> SuppressionEntry:
