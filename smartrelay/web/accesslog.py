@@ -33,7 +33,6 @@ from twisted.web.iweb import IAccessLogFormatter
 from zope.interface import provider
 
 from smartrelay import logs
-from smartrelay.logs import BatchedLog
 
 __all__ = [
     "AccessLogFile",
@@ -162,7 +161,7 @@ MAX_LOG_LINES = logs.MAX_LINES
 _LEGACY_NAMESPACE = "twisted.python.log"
 
 
-class RelayLogLines(BatchedLog):
+class RelayLogLines(logs.BatchedLog):
     """
     C{[web] access_log = log}: Twisted Web's access lines (its C{write(str)})
     in the relay's log, as they were written through Twisted's legacy log
