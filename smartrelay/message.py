@@ -93,7 +93,7 @@ def _empty(value: Optional[dict]) -> dict:
     return value if value else EMPTY
 
 
-@attrs.define
+@attrs.define(weakref_slot=False)
 class Recipient:
     """
     One envelope recipient of an accepted message.
@@ -116,7 +116,7 @@ class Recipient:
         return self.state in FINAL_STATES
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, weakref_slot=False)
 class SpoolEntry:
     """
     One accepted message.
@@ -137,6 +137,15 @@ class SpoolEntry:
     the messages that have the same ones, and an empty metadata or options
     is the one L{EMPTY}: C{client}, C{metadata} and C{options} may be
     L{SharedDict}s, which refuse changes (assign a new dict instead).
+
+    @ivar spoolLocation: where L{smartrelay.spool} keeps the message (its
+        own business, opaque to everyone else; L{None} until it is stored):
+        held here rather than in a table of the spool's, a dict entry a
+        queued message less.
+
+    Neither a recipient nor an entry can be weakly referenced: a queue of
+    a million deferred messages holds a million of each, and the slot
+    costs 8 bytes an object.
     """
 
     queue_id: str
@@ -148,6 +157,7 @@ class SpoolEntry:
     tag: Optional[str] = attrs.field(default=None, converter=_recent.string)
     metadata: dict = attrs.field(factory=dict, converter=_empty)
     options: dict = attrs.field(factory=dict, converter=_recent.mapping)
+    spoolLocation: Any = attrs.field(default=None, init=False, repr=False)
 
     def pending(self) -> list:
         return [r for r in self.recipients if not r.final]

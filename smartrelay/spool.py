@@ -296,13 +296,19 @@ def _apply(entry: SpoolEntry, changes: list) -> None:
     Merge recorded C{changes} into C{entry} as it is now (another record
     for other recipients of the same entry may have completed meanwhile).
     """
+    recipients = entry.recipients
     if len(changes) == 1:
         change = changes[0]
         address = change.address
-        entry.recipients = [change if r.address == address else r for r in entry.recipients]
+        if len(recipients) == 1:
+            # Most messages: a list of one (a comprehension's would have
+            # room for four, 24 bytes more for every queued message).
+            entry.recipients = [change if recipients[0].address == address else recipients[0]]
+        else:
+            entry.recipients = [change if r.address == address else r for r in recipients]
     else:
         byAddress = {r.address: r for r in changes}
-        entry.recipients = [byAddress.get(r.address, r) for r in entry.recipients]
+        entry.recipients = [byAddress.get(r.address, r) for r in recipients]
 
 
 def segmentName(number: int) -> str:
@@ -348,60 +354,88 @@ _FIELD = 40
 _MASK = (1 << _FIELD) - 1
 
 
+def _pack(location: tuple) -> Any:
+    number, offset, length = location
+    if 0 <= offset <= _MASK and 0 <= length <= _MASK and number >= 0:
+        return (number << (2 * _FIELD)) | (offset << _FIELD) | length
+    return (number, offset, length)
+
+
+def _unpack(value: Any) -> tuple:
+    if type(value) is tuple:
+        return value
+    return (value >> (2 * _FIELD), (value >> _FIELD) & _MASK, value & _MASK)
+
+
+def _segmentOf(value: Any) -> int:
+    return value[0] if type(value) is tuple else value >> (2 * _FIELD)
+
+
 class Locations:
     """
-    Where each message's latest C{MESSAGE} record is: queue id →
-    C{(segment number, offset, length)}.
+    The spool's messages (those with work left, and those whose C{DONE}
+    record is not yet durable) by queue id, and where each one's latest
+    C{MESSAGE} record is: C{(segment number, offset, length)}.
 
     A queue of a million deferred messages keeps a million of these, so
-    each is held as one integer (the three numbers packed, 40 bits for the
-    offset and the length) rather than a tuple of three: some 90 bytes a
-    message less.  An offset or length that does not fit (a segment past a
-    terabyte) is kept as the tuple.
+    one dict maps the queue id to the L{SpoolEntry} and the location is
+    kept on the entry itself (L{SpoolEntry.spoolLocation}), as one integer
+    (the three numbers packed, 40 bits for the offset and the length)
+    rather than a tuple of three: a dict entry and a tuple a message less
+    than a table of entries and one of locations.  An offset or length
+    that does not fit (a segment past a terabyte) is kept as the tuple.
     """
 
-    __slots__ = ("_packed",)
+    __slots__ = ("_entries",)
 
     def __init__(self) -> None:
-        self._packed: dict = {}
+        self._entries: dict = {}
 
     def __len__(self) -> int:
-        return len(self._packed)
+        return len(self._entries)
 
     def __contains__(self, queueID: object) -> bool:
-        return queueID in self._packed
+        return queueID in self._entries
 
-    def __setitem__(self, queueID: str, location: tuple) -> None:
-        number, offset, length = location
-        if 0 <= offset <= _MASK and 0 <= length <= _MASK and number >= 0:
-            self._packed[queueID] = (number << (2 * _FIELD)) | (offset << _FIELD) | length
-        else:
-            self._packed[queueID] = (number, offset, length)
+    def place(self, entry: SpoolEntry, location: tuple) -> None:
+        """
+        Keep C{entry} (instead of any other entry of its queue id) and its
+        latest record's C{location}.
+        """
+        entry.spoolLocation = _pack(location)
+        self._entries[entry.queue_id] = entry
 
-    @staticmethod
-    def _unpack(value: Any) -> tuple:
-        if type(value) is tuple:
-            return value
-        return (value >> (2 * _FIELD), (value >> _FIELD) & _MASK, value & _MASK)
+    def entry(self, queueID: str) -> Optional[SpoolEntry]:
+        return self._entries.get(queueID)
+
+    def entries(self) -> Iterator[SpoolEntry]:
+        return iter(self._entries.values())
+
+    def segmentOf(self, queueID: str) -> Optional[int]:
+        """
+        The number of the segment holding C{queueID}'s latest record, or
+        L{None}.
+        """
+        entry = self._entries.get(queueID)
+        return None if entry is None else _segmentOf(entry.spoolLocation)
 
     def __getitem__(self, queueID: str) -> tuple:
-        return self._unpack(self._packed[queueID])
+        return _unpack(self._entries[queueID].spoolLocation)
 
     def get(self, queueID: str, default: Any = None) -> Any:
-        value = self._packed.get(queueID)
-        return default if value is None else self._unpack(value)
+        entry = self._entries.get(queueID)
+        return default if entry is None else _unpack(entry.spoolLocation)
 
     def pop(self, queueID: str, default: Any = None) -> Any:
-        value = self._packed.pop(queueID, None)
-        return default if value is None else self._unpack(value)
+        entry = self._entries.pop(queueID, None)
+        return default if entry is None else _unpack(entry.spoolLocation)
 
     def __delitem__(self, queueID: str) -> None:
-        del self._packed[queueID]
+        del self._entries[queueID]
 
     def items(self) -> Iterator[tuple]:
-        unpack = self._unpack
-        for queueID, value in self._packed.items():
-            yield queueID, unpack(value)
+        for queueID, entry in self._entries.items():
+            yield queueID, _unpack(entry.spoolLocation)
 
 
 @attrs.define
@@ -410,9 +444,14 @@ class _Segment:
     What the spool knows of one segment file.
 
     @ivar size: bytes durably written to it.
-    @ivar live: the queue ids of the messages with work left whose latest
-        copy is in this segment (a set: their record lengths are in the
-        spool's L{Locations}, and C{liveBytes} is their sum).
+    @ivar live: the queue ids of the messages placed in it: those with
+        work left whose latest copy is in this segment, and some that have
+        finished or been copied forward since (the spool's L{Locations}
+        tells which: a list costs 8 bytes a message where a set of a
+        segment's 30,000 cost some 70; it is pruned whenever it holds more
+        than twice as many as are live).
+    @ivar liveCount: how many of them are live.
+    @ivar liveBytes: the sum of the live ones' record lengths.
     @ivar sealedAt: when it stopped being the active segment (the spool's
         clock), or L{None} while it is active.
     """
@@ -420,19 +459,37 @@ class _Segment:
     number: int
     path: str
     size: int = 0
-    live: set = attrs.field(factory=set)
+    live: list = attrs.field(factory=list)
+    liveCount: int = 0
     liveBytes: int = 0
     sealedAt: Optional[float] = None
 
     def addLive(self, queueID: str, length: int) -> None:
-        if queueID not in self.live:
-            self.live.add(queueID)
-            self.liveBytes += length
+        """
+        A message's latest record is now in this segment (never twice for
+        one queue id: records are only placed in the active segment, and
+        each message once).
+        """
+        self.live.append(queueID)
+        self.liveCount += 1
+        self.liveBytes += length
 
-    def dropLive(self, queueID: str, length: int) -> None:
-        if queueID in self.live:
-            self.live.remove(queueID)
-            self.liveBytes -= length
+    def dropLive(self, locations: Locations, length: int) -> None:
+        """
+        One of its live messages finished or was copied forward
+        (C{locations} already says so).
+        """
+        self.liveCount -= 1
+        self.liveBytes -= length
+        if len(self.live) > 2 * self.liveCount + 16:
+            self.live = self.liveIDs(locations)
+
+    def liveIDs(self, locations: Locations) -> list:
+        """
+        The queue ids of its live messages.
+        """
+        number, segmentOf = self.number, locations.segmentOf
+        return [q for q in self.live if segmentOf(q) == number]
 
 
 @attrs.define
@@ -676,7 +733,9 @@ class Spool:
     _rollNext: bool = attrs.field(default=False, init=False)
     _nextNumber: int = attrs.field(default=1, init=False)
     _locations: Locations = attrs.field(factory=Locations, init=False)
-    _entries: dict = attrs.field(factory=dict, init=False)
+    #: Queue ids whose C{DONE} record the spool queued itself (finished
+    #: by concurrent records), so that it is queued once.
+    _doneQueued: set = attrs.field(factory=set, init=False)
 
     log = Logger()
 
@@ -731,14 +790,12 @@ class Spool:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         names = sorted(os.listdir(self.directory))
         numbers = sorted(n for n in map(segmentNumber, names) if n is not None)
-        entries: dict = {}
         locations = Locations()
         finished: set = set()
         sizes: dict = {}
         for number in numbers:
-            sizes[number] = self._replaySegment(number, entries, locations, finished)
-        for queueID in [q for q, e in entries.items() if e.done]:
-            del entries[queueID]
+            sizes[number] = self._replaySegment(number, locations, finished)
+        for queueID in [e.queue_id for e in locations.entries() if e.done]:
             del locations[queueID]
             finished.add(queueID)
         nextNumber = (numbers[-1] + 1) if numbers else 1
@@ -749,9 +806,7 @@ class Spool:
             if n.startswith(TEMP_PREFIX) or n.endswith(MESSAGE_SUFFIX) or n.endswith(STATE_SUFFIX)
         ]
         if legacy:
-            nextNumber = self._migrate(
-                names, nextNumber, entries, locations, finished, sizes
-            )
+            nextNumber = self._migrate(names, nextNumber, locations, finished, sizes)
 
         segments = {
             number: _Segment(number, self._segmentPath(number), size, sealedAt=now)
@@ -762,19 +817,16 @@ class Spool:
         # Remove the finished segments at the head of the log (all of them
         # if nothing is left to deliver).
         for number in sorted(segments):
-            if segments[number].live:
+            if segments[number].liveCount:
                 break
             unlinkQuietly(segments.pop(number).path)
 
         self._segments = segments
         self._locations = locations
-        self._entries = dict(entries)
         self._nextNumber = nextNumber
-        return sorted(entries.values(), key=lambda e: e.received)
+        return sorted(locations.entries(), key=lambda e: e.received)
 
-    def _replaySegment(
-        self, number: int, entries: dict, locations: Locations, finished: set
-    ) -> int:
+    def _replaySegment(self, number: int, locations: Locations, finished: set) -> int:
         """
         Apply the records of one segment; returns its (possibly truncated)
         size.
@@ -812,7 +864,10 @@ class Spool:
                 )
                 os.truncate(path, offset)
                 return offset
-            self._replayRecord(name, number, offset, kind, payload, raw[offset : offset + length], entries, locations, finished)
+            self._replayRecord(
+                name, number, offset, kind, payload, raw[offset : offset + length],
+                locations, finished,
+            )
             offset += length
         return len(raw)
 
@@ -824,7 +879,6 @@ class Spool:
         kind: int,
         payload: bytes,
         record: bytes,
-        entries: dict,
         locations: Locations,
         finished: set,
     ) -> None:
@@ -840,17 +894,18 @@ class Spool:
                 return
             if entry.queue_id in finished:
                 return
-            entries.setdefault(entry.queue_id, entry)
-            locations[entry.queue_id] = (number, offset, len(record))
+            # The first copy's entry is kept (the states since apply to
+            # it), at the latest copy's location.
+            kept = locations.entry(entry.queue_id)
+            locations.place(entry if kept is None else kept, (number, offset, len(record)))
             return
         queueLine, _, rest = payload.partition(b"\n")
         queueID = queueLine.decode("utf-8", "replace")
         if kind == DONE:
-            entries.pop(queueID, None)
             locations.pop(queueID, None)
             finished.add(queueID)
             return
-        entry = entries.get(queueID)
+        entry = locations.entry(queueID)
         if entry is None:
             return
         skipped = applyState(entry, rest)
@@ -886,7 +941,6 @@ class Spool:
         self,
         names: list,
         nextNumber: int,
-        entries: dict,
         locations: Locations,
         finished: set,
         sizes: dict,
@@ -913,7 +967,11 @@ class Spool:
                     continue
                 entry, raw, paths = loaded
                 oldFiles.extend(paths)
-                if not entry.done and entry.queue_id not in entries and entry.queue_id not in finished:
+                if (
+                    not entry.done
+                    and entry.queue_id not in locations
+                    and entry.queue_id not in finished
+                ):
                     migrated.append((entry, raw))
         if migrated:
             number = nextNumber
@@ -923,8 +981,7 @@ class Spool:
             offset = 0
             for entry, raw in migrated:
                 record = encodeRecord(MESSAGE, raw)
-                locations[entry.queue_id] = (number, offset, len(record))
-                entries[entry.queue_id] = entry
+                locations.place(entry, (number, offset, len(record)))
                 state = encodeRecord(STATE, statePayload(entry.queue_id, entry.recipients))
                 pieces += [record, state]
                 offset += len(record) + len(state)
@@ -1109,15 +1166,13 @@ class Spool:
         copies = self._compaction(now, finishing)
 
         pieces: list = []
-        placed: list = []  # (queue id, offset, length) of each MESSAGE record
+        placed: list = []  # (entry, offset, length) of each MESSAGE record
         offset = active.size
-        for queueID, (number, at, length) in copies:
+        for entry, (number, at, length) in copies:
             pieces.append((self._segments[number].path, at, length))
-            placed.append((queueID, offset, length))
+            placed.append((entry, offset, length))
             offset += length
-            snapshot = encodeRecord(
-                STATE, statePayload(queueID, self._entries[queueID].recipients)
-            )
+            snapshot = encodeRecord(STATE, statePayload(entry.queue_id, entry.recipients))
             pieces.append(snapshot)
             offset += len(snapshot)
         for op in records:
@@ -1128,13 +1183,20 @@ class Spool:
             # Encoded (checksummed) in the thread: messages may be large.
             length = RECORD_HEADER.size + len(op.payload)
             pieces.append((MESSAGE, op.payload))
-            placed.append((op.entry.queue_id, offset, length))
+            placed.append((op.entry, offset, length))
             offset += length
 
         # Which segments this batch leaves with nothing live: all of them if
         # nothing at all is left, else the finished ones at the head of the
         # log.
-        gone = finishing | {queueID for queueID, _ in copies}
+        gone = finishing | {entry.queue_id for entry, _ in copies}
+        # How many of each segment's live messages that is.
+        goneHere: dict = {}
+        segmentOf = self._locations.segmentOf
+        for queueID in gone:
+            number = segmentOf(queueID)
+            if number is not None:
+                goneHere[number] = goneHere.get(number, 0) + 1
         leftOver = (
             len(self._locations)
             - sum(1 for queueID in finishing if queueID in self._locations)
@@ -1144,7 +1206,9 @@ class Spool:
         deletions = []
         for number in sorted(self._segments):
             segment = self._segments[number]
-            if not retire and (segment is active or not all(q in gone for q in segment.live)):
+            if not retire and (
+                segment is active or segment.liveCount > goneHere.get(number, 0)
+            ):
                 break
             deletions.append((number, segment.path))
 
@@ -1161,10 +1225,12 @@ class Spool:
         C{compactAfter} seconds ago and its live messages take at most
         C{compactRatio} of it.
 
-        @return: C{(queue id, (segment number, offset, length))} pairs.
+        @return: C{(entry, (segment number, offset, length))} pairs.
         """
         copies: list = []
         budget = self.compactBytes
+        locations = self._locations
+        segmentOf = locations.segmentOf
         for number in sorted(self._segments):
             segment = self._segments[number]
             if (
@@ -1175,10 +1241,13 @@ class Spool:
             ):
                 break
             for queueID in segment.live:
-                if queueID in finishing or queueID not in self._entries:
+                if segmentOf(queueID) != number or queueID in finishing:
+                    continue  # finished, or copied forward already
+                entry = locations.entry(queueID)
+                if entry.done:  # finished by concurrent records, DONE queued
                     continue
-                location = self._locations[queueID]
-                copies.append((queueID, location))
+                location = locations[queueID]
+                copies.append((entry, location))
                 budget -= location[2]
                 if budget <= 0:
                     return copies
@@ -1208,14 +1277,15 @@ class Spool:
                         )
                 return
             active.size = end
-            for queueID, offset, length in placed:
-                old = self._locations.get(queueID)
+            locations = self._locations
+            for entry, offset, length in placed:
+                queueID = entry.queue_id
+                old = locations.get(queueID)
+                locations.place(entry, (active.number, offset, length))
                 if old is not None:
-                    self._segments[old[0]].dropLive(queueID, old[2])
-                self._locations[queueID] = (active.number, offset, length)
+                    self._segments[old[0]].dropLive(locations, old[2])
                 active.addLive(queueID, length)
             for op in stores:
-                self._entries[op.entry.queue_id] = op.entry
                 op.waiter.callback(None)
             for op in records:
                 if op.changes is not None:
@@ -1225,10 +1295,14 @@ class Spool:
                 queueID = op.entry.queue_id
                 if op.finishing:
                     self._finished(queueID)
-                elif op.entry.done and queueID in self._entries:
+                elif (
+                    op.entry.done
+                    and queueID in self._locations
+                    and queueID not in self._doneQueued
+                ):
                     # Finished by concurrent records: say so, so that its
                     # space can be reclaimed.
-                    self._entries.pop(queueID)
+                    self._doneQueued.add(queueID)
                     self._pendingRecords.append(
                         _Op(op.entry, queueID.encode("utf-8"), None, finishing=True)
                     )
@@ -1249,8 +1323,8 @@ class Spool:
         """
         location = self._locations.pop(queueID, None)
         if location is not None and location[0] in self._segments:
-            self._segments[location[0]].dropLive(queueID, location[2])
-        self._entries.pop(queueID, None)
+            self._segments[location[0]].dropLive(self._locations, location[2])
+        self._doneQueued.discard(queueID)
         self._cache.pop(queueID)
 
     # -- delivery side -------------------------------------------------------

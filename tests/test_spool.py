@@ -166,10 +166,15 @@ class CodecTests(SynchronousTestCase):
         self.assertIsNone(spoolModule.segmentNumber("79BC-00001-5C348706.msg"))
 
 
+def _entry(queueID):
+    return SpoolEntry(queue_id=queueID, sender="", recipients=[Recipient("a@example.com")],
+                      received=0.0, size=0)
+
+
 class LocationsTests(SynchronousTestCase):
     """
-    L{spoolModule.Locations} gives back every location as it was put, packed
-    or not.
+    L{spoolModule.Locations} gives back every entry and location as it was
+    put, packed or not.
     """
 
     @given(
@@ -185,15 +190,21 @@ class LocationsTests(SynchronousTestCase):
     def test_roundTrip(self, table):
         """Whatever the numbers (past 40 bits too), get, items, pop and len agree with a dict."""
         locations = spoolModule.Locations()
+        entries = {queueID: _entry(queueID) for queueID in table}
         for queueID, location in table.items():
-            locations[queueID] = location
+            locations.place(entries[queueID], location)
         self.assertEqual(len(locations), len(table))
         self.assertEqual(dict(locations.items()), table)
+        self.assertEqual(list(locations.entries()), list(entries.values()))
         for queueID, location in table.items():
             self.assertIn(queueID, locations)
+            self.assertIs(locations.entry(queueID), entries[queueID])
             self.assertEqual(locations[queueID], location)
             self.assertEqual(locations.get(queueID), location)
+            self.assertEqual(locations.segmentOf(queueID), location[0])
         self.assertIsNone(locations.get("missing"))
+        self.assertIsNone(locations.entry("missing"))
+        self.assertIsNone(locations.segmentOf("missing"))
         self.assertEqual(locations.get("missing", "x"), "x")
         for queueID, location in table.items():
             self.assertEqual(locations.pop(queueID), location)
@@ -203,9 +214,11 @@ class LocationsTests(SynchronousTestCase):
     def test_overwrite(self):
         """A message copied forward by compaction gets its new location."""
         locations = spoolModule.Locations()
-        locations["Q"] = (1, 10, 20)
-        locations["Q"] = (2, 0, 20)
+        entry = _entry("Q")
+        locations.place(entry, (1, 10, 20))
+        locations.place(entry, (2, 0, 20))
         self.assertEqual(locations["Q"], (2, 0, 20))
+        self.assertEqual(len(locations), 1)
         del locations["Q"]
         self.assertNotIn("Q", locations)
 
@@ -546,7 +559,8 @@ class SegmentTests(SynchronousTestCase):
             self.finish(entry)
         # Segment 2 is finished, but segment 1 is not.
         self.assertEqual(len(segments(self.directory)), 4)
-        self.assertEqual(self.spool._segments[2].live, set())
+        self.assertEqual(self.spool._segments[2].liveCount, 0)
+        self.assertEqual(self.spool._segments[2].liveIDs(self.spool._locations), [])
         [first, *_] = self.successResultOf(makeSpool(self.directory, synchronous).recover())
         self.assertEqual(first.recipients[0], Recipient("a@example.com", "deferred", 1, 7.0))
 
@@ -598,7 +612,8 @@ class SegmentTests(SynchronousTestCase):
         """
         for number, segment in spool._segments.items():
             here = [q for q, location in spool._locations.items() if location[0] == number]
-            self.assertEqual(segment.live, set(here))
+            self.assertEqual(sorted(segment.liveIDs(spool._locations)), sorted(here))
+            self.assertEqual(segment.liveCount, len(here))
             self.assertEqual(segment.liveBytes, sum(spool._locations[q][2] for q in here))
 
     def test_liveBytesThroughCompaction(self):
@@ -620,6 +635,40 @@ class SegmentTests(SynchronousTestCase):
         self.successResultOf(recovered.recover())
         self.assertLiveBytesAgree(recovered)
         self.assertEqual(recovered.liveBytes, self.spool.liveBytes)
+
+    def test_liveListPruned(self):
+        """A segment's list of the messages placed in it is pruned as they finish (at most twice the live ones, and 16, are kept), and compaction copies only the live ones."""
+        self.spool.segmentBytes = 1_000_000
+        self.spool.compactRatio = 0.5
+        entries = [self.store(n) for n in range(1, 61)]
+        segment = self.spool._segments[1]
+        self.assertEqual(segment.liveCount, 60)
+        kept = [entries[10], entries[40]]
+        self.successResultOf(
+            self.spool.record(kept[0], [Recipient("a@example.com", "deferred", 2, 50.0)])
+        )
+        for entry in entries:
+            if entry not in kept:
+                self.finish(entry)
+                self.assertLessEqual(len(segment.live), 2 * segment.liveCount + 16)
+        self.assertEqual(segment.liveCount, 2)
+        self.assertEqual(
+            sorted(segment.liveIDs(self.spool._locations)), [e.queue_id for e in kept]
+        )
+        self.assertLiveBytesAgree(self.spool)
+        # Sealed, then compacted: the two live messages are copied forward.
+        self.spool.segmentBytes = 1500
+        self.store(61)
+        self.clock.advance(self.spool.compactAfter)
+        self.store(62)
+        self.assertNotIn(segmentName(1), segments(self.directory))
+        self.assertLiveBytesAgree(self.spool)
+        recovered = self.successResultOf(makeSpool(self.directory, synchronous).recover())
+        self.assertEqual(
+            [e.queue_id for e in recovered],
+            [e.queue_id for e in kept] + [queueID(61), queueID(62)],
+        )
+        self.assertEqual(recovered[0].recipients[0], Recipient("a@example.com", "deferred", 2, 50.0))
 
     def test_recoveredSegmentsSealedByTheClock(self):
         """

@@ -197,11 +197,13 @@ class Parking:
 
     _suspensions: dict = attrs.field(factory=dict, init=False)
     _byDomain: dict = attrs.field(factory=dict, init=False)
-    #: queue id → its parked recipients: C{(entry, address, suspension)}
-    #: for one (most messages: a million parked messages is the size to
-    #: plan for, and every object a recipient costs tens of bytes), or a
-    #: L{_Several}; the suspension is L{None} while the recipient is being
-    #: released.
+    #: queue id → its parked recipients, in one of three forms (L{_one}
+    #: reads the first two): the message's first recipient alone parked,
+    #: its L{Suspension} (most messages: a million parked messages is the
+    #: size to plan for, and every object a recipient costs tens of bytes;
+    #: the entry is the suspension's member); another recipient alone, or
+    #: one being released, C{(entry, address, suspension)}, the suspension
+    #: L{None} while it is being released; several, a L{_Several}.
     _parked: dict = attrs.field(factory=dict, init=False)
     #: The parked recipients in all.
     _count: int = attrs.field(default=0, init=False)
@@ -233,12 +235,37 @@ class Parking:
         found = self._parked.get(key[0])
         if found is None:
             return False
+        if type(found) is Suspension:
+            return found.members[key[0]].recipients[0].address == key[1]
         if type(found) is tuple:
             return found[1] == key[1]
         return key[1] in found.addresses
 
     def __len__(self) -> int:
         return self._count
+
+    @staticmethod
+    def _one(queue_id: str, found: Any) -> tuple:
+        """
+        C{(entry, address, suspension)} of the one parked recipient of
+        C{queue_id}, whose C{_parked} value is C{found} (not a
+        L{_Several}).
+        """
+        if type(found) is tuple:
+            return found
+        entry = found.members[queue_id]
+        return entry, entry.recipients[0].address, found
+
+    @staticmethod
+    def _single(entry: SpoolEntry, address: str, suspension: Optional[Suspension]) -> Any:
+        """
+        The C{_parked} value of the one parked recipient C{address} of
+        C{entry} (at C{suspension}, which has or is about to have the entry
+        as a member).
+        """
+        if suspension is not None and entry.recipients[0].address == address:
+            return suspension
+        return (entry, address, suspension)
 
     def _recipients(self, queue_id: str) -> tuple:
         """
@@ -248,9 +275,10 @@ class Parking:
         found = self._parked.get(queue_id)
         if found is None:
             return None, []
-        if type(found) is tuple:
-            return found[0], [(found[1], found[2])]
-        return found.entry, list(found.addresses.items())
+        if type(found) is _Several:
+            return found.entry, list(found.addresses.items())
+        entry, address, suspension = self._one(queue_id, found)
+        return entry, [(address, suspension)]
 
     def get(self, key: str) -> Optional[Suspension]:
         """
@@ -347,15 +375,16 @@ class Parking:
         queue_id = entry.queue_id
         found = self._parked.get(queue_id)
         if found is None:
-            self._parked[queue_id] = (entry, address, suspension)
+            self._parked[queue_id] = self._single(entry, address, suspension)
         else:
-            if type(found) is tuple:
-                if found[1] == address:
-                    self._leave(found[2], queue_id, None)
-                    self._parked[queue_id] = (entry, address, suspension)
+            if type(found) is not _Several:
+                _, there, before = self._one(queue_id, found)
+                if there == address:
+                    self._leave(before, queue_id, None)
+                    self._parked[queue_id] = self._single(entry, address, suspension)
                     found = None
                 else:
-                    found = self._parked[queue_id] = _Several(entry, {found[1]: found[2]})
+                    found = self._parked[queue_id] = _Several(entry, {there: before})
             if found is not None:
                 known = address in found.addresses
                 before = found.addresses.get(address)
@@ -396,13 +425,14 @@ class Parking:
         found = self._parked.get(queue_id)
         if found is None:
             return None
-        if type(found) is tuple:
-            if found[1] != address:
+        if type(found) is not _Several:
+            entry, there, suspension = self._one(queue_id, found)
+            if there != address:
                 return None
             del self._parked[queue_id]
-            self._leave(found[2], queue_id, None)
+            self._leave(suspension, queue_id, None)
             self._pending.pop(queue_id, None)
-            return found[0]
+            return entry
         if address not in found.addresses:
             return None
         suspension = found.addresses.pop(address)
@@ -453,14 +483,14 @@ class Parking:
                 del self._pending[queue_id]
         batch: list = []
         self._details = {}
-        found = self._parked.get
+        found, one = self._parked.get, self._one
         for queue_id, which in members:
             parked = found(queue_id)
             if parked is None:
                 continue
-            if type(parked) is tuple:
+            if type(parked) is not _Several:
                 # Most messages: one recipient, parked (no list to build).
-                entry, address, suspension = parked
+                entry, address, suspension = one(queue_id, parked)
                 if suspension is None or not (which is ALL or address == which or (
                     type(which) is set and address in which)):
                     continue
@@ -678,9 +708,11 @@ class Parking:
         for domain in suspension.domains:
             if self._byDomain.get(domain) is suspension:
                 del self._byDomain[domain]
-        for queue_id in suspension.members:
+        for queue_id, entry in suspension.members.items():
             found = self._parked[queue_id]
-            if type(found) is tuple:
+            if type(found) is Suspension:
+                self._parked[queue_id] = (entry, entry.recipients[0].address, None)
+            elif type(found) is tuple:
                 self._parked[queue_id] = found[:2] + (None,)
             else:
                 for address, there in found.addresses.items():
