@@ -39,6 +39,7 @@ from smartrelay.config import ConfigError
 from smartrelay.engine.dkim import DKIMKey, DKIMSigner, SelfTestError
 from smartrelay.engine.rewrap import Rewrapper
 from smartrelay.engine.workers import WorkerPool
+from smartrelay.outbound.remote import WorkerConnector
 from smartrelay.outbound.pool import Connector, DestinationPolicy, TLSContexts
 from smartrelay.outbound.router import DomainRouter, MXRouter, SmarthostRouter, makeResolver
 from smartrelay.outbound.scheduler import DeliveryScheduler
@@ -255,6 +256,7 @@ def makeRouter(config, reactor):
             reactor,
             makeResolver(delivery.nameservers, reactor),
             port=delivery.mx_port,
+            nameservers=delivery.nameservers,
             **options,
         )
     routes = {
@@ -462,15 +464,20 @@ class RelayService(MultiService):
         # The per-message lines of the scheduler and the submission policy,
         # written in batches (smartrelay/logs.py), the last at stop.
         self.messageLog = MessageLog(relay.log_messages, clock=reactor)
+        # The SMTP sessions run in the worker processes when there are any
+        # (smartrelay/outbound/remote.py), else on this reactor.
+        self.connector = Connector(
+            clock=reactor,
+            heloName=relay.hostname,
+            timeout=delivery.timeout,
+            contexts=TLSContexts(delivery.tls_ca_certificates),
+        )
+        if self.workers is not None:
+            self.connector = WorkerConnector(self.workers, self.connector)
         self.scheduler = DeliveryScheduler(
             spool=self.spool,
             router=makeRouter(config, reactor),
-            connector=Connector(
-                clock=reactor,
-                heloName=relay.hostname,
-                timeout=delivery.timeout,
-                contexts=TLSContexts(delivery.tls_ca_certificates),
-            ),
+            connector=self.connector,
             events=self.events,
             clock=reactor,
             retry=delivery.retry,

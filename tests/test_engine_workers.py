@@ -1,6 +1,6 @@
 """
-Tests for L{smartrelay.engine.workers}: the frame codec, a child's C{serve}
-loop, the L{WorkerPool} against fake processes and a L{Clock}, and a real
+Tests for L{smartrelay.engine.workers}: the frame codec, a child's
+L{ChildProtocol}, the L{WorkerPool} against fake processes and a L{Clock}, and a real
 pool of child processes doing re-wrap jobs.
 """
 
@@ -17,10 +17,11 @@ import dkim
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock, deferLater
-from twisted.logger import globalLogPublisher
+from twisted.internet.testing import StringTransport
+from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -38,9 +39,10 @@ from smartrelay.engine.workers import (
     JobFailed,
     WorkerError,
     WorkerLost,
+    ChildProtocol,
     WorkerPool,
+    _ForwardLog,
     encodeFrame,
-    serve,
 )
 from smartrelay.tokens import Tokens
 
@@ -164,6 +166,24 @@ class UnpicklableResultJob:
 
     def run(self, *context):
         return lambda: None
+
+
+class AsyncJob:
+    """
+    An asynchronous job: answered when the test fires its Deferred
+    (C{child.state["async"][name]}); C{notify} first, if given.
+    """
+
+    def __init__(self, name, notice=None):
+        self.name = name
+        self.notice = notice
+
+    def runAsync(self, child):
+        if self.notice is not None:
+            child.notify(*self.notice)
+        d = Deferred()
+        child.state.setdefault("async", {})[self.name] = d
+        return d
 
 
 # Made on first use (not at import: a real child imports this module to
@@ -323,17 +343,31 @@ class TrickleStream(io.BytesIO):
         return super().read(min(size, self.most))
 
 
-class ServeTests(SynchronousTestCase):
+class ChildProtocolTests(SynchronousTestCase):
     """
-    L{serve}, a child's loop.
+    L{ChildProtocol}, a child's end of the pipes.
     """
 
     context = ("signer", "tokens")
 
-    def serve(self, data, stream=io.BytesIO):
-        stdout = io.BytesIO()
-        self.assertIsNone(serve(stream(data), stdout))
-        return frames(stdout.getvalue())
+    def child(self):
+        child = ChildProtocol(Clock())
+        transport = StringTransport()
+        child.makeConnection(transport)
+        return child, transport
+
+    def serve(self, data, chunk=None):
+        """
+        Feed C{data} in chunks of C{chunk} bytes, end the input, and give
+        the answers; the output is closed at the end.
+        """
+        child, transport = self.child()
+        step = chunk or max(1, len(data))
+        for start in range(0, len(data), step):
+            child.dataReceived(data[start : start + step])
+        child.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
+        return frames(transport.value())
 
     def test_answers(self):
         """After the context frame, each job frame gets its answer, in order, run with the context."""
@@ -348,12 +382,12 @@ class ServeTests(SynchronousTestCase):
     @given(st.lists(st.binary(max_size=200), max_size=8), st.integers(1, 10))
     @settings(deadline=None)
     def test_shortReads(self, values, most):
-        """Reads returning fewer bytes than asked (a pipe) change nothing."""
+        """Input arriving in pieces of any size (a pipe) changes nothing."""
         data = frameOf(self.context) + b"".join(
             frameOf((i, EchoJob(value))) for i, value in enumerate(values)
         )
         self.assertEqual(
-            self.serve(data, lambda d: TrickleStream(d, most)),
+            self.serve(data, most),
             [(i, True, (value, self.context)) for i, value in enumerate(values)],
         )
 
@@ -375,31 +409,39 @@ class ServeTests(SynchronousTestCase):
         )
 
     def test_endBeforeContext(self):
-        """No input at all: L{serve} returns without answering."""
+        """No input at all: nothing is answered, the output is closed."""
         self.assertEqual(self.serve(b""), [])
 
     def test_endInContext(self):
-        """Input ending inside the context frame (its length or its payload): L{serve} returns."""
+        """Input ending inside the context frame (its length or its payload): nothing answered."""
         context = frameOf(self.context)
         for end in (1, 3, 4, 5, len(context) - 1):
             self.assertEqual(self.serve(context[:end]), [], end)
 
     def test_endAfterContext(self):
-        """Input ending right after the context: L{serve} returns without answering."""
+        """Input ending right after the context: nothing answered."""
         self.assertEqual(self.serve(frameOf(self.context)), [])
 
     def test_endInJob(self):
-        """Input ending inside a job frame: the jobs before it are answered, then L{serve} returns."""
+        """Input ending inside a job frame: the jobs before it are answered, then the output closed."""
         job = frameOf((2, EchoJob("b")))
         head = frameOf(self.context) + frameOf((1, EchoJob("a")))
         for end in (1, 4, 5, len(job) - 1):
             self.assertEqual(self.serve(head + job[:end]), [(1, True, ("a", self.context))], end)
 
     def test_overLimit(self):
-        """A frame length over C{MAX_FRAME} raises L{FrameError}: the stream is not ours."""
+        """
+        A frame length over C{MAX_FRAME}: the stream is not ours; the child
+        says so on stderr and closes its end, answering nothing more.
+        """
         self.patch(workers, "MAX_FRAME", 100)
-        data = frameOf(self.context) + struct.pack(">I", 101) + b"x" * 101
-        self.assertRaises(FrameError, serve, io.BytesIO(data), io.BytesIO())
+        stderr = io.StringIO()
+        self.patch(workers.sys, "stderr", stderr)
+        child, transport = self.child()
+        child.dataReceived(frameOf(self.context) + struct.pack(">I", 101) + b"x" * 101)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        self.assertIn("over the limit", stderr.getvalue())
 
     def test_jobFailedAsItself(self):
         """
@@ -450,6 +492,81 @@ class ServeTests(SynchronousTestCase):
         self.assertIn("FrameError", answers[0][2])
         self.assertEqual(answers[1], (2, True, ("b", self.context)))
 
+    def test_asyncJob(self):
+        """
+        A job with C{runAsync} is given the child and answered when its
+        Deferred fires; jobs after it are answered meanwhile.
+        """
+        child, transport = self.child()
+        child.dataReceived(
+            frameOf(self.context)
+            + frameOf((1, AsyncJob("slow")))
+            + frameOf((2, EchoJob("quick")))
+            + frameOf((3, AsyncJob("failing")))
+        )
+        self.assertEqual(frames(transport.value()), [(2, True, ("quick", self.context))])
+        transport.clear()
+        child.state["async"]["failing"].errback(TypeError("broken"))
+        child.state["async"]["slow"].callback("done")
+        self.assertEqual(
+            frames(transport.value()), [(3, False, "TypeError: broken"), (1, True, "done")]
+        )
+
+    def test_notify(self):
+        """C{notify(kind, value)} writes the notice C{(None, kind, value)}."""
+        child, transport = self.child()
+        child.dataReceived(frameOf(self.context) + frameOf((1, AsyncJob("a", ("hello", 42)))))
+        self.assertEqual(frames(transport.value()), [(None, "hello", 42)])
+
+    def test_endWaitsForAsync(self):
+        """
+        When the input ends, the stop hooks run and the output is closed
+        only once they and the asynchronous jobs are done; their answers
+        are still written.
+        """
+        child, transport = self.child()
+        child.dataReceived(frameOf(self.context) + frameOf((1, AsyncJob("a"))))
+        hook = Deferred()
+        called = []
+        child.onStop(lambda: called.append(True) or hook)
+        child.readConnectionLost()
+        self.assertEqual(called, [True])
+        self.assertFalse(transport.disconnecting)
+        child.state["async"]["a"].callback("late")
+        self.assertFalse(transport.disconnecting)
+        hook.callback(None)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(frames(transport.value()), [(1, True, "late")])
+        self.assertNoResult(child.finished)
+        child.connectionLost()
+        self.successResultOf(child.finished)
+
+    def test_outputGone(self):
+        """Nobody reads the answers (the relay is gone): the child finishes at once."""
+        child, transport = self.child()
+        child.dataReceived(frameOf(self.context) + frameOf((1, AsyncJob("a"))))
+        child.writeConnectionLost()
+        self.successResultOf(child.finished)
+
+    def test_forwardLog(self):
+        """
+        The child's log events at C{info} and above go to the relay as
+        C{"log"} notices, with the traceback of a failure; debug ones do
+        not.
+        """
+        child, transport = self.child()
+        log = Logger(observer=_ForwardLog(child))
+        log.debug("quiet")
+        log.info("TLS with {remote} failed", remote="mx.example")
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            log.failure("broken")
+        (info, failure) = frames(transport.value())
+        self.assertEqual(info, (None, "log", ("info", "TLS with mx.example failed")))
+        self.assertEqual(failure[:2], (None, "log"))
+        self.assertEqual(failure[2][0], "critical")
+        self.assertIn("ZeroDivisionError", failure[2][1])
 
 
 class FakeProcess:

@@ -744,3 +744,80 @@ class RewrapHookTests(PoolTestsMixin, SynchronousTestCase):
             "(InternalError: hook not used); not sending it unsigned",
         )
         self.assertEqual(entry.recipients[0].next_attempt, START + 60)
+
+    def inPlace(self):
+        """
+        Sessions that re-wrap in place (as those in worker processes do),
+        and a rewrapper whose C{job} says what to make.
+        """
+        self.deliverer.rewrapsInPlace = True
+        made = []
+
+        class Job:
+            def __init__(self, data, index, offers):
+                self.data, self.index, self.offers = data, index, offers
+
+        class Rewrapper:
+            def job(self, entry, index, data, offers):
+                made.append((entry.queue_id, index))
+                return f"bounce+{index}@b.example", Job(data, index, offers)
+
+            def rewrap(self, entry, index, data, offers):
+                raise AssertionError("a session that re-wraps in place gets the job")
+
+        self.rebuild(rewrapper=Rewrapper())
+        return made
+
+    def test_inPlace(self):
+        """
+        A session that re-wraps in place is given the re-wrap's job (made
+        for its offers) with the VERP sender, one transaction a recipient.
+        """
+        made = self.inPlace()
+        self.add("Q1", ["x@a.example", "y@a.example"])
+        self.clock.advance(0)
+        self.assertEqual(sorted(made), [("Q1", 0), ("Q1", 1)])
+        sent = sorted(
+            (c.sender, c.recipients, c.data.data, c.data.index) for c in self.deliverer.calls
+        )
+        self.assertEqual(
+            sent,
+            [
+                ("bounce+0@b.example", ["x@a.example"], b"message Q1", 0),
+                ("bounce+1@b.example", ["y@a.example"], b"message Q1", 1),
+            ],
+        )
+        self.answerAll()
+        self.assertEqual(len(self.events.ofType("delivered")), 2)
+
+    def test_inPlaceSigningError(self):
+        """
+        A signing error raised where the session re-wraps (the send fails
+        with it) defers the recipient with the same 451 as a local one.
+        """
+        self.inPlace()
+        entry = self.add("Q1", ["x@a.example"])
+        self.clock.advance(0)
+        [call] = self.deliverer.pending()
+        call.d.errback(SigningError("shop.example", "InternalError: hook not used"))
+        self.assertEqual(entry.recipients[0].state, "deferred")
+        [(_, _, _, detail)] = self.events.ofType("deferred")
+        self.assertEqual((detail["code"], detail["status"]), (451, "4.3.0"))
+        self.assertIn("DKIM signing for shop.example failed", detail["reply"])
+
+    def test_inPlaceWorkerError(self):
+        """
+        The re-wrap breaking in the worker (L{WorkerError}) defers the
+        recipient with "could not prepare the message", logged.
+        """
+        from smartrelay.engine.workers import WorkerError
+
+        self.inPlace()
+        entry = self.add("Q1", ["x@a.example"])
+        self.clock.advance(0)
+        [call] = self.deliverer.pending()
+        call.d.errback(WorkerError("ZeroDivisionError: division by zero"))
+        self.assertEqual(entry.recipients[0].state, "deferred")
+        [(_, _, _, detail)] = self.events.ofType("deferred")
+        self.assertEqual(detail["reply"], "local error: could not prepare the message")
+        self.assertEqual(len(self.flushLoggedErrors(WorkerError)), 1)

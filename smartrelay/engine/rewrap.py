@@ -141,15 +141,13 @@ class Rewrapper:
         token = self.tokens.compact("v", entry.queue_id, index)
         return f"{self.verpPrefix}+{token}@{self.bounceDomain}"
 
-    def rewrap(self, entry: SpoolEntry, index: int, data: bytes, offers: Offers) -> Deferred:
+    def job(self, entry: SpoolEntry, index: int, data: bytes, offers: Offers) -> tuple:
         """
-        @param offers: what the session that will send it offers beyond
-            7-bit ASCII.
-        @return: L{Deferred} firing with C{(envelope sender, L{Prepared})}
-            for C{entry.recipients[index]}, the message to be sent as it is
-            on that session; failing with L{SigningError} when DKIM signing
-            failed, with L{WorkerLost} or L{WorkerError} when the worker
-            process went away twice or the job broke.
+        The part of L{rewrap} done here (the envelope sender, the tokens
+        and the header fields to add) and the job that does the rest.
+
+        @return: C{(envelope sender, L{RewrapJob})}; the job's C{run(signer,
+            tokens)} makes the L{Prepared} message.
         """
         recipient = entry.recipients[index].address
         sender = self.verpAddress(entry, index) if entry.sender else ""
@@ -168,6 +166,19 @@ class Rewrapper:
             (self.baseURL, entry.queue_id, recipient) if clicks else None,
             offers,
         )
+        return sender, job
+
+    def rewrap(self, entry: SpoolEntry, index: int, data: bytes, offers: Offers) -> Deferred:
+        """
+        @param offers: what the session that will send it offers beyond
+            7-bit ASCII.
+        @return: L{Deferred} firing with C{(envelope sender, L{Prepared})}
+            for C{entry.recipients[index]}, the message to be sent as it is
+            on that session; failing with L{SigningError} when DKIM signing
+            failed, with L{WorkerLost} or L{WorkerError} when the worker
+            process went away twice or the job broke.
+        """
+        sender, job = self.job(entry, index, data, offers)
         if self.workers is not None and self.workers.available:
             d = self.workers.run(job)
             # A job whose worker died goes once more to another (or the

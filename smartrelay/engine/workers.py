@@ -15,6 +15,17 @@ when it is a L{JobFailed} (an error the job raises on purpose, which the
 caller must be able to tell apart, such as a DKIM signing failure), else
 its type and text, raised in the relay as L{WorkerError}.
 
+A child runs a reactor (L{ChildProtocol} over its stdin and stdout), so
+that a job may also be asynchronous: one with a C{runAsync(child)} method
+gets the L{ChildProtocol} (its C{reactor}, C{context}, a C{state} dict for
+the jobs' own use, and C{notify}) and returns a L{Deferred}; its answer is
+written when that fires, while other jobs are answered meanwhile.  This is
+how the outbound SMTP sessions run in the children
+(L{smartrelay.outbound.remote}).  A child also sends notices of its own,
+C{(None, kind, value)}: C{"log"} (a log event of the child, logged by the
+relay) and whatever kinds its jobs C{notify} (given to the handler the
+relay registered with L{WorkerPool.onNotice}).
+
 Pickle is safe here: both ends are this program, over pipes nobody else
 holds.
 
@@ -30,14 +41,24 @@ import pickle
 import signal
 import struct
 import sys
-from typing import Any, BinaryIO, Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-__all__ = ["FrameDecoder", "JobFailed", "WorkerError", "WorkerLost", "WorkerPool", "encodeFrame"]
+__all__ = [
+    "ChildProtocol",
+    "FrameDecoder",
+    "JobFailed",
+    "WorkerError",
+    "WorkerLost",
+    "WorkerPool",
+    "encodeFrame",
+]
 
 _LENGTH = struct.Struct(">I")
 
@@ -101,9 +122,9 @@ class FrameDecoder:
     stream was cut into chunks.
     """
 
-    def __init__(self, maxFrame: int = MAX_FRAME) -> None:
+    def __init__(self, maxFrame: Optional[int] = None) -> None:
         self._buffer = bytearray()
-        self._maxFrame = maxFrame
+        self._maxFrame = MAX_FRAME if maxFrame is None else maxFrame
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """
@@ -174,6 +195,9 @@ class _Worker(ProcessProtocol):
         try:
             for payload in self.decoder.feed(data):
                 requestID, ok, value = pickle.loads(payload)
+                if requestID is None:
+                    self.pool._notice(self, ok, value)
+                    continue
                 d = self.waiting.pop(requestID)
                 if ok:
                     d.callback(value)
@@ -257,6 +281,42 @@ class WorkerPool:
         self._running = False
         self._delay = RESTART_DELAY
         self._restarts: list = []
+        self._noticeHandlers: dict = {}
+        self._endHandlers: list = []
+
+    def onNotice(self, kind: str, handler: Callable[[Any, Any], None]) -> None:
+        """
+        Call C{handler(worker, value)} for each notice of C{kind} a child
+        sends (C{worker} is the one that sent it, as L{pick} gives it).
+        """
+        self._noticeHandlers[kind] = handler
+
+    def onEnded(self, handler: Callable[[Any], None]) -> None:
+        """
+        Call C{handler(worker)} when a child has ended (after the jobs it
+        held have failed with L{WorkerLost}).
+        """
+        self._endHandlers.append(handler)
+
+    def _notice(self, worker: _Worker, kind: str, value: Any) -> None:
+        if kind == "log":
+            level, text = value
+            self.log.emit(
+                LogLevel.levelWithName(level),
+                "worker {number}: {text}",
+                number=worker.number,
+                text=text,
+            )
+            return
+        handler = self._noticeHandlers.get(kind)
+        if handler is None:
+            self.log.warn(
+                "worker {number} sent a notice of unknown kind {kind!r}",
+                number=worker.number,
+                kind=kind,
+            )
+            return
+        handler(worker, value)
 
     def start(self, *context: Any) -> None:
         """
@@ -303,15 +363,40 @@ class WorkerPool:
             L{WorkerError} when it raised, L{WorkerLost} when its child
             died first or no child is running.
         """
+        worker = self.pick()
+        if worker is None:
+            return _failed(WorkerLost("no re-wrap worker process is running"))
+        return self.runOn(worker, job)
+
+    def pick(self) -> Optional[_Worker]:
+        """
+        The least busy child running, or L{None}.
+        """
         alive = [w for w in self.workers if w.alive]
         if not self._running or not alive:
-            return _failed(WorkerLost("no re-wrap worker process is running"))
-        worker = min(alive, key=lambda w: len(w.waiting))
+            return None
+        return min(alive, key=lambda w: len(w.waiting))
+
+    def runOn(self, worker: _Worker, job: Any) -> Deferred:
+        """
+        Run C{job} in C{worker} (one L{pick} gave): for jobs that belong
+        with state a child holds, such as an SMTP session.
+
+        @return: as L{run}; failing with L{WorkerLost} at once if that
+            child is gone.
+        """
+        if not (self._running and worker.alive):
+            return _failed(WorkerLost(f"worker process {worker.number} is not running"))
         self._nextID += 1
         return worker.send(self._nextID, job)
 
     def _ended(self, worker: _Worker, reason: Failure) -> None:
         self.workers.remove(worker)
+        for handler in self._endHandlers:
+            try:
+                handler(worker)
+            except Exception:
+                self.log.failure("while handling the end of worker {number}", number=worker.number)
         if not self._running:
             return
         lived = self.reactor.seconds() - worker.startedAt
@@ -371,53 +456,157 @@ def _failed(error: Exception) -> Deferred:
     return d
 
 
-def _readExactly(stream: BinaryIO, size: int) -> Optional[bytes]:
-    chunks = []
-    while size:
-        chunk = stream.read(size)
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
-
-
-def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
+@implementer(IHalfCloseableProtocol)
+class ChildProtocol(Protocol):
     """
-    A child's loop: read the context, then answer jobs until end of input.
+    A child's end of the pipes (over L{twisted.internet.stdio.StandardIO}):
+    the context, then jobs, each answered when done.
+
+    A job with a C{runAsync(child)} method is given this protocol and
+    answered when the L{Deferred} it returns fires (other jobs are answered
+    meanwhile); any other job is run at once, C{job.run(*context)}, and
+    answered in order.
+
+    @ivar reactor: the child's reactor, for asynchronous jobs.
+    @ivar context: what the relay gave at start, once it is read.
+    @ivar state: a dict the jobs keep their own state in (one key per kind
+        of job), for the life of the child.
+    @ivar finished: a L{Deferred} firing once the input has ended and every
+        asynchronous job then running has been answered; the child exits
+        then.
     """
 
-    def read() -> Optional[Any]:
-        header = _readExactly(stdin, _LENGTH.size)
-        if header is None:
-            return None
-        (size,) = _LENGTH.unpack(header)
-        if size > MAX_FRAME:
-            raise FrameError(f"a frame of {size} bytes is over the limit of {MAX_FRAME}")
-        payload = _readExactly(stdin, size)
-        if payload is None:
-            return None
-        return pickle.loads(payload)
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.context: Optional[tuple] = None
+        self.state: dict = {}
+        self.finished: Deferred = Deferred()
+        self._decoder = FrameDecoder()
+        self._running: dict = {}
+        self._ended = False
+        self._closing = False
+        self._stopping = False
+        self._stopHooks: list = []
 
-    context = read()
-    if context is None:
-        return
-    while True:
-        request = read()
-        if request is None:
-            return
-        requestID, job = request
+    def dataReceived(self, data: bytes) -> None:
         try:
-            answer = encodeFrame(
-                pickle.dumps((requestID, True, job.run(*context)), pickle.HIGHEST_PROTOCOL)
-            )
+            for payload in self._decoder.feed(data):
+                request = pickle.loads(payload)
+                if self.context is None:
+                    self.context = request
+                    continue
+                self._request(*request)
         except Exception as e:
-            # A job that fails, or whose result cannot be sent (pickle
-            # cannot encode it, or it is over the frame limit), is answered
-            # with the error; the child serves on.
-            answer = _errorFrame(requestID, e)
-        stdout.write(answer)
-        stdout.flush()
+            # Not our stream (a frame over the limit, one pickle cannot
+            # read): stop reading it, say why (the relay logs a child's
+            # stderr), and end.
+            sys.stderr.write(f"smartrelay worker: bad input from the relay: {e}\n")
+            self._ended = True
+            self._closing = True
+            self.transport.loseConnection()
+
+    def _request(self, requestID: int, job: Any) -> None:
+        runAsync = getattr(job, "runAsync", None)
+        if runAsync is None:
+            try:
+                answer = self._answerFrame(requestID, job.run(*self.context))
+            except Exception as e:
+                answer = _errorFrame(requestID, e)
+            self.transport.write(answer)
+            return
+        d = maybeDeferred(runAsync, self)
+        self._running[requestID] = d
+        d.addBoth(self._answered, requestID)
+
+    def _answered(self, result: Any, requestID: int) -> None:
+        del self._running[requestID]
+        if isinstance(result, Failure):
+            answer = _errorFrame(requestID, result.value)
+        else:
+            try:
+                answer = self._answerFrame(requestID, result)
+            except Exception as e:
+                answer = _errorFrame(requestID, e)
+        self.transport.write(answer)
+        self._maybeFinished()
+
+    def _answerFrame(self, requestID: int, value: Any) -> bytes:
+        # A job that fails, or whose result cannot be sent (pickle cannot
+        # encode it, or it is over the frame limit), is answered with the
+        # error; the child serves on.
+        return encodeFrame(pickle.dumps((requestID, True, value), pickle.HIGHEST_PROTOCOL))
+
+    def notify(self, kind: str, value: Any) -> None:
+        """
+        Send the relay a notice: C{(None, kind, value)}.
+        """
+        try:
+            frame = encodeFrame(pickle.dumps((None, kind, value), pickle.HIGHEST_PROTOCOL))
+        except Exception as e:
+            sys.stderr.write(f"smartrelay worker: could not send a {kind} notice: {e}\n")
+            return
+        self.transport.write(frame)
+
+    def onStop(self, hook: Callable[[], Any]) -> None:
+        """
+        Call C{hook()} when the input ends (the relay is stopping its
+        workers); it may return a L{Deferred}, waited for before the child
+        exits.  Asynchronous jobs use it to let go of what they hold.
+        """
+        self._stopHooks.append(hook)
+
+    def readConnectionLost(self) -> None:
+        """
+        The input ended: answer what is running, let the jobs' state go,
+        then close the output.
+        """
+        self._ended = True
+        self._stopping = True
+        hooks, self._stopHooks = self._stopHooks, []
+        waits = [maybeDeferred(hook) for hook in hooks]
+        done = DeferredList(waits, consumeErrors=True) if waits else succeed(None)
+        done.addBoth(self._stopped)
+
+    def _stopped(self, result: Any) -> None:
+        self._stopping = False
+        self._maybeFinished()
+
+    def writeConnectionLost(self) -> None:
+        # Nobody reads the answers any more: the relay is gone (killed), so
+        # there is nobody to finish anything for; the child ends now.
+        self._ended = True
+        if not self.finished.called:
+            self.finished.callback(None)
+
+    def _maybeFinished(self) -> None:
+        if self._ended and not (self._running or self._stopping or self._closing):
+            self._closing = True
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._ended = True
+        if not self.finished.called:
+            self.finished.callback(None)
+
+
+class _ForwardLog:
+    """
+    A child's log observer: events at C{info} and above go to the relay as
+    C{"log"} notices, with their traceback if any.
+    """
+
+    def __init__(self, child: ChildProtocol) -> None:
+        self.child = child
+
+    def __call__(self, event: dict) -> None:
+        level = event.get("log_level", LogLevel.info)
+        if level < LogLevel.info or self.child.transport is None:
+            return
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text = f"{text}\n{failure.getTraceback()}"
+        self.child.notify("log", (level.name, text))
 
 
 def _errorFrame(requestID: int, error: Exception) -> bytes:
@@ -446,16 +635,24 @@ def main() -> None:
     # of input still ends the worker; a stuck worker gets SIGKILL.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # Answers go to the real stdout; a stray print() goes to stderr, which
-    # the relay logs.
-    answers = sys.stdout.buffer
+    from twisted.internet import reactor
+    from twisted.internet.stdio import StandardIO
+    from twisted.logger import globalLogBeginner
+
+    # Answers go to the real stdout (file descriptor 1, StandardIO's); a
+    # stray print() goes to stderr, which the relay logs.
     sys.stdout = sys.stderr
-    serve(sys.stdin.buffer, answers)
+    child = ChildProtocol(reactor)
+    globalLogBeginner.beginLoggingTo([_ForwardLog(child)], redirectStandardIO=False)
+    StandardIO(child, reactor=reactor)
+    child.finished.addBoth(lambda _: reactor.stop())
+    reactor.run(installSignalHandlers=False)
 
 
 if __name__ == "__main__":
     # Run as smartrelay.engine.workers, not as __main__: the jobs' modules
-    # import this one by name, and their JobFailed must be the one serve()
+    # import this one by name, and their JobFailed must be the one
+    # ChildProtocol
     # checks for.
     from smartrelay.engine import workers
 

@@ -71,10 +71,21 @@ class IDeliverySession(Interface):
         "(L{Offers <smartrelay.engine.downgrade.Offers>})."
     )
     closed = Attribute("A L{Deferred} firing once the connection is closed.")
+    rewrapsInPlace = Attribute(
+        "C{True} when the session makes the message for its server itself: "
+        "L{send} then takes the re-wrap's job "
+        "(L{Rewrapper.job <smartrelay.engine.rewrap.Rewrapper.job>}), as a "
+        "session in a worker process does; else the caller re-wraps."
+    )
 
     def send(sender, recipients, data):
         """
         One transaction: MAIL, RCPT for each recipient, DATA.
+
+        @param data: the message (bytes, or a L{Prepared
+            <smartrelay.engine.downgrade.Prepared>} made for this session's
+            server), or, when L{rewrapsInPlace}, a L{RewrapJob
+            <smartrelay.engine.rewrap.RewrapJob>} making it.
 
         @return: a L{Deferred} firing with an L{AttemptResult
             <smartrelay.outbound.session.AttemptResult>}.
@@ -134,6 +145,12 @@ class IRewrapper(Interface):
     Makes each recipient's copy of a message
     (L{smartrelay.engine.rewrap.Rewrapper}).
     """
+
+    def job(entry, index, data, offers):
+        """
+        What L{rewrap} does, as C{(sender, job)}: the C{job}'s C{run(signer,
+        tokens)} makes the message; for a session that re-wraps in place.
+        """
 
     def rewrap(entry, index, data, offers):
         """

@@ -280,7 +280,7 @@ class TLSContexts:
     """
 
     def __init__(self, caCertificates: Optional[str] = None) -> None:
-        self._caCertificates = caCertificates
+        self.caCertificates = caCertificates
         self._opportunistic: Any = None
         self._verifying: dict = {}
         self._trustRoot: Any = None
@@ -310,10 +310,10 @@ class TLSContexts:
         if self._trustRoot is None:
             from twisted.internet import ssl
 
-            if self._caCertificates is None:
+            if self.caCertificates is None:
                 self._trustRoot = ssl.platformTrust()
             else:
-                with open(self._caCertificates, "rb") as f:
+                with open(self.caCertificates, "rb") as f:
                     pem = f.read()
                 certificates = [
                     ssl.Certificate.loadPEM(block)

@@ -37,6 +37,8 @@ __all__ = [
     "IRouter",
     "Hop",
     "NoRoute",
+    "EndpointSpec",
+    "MXHostSpec",
     "SmarthostRouter",
     "MXRouter",
     "DomainRouter",
@@ -64,6 +66,50 @@ class Hop:
     endpoint: Any = attrs.field(eq=False, repr=False)
     host: Optional[str] = attrs.field(default=None, eq=False, repr=False)
     relay: bool = attrs.field(default=False, eq=False, repr=False)
+    spec: Any = attrs.field(default=None, eq=False, repr=False)
+
+
+@attrs.frozen
+class EndpointSpec:
+    """
+    How to make a hop's endpoint in another process (a worker process
+    that runs delivery sessions, L{smartrelay.outbound.remote}): picklable,
+    unlike the endpoint.  A hop given by an endpoint description.
+    """
+
+    description: str
+
+    def endpoint(self, reactor: Any, resolvers: dict) -> Any:
+        return clientFromString(reactor, self.description)
+
+
+@attrs.frozen
+class MXHostSpec:
+    """
+    L{EndpointSpec} for a mail exchanger found by an L{MXRouter}: its host
+    name (or address), resolved there with the same name servers.
+
+    @ivar nameservers: C{(host, port)} pairs, as for L{makeResolver}.
+    """
+
+    host: str
+    port: int
+    timeout: float
+    bindAddress: Optional[str]
+    nameservers: tuple
+
+    def endpoint(self, reactor: Any, resolvers: dict) -> Any:
+        """
+        @param resolvers: the other process's resolvers by name servers,
+            made here the first time (so that its DNS cache is shared by
+            its sessions).
+        """
+        resolving = resolvers.get(self.nameservers)
+        if resolving is None:
+            resolver = makeResolver(self.nameservers, reactor)
+            resolving = _NameResolvingReactor(reactor, NamesHostnameResolver(resolver))
+            resolvers[self.nameservers] = resolving
+        return HostnameEndpoint(resolving, self.host, self.port, self.timeout, self.bindAddress)
 
 
 class NoRoute(Exception):
@@ -173,6 +219,7 @@ class SmarthostRouter:
             endpoint=endpoint,
             host=host,
             relay=relay,
+            spec=EndpointSpec(description),
         )
 
     def route(self, domain: str) -> Deferred:
@@ -245,6 +292,9 @@ class MXRouter:
 
     @param resolver: a L{twisted.names} C{IResolver} (see L{makeResolver}).
     @param random: a L{random.Random} used to order equal preferences.
+    @param nameservers: the name servers C{resolver} was made with (by
+        L{makeResolver}), if it was: hops then carry an L{MXHostSpec}, and
+        can be connected from a worker process.
     """
 
     log = Logger()
@@ -257,8 +307,13 @@ class MXRouter:
         connectTimeout: float = 30.0,
         bindAddress: Optional[str] = None,
         random: Optional[_random.Random] = None,
+        nameservers: Optional[Sequence] = None,
     ) -> None:
         self._resolver = resolver
+        self._nameservers = (
+            None if nameservers is None
+            else tuple((host, int(port)) for host, port in nameservers)
+        )
         self._reactor = _NameResolvingReactor(reactor, NamesHostnameResolver(resolver))
         self._port = port
         self._timeout = connectTimeout
@@ -266,11 +321,17 @@ class MXRouter:
         self._random = random or _random.Random()
 
     def _hop(self, host: str) -> Hop:
+        spec = None
+        if self._nameservers is not None:
+            spec = MXHostSpec(
+                host, self._port, self._timeout, self._bindAddress, self._nameservers
+            )
         return Hop(
             name=host,
             endpoint=HostnameEndpoint(
                 self._reactor, host, self._port, self._timeout, self._bindAddress
             ),
+            spec=spec,
         )
 
     def route(self, domain: str) -> Deferred:

@@ -240,6 +240,10 @@ class SMTPSession(Protocol):
     @ivar transactions: transactions started on this session.
     """
 
+    #: The message is made for this session by the caller (L{send} takes
+    #: bytes or a L{Prepared}).
+    rewrapsInPlace = False
+
     def __init__(
         self,
         clock: IReactorTime,

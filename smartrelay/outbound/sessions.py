@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smartrelay.engine.rewrap import RewrapError
+from smartrelay.engine.workers import WorkerError
 from smartrelay.outbound.dispatch import Dispatcher, Job, Slot
 from smartrelay.outbound.outcomes import Verdict
 from smartrelay.outbound.pool import Destination
@@ -208,6 +209,30 @@ class SessionLoop:
                 self.settleJob(destination.queue.popleft(), verdict)
         return None
 
+    def _rewrapFailed(self, job: Job, error: Exception) -> None:
+        """
+        The message could not be re-wrapped for C{job}: deferred, with a
+        reason of its own when it has one (DKIM signing failed).
+        """
+        entry = job.entry
+        if isinstance(error, RewrapError):
+            self.log.error(
+                "could not re-wrap {queue_id} for {recipient}: {why}",
+                queue_id=entry.queue_id,
+                recipient=job.addresses[0],
+                why=str(error),
+            )
+            reply = Reply(451, "4.3.0", f"local error: {error}")
+        else:
+            self.log.failure(
+                "could not re-wrap {queue_id} for {recipient}",
+                Failure(error),
+                queue_id=entry.queue_id,
+                recipient=job.addresses[0],
+            )
+            reply = Reply(451, "4.3.0", "local error: could not prepare the message")
+        self.settleJob(job, Verdict(reply, None))
+
     async def _transact(self, destination: Destination, session: Any, job: Job) -> None:
         entry = job.entry
         try:
@@ -224,29 +249,16 @@ class SessionLoop:
             try:
                 index = [r.address for r in entry.recipients].index(job.addresses[0])
                 # Made for this session's server: downgraded where it cannot
-                # take 8-bit content, then signed; sent as it is.
-                sender, data = await self.rewrapper.rewrap(entry, index, data, session.offers)
+                # take 8-bit content, then signed; sent as it is.  A session
+                # in a worker process does that there, just before sending.
+                if session.rewrapsInPlace:
+                    sender, data = self.rewrapper.job(entry, index, data, session.offers)
+                else:
+                    sender, data = await self.rewrapper.rewrap(entry, index, data, session.offers)
             except CancelledError:
                 raise
-            except RewrapError as e:
-                # A reason of its own (DKIM signing failed): deferred with it.
-                self.log.error(
-                    "could not re-wrap {queue_id} for {recipient}: {why}",
-                    queue_id=entry.queue_id,
-                    recipient=job.addresses[0],
-                    why=str(e),
-                )
-                reply = Reply(451, "4.3.0", f"local error: {e}")
-                self.settleJob(job, Verdict(reply, None))
-                return
-            except Exception:
-                self.log.failure(
-                    "could not re-wrap {queue_id} for {recipient}",
-                    queue_id=entry.queue_id,
-                    recipient=job.addresses[0],
-                )
-                reply = Reply(451, "4.3.0", "local error: could not prepare the message")
-                self.settleJob(job, Verdict(reply, None))
+            except Exception as e:
+                self._rewrapFailed(job, e)
                 return
             if not session.usable:
                 # The session went away while the message was prepared.
@@ -260,6 +272,10 @@ class SessionLoop:
         except CancelledError:
             self.releaseJob(job)
             raise
+        except (RewrapError, WorkerError) as e:
+            # The re-wrap failed where the session is (a worker process).
+            self._rewrapFailed(job, e)
+            return
         except Exception:
             self.log.failure(
                 "transaction for {queue_id} with {remote} failed unexpectedly",

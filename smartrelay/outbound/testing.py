@@ -256,6 +256,10 @@ class FakeSession:
     busy: bool = False
     transactions: int = 0
     closed: Deferred = attrs.field(factory=Deferred)
+    #: C{True}: a re-wrapping scheduler gives L{send} the L{RewrapJob
+    #: <smartrelay.engine.rewrap.RewrapJob>} (as to a session in a worker
+    #: process), which the test may run.
+    rewrapsInPlace: bool = False
 
     @property
     def remote(self) -> str:
@@ -313,6 +317,8 @@ class FakeDeliverer:
     @ivar hang: opening a session never completes (until fired by the test:
         see C{opening}).
     @ivar offers: what its sessions' server takes beyond 7-bit ASCII.
+    @ivar rewrapsInPlace: its sessions take the re-wrap's job, as those
+        in worker processes do.
     """
 
     calls: list = attrs.field(factory=list)
@@ -325,12 +331,15 @@ class FakeDeliverer:
     sessions: list = attrs.field(factory=list)
     quits: list = attrs.field(factory=list)
     offers: Offers = attrs.field(factory=Offers)
+    rewrapsInPlace: bool = False
 
     def open(self, hop: Hop, tlsPolicy: str) -> Deferred:
         self.opens.append((hop.name, tlsPolicy))
         if hop.name in self.refuse:
             return succeed(OpenResult(None, self.refuse[hop.name], tryNextHop=True))
-        session = FakeSession(self, hop, tlsPolicy, self.offers)
+        session = FakeSession(
+            self, hop, tlsPolicy, self.offers, rewrapsInPlace=self.rewrapsInPlace
+        )
         if self.hang:
             d: Deferred = Deferred()
             self.opening.append((d, session))
