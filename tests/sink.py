@@ -72,6 +72,12 @@ class _Message:
         self.lines.append(line)
 
     def eomReceived(self):
+        if self.sink.holding:
+            # Answered (and counted as received) when the test fires it.
+            self.sink.holding -= 1
+            d = defer.Deferred()
+            self.sink.held.append(d)
+            return d
         self.sink.received.append(
             Received(self.sender, [self.recipient], b"\r\n".join(self.lines) + b"\r\n")
         )
@@ -135,6 +141,8 @@ class Sink(ServerFactory):
         so it is a server without 8BITMIME and SMTPUTF8.
     @ivar mailCommands: what followed C{MAIL} in each MAIL command
         (C{FROM:<...>} and the parameters), as bytes.
+    @ivar holding: how many of the next messages get no answer after their
+        data (until the test fires their Deferred in C{held}).
     """
 
     def __init__(self, extensions=()):
@@ -144,6 +152,8 @@ class Sink(ServerFactory):
         self.connections = 0
         self.open = 0
         self.peak = 0
+        self.holding = 0
+        self.held = []
 
     def buildProtocol(self, addr):
         p = _SinkESMTP()
