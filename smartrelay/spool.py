@@ -311,6 +311,17 @@ def _apply(entry: SpoolEntry, changes: list) -> None:
         entry.recipients = [byAddress.get(r.address, r) for r in recipients]
 
 
+def _waiting(entry: SpoolEntry) -> bool:
+    """
+    Whether every recipient of C{entry} left waits for a retry (none is
+    still C{queued}).
+    """
+    for recipient in entry.recipients:
+        if recipient.state == "queued":
+            return False
+    return True
+
+
 def segmentName(number: int) -> str:
     """
     The file name of segment C{number}.
@@ -694,8 +705,9 @@ class Spool:
     latency-critical writes.
 
     Messages just stored are kept in a bounded in-memory cache
-    (C{cacheBytes}) until they are finished, so the first delivery attempt
-    does not read them back from disk.
+    (C{cacheBytes}) until they are finished or wait for a retry (no
+    recipient left C{queued}), so the first delivery attempt does not read
+    them back from disk.
 
     @ivar directory: the spool directory (created if missing).
     @ivar maxBatch: at most this many new messages go into one batch.
@@ -1295,7 +1307,13 @@ class Spool:
                 queueID = op.entry.queue_id
                 if op.finishing:
                     self._finished(queueID)
-                elif (
+                    continue
+                if op.changes is not None and _waiting(op.entry):
+                    # Every recipient left waits for a retry: its bytes
+                    # are read back then (a queue of deferred messages
+                    # would otherwise hold a full cache of them).
+                    self._cache.pop(queueID)
+                if (
                     op.entry.done
                     and queueID in self._locations
                     and queueID not in self._doneQueued

@@ -247,6 +247,27 @@ class SpoolTests(SynchronousTestCase):
         self.assertEqual(os.listdir(self.directory), [segmentName(1)])
         self.assertEqual(self.successResultOf(self.spool.readMessage(entry)), b"Subject: x\r\n\r\nhi\r\n")
 
+    def test_deferredLeavesTheCache(self):
+        """
+        A message stays in the memory cache while a recipient is still
+        queued, and leaves it once every recipient left waits for a retry;
+        it is then read back from disk.
+        """
+        entry = makeEntry()
+        self.successResultOf(self.spool.store(entry, b"Subject: x\r\n\r\nhi\r\n"))
+        self.assertIsNotNone(self.spool._cache.get(entry.queue_id))
+        self.successResultOf(
+            self.spool.record(entry, [Recipient("a@example.com", "deferred", 1, 1e9)])
+        )
+        self.assertIsNotNone(self.spool._cache.get(entry.queue_id))
+        self.successResultOf(
+            self.spool.record(entry, [Recipient("b@example.org", "deferred", 1, 1e9)])
+        )
+        self.assertIsNone(self.spool._cache.get(entry.queue_id))
+        self.assertEqual(
+            self.successResultOf(self.spool.readMessage(entry)), b"Subject: x\r\n\r\nhi\r\n"
+        )
+
     def test_recoveredAfterRestart(self):
         """
         A stored message is recovered by the next start with its envelope,
