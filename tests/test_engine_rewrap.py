@@ -210,6 +210,50 @@ class RewrapTests(RewrapperFactory, SynchronousTestCase):
         self.assertIn(b"List-Unsubscribe:", seen[0])
 
 
+class RequestTests(RewrapperFactory, SynchronousTestCase):
+    """
+    L{Rewrapper.job}: the re-wrap as plain data, for a worker process that
+    holds the session.
+    """
+
+    def test_sameAsRewrap(self):
+        """
+        The request, pickled and run elsewhere with the same signer and
+        tokens, makes the sender and message that L{Rewrapper.rewrap}
+        makes, for every mix of the message's own tracking choices.
+        """
+        signer = realSigner()
+        rewrapper = self.rewrapper(signer=signer, opens=True)
+        for options in ({}, {"opens": False, "clicks": True}, {"unsubscribe": False}):
+            entry = makeEntry(
+                QUEUE_ID, ["a@example.com", "b@example.com"], sender="app@shop.example"
+            )
+            entry.received = 1_700_000_000.0
+            entry.options = options
+            entry.tag = "spring"
+            for data in (TEXT, HTML, EIGHT_BIT):
+                request = pickle.loads(pickle.dumps(rewrapper.job(entry, 1, data, SEVEN_BIT)))
+                expected = self.successResultOf(rewrapper.rewrap(entry, 1, data, SEVEN_BIT))
+                self.assertEqual(request.run(signer, self.tokens), expected, options)
+
+    def test_nullSender(self):
+        """A message with the null sender keeps it."""
+        entry = makeEntry(QUEUE_ID, ["a@example.com"], sender="")
+        sender, _ = self.rewrapper().job(entry, 0, TEXT, SEVEN_BIT).run(None, self.tokens)
+        self.assertEqual(sender, "")
+
+    def test_signingError(self):
+        """Signing that fails raises L{SigningError}, as from L{Rewrapper.rewrap}."""
+
+        class Broken:
+            def sign(self, message, domain):
+                raise KeyError("s1")
+
+        entry = makeEntry(QUEUE_ID, ["a@example.com"], sender="app@shop.example")
+        request = self.rewrapper().job(entry, 0, TEXT, SEVEN_BIT)
+        self.assertRaises(SigningError, request.run, Broken(), self.tokens)
+
+
 class DowngradeAndSigningTests(RewrapperFactory, SynchronousTestCase):
     """
     The re-wrap makes the message for the server that will get it: 8-bit

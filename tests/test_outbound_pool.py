@@ -753,14 +753,14 @@ class RewrapHookTests(PoolTestsMixin, SynchronousTestCase):
         self.deliverer.rewrapsInPlace = True
         made = []
 
-        class Job:
+        class Request:
             def __init__(self, data, index, offers):
                 self.data, self.index, self.offers = data, index, offers
 
         class Rewrapper:
             def job(self, entry, index, data, offers):
                 made.append((entry.queue_id, index))
-                return f"bounce+{index}@b.example", Job(data, index, offers)
+                return Request(data, index, offers)
 
             def rewrap(self, entry, index, data, offers):
                 raise AssertionError("a session that re-wraps in place gets the job")
@@ -770,21 +770,22 @@ class RewrapHookTests(PoolTestsMixin, SynchronousTestCase):
 
     def test_inPlace(self):
         """
-        A session that re-wraps in place is given the re-wrap's job (made
-        for its offers) with the VERP sender, one transaction a recipient.
+        A session that re-wraps in place is given the re-wrap's request
+        (made for its offers) and no sender (the request makes it), one
+        transaction a recipient.
         """
         made = self.inPlace()
         self.add("Q1", ["x@a.example", "y@a.example"])
         self.clock.advance(0)
         self.assertEqual(sorted(made), [("Q1", 0), ("Q1", 1)])
         sent = sorted(
-            (c.sender, c.recipients, c.data.data, c.data.index) for c in self.deliverer.calls
+            (c.recipients, c.sender, c.data.data, c.data.index) for c in self.deliverer.calls
         )
         self.assertEqual(
             sent,
             [
-                ("bounce+0@b.example", ["x@a.example"], b"message Q1", 0),
-                ("bounce+1@b.example", ["y@a.example"], b"message Q1", 1),
+                (["x@a.example"], None, b"message Q1", 0),
+                (["y@a.example"], None, b"message Q1", 1),
             ],
         )
         self.answerAll()

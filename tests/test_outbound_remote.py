@@ -43,14 +43,15 @@ class FakeSpec:
 
 class MakeMessage:
     """
-    A re-wrap job: the message with the context it ran with.
+    A re-wrap request: a sender, and the message with the context it ran
+    with.
     """
 
     def __init__(self, data):
         self.data = data
 
     def run(self, *context):
-        return self.data + b" made with " + repr(context).encode()
+        return "verp@b.example", self.data + b" made with " + repr(context).encode()
 
 
 class FailSigning:
@@ -282,10 +283,14 @@ class SendTests(RemoteTestsMixin, SynchronousTestCase):
         self.assertTrue(session.usable)
 
     def test_rewrapInWorker(self):
-        """A re-wrap job is run in the worker, with its context, and what it makes is sent."""
+        """
+        A re-wrap request (sender L{None}) is run in the worker, with its
+        context, and the sender and message it makes are sent.
+        """
         session = self.session()
-        session.send("", ["x@a.example"], MakeMessage(b"stored"))
+        session.send(None, ["x@a.example"], MakeMessage(b"stored"))
         [call] = self.childDeliverer.calls
+        self.assertEqual(call.sender, "verp@b.example")
         self.assertEqual(call.data, b"stored made with ('signer', 'tokens')")
 
     def test_signingError(self):
@@ -294,7 +299,7 @@ class SendTests(RemoteTestsMixin, SynchronousTestCase):
         nothing is sent and the session stays usable.
         """
         session = self.session()
-        failure = self.failureResultOf(session.send("", ["x@a.example"], FailSigning()))
+        failure = self.failureResultOf(session.send(None, ["x@a.example"], FailSigning()))
         self.assertIsInstance(failure.value, SigningError)
         self.assertEqual(failure.value.domain, "shop.example")
         self.assertEqual(self.childDeliverer.calls, [])

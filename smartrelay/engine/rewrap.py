@@ -49,7 +49,14 @@ from smartrelay.ids import fileName
 from smartrelay.message import SpoolEntry
 from smartrelay.mime import removeHeader
 
-__all__ = ["Rewrapper", "RewrapJob", "RewrapError", "SigningError"]
+__all__ = [
+    "Rewrapper",
+    "RewrapRequest",
+    "RewrapSettings",
+    "RewrapJob",
+    "RewrapError",
+    "SigningError",
+]
 
 
 _TRACE = (b"received:", b"x-smartrelay-id:", b"return-path:")
@@ -138,35 +145,41 @@ class Rewrapper:
         """
         The VERP envelope sender for recipient number C{index}.
         """
-        token = self.tokens.compact("v", entry.queue_id, index)
-        return f"{self.verpPrefix}+{token}@{self.bounceDomain}"
+        return _verpAddress(self._settings(), self.tokens, entry.queue_id, index)
 
-    def job(self, entry: SpoolEntry, index: int, data: bytes, offers: Offers) -> tuple:
-        """
-        The part of L{rewrap} done here (the envelope sender, the tokens
-        and the header fields to add) and the job that does the rest.
+    def _settings(self) -> "RewrapSettings":
+        return RewrapSettings(
+            self.hostname,
+            self.bounceDomain,
+            self.verpPrefix,
+            self.baseURL,
+            self.opens,
+            self.clicks,
+            self.unsubscribe,
+        )
 
-        @return: C{(envelope sender, L{RewrapJob})}; the job's C{run(signer,
-            tokens)} makes the L{Prepared} message.
+    def job(self, entry: SpoolEntry, index: int, data: bytes, offers: Offers) -> "RewrapRequest":
         """
-        recipient = entry.recipients[index].address
-        sender = self.verpAddress(entry, index) if entry.sender else ""
+        All that L{rewrap} needs, as plain data: a L{RewrapRequest} whose
+        C{run(signer, tokens)} makes the envelope sender and the message,
+        wherever it runs (a worker process holding the session that sends
+        it).  Nothing is computed here.
+        """
         options = entry.options
-        opens = options.get("opens", self.opens)
-        clicks = options.get("clicks", self.clicks)
-        unsubscribe = options.get("unsubscribe", self.unsubscribe)
-        headers = self._headers(entry, index, recipient, unsubscribe)
-        openURL = None
-        if opens:
-            openURL = f"{self.baseURL}/t/o/{self.tokens.make('o', entry.queue_id, recipient)}.gif"
-        job = RewrapJob(
+        return RewrapRequest(
+            self._settings(),
+            entry.queue_id,
+            index,
+            entry.recipients[index].address,
+            bool(entry.sender),
+            options.get("opens"),
+            options.get("clicks"),
+            options.get("unsubscribe"),
+            entry.tag,
+            entry.received,
             data,
-            headers,
-            openURL,
-            (self.baseURL, entry.queue_id, recipient) if clicks else None,
             offers,
         )
-        return sender, job
 
     def rewrap(self, entry: SpoolEntry, index: int, data: bytes, offers: Offers) -> Deferred:
         """
@@ -178,7 +191,7 @@ class Rewrapper:
             failed, with L{WorkerLost} or L{WorkerError} when the worker
             process went away twice or the job broke.
         """
-        sender, job = self.job(entry, index, data, offers)
+        sender, job = self.job(entry, index, data, offers).split(self.tokens)
         if self.workers is not None and self.workers.available:
             d = self.workers.run(job)
             # A job whose worker died goes once more to another (or the
@@ -201,24 +214,93 @@ class Rewrapper:
             return self.workers.run(job)
         return self._inThread(job)
 
-    def _headers(
-        self, entry: SpoolEntry, index: int, recipient: str, unsubscribe: bool
-    ) -> list:
+
+@attrs.frozen
+class RewrapSettings:
+    """
+    The re-wrap's configuration (L{Rewrapper}'s), as plain data.
+    """
+
+    hostname: str
+    bounceDomain: str
+    verpPrefix: str
+    baseURL: str
+    opens: bool
+    clicks: bool
+    unsubscribe: bool
+
+
+def _verpAddress(settings: RewrapSettings, tokens: Any, queueID: str, index: int) -> str:
+    token = tokens.compact("v", queueID, index)
+    return f"{settings.verpPrefix}+{token}@{settings.bounceDomain}"
+
+
+@attrs.frozen
+class RewrapRequest:
+    """
+    What a re-wrap needs of a message and of the configuration, picklable
+    (L{Rewrapper.job}).  The C{opens}, C{clicks} and C{unsubscribe} the
+    message asked for (its control headers) are L{None} where it did not
+    say.
+    """
+
+    settings: RewrapSettings
+    queueID: str
+    index: int
+    recipient: str
+    hasSender: bool
+    opens: Optional[bool]
+    clicks: Optional[bool]
+    unsubscribe: Optional[bool]
+    tag: Optional[str]
+    received: float
+    data: bytes
+    offers: Offers
+
+    def split(self, tokens: Any) -> tuple:
         """
-        The header fields to add, as (name, value) pairs; those that depend
-        on the message (Message-ID, Date) are added only if missing, in the
-        thread.
+        The cheap part, done with C{tokens}: C{(envelope sender, the
+        L{RewrapJob} doing the CPU work)}.
         """
+        settings = self.settings
+        queueID, recipient = self.queueID, self.recipient
+        sender = _verpAddress(settings, tokens, queueID, self.index) if self.hasSender else ""
+        opens = settings.opens if self.opens is None else self.opens
+        clicks = settings.clicks if self.clicks is None else self.clicks
+        unsubscribe = settings.unsubscribe if self.unsubscribe is None else self.unsubscribe
         headers = []
         if unsubscribe:
-            https = f"{self.baseURL}/u/{self.tokens.make('u', entry.queue_id, recipient)}"
-            mailto = f"unsub+{self.tokens.compact('u', entry.queue_id, index)}@{self.bounceDomain}"
+            https = f"{settings.baseURL}/u/{tokens.make('u', queueID, recipient)}"
+            mailto = (
+                f"unsub+{tokens.compact('u', queueID, self.index)}@{settings.bounceDomain}"
+            )
             headers.append(("List-Unsubscribe", f"<{https}>, <mailto:{mailto}>"))
             headers.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
-        headers.append(("Message-ID", f"<{fileName(entry.queue_id)}@{self.hostname}>"))
-        headers.append(("Date", formatdate(entry.received, localtime=False, usegmt=True)))
-        headers.append(("Feedback-ID", entry.tag or "default"))
-        return headers
+        # Those that depend on the message (Message-ID, Date) are added
+        # only if missing, by the job.
+        headers.append(("Message-ID", f"<{fileName(queueID)}@{settings.hostname}>"))
+        headers.append(("Date", formatdate(self.received, localtime=False, usegmt=True)))
+        headers.append(("Feedback-ID", self.tag or "default"))
+        openURL = None
+        if opens:
+            openURL = f"{settings.baseURL}/t/o/{tokens.make('o', queueID, recipient)}.gif"
+        job = RewrapJob(
+            self.data,
+            headers,
+            openURL,
+            (settings.baseURL, queueID, recipient) if clicks else None,
+            self.offers,
+        )
+        return sender, job
+
+    def run(self, signer: Any, tokens: Any) -> tuple:
+        """
+        Blocking and CPU-bound: C{(envelope sender, L{Prepared})}.
+
+        @raise SigningError: DKIM signing failed.
+        """
+        sender, job = self.split(tokens)
+        return sender, job.run(signer, tokens)
 
 
 @attrs.frozen

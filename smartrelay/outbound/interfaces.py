@@ -73,7 +73,7 @@ class IDeliverySession(Interface):
     closed = Attribute("A L{Deferred} firing once the connection is closed.")
     rewrapsInPlace = Attribute(
         "C{True} when the session makes the message for its server itself: "
-        "L{send} then takes the re-wrap's job "
+        "L{send} then takes the sender L{None} and the re-wrap's request "
         "(L{Rewrapper.job <smartrelay.engine.rewrap.Rewrapper.job>}), as a "
         "session in a worker process does; else the caller re-wraps."
     )
@@ -82,10 +82,12 @@ class IDeliverySession(Interface):
         """
         One transaction: MAIL, RCPT for each recipient, DATA.
 
+        @param sender: the envelope sender; L{None} with a re-wrap request.
         @param data: the message (bytes, or a L{Prepared
             <smartrelay.engine.downgrade.Prepared>} made for this session's
-            server), or, when L{rewrapsInPlace}, a L{RewrapJob
-            <smartrelay.engine.rewrap.RewrapJob>} making it.
+            server), or, when L{rewrapsInPlace}, a L{RewrapRequest
+            <smartrelay.engine.rewrap.RewrapRequest>} whose C{run(signer,
+            tokens)} makes the sender and the message.
 
         @return: a L{Deferred} firing with an L{AttemptResult
             <smartrelay.outbound.session.AttemptResult>}.
@@ -148,8 +150,10 @@ class IRewrapper(Interface):
 
     def job(entry, index, data, offers):
         """
-        What L{rewrap} does, as C{(sender, job)}: the C{job}'s C{run(signer,
-        tokens)} makes the message; for a session that re-wraps in place.
+        What L{rewrap} does, as plain data (a L{RewrapRequest
+        <smartrelay.engine.rewrap.RewrapRequest>}, whose C{run(signer,
+        tokens)} gives C{(sender, prepared)}), for a session that
+        re-wraps in place.
         """
 
     def rewrap(entry, index, data, offers):

@@ -12,10 +12,11 @@ to a worker process to be re-wrapped and back again.  With workers
   negotiates TLS with its own reactor, and keeps the session under a
   number.  The relay gets a L{RemoteSession}, which the session loop uses
   like a local one.
-* A transaction is one L{SendJob}: the envelope, and the stored message
-  with what the re-wrap needs (a L{RewrapJob
-  <smartrelay.engine.rewrap.RewrapJob>}).  The worker re-wraps and signs
-  the message for its session's server and sends it; what comes back is
+* A transaction is one L{SendJob}: the recipients, and the stored message
+  with what the re-wrap needs (a L{RewrapRequest
+  <smartrelay.engine.rewrap.RewrapRequest>}).  The worker makes the VERP
+  sender and the tokens, re-wraps and signs the message for its session's
+  server and sends it; what comes back is
   the L{AttemptResult <smartrelay.outbound.session.AttemptResult>}, a few
   hundred bytes.  The message crosses the pipe once, instead of twice plus
   the socket writes on the relay's thread.
@@ -176,10 +177,13 @@ class SendJob:
     """
     One transaction on session number C{number}.
 
+    @ivar sender: the envelope sender, or L{None}: C{data} is a
+        L{RewrapRequest <smartrelay.engine.rewrap.RewrapRequest>}, whose
+        C{run(signer, tokens)} makes the sender and the message (for this
+        session's server) here, first.
     @ivar data: the message as L{SMTPSession.send
-        <smartrelay.outbound.session.SMTPSession.send>} takes it, or a
-        L{RewrapJob <smartrelay.engine.rewrap.RewrapJob>} to make it (for
-        this session's server) first.
+        <smartrelay.outbound.session.SMTPSession.send>} takes it, or that
+        request.
     """
 
     number: int
@@ -194,10 +198,10 @@ class SendJob:
             # attempted.
             return _lostResult(getattr(session, "remote", ""), self.recipients, "closed",
                                unanswered=True)
-        data = self.data
-        if hasattr(data, "run"):
-            data = data.run(*child.context)
-        return session.send(self.sender, self.recipients, data)
+        sender, data = self.sender, self.data
+        if sender is None:
+            sender, data = data.run(*child.context)
+        return session.send(sender, self.recipients, data)
 
 
 @attrs.frozen

@@ -250,9 +250,10 @@ class SessionLoop:
                 index = [r.address for r in entry.recipients].index(job.addresses[0])
                 # Made for this session's server: downgraded where it cannot
                 # take 8-bit content, then signed; sent as it is.  A session
-                # in a worker process does that there, just before sending.
+                # in a worker process does all of it there (the envelope
+                # sender too), just before sending.
                 if session.rewrapsInPlace:
-                    sender, data = self.rewrapper.job(entry, index, data, session.offers)
+                    sender, data = None, self.rewrapper.job(entry, index, data, session.offers)
                 else:
                     sender, data = await self.rewrapper.rewrap(entry, index, data, session.offers)
             except CancelledError:
