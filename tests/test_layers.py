@@ -154,3 +154,18 @@ class LayerTests(SynchronousTestCase):
             self.assertNotIn(
                 f"smartrelay.outbound.{unknown}", graph["smartrelay.outbound.queue"], unknown
             )
+
+    def test_remoteSessions(self):
+        """
+        The sessions in the worker processes are a connector below the
+        scheduler: L{smartrelay.outbound.remote} knows the session and the
+        worker pool, nothing of the scheduler or its parts, and the worker
+        pool knows nothing of delivery.
+        """
+        graph = importGraph()
+        remote = graph["smartrelay.outbound.remote"]
+        for unknown in ("scheduler", "queue", "dispatch", "sessions", "outcomes", "parking"):
+            self.assertNotIn(f"smartrelay.outbound.{unknown}", remote, unknown)
+        self.assertFalse(
+            [name for name in graph["smartrelay.engine.workers"] if name.startswith("smartrelay.")]
+        )

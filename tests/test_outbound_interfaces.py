@@ -20,6 +20,7 @@ from smartrelay.outbound.interfaces import (
     IRouter,
 )
 from smartrelay.outbound.pool import Connector
+from smartrelay.outbound.remote import RemoteSession, WorkerConnector
 from smartrelay.outbound.router import Hop
 from smartrelay.outbound.scheduler import DeliveryScheduler
 from smartrelay.outbound.session import SMTPSession
@@ -51,6 +52,11 @@ class RealImplementationTests(SynchronousTestCase):
 
     def test_session(self):
         self.assertTrue(verifyClass(IDeliverySession, SMTPSession))
+
+    def test_workerSessions(self):
+        """The sessions in worker processes, and their connector."""
+        self.assertTrue(verifyClass(IConnector, WorkerConnector))
+        self.assertTrue(verifyClass(IDeliverySession, RemoteSession))
 
     def test_rewrapper(self):
         self.assertTrue(verifyClass(IRewrapper, Rewrapper))
