@@ -691,6 +691,55 @@ class SegmentTests(SynchronousTestCase):
         )
         self.assertEqual(recovered[0].recipients[0], Recipient("a@example.com", "deferred", 2, 50.0))
 
+    @settings(max_examples=40, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["store", "store", "defer", "finish", "finish", "age"]),
+                st.integers(min_value=0, max_value=1000),
+            ),
+            min_size=20,
+            max_size=80,
+        )
+    )
+    def test_liveAgreesWithAModel(self, operations):
+        """Through any mix of stores, deferrals, finishes, rolls and compactions, each segment's live count, bytes and list agree with the locations, and a recovery finds exactly the live messages, with their states and bytes."""
+        directory = self.mktemp()
+        clock = Clock()
+        spool = makeSpool(directory, synchronous, segmentBytes=1500, compactRatio=0.5, clock=clock)
+        self.successResultOf(spool.recover())
+        live = {}  # queue id → (entry, data)
+        number = 0
+        for operation, pick in operations:
+            if operation == "store" or not live:
+                number += 1
+                entry = makeEntry(queueID(number), recipients=("a@example.com",))
+                entry.received = float(number)
+                data = b"%d " % number + b"x" * (pick % 400)
+                self.successResultOf(spool.store(entry, data))
+                live[entry.queue_id] = (entry, data)
+            elif operation == "age":
+                clock.advance(spool.compactAfter)
+            else:
+                entry, _ = live[sorted(live)[pick % len(live)]]
+                state = "deferred" if operation == "defer" else "delivered"
+                self.successResultOf(
+                    spool.record(entry, [Recipient("a@example.com", state, 1, float(pick))])
+                )
+                if state == "delivered":
+                    del live[entry.queue_id]
+            self.assertLiveBytesAgree(spool)
+            self.assertEqual(sorted(q for q, _ in spool._locations.items()), sorted(live))
+        recovered = makeSpool(directory, synchronous)
+        entries = self.successResultOf(recovered.recover())
+        self.assertEqual(sorted(e.queue_id for e in entries), sorted(live))
+        self.assertLiveBytesAgree(recovered)
+        for entry in entries:
+            self.assertEqual(entry.recipients, live[entry.queue_id][0].recipients)
+            self.assertEqual(
+                self.successResultOf(recovered.readMessage(entry)), live[entry.queue_id][1]
+            )
+
     def test_recoveredSegmentsSealedByTheClock(self):
         """
         Segments found at recovery count as sealed at the reactor clock's
