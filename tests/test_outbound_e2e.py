@@ -17,7 +17,9 @@ from twisted.mail import smtp
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
+from smartrelay.engine.workers import WorkerPool
 from smartrelay.outbound.pool import Connector, DestinationPolicy, Limits, TLSContexts
+from smartrelay.outbound.remote import WorkerConnector
 from smartrelay.outbound.router import SmarthostRouter
 from smartrelay.outbound.scheduler import DeliveryScheduler
 from smartrelay.outbound.testing import (
@@ -249,7 +251,7 @@ class PooledDeliveryTests(TestCase):
         scheduler = DeliveryScheduler(
             spool=spool,
             router=SmarthostRouter(reactor, f"tcp:host={host}:port={port}", 5),
-            connector=Connector(reactor, "relay.test", timeout, contexts or TLSContexts()),
+            connector=self.connector(Connector(reactor, "relay.test", timeout, contexts or TLSContexts())),
             events=events,
             clock=reactor,
             retry=Delays((600,)),
@@ -262,6 +264,13 @@ class PooledDeliveryTests(TestCase):
         scheduler.startService()
         self.addCleanup(lambda: scheduler.running and scheduler.stopService())
         return spool, scheduler
+
+    def connector(self, local):
+        """
+        The scheduler's connector: here the relay's own; see
+        L{WorkerPooledDeliveryTests}.
+        """
+        return local
 
     def submit(self, spool, scheduler, count, data=b"Subject: pooled\r\n\r\nhello\r\n"):
         for i in range(count):
@@ -397,3 +406,34 @@ class PooledDeliveryTests(TestCase):
         self.assertEqual(factory.messages(), [])
         while factory.open:  # the client says QUIT after giving up
             yield _sleep(0.01)
+
+
+class WorkerPooledDeliveryTests(PooledDeliveryTests):
+    """
+    The same, with the sessions in a real worker process
+    (L{smartrelay.outbound.remote}): a child of this process speaking SMTP
+    to the scripted servers here, TLS policies and timeouts included.
+    """
+
+    def connector(self, local):
+        pool = WorkerPool(reactor, 1)
+        pool.start(None, None)
+        self.addCleanup(pool.stop)
+        connector = WorkerConnector(pool, local)
+        self.connectors = getattr(self, "connectors", []) + [connector]
+        return connector
+
+    @inlineCallbacks
+    def test_sessionsInTheWorker(self):
+        """The sessions are the worker's: the relay's connector opened none."""
+        factory, port = yield self.serve(SMTPScript(ehlo=[b"250-mx.test", b"250 PIPELINING"]))
+        events = WaitingEvents(count=3)
+        spool, scheduler = self.scheduler(port, events, limits=Limits(maxConnections=1))
+        self.submit(spool, scheduler, 3)
+        emitted = yield events.waiting
+        self.assertEqual({e[0] for e in emitted}, {"delivered"})
+        [connector] = self.connectors
+        self.assertEqual(connector.sessions, 1)
+        self.assertEqual(len(factory.messages()), 3)
+        yield scheduler.stopService()
+        self.assertEqual(connector.sessions, 0)
