@@ -392,8 +392,8 @@ class Locations:
     one dict maps the queue id to the L{SpoolEntry} and the location is
     kept on the entry itself (L{SpoolEntry.spoolLocation}), as one integer
     (the three numbers packed, 40 bits for the offset and the length)
-    rather than a tuple of three: a dict entry and a tuple a message less
-    than a table of entries and one of locations.  An offset or length
+    rather than a tuple of three: one dict entry a message instead of two
+    (a table of entries and one of locations).  An offset or length
     that does not fit (a segment past a terabyte) is kept as the tuple.
     """
 
@@ -478,8 +478,8 @@ class _Segment:
     def addLive(self, queueID: str, length: int) -> None:
         """
         A message's latest record is now in this segment (never twice for
-        one queue id: records are only placed in the active segment, and
-        each message once).
+        one queue id: records are only placed in the active segment, each
+        message's at most once).
         """
         self.live.append(queueID)
         self.liveCount += 1
