@@ -296,13 +296,46 @@ class ConnectFailureTests(PoolTestsMixin, SynchronousTestCase):
         self.assertEqual(len(self.deliverer.opens), 1)
         self.assertEqual(len(self.events.ofType("deferred")), 4)
 
+    def test_oneOpeningWhileNoneOpen(self):
+        """
+        While no session to a destination is open, one at a time is
+        opened; once it is, more are opened for what waits, up to the
+        limit (3).
+        """
+        self.deliverer.hang = True
+        self.addMany(4)
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliverer.opening), 1)
+        [(first, session1)] = self.deliverer.opening
+        first.callback(self._opened(session1))
+        self.assertEqual(len(self.deliverer.opening), 3)
+
+    def test_refusedOnceWithManyWaiting(self):
+        """
+        A destination that refuses, with many messages waiting and a limit
+        of many connections: one connection finds it out, and everything
+        is parked.
+        """
+        self.deliverer.hang = True
+        self.addMany(10)
+        self.clock.advance(0)
+        [(first, _)] = self.deliverer.opening
+        from smartrelay.outbound.session import OpenResult
+
+        first.callback(OpenResult(None, Reply(451, "4.4.1", "cannot connect")))
+        self.assertEqual(len(self.deliverer.opens), 1)
+        self.clock.advance(FLUSH_INTERVAL)
+        self.assertEqual(len(self.deliverer.opens), 1)
+        self.assertEqual(len(self.events.ofType("deferred")), 10)
+
     def test_turnedAwayWhileOthersWork(self):
         """A connection refused while other sessions work puts the job back in the queue."""
         self.deliverer.hang = True
         self.addMany(3)
         self.clock.advance(0)
-        (first, session1), (second, session2), (third, _) = self.deliverer.opening
+        [(first, session1)] = self.deliverer.opening
         first.callback(self._opened(session1))
+        _, (second, session2), (third, _) = self.deliverer.opening
         from smartrelay.outbound.session import OpenResult
 
         second.callback(OpenResult(None, Reply(421, "4.7.0", "too many connections")))

@@ -260,6 +260,10 @@ class Dispatcher:
             idle = destination.idle.pop()
         elif (
             destination.sessions < destination.maxConnections
+            # While none is open, one at a time: a destination that
+            # refuses is found out by one connection (and parked), and a
+            # new one is not sent max_connections handshakes at once.
+            and (destination.established or not destination.sessions)
             and not self._waitingForLease(destination)
             and (self.active < self.maxConnections or self._closeIdleSession(destination))
         ):

@@ -124,6 +124,7 @@ class Destination:
     @ivar limits: the configured L{Limits}.
     @ivar queue: jobs waiting for a session, oldest first.
     @ivar sessions: sessions open or being opened.
+    @ivar established: sessions open (greeted, ready for transactions).
     @ivar idle: workers waiting for a job: C{(Deferred, session)}.
     @ivar tokens: rate tokens taken from the store and not used yet.
     """
@@ -133,6 +134,7 @@ class Destination:
     throttle: Throttle
     queue: deque = attrs.field(factory=deque)
     sessions: int = 0
+    established: int = 0
     busy: int = 0
     idle: list = attrs.field(factory=list)
     tokens: int = 0

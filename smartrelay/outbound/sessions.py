@@ -105,6 +105,7 @@ class SessionLoop:
         session = None
         transactions = 0
         dispatcher = self.dispatcher
+        established = False
         try:
             while job is not None:
                 if session is None or not session.usable or session.remote not in job.hopNames:
@@ -116,6 +117,12 @@ class SessionLoop:
                         return
                     self.sessions.add(session)
                     transactions = 0
+                    if not established:
+                        established = True
+                        destination.established += 1
+                        # More sessions may be opened now (one at a time
+                        # while none was open).
+                        dispatcher.pump()
                 destination.busy += 1
                 try:
                     await self._transact(destination, session, job)
@@ -134,6 +141,8 @@ class SessionLoop:
                     break
                 job = await dispatcher.nextJob(destination, session, slot)
         finally:
+            if established:
+                destination.established -= 1
             if session is not None:
                 self.sessions.discard(session)
                 # The slot is free once the connection is closed (QUIT is
