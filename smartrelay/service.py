@@ -366,7 +366,13 @@ class RelayService(MultiService):
         self.signer = makeSigner(config)
         self.workers = None
         if delivery.rewrap_workers:
-            self.workers = WorkerPool(reactor, delivery.rewrap_workers)
+            # They hold the delivery sessions (outbound/remote.py) and
+            # re-wrap: those modules are imported as each starts.
+            self.workers = WorkerPool(
+                reactor,
+                delivery.rewrap_workers,
+                preload=("smartrelay.outbound.remote", "smartrelay.engine.rewrap"),
+            )
         tracking, feedback = config.tracking, config.feedback
         self.rewrapper = Rewrapper(
             tokens=tokens,

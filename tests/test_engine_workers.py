@@ -665,6 +665,26 @@ class PoolTests(SynchronousTestCase):
         for count in (0, -1):
             self.assertRaises(ValueError, WorkerPool, self.clock, count, spawn=self.spawn)
 
+    def test_preload(self):
+        """
+        A pool with modules to preload gives each child, after the context
+        and before any job, the job that imports them; a child whose import
+        fails is logged and serves on.
+        """
+        pool = WorkerPool(self.clock, 2, spawn=self.spawn, preload=("json", "no.such"))
+        pool.start(*self.context)
+        for process in self.spawn.processes:
+            context, (rid, job) = process.received()
+            self.assertEqual(context, self.context)
+            self.assertIsInstance(job, workers.Preload)
+            self.assertEqual(job.modules, ("json", "no.such"))
+        a = self.spawn.processes[0]
+        [(rid, job)] = a.requests()
+        self.assertRaises(ModuleNotFoundError, job.run, *self.context)
+        a.answer(rid, False, "ModuleNotFoundError: No module named 'no'")
+        self.assertEqual(len(self.flushLoggedErrors(WorkerError)), 1)
+        self.assertTrue(pool.available)
+
     def test_startWritesContextFirst(self):
         """C{start} spawns C{count} children and writes each the context frame before anything else."""
         pool = self.pool(3)

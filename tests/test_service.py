@@ -29,7 +29,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from smartrelay.config import ConfigError, parseConfig
-from smartrelay.engine.workers import encodeFrame
+from smartrelay.engine.workers import FrameDecoder, encodeFrame
 from smartrelay.ids import ID_STATE_FILE, isQueueID, loadIDState
 from smartrelay.outbound.testing import ScriptedSMTPServer, SMTPScript
 from smartrelay.service import (
@@ -412,7 +412,13 @@ class WiringTests(SynchronousTestCase):
         context = encodeFrame(pickle.dumps((relay.signer, relay.tokens), pickle.HIGHEST_PROTOCOL))
         for executable, args, transport in self.reactor.processes:
             self.assertEqual(args, [executable, "-m", "smartrelay.engine.workers"])
-            self.assertEqual(transport.value(), context)
+            self.assertTrue(transport.value().startswith(context))
+            # Then the modules of its jobs (the delivery sessions) are
+            # imported.
+            [(_, preload)] = [
+                pickle.loads(payload) for payload in FrameDecoder().feed(transport.value()[len(context):])
+            ]
+            self.assertIn("smartrelay.outbound.remote", preload.modules)
         self.assertTrue(relay.workers.available)
         self.successResultOf(relay.stopService())
         self.assertFalse(relay.workers.available)

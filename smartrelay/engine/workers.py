@@ -260,6 +260,9 @@ class WorkerPool:
         C{spawn}) C{spawnProcess}.
     @ivar spawn: C{spawn(reactor, protocol) -> process transport}; tests
         replace it.
+    @ivar preload: modules each child imports as soon as it starts (those
+        of the jobs it will run), so that its first jobs do not wait for
+        them.
     """
 
     log = Logger()
@@ -269,12 +272,14 @@ class WorkerPool:
         reactor: Any,
         count: int,
         spawn: Callable[[Any, ProcessProtocol], Any] = _defaultSpawn,
+        preload: tuple = (),
     ) -> None:
         if count < 1:
             raise ValueError("a worker pool needs at least one worker")
         self.reactor = reactor
         self.count = count
         self.spawn = spawn
+        self.preload = tuple(preload)
         self.workers: List[_Worker] = []
         self._context: Optional[bytes] = None
         self._nextID = 0
@@ -333,6 +338,16 @@ class WorkerPool:
         worker.transport = self.spawn(self.reactor, worker)
         worker.transport.write(self._context)
         self.workers.append(worker)
+        if self.preload:
+            self._nextID += 1
+            worker.send(self._nextID, Preload(self.preload)).addErrback(
+                lambda f: self.log.failure(
+                    "worker {number} could not import {modules}",
+                    f,
+                    number=number,
+                    modules=", ".join(self.preload),
+                )
+            )
 
     @property
     def available(self) -> bool:
@@ -448,6 +463,22 @@ class WorkerPool:
                 timeout.cancel()
 
         return done.addCallback(ended)
+
+
+class Preload:
+    """
+    The job a child is given first when the pool has modules to preload:
+    it imports them.
+    """
+
+    def __init__(self, modules: tuple) -> None:
+        self.modules = modules
+
+    def run(self, *context: Any) -> None:
+        import importlib
+
+        for name in self.modules:
+            importlib.import_module(name)
 
 
 def _failed(error: Exception) -> Deferred:
