@@ -340,14 +340,17 @@ class WorkerPool:
         self.workers.append(worker)
         if self.preload:
             self._nextID += 1
-            worker.send(self._nextID, Preload(self.preload)).addErrback(
-                lambda f: self.log.failure(
-                    "worker {number} could not import {modules}",
-                    f,
-                    number=number,
-                    modules=", ".join(self.preload),
-                )
-            )
+            worker.send(self._nextID, Preload(self.preload)).addErrback(self._preloadFailed, number)
+
+    def _preloadFailed(self, failure: Failure, number: int) -> None:
+        if failure.check(WorkerLost):
+            return  # its end is logged (or it was stopped)
+        self.log.failure(
+            "worker {number} could not import {modules}",
+            failure,
+            number=number,
+            modules=", ".join(self.preload),
+        )
 
     @property
     def available(self) -> bool:
