@@ -228,6 +228,16 @@ class OpenTests(RemoteTestsMixin, SynchronousTestCase):
         self.assertEqual(self.connector.sessions, 0)
         self.assertEqual(_Sessions.of(self.processes[0].child).sessions, {})
 
+    def test_cancelledThenRefused(self):
+        """A dropped session that then fails to open leaves nothing behind in the worker."""
+        self.childDeliverer.hang = True
+        d = self.connector.open(self.hop, "opportunistic")
+        d.cancel()
+        self.failureResultOf(d)
+        [(opening, _)] = self.childDeliverer.opening
+        opening.callback(OpenResult(None, Reply(421, "4.3.2", "busy")))
+        self.assertEqual(_Sessions.of(self.processes[0].child).dropped, set())
+
     def test_jobBroken(self):
         """An open that breaks in the worker is a local error for the job, logged."""
 

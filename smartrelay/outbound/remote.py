@@ -160,10 +160,11 @@ class OpenJob:
 
         def opened(result: OpenResult) -> Any:
             session = result.session
+            dropped = self.number in sessions.dropped
+            sessions.dropped.discard(self.number)
             if session is None:
                 return result
-            if self.number in sessions.dropped:
-                sessions.dropped.discard(self.number)
+            if dropped:
                 session.abort()
                 return None
             sessions.add(self.number, session)
