@@ -54,18 +54,30 @@ class WorkerSessionTests(RelayTestMixin, TestCase):
         )
 
     @inlineCallbacks
-    def test_sessionInWorker(self):
+    def submitOne(self, holding=0):
         """
-        The connection to the next hop is held by the worker process, not
-        by the relay; the message is delivered re-wrapped (VERP sender).
+        Start a sink (answering nothing after the data of the first
+        C{holding} messages) and the relay, and submit one message; fires
+        with the sink's port, the relay, its worker's pid and the queue id.
         """
         sinkPort = self.startSink()
+        self.sink.holding = holding
         relay = self.makeRelay(self.config(sinkPort))
         relay.start()
         yield relay.waitReady(reactor)
         [worker] = childrenOf(relay.process.pid)
         (code, text), refused = yield deferToThread(submit, relay.port, ["ok@example.org"])
         self.assertEqual(code, 250, text)
+        queueID = re.match(r"2\.0\.0 OK (\S+)$", text).group(1)
+        return sinkPort, relay, worker, queueID
+
+    @inlineCallbacks
+    def test_sessionInWorker(self):
+        """
+        The connection to the next hop is held by the worker process, not
+        by the relay; the message is delivered re-wrapped (VERP sender).
+        """
+        sinkPort, relay, worker, _ = yield self.submitOne()
         yield waitFor(reactor, lambda: self.sink.received)
         # The session stays open (idle) after its transaction.
         self.assertEqual(connectionOwners(sinkPort) - {os.getpid()}, {worker})
@@ -82,15 +94,7 @@ class WorkerSessionTests(RelayTestMixin, TestCase):
         worker replaced, and the message delivered at its retry; nothing is
         lost.
         """
-        sinkPort = self.startSink()
-        self.sink.holding = 1
-        relay = self.makeRelay(self.config(sinkPort))
-        relay.start()
-        yield relay.waitReady(reactor)
-        [worker] = childrenOf(relay.process.pid)
-        (code, text), refused = yield deferToThread(submit, relay.port, ["ok@example.org"])
-        self.assertEqual(code, 250, text)
-        queueID = re.match(r"2\.0\.0 OK (\S+)$", text).group(1)
+        _, relay, worker, queueID = yield self.submitOne(holding=1)
         yield waitFor(reactor, lambda: self.sink.held)
         os.kill(worker, signal.SIGKILL)
         yield waitFor(reactor, lambda: queueID in self.sink.queueIDs(), timeout=60)
