@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock, LoopingCall, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
@@ -30,9 +30,11 @@ from smartrelay.engine.dkim import DKIMKey, DKIMSigner, generateKey
 from smartrelay.engine.downgrade import Offers
 from smartrelay.engine.rewrap import RewrapJob, SigningError
 from smartrelay.engine.workers import (
+    BEAT_INTERVAL,
     MAX_RESTART_DELAY,
     RESTART_DELAY,
     STOP_TIMEOUT,
+    STUCK_AFTER,
     YOUNG_DEATH,
     FrameDecoder,
     FrameError,
@@ -512,6 +514,15 @@ class ChildProtocolTests(SynchronousTestCase):
             frames(transport.value()), [(3, False, "TypeError: broken"), (1, True, "done")]
         )
 
+    def test_beats(self):
+        """A child says it is alive every C{BEAT_INTERVAL} seconds, until it ends."""
+        child, transport = self.child()
+        child.reactor.advance(BEAT_INTERVAL)
+        child.reactor.advance(BEAT_INTERVAL)
+        self.assertEqual(frames(transport.value()), [(None, "beat", None)] * 2)
+        child.connectionLost()
+        self.assertEqual(child.reactor.getDelayedCalls(), [])
+
     def test_notify(self):
         """C{notify(kind, value)} writes the notice C{(None, kind, value)}."""
         child, transport = self.child()
@@ -643,6 +654,9 @@ class PoolTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.spawn = FakeSpawn()
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def pool(self, count=2, start=True):
         pool = WorkerPool(self.clock, count, spawn=self.spawn)
@@ -658,7 +672,34 @@ class PoolTests(SynchronousTestCase):
         """
         The delays of the pending respawns, from now.
         """
-        return sorted(c.getTime() - self.clock.seconds() for c in self.clock.getDelayedCalls())
+        return sorted(
+            c.getTime() - self.clock.seconds()
+            for c in self.clock.getDelayedCalls()
+            if not isinstance(c.func, LoopingCall)  # the watch for stuck children
+        )
+
+    def test_stuckChildKilled(self):
+        """
+        A child that holds a job and says nothing for C{STUCK_AFTER}
+        seconds (a job looping forever) is killed, its jobs failing with
+        L{WorkerLost}, and replaced; one that keeps beating is not, nor is
+        an idle one.
+        """
+        pool = self.pool(3)
+        stuck, beating, idle = self.spawn.processes
+        job = pool.runOn(stuck.protocol, EchoJob("x"))
+        pool.runOn(beating.protocol, EchoJob("y"))
+        for _ in range(int(STUCK_AFTER / BEAT_INTERVAL) + 1):
+            beating.protocol.childDataReceived(1, frameOf((None, "beat", None)))
+            self.clock.advance(BEAT_INTERVAL)
+        self.assertEqual(stuck.signals, ["KILL"])
+        self.assertEqual((beating.signals, idle.signals), ([], []))
+        errors = [e for e in self.events if e.get("log_level") == LogLevel.error]
+        self.assertIn("has said nothing", errors[0]["log_format"])
+        stuck.die()
+        self.failureResultOf(job, WorkerLost)
+        self.assertEqual(self.restartDelays(), [RESTART_DELAY])
+        self.flushLoggedErrors()
 
     def test_countBelowOne(self):
         """A pool of fewer than one worker is refused."""
@@ -1009,7 +1050,7 @@ class PoolTests(SynchronousTestCase):
         pool = self.pool(1)
         [a] = self.spawn.processes
         a.die()
-        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertEqual(len(self.restartDelays()), 1)
         d = pool.stop()
         self.successResultOf(d)
         self.assertEqual(self.clock.getDelayedCalls(), [])

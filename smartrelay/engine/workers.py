@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator, List, Optional
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -76,6 +77,14 @@ YOUNG_DEATH = 10.0
 #: Seconds children get to exit on their own at shutdown (their input
 #: closed) before they are killed.
 STOP_TIMEOUT = 5.0
+
+#: A child says it is alive (a C{"beat"} notice) this often; the relay
+#: looks as often for children that hold jobs and have said nothing for
+#: L{STUCK_AFTER} seconds (a job looping forever blocks the child's
+#: reactor, and with it every session the child holds), and kills them:
+#: their jobs fail with L{WorkerLost} and they are replaced.
+BEAT_INTERVAL = 5.0
+STUCK_AFTER = 60.0
 
 
 class WorkerLost(Exception):
@@ -175,6 +184,8 @@ class _Worker(ProcessProtocol):
         self.decoder = FrameDecoder()
         self.waiting: dict = {}
         self.startedAt = pool.reactor.seconds()
+        #: When the child last wrote anything (an answer, a notice).
+        self.lastHeard = self.startedAt
         self.ended = Deferred()
         self.alive = False
         self.stderr = b""
@@ -192,6 +203,7 @@ class _Worker(ProcessProtocol):
         if childFD == 2:
             self._stderr(data)
             return
+        self.lastHeard = self.pool.reactor.seconds()
         try:
             for payload in self.decoder.feed(data):
                 requestID, ok, value = pickle.loads(payload)
@@ -288,6 +300,7 @@ class WorkerPool:
         self._restarts: list = []
         self._noticeHandlers: dict = {}
         self._endHandlers: list = []
+        self._watch: Optional[LoopingCall] = None
 
     def onNotice(self, kind: str, handler: Callable[[Any, Any], None]) -> None:
         """
@@ -304,6 +317,8 @@ class WorkerPool:
         self._endHandlers.append(handler)
 
     def _notice(self, worker: _Worker, kind: str, value: Any) -> None:
+        if kind == "beat":
+            return
         if kind == "log":
             level, text = value
             self.log.emit(
@@ -332,6 +347,26 @@ class WorkerPool:
         self._running = True
         for number in range(self.count):
             self._spawn(number)
+        self._watch = LoopingCall(self._watchStuck)
+        self._watch.clock = self.reactor
+        self._watch.start(BEAT_INTERVAL, now=False)
+
+    def _watchStuck(self) -> None:
+        """
+        Kill the children that hold jobs and have said nothing for
+        L{STUCK_AFTER} seconds.
+        """
+        now = self.reactor.seconds()
+        for worker in self.workers:
+            if worker.alive and worker.waiting and now - worker.lastHeard > STUCK_AFTER:
+                self.log.error(
+                    "worker process {number} holds {jobs} job(s) and has said nothing "
+                    "for {quiet:.0f} s; killing it",
+                    number=worker.number,
+                    jobs=len(worker.waiting),
+                    quiet=now - worker.lastHeard,
+                )
+                worker.kill()
 
     def _spawn(self, number: int) -> None:
         worker = _Worker(self, number)
@@ -449,6 +484,8 @@ class WorkerPool:
         @return: L{Deferred} firing when all have ended.
         """
         self._running = False
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
         for call in self._restarts:
             if call.active():
                 call.cancel()
@@ -521,6 +558,12 @@ class ChildProtocol(Protocol):
         self._closing = False
         self._stopping = False
         self._stopHooks: list = []
+        self._beat: Optional[LoopingCall] = None
+
+    def connectionMade(self) -> None:
+        self._beat = LoopingCall(self.notify, "beat", None)
+        self._beat.clock = self.reactor
+        self._beat.start(BEAT_INTERVAL, now=False)
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -619,6 +662,8 @@ class ChildProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._ended = True
+        if self._beat is not None and self._beat.running:
+            self._beat.stop()
         if not self.finished.called:
             self.finished.callback(None)
 
