@@ -675,6 +675,7 @@ class RelayService(MultiService):
             journal=self.journal,
             listeners={"submission": self.smtpFactory, "feedback": self.feedbackFactory},
             workers=self.workers,
+            connector=self.connector,
             threadPools=threads.pools if isinstance(threads, ThreadPools) else {},
             nodeID="%02X" % relay.node_id,
             leases=self.leaseKeeper,

@@ -15,6 +15,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.sink import childrenOf, running, waitFor
+from tests.test_e2e_metrics import fetch, samples, webPort
 from tests.test_e2e import RelayTestMixin, events, submit
 
 
@@ -81,6 +82,13 @@ class WorkerSessionTests(RelayTestMixin, TestCase):
         yield waitFor(reactor, lambda: self.sink.received)
         # The session stays open (idle) after its transaction.
         self.assertEqual(connectionOwners(sinkPort) - {os.getpid()}, {worker})
+        # /metrics says so too.
+        status, _, body = yield deferToThread(
+            fetch, f"http://127.0.0.1:{webPort(relay)}/metrics"
+        )
+        found = samples(body.decode("utf-8"))
+        self.assertEqual(found[("smartrelay_worker_sessions", ())], 1)
+        self.assertEqual(found[("smartrelay_connections", ())], 1)
         [received] = self.sink.received
         self.assertRegex(received.sender, r"^bounce\+[a-z2-7]{37}@relay\.test$")
         yield relay.stop()

@@ -520,11 +520,21 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(sample(found, "smartrelay_event_store_degraded"), 0)
         self.assertEqual(sample(found, "smartrelay_rewrap_workers"), 2)
         self.assertEqual(sample(found, "smartrelay_rewrap_worker_jobs"), 0)
+        self.assertEqual(sample(found, "smartrelay_worker_sessions"), 0)
         [info] = found["smartrelay_node_info"].samples
         self.assertEqual(info.labels["node_id"], "2A")
         for family in found.values():
             self.assertTrue(family.name.startswith("smartrelay_"), family.name)
             self.assertIn(family.type, ("gauge", "counter"), family.name)
+
+    def test_workerSessions(self):
+        """The sessions the workers hold, from the scheduler's connector."""
+
+        class Connector:
+            sessions = 3
+
+        self.collector.connector = Connector()
+        self.assertEqual(sample(self.scrape(), "smartrelay_worker_sessions"), 3)
 
     def test_queuesAndConnections(self):
         """

@@ -483,6 +483,8 @@ class RelayCollector:
     @ivar listeners: name (C{submission}, C{feedback}) -> SMTP factory,
         whose C{sessions} are the open SMTP sessions.
     @ivar workers: the re-wrap worker processes, or L{None} (threads only).
+    @ivar connector: the scheduler's connector; a C{WorkerConnector}'s
+        C{sessions} are those the workers hold.
     @ivar threadPools: name -> Twisted L{ThreadPool}.
     @ivar nodeID: the C{[smartrelay] node_id}.
     """
@@ -494,6 +496,7 @@ class RelayCollector:
     journal: Optional["EventJournal"]
     listeners: Mapping[str, "SubmissionFactory"]
     workers: Optional["WorkerPool"] = None
+    connector: Any = None
     threadPools: Mapping = attrs.field(factory=dict)
     nodeID: str = ""
     #: The connection-slot keeper (C{LeaseKeeper.state()}), or L{None}.
@@ -665,6 +668,11 @@ class RelayCollector:
             "smartrelay_rewrap_worker_jobs",
             "Re-wrap jobs sent to worker processes and not answered yet.",
             value=0 if workers is None else workers.inFlight,
+        )
+        yield GaugeMetricFamily(
+            "smartrelay_worker_sessions",
+            "Outbound SMTP sessions held by the worker processes.",
+            value=getattr(self.connector, "sessions", 0),
         )
         jobs = GaugeMetricFamily(
             "smartrelay_thread_pool_jobs",
