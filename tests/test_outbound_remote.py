@@ -252,6 +252,7 @@ class OpenTests(RemoteTestsMixin, SynchronousTestCase):
         self.assertIn("ValueError: no good", opened.reply.text)
         self.assertFalse(opened.tryNextHop)
         self.assertEqual(len(self.flushLoggedErrors()), 1)
+        self.assertEqual(_Sessions.of(self.processes[0].child).opening, set())
 
     def test_specs(self):
         """The hop specs the routers give are picklable and make endpoints."""
@@ -436,6 +437,8 @@ class NoticeTests(RemoteTestsMixin, SynchronousTestCase):
         self.assertTrue(session.usable)
 
     def test_abortUnknown(self):
-        """An abort of a session the worker does not have is answered."""
+        """An abort of a session the worker does not have is answered, and leaves nothing behind."""
         d = self.pool.runOn(self.pool.pick(), AbortJob(777))
         self.assertIsNone(self.successResultOf(d))
+        sessions = _Sessions.of(self.processes[0].child)
+        self.assertEqual((sessions.opening, sessions.dropped), (set(), set()))

@@ -37,7 +37,7 @@ retries) stays in the relay; the worker only speaks SMTP.
 from typing import Any, Optional
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -77,8 +77,9 @@ class _Sessions:
         self.sessions: dict = {}
         self.connectors: dict = {}
         self.resolvers: dict = {}
-        #: Numbers of sessions dropped before they were open (the relay
-        #: stopped waiting): dropped when they open.
+        #: Numbers of the sessions being opened, and of those among them
+        #: the relay stopped waiting for: dropped when they open.
+        self.opening: set = set()
         self.dropped: set = set()
         child.onStop(self.stop)
 
@@ -161,6 +162,7 @@ class OpenJob:
         def opened(result: OpenResult) -> Any:
             session = result.session
             dropped = self.number in sessions.dropped
+            sessions.opening.discard(self.number)
             sessions.dropped.discard(self.number)
             if session is None:
                 return result
@@ -170,7 +172,15 @@ class OpenJob:
             sessions.add(self.number, session)
             return _Opened(session.remote, session.offers, getattr(session, "tls", False))
 
-        return sessions.connector(self).open(hop, self.tlsPolicy).addCallback(opened)
+        sessions.opening.add(self.number)
+
+        def failed(failure: Failure) -> Failure:
+            sessions.opening.discard(self.number)
+            sessions.dropped.discard(self.number)
+            return failure
+
+        connector = sessions.connector(self)
+        return maybeDeferred(connector.open, hop, self.tlsPolicy).addCallbacks(opened, failed)
 
 
 @attrs.frozen
@@ -233,8 +243,8 @@ class AbortJob:
         session = sessions.sessions.get(self.number)
         if session is not None:
             session.abort()
-        else:
-            # Still opening (or already gone): dropped when it opens.
+        elif self.number in sessions.opening:
+            # Dropped when it opens.
             sessions.dropped.add(self.number)
 
 
