@@ -141,12 +141,6 @@ class Rewrapper:
     signer: Any = None
     workers: Any = None
 
-    def verpAddress(self, entry: SpoolEntry, index: int) -> str:
-        """
-        The VERP envelope sender for recipient number C{index}.
-        """
-        return _verpAddress(self._settings(), self.tokens, entry.queue_id, index)
-
     def _settings(self) -> "RewrapSettings":
         return RewrapSettings(
             self.hostname,
@@ -230,11 +224,6 @@ class RewrapSettings:
     unsubscribe: bool
 
 
-def _verpAddress(settings: RewrapSettings, tokens: Any, queueID: str, index: int) -> str:
-    token = tokens.compact("v", queueID, index)
-    return f"{settings.verpPrefix}+{token}@{settings.bounceDomain}"
-
-
 @attrs.frozen
 class RewrapRequest:
     """
@@ -264,7 +253,11 @@ class RewrapRequest:
         """
         settings = self.settings
         queueID, recipient = self.queueID, self.recipient
-        sender = _verpAddress(settings, tokens, queueID, self.index) if self.hasSender else ""
+        sender = ""
+        if self.hasSender:
+            # VERP: the token names the queue id and the recipient.
+            token = tokens.compact("v", queueID, self.index)
+            sender = f"{settings.verpPrefix}+{token}@{settings.bounceDomain}"
         opens = settings.opens if self.opens is None else self.opens
         clicks = settings.clicks if self.clicks is None else self.clicks
         unsubscribe = settings.unsubscribe if self.unsubscribe is None else self.unsubscribe

@@ -36,6 +36,7 @@ while children keep dying young.  A child whose relay disappears reads end
 of file and exits, so a C{kill -9} of the relay leaves no orphans.
 """
 
+import importlib
 import os
 import pickle
 import signal
@@ -515,8 +516,6 @@ class Preload:
         self.modules = modules
 
     def run(self, *context: Any) -> None:
-        import importlib
-
         for name in self.modules:
             importlib.import_module(name)
 
@@ -586,10 +585,10 @@ class ChildProtocol(Protocol):
         runAsync = getattr(job, "runAsync", None)
         if runAsync is None:
             try:
-                answer = self._answerFrame(requestID, job.run(*self.context))
+                result = job.run(*self.context)
             except Exception as e:
-                answer = _errorFrame(requestID, e)
-            self.transport.write(answer)
+                result = Failure(e)
+            self._answer(requestID, result)
             return
         d = maybeDeferred(runAsync, self)
         self._running[requestID] = d
@@ -597,21 +596,23 @@ class ChildProtocol(Protocol):
 
     def _answered(self, result: Any, requestID: int) -> None:
         del self._running[requestID]
+        self._answer(requestID, result)
+        self._maybeFinished()
+
+    def _answer(self, requestID: int, result: Any) -> None:
+        # A job that fails, or whose result cannot be sent (pickle cannot
+        # encode it, or it is over the frame limit), is answered with the
+        # error; the child serves on.
         if isinstance(result, Failure):
             answer = _errorFrame(requestID, result.value)
         else:
             try:
-                answer = self._answerFrame(requestID, result)
+                answer = encodeFrame(
+                    pickle.dumps((requestID, True, result), pickle.HIGHEST_PROTOCOL)
+                )
             except Exception as e:
                 answer = _errorFrame(requestID, e)
         self.transport.write(answer)
-        self._maybeFinished()
-
-    def _answerFrame(self, requestID: int, value: Any) -> bytes:
-        # A job that fails, or whose result cannot be sent (pickle cannot
-        # encode it, or it is over the frame limit), is answered with the
-        # error; the child serves on.
-        return encodeFrame(pickle.dumps((requestID, True, value), pickle.HIGHEST_PROTOCOL))
 
     def notify(self, kind: str, value: Any) -> None:
         """
@@ -731,8 +732,7 @@ def main() -> None:
 if __name__ == "__main__":
     # Run as smartrelay.engine.workers, not as __main__: the jobs' modules
     # import this one by name, and their JobFailed must be the one
-    # ChildProtocol
-    # checks for.
+    # ChildProtocol checks for.
     from smartrelay.engine import workers
 
     workers.main()

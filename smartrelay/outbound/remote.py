@@ -263,8 +263,9 @@ class RemoteSession:
     """
     A session a worker process holds, as the relay sees it.
 
-    A L{RewrapJob <smartrelay.engine.rewrap.RewrapJob>} given to L{send} is
-    run in the worker, for this session's server (L{rewrapsInPlace}).
+    A L{RewrapRequest <smartrelay.engine.rewrap.RewrapRequest>} given to
+    L{send} (with the sender L{None}) is run in the worker, for this
+    session's server (L{rewrapsInPlace}).
     """
 
     rewrapsInPlace = True
