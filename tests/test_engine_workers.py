@@ -445,6 +445,21 @@ class ChildProtocolTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"")
         self.assertIn("over the limit", stderr.getvalue())
 
+    def test_garbage(self):
+        """
+        A frame pickle cannot read, or a request that is not C{(id, job)}:
+        the stream is not ours; the child says so on stderr and closes
+        its end, after answering what came before.
+        """
+        for bad in (encodeFrame(b"not a pickle"), frameOf(("one", "two", "three"))):
+            stderr = io.StringIO()
+            self.patch(workers.sys, "stderr", stderr)
+            child, transport = self.child()
+            child.dataReceived(frameOf(self.context) + frameOf((1, EchoJob("a"))) + bad)
+            self.assertTrue(transport.disconnecting)
+            self.assertEqual(frames(transport.value()), [(1, True, ("a", self.context))])
+            self.assertIn("bad input from the relay", stderr.getvalue())
+
     def test_jobFailedAsItself(self):
         """
         A L{JobFailed} is answered as the exception itself, so that the
